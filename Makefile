@@ -1,0 +1,33 @@
+# `make test` and `make demo` do all the set-up on a fresh CPU machine.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-gpu demo bench clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -c constraints-cpu.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# CPU tests, Triton kernels through the interpreter. Exit code 5 (no tests collected) fails.
+test: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
+	  $(VPY) -m pytest -q -n 2 -m "not gpu" tests
+
+# On the GPU machine: python3 -m pytest -m gpu tests (uses the image's torch/triton).
+test-gpu:
+	$(PY) -m pytest -q -m gpu tests
+
+demo: $(STAMP)
+	$(VPY) -m linattn.demo
+
+bench:
+	$(PY) -m linattn.cli bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

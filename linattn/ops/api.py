@@ -1,0 +1,298 @@
+"""The public ops: validation at the boundary, then dispatch to a backend.
+
+Every op takes q, k, v as [B, T, H, K] / [B, T, H, K] / [B, T, H, V] (batch, time, heads,
+head dim) in one of float32, bfloat16, float16 or float64, and returns ``(o, final_state)``:
+o is [B, T, H, V] in v's dtype; final_state is None unless ``output_final_state=True``, and
+is float32 ([B, H, K, V], or [N, H, K, V] with cu_seqlens), float64 for float64 inputs.
+
+Backends (all compute the same function, see DESIGN.md section 2):
+    "auto"       Triton on CUDA tensors, chunked PyTorch elsewhere
+    "triton"     Triton kernels (on CPU tensors only under TRITON_INTERPRET=1)
+    "torch"      chunkwise-parallel PyTorch (linattn.ops.torch_chunked)
+    "reference"  the naive step-by-step loop (linattn.ops.reference): the oracle, slow
+
+Shape, dtype and device checks always run. Checks that need the values (log-decays <= 0,
+cu_seqlens order) run on CPU tensors, and on GPU tensors only when LINATTN_CHECK=1, so the
+hot path has no host sync.
+"""
+from __future__ import annotations
+
+import os
+from numbers import Real
+
+import torch
+
+from . import reference, torch_chunked
+
+MAX_HEAD_DIM = 256
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+BACKENDS = ("auto", "triton", "torch", "reference")
+INPUT_GATES = ("exp", "sigmoid")
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _value_checks_enabled(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" or os.environ.get("LINATTN_CHECK", "0") == "1"
+
+
+def _check_qkv(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape [B, T, H, D], got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-d [B, T, H, D] (batch, time, heads, head dim), "
+                             f"got shape {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with q's B, T, H = {tuple(q.shape[:3])}, "
+                         f"got {tuple(v.shape)}")
+    K, V = q.shape[-1], v.shape[-1]
+    if not (1 <= K <= MAX_HEAD_DIM) or not (1 <= V <= MAX_HEAD_DIM):
+        raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got K={K} (q, k) and V={V} (v)")
+    _check_devices(q, k=k, v=v)
+
+
+def _check_devices(ref: torch.Tensor, **tensors):
+    for name, x in tensors.items():
+        for t in (x if isinstance(x, (tuple, list)) else (x,)):
+            if isinstance(t, torch.Tensor) and t.device != ref.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {ref.device}: "
+                                 "all inputs must be on one device")
+
+
+def _check_float(name, x, q, expected_shape: str):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected_shape}, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32 or q's dtype), got {x.dtype}")
+    if x.dtype == torch.float64 and q.dtype != torch.float64:
+        raise TypeError(f"{name} is float64 but q is {q.dtype}: use float32 or q's dtype")
+
+
+def _check_step_gate(name, x, q, exact_shape):
+    """A per-step gate tensor of shape [B, T, H] (beta, i, f, a scalar g)."""
+    B, T, H = q.shape[:3]
+    _check_float(name, x, q, "[B, T, H]")
+    if tuple(x.shape) != (B, T, H):
+        raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}, got {tuple(x.shape)}")
+    _check_devices(q, **{name: x})
+
+
+def _check_log_decay(g, q, allowed=("none", "const", "scalar", "key")) -> str:
+    """Validates a log-decay gate and returns its kind."""
+    if g is None:
+        return "none"
+    B, T, H, K = q.shape
+    shapes = {"const": (H,), "scalar": (B, T, H), "key": (B, T, H, K)}
+    names = {"const": "[H]", "scalar": "[B, T, H]", "key": "[B, T, H, K]"}
+    expect = " or ".join(f"{names[kd]} = {shapes[kd]}" for kd in allowed if kd != "none")
+    _check_float("g", g, q, expect)
+    kind = next((kd for kd in allowed if kd != "none" and tuple(g.shape) == shapes[kd]), None)
+    if kind is None:
+        raise ValueError(f"g must be {expect} (a log-decay), got shape {tuple(g.shape)}")
+    _check_devices(q, g=g)
+    if _value_checks_enabled(g) and g.numel() and bool((g.detach() > 0).any()):
+        raise ValueError(f"g holds log-decays and must be <= 0, got max {g.detach().max().item():.4g}")
+    return kind
+
+
+def _check_cu_seqlens(cu_seqlens, q) -> int:
+    """Returns the number of packed sequences (B when cu_seqlens is None)."""
+    B, T = q.shape[:2]
+    if cu_seqlens is None:
+        return B
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32/int64 tensor [N+1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-d [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens packs sequences along T and needs B == 1, got B={B}")
+    _check_devices(q, cu_seqlens=cu_seqlens)
+    if _value_checks_enabled(cu_seqlens):
+        c = cu_seqlens.tolist()
+        if c[0] != 0:
+            raise ValueError(f"cu_seqlens[0] must be 0, got {c[0]}")
+        if any(b < a for a, b in zip(c[:-1], c[1:])):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {c}")
+        if c[-1] != T:
+            raise ValueError(f"cu_seqlens[-1] must equal T={T}, got {c[-1]}")
+    return cu_seqlens.numel() - 1
+
+
+def _check_state(name, s, q, shape, what):
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor {what} = {shape}, got {type(s).__name__}")
+    if s.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32), got {s.dtype}")
+    if tuple(s.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {what} = {tuple(shape)}, got {tuple(s.shape)}")
+    _check_devices(q, **{name: s})
+
+
+def _check_scale(scale, K) -> float:
+    if scale is None:
+        return K ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _backend_module(backend: str, q: torch.Tensor):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return reference
+    if backend == "torch":
+        return torch_chunked
+    if backend == "auto":
+        if q.is_cuda and _triton_available():
+            from . import triton as triton_ops
+            return triton_ops
+        return torch_chunked
+    # backend == "triton"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"triton is imported, to run the kernels on the CPU); q is on {q.device}")
+    if not _triton_available():
+        raise ValueError("backend='triton' needs the triton package, which is not importable")
+    from . import triton as triton_ops
+    return triton_ops
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- public ops
+
+def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
+                     output_final_state=False, cu_seqlens=None, causal=True, backend="auto"):
+    """Gated linear attention: S_t = exp(g_t) * S_{t-1} + k_t v_t^T,  o_t = S_t^T (scale q_t).
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]. One dtype: float32, bfloat16, float16, float64.
+        g: log-decay (<= 0), float32 or q's dtype; its shape picks the variant:
+            None          plain linear attention
+            [H]           constant per-head decay (Lightning Attention, RetNet)
+            [B, T, H]     data-dependent scalar decay (simple GLA, Mamba-2 SSD, mLSTMsig)
+            [B, T, H, K]  data-dependent per-key decay (GLA, HGRN-2): row k of S decays by
+                          exp(g[..., k]).
+        scale: multiplies q (default K ** -0.5); never enters the state.
+        initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens), S_0; float32 advised.
+        output_final_state: also return the state after the last token.
+        cu_seqlens: int32/int64 [N+1] offsets of N sequences packed along T (B must be 1).
+        causal: False gives bidirectional attention o_t = scale q_t^T sum_s k_s v_s^T
+            (over each packed sequence); g, initial_state and a final state are then errors.
+        backend: "auto" | "triton" | "torch" | "reference".
+
+    Returns:
+        o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 (float64 for float64
+        inputs) or None.
+    """
+    _check_qkv(q, k, v)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _check_scale(scale, K)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not causal and (g is not None or initial_state is not None or output_final_state):
+        raise ValueError("causal=False (bidirectional) has no recurrence: g, initial_state and "
+                         "output_final_state=True are not allowed")
+    _check_log_decay(g, q)
+    N = _check_cu_seqlens(cu_seqlens, q)
+    if initial_state is not None:
+        _check_state("initial_state", initial_state, q, (N, H, K, V), "[N, H, K, V]" if cu_seqlens is not None else "[B, H, K, V]")
+    impl = _backend_module(backend, q)
+    return impl.linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
+                                 output_final_state=bool(output_final_state),
+                                 cu_seqlens=cu_seqlens, causal=causal)
+
+
+def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
+               output_final_state=False, cu_seqlens=None, backend="auto"):
+    """DeltaNet (g None) and Gated DeltaNet (g [B, T, H]):
+
+        S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t)
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; one dtype (float32, bfloat16, float16, float64).
+            Keys are used as given: callers L2-normalise them (keep beta ||k||^2 <= 2).
+        beta: [B, T, H] in (0, 1), float32 or q's dtype.
+        g: None or a scalar log-decay [B, T, H] (<= 0), float32 or q's dtype.
+        scale, initial_state, output_final_state, cu_seqlens, backend: as linear_attention.
+
+    Returns:
+        o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 or None.
+    """
+    _check_qkv(q, k, v)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _check_scale(scale, K)
+    _check_step_gate("beta", beta, q, (B, T, H))
+    _check_log_decay(g, q, allowed=("none", "scalar"))
+    N = _check_cu_seqlens(cu_seqlens, q)
+    if initial_state is not None:
+        _check_state("initial_state", initial_state, q, (N, H, K, V), "[N, H, K, V]" if cu_seqlens is not None else "[B, H, K, V]")
+    impl = _backend_module(backend, q)
+    return impl.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                           output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens)
+
+
+def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
+          output_final_state=False, cu_seqlens=None, backend="auto"):
+    """xLSTM's mLSTM cell; i, f are [B, T, H] pre-activations, f enters as logsigmoid(f).
+
+    input_gate="exp" (mLSTMexp, stabilised and normalised):
+        m_t = max(logsigmoid(f_t) + m_{t-1}, i_t),  m_0 = 0
+        C_t = exp(logsigmoid(f_t) + m_{t-1} - m_t) C_{t-1} + exp(i_t - m_t) k_t v_t^T
+        n_t = (same decay) n_{t-1} + exp(i_t - m_t) k_t
+        o_t = C_t^T q^_t / (max(|n_t^T q^_t|, exp(-m_t)) + 1e-6),  q^ = scale q
+      state: the tuple (C [B, H, K, V], n [B, H, K], m [B, H]) ([N, ...] with cu_seqlens).
+    input_gate="sigmoid" (mLSTMsig): C_t = sigmoid(f_t) C_{t-1} + sigmoid(i_t) k_t v_t^T,
+      o_t = C_t^T q^_t with no normaliser; state: C [B, H, K, V].
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; i, f: [B, T, H] (float32 or q's dtype).
+        scale, initial_state, output_final_state, cu_seqlens, backend: as linear_attention.
+
+    Returns:
+        o: [B, T, H, V] in v's dtype; final_state as above (float32) or None.
+    """
+    _check_qkv(q, k, v)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _check_scale(scale, K)
+    if input_gate not in INPUT_GATES:
+        raise ValueError(f"input_gate must be one of {INPUT_GATES}, got {input_gate!r}")
+    _check_step_gate("i", i, q, (B, T, H))
+    _check_step_gate("f", f, q, (B, T, H))
+    N = _check_cu_seqlens(cu_seqlens, q)
+    lead = "[N, " if cu_seqlens is not None else "[B, "
+    if initial_state is not None:
+        if input_gate == "exp":
+            if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 3:
+                raise TypeError("initial_state for input_gate='exp' must be the tuple (C, n, m) "
+                                f"of shapes {lead}H, K, V], {lead}H, K], {lead}H]")
+            C0, n0, m0 = initial_state
+            _check_state("initial_state[0] (C)", C0, q, (N, H, K, V), lead + "H, K, V]")
+            _check_state("initial_state[1] (n)", n0, q, (N, H, K), lead + "H, K]")
+            _check_state("initial_state[2] (m)", m0, q, (N, H), lead + "H]")
+            initial_state = (C0, n0, m0)
+        else:
+            _check_state("initial_state", initial_state, q, (N, H, K, V), lead + "H, K, V]")
+    impl = _backend_module(backend, q)
+    return impl.mlstm(q, k, v, i, f, input_gate=input_gate, scale=scale,
+                      initial_state=initial_state, output_final_state=bool(output_final_state),
+                      cu_seqlens=cu_seqlens)
