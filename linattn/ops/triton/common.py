@@ -1,0 +1,143 @@
+"""Small shared Triton helpers: the interpreter switch, a float32/ieee-aware dot, the packed
+chunk/tile layout of (possibly variable-length) sequences, and a chunk-local cumulative sum.
+
+Every kernel family works on tokens packed along one axis: q, k, v as [TT, H, D] (TT = B*T,
+or the packed T of cu_seqlens), each sequence n covering tokens [cu[n], cu[n+1]). A sequence
+is cut into chunks of L tokens (a state is written at every chunk boundary) and each chunk
+into tiles of BT tokens (what one program holds). `ChunkLayout` holds the index arrays the
+kernels read to find their sequence, chunk and state slot.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+# True when kernels run on the CPU through Triton's interpreter (set before triton's import):
+# there autotuning cannot time configs and bf16 arithmetic is wrong, so launchers pick one
+# config by heuristic and kernels upcast loads to float32 before any math.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def head_tile(d: int, cap: int) -> int:
+    """Tile width for a head dim d: a power of two in [16, cap], masked where it overhangs."""
+    return max(16, min(cap, next_pow2(d)))
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """a @ b accumulated in float32; float32 operands use exact ieee products (never tf32)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@dataclass
+class ChunkLayout:
+    """Index arrays (on the inputs' device) of N packed sequences cut into chunks and tiles.
+
+    State slots: sequence n owns nc_n + 1 consecutive slots starting at chunk_off[n] + n,
+    slot c holding the state before its chunk c (slot nc_n: the final state).
+    """
+    cu: torch.Tensor            # int32 [N+1]  token offsets of the sequences
+    chunk_off: torch.Tensor     # int32 [N+1]  cumulative chunk counts
+    tile_seq: torch.Tensor      # int32 [NT]   sequence of each tile
+    tile_start: torch.Tensor    # int32 [NT]   first token of each tile
+    chunk_start: torch.Tensor   # int32 [NC]   first token of each chunk
+    chunk_end: torch.Tensor     # int32 [NC]   one past the last token of each chunk
+    chunk_last: torch.Tensor    # int64 [NC]   last token of each chunk
+    chunk_end_slot: torch.Tensor  # int64 [NC] slot of the state after each chunk
+    final_slot: torch.Tensor    # int64 [N]    slot of each sequence's final state
+    first_tok: torch.Tensor     # int64 [N]    first token of each sequence (clamped to TT-1)
+    seq_len: torch.Tensor       # int64 [N]    length of each sequence
+    N: int
+    NC: int
+    NT: int
+    TT: int
+    L: int
+    BT: int
+
+    @property
+    def n_slots(self) -> int:
+        return self.NC + self.N
+
+
+def make_layout(lengths, L: int, BT: int, device) -> ChunkLayout:
+    """Layout of sequences of the given lengths (python ints), chunk L and tile BT (BT | L)."""
+    if L % BT:
+        raise ValueError(f"chunk length {L} must be a multiple of the tile {BT}")
+    lens = np.asarray(list(lengths), dtype=np.int64)
+    N = len(lens)
+    cu = np.concatenate([[0], np.cumsum(lens)])
+    nc = -(-lens // L)                                   # chunks per sequence
+    coff = np.concatenate([[0], np.cumsum(nc)])
+    nt = -(-lens // BT)                                  # tiles per sequence
+    tile_seq = np.repeat(np.arange(N), nt)
+    tile_start = cu[:-1][tile_seq] + (np.arange(nt.sum()) - np.repeat(np.cumsum(nt) - nt, nt)) * BT
+    ch_seq = np.repeat(np.arange(N), nc)
+    ch_idx = np.arange(nc.sum()) - np.repeat(coff[:-1], nc)
+    ch_start = cu[:-1][ch_seq] + ch_idx * L
+    ch_end = np.minimum(ch_start + L, cu[1:][ch_seq])
+    TT = int(cu[-1])
+
+    def t(x, dt):
+        return torch.as_tensor(np.ascontiguousarray(x), dtype=dt, device=device)
+
+    return ChunkLayout(
+        cu=t(cu, torch.int32), chunk_off=t(coff, torch.int32),
+        tile_seq=t(tile_seq, torch.int32), tile_start=t(tile_start, torch.int32),
+        chunk_start=t(ch_start, torch.int32), chunk_end=t(ch_end, torch.int32),
+        chunk_last=t(ch_end - 1, torch.int64), chunk_end_slot=t(coff[:-1][ch_seq] + ch_seq + ch_idx + 1, torch.int64),
+        final_slot=t(coff[1:] + np.arange(N), torch.int64),
+        first_tok=t(np.minimum(cu[:-1], max(TT - 1, 0)), torch.int64), seq_len=t(lens, torch.int64),
+        N=N, NC=int(nc.sum()), NT=int(nt.sum()), TT=TT, L=L, BT=BT)
+
+
+def lengths_of(cu_seqlens, B: int, T: int):
+    """Python list of sequence lengths: B sequences of T, or the packed cu_seqlens (one sync)."""
+    if cu_seqlens is None:
+        return [T] * B
+    c = cu_seqlens.tolist()
+    return [b - a for a, b in zip(c[:-1], c[1:])]
+
+
+# ----------------------------------------------------------------------------- chunk cumsum
+
+@triton.jit
+def chunk_cumsum_kernel(x, y, chunk_start, chunk_end, C, L: tl.constexpr, BC: tl.constexpr,
+                        REVERSE: tl.constexpr):
+    """y[t, c] = sum of x[s, c] over s <= t (s >= t when REVERSE) inside t's chunk; float32."""
+    tl.static_assert(L >= 16)
+    ic = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    cs = tl.load(chunk_start + ic).to(tl.int64)                 # chunk's first token
+    ce = tl.load(chunk_end + ic).to(tl.int64)                   # one past its last token
+    rows = cs + tl.arange(0, L)
+    cols = cb * BC + tl.arange(0, BC)
+    mask = (rows < ce)[:, None] & (cols < C)[None, :]
+    ptr = rows[:, None] * C + cols[None, :]
+    a = tl.load(x + ptr, mask=mask, other=0.0).to(tl.float32)   # [L, BC] chunk slice
+    tl.store(y + ptr, tl.cumsum(a, axis=0, reverse=REVERSE), mask=mask)
+
+
+def chunk_cumsum(x: torch.Tensor, layout: ChunkLayout, reverse: bool = False) -> torch.Tensor:
+    """Chunk-local inclusive (reverse) cumsum along dim 0 of x [TT, ...] -> float32, same shape."""
+    from ..alloc import empty
+    x = x.contiguous()
+    y = empty(x.shape, dtype=torch.float32, device=x.device)
+    C = x[0].numel() if x.shape[0] else 1
+    if layout.NC == 0 or C == 0:
+        return y
+    BC = min(64, next_pow2(C)) if layout.L <= 256 else min(16, next_pow2(C))
+    chunk_cumsum_kernel[(layout.NC, triton.cdiv(C, BC))](
+        x, y, layout.chunk_start, layout.chunk_end, C, L=layout.L, BC=BC, REVERSE=reverse)
+    return y

@@ -1,0 +1,135 @@
+"""Entry point of the delta-rule Triton kernels (DeltaNet, Gated DeltaNet) and its autograd.
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t)
+
+Forward: delta_fwd.prep (b, T, W, U per chunk) -> delta_fwd.scan (chunk states, U') ->
+delta_fwd.output (O). The forward saves only its inputs; the backward recomputes prep and
+scan (cheap next to storing W, U, U' and the states), then runs delta_bwd's reverse scan for
+dS and its two chunk-parallel gradient kernels. No atomics: bitwise deterministic.
+
+B sequences of T tokens are handled as the packed case (cu_seqlens = [0, T, 2T, ...]) of
+[1, B*T, H, D]; one code path serves both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import delta_bwd, delta_fwd
+
+
+@dataclass
+class ChunkLayout:
+    """Where the chunks of BT tokens lie in the packed token axis.
+
+    cu_seqlens:    int64 [N+1] sequence offsets (device).
+    chunk_offsets: int64 [N] global index of each sequence's first chunk (device).
+    chunk_seq:     int32 [NC] sequence of each chunk (device).
+    chunk_idx:     int32 [NC] index of each chunk inside its sequence (device).
+    """
+    cu_seqlens: torch.Tensor
+    chunk_offsets: torch.Tensor
+    chunk_seq: torch.Tensor
+    chunk_idx: torch.Tensor
+    num_seqs: int
+    num_chunks: int
+
+
+def chunk_layout(B: int, T: int, cu_seqlens, device) -> ChunkLayout:
+    """The chunk tables for B equal sequences of T tokens, or for packed cu_seqlens [N+1].
+
+    Equal lengths need no host sync; cu_seqlens is read once on the host (N + 1 integers)."""
+    BT = delta_fwd.BT
+    if cu_seqlens is None:
+        nt = triton.cdiv(T, BT)
+        ar = torch.arange(B * nt, device=device, dtype=torch.int32)
+        return ChunkLayout(
+            cu_seqlens=torch.arange(B + 1, device=device, dtype=torch.int64) * T,
+            chunk_offsets=torch.arange(B, device=device, dtype=torch.int64) * nt,
+            chunk_seq=ar // nt if nt else ar, chunk_idx=ar % nt if nt else ar,
+            num_seqs=B, num_chunks=B * nt)
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    nts = [triton.cdiv(e - s, BT) for s, e in zip(cu[:-1], cu[1:])]
+    offsets, seq, idx = [], [], []
+    for n, nt in enumerate(nts):
+        offsets.append(len(seq))
+        seq.extend([n] * nt)
+        idx.extend(range(nt))
+
+    def dev(x, dt):
+        return torch.tensor(x, dtype=dt).to(device)
+
+    return ChunkLayout(cu_seqlens=dev(cu, torch.int64), chunk_offsets=dev(offsets, torch.int64),
+                       chunk_seq=dev(seq, torch.int32), chunk_idx=dev(idx, torch.int32),
+                       num_seqs=len(nts), num_chunks=len(seq))
+
+
+def _packed(x):
+    """[B, T, H, D] or [B, T, H] -> contiguous [B*T, H, D] / [B*T, H] (a view when possible)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+
+
+def _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state):
+    """Packed forward: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] -> (o [TT, H, V], final)."""
+    gc, _, w, u = delta_fwd.prep(k, v, beta, g, layout)
+    h, vnew, final = delta_fwd.scan(k, w, u, gc, initial_state, layout, output_final_state)
+    o = delta_fwd.output(q, k, vnew, gc, h, layout, scale, v.dtype)
+    return o, final
+
+
+class DeltaRuleFunction(torch.autograd.Function):
+    """Autograd of the packed delta rule; see delta_rule for the tensors' shapes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, layout):
+        o, final = _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state)
+        ctx.save_for_backward(q, k, v, beta, g, initial_state)
+        ctx.scale, ctx.layout = scale, layout
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, beta, g, initial_state = ctx.saved_tensors
+        layout = ctx.layout
+        gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, layout)
+        h, vnew, _ = delta_fwd.scan(k, w, u, gc, initial_state, layout, False)
+        dq, dk, dv, dbeta, dg, dh0 = delta_bwd.backward(
+            q, k, v, beta, g, gc, tinv, w, h, vnew, do.contiguous(),
+            dfinal.contiguous() if dfinal is not None else None, initial_state, layout,
+            ctx.scale, need_dh0=initial_state is not None and ctx.needs_input_grad[5])
+        return dq, dk, dv, dbeta, dg, dh0, None, None, None
+
+
+def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final_state=False,
+               cu_seqlens=None):
+    """DeltaNet (g None) and Gated DeltaNet (g [B, T, H]) on Triton, forward and backward.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; one dtype (float32, bfloat16, float16; float64
+            goes to linattn.ops.torch_chunked).
+        beta: [B, T, H], g: None or [B, T, H] log-decays (float32 or q's dtype).
+        scale: float multiplying q.
+        initial_state: None or [N, H, K, V] (N = B, or the number of packed sequences).
+        output_final_state: also return the state after each sequence's last token.
+        cu_seqlens: None or int32/int64 [N+1] offsets of sequences packed along T (B == 1).
+
+    Returns:
+        o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] float32, or None.
+    """
+    if q.dtype == torch.float64:  # the kernels compute in float32: float64 takes the torch path
+        from .. import torch_chunked
+        return torch_chunked.delta_rule(q, k, v, beta, g, scale=scale,
+                                        initial_state=initial_state,
+                                        output_final_state=output_final_state,
+                                        cu_seqlens=cu_seqlens)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    layout = chunk_layout(B, T, cu_seqlens, q.device)
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    o, final = DeltaRuleFunction.apply(
+        _packed(q), _packed(k), _packed(v), _packed(beta),
+        _packed(g) if g is not None else None, h0, float(scale), bool(output_final_state),
+        layout)
+    return o.view(B, T, H, V), final

@@ -1,0 +1,385 @@
+"""Delta-rule forward kernels (DeltaNet, Gated DeltaNet): the chunkwise WY/UT form.
+
+Per chunk of BT = 64 tokens, b the inclusive cumsum of the log-decay g inside the chunk and
+Gamma_ij = exp(b_i - b_j) (all ones when ungated), DESIGN.md section 4:
+
+    A  = tril(diag(beta) (K K^T * Gamma), -1),   T = (I + A)^-1
+    W  = T diag(beta exp(b)) K,   U = T diag(beta) V,   U' = U - W S
+    O  = scale ((Q * exp(b)) S + (tril(Q K^T) * Gamma) U')
+    S <- exp(b_L) S + (K * exp(b_L - b))^T U'
+
+Three kernels, each reused by the backward (which recomputes rather than stores):
+  delta_prep_kernel    per (chunk, head): b, T (blocked forward substitution on 16x16
+                       blocks), W and U.
+  delta_scan_kernel    per (sequence, head, V tile): the sequential float32 state scan; writes
+                       the state at each chunk start and U'. W S contracts over all of K, so
+                       K is never split across programs; V is tiled.
+  delta_output_kernel  per (chunk, head, V tile): O, fully parallel.
+
+Every token tensor is addressed as packed [TT, H, D] (B sequences of T tokens are the packed
+case with cu_seqlens = [0, T, 2T, ...]); chunks are enumerated by (chunk_seq, chunk_idx)
+tables built in delta_api. Batch/head offsets are int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import alloc
+
+BT = 64  # chunk length: the UT transform's block
+BC = 16  # diagonal sub-block of the forward substitution
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision for float32 x float32 dots: exact for float32 inputs, tf32 otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _np2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def tile(d: int, cap: int = 64) -> int:
+    """A head-dim tile: the next power of two (at least 16), at most cap."""
+    return min(cap, _np2(d))
+
+
+def full_tile(d: int) -> int:
+    """A tile spanning the whole head dim (the scan's K side)."""
+    return _np2(d)
+
+
+def scan_v_tile(K: int, V: int) -> int:
+    """V tile of the scans: keep the float32 state tile [BK, BV] at or under 8192 elements."""
+    return max(16, min(_np2(V), 8192 // full_tile(K), 64))
+
+
+# ------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def _inv_unit_lower(a, BC: tl.constexpr):
+    """(I + a)^-1 for a strictly lower-triangular [BC, BC] float32 block, row by row."""
+    o = tl.arange(0, BC)
+    x = -a  # rows i hold N_i = -a_i until step i replaces them by x'_i = X_i - e_i
+    for i in range(1, BC):
+        row = tl.sum(tl.where(o[:, None] == i, x, 0.0), 0)  # N_i (untouched so far)
+        row = row + tl.sum(row[:, None] * x, 0)  # x'_i = N_i + sum_{j<i} N_ij x'_j
+        x = tl.where(o[:, None] == i, row[None, :], x)  # write row i
+    return x + (o[:, None] == o[None, :]).to(tl.float32)  # X = X' + I
+
+
+@triton.jit
+def _load_block(ptr, row0, col0, n_rows, H: tl.constexpr, BT: tl.constexpr,
+                BC: tl.constexpr):
+    """The [BC, BC] block at (row0, col0) of a per-chunk [BT, BT] matrix stored one row per
+    token (row stride H * BT); rows from n_rows on read as 0."""
+    o = tl.arange(0, BC)
+    m = ((row0 + o) < n_rows)[:, None] & (o[None, :] < BC)
+    return tl.load(ptr + (row0 + o)[:, None] * (H * BT) + (col0 + o)[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _store_block(ptr, x, row0, col0, n_rows, H: tl.constexpr, BT: tl.constexpr,
+                 BC: tl.constexpr):
+    """Stores a [BC, BC] block at (row0, col0), rows limited to n_rows."""
+    o = tl.arange(0, BC)
+    m = ((row0 + o) < n_rows)[:, None] & (o[None, :] < BC)
+    tl.store(ptr + (row0 + o)[:, None] * (H * BT) + (col0 + o)[None, :], x, mask=m)
+
+
+@triton.jit
+def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chunk_idx,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      USE_G: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, head): gc = b, tinv = T = (I + A)^-1, w = W, u = U (all float32)."""
+    tl.static_assert(BT == 4 * BC, "the UT solve assembles 4 x 4 blocks of BC")
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    n = tl.load(chunk_seq + i_c).to(tl.int64)  # sequence of this chunk
+    i_t = tl.load(chunk_idx + i_c).to(tl.int64)  # chunk index inside the sequence
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    Tn = tl.load(cu_seqlens + n + 1).to(tl.int64) - bos
+    t0 = i_t * BT
+    o_t = tl.arange(0, BT)
+    valid = (t0 + o_t) < Tn  # rows of this chunk inside the sequence
+    row = (bos + t0 + o_t) * H + i_h  # [BT] int64 offsets of (token, head)
+
+    # gates: beta, and b = cumsum(g) within the chunk (rows past the end add nothing)
+    b_beta = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
+    if USE_G:
+        b_g = tl.cumsum(tl.load(g + row, mask=valid, other=0.0).to(tl.float32), axis=0)
+        tl.store(gc + row, b_g, mask=valid)
+    else:
+        b_g = tl.zeros([BT], dtype=tl.float32)
+
+    # A = tril(diag(beta) (K K^T * Gamma), -1), K K^T accumulated over K tiles
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, i_k * BK), (BT, BK), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
+    b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))  # Gamma, 0 off-mask
+    b_a = b_kk * b_gam * b_beta[:, None]
+
+    # stage A in tinv's rows so that its 16 x 16 blocks can be read back
+    p_t = tinv + (bos + t0) * H * BT + i_h * BT  # row r of the chunk at p_t + r * H * BT
+    m_st = valid[:, None] & (o_t[None, :] < BT)
+    tl.store(p_t + o_t[:, None] * (H * BT) + o_t[None, :], b_a, mask=m_st)
+    tl.debug_barrier()
+    n_rows = Tn - t0  # rows of the chunk inside the sequence (loads past them give 0)
+    a00 = _load_block(p_t, 0, 0, n_rows, H, BT, BC)
+    a10 = _load_block(p_t, BC, 0, n_rows, H, BT, BC)
+    a11 = _load_block(p_t, BC, BC, n_rows, H, BT, BC)
+    a20 = _load_block(p_t, 2 * BC, 0, n_rows, H, BT, BC)
+    a21 = _load_block(p_t, 2 * BC, BC, n_rows, H, BT, BC)
+    a22 = _load_block(p_t, 2 * BC, 2 * BC, n_rows, H, BT, BC)
+    a30 = _load_block(p_t, 3 * BC, 0, n_rows, H, BT, BC)
+    a31 = _load_block(p_t, 3 * BC, BC, n_rows, H, BT, BC)
+    a32 = _load_block(p_t, 3 * BC, 2 * BC, n_rows, H, BT, BC)
+    a33 = _load_block(p_t, 3 * BC, 3 * BC, n_rows, H, BT, BC)
+    tl.debug_barrier()  # every read of A is done before T overwrites it
+
+    # diagonal blocks: X_rr = (I + A_rr)^-1
+    x00 = _inv_unit_lower(a00, BC)
+    x11 = _inv_unit_lower(a11, BC)
+    x22 = _inv_unit_lower(a22, BC)
+    x33 = _inv_unit_lower(a33, BC)
+    # off-diagonal blocks: X_rc = -X_rr sum_{c <= m < r} A_rm X_mc
+    x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision="ieee"), input_precision="ieee")
+    x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision="ieee"), input_precision="ieee")
+    x20 = -tl.dot(x22, tl.dot(a20, x00, input_precision="ieee")
+                  + tl.dot(a21, x10, input_precision="ieee"), input_precision="ieee")
+    x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision="ieee"), input_precision="ieee")
+    x31 = -tl.dot(x33, tl.dot(a31, x11, input_precision="ieee")
+                  + tl.dot(a32, x21, input_precision="ieee"), input_precision="ieee")
+    x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision="ieee")
+                  + tl.dot(a31, x10, input_precision="ieee")
+                  + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
+
+    # store T block by block (upper blocks are zero), then read it back whole
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    _store_block(p_t, x00, 0, 0, n_rows, H, BT, BC)
+    _store_block(p_t, zero, 0, BC, n_rows, H, BT, BC)
+    _store_block(p_t, zero, 0, 2 * BC, n_rows, H, BT, BC)
+    _store_block(p_t, zero, 0, 3 * BC, n_rows, H, BT, BC)
+    _store_block(p_t, x10, BC, 0, n_rows, H, BT, BC)
+    _store_block(p_t, x11, BC, BC, n_rows, H, BT, BC)
+    _store_block(p_t, zero, BC, 2 * BC, n_rows, H, BT, BC)
+    _store_block(p_t, zero, BC, 3 * BC, n_rows, H, BT, BC)
+    _store_block(p_t, x20, 2 * BC, 0, n_rows, H, BT, BC)
+    _store_block(p_t, x21, 2 * BC, BC, n_rows, H, BT, BC)
+    _store_block(p_t, x22, 2 * BC, 2 * BC, n_rows, H, BT, BC)
+    _store_block(p_t, zero, 2 * BC, 3 * BC, n_rows, H, BT, BC)
+    _store_block(p_t, x30, 3 * BC, 0, n_rows, H, BT, BC)
+    _store_block(p_t, x31, 3 * BC, BC, n_rows, H, BT, BC)
+    _store_block(p_t, x32, 3 * BC, 2 * BC, n_rows, H, BT, BC)
+    _store_block(p_t, x33, 3 * BC, 3 * BC, n_rows, H, BT, BC)
+    tl.debug_barrier()
+    b_t = tl.load(p_t + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_st, other=0.0)
+
+    # W = T diag(beta exp(b)) K, tile by tile over K
+    b_kw = b_beta * tl.exp(b_g)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, i_k * BK), (BT, BK), (1, 0))
+        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, i_k * BK), (BT, BK), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32) * b_kw[:, None]
+        tl.store(p_w, tl.dot(b_t, b_k, input_precision=PREC), boundary_check=(0, 1))
+    # U = T diag(beta) V, tile by tile over V
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                (t0, i_v * BV), (BT, BV), (1, 0))
+        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                (t0, i_v * BV), (BT, BV), (1, 0))
+        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32) * b_beta[:, None]
+        tl.store(p_u, tl.dot(b_t, b_v, input_precision=PREC), boundary_check=(0, 1))
+
+
+@triton.jit
+def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                      USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
+    """Per (V tile, sequence * head): S over the chunks; h[c] = S at chunk c's start, U'."""
+    tl.static_assert(BK >= K, "the delta scan holds all of K (W S contracts over it)")
+    i_v = tl.program_id(0).to(tl.int64)
+    i_nh = tl.program_id(1).to(tl.int64)
+    n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    Tn = tl.load(cu_seqlens + n + 1).to(tl.int64) - bos
+    c0 = tl.load(chunk_offsets + n).to(tl.int64)  # global index of the sequence's first chunk
+    o_t = tl.arange(0, BT)
+
+    # S_0: initial_state[n, h] or zeros (float32, [BK, BV] tile of [K, V])
+    p_s0 = tl.make_block_ptr(h0 + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+    if USE_H0:
+        b_s = tl.load(p_s0, boundary_check=(0, 1)).to(tl.float32)
+    else:
+        b_s = tl.zeros([BK, BV], dtype=tl.float32)
+
+    for i_t in range(tl.cdiv(Tn, BT)):
+        t0 = i_t * BT
+        # h[c] = S at the chunk's start
+        p_h = tl.make_block_ptr(h + ((c0 + i_t) * H + i_h) * K * V, (K, V), (V, 1),
+                                (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_h, b_s.to(p_h.dtype.element_ty), boundary_check=(0, 1))
+        # U' = U - W S
+        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, 0), (BT, BK), (1, 0))
+        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                (t0, i_v * BV), (BT, BV), (1, 0))
+        p_vn = tl.make_block_ptr(vnew + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        b_w = tl.load(p_w, boundary_check=(0, 1))
+        b_vn = tl.load(p_u, boundary_check=(0, 1)) - tl.dot(b_w, b_s, input_precision=PREC)
+        tl.store(p_vn, b_vn, boundary_check=(0, 1))
+        # S <- exp(b_L) S + (K * exp(b_L - b))^T U'
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, 0), (BT, BK), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+        if USE_G:
+            valid = (t0 + o_t) < Tn
+            last = tl.minimum(t0 + BT, Tn) - 1
+            b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+            b_gl = tl.load(gc + (bos + last) * H + i_h)
+            b_k = b_k * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
+            b_s = b_s * tl.exp(b_gl)
+        b_s += tl.dot(tl.trans(b_k), b_vn, input_precision=PREC)
+
+    if STORE_FINAL:
+        p_ht = tl.make_block_ptr(ht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV),
+                                 (1, 0))
+        tl.store(p_ht, b_s, boundary_check=(0, 1))
+
+
+@triton.jit
+def delta_output_kernel(q, k, vnew, gc, h, o, cu_seqlens, chunk_seq, chunk_idx, scale,
+                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                        PREC: tl.constexpr):
+    """Per (chunk, head, V tile): O = scale ((Q * exp(b)) S + (tril(Q K^T) * Gamma) U')."""
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(2).to(tl.int64)
+    n = tl.load(chunk_seq + i_c).to(tl.int64)
+    i_t = tl.load(chunk_idx + i_c).to(tl.int64)
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    Tn = tl.load(cu_seqlens + n + 1).to(tl.int64) - bos
+    t0 = i_t * BT
+    o_t = tl.arange(0, BT)
+    valid = (t0 + o_t) < Tn
+
+    # Q S and Q K^T, accumulated over K tiles
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, i_k * BK), (BT, BK), (1, 0))
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, i_k * BK), (BT, BK), (1, 0))
+        p_h = tl.make_block_ptr(h + (i_c * H + i_h) * K * V, (K, V), (V, 1),
+                                (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+        b_q = tl.load(p_q, boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_h = tl.load(p_h, boundary_check=(0, 1))
+        b_o += tl.dot(b_q.to(tl.float32), b_h, input_precision=PREC)
+        b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+
+    # decays: exp(b) on the inter term, Gamma on the causal intra term
+    m_c = (o_t[:, None] >= o_t[None, :]) & valid[:, None]
+    if USE_G:
+        b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+        b_o = b_o * tl.exp(b_g)[:, None]
+        b_qk = b_qk * tl.exp(tl.where(m_c, b_g[:, None] - b_g[None, :], float("-inf")))
+    else:
+        b_qk = tl.where(m_c, b_qk, 0.0)
+
+    # O = scale (inter + intra U')
+    p_vn = tl.make_block_ptr(vnew + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                             (t0, i_v * BV), (BT, BV), (1, 0))
+    p_o = tl.make_block_ptr(o + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                            (t0, i_v * BV), (BT, BV), (1, 0))
+    b_vn = tl.load(p_vn, boundary_check=(0, 1))
+    b_o = (b_o + tl.dot(b_qk, b_vn, input_precision=PREC)) * scale
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
+
+
+# ------------------------------------------------------------------------------ launchers
+
+def prep(k, v, beta, g, layout):
+    """b, T, W, U for every chunk.
+
+    Args: k [TT, H, K], v [TT, H, V] (packed, contiguous); beta, g [TT, H] (g may be None);
+        layout: delta_api.ChunkLayout.
+    Returns: gc [TT, H] float32 (None when g is None), tinv [TT, H, BT] float32,
+        w [TT, H, K] float32, u [TT, H, V] float32.
+    """
+    TT, H, K = k.shape
+    V = v.shape[-1]
+    dev = k.device
+    gc = alloc.empty(TT, H, dtype=torch.float32, device=dev) if g is not None else None
+    tinv = alloc.empty(TT, H, BT, dtype=torch.float32, device=dev)
+    w = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
+    u = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
+    if layout.num_chunks:
+        delta_prep_kernel[(layout.num_chunks, H)](
+            k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
+            w, u, layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
+            H=H, K=K, V=V, BT=BT, BC=BC, BK=tile(K), BV=tile(V), USE_G=g is not None,
+            PREC=dot_precision(k.dtype), num_warps=4)
+    return gc, tinv, w, u
+
+
+def scan(k, w, u, gc, initial_state, layout, output_final_state):
+    """The forward state scan.
+
+    Args: k [TT, H, K]; w [TT, H, K], u [TT, H, V], gc [TT, H] or None (float32, from prep);
+        initial_state [N, H, K, V] or None.
+    Returns: h [NC, H, K, V] float32 (state at each chunk's start), vnew [TT, H, V] float32
+        (U'), final [N, H, K, V] float32 or None.
+    """
+    TT, H, K = k.shape
+    V = u.shape[-1]
+    N = layout.num_seqs
+    dev = k.device
+    h = alloc.empty(layout.num_chunks, H, K, V, dtype=torch.float32, device=dev)
+    vnew = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
+    final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    BK, BV = full_tile(K), scan_v_tile(K, V)
+    if N:
+        delta_scan_kernel[(triton.cdiv(V, BV), N * H)](
+            k, w, u, gc if gc is not None else u,
+            initial_state if initial_state is not None else h, h, vnew,
+            final if final is not None else h, layout.cu_seqlens, layout.chunk_offsets,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
+            USE_H0=initial_state is not None, STORE_FINAL=final is not None,
+            PREC=dot_precision(k.dtype), num_warps=8 if BK >= 256 else 4)
+    return h, vnew, final
+
+
+def output(q, k, vnew, gc, h, layout, scale, out_dtype):
+    """O from the chunk states.
+
+    Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC, H, K, V], gc [TT, H] or None (float32).
+    Returns: o [TT, H, V] in out_dtype.
+    """
+    TT, H, K = q.shape
+    V = vnew.shape[-1]
+    o = alloc.empty(TT, H, V, dtype=out_dtype, device=q.device)
+    BV = tile(V)
+    if layout.num_chunks:
+        delta_output_kernel[(layout.num_chunks, H, triton.cdiv(V, BV))](
+            q, k, vnew, gc if gc is not None else vnew, h, o, layout.cu_seqlens,
+            layout.chunk_seq, layout.chunk_idx, scale,
+            H=H, K=K, V=V, BT=BT, BK=tile(K), BV=BV, USE_G=gc is not None,
+            PREC=dot_precision(q.dtype), num_warps=4)
+    return o
