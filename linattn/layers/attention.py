@@ -1,0 +1,103 @@
+"""Softmax attention with RoPE and an optional sliding window, for hybrid models."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Mixer
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of x [B, T, H, D] at integer positions [T]
+    (D even); computed in float32 (float64 for float64 x), returned in x's dtype."""
+    D = x.shape[-1]
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=dt) / D)  # [D/2]
+    ang = positions.to(dt)[:, None] * inv_freq[None]                             # [T, D/2]
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]                # [1, T, 1, D/2]
+    x1, x2 = x.to(dt).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def attention_mask(q_pos, k_pos, window, q_seq=None, k_seq=None) -> torch.Tensor:
+    """Bool [Tq, Tk], True where query i may attend key j: k_pos <= q_pos, within the window
+    (q_pos - k_pos < window) and, with packed sequences, in the same sequence."""
+    d = q_pos[:, None] - k_pos[None, :]
+    allowed = d >= 0
+    if window is not None:
+        allowed &= d < window
+    if q_seq is not None:
+        allowed &= q_seq[:, None] == k_seq[None, :]
+    return allowed
+
+
+class Attention(Mixer):
+    """Causal multi-head softmax attention (scaled_dot_product_attention) with RoPE.
+
+        q, k, v = x W_q, x W_k, x W_v  [B, T, H, D];  q, k rotated at their absolute positions
+        token t attends to s with t - window < s <= t (window None: all s <= t)
+        y = W_o softmax(q k^T / sqrt(D) + mask) v
+
+    Args:
+        d_model, n_heads, layer_idx, n_layers: see Mixer (head_dim must be even for RoPE).
+        backend: accepted for a uniform signature; attention always uses PyTorch's SDPA.
+        window: sliding-window length (None: full causal attention).
+        rope_theta: RoPE base (10000).
+
+    forward: as in linattn.layers.base. With cu_seqlens, positions restart at each packed
+    sequence and attention stays inside it; a state (KV cache) cannot be combined with
+    cu_seqlens (ValueError). The state is the dict {"k": [B, L, H, D] rotated keys, "v":
+    [B, L, H, D], "offset": int, the absolute position of the next token}; with a window only
+    the last window-1 tokens are kept.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 n_layers: int = 1, window: int | None = None, rope_theta: float = 10000.0):
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        if self.head_dim % 2:
+            raise ValueError(f"attention needs an even head dim for RoPE, got d_model/n_heads = {self.head_dim}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be None or a positive int, got {window!r}")
+        self.window, self.rope_theta = window, rope_theta
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x, state=None, cu_seqlens=None, return_state=False):
+        self.check_input(x, cu_seqlens)
+        if cu_seqlens is not None and (state is not None or return_state):
+            raise ValueError("attention keeps no per-sequence KV cache with cu_seqlens: "
+                             "pass state=None and return_state=False")
+        B, T, _ = x.shape
+        D, dev = self.head_dim, x.device
+        q, k, v = (self.heads(p(x), D) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, T, H, D]
+        offset = 0 if state is None else int(state["offset"])
+        t = torch.arange(T, device=dev)
+        q_seq = k_seq = None
+        if cu_seqlens is not None:
+            cu = cu_seqlens.to(device=dev, dtype=torch.long)
+            q_seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=dev), cu[1:] - cu[:-1])
+            k_seq = q_seq
+            pos = t - cu[:-1][q_seq]                   # [T] position inside its sequence
+        else:
+            pos = offset + t
+        q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+        k_pos = pos
+        if state is not None:
+            L = state["k"].shape[1]
+            k = torch.cat([state["k"].to(k.dtype), k], dim=1)  # [B, L+T, H, D]
+            v = torch.cat([state["v"].to(v.dtype), v], dim=1)
+            k_pos = torch.cat([offset - L + torch.arange(L, device=dev), pos])
+        qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
+        if state is None and cu_seqlens is None and self.window is None:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        else:
+            mask = attention_mask(pos, k_pos, self.window, q_seq, k_seq)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+        y = self.o_proj(o.transpose(1, 2).flatten(-2))  # [B, H, T, D] -> [B, T, H * D]
+        if not return_state:
+            return y, None
+        keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
+        return y, {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:], "offset": offset + T}

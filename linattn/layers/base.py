@@ -1,0 +1,81 @@
+"""What every token mixer shares: the constructor's common arguments and the forward convention.
+
+Forward convention (all mixers, attention included)::
+
+    y, new_state = mixer(x, state=None, cu_seqlens=None, return_state=False)
+
+    x           [B, T, d_model] float tensor.
+    state       None (start from zeros / an empty cache), or the state a previous call returned
+                with return_state=True: the mixer continues the sequence from there. Its layout
+                is the mixer's own (see each class's docstring); treat it as opaque.
+    cu_seqlens  int32/int64 [N+1] offsets of N sequences packed along T (B must be 1); each
+                sequence runs independently, and states (given and returned) hold N rows.
+    return_state  when True, new_state is the state after the last token (per sequence with
+                cu_seqlens); otherwise new_state is None and no state is materialised.
+    y           [B, T, d_model] in x's dtype.
+
+Token-by-token decoding is the same call with T = 1 (or any T) and the previous state.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.api import BACKENDS
+
+
+class Mixer(nn.Module):
+    """Base class of the token mixers: validates and stores the shared constructor arguments.
+
+    Args:
+        d_model: model width; must be divisible by n_heads.
+        n_heads: number of heads.
+        backend: op backend passed through to linattn's ops ("auto" | "triton" | "torch" |
+            "reference").
+        layer_idx, n_layers: this layer's position in the stack (0-based) and the stack's
+            depth; mixers whose defaults depend on depth (Lightning's decay rates) use them.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto",
+                 layer_idx: int = 0, n_layers: int = 1):
+        super().__init__()
+        for name, val in (("d_model", d_model), ("n_heads", n_heads), ("n_layers", n_layers)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not (0 <= layer_idx < n_layers):
+            raise ValueError(f"layer_idx must be in [0, n_layers={n_layers}), got {layer_idx}")
+        self.d_model, self.n_heads, self.backend = d_model, n_heads, backend
+        self.head_dim = d_model // n_heads
+        self.layer_idx, self.n_layers = layer_idx, n_layers
+
+    def check_input(self, x: torch.Tensor, cu_seqlens) -> None:
+        """x must be [B, T, d_model] floating; cu_seqlens (validated by the ops) needs B == 1."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor [B, T, d_model], got {type(x).__name__}"
+                            + (f" of {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [B, T, d_model={self.d_model}], got {tuple(x.shape)}")
+        if cu_seqlens is not None and x.shape[0] != 1:
+            raise ValueError(f"cu_seqlens packs sequences along T and needs B == 1, got B={x.shape[0]}")
+
+    def heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """[B, T, H * dim] -> [B, T, H, dim]."""
+        return x.unflatten(-1, (self.n_heads, dim))
+
+
+def gate_dtype(x: torch.Tensor) -> torch.dtype:
+    """Gates and decays are computed in float32 (float64 for float64 activations)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def make_dims(head_dim: int, expand: float, name: str) -> int:
+    """Per-head width int(head_dim * expand), which must be at least 1."""
+    d = int(head_dim * expand)
+    if d < 1:
+        raise ValueError(f"{name}={expand} gives a per-head width of {d} (head_dim={head_dim}); "
+                         "it must be >= 1")
+    return d

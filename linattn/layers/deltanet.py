@@ -1,0 +1,87 @@
+"""DeltaNet and Gated DeltaNet (Yang et al., 2024/2025): the delta rule as a token mixer."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.api import delta_rule
+from .base import Mixer, gate_dtype, make_dims
+from .norms import GatedOutputNorm
+from .short_conv import ShortConv
+
+
+class DeltaNet(Mixer):
+    """DeltaNet's token mixer, as the Gated DeltaNet paper builds it:
+
+        q, k, v = silu(shortconv(x W_qkv))          causal depthwise conv, kernel conv_size
+        q, k = l2norm(q), l2norm(k)                  [B, T, H, K]; v [B, T, H, V]
+        beta = sigmoid(x W_b + b_b)                  [B, T, H]
+        g = -exp(A_log) * softplus(x W_a + dt_bias)  [B, T, H]   (Gated DeltaNet only)
+        S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T q_t / sqrt(K)
+        y = W_o (rmsnorm(o) * silu(x W_z))
+
+    Gated DeltaNet initialises A = exp(A_log) uniform in [1, 16] and dt = softplus(dt_bias)
+    log-uniform in [1e-3, 1e-1], as Mamba-2 does.
+
+    Args:
+        d_model, n_heads, backend, layer_idx, n_layers: see Mixer.
+        expand_v: V = head_dim * expand_v (default 1); K = head_dim.
+        conv_size: the short conv's kernel (4).
+        gated: add the decay g (GatedDeltaNet sets it).
+
+    forward: as in linattn.layers.base. The state is the dict {"S": [B, H, K, V] float32
+    delta-rule state, "conv": [B, conv_size-1, 2HK+HV] the short conv's last inputs}
+    (N rows with cu_seqlens).
+    """
+
+    default_gated = False
+
+    def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 n_layers: int = 1, expand_v: float = 1.0, conv_size: int = 4,
+                 gated: bool | None = None):
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        self.gated = self.default_gated if gated is None else bool(gated)
+        self.key_dim = self.head_dim
+        self.value_dim = make_dims(self.head_dim, expand_v, "expand_v")
+        HK, HV = n_heads * self.key_dim, n_heads * self.value_dim
+        self.qkv_proj = nn.Linear(d_model, 2 * HK + HV, bias=False)
+        self.conv = ShortConv(2 * HK + HV, conv_size, activation="silu")
+        self.b_proj = nn.Linear(d_model, n_heads, bias=True)
+        if self.gated:
+            self.a_proj = nn.Linear(d_model, n_heads, bias=False)
+            self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1.0, 16.0).log())
+            dt = torch.exp(torch.empty(n_heads).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.z_proj = nn.Linear(d_model, HV, bias=False)
+        self.out_norm = GatedOutputNorm(self.value_dim, activation="silu")
+        self.o_proj = nn.Linear(HV, d_model, bias=False)
+        with torch.no_grad():
+            self.b_proj.bias.zero_()
+
+    def forward(self, x, state=None, cu_seqlens=None, return_state=False):
+        self.check_input(x, cu_seqlens)
+        HK = self.n_heads * self.key_dim
+        S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
+        qkv, conv_state = self.conv(self.qkv_proj(x), conv0, cu_seqlens, return_cache=return_state)
+        q, k, v = qkv.split([HK, HK, self.n_heads * self.value_dim], dim=-1)
+        q = F.normalize(self.heads(q, self.key_dim), dim=-1, eps=1e-6)  # [B, T, H, K]
+        k = F.normalize(self.heads(k, self.key_dim), dim=-1, eps=1e-6)  # [B, T, H, K]
+        v = self.heads(v, self.value_dim)                                # [B, T, H, V]
+        gdt = gate_dtype(x)
+        beta = torch.sigmoid(self.b_proj(x).to(gdt))                     # [B, T, H]
+        g = None
+        if self.gated:
+            g = -self.A_log.to(gdt).exp() * F.softplus(self.a_proj(x).to(gdt) + self.dt_bias.to(gdt))
+        o, S = delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
+                          cu_seqlens=cu_seqlens, backend=self.backend)
+        y = self.o_proj(self.out_norm(o, self.z_proj(x)))
+        return y, ({"S": S, "conv": conv_state} if return_state else None)
+
+
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet: DeltaNet with the Mamba-2-style decay g; see DeltaNet."""
+
+    default_gated = True

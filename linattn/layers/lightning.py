@@ -1,0 +1,69 @@
+"""Lightning Attention (TransNormerLLM): linear attention with a constant per-head decay."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.api import linear_attention
+from .base import Mixer, gate_dtype
+from .norms import GatedOutputNorm
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's head slopes [H] (float64): 2^(-8h/H) for h = 1..H when H is a power of two,
+    interleaved from the next power of two otherwise (Press et al.)."""
+    def pow2(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (h + 1) for h in range(n)]
+    if math.log2(n_heads).is_integer():
+        s = pow2(n_heads)
+    else:
+        p = 2 ** math.floor(math.log2(n_heads))
+        s = pow2(p) + pow2(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(s, dtype=torch.float64)
+
+
+class LightningAttention(Mixer):
+    """TransNormerLLM's token mixer on Lightning Attention:
+
+        q = silu(x W_q), k = silu(x W_k), v = x W_v                          (per head)
+        S_t = lambda_h S_{t-1} + k_t v_t^T,  o_t = S_t^T q_t / sqrt(K)
+        y = W_o (rmsnorm(o) * sigmoid(x W_u))
+
+    with the fixed decay log(lambda_h) = -slope_h * (1 - l / (L - 1) + 1e-5) (ALiBi slopes,
+    shallower layers forget faster; l = layer_idx, L = n_layers; factor 1 when L == 1).
+    The decay is a non-persistent buffer ``log_decay`` [H] (float64 at construction; it
+    follows the module's dtype casts), not trained.
+
+    Args: d_model, n_heads, backend, layer_idx, n_layers (see Mixer).
+    forward: as in linattn.layers.base; the state is the op's [B, H, D, D] float32 tensor
+    ([N, ...] with cu_seqlens).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 n_layers: int = 1):
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        depth = 1.0 - layer_idx / (n_layers - 1) + 1e-5 if n_layers > 1 else 1.0
+        # [H], fixed by (n_heads, layer_idx, n_layers): a buffer, not in the state dict
+        self.register_buffer("log_decay", -alibi_slopes(n_heads) * depth, persistent=False)
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.u_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_norm = GatedOutputNorm(self.head_dim, activation="sigmoid")
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x, state=None, cu_seqlens=None, return_state=False):
+        self.check_input(x, cu_seqlens)
+        D = self.head_dim
+        q = F.silu(self.heads(self.q_proj(x), D))  # [B, T, H, D]
+        k = F.silu(self.heads(self.k_proj(x), D))
+        v = self.heads(self.v_proj(x), D)
+        g = self.log_decay.to(gate_dtype(x))        # [H]
+        o, new_state = linear_attention(q, k, v, g, initial_state=state,
+                                        output_final_state=return_state,
+                                        cu_seqlens=cu_seqlens, backend=self.backend)
+        return self.o_proj(self.out_norm(o, self.u_proj(x))), new_state

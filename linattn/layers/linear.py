@@ -1,0 +1,63 @@
+"""Plain (ungated) linear attention with a choice of feature map (see feature_maps.py)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.api import linear_attention
+from .base import Mixer
+from .feature_maps import FeatureMap
+from .norms import GatedOutputNorm
+
+
+class LinearAttention(Mixer):
+    """Linear attention (Katharopoulos et al.), Hedgehog and TransNormer's NormAttention.
+
+        phi = feature map on q and k (per head; Hedgehog's is trainable, one for q, one for k)
+        S_t = S_{t-1} + phi(k_t) v_t^T
+        o_t = S_t^T phi(q_t) / (phi(q_t) . sum_{s<=t} phi(k_s) + eps)     maps with a denominator
+        o_t = rmsnorm(S_t^T phi(q_t) / sqrt(K))                          feature_map="norm"
+
+    The ops have no denominator: this layer runs the op once with v augmented by a column of
+    ones, so the op's last output column is the denominator and the state carries sum phi(k).
+
+    Args:
+        d_model, n_heads, backend, layer_idx, n_layers: see Mixer.
+        feature_map: "identity" | "elu" (default) | "hedgehog" | "norm".
+        eps: added to the denominator.
+
+    forward(x [B, T, d_model], state=None, cu_seqlens=None, return_state=False)
+        -> (y [B, T, d_model], state or None), as in linattn.layers.base. The state is the op's
+        [B, H, F, D+1] float32 tensor (F the feature width; the last column holds sum phi(k))
+        for maps with a denominator, [B, H, F, D] for "norm"; [N, ...] with cu_seqlens.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 n_layers: int = 1, feature_map: str = "elu", eps: float = 1e-6):
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        D = self.head_dim
+        self.eps = eps
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_map = FeatureMap(feature_map, n_heads, D)
+        self.k_map = FeatureMap(feature_map, n_heads, D)
+        self.out_norm = None if self.q_map.uses_denominator else GatedOutputNorm(D, activation=None)
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x, state=None, cu_seqlens=None, return_state=False):
+        self.check_input(x, cu_seqlens)
+        D = self.head_dim
+        q = self.q_map(self.heads(self.q_proj(x), D))  # [B, T, H, F]
+        k = self.k_map(self.heads(self.k_proj(x), D))  # [B, T, H, F]
+        v = self.heads(self.v_proj(x), D)               # [B, T, H, D]
+        run = dict(initial_state=state, output_final_state=return_state, cu_seqlens=cu_seqlens,
+                   backend=self.backend)
+        if self.out_norm is not None:
+            o, new_state = linear_attention(q, k, v, **run)
+            o = self.out_norm(o)                                        # [B, T, H * D]
+        else:
+            v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)   # [B, T, H, D+1]
+            o, new_state = linear_attention(q, k, v1, scale=1.0, **run)  # scale cancels
+            o = (o[..., :D] / (o[..., D:] + self.eps)).flatten(-2)     # [B, T, H * D]
+        return self.o_proj(o), new_state

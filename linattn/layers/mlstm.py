@@ -1,0 +1,69 @@
+"""xLSTM's mLSTM as a token mixer: mLSTMexp ("mlstm") and mLSTMsig ("mlstm_sig")."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.api import INPUT_GATES, mlstm
+from .base import Mixer, gate_dtype
+from .norms import GatedOutputNorm
+
+
+class MLSTM(Mixer):
+    """The mLSTM cell with per-head scalar gates, then a gated output norm:
+
+        q, k, v = x W_q, x W_k, x W_v      [H, D]
+        i = x W_i + b_i,  f = x W_f + b_f  [B, T, H] pre-activations (forget bias starts in
+                                            [3, 6] across heads: long memory at first)
+        o = mlstm(q, k, v, i, f, input_gate)   (see linattn.mlstm: "exp" is stabilised and
+                                                normalised, "sigmoid" has no normaliser)
+        y = W_o (rmsnorm(o) * silu(x W_z))
+
+    Args:
+        d_model, n_heads, backend, layer_idx, n_layers: see Mixer.
+        input_gate: "exp" (mLSTMexp, the default here) or "sigmoid" (mLSTMsig).
+        forget_bias: (low, high) of the forget-gate bias, spread linearly over the heads.
+
+    forward: as in linattn.layers.base. The state is the op's: the tuple (C [B, H, D, D],
+    n [B, H, D], m [B, H]) for "exp", C [B, H, D, D] for "sigmoid" (float32; N rows with
+    cu_seqlens).
+    """
+
+    default_input_gate = "exp"
+
+    def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 n_layers: int = 1, input_gate: str | None = None,
+                 forget_bias: tuple[float, float] = (3.0, 6.0)):
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        input_gate = self.default_input_gate if input_gate is None else input_gate
+        if input_gate not in INPUT_GATES:
+            raise ValueError(f"input_gate must be one of {INPUT_GATES}, got {input_gate!r}")
+        self.input_gate = input_gate
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.i_proj = nn.Linear(d_model, n_heads, bias=True)
+        self.f_proj = nn.Linear(d_model, n_heads, bias=True)
+        self.z_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_norm = GatedOutputNorm(self.head_dim, activation="silu")
+        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        with torch.no_grad():
+            self.i_proj.bias.zero_()
+            self.f_proj.bias.copy_(torch.linspace(forget_bias[0], forget_bias[1], n_heads))
+
+    def forward(self, x, state=None, cu_seqlens=None, return_state=False):
+        self.check_input(x, cu_seqlens)
+        D = self.head_dim
+        q, k, v = (self.heads(p(x), D) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, T, H, D]
+        i = self.i_proj(x).to(gate_dtype(x))  # [B, T, H]
+        f = self.f_proj(x).to(gate_dtype(x))  # [B, T, H]
+        o, new_state = mlstm(q, k, v, i, f, input_gate=self.input_gate, initial_state=state,
+                             output_final_state=return_state, cu_seqlens=cu_seqlens,
+                             backend=self.backend)
+        return self.o_proj(self.out_norm(o, self.z_proj(x))), new_state
+
+
+class MLSTMSig(MLSTM):
+    """MLSTM with the sigmoid input gate (mLSTMsig, TFLA paper) by default; see MLSTM."""
+
+    default_input_gate = "sigmoid"

@@ -1,0 +1,165 @@
+"""LMConfig: everything needed to build a CausalLM, as a JSON-round-trippable dataclass."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..layers import FEATURE_MAPS, MIXERS
+from ..ops.api import BACKENDS
+
+
+@dataclass
+class LMConfig:
+    """A causal LM's shape and its layer pattern.
+
+    Fields:
+        vocab_size: number of token ids.
+        d_model, n_layers, n_heads: width, depth, heads (d_model % n_heads == 0).
+        mixer: the token mixer of every layer (a key of linattn.layers.MIXERS).
+        layers: explicit per-layer mixer names (length n_layers); overrides mixer and hybrid.
+        hybrid: N for an "N:1" hybrid: every (N+1)-th layer (layers N, 2N+1, ... 0-based) is
+            "attention", the others are mixer; n_layers must be a multiple of N+1.
+        mlp_ratio: SwiGLU hidden width = round(mlp_ratio * d_model).
+        max_seq_len: the longest input forward() accepts.
+        sliding_window: window of the attention layers (None: full causal).
+        feature_map: feature map of the "linear" mixer (see linattn.layers.feature_maps).
+        backend: op backend of every mixer ("auto" | "triton" | "torch" | "reference").
+        tie_embeddings: share the embedding matrix with the LM head.
+        norm_eps: RMSNorm epsilon.
+        init_std: std of the normal init of the embedding (and an untied head).
+        mixer_options: extra constructor options per mixer name, e.g.
+            {"gla": {"expand_k": 1.0}}; applied to every layer of that mixer.
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    mixer: str = "gated_deltanet"
+    layers: list[str] | None = None
+    hybrid: int | None = None
+    mlp_ratio: float = 4.0
+    max_seq_len: int = 2048
+    sliding_window: int | None = None
+    feature_map: str = "elu"
+    backend: str = "auto"
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    mixer_options: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+
+    def layer_pattern(self) -> list[str]:
+        """The mixer name of each layer, after validation."""
+        self.validate()
+        if self.layers is not None:
+            return list(self.layers)
+        if self.hybrid is not None:
+            return ["attention" if (i + 1) % (self.hybrid + 1) == 0 else self.mixer
+                    for i in range(self.n_layers)]
+        return [self.mixer] * self.n_layers
+
+    def mixer_kwargs(self, name: str) -> dict:
+        """Constructor options for mixer `name`: the config-wide ones, then mixer_options."""
+        kw = {}
+        if name == "linear":
+            kw["feature_map"] = self.feature_map
+        if name == "attention":
+            kw["window"] = self.sliding_window
+        kw.update(self.mixer_options.get(name, {}))
+        return kw
+
+    def validate(self) -> None:
+        """Raises ValueError with one line naming the first bad field."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        _known("mixer", self.mixer)
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or len(self.layers) != self.n_layers:
+                raise ValueError(f"layers must be a list of n_layers={self.n_layers} mixer names, "
+                                 f"got {self.layers!r}")
+            for i, name in enumerate(self.layers):
+                _known(f"layers[{i}]", name)
+        if self.hybrid is not None:
+            _positive_int("hybrid", self.hybrid)
+            if self.layers is None and self.n_layers % (self.hybrid + 1):
+                raise ValueError(f"hybrid={self.hybrid} means {self.hybrid}:1 blocks of "
+                                 f"{self.hybrid + 1} layers, which do not tile n_layers={self.n_layers}")
+        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0
+                and round(self.mlp_ratio * self.d_model) >= 1):
+            raise ValueError(f"mlp_ratio must be > 0 (and give a hidden width >= 1), got {self.mlp_ratio!r}")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        for name in ("norm_eps", "init_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if not isinstance(self.mixer_options, dict):
+            raise ValueError(f"mixer_options must be a dict {{mixer name: {{option: value}}}}, got {self.mixer_options!r}")
+        for name, opts in self.mixer_options.items():
+            _known(f"mixer_options key {name!r}", name)
+            if not isinstance(opts, dict):
+                raise ValueError(f"mixer_options[{name!r}] must be a dict of constructor options, got {opts!r}")
+            allowed = _mixer_options(name)
+            bad = sorted(set(opts) - allowed)
+            if bad:
+                raise ValueError(f"mixer_options[{name!r}]: unknown option(s) {bad}; known: {sorted(allowed)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMConfig":
+        """Builds and validates a config; unknown keys are a ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"LMConfig.from_dict needs a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LMConfig field(s) {unknown}; known: {sorted(known)}")
+        if "vocab_size" not in d:
+            raise ValueError("LMConfig needs vocab_size")
+        cfg = cls(**d)
+        if cfg.layers is not None:
+            cfg.layers = list(cfg.layers)
+        cfg.validate()
+        return cfg
+
+    def save_json(self, path) -> None:
+        self.validate()
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_json(cls, path) -> "LMConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _mixer_options(name) -> set[str]:
+    """Keyword options of mixer `name`'s constructor, less the ones the LM itself passes."""
+    params = inspect.signature(MIXERS[name].__init__).parameters.values()
+    kw = {p.name for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY}
+    return kw - {"backend", "layer_idx", "n_layers"}
+
+
+def _known(what, name):
+    if name not in MIXERS:
+        raise ValueError(f"{what}: unknown mixer {name!r}; known: {sorted(MIXERS)}")

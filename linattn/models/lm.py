@@ -1,0 +1,131 @@
+"""CausalLM: embedding, a stack of (mixer, SwiGLU) pre-norm blocks, final norm, LM head."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import MIXERS, RMSNorm
+from .config import LMConfig
+
+
+class SwiGLU(nn.Module):
+    """x [..., d] -> W_down (silu(x W_gate) * x W_up) [..., d], hidden width `hidden`."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [..., hidden] each
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """x + mixer(rmsnorm(x)), then x + swiglu(rmsnorm(x)); forward follows the mixers'
+    convention: (x [B, T, d], state, cu_seqlens, return_state) -> (x, new_state or None)."""
+
+    def __init__(self, config: LMConfig, name: str, layer_idx: int):
+        super().__init__()
+        d = config.d_model
+        self.mixer_name = name
+        self.mixer_norm = RMSNorm(d, config.norm_eps)
+        self.mixer = MIXERS[name](d, config.n_heads, backend=config.backend, layer_idx=layer_idx,
+                                  n_layers=config.n_layers, **config.mixer_kwargs(name))
+        self.mlp_norm = RMSNorm(d, config.norm_eps)
+        self.mlp = SwiGLU(d, round(config.mlp_ratio * d))
+
+    def forward(self, x, state=None, cu_seqlens=None, return_state=False):
+        y, new_state = self.mixer(self.mixer_norm(x), state=state, cu_seqlens=cu_seqlens,
+                                  return_state=return_state)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), new_state
+
+
+class CausalLM(nn.Module):
+    """A causal language model whose layers follow config.layer_pattern().
+
+    forward(input_ids [B, T] int64, cu_seqlens=None) -> logits [B, T, vocab_size], float32
+        (float64 for a float64 model). cu_seqlens (int32/int64 [N+1], B == 1) packs N
+        independent sequences along T.
+    forward_with_state(input_ids, state=None) -> (logits, state): the same, continuing from
+        and returning the per-layer mixer states (a list, one entry per layer; None starts a
+        new sequence), so prompts and generated tokens can be fed a chunk at a time.
+    generate(input_ids, max_new_tokens, temperature=0.0) -> [B, T + max_new_tokens] int64.
+    num_parameters(exclude_embeddings=False) -> int (a tied head counts once).
+    """
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, name, i)
+                                    for i, name in enumerate(config.layer_pattern()))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=config.init_std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=config.init_std)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError("input_ids must be an int64 (or int32) tensor [B, T], got "
+                            + (str(input_ids.dtype) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"input length {input_ids.shape[1]} exceeds max_seq_len={self.config.max_seq_len}")
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h)
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, w)                                          # [B, T, vocab]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_ids(input_ids)
+        h = self.embed(input_ids)  # [B, T, d]
+        for block in self.blocks:
+            h, _ = block(h, cu_seqlens=cu_seqlens)
+        return self._logits(h)
+
+    def forward_with_state(self, input_ids: torch.Tensor, state: list | None = None):
+        self._check_ids(input_ids)
+        if state is None:
+            state = [None] * len(self.blocks)
+        if len(state) != len(self.blocks):
+            raise ValueError(f"state must hold one entry per layer ({len(self.blocks)}), got {len(state)}")
+        h = self.embed(input_ids)
+        new_state = []
+        for block, s in zip(self.blocks, state):
+            h, s = block(h, state=s, return_state=True)
+            new_state.append(s)
+        return self._logits(h), new_state
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation, one token per step through the
+        mixers' states. input_ids [B, T] with T >= 1; returns [B, T + max_new_tokens]."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
+        if max_new_tokens < 0 or temperature < 0:
+            raise ValueError("max_new_tokens and temperature must be >= 0")
+        out = [input_ids]
+        logits, state = self.forward_with_state(input_ids)
+        for _ in range(max_new_tokens):
+            last = logits[:, -1]                                             # [B, vocab]
+            if temperature == 0:
+                nxt = last.argmax(-1, keepdim=True)
+            else:
+                probs = torch.softmax(last / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            out.append(nxt)
+            logits, state = self.forward_with_state(nxt, state)
+        return torch.cat(out, dim=1)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embeddings else n

@@ -1,0 +1,142 @@
+"""Layers against independent, quadratic-form statements of their math (float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+from linattn.layers import MIXERS, FeatureMap, ShortConv
+from linattn.layers.attention import rope
+from linattn.layers.lightning import alibi_slopes
+from mixer_cases import D_MODEL, build
+
+T = 11
+
+
+def _x(B=2, T_=T, seed=1):
+    return torch.randn(B, T_, D_MODEL, generator=helpers.seeded(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 4])
+def test_short_conv_matches_conv1d(kernel_size):
+    conv = ShortConv(6, kernel_size).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    y, cache = conv(x, return_cache=True)
+    want = F.conv1d(F.pad(x.transpose(1, 2), (kernel_size - 1, 0)),
+                    conv.weight.unsqueeze(1), groups=6).transpose(1, 2)
+    helpers.assert_allclose_f64(y, F.silu(want), "conv")
+    helpers.assert_allclose_f64(cache, x[:, 9 - (kernel_size - 1):], "cache")
+
+
+def _heads(x, H=4):
+    return x.unflatten(-1, (H, -1))  # [B, T, d] -> [B, T, H, D]
+
+
+def _causal_weights(scores):
+    """scores [B, H, T, S] -> scores with future (s > t) entries zeroed."""
+    Tq = scores.shape[-2]
+    return scores * torch.ones(Tq, Tq, dtype=scores.dtype).tril()
+
+
+@pytest.mark.parametrize("fmap", ["identity", "elu", "hedgehog"])
+def test_linear_denominator_matches_quadratic_form(fmap):
+    """o_t = sum_{s<=t} (phi(q_t).phi(k_s)) v_s / (sum_{s<=t} phi(q_t).phi(k_s) + eps)."""
+    m = build(("linear", {"feature_map": fmap}))
+    x = _x()
+    y, _ = m(x)
+    q = m.q_map(_heads(m.q_proj(x)))
+    k = m.k_map(_heads(m.k_proj(x)))
+    v = _heads(m.v_proj(x))
+    A = _causal_weights(torch.einsum("bthf,bshf->bhts", q, k))       # [B, H, T, T]
+    o = torch.einsum("bhts,bshd->bthd", A, v) / (A.sum(-1).transpose(1, 2)[..., None] + m.eps)
+    helpers.assert_allclose_f64(y, m.o_proj(o.flatten(-2)), f"linear/{fmap}")
+
+
+def test_norm_attention_matches_quadratic_form():
+    m = build(("linear", {"feature_map": "norm"}))
+    x = _x()
+    y, _ = m(x)
+    q, k = (F.elu(_heads(p(x))) + 1 for p in (m.q_proj, m.k_proj))
+    v = _heads(m.v_proj(x))
+    D = q.shape[-1]
+    o = torch.einsum("bhts,bshd->bthd", _causal_weights(torch.einsum("bthf,bshf->bhts", q, k)), v) * D ** -0.5
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6) * m.out_norm.norm.weight
+    helpers.assert_allclose_f64(y, m.o_proj(o.flatten(-2)), "norm attention")
+
+
+def test_hedgehog_map_is_a_distribution_and_trains():
+    fm = FeatureMap("hedgehog", 3, 5).double()
+    z = fm(torch.randn(2, 4, 3, 5, dtype=torch.float64))
+    assert z.shape == (2, 4, 3, 10) and bool((z > 0).all())
+    helpers.assert_allclose_f64(z.sum(-1), torch.ones(2, 4, 3), "sum over features")
+    z.pow(2).sum().backward()
+    assert fm.hedgehog.weight.grad.abs().max() > 0
+
+
+def test_lightning_decay_matches_quadratic_form():
+    """o_t = sum_{s<=t} lambda^(t-s) (q_t.k_s) v_s / sqrt(D), then norm and sigmoid gate."""
+    m = build(("lightning", {}), layer_idx=1, n_layers=3)
+    want = -alibi_slopes(4) * (1 - 1 / 2 + 1e-5)
+    helpers.assert_allclose_f64(m.log_decay, want, "log decay")
+    x = _x()
+    y, _ = m(x)
+    q, k = (F.silu(_heads(p(x))) for p in (m.q_proj, m.k_proj))
+    v = _heads(m.v_proj(x))
+    t = torch.arange(T, dtype=torch.float64)
+    decay = torch.exp(m.log_decay[:, None, None] * (t[:, None] - t[None, :]).clamp(min=0))  # [H, T, S]
+    A = _causal_weights(torch.einsum("bthf,bshf->bhts", q, k) * decay) * q.shape[-1] ** -0.5
+    o = torch.einsum("bhts,bshd->bthd", A, v)
+    helpers.assert_allclose_f64(y, m.o_proj(m.out_norm(o, m.u_proj(x))), "lightning")
+
+
+def test_alibi_slopes_non_power_of_two():
+    assert torch.allclose(alibi_slopes(8), 2.0 ** (-torch.arange(1, 9, dtype=torch.float64)))
+    s = alibi_slopes(6)  # 4 from the power-of-two list, then every other one of 8's
+    assert torch.allclose(s, torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3],
+                                          dtype=torch.float64))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_matches_naive_softmax(window):
+    m = build(("attention", {"window": window}))
+    x = _x()
+    y, _ = m(x)
+    pos = torch.arange(T)
+    q, k = (rope(_heads(p(x)), pos, m.rope_theta) for p in (m.q_proj, m.k_proj))
+    v = _heads(m.v_proj(x))
+    s = torch.einsum("bthd,bshd->bhts", q, k) / q.shape[-1] ** 0.5
+    d = pos[:, None] - pos[None, :]
+    ok = (d >= 0) & ((d < window) if window else True)
+    o = torch.einsum("bhts,bshd->bthd", torch.softmax(s.masked_fill(~ok, float("-inf")), -1), v)
+    helpers.assert_allclose_f64(y, m.o_proj(o.flatten(-2)), "attention")
+
+
+def test_rope_is_relative():
+    """Rotated dot products depend only on the position difference."""
+    q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64).unbind(0)
+    dot = lambda a, b: (rope(q, torch.tensor([a]), 1e4) * rope(k, torch.tensor([b]), 1e4)).sum()
+    helpers.assert_allclose_f64(dot(7, 3), dot(104, 100), "rope")
+
+
+def test_gated_deltanet_gate_and_keys():
+    """g = -exp(A_log) softplus(a(x) + dt_bias) <= 0, dt starts in [1e-3, 1e-1], keys are unit."""
+    m = MIXERS["gated_deltanet"](D_MODEL, 4)
+    dt = F.softplus(m.dt_bias)
+    assert bool(((dt > 0.9e-3) & (dt < 1.1e-1)).all())
+    A = m.A_log.exp()
+    assert bool(((A >= 1) & (A <= 16)).all())
+    seen = {}
+    import linattn.layers.deltanet as dn
+    orig = dn.delta_rule
+
+    def spy(q, k, v, beta, g, **kw):
+        seen.update(q=q, k=k, beta=beta, g=g)
+        return orig(q, k, v, beta, g, **kw)
+
+    dn.delta_rule = spy
+    try:
+        m(torch.randn(1, 6, D_MODEL))
+    finally:
+        dn.delta_rule = orig
+    assert torch.allclose(seen["k"].norm(dim=-1), torch.ones(1, 6, 4), atol=1e-5)
+    assert torch.allclose(seen["q"].norm(dim=-1), torch.ones(1, 6, 4), atol=1e-5)
+    assert bool((seen["g"] < 0).all()) and bool(((seen["beta"] > 0) & (seen["beta"] < 1)).all())
