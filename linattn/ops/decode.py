@@ -47,12 +47,13 @@ def _check_no_grad(op: str, **tensors):
                     "decode under torch.no_grad() / torch.inference_mode()")
 
 
-def _check_decode_state(state, q, V: int, inplace, mlstm_exp: bool = False):
-    """Validates `state` (and `inplace`) for q [B, T, H, K]; returns the state as a tuple of
-    tensors ((), (C,) or (C, n, m))."""
+def _check_decode_state(state, q, v, inplace, mlstm_exp: bool = False):
+    """Validates `state` (and `inplace`) for q [B, T, H, K], v [B, T, H, V]; returns the
+    state as a tuple of tensors ((), (C,) or (C, n, m))."""
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     B, T, H, K = q.shape
+    V = v.shape[-1]
     if state is None:
         if inplace:
             raise ValueError("inplace=True updates the given state, but state is None: pass a "
@@ -143,10 +144,9 @@ def linear_attention_decode(q, k, v, g=None, *, state=None, scale=None, inplace=
         inplace=True; a new tensor otherwise, `state` untouched).
     """
     _check_qkv(q, k, v)
-    K, V = q.shape[-1], v.shape[-1]
-    scale = _check_scale(scale, K)
+    scale = _check_scale(scale, q.shape[-1])
     kind = _check_log_decay(g, q)
-    _check_decode_state(state, q, V, inplace)
+    _check_decode_state(state, q, v, inplace)
     _check_no_grad("linattn.linear_attention", q=q, k=k, v=v, g=g, state=state)
     if _resolve_backend(backend, q) == "torch":
         return _run_torch(reference.linear_attention, (q, k, v, g), dict(scale=scale),
@@ -171,11 +171,10 @@ def delta_rule_decode(q, k, v, beta, g=None, *, state=None, scale=None, inplace=
     """
     _check_qkv(q, k, v)
     B, T, H, K = q.shape
-    V = v.shape[-1]
     scale = _check_scale(scale, K)
     _check_step_gate("beta", beta, q, (B, T, H))
     kind = _check_log_decay(g, q, allowed=("none", "scalar"))
-    _check_decode_state(state, q, V, inplace)
+    _check_decode_state(state, q, v, inplace)
     _check_no_grad("linattn.delta_rule", q=q, k=k, v=v, beta=beta, g=g, state=state)
     if _resolve_backend(backend, q) == "torch":
         return _run_torch(reference.delta_rule, (q, k, v, beta, g), dict(scale=scale),
@@ -204,13 +203,12 @@ def mlstm_decode(q, k, v, i, f, *, input_gate="exp", state=None, scale=None, inp
     """
     _check_qkv(q, k, v)
     B, T, H, K = q.shape
-    V = v.shape[-1]
     scale = _check_scale(scale, K)
     if input_gate not in INPUT_GATES:
         raise ValueError(f"input_gate must be one of {INPUT_GATES}, got {input_gate!r}")
     _check_step_gate("i", i, q, (B, T, H))
     _check_step_gate("f", f, q, (B, T, H))
-    parts = _check_decode_state(state, q, V, inplace, mlstm_exp=input_gate == "exp")
+    parts = _check_decode_state(state, q, v, inplace, mlstm_exp=input_gate == "exp")
     if parts and input_gate == "exp":
         state = parts  # a list becomes the tuple (C, n, m)
     _check_no_grad("linattn.mlstm", q=q, k=k, v=v, i=i, f=f, state=state)

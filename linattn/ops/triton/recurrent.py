@@ -29,7 +29,6 @@ import triton.language as tl
 from ..alloc import empty
 from ..reference import MLSTM_EPS
 
-MAX_DIM = 256
 GATE_KINDS = {"none": 0, "const": 1, "scalar": 2, "key": 3}
 MLSTM_KINDS = {None: 0, "sigmoid": 1, "exp": 2}
 
@@ -68,9 +67,10 @@ def fused_recurrent_kernel(
     mask_kv = mask_k[:, None] & mask_v[None, :]
 
     # [BK, BV] slice of the state, float32 (ACC) in registers for all T steps
-    p_s = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+    o_s = o_k[:, None] * V + o_v[None, :]          # int32 offsets inside one [K, V] state
+    base_s = i_bh * K * V                          # int64 offset of this (batch, head)
     if HAS_STATE:
-        b_s = tl.load(s_in + p_s, mask=mask_kv, other=0.0).to(ACC)
+        b_s = tl.load(s_in + base_s + o_s, mask=mask_kv, other=0.0).to(ACC)
     else:
         b_s = tl.zeros([BK, BV], dtype=ACC)
     if MLSTM == 2:
@@ -137,18 +137,23 @@ def fused_recurrent_kernel(
         p_o += H * V
         tok += H
 
-    tl.store(s_out + p_s, b_s.to(s_out.dtype.element_ty), mask=mask_kv)
+    tl.store(s_out + base_s + o_s, b_s.to(s_out.dtype.element_ty), mask=mask_kv)
     if MLSTM == 2:
         # Every V tile computes n and m; the first one writes them.
         tl.store(n_out + i_bh * K + o_k, b_n.to(n_out.dtype.element_ty), mask=mask_k & (i_v == 0))
         tl.store(m_out + i_bh, b_m.to(m_out.dtype.element_ty), mask=i_v == 0)
 
 
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n (plain Python: triton.next_power_of_2 costs a few us a
+    call, and a decode step is launch-latency bound)."""
+    return 1 << (n - 1).bit_length()
+
+
 def choose_block_v(K: int, V: int) -> int:
     """V tile width: about 4096 state elements per program (32 float32 registers a thread
     with 4 warps), at least 16, at most V's power of two."""
-    BK = triton.next_power_of_2(K)
-    return min(triton.next_power_of_2(V), max(16, 4096 // BK))
+    return min(_pow2(V), max(16, 4096 // _pow2(K)))
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -205,9 +210,9 @@ def fused_recurrent(q, k, v, *, scale: float, g=None, gate_kind="none", beta=Non
     if B * H == 0:
         return result()
 
-    BK = triton.next_power_of_2(K)
+    BK = _pow2(K)
     BV = block_v or choose_block_v(K, V)
-    NV = triton.cdiv(V, BV)
+    NV = -(-V // BV)
     if inplace and is_exp and NV > 1 and state is not None:
         # Every V tile reads the old n and m, and tile 0 overwrites them: read from copies.
         n, m = n.clone(), m.clone()
