@@ -1,0 +1,119 @@
+"""The few collectives sequence parallelism needs, on any torch.distributed backend.
+
+Every function takes a process group (None: the default group). When torch.distributed is
+not initialised and group is None, the "group" is this one process (world size 1): the
+helpers then do no communication, so single-GPU code can call them unchanged.
+
+Works with gloo (CPU tensors) and NCCL (CUDA tensors): all_gather_into_tensor and
+reduce_scatter_tensor are used where the backend has them, list-based all_gather and
+all_reduce elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed(group=None) -> bool:
+    """True when collectives over group would talk to other processes."""
+    if group is not None:
+        return True
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """(this process's rank in group, group size); (0, 1) when not distributed."""
+    if not is_distributed(group):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def check_group(group) -> None:
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    if group is not None and not dist.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialised")
+
+
+def _is_nccl(group) -> bool:
+    return dist.get_backend(group) == dist.Backend.NCCL
+
+
+def all_gather_stacked(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All ranks' x stacked in rank order: [W, *x.shape]. Every rank's x has one shape.
+
+    Sends x.numel() * x.element_size() bytes per rank (receives W times that)."""
+    rank, world = rank_and_world(group)
+    x = x.contiguous()
+    if world == 1:
+        return x.unsqueeze(0)
+    out = torch.empty((world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    if _is_nccl(group):
+        dist.all_gather_into_tensor(out, x, group=group)
+    else:
+        dist.all_gather(list(out.unbind(0)), x, group=group)
+    return out
+
+
+def reduce_scatter_stacked(x: torch.Tensor, group=None) -> torch.Tensor:
+    """x: [W, *shape], one block per rank; returns sum over ranks of their block [rank].
+
+    NCCL: a reduce-scatter (x.numel() / W elements received per rank). Other backends
+    (gloo has no reduce-scatter): an all-reduce of x, then this rank's block."""
+    rank, world = rank_and_world(group)
+    if world == 1:
+        return x[0]
+    x = x.contiguous()
+    if _is_nccl(group):
+        out = torch.empty(tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, x, group=group)
+        return out
+    x = x.clone()
+    dist.all_reduce(x, group=group)
+    return x[rank]
+
+
+def all_gather_lengths(n: int, device, group=None) -> list[int]:
+    """Every rank's integer n, in rank order (one tiny all-gather)."""
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    return [int(v) for v in all_gather_stacked(t, group).view(-1).tolist()]
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Differentiable all-gather along dim 1 of [B, T_r, ...] slices of unequal lengths.
+
+    Forward: each rank's slice is zero-padded to max(T_r) and all-gathered (W * B * max(T_r)
+    * rest elements received per rank); the pads are dropped. Backward: the gradient of the
+    whole [B, sum T_r, ...] tensor is summed over ranks and each rank keeps its slice
+    (reduce-scatter on NCCL, all-reduce on gloo)."""
+
+    @staticmethod
+    def forward(ctx, x, lengths, group):
+        rank, world = rank_and_world(group)
+        tmax = max(lengths)
+        pad = x.new_zeros((x.shape[0], tmax) + tuple(x.shape[2:]))
+        pad[:, : x.shape[1]] = x
+        g = all_gather_stacked(pad, group)  # [W, B, tmax, ...]
+        ctx.lengths, ctx.group, ctx.rank = lengths, group, rank
+        return torch.cat([g[j, :, :n] for j, n in enumerate(lengths)], dim=1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        lengths, tmax = ctx.lengths, max(ctx.lengths)
+        blocks = dy.new_zeros((len(lengths), dy.shape[0], tmax) + tuple(dy.shape[2:]))
+        for j, part in enumerate(torch.split(dy, lengths, dim=1)):
+            blocks[j, :, : lengths[j]] = part
+        dx = reduce_scatter_stacked(blocks, ctx.group)  # [B, tmax, ...]
+        return dx[:, : lengths[ctx.rank]], None, None
+
+
+def gather_sequence(x: torch.Tensor, group=None, lengths: list[int] | None = None) -> torch.Tensor:
+    """All ranks' slices [B, T_r, ...] joined along time into [B, sum_r T_r, ...], differentiable.
+
+    lengths: every rank's T_r (gathered with one small collective when None)."""
+    rank, world = rank_and_world(group)
+    if world == 1:
+        return x
+    if lengths is None:
+        lengths = all_gather_lengths(x.shape[1], x.device, group)
+    return _GatherSequence.apply(x, list(lengths), group)
