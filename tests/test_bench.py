@@ -1,0 +1,217 @@
+"""`linattn bench` on a CPU machine: the no-GPU exit, the floor arithmetic, the order of the
+rows, the tables, the worker pool's handling of crashes and hangs (with fake workers), and
+one whole run with the GPU measurements replaced by fixed numbers."""
+import json
+import sys
+
+import pytest
+import torch
+
+import linattn.bench as bench
+
+N = 8 * 8192 * 16 * 128                                   # elements of q at B8 T8192 H16 D128
+MAIN = bench.Shape(8, 8192, 16, 128)
+
+
+def test_no_gpu_says_so_and_exits_nonzero(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = bench.main(["--quick", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "needs a CUDA GPU" in err and "nothing was measured" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bytes_floor_of_plain_linear_attention():
+    spec = bench.OPS_BY_NAME["linattn.linear_attention[none]"]
+    b = bench.io_bytes(spec, MAIN)
+    assert b["fwd"] == 4 * N * 2                            # read q, k, v; write o (bf16)
+    assert b["fwdbwd"] == 4 * N * 2 + 4 * N * 2             # + read do; write dq, dk, dv
+    assert b["mem"] == 4 * N * 2                            # o, dq, dk, dv
+    f = bench.floors(spec, MAIN, copy_TBps=4.0, matmul_TFLOPs=800.0)
+    assert f["floor_fwd_ms"] == pytest.approx(2**30 / 4e12 * 1e3)
+    assert f["floor_fwd_bound"] == "bytes"
+    assert f["floor_fwdbwd_ms"] == pytest.approx(2**31 / 4e12 * 1e3)
+    assert f["mem_floor_gib"] == pytest.approx(1.0)
+    flops = (4 * 64 * 128 + 4 * 128 * 128) * 8 * 8192 * 16  # 4 L D + 4 D^2 per token and head
+    assert f["flops_fwd"] == flops and f["flops_fwdbwd"] == 3 * flops
+    slow = bench.floors(spec, MAIN, copy_TBps=4.0, matmul_TFLOPs=50.0)
+    assert slow["floor_fwd_bound"] == "flops"
+    assert slow["floor_fwd_ms"] == pytest.approx(flops / 50e12 * 1e3)
+
+
+def test_gate_bytes_and_gradients_enter_the_floors():
+    n_bth = 8 * 8192 * 16
+    key = bench.io_bytes(bench.OPS_BY_NAME["linattn.linear_attention[key]"], MAIN)
+    assert key["fwd"] == 4 * N * 2 + N * 4                  # + the float32 [B,T,H,K] gate
+    assert key["mem"] == 4 * N * 2 + N * 4                  # + its gradient
+    gdelta = bench.io_bytes(bench.OPS_BY_NAME["fla.chunk_gated_delta_rule"], MAIN)
+    assert gdelta["fwdbwd"] == 8 * N * 2 + 2 * (n_bth * 4 + n_bth * 2)
+    gamma = bench.io_bytes(bench.OPS_BY_NAME["fla.chunk_simple_gla[g_gamma]"], MAIN)
+    assert gamma["mem"] == 4 * N * 2                        # fla returns no gradient for g_gamma
+    dec = bench.floors(bench.OPS_BY_NAME["linattn.delta_rule_decode"], bench.Shape(256, 1, 16, 128), 4.0, 800.0)
+    state_rw = 2 * 256 * 16 * 128 * 128 * 4
+    assert dec["bytes_fwd"] == state_rw + 4 * 256 * 16 * 128 * 2 + 256 * 16 * (4 + 2)
+    assert "floor_fwdbwd_ms" not in dec
+
+
+def test_flop_models():
+    assert bench.flops_per_token("delta", 128, 8192) == pytest.approx(10 * 64 * 128 + 6 * 128**2 + 2 * 64**2 / 3)
+    assert bench.flops_per_token("softmax", 128, 8192) == 2 * 8192 * 128
+    f = bench.floors(bench.OPS_BY_NAME["sdpa[default]"], MAIN, 4.0, 800.0)
+    assert f["flops_fwdbwd"] == pytest.approx(3.5 * f["flops_fwd"])
+    assert f["floor_fwd_bound"] == "flops"                  # 2^20 * 2 T D at 800 TFLOP/s > 0.27 ms
+    with pytest.raises(ValueError, match="FLOP model"):
+        bench.flops_per_token("nope", 128, 8192)
+
+
+def test_rows_run_in_order_of_importance():
+    specs = bench.select_ops("", no_peers=False, no_decode=False)
+    plan = bench.plan_rows(specs, (8192, 2048, 32768), (128, 256), 65536)
+    train = [s for s in specs if not s.decode]
+    first = plan[:len(train)]
+    assert {sh for _, sh in first} == {MAIN}
+    assert [sp.name for sp, _ in first][:2] == ["linattn.linear_attention[none]", "linattn.linear_attention[const]"]
+    decode = plan[len(train):len(train) + 12]
+    assert all(sp.decode and sh.T == 1 for sp, sh in decode)
+    assert [sh.D for _, sh in plan].index(256) > [sh.T for _, sh in plan].index(32768)
+    assert len(plan) == 6 * len(train) + 12
+
+
+def test_select_ops_globs_and_no_peers():
+    names = [s.name for s in bench.select_ops("linattn.delta*,fla.chunk_gla", False, True)]
+    assert names == ["linattn.delta_rule", "linattn.delta_rule[gated]", "fla.chunk_gla"]
+    assert not any(s.family in ("fla", "tfla") for s in bench.select_ops("", True, False))
+
+
+def _row(op, T=8192, **kw):
+    spec = bench.OPS_BY_NAME[op]
+    sh = bench.Shape(65536 // T, T, 16, 128)
+    r = {"op": op, "family": spec.family, "variant": spec.variant, "decode": spec.decode,
+         "B": sh.B, "T": T, "H": 16, "D": 128, "shape": sh.label}
+    r.update(bench.floors(spec, sh, 4.0, 800.0))
+    r.update(kw)
+    return r
+
+
+def test_text_table_puts_each_number_next_to_its_floor():
+    rows = [_row("fla.chunk_simple_gla", fwd_ms=0.8156, fwdbwd_ms=4.0875, peak_gib=3.008),
+            _row("tfla.mlstmexp", error="compile error: worker died (signal 6): LLVM ERROR " + "x" * 200)]
+    lines = bench.format_table(rows).splitlines()
+    assert lines[0].split()[:3] == ["op", "shape", "fwd"]
+    cells = lines[2].split()
+    assert cells[:6] == ["fla.chunk_simple_gla", "B8", "T8192", "H16", "D128", "0.82"]
+    assert cells[6:11] == ["0.27", "4.09", "0.54", "3.01", "1.00"]
+    assert "compile error: worker died (signal 6)" in lines[3] and "x" * 100 not in lines[3]
+    assert lines[3].split()[5:11] == ["-", "0.27", "-", "0.54", "-", "1.00"]
+
+
+def _result(rows):
+    return {"gpu": "NVIDIA H200", "date": "2026-11-28", "command": "linattn bench --quick",
+            "versions": {"torch": "2.11.0", "cuda": "13.0", "triton": "3.6.0", "fla": "0.6.0", "mlstm_kernels": None},
+            "ceilings": {"copy_TBps": 4.28, "matmul_TFLOPs": 709.1},
+            "config": {"tokens": 65536, "H": 16}, "notes": ["a note"], "rows": rows}
+
+
+def test_markdown_pivots_ops_by_T_and_escapes_errors():
+    rows = [_row("fla.chunk_gla", T=2048, fwd_ms=2.6576, fwdbwd_ms=11.618, peak_gib=6.0),
+            _row("fla.chunk_gla", T=8192, fwd_ms=2.6731, fwdbwd_ms=11.6335, peak_gib=6.0),
+            _row("linattn.linear_attention[key]", T=8192, error="forward: ValueError: a|b"),
+            {**_row("fla.fused_recurrent_simple_gla"), "decode": True, "T": 1, "B": 256,
+             "shape": "B256 T1 H16 D128", "step_us": 323.4, "state_TBps": 1.66}]
+    md = bench.format_markdown(_result(rows))
+    assert "| fla.chunk_gla | 2.66 / 11.62 | 2.67 / 11.63 | 6.00 (1.50) |" in md
+    assert "| linattn.linear_attention[key] |  | forward: ValueError: a\\|b |  |" in md
+    assert "| T=2048 | T=8192 |" in md and "mlstm_kernels -" in md and "4.28 TB/s" in md
+    assert "| fla.fused_recurrent_simple_gla | B256 T1 H16 D128 | 323.4 |" in md
+    assert "- a note" in md
+
+
+def test_bind_by_name_maps_state_aliases_and_names_missing_arguments():
+    def step(q, k, v, state, g=None, *, scale=None, inplace=False):
+        return q, state, g, scale
+    call = bench.bind_by_name(step, {"q": 1, "k": 2, "v": 3, "g": 4, "state": 5, "scale": 0.5, "beta": 9})
+    assert call() == (1, 5, 4, 0.5)
+    call = bench.bind_by_name(lambda q, k, v, initial_state: initial_state, {"q": 1, "k": 2, "v": 3, "state": 7})
+    assert call() == 7
+
+    def needs_beta(q, k, v, beta, state):
+        return beta
+    with pytest.raises(TypeError, match="'beta'"):
+        bench.bind_by_name(needs_beta, {"q": 1, "k": 2, "v": 3, "state": 5})
+
+
+FAKE_WORKER = r"""
+import json, os, sys, time
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["op"] == "crash":
+        print("LLVM ERROR: Assertion failed", file=sys.stderr, flush=True)
+        os.abort()
+    if req["op"] == "hang":
+        time.sleep(60)
+    print("noise on stderr", file=sys.stderr, flush=True)
+    sys.stdout.write(json.dumps({"fwd_ms": 1.5, "T": req["T"]}) + "\n")
+    sys.stdout.flush()
+"""
+
+
+def test_worker_pool_survives_crashes_and_hangs():
+    log = open("/dev/null", "w")
+    pool = bench.WorkerPool([sys.executable, "-c", FAKE_WORKER], log=log)
+    try:
+        req = {"B": 8, "T": 8192, "H": 16, "D": 128, "seed": 0}
+        assert pool.run("ok", req, timeout=30) == {"fwd_ms": 1.5, "T": 8192}
+        crash = pool.run("crash", req, timeout=30)
+        assert crash["error"].startswith("compile error: worker died (signal 6)")
+        assert "LLVM ERROR" in crash["error"] and "crash" in pool.dead
+        assert pool.run("crash", req, timeout=30)["error"].startswith("skipped: compile error")
+        hang = pool.run("hang", req, timeout=1.0)
+        assert hang["error"].startswith("timeout after 1 s") and "hang" in pool.dead
+        assert pool.run("ok", {**req, "T": 2048}, timeout=30) == {"fwd_ms": 1.5, "T": 2048}
+        pending = {"a": 0.0, "b": 0.0}
+        for op in pending:
+            pool.send(op, req)
+        import time
+        pending = {op: time.monotonic() for op in pending}
+        got = pool.collect(pending, lambda op, st: st + 30, first_only=True)
+        assert len(got) == 1 and len(pending) == 1
+        got.update(pool.collect(pending, lambda op, st: st + 30))
+        assert set(got) == {"a", "b"} and not pending
+    finally:
+        pool.close()
+        log.close()
+
+
+def test_whole_run_with_fake_measurements(monkeypatch, tmp_path, capsys):
+    """main() end to end on a CPU: the GPU-side calls return fixed numbers."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(bench, "measure_ceilings", lambda quick=False: {"copy_TBps": 4.0, "matmul_TFLOPs": 800.0})
+    monkeypatch.setattr(bench, "_available", lambda module: module != "mlstm_kernels")
+    seen = []
+
+    def fake_measure(name, s, seed, warm=False, quick=False):
+        seen.append((name, s.T, s.D))
+        if name == "linattn.mlstm[exp]":
+            return {"error": "forward: NotImplementedError: not built yet"}
+        return {"fwd_ms": 1.0 + s.T / 8192, "fwdbwd_ms": 3.0, "peak_gib": 2.0}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    rc = bench.main(["--ops", "linattn.mlstm*,tfla.mlstmsig,sdpa[default]", "--T", "8192,2048",
+                     "--D", "128", "--inprocess", "--out", str(tmp_path)])
+    assert rc == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    stem = "bench-nvidia-h200-" + json.loads((tmp_path / files[0]).read_text())["date"]
+    assert files == [stem + ".json", stem + ".md", stem + ".png"]
+    result = json.loads((tmp_path / (stem + ".json")).read_text())
+    rows = {(r["op"], r["T"]): r for r in result["rows"]}
+    assert len(rows) == 8 and seen[0] == ("linattn.mlstm[sig]", 8192, 128)
+    assert rows[("tfla.mlstmsig", 8192)]["error"] == "skipped: mlstm_kernels is not importable"
+    assert rows[("linattn.mlstm[exp]", 2048)]["error"].startswith("forward: NotImplementedError")
+    assert rows[("sdpa[default]", 2048)]["fwd_ms"] == 1.25
+    assert result["ceilings"] == {"copy_TBps": 4.0, "matmul_TFLOPs": 800.0}
+    assert result["versions"]["torch"] == torch.__version__ and "--inprocess" in result["command"]
+    out = capsys.readouterr().out
+    table = out[out.index("\nop "):].strip().splitlines()               # the short table is last
+    assert len(table) == 2 + 8 and table[-1].startswith("tfla.mlstmsig") and "T2048" in table[-1]
