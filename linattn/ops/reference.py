@@ -32,26 +32,29 @@ def _per_key_log_decay(g, B, T, H, K, dtype, device):
     return g  # [B, T, H, K]
 
 
-def _state_at(initial_state, n, shape, dtype, device):
-    """Sequence n's slice of initial_state (the whole batch for n None), or zeros."""
-    if initial_state is None:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return (initial_state if n is None else initial_state[n : n + 1]).to(dtype)
+def _zeros_or(state, shape, dtype, device):
+    """The given state in the compute dtype, or zeros of shape."""
+    return torch.zeros(shape, dtype=dtype, device=device) if state is None else state.to(dtype)
 
 
-def _over_sequences(run, cu_seqlens, tensors, output_final_state, out_dtype):
-    """Runs run(*tensors, n) on the whole batch, or on each packed sequence of cu_seqlens.
+def over_sequences(run, cu_seqlens, tensors, initial_state, output_final_state, out_dtype):
+    """run(*tensors, state) on the whole batch, or on each packed sequence of cu_seqlens.
 
-    Tensors that are None or per-head ([H]) pass unsliced. Final states are concatenated over
-    sequences (tuples element-wise)."""
+    Each packed sequence n gets its own slice of initial_state (a tensor [N, ...] or a tuple
+    of them) or None. Tensors that are None or per-head ([H]) pass unsliced. Returns o in
+    out_dtype and the final states concatenated over sequences (tuples element-wise), or
+    None when not asked for. Shared by the reference and the chunked PyTorch path."""
     if cu_seqlens is None:
-        o, st = run(*tensors, None)
+        o, st = run(*tensors, initial_state)
         return o.to(out_dtype), (st if output_final_state else None)
     c = cu_seqlens.tolist()
     outs, finals = [], []
     for n, (s, e) in enumerate(zip(c[:-1], c[1:])):
         sub = [t if t is None or t.dim() == 1 else t[:, s:e] for t in tensors]
-        o_n, st_n = run(*sub, n)
+        st0 = None if initial_state is None else (
+            tuple(x[n : n + 1] for x in initial_state) if isinstance(initial_state, tuple)
+            else initial_state[n : n + 1])
+        o_n, st_n = run(*sub, st0)
         outs.append(o_n)
         finals.append(st_n)
     o = torch.cat(outs, dim=1).to(out_dtype)
@@ -74,12 +77,12 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
         def bidir(qs, ks, vs):
             kv = torch.einsum("bthk,bthv->bhkv", ks.to(dt), vs.to(dt))
             return torch.einsum("bthk,bhkv->bthv", qs.to(dt) * scale, kv)
-        return _over_sequences(lambda qs, ks, vs, n: (bidir(qs, ks, vs), None), cu_seqlens,
-                               (q, k, v), False, v.dtype)
+        return over_sequences(lambda qs, ks, vs, st: (bidir(qs, ks, vs), None), cu_seqlens,
+                              (q, k, v), None, False, v.dtype)
 
-    def run(qs, ks, vs, gs, n):
+    def run(qs, ks, vs, gs, st):
         Bs, Ts = qs.shape[:2]
-        S = _state_at(initial_state, n, (Bs, H, K, V), dt, q.device)
+        S = _zeros_or(st, (Bs, H, K, V), dt, q.device)
         gk = _per_key_log_decay(gs, Bs, Ts, H, K, dt, q.device)
         os = []
         for t in range(Ts):
@@ -89,7 +92,8 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
         o = torch.stack(os, dim=1) if os else vs.new_zeros(Bs, 0, H, V, dtype=dt)
         return o, S
 
-    return _over_sequences(run, cu_seqlens, (q, k, v, g), output_final_state, v.dtype)
+    return over_sequences(run, cu_seqlens, (q, k, v, g), initial_state, output_final_state,
+                          v.dtype)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
@@ -100,9 +104,9 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     scale = K ** -0.5 if scale is None else scale
     dt = compute_dtype(q)
 
-    def run(qs, ks, vs, bs, gs, n):
+    def run(qs, ks, vs, bs, gs, st):
         Bs, Ts = qs.shape[:2]
-        S = _state_at(initial_state, n, (Bs, H, K, V), dt, q.device)
+        S = _zeros_or(st, (Bs, H, K, V), dt, q.device)
         os = []
         for t in range(Ts):
             kt, vt, bt = ks[:, t].to(dt), vs[:, t].to(dt), bs[:, t].to(dt)  # [B,H,K] [B,H,V] [B,H]
@@ -115,7 +119,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
         o = torch.stack(os, dim=1) if os else vs.new_zeros(Bs, 0, H, V, dtype=dt)
         return o, S
 
-    return _over_sequences(run, cu_seqlens, (q, k, v, beta, g), output_final_state, v.dtype)
+    return over_sequences(run, cu_seqlens, (q, k, v, beta, g), initial_state,
+                          output_final_state, v.dtype)
 
 
 def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
@@ -133,16 +138,12 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
                                 initial_state=initial_state,
                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
-    def run(qs, ks, vs, is_, fs, n):
+    def run(qs, ks, vs, is_, fs, st):
         Bs, Ts = qs.shape[:2]
-        if initial_state is None:
-            C = torch.zeros(Bs, H, K, V, dtype=dt, device=q.device)
-            nv = torch.zeros(Bs, H, K, dtype=dt, device=q.device)
-            m = torch.zeros(Bs, H, dtype=dt, device=q.device)
-        else:
-            C0, n0, m0 = initial_state
-            sl = slice(None) if n is None else slice(n, n + 1)
-            C, nv, m = C0[sl].to(dt), n0[sl].to(dt), m0[sl].to(dt)
+        C0, n0, m0 = (None, None, None) if st is None else st
+        C = _zeros_or(C0, (Bs, H, K, V), dt, q.device)
+        nv = _zeros_or(n0, (Bs, H, K), dt, q.device)
+        m = _zeros_or(m0, (Bs, H), dt, q.device)
         os = []
         for t in range(Ts):
             lf, it = F.logsigmoid(fs[:, t].to(dt)), is_[:, t].to(dt)  # [B, H]
@@ -159,4 +160,5 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
         o = torch.stack(os, dim=1) if os else vs.new_zeros(Bs, 0, H, V, dtype=dt)
         return o, (C, nv, m)
 
-    return _over_sequences(run, cu_seqlens, (q, k, v, i, f), output_final_state, v.dtype)
+    return over_sequences(run, cu_seqlens, (q, k, v, i, f), initial_state, output_final_state,
+                          v.dtype)

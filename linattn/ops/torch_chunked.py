@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .reference import MLSTM_EPS, compute_dtype
+from .reference import MLSTM_EPS, compute_dtype, over_sequences
 
 CHUNK = 64  # tokens per chunk: one dense L x L block per chunk
 SUB = 16    # query sub-tile for per-key gates (relative exponents within a sub-tile)
@@ -72,29 +72,6 @@ def _causal_log_mask(b: torch.Tensor, strict: bool = False) -> torch.Tensor:
     keep = torch.ones(L, L, dtype=torch.bool, device=b.device).tril(-1 if strict else 0)
     diff = b.unsqueeze(-1) - b.unsqueeze(-2)
     return torch.where(keep, diff, torch.full_like(diff, float("-inf")))
-
-
-def _per_sequence(run, cu_seqlens, tensors, initial_state, output_final_state, out_dtype):
-    """run(tensors..., state) on the batch, or on each packed sequence with its own state."""
-    if cu_seqlens is None:
-        o, st = run(*tensors, initial_state)
-        return o.to(out_dtype), (st if output_final_state else None)
-    c = cu_seqlens.tolist()
-    outs, finals = [], []
-    for n, (s, e) in enumerate(zip(c[:-1], c[1:])):
-        sub = [t if t is None or t.dim() == 1 else t[:, s:e] for t in tensors]
-        st0 = None if initial_state is None else (
-            tuple(x[n : n + 1] for x in initial_state) if isinstance(initial_state, tuple)
-            else initial_state[n : n + 1])
-        o_n, st_n = run(*sub, st0)
-        outs.append(o_n)
-        finals.append(st_n)
-    o = torch.cat(outs, dim=1).to(out_dtype)
-    if not output_final_state:
-        return o, None
-    if isinstance(finals[0], tuple):
-        return o, tuple(torch.cat([f[j] for f in finals], 0) for j in range(len(finals[0])))
-    return o, torch.cat(finals, 0)
 
 
 # ----------------------------------------------------------------------------- gated family
@@ -186,7 +163,7 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
         o, S = _scan_in_chunks(_gated_chunks, [qs.to(dt) * scale, ks.to(dt), vs.to(dt), gs], S)
         return (vs.new_zeros(Bs, 0, H, V, dtype=dt) if o is None else o), S
 
-    return _per_sequence(run, cu_seqlens, (q, k, v, g), initial_state, output_final_state, v.dtype)
+    return over_sequences(run, cu_seqlens, (q, k, v, g), initial_state, output_final_state, v.dtype)
 
 
 # ----------------------------------------------------------------------------- mLSTM
@@ -249,7 +226,7 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None,
                                                     is_.to(dt), F.logsigmoid(fs.to(dt))], st)
         return (vs.new_zeros(Bs, 0, H, V, dtype=dt) if o is None else o), st
 
-    return _per_sequence(run, cu_seqlens, (q, k, v, i, f), initial_state, output_final_state,
+    return over_sequences(run, cu_seqlens, (q, k, v, i, f), initial_state, output_final_state,
                          v.dtype)
 
 
@@ -301,5 +278,5 @@ def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final
                                                bs.to(dt), None if gs is None else gs.to(dt)], S)
         return (vs.new_zeros(Bs, 0, H, V, dtype=dt) if o is None else o), S
 
-    return _per_sequence(run, cu_seqlens, (q, k, v, beta, g), initial_state, output_final_state,
+    return over_sequences(run, cu_seqlens, (q, k, v, beta, g), initial_state, output_final_state,
                          v.dtype)
