@@ -8,7 +8,7 @@ Gamma_ij = exp(b_i - b_j) (all ones when ungated), DESIGN.md section 4:
     O  = scale ((Q * exp(b)) S + (tril(Q K^T) * Gamma) U')
     S <- exp(b_L) S + (K * exp(b_L - b))^T U'
 
-Three kernels, each reused by the backward (which recomputes rather than stores):
+Three kernels; the backward reruns prep and scan rather than keep W, U, U' and the states:
   delta_prep_kernel    per (chunk, head): b, T (blocked forward substitution on 16x16
                        blocks), W and U.
   delta_scan_kernel    per (sequence, head, V tile): the sequential float32 state scan; writes
@@ -59,50 +59,32 @@ def scan_v_tile(K: int, V: int) -> int:
 # ------------------------------------------------------------------------------ kernels
 
 @triton.jit
-def _inv_unit_lower(a, BC: tl.constexpr):
-    """(I + a)^-1 for a strictly lower-triangular [BC, BC] float32 block, row by row."""
+def _inv_unit_lower_blocks(a, NB: tl.constexpr, BC: tl.constexpr):
+    """(I + a_r)^-1 for NB strictly lower-triangular [BC, BC] float32 blocks a [NB, BC, BC],
+    by forward substitution, row i of every block at once."""
     o = tl.arange(0, BC)
-    x = -a  # rows i hold N_i = -a_i until step i replaces them by x'_i = X_i - e_i
+    x = -a  # row i holds N_i = -a_i until step i replaces it by x'_i = X_i - e_i
     for i in range(1, BC):
-        row = tl.sum(tl.where(o[:, None] == i, x, 0.0), 0)  # N_i (untouched so far)
-        row = row + tl.sum(row[:, None] * x, 0)  # x'_i = N_i + sum_{j<i} N_ij x'_j
-        x = tl.where(o[:, None] == i, row[None, :], x)  # write row i
-    return x + (o[:, None] == o[None, :]).to(tl.float32)  # X = X' + I
-
-
-@triton.jit
-def _load_block(ptr, row0, col0, n_rows, H: tl.constexpr, BT: tl.constexpr,
-                BC: tl.constexpr):
-    """The [BC, BC] block at (row0, col0) of a per-chunk [BT, BT] matrix stored one row per
-    token (row stride H * BT); rows from n_rows on read as 0."""
-    o = tl.arange(0, BC)
-    m = ((row0 + o) < n_rows)[:, None] & (o[None, :] < BC)
-    return tl.load(ptr + (row0 + o)[:, None] * (H * BT) + (col0 + o)[None, :], mask=m, other=0.0)
-
-
-@triton.jit
-def _store_block(ptr, x, row0, col0, n_rows, H: tl.constexpr, BT: tl.constexpr,
-                 BC: tl.constexpr):
-    """Stores a [BC, BC] block at (row0, col0), rows limited to n_rows."""
-    o = tl.arange(0, BC)
-    m = ((row0 + o) < n_rows)[:, None] & (o[None, :] < BC)
-    tl.store(ptr + (row0 + o)[:, None] * (H * BT) + (col0 + o)[None, :], x, mask=m)
+        sel = o[None, :, None] == i  # [1, BC, 1]: row i
+        row = tl.sum(tl.where(sel, x, 0.0), 1)  # [NB, BC]: N_i (untouched so far)
+        row = row + tl.sum(row[:, :, None] * x, 1)  # x'_i = N_i + sum_{j<i} N_ij x'_j
+        x = tl.where(sel, row[:, None, :], x)  # write row i
+    return x + (o[None, :, None] == o[None, None, :]).to(tl.float32)  # X = X' + I
 
 
 @triton.jit
 def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chunk_idx,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      USE_G: tl.constexpr, PREC: tl.constexpr):
+                      H, K, V, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, head): gc = b, tinv = T = (I + A)^-1, w = W, u = U (all float32)."""
     tl.static_assert(BT == 4 * BC, "the UT solve assembles 4 x 4 blocks of BC")
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     n = tl.load(chunk_seq + i_c).to(tl.int64)  # sequence of this chunk
-    i_t = tl.load(chunk_idx + i_c).to(tl.int64)  # chunk index inside the sequence
+    i_t = tl.load(chunk_idx + i_c)  # chunk in the sequence (int32: block-pointer offsets)
     bos = tl.load(cu_seqlens + n).to(tl.int64)
-    Tn = tl.load(cu_seqlens + n + 1).to(tl.int64) - bos
+    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
     t0 = i_t * BT
     o_t = tl.arange(0, BT)
     valid = (t0 + o_t) < Tn  # rows of this chunk inside the sequence
@@ -121,7 +103,7 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, i_k * BK), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)  # 16-bit loads upcast: exact
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
     b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))  # Gamma, 0 off-mask
@@ -133,23 +115,33 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
     tl.store(p_t + o_t[:, None] * (H * BT) + o_t[None, :], b_a, mask=m_st)
     tl.debug_barrier()
     n_rows = Tn - t0  # rows of the chunk inside the sequence (loads past them give 0)
-    a00 = _load_block(p_t, 0, 0, n_rows, H, BT, BC)
-    a10 = _load_block(p_t, BC, 0, n_rows, H, BT, BC)
-    a11 = _load_block(p_t, BC, BC, n_rows, H, BT, BC)
-    a20 = _load_block(p_t, 2 * BC, 0, n_rows, H, BT, BC)
-    a21 = _load_block(p_t, 2 * BC, BC, n_rows, H, BT, BC)
-    a22 = _load_block(p_t, 2 * BC, 2 * BC, n_rows, H, BT, BC)
-    a30 = _load_block(p_t, 3 * BC, 0, n_rows, H, BT, BC)
-    a31 = _load_block(p_t, 3 * BC, BC, n_rows, H, BT, BC)
-    a32 = _load_block(p_t, 3 * BC, 2 * BC, n_rows, H, BT, BC)
-    a33 = _load_block(p_t, 3 * BC, 3 * BC, n_rows, H, BT, BC)
+    o_b = tl.arange(0, BT // BC)
+    o_c = tl.arange(0, BC)
+    r3 = o_b[:, None, None] * BC + o_c[None, :, None]  # [BT // BC, BC, 1] row of diagonal block
+    c3 = o_b[:, None, None] * BC + o_c[None, None, :]  # [BT // BC, 1, BC] its columns
+    p_d = p_t + r3 * (H * BT) + c3  # the BT // BC diagonal blocks
+    m_d = (r3 < n_rows) & (c3 < BT)
+    a_d = tl.load(p_d, mask=m_d, other=0.0)
+    p_b = p_t + o_c[:, None] * (H * BT) + o_c[None, :]  # block (0, 0); (r, c): + r BC rows, c BC
+    m_0 = (o_c < n_rows)[:, None] & (o_c[None, :] < BC)  # rows of block row r inside the sequence
+    m_1 = (BC + o_c < n_rows)[:, None] & (o_c[None, :] < BC)
+    m_2 = (2 * BC + o_c < n_rows)[:, None] & (o_c[None, :] < BC)
+    m_3 = (3 * BC + o_c < n_rows)[:, None] & (o_c[None, :] < BC)
+    a10 = tl.load(p_b + BC * H * BT, mask=m_1, other=0.0)
+    a20 = tl.load(p_b + 2 * BC * H * BT, mask=m_2, other=0.0)
+    a21 = tl.load(p_b + 2 * BC * H * BT + BC, mask=m_2, other=0.0)
+    a30 = tl.load(p_b + 3 * BC * H * BT, mask=m_3, other=0.0)
+    a31 = tl.load(p_b + 3 * BC * H * BT + BC, mask=m_3, other=0.0)
+    a32 = tl.load(p_b + 3 * BC * H * BT + 2 * BC, mask=m_3, other=0.0)
     tl.debug_barrier()  # every read of A is done before T overwrites it
 
-    # diagonal blocks: X_rr = (I + A_rr)^-1
-    x00 = _inv_unit_lower(a00, BC)
-    x11 = _inv_unit_lower(a11, BC)
-    x22 = _inv_unit_lower(a22, BC)
-    x33 = _inv_unit_lower(a33, BC)
+    # diagonal blocks X_rr = (I + A_rr)^-1, staged in place and read back one by one
+    tl.store(p_d, _inv_unit_lower_blocks(a_d, BT // BC, BC), mask=m_d)
+    tl.debug_barrier()
+    x00 = tl.load(p_b, mask=m_0, other=0.0)
+    x11 = tl.load(p_b + BC * H * BT + BC, mask=m_1, other=0.0)
+    x22 = tl.load(p_b + 2 * BC * H * BT + 2 * BC, mask=m_2, other=0.0)
+    x33 = tl.load(p_b + 3 * BC * H * BT + 3 * BC, mask=m_3, other=0.0)
     # off-diagonal blocks: X_rc = -X_rr sum_{c <= m < r} A_rm X_mc
     x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision="ieee"), input_precision="ieee")
     x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision="ieee"), input_precision="ieee")
@@ -162,24 +154,13 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
                   + tl.dot(a31, x10, input_precision="ieee")
                   + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
 
-    # store T block by block (upper blocks are zero), then read it back whole
-    zero = tl.zeros([BC, BC], dtype=tl.float32)
-    _store_block(p_t, x00, 0, 0, n_rows, H, BT, BC)
-    _store_block(p_t, zero, 0, BC, n_rows, H, BT, BC)
-    _store_block(p_t, zero, 0, 2 * BC, n_rows, H, BT, BC)
-    _store_block(p_t, zero, 0, 3 * BC, n_rows, H, BT, BC)
-    _store_block(p_t, x10, BC, 0, n_rows, H, BT, BC)
-    _store_block(p_t, x11, BC, BC, n_rows, H, BT, BC)
-    _store_block(p_t, zero, BC, 2 * BC, n_rows, H, BT, BC)
-    _store_block(p_t, zero, BC, 3 * BC, n_rows, H, BT, BC)
-    _store_block(p_t, x20, 2 * BC, 0, n_rows, H, BT, BC)
-    _store_block(p_t, x21, 2 * BC, BC, n_rows, H, BT, BC)
-    _store_block(p_t, x22, 2 * BC, 2 * BC, n_rows, H, BT, BC)
-    _store_block(p_t, zero, 2 * BC, 3 * BC, n_rows, H, BT, BC)
-    _store_block(p_t, x30, 3 * BC, 0, n_rows, H, BT, BC)
-    _store_block(p_t, x31, 3 * BC, BC, n_rows, H, BT, BC)
-    _store_block(p_t, x32, 3 * BC, 2 * BC, n_rows, H, BT, BC)
-    _store_block(p_t, x33, 3 * BC, 3 * BC, n_rows, H, BT, BC)
+    # store the off-diagonal blocks (the upper ones hold A's zeros), then read T back whole
+    tl.store(p_b + BC * H * BT, x10, mask=m_1)
+    tl.store(p_b + 2 * BC * H * BT, x20, mask=m_2)
+    tl.store(p_b + 2 * BC * H * BT + BC, x21, mask=m_2)
+    tl.store(p_b + 3 * BC * H * BT, x30, mask=m_3)
+    tl.store(p_b + 3 * BC * H * BT + BC, x31, mask=m_3)
+    tl.store(p_b + 3 * BC * H * BT + 2 * BC, x32, mask=m_3)
     tl.debug_barrier()
     b_t = tl.load(p_t + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_st, other=0.0)
 
@@ -204,17 +185,19 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
 
 @triton.jit
 def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                      USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr):
-    """Per (V tile, sequence * head): S over the chunks; h[c] = S at chunk c's start, U'."""
-    tl.static_assert(BK >= K, "the delta scan holds all of K (W S contracts over it)")
-    i_v = tl.program_id(0).to(tl.int64)
+                      H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Per (V tile, sequence * head): S over the chunks; h[c] = S at chunk c's start, U'.
+
+    BK spans all of K (the launcher picks full_tile(K)): W S contracts over it."""
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_v = tl.program_id(0)  # int32: a block-pointer offset
     i_nh = tl.program_id(1).to(tl.int64)
     n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(cu_seqlens + n).to(tl.int64)
-    Tn = tl.load(cu_seqlens + n + 1).to(tl.int64) - bos
+    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
     c0 = tl.load(chunk_offsets + n).to(tl.int64)  # global index of the sequence's first chunk
     o_t = tl.arange(0, BT)
 
@@ -249,7 +232,7 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
             valid = (t0 + o_t) < Tn
             last = tl.minimum(t0 + BT, Tn) - 1
             b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
-            b_gl = tl.load(gc + (bos + last) * H + i_h)
+            b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
             b_k = b_k * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
             b_s = b_s * tl.exp(b_gl)
         b_s += tl.dot(tl.trans(b_k), b_vn, input_precision=PREC)
@@ -262,18 +245,17 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
 
 @triton.jit
 def delta_output_kernel(q, k, vnew, gc, h, o, cu_seqlens, chunk_seq, chunk_idx, scale,
-                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                        PREC: tl.constexpr):
+                        H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        USE_G: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, head, V tile): O = scale ((Q * exp(b)) S + (tril(Q K^T) * Gamma) U')."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
-    i_v = tl.program_id(2).to(tl.int64)
+    i_v = tl.program_id(2)  # int32: a block-pointer offset
     n = tl.load(chunk_seq + i_c).to(tl.int64)
-    i_t = tl.load(chunk_idx + i_c).to(tl.int64)
+    i_t = tl.load(chunk_idx + i_c)  # int32: block-pointer offsets are 32-bit
     bos = tl.load(cu_seqlens + n).to(tl.int64)
-    Tn = tl.load(cu_seqlens + n + 1).to(tl.int64) - bos
+    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
     t0 = i_t * BT
     o_t = tl.arange(0, BT)
     valid = (t0 + o_t) < Tn
@@ -288,10 +270,10 @@ def delta_output_kernel(q, k, vnew, gc, h, o, cu_seqlens, chunk_seq, chunk_idx, 
                                 (t0, i_k * BK), (BT, BK), (1, 0))
         p_h = tl.make_block_ptr(h + (i_c * H + i_h) * K * V, (K, V), (V, 1),
                                 (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_q = tl.load(p_q, boundary_check=(0, 1))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
         b_h = tl.load(p_h, boundary_check=(0, 1))
-        b_o += tl.dot(b_q.to(tl.float32), b_h, input_precision=PREC)
+        b_o += tl.dot(b_q, b_h, input_precision=PREC)
         b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
 
     # decays: exp(b) on the inter term, Gamma on the causal intra term
@@ -335,7 +317,7 @@ def prep(k, v, beta, g, layout):
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             w, u, layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
             H=H, K=K, V=V, BT=BT, BC=BC, BK=tile(K), BV=tile(V), USE_G=g is not None,
-            PREC=dot_precision(k.dtype), num_warps=4)
+            PREC=dot_precision(k.dtype), num_warps=4, num_stages=2)
     return gc, tinv, w, u
 
 
@@ -362,7 +344,8 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             final if final is not None else h, layout.cu_seqlens, layout.chunk_offsets,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
-            PREC=dot_precision(k.dtype), num_warps=8 if BK >= 256 else 4)
+            PREC=dot_precision(k.dtype), num_warps=8 if BK >= 256 else 4,
+            num_stages=1 if BK >= 256 else 2)
     return h, vnew, final
 
 
@@ -381,5 +364,5 @@ def output(q, k, vnew, gc, h, layout, scale, out_dtype):
             q, k, vnew, gc if gc is not None else vnew, h, o, layout.cu_seqlens,
             layout.chunk_seq, layout.chunk_idx, scale,
             H=H, K=K, V=V, BT=BT, BK=tile(K), BV=BV, USE_G=gc is not None,
-            PREC=dot_precision(q.dtype), num_warps=4)
+            PREC=dot_precision(q.dtype), num_warps=4, num_stages=2)
     return o

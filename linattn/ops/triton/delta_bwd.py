@@ -1,0 +1,414 @@
+"""Delta-rule backward kernels: reverse scan for dS, then two chunk-parallel gradient kernels.
+
+Notation as in delta_fwd (per chunk: b, Gamma, T, W, U, U' = U - W S, S the state at the
+chunk's start, dS' the gradient of the state at its end, M = scale tril(dO U'^T) * Gamma):
+
+    dU'  = scale (tril(Q K^T) * Gamma)^T dO + (K * exp(b_L - b)) dS'
+    dS   = exp(b_L) dS' + scale (Q * exp(b))^T dO - W^T dU'            (reverse scan)
+    dQ   = scale exp(b) * (dO S^T) + M K
+    dK  <- exp(b_L - b) * (U' dS'^T) + M^T Q                             (+ the WY part)
+    dW   = -dU' S^T,  dU = dU'
+    dT   = dW (diag(beta e^b) K)^T + dU (diag(beta) V)^T,  dA = -T^T dT T^T (strictly lower)
+    dK  += T^T dW * beta e^b + (dA beta * Gamma) K + (dA beta * Gamma)^T K,  dV = beta T^T dU
+    dbeta, and db (-> dg by a reverse cumsum inside the chunk) from every exp(b) above.
+
+Kernels:
+  delta_bwd_scan_kernel  per (V tile, sequence * head): dh[c] = dS' of chunk c, dU', dS_0.
+  delta_bwd_dqk_kernel   per (chunk, head): dQ, the state/output part of dK, dW, and db.
+  delta_bwd_wy_kernel    per (chunk, head): the WY part: dK, dV, dbeta, dg.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import alloc
+from .delta_fwd import BT, dot_precision, full_tile, scan_v_tile, tile
+
+# ------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_offsets,
+                          scale, H, K, V,
+                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                          PREC: tl.constexpr):
+    """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
+
+    BK spans all of K (the launcher picks full_tile(K)): W^T dU' contracts over the chunk
+    but yields all K rows of dS."""
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_v = tl.program_id(0)  # int32: a block-pointer offset
+    i_nh = tl.program_id(1).to(tl.int64)
+    n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
+    c0 = tl.load(chunk_offsets + n).to(tl.int64)
+    nt = tl.cdiv(Tn, BT)
+    o_t = tl.arange(0, BT)
+
+    # dS after the last token: the final state's cotangent, or zeros
+    if USE_DHT:
+        p_dht = tl.make_block_ptr(dht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV),
+                                  (1, 0))
+        b_ds = tl.load(p_dht, boundary_check=(0, 1)).to(tl.float32)
+    else:
+        b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+
+    for j in range(nt):
+        i_t = nt - 1 - j  # chunks in reverse
+        t0 = i_t * BT
+        valid = (t0 + o_t) < Tn
+        # dh[c] = dS' (gradient of the state at the chunk's end)
+        p_dh = tl.make_block_ptr(dh + ((c0 + i_t) * H + i_h) * K * V, (K, V), (V, 1),
+                                 (0, i_v * BV), (BK, BV), (1, 0))
+        tl.store(p_dh, b_ds.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
+        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (Tn, K), (H * K, 1), (t0, 0), (BT, BK),
+                                (1, 0))
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1), (t0, 0), (BT, BK),
+                                (1, 0))
+        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (Tn, K), (H * K, 1), (t0, 0), (BT, BK),
+                                (1, 0))
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        p_dv2 = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                  (t0, i_v * BV), (BT, BV), (1, 0))
+        b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)  # 16-bit loads upcast: exact
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+        b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
+        # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
+        b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [j, i]
+        m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
+        if USE_G:
+            last = tl.minimum(t0 + BT, Tn) - 1
+            b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+            b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
+            b_kq = b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
+            b_k = b_k * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
+            b_q = b_q * tl.exp(b_g)[:, None]
+        else:
+            b_kq = tl.where(m_c, b_kq, 0.0)
+        # dU' = scale (masked K Q^T) dO + (K exp(b_L - b)) dS'
+        b_dv = scale * tl.dot(b_kq, b_do, input_precision=PREC) \
+            + tl.dot(b_k, b_ds, input_precision=PREC)
+        tl.store(p_dv2, b_dv, boundary_check=(0, 1))
+        # dS = exp(b_L) dS' + scale (Q exp(b))^T dO - W^T dU'
+        if USE_G:
+            b_ds = b_ds * tl.exp(b_gl)
+        b_w = tl.load(p_w, boundary_check=(0, 1))
+        b_ds += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC) \
+            - tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
+
+    if STORE_DH0:
+        p_dh0 = tl.make_block_ptr(dh0 + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV),
+                                  (1, 0))
+        tl.store(p_dh0, b_ds.to(p_dh0.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
+                         chunk_seq, chunk_idx, scale, H, K, V, BT: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                         PREC: tl.constexpr):
+    """Per (chunk, head): dq; dk (state and output part, float32); dw = -dU' S^T; db part."""
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    n = tl.load(chunk_seq + i_c).to(tl.int64)
+    i_t = tl.load(chunk_idx + i_c)  # int32: block-pointer offsets are 32-bit
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
+    t0 = i_t * BT
+    o_t = tl.arange(0, BT)
+    valid = (t0 + o_t) < Tn
+    last = tl.minimum(t0 + BT, Tn) - 1 - t0  # row of the chunk's last token
+    m_c = (o_t[:, None] >= o_t[None, :]) & valid[:, None]
+    if USE_G:
+        b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+        b_gl = tl.load(gc + (bos + t0 + last) * H + i_h)
+        b_gam = tl.exp(tl.where(m_c, b_g[:, None] - b_g[None, :], float("-inf")))
+        b_eg = tl.exp(b_g)  # exp(b)
+        b_kd = tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))  # exp(b_L - b)
+        b_el = tl.exp(b_gl)  # exp(b_L)
+    else:
+        b_gam = tl.where(m_c, 1.0, 0.0)
+        b_eg = tl.full([BT], 1.0, dtype=tl.float32)
+        b_kd = tl.where(valid, 1.0, 0.0)
+        b_el = 1.0
+
+    # M = scale tril(dO U'^T) * Gamma, dO U'^T accumulated over V tiles
+    b_m = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        p_vn = tl.make_block_ptr(vnew + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
+        b_vn = tl.load(p_vn, boundary_check=(0, 1))
+        b_m += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+    b_m = b_m * b_gam * scale
+
+    b_qk = tl.zeros([BT, BT], dtype=tl.float32)  # Q K^T for db of the intra term
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    b_dkd = tl.zeros([BT], dtype=tl.float32)  # exp(b_L - b_j) k_j . (dS' U'_j)
+    b_ss = tl.zeros([BK], dtype=tl.float32)  # rows of sum(S * dS')
+    for i_k in range(tl.cdiv(K, BK)):
+        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, i_k * BK), (BT, BK), (1, 0))
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, i_k * BK), (BT, BK), (1, 0))
+        b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+        b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        # dO S^T, U' dS'^T, dU' S^T over V tiles
+        b_dqa = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dka = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dwa = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            p_h = tl.make_block_ptr(h + (i_c * H + i_h) * K * V, (K, V), (V, 1),
+                                    (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+            p_dh = tl.make_block_ptr(dh + (i_c * H + i_h) * K * V, (K, V), (V, 1),
+                                     (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+            p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                     (t0, i_v * BV), (BT, BV), (1, 0))
+            p_vn = tl.make_block_ptr(vnew + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                     (t0, i_v * BV), (BT, BV), (1, 0))
+            p_dv2 = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                      (t0, i_v * BV), (BT, BV), (1, 0))
+            b_h = tl.load(p_h, boundary_check=(0, 1))
+            b_dh = tl.load(p_dh, boundary_check=(0, 1))
+            b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
+            b_vn = tl.load(p_vn, boundary_check=(0, 1))
+            b_dv = tl.load(p_dv2, boundary_check=(0, 1))
+            b_dqa += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+            b_dka += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
+            b_dwa += tl.dot(b_dv, tl.trans(b_h), input_precision=PREC)
+            b_ss += tl.sum(b_h * b_dh, 1)
+        # db from the inter term scale exp(b_i) q_i . (S dO_i)
+        b_db += scale * b_eg * tl.sum(b_dqa * b_q, 1)
+        # dQ = scale exp(b) (dO S^T) + M K
+        b_dq = scale * b_eg[:, None] * b_dqa + tl.dot(b_m, b_k, input_precision=PREC)
+        # dK (state and output part) = exp(b_L - b) (U' dS'^T) + M^T Q
+        b_dkd += b_kd * tl.sum(b_dka * b_k, 1)
+        b_dk = b_kd[:, None] * b_dka + tl.dot(tl.trans(b_m), b_q, input_precision=PREC)
+        p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                 (t0, i_k * BK), (BT, BK), (1, 0))
+        p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                 (t0, i_k * BK), (BT, BK), (1, 0))
+        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                 (t0, i_k * BK), (BT, BK), (1, 0))
+        tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
+        tl.store(p_dk, b_dk, boundary_check=(0, 1))
+        tl.store(p_dw, -b_dwa, boundary_check=(0, 1))
+
+    if USE_G:
+        # db from Gamma in the intra term: + row sums, - column sums of M * Q K^T
+        b_mq = b_m * b_qk
+        b_db += tl.sum(b_mq, 1) - tl.sum(b_mq, 0)
+        # db from the state update: exp(b_L) S and exp(b_L - b_j) k_j
+        b_db += tl.where(o_t == last, b_el * tl.sum(b_ss, 0) + tl.sum(b_dkd, 0), 0.0) - b_dkd
+        tl.store(db + (bos + t0 + o_t) * H + i_h, b_db, mask=valid)
+
+
+@triton.jit
+def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv, dbeta, dg,
+                        cu_seqlens, chunk_seq, chunk_idx, H, K, V, BT: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                        PREC: tl.constexpr):
+    """Per (chunk, head): through W = T diag(beta e^b) K, U = T diag(beta) V, T = (I + A)^-1."""
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    n = tl.load(chunk_seq + i_c).to(tl.int64)
+    i_t = tl.load(chunk_idx + i_c)  # int32: block-pointer offsets are 32-bit
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
+    t0 = i_t * BT
+    o_t = tl.arange(0, BT)
+    valid = (t0 + o_t) < Tn
+    row = (bos + t0 + o_t) * H + i_h
+    m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
+
+    b_beta = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
+    if USE_G:
+        b_g = tl.load(gc + row, mask=valid, other=0.0)
+        b_eg = tl.exp(b_g)
+        b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))
+    else:
+        b_eg = tl.full([BT], 1.0, dtype=tl.float32)
+        b_gam = tl.where(m_low, 1.0, 0.0)
+    b_kw = b_beta * b_eg  # W's row weights beta e^b
+    p_t = tinv + (bos + t0) * H * BT + i_h * BT
+    b_t = tl.load(p_t + o_t[:, None] * (H * BT) + o_t[None, :],
+                  mask=valid[:, None] & (o_t[None, :] < BT), other=0.0)
+
+    # dT = dW (diag(beta e^b) K)^T + dU (diag(beta) V)^T;  K K^T for A
+    b_dt = tl.zeros([BT, BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, i_k * BK), (BT, BK), (1, 0))
+        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                 (t0, i_k * BK), (BT, BK), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+        b_dwt = tl.load(p_dw, boundary_check=(0, 1))
+        b_dt += tl.dot(b_dwt, tl.trans(b_k * b_kw[:, None]), input_precision=PREC)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                (t0, i_v * BV), (BT, BV), (1, 0))
+        p_du = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
+        b_du = tl.load(p_du, boundary_check=(0, 1))
+        b_dt += tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+
+    # dA = -T^T dT T^T on the strict lower triangle; A = beta_i (K K^T)_ij Gamma_ij
+    b_dt = tl.where((o_t[:, None] >= o_t[None, :]) & valid[:, None], b_dt, 0.0)
+    b_da = -tl.dot(tl.trans(b_t), tl.dot(b_dt, tl.trans(b_t), input_precision="ieee"),
+                   input_precision="ieee")
+    b_da = tl.where(m_low, b_da, 0.0)
+    b_dbeta = tl.sum(b_da * b_kk * b_gam, 1)
+    b_dkk = b_da * b_beta[:, None] * b_gam  # gradient of (K K^T)_ij
+    b_gg = b_dkk * b_kk  # gradient of b_i - b_j through Gamma
+    b_db = tl.sum(b_gg, 1) - tl.sum(b_gg, 0)
+
+    # dK = dK_part + T^T dW * beta e^b + dKK K + dKK^T K
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, i_k * BK), (BT, BK), (1, 0))
+        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                 (t0, i_k * BK), (BT, BK), (1, 0))
+        p_dkp = tl.make_block_ptr(dk_part + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                  (t0, i_k * BK), (BT, BK), (1, 0))
+        p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                 (t0, i_k * BK), (BT, BK), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+        b_dkb = tl.dot(tl.trans(b_t), tl.load(p_dw, boundary_check=(0, 1)), input_precision=PREC)
+        b_dkt = tl.load(p_dkp, boundary_check=(0, 1)) + b_dkb * b_kw[:, None] \
+            + tl.dot(b_dkk, b_k, input_precision=PREC) \
+            + tl.dot(tl.trans(b_dkk), b_k, input_precision=PREC)
+        b_s = tl.sum(b_dkb * b_k, 1)  # through beta e^b
+        b_dbeta += b_s * b_eg
+        b_db += b_s * b_kw
+        tl.store(p_dk, b_dkt.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+
+    # dV = beta T^T dU
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                (t0, i_v * BV), (BT, BV), (1, 0))
+        p_du = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
+                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
+        b_dvb = tl.dot(tl.trans(b_t), tl.load(p_du, boundary_check=(0, 1)), input_precision=PREC)
+        b_dbeta += tl.sum(b_dvb * b_v, 1)
+        tl.store(p_dv, (b_dvb * b_beta[:, None]).to(p_dv.dtype.element_ty),
+                 boundary_check=(0, 1))
+
+    tl.store(dbeta + row, b_dbeta.to(dbeta.dtype.element_ty), mask=valid)
+    if USE_G:
+        # dg_t = sum_{i >= t} db_i inside the chunk (b is the chunk-local cumsum of g)
+        b_db = tl.where(valid, b_db + tl.load(db_part + row, mask=valid, other=0.0), 0.0)
+        b_dg = tl.sum(b_db, 0) - tl.cumsum(b_db, axis=0) + b_db
+        tl.store(dg + row, b_dg.to(dg.dtype.element_ty), mask=valid)
+
+
+# ------------------------------------------------------------------------------ launchers
+
+def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0):
+    """dS backwards over the chunks.
+
+    Args: q, k [TT, H, K]; w [TT, H, K], gc [TT, H] or None (float32, delta_fwd.prep);
+        do [TT, H, V]; dfinal [N, H, K, V] or None; initial_state [N, H, K, V] or None.
+    Returns: dh [NC, H, K, V] float32 (gradient of each chunk's end state),
+        dv2 [TT, H, V] float32 (dU'), dh0 [N, H, K, V] in initial_state's dtype (or None
+        unless need_dh0).
+    """
+    TT, H, K = q.shape
+    V = do.shape[-1]
+    N, NC = layout.num_seqs, layout.num_chunks
+    dev = q.device
+    dh = alloc.empty(NC, H, K, V, dtype=torch.float32, device=dev)
+    dv2 = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
+    dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
+    BK, BV = full_tile(K), scan_v_tile(K, V)
+    if N:
+        delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
+            q, k, w, gc if gc is not None else w, do, dfinal if dfinal is not None else dh,
+            dh, dv2, dh0 if dh0 is not None else dh, layout.cu_seqlens, layout.chunk_offsets,
+            scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
+            USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
+            num_warps=8 if BK >= 256 else 4, num_stages=1 if BK >= 128 else 2)
+    return dh, dv2, dh0
+
+
+def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
+    """dq, and the parts of dk, dW and db that come through the states and outputs.
+
+    Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC, H, K, V] (delta_fwd.scan); gc [TT, H] or
+        None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V].
+    Returns: dq [TT, H, K] in q's dtype; dk_part, dw [TT, H, K] float32; db [TT, H] float32
+        (None when ungated).
+    """
+    TT, H, K = q.shape
+    V = do.shape[-1]
+    dev = q.device
+    dq = alloc.empty(TT, H, K, dtype=q.dtype, device=dev)
+    dk_part = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
+    dw = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
+    db = alloc.empty(TT, H, dtype=torch.float32, device=dev) if gc is not None else None
+    if layout.num_chunks:
+        delta_bwd_dqk_kernel[(layout.num_chunks, H)](
+            q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
+            db if db is not None else dw, layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
+            scale, H=H, K=K, V=V, BT=BT, BK=tile(K), BV=tile(V), USE_G=gc is not None,
+            PREC=dot_precision(q.dtype), num_warps=4, num_stages=1)
+    return dq, dk_part, dw, db
+
+
+def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
+    """dk, dv, dbeta, dg through the WY/UT transform (and dg from every decay).
+
+    Args: k [TT, H, K], v [TT, H, V], beta, g [TT, H] (inputs; g may be None); gc [TT, H],
+        tinv [TT, H, BT] (delta_fwd.prep); dw, dk_part [TT, H, K], db [TT, H] (grads_qk);
+        dv2 [TT, H, V] (reverse_scan).
+    Returns: dk, dv (k's and v's dtypes), dbeta (beta's dtype), dg (g's dtype, or None).
+    """
+    TT, H, K = k.shape
+    V = v.shape[-1]
+    dev = k.device
+    dk = alloc.empty(TT, H, K, dtype=k.dtype, device=dev)
+    dv = alloc.empty(TT, H, V, dtype=v.dtype, device=dev)
+    dbeta = alloc.empty(TT, H, dtype=beta.dtype, device=dev)
+    dg = alloc.empty(TT, H, dtype=g.dtype, device=dev) if g is not None else None
+    if layout.num_chunks:
+        delta_bwd_wy_kernel[(layout.num_chunks, H)](
+            k, v, beta, gc if gc is not None else dw, tinv, dw, dv2, dk_part,
+            db if db is not None else dw, dk, dv, dbeta, dg if dg is not None else dbeta,
+            layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
+            H=H, K=K, V=V, BT=BT, BK=tile(K), BV=tile(V), USE_G=g is not None,
+            PREC=dot_precision(k.dtype), num_warps=4, num_stages=1)
+    return dk, dv, dbeta, dg
+
+
+def backward(q, k, v, beta, g, gc, tinv, w, h, vnew, do, dfinal, initial_state, layout, scale,
+             need_dh0):
+    """Gradients of the packed delta rule: reverse_scan -> grads_qk -> grads_wy.
+
+    Args: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] (inputs; g may be None);
+        gc [TT, H], tinv [TT, H, BT], w [TT, H, K] (float32, delta_fwd.prep);
+        h [NC, H, K, V], vnew [TT, H, V] (float32, delta_fwd.scan); do [TT, H, V];
+        dfinal [N, H, K, V] or None; initial_state [N, H, K, V] or None.
+    Returns: dq, dk, dv (inputs' dtypes), dbeta (beta's dtype), dg (g's dtype or None),
+        dh0 (initial_state's dtype, or None unless need_dh0).
+    """
+    dh, dv2, dh0 = reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale,
+                                need_dh0)
+    dq, dk_part, dw, db = grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale)
+    dk, dv, dbeta, dg = grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout)
+    return dq, dk, dv, dbeta, dg, dh0

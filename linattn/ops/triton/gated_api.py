@@ -1,0 +1,263 @@
+"""Entry points of the gated linear-attention family on the Triton kernels.
+
+    linear_attention(q, k, v, g=None, *, scale, initial_state, output_final_state, cu_seqlens, causal)
+    mlstm(q, k, v, i, f, *, input_gate, scale, initial_state, output_final_state, cu_seqlens)
+
+Both take validated inputs (linattn.ops.api) and return (o, final_state) as
+linattn.ops.reference does. Every variant maps onto one autograd.Function over one set of
+chunk kernels (gated_fwd, gated_bwd):
+
+    g None            GATE 0
+    g [H]             GATE 1, broadcast to [B, T, H] (its gradient is the sum)
+    g [B, T, H]       GATE 1
+    g [B, T, H, K]    GATE 2
+    causal=False      GATE 0, NONCAUSAL
+    mLSTMsig          GATE 1 with g = logsigmoid(f) and key log-weight w = logsigmoid(i)
+    mLSTMexp          GATE 1 with g = logsigmoid(f), w = i, MEXP (stabiliser m, normaliser n)
+
+float64 inputs run on linattn.ops.torch_chunked (the kernels compute in float32).
+
+mLSTMexp backward: the kernels differentiate with the stabiliser m held constant; the exact
+gradient through m (o depends on m_t through eps, the final state through m_T) is added here
+by a segmented reverse scan over the m_t = max(logsigmoid(f_t) + m_{t-1}, i_t) recursion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import torch_chunked
+from .common import INTERPRET, chunk_cumsum, head_tile, lengths_of, make_layout
+from .gated_bwd import bwd_dqk, bwd_dv, bwd_states
+from .gated_fwd import fwd_o, fwd_states, mexp_prep
+
+MLSTM_EPS = 1e-6
+
+# Tiling overrides (tests set them to exercise several chunks and tiles at tiny T).
+# CHUNK: tokens between stored states (a power of two, a multiple of TILE); TILE: the tokens
+# a program holds. None picks the default for the device.
+CHUNK: int | None = None
+TILE: int | None = None
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    gate: int          # 0 none, 1 scalar, 2 per-key
+    has_kw: bool       # key log-weight (mLSTM input gate)
+    mexp: bool         # mLSTMexp stabiliser and normaliser
+    noncausal: bool    # bidirectional
+    ieee: bool         # float32 inputs: exact float32 dots
+    BK: int            # K block
+    BV: int            # V block of the per-tile kernels
+    BVS: int           # V block of the state scans
+    warps: int
+    stages: int
+
+
+def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
+    """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning
+    (so no config depends on B, and the interpreter needs none)."""
+    if INTERPRET:
+        BT, L = TILE or 16, CHUNK or 64
+        BK, BV, BVS, warps, stages = head_tile(K, 32), head_tile(V, 32), head_tile(V, 32), 4, 1
+    else:
+        BT = TILE or (32 if gate == 2 else 64)
+        L = CHUNK or 128
+        BK = head_tile(K, 64)
+        BV = head_tile(V, 64 if gate == 2 else 128)
+        BVS = head_tile(V, 64)
+        warps, stages = 4, 2
+    if L % BT or L & (L - 1) or BT < 16:
+        raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
+    cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps, stages)
+    return cfg, L, BT
+
+
+class GatedChunkFunction(torch.autograd.Function):
+    """One chunked recurrence for the whole family (flags in cfg).
+
+    Inputs: q, k [TT, H, K], v [TT, H, V] (one dtype); g None | [TT, H] | [TT, H, K] float32
+    log-decay; kw None | [TT, H] float32 key log-weight; h0 None | [N, H, K, V] float32;
+    n0 [N, H, K], m0 [N, H] float32 (MEXP). Outputs: o [TT, H, V] in v's dtype and, when
+    want_final, the final state [N, H, K, V] (and n [N, H, K], m [N, H] for MEXP).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final):
+        gb = gm = start = mpc = mfin = None
+        if cfg.mexp:
+            gb, gm, start, mpc, mfin = mexp_prep(g, kw, m0, layout)   # b, m, m's sources
+        elif g is not None:
+            gb = chunk_cumsum(g, layout)                              # chunk-local cumsum
+        h, hn = fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
+        o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale)
+        ht = nt = mt = None
+        if want_final:
+            ht = h.index_select(0, layout.final_slot)                 # [N, H, K, V]
+            if cfg.mexp:
+                nt, mt = hn.index_select(0, layout.final_slot), mfin
+        ctx.save_for_backward(q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn)
+        ctx.layout, ctx.cfg, ctx.scale = layout, cfg, scale
+        return o, ht, nt, mt
+
+    @staticmethod
+    def backward(ctx, do, dht, dnt, dmt):
+        q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn = ctx.saved_tensors
+        layout, cfg, scale = ctx.layout, ctx.cfg, ctx.scale
+        V = v.shape[-1]
+        do = do.contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        dnt = None if dnt is None else dnt.float().contiguous()
+        if cfg.mexp and dht is not None and dnt is None:
+            dnt = torch.zeros(dht.shape[:-1], dtype=torch.float32, device=dht.device)
+        h, hn = fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)   # recompute the states
+        rd = dqn = so = None
+        if cfg.mexp:
+            # o = h / d with d = max(|qn|, exp(-m)) + eps: cotangents of h (do / d) and of qn
+            floor = torch.exp(-gm)
+            rd = 1.0 / (torch.maximum(qn.abs(), floor) + MLSTM_EPS)
+            so = (do.float() * o.float()).sum(-1)                          # [TT, H]
+            dqn = -(torch.sign(qn) * (qn.abs() > floor)) * so * rd
+        dh, dhn, dh0, dn0, sdot = bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn,
+                                             h0 is not None, layout, cfg, scale, V)
+        dv = bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout, cfg, scale, v.dtype, V)
+        dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout,
+                               cfg, scale)
+        dg = dkw = dm0 = None
+        if cfg.gate == 1:
+            qdq, kdk = gsum
+            db = qdq - kdk                                                 # [TT, H]
+            db[layout.chunk_last] += sdot                                  # <dS, S> after each chunk
+            dg = chunk_cumsum(db, layout, reverse=True)                    # db -> dg
+            dkw = kdk if cfg.has_kw else None
+            if cfg.mexp:
+                hfin = h.index_select(0, layout.final_slot)
+                nfin = hn.index_select(0, layout.final_slot)
+                dg, dkw, dm0 = _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt,
+                                            h0, n0, m0, dh0, dn0, layout)
+        elif cfg.gate == 2:
+            gsum[layout.chunk_last] += sdot
+            dg = chunk_cumsum(gsum, layout, reverse=True)
+        return dq, dk, dv, dg, dkw, dh0, dn0, dm0, None, None, None, None
+
+
+def _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt, h0, n0, m0, dh0, dn0, layout):
+    """Adds the gradient through the stabiliser m to d logsigmoid(f), d i and d m0.
+
+    o_t depends on m_t only through eps: do_t/dm_t = -o_t eps / d_t; the final state (C, n, m)
+    depends on m_T as C = C~ exp(-m_T). m_t = i_a + sum of logsigmoid(f) over (a, t] where a is
+    the token that set the maximum (start_a = 1), or m0 + the sum from the sequence start: a
+    segmented reverse cumsum G of those cotangents gives d i_a = G_a and d lf_w = G_w for w
+    inside a segment. Computed in float64 on [TT, H]."""
+    TT, H = start.shape
+    gdir = (-MLSTM_EPS * rd * so).double()                                 # [TT, H]
+    nonempty = layout.seq_len > 0
+    first = layout.first_tok[nonempty]
+    last = (layout.cu[1:].long() - 1)[nonempty]
+    if dht is not None:
+        fin = -(dht * hfin).sum((-2, -1)) - (dnt * nfin).sum(-1)           # [N, H]
+        if dmt is not None:
+            fin = fin + dmt.float()
+        gdir[last] += fin[nonempty].double()
+    elif dmt is not None:
+        gdir[last] += dmt[nonempty].double()
+    st = start.bool()
+    seg = st.clone()
+    seg[first] = True                                                      # sequences restart
+    idx = torch.arange(TT, device=st.device).unsqueeze(1).expand(TT, H)
+    cand = torch.where(seg, idx, torch.full_like(idx, TT))
+    cand = torch.cat([cand[1:], torch.full((1, H), TT, dtype=cand.dtype, device=cand.device)])
+    nxt = torch.flip(torch.cummin(torch.flip(cand, [0]), 0).values, [0])  # next segment start
+    rc = torch.flip(torch.cumsum(torch.flip(gdir, [0]), 0), [0])          # reverse cumsum
+    rc = torch.cat([rc, torch.zeros(1, H, dtype=rc.dtype, device=rc.device)])
+    G = rc[:-1] - rc.gather(0, nxt)                                        # segment tail sums
+    zero = torch.zeros((), dtype=G.dtype, device=G.device)
+    dg = dg + torch.where(st, zero, G).float()
+    dkw = dkw + torch.where(st, G, zero).float()
+    dm0 = None
+    if m0 is not None:
+        dm0 = (dh0 * h0).sum((-2, -1)) + (dn0 * n0).sum(-1)                # exp(+m0) in every use
+        g_first = torch.zeros(layout.N, H, dtype=torch.float64, device=G.device)
+        g_first[nonempty] = torch.where(st[first], zero, G[first])
+        dm0 = dm0 + g_first.float()
+        empty_fin = dmt.float() if dmt is not None else torch.zeros_like(dm0)
+        dm0 = torch.where(nonempty[:, None], dm0, empty_fin)              # empty: m_T = m0
+    return dg, dkw, dm0
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def _flat(x, TT):
+    """[B, T, H, D] -> contiguous [TT, H, D] (a copy only for non-contiguous inputs)."""
+    return x.reshape(TT, *x.shape[2:]).contiguous()
+
+
+def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, causal=True):
+    """Gated linear attention on the Triton kernels (see linattn.ops.api.linear_attention).
+
+    q, k [B, T, H, K], v [B, T, H, V] (float32 / bfloat16 / float16); g None | [H] |
+    [B, T, H] | [B, T, H, K] log-decay; initial_state [B or N, H, K, V].
+    Returns o [B, T, H, V] in v's dtype and the final state [B or N, H, K, V] float32 or None.
+    """
+    if q.dtype == torch.float64:
+        return torch_chunked.linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
+                                              output_final_state=output_final_state,
+                                              cu_seqlens=cu_seqlens, causal=causal)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    TT = B * T
+    gate = 0 if g is None else (2 if g.dim() == 4 else 1)
+    cfg, L, BT = _config(gate, K, V, q.dtype, noncausal=not causal)
+    layout = make_layout(lengths_of(cu_seqlens, B, T), L, BT, q.device)
+    gf = None
+    if g is not None:
+        gf = g.float()
+        if g.dim() == 1:
+            gf = gf.view(1, H).expand(TT, H)                        # constant decay per head
+        gf = gf.reshape(TT, H, K) if g.dim() == 4 else gf.reshape(TT, H)
+        gf = gf.contiguous()                                        # [TT, H] or [TT, H, K]
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    o, ht, _, _ = GatedChunkFunction.apply(_flat(q, TT), _flat(k, TT), _flat(v, TT), gf, None, h0,
+                                           None, None, layout, cfg, float(scale),
+                                           bool(output_final_state))
+    return o.view(B, T, H, V), (ht if output_final_state else None)
+
+
+def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None, output_final_state=False,
+          cu_seqlens=None):
+    """xLSTM's mLSTM on the Triton kernels (see linattn.ops.api.mlstm).
+
+    q, k [B, T, H, K], v [B, T, H, V]; i, f [B, T, H] pre-activations. input_gate "exp":
+    initial_state (C [N, H, K, V], n [N, H, K], m [N, H]) and the same tuple as final state;
+    "sigmoid": C alone. Returns o [B, T, H, V] in v's dtype and the final state or None.
+    """
+    if q.dtype == torch.float64:
+        return torch_chunked.mlstm(q, k, v, i, f, input_gate=input_gate, scale=scale,
+                                   initial_state=initial_state,
+                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    TT = B * T
+    mexp = input_gate == "exp"
+    cfg, L, BT = _config(1, K, V, q.dtype, has_kw=True, mexp=mexp)
+    layout = make_layout(lengths_of(cu_seqlens, B, T), L, BT, q.device)
+    lf = F.logsigmoid(f.float()).reshape(TT, H).contiguous()       # log forget gate
+    h0 = n0 = m0 = None
+    if mexp:
+        kw = i.float().reshape(TT, H).contiguous()                  # exp(i - m) k v^T
+        if initial_state is not None:
+            h0, n0, m0 = (s.float().contiguous() for s in initial_state)
+    else:
+        kw = F.logsigmoid(i.float()).reshape(TT, H).contiguous()   # sigmoid(i) k v^T
+        if initial_state is not None:
+            h0 = initial_state.float().contiguous()
+    o, ht, nt, mt = GatedChunkFunction.apply(_flat(q, TT), _flat(k, TT), _flat(v, TT), lf, kw, h0,
+                                             n0, m0, layout, cfg, float(scale),
+                                             bool(output_final_state))
+    o = o.view(B, T, H, V)
+    if not output_final_state:
+        return o, None
+    return o, ((ht, nt, mt) if mexp else ht)

@@ -1,0 +1,504 @@
+"""Backward chunk kernels of the gated linear-attention family (flags as in gated_fwd).
+
+With do~ = do (/ d_t for mLSTMexp) and dqn the cotangent of n^T q (mLSTMexp), per chunk:
+    dS_c  = exp(le + mp) dS_{c+1} + sum_t exp(qe_t + mp) scale q_t do~_t^T     (reverse scan)
+    dq_t  = scale [exp(qe_t + mp) (S_c do~_t + dqn_t n_c) + sum_{s<=t} dA_ts exp(qe_t + ke_s) k_s]
+    dk_s  = exp(le + ke_s) (dS_{c+1} v_s + dn_{c+1}) + scale sum_{t>=s} dA_ts exp(qe_t + ke_s) q_t
+    dv_s  = exp(le + ke_s) dS_{c+1}^T k_s + scale sum_{t>=s} (q_t . k_s) exp(qe_t + ke_s) do~_t
+with dA_ts = do~_t . v_s (+ dqn_t). The gates' gradient follows from the exponents: every
+term holding q_t carries +b_t, every term holding k_s carries -b_s (+w_s), and the state
+after a chunk carries +b_last, so db_t = q_t . dq_t - k_t . dk_t (+ <dS, S> after the chunk
+at its last token) and dw_s = k_s . dk_s; the kernels write these per-token sums in float32
+and the launcher (gated_api) turns them into dg by a chunk-local reverse cumsum. Every
+output element is written by exactly one program: no atomics, bitwise deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..alloc import empty
+from .common import ChunkLayout, dot
+from .gated_fwd import NEG_INF, _or, chunk_of, ld_state, ld_tile, ld_tok
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, h, hn, sdot,
+                      cu, coff, scale, H, NS, K, V, L: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      GATE: tl.constexpr, MEXP: tl.constexpr, HAS_DHT: tl.constexpr,
+                      HAS_H0: tl.constexpr, NONCAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """Reverse scan over the chunks of sequence n, head h, one [BK, BV] block: writes the
+    gradient of the state after every chunk (slot c + 1) and of the initial state (slot 0);
+    NONCAUSAL sums q^T do over the sequence into the final slot. For the gates' gradient it
+    also writes <dS, S> of the state after every chunk (summed over this block's V, and over
+    its K too for GATE 1) into sdot."""
+    tl.static_assert(L % BT == 0)
+    tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
+    i_nh = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    vb = tl.program_id(2)
+    n = i_nh // H
+    hh = i_nh % H
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    c0 = tl.load(coff + n).to(tl.int64)
+    nc = tl.cdiv(eos - bos, L)
+    ck = kb * BK + tl.arange(0, BK)
+    cv = vb * BV + tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    mkv = mk[:, None] & mv[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dn = tl.zeros([BK], dtype=tl.float32)
+    if HAS_DHT:
+        dS = ld_state(dht + i_nh * K * V, ck, mk, cv, mv, V)    # cotangent of the final state
+        if MEXP:
+            dn = tl.load(dnt + i_nh * K + ck, mask=mk, other=0.0)
+    for cc in range(nc):
+        c = nc - 1 - cc                                         # chunks in reverse
+        slot = c0 + n + c + 1
+        if not NONCAUSAL:
+            tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
+            if MEXP:
+                tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0))
+        if GATE != 0:
+            Sb = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)    # state after chunk c
+            rs = tl.sum(dS * Sb, axis=1)                                      # [BK]
+            if GATE == 1:
+                part = tl.sum(rs, axis=0)
+                if MEXP:
+                    nb = tl.load(hn + (slot * H + hh) * K + ck, mask=mk & (vb == 0), other=0.0)
+                    part += tl.sum(dn * nb, axis=0)
+                tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part)
+            else:
+                tl.store(sdot + ((vb * NS + slot) * H + hh) * K + ck, rs, mask=mk)
+        cs = bos + c * L
+        ce = tl.minimum(cs + L, eos)
+        mp = 0.0
+        if GATE == 1:
+            le = tl.load(gb + (ce - 1) * H + hh)
+            if MEXP:
+                le = le - tl.load(gm + (ce - 1) * H + hh)
+                mp = tl.load(mpc + (c0 + c) * H + hh)
+            dS = dS * tl.exp(le + mp)                           # back through the chunk's decay
+            dn = dn * tl.exp(le + mp)
+        if GATE == 2:
+            bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
+            dS = dS * tl.exp(bl)[:, None]
+        for j in range(tl.cdiv(ce - cs, BT)):
+            rows = cs + j * BT + tl.arange(0, BT)
+            mr = rows < ce
+            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+            if GATE == 1:
+                qe = ld_tok(gb + hh, rows, mr, H)
+                if MEXP:
+                    qe -= ld_tok(gm + hh, rows, mr, H)
+                qt = qt * tl.exp(tl.where(mr, qe + mp, NEG_INF))[:, None]
+            if GATE == 2:
+                bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                qt = qt * tl.exp(tl.where(mr[:, None], bq, NEG_INF))
+            dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+            if MEXP:
+                dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
+                dn += tl.sum(qt * ld_tok(dqn + hh, rows, mr, H)[:, None], axis=0)
+            dS += dot(tl.trans(qt).to(do.dtype.element_ty), dot_.to(do.dtype.element_ty), IEEE)
+    slot = c0 + n
+    if NONCAUSAL:
+        slot = c0 + n + nc
+    tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
+    if MEXP:
+        tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0))
+    if HAS_H0:
+        tl.store(dh0 + i_nh * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
+        if MEXP:
+            tl.store(dn0 + i_nh * K + ck, dn, mask=mk & (vb == 0))
+
+
+@triton.jit
+def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, coff, scale, H,
+                  K, V, L: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+                  HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """dv of one key tile (BT tokens), one block of V: through the state after the chunk,
+    then from the query tiles of the chunk at and after this one."""
+    tl.static_assert(L % BT == 0)
+    tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
+    it = tl.program_id(0)
+    vb = tl.program_id(1)
+    hh = tl.program_id(2).to(tl.int64)
+    n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff, it, L)
+    slot1 = slot + 1                                            # state after the chunk
+    if NONCAUSAL:
+        slot1 = fslot
+    DT = do.dtype.element_ty
+    rows = t0 + tl.arange(0, BT)
+    mr = rows < eos
+    cv = vb * BV + tl.arange(0, BV)
+    mv = cv < V
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    ke = tl.zeros([BT], dtype=tl.float32)
+    if GATE == 1:
+        ke = -ld_tok(gb + hh, rows, mr, H)                       # key exponent -b_s (+ w_s)
+        if HAS_KW:
+            ke += ld_tok(kw + hh, rows, mr, H)
+        le = tl.load(gb + (ce - 1) * H + hh)
+        if MEXP:
+            le = le - tl.load(gm + (ce - 1) * H + hh)
+        wk = tl.exp(tl.where(mr, le + ke, NEG_INF))             # weight into the next state
+    # 1) through the state after the chunk: dv += (k * exp(le + ke)) dS_{c+1}
+    for kb in range(tl.cdiv(K, BK)):
+        ck = kb * BK + tl.arange(0, BK)
+        mk = ck < K
+        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+        if GATE == 1:
+            kt = kt * wk[:, None]
+        if GATE == 2:
+            bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
+            bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+            kt = kt * tl.exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF))
+        dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
+        acc += dot(kt.to(DT), dS.to(DT), IEEE)
+    if not NONCAUSAL:
+        # 2) later query tiles of the chunk: dv += A^T do~ (reference row: this tile's end)
+        for i in range(tl.cdiv(ce - t0, BT) - 1):
+            qrows = t0 + (i + 1) * BT + tl.arange(0, BT)
+            mq = qrows < ce
+            A = tl.zeros([BT, BT], dtype=tl.float32)           # [query, key]
+            for kb in range(tl.cdiv(K, BK)):
+                ck = kb * BK + tl.arange(0, BK)
+                mk = ck < K
+                qt = ld_tile(q + hh * K, qrows, mq, ck, mk, H * K) * scale
+                kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+                if GATE == 2:
+                    br = tl.load(gb + ((t0 + BT - 1) * H + hh) * K + ck, mask=mk, other=0.0)
+                    bq = ld_tile(gb + hh * K, qrows, mq, ck, mk, H * K)
+                    bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                    qt = qt * tl.exp(tl.where(mq[:, None], bq - br[None, :], NEG_INF))
+                    kt = kt * tl.exp(br[None, :] - bk)
+                A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+            if GATE == 1:
+                qe = ld_tok(gb + hh, qrows, mq, H)
+                if MEXP:
+                    qe -= ld_tok(gm + hh, qrows, mq, H)
+                A = A * tl.exp(tl.where(mq[:, None], qe[:, None] + ke[None, :], NEG_INF))
+            dot_ = ld_tile(do + hh * V, qrows, mq, cv, mv, H * V)
+            if MEXP:
+                dot_ = dot_ * ld_tok(rd + hh, qrows, mq, H)[:, None]
+            acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
+        # 3) the diagonal tile
+        if GATE != 2:
+            A = tl.zeros([BT, BT], dtype=tl.float32)
+            for kb in range(tl.cdiv(K, BK)):
+                ck = kb * BK + tl.arange(0, BK)
+                mk = ck < K
+                qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+                kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+                A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+            causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
+            if GATE == 1:
+                qe = ld_tok(gb + hh, rows, mr, H)
+                if MEXP:
+                    qe -= ld_tok(gm + hh, rows, mr, H)
+                A = A * tl.exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF))
+            else:
+                A = tl.where(causal, A, 0.0)
+            dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+            if MEXP:
+                dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
+            acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
+        else:
+            # per-key decay: one query t at a time, exp(b_t - b_s) elementwise for s <= t
+            for t in range(BT):
+                tt = t0 + t
+                mt = tt < eos
+                row = tl.zeros([BT], dtype=tl.float32)          # A[t, :]
+                for kb in range(tl.cdiv(K, BK)):
+                    ck = kb * BK + tl.arange(0, BK)
+                    mk = ck < K
+                    kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+                    bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                    qr = tl.load(q + (tt * H + hh) * K + ck, mask=mk & mt, other=0.0).to(tl.float32)
+                    br = tl.load(gb + (tt * H + hh) * K + ck, mask=mk & mt, other=0.0)
+                    keep = (rows <= tt)[:, None] & mr[:, None] & mt
+                    row += tl.sum(kt * qr[None, :] * tl.exp(tl.where(keep, br[None, :] - bk, NEG_INF)), axis=1)
+                dor = tl.load(do + (tt * H + hh) * V + cv, mask=mv & mt, other=0.0).to(tl.float32)
+                acc += (row * scale)[:, None] * dor[None, :]
+    tl.store(dv + (rows[:, None] * H + hh) * V + cv[None, :], acc.to(dv.dtype.element_ty),
+             mask=mr[:, None] & mv[None, :])
+
+
+@triton.jit
+def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out, dk_out, gq, gk,
+                   tile_seq, tile_start, cu, coff, scale, H, TT,
+                   K, V, L: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+                   HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
+                   IEEE: tl.constexpr):
+    """dq and dk of one tile (BT tokens), one block of K, and the gate sums of the tile:
+    GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H];
+    GATE 2 writes q*dq - k*dk into gq [TT, H, K]."""
+    tl.static_assert(L % BT == 0)
+    tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
+    it = tl.program_id(0)
+    kb = tl.program_id(1)
+    hh = tl.program_id(2).to(tl.int64)
+    n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff, it, L)
+    slot1 = slot + 1
+    if NONCAUSAL:
+        slot = fslot
+        slot1 = fslot
+    DT = do.dtype.element_ty
+    rows = t0 + tl.arange(0, BT)
+    mr = rows < eos
+    ck = kb * BK + tl.arange(0, BK)
+    mk = ck < K
+    dq = tl.zeros([BT, BK], dtype=tl.float32)
+    dk = tl.zeros([BT, BK], dtype=tl.float32)
+    qe = tl.zeros([BT], dtype=tl.float32)
+    ke = tl.zeros([BT], dtype=tl.float32)
+    rdt = tl.zeros([BT], dtype=tl.float32)
+    dqt = tl.zeros([BT], dtype=tl.float32)
+    if MEXP:
+        rdt = ld_tok(rd + hh, rows, mr, H)                       # 1 / normaliser
+        dqt = ld_tok(dqn + hh, rows, mr, H)                      # cotangent of n^T q
+    # 1) chunk-boundary states: dq from S_c, dk from dS_{c+1}
+    for vb in range(tl.cdiv(V, BV)):
+        cv = vb * BV + tl.arange(0, BV)
+        mv = cv < V
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+        if MEXP:
+            dot_ = dot_ * rdt[:, None]
+        S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
+        dq += dot(dot_.to(DT), tl.trans(S).to(DT), IEEE)
+        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
+        dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
+        dk += dot(vt.to(DT), tl.trans(dS).to(DT), IEEE)
+    if MEXP:
+        nprev = tl.load(hn + (slot * H + hh) * K + ck, mask=mk, other=0.0)
+        dnext = tl.load(dhn + (slot1 * H + hh) * K + ck, mask=mk, other=0.0)
+        dq += dqt[:, None] * nprev[None, :]
+        dk += tl.where(mr, 1.0, 0.0)[:, None] * dnext[None, :]
+    if GATE == 0:
+        dq = dq * scale
+    if GATE == 1:
+        qe = ld_tok(gb + hh, rows, mr, H)
+        ke = -qe
+        if HAS_KW:
+            ke += ld_tok(kw + hh, rows, mr, H)
+        le = tl.load(gb + (ce - 1) * H + hh)
+        mp = 0.0
+        if MEXP:
+            qe -= ld_tok(gm + hh, rows, mr, H)
+            le = le - tl.load(gm + (ce - 1) * H + hh)
+            mp = tl.load(mpc + ic * H + hh)
+        dq = dq * (scale * tl.exp(tl.where(mr, qe + mp, NEG_INF)))[:, None]
+        dk = dk * tl.exp(tl.where(mr, le + ke, NEG_INF))[:, None]
+    if GATE == 2:
+        bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)     # this tile's b, [BT, BK]
+        bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
+        dq = dq * scale * tl.exp(tl.where(mr[:, None], bq, NEG_INF))
+        dk = dk * tl.exp(tl.where(mr[:, None], bl[None, :] - bq, NEG_INF))
+    if not NONCAUSAL:
+        # 2) dq from the earlier key tiles of the chunk (reference row t0 - 1)
+        dqo = tl.zeros([BT, BK], dtype=tl.float32)
+        if GATE == 2:
+            br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk & (t0 > cs), other=0.0)
+        for j in range((t0 - cs) // BT):
+            krows = cs + j * BT + tl.arange(0, BT)
+            mkr = krows < eos
+            dA = tl.zeros([BT, BT], dtype=tl.float32)
+            for vb in range(tl.cdiv(V, BV)):
+                cv = vb * BV + tl.arange(0, BV)
+                mv = cv < V
+                dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+                if MEXP:
+                    dot_ = dot_ * rdt[:, None]
+                vt = ld_tile(v + hh * V, krows, mkr, cv, mv, H * V)
+                dA += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
+            if MEXP:
+                dA += dqt[:, None]
+            kt = ld_tile(k + hh * K, krows, mkr, ck, mk, H * K)
+            if GATE == 1:
+                kej = -ld_tok(gb + hh, krows, mkr, H)
+                if HAS_KW:
+                    kej += ld_tok(kw + hh, krows, mkr, H)
+                dA = dA * tl.exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF))
+            if GATE == 2:
+                bk = ld_tile(gb + hh * K, krows, mkr, ck, mk, H * K)
+                kt = kt * tl.exp(br[None, :] - bk)
+            dqo += dot(dA.to(DT), kt.to(DT), IEEE)
+        if GATE == 2:
+            dqo = dqo * tl.exp(tl.where(mr[:, None] & (t0 > cs), bq - br[None, :], NEG_INF))
+        dq += dqo * scale
+        # 3) dk from the later query tiles of the chunk (reference row t0 + BT - 1)
+        dko = tl.zeros([BT, BK], dtype=tl.float32)
+        has_later = t0 + BT < ce
+        if GATE == 2:
+            br2 = tl.load(gb + ((t0 + BT - 1) * H + hh) * K + ck, mask=mk & has_later, other=0.0)
+        for i in range(tl.cdiv(ce - t0, BT) - 1):
+            qrows = t0 + (i + 1) * BT + tl.arange(0, BT)
+            mq = qrows < ce
+            dA = tl.zeros([BT, BT], dtype=tl.float32)           # [query, key]
+            for vb in range(tl.cdiv(V, BV)):
+                cv = vb * BV + tl.arange(0, BV)
+                mv = cv < V
+                dot_ = ld_tile(do + hh * V, qrows, mq, cv, mv, H * V)
+                if MEXP:
+                    dot_ = dot_ * ld_tok(rd + hh, qrows, mq, H)[:, None]
+                vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
+                dA += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
+            if MEXP:
+                dA += ld_tok(dqn + hh, qrows, mq, H)[:, None]
+            qt = ld_tile(q + hh * K, qrows, mq, ck, mk, H * K)
+            if GATE == 1:
+                qei = ld_tok(gb + hh, qrows, mq, H)
+                if MEXP:
+                    qei -= ld_tok(gm + hh, qrows, mq, H)
+                dA = dA * tl.exp(tl.where(mq[:, None], qei[:, None] + ke[None, :], NEG_INF))
+            if GATE == 2:
+                bqi = ld_tile(gb + hh * K, qrows, mq, ck, mk, H * K)
+                qt = qt * tl.exp(tl.where(mq[:, None], bqi - br2[None, :], NEG_INF))
+            dko += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
+        if GATE == 2:
+            dko = dko * tl.exp(tl.where(mr[:, None] & has_later, br2[None, :] - bq, NEG_INF))
+        dk += dko * scale
+        # 4) the diagonal tile, causal mask t >= s
+        if GATE != 2:
+            dA = tl.zeros([BT, BT], dtype=tl.float32)
+            for vb in range(tl.cdiv(V, BV)):
+                cv = vb * BV + tl.arange(0, BV)
+                mv = cv < V
+                dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+                if MEXP:
+                    dot_ = dot_ * rdt[:, None]
+                vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
+                dA += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
+            if MEXP:
+                dA += dqt[:, None]
+            causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
+            if GATE == 1:
+                dA = dA * tl.exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF))
+            else:
+                dA = tl.where(causal, dA, 0.0)
+            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
+            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+            dq += dot(dA.to(DT), kt.to(DT), IEEE) * scale
+            dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE) * scale
+        else:
+            # per-key decay: token r of the tile as key (for dq) and as query (for dk)
+            for r in range(BT):
+                tr = t0 + r
+                mrr = tr < eos
+                col = tl.zeros([BT], dtype=tl.float32)          # dA[:, r]
+                row = tl.zeros([BT], dtype=tl.float32)          # dA[r, :]
+                for vb in range(tl.cdiv(V, BV)):
+                    cv = vb * BV + tl.arange(0, BV)
+                    mv = cv < V
+                    dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+                    vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
+                    vr = tl.load(v + (tr * H + hh) * V + cv, mask=mv & mrr, other=0.0).to(tl.float32)
+                    dor = tl.load(do + (tr * H + hh) * V + cv, mask=mv & mrr, other=0.0).to(tl.float32)
+                    col += tl.sum(dot_ * vr[None, :], axis=1)
+                    row += tl.sum(vt * dor[None, :], axis=1)
+                kr = tl.load(k + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0).to(tl.float32)
+                qr = tl.load(q + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0).to(tl.float32)
+                brr = tl.load(gb + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0)
+                keep_q = (rows >= tr)[:, None] & mr[:, None] & mrr
+                keep_k = (rows <= tr)[:, None] & mr[:, None] & mrr
+                dq += (col * scale)[:, None] * kr[None, :] * tl.exp(tl.where(keep_q, bq - brr[None, :], NEG_INF))
+                dk += (row * scale)[:, None] * qr[None, :] * tl.exp(tl.where(keep_k, brr[None, :] - bq, NEG_INF))
+    mqk = mr[:, None] & mk[None, :]
+    tl.store(dq_out + (rows[:, None] * H + hh) * K + ck[None, :], dq.to(dq_out.dtype.element_ty), mask=mqk)
+    tl.store(dk_out + (rows[:, None] * H + hh) * K + ck[None, :], dk.to(dk_out.dtype.element_ty), mask=mqk)
+    # gate sums of this tile from the float32 accumulators
+    if GATE == 1:
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
+        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+        tl.store(gq + (kb * TT + rows) * H + hh, tl.sum(qt * dq, axis=1), mask=mr)
+        tl.store(gk + (kb * TT + rows) * H + hh, tl.sum(kt * dk, axis=1), mask=mr)
+    if GATE == 2:
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
+        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+        tl.store(gq + (rows[:, None] * H + hh) * K + ck[None, :], qt * dq - kt * dk, mask=mqk)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: ChunkLayout, cfg,
+               scale, V):
+    """Gradients of the chunk-boundary states: dh [slots, H, K, V] (dhn [slots, H, K] for
+    MEXP) and of the initial state, dh0 [N, H, K, V] (dn0 [N, H, K]) when has_h0; and <dS, S>
+    of the state after every chunk: [NC, H] (GATE 1) or [NC, H, K] (GATE 2), else None."""
+    TT, H, K = q.shape
+    dev = q.device
+    dh = empty(layout.n_slots, H, K, V, dtype=torch.float32, device=dev)
+    dhn = empty(layout.n_slots, H, K, dtype=torch.float32, device=dev) if cfg.mexp else None
+    dh0 = empty(layout.N, H, K, V, dtype=torch.float32, device=dev) if has_h0 else None
+    dn0 = empty(layout.N, H, K, dtype=torch.float32, device=dev) if has_h0 and cfg.mexp else None
+    x = q
+    grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, cfg.BVS))
+    NS = layout.n_slots
+    sdot = None
+    if cfg.gate == 1:
+        sdot = empty(grid[1] * grid[2], NS, H, dtype=torch.float32, device=dev)
+    if cfg.gate == 2:
+        sdot = empty(grid[2], NS, H, K, dtype=torch.float32, device=dev)
+    bwd_states_kernel[grid](
+        q, do, _or(gb, x), _or(gm, x), _or(mpc, x), _or(rd, x), _or(dqn, x), _or(dht, x),
+        _or(dnt, x), dh, _or(dhn, x), _or(dh0, x), _or(dn0, x), h, _or(hn, x), _or(sdot, x),
+        layout.cu, layout.chunk_off, scale, H, NS, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BVS, GATE=cfg.gate,
+        MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
+        IEEE=cfg.ieee, num_warps=cfg.warps, num_stages=cfg.stages)
+    if sdot is not None:
+        sdot = sdot[:, layout.chunk_end_slot].sum(0)             # blocks -> [NC, H(, K)]
+    return dh, dhn, dh0, dn0, sdot
+
+
+def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtype, V):
+    """dv [TT, H, V] in v's dtype."""
+    TT, H, K = q.shape
+    dv = empty(TT, H, V, dtype=v_dtype, device=q.device)
+    if layout.NT:
+        x = q
+        bwd_dv_kernel[(layout.NT, triton.cdiv(V, cfg.BV), H)](
+            q, k, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(rd, x), dh, dv,
+            layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H,
+            K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
+            HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
+            num_warps=cfg.warps, num_stages=cfg.stages)
+    return dv
+
+
+def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: ChunkLayout, cfg,
+            scale):
+    """dq, dk [TT, H, K] in q's dtype and the gate sums: GATE 1 -> (q.dq, k.dk) each
+    [TT, H] float32 (summed over K blocks here); GATE 2 -> q*dq - k*dk [TT, H, K]; else None."""
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    dev = q.device
+    nkb = triton.cdiv(K, cfg.BK)
+    dq = empty(TT, H, K, dtype=q.dtype, device=dev)
+    dk = empty(TT, H, K, dtype=k.dtype, device=dev)
+    gq = gk = None
+    if cfg.gate == 1:
+        gq = empty(nkb, TT, H, dtype=torch.float32, device=dev)
+        gk = empty(nkb, TT, H, dtype=torch.float32, device=dev)
+    if cfg.gate == 2:
+        gq = empty(TT, H, K, dtype=torch.float32, device=dev)
+    if layout.NT:
+        x = q
+        bwd_dqk_kernel[(layout.NT, nkb, H)](
+            q, k, v, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(rd, x), _or(dqn, x),
+            h, _or(hn, x), dh, _or(dhn, x), dq, dk, _or(gq, x), _or(gk, x),
+            layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H, TT,
+            K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
+            HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
+            num_warps=cfg.warps, num_stages=cfg.stages)
+    if cfg.gate == 1:
+        return dq, dk, (gq.sum(0), gk.sum(0))
+    return dq, dk, gq

@@ -1,0 +1,359 @@
+"""Forward chunk kernels of the gated linear-attention family (DESIGN.md section 4).
+
+One set of kernels serves every member, chosen by constexpr flags:
+    GATE     0: no decay, 1: scalar decay per (token, head) (constant [H] decays arrive
+             broadcast), 2: per-key decay per (token, head, key)
+    HAS_KW   a key log-weight w_s (mLSTM's input gate): key s enters as exp(w_s) k_s
+    MEXP     mLSTMexp: stabiliser m_t and normaliser n (implies GATE 1 and HAS_KW)
+    NONCAUSAL  bidirectional attention: every token reads its sequence's total state
+
+Tokens are packed along one axis ([TT, H, D] tensors, see common.ChunkLayout). With b the
+chunk-local inclusive cumsum of the log-decay, a query t and key s of one chunk meet with
+weight exp(qe_t + ke_s) where qe_t = b_t (- m_t) and ke_s = -b_s (+ w_s): the sum is formed
+before exp() and masked to -inf above the diagonal, so nothing overflows. The state at the
+chunk's start enters with exp(qe_t + mp) (mp: the stabiliser at the chunk start, 0 unless
+MEXP); the state after the chunk is exp(le + mp) S + sum_s exp(le + ke_s) k_s v_s^T with
+le = b_last (- m_last). Per-key decays take exponents relative to a reference row between
+the key and the query tile, so both factors are <= 1, and form the diagonal tile elementwise.
+
+Module order: kernels, then launchers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..alloc import empty
+from .common import ChunkLayout, dot
+
+# Globals a kernel reads must be instantiated tl.constexpr objects (not annotations).
+MLSTM_EPS = tl.constexpr(1e-6)  # mLSTMexp: o = h / (max(|n^T q|, exp(-m)) + eps)
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+@triton.jit
+def ld_tile(base, rows, rmask, cols, cmask, RS):
+    """float32 [len(rows), len(cols)] tile of a [TT, H, D] tensor; base points at head h."""
+    ptr = base + rows[:, None] * RS + cols[None, :]
+    return tl.load(ptr, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def ld_tok(base, rows, rmask, H):
+    """float32 [len(rows)] per-token values of a [TT, H] tensor; base points at head h."""
+    return tl.load(base + rows * H, mask=rmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def ld_state(base, cols_k, mk, cols_v, mv, V):
+    """float32 [BK, BV] block of one [K, V] state; base points at the state."""
+    ptr = base + cols_k[:, None] * V + cols_v[None, :]
+    return tl.load(ptr, mask=mk[:, None] & mv[None, :], other=0.0)
+
+
+@triton.jit
+def chunk_of(tile_seq, tile_start, cu, coff, it, L: tl.constexpr):
+    """Tile it -> (first token t0, sequence end eos, chunk start cs, chunk end ce, slot of the
+    state before the chunk, global chunk index)."""
+    n = tl.load(tile_seq + it).to(tl.int64)
+    t0 = tl.load(tile_start + it).to(tl.int64)
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    c = (t0 - bos) // L                                          # chunk index in the sequence
+    cs = bos + c * L
+    ce = tl.minimum(cs + L, eos)
+    c0 = tl.load(coff + n).to(tl.int64)
+    nc = tl.cdiv(eos - bos, L)
+    return n, t0, eos, cs, ce, c0 + n + c, c0 + c, c0 + n + nc
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def mexp_prep_kernel(lf, ig, m0, b, m, start, mpc, mfin, cu, coff, H,
+                     L: tl.constexpr, HAS_M0: tl.constexpr):
+    """mLSTMexp gates of sequence n, head h, chunk after chunk (one program per (n, h)):
+    b = chunk-local cumsum of logsigmoid(f); m_t = b_t + max(mp, max_{s<=t} (i_s - b_s))
+    (DESIGN.md's closed form); start_t = 1 where i_t itself sets the maximum (the m-path of
+    the backward); mp = m of the chunk's previous token (m0 at the sequence start)."""
+    tl.static_assert(L >= 16)
+    n = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1).to(tl.int64)
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    c0 = tl.load(coff + n).to(tl.int64)
+    mp = tl.zeros([], dtype=tl.float32)
+    if HAS_M0:
+        mp = tl.load(m0 + n * H + hh).to(tl.float32)            # stabiliser before the sequence
+    idx = tl.arange(0, L)
+    for c in range(tl.cdiv(eos - bos, L)):
+        rows = bos + c * L + idx
+        mr = rows < eos
+        bc = tl.cumsum(ld_tok(lf + hh, rows, mr, H), axis=0)    # chunk-local cumsum
+        x = tl.where(mr, ld_tok(ig + hh, rows, mr, H) - bc, NEG_INF)
+        cm = tl.associative_scan(x, 0, _max_combine)            # running max of i_s - b_s
+        mc = bc + tl.maximum(cm, mp)                             # m_t in closed form
+        st = mr & (x == cm) & (x >= mp)                          # i_t sets the maximum
+        tl.store(b + rows * H + hh, bc, mask=mr)
+        tl.store(m + rows * H + hh, mc, mask=mr)
+        tl.store(start + rows * H + hh, st.to(tl.int8), mask=mr)
+        tl.store(mpc + (c0 + c) * H + hh, mp)
+        last = tl.minimum(eos - bos - c * L, L) - 1             # last valid row of the chunk
+        mp = tl.sum(tl.where(idx == last, mc, 0.0), axis=0)     # m of the chunk's last token
+    tl.store(mfin + n * H + hh, mp)
+
+
+@triton.jit
+def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, cu, coff, H,
+                      K, V, L: tl.constexpr, BT: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+                      HAS_KW: tl.constexpr, MEXP: tl.constexpr, HAS_H0: tl.constexpr,
+                      IEEE: tl.constexpr):
+    """Sequential scan over the chunks of sequence n, head h, one [BK, BV] block of the state:
+    writes the state before every chunk and the final state into h (and n into hn)."""
+    tl.static_assert(L % BT == 0)
+    tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
+    i_nh = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    vb = tl.program_id(2)
+    n = i_nh // H
+    hh = i_nh % H
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    c0 = tl.load(coff + n).to(tl.int64)
+    ck = kb * BK + tl.arange(0, BK)
+    cv = vb * BV + tl.arange(0, BV)
+    mk = ck < K
+    mv = cv < V
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    nv = tl.zeros([BK], dtype=tl.float32)
+    if HAS_H0:
+        S = ld_state(h0 + i_nh * K * V, ck, mk, cv, mv, V)      # initial state block
+        if MEXP:
+            nv = tl.load(n0 + i_nh * K + ck, mask=mk, other=0.0)
+    for c in range(tl.cdiv(eos - bos, L)):
+        slot = c0 + n + c
+        sp = h + (slot * H + hh) * K * V                        # state before chunk c
+        tl.store(sp + ck[:, None] * V + cv[None, :], S, mask=mk[:, None] & mv[None, :])
+        if MEXP:
+            tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0))
+        cs = bos + c * L
+        ce = tl.minimum(cs + L, eos)
+        if GATE == 1:
+            le = tl.load(gb + (ce - 1) * H + hh)                # b at the chunk's last token
+            de = le
+            if MEXP:
+                le = le - tl.load(gm + (ce - 1) * H + hh)
+                de = le + tl.load(mpc + (c0 + c) * H + hh)
+            S = S * tl.exp(de)                                  # decay over the whole chunk
+            nv = nv * tl.exp(de)
+        if GATE == 2:
+            bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
+            S = S * tl.exp(bl)[:, None]
+        for j in range(tl.cdiv(ce - cs, BT)):
+            rows = cs + j * BT + tl.arange(0, BT)
+            mr = rows < ce
+            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)   # [BT, BK]
+            vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)   # [BT, BV]
+            if GATE == 1:
+                ke = -ld_tok(gb + hh, rows, mr, H)
+                if HAS_KW:
+                    ke += ld_tok(kw + hh, rows, mr, H)
+                kt = kt * tl.exp(tl.where(mr, le + ke, NEG_INF))[:, None]
+            if GATE == 2:
+                bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                kt = kt * tl.exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF))
+            S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
+            if MEXP:
+                nv += tl.sum(kt, axis=0)
+    slot = c0 + n + tl.cdiv(eos - bos, L)                        # final state
+    sp = h + (slot * H + hh) * K * V
+    tl.store(sp + ck[:, None] * V + cv[None, :], S, mask=mk[:, None] & mv[None, :])
+    if MEXP:
+        tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0))
+
+
+@triton.jit
+def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, cu, coff,
+                 scale, H, K, V, L: tl.constexpr,
+                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+                 HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """Output of one query tile (BT tokens), one block of V: the chunk-start state's part
+    plus the causal part of the keys of this chunk up to the tile (tile by tile)."""
+    tl.static_assert(L % BT == 0)
+    tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
+    it = tl.program_id(0)
+    vb = tl.program_id(1)
+    hh = tl.program_id(2).to(tl.int64)
+    n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff, it, L)
+    if NONCAUSAL:
+        slot = fslot                                            # every token reads the total
+    DT = v.dtype.element_ty
+    rows = t0 + tl.arange(0, BT)
+    mr = rows < eos
+    cv = vb * BV + tl.arange(0, BV)
+    mv = cv < V
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    accn = tl.zeros([BT], dtype=tl.float32)                     # n_t^T q_t (MEXP)
+    qe = tl.zeros([BT], dtype=tl.float32)
+    ke = tl.zeros([BT], dtype=tl.float32)
+    if GATE == 1:
+        qe = ld_tok(gb + hh, rows, mr, H)                       # query exponent b_t (- m_t)
+        ke = -qe                                                # key exponent -b_s (+ w_s)
+        if HAS_KW:
+            ke += ld_tok(kw + hh, rows, mr, H)
+        mp = 0.0
+        if MEXP:
+            qe -= ld_tok(gm + hh, rows, mr, H)
+            mp = tl.load(mpc + ic * H + hh)
+        wq = tl.exp(tl.where(mr, qe + mp, NEG_INF))             # weight of the chunk-start state
+    # 1) the state before the chunk: o += (q * exp(qe + mp)) S
+    for kb in range(tl.cdiv(K, BK)):
+        ck = kb * BK + tl.arange(0, BK)
+        mk = ck < K
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+        if GATE == 1:
+            qt = qt * wq[:, None]
+        if GATE == 2:
+            bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+            qt = qt * tl.exp(tl.where(mr[:, None], bq, NEG_INF))
+        S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
+        acc += dot(qt.to(DT), S.to(DT), IEEE)
+        if MEXP:
+            nprev = tl.load(hn + (slot * H + hh) * K + ck, mask=mk, other=0.0)
+            accn += tl.sum(qt * nprev[None, :], axis=1)
+    if not NONCAUSAL:
+        # 2) earlier key tiles of this chunk (every key before every query)
+        for j in range((t0 - cs) // BT):
+            krows = cs + j * BT + tl.arange(0, BT)
+            A = tl.zeros([BT, BT], dtype=tl.float32)
+            for kb in range(tl.cdiv(K, BK)):
+                ck = kb * BK + tl.arange(0, BK)
+                mk = ck < K
+                qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+                kt = ld_tile(k + hh * K, krows, krows < eos, ck, mk, H * K)
+                if GATE == 2:
+                    br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk, other=0.0)
+                    bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                    bk = ld_tile(gb + hh * K, krows, krows < eos, ck, mk, H * K)
+                    qt = qt * tl.exp(tl.where(mr[:, None], bq - br[None, :], NEG_INF))
+                    kt = kt * tl.exp(br[None, :] - bk)           # reference t0-1 >= every key
+                A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+            if GATE == 1:
+                kej = -ld_tok(gb + hh, krows, krows < eos, H)
+                if HAS_KW:
+                    kej += ld_tok(kw + hh, krows, krows < eos, H)
+                A = A * tl.exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF))
+            vt = ld_tile(v + hh * V, krows, krows < eos, cv, mv, H * V)
+            acc += dot(A.to(DT), vt.to(DT), IEEE)
+            if MEXP:
+                accn += tl.sum(A, axis=1)
+        # 3) the diagonal tile, causal mask t >= s
+        if GATE != 2:
+            A = tl.zeros([BT, BT], dtype=tl.float32)
+            for kb in range(tl.cdiv(K, BK)):
+                ck = kb * BK + tl.arange(0, BK)
+                mk = ck < K
+                qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+                kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+                A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+            causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
+            if GATE == 1:
+                A = A * tl.exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF))
+            else:
+                A = tl.where(causal, A, 0.0)
+            vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
+            acc += dot(A.to(DT), vt.to(DT), IEEE)
+            if MEXP:
+                accn += tl.sum(A, axis=1)
+        else:
+            # per-key decay: one key s at a time, exp(b_t - b_s) elementwise under the mask
+            for s in range(BT):
+                ts = t0 + s
+                ms = ts < eos
+                col = tl.zeros([BT], dtype=tl.float32)          # A[:, s]
+                for kb in range(tl.cdiv(K, BK)):
+                    ck = kb * BK + tl.arange(0, BK)
+                    mk = ck < K
+                    qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+                    bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                    ks = tl.load(k + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
+                    bs = tl.load(gb + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0)
+                    keep = (rows >= ts)[:, None] & mr[:, None] & ms
+                    col += tl.sum(qt * ks[None, :] * tl.exp(tl.where(keep, bq - bs[None, :], NEG_INF)), axis=1)
+                vs = tl.load(v + (ts * H + hh) * V + cv, mask=mv & ms, other=0.0).to(tl.float32)
+                acc += col[:, None] * vs[None, :]
+    if MEXP:
+        # normaliser: o = h / (max(|n^T q|, exp(-m)) + eps)
+        mt = ld_tok(gm + hh, rows, mr, H)
+        den = tl.maximum(tl.abs(accn), tl.exp(-mt)) + MLSTM_EPS
+        acc = acc / den[:, None]
+        tl.store(qn + rows * H + hh, accn, mask=mr & (vb == 0))
+    tl.store(o + (rows[:, None] * H + hh) * V + cv[None, :], acc.to(o.dtype.element_ty),
+             mask=mr[:, None] & mv[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def mexp_prep(lf, ig, m0, layout: ChunkLayout):
+    """mLSTMexp gates: lf, ig [TT, H] float32, m0 [N, H] or None ->
+    b, m [TT, H] float32, start [TT, H] int8, mpc [NC, H], mfin [N, H] float32."""
+    TT, H = lf.shape
+    dev = lf.device
+    b = empty(TT, H, dtype=torch.float32, device=dev)
+    m = empty(TT, H, dtype=torch.float32, device=dev)
+    start = torch.zeros(TT, H, dtype=torch.int8, device=dev)
+    mpc = empty(max(layout.NC, 1), H, dtype=torch.float32, device=dev)
+    mfin = empty(layout.N, H, dtype=torch.float32, device=dev)
+    mexp_prep_kernel[(layout.N, H)](lf, ig, m0 if m0 is not None else lf, b, m, start, mpc, mfin,
+                                    layout.cu, layout.chunk_off, H, L=layout.L,
+                                    HAS_M0=m0 is not None)
+    return b, m, start, mpc, mfin
+
+
+def fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout: ChunkLayout, cfg):
+    """States before every chunk and at every sequence's end: h [slots, H, K, V] float32
+    (hn [slots, H, K] for MEXP, else None). k [TT, H, K], v [TT, H, V]."""
+    TT, H, K = k.shape
+    V = v.shape[-1]
+    h = empty(layout.n_slots, H, K, V, dtype=torch.float32, device=k.device)
+    hn = empty(layout.n_slots, H, K, dtype=torch.float32, device=k.device) if cfg.mexp else None
+    grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, cfg.BVS))
+    x = k  # placeholder pointer for absent optional tensors
+    fwd_states_kernel[grid](
+        k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(h0, x), _or(n0, x), h, _or(hn, x),
+        layout.cu, layout.chunk_off, H, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BVS,
+        GATE=cfg.gate, HAS_KW=cfg.has_kw, MEXP=cfg.mexp, HAS_H0=h0 is not None, IEEE=cfg.ieee,
+        num_warps=cfg.warps, num_stages=cfg.stages)
+    return h, hn
+
+
+def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale):
+    """o [TT, H, V] in v's dtype, and qn = n^T q [TT, H] float32 for MEXP (else None)."""
+    TT, H, K = q.shape
+    V = v.shape[-1]
+    o = empty(TT, H, V, dtype=v.dtype, device=v.device)
+    qn = empty(TT, H, dtype=torch.float32, device=v.device) if cfg.mexp else None
+    if layout.NT:
+        x = q
+        fwd_o_kernel[(layout.NT, triton.cdiv(V, cfg.BV), H)](
+            q, k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), h, _or(hn, x), o, _or(qn, x),
+            layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H,
+            K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
+            HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
+            num_warps=cfg.warps, num_stages=cfg.stages)
+    return o, qn
+
+
+def _or(x, fallback):
+    """A tensor for a pointer argument the kernel never reads (its flag is off)."""
+    return fallback if x is None else x
