@@ -1,0 +1,73 @@
+"""The shape every synthetic task shares: a dataclass of knobs plus a seeded generator.
+
+A task subclass declares its knobs as dataclass fields and implements `vocab_size`,
+`seq_len`, `check()` (raise ValueError for knobs that cannot work) and `sample(batch_size,
+gen)` drawing only from the numpy generator `gen`. Everything else (seeded batches, serialisation) lives here once.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from .batch import Batch, generator_for
+
+
+@dataclass
+class Task:
+    name = "task"  # class attribute, not a knob
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def seq_len(self) -> int:
+        """T of the generated [B, T] tensors."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise ValueError (one line naming the knob) if the knobs cannot make a task."""
+        raise NotImplementedError
+
+    def sample(self, batch_size: int, gen: np.random.Generator) -> Batch:
+        """A Batch of `batch_size` examples drawn with the numpy generator `gen`."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared behaviour
+
+    def validate(self) -> "Task":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(f.default, int) and not isinstance(f.default, bool):
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ValueError(f"task {self.name}: {f.name} must be an integer, got {value!r}")
+        self.check()
+        return self
+
+    def batch(self, split: str, seed: int, index: int, batch_size: int) -> Batch:
+        """Batch `index` of `split` ("train"/"test") under run `seed`: a pure function of its
+        arguments (see linattn.tasks.batch). Tensors are on the CPU: [B, T] int64/bool."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return self.sample(batch_size, generator_for(split, seed, index))
+
+    @classmethod
+    def knobs(cls) -> dict:
+        """Knob name -> default value."""
+        return {f.name: f.default for f in fields(cls)}
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **asdict(self)}
+
+
+def randint(gen: np.random.Generator, low: int, high: int, shape) -> torch.Tensor:
+    """Uniform int64 tensor in [low, high) drawn from `gen`, of `shape`."""
+    return torch.from_numpy(gen.integers(low, high, size=tuple(shape), dtype=np.int64))
+
+
+def random_choice_rows(gen: np.random.Generator, rows: int, population: int, k: int) -> torch.Tensor:
+    """[rows, k] int64: each row k distinct values from range(population), in random order."""
+    scores = gen.random((rows, population))  # [rows, population]
+    return torch.from_numpy(scores.argsort(axis=1)[:, :k].astype(np.int64))

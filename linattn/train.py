@@ -1,0 +1,549 @@
+"""Training and evaluation of a causal LM on a synthetic task: the main job behind `linattn train`.
+
+A run is (LMConfig, Task, TrainConfig). Its data is a pure function of (seed, step): batch
+`step` of the "train" split (see linattn.tasks.batch), and evaluation draws from the disjoint
+"test" split, so a resumed run sees exactly the batches an uninterrupted one would and
+reaches the same weights (bitwise on the same machine and thread count).
+
+Files written into the run directory:
+    config.json          {"model": LMConfig.to_dict(), "task": Task.to_dict(), "train": TrainConfig}
+    metrics.jsonl        one line per log interval (and per evaluation): the learning curve
+    metrics.json         final test "accuracy", "exact_match", "loss", steps, tokens/s, parameters, ...
+    model.safetensors    final weights
+    checkpoint.pt        model + optimizer + RNG + step, for --resume (written atomically)
+    curves.png           loss and accuracy over steps
+
+Loss is cross-entropy on answer tokens only; "accuracy" is the fraction of answer tokens
+predicted exactly (argmax), "exact_match" the fraction of sequences whose answer tokens are
+all right. On CUDA with dtype "bfloat16" the forward runs under bf16 autocast (float32
+master weights) and the model's backend "auto" takes the Triton kernels.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .tasks import Batch, Task, task_from_dict
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CONFIG_FILE, CURVE_FILE, METRICS_FILE = "config.json", "metrics.jsonl", "metrics.json"
+WEIGHTS_FILE, CHECKPOINT_FILE, PLOT_FILE = "model.safetensors", "checkpoint.pt", "curves.png"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = -1  # -1: 5% of steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    time_limit_s: float = 0.0  # 0: none; else stop training after this many seconds
+
+    def validate(self) -> "TrainConfig":
+        positive = ("steps", "batch_size", "log_every", "eval_batches", "ckpt_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "time_limit_s", "weight_decay", "grad_clip", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not (0 <= self.seed < 2**30):
+            raise ValueError(f"seed must be in [0, 2**30), got {self.seed}")
+        resolve_device(self.device)
+        return self
+
+    @property
+    def warmup(self) -> int:
+        return max(1, round(0.05 * self.steps)) if self.warmup_steps < 0 else self.warmup_steps
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting {', '.join(unknown)}")
+        return TrainConfig(**d)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast (weights stay float32), or nothing for float32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------ the model
+
+def build_model(model_cfg, device: torch.device, seed: int):
+    """CausalLM(model_cfg) on `device`, its initial weights a function of `seed` alone."""
+    from .models import CausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CausalLM(model_cfg)
+    return model.to(device)
+
+
+def model_config_for(task: Task, **model_kwargs):
+    """An LMConfig sized for `task` (vocab_size and max_seq_len from it), validated."""
+    from .models import LMConfig
+
+    cfg = LMConfig(vocab_size=task.vocab_size, max_seq_len=max(task.seq_len, 16), **model_kwargs)
+    cfg.validate()
+    return cfg
+
+
+# ------------------------------------------------------------------------- loss, metrics
+
+def answer_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy over answer tokens, and their accuracy.
+
+    logits: [B, T, V] (any float dtype; the loss is computed in float32); batch tensors [B, T].
+    Returns (mean loss over answer tokens: scalar float32 tensor, counts) where counts holds
+    python numbers: "tokens" (answer tokens), "correct" (argmax right), "sequences",
+    "exact" (sequences with every answer token right).
+    """
+    mask = batch.answer_mask  # [B, T]
+    picked = logits[mask].float()  # [N, V] for the N answer tokens
+    loss = F.cross_entropy(picked, batch.targets[mask])
+    with torch.no_grad():
+        right = logits.argmax(dim=-1) == batch.targets  # [B, T]
+        wrong_per_seq = (~right & mask).sum(dim=1)  # [B]
+        counts = {"tokens": int(mask.sum()), "correct": int((right & mask).sum()),
+                  "sequences": mask.shape[0], "exact": int((wrong_per_seq == 0).sum())}
+    return loss, counts
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, *, seed: int, batches: int, batch_size: int,
+             device: torch.device, dtype: torch.dtype = torch.float32, split: str = "test") -> dict:
+    """Mean answer loss, token accuracy and exact match over `batches` batches of `split`.
+
+    Returns {"loss", "accuracy", "exact_match", "answer_tokens", "sequences"}.
+    """
+    was_training = model.training
+    model.eval()
+    total_loss, tokens, correct, seqs, exact = 0.0, 0, 0, 0, 0
+    for index in range(batches):
+        batch = task.batch(split, seed, index, batch_size).to(device)
+        with autocast(device, dtype):
+            logits = model(batch.input_ids)
+        loss, c = answer_loss(logits, batch)
+        total_loss += float(loss) * c["tokens"]
+        tokens, correct, seqs, exact = (tokens + c["tokens"], correct + c["correct"],
+                                        seqs + c["sequences"], exact + c["exact"])
+    model.train(was_training)
+    return {"loss": total_loss / tokens, "accuracy": correct / tokens,
+            "exact_match": exact / seqs, "answer_tokens": tokens, "sequences": seqs}
+
+
+# ------------------------------------------------------------------------------ file I/O
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temp file beside `path`, then os.replace it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def run_config_dict(model_cfg, task: Task, train_cfg: TrainConfig) -> dict:
+    return {"model": model_cfg.to_dict(), "task": task.to_dict(), "train": asdict(train_cfg)}
+
+
+def load_run(out_dir) -> tuple:
+    """(LMConfig, Task, TrainConfig) from a run directory's config.json."""
+    from .models import LMConfig
+
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{out_dir} is not a run directory (no {CONFIG_FILE})")
+    d = json.loads(path.read_text())
+    return LMConfig.from_dict(d["model"]), task_from_dict(d["task"]), TrainConfig.from_dict(d["train"])
+
+
+def save_weights(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # tied embeddings share storage: safetensors wants each tensor once
+    seen, unique = {}, {}
+    for k, v in state.items():
+        key = (v.data_ptr(), v.shape, v.stride())
+        if key in seen:
+            continue
+        seen[key] = k
+        unique[k] = v
+    atomic_write(path, lambda tmp: save_file(unique, tmp))
+
+
+def load_weights(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared = {n for n, _ in _tied_names(model)}
+    missing = [m for m in missing if m not in shared]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def _tied_names(model):
+    """(name, first_name) for state-dict entries that share storage with an earlier one."""
+    first = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride())
+        if key in first:
+            yield name, first[key]
+        else:
+            first[key] = name
+
+
+def _save_checkpoint(path: Path, step: int, model, optimizer, elapsed_s: float) -> None:
+    """Everything a resumed run needs (the data position is the step: batches are a pure
+    function of (seed, step)), written atomically."""
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed_s}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _load_checkpoint(path: Path, model, optimizer, device: torch.device) -> tuple[int, float]:
+    """Restore model, optimizer and RNG state in place; returns (step, elapsed seconds)."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    if "cuda_rng" in ckpt and device.type == "cuda":
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return ckpt["step"], ckpt.get("elapsed_s", 0.0)
+
+
+def _read_curve(path: Path, upto_step: int) -> list[dict]:
+    """The metrics.jsonl records with step <= upto_step (a resumed run drops the rest)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec["step"] <= upto_step:
+                records.append(rec)
+    return records
+
+
+def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
+    """PNG of loss (log scale) and accuracy over steps, train and test."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for split, style in (("train", "-"), ("test", "o-")):
+        recs = [r for r in records if r.get("split") == split]
+        if not recs:
+            continue
+        steps = [r["step"] for r in recs]
+        ax_loss.plot(steps, [r["loss"] for r in recs], style, label=split)
+        ax_acc.plot(steps, [r["accuracy"] for r in recs], style, label=split)
+    ax_loss.set(xlabel="step", ylabel="answer loss", yscale="log", title="loss")
+    ax_acc.set(xlabel="step", ylabel="answer accuracy", ylim=(-0.02, 1.02), title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- interrupts
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C after writing a checkpoint at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+
+
+@contextmanager
+def _sigint_flag():
+    """Turn the first Ctrl-C into a flag the loop checks between steps (a second one kills)."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        flag["set"] = True
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ------------------------------------------------------------------------------ training
+
+def _make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases or gates' vectors)."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _train_step(model, optimizer, batch: Batch, lr: float, grad_clip: float,
+                device: torch.device, dtype: torch.dtype) -> tuple[float, dict]:
+    """One optimizer step on `batch` at learning rate `lr`; returns (loss, answer_loss counts)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device, dtype):
+        logits = model(batch.input_ids)  # [B, T, V]
+    loss, counts = answer_loss(logits, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.detach()), counts  # float() syncs, so step times are real
+
+
+def train(model_cfg, task: Task, cfg: TrainConfig, out_dir=None, *, resume: bool = False,
+          progress: bool = True, on_step=None) -> dict:
+    """Train a CausalLM(model_cfg) on `task`, evaluate it on the test split, return metrics.
+
+    out_dir: where the files listed in the module docstring go (None: write nothing).
+    resume: continue from out_dir/checkpoint.pt (ValueError when there is none).
+    on_step(step, record): called after each completed step (tests use it to interrupt).
+    Returns the dict written to metrics.json (also has "model" for in-process callers).
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a fresh run must never resume, or report, a previous run's files
+            for name in (CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, PLOT_FILE):
+                (out / name).unlink(missing_ok=True)
+
+    model = build_model(model_cfg, device, cfg.seed)
+    model.train()
+    optimizer = _make_optimizer(model, cfg)
+    start_step, elapsed_before = 0, 0.0
+    if resume:
+        if out is None or not (out / CHECKPOINT_FILE).is_file():
+            raise ValueError(f"nothing to resume: no {CHECKPOINT_FILE} in {out_dir}")
+        start_step, elapsed_before = _load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, device)
+    records = _read_curve(out / CURVE_FILE, start_step) if (out is not None and resume) else []
+    if out is not None:
+        write_json(out / CONFIG_FILE, run_config_dict(model_cfg, task, cfg))
+        curve_text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(out / CURVE_FILE, lambda tmp: Path(tmp).write_text(curve_text))
+
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = cfg.batch_size * task.seq_len
+    bar = _progress_bar(cfg.steps, start_step, progress, desc=f"{task.name} {model_cfg.mixer}")
+    window = {"loss": 0.0, "tokens": 0, "correct": 0, "steps": 0}
+    timed_tokens, timed_s = 0, 0.0  # throughput excludes the first step of a process (compile)
+    t_start = time.perf_counter()
+    step, stopped = start_step, "steps"
+
+    def checkpoint():
+        if out is not None:
+            _save_checkpoint(out / CHECKPOINT_FILE, step, model, optimizer,
+                             elapsed_before + time.perf_counter() - t_start)
+
+    def log(record):
+        records.append(record)
+        if out is not None:
+            with open(out / CURVE_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    with _sigint_flag() as sigint:
+        while step < cfg.steps:
+            if cfg.time_limit_s and elapsed_before + time.perf_counter() - t_start >= cfg.time_limit_s:
+                stopped = "time_limit"
+                break
+            t0 = time.perf_counter()
+            lr = cfg.lr_at(step)
+            batch = task.batch("train", cfg.seed, step, cfg.batch_size).to(device)
+            loss_value, counts = _train_step(model, optimizer, batch, lr, cfg.grad_clip, device, dtype)
+            dt = time.perf_counter() - t0
+            step += 1
+            if step > start_step + 1:
+                timed_tokens += tokens_per_step
+                timed_s += dt
+
+            window["loss"] += loss_value
+            window["tokens"] += counts["tokens"]
+            window["correct"] += counts["correct"]
+            window["steps"] += 1
+            tok_s = timed_tokens / timed_s if timed_s > 0 else tokens_per_step / dt
+            record = {"step": step, "split": "train", "loss": loss_value,
+                      "accuracy": counts["correct"] / counts["tokens"], "lr": lr}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log({"step": step, "split": "train", "loss": window["loss"] / window["steps"],
+                     "accuracy": window["correct"] / window["tokens"], "lr": lr,
+                     "tokens_per_s": tok_s})
+                window = {"loss": 0.0, "tokens": 0, "correct": 0, "steps": 0}
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                ev = evaluate(model, task, seed=cfg.seed, batches=cfg.eval_batches,
+                              batch_size=cfg.batch_size, device=device, dtype=dtype)
+                log({"step": step, "split": "test", "loss": ev["loss"], "accuracy": ev["accuracy"],
+                     "exact_match": ev["exact_match"]})
+            if step % cfg.ckpt_every == 0:
+                checkpoint()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{record['accuracy']:.3f}",
+                                tok_s=f"{tok_s:,.0f}")
+            if on_step is not None:
+                on_step(step, record)
+            if sigint["set"]:
+                checkpoint()
+                if bar is not None:
+                    bar.close()
+                raise Interrupted(step)
+    if bar is not None:
+        bar.close()
+    checkpoint()
+
+    ev = evaluate(model, task, seed=cfg.seed, batches=cfg.eval_batches,
+                  batch_size=cfg.batch_size, device=device, dtype=dtype)
+    log({"step": step, "split": "test", "loss": ev["loss"], "accuracy": ev["accuracy"],
+         "exact_match": ev["exact_match"]})
+    train_recs = [r for r in records if r["split"] == "train"]
+    wall = elapsed_before + time.perf_counter() - t_start
+    metrics = {
+        "accuracy": ev["accuracy"], "exact_match": ev["exact_match"], "loss": ev["loss"],
+        "test_sequences": ev["sequences"], "steps": step, "stopped_by": stopped,
+        "tokens_per_s": (timed_tokens / timed_s) if timed_s > 0 else None,
+        "parameters": n_params, "train_loss": train_recs[-1]["loss"] if train_recs else None,
+        "train_accuracy": train_recs[-1]["accuracy"] if train_recs else None,
+        "wall_s": wall, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "task": task.name, "mixer": model_cfg.mixer,
+    }
+    if out is not None:
+        write_json(out / METRICS_FILE, metrics)
+        save_weights(model, out / WEIGHTS_FILE)
+        plot_curves(records, out / PLOT_FILE, title=f"{task.name} / {_describe(model_cfg)}")
+    return {**metrics, "model": model}
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain aligned text table of dicts that share their keys (the first row's order)."""
+    cols = list(rows[0])
+    width = {c: max(len(str(c)), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+
+    def line(values):
+        return "  ".join(str(v).ljust(width[c]) for c, v in zip(cols, values)).rstrip()
+
+    return "\n".join([line(cols), line("-" * width[c] for c in cols)]
+                     + [line(r.get(c, "") for c in cols) for r in rows])
+
+
+def _describe(model_cfg) -> str:
+    hybrid = f" hybrid {model_cfg.hybrid}:1" if getattr(model_cfg, "hybrid", None) else ""
+    return (f"{model_cfg.mixer}{hybrid}, {model_cfg.n_layers} layers, d_model {model_cfg.d_model}")
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+
+
+def evaluate_run(out_dir, *, seed: int | None = None, batches: int | None = None,
+                 batch_size: int | None = None, device: str | None = None) -> dict:
+    """Reload a finished run (config.json + model.safetensors) and evaluate it on a fresh
+    test set: the test split under `seed` (default: the run's seed; the test split never
+    overlaps the training data). Returns evaluate()'s dict plus run facts."""
+    model_cfg, task, cfg = load_run(out_dir)
+    weights = Path(out_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{out_dir} has no {WEIGHTS_FILE} (did training finish?)")
+    dev = resolve_device(device or cfg.device)
+    dtype = resolve_dtype(cfg.dtype, dev)
+    model = build_model(model_cfg, dev, cfg.seed)
+    load_weights(model, weights)
+    seed = cfg.seed if seed is None else seed
+    res = evaluate(model, task, seed=seed, batches=batches or cfg.eval_batches,
+                   batch_size=batch_size or cfg.batch_size, device=dev, dtype=dtype)
+    return {**res, "task": task.name, "model": _describe(model_cfg), "seed": seed,
+            "parameters": sum(p.numel() for p in model.parameters()), "device": str(dev)}

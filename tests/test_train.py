@@ -1,0 +1,162 @@
+"""The training loop: answer-only loss and accuracy, the schedule, atomic files, resume that
+reproduces an uninterrupted run, the time box, and the GPU benchmark scripts at toy size."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linattn.models import LMConfig
+from linattn.tasks import Batch, make_task
+from linattn.train import (Interrupted, TrainConfig, answer_loss, atomic_write, evaluate_run,
+                           model_config_for, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = dict(pairs=2, seq_len=12, vocab=10)
+MODEL = dict(d_model=16, n_layers=2, n_heads=2, mixer="gated_deltanet")
+
+
+def tiny(steps=6, **train_kw):
+    task = make_task("mqar", **TASK)
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, log_every=2, eval_batches=1, ckpt_every=3,
+                      device="cpu", **train_kw)
+    return model_config_for(task, **MODEL), task, cfg
+
+
+def test_answer_loss_counts_answer_tokens_only():
+    targets = torch.tensor([[3, 1, 2, 0], [1, 1, 3, 2]])
+    mask = torch.tensor([[False, True, True, False], [False, False, True, True]])
+    batch = Batch(torch.zeros_like(targets), targets, mask)
+    logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
+    # right on every answer token, wrong on every other position
+    logits[mask] = F.one_hot(targets[mask], 5).float() * 10
+    logits[~mask] = F.one_hot((targets[~mask] + 1) % 5, 5).float() * 10
+    loss, counts = answer_loss(logits, batch)
+    assert counts == {"tokens": 4, "correct": 4, "sequences": 2, "exact": 2}
+    torch.testing.assert_close(loss, F.cross_entropy(logits[mask], targets[mask]))
+    logits[1, 3] = F.one_hot(torch.tensor(0), 5).float() * 10  # one wrong answer in sequence 1
+    _, counts = answer_loss(logits, batch)
+    assert counts == {"tokens": 4, "correct": 3, "sequences": 2, "exact": 1}
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, lr=1e-2, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [cfg.lr_at(s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-3, rel=0.01)
+    assert TrainConfig(steps=200).warmup == 10  # default: 5% of steps
+
+
+@pytest.mark.parametrize("bad,match", [(dict(steps=0), "steps"), (dict(lr=0), "lr"),
+                                       (dict(dtype="float8"), "dtype"), (dict(device="tpu"), "device"),
+                                       (dict(seed=-1), "seed")])
+def test_bad_training_settings_are_value_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad).validate()
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "f.json"
+    target.write_text("old")
+
+    def failing(tmp):
+        Path(tmp).write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = train(*tiny(), tmp_path / "full", progress=False)
+    assert full["steps"] == 6
+
+    # 1) a crash between checkpoints: resume from step 3, redo steps 4..6
+    def crash(step, record):
+        if step == 5:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train(*tiny(), tmp_path / "crash", progress=False, on_step=crash)
+    assert torch.load(tmp_path / "crash" / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = train(*tiny(), tmp_path / "crash", resume=True, progress=False)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "crash"))
+    assert resumed["accuracy"] == full["accuracy"] and resumed["loss"] == full["loss"]
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "train"]
+    assert steps == [2, 4, 6]  # the lines written after the checkpoint were dropped, not doubled
+
+    # 2) Ctrl-C: the loop finishes the step, checkpoints it and raises Interrupted
+    def ctrl_c(step, record):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as exc:
+        train(*tiny(), tmp_path / "sigint", progress=False, on_step=ctrl_c)
+    assert exc.value.step == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    train(*tiny(), tmp_path / "sigint", resume=True, progress=False)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "sigint"))
+
+
+def test_time_limit_stops_training_and_still_evaluates(tmp_path):
+    res = train(*tiny(steps=10_000, time_limit_s=1e-9), tmp_path, progress=False)
+    assert res["stopped_by"] == "time_limit" and res["steps"] == 0
+    assert 0 <= res["accuracy"] <= 1
+    ev = evaluate_run(tmp_path, seed=5, batches=2, batch_size=3)
+    assert ev["sequences"] == 6 and ev["seed"] == 5
+
+
+def test_resume_without_a_checkpoint_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(*tiny(), tmp_path, resume=True, progress=False)
+
+
+def test_model_config_for_sizes_the_model_to_the_task():
+    task = make_task("arithmetic", digits=2)
+    cfg = model_config_for(task, **MODEL)
+    assert isinstance(cfg, LMConfig) and cfg.vocab_size == 14 and cfg.max_seq_len >= task.seq_len
+
+
+@pytest.mark.parametrize("script", ["train_throughput.py", "mqar_sweep.py"])
+def test_benchmark_scripts_run_at_toy_size(script, tmp_path):
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["rows"] and all("error" not in r for r in data["rows"]), data["rows"]
+    assert f"wrote {out}" in proc.stdout
+
+
+def test_demo_runs_and_reports_held_out_accuracy(tmp_path, capsys):
+    from linattn import demo
+
+    assert demo.DEFAULTS["pairs"] >= 8 and demo.DEFAULTS["vocab"] >= 64  # a real recall problem
+    assert demo.DEFAULTS["time_limit_s"] <= 180
+    assert demo.main(["--steps", "2", "--d-model", "16", "--n-heads", "2", "--test-batches", "1",
+                      "--threads", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy on held-out seed 1" in out and "trained 2 steps" in out
+    assert (tmp_path / "metrics.json").is_file()
