@@ -4,6 +4,7 @@
     linattn train --config run.yaml --lr 3e-3 --out runs/x     # explicit flags beat the file
     linattn train --out runs/mqar --resume                      # continue an interrupted run
     linattn eval runs/mqar                                      # fresh test set, a table
+    torchrun --nproc-per-node 2 -m linattn.cli train ... --sequence-parallel   # LASP-2
     linattn bench ...                                           # linattn.bench.main(argv)
 
 Settings come from three layers, later ones winning: the defaults (LMConfig, the task's
@@ -12,6 +13,9 @@ long flags, or the sections "model", "task", "train" of a run's config.json), an
 flags given on the command line. A setting that cannot work (unknown mixer or task, a
 hybrid ratio that does not fit the layer count, d_model not divisible by the heads, a knob
 of another task) prints one error line to stderr and exits 2 (LINATTN_DEBUG=1: a traceback).
+
+--sequence-parallel trains one model replica with every sequence cut along time over the
+processes torchrun starts (see linattn.train); outside torchrun it is such an error.
 """
 from __future__ import annotations
 
@@ -105,6 +109,11 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--sequence-parallel", action="store_true",
+                    help="cut every sequence along time over the processes of a torchrun launch "
+                         "(LASP-2; gloo on CPU, NCCL with one GPU per process): "
+                         "torchrun --nproc-per-node N -m linattn.cli train ... --sequence-parallel; "
+                         "same weights as one process, rank 0 writes --out")
 
     ev = sub.add_parser("eval", help="evaluate a trained run on a fresh test set",
                         description="Reload a run directory and evaluate it on a fresh test set.")
@@ -221,6 +230,8 @@ def _cmd_train(args) -> int:
     settings.update(explicit)
     out = Path(args.out)
     resume = getattr(args, "resume", False)
+    parallel = getattr(args, "sequence_parallel", False)
+    lead = not parallel or os.environ.get("RANK", "0") == "0"  # the rank that prints
 
     if resume:
         if not (out / "checkpoint.pt").is_file() or not (out / "config.json").is_file():
@@ -240,11 +251,14 @@ def _cmd_train(args) -> int:
 
     try:
         metrics = train(model_cfg, task, train_cfg, out, resume=resume,
-                        progress=not getattr(args, "no_progress", False))
+                        progress=not getattr(args, "no_progress", False), sequence_parallel=parallel)
     except Interrupted as e:
-        print(f"interrupted at step {e.step}; continue with: linattn train --out {out} --resume",
-              file=sys.stderr)
+        if lead:
+            print(f"interrupted at step {e.step}; continue with: linattn train --out {out} --resume",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
+    if not lead:
+        return 0
     print(format_table([{"task": task.name, "model": metrics_model_name(model_cfg),
                    "params": f"{metrics['parameters']:,}", "steps": metrics["steps"],
                    "test loss": f"{metrics['loss']:.4f}", "accuracy": f"{metrics['accuracy']:.4f}",

@@ -17,6 +17,16 @@ Loss is cross-entropy on answer tokens only; "accuracy" is the fraction of answe
 predicted exactly (argmax), "exact_match" the fraction of sequences whose answer tokens are
 all right. On CUDA with dtype "bfloat16" the forward runs under bf16 autocast (float32
 master weights) and the model's backend "auto" takes the Triton kernels.
+
+Sequence parallelism (train(..., sequence_parallel=True), `linattn train --sequence-parallel`
+under torchrun): the processes torchrun starts form one process group (gloo on CPU, NCCL on
+CUDA, one GPU per process: cuda:LOCAL_RANK) that holds ONE model replica, each sequence cut
+along time into contiguous slices, one per rank (LASP-2, see linattn.parallel). Every rank
+draws the same batch (batches are a pure function of (seed, step)) and keeps its slice of
+the ids, targets and answer mask; its loss is the sum over its answer tokens divided by the
+batch's answer-token count, so the ranks' losses and gradients add up to the
+single-process ones: gradients are all-reduced (SUM), then every rank clips and steps the
+same optimizer on the same numbers. Rank 0 alone writes files and shows progress.
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .tasks import Batch, Task, task_from_dict
@@ -164,11 +175,50 @@ def answer_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]
     return loss, counts
 
 
+def parallel_answer_loss(logits: torch.Tensor, batch: Batch, sp) -> tuple[torch.Tensor, float, dict]:
+    """answer_loss under sequence parallelism: every rank holds the whole batch and the logits
+    of its slice of it.
+
+    logits: [B, T_r, V], the model's output on sp.split(batch.input_ids); batch tensors [B, T].
+    Returns (this rank's part of the loss: the sum of its answer tokens' cross-entropies (in
+    float32) over the batch's answer-token count -- the parts, and their gradients, add up
+    over ranks to answer_loss's --, the whole batch's mean loss as a float, answer_loss's
+    counts for the whole batch). One all-reduce of B + 2 numbers.
+    """
+    targets, mask = sp.split(batch.targets), sp.split(batch.answer_mask)  # [B, T_r]
+    tokens = int(batch.answer_mask.sum())  # the whole batch's, known to every rank
+    loss_sum = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+    with torch.no_grad():
+        right = logits.argmax(dim=-1) == targets  # [B, T_r]
+        sums = torch.cat([loss_sum.detach().double().view(1), (right & mask).sum().double().view(1),
+                          (~right & mask).sum(dim=1).double()])  # [2 + B]: loss, correct, wrong per seq
+        dist.all_reduce(sums, group=sp.group)
+    counts = {"tokens": tokens, "correct": int(sums[1]), "sequences": mask.shape[0],
+              "exact": int((sums[2:] == 0).sum())}
+    return loss_sum / tokens, float(sums[0] / tokens), counts
+
+
+def batch_loss(model, batch: Batch, device: torch.device, dtype: torch.dtype,
+               sp=None) -> tuple[torch.Tensor, float, dict]:
+    """The model's answer loss on batch: (loss to backpropagate, the batch's mean loss as a
+    float, answer_loss's counts). sp: a SequenceParallelContext the model runs under (the
+    model sees this rank's slice; see parallel_answer_loss), or None."""
+    with autocast(device, dtype):
+        logits = model(batch.input_ids if sp is None else sp.split(batch.input_ids))  # [B, T(_r), V]
+    if sp is not None:
+        return parallel_answer_loss(logits, batch, sp)
+    loss, counts = answer_loss(logits, batch)
+    return loss, float(loss.detach()), counts  # float() syncs, so step times are real
+
+
 @torch.no_grad()
 def evaluate(model, task: Task, *, seed: int, batches: int, batch_size: int,
-             device: torch.device, dtype: torch.dtype = torch.float32, split: str = "test") -> dict:
+             device: torch.device, dtype: torch.dtype = torch.float32, split: str = "test",
+             sp=None) -> dict:
     """Mean answer loss, token accuracy and exact match over `batches` batches of `split`.
 
+    sp: the SequenceParallelContext the model runs under (every rank of its group calls
+    evaluate together and gets the same numbers), or None.
     Returns {"loss", "accuracy", "exact_match", "answer_tokens", "sequences"}.
     """
     was_training = model.training
@@ -176,10 +226,8 @@ def evaluate(model, task: Task, *, seed: int, batches: int, batch_size: int,
     total_loss, tokens, correct, seqs, exact = 0.0, 0, 0, 0, 0
     for index in range(batches):
         batch = task.batch(split, seed, index, batch_size).to(device)
-        with autocast(device, dtype):
-            logits = model(batch.input_ids)
-        loss, c = answer_loss(logits, batch)
-        total_loss += float(loss) * c["tokens"]
+        _, loss, c = batch_loss(model, batch, device, dtype, sp)
+        total_loss += loss * c["tokens"]
         tokens, correct, seqs, exact = (tokens + c["tokens"], correct + c["correct"],
                                         seqs + c["sequences"], exact + c["exact"])
     model.train(was_training)
@@ -366,41 +414,119 @@ def _make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _train_step(model, optimizer, batch: Batch, lr: float, grad_clip: float,
-                device: torch.device, dtype: torch.dtype) -> tuple[float, dict]:
-    """One optimizer step on `batch` at learning rate `lr`; returns (loss, answer_loss counts)."""
+                device: torch.device, dtype: torch.dtype, sp=None) -> tuple[float, dict]:
+    """One optimizer step on `batch` at learning rate `lr`; returns (loss, answer_loss counts).
+    sp: the SequenceParallelContext the model runs under, or None."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast(device, dtype):
-        logits = model(batch.input_ids)  # [B, T, V]
-    loss, counts = answer_loss(logits, batch)
+    loss, loss_value, counts = batch_loss(model, batch, device, dtype, sp)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if sp is not None:
+        all_reduce_gradients(model, sp)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return float(loss.detach()), counts  # float() syncs, so step times are real
+    return loss_value, counts
+
+
+# -------------------------------------------------------------------- sequence parallelism
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def sequence_parallel_group(device: torch.device):
+    """Joins the process group torchrun describes in the environment (TORCHRUN_ENV), or uses
+    the default group when torch.distributed is already initialised; yields
+    (SequenceParallelContext over it, this rank's device: cuda:LOCAL_RANK for a device
+    "cuda" without an index). A group it created is destroyed on exit.
+
+    ValueError (before any communication) when torchrun's variables are missing."""
+    from .parallel import SequenceParallelContext
+
+    created = not (dist.is_available() and dist.is_initialized())
+    if created:
+        missing = [name for name in TORCHRUN_ENV if name not in os.environ]
+        why = f"{', '.join(missing)} not set" if missing else "torch.distributed is unavailable"
+        if missing or not dist.is_available():
+            raise ValueError("--sequence-parallel runs under torchrun (torchrun --nproc-per-node N "
+                             f"-m linattn.cli train ... --sequence-parallel): {why}")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        dist.barrier()  # every rank has passed its checks before rank 0 writes anything
+        yield SequenceParallelContext(), device
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def all_reduce_gradients(model, sp) -> None:
+    """Sums every parameter's gradient over sp's group, one all-reduce per gradient dtype
+    (under sequence parallelism each rank's gradient is its own tokens' part). A parameter
+    without a gradient gets zeros, so every rank sends the same layout."""
+    by_dtype = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numels]
+        dist.all_reduce(flat, group=sp.group)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def _any_rank(flag: bool, sp, device: torch.device) -> bool:
+    """flag on this process, or under sequence parallelism whether any rank raised it (so
+    all ranks stop at the same step: one tiny all-reduce)."""
+    if sp is None:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, group=sp.group)
+    return bool(t.item() > 0)
 
 
 def train(model_cfg, task: Task, cfg: TrainConfig, out_dir=None, *, resume: bool = False,
-          progress: bool = True, on_step=None) -> dict:
+          progress: bool = True, on_step=None, sequence_parallel: bool = False) -> dict:
     """Train a CausalLM(model_cfg) on `task`, evaluate it on the test split, return metrics.
 
     out_dir: where the files listed in the module docstring go (None: write nothing).
     resume: continue from out_dir/checkpoint.pt (ValueError when there is none).
     on_step(step, record): called after each completed step (tests use it to interrupt).
+    sequence_parallel: train one model replica sequence-parallel over the processes torchrun
+        started (see the module docstring; ValueError outside torchrun). Every rank calls
+        train with the same arguments and returns the same metrics; rank 0 alone writes out_dir.
     Returns the dict written to metrics.json (also has "model" for in-process callers).
     """
     cfg.validate()
     device = resolve_device(cfg.device)
+    if not sequence_parallel:
+        return _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, None)
+    with sequence_parallel_group(device) as (sp, device):
+        return _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
+
+
+def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp) -> dict:
+    """train()'s loop on `device`, sequence-parallel over sp (a SequenceParallelContext) or not."""
     dtype = resolve_dtype(cfg.dtype, device)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    lead = sp is None or sp.rank == 0  # the process that writes files and shows progress
+    writer = out if lead else None
+    if writer is not None:
+        writer.mkdir(parents=True, exist_ok=True)
         if not resume:  # a fresh run must never resume, or report, a previous run's files
             for name in (CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, PLOT_FILE):
-                (out / name).unlink(missing_ok=True)
+                (writer / name).unlink(missing_ok=True)
 
     model = build_model(model_cfg, device, cfg.seed)
+    model.set_sequence_parallel(sp)
     model.train()
     optimizer = _make_optimizer(model, cfg)
     start_step, elapsed_before = 0, 0.0
@@ -409,39 +535,40 @@ def train(model_cfg, task: Task, cfg: TrainConfig, out_dir=None, *, resume: bool
             raise ValueError(f"nothing to resume: no {CHECKPOINT_FILE} in {out_dir}")
         start_step, elapsed_before = _load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, device)
     records = _read_curve(out / CURVE_FILE, start_step) if (out is not None and resume) else []
-    if out is not None:
-        write_json(out / CONFIG_FILE, run_config_dict(model_cfg, task, cfg))
+    if writer is not None:
+        write_json(writer / CONFIG_FILE, run_config_dict(model_cfg, task, cfg))
         curve_text = "".join(json.dumps(r) + "\n" for r in records)
-        atomic_write(out / CURVE_FILE, lambda tmp: Path(tmp).write_text(curve_text))
+        atomic_write(writer / CURVE_FILE, lambda tmp: Path(tmp).write_text(curve_text))
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg.batch_size * task.seq_len
-    bar = _progress_bar(cfg.steps, start_step, progress, desc=f"{task.name} {model_cfg.mixer}")
+    bar = _progress_bar(cfg.steps, start_step, progress and lead, desc=f"{task.name} {model_cfg.mixer}")
     window = {"loss": 0.0, "tokens": 0, "correct": 0, "steps": 0}
     timed_tokens, timed_s = 0, 0.0  # throughput excludes the first step of a process (compile)
     t_start = time.perf_counter()
     step, stopped = start_step, "steps"
 
     def checkpoint():
-        if out is not None:
-            _save_checkpoint(out / CHECKPOINT_FILE, step, model, optimizer,
+        if writer is not None:
+            _save_checkpoint(writer / CHECKPOINT_FILE, step, model, optimizer,
                              elapsed_before + time.perf_counter() - t_start)
 
     def log(record):
         records.append(record)
-        if out is not None:
-            with open(out / CURVE_FILE, "a") as f:
+        if writer is not None:
+            with open(writer / CURVE_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     with _sigint_flag() as sigint:
         while step < cfg.steps:
-            if cfg.time_limit_s and elapsed_before + time.perf_counter() - t_start >= cfg.time_limit_s:
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            if _any_rank(bool(cfg.time_limit_s) and elapsed >= cfg.time_limit_s, sp, device):
                 stopped = "time_limit"
                 break
             t0 = time.perf_counter()
             lr = cfg.lr_at(step)
             batch = task.batch("train", cfg.seed, step, cfg.batch_size).to(device)
-            loss_value, counts = _train_step(model, optimizer, batch, lr, cfg.grad_clip, device, dtype)
+            loss_value, counts = _train_step(model, optimizer, batch, lr, cfg.grad_clip, device, dtype, sp)
             dt = time.perf_counter() - t0
             step += 1
             if step > start_step + 1:
@@ -462,7 +589,7 @@ def train(model_cfg, task: Task, cfg: TrainConfig, out_dir=None, *, resume: bool
                 window = {"loss": 0.0, "tokens": 0, "correct": 0, "steps": 0}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 ev = evaluate(model, task, seed=cfg.seed, batches=cfg.eval_batches,
-                              batch_size=cfg.batch_size, device=device, dtype=dtype)
+                              batch_size=cfg.batch_size, device=device, dtype=dtype, sp=sp)
                 log({"step": step, "split": "test", "loss": ev["loss"], "accuracy": ev["accuracy"],
                      "exact_match": ev["exact_match"]})
             if step % cfg.ckpt_every == 0:
@@ -473,7 +600,7 @@ def train(model_cfg, task: Task, cfg: TrainConfig, out_dir=None, *, resume: bool
                                 tok_s=f"{tok_s:,.0f}")
             if on_step is not None:
                 on_step(step, record)
-            if sigint["set"]:
+            if _any_rank(sigint["set"], sp, device):
                 checkpoint()
                 if bar is not None:
                     bar.close()
@@ -483,7 +610,8 @@ def train(model_cfg, task: Task, cfg: TrainConfig, out_dir=None, *, resume: bool
     checkpoint()
 
     ev = evaluate(model, task, seed=cfg.seed, batches=cfg.eval_batches,
-                  batch_size=cfg.batch_size, device=device, dtype=dtype)
+                  batch_size=cfg.batch_size, device=device, dtype=dtype, sp=sp)
+    model.set_sequence_parallel(None)  # the returned model runs on one process
     log({"step": step, "split": "test", "loss": ev["loss"], "accuracy": ev["accuracy"],
          "exact_match": ev["exact_match"]})
     train_recs = [r for r in records if r["split"] == "train"]
@@ -496,11 +624,12 @@ def train(model_cfg, task: Task, cfg: TrainConfig, out_dir=None, *, resume: bool
         "train_accuracy": train_recs[-1]["accuracy"] if train_recs else None,
         "wall_s": wall, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "task": task.name, "mixer": model_cfg.mixer,
+        "sequence_parallel": 1 if sp is None else sp.world_size,
     }
-    if out is not None:
-        write_json(out / METRICS_FILE, metrics)
-        save_weights(model, out / WEIGHTS_FILE)
-        plot_curves(records, out / PLOT_FILE, title=f"{task.name} / {_describe(model_cfg)}")
+    if writer is not None:
+        write_json(writer / METRICS_FILE, metrics)
+        save_weights(model, writer / WEIGHTS_FILE)
+        plot_curves(records, writer / PLOT_FILE, title=f"{task.name} / {_describe(model_cfg)}")
     return {**metrics, "model": model}
 
 

@@ -4,7 +4,9 @@ MIXERS maps a mixer's name to its class. Every class is built as
 ``cls(d_model, n_heads, *, backend="auto", layer_idx=0, n_layers=1, **options)`` and called as
 ``y, new_state = mixer(x, state=None, cu_seqlens=None, return_state=False)`` with x and y
 [B, T, d_model] (see linattn.layers.base for the convention, and each class for its options
-and its state's layout).
+and its state's layout). ``mixer.set_sequence_parallel(sp)`` runs a mixer sequence-parallel
+(LASP-2, linattn.parallel) on this rank's slice of the sequence (see linattn.layers.base);
+mLSTMexp cannot (ValueError).
 """
 from .attention import Attention
 from .base import Mixer

@@ -50,6 +50,12 @@ class Attention(Mixer):
     cu_seqlens (ValueError). The state is the dict {"k": [B, L, H, D] rotated keys, "v":
     [B, L, H, D], "offset": int, the absolute position of the next token}; with a window only
     the last window-1 tokens are kept.
+
+    Sequence parallelism (set_sequence_parallel): x is this rank's slice; q and k are rotated
+    at their global positions (the slice's offset comes from one all-gather of the slice
+    lengths, so slices of any lengths work), full causal attention runs LASP-2H
+    (sp.causal_attention: K and V all-gathered), a sliding window reads only the window-1
+    keys and values before the slice (sp.prev_tokens).
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
@@ -66,13 +72,16 @@ class Attention(Mixer):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
-        self.check_input(x, cu_seqlens)
+        self.check_input(x, cu_seqlens, state, return_state)
         if cu_seqlens is not None and (state is not None or return_state):
             raise ValueError("attention keeps no per-sequence KV cache with cu_seqlens: "
                              "pass state=None and return_state=False")
         B, T, _ = x.shape
         D, dev = self.head_dim, x.device
         q, k, v = (self.heads(p(x), D) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, T, H, D]
+        if self.sequence_parallel is not None:
+            o = self._parallel_attention(q, k, v)  # [B, T, H, D]
+            return self.o_proj(o.flatten(-2)), None
         offset = 0 if state is None else int(state["offset"])
         t = torch.arange(T, device=dev)
         q_seq = k_seq = None
@@ -101,3 +110,23 @@ class Attention(Mixer):
             return y, None
         keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
         return y, {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:], "offset": offset + T}
+
+    def _parallel_attention(self, q, k, v):
+        """This rank's slice q, k, v [B, T_r, H, D] -> o [B, T_r, H, D] (see the class docstring)."""
+        from ..parallel.comm import all_gather_lengths
+
+        sp, T, dev = self.sequence_parallel, q.shape[1], q.device
+        offset = sum(all_gather_lengths(T, dev, sp.group)[: sp.rank])  # global position of token 0
+        pos = offset + torch.arange(T, device=dev)
+        q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+        if self.window is None:
+            return sp.causal_attention(q, k, v)
+        n = self.window - 1  # every rank asks for the same n (prev_tokens pads with zeros)
+        keep = min(n, offset)  # the steps before the slice that exist
+        kv = torch.cat([k, v], dim=-1)                                   # [B, T, H, 2D]
+        kv = torch.cat([sp.prev_tokens(kv, n)[:, n - keep:], kv], dim=1)  # [B, keep + T, H, 2D]
+        k, v = kv.split(self.head_dim, dim=-1)
+        k_pos = offset - keep + torch.arange(keep + T, device=dev)
+        qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attention_mask(pos, k_pos, self.window))
+        return o.transpose(1, 2)

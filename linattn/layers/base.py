@@ -15,6 +15,15 @@ Forward convention (all mixers, attention included)::
     y           [B, T, d_model] in x's dtype.
 
 Token-by-token decoding is the same call with T = 1 (or any T) and the previous state.
+
+Sequence parallelism (LASP-2, linattn.parallel): after ``mixer.set_sequence_parallel(sp)``
+with a SequenceParallelContext, x is this rank's contiguous slice [B, T_r, d_model] of a
+sequence cut along time over sp's process group, and y is the same slice of the output.
+Linear mixers then run sp's op (one all-gather of fixed-size states forward and backward),
+short convs read the last tokens of the ranks before (sp.prev_tokens), softmax attention
+all-gathers K and V (sp.causal_attention). A call under sequence parallelism takes no state,
+no cu_seqlens and return_state=False (ValueError otherwise): it is for training and
+long-context prefill. ``set_sequence_parallel(None)`` returns to the single-process path.
 """
 from __future__ import annotations
 
@@ -51,9 +60,36 @@ class Mixer(nn.Module):
         self.d_model, self.n_heads, self.backend = d_model, n_heads, backend
         self.head_dim = d_model // n_heads
         self.layer_idx, self.n_layers = layer_idx, n_layers
+        self.sequence_parallel = None  # a linattn.parallel.SequenceParallelContext, or None
 
-    def check_input(self, x: torch.Tensor, cu_seqlens) -> None:
-        """x must be [B, T, d_model] floating; cu_seqlens (validated by the ops) needs B == 1."""
+    def check_sequence_parallel(self, sp) -> None:
+        """Raises TypeError unless sp is a SequenceParallelContext or None; mixers that cannot
+        run sequence-parallel override it to raise ValueError."""
+        from ..parallel import SequenceParallelContext
+
+        if sp is not None and not isinstance(sp, SequenceParallelContext):
+            raise TypeError("set_sequence_parallel takes a linattn.parallel.SequenceParallelContext "
+                            f"or None, got {type(sp).__name__}")
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Run this mixer sequence-parallel over sp's group (None: the single-process path);
+        see the module docstring."""
+        self.check_sequence_parallel(sp)
+        self.sequence_parallel = sp
+
+    def parallel_op(self, name: str):
+        """The SequenceParallelContext's op `name` ("linear_attention" or "delta_rule") with
+        the signature of linattn's op of that name; cu_seqlens must be None (check_input)."""
+        op = getattr(self.sequence_parallel, name)
+
+        def run(*args, cu_seqlens=None, **kw):
+            return op(*args, **kw)
+
+        return run
+
+    def check_input(self, x: torch.Tensor, cu_seqlens, state=None, return_state: bool = False) -> None:
+        """x must be [B, T, d_model] floating; cu_seqlens (validated by the ops) needs B == 1;
+        under sequence parallelism there is no state, cu_seqlens or return_state."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor [B, T, d_model], got {type(x).__name__}"
                             + (f" of {x.dtype}" if isinstance(x, torch.Tensor) else ""))
@@ -61,6 +97,10 @@ class Mixer(nn.Module):
             raise ValueError(f"x must be [B, T, d_model={self.d_model}], got {tuple(x.shape)}")
         if cu_seqlens is not None and x.shape[0] != 1:
             raise ValueError(f"cu_seqlens packs sequences along T and needs B == 1, got B={x.shape[0]}")
+        parallel = self.sequence_parallel is not None
+        if parallel and (state is not None or cu_seqlens is not None or return_state):
+            raise ValueError("under sequence parallelism a mixer takes state=None, cu_seqlens=None "
+                             "and return_state=False (call set_sequence_parallel(None) to decode)")
 
     def heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """[B, T, H * dim] -> [B, T, H, dim]."""

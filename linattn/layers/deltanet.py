@@ -62,10 +62,13 @@ class DeltaNet(Mixer):
             self.b_proj.bias.zero_()
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
-        self.check_input(x, cu_seqlens)
+        self.check_input(x, cu_seqlens, state, return_state)
         HK = self.n_heads * self.key_dim
         S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
-        qkv, conv_state = self.conv(self.qkv_proj(x), conv0, cu_seqlens, return_cache=return_state)
+        qkv = self.qkv_proj(x)                                           # [B, T, 2HK + HV]
+        if self.sequence_parallel is not None:  # the conv reads the ranks before as its cache
+            conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
+        qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
         q, k, v = qkv.split([HK, HK, self.n_heads * self.value_dim], dim=-1)
         q = F.normalize(self.heads(q, self.key_dim), dim=-1, eps=1e-6)  # [B, T, H, K]
         k = F.normalize(self.heads(k, self.key_dim), dim=-1, eps=1e-6)  # [B, T, H, K]
@@ -75,8 +78,9 @@ class DeltaNet(Mixer):
         g = None
         if self.gated:
             g = -self.A_log.to(gdt).exp() * F.softplus(self.a_proj(x).to(gdt) + self.dt_bias.to(gdt))
-        o, S = delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
-                          cu_seqlens=cu_seqlens, backend=self.backend)
+        run = delta_rule if self.sequence_parallel is None else self.parallel_op("delta_rule")
+        o, S = run(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
+                   cu_seqlens=cu_seqlens, backend=self.backend)
         y = self.o_proj(self.out_norm(o, self.z_proj(x)))
         return y, ({"S": S, "conv": conv_state} if return_state else None)
 

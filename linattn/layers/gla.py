@@ -46,13 +46,14 @@ class GatedLinearAttention(Mixer):
         self.o_proj = nn.Linear(HV, d_model, bias=False)
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
-        self.check_input(x, cu_seqlens)
+        self.check_input(x, cu_seqlens, state, return_state)
         q = self.heads(self.q_proj(x), self.key_dim)    # [B, T, H, K]
         k = self.heads(self.k_proj(x), self.key_dim)    # [B, T, H, K]
         v = self.heads(self.v_proj(x), self.value_dim)  # [B, T, H, V]
         gk = self.heads(self.gk_proj(x), self.key_dim).to(gate_dtype(x))
         g = F.logsigmoid(gk) / self.gate_normalizer     # [B, T, H, K]
-        o, new_state = linear_attention(q, k, v, g, initial_state=state,
-                                        output_final_state=return_state,
-                                        cu_seqlens=cu_seqlens, backend=self.backend)
+        run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
+        o, new_state = run(q, k, v, g, initial_state=state,
+                           output_final_state=return_state,
+                           cu_seqlens=cu_seqlens, backend=self.backend)
         return self.o_proj(self.out_norm(o, self.r_proj(x))), new_state

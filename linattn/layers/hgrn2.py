@@ -44,7 +44,7 @@ class HGRN2(Mixer):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
-        self.check_input(x, cu_seqlens)
+        self.check_input(x, cu_seqlens, state, return_state)
         q = F.silu(self.heads(self.q_proj(x), self.key_dim))                 # [B, T, H, K]
         f = self.heads(self.f_proj(x), self.key_dim).to(gate_dtype(x))       # [B, T, H, K]
         lb = self.lower_bound
@@ -54,7 +54,8 @@ class HGRN2(Mixer):
             g = torch.logaddexp(torch.full_like(f, math.log(lb)), math.log1p(-lb) + F.logsigmoid(f))
             k = (1.0 - lb) * torch.sigmoid(-f)
         v = self.heads(self.i_proj(x), self.head_dim)                       # [B, T, H, D]
-        o, new_state = linear_attention(q, k.to(q.dtype), v, g, scale=1.0, initial_state=state,
-                                        output_final_state=return_state,
-                                        cu_seqlens=cu_seqlens, backend=self.backend)
+        run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
+        o, new_state = run(q, k.to(q.dtype), v, g, scale=1.0, initial_state=state,
+                           output_final_state=return_state,
+                           cu_seqlens=cu_seqlens, backend=self.backend)
         return self.o_proj(self.out_norm(o)), new_state

@@ -57,13 +57,14 @@ class LightningAttention(Mixer):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
-        self.check_input(x, cu_seqlens)
+        self.check_input(x, cu_seqlens, state, return_state)
         D = self.head_dim
         q = F.silu(self.heads(self.q_proj(x), D))  # [B, T, H, D]
         k = F.silu(self.heads(self.k_proj(x), D))
         v = self.heads(self.v_proj(x), D)
         g = self.log_decay.to(gate_dtype(x))        # [H]
-        o, new_state = linear_attention(q, k, v, g, initial_state=state,
-                                        output_final_state=return_state,
-                                        cu_seqlens=cu_seqlens, backend=self.backend)
+        run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
+        o, new_state = run(q, k, v, g, initial_state=state,
+                           output_final_state=return_state,
+                           cu_seqlens=cu_seqlens, backend=self.backend)
         return self.o_proj(self.out_norm(o, self.u_proj(x))), new_state

@@ -46,18 +46,19 @@ class LinearAttention(Mixer):
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
-        self.check_input(x, cu_seqlens)
+        self.check_input(x, cu_seqlens, state, return_state)
         D = self.head_dim
         q = self.q_map(self.heads(self.q_proj(x), D))  # [B, T, H, F]
         k = self.k_map(self.heads(self.k_proj(x), D))  # [B, T, H, F]
         v = self.heads(self.v_proj(x), D)               # [B, T, H, D]
-        run = dict(initial_state=state, output_final_state=return_state, cu_seqlens=cu_seqlens,
-                   backend=self.backend)
+        kw = dict(initial_state=state, output_final_state=return_state, cu_seqlens=cu_seqlens,
+                  backend=self.backend)
+        run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         if self.out_norm is not None:
-            o, new_state = linear_attention(q, k, v, **run)
+            o, new_state = run(q, k, v, **kw)
             o = self.out_norm(o)                                        # [B, T, H * D]
         else:
             v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)   # [B, T, H, D+1]
-            o, new_state = linear_attention(q, k, v1, scale=1.0, **run)  # scale cancels
+            o, new_state = run(q, k, v1, scale=1.0, **kw)  # scale cancels
             o = (o[..., :D] / (o[..., D:] + self.eps)).flatten(-2)     # [B, T, H * D]
         return self.o_proj(o), new_state

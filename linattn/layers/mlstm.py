@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import INPUT_GATES, mlstm
@@ -27,6 +28,11 @@ class MLSTM(Mixer):
     forward: as in linattn.layers.base. The state is the op's: the tuple (C [B, H, D, D],
     n [B, H, D], m [B, H]) for "exp", C [B, H, D, D] for "sigmoid" (float32; N rows with
     cu_seqlens).
+
+    Sequence parallelism (set_sequence_parallel): "sigmoid" only. mLSTMsig is linear attention
+    with g = logsigmoid(f) and keys scaled by sigmoid(i), which linattn.parallel runs (LASP-2);
+    mLSTMexp's running-max stabiliser m is not an affine map of the state, so LASP-2 cannot
+    fold it across ranks (ValueError).
     """
 
     default_input_gate = "exp"
@@ -51,15 +57,26 @@ class MLSTM(Mixer):
             self.i_proj.bias.zero_()
             self.f_proj.bias.copy_(torch.linspace(forget_bias[0], forget_bias[1], n_heads))
 
+    def check_sequence_parallel(self, sp) -> None:
+        super().check_sequence_parallel(sp)
+        if sp is not None and self.input_gate == "exp":
+            raise ValueError("mLSTMexp (input_gate='exp') cannot run sequence-parallel: its stabiliser "
+                             "is not supported by linattn.parallel; use mlstm_sig (input_gate='sigmoid')")
+
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
-        self.check_input(x, cu_seqlens)
+        self.check_input(x, cu_seqlens, state, return_state)
         D = self.head_dim
         q, k, v = (self.heads(p(x), D) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, T, H, D]
         i = self.i_proj(x).to(gate_dtype(x))  # [B, T, H]
         f = self.f_proj(x).to(gate_dtype(x))  # [B, T, H]
-        o, new_state = mlstm(q, k, v, i, f, input_gate=self.input_gate, initial_state=state,
-                             output_final_state=return_state, cu_seqlens=cu_seqlens,
-                             backend=self.backend)
+        if self.sequence_parallel is None:
+            o, new_state = mlstm(q, k, v, i, f, input_gate=self.input_gate, initial_state=state,
+                                 output_final_state=return_state, cu_seqlens=cu_seqlens,
+                                 backend=self.backend)
+        else:  # mLSTMsig as gated linear attention: C_t = sigmoid(f) C_{t-1} + (sigmoid(i) k_t) v_t^T
+            k_in = k * torch.sigmoid(i).unsqueeze(-1).to(k.dtype)  # [B, T, H, D]
+            o, new_state = self.sequence_parallel.linear_attention(q, k_in, v, F.logsigmoid(f),
+                                                                   backend=self.backend)
         return self.o_proj(self.out_norm(o, self.z_proj(x))), new_state
 
 

@@ -54,6 +54,12 @@ class CausalLM(nn.Module):
         new sequence), so prompts and generated tokens can be fed a chunk at a time.
     generate(input_ids, max_new_tokens, temperature=0.0) -> [B, T + max_new_tokens] int64.
     num_parameters(exclude_embeddings=False) -> int (a tied head counts once).
+    set_sequence_parallel(sp): run every layer sequence-parallel over a
+        linattn.parallel.SequenceParallelContext (None: off, the default). forward then takes
+        this rank's contiguous slice of the ids, sp.split(input_ids) [B, T_r], and returns the
+        logits of that slice [B, T_r, vocab_size]; every rank of sp's group must call it
+        together. Parameter gradients then hold this rank's tokens' part: all-reduce them (SUM)
+        over the group. forward_with_state, generate and cu_seqlens need it off.
     """
 
     def __init__(self, config: LMConfig):
@@ -68,6 +74,16 @@ class CausalLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=config.init_std)
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=config.init_std)
+        self.sequence_parallel = None
+
+    def set_sequence_parallel(self, sp) -> None:
+        """Sets sp (a SequenceParallelContext, or None) on every mixer; on any layer that
+        cannot run sequence-parallel (mLSTMexp) it raises ValueError and changes nothing."""
+        for block in self.blocks:
+            block.mixer.check_sequence_parallel(sp)
+        for block in self.blocks:
+            block.mixer.set_sequence_parallel(sp)
+        self.sequence_parallel = sp
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
@@ -93,6 +109,9 @@ class CausalLM(nn.Module):
 
     def forward_with_state(self, input_ids: torch.Tensor, state: list | None = None):
         self._check_ids(input_ids)
+        if self.sequence_parallel is not None:
+            raise ValueError("forward_with_state and generate run on one process: "
+                             "call set_sequence_parallel(None) first")
         if state is None:
             state = [None] * len(self.blocks)
         if len(state) != len(self.blocks):
