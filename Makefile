@@ -19,9 +19,10 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
 	  $(VPY) -m pytest -q -n 2 -m "not gpu" tests
 
-# On the GPU machine: python3 -m pytest -m gpu tests (uses the image's torch/triton).
+# On the GPU machine (the image's torch/triton): the full-shape GPU tests, 8 xdist workers,
+# per-test timeouts, log and JUnit XML under $$OUT (default benchmarks/results).
 test-gpu:
-	$(PY) -m pytest -q -m gpu tests
+	PYTHONPATH=$(CURDIR) bash benchmarks/gpu_check.sh
 
 demo: $(STAMP)
 	$(VPY) -m linattn.demo

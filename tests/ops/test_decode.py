@@ -230,8 +230,13 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- GPU tests
+# Each case compiles 3-4 small specialisations of the step kernel (K and V are constexprs; T
+# == 1, HAS_STATE and the strides' classes vary): about 0.1 s each on the H200, so the whole
+# product of variants, shapes and dtypes stays cheap. Collected before the chunk kernels'
+# tests (tests/ops/triton/), which compile for seconds per test.
 
 @pytest.mark.gpu
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(4, 16, 128, 128), (2, 4, 256, 64), (3, 2, 100, 72)],
                          ids=["H16-K128-V128", "K256-V64", "K100-V72"])

@@ -5,18 +5,18 @@ tiles are crossed): every gate kind, causal=False, mLSTM sigmoid and exp, initia
 states with the final state's gradient, varlen with an empty and a length-1 sequence,
 K != V, non-power-of-two head dims, T off the tile grid, backward, determinism.
 GPU (`pytest -m gpu`): each axis of DESIGN.md section 5 at the default tiling, float32 and
-bfloat16.
+bfloat16, one test per kernel specialisation (see gpu_cases).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+import gpu_cases
 import helpers
 import linattn
 from linattn.ops.triton import gated_api
 
-CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture
@@ -38,9 +38,10 @@ def _mlstm(backend, input_gate):
     return fn
 
 
-def check_la(kind, *, B, T, H, K, V, dtype, device, seed=0, lengths=None, state=True,
-             low=-1.0, high=0.0, qv_scale=1.0, noncontig=False):
-    """linear_attention with gate `kind` against the oracle, states and all gradients."""
+def la_inputs(kind, *, H, K, V, B=1, T=0, seed=0, lengths=None, state=True, low=-1.0, high=0.0,
+              qv_scale=1.0, noncontig=False):
+    """float64 inputs of linear_attention with gate `kind`, [B, T, ...] or the packed
+    `lengths` (then B = 1, T = their sum), and the names to differentiate."""
     gen = helpers.seeded(seed)
     cu = None
     if lengths is not None:
@@ -56,14 +57,21 @@ def check_la(kind, *, B, T, H, K, V, dtype, device, seed=0, lengths=None, state=
     if cu is not None:
         inputs["cu_seqlens"] = cu
     names = ["q", "k", "v"] + (["g"] if kind != "none" else []) + (["initial_state"] if state else [])
+    return inputs, names
+
+
+def check_la(kind, *, dtype, device, state=True, noncontig=False, **shape):
+    """linear_attention with gate `kind` against the oracle, states and all gradients."""
+    inputs, names = la_inputs(kind, state=state, noncontig=noncontig, **shape)
     helpers.check_against_oracle(_la("triton"), _la("reference"), inputs, dtype=dtype,
                                  grad_names=names, device=device, output_final_state=state,
                                  noncontig_grads=noncontig)
 
 
-def check_mlstm(input_gate, *, B, T, H, K, V, dtype, device, seed=0, lengths=None, state=True,
-                i_scale=2.0, f_shift=2.0, noncontig=False):
-    """mlstm against the oracle, with its state tuple and all gradients."""
+def mlstm_inputs(input_gate, *, H, K, V, B=1, T=0, seed=0, lengths=None, state=True, i_scale=2.0,
+                 f_shift=2.0, noncontig=False):
+    """float64 inputs of mlstm (i, f pre-activations), [B, T, ...] or the packed `lengths`
+    (then B = 1, T = their sum), and the names to differentiate."""
     gen = helpers.seeded(seed)
     cu = None
     if lengths is not None:
@@ -85,6 +93,12 @@ def check_mlstm(input_gate, *, B, T, H, K, V, dtype, device, seed=0, lengths=Non
     if cu is not None:
         inputs["cu_seqlens"] = cu
     names = ["q", "k", "v", "i", "f"] + (["initial_state"] if state else [])
+    return inputs, names
+
+
+def check_mlstm(input_gate, *, dtype, device, state=True, noncontig=False, **shape):
+    """mlstm against the oracle, with its state tuple and all gradients."""
+    inputs, names = mlstm_inputs(input_gate, state=state, noncontig=noncontig, **shape)
     helpers.check_against_oracle(_mlstm("triton", input_gate), _mlstm("reference", input_gate),
                                  inputs, dtype=dtype, grad_names=names, device=device,
                                  output_final_state=state, noncontig_grads=noncontig)
@@ -103,15 +117,25 @@ def check_bidir(*, lengths, H, K, V, dtype, device, seed=0, noncontig=False):
 
 
 def run_twice_bitwise(fn, inputs, names):
-    """Runs forward + backward twice on the same inputs; asserts bitwise equal results."""
+    """Runs forward + backward twice on the same inputs; asserts bitwise equal results.
+    fn returns (o, state) with state a tensor or a tuple of tensors (mLSTMexp)."""
+    def leaf(n, x):
+        if isinstance(x, tuple):
+            return tuple(leaf(n, t) for t in x)
+        if torch.is_tensor(x) and x.is_floating_point():
+            return x.detach().clone().requires_grad_(n in names)
+        return x
+
     results = []
     for _ in range(2):
-        leaves = {n: (x.detach().clone().requires_grad_(n in names) if torch.is_tensor(x) and x.is_floating_point() else x)
-                  for n, x in inputs.items()}
+        leaves = {n: leaf(n, x) for n, x in inputs.items()}
         o, st = fn(**leaves)
-        loss = (o.float() * torch.linspace(-1, 1, o.shape[-1], device=o.device)).sum() + st.float().square().sum()
-        grads = torch.autograd.grad(loss, [leaves[n] for n in names])
-        results.append([o.detach(), st.detach(), *grads])
+        st = st if isinstance(st, tuple) else (st,)
+        loss = (o.float() * torch.linspace(-1, 1, o.shape[-1], device=o.device)).sum()
+        loss = loss + sum(s.float().square().sum() for s in st)
+        wrt = [t for n in names for t in (leaves[n] if isinstance(leaves[n], tuple) else (leaves[n],))]
+        grads = torch.autograd.grad(loss, wrt)
+        results.append([o.detach(), *(s.detach() for s in st), *grads])
     for a, b in zip(*results):
         assert torch.equal(a, b), "two identical runs differ"
 
@@ -164,79 +188,154 @@ def test_deterministic_cpu(small_tiles):
 
 
 # ----------------------------------------------------------------------------- GPU
+# One shape per (variant, dtype), see gpu_cases. bfloat16: K = 64, V = 128, whose tiles and
+# int classes K = 128, 256 and V = 256 share, so the widest head dims run on it too.
+# float32: K = 128, V = 64, the same tiles as K = 256 (its exact "ieee" dots compile ~3x
+# slower at V tile 128 than at 64; float32 with V tile 128 runs once, in
+# test_gpu_odd_head_dims, which also covers head dims 16, 32 and 100). H = 2, and token
+# counts are multiples of 16 (B x T, or gpu_cases.packed): TT is a specialised argument.
+# Each variant's test runs on its one specialisation: every short T packed with an empty, a
+# length-1 and a multi-chunk sequence (non-contiguous inputs and grad-outputs), a long T
+# (1000 in bfloat16, where rounding accumulates over the length; 400 = 4 chunks in float32,
+# sparing the float64 oracle's CPU loop), q and v x5, log-decays near 0 and near -20, with
+# and without states, the widest head dims, determinism and batch independence.
 
-gpu = pytest.mark.gpu
-DTYPES = [torch.float32, torch.bfloat16]
+SHAPE = {torch.bfloat16: dict(K=64, V=128), torch.float32: dict(K=128, V=64)}
+WIDE = {torch.bfloat16: dict(K=256, V=256), torch.float32: dict(K=256, V=64)}  # SHAPE's tiles
+LONG_T = {torch.bfloat16: 1000, torch.float32: 400}       # B = 2: 8 or 4 chunks
+PACK = gpu_cases.packed(gpu_cases.SHORT_LENGTHS)
+NEAR_0, NEAR_20 = dict(low=-1e-3, high=0.0), dict(low=-20.0, high=-19.0)
+GPU_DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32],
+                                     ids=["bf16", "f32"])  # bfloat16 compiles faster: first
+gpu = gpu_cases.gpu(gpu_cases.GATED_TIMEOUT)
+
+
+def shape_of(dtype, **shape):
+    """H = 2 and SHAPE[dtype], with the given entries added or replaced."""
+    return {"H": 2, **SHAPE[dtype], **shape}
+
+
+def on_gpu(dtype, **shape):
+    """shape_of(dtype, **shape), dtype and the GPU: the keywords of check_la / check_mlstm."""
+    return {**shape_of(dtype, **shape), "dtype": dtype, "device": "cuda"}
+
+
+def _states(st):
+    return st if isinstance(st, tuple) else (st,)
+
+
+def _cast(x, name, dtype):
+    """To the GPU: q, k, v in dtype, other float tensors (gates, states) in float32."""
+    if isinstance(x, tuple):
+        return tuple(_cast(t, name, dtype) for t in x)
+    if torch.is_tensor(x) and x.is_floating_point():
+        return x.to("cuda", dtype if name in ("q", "k", "v") else torch.float32)
+    return x
+
+
+def _first_sequence_dropped(x):
+    """x without batch element 0 ([B, ...] tensors and tuples of them; None stays None)."""
+    if isinstance(x, tuple):
+        return tuple(t[1:] for t in x)
+    return x if x is None else x[1:]
+
+
+def check_deterministic(fast, inputs, names, dtype):
+    """Forward + backward twice: bitwise equal; the batch without its first sequence gives
+    the same outputs and final states for the others. fast(**inputs) -> (o, final state);
+    inputs: float64 [B, T, ...] with an initial state (the specialisation of the checks)."""
+    x = {n: _cast(t, n, dtype) for n, t in inputs.items()}
+    run_twice_bitwise(fast, x, names)
+    with torch.no_grad():
+        o_all, s_all = fast(**x)
+        o_rest, s_rest = fast(**{n: _first_sequence_dropped(t) for n, t in x.items()})
+    assert torch.equal(o_all[1:], o_rest), "a sequence's output depends on the rest of the batch"
+    for a, b in zip(_states(s_all), _states(s_rest)):
+        assert torch.equal(a[1:], b), "a sequence's final state depends on the rest of the batch"
+
+
+def deterministic_la(kind, dtype):
+    inputs, names = la_inputs(kind, **shape_of(dtype, B=3, T=272, seed=7))   # TT = 816
+
+    def fast(**a):
+        return linattn.linear_attention(**a, output_final_state=True, backend="triton")
+    check_deterministic(fast, inputs, names, dtype)
 
 
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-@pytest.mark.parametrize("kind", ["none", "const", "scalar", "key"])
-def test_gates_gpu(kind, dtype):
-    check_la(kind, B=2, T=1000, H=2, K=64, V=64, dtype=dtype, device="cuda", noncontig=True)
+@GPU_DTYPES
+def test_gpu_no_gate(dtype):
+    check_la("none", **on_gpu(dtype), lengths=PACK, noncontig=True, seed=1)
+    check_la("none", **on_gpu(dtype), B=2, T=LONG_T[dtype], seed=2)
+    check_la("none", **on_gpu(dtype), B=2, T=200, qv_scale=5.0, state=False, seed=3)
+    check_la("none", **on_gpu(dtype, B=1, T=144, **WIDE[dtype]), seed=4)
+    deterministic_la("none", dtype)
 
 
 @gpu
-@pytest.mark.parametrize("T", [1, 2, 15, 63, 64, 65, 127])
-def test_lengths_gpu(T):
-    check_la("scalar", B=2, T=T, H=2, K=32, V=64, dtype=torch.float32, device="cuda")
-    check_la("key", B=2, T=T, H=2, K=32, V=64, dtype=torch.bfloat16, device="cuda")
+@GPU_DTYPES
+def test_gpu_scalar_and_const_gates(dtype):
+    """Scalar [B, T, H] and constant [H] decays: the same kernels (GATE 1)."""
+    check_la("scalar", **on_gpu(dtype), lengths=PACK, noncontig=True, seed=1)
+    check_la("const", **on_gpu(dtype), B=2, T=LONG_T[dtype], seed=2)
+    check_la("scalar", **on_gpu(dtype), B=2, T=200, qv_scale=5.0, state=False, seed=3)
+    check_la("scalar", **on_gpu(dtype), B=2, T=264, **NEAR_0, seed=4)
+    check_la("scalar", **on_gpu(dtype), B=2, T=264, **NEAR_20, seed=5)
+    check_la("const", **on_gpu(dtype), lengths=PACK, **NEAR_20, seed=6)
+    check_la("scalar", **on_gpu(dtype, B=1, T=144, **WIDE[dtype]), seed=7)
+    deterministic_la("scalar", dtype)
 
 
 @gpu
-@pytest.mark.parametrize("K,V", [(16, 16), (32, 100), (100, 32), (128, 128), (256, 256), (256, 64)])
-def test_head_dims_gpu(K, V):
-    check_la("scalar", B=1, T=200, H=2, K=K, V=V, dtype=torch.bfloat16, device="cuda")
-    check_la("key", B=1, T=130, H=1, K=K, V=V, dtype=torch.float32, device="cuda")
+@GPU_DTYPES
+def test_gpu_key_gate(dtype):
+    """Per-key decays [B, T, H, K] (GATE 2)."""
+    check_la("key", **on_gpu(dtype), lengths=PACK, noncontig=True, seed=1)
+    check_la("key", **on_gpu(dtype), B=2, T=LONG_T[dtype], seed=2)
+    check_la("key", **on_gpu(dtype), B=2, T=200, qv_scale=5.0, state=False, seed=3)
+    check_la("key", **on_gpu(dtype), B=2, T=264, **NEAR_0, seed=4)
+    check_la("key", **on_gpu(dtype), B=2, T=264, **NEAR_20, seed=5)
+    check_la("key", **on_gpu(dtype, B=1, T=144, **WIDE[dtype]), seed=6)
+    deterministic_la("key", dtype)
 
 
 @gpu
-@pytest.mark.parametrize("low,high", [(-1e-3, 0.0), (-20.0, -19.0)], ids=["near0", "near-20"])
-@pytest.mark.parametrize("kind", ["scalar", "key"])
-def test_gate_ranges_gpu(kind, low, high):
-    check_la(kind, B=2, T=300, H=2, K=64, V=64, dtype=torch.float32, device="cuda", low=low, high=high)
+@GPU_DTYPES
+def test_gpu_bidirectional(dtype):
+    """causal=False: no gate, no states (GATE 0, NONCAUSAL)."""
+    check_bidir(lengths=PACK, **on_gpu(dtype), noncontig=True, seed=1)
+    check_bidir(lengths=[1000, 8], **on_gpu(dtype), seed=2)
+    check_bidir(lengths=[130, 14], **on_gpu(dtype, **WIDE[dtype]), seed=3)
 
 
 @gpu
-@pytest.mark.parametrize("kind", ["none", "scalar", "key"])
-def test_scaled_qv_gpu(kind):
-    check_la(kind, B=2, T=250, H=2, K=64, V=64, dtype=torch.bfloat16, device="cuda", qv_scale=5.0)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-@pytest.mark.parametrize("kind", ["none", "const", "scalar", "key"])
-def test_varlen_gpu(kind, dtype):
-    check_la(kind, B=1, T=0, H=2, K=64, V=64, dtype=dtype, device="cuda",
-             lengths=[0, 300, 1, 64, 129])
-
-
-@gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@GPU_DTYPES
 @pytest.mark.parametrize("input_gate", ["sigmoid", "exp"])
-def test_mlstm_gpu(input_gate, dtype):
-    check_mlstm(input_gate, B=2, T=500, H=2, K=64, V=64, dtype=dtype, device="cuda", noncontig=True)
-    check_mlstm(input_gate, B=1, T=0, H=2, K=64, V=64, dtype=dtype, device="cuda",
-                lengths=[0, 300, 1, 129])
+def test_gpu_mlstm(input_gate, dtype):
+    """mLSTM: forget gates near 1 (log-decay near 0) and near exp(-20); large input gates
+    (mLSTMexp's stabiliser m far from 0)."""
+    check_mlstm(input_gate, **on_gpu(dtype), lengths=PACK, noncontig=True, seed=1)
+    check_mlstm(input_gate, **on_gpu(dtype), B=2, T=LONG_T[dtype], seed=2)
+    check_mlstm(input_gate, **on_gpu(dtype), B=2, T=264, f_shift=8.0, i_scale=8.0, seed=3)
+    check_mlstm(input_gate, **on_gpu(dtype), B=2, T=264, f_shift=-20.0, seed=4)
+    check_mlstm(input_gate, **on_gpu(dtype, B=1, T=144, **WIDE[dtype]), seed=5)
+    inputs, names = mlstm_inputs(input_gate, **shape_of(dtype, B=3, T=272, seed=6))
+
+    def fast(**a):
+        return linattn.mlstm(**a, input_gate=input_gate, output_final_state=True, backend="triton")
+    check_deterministic(fast, inputs, names, dtype)
 
 
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_bidirectional_gpu(dtype):
-    check_bidir(lengths=[0, 300, 1, 129], H=2, K=64, V=100, dtype=dtype, device="cuda", noncontig=True)
-
-
-@gpu
-@pytest.mark.parametrize("kind", ["scalar", "key"])
-def test_deterministic_and_batch_independent_gpu(kind):
-    gen = helpers.seeded(7)
-    B, T, H, K, V = 3, 700, 2, 64, 64
-    q, k = (helpers.randn(B, T, H, K, gen=gen).to("cuda", torch.bfloat16) for _ in range(2))
-    v = helpers.randn(B, T, H, V, gen=gen).to("cuda", torch.bfloat16)
-    g = helpers.rand_gate(kind, B, T, H, K, gen).float().cuda()
-    inputs = dict(q=q, k=k, v=v, g=g, output_final_state=True)
-    run_twice_bitwise(_la("triton"), inputs, ["q", "k", "v", "g"])
-    o_all, s_all = linattn.linear_attention(q, k, v, g, output_final_state=True, backend="triton")
-    o_one, s_one = linattn.linear_attention(q[1:2], k[1:2], v[1:2], g[1:2], output_final_state=True,
-                                            backend="triton")
-    assert torch.equal(o_all[1:2], o_one) and torch.equal(s_all[1:2], s_one)
+@pytest.mark.parametrize("op,K,V,dtype", [
+    ("key", 16, 32, torch.bfloat16),
+    ("scalar", 32, 100, torch.float32),     # float32 at V tile 128 (non-power-of-two V)
+    ("mlstm_exp", 100, 16, torch.float32),  # non-power-of-two K: C's and n's masked rows
+], ids=["key-K16-V32-bf16", "scalar-K32-V100-f32", "mlstm_exp-K100-V16-f32"])
+def test_gpu_odd_head_dims(op, K, V, dtype):
+    """Head dims 16, 32 and 100 (tiles of their own), K != V, every short T packed."""
+    shape = dict(H=2, K=K, V=V, dtype=dtype, device="cuda", lengths=PACK, noncontig=True)
+    if op == "mlstm_exp":
+        check_mlstm("exp", **shape)
+    else:
+        check_la(op, **shape)
