@@ -166,13 +166,16 @@ def _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt, h0, n0, m0, 
     st = start.bool()
     seg = st.clone()
     seg[first] = True                                                      # sequences restart
-    idx = torch.arange(TT, device=st.device).unsqueeze(1).expand(TT, H)
-    cand = torch.where(seg, idx, torch.full_like(idx, TT))
-    cand = torch.cat([cand[1:], torch.full((1, H), TT, dtype=cand.dtype, device=cand.device)])
-    nxt = torch.flip(torch.cummin(torch.flip(cand, [0]), 0).values, [0])  # next segment start
-    rc = torch.flip(torch.cumsum(torch.flip(gdir, [0]), 0), [0])          # reverse cumsum
-    rc = torch.cat([rc, torch.zeros(1, H, dtype=rc.dtype, device=rc.device)])
-    G = rc[:-1] - rc.gather(0, nxt)                                        # segment tail sums
+    # The scans run along the last, contiguous axis ([H, TT], tokens innermost): PyTorch scans
+    # a leading axis of [TT, H] with one thread per column, 65536 sequential steps each.
+    idx = torch.arange(TT, device=st.device).expand(H, TT)
+    cand = torch.where(seg.t(), idx, torch.full_like(idx, TT))            # [H, TT]
+    cand = torch.cat([cand[:, 1:], torch.full((H, 1), TT, dtype=cand.dtype, device=cand.device)], 1)
+    nxt = torch.flip(torch.cummin(torch.flip(cand, [1]), 1).values, [1])  # next segment start
+    g_ht = gdir.t().contiguous()                                           # [H, TT]
+    rc = torch.flip(torch.cumsum(torch.flip(g_ht, [1]), 1), [1])          # reverse cumsum
+    rc = torch.cat([rc, torch.zeros(H, 1, dtype=rc.dtype, device=rc.device)], 1)
+    G = (rc[:, :-1] - rc.gather(1, nxt)).t()                               # segment tail sums [TT, H]
     zero = torch.zeros((), dtype=G.dtype, device=G.device)
     dg = dg + torch.where(st, zero, G).float()
     dkw = dkw + torch.where(st, G, zero).float()
