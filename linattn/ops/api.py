@@ -11,6 +11,9 @@ Backends (all compute the same function, see DESIGN.md section 2):
     "torch"      chunkwise-parallel PyTorch (linattn.ops.torch_chunked)
     "reference"  the naive step-by-step loop (linattn.ops.reference): the oracle, slow
 
+Short calls (T <= STEP_KERNEL_MAX_T) with no gradient to compute run on the fused recurrent
+step kernel when the backend is Triton, as decoding does (linattn.ops.decode).
+
 Shape, dtype and device checks always run. Checks that need the values (log-decays <= 0,
 cu_seqlens order) run on CPU tensors, and on GPU tensors only when LINATTN_CHECK=1, so the
 hot path has no host sync.
@@ -25,6 +28,9 @@ import torch
 from . import reference, torch_chunked
 
 MAX_HEAD_DIM = 256
+# Calls of at most this many tokens with no gradient to compute take the fused recurrent step
+# kernel (linattn.ops.decode) on the Triton backend: one launch that reads the state once.
+STEP_KERNEL_MAX_T = 16
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
 INPUT_GATES = ("exp", "sigmoid")
@@ -167,6 +173,18 @@ def _backend_module(backend: str, q: torch.Tensor):
     return triton_ops
 
 
+def _takes_step_kernel(impl, q, cu_seqlens, *tensors) -> bool:
+    """Short, gradient-free calls on the Triton backend: the decode step kernel serves them."""
+    if getattr(impl, "__name__", "") != "linattn.ops.triton" or cu_seqlens is not None:
+        return False
+    if q.shape[1] > STEP_KERNEL_MAX_T:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    flat = [t for x in tensors for t in (x if isinstance(x, (tuple, list)) else (x,))]
+    return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -215,6 +233,11 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
     if initial_state is not None:
         _check_state("initial_state", initial_state, q, (N, H, K, V), "[N, H, K, V]" if cu_seqlens is not None else "[B, H, K, V]")
     impl = _backend_module(backend, q)
+    if causal and _takes_step_kernel(impl, q, cu_seqlens, q, k, v, g, initial_state):
+        from .decode import linear_attention_decode
+        o, st = linear_attention_decode(q, k, v, g, state=initial_state, scale=scale,
+                                        backend="triton")
+        return o, (st if output_final_state else None)
     return impl.linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
                                  output_final_state=bool(output_final_state),
                                  cu_seqlens=cu_seqlens, causal=causal)
@@ -246,6 +269,11 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     if initial_state is not None:
         _check_state("initial_state", initial_state, q, (N, H, K, V), "[N, H, K, V]" if cu_seqlens is not None else "[B, H, K, V]")
     impl = _backend_module(backend, q)
+    if _takes_step_kernel(impl, q, cu_seqlens, q, k, v, beta, g, initial_state):
+        from .decode import delta_rule_decode
+        o, st = delta_rule_decode(q, k, v, beta, g, state=initial_state, scale=scale,
+                                  backend="triton")
+        return o, (st if output_final_state else None)
     return impl.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                            output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens)
 
@@ -293,6 +321,11 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
         else:
             _check_state("initial_state", initial_state, q, (N, H, K, V), lead + "H, K, V]")
     impl = _backend_module(backend, q)
+    if _takes_step_kernel(impl, q, cu_seqlens, q, k, v, i, f, initial_state):
+        from .decode import mlstm_decode
+        o, st = mlstm_decode(q, k, v, i, f, input_gate=input_gate, state=initial_state,
+                             scale=scale, backend="triton")
+        return o, (st if output_final_state else None)
     return impl.mlstm(q, k, v, i, f, input_gate=input_gate, scale=scale,
                       initial_state=initial_state, output_final_state=bool(output_final_state),
                       cu_seqlens=cu_seqlens)
