@@ -81,7 +81,7 @@ def _check_float(name, x, q, expected_shape: str):
         raise TypeError(f"{name} is float64 but q is {q.dtype}: use float32 or q's dtype")
 
 
-def _check_step_gate(name, x, q, exact_shape):
+def _check_step_gate(name, x, q):
     """A per-step gate tensor of shape [B, T, H] (beta, i, f, a scalar g)."""
     B, T, H = q.shape[:3]
     _check_float(name, x, q, "[B, T, H]")
@@ -263,7 +263,7 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = _check_scale(scale, K)
-    _check_step_gate("beta", beta, q, (B, T, H))
+    _check_step_gate("beta", beta, q)
     _check_log_decay(g, q, allowed=("none", "scalar"))
     N = _check_cu_seqlens(cu_seqlens, q)
     if initial_state is not None:
@@ -304,8 +304,8 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
     scale = _check_scale(scale, K)
     if input_gate not in INPUT_GATES:
         raise ValueError(f"input_gate must be one of {INPUT_GATES}, got {input_gate!r}")
-    _check_step_gate("i", i, q, (B, T, H))
-    _check_step_gate("f", f, q, (B, T, H))
+    _check_step_gate("i", i, q)
+    _check_step_gate("f", f, q)
     N = _check_cu_seqlens(cu_seqlens, q)
     lead = "[N, " if cu_seqlens is not None else "[B, "
     if initial_state is not None:

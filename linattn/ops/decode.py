@@ -172,7 +172,7 @@ def delta_rule_decode(q, k, v, beta, g=None, *, state=None, scale=None, inplace=
     _check_qkv(q, k, v)
     B, T, H, K = q.shape
     scale = _check_scale(scale, K)
-    _check_step_gate("beta", beta, q, (B, T, H))
+    _check_step_gate("beta", beta, q)
     kind = _check_log_decay(g, q, allowed=("none", "scalar"))
     _check_decode_state(state, q, v, inplace)
     _check_no_grad("linattn.delta_rule", q=q, k=k, v=v, beta=beta, g=g, state=state)
@@ -206,8 +206,8 @@ def mlstm_decode(q, k, v, i, f, *, input_gate="exp", state=None, scale=None, inp
     scale = _check_scale(scale, K)
     if input_gate not in INPUT_GATES:
         raise ValueError(f"input_gate must be one of {INPUT_GATES}, got {input_gate!r}")
-    _check_step_gate("i", i, q, (B, T, H))
-    _check_step_gate("f", f, q, (B, T, H))
+    _check_step_gate("i", i, q)
+    _check_step_gate("f", f, q)
     parts = _check_decode_state(state, q, v, inplace, mlstm_exp=input_gate == "exp")
     if parts and input_gate == "exp":
         state = parts  # a list becomes the tuple (C, n, m)

@@ -352,7 +352,7 @@ def delta_rule(q, k, v, beta, g=None, *, group=None, scale=None, initial_state=N
     _api._check_qkv(q, k, v)
     B, T, H, K = q.shape
     scale = _api._check_scale(scale, K)
-    _api._check_step_gate("beta", beta, q, (B, T, H))
+    _api._check_step_gate("beta", beta, q)
     _api._check_log_decay(g, q, allowed=("none", "scalar"))
     _check_common(group, backend, q, v, initial_state)
     kind = _DeltaRuleKind(scale, backend, v.shape[-1])
