@@ -233,6 +233,28 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
 
 
 @triton.jit
+def do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT: tl.constexpr,
+              BV: tl.constexpr, MEXP: tl.constexpr, IEEE: tl.constexpr):
+    """dA[t, s] = do_t . v_s over all of V, float32 [BT, BT], for query rows t and key rows s.
+
+    mLSTMexp: do_t is scaled by 1 / normaliser (rdt) and the normaliser's cotangent dqt is added
+    to every column (its n^T q term)."""
+    DT = do.dtype.element_ty
+    dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for vb in range(tl.cdiv(V, BV)):
+        cv = vb * BV + tl.arange(0, BV)
+        mv = cv < V
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)             # [BT, BV] do
+        if MEXP:
+            dot_ = dot_ * rdt[:, None]
+        vt = ld_tile(v + hh * V, krows, mkr, cv, mv, H * V)              # [BT, BV] v
+        dA += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
+    if MEXP:
+        dA += dqt[:, None]
+    return dA
+
+
+@triton.jit
 def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out, dk_out, gq, gk,
                    tile_seq, tile_start, cu, coff, scale, H, TT,
                    K, V, L: tl.constexpr, BT: tl.constexpr,
@@ -311,17 +333,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         for j in range((t0 - cs) // BT):
             krows = cs + j * BT + tl.arange(0, BT)
             mkr = krows < eos
-            dA = tl.zeros([BT, BT], dtype=tl.float32)
-            for vb in range(tl.cdiv(V, BV)):
-                cv = vb * BV + tl.arange(0, BV)
-                mv = cv < V
-                dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
-                if MEXP:
-                    dot_ = dot_ * rdt[:, None]
-                vt = ld_tile(v + hh * V, krows, mkr, cv, mv, H * V)
-                dA += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
-            if MEXP:
-                dA += dqt[:, None]
+            dA = do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
             kt = ld_tile(k + hh * K, krows, mkr, ck, mk, H * K)
             if GATE == 1:
                 kej = -ld_tok(gb + hh, krows, mkr, H)
@@ -369,17 +381,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         dk += dko * scale
         # 4) the diagonal tile, causal mask t >= s
         if GATE != 2:
-            dA = tl.zeros([BT, BT], dtype=tl.float32)
-            for vb in range(tl.cdiv(V, BV)):
-                cv = vb * BV + tl.arange(0, BV)
-                mv = cv < V
-                dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
-                if MEXP:
-                    dot_ = dot_ * rdt[:, None]
-                vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
-                dA += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
-            if MEXP:
-                dA += dqt[:, None]
+            dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
             causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
             if GATE == 1:
                 dA = dA * tl.exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF))
