@@ -3,9 +3,10 @@
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t)
 
 Forward: delta_fwd.prep (b, T, W, U per chunk) -> delta_fwd.scan (chunk states, U') ->
-delta_fwd.output (O). The forward saves only its inputs; the backward recomputes prep and
-scan (cheap next to storing W, U, U' and the states), then runs delta_bwd's reverse scan for
-dS and its two chunk-parallel gradient kernels. No atomics: bitwise deterministic.
+delta_fwd.output (O). The forward saves only its inputs; the backward (delta_bwd.backward)
+recomputes prep and scan (cheap next to storing W, U, U' and the states), then runs the
+reverse scan for dS and two chunk-parallel gradient kernels, releasing every float32
+intermediate after its last kernel. No atomics: bitwise deterministic.
 
 B sequences of T tokens are handled as the packed case (cu_seqlens = [0, T, 2T, ...]) of
 [1, B*T, H, D]; one code path serves both.
@@ -73,8 +74,10 @@ def _packed(x):
 
 def _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state):
     """Packed forward: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] -> (o [TT, H, V], final)."""
-    gc, _, w, u = delta_fwd.prep(k, v, beta, g, layout)
+    gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, layout)
+    del tinv                                              # read only by the backward
     h, vnew, final = delta_fwd.scan(k, w, u, gc, initial_state, layout, output_final_state)
+    del w, u                                              # last read by scan
     o = delta_fwd.output(q, k, vnew, gc, h, layout, scale, v.dtype)
     return o, final
 
@@ -93,10 +96,10 @@ class DeltaRuleFunction(torch.autograd.Function):
     def backward(ctx, do, dfinal):
         q, k, v, beta, g, initial_state = ctx.saved_tensors
         layout = ctx.layout
-        gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, layout)
-        h, vnew, _ = delta_fwd.scan(k, w, u, gc, initial_state, layout, False)
+        # delta_bwd.backward recomputes prep and scan itself, so that no float32
+        # intermediate is referenced here and each is freed after its last kernel.
         dq, dk, dv, dbeta, dg, dh0 = delta_bwd.backward(
-            q, k, v, beta, g, gc, tinv, w, h, vnew, do.contiguous(),
+            q, k, v, beta, g, do.contiguous(),
             dfinal.contiguous() if dfinal is not None else None, initial_state, layout,
             ctx.scale, need_dh0=initial_state is not None and ctx.needs_input_grad[5])
         return dq, dk, dv, dbeta, dg, dh0, None, None, None

@@ -344,7 +344,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             final if final is not None else h, layout.cu_seqlens, layout.chunk_offsets,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
-            PREC=dot_precision(k.dtype), num_warps=8 if BK >= 256 else 4,
+            PREC=dot_precision(k.dtype), num_warps=8,   # >= 128 KB smem: 1 CTA per SM anyway
             num_stages=1 if BK >= 256 else 2)
     return h, vnew, final
 

@@ -68,7 +68,10 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         BK = head_tile(K, 64)
         BV = head_tile(V, 64 if gate == 2 else 128)
         BVS = head_tile(V, 64)
-        warps, stages = 4, 2
+        # 8 warps: no spills left in any GATE 0/1 kernel and bwd_dqk (144 KB smem, 1 CTA per
+        # SM) runs 8 warps per SM instead of 4; GATE 2 has no spills at 4 warps
+        # (sm_90 compile data, benchmarks/PERF_NOTES.md, "Applied without GPU timing").
+        warps, stages = (4 if gate == 2 else 8), 2
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps, stages)
