@@ -52,7 +52,8 @@ class KernelConfig:
     BK: int            # K block
     BV: int            # V block of the per-tile kernels
     BVS: int           # V block of the state scans
-    warps: int
+    warps: int         # num_warps of the per-tile kernels (fwd_o, bwd_dv, bwd_dqk)
+    scan_warps: int    # num_warps of the state scans (fwd_states, bwd_states)
     stages: int
 
 
@@ -62,19 +63,23 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
     if INTERPRET:
         BT, L = TILE or 16, CHUNK or 64
         BK, BV, BVS, warps, stages = head_tile(K, 32), head_tile(V, 32), head_tile(V, 32), 4, 1
+        scan_warps = warps
     else:
         BT = TILE or (32 if gate == 2 else 64)
         L = CHUNK or 128
         BK = head_tile(K, 64)
         BV = head_tile(V, 64 if gate == 2 else 128)
         BVS = head_tile(V, 64)
-        # 8 warps: no spills left in any GATE 0/1 kernel and bwd_dqk (144 KB smem, 1 CTA per
-        # SM) runs 8 warps per SM instead of 4; GATE 2 has no spills at 4 warps
-        # (sm_90 compile data, benchmarks/PERF_NOTES.md, "Applied without GPU timing").
-        warps, stages = (4 if gate == 2 else 8), 2
+        # Per-tile kernels at 8 warps: no spills left in any GATE 0/1 kernel and bwd_dqk (144 KB
+        # smem, 1 CTA per SM) runs 8 warps per SM instead of 4; GATE 2 has no spills at 4 warps
+        # (sm_90 compile data, benchmarks/PERF_NOTES.md, "Applied without GPU timing"). The
+        # scans stay at the measured 4: they spill at most 56 B there and keep 2-3 CTAs per SM,
+        # where 8 warps would leave 1-2 for a sequential loop.
+        warps, scan_warps, stages = (4 if gate == 2 else 8), 4, 2
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
-    cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps, stages)
+    cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,
+                       scan_warps, stages)
     return cfg, L, BT
 
 

@@ -455,7 +455,7 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         _or(dnt, x), dh, _or(dhn, x), _or(dh0, x), _or(dn0, x), h, _or(hn, x), _or(sdot, x),
         layout.cu, layout.chunk_off, scale, H, NS, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
-        IEEE=cfg.ieee, num_warps=cfg.warps, num_stages=cfg.stages)
+        IEEE=cfg.ieee, num_warps=cfg.scan_warps, num_stages=cfg.stages)
     if sdot is not None:
         sdot = sdot[:, layout.chunk_end_slot].sum(0)             # blocks -> [NC, H(, K)]
     return dh, dhn, dh0, dn0, sdot
