@@ -8,13 +8,10 @@ those variables, as it would under torchrun.
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ for helpers
 
@@ -23,12 +20,7 @@ import helpers  # noqa: E402
 from linattn.models import CausalLM, LMConfig  # noqa: E402
 from linattn.parallel import SequenceParallelContext  # noqa: E402
 from linattn.train import all_reduce_gradients  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sp_workers import run_processes  # noqa: E402
 
 
 def _entry(rank, fn, world, port, args):
@@ -39,18 +31,9 @@ def _entry(rank, fn, world, port, args):
 
 
 def spawn_like_torchrun(fn, world: int, *args, timeout: float = 120.0):
-    """Runs fn(rank, world, *args) in `world` fresh processes with torchrun's environment;
-    raises on an error in any of them, and kills them and fails after `timeout` seconds
-    instead of hanging."""
-    ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise AssertionError(f"{world} processes still running after {timeout} s (hang?)")
+    """Runs fn(rank, world, *args) in `world` fresh processes with torchrun's environment
+    (sp_workers.run_processes: errors raise, a hang fails after `timeout` seconds)."""
+    run_processes(_entry, fn, world, args, timeout, "processes")
 
 
 # ----------------------------------------------------------------------------- model check

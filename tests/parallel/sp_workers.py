@@ -48,11 +48,11 @@ def _entry(rank, fn, world, port, args):
         dist.destroy_process_group()
 
 
-def spawn(fn, world: int, *args, timeout: float = 240.0):
-    """Runs fn(rank, world, *args) in `world` gloo processes on loopback; raises on an error
-    in any of them and fails (killing them) after `timeout` seconds instead of hanging."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), args), nprocs=world,
+def run_processes(entry, fn, world: int, args, timeout: float, what: str):
+    """Starts entry(rank, fn, world, port, args) in `world` spawned processes on loopback;
+    raises on an error in any of them, and kills them and fails after `timeout` seconds
+    instead of hanging. Shared by every multi-process test of this folder."""
+    ctx = mp.start_processes(entry, args=(fn, world, _free_port(), args), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
@@ -60,10 +60,14 @@ def spawn(fn, world: int, *args, timeout: float = 240.0):
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            raise AssertionError(f"{world} gloo processes still running after {timeout} s (hang?)")
+            raise AssertionError(f"{world} {what} still running after {timeout} s (hang?)")
 
 
-# ----------------------------------------------------------------------------- data
+def spawn(fn, world: int, *args, timeout: float = 240.0):
+    """Runs fn(rank, world, *args) in `world` gloo processes on loopback (see run_processes)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    run_processes(_entry, fn, world, args, timeout, "gloo processes")
+
 
 def _slices(lengths, rank):
     start = sum(lengths[:rank])
