@@ -73,6 +73,7 @@ class DeltaNet(Mixer):
         q = F.normalize(self.heads(q, self.key_dim), dim=-1, eps=1e-6)  # [B, T, H, K]
         k = F.normalize(self.heads(k, self.key_dim), dim=-1, eps=1e-6)  # [B, T, H, K]
         v = self.heads(v, self.value_dim)                                # [B, T, H, V]
+        q, k = q.to(v.dtype), k.to(v.dtype)  # autocast runs the normalisation in float32
         gdt = gate_dtype(x)
         beta = torch.sigmoid(self.b_proj(x).to(gdt))                     # [B, T, H]
         g = None

@@ -51,6 +51,7 @@ class LinearAttention(Mixer):
         q = self.q_map(self.heads(self.q_proj(x), D))  # [B, T, H, F]
         k = self.k_map(self.heads(self.k_proj(x), D))  # [B, T, H, F]
         v = self.heads(self.v_proj(x), D)               # [B, T, H, D]
+        q, k = q.to(v.dtype), k.to(v.dtype)  # autocast runs elu / softmax maps in float32
         kw = dict(initial_state=state, output_final_state=return_state, cu_seqlens=cu_seqlens,
                   backend=self.backend)
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")

@@ -135,10 +135,8 @@ class GatedChunkFunction(torch.autograd.Function):
                                cfg, scale)
         dg = dkw = dm0 = None
         if cfg.gate == 1:
-            qdq, kdk = gsum
-            db = qdq - kdk                                                 # [TT, H]
-            db[layout.chunk_last] += sdot                                  # <dS, S> after each chunk
-            dg = chunk_cumsum(db, layout, reverse=True)                    # db -> dg
+            qdq, kdk, kdk_state = gsum
+            dg = _gate_grad(qdq - kdk, kdk_state, sdot, layout)            # [TT, H]
             dkw = kdk if cfg.has_kw else None
             if cfg.mexp:
                 hfin = h.index_select(0, layout.final_slot)
@@ -146,9 +144,22 @@ class GatedChunkFunction(torch.autograd.Function):
                 dg, dkw, dm0 = _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt,
                                             h0, n0, m0, dh0, dn0, layout)
         elif cfg.gate == 2:
-            gsum[layout.chunk_last] += sdot
-            dg = chunk_cumsum(gsum, layout, reverse=True)
+            dg = _gate_grad(*gsum, sdot, layout)                          # [TT, H, K]
         return dq, dk, dv, dg, dkw, dh0, dn0, dm0, None, None, None, None
+
+
+def _gate_grad(db, state_part, sdot, layout):
+    """d log-decay from the per-token sums: with b the chunk-local cumsum of the log-decays,
+    dL/db_t = q_t.dq_t - k_t.dk_t (+ <dS_{c+1}, S_{c+1}> at the chunk's last token), and
+    dg = the chunk-local reverse cumsum of dL/db. The state part of k.dk (state_part) and the
+    fresh-key part of <dS_{c+1}, S_{c+1}> are equal sums over the chunk, so instead of adding
+    both and letting them cancel in the reverse cumsum, dg_t takes sdot = <dS_{c+1}, decay S_c>
+    and the state part of the keys before t (an exclusive forward cumsum): same value,
+    without the cancellation that bf16 operands turn into an O(1e-1) error."""
+    db = db + state_part                      # q.dq - (k.dk without its state part)
+    db[layout.chunk_last] += sdot
+    return (chunk_cumsum(db, layout, reverse=True)
+            + chunk_cumsum(state_part, layout) - state_part)
 
 
 def _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt, h0, n0, m0, dh0, dn0, layout):

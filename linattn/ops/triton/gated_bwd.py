@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
-from .common import ChunkLayout, dot
+from .common import ChunkLayout, dot, exp
 from .gated_fwd import NEG_INF, _or, chunk_of, ld_state, ld_tile, ld_tok
 
 
@@ -34,8 +34,8 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
     """Reverse scan over the chunks of sequence n, head h, one [BK, BV] block: writes the
     gradient of the state after every chunk (slot c + 1) and of the initial state (slot 0);
     NONCAUSAL sums q^T do over the sequence into the final slot. For the gates' gradient it
-    also writes <dS, S> of the state after every chunk (summed over this block's V, and over
-    its K too for GATE 1) into sdot."""
+    also writes <dS_{c+1}, exp(le + mp) S_c> of every chunk c (summed over this block's V, and
+    over its K too for GATE 1) into sdot, at the slot of the state after the chunk."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     i_nh = tl.program_id(0).to(tl.int64)
@@ -65,17 +65,6 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
             if MEXP:
                 tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0))
-        if GATE != 0:
-            Sb = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)    # state after chunk c
-            rs = tl.sum(dS * Sb, axis=1)                                      # [BK]
-            if GATE == 1:
-                part = tl.sum(rs, axis=0)
-                if MEXP:
-                    nb = tl.load(hn + (slot * H + hh) * K + ck, mask=mk & (vb == 0), other=0.0)
-                    part += tl.sum(dn * nb, axis=0)
-                tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part)
-            else:
-                tl.store(sdot + ((vb * NS + slot) * H + hh) * K + ck, rs, mask=mk)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         mp = 0.0
@@ -84,11 +73,23 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             if MEXP:
                 le = le - tl.load(gm + (ce - 1) * H + hh)
                 mp = tl.load(mpc + (c0 + c) * H + hh)
-            dS = dS * tl.exp(le + mp)                           # back through the chunk's decay
-            dn = dn * tl.exp(le + mp)
+            dS = dS * exp(le + mp, IEEE)                           # back through the chunk's decay
+            dn = dn * exp(le + mp, IEEE)
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-            dS = dS * tl.exp(bl)[:, None]
+            dS = dS * exp(bl, IEEE)[:, None]
+        if GATE != 0:
+            # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
+            Sp = ld_state(h + ((slot - 1) * H + hh) * K * V, ck, mk, cv, mv, V)  # S_c
+            rs = tl.sum(dS * Sp, axis=1)                                      # [BK]
+            if GATE == 1:
+                part = tl.sum(rs, axis=0)
+                if MEXP:
+                    npv = tl.load(hn + ((slot - 1) * H + hh) * K + ck, mask=mk & (vb == 0), other=0.0)
+                    part += tl.sum(dn * npv, axis=0)
+                tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part)
+            else:
+                tl.store(sdot + ((vb * NS + slot) * H + hh) * K + ck, rs, mask=mk)
         for j in range(tl.cdiv(ce - cs, BT)):
             rows = cs + j * BT + tl.arange(0, BT)
             mr = rows < ce
@@ -97,10 +98,10 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
                 qe = ld_tok(gb + hh, rows, mr, H)
                 if MEXP:
                     qe -= ld_tok(gm + hh, rows, mr, H)
-                qt = qt * tl.exp(tl.where(mr, qe + mp, NEG_INF))[:, None]
+                qt = qt * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)[:, None]
             if GATE == 2:
                 bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
-                qt = qt * tl.exp(tl.where(mr[:, None], bq, NEG_INF))
+                qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
             dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
             if MEXP:
                 dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
@@ -149,7 +150,7 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
         le = tl.load(gb + (ce - 1) * H + hh)
         if MEXP:
             le = le - tl.load(gm + (ce - 1) * H + hh)
-        wk = tl.exp(tl.where(mr, le + ke, NEG_INF))             # weight into the next state
+        wk = exp(tl.where(mr, le + ke, NEG_INF), IEEE)             # weight into the next state
     # 1) through the state after the chunk: dv += (k * exp(le + ke)) dS_{c+1}
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
@@ -160,7 +161,7 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
             bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
-            kt = kt * tl.exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF))
+            kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
         dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
         acc += dot(kt.to(DT), dS.to(DT), IEEE)
     if not NONCAUSAL:
@@ -178,14 +179,14 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
                     br = tl.load(gb + ((t0 + BT - 1) * H + hh) * K + ck, mask=mk, other=0.0)
                     bq = ld_tile(gb + hh * K, qrows, mq, ck, mk, H * K)
                     bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
-                    qt = qt * tl.exp(tl.where(mq[:, None], bq - br[None, :], NEG_INF))
-                    kt = kt * tl.exp(br[None, :] - bk)
+                    qt = qt * exp(tl.where(mq[:, None], bq - br[None, :], NEG_INF), IEEE)
+                    kt = kt * exp(br[None, :] - bk, IEEE)
                 A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
             if GATE == 1:
                 qe = ld_tok(gb + hh, qrows, mq, H)
                 if MEXP:
                     qe -= ld_tok(gm + hh, qrows, mq, H)
-                A = A * tl.exp(tl.where(mq[:, None], qe[:, None] + ke[None, :], NEG_INF))
+                A = A * exp(tl.where(mq[:, None], qe[:, None] + ke[None, :], NEG_INF), IEEE)
             dot_ = ld_tile(do + hh * V, qrows, mq, cv, mv, H * V)
             if MEXP:
                 dot_ = dot_ * ld_tok(rd + hh, qrows, mq, H)[:, None]
@@ -204,7 +205,7 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
                 qe = ld_tok(gb + hh, rows, mr, H)
                 if MEXP:
                     qe -= ld_tok(gm + hh, rows, mr, H)
-                A = A * tl.exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF))
+                A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
             else:
                 A = tl.where(causal, A, 0.0)
             dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
@@ -225,7 +226,7 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
                     qr = tl.load(q + (tt * H + hh) * K + ck, mask=mk & mt, other=0.0).to(tl.float32)
                     br = tl.load(gb + (tt * H + hh) * K + ck, mask=mk & mt, other=0.0)
                     keep = (rows <= tt)[:, None] & mr[:, None] & mt
-                    row += tl.sum(kt * qr[None, :] * tl.exp(tl.where(keep, br[None, :] - bk, NEG_INF)), axis=1)
+                    row += tl.sum(kt * qr[None, :] * exp(tl.where(keep, br[None, :] - bk, NEG_INF), IEEE), axis=1)
                 dor = tl.load(do + (tt * H + hh) * V + cv, mask=mv & mt, other=0.0).to(tl.float32)
                 acc += (row * scale)[:, None] * dor[None, :]
     tl.store(dv + (rows[:, None] * H + hh) * V + cv[None, :], acc.to(dv.dtype.element_ty),
@@ -256,14 +257,15 @@ def do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT: tl.constexpr,
 
 @triton.jit
 def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out, dk_out, gq, gk,
-                   tile_seq, tile_start, cu, coff, scale, H, TT,
+                   gks, tile_seq, tile_start, cu, coff, scale, H, TT,
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
                    IEEE: tl.constexpr):
     """dq and dk of one tile (BT tokens), one block of K, and the gate sums of the tile:
-    GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H];
-    GATE 2 writes q*dq - k*dk into gq [TT, H, K]."""
+    GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], and into gks the
+    part of k.dk that comes from the state after the chunk;
+    GATE 2 writes q*dq - k*dk into gq [TT, H, K] and the state part of k*dk into gks."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     it = tl.program_id(0)
@@ -318,13 +320,23 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             qe -= ld_tok(gm + hh, rows, mr, H)
             le = le - tl.load(gm + (ce - 1) * H + hh)
             mp = tl.load(mpc + ic * H + hh)
-        dq = dq * (scale * tl.exp(tl.where(mr, qe + mp, NEG_INF)))[:, None]
-        dk = dk * tl.exp(tl.where(mr, le + ke, NEG_INF))[:, None]
+        dq = dq * (scale * exp(tl.where(mr, qe + mp, NEG_INF), IEEE))[:, None]
+        dk = dk * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
     if GATE == 2:
         bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)     # this tile's b, [BT, BK]
         bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-        dq = dq * scale * tl.exp(tl.where(mr[:, None], bq, NEG_INF))
-        dk = dk * tl.exp(tl.where(mr[:, None], bl[None, :] - bq, NEG_INF))
+        dq = dq * scale * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
+        dk = dk * exp(tl.where(mr[:, None], bl[None, :] - bq, NEG_INF), IEEE)
+    # the state part of k.dk, kept apart: the launcher sums it over the earlier tokens of the
+    # chunk instead of letting it cancel against sdot (that cancellation loses the precision
+    # of the 16-bit dS operand: measured dg errors of 0.2 at log-decays near -20)
+    if GATE == 1:
+        ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+        tl.store(gks + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
+    if GATE == 2:
+        ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+        tl.store(gks + (rows[:, None] * H + hh) * K + ck[None, :], ks * dk,
+                 mask=mr[:, None] & mk[None, :])
     if not NONCAUSAL:
         # 2) dq from the earlier key tiles of the chunk (reference row t0 - 1)
         dqo = tl.zeros([BT, BK], dtype=tl.float32)
@@ -339,13 +351,13 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
                 kej = -ld_tok(gb + hh, krows, mkr, H)
                 if HAS_KW:
                     kej += ld_tok(kw + hh, krows, mkr, H)
-                dA = dA * tl.exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF))
+                dA = dA * exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF), IEEE)
             if GATE == 2:
                 bk = ld_tile(gb + hh * K, krows, mkr, ck, mk, H * K)
-                kt = kt * tl.exp(br[None, :] - bk)
+                kt = kt * exp(br[None, :] - bk, IEEE)
             dqo += dot(dA.to(DT), kt.to(DT), IEEE)
         if GATE == 2:
-            dqo = dqo * tl.exp(tl.where(mr[:, None] & (t0 > cs), bq - br[None, :], NEG_INF))
+            dqo = dqo * exp(tl.where(mr[:, None] & (t0 > cs), bq - br[None, :], NEG_INF), IEEE)
         dq += dqo * scale
         # 3) dk from the later query tiles of the chunk (reference row t0 + BT - 1)
         dko = tl.zeros([BT, BK], dtype=tl.float32)
@@ -371,20 +383,20 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
                 qei = ld_tok(gb + hh, qrows, mq, H)
                 if MEXP:
                     qei -= ld_tok(gm + hh, qrows, mq, H)
-                dA = dA * tl.exp(tl.where(mq[:, None], qei[:, None] + ke[None, :], NEG_INF))
+                dA = dA * exp(tl.where(mq[:, None], qei[:, None] + ke[None, :], NEG_INF), IEEE)
             if GATE == 2:
                 bqi = ld_tile(gb + hh * K, qrows, mq, ck, mk, H * K)
-                qt = qt * tl.exp(tl.where(mq[:, None], bqi - br2[None, :], NEG_INF))
+                qt = qt * exp(tl.where(mq[:, None], bqi - br2[None, :], NEG_INF), IEEE)
             dko += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
         if GATE == 2:
-            dko = dko * tl.exp(tl.where(mr[:, None] & has_later, br2[None, :] - bq, NEG_INF))
+            dko = dko * exp(tl.where(mr[:, None] & has_later, br2[None, :] - bq, NEG_INF), IEEE)
         dk += dko * scale
         # 4) the diagonal tile, causal mask t >= s
         if GATE != 2:
             dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
             causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
             if GATE == 1:
-                dA = dA * tl.exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF))
+                dA = dA * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
             else:
                 dA = tl.where(causal, dA, 0.0)
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
@@ -412,8 +424,8 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
                 brr = tl.load(gb + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0)
                 keep_q = (rows >= tr)[:, None] & mr[:, None] & mrr
                 keep_k = (rows <= tr)[:, None] & mr[:, None] & mrr
-                dq += (col * scale)[:, None] * kr[None, :] * tl.exp(tl.where(keep_q, bq - brr[None, :], NEG_INF))
-                dk += (row * scale)[:, None] * qr[None, :] * tl.exp(tl.where(keep_k, brr[None, :] - bq, NEG_INF))
+                dq += (col * scale)[:, None] * kr[None, :] * exp(tl.where(keep_q, bq - brr[None, :], NEG_INF), IEEE)
+                dk += (row * scale)[:, None] * qr[None, :] * exp(tl.where(keep_k, brr[None, :] - bq, NEG_INF), IEEE)
     mqk = mr[:, None] & mk[None, :]
     tl.store(dq_out + (rows[:, None] * H + hh) * K + ck[None, :], dq.to(dq_out.dtype.element_ty), mask=mqk)
     tl.store(dk_out + (rows[:, None] * H + hh) * K + ck[None, :], dk.to(dk_out.dtype.element_ty), mask=mqk)
@@ -478,29 +490,34 @@ def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtyp
 
 def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: ChunkLayout, cfg,
             scale):
-    """dq, dk [TT, H, K] in q's dtype and the gate sums: GATE 1 -> (q.dq, k.dk) each
-    [TT, H] float32 (summed over K blocks here); GATE 2 -> q*dq - k*dk [TT, H, K]; else None."""
+    """dq, dk [TT, H, K] in q's dtype and the gate sums: GATE 1 -> (q.dq, k.dk, the state part
+    of k.dk) each [TT, H] float32 (summed over K blocks here); GATE 2 -> (q*dq - k*dk, the
+    state part of k*dk) each [TT, H, K]; else None."""
     TT, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
     nkb = triton.cdiv(K, cfg.BK)
     dq = empty(TT, H, K, dtype=q.dtype, device=dev)
     dk = empty(TT, H, K, dtype=k.dtype, device=dev)
-    gq = gk = None
+    gq = gk = gks = None
     if cfg.gate == 1:
         gq = empty(nkb, TT, H, dtype=torch.float32, device=dev)
         gk = empty(nkb, TT, H, dtype=torch.float32, device=dev)
+        gks = empty(nkb, TT, H, dtype=torch.float32, device=dev)
     if cfg.gate == 2:
         gq = empty(TT, H, K, dtype=torch.float32, device=dev)
+        gks = empty(TT, H, K, dtype=torch.float32, device=dev)
     if layout.NT:
         x = q
         bwd_dqk_kernel[(layout.NT, nkb, H)](
             q, k, v, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(rd, x), _or(dqn, x),
-            h, _or(hn, x), dh, _or(dhn, x), dq, dk, _or(gq, x), _or(gk, x),
+            h, _or(hn, x), dh, _or(dhn, x), dq, dk, _or(gq, x), _or(gk, x), _or(gks, x),
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H, TT,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
             num_warps=cfg.warps, num_stages=cfg.stages)
     if cfg.gate == 1:
-        return dq, dk, (gq.sum(0), gk.sum(0))
-    return dq, dk, gq
+        return dq, dk, (gq.sum(0), gk.sum(0), gks.sum(0))
+    if cfg.gate == 2:
+        return dq, dk, (gq, gks)
+    return dq, dk, None

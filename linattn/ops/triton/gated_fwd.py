@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
-from .common import ChunkLayout, dot
+from .common import ChunkLayout, dot, exp
 
 # Globals a kernel reads must be instantiated tl.constexpr objects (not annotations).
 MLSTM_EPS = tl.constexpr(1e-6)  # mLSTMexp: o = h / (max(|n^T q|, exp(-m)) + eps)
@@ -153,11 +153,11 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, cu, coff, H,
             if MEXP:
                 le = le - tl.load(gm + (ce - 1) * H + hh)
                 de = le + tl.load(mpc + (c0 + c) * H + hh)
-            S = S * tl.exp(de)                                  # decay over the whole chunk
-            nv = nv * tl.exp(de)
+            S = S * exp(de, IEEE)                                  # decay over the whole chunk
+            nv = nv * exp(de, IEEE)
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-            S = S * tl.exp(bl)[:, None]
+            S = S * exp(bl, IEEE)[:, None]
         for j in range(tl.cdiv(ce - cs, BT)):
             rows = cs + j * BT + tl.arange(0, BT)
             mr = rows < ce
@@ -167,10 +167,10 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, cu, coff, H,
                 ke = -ld_tok(gb + hh, rows, mr, H)
                 if HAS_KW:
                     ke += ld_tok(kw + hh, rows, mr, H)
-                kt = kt * tl.exp(tl.where(mr, le + ke, NEG_INF))[:, None]
+                kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
             if GATE == 2:
                 bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
-                kt = kt * tl.exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF))
+                kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
             S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
             if MEXP:
                 nv += tl.sum(kt, axis=0)
@@ -215,7 +215,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
         if MEXP:
             qe -= ld_tok(gm + hh, rows, mr, H)
             mp = tl.load(mpc + ic * H + hh)
-        wq = tl.exp(tl.where(mr, qe + mp, NEG_INF))             # weight of the chunk-start state
+        wq = exp(tl.where(mr, qe + mp, NEG_INF), IEEE)             # weight of the chunk-start state
     # 1) the state before the chunk: o += (q * exp(qe + mp)) S
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
@@ -225,7 +225,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
             qt = qt * wq[:, None]
         if GATE == 2:
             bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
-            qt = qt * tl.exp(tl.where(mr[:, None], bq, NEG_INF))
+            qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
         S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
         acc += dot(qt.to(DT), S.to(DT), IEEE)
         if MEXP:
@@ -245,14 +245,14 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
                     br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk, other=0.0)
                     bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
                     bk = ld_tile(gb + hh * K, krows, krows < eos, ck, mk, H * K)
-                    qt = qt * tl.exp(tl.where(mr[:, None], bq - br[None, :], NEG_INF))
-                    kt = kt * tl.exp(br[None, :] - bk)           # reference t0-1 >= every key
+                    qt = qt * exp(tl.where(mr[:, None], bq - br[None, :], NEG_INF), IEEE)
+                    kt = kt * exp(br[None, :] - bk, IEEE)           # reference t0-1 >= every key
                 A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
             if GATE == 1:
                 kej = -ld_tok(gb + hh, krows, krows < eos, H)
                 if HAS_KW:
                     kej += ld_tok(kw + hh, krows, krows < eos, H)
-                A = A * tl.exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF))
+                A = A * exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF), IEEE)
             vt = ld_tile(v + hh * V, krows, krows < eos, cv, mv, H * V)
             acc += dot(A.to(DT), vt.to(DT), IEEE)
             if MEXP:
@@ -268,7 +268,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
                 A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
             causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
             if GATE == 1:
-                A = A * tl.exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF))
+                A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
             else:
                 A = tl.where(causal, A, 0.0)
             vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
@@ -289,13 +289,13 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
                     ks = tl.load(k + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
                     bs = tl.load(gb + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0)
                     keep = (rows >= ts)[:, None] & mr[:, None] & ms
-                    col += tl.sum(qt * ks[None, :] * tl.exp(tl.where(keep, bq - bs[None, :], NEG_INF)), axis=1)
+                    col += tl.sum(qt * ks[None, :] * exp(tl.where(keep, bq - bs[None, :], NEG_INF), IEEE), axis=1)
                 vs = tl.load(v + (ts * H + hh) * V + cv, mask=mv & ms, other=0.0).to(tl.float32)
                 acc += col[:, None] * vs[None, :]
     if MEXP:
         # normaliser: o = h / (max(|n^T q|, exp(-m)) + eps)
         mt = ld_tok(gm + hh, rows, mr, H)
-        den = tl.maximum(tl.abs(accn), tl.exp(-mt)) + MLSTM_EPS
+        den = tl.maximum(tl.abs(accn), exp(-mt, IEEE)) + MLSTM_EPS
         acc = acc / den[:, None]
         tl.store(qn + rows * H + hh, accn, mask=mr & (vb == 0))
     tl.store(o + (rows[:, None] * H + hh) * V + cv[None, :], acc.to(o.dtype.element_ty),
