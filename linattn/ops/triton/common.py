@@ -44,20 +44,19 @@ def dot(a, b, IEEE: tl.constexpr):
 if INTERPRET:
     @triton.jit
     def exp(x, PRECISE: tl.constexpr):
-        """e^x (the interpreter's numpy exp is correctly rounded either way)."""
-        return tl.exp(x)
+        """e^x in float32 (the interpreter's numpy exp is correctly rounded either way)."""
+        return tl.exp(x.to(tl.float32))
 else:
     from triton.language.extra import libdevice
 
     @triton.jit
     def exp(x, PRECISE: tl.constexpr):
-        """e^x; PRECISE uses libdevice's expf (about 1 ulp). tl.exp on float32 compiles to
-        ex2.approx of the rounded x * log2(e), whose error grows with |x|: measured on the
-        H200 as 10-25x the float32 oracle's error in gated outputs and states."""
+        """e^x in float32 (x may be float64); PRECISE uses libdevice's expf (about 1 ulp):
+        tl.exp on float32 compiles to ex2.approx of the rounded x * log2(e)."""
         if PRECISE:
-            return libdevice.exp(x)
+            return libdevice.exp(x.to(tl.float32))
         else:
-            return tl.exp(x)
+            return tl.exp(x.to(tl.float32))
 
 
 @dataclass
@@ -134,7 +133,8 @@ def lengths_of(cu_seqlens, B: int, T: int):
 @triton.jit
 def chunk_cumsum_kernel(x, y, chunk_start, chunk_end, C, L: tl.constexpr, BC: tl.constexpr,
                         REVERSE: tl.constexpr):
-    """y[t, c] = sum of x[s, c] over s <= t (s >= t when REVERSE) inside t's chunk; float32."""
+    """y[t, c] = sum of x[s, c] over s <= t (s >= t when REVERSE) inside t's chunk, in y's
+    dtype."""
     tl.static_assert(L >= 16)
     ic = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
@@ -144,15 +144,16 @@ def chunk_cumsum_kernel(x, y, chunk_start, chunk_end, C, L: tl.constexpr, BC: tl
     cols = cb * BC + tl.arange(0, BC)
     mask = (rows < ce)[:, None] & (cols < C)[None, :]
     ptr = rows[:, None] * C + cols[None, :]
-    a = tl.load(x + ptr, mask=mask, other=0.0).to(tl.float32)   # [L, BC] chunk slice
+    a = tl.load(x + ptr, mask=mask, other=0.0).to(y.dtype.element_ty)  # [L, BC] chunk slice
     tl.store(y + ptr, tl.cumsum(a, axis=0, reverse=REVERSE), mask=mask)
 
 
-def chunk_cumsum(x: torch.Tensor, layout: ChunkLayout, reverse: bool = False) -> torch.Tensor:
-    """Chunk-local inclusive (reverse) cumsum along dim 0 of x [TT, ...] -> float32, same shape."""
+def chunk_cumsum(x: torch.Tensor, layout: ChunkLayout, reverse: bool = False,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Chunk-local inclusive (reverse) cumsum along dim 0 of x [TT, ...] -> dtype, same shape."""
     from ..alloc import empty
     x = x.contiguous()
-    y = empty(x.shape, dtype=torch.float32, device=x.device)
+    y = empty(x.shape, dtype=dtype, device=x.device)
     C = x[0].numel() if x.shape[0] else 1
     if layout.NC == 0 or C == 0:
         return y

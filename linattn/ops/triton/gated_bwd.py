@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp
-from .gated_fwd import NEG_INF, _or, chunk_of, ld_state, ld_tile, ld_tok
+from .gated_fwd import NEG_INF, _or, chunk_of, ld_gtile, ld_gtok, ld_state, ld_tile, ld_tok
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -95,12 +95,12 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             mr = rows < ce
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
             if GATE == 1:
-                qe = ld_tok(gb + hh, rows, mr, H)
+                qe = ld_gtok(gb + hh, rows, mr, H)
                 if MEXP:
-                    qe -= ld_tok(gm + hh, rows, mr, H)
+                    qe -= ld_gtok(gm + hh, rows, mr, H)
                 qt = qt * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)[:, None]
             if GATE == 2:
-                bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
                 qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
             dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
             if MEXP:
@@ -144,7 +144,7 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     ke = tl.zeros([BT], dtype=tl.float32)
     if GATE == 1:
-        ke = -ld_tok(gb + hh, rows, mr, H)                       # key exponent -b_s (+ w_s)
+        ke = -ld_gtok(gb + hh, rows, mr, H)                       # key exponent -b_s (+ w_s)
         if HAS_KW:
             ke += ld_tok(kw + hh, rows, mr, H)
         le = tl.load(gb + (ce - 1) * H + hh)
@@ -160,7 +160,7 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
             kt = kt * wk[:, None]
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-            bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+            bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
         dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
         acc += dot(kt.to(DT), dS.to(DT), IEEE)
@@ -177,15 +177,15 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
                 kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
                 if GATE == 2:
                     br = tl.load(gb + ((t0 + BT - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-                    bq = ld_tile(gb + hh * K, qrows, mq, ck, mk, H * K)
-                    bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                    bq = ld_gtile(gb + hh * K, qrows, mq, ck, mk, H * K)
+                    bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
                     qt = qt * exp(tl.where(mq[:, None], bq - br[None, :], NEG_INF), IEEE)
                     kt = kt * exp(br[None, :] - bk, IEEE)
                 A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
             if GATE == 1:
-                qe = ld_tok(gb + hh, qrows, mq, H)
+                qe = ld_gtok(gb + hh, qrows, mq, H)
                 if MEXP:
-                    qe -= ld_tok(gm + hh, qrows, mq, H)
+                    qe -= ld_gtok(gm + hh, qrows, mq, H)
                 A = A * exp(tl.where(mq[:, None], qe[:, None] + ke[None, :], NEG_INF), IEEE)
             dot_ = ld_tile(do + hh * V, qrows, mq, cv, mv, H * V)
             if MEXP:
@@ -202,9 +202,9 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
                 A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
             causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
             if GATE == 1:
-                qe = ld_tok(gb + hh, rows, mr, H)
+                qe = ld_gtok(gb + hh, rows, mr, H)
                 if MEXP:
-                    qe -= ld_tok(gm + hh, rows, mr, H)
+                    qe -= ld_gtok(gm + hh, rows, mr, H)
                 A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
             else:
                 A = tl.where(causal, A, 0.0)
@@ -222,7 +222,7 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
                     ck = kb * BK + tl.arange(0, BK)
                     mk = ck < K
                     kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-                    bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                    bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
                     qr = tl.load(q + (tt * H + hh) * K + ck, mask=mk & mt, other=0.0).to(tl.float32)
                     br = tl.load(gb + (tt * H + hh) * K + ck, mask=mk & mt, other=0.0)
                     keep = (rows <= tt)[:, None] & mr[:, None] & mt
@@ -257,15 +257,18 @@ def do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT: tl.constexpr,
 
 @triton.jit
 def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out, dk_out, gq, gk,
-                   gks, tile_seq, tile_start, cu, coff, scale, H, TT,
+                   gks, gkw, tile_seq, tile_start, cu, coff, scale, H, TT,
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
                    IEEE: tl.constexpr):
     """dq and dk of one tile (BT tokens), one block of K, and the gate sums of the tile:
-    GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], and into gks the
-    part of k.dk that comes from the state after the chunk;
-    GATE 2 writes q*dq - k*dk into gq [TT, H, K] and the state part of k*dk into gks."""
+    GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], into gks the part of
+    k.dk that comes from the state after the chunk and, with HAS_KW, the whole k.dk into gkw;
+    GATE 2 writes q*dq - k*dk into gq [TT, H, K] and the state part of k*dk into gks.
+    The gate sums leave out each token's pairing with itself (query t, key t): its terms in
+    q.dq and k.dk are equal and cancel in q.dq - k.dk, but are the largest of both, so
+    summing them first would cost the float32 precision of the small difference."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     it = tl.program_id(0)
@@ -283,6 +286,8 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
     mk = ck < K
     dq = tl.zeros([BT, BK], dtype=tl.float32)
     dk = tl.zeros([BT, BK], dtype=tl.float32)
+    dqd = tl.zeros([BT, BK], dtype=tl.float32)                   # same-token parts of dq, dk
+    dkd = tl.zeros([BT, BK], dtype=tl.float32)
     qe = tl.zeros([BT], dtype=tl.float32)
     ke = tl.zeros([BT], dtype=tl.float32)
     rdt = tl.zeros([BT], dtype=tl.float32)
@@ -310,20 +315,20 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
     if GATE == 0:
         dq = dq * scale
     if GATE == 1:
-        qe = ld_tok(gb + hh, rows, mr, H)
+        qe = ld_gtok(gb + hh, rows, mr, H)
         ke = -qe
         if HAS_KW:
             ke += ld_tok(kw + hh, rows, mr, H)
         le = tl.load(gb + (ce - 1) * H + hh)
         mp = 0.0
         if MEXP:
-            qe -= ld_tok(gm + hh, rows, mr, H)
+            qe -= ld_gtok(gm + hh, rows, mr, H)
             le = le - tl.load(gm + (ce - 1) * H + hh)
             mp = tl.load(mpc + ic * H + hh)
         dq = dq * (scale * exp(tl.where(mr, qe + mp, NEG_INF), IEEE))[:, None]
         dk = dk * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
     if GATE == 2:
-        bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)     # this tile's b, [BT, BK]
+        bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)     # this tile's b, [BT, BK]
         bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
         dq = dq * scale * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
         dk = dk * exp(tl.where(mr[:, None], bl[None, :] - bq, NEG_INF), IEEE)
@@ -348,12 +353,12 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             dA = do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
             kt = ld_tile(k + hh * K, krows, mkr, ck, mk, H * K)
             if GATE == 1:
-                kej = -ld_tok(gb + hh, krows, mkr, H)
+                kej = -ld_gtok(gb + hh, krows, mkr, H)
                 if HAS_KW:
                     kej += ld_tok(kw + hh, krows, mkr, H)
                 dA = dA * exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF), IEEE)
             if GATE == 2:
-                bk = ld_tile(gb + hh * K, krows, mkr, ck, mk, H * K)
+                bk = ld_gtile(gb + hh * K, krows, mkr, ck, mk, H * K)
                 kt = kt * exp(br[None, :] - bk, IEEE)
             dqo += dot(dA.to(DT), kt.to(DT), IEEE)
         if GATE == 2:
@@ -380,12 +385,12 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
                 dA += ld_tok(dqn + hh, qrows, mq, H)[:, None]
             qt = ld_tile(q + hh * K, qrows, mq, ck, mk, H * K)
             if GATE == 1:
-                qei = ld_tok(gb + hh, qrows, mq, H)
+                qei = ld_gtok(gb + hh, qrows, mq, H)
                 if MEXP:
-                    qei -= ld_tok(gm + hh, qrows, mq, H)
+                    qei -= ld_gtok(gm + hh, qrows, mq, H)
                 dA = dA * exp(tl.where(mq[:, None], qei[:, None] + ke[None, :], NEG_INF), IEEE)
             if GATE == 2:
-                bqi = ld_tile(gb + hh * K, qrows, mq, ck, mk, H * K)
+                bqi = ld_gtile(gb + hh * K, qrows, mq, ck, mk, H * K)
                 qt = qt * exp(tl.where(mq[:, None], bqi - br2[None, :], NEG_INF), IEEE)
             dko += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
         if GATE == 2:
@@ -395,12 +400,17 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         if GATE != 2:
             dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
             causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
-            if GATE == 1:
-                dA = dA * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
-            else:
-                dA = tl.where(causal, dA, 0.0)
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+            if GATE == 1:
+                dA = dA * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
+                same = rows[:, None] == rows[None, :]
+                dd = tl.sum(tl.where(same, dA, 0.0), axis=1) * scale     # dA_tt, kept apart
+                dA = tl.where(same, 0.0, dA)
+                dqd = dd[:, None] * kt
+                dkd = dd[:, None] * qt
+            else:
+                dA = tl.where(causal, dA, 0.0)
             dq += dot(dA.to(DT), kt.to(DT), IEEE) * scale
             dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE) * scale
         else:
@@ -422,23 +432,35 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
                 kr = tl.load(k + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0).to(tl.float32)
                 qr = tl.load(q + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0).to(tl.float32)
                 brr = tl.load(gb + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0)
-                keep_q = (rows >= tr)[:, None] & mr[:, None] & mrr
-                keep_k = (rows <= tr)[:, None] & mr[:, None] & mrr
+                keep_q = (rows > tr)[:, None] & mr[:, None] & mrr       # same token: below
+                keep_k = (rows < tr)[:, None] & mr[:, None] & mrr
                 dq += (col * scale)[:, None] * kr[None, :] * exp(tl.where(keep_q, bq - brr[None, :], NEG_INF), IEEE)
                 dk += (row * scale)[:, None] * qr[None, :] * exp(tl.where(keep_k, brr[None, :] - bq, NEG_INF), IEEE)
+            # the same-token terms: dA_tt = do_t . v_t, weight exp(0)
+            dvd = tl.zeros([BT], dtype=tl.float32)
+            for vb in range(tl.cdiv(V, BV)):
+                cv = vb * BV + tl.arange(0, BV)
+                mv = cv < V
+                dvd += tl.sum(ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+                              * ld_tile(v + hh * V, rows, mr, cv, mv, H * V), axis=1)
+            dqd = (dvd * scale)[:, None] * ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+            dkd = (dvd * scale)[:, None] * ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
     mqk = mr[:, None] & mk[None, :]
+    # gate sums of this tile from the float32 accumulators, same-token terms left out
+    if GATE != 0:
+        qs = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
+        ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+        if GATE == 1:
+            tl.store(gq + (kb * TT + rows) * H + hh, tl.sum(qs * dq, axis=1), mask=mr)
+            tl.store(gk + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
+        else:
+            tl.store(gq + (rows[:, None] * H + hh) * K + ck[None, :], qs * dq - ks * dk, mask=mqk)
+    dq += dqd
+    dk += dkd
+    if HAS_KW:
+        tl.store(gkw + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
     tl.store(dq_out + (rows[:, None] * H + hh) * K + ck[None, :], dq.to(dq_out.dtype.element_ty), mask=mqk)
     tl.store(dk_out + (rows[:, None] * H + hh) * K + ck[None, :], dk.to(dk_out.dtype.element_ty), mask=mqk)
-    # gate sums of this tile from the float32 accumulators
-    if GATE == 1:
-        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
-        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        tl.store(gq + (kb * TT + rows) * H + hh, tl.sum(qt * dq, axis=1), mask=mr)
-        tl.store(gk + (kb * TT + rows) * H + hh, tl.sum(kt * dk, axis=1), mask=mr)
-    if GATE == 2:
-        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
-        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        tl.store(gq + (rows[:, None] * H + hh) * K + ck[None, :], qt * dq - kt * dk, mask=mqk)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -490,20 +512,23 @@ def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtyp
 
 def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: ChunkLayout, cfg,
             scale):
-    """dq, dk [TT, H, K] in q's dtype and the gate sums: GATE 1 -> (q.dq, k.dk, the state part
-    of k.dk) each [TT, H] float32 (summed over K blocks here); GATE 2 -> (q*dq - k*dk, the
-    state part of k*dk) each [TT, H, K]; else None."""
+    """dq, dk [TT, H, K] in q's dtype and the gate sums (same-token terms left out, see the
+    kernel): GATE 1 -> (q.dq, k.dk, the state part of k.dk, the whole k.dk or None without a
+    key log-weight) each [TT, H] float32 (summed over K blocks here); GATE 2 -> (q*dq - k*dk,
+    the state part of k*dk) each [TT, H, K]; else None."""
     TT, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
     nkb = triton.cdiv(K, cfg.BK)
     dq = empty(TT, H, K, dtype=q.dtype, device=dev)
     dk = empty(TT, H, K, dtype=k.dtype, device=dev)
-    gq = gk = gks = None
+    gq = gk = gks = gkw = None
     if cfg.gate == 1:
         gq = empty(nkb, TT, H, dtype=torch.float32, device=dev)
         gk = empty(nkb, TT, H, dtype=torch.float32, device=dev)
         gks = empty(nkb, TT, H, dtype=torch.float32, device=dev)
+        if cfg.has_kw:
+            gkw = empty(nkb, TT, H, dtype=torch.float32, device=dev)
     if cfg.gate == 2:
         gq = empty(TT, H, K, dtype=torch.float32, device=dev)
         gks = empty(TT, H, K, dtype=torch.float32, device=dev)
@@ -511,13 +536,13 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
         x = q
         bwd_dqk_kernel[(layout.NT, nkb, H)](
             q, k, v, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(rd, x), _or(dqn, x),
-            h, _or(hn, x), dh, _or(dhn, x), dq, dk, _or(gq, x), _or(gk, x), _or(gks, x),
+            h, _or(hn, x), dh, _or(dhn, x), dq, dk, _or(gq, x), _or(gk, x), _or(gks, x), _or(gkw, x),
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H, TT,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
             num_warps=cfg.warps, num_stages=cfg.stages)
     if cfg.gate == 1:
-        return dq, dk, (gq.sum(0), gk.sum(0), gks.sum(0))
+        return dq, dk, (gq.sum(0), gk.sum(0), gks.sum(0), gkw.sum(0) if cfg.has_kw else None)
     if cfg.gate == 2:
         return dq, dk, (gq, gks)
     return dq, dk, None

@@ -48,6 +48,20 @@ def ld_tok(base, rows, rmask, H):
 
 
 @triton.jit
+def ld_gtile(base, rows, rmask, cols, cmask, RS):
+    """[len(rows), len(cols)] tile of gate exponents in their stored dtype (float64 for
+    float32 inputs: see GATE_DTYPE in gated_api), base points at head h."""
+    ptr = base + rows[:, None] * RS + cols[None, :]
+    return tl.load(ptr, mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def ld_gtok(base, rows, rmask, H):
+    """[len(rows)] per-token gate exponents in their stored dtype; base points at head h."""
+    return tl.load(base + rows * H, mask=rmask, other=0.0)
+
+
+@triton.jit
 def ld_state(base, cols_k, mk, cols_v, mv, V):
     """float32 [BK, BV] block of one [K, V] state; base points at the state."""
     ptr = base + cols_k[:, None] * V + cols_v[None, :]
@@ -90,14 +104,15 @@ def mexp_prep_kernel(lf, ig, m0, b, m, start, mpc, mfin, cu, coff, H,
     bos = tl.load(cu + n).to(tl.int64)
     eos = tl.load(cu + n + 1).to(tl.int64)
     c0 = tl.load(coff + n).to(tl.int64)
-    mp = tl.zeros([], dtype=tl.float32)
+    GDT = b.dtype.element_ty                                    # float32, or float64 (GATE_DTYPE)
+    mp = tl.zeros([], dtype=GDT)
     if HAS_M0:
-        mp = tl.load(m0 + n * H + hh).to(tl.float32)            # stabiliser before the sequence
+        mp = tl.load(m0 + n * H + hh).to(GDT)                   # stabiliser before the sequence
     idx = tl.arange(0, L)
     for c in range(tl.cdiv(eos - bos, L)):
         rows = bos + c * L + idx
         mr = rows < eos
-        bc = tl.cumsum(ld_tok(lf + hh, rows, mr, H), axis=0)    # chunk-local cumsum
+        bc = tl.cumsum(ld_tok(lf + hh, rows, mr, H).to(GDT), axis=0)  # chunk-local cumsum
         x = tl.where(mr, ld_tok(ig + hh, rows, mr, H) - bc, NEG_INF)
         cm = tl.associative_scan(x, 0, _max_combine)            # running max of i_s - b_s
         mc = bc + tl.maximum(cm, mp)                             # m_t in closed form
@@ -164,12 +179,12 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, cu, coff, H,
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)   # [BT, BK]
             vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)   # [BT, BV]
             if GATE == 1:
-                ke = -ld_tok(gb + hh, rows, mr, H)
+                ke = -ld_gtok(gb + hh, rows, mr, H)
                 if HAS_KW:
                     ke += ld_tok(kw + hh, rows, mr, H)
                 kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
             if GATE == 2:
-                bk = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
                 kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
             S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
             if MEXP:
@@ -207,13 +222,13 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
     qe = tl.zeros([BT], dtype=tl.float32)
     ke = tl.zeros([BT], dtype=tl.float32)
     if GATE == 1:
-        qe = ld_tok(gb + hh, rows, mr, H)                       # query exponent b_t (- m_t)
+        qe = ld_gtok(gb + hh, rows, mr, H)                       # query exponent b_t (- m_t)
         ke = -qe                                                # key exponent -b_s (+ w_s)
         if HAS_KW:
             ke += ld_tok(kw + hh, rows, mr, H)
         mp = 0.0
         if MEXP:
-            qe -= ld_tok(gm + hh, rows, mr, H)
+            qe -= ld_gtok(gm + hh, rows, mr, H)
             mp = tl.load(mpc + ic * H + hh)
         wq = exp(tl.where(mr, qe + mp, NEG_INF), IEEE)             # weight of the chunk-start state
     # 1) the state before the chunk: o += (q * exp(qe + mp)) S
@@ -224,7 +239,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
         if GATE == 1:
             qt = qt * wq[:, None]
         if GATE == 2:
-            bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+            bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
         S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
         acc += dot(qt.to(DT), S.to(DT), IEEE)
@@ -243,13 +258,13 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
                 kt = ld_tile(k + hh * K, krows, krows < eos, ck, mk, H * K)
                 if GATE == 2:
                     br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-                    bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
-                    bk = ld_tile(gb + hh * K, krows, krows < eos, ck, mk, H * K)
+                    bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+                    bk = ld_gtile(gb + hh * K, krows, krows < eos, ck, mk, H * K)
                     qt = qt * exp(tl.where(mr[:, None], bq - br[None, :], NEG_INF), IEEE)
                     kt = kt * exp(br[None, :] - bk, IEEE)           # reference t0-1 >= every key
                 A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
             if GATE == 1:
-                kej = -ld_tok(gb + hh, krows, krows < eos, H)
+                kej = -ld_gtok(gb + hh, krows, krows < eos, H)
                 if HAS_KW:
                     kej += ld_tok(kw + hh, krows, krows < eos, H)
                 A = A * exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF), IEEE)
@@ -285,7 +300,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
                     ck = kb * BK + tl.arange(0, BK)
                     mk = ck < K
                     qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-                    bq = ld_tile(gb + hh * K, rows, mr, ck, mk, H * K)
+                    bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
                     ks = tl.load(k + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
                     bs = tl.load(gb + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0)
                     keep = (rows >= ts)[:, None] & mr[:, None] & ms
@@ -294,7 +309,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
                 acc += col[:, None] * vs[None, :]
     if MEXP:
         # normaliser: o = h / (max(|n^T q|, exp(-m)) + eps)
-        mt = ld_tok(gm + hh, rows, mr, H)
+        mt = ld_gtok(gm + hh, rows, mr, H)
         den = tl.maximum(tl.abs(accn), exp(-mt, IEEE)) + MLSTM_EPS
         acc = acc / den[:, None]
         tl.store(qn + rows * H + hh, accn, mask=mr & (vb == 0))
@@ -304,15 +319,15 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
 
 # ----------------------------------------------------------------------------- launchers
 
-def mexp_prep(lf, ig, m0, layout: ChunkLayout):
+def mexp_prep(lf, ig, m0, layout: ChunkLayout, gate_dtype=torch.float32):
     """mLSTMexp gates: lf, ig [TT, H] float32, m0 [N, H] or None ->
-    b, m [TT, H] float32, start [TT, H] int8, mpc [NC, H], mfin [N, H] float32."""
+    b, m [TT, H] and mpc [NC, H] in gate_dtype, start [TT, H] int8, mfin [N, H] float32."""
     TT, H = lf.shape
     dev = lf.device
-    b = empty(TT, H, dtype=torch.float32, device=dev)
-    m = empty(TT, H, dtype=torch.float32, device=dev)
+    b = empty(TT, H, dtype=gate_dtype, device=dev)
+    m = empty(TT, H, dtype=gate_dtype, device=dev)
     start = torch.zeros(TT, H, dtype=torch.int8, device=dev)
-    mpc = empty(max(layout.NC, 1), H, dtype=torch.float32, device=dev)
+    mpc = empty(max(layout.NC, 1), H, dtype=gate_dtype, device=dev)
     mfin = empty(layout.N, H, dtype=torch.float32, device=dev)
     mexp_prep_kernel[(layout.N, H)](lf, ig, m0 if m0 is not None else lf, b, m, start, mpc, mfin,
                                     layout.cu, layout.chunk_off, H, L=layout.L,

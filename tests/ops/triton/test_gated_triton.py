@@ -63,9 +63,13 @@ def la_inputs(kind, *, H, K, V, B=1, T=0, seed=0, lengths=None, state=True, low=
 def check_la(kind, *, dtype, device, state=True, noncontig=False, **shape):
     """linear_attention with gate `kind` against the oracle, states and all gradients."""
     inputs, names = la_inputs(kind, state=state, noncontig=noncontig, **shape)
+    # The float32 gradient of a constant [H] decay sums every token's chunk-identity term
+    # (q.dq - k.dk weighted by the position in its chunk): a known gap, held to 2e-5 of its
+    # magnitude like the chunked PyTorch path (tests/ops/test_torch_chunked.py).
+    rel = {"g": 2e-5} if kind == "const" else None
     helpers.check_against_oracle(_la("triton"), _la("reference"), inputs, dtype=dtype,
                                  grad_names=names, device=device, output_final_state=state,
-                                 noncontig_grads=noncontig)
+                                 noncontig_grads=noncontig, rel_grads=rel)
 
 
 def mlstm_inputs(input_gate, *, H, K, V, B=1, T=0, seed=0, lengths=None, state=True, i_scale=2.0,
