@@ -176,8 +176,7 @@ def _gate_grad(db, state_part, sdot, layout, dtype):
     and the state part of the keys before t (an exclusive forward cumsum): same value,
     without the cancellation that bf16 operands turn into an O(1e-1) error. Summed in dtype
     (float64 for float32 inputs: a constant decay's gradient adds up every token's)."""
-    db, state_part = db.to(dtype), state_part.to(dtype)
-    db = db + state_part                      # q.dq - (k.dk without its state part)
+    db, state_part = db.to(dtype), state_part.to(dtype)  # db: q.dq - k.dk w/o the state part
     db[layout.chunk_last] += sdot.to(dtype)
     return (chunk_cumsum(db, layout, reverse=True, dtype=dtype)
             + chunk_cumsum(state_part, layout, dtype=dtype) - state_part)

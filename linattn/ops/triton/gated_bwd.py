@@ -263,9 +263,10 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
                    IEEE: tl.constexpr):
     """dq and dk of one tile (BT tokens), one block of K, and the gate sums of the tile:
-    GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], into gks the part of
-    k.dk that comes from the state after the chunk and, with HAS_KW, the whole k.dk into gkw;
-    GATE 2 writes q*dq - k*dk into gq [TT, H, K] and the state part of k*dk into gks.
+    GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], k.dk without the
+    part from the state after the chunk, which goes to gks, and with HAS_KW the whole k.dk
+    into gkw; GATE 2 writes q*dq - k*dk (same split) into gq [TT, H, K], the state part of
+    k*dk into gks.
     The gate sums leave out each token's pairing with itself (query t, key t): its terms in
     q.dq and k.dk are equal and cancel in q.dq - k.dk, but are the largest of both, so
     summing them first would cost the float32 precision of the small difference."""
@@ -334,7 +335,8 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         dk = dk * exp(tl.where(mr[:, None], bl[None, :] - bq, NEG_INF), IEEE)
     # the state part of k.dk, kept apart: the launcher sums it over the earlier tokens of the
     # chunk instead of letting it cancel against sdot (that cancellation loses the precision
-    # of the 16-bit dS operand: measured dg errors of 0.2 at log-decays near -20)
+    # of the 16-bit dS operand: measured dg errors of 0.2 at log-decays near -20), and the
+    # other gate sums leave it out (it would cost them float32 digits the same way)
     if GATE == 1:
         ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
         tl.store(gks + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
@@ -342,6 +344,9 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
         tl.store(gks + (rows[:, None] * H + hh) * K + ck[None, :], ks * dk,
                  mask=mr[:, None] & mk[None, :])
+    if GATE != 0:
+        dks = dk                                    # dk's state part, out of the gate sums below
+        dk = tl.zeros([BT, BK], dtype=tl.float32)
     if not NONCAUSAL:
         # 2) dq from the earlier key tiles of the chunk (reference row t0 - 1)
         dqo = tl.zeros([BT, BK], dtype=tl.float32)
@@ -457,6 +462,8 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             tl.store(gq + (rows[:, None] * H + hh) * K + ck[None, :], qs * dq - ks * dk, mask=mqk)
     dq += dqd
     dk += dkd
+    if GATE != 0:
+        dk += dks
     if HAS_KW:
         tl.store(gkw + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
     tl.store(dq_out + (rows[:, None] * H + hh) * K + ck[None, :], dq.to(dq_out.dtype.element_ty), mask=mqk)
