@@ -70,12 +70,10 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         BK = head_tile(K, 64)
         BV = head_tile(V, 64 if gate == 2 else 128)
         BVS = head_tile(V, 64)
-        # Per-tile kernels at 8 warps: no spills left in any GATE 0/1 kernel and bwd_dqk (144 KB
-        # smem, 1 CTA per SM) runs 8 warps per SM instead of 4; GATE 2 has no spills at 4 warps
-        # (sm_90 compile data, benchmarks/PERF_NOTES.md, "Applied without GPU timing"). The
-        # scans stay at the measured 4: they spill at most 56 B there and keep 2-3 CTAs per SM,
-        # where 8 warps would leave 1-2 for a sequential loop.
-        warps, scan_warps, stages = (4 if gate == 2 else 8), 4, 2
+        # 4 warps everywhere: measured on the H200 (linattn bench, 2026-11-28), 8 warps on the
+        # GATE 0/1 per-tile kernels, chosen from sm_90 spill counts, made the no-gate op slower
+        # (fwd 1.84 -> 2.16 ms, fwd+bwd 6.30 -> 6.96 ms at T 8192, D 128).
+        warps, scan_warps, stages = 4, 4, 2
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,
