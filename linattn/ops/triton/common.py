@@ -161,3 +161,33 @@ def chunk_cumsum(x: torch.Tensor, layout: ChunkLayout, reverse: bool = False,
     chunk_cumsum_kernel[(layout.NC, triton.cdiv(C, BC))](
         x, y, layout.chunk_start, layout.chunk_end, C, L=layout.L, BC=BC, REVERSE=reverse)
     return y
+
+
+@triton.jit
+def gate_grad_kernel(db, sp, chunk_start, chunk_end, C, L: tl.constexpr, BC: tl.constexpr):
+    """In place: db[t, c] <- sum_{s >= t} db[s, c] + sum_{s < t} sp[s, c] inside t's chunk."""
+    tl.static_assert(L >= 16)
+    ic = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    cs = tl.load(chunk_start + ic).to(tl.int64)                 # chunk's first token
+    ce = tl.load(chunk_end + ic).to(tl.int64)                   # one past its last token
+    rows = cs + tl.arange(0, L)
+    cols = cb * BC + tl.arange(0, BC)
+    mask = (rows < ce)[:, None] & (cols < C)[None, :]
+    ptr = rows[:, None] * C + cols[None, :]
+    a = tl.load(db + ptr, mask=mask, other=0.0)                 # [L, BC] chunk slice
+    b = tl.load(sp + ptr, mask=mask, other=0.0).to(a.dtype)
+    out = tl.cumsum(a, axis=0, reverse=True) + tl.cumsum(b, axis=0) - b  # reverse + exclusive
+    tl.store(db + ptr, out, mask=mask)
+
+
+def gate_grad_(db: torch.Tensor, sp: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    """db <- chunk-local reverse cumsum of db + exclusive forward cumsum of sp, in place
+    (db and sp contiguous, the same shape [TT, ...]); returns db."""
+    C = db[0].numel() if db.shape[0] else 1
+    if layout.NC == 0 or C == 0:
+        return db
+    BC = min(64, next_pow2(C)) if layout.L <= 256 else min(16, next_pow2(C))
+    gate_grad_kernel[(layout.NC, triton.cdiv(C, BC))](
+        db, sp, layout.chunk_start, layout.chunk_end, C, L=layout.L, BC=BC)
+    return db

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import torch_chunked
-from .common import INTERPRET, chunk_cumsum, head_tile, lengths_of, make_layout
+from .common import INTERPRET, chunk_cumsum, gate_grad_, head_tile, lengths_of, make_layout
 from .gated_bwd import bwd_dqk, bwd_dv, bwd_states
 from .gated_fwd import fwd_o, fwd_states, mexp_prep
 
@@ -174,10 +174,9 @@ def _gate_grad(db, state_part, sdot, layout, dtype):
     and the state part of the keys before t (an exclusive forward cumsum): same value,
     without the cancellation that bf16 operands turn into an O(1e-1) error. Summed in dtype
     (float64 for float32 inputs: a constant decay's gradient adds up every token's)."""
-    db, state_part = db.to(dtype), state_part.to(dtype)  # db: q.dq - k.dk w/o the state part
+    db = db.to(dtype).contiguous()           # q.dq - k.dk without the state part (may be a copy)
     db[layout.chunk_last] += sdot.to(dtype)
-    return (chunk_cumsum(db, layout, reverse=True, dtype=dtype)
-            + chunk_cumsum(state_part, layout, dtype=dtype) - state_part)
+    return gate_grad_(db, state_part.contiguous(), layout)                # in place: no extra [TT, H, K]
 
 
 def _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt, h0, n0, m0, dh0, dn0, layout):
