@@ -131,10 +131,10 @@ def lengths_of(cu_seqlens, B: int, T: int):
 # ----------------------------------------------------------------------------- chunk cumsum
 
 @triton.jit
-def chunk_cumsum_kernel(x, y, chunk_start, chunk_end, C, L: tl.constexpr, BC: tl.constexpr,
-                        REVERSE: tl.constexpr):
+def chunk_cumsum_kernel(x, y, excl, chunk_start, chunk_end, C, L: tl.constexpr, BC: tl.constexpr,
+                        REVERSE: tl.constexpr, ADD_EXCL: tl.constexpr):
     """y[t, c] = sum of x[s, c] over s <= t (s >= t when REVERSE) inside t's chunk, in y's
-    dtype."""
+    dtype; ADD_EXCL adds the exclusive forward sum of excl[s, c] over s < t. y may be x."""
     tl.static_assert(L >= 16)
     ic = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
@@ -145,7 +145,22 @@ def chunk_cumsum_kernel(x, y, chunk_start, chunk_end, C, L: tl.constexpr, BC: tl
     mask = (rows < ce)[:, None] & (cols < C)[None, :]
     ptr = rows[:, None] * C + cols[None, :]
     a = tl.load(x + ptr, mask=mask, other=0.0).to(y.dtype.element_ty)  # [L, BC] chunk slice
-    tl.store(y + ptr, tl.cumsum(a, axis=0, reverse=REVERSE), mask=mask)
+    out = tl.cumsum(a, axis=0, reverse=REVERSE)
+    if ADD_EXCL:
+        b = tl.load(excl + ptr, mask=mask, other=0.0).to(y.dtype.element_ty)
+        out += tl.cumsum(b, axis=0) - b                          # sum over the earlier tokens
+    tl.store(y + ptr, out, mask=mask)
+
+
+def _chunk_scan(x, y, excl, layout: ChunkLayout, reverse: bool):
+    C = x[0].numel() if x.shape[0] else 1
+    if layout.NC == 0 or C == 0:
+        return y
+    BC = min(64, next_pow2(C)) if layout.L <= 256 else min(16, next_pow2(C))
+    chunk_cumsum_kernel[(layout.NC, triton.cdiv(C, BC))](
+        x, y, excl if excl is not None else x, layout.chunk_start, layout.chunk_end, C,
+        L=layout.L, BC=BC, REVERSE=reverse, ADD_EXCL=excl is not None)
+    return y
 
 
 def chunk_cumsum(x: torch.Tensor, layout: ChunkLayout, reverse: bool = False,
@@ -153,41 +168,10 @@ def chunk_cumsum(x: torch.Tensor, layout: ChunkLayout, reverse: bool = False,
     """Chunk-local inclusive (reverse) cumsum along dim 0 of x [TT, ...] -> dtype, same shape."""
     from ..alloc import empty
     x = x.contiguous()
-    y = empty(x.shape, dtype=dtype, device=x.device)
-    C = x[0].numel() if x.shape[0] else 1
-    if layout.NC == 0 or C == 0:
-        return y
-    BC = min(64, next_pow2(C)) if layout.L <= 256 else min(16, next_pow2(C))
-    chunk_cumsum_kernel[(layout.NC, triton.cdiv(C, BC))](
-        x, y, layout.chunk_start, layout.chunk_end, C, L=layout.L, BC=BC, REVERSE=reverse)
-    return y
-
-
-@triton.jit
-def gate_grad_kernel(db, sp, chunk_start, chunk_end, C, L: tl.constexpr, BC: tl.constexpr):
-    """In place: db[t, c] <- sum_{s >= t} db[s, c] + sum_{s < t} sp[s, c] inside t's chunk."""
-    tl.static_assert(L >= 16)
-    ic = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1)
-    cs = tl.load(chunk_start + ic).to(tl.int64)                 # chunk's first token
-    ce = tl.load(chunk_end + ic).to(tl.int64)                   # one past its last token
-    rows = cs + tl.arange(0, L)
-    cols = cb * BC + tl.arange(0, BC)
-    mask = (rows < ce)[:, None] & (cols < C)[None, :]
-    ptr = rows[:, None] * C + cols[None, :]
-    a = tl.load(db + ptr, mask=mask, other=0.0)                 # [L, BC] chunk slice
-    b = tl.load(sp + ptr, mask=mask, other=0.0).to(a.dtype)
-    out = tl.cumsum(a, axis=0, reverse=True) + tl.cumsum(b, axis=0) - b  # reverse + exclusive
-    tl.store(db + ptr, out, mask=mask)
+    return _chunk_scan(x, empty(x.shape, dtype=dtype, device=x.device), None, layout, reverse)
 
 
 def gate_grad_(db: torch.Tensor, sp: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """db <- chunk-local reverse cumsum of db + exclusive forward cumsum of sp, in place
     (db and sp contiguous, the same shape [TT, ...]); returns db."""
-    C = db[0].numel() if db.shape[0] else 1
-    if layout.NC == 0 or C == 0:
-        return db
-    BC = min(64, next_pow2(C)) if layout.L <= 256 else min(16, next_pow2(C))
-    gate_grad_kernel[(layout.NC, triton.cdiv(C, BC))](
-        db, sp, layout.chunk_start, layout.chunk_end, C, L=layout.L, BC=BC)
-    return db
+    return _chunk_scan(db, db, sp, layout, reverse=True)
