@@ -8,9 +8,14 @@ With do~ = do (/ d_t for mLSTMexp) and dqn the cotangent of n^T q (mLSTMexp), pe
 with dA_ts = do~_t . v_s (+ dqn_t). The gates' gradient follows from the exponents: every
 term holding q_t carries +b_t, every term holding k_s carries -b_s (+w_s), and the state
 after a chunk carries +b_last, so db_t = q_t . dq_t - k_t . dk_t (+ <dS, S> after the chunk
-at its last token) and dw_s = k_s . dk_s; the kernels write these per-token sums in float32
-and the launcher (gated_api) turns them into dg by a chunk-local reverse cumsum. Every
-output element is written by exactly one program: no atomics, bitwise deterministic.
+at its last token) and dw_s = k_s . dk_s; dg is the chunk-local reverse cumsum of db. Summed
+that way, large terms cancel (each token's pairing with itself appears in both q.dq and k.dk;
+the state part of k.dk cancels against <dS, S>), which costs bf16 gradients their precision
+at strong decays. So the kernels write the sums without the same-token terms, the state part
+of k.dk apart, and sdot = <exp(le + mp) dS_{c+1}, S_c>; the launcher (gated_api._gate_grad)
+forms dg_t = revcumsum(q.dq - k.dk)_t + sdot + sum of the state parts of the keys before t
+(the same value). Every output element is written by exactly one program: no atomics,
+bitwise deterministic.
 """
 from __future__ import annotations
 
