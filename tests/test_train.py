@@ -161,3 +161,16 @@ def test_demo_runs_and_reports_held_out_accuracy(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy on held-out seed 1" in out and "trained 2 steps" in out
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_gated_settings_sweep_runs_in_the_interpreter(tmp_path):
+    """benchmarks/sweep_gated.py --smoke: every combination runs and matches the defaults."""
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_gated.py"), "--smoke",
+                           "--kinds", "scalar", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all("error" not in r for r in rows), rows
+    assert all(r["max_diff_vs_default"] < 1e-4 for r in rows), rows

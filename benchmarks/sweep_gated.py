@@ -1,0 +1,137 @@
+"""Launch-setting sweep of the gated-family Triton kernels: chunk L, tile BT, warps, stages.
+
+For each op kind and each combination, times forward and forward+backward (median of
+triton.testing.do_bench) at the bench shape (bf16, B*T = 65536, T = 8192, H = 16, D = 128)
+and checks the outputs and gradients against the default settings' (max abs difference),
+so a faster setting that changes results shows up. Not a benchmark for claims (no peers):
+it picks the defaults in gated_api._config, which `linattn bench` then measures.
+
+    PYTHONPATH=. python3 benchmarks/sweep_gated.py --json $OUT/sweep_gated.json
+    PYTHONPATH=. python3 benchmarks/sweep_gated.py --kinds none,key --chunks 64,128 --warps 4
+    TRITON_INTERPRET=1 python3 benchmarks/sweep_gated.py --smoke     # CPU, tiny, wall clock
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import time_gated  # noqa: E402
+
+from linattn.ops.triton import gated_api  # noqa: E402
+
+_DEFAULT_CONFIG = gated_api._config
+
+
+def use_settings(chunk, tile, warps, scan_warps, stages):
+    """Makes gated_api pick these settings (None: the default) until the next call."""
+    gated_api.CHUNK, gated_api.TILE = chunk, tile
+
+    def config(*a, **kw):
+        cfg, L, BT = _DEFAULT_CONFIG(*a, **kw)
+        repl = {k: v for k, v in dict(warps=warps, scan_warps=scan_warps, stages=stages).items()
+                if v is not None}
+        return dataclasses.replace(cfg, **repl), L, BT
+
+    gated_api._config = config
+
+
+def timed(fn, smoke):
+    """Median milliseconds of fn: do_bench on CUDA, wall clock of 3 runs in the interpreter."""
+    if not smoke:
+        import triton.testing
+        return triton.testing.do_bench(fn, return_mode="median")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def run_kind(kind, ins, settings, smoke):
+    """(fwd ms, fwd+bwd ms, [o, grads...]) of one kind under the settings."""
+    use_settings(*settings)
+    fn = time_gated.op(kind)
+    leaves = list(ins.values())
+    do = torch.ones_like(ins["v"])
+
+    def fwd():
+        with torch.no_grad():
+            fn(**ins)
+
+    def fwd_bwd():
+        o, _ = fn(**ins)
+        return torch.autograd.grad(o, leaves, do)
+
+    o, _ = fn(**ins)
+    outs = [o.detach().float()] + [g.float() for g in fwd_bwd()]   # also compiles
+    return timed(fwd, smoke), timed(fwd_bwd, smoke), outs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kinds", default="none,scalar,key,mlstm_sig,mlstm_exp")
+    p.add_argument("--chunks", default="64,128,256")
+    p.add_argument("--tiles", default="default", help="BT values, or 'default' (64; 32 per-key)")
+    p.add_argument("--warps", default="4,8")
+    p.add_argument("--scan-warps", default="4")
+    p.add_argument("--stages", default="2,3")
+    p.add_argument("--T", type=int, default=8192)
+    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--budget-s", type=float, default=420.0, help="stop starting combinations after this")
+    p.add_argument("--json", default=None)
+    p.add_argument("--smoke", action="store_true", help="interpreter on the CPU, tiny shape")
+    args = p.parse_args(argv)
+    ints = lambda s: [None if x == "default" else int(x) for x in s.split(",")]  # noqa: E731
+    if args.smoke:
+        dev, dtype, B, T, H, D = "cpu", torch.float32, 1, 96, 1, 16
+        args.chunks, args.warps, args.stages, args.tiles = "32,64", "4", "1", "16"
+    else:
+        dev, dtype, H, D = "cuda", torch.bfloat16, 16, 128
+        T, B = args.T, args.tokens // args.T
+    combos = list(itertools.product(ints(args.chunks), ints(args.tiles), ints(args.warps),
+                                    ints(args.scan_warps), ints(args.stages)))
+    start, rows = time.perf_counter(), []
+    for kind in args.kinds.split(","):
+        ins = time_gated.make(kind, B, T, H, D, dev, dtype)
+        _, _, ref = run_kind(kind, ins, (None, None, None, None, None), args.smoke)
+        for chunk, tile, warps, scan_warps, stages in combos:
+            row = dict(kind=kind, chunk=chunk, tile=tile, warps=warps, scan_warps=scan_warps, stages=stages)
+            if time.perf_counter() - start > args.budget_s:
+                row["error"] = "skipped: budget"
+            else:
+                try:
+                    tf, tfb, outs = run_kind(kind, ins, (chunk, tile, warps, scan_warps, stages), args.smoke)
+                    diff = max((a - b).abs().max().item() for a, b in zip(outs, ref))
+                    row.update(fwd_ms=round(tf, 3), fwd_bwd_ms=round(tfb, 3), max_diff_vs_default=diff)
+                except Exception as e:  # a setting that does not compile or fit is a row
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    use_settings(None, None, None, None, None)
+    gated_api._config = _DEFAULT_CONFIG
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(shape=dict(B=B, T=T, H=H, D=D, dtype=str(dtype)),
+                                                   rows=rows), indent=1))
+    print(f"\n{'kind':<10} {'L':>4} {'BT':>4} {'warps':>5} {'scan':>4} {'stg':>3} {'fwd ms':>8} {'fwd+bwd':>8}  diff")
+    for r in rows:
+        if "error" in r:
+            continue
+        print(f"{r['kind']:<10} {str(r['chunk']):>4} {str(r['tile']):>4} {str(r['warps']):>5} "
+              f"{str(r['scan_warps']):>4} {str(r['stages']):>3} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>8.3f}  "
+              f"{r['max_diff_vs_default']:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
