@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--backend", default="auto", help="the local op's backend")
     p.add_argument("--skip-check", action="store_true", help="skip the NCCL correctness check")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one fwd+bwd at the first length: per-kernel time, 1 GPU vs a rank")
     p.add_argument("--out", default="benchmarks/results/sp_scaling.json")
     return p.parse_args(argv)
 
@@ -147,6 +149,34 @@ def _time_fwd_bwd(fn, T, H, D, device, warmup, iters, distributed):
     return statistics.median(times)
 
 
+def _profile(world, rank, args, device):
+    """Per-kernel device time (top 15) of one fwd+bwd at the first length: the single-GPU op
+    on the whole sequence, and this rank's sequence-parallel slice."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import linattn
+    import linattn.parallel as sp
+
+    T, H, D = args.lengths[0], args.heads, args.dim
+    runs = (("1gpu", lambda q, k, v, g: linattn.linear_attention(q, k, v, g, backend=args.backend), T, False),
+            ("sp", lambda q, k, v, g: sp.linear_attention(q, k, v, g, backend=args.backend),
+             T // world + (1 if rank < T % world else 0), True))
+    out = {}
+    for name, fn, n, distributed in runs:
+        if distributed:
+            dist.barrier()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _time_fwd_bwd(fn, n, H, D, device, 0, 1, distributed)
+        rows = []
+        for ev in prof.key_averages():
+            us = getattr(ev, "self_device_time_total", None)
+            us = ev.self_cuda_time_total if us is None else us
+            if us > 0:
+                rows.append(dict(kernel=ev.key, ms=us / 1e3, calls=ev.count))
+        out[name] = sorted(rows, key=lambda r: -r["ms"])[:15]
+    return out
+
+
 def _worker(rank, world, port, args, queue):
     import linattn
     import linattn.parallel as sp
@@ -174,6 +204,8 @@ def _worker(rank, world, port, args, queue):
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             result["rows"].append(dict(T=T, ms_1gpu=t1 * 1e3, ms_sp=slowest.item() * 1e3,
                                        efficiency=t1 / (world * slowest.item())))
+        if args.profile:
+            result["profile"] = _profile(world, rank, args, device)
         if rank == 0:
             queue.put(result)
         dist.barrier()
@@ -202,6 +234,11 @@ def main(argv=None):
     print(f"{'T':>9} | {'1 GPU ms':>9} | {W} GPUs ms | efficiency")
     for r in result["rows"]:
         print(f"{r['T']:>9} | {r['ms_1gpu']:>9.2f} | {r['ms_sp']:>9.2f} | {r['efficiency']:>9.1%}")
+
+    for name, rows in (result.get("profile") or {}).items():
+        print(f"\nprofile, {name}, T={args.lengths[0]} (rank 0), one fwd+bwd:")
+        for r in rows:
+            print(f"  {r['ms']:8.3f} ms  x{r['calls']:<3} {r['kernel'][:90]}")
 
     import linattn
     out = dict(benchmark="sp_scaling", gpu=torch.cuda.get_device_name(0), world=W,
