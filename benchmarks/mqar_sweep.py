@@ -3,10 +3,13 @@
 Mixers: Gated DeltaNet, GLA, mLSTMsig, attention, and a 3:1 Gated DeltaNet / attention
 hybrid, all with the same width and depth; sequence length {256, 1024} x key-value pairs
 {16, 64}, vocabulary 256 (Zoology uses 8192 with ~100x more training: on the H200 at 8192,
-600 steps left every linear mixer at chance and attention at 13%). Each run trains with linattn.train (bf16
-autocast on CUDA) for --steps steps at a constant number of tokens per step, time-boxed so
-the whole sweep fits --budget-s (each run gets the remaining budget over the remaining runs),
-then is evaluated on the test split. Writes a JSON file and a PNG next to it.
+600 steps left every linear mixer at chance and attention at 13%). Each run trains with
+linattn.train (bf16 autocast on CUDA) for --steps steps at a constant number of sequences per
+step, the first half at the task's shortest length (seq_len_warmup 0.5: pairs and queries
+without filler; at the full length alone, 1000 steps left Gated DeltaNet at chance on the
+CPU, see BENCHMARKS.md), time-boxed so the whole sweep fits --budget-s (each run gets the
+remaining budget over the remaining runs), then is evaluated on the test split at the full
+length. Writes a JSON file and a PNG next to it.
 
     python benchmarks/mqar_sweep.py --out benchmarks/results/mqar_sweep.json
     python benchmarks/mqar_sweep.py --smoke --out /tmp/mqar.json         # CPU, toy size
@@ -34,9 +37,11 @@ MIXERS = {
     "gated_deltanet 3:1 hybrid": dict(mixer="gated_deltanet", hybrid=3),
 }
 FULL = dict(seq_lens=[256, 1024], pairs=[16, 64], vocab=256, d_model=128, n_layers=4, n_heads=2,
-            tokens_per_step=32768, steps=400, lr=3e-3, eval_batches=8, device="cuda", budget_s=450.0)
+            tokens_per_step=32768, steps=400, lr=3e-3, seq_len_warmup=0.5, eval_batches=8,
+            device="cuda", budget_s=450.0)
 SMOKE = dict(seq_lens=[24], pairs=[2, 4], vocab=16, d_model=16, n_layers=4, n_heads=2,
-             tokens_per_step=96, steps=2, lr=1e-2, eval_batches=1, device="cpu", budget_s=120.0)
+             tokens_per_step=96, steps=2, lr=1e-2, seq_len_warmup=0.5, eval_batches=1, device="cpu",
+             budget_s=120.0)
 
 
 def plot(rows: list[dict], s: dict, path: Path) -> None:
@@ -90,6 +95,7 @@ def main(argv=None) -> int:
             try:
                 warm_task = make_task("mqar", pairs=P, seq_len=T, vocab=s["vocab"])
                 warm_cfg = TrainConfig(steps=2, batch_size=max(1, s["tokens_per_step"] // T),
+                                       seq_len_warmup=s["seq_len_warmup"],  # both lengths
                                        device=s["device"], eval_batches=1, ckpt_every=10**9)
                 train(model_config_for(warm_task, d_model=s["d_model"], n_layers=s["n_layers"],
                                        n_heads=s["n_heads"], **MIXERS[name]),
@@ -104,6 +110,7 @@ def main(argv=None) -> int:
             continue
         task = make_task("mqar", pairs=P, seq_len=T, vocab=s["vocab"])
         cfg = TrainConfig(steps=s["steps"], batch_size=max(1, s["tokens_per_step"] // T), lr=s["lr"],
+                          seq_len_warmup=s["seq_len_warmup"],
                           device=s["device"], eval_batches=s["eval_batches"], ckpt_every=10**9,
                           log_every=max(1, s["steps"] // 20), time_limit_s=0.85 * per_run)
         try:

@@ -87,6 +87,8 @@ SETTINGS = {
     "eval_batches": (["--eval-batches"], int, "train", "test batches per evaluation"),
     "ckpt_every": (["--ckpt-every"], int, "train", "steps between checkpoints"),
     "time_limit_s": (["--time-limit"], float, "train", "stop training after this many seconds (0: none)"),
+    "seq_len_warmup": (["--seq-len-warmup"], float, "train",
+                       "fraction of the steps trained at the task's shortest length (0: none)"),
 }
 ALIASES = {"heads": "n_heads", "batch": "batch_size", "time_limit": "time_limit_s", "pattern": "layers",
            "name": "task"}

@@ -174,3 +174,43 @@ def test_gated_settings_sweep_runs_in_the_interpreter(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 2 and all("error" not in r for r in rows), rows
     assert all(r["max_diff_vs_default"] < 1e-4 for r in rows), rows
+
+
+def test_seq_len_warmup_trains_short_first_and_resumes_exactly(tmp_path):
+    """A resumed run across the switch from short to full length reaches the same weights,
+    and the warm-up changes the run (it is not ignored)."""
+    full = train(*tiny(seq_len_warmup=0.5), tmp_path / "full", progress=False)
+    assert full["steps"] == 6
+
+    def crash(step, record):
+        if step == 5:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train(*tiny(seq_len_warmup=0.5), tmp_path / "crash", progress=False, on_step=crash)
+    train(*tiny(seq_len_warmup=0.5), tmp_path / "crash", resume=True, progress=False)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "crash"))
+    train(*tiny(), tmp_path / "plain", progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "full").values(),
+                                                      weights(tmp_path / "plain").values()))
+
+
+def test_seq_len_warmup_uses_the_short_task_for_its_steps(monkeypatch):
+    from linattn.tasks import mqar
+
+    lengths = []
+    original = mqar.MQAR.batch
+
+    def spy(self, split, seed, index, batch_size):
+        if split == "train":
+            lengths.append(self.seq_len)
+        return original(self, split, seed, index, batch_size)
+
+    monkeypatch.setattr(mqar.MQAR, "batch", spy)
+    train(*tiny(steps=8, seq_len_warmup=0.25), None, progress=False)
+    assert lengths == [8, 8] + [12] * 6     # 2P + 2Q = 8 tokens, then seq_len 12
+
+
+def test_seq_len_warmup_must_be_a_fraction():
+    with pytest.raises(ValueError, match="seq_len_warmup"):
+        TrainConfig(seq_len_warmup=1.0).validate()

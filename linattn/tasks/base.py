@@ -35,6 +35,11 @@ class Task:
         """A Batch of `batch_size` examples drawn with the numpy generator `gen`."""
         raise NotImplementedError
 
+    def shortest(self) -> "Task":
+        """The same task at its shortest sequence length (for a sequence-length warm-up);
+        tasks whose length is fixed by their knobs return themselves."""
+        return self
+
     # ------------------------------------------------------------------ shared behaviour
 
     def validate(self) -> "Task":

@@ -10,7 +10,7 @@ Vocabulary: 0 = BOS, 1 = MARK, 2 = SEP, data and noise tokens in [3, vocab).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ class SelectiveCopy(Task):
     @property
     def context_len(self) -> int:
         return self.seq_len - self.copy_len - 1
+
+    def shortest(self) -> "SelectiveCopy":
+        """The least noise that still hides copy_len marked tokens: T = 3 copy_len + 1."""
+        return replace(self, seq_len=3 * self.copy_len + 1)
 
     def check(self) -> None:
         if self.copy_len < 1:

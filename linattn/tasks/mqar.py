@@ -14,7 +14,7 @@ nk = (vocab - 1) // 2.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,6 +42,10 @@ class MQAR(Task):
     @property
     def num_queries(self) -> int:
         return self.queries or self.pairs
+
+    def shortest(self) -> "MQAR":
+        """The pairs and the queries with no filler between them: T = 2P + 2Q."""
+        return replace(self, seq_len=2 * self.pairs + 2 * self.num_queries)
 
     def check(self) -> None:
         if self.pairs < 1:

@@ -187,3 +187,24 @@ def test_bad_knobs_are_a_value_error(name, knobs, match):
 
 def test_registry_lists_the_four_tasks():
     assert set(TASKS) == {"mqar", "arithmetic", "compare", "copy"}
+
+
+@pytest.mark.parametrize("name,knobs", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_shortest_is_the_same_task_at_its_least_valid_length(name, knobs):
+    """Task.shortest() (the sequence-length warm-up): same knobs but the length, still valid,
+    no longer than the task, and not shortenable further by one token where it has a length."""
+    task = make_task(name, **knobs)
+    short = task.shortest().validate()
+    assert short.vocab_size == task.vocab_size and short.seq_len <= task.seq_len
+    assert {k: v for k, v in short.to_dict().items() if k != "seq_len"} == \
+        {k: v for k, v in task.to_dict().items() if k != "seq_len"}
+    batch = short.batch("train", 0, 0, 3)
+    assert batch.input_ids.shape == (3, short.seq_len) and batch.answer_mask.any()
+    if "seq_len" in knobs:
+        with pytest.raises(ValueError):
+            make_task(name, **{**knobs, "seq_len": short.seq_len - 1})
+
+
+def test_mqar_shortest_has_no_filler():
+    task = make_task("mqar", pairs=16, seq_len=256, vocab=256)
+    assert task.shortest().seq_len == 64
