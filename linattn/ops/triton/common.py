@@ -147,8 +147,11 @@ def chunk_cumsum_kernel(x, y, excl, chunk_start, chunk_end, C, L: tl.constexpr, 
     a = tl.load(x + ptr, mask=mask, other=0.0).to(y.dtype.element_ty)  # [L, BC] chunk slice
     out = tl.cumsum(a, axis=0, reverse=REVERSE)
     if ADD_EXCL:
-        b = tl.load(excl + ptr, mask=mask, other=0.0).to(y.dtype.element_ty)
-        out += tl.cumsum(b, axis=0) - b                          # sum over the earlier tokens
+        # sum over the earlier tokens: an inclusive cumsum of the slice shifted down one row
+        # (not cumsum(b) - b, which leaves eps * |b_t| of a large b_t in a small sum)
+        prev = mask & (rows > cs)[:, None]
+        b = tl.load(excl + ptr - C, mask=prev, other=0.0).to(y.dtype.element_ty)
+        out += tl.cumsum(b, axis=0)
     tl.store(y + ptr, out, mask=mask)
 
 

@@ -1,0 +1,46 @@
+"""linattn/ops/triton/common.py: the chunk-local scans every gated kernel relies on
+(interpreter on the CPU)."""
+import torch
+
+from linattn.ops.triton.common import chunk_cumsum, gate_grad_, make_layout
+
+
+def _chunks(lengths, L):
+    """(start, end) of every chunk of the packed sequences, as make_layout cuts them."""
+    out, pos = [], 0
+    for n in lengths:
+        out += [(pos + c, min(pos + c + L, pos + n)) for c in range(0, n, L)]
+        pos += n
+    return out
+
+
+def test_chunk_cumsum_and_gate_grad_match_per_chunk_sums():
+    lengths, L = [0, 37, 1, 20], 16
+    layout = make_layout(lengths, L, 16, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(lengths), 3, 5, generator=gen)
+    sp = torch.randn(sum(lengths), 3, 5, generator=gen)
+    fwd, rev, gg = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
+    for a, b in _chunks(lengths, L):
+        fwd[a:b] = x[a:b].cumsum(0)
+        rev[a:b] = x[a:b].flip(0).cumsum(0).flip(0)
+        excl = torch.cat([torch.zeros_like(sp[a:a + 1]), sp[a:b - 1].cumsum(0)])
+        gg[a:b] = rev[a:b] + excl
+    torch.testing.assert_close(chunk_cumsum(x, layout), fwd)
+    torch.testing.assert_close(chunk_cumsum(x, layout, reverse=True), rev)
+    out = gate_grad_(x.clone(), sp, layout)
+    torch.testing.assert_close(out, gg)
+    assert chunk_cumsum(x, layout, dtype=torch.float64).dtype == torch.float64
+
+
+def test_gate_grad_exclusive_sum_keeps_a_large_last_term_out():
+    """The state part of the chunk's last key can be O(100) while the gradient it must not
+    touch is O(1e-7) (log-decays near -20): the exclusive sum must not subtract it back."""
+    L = 16
+    layout = make_layout([L], L, 16, "cpu")
+    sp = torch.full((L, 1), 1e-7)
+    sp[-1] = 300.0
+    out = gate_grad_(torch.zeros(L, 1), sp, layout)
+    # the sum of the 15 earlier terms, to float32 rounding of that small sum (cumsum(sp) - sp
+    # gave 0.0: 1.5e-6 vanishes next to 300 in float32)
+    assert abs(out[-1].item() - (L - 1) * 1e-7) < 1e-12
