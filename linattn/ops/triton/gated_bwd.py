@@ -444,8 +444,10 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
                 brr = tl.load(gb + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0)
                 keep_q = (rows > tr)[:, None] & mr[:, None] & mrr       # same token: below
                 keep_k = (rows < tr)[:, None] & mr[:, None] & mrr
-                dq += (col * scale)[:, None] * kr[None, :] * exp(tl.where(keep_q, bq - brr[None, :], NEG_INF), IEEE)
-                dk += (row * scale)[:, None] * qr[None, :] * exp(tl.where(keep_k, brr[None, :] - bq, NEG_INF), IEEE)
+                wq = exp(tl.where(keep_q, bq - brr[None, :], NEG_INF), IEEE)   # query t, key r
+                wk = exp(tl.where(keep_k, brr[None, :] - bq, NEG_INF), IEEE)   # query r, key t
+                dq += (col * scale)[:, None] * kr[None, :] * wq
+                dk += (row * scale)[:, None] * qr[None, :] * wk
             # the same-token terms: dA_tt = do_t . v_t, weight exp(0)
             dvd = tl.zeros([BT], dtype=tl.float32)
             for vb in range(tl.cdiv(V, BV)):
@@ -499,7 +501,8 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
     bwd_states_kernel[grid](
         q, do, _or(gb, x), _or(gm, x), _or(mpc, x), _or(rd, x), _or(dqn, x), _or(dht, x),
         _or(dnt, x), dh, _or(dhn, x), _or(dh0, x), _or(dn0, x), h, _or(hn, x), _or(sdot, x),
-        layout.cu, layout.chunk_off, scale, H, NS, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BVS, GATE=cfg.gate,
+        layout.cu, layout.chunk_off, scale, H, NS, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK,
+        BV=cfg.BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
         IEEE=cfg.ieee, num_warps=cfg.scan_warps, num_stages=cfg.stages)
     if sdot is not None:
