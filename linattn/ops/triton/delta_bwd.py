@@ -25,7 +25,8 @@ import triton.language as tl
 
 from .. import alloc
 from . import delta_fwd
-from .delta_fwd import BT, dot_precision, full_tile, scan_v_tile, tile
+from .common import head_tile
+from .delta_fwd import BT, chunk_program, dot_precision, full_tile, scan_v_tile, sequence_program
 
 # ------------------------------------------------------------------------------ kernels
 
@@ -41,13 +42,7 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
     BK spans all of K (the launcher picks full_tile(K)): W^T dU' contracts over the chunk
     but yields all K rows of dS."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_v = tl.program_id(0)  # int32: a block-pointer offset
-    i_nh = tl.program_id(1).to(tl.int64)
-    n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
-    c0 = tl.load(chunk_offsets + n).to(tl.int64)
+    i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
     nt = tl.cdiv(Tn, BT)
     o_t = tl.arange(0, BT)
 
@@ -116,15 +111,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                          PREC: tl.constexpr):
     """Per (chunk, head): dq; dk (state and output part, float32); dw = -dU' S^T; db part."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    n = tl.load(chunk_seq + i_c).to(tl.int64)
-    i_t = tl.load(chunk_idx + i_c)  # int32: block-pointer offsets are 32-bit
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
-    t0 = i_t * BT
-    o_t = tl.arange(0, BT)
-    valid = (t0 + o_t) < Tn
+    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     last = tl.minimum(t0 + BT, Tn) - 1 - t0  # row of the chunk's last token
     m_c = (o_t[:, None] >= o_t[None, :]) & valid[:, None]
     if USE_G:
@@ -221,15 +208,7 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
                         PREC: tl.constexpr):
     """Per (chunk, head): through W = T diag(beta e^b) K, U = T diag(beta) V, T = (I + A)^-1."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    n = tl.load(chunk_seq + i_c).to(tl.int64)
-    i_t = tl.load(chunk_idx + i_c)  # int32: block-pointer offsets are 32-bit
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
-    t0 = i_t * BT
-    o_t = tl.arange(0, BT)
-    valid = (t0 + o_t) < Tn
+    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     row = (bos + t0 + o_t) * H + i_h
     m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
 
@@ -367,7 +346,7 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
         delta_bwd_dqk_kernel[(layout.num_chunks, H)](
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
             db if db is not None else dw, layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
-            scale, H=H, K=K, V=V, BT=BT, BK=tile(K), BV=tile(V), USE_G=gc is not None,
+            scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=gc is not None,
             PREC=dot_precision(q.dtype), num_warps=8, num_stages=1)   # 8: spills 4x-10x less
     return dq, dk_part, dw, db
 
@@ -392,7 +371,7 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
             k, v, beta, gc if gc is not None else dw, tinv, dw, dv2, dk_part,
             db if db is not None else dw, dk, dv, dbeta, dg if dg is not None else dbeta,
             layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
-            H=H, K=K, V=V, BT=BT, BK=tile(K), BV=tile(V), USE_G=g is not None,
+            H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype), num_warps=8, num_stages=1)   # 8: spills 4x-5x less
     return dk, dv, dbeta, dg
 

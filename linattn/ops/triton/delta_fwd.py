@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import alloc
+from .common import head_tile, next_pow2
 
 BT = 64  # chunk length: the UT transform's block
 BC = 16  # diagonal sub-block of the forward substitution
@@ -37,23 +38,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _np2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
-
-
-def tile(d: int, cap: int = 64) -> int:
-    """A head-dim tile: the next power of two (at least 16), at most cap."""
-    return min(cap, _np2(d))
-
-
 def full_tile(d: int) -> int:
-    """A tile spanning the whole head dim (the scan's K side)."""
-    return _np2(d)
+    """A tile spanning the whole head dim (the scan's K side): the next power of two >= 16."""
+    return max(16, next_pow2(d))
 
 
 def scan_v_tile(K: int, V: int) -> int:
     """V tile of the scans: keep the float32 state tile [BK, BV] at or under 8192 elements."""
-    return max(16, min(_np2(V), 8192 // full_tile(K), 64))
+    return max(16, min(head_tile(V, 64), 8192 // full_tile(K)))
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -73,12 +65,10 @@ def _inv_unit_lower_blocks(a, NB: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chunk_idx,
-                      H, K, V, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
-    """Per (chunk, head): gc = b, tinv = T = (I + A)^-1, w = W, u = U (all float32)."""
-    tl.static_assert(BT == 4 * BC, "the UT solve assembles 4 x 4 blocks of BC")
-    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+def chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT: tl.constexpr):
+    """Where a (chunk, head[, tile]) program works: (chunk id i_c, head i_h, its sequence's
+    first token bos and length Tn, the chunk's first row t0 in the sequence, the rows o_t,
+    valid = rows inside the sequence). Offsets used in block pointers (Tn, t0) are int32."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     n = tl.load(chunk_seq + i_c).to(tl.int64)  # sequence of this chunk
@@ -88,6 +78,31 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
     t0 = i_t * BT
     o_t = tl.arange(0, BT)
     valid = (t0 + o_t) < Tn  # rows of this chunk inside the sequence
+    return i_c, i_h, bos, Tn, t0, o_t, valid
+
+
+@triton.jit
+def sequence_program(cu_seqlens, chunk_offsets, H):
+    """Where a (V tile, sequence * head) scan program works: (V tile i_v, i_nh = n * H + h,
+    head i_h, the sequence's first token bos and length Tn (int32), its first chunk c0)."""
+    i_v = tl.program_id(0)  # int32: a block-pointer offset
+    i_nh = tl.program_id(1).to(tl.int64)
+    n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu_seqlens + n).to(tl.int64)
+    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
+    c0 = tl.load(chunk_offsets + n).to(tl.int64)  # global index of the sequence's first chunk
+    return i_v, i_nh, i_h, bos, Tn, c0
+
+
+@triton.jit
+def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chunk_idx,
+                      H, K, V, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, head): gc = b, tinv = T = (I + A)^-1, w = W, u = U (all float32)."""
+    tl.static_assert(BT == 4 * BC, "the UT solve assembles 4 x 4 blocks of BC")
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     row = (bos + t0 + o_t) * H + i_h  # [BT] int64 offsets of (token, head)
 
     # gates: beta, and b = cumsum(g) within the chunk (rows past the end add nothing)
@@ -192,13 +207,7 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
 
     BK spans all of K (the launcher picks full_tile(K)): W S contracts over it."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_v = tl.program_id(0)  # int32: a block-pointer offset
-    i_nh = tl.program_id(1).to(tl.int64)
-    n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
-    c0 = tl.load(chunk_offsets + n).to(tl.int64)  # global index of the sequence's first chunk
+    i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
     o_t = tl.arange(0, BT)
 
     # S_0: initial_state[n, h] or zeros (float32, [BK, BV] tile of [K, V])
@@ -249,16 +258,8 @@ def delta_output_kernel(q, k, vnew, gc, h, o, cu_seqlens, chunk_seq, chunk_idx, 
                         USE_G: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, head, V tile): O = scale ((Q * exp(b)) S + (tril(Q K^T) * Gamma) U')."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_c = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
+    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     i_v = tl.program_id(2)  # int32: a block-pointer offset
-    n = tl.load(chunk_seq + i_c).to(tl.int64)
-    i_t = tl.load(chunk_idx + i_c)  # int32: block-pointer offsets are 32-bit
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
-    t0 = i_t * BT
-    o_t = tl.arange(0, BT)
-    valid = (t0 + o_t) < Tn
 
     # Q S and Q K^T, accumulated over K tiles
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
@@ -316,7 +317,7 @@ def prep(k, v, beta, g, layout):
         delta_prep_kernel[(layout.num_chunks, H)](
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             w, u, layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
-            H=H, K=K, V=V, BT=BT, BC=BC, BK=tile(K), BV=tile(V), USE_G=g is not None,
+            H=H, K=K, V=V, BT=BT, BC=BC, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype), num_warps=4, num_stages=2)
     return gc, tinv, w, u
 
@@ -358,11 +359,11 @@ def output(q, k, vnew, gc, h, layout, scale, out_dtype):
     TT, H, K = q.shape
     V = vnew.shape[-1]
     o = alloc.empty(TT, H, V, dtype=out_dtype, device=q.device)
-    BV = tile(V)
+    BV = head_tile(V, 64)
     if layout.num_chunks:
         delta_output_kernel[(layout.num_chunks, H, triton.cdiv(V, BV))](
             q, k, vnew, gc if gc is not None else vnew, h, o, layout.cu_seqlens,
             layout.chunk_seq, layout.chunk_idx, scale,
-            H=H, K=K, V=V, BT=BT, BK=tile(K), BV=BV, USE_G=gc is not None,
+            H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=BV, USE_G=gc is not None,
             PREC=dot_precision(q.dtype), num_warps=4, num_stages=2)
     return o
