@@ -25,7 +25,8 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp
-from .gated_fwd import NEG_INF, _or, chunk_of, ld_gtile, ld_gtok, ld_state, ld_tile, ld_tok
+from .gated_fwd import (NEG_INF, _or, chunk_of, ld_gtile, ld_gtok, ld_state, ld_tile, ld_tok,
+                        state_block_of)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -43,19 +44,8 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
     over its K too for GATE 1) into sdot, at the slot of the state after the chunk."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
-    i_nh = tl.program_id(0).to(tl.int64)
-    kb = tl.program_id(1)
-    vb = tl.program_id(2)
-    n = i_nh // H
-    hh = i_nh % H
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    c0 = tl.load(coff + n).to(tl.int64)
+    i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
     nc = tl.cdiv(eos - bos, L)
-    ck = kb * BK + tl.arange(0, BK)
-    cv = vb * BV + tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
     mkv = mk[:, None] & mv[None, :]
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     dn = tl.zeros([BK], dtype=tl.float32)

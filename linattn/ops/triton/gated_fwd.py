@@ -84,6 +84,24 @@ def chunk_of(tile_seq, tile_start, cu, coff, it, L: tl.constexpr):
     return n, t0, eos, cs, ce, c0 + n + c, c0 + c, c0 + n + nc
 
 
+@triton.jit
+def state_block_of(cu, coff, H, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """A scan program (sequence * head, K block, V block) -> (i_nh = n * H + h, K block kb,
+    V block vb, head hh, sequence n, its first token bos and end eos, its first chunk c0,
+    the block's K columns ck and mask mk, V columns cv and mask mv)."""
+    i_nh = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    vb = tl.program_id(2)
+    n = i_nh // H
+    hh = i_nh % H
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    c0 = tl.load(coff + n).to(tl.int64)
+    ck = kb * BK + tl.arange(0, BK)
+    cv = vb * BV + tl.arange(0, BV)
+    return i_nh, kb, vb, hh, n, bos, eos, c0, ck, ck < K, cv, cv < V
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -136,18 +154,7 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, cu, coff, H,
     writes the state before every chunk and the final state into h (and n into hn)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
-    i_nh = tl.program_id(0).to(tl.int64)
-    kb = tl.program_id(1)
-    vb = tl.program_id(2)
-    n = i_nh // H
-    hh = i_nh % H
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    c0 = tl.load(coff + n).to(tl.int64)
-    ck = kb * BK + tl.arange(0, BK)
-    cv = vb * BV + tl.arange(0, BV)
-    mk = ck < K
-    mv = cv < V
+    i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     nv = tl.zeros([BK], dtype=tl.float32)
     if HAS_H0:
