@@ -25,8 +25,8 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp
-from .gated_fwd import (NEG_INF, _or, chunk_of, ld_gtile, ld_gtok, ld_state, ld_tile, ld_tok,
-                        state_block_of)
+from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, key_exp, ld_gtile, ld_gtok, ld_state,
+                        ld_tile, ld_tok, state_block_of)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -64,9 +64,8 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         ce = tl.minimum(cs + L, eos)
         mp = 0.0
         if GATE == 1:
-            le = tl.load(gb + (ce - 1) * H + hh)
+            le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
             if MEXP:
-                le = le - tl.load(gm + (ce - 1) * H + hh)
                 mp = tl.load(mpc + (c0 + c) * H + hh)
             dS = dS * exp(le + mp, IEEE)                           # back through the chunk's decay
             dn = dn * exp(le + mp, IEEE)
@@ -139,12 +138,8 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     ke = tl.zeros([BT], dtype=tl.float32)
     if GATE == 1:
-        ke = -ld_gtok(gb + hh, rows, mr, H)                       # key exponent -b_s (+ w_s)
-        if HAS_KW:
-            ke += ld_tok(kw + hh, rows, mr, H)
-        le = tl.load(gb + (ce - 1) * H + hh)
-        if MEXP:
-            le = le - tl.load(gm + (ce - 1) * H + hh)
+        ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
+        le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
         wk = exp(tl.where(mr, le + ke, NEG_INF), IEEE)             # weight into the next state
     # 1) through the state after the chunk: dv += (k * exp(le + ke)) dS_{c+1}
     for kb in range(tl.cdiv(K, BK)):
@@ -315,11 +310,10 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         ke = -qe
         if HAS_KW:
             ke += ld_tok(kw + hh, rows, mr, H)
-        le = tl.load(gb + (ce - 1) * H + hh)
+        le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
         mp = 0.0
         if MEXP:
             qe -= ld_gtok(gm + hh, rows, mr, H)
-            le = le - tl.load(gm + (ce - 1) * H + hh)
             mp = tl.load(mpc + ic * H + hh)
         dq = dq * (scale * exp(tl.where(mr, qe + mp, NEG_INF), IEEE))[:, None]
         dk = dk * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
@@ -353,9 +347,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             dA = do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
             kt = ld_tile(k + hh * K, krows, mkr, ck, mk, H * K)
             if GATE == 1:
-                kej = -ld_gtok(gb + hh, krows, mkr, H)
-                if HAS_KW:
-                    kej += ld_tok(kw + hh, krows, mkr, H)
+                kej = key_exp(gb, kw, hh, krows, mkr, H, HAS_KW)
                 dA = dA * exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF), IEEE)
             if GATE == 2:
                 bk = ld_gtile(gb + hh * K, krows, mkr, ck, mk, H * K)

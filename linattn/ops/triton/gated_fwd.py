@@ -102,6 +102,25 @@ def state_block_of(cu, coff, H, K, V, BK: tl.constexpr, BV: tl.constexpr):
     return i_nh, kb, vb, hh, n, bos, eos, c0, ck, ck < K, cv, cv < V
 
 
+@triton.jit
+def key_exp(gb, kw, hh, rows, mask, H, HAS_KW: tl.constexpr):
+    """Key exponents ke_s = -b_s (+ w_s) of the tokens rows: key s enters a later query t with
+    exp(qe_t + ke_s) and the state after its chunk with exp(le + ke_s)."""
+    ke = -ld_gtok(gb + hh, rows, mask, H)
+    if HAS_KW:
+        ke += ld_tok(kw + hh, rows, mask, H)
+    return ke
+
+
+@triton.jit
+def chunk_end_exp(gb, gm, ce, hh, H, MEXP: tl.constexpr):
+    """le = b at the chunk's last token (minus the stabiliser m there for MEXP)."""
+    le = tl.load(gb + (ce - 1) * H + hh)
+    if MEXP:
+        le = le - tl.load(gm + (ce - 1) * H + hh)
+    return le
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -170,10 +189,9 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, cu, coff, H,
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         if GATE == 1:
-            le = tl.load(gb + (ce - 1) * H + hh)                # b at the chunk's last token
-            de = le
+            le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
+            de = le                                             # log decay over the chunk
             if MEXP:
-                le = le - tl.load(gm + (ce - 1) * H + hh)
                 de = le + tl.load(mpc + (c0 + c) * H + hh)
             S = S * exp(de, IEEE)                                  # decay over the whole chunk
             nv = nv * exp(de, IEEE)
@@ -186,9 +204,7 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, cu, coff, H,
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)   # [BT, BK]
             vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)   # [BT, BV]
             if GATE == 1:
-                ke = -ld_gtok(gb + hh, rows, mr, H)
-                if HAS_KW:
-                    ke += ld_tok(kw + hh, rows, mr, H)
+                ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
                 kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
             if GATE == 2:
                 bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
@@ -271,9 +287,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
                     kt = kt * exp(br[None, :] - bk, IEEE)           # reference t0-1 >= every key
                 A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
             if GATE == 1:
-                kej = -ld_gtok(gb + hh, krows, krows < eos, H)
-                if HAS_KW:
-                    kej += ld_tok(kw + hh, krows, krows < eos, H)
+                kej = key_exp(gb, kw, hh, krows, krows < eos, H, HAS_KW)
                 A = A * exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF), IEEE)
             vt = ld_tile(v + hh * V, krows, krows < eos, cv, mv, H * V)
             acc += dot(A.to(DT), vt.to(DT), IEEE)
