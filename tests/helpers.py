@@ -236,3 +236,25 @@ def assert_allclose_f64(x, y, label="value", rel=F64_REL_TOL):
     mag = max(1.0, y.abs().max().item() if y.numel() else 0.0)
     e = _err(x, y)
     assert e <= rel * mag, f"{label}: error {e:.3e} > {rel:g} x {mag:.3g}"
+
+
+def la_inputs(kind, *, H, K, V, B=1, T=0, seed=0, lengths=None, state=True, low=-1.0, high=0.0,
+              qv_scale=1.0, noncontig=False):
+    """float64 inputs of linear_attention with gate `kind`, [B, T, ...] or the packed
+    `lengths` (then B = 1, T = their sum), and the names to differentiate."""
+    gen = seeded(seed)
+    cu = None
+    if lengths is not None:
+        B, T = 1, sum(lengths)
+        cu = cu_seqlens_from_lengths(lengths)
+    N = len(lengths) if lengths is not None else B
+    inputs = dict(q=randn(B, T, H, K, gen=gen, scale=qv_scale, noncontig=noncontig),
+                  k=randn(B, T, H, K, gen=gen, noncontig=noncontig),
+                  v=randn(B, T, H, V, gen=gen, scale=qv_scale, noncontig=noncontig),
+                  g=rand_gate(kind, B, T, H, K, gen, low, high))
+    if state:
+        inputs["initial_state"] = randn(N, H, K, V, gen=gen)
+    if cu is not None:
+        inputs["cu_seqlens"] = cu
+    names = ["q", "k", "v"] + (["g"] if kind != "none" else []) + (["initial_state"] if state else [])
+    return inputs, names

@@ -28,14 +28,8 @@ def _mlstm(backend):
 
 def la_inputs(B, T, H, K, V, gate, seed=0, low=-1.0, high=0.0, state=True, qv_scale=1.0,
               noncontig=False):
-    gen = helpers.seeded(seed)
-    d = dict(q=helpers.randn(B, T, H, K, gen=gen, scale=qv_scale, noncontig=noncontig),
-             k=helpers.randn(B, T, H, K, gen=gen, noncontig=noncontig),
-             v=helpers.randn(B, T, H, V, gen=gen, scale=qv_scale, noncontig=noncontig),
-             g=helpers.rand_gate(gate, B, T, H, K, gen, low, high))
-    if state:
-        d["initial_state"] = helpers.randn(B, H, K, V, gen=gen)
-    return d
+    return helpers.la_inputs(gate, B=B, T=T, H=H, K=K, V=V, seed=seed, low=low, high=high,
+                             state=state, qv_scale=qv_scale, noncontig=noncontig)[0]
 
 
 def delta_inputs(B, T, H, K, V, gated, seed=0, normalise=True, low=-1.0, high=0.0, state=True):

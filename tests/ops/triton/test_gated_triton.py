@@ -38,31 +38,9 @@ def _mlstm(backend, input_gate):
     return fn
 
 
-def la_inputs(kind, *, H, K, V, B=1, T=0, seed=0, lengths=None, state=True, low=-1.0, high=0.0,
-              qv_scale=1.0, noncontig=False):
-    """float64 inputs of linear_attention with gate `kind`, [B, T, ...] or the packed
-    `lengths` (then B = 1, T = their sum), and the names to differentiate."""
-    gen = helpers.seeded(seed)
-    cu = None
-    if lengths is not None:
-        B, T = 1, sum(lengths)
-        cu = helpers.cu_seqlens_from_lengths(lengths)
-    N = len(lengths) if lengths is not None else B
-    inputs = dict(q=helpers.randn(B, T, H, K, gen=gen, scale=qv_scale, noncontig=noncontig),
-                  k=helpers.randn(B, T, H, K, gen=gen, noncontig=noncontig),
-                  v=helpers.randn(B, T, H, V, gen=gen, scale=qv_scale, noncontig=noncontig),
-                  g=helpers.rand_gate(kind, B, T, H, K, gen, low, high))
-    if state:
-        inputs["initial_state"] = helpers.randn(N, H, K, V, gen=gen)
-    if cu is not None:
-        inputs["cu_seqlens"] = cu
-    names = ["q", "k", "v"] + (["g"] if kind != "none" else []) + (["initial_state"] if state else [])
-    return inputs, names
-
-
 def check_la(kind, *, dtype, device, state=True, noncontig=False, **shape):
     """linear_attention with gate `kind` against the oracle, states and all gradients."""
-    inputs, names = la_inputs(kind, state=state, noncontig=noncontig, **shape)
+    inputs, names = helpers.la_inputs(kind, state=state, noncontig=noncontig, **shape)
     # The float32 gradient of a constant [H] decay sums every token's chunk-identity term
     # (q.dq - k.dk weighted by the position in its chunk): a known gap, held to 2e-5 of its
     # magnitude like the chunked PyTorch path (tests/ops/test_torch_chunked.py).
@@ -279,7 +257,7 @@ def check_deterministic(fast, inputs, names, dtype):
 
 
 def deterministic_la(kind, dtype):
-    inputs, names = la_inputs(kind, **shape_of(dtype, B=3, T=272, seed=7))   # TT = 816
+    inputs, names = helpers.la_inputs(kind, **shape_of(dtype, B=3, T=272, seed=7))   # TT = 816
 
     def fast(**a):
         return linattn.linear_attention(**a, output_final_state=True, backend="triton")
