@@ -25,8 +25,8 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp
-from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, key_exp, ld_gtile, ld_gtok, ld_state,
-                        ld_tile, ld_tok, state_block_of)
+from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, diag_scores, key_exp, ld_gtile,
+                        ld_gtok, ld_state, ld_tile, ld_tok, state_block_of)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -183,21 +183,12 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
             acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
         # 3) the diagonal tile
         if GATE != 2:
-            A = tl.zeros([BT, BT], dtype=tl.float32)
-            for kb in range(tl.cdiv(K, BK)):
-                ck = kb * BK + tl.arange(0, BK)
-                mk = ck < K
-                qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-                kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-                A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
-            causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
+            qe = tl.zeros([BT], dtype=tl.float32)
             if GATE == 1:
                 qe = ld_gtok(gb + hh, rows, mr, H)
                 if MEXP:
                     qe -= ld_gtok(gm + hh, rows, mr, H)
-                A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
-            else:
-                A = tl.where(causal, A, 0.0)
+            A = diag_scores(q, k, hh, rows, mr, qe, ke, scale, H, K, BT, BK, GATE, IEEE)
             dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
             if MEXP:
                 dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]

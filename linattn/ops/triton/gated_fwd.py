@@ -121,6 +121,27 @@ def chunk_end_exp(gb, gm, ce, hh, H, MEXP: tl.constexpr):
     return le
 
 
+@triton.jit
+def diag_scores(q, k, hh, rows, mr, qe, ke, scale, H, K, BT: tl.constexpr, BK: tl.constexpr,
+                GATE: tl.constexpr, IEEE: tl.constexpr):
+    """Scores of one tile against itself: A[t, s] = scale q_t . k_s (times exp(qe_t + ke_s)
+    for GATE 1) where s <= t, zero elsewhere; float32 [BT, BT] (GATE 0 and 1 only)."""
+    DT = q.dtype.element_ty
+    A = tl.zeros([BT, BT], dtype=tl.float32)
+    for kb in range(tl.cdiv(K, BK)):
+        ck = kb * BK + tl.arange(0, BK)
+        mk = ck < K
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+        A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+    causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
+    if GATE == 1:
+        A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
+    else:
+        A = tl.where(causal, A, 0.0)
+    return A
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -295,18 +316,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
                 accn += tl.sum(A, axis=1)
         # 3) the diagonal tile, causal mask t >= s
         if GATE != 2:
-            A = tl.zeros([BT, BT], dtype=tl.float32)
-            for kb in range(tl.cdiv(K, BK)):
-                ck = kb * BK + tl.arange(0, BK)
-                mk = ck < K
-                qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-                kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-                A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
-            causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
-            if GATE == 1:
-                A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
-            else:
-                A = tl.where(causal, A, 0.0)
+            A = diag_scores(q, k, hh, rows, mr, qe, ke, scale, H, K, BT, BK, GATE, IEEE)
             vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
             acc += dot(A.to(DT), vt.to(DT), IEEE)
             if MEXP:
