@@ -34,7 +34,8 @@ def head_tile(d: int, cap: int) -> int:
 
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
-    """a @ b accumulated in float32; float32 operands use exact ieee products (never tf32)."""
+    """a @ b accumulated in float32: exact ieee products with IEEE (float32 inputs), else
+    tl.dot's default (bf16/fp16 operands as given, tf32 products for float32 operands)."""
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:

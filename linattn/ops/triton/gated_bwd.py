@@ -100,7 +100,12 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             if MEXP:
                 dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
                 dn += tl.sum(qt * ld_tok(dqn + hh, rows, mr, H)[:, None], axis=0)
-            dS += dot(tl.trans(qt).to(do.dtype.element_ty), dot_.to(do.dtype.element_ty), IEEE)
+            if MEXP:
+                # float32 operands (tf32 products for 16-bit inputs): d C0 . C0 and d n0 . n0
+                # cancel to d m0, and dn is summed in float32, so dS must not be rounded coarser
+                dS += dot(tl.trans(qt), dot_, IEEE)
+            else:
+                dS += dot(tl.trans(qt).to(do.dtype.element_ty), dot_.to(do.dtype.element_ty), IEEE)
     slot = c0 + n
     if NONCAUSAL:
         slot = c0 + n + nc

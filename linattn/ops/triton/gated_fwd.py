@@ -145,16 +145,20 @@ def diag_scores(q, k, hh, rows, mr, qe, ke, scale, H, K, BT: tl.constexpr, BK: t
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
+def _max_plus_combine(a1, m1, a2, m2):
+    """Compose x -> max(x + a1, m1) then x -> max(x + a2, m2): the stabiliser's recurrence
+    m_t = max(m_{t-1} + lf_t, i_t) is x -> max(x + lf_t, i_t) applied token after token."""
+    return a1 + a2, tl.maximum(m1 + a2, m2)
 
 
 @triton.jit
 def mexp_prep_kernel(lf, ig, m0, b, m, start, mpc, mfin, cu, coff, H,
                      L: tl.constexpr, HAS_M0: tl.constexpr):
     """mLSTMexp gates of sequence n, head h, chunk after chunk (one program per (n, h)):
-    b = chunk-local cumsum of logsigmoid(f); m_t = b_t + max(mp, max_{s<=t} (i_s - b_s))
-    (DESIGN.md's closed form); start_t = 1 where i_t itself sets the maximum (the m-path of
+    b = chunk-local cumsum of logsigmoid(f); m_t = max(mp + b_t, mi_t) with mi_t = max over
+    s <= t of i_s + (b_t - b_s), both from one max-plus scan, so that m carries the rounding of
+    the sums since the maximising token, not of b_t - b_s (|b| reaches 20 L at log-decays near
+    -20: eps * 2560 in float32); start_t = 1 where i_t itself sets the maximum (the m-path of
     the backward); mp = m of the chunk's previous token (m0 at the sequence start)."""
     tl.static_assert(L >= 16)
     n = tl.program_id(0).to(tl.int64)
@@ -170,11 +174,11 @@ def mexp_prep_kernel(lf, ig, m0, b, m, start, mpc, mfin, cu, coff, H,
     for c in range(tl.cdiv(eos - bos, L)):
         rows = bos + c * L + idx
         mr = rows < eos
-        bc = tl.cumsum(ld_tok(lf + hh, rows, mr, H).to(GDT), axis=0)  # chunk-local cumsum
-        x = tl.where(mr, ld_tok(ig + hh, rows, mr, H) - bc, NEG_INF)
-        cm = tl.associative_scan(x, 0, _max_combine)            # running max of i_s - b_s
-        mc = bc + tl.maximum(cm, mp)                             # m_t in closed form
-        st = mr & (x == cm) & (x >= mp)                          # i_t sets the maximum
+        lfc = ld_tok(lf + hh, rows, mr, H).to(GDT)              # 0 past the end
+        ic = tl.where(mr, ld_tok(ig + hh, rows, mr, H).to(GDT), NEG_INF)
+        bc, mi = tl.associative_scan((lfc, ic), 0, _max_plus_combine)  # b_t, max-plus of i
+        mc = tl.maximum(mp + bc, mi)                             # m_t
+        st = mr & (mi == ic) & (ic >= mp + bc)                   # i_t sets the maximum
         tl.store(b + rows * H + hh, bc, mask=mr)
         tl.store(m + rows * H + hh, mc, mask=mr)
         tl.store(start + rows * H + hh, st.to(tl.int8), mask=mr)
