@@ -9,6 +9,7 @@ kernels read to find their sequence, chunk and state slot.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -78,6 +79,7 @@ class ChunkLayout:
     final_slot: torch.Tensor    # int64 [N]    slot of each sequence's final state
     first_tok: torch.Tensor     # int64 [N]    first token of each sequence (clamped to TT-1)
     seq_len: torch.Tensor       # int64 [N]    length of each sequence
+    nonempty: torch.Tensor      # int64 [N']   indices of the sequences with at least one token
     N: int
     NC: int
     NT: int
@@ -91,10 +93,20 @@ class ChunkLayout:
 
 
 def make_layout(lengths, L: int, BT: int, device) -> ChunkLayout:
-    """Layout of sequences of the given lengths (python ints), chunk L and tile BT (BT | L)."""
+    """Layout of sequences of the given lengths (python ints), chunk L and tile BT (BT | L).
+
+    Cached per (lengths, L, BT, device): a training loop calls every layer with the same
+    shapes, and building one costs a host-to-device copy, which waits for the GPU's queue to
+    drain (one copy per call at most: the index arrays travel in one buffer). The kernels
+    only read a layout, so sharing one between calls is safe."""
     if L % BT:
         raise ValueError(f"chunk length {L} must be a multiple of the tile {BT}")
-    lens = np.asarray(list(lengths), dtype=np.int64)
+    return _cached_layout(tuple(int(n) for n in lengths), int(L), int(BT), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_layout(lengths: tuple, L: int, BT: int, device: torch.device) -> ChunkLayout:
+    lens = np.asarray(lengths, dtype=np.int64)
     N = len(lens)
     cu = np.concatenate([[0], np.cumsum(lens)])
     nc = -(-lens // L)                                   # chunks per sequence
@@ -107,18 +119,23 @@ def make_layout(lengths, L: int, BT: int, device) -> ChunkLayout:
     ch_start = cu[:-1][ch_seq] + ch_idx * L
     ch_end = np.minimum(ch_start + L, cu[1:][ch_seq])
     TT = int(cu[-1])
-
-    def t(x, dt):
-        return torch.as_tensor(np.ascontiguousarray(x), dtype=dt, device=device)
-
-    return ChunkLayout(
-        cu=t(cu, torch.int32), chunk_off=t(coff, torch.int32),
-        tile_seq=t(tile_seq, torch.int32), tile_start=t(tile_start, torch.int32),
-        chunk_start=t(ch_start, torch.int32), chunk_end=t(ch_end, torch.int32),
-        chunk_last=t(ch_end - 1, torch.int64), chunk_end_slot=t(coff[:-1][ch_seq] + ch_seq + ch_idx + 1, torch.int64),
-        final_slot=t(coff[1:] + np.arange(N), torch.int64),
-        first_tok=t(np.minimum(cu[:-1], max(TT - 1, 0)), torch.int64), seq_len=t(lens, torch.int64),
-        N=N, NC=int(nc.sum()), NT=int(nt.sum()), TT=TT, L=L, BT=BT)
+    fields = dict(                                       # name -> (host array, dtype)
+        cu=(cu, torch.int32), chunk_off=(coff, torch.int32),
+        tile_seq=(tile_seq, torch.int32), tile_start=(tile_start, torch.int32),
+        chunk_start=(ch_start, torch.int32), chunk_end=(ch_end, torch.int32),
+        chunk_last=(ch_end - 1, torch.int64),
+        chunk_end_slot=(coff[:-1][ch_seq] + ch_seq + ch_idx + 1, torch.int64),
+        final_slot=(coff[1:] + np.arange(N), torch.int64),
+        first_tok=(np.minimum(cu[:-1], max(TT - 1, 0)), torch.int64), seq_len=(lens, torch.int64),
+        nonempty=(np.flatnonzero(lens > 0), torch.int64))
+    # one int64 buffer, one copy; each field a slice of it (int32 fields converted on device)
+    flat = torch.as_tensor(np.concatenate([a.astype(np.int64).ravel() for a, _ in fields.values()]))
+    flat = flat.to(device)
+    out, pos = {}, 0
+    for name, (a, dt) in fields.items():
+        out[name] = flat[pos:pos + a.size].to(dt)        # a view for int64, a copy for int32
+        pos += a.size
+    return ChunkLayout(**out, N=N, NC=int(nc.sum()), NT=int(nt.sum()), TT=TT, L=L, BT=BT)
 
 
 def lengths_of(cu_seqlens, B: int, T: int):

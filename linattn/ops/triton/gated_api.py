@@ -199,16 +199,16 @@ def _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt, h0, n0, m0, 
     inside a segment. Computed in float64 on [TT, H]."""
     TT, H = start.shape
     gdir = (-MLSTM_EPS * rd * so).double()                                 # [TT, H]
-    nonempty = layout.seq_len > 0
-    first = layout.first_tok[nonempty]
-    last = (layout.cu[1:].long() - 1)[nonempty]
+    ne = layout.nonempty                                                   # int64 indices: no sync
+    first = layout.first_tok[ne]
+    last = layout.cu[1:].long()[ne] - 1
     if dht is not None:
         fin = -(dht * hfin).sum((-2, -1)) - (dnt * nfin).sum(-1)           # [N, H]
         if dmt is not None:
             fin = fin + dmt.float()
-        gdir[last] += fin[nonempty].double()
+        gdir[last] += fin[ne].double()
     elif dmt is not None:
-        gdir[last] += dmt[nonempty].double()
+        gdir[last] += dmt[ne].double()
     st = start.bool()
     seg = st.clone()
     seg[first] = True                                                      # sequences restart
@@ -229,10 +229,10 @@ def _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt, h0, n0, m0, 
     if m0 is not None:
         dm0 = (dh0 * h0).sum((-2, -1)) + (dn0 * n0).sum(-1)                # exp(+m0) in every use
         g_first = torch.zeros(layout.N, H, dtype=torch.float64, device=G.device)
-        g_first[nonempty] = torch.where(st[first], zero, G[first])
+        g_first[ne] = torch.where(st[first], zero, G[first])
         dm0 = dm0 + g_first.float()
         empty_fin = dmt.float() if dmt is not None else torch.zeros_like(dm0)
-        dm0 = torch.where(nonempty[:, None], dm0, empty_fin)              # empty: m_T = m0
+        dm0 = torch.where((layout.seq_len > 0)[:, None], dm0, empty_fin)  # empty: m_T = m0
     return dg, dkw, dm0
 
 

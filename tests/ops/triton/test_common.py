@@ -44,3 +44,15 @@ def test_gate_grad_exclusive_sum_keeps_a_large_last_term_out():
     # the sum of the 15 earlier terms, to float32 rounding of that small sum (cumsum(sp) - sp
     # gave 0.0: 1.5e-6 vanishes next to 300 in float32)
     assert abs(out[-1].item() - (L - 1) * 1e-7) < 1e-12
+
+
+def test_make_layout_is_cached_and_lists_nonempty_sequences():
+    """Training calls every layer with one shape: the layout (and its host-to-device copy) is
+    built once; its index of non-empty sequences spares the mLSTMexp backward a mask sync."""
+    a = make_layout([5, 0, 1, 0, 40], 16, 16, "cpu")
+    assert make_layout((5, 0, 1, 0, 40), 16, 16, torch.device("cpu")) is a
+    assert make_layout([5, 0, 1, 0, 40], 32, 16, "cpu") is not a
+    assert a.nonempty.tolist() == [0, 2, 4]
+    assert a.cu.dtype == torch.int32 and a.cu.tolist() == [0, 5, 5, 6, 6, 46]
+    assert a.chunk_end_slot.dtype == torch.int64 and a.NC == 1 + 1 + 3
+    assert a.final_slot.tolist() == [1, 2, 4, 5, 9]
