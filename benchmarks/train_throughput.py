@@ -36,6 +36,10 @@ MODELS = {
 }
 FULL = dict(d_model=768, n_layers=12, n_heads=6, vocab=32000, seq_lens=[2048, 8192],
             tokens_per_step=16384, warmup=3, steps=10, device="cuda", budget_s=420.0)
+# The MQAR sweep's model (benchmarks/mqar_sweep.py): small enough that launch and host costs,
+# not the kernels' arithmetic, decide a step's time.
+SMALL = dict(d_model=128, n_layers=4, n_heads=2, vocab=256, seq_lens=[256, 1024],
+             tokens_per_step=32768, warmup=3, steps=20, device="cuda", budget_s=300.0)
 SMOKE = dict(d_model=32, n_layers=4, n_heads=2, vocab=64, seq_lens=[64], tokens_per_step=128,
              warmup=1, steps=1, device="cpu", budget_s=120.0)
 
@@ -84,7 +88,38 @@ def time_model(name: str, arch: dict, T: int, s: dict, dev: torch.device) -> dic
            "warmup_s": warm_s, "loss": float(loss.detach())}
     if dev.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if s.get("profile_steps"):
+        row["profile"] = profile_steps(step, sync, s["profile_steps"])
     return row
+
+
+def profile_steps(step, sync, n: int, top: int = 12) -> dict:
+    """torch.profiler over n steps: the device's busy time per step (kernels and copies)
+    beside the wall time (a step whose wall time is far above it waits on the host), and the
+    ops with the most self time on the device and on the host, in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    wall = (time.perf_counter() - t0) / n
+    ev = list(prof.key_averages())
+
+    def dev_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    def rows(key):
+        best = sorted(ev, key=key, reverse=True)[:top]
+        return [{"name": e.key[:80], "calls_per_step": e.count / n,
+                 "self_device_ms": dev_us(e) / 1e3 / n, "self_host_ms": e.self_cpu_time_total / 1e3 / n}
+                for e in best]
+
+    return {"steps": n, "wall_ms_per_step_profiled": 1e3 * wall,
+            "device_busy_ms_per_step": sum(dev_us(e) for e in ev) / 1e3 / n,
+            "top_device": rows(dev_us), "top_host": rows(lambda e: e.self_cpu_time_total)}
 
 
 def main(argv=None) -> int:
@@ -95,8 +130,19 @@ def main(argv=None) -> int:
     p.add_argument("--seq-lens", nargs="*", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps per row")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting rows after this many seconds")
+    p.add_argument("--small", action="store_true",
+                   help="the MQAR sweep's model (d_model 128, 4 layers, vocabulary 256, T 256 and 1024)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N steps of each row (device busy vs wall time, top ops)")
+    p.add_argument("--no-layout-cache", action="store_true",
+                   help="rebuild the gated kernels' chunk layout on every call (the cost it saves)")
     args = p.parse_args(argv)
-    s = dict(SMOKE if args.smoke else FULL)
+    s = dict(SMOKE if args.smoke else SMALL if args.small else FULL)
+    s["profile_steps"] = args.profile
+    if args.no_layout_cache:
+        from linattn.ops.triton import common
+        common._cached_layout = common._cached_layout.__wrapped__
+        s["layout_cache"] = False
     for key in ("seq_lens", "steps", "budget_s"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
@@ -143,6 +189,15 @@ def main(argv=None) -> int:
     print(f"\ntraining throughput, d_model {s['d_model']}, {s['n_layers']} layers, "
           f"{s['tokens_per_step']} tokens/step, {env['device']}")
     print(format_table(table))
+    for r in rows:
+        if "profile" in r:
+            pr = r["profile"]
+            print(f"\n{r['model']} T={r['seq_len']}: wall {pr['wall_ms_per_step_profiled']:.1f} ms/step "
+                  f"(profiled), device busy {pr['device_busy_ms_per_step']:.1f} ms/step")
+            for e in pr["top_device"][:6]:
+                print(f"  device {e['self_device_ms']:7.2f} ms  x{e['calls_per_step']:<5g} {e['name']}")
+            for e in pr["top_host"][:6]:
+                print(f"  host   {e['self_host_ms']:7.2f} ms  x{e['calls_per_step']:<5g} {e['name']}")
     print(f"wrote {args.out}")
     return 0
 

@@ -139,16 +139,20 @@ def test_model_config_for_sizes_the_model_to_the_task():
     assert isinstance(cfg, LMConfig) and cfg.vocab_size == 14 and cfg.max_seq_len >= task.seq_len
 
 
-@pytest.mark.parametrize("script", ["train_throughput.py", "mqar_sweep.py"])
-def test_benchmark_scripts_run_at_toy_size(script, tmp_path):
+@pytest.mark.parametrize("script, extra", [("train_throughput.py", ["--profile", "1"]),
+                                           ("mqar_sweep.py", [])])
+def test_benchmark_scripts_run_at_toy_size(script, extra, tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=240)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out),
+                           *extra], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["rows"] and all("error" not in r for r in data["rows"]), data["rows"]
     assert f"wrote {out}" in proc.stdout
+    if extra:  # the profile: per-step wall time and the ops that took the host's time
+        prof = data["rows"][0]["profile"]
+        assert prof["wall_ms_per_step_profiled"] > 0 and prof["top_host"][0]["self_host_ms"] > 0
 
 
 def test_demo_runs_and_reports_held_out_accuracy(tmp_path, capsys):
