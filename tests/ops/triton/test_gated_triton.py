@@ -154,6 +154,13 @@ def test_mlstm_cpu(small_tiles, input_gate):
                 lengths=[0, 37, 1, 20])
 
 
+@pytest.mark.parametrize("input_gate", ["sigmoid", "exp"])
+def test_mlstm_without_state_cpu(small_tiles, input_gate):
+    """No initial or final state (the training case: mLSTMexp's dS without the d m0 path)."""
+    check_mlstm(input_gate, B=2, T=45, H=1, K=16, V=16, dtype=torch.float32, device="cpu",
+                state=False, seed=8)
+
+
 def test_mlstm_exp_large_input_gate_cpu(small_tiles):
     """Large i: m far from 0, the exp(-m) floor and the gradient through m both matter."""
     check_mlstm("exp", B=2, T=40, H=1, K=16, V=16, dtype=torch.float32, device="cpu",
@@ -363,6 +370,7 @@ def test_gpu_mlstm(input_gate, dtype):
     check_mlstm(input_gate, **on_gpu(dtype), B=2, T=264, f_shift=8.0, i_scale=8.0, seed=3)
     check_mlstm(input_gate, **on_gpu(dtype), B=2, T=264, f_shift=-20.0, seed=4)
     check_mlstm(input_gate, **on_gpu(dtype, B=1, T=144, **WIDE[dtype]), seed=5)
+    check_mlstm(input_gate, **on_gpu(dtype), B=2, T=200, state=False, seed=7)  # no d m0: 16-bit dS
     inputs, names = mlstm_inputs(input_gate, **shape_of(dtype, B=3, T=272, seed=6))
 
     def fast(**a):
