@@ -8,6 +8,7 @@ it picks the defaults in gated_api._config, which `linattn bench` then measures.
 
     PYTHONPATH=. python3 benchmarks/sweep_gated.py --json $OUT/sweep_gated.json
     PYTHONPATH=. python3 benchmarks/sweep_gated.py --kinds none,key --chunks 64,128 --warps 4
+    PYTHONPATH=. python3 benchmarks/sweep_gated.py --chunks 128 --warps 4 --stages 2 --dqk-bk 64,128 --dqk-warps 4,8
     TRITON_INTERPRET=1 python3 benchmarks/sweep_gated.py --smoke     # CPU, tiny, wall clock
 """
 from __future__ import annotations
@@ -32,13 +33,18 @@ from linattn.ops.triton import gated_api  # noqa: E402
 _DEFAULT_CONFIG = gated_api._config
 
 
-def use_settings(chunk, tile, warps, scan_warps, stages):
+SETTINGS = ("chunk", "tile", "warps", "scan_warps", "stages", "dqk_bk", "dqk_warps")
+DEFAULTS = (None,) * len(SETTINGS)
+
+
+def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=None):
     """Makes gated_api pick these settings (None: the default) until the next call."""
     gated_api.CHUNK, gated_api.TILE = chunk, tile
 
     def config(*a, **kw):
         cfg, L, BT = _DEFAULT_CONFIG(*a, **kw)
-        repl = {k: v for k, v in dict(warps=warps, scan_warps=scan_warps, stages=stages).items()
+        repl = {k: v for k, v in dict(warps=warps, scan_warps=scan_warps, stages=stages,
+                                      BKQ=dqk_bk, dqk_warps=dqk_warps).items()
                 if v is not None}
         return dataclasses.replace(cfg, **repl), L, BT
 
@@ -86,6 +92,8 @@ def main(argv=None):
     p.add_argument("--warps", default="4,8")
     p.add_argument("--scan-warps", default="4")
     p.add_argument("--stages", default="2,3")
+    p.add_argument("--dqk-bk", default="default", help="K block of bwd_dqk ('default': the K block)")
+    p.add_argument("--dqk-warps", default="default", help="warps of bwd_dqk ('default': --warps)")
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting combinations after this")
@@ -100,35 +108,38 @@ def main(argv=None):
         dev, dtype, H, D = "cuda", torch.bfloat16, 16, 128
         T, B = args.T, args.tokens // args.T
     combos = list(itertools.product(ints(args.chunks), ints(args.tiles), ints(args.warps),
-                                    ints(args.scan_warps), ints(args.stages)))
+                                    ints(args.scan_warps), ints(args.stages), ints(args.dqk_bk),
+                                    ints(args.dqk_warps)))
     start, rows = time.perf_counter(), []
     for kind in args.kinds.split(","):
         ins = time_gated.make(kind, B, T, H, D, dev, dtype)
-        _, _, ref = run_kind(kind, ins, (None, None, None, None, None), args.smoke)
-        for chunk, tile, warps, scan_warps, stages in combos:
-            row = dict(kind=kind, chunk=chunk, tile=tile, warps=warps, scan_warps=scan_warps, stages=stages)
+        _, _, ref = run_kind(kind, ins, DEFAULTS, args.smoke)
+        for combo in combos:
+            row = dict(kind=kind, **dict(zip(SETTINGS, combo)))
             if time.perf_counter() - start > args.budget_s:
                 row["error"] = "skipped: budget"
             else:
                 try:
-                    tf, tfb, outs = run_kind(kind, ins, (chunk, tile, warps, scan_warps, stages), args.smoke)
+                    tf, tfb, outs = run_kind(kind, ins, combo, args.smoke)
                     diff = max((a - b).abs().max().item() for a, b in zip(outs, ref))
                     row.update(fwd_ms=round(tf, 3), fwd_bwd_ms=round(tfb, 3), max_diff_vs_default=diff)
                 except Exception as e:  # a setting that does not compile or fit is a row
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
-    use_settings(None, None, None, None, None)
+    use_settings(*DEFAULTS)
     gated_api._config = _DEFAULT_CONFIG
     if args.json:
         Path(args.json).write_text(json.dumps(dict(shape=dict(B=B, T=T, H=H, D=D, dtype=str(dtype)),
                                                    rows=rows), indent=1))
-    print(f"\n{'kind':<10} {'L':>4} {'BT':>4} {'warps':>5} {'scan':>4} {'stg':>3} {'fwd ms':>8} {'fwd+bwd':>8}  diff")
+    print(f"\n{'kind':<10} {'L':>4} {'BT':>4} {'warps':>5} {'scan':>4} {'stg':>3} {'dqkBK':>5} {'dqkW':>4}"
+          f" {'fwd ms':>8} {'fwd+bwd':>8}  diff")
     for r in rows:
         if "error" in r:
             continue
         print(f"{r['kind']:<10} {str(r['chunk']):>4} {str(r['tile']):>4} {str(r['warps']):>5} "
-              f"{str(r['scan_warps']):>4} {str(r['stages']):>3} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>8.3f}  "
+              f"{str(r['scan_warps']):>4} {str(r['stages']):>3} {str(r['dqk_bk']):>5} {str(r['dqk_warps']):>4} "
+              f"{r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>8.3f}  "
               f"{r['max_diff_vs_default']:.2e}")
     return 0
 

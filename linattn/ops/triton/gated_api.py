@@ -63,6 +63,12 @@ class KernelConfig:
     warps: int         # num_warps of the per-tile kernels (fwd_o, bwd_dv, bwd_dqk)
     scan_warps: int    # num_warps of the state scans (fwd_states, bwd_states)
     stages: int
+    # bwd_dqk, the largest kernel (2.6 of 5.2 ms with no gate on the H200): each K block's
+    # program recomputes do v^T for its tile pairs, so one K block (BKQ = K) halves that work
+    # at D = 128 for more registers. Defaults: BK and warps (measured); the sweep
+    # (benchmarks/sweep_gated.py --dqk-bk 64,128 --dqk-warps 4,8) is to decide.
+    BKQ: int = 0       # K block of bwd_dqk; 0: BK
+    dqk_warps: int = 0  # num_warps of bwd_dqk; 0: warps
 
 
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):

@@ -513,7 +513,8 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
     TT, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
-    nkb = triton.cdiv(K, cfg.BK)
+    BK = cfg.BKQ or cfg.BK
+    nkb = triton.cdiv(K, BK)
     dq = empty(TT, H, K, dtype=q.dtype, device=dev)
     dk = empty(TT, H, K, dtype=k.dtype, device=dev)
     gq = gk = gks = gkw = None
@@ -532,9 +533,9 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
             q, k, v, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(rd, x), _or(dqn, x),
             h, _or(hn, x), dh, _or(dhn, x), dq, dk, _or(gq, x), _or(gk, x), _or(gks, x), _or(gkw, x),
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H, TT,
-            K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
+            K=K, V=V, L=layout.L, BT=layout.BT, BK=BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            num_warps=cfg.dqk_warps or cfg.warps, num_stages=cfg.stages)
     if cfg.gate == 1:
         return dq, dk, (gq.sum(0), gk.sum(0), gks.sum(0), gkw.sum(0) if cfg.has_kw else None)
     if cfg.gate == 2:
