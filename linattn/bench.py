@@ -935,11 +935,14 @@ def main(argv=None) -> int:
             else:
                 if (shape.D, spec.decode) not in warmed and isinstance(runner, WorkerPool) and args.jobs > 0:
                     warmed.add((shape.D, spec.decode))
-                    _warm_up(runner, [s for s in specs if s.decode == spec.decode and s.needs not in missing],
-                             shape, args, deadline)
+                    result.setdefault("warmup_s", {}).update(_warm_up(
+                        runner, [s for s in specs if s.decode == spec.decode and s.needs not in missing],
+                        shape, args, deadline))
                 req = {"op": spec.name, "B": shape.B, "T": shape.T, "H": shape.H, "D": shape.D,
                        "seed": args.seed, "quick": args.quick}
+                t_row = time.monotonic()
                 row.update(runner.run(spec.name, req, max(1.0, min(args.timeout, deadline - time.monotonic()))))
+                row["wall_s"] = round(time.monotonic() - t_row, 2)   # compile included, if any left
             result["rows"].append(row)
             print(format_table([row]).splitlines()[-1], flush=True)
             write_outputs(result, out_dir, stem, final=False)
@@ -953,8 +956,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def _warm_up(pool: WorkerPool, specs, shape: Shape, args, deadline):
-    """Compile and autotune every op at this shape's D, up to args.jobs at once."""
+def _warm_up(pool: WorkerPool, specs, shape: Shape, args, deadline) -> dict:
+    """Compile and autotune every op at this shape's D, up to args.jobs at once; returns the
+    seconds each took, {"op@D": s} (what a budget for the next run must allow)."""
+    took, started = {}, {}
     todo = [s.name for s in specs if s.name not in pool.dead]
     print(f"compile warm-up at {shape.label}: {len(todo)} ops, {args.jobs} at a time", flush=True)
     pending: dict = {}
@@ -963,16 +968,18 @@ def _warm_up(pool: WorkerPool, specs, shape: Shape, args, deadline):
             op = todo.pop(0)
             req = {"op": op, "B": shape.B, "T": shape.T, "H": shape.H, "D": shape.D, "seed": args.seed, "warm": True}
             if pool.send(op, req):
-                pending[op] = time.monotonic()
+                pending[op] = started[op] = time.monotonic()
         if not pending:
             continue
         # collect whichever finishes first: wait on all, one reply at a time
         done = pool.collect(pending, lambda _op, st: min(st + args.timeout, deadline), first_only=True)
         for op, row in done.items():
+            took[f"{op}@D{shape.D}"] = round(time.monotonic() - started[op], 1)   # collect empties pending
             if op in pool.dead:
                 pool.dead[op] = f"in the compile warm-up: {pool.dead[op]}"
             if row.get("error"):
                 print(f"warm-up {op}: {row['error']}", file=sys.stderr, flush=True)
+    return took
 
 
 if __name__ == "__main__":

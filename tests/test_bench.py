@@ -3,6 +3,7 @@ rows, the tables, the worker pool's handling of crashes and hangs (with fake wor
 one whole run with the GPU measurements replaced by fixed numbers."""
 import json
 import sys
+import types
 
 import pytest
 import torch
@@ -210,8 +211,29 @@ def test_whole_run_with_fake_measurements(monkeypatch, tmp_path, capsys):
     assert rows[("tfla.mlstmsig", 8192)]["error"] == "skipped: mlstm_kernels is not importable"
     assert rows[("linattn.mlstm[exp]", 2048)]["error"].startswith("forward: NotImplementedError")
     assert rows[("sdpa[default]", 2048)]["fwd_ms"] == 1.25
+    assert all(r["wall_s"] >= 0 for r in result["rows"] if "error" not in r or "forward" in r["error"])
     assert result["ceilings"] == {"copy_TBps": 4.0, "matmul_TFLOPs": 800.0}
     assert result["versions"]["torch"] == torch.__version__ and "--inprocess" in result["command"]
     out = capsys.readouterr().out
     table = out[out.index("\nop "):].strip().splitlines()               # the short table is last
     assert len(table) == 2 + 8 and table[-1].startswith("tfla.mlstmsig") and "T2048" in table[-1]
+
+
+def test_warm_up_reports_each_ops_compile_seconds():
+    """_warm_up returns how long each op's compile warm-up took (the JSON's warmup_s)."""
+    class FakePool:
+        dead = {}
+
+        def send(self, op, req):
+            return True
+
+        def collect(self, pending, deadline_of, first_only=False):
+            op = next(iter(pending))
+            del pending[op]                       # as WorkerPool.collect does
+            return {op: {"error": "boom"} if op == "b" else {}}
+
+    specs = [types.SimpleNamespace(name=n) for n in ("a", "b", "c")]
+    shape = bench.Shape(B=1, T=64, H=2, D=32)
+    args = types.SimpleNamespace(jobs=2, seed=0, timeout=10.0)
+    took = bench._warm_up(FakePool(), specs, shape, args, deadline=float("inf"))
+    assert set(took) == {"a@D32", "b@D32", "c@D32"} and all(t >= 0 for t in took.values())
