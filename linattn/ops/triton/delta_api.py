@@ -3,10 +3,11 @@
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t)
 
 Forward: delta_fwd.prep (b, T, W, U per chunk) -> delta_fwd.scan (chunk states, U') ->
-delta_fwd.output (O). The forward saves only its inputs; the backward (delta_bwd.backward)
-recomputes prep and scan (cheap next to storing W, U, U' and the states), then runs the
-reverse scan for dS and two chunk-parallel gradient kernels, releasing every float32
-intermediate after its last kernel. No atomics: bitwise deterministic.
+delta_fwd.output (O). The forward keeps what the backward reads of prep and scan (b, T, W, U'
+and the chunk states; SAVE_INTERMEDIATES) or, with SAVE_INTERMEDIATES off, only its inputs,
+and the backward (delta_bwd.backward) recomputes them. It then runs the reverse scan for dS
+and two chunk-parallel gradient kernels, releasing every float32 intermediate after its last
+kernel. No atomics: bitwise deterministic.
 
 B sequences of T tokens are handled as the packed case (cu_seqlens = [0, T, 2T, ...]) of
 [1, B*T, H, D]; one code path serves both.
@@ -19,6 +20,14 @@ import torch
 import triton
 
 from . import delta_bwd, delta_fwd
+
+# Keep the forward's b, T, W, U' and chunk states for the backward instead of recomputing
+# prep and scan there: one launch of each less per backward (prep 2.08 + scan 1.25 of 19.96 ms
+# at B*T = 65536, H = 16, D = 128 on the H200, profile of 2026-11-29). A single op's peak does
+# not rise (the backward allocated the same buffers, plus U, which is not kept), but they are
+# held from forward to backward: about 2.4x the size of q, k, v in bf16 at D = 128. Set False
+# to recompute in memory-bound stacks.
+SAVE_INTERMEDIATES: bool = True
 
 
 @dataclass
@@ -72,14 +81,14 @@ def _packed(x):
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
-def _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state):
-    """Packed forward: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] -> (o [TT, H, V], final)."""
+def _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state, keep):
+    """Packed forward: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] -> (o [TT, H, V], final,
+    the backward's (gc, tinv, w, h, vnew) when keep, else None)."""
     gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, layout)
-    del tinv                                              # read only by the backward
     h, vnew, final = delta_fwd.scan(k, w, u, gc, initial_state, layout, output_final_state)
-    del w, u                                              # last read by scan
+    del u                                                 # last read by scan
     o = delta_fwd.output(q, k, vnew, gc, h, layout, scale, v.dtype)
-    return o, final
+    return o, final, ((gc, tinv, w, h, vnew) if keep else None)
 
 
 class DeltaRuleFunction(torch.autograd.Function):
@@ -87,7 +96,9 @@ class DeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, layout):
-        o, final = _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state)
+        keep = SAVE_INTERMEDIATES and any(ctx.needs_input_grad)
+        o, final, ctx.intermediates = _forward(q, k, v, beta, g, scale, initial_state, layout,
+                                               output_final_state, keep)
         ctx.save_for_backward(q, k, v, beta, g, initial_state)
         ctx.scale, ctx.layout = scale, layout
         return o, final
@@ -96,12 +107,15 @@ class DeltaRuleFunction(torch.autograd.Function):
     def backward(ctx, do, dfinal):
         q, k, v, beta, g, initial_state = ctx.saved_tensors
         layout = ctx.layout
-        # delta_bwd.backward recomputes prep and scan itself, so that no float32
-        # intermediate is referenced here and each is freed after its last kernel.
+        # The float32 intermediates (kept by the forward, or None: recomputed) are handed over
+        # in a list that delta_bwd.backward empties, so that no reference stays here (nor on
+        # this frame's call stack) and each is freed after its last kernel.
+        box, ctx.intermediates = [ctx.intermediates], None
         dq, dk, dv, dbeta, dg, dh0 = delta_bwd.backward(
             q, k, v, beta, g, do.contiguous(),
             dfinal.contiguous() if dfinal is not None else None, initial_state, layout,
-            ctx.scale, need_dh0=initial_state is not None and ctx.needs_input_grad[5])
+            ctx.scale, need_dh0=initial_state is not None and ctx.needs_input_grad[5],
+            kept=box)
         return dq, dk, dv, dbeta, dg, dh0, None, None, None
 
 

@@ -376,9 +376,9 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
     return dk, dv, dbeta, dg
 
 
-def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh0):
-    """Gradients of the packed delta rule: prep and scan recomputed, then reverse_scan ->
-    grads_qk -> grads_wy.
+def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh0, kept=None):
+    """Gradients of the packed delta rule: prep and scan's outputs (kept by the forward, or
+    recomputed), then reverse_scan -> grads_qk -> grads_wy.
 
     Every float32 intermediate is released as soon as the last kernel reading it has been
     launched (the caching allocator reuses a freed block only for later work on the same
@@ -387,13 +387,20 @@ def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh
 
     Args: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] (inputs; g may be None);
         do [TT, H, V] (contiguous); dfinal [N, H, K, V] float32 or None;
-        initial_state [N, H, K, V] float32 or None; layout: delta_api.ChunkLayout.
+        initial_state [N, H, K, V] float32 or None; layout: delta_api.ChunkLayout;
+        kept: None, or a list holding the forward's (gc, tinv, w, h, vnew) or None; it is
+        emptied here, so that these buffers too are freed after their last kernel.
     Returns: dq, dk, dv (inputs' dtypes), dbeta (beta's dtype), dg (g's dtype or None),
         dh0 (initial_state's dtype, or None unless need_dh0).
     """
-    gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, layout)
-    h, vnew, _ = delta_fwd.scan(k, w, u, gc, initial_state, layout, False)
-    del u                                                  # last read by scan
+    kept = kept.pop() if kept else None
+    if kept is None:                                       # recompute prep and scan
+        gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, layout)
+        h, vnew, _ = delta_fwd.scan(k, w, u, gc, initial_state, layout, False)
+        del u                                              # last read by scan
+    else:
+        gc, tinv, w, h, vnew = kept
+        del kept
     dh, dv2, dh0 = reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale,
                                 need_dh0)
     del w                                                  # last read by reverse_scan

@@ -89,11 +89,19 @@ def test_wide_head_dims():
     check(make_inputs(1, 20, 1, 128, 64, gated=True, seed=6))
 
 
-def test_deterministic():
-    """Two forward+backward runs are bitwise equal."""
+@pytest.mark.parametrize("save", [True, False], ids=["kept", "recomputed"])
+def test_deterministic(save, monkeypatch):
+    """Two forward+backward runs are bitwise equal; with delta_api.SAVE_INTERMEDIATES on
+    (kept), the second run's backward recomputes prep and scan and still matches the first,
+    which used the forward's."""
+    from linattn.ops.triton import delta_api, delta_fwd
+    prep, preps = delta_fwd.prep, []
+    monkeypatch.setattr(delta_fwd, "prep", lambda *a: preps.append(1) or prep(*a))
+    flags = iter([save, False])
     ins = make_inputs(1, 70, 1, 16, 16, gated=True, seed=7)
     outs = []
     for _ in range(2):
+        monkeypatch.setattr(delta_api, "SAVE_INTERMEDIATES", next(flags))
         x = {n: (t.float().requires_grad_() if isinstance(t, torch.Tensor) and
                  t.is_floating_point() else t) for n, t in ins.items()}
         o, st = fast(**x, output_final_state=True)
@@ -102,6 +110,7 @@ def test_deterministic():
         outs.append([o, st, *grads])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+    assert len(preps) == (1 if save else 2) + 2            # prep runs again only to recompute
 
 
 def test_float64_routes_to_torch_path():
