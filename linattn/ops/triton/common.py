@@ -196,3 +196,39 @@ def gate_grad_(db: torch.Tensor, sp: torch.Tensor, layout: ChunkLayout) -> torch
     """db <- chunk-local reverse cumsum of db + exclusive forward cumsum of sp, in place
     (db and sp contiguous, the same shape [TT, ...]); returns db."""
     return _chunk_scan(db, db, sp, layout, reverse=True)
+
+
+# ----------------------------------------------------------------------------- row dot
+
+ROW_DOT_ROWS = 32   # rows per program ([32, 64] float32 tiles: no spills at 4 warps)
+
+
+@triton.jit
+def row_dot_kernel(a, b, out, R, D, BR: tl.constexpr, BD: tl.constexpr):
+    """out[r] = sum_d a[r, d] * b[r, d] in float32, for BR rows of [R, D] row-major inputs."""
+    tl.static_assert(BR >= 16 and BD >= 16)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    mr = rows < R
+    acc = tl.zeros([BR], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        m = mr[:, None] & (cols < D)[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        x = tl.load(a + off, mask=m, other=0.0).to(tl.float32)      # [BR, BD]
+        y = tl.load(b + off, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(x * y, axis=1)                                # products and sums in fp32
+    tl.store(out + rows, acc, mask=mr)
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a * b).sum(-1) in float32 without float32 copies of a and b: a, b [..., D] contiguous,
+    one shape and any float dtype -> [...] float32."""
+    D = a.shape[-1]
+    R = a.numel() // D if D else 0
+    out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
+    if R:
+        BD = head_tile(D, 64)
+        row_dot_kernel[(triton.cdiv(R, ROW_DOT_ROWS),)](a, b, out, R, D, BR=ROW_DOT_ROWS, BD=BD)
+    elif out.numel():
+        out.zero_()
+    return out

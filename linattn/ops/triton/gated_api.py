@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import torch_chunked
-from .common import INTERPRET, chunk_cumsum, gate_grad_, head_tile, lengths_of, make_layout
+from .common import (INTERPRET, chunk_cumsum, gate_grad_, head_tile, lengths_of, make_layout,
+                     row_dot)
 from .gated_bwd import bwd_dqk, bwd_dv, bwd_states
 from .gated_fwd import fwd_o, fwd_states, mexp_prep
 
@@ -155,7 +156,7 @@ class GatedChunkFunction(torch.autograd.Function):
             # o = h / d with d = max(|qn|, exp(-m)) + eps: cotangents of h (do / d) and of qn
             floor = torch.exp(-gm).float()
             rd = 1.0 / (torch.maximum(qn.abs(), floor) + MLSTM_EPS)
-            so = (do.float() * o.float()).sum(-1)                          # [TT, H]
+            so = row_dot(do, o)                                            # [TT, H] float32
             dqn = -(torch.sign(qn) * (qn.abs() > floor)) * so * rd
         dh, dhn, dh0, dn0, sdot = bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn,
                                              h0 is not None, layout, cfg, scale, V)

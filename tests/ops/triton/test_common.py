@@ -56,3 +56,17 @@ def test_make_layout_is_cached_and_lists_nonempty_sequences():
     assert a.cu.dtype == torch.int32 and a.cu.tolist() == [0, 5, 5, 6, 6, 46]
     assert a.chunk_end_slot.dtype == torch.int64 and a.NC == 1 + 1 + 3
     assert a.final_slot.tolist() == [1, 2, 4, 5, 9]
+
+
+def test_row_dot_sums_products_in_float32():
+    """row_dot(a, b) = (a * b).sum(-1) in float32, for 16-bit inputs too, ragged rows and D."""
+    from linattn.ops.triton.common import row_dot
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(70, 3, 100, generator=gen)
+    b = torch.randn(70, 3, 100, generator=gen)
+    torch.testing.assert_close(row_dot(a, b), (a * b).sum(-1))
+    ah, bh = a.bfloat16(), b.bfloat16()
+    out = row_dot(ah, bh)
+    assert out.dtype == torch.float32 and out.shape == (70, 3)
+    torch.testing.assert_close(out, (ah.double() * bh.double()).sum(-1).float(), rtol=1e-5, atol=1e-5)
+    assert row_dot(a[:0], b[:0]).shape == (0, 3)
