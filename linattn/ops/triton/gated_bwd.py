@@ -460,12 +460,16 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
 
 def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: ChunkLayout, cfg,
                scale, V):
-    """Gradients of the chunk-boundary states: dh [slots, H, K, V] (dhn [slots, H, K] for
-    MEXP) and of the initial state, dh0 [N, H, K, V] (dn0 [N, H, K]) when has_h0; and <dS, S>
+    """Gradients of the chunk-boundary states: dh [slots, H, K, V] in do's dtype (float32 for
+    float32 inputs), dhn [slots, H, K] float32 for MEXP, and of the initial state, dh0
+    [N, H, K, V] (dn0 [N, H, K]) float32 when has_h0; and <dS, S>
     of the state after every chunk: [NC, H] (GATE 1) or [NC, H, K] (GATE 2), else None."""
     TT, H, K = q.shape
     dev = q.device
-    dh = empty(layout.n_slots, H, K, V, dtype=torch.float32, device=dev)
+    # dh's readers (bwd_dv, bwd_dqk) round it to the inputs' dtype before their dots, so for
+    # 16-bit inputs it is stored rounded: the same results, half the bytes (the scan itself
+    # carries dS in float32, and dh0 and the gate sums come from that float32 value)
+    dh = empty(layout.n_slots, H, K, V, dtype=torch.float32 if cfg.ieee else do.dtype, device=dev)
     dhn = empty(layout.n_slots, H, K, dtype=torch.float32, device=dev) if cfg.mexp else None
     dh0 = empty(layout.N, H, K, V, dtype=torch.float32, device=dev) if has_h0 else None
     dn0 = empty(layout.N, H, K, dtype=torch.float32, device=dev) if has_h0 and cfg.mexp else None
