@@ -85,8 +85,12 @@ def _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state,
     """Packed forward: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] -> (o [TT, H, V], final,
     the backward's (gc, tinv, w, h, vnew) when keep, else None)."""
     gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, layout)
+    if not keep:
+        tinv = None                                       # read only by the backward
     h, vnew, final = delta_fwd.scan(k, w, u, gc, initial_state, layout, output_final_state)
     del u                                                 # last read by scan
+    if not keep:
+        w = None                                          # the forward's last reader was scan
     o = delta_fwd.output(q, k, vnew, gc, h, layout, scale, v.dtype)
     return o, final, ((gc, tinv, w, h, vnew) if keep else None)
 
