@@ -219,10 +219,12 @@ def test_whole_run_with_fake_measurements(monkeypatch, tmp_path, capsys):
     assert len(table) == 2 + 8 and table[-1].startswith("tfla.mlstmsig") and "T2048" in table[-1]
 
 
-def test_warm_up_reports_each_ops_compile_seconds():
-    """_warm_up returns how long each op's compile warm-up took (the JSON's warmup_s)."""
+def test_warm_up_reports_seconds_and_retries_a_timed_out_op_alone():
+    """_warm_up returns how long each op's compile warm-up took (the JSON's warmup_s); an op
+    that overran the timeout among the others is tried once more alone, a crash is not."""
     class FakePool:
-        dead = {}
+        def __init__(self):
+            self.dead, self.alone = {}, []
 
         def send(self, op, req):
             return True
@@ -230,10 +232,20 @@ def test_warm_up_reports_each_ops_compile_seconds():
         def collect(self, pending, deadline_of, first_only=False):
             op = next(iter(pending))
             del pending[op]                       # as WorkerPool.collect does
-            return {op: {"error": "boom"} if op == "b" else {}}
+            if op in ("b", "d"):                  # as WorkerPool._bury does
+                self.dead[op] = "timeout after 10 s" if op == "b" else "crash: worker died"
+                return {op: {"error": self.dead[op]}}
+            return {op: {}}
 
-    specs = [types.SimpleNamespace(name=n) for n in ("a", "b", "c")]
+        def run(self, op, req, timeout):
+            self.alone.append(op)
+            return {}
+
+    pool = FakePool()
+    specs = [types.SimpleNamespace(name=n) for n in ("a", "b", "c", "d")]
     shape = bench.Shape(B=1, T=64, H=2, D=32)
     args = types.SimpleNamespace(jobs=2, seed=0, timeout=10.0)
-    took = bench._warm_up(FakePool(), specs, shape, args, deadline=float("inf"))
-    assert set(took) == {"a@D32", "b@D32", "c@D32"} and all(t >= 0 for t in took.values())
+    took = bench._warm_up(pool, specs, shape, args, deadline=float("inf"))
+    assert set(took) == {"a@D32", "b@D32", "c@D32", "d@D32"} and all(t >= 0 for t in took.values())
+    assert pool.alone == ["b"] and "b" not in pool.dead           # retried alone, and it worked
+    assert pool.dead["d"].startswith("in the compile warm-up: crash")
