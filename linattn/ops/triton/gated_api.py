@@ -45,10 +45,10 @@ TILE: int | None = None
 # Keep the forward's chunk states (float32, [chunks + N, H, K, V]) for the backward instead of
 # recomputing them there: saves one fwd_states launch per backward (0.47 ms at B*T = 65536,
 # H = 16, D = 128 on the H200; with it no gate went 6.96 -> 5.53 ms fwd+bwd, together with the
-# return to 4 warps) and does not raise a single op's peak (the
-# backward allocated the same buffer), but holds it from forward to backward: K*V*4 bytes per
-# head every CHUNK tokens (half the size of q, k, v, o in bf16 at D = 128, L = 128). Set False
-# to recompute in memory-bound stacks.
+# return to 4 warps) and does not raise a single op's peak (the backward allocated the same
+# buffer), but holds it from forward to backward: K*V*4 bytes per head every CHUNK tokens
+# (half the size of q, k, v, o in bf16 at D = 128, L = 128). Set False to recompute in
+# memory-bound stacks.
 SAVE_STATES: bool = True
 
 
@@ -121,7 +121,7 @@ class GatedChunkFunction(torch.autograd.Function):
         gf_is_const = g is not None and g.dim() == 1
         gb = gm = start = mpc = mfin = None
         gdt = gate_dtype(cfg)
-        if g is not None and g.dim() == 1:                            # constant decay [H]
+        if gf_is_const:                                               # constant decay [H]
             g = g.view(1, -1).expand(layout.TT, -1).contiguous()      # [TT, H]
         if cfg.mexp:
             gb, gm, start, mpc, mfin = mexp_prep(g, kw, m0, layout, gdt)  # b, m, m's sources

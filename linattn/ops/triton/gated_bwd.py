@@ -304,9 +304,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         dq = dq * scale
     if GATE == 1:
         qe = ld_gtok(gb + hh, rows, mr, H)
-        ke = -qe
-        if HAS_KW:
-            ke += ld_tok(kw + hh, rows, mr, H)
+        ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
         le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
         mp = 0.0
         if MEXP:

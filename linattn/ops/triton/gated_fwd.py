@@ -50,7 +50,7 @@ def ld_tok(base, rows, rmask, H):
 @triton.jit
 def ld_gtile(base, rows, rmask, cols, cmask, RS):
     """[len(rows), len(cols)] tile of gate exponents in their stored dtype (float64 for
-    float32 inputs: see GATE_DTYPE in gated_api), base points at head h."""
+    float32 inputs: see gated_api.gate_dtype), base points at head h."""
     ptr = base + rows[:, None] * RS + cols[None, :]
     return tl.load(ptr, mask=rmask[:, None] & cmask[None, :], other=0.0)
 
@@ -166,7 +166,7 @@ def mexp_prep_kernel(lf, ig, m0, b, m, start, mpc, mfin, cu, coff, H,
     bos = tl.load(cu + n).to(tl.int64)
     eos = tl.load(cu + n + 1).to(tl.int64)
     c0 = tl.load(coff + n).to(tl.int64)
-    GDT = b.dtype.element_ty                                    # float32, or float64 (GATE_DTYPE)
+    GDT = b.dtype.element_ty                                    # float32, or float64 (gated_api.gate_dtype)
     mp = tl.zeros([], dtype=GDT)
     if HAS_M0:
         mp = tl.load(m0 + n * H + hh).to(GDT)                   # stabiliser before the sequence
@@ -271,9 +271,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
     ke = tl.zeros([BT], dtype=tl.float32)
     if GATE == 1:
         qe = ld_gtok(gb + hh, rows, mr, H)                       # query exponent b_t (- m_t)
-        ke = -qe                                                # key exponent -b_s (+ w_s)
-        if HAS_KW:
-            ke += ld_tok(kw + hh, rows, mr, H)
+        ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)           # key exponent -b_s (+ w_s)
         mp = 0.0
         if MEXP:
             qe -= ld_gtok(gm + hh, rows, mr, H)
