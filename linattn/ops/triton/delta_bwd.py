@@ -28,6 +28,17 @@ from . import delta_fwd
 from .common import head_tile
 from .delta_fwd import BT, chunk_program, dot_precision, full_tile, scan_v_tile, sequence_program
 
+# Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
+# bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): grads_wy on 4 warps 3.27 -> 1.99 although
+# it spills more there (sm_90 compile counts); grads_qk keeps 8 (4: 3.43) and one stage
+# (2: 3.04 vs 2.97); reverse_scan 4 warps (8: 2.88 vs 2.66), one stage (2: 3.80).
+LAUNCH = {
+    "reverse_scan": dict(num_warps=4, num_stages=1),   # 8 warps, 1 stage at K = 256
+    "grads_qk": dict(num_warps=8, num_stages=1),
+    "grads_wy": dict(num_warps=4, num_stages=1),
+}
+
+
 # ------------------------------------------------------------------------------ kernels
 
 
@@ -325,7 +336,8 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu_seqlens, layout.chunk_offsets,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            num_warps=8 if BK >= 256 else 4, num_stages=1 if BK >= 128 else 2)
+            **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
+               **(dict(num_stages=2) if BK < 128 else {})})
     return dh, dv2, dh0
 
 
@@ -349,7 +361,7 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
             db if db is not None else dw, layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
             scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=gc is not None,
-            PREC=dot_precision(q.dtype), num_warps=8, num_stages=1)   # 8: spills 4x-10x less
+            PREC=dot_precision(q.dtype), **LAUNCH["grads_qk"])
     return dq, dk_part, dw, db
 
 
@@ -374,7 +386,7 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
             db if db is not None else dw, dk, dv, dbeta, dg if dg is not None else dbeta,
             layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
             H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
-            PREC=dot_precision(k.dtype), num_warps=8, num_stages=1)   # 8: spills 4x-5x less
+            PREC=dot_precision(k.dtype), **LAUNCH["grads_wy"])
     return dk, dv, dbeta, dg
 
 

@@ -32,6 +32,19 @@ from .common import head_tile, next_pow2
 BT = 64  # chunk length: the UT transform's block
 BC = 16  # diagonal sub-block of the forward substitution
 
+# Launch settings of the forward kernels: num_warps, num_stages, and the output kernel's V
+# tile cap. Chosen per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
+# bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): one stage for prep (2.07 -> 1.88) and output
+# (1.91 -> 1.31); 8 warps made prep 2.3x and output 1.3x slower; a 128-wide output V tile
+# 1.17x slower. The scan's [BK, BV] float32 state tiles take >= 128 KB of shared memory, so
+# it runs one CTA per SM anyway: 8 warps (4: no faster), 2 stages (1: 1.25 -> 1.65).
+LAUNCH = {
+    "prep": dict(num_warps=4, num_stages=1),
+    "scan": dict(num_warps=8, num_stages=2),      # num_stages 1 at K = 256 (shared memory)
+    "output": dict(num_warps=4, num_stages=1),
+}
+OUTPUT_BV = 64
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """input_precision for float32 x float32 dots: exact for float32 inputs, tf32 otherwise."""
@@ -318,7 +331,7 @@ def prep(k, v, beta, g, layout):
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             w, u, layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
             H=H, K=K, V=V, BT=BT, BC=BC, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
-            PREC=dot_precision(k.dtype), num_warps=4, num_stages=2)
+            PREC=dot_precision(k.dtype), **LAUNCH["prep"])
     return gc, tinv, w, u
 
 
@@ -345,8 +358,8 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             final if final is not None else h, layout.cu_seqlens, layout.chunk_offsets,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
-            PREC=dot_precision(k.dtype), num_warps=8,   # >= 128 KB smem: 1 CTA per SM anyway
-            num_stages=1 if BK >= 256 else 2)
+            PREC=dot_precision(k.dtype),
+            **{**LAUNCH["scan"], **(dict(num_stages=1) if BK >= 256 else {})})
     return h, vnew, final
 
 
@@ -359,11 +372,11 @@ def output(q, k, vnew, gc, h, layout, scale, out_dtype):
     TT, H, K = q.shape
     V = vnew.shape[-1]
     o = alloc.empty(TT, H, V, dtype=out_dtype, device=q.device)
-    BV = head_tile(V, 64)
+    BV = head_tile(V, OUTPUT_BV)
     if layout.num_chunks:
         delta_output_kernel[(layout.num_chunks, H, triton.cdiv(V, BV))](
             q, k, vnew, gc if gc is not None else vnew, h, o, layout.cu_seqlens,
             layout.chunk_seq, layout.chunk_idx, scale,
             H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=BV, USE_G=gc is not None,
-            PREC=dot_precision(q.dtype), num_warps=4, num_stages=2)
+            PREC=dot_precision(q.dtype), **LAUNCH["output"])
     return o

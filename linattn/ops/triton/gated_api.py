@@ -67,8 +67,7 @@ class KernelConfig:
     stages: int
     # bwd_dqk, the largest kernel (2.6 of 5.2 ms with no gate on the H200): each K block's
     # program recomputes do v^T for its tile pairs, so one K block (BKQ = K) halves that work
-    # at D = 128 for more registers. Defaults: BK and warps (measured); the sweep
-    # (benchmarks/sweep_gated.py --dqk-bk 64,128 --dqk-warps 4,8) is to decide.
+    # at D = 128 for more registers, which 8 warps supply (see _config for the measurement).
     BKQ: int = 0       # K block of bwd_dqk; 0: BK
     dqk_warps: int = 0  # num_warps of bwd_dqk; 0: warps
 
@@ -76,6 +75,7 @@ class KernelConfig:
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
     """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning
     (so no config depends on B, and the interpreter needs none)."""
+    BKQ = dqk_warps = 0
     if INTERPRET:
         BT, L = TILE or 16, CHUNK or 64
         BK, BV, BVS, warps, stages = head_tile(K, 32), head_tile(V, 32), head_tile(V, 32), 4, 1
@@ -90,10 +90,16 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         # GATE 0/1 per-tile kernels, chosen from sm_90 spill counts, made the no-gate op slower
         # (fwd 1.84 -> 2.16 ms, fwd+bwd 6.30 -> 6.96 ms at T 8192, D 128).
         warps, scan_warps, stages = 4, 4, 2
+        if gate != 2:
+            # bwd_dqk with one 128-wide K block on 8 warps (sweep_gated on the H200, 2026-11-29,
+            # T 8192, D 128, bf16, fwd+bwd ms, BK 64 / 4 warps -> BK 128 / 8 warps): no gate
+            # 4.80 -> 3.84, scalar 6.60 -> 5.13, mLSTMsig 6.78 -> 5.35 (BK 128 on 4 warps
+            # spills: 5.48, 10.90, 9.66). sm_90 compile: 0 / 344 B spills (GATE 0 / 1).
+            BKQ, dqk_warps = head_tile(K, 128), 8
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,
-                       scan_warps, stages)
+                       scan_warps, stages, BKQ, dqk_warps)
     return cfg, L, BT
 
 
@@ -127,22 +133,23 @@ class GatedChunkFunction(torch.autograd.Function):
             gb, gm, start, mpc, mfin = mexp_prep(g, kw, m0, layout, gdt)  # b, m, m's sources
         elif g is not None:
             gb = chunk_cumsum(g, layout, dtype=gdt)                   # chunk-local cumsum
-        h, hn = fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
+        h, hn, hf = fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
         o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale)
         ht = nt = mt = None
         if want_final:
-            ht = h.index_select(0, layout.final_slot)                 # [N, H, K, V]
+            ht = hf                                                   # [N, H, K, V] float32
             if cfg.mexp:
                 nt, mt = hn.index_select(0, layout.final_slot), mfin
         keep = (h, hn) if SAVE_STATES else (None, None)
-        ctx.save_for_backward(q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn, *keep)
+        hfin = hf if cfg.mexp else None                               # the m-path's final C
+        ctx.save_for_backward(q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn, hfin, *keep)
         ctx.layout, ctx.cfg, ctx.scale = layout, cfg, scale
         ctx.const_gate = gf_is_const
         return o, ht, nt, mt
 
     @staticmethod
     def backward(ctx, do, dht, dnt, dmt):
-        q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn, h, hn = ctx.saved_tensors
+        q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn, hfin, h, hn = ctx.saved_tensors
         layout, cfg, scale = ctx.layout, ctx.cfg, ctx.scale
         V = v.shape[-1]
         do = do.contiguous()
@@ -151,7 +158,7 @@ class GatedChunkFunction(torch.autograd.Function):
         if cfg.mexp and dht is not None and dnt is None:
             dnt = torch.zeros(dht.shape[:-1], dtype=torch.float32, device=dht.device)
         if h is None:                                                  # recompute the states
-            h, hn = fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
+            h, hn, _ = fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
         rd = dqn = so = None
         if cfg.mexp:
             # o = h / d with d = max(|qn|, exp(-m)) + eps: cotangents of h (do / d) and of qn
@@ -170,7 +177,6 @@ class GatedChunkFunction(torch.autograd.Function):
             dg = _gate_grad(qdq - kdk, kdk_state, sdot, layout, gate_dtype(cfg))  # [TT, H]
             dkw = kdk_all
             if cfg.mexp:
-                hfin = h.index_select(0, layout.final_slot)
                 nfin = hn.index_select(0, layout.final_slot)
                 dg, dkw, dm0 = _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt,
                                             h0, n0, m0, dh0, dn0, layout)

@@ -26,7 +26,7 @@ import triton.language as tl
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp
 from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, diag_scores, key_exp, ld_gtile,
-                        ld_gtok, ld_state, ld_tile, ld_tok, state_block_of)
+                        ld_gtok, ld_state, ld_tile, ld_tok, state_block_of, state_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -74,7 +74,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             dS = dS * exp(bl, IEEE)[:, None]
         if GATE != 0:
             # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
-            Sp = ld_state(h + ((slot - 1) * H + hh) * K * V, ck, mk, cv, mv, V)  # S_c
+            Sp = ld_state(h + ((slot - 1) * H + hh) * K * V, ck, mk, cv, mv, V).to(tl.float32)  # S_c
             rs = tl.sum(dS * Sp, axis=1)                                      # [BK]
             if GATE == 1:
                 part = tl.sum(rs, axis=0)
@@ -467,7 +467,7 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
     # dh's readers (bwd_dv, bwd_dqk) round it to the inputs' dtype before their dots, so for
     # 16-bit inputs it is stored rounded: the same results, half the bytes (the scan itself
     # carries dS in float32, and dh0 and the gate sums come from that float32 value)
-    dh = empty(layout.n_slots, H, K, V, dtype=torch.float32 if cfg.ieee else do.dtype, device=dev)
+    dh = empty(layout.n_slots, H, K, V, dtype=state_dtype(cfg, do.dtype), device=dev)
     dhn = empty(layout.n_slots, H, K, dtype=torch.float32, device=dev) if cfg.mexp else None
     dh0 = empty(layout.N, H, K, V, dtype=torch.float32, device=dev) if has_h0 else None
     dn0 = empty(layout.N, H, K, dtype=torch.float32, device=dev) if has_h0 and cfg.mexp else None

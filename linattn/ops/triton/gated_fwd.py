@@ -189,13 +189,15 @@ def mexp_prep_kernel(lf, ig, m0, b, m, start, mpc, mfin, cu, coff, H,
 
 
 @triton.jit
-def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, cu, coff, H,
+def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
                       K, V, L: tl.constexpr, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                       HAS_KW: tl.constexpr, MEXP: tl.constexpr, HAS_H0: tl.constexpr,
                       IEEE: tl.constexpr):
-    """Sequential scan over the chunks of sequence n, head h, one [BK, BV] block of the state:
-    writes the state before every chunk and the final state into h (and n into hn)."""
+    """Sequential scan over the chunks of sequence n, head h, one [BK, BV] block of the state,
+    carried in float32: writes the state before every chunk and the final state into h (in
+    h's dtype: its readers' dot operand type), n into hn, and the final state into hf
+    (float32)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
@@ -208,7 +210,8 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, cu, coff, H,
     for c in range(tl.cdiv(eos - bos, L)):
         slot = c0 + n + c
         sp = h + (slot * H + hh) * K * V                        # state before chunk c
-        tl.store(sp + ck[:, None] * V + cv[None, :], S, mask=mk[:, None] & mv[None, :])
+        tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty),
+                 mask=mk[:, None] & mv[None, :])
         if MEXP:
             tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0))
         cs = bos + c * L
@@ -239,7 +242,9 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, cu, coff, H,
                 nv += tl.sum(kt, axis=0)
     slot = c0 + n + tl.cdiv(eos - bos, L)                        # final state
     sp = h + (slot * H + hh) * K * V
-    tl.store(sp + ck[:, None] * V + cv[None, :], S, mask=mk[:, None] & mv[None, :])
+    tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty),
+             mask=mk[:, None] & mv[None, :])
+    tl.store(hf + i_nh * K * V + ck[:, None] * V + cv[None, :], S, mask=mk[:, None] & mv[None, :])
     if MEXP:
         tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0))
 
@@ -369,20 +374,33 @@ def mexp_prep(lf, ig, m0, layout: ChunkLayout, gate_dtype=torch.float32):
 
 
 def fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout: ChunkLayout, cfg):
-    """States before every chunk and at every sequence's end: h [slots, H, K, V] float32
-    (hn [slots, H, K] for MEXP, else None). k [TT, H, K], v [TT, H, V]."""
+    """States before every chunk and at every sequence's end: h [slots, H, K, V] in
+    state_dtype (hn [slots, H, K] float32 for MEXP, else None), and each sequence's final
+    state hf [N, H, K, V] float32. k [TT, H, K], v [TT, H, V]."""
     TT, H, K = k.shape
     V = v.shape[-1]
-    h = empty(layout.n_slots, H, K, V, dtype=torch.float32, device=k.device)
+    h = empty(layout.n_slots, H, K, V, dtype=state_dtype(cfg, k.dtype), device=k.device)
     hn = empty(layout.n_slots, H, K, dtype=torch.float32, device=k.device) if cfg.mexp else None
+    hf = empty(layout.N, H, K, V, dtype=torch.float32, device=k.device)
     grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, cfg.BVS))
     x = k  # placeholder pointer for absent optional tensors
     fwd_states_kernel[grid](
         k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(h0, x), _or(n0, x), h, _or(hn, x),
-        layout.cu, layout.chunk_off, H, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BVS,
+        hf, layout.cu, layout.chunk_off, H, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BVS,
         GATE=cfg.gate, HAS_KW=cfg.has_kw, MEXP=cfg.mexp, HAS_H0=h0 is not None, IEEE=cfg.ieee,
         num_warps=cfg.scan_warps, num_stages=cfg.stages)
-    return h, hn
+    return h, hn, hf
+
+
+def state_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored chunk states h (and of their gradients dh): float32 for float32
+    inputs; for 16-bit inputs their dtype, because every reader but one rounds a state to it
+    before its dot (fwd_o, bwd_dqk; bwd_dv for dh), so storing it rounded gives the same
+    results for half the bytes (at T 8192, D 128, B*T 65536: 512 -> 256 MiB, read three
+    times per fwd+bwd). The scans carry the state in float32 across chunks; the final state
+    is returned in float32 (hf); the one reader of the rounded value is bwd_states' <dS, S>
+    for the gate gradient, a sum of K*V products whose rounding errors average out."""
+    return torch.float32 if cfg.ieee else dtype
 
 
 def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale):

@@ -1,0 +1,111 @@
+"""Launch-setting sweep of the delta-rule kernels: per-kernel times under each variant.
+
+Each variant overrides entries of delta_fwd.LAUNCH / delta_bwd.LAUNCH (num_warps, num_stages)
+and delta_fwd.OUTPUT_BV; for each, one op (DeltaNet or Gated DeltaNet, bf16, B*T = 65536,
+H = 16, D = 128) runs a warm-up forward+backward (compile), is timed end to end with
+do_bench, and then profiled per kernel (benchmarks/profile_kernels.profile_one). The table
+printed last has a row per kernel and a column per variant, so the best setting of each
+kernel can be read off even when variants change several kernels at once. Not a benchmark
+(`linattn bench` is where claims come from).
+
+    PYTHONPATH=. python3 benchmarks/sweep_delta.py --json $OUT/sweep_delta.json [--kinds delta]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import profile_kernels  # noqa: E402
+
+from linattn.ops.triton import delta_bwd, delta_fwd  # noqa: E402
+
+# name -> {kernel: launch overrides}; "output_bv" sets delta_fwd.OUTPUT_BV
+VARIANTS = {
+    "default": {},
+    "warps_swapped": {"prep": dict(num_warps=8), "scan": dict(num_warps=4),
+                      "output": dict(num_warps=8), "reverse_scan": dict(num_warps=8),
+                      "grads_qk": dict(num_warps=4), "grads_wy": dict(num_warps=4)},
+    "stages_swapped": {"prep": dict(num_stages=1), "scan": dict(num_stages=1),
+                       "output": dict(num_stages=1), "reverse_scan": dict(num_stages=2),
+                       "grads_qk": dict(num_stages=2), "grads_wy": dict(num_stages=2)},
+    "output_bv128": {"output_bv": 128},
+    "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
+}
+KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
+                "delta_output_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
+                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
+
+
+def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int) -> None:
+    """Resets the launch tables to their defaults, then applies the variant's overrides."""
+    delta_fwd.LAUNCH.clear()
+    delta_fwd.LAUNCH.update(copy.deepcopy(base_fwd))
+    delta_bwd.LAUNCH.clear()
+    delta_bwd.LAUNCH.update(copy.deepcopy(base_bwd))
+    delta_fwd.OUTPUT_BV = variant.get("output_bv", base_bv)
+    for name, over in variant.items():
+        if name == "output_bv":
+            continue
+        table = delta_fwd.LAUNCH if name in delta_fwd.LAUNCH else delta_bwd.LAUNCH
+        table[name].update(over)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kinds", default="delta")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--B", type=int, default=8)
+    ap.add_argument("--T", type=int, default=8192)
+    ap.add_argument("--H", type=int, default=16)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import triton.testing
+    base = (copy.deepcopy(delta_fwd.LAUNCH), copy.deepcopy(delta_bwd.LAUNCH), delta_fwd.OUTPUT_BV)
+    names = args.variants.split(",")
+    result = {}
+    for kind in args.kinds.split(","):
+        for name in names:
+            apply(VARIANTS[name], *base)
+            try:
+                step = profile_kernels.fwd_bwd_step(kind, args.B, args.T, args.H, args.D)
+                step()
+                ms = triton.testing.do_bench(step, return_mode="median")
+                rows = profile_kernels.profile_one(kind, args.B, args.T, args.H, args.D)
+            except Exception as e:  # report and go on
+                print(f"== {kind} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                result[f"{kind}/{name}"] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            per = {}
+            for r in rows:
+                short = next((v for k, v in KERNEL_NAMES.items() if k in r["kernel"]), None)
+                per[short or "other"] = per.get(short or "other", 0.0) + r["ms_per_step"]
+            result[f"{kind}/{name}"] = {"fwd_bwd_ms": ms, "kernels_ms": per, "variant": VARIANTS[name]}
+            print(f"{kind:12s} {name:18s} fwd+bwd {ms:7.3f} ms  "
+                  + " ".join(f"{k}={v:.2f}" for k, v in sorted(per.items())), flush=True)
+            torch.cuda.empty_cache()
+    apply({}, *base)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    # the table: kernel x variant, per kind
+    for kind in args.kinds.split(","):
+        done = [n for n in names if "kernels_ms" in result.get(f"{kind}/{n}", {})]
+        print(f"\n{kind}: ms per fwd+bwd (kernels from the profiler)")
+        print(f"{'kernel':14s}" + "".join(f"{n[:16]:>17s}" for n in done))
+        kernels = sorted({k for n in done for k in result[f"{kind}/{n}"]["kernels_ms"]})
+        for kname in kernels + ["TOTAL"]:
+            cells = []
+            for n in done:
+                r = result[f"{kind}/{n}"]
+                cells.append(r["fwd_bwd_ms"] if kname == "TOTAL" else r["kernels_ms"].get(kname, 0.0))
+            print(f"{kname:14s}" + "".join(f"{c:17.3f}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
