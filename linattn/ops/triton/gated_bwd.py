@@ -256,7 +256,12 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
     k*dk into gks.
     The gate sums leave out each token's pairing with itself (query t, key t): its terms in
     q.dq and k.dk are equal and cancel in q.dq - k.dk, but are the largest of both, so
-    summing them first would cost the float32 precision of the small difference."""
+    summing them first would cost the float32 precision of the small difference.
+
+    Order, chosen to keep few [BT, BK] float32 tiles alive at once (registers: sm_90 spills
+    at BK 128): the chunk's intra part of dq and dk, with the same-token coefficients kept as
+    a [BT] vector; dq's state part; the gate sums; dq stored; dk's state part (its own gate
+    sum); dk stored."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     it = tl.program_id(0)
@@ -272,10 +277,10 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
     mr = rows < eos
     ck = kb * BK + tl.arange(0, BK)
     mk = ck < K
+    mqk = mr[:, None] & mk[None, :]
     dq = tl.zeros([BT, BK], dtype=tl.float32)
     dk = tl.zeros([BT, BK], dtype=tl.float32)
-    dqd = tl.zeros([BT, BK], dtype=tl.float32)                   # same-token parts of dq, dk
-    dkd = tl.zeros([BT, BK], dtype=tl.float32)
+    dd = tl.zeros([BT], dtype=tl.float32)                       # same-token dA_tt (GATE 1, 2)
     qe = tl.zeros([BT], dtype=tl.float32)
     ke = tl.zeros([BT], dtype=tl.float32)
     rdt = tl.zeros([BT], dtype=tl.float32)
@@ -283,57 +288,15 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
     if MEXP:
         rdt = ld_tok(rd + hh, rows, mr, H)                       # 1 / normaliser
         dqt = ld_tok(dqn + hh, rows, mr, H)                      # cotangent of n^T q
-    # 1) chunk-boundary states: dq from S_c, dk from dS_{c+1}
-    for vb in range(tl.cdiv(V, BV)):
-        cv = vb * BV + tl.arange(0, BV)
-        mv = cv < V
-        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
-        if MEXP:
-            dot_ = dot_ * rdt[:, None]
-        S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
-        dq += dot(dot_.to(DT), tl.trans(S).to(DT), IEEE)
-        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
-        dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
-        dk += dot(vt.to(DT), tl.trans(dS).to(DT), IEEE)
-    if MEXP:
-        nprev = tl.load(hn + (slot * H + hh) * K + ck, mask=mk, other=0.0)
-        dnext = tl.load(dhn + (slot1 * H + hh) * K + ck, mask=mk, other=0.0)
-        dq += dqt[:, None] * nprev[None, :]
-        dk += tl.where(mr, 1.0, 0.0)[:, None] * dnext[None, :]
-    if GATE == 0:
-        dq = dq * scale
     if GATE == 1:
-        qe = ld_gtok(gb + hh, rows, mr, H)
-        ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
-        le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
-        mp = 0.0
+        qe = ld_gtok(gb + hh, rows, mr, H)                       # query exponent b_t (- m_t)
+        ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)           # key exponent -b_s (+ w_s)
         if MEXP:
             qe -= ld_gtok(gm + hh, rows, mr, H)
-            mp = tl.load(mpc + ic * H + hh)
-        dq = dq * (scale * exp(tl.where(mr, qe + mp, NEG_INF), IEEE))[:, None]
-        dk = dk * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
     if GATE == 2:
         bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)     # this tile's b, [BT, BK]
-        bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-        dq = dq * scale * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
-        dk = dk * exp(tl.where(mr[:, None], bl[None, :] - bq, NEG_INF), IEEE)
-    # the state part of k.dk, kept apart: the launcher sums it over the earlier tokens of the
-    # chunk instead of letting it cancel against sdot (that cancellation loses the precision
-    # of the 16-bit dS operand: measured dg errors of 0.2 at log-decays near -20), and the
-    # other gate sums leave it out (it would cost them float32 digits the same way)
-    if GATE == 1:
-        ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        tl.store(gks + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
-    if GATE == 2:
-        ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        tl.store(gks + (rows[:, None] * H + hh) * K + ck[None, :], ks * dk,
-                 mask=mr[:, None] & mk[None, :])
-    if GATE != 0:
-        dks = dk                                    # dk's state part, out of the gate sums below
-        dk = tl.zeros([BT, BK], dtype=tl.float32)
     if not NONCAUSAL:
-        # 2) dq from the earlier key tiles of the chunk (reference row t0 - 1)
-        dqo = tl.zeros([BT, BK], dtype=tl.float32)
+        # 1) dq from the earlier key tiles of the chunk (reference row t0 - 1), unscaled
         if GATE == 2:
             br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk & (t0 > cs), other=0.0)
         for j in range((t0 - cs) // BT):
@@ -347,12 +310,10 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             if GATE == 2:
                 bk = ld_gtile(gb + hh * K, krows, mkr, ck, mk, H * K)
                 kt = kt * exp(br[None, :] - bk, IEEE)
-            dqo += dot(dA.to(DT), kt.to(DT), IEEE)
-        if GATE == 2:
-            dqo = dqo * exp(tl.where(mr[:, None] & (t0 > cs), bq - br[None, :], NEG_INF), IEEE)
-        dq += dqo * scale
-        # 3) dk from the later query tiles of the chunk (reference row t0 + BT - 1)
-        dko = tl.zeros([BT, BK], dtype=tl.float32)
+            dq += dot(dA.to(DT), kt.to(DT), IEEE)
+        if GATE == 2:                                           # dq holds only this part so far
+            dq = dq * exp(tl.where(mr[:, None] & (t0 > cs), bq - br[None, :], NEG_INF), IEEE)
+        # 2) dk from the later query tiles of the chunk (reference row t0 + BT - 1), unscaled
         has_later = t0 + BT < ce
         if GATE == 2:
             br2 = tl.load(gb + ((t0 + BT - 1) * H + hh) * K + ck, mask=mk & has_later, other=0.0)
@@ -379,11 +340,10 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             if GATE == 2:
                 bqi = ld_gtile(gb + hh * K, qrows, mq, ck, mk, H * K)
                 qt = qt * exp(tl.where(mq[:, None], bqi - br2[None, :], NEG_INF), IEEE)
-            dko += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
-        if GATE == 2:
-            dko = dko * exp(tl.where(mr[:, None] & has_later, br2[None, :] - bq, NEG_INF), IEEE)
-        dk += dko * scale
-        # 4) the diagonal tile, causal mask t >= s
+            dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
+        if GATE == 2:                                           # dk holds only this part so far
+            dk = dk * exp(tl.where(mr[:, None] & has_later, br2[None, :] - bq, NEG_INF), IEEE)
+        # 3) the diagonal tile, causal mask t >= s, the same-token terms apart (dd)
         if GATE != 2:
             dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
             causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
@@ -392,14 +352,12 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             if GATE == 1:
                 dA = dA * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
                 same = rows[:, None] == rows[None, :]
-                dd = tl.sum(tl.where(same, dA, 0.0), axis=1) * scale     # dA_tt, kept apart
+                dd = tl.sum(tl.where(same, dA, 0.0), axis=1)     # dA_tt
                 dA = tl.where(same, 0.0, dA)
-                dqd = dd[:, None] * kt
-                dkd = dd[:, None] * qt
             else:
                 dA = tl.where(causal, dA, 0.0)
-            dq += dot(dA.to(DT), kt.to(DT), IEEE) * scale
-            dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE) * scale
+            dq += dot(dA.to(DT), kt.to(DT), IEEE)
+            dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
         else:
             # per-key decay: token r of the tile as key (for dq) and as query (for dk)
             for r in range(BT):
@@ -423,19 +381,41 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
                 keep_k = (rows < tr)[:, None] & mr[:, None] & mrr
                 wq = exp(tl.where(keep_q, bq - brr[None, :], NEG_INF), IEEE)   # query t, key r
                 wk = exp(tl.where(keep_k, brr[None, :] - bq, NEG_INF), IEEE)   # query r, key t
-                dq += (col * scale)[:, None] * kr[None, :] * wq
-                dk += (row * scale)[:, None] * qr[None, :] * wk
+                dq += col[:, None] * kr[None, :] * wq
+                dk += row[:, None] * qr[None, :] * wk
             # the same-token terms: dA_tt = do_t . v_t, weight exp(0)
-            dvd = tl.zeros([BT], dtype=tl.float32)
             for vb in range(tl.cdiv(V, BV)):
                 cv = vb * BV + tl.arange(0, BV)
                 mv = cv < V
-                dvd += tl.sum(ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
-                              * ld_tile(v + hh * V, rows, mr, cv, mv, H * V), axis=1)
-            dqd = (dvd * scale)[:, None] * ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            dkd = (dvd * scale)[:, None] * ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
-    mqk = mr[:, None] & mk[None, :]
-    # gate sums of this tile from the float32 accumulators, same-token terms left out
+                dd += tl.sum(ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+                             * ld_tile(v + hh * V, rows, mr, cv, mv, H * V), axis=1)
+        dq = dq * scale
+        dk = dk * scale
+        dd = dd * scale
+    # 4) dq from the state before the chunk: exp(qe + mp) scale (S_c do~ + dqn n_c)
+    dqs = tl.zeros([BT, BK], dtype=tl.float32)
+    for vb in range(tl.cdiv(V, BV)):
+        cv = vb * BV + tl.arange(0, BV)
+        mv = cv < V
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+        if MEXP:
+            dot_ = dot_ * rdt[:, None]
+        S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
+        dqs += dot(dot_.to(DT), tl.trans(S).to(DT), IEEE)
+    if MEXP:
+        nprev = tl.load(hn + (slot * H + hh) * K + ck, mask=mk, other=0.0)
+        dqs += dqt[:, None] * nprev[None, :]
+    if GATE == 0:
+        dq += dqs * scale
+    if GATE == 1:
+        mp = 0.0
+        if MEXP:
+            mp = tl.load(mpc + ic * H + hh)
+        dq += dqs * (scale * exp(tl.where(mr, qe + mp, NEG_INF), IEEE))[:, None]
+    if GATE == 2:
+        dq += dqs * scale * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
+    # 5) gate sums from the float32 accumulators (same-token terms and dk's state part left
+    #    out), then dq with its same-token term
     if GATE != 0:
         qs = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
         ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
@@ -444,13 +424,35 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             tl.store(gk + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
         else:
             tl.store(gq + (rows[:, None] * H + hh) * K + ck[None, :], qs * dq - ks * dk, mask=mqk)
-    dq += dqd
-    dk += dkd
+        dq += dd[:, None] * ks
+    tl.store(dq_out + (rows[:, None] * H + hh) * K + ck[None, :], dq.to(dq_out.dtype.element_ty), mask=mqk)
+    # 6) dk from the state after the chunk: exp(le + ke) (dS_{c+1} v + dn_{c+1}); its share of
+    #    k.dk goes to gks apart: the launcher sums it over the earlier tokens of the chunk
+    #    instead of letting it cancel against sdot (that cancellation loses the precision of
+    #    the 16-bit dS operand: measured dg errors of 0.2 at log-decays near -20)
+    dks = tl.zeros([BT, BK], dtype=tl.float32)
+    for vb in range(tl.cdiv(V, BV)):
+        cv = vb * BV + tl.arange(0, BV)
+        mv = cv < V
+        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
+        dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
+        dks += dot(vt.to(DT), tl.trans(dS).to(DT), IEEE)
+    if MEXP:
+        dnext = tl.load(dhn + (slot1 * H + hh) * K + ck, mask=mk, other=0.0)
+        dks += tl.where(mr, 1.0, 0.0)[:, None] * dnext[None, :]
+    if GATE == 1:
+        le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
+        dks = dks * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
+        tl.store(gks + (kb * TT + rows) * H + hh, tl.sum(ks * dks, axis=1), mask=mr)
+    if GATE == 2:
+        bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
+        dks = dks * exp(tl.where(mr[:, None], bl[None, :] - bq, NEG_INF), IEEE)
+        tl.store(gks + (rows[:, None] * H + hh) * K + ck[None, :], ks * dks, mask=mqk)
+    dk += dks
     if GATE != 0:
-        dk += dks
+        dk += dd[:, None] * qs
     if HAS_KW:
         tl.store(gkw + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
-    tl.store(dq_out + (rows[:, None] * H + hh) * K + ck[None, :], dq.to(dq_out.dtype.element_ty), mask=mqk)
     tl.store(dk_out + (rows[:, None] * H + hh) * K + ck[None, :], dk.to(dk_out.dtype.element_ty), mask=mqk)
 
 
