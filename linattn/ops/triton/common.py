@@ -33,6 +33,30 @@ def head_tile(d: int, cap: int) -> int:
     return max(16, min(cap, next_pow2(d)))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 for the CPU (and the interpreter)."""
+    if INTERPRET or device.type != "cuda":
+        return 0
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def fill_v_block(BV: int, V: int, programs_per_v_block: int, device: torch.device) -> int:
+    """V block of a sequential state scan (one program per sequence, head and state block):
+    BV halved, down to 16, while the programs, programs_per_v_block * cdiv(V, BV), are fewer
+    than the device's SMs. Few long sequences (B = 2 at T = 32768: 32 (sequence, head) pairs
+    at H = 16) otherwise leave most SMs idle through the scans' chunk-by-chunk loop; at the
+    bench's B = 8 every scan already has >= 256 programs, so nothing changes there."""
+    sms = sm_count(device)
+    while BV > 16 and programs_per_v_block * triton.cdiv(V, BV) < sms:
+        BV //= 2
+    return BV
+
+
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32: exact ieee products with IEEE (float32 inputs), else

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import alloc
 from . import delta_fwd
-from .common import head_tile
+from .common import fill_v_block, head_tile
 from .delta_fwd import BT, chunk_program, dot_precision, full_tile, scan_v_tile, sequence_program
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
@@ -329,7 +329,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     dh = alloc.empty(NC, H, K, V, dtype=torch.float32, device=dev)
     dv2 = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
-    BK, BV = full_tile(K), scan_v_tile(K, V)
+    BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V), V, N * H, dev)
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
             q, k, w, gc if gc is not None else w, do, dfinal if dfinal is not None else dh,

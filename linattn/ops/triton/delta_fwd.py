@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import alloc
-from .common import head_tile, next_pow2
+from .common import fill_v_block, head_tile, next_pow2
 
 BT = 64  # chunk length: the UT transform's block
 BC = 16  # diagonal sub-block of the forward substitution
@@ -350,7 +350,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
     h = alloc.empty(layout.num_chunks, H, K, V, dtype=torch.float32, device=dev)
     vnew = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
-    BK, BV = full_tile(K), scan_v_tile(K, V)
+    BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V), V, N * H, dev)
     if N:
         delta_scan_kernel[(triton.cdiv(V, BV), N * H)](
             k, w, u, gc if gc is not None else u,

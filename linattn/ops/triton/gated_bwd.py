@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
-from .common import ChunkLayout, dot, exp
+from .common import ChunkLayout, dot, exp, fill_v_block
 from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, diag_scores, key_exp, ld_gtile,
                         ld_gtok, ld_state, ld_tile, ld_tok, state_block_of, state_dtype)
 
@@ -474,7 +474,8 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
     dh0 = empty(layout.N, H, K, V, dtype=torch.float32, device=dev) if has_h0 else None
     dn0 = empty(layout.N, H, K, dtype=torch.float32, device=dev) if has_h0 and cfg.mexp else None
     x = q
-    grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, cfg.BVS))
+    BVS = fill_v_block(cfg.BVS, V, layout.N * H * triton.cdiv(K, cfg.BK), dev)
+    grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, BVS))
     NS = layout.n_slots
     sdot = None
     if cfg.gate == 1:
@@ -485,7 +486,7 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         q, do, _or(gb, x), _or(gm, x), _or(mpc, x), _or(rd, x), _or(dqn, x), _or(dht, x),
         _or(dnt, x), dh, _or(dhn, x), _or(dh0, x), _or(dn0, x), h, _or(hn, x), _or(sdot, x),
         layout.cu, layout.chunk_off, scale, H, NS, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK,
-        BV=cfg.BVS, GATE=cfg.gate,
+        BV=BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
         IEEE=cfg.ieee, num_warps=cfg.scan_warps, num_stages=cfg.stages)
     if sdot is not None:

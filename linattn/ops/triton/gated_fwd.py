@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
-from .common import ChunkLayout, dot, exp
+from .common import ChunkLayout, dot, exp, fill_v_block
 
 # Globals a kernel reads must be instantiated tl.constexpr objects (not annotations).
 MLSTM_EPS = tl.constexpr(1e-6)  # mLSTMexp: o = h / (max(|n^T q|, exp(-m)) + eps)
@@ -382,11 +382,12 @@ def fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout: ChunkLayout, cfg):
     h = empty(layout.n_slots, H, K, V, dtype=state_dtype(cfg, k.dtype), device=k.device)
     hn = empty(layout.n_slots, H, K, dtype=torch.float32, device=k.device) if cfg.mexp else None
     hf = empty(layout.N, H, K, V, dtype=torch.float32, device=k.device)
-    grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, cfg.BVS))
+    BVS = fill_v_block(cfg.BVS, V, layout.N * H * triton.cdiv(K, cfg.BK), k.device)
+    grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, BVS))
     x = k  # placeholder pointer for absent optional tensors
     fwd_states_kernel[grid](
         k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(h0, x), _or(n0, x), h, _or(hn, x),
-        hf, layout.cu, layout.chunk_off, H, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BVS,
+        hf, layout.cu, layout.chunk_off, H, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=BVS,
         GATE=cfg.gate, HAS_KW=cfg.has_kw, MEXP=cfg.mexp, HAS_H0=h0 is not None, IEEE=cfg.ieee,
         num_warps=cfg.scan_warps, num_stages=cfg.stages)
     return h, hn, hf

@@ -2,7 +2,8 @@
 (interpreter on the CPU)."""
 import torch
 
-from linattn.ops.triton.common import chunk_cumsum, gate_grad_, make_layout
+from linattn.ops.triton import common
+from linattn.ops.triton.common import chunk_cumsum, fill_v_block, gate_grad_, make_layout
 
 
 def _chunks(lengths, L):
@@ -70,3 +71,15 @@ def test_row_dot_sums_products_in_float32():
     assert out.dtype == torch.float32 and out.shape == (70, 3)
     torch.testing.assert_close(out, (ah.double() * bh.double()).sum(-1).float(), rtol=1e-5, atol=1e-5)
     assert row_dot(a[:0], b[:0]).shape == (0, 3)
+
+
+def test_fill_v_block_splits_v_until_every_sm_has_a_program(monkeypatch):
+    """The scans' V block halves (down to 16) while programs < SMs; no split on the CPU."""
+    cuda = torch.device("cuda", 0)
+    assert fill_v_block(64, 128, 2, torch.device("cpu")) == 64       # CPU: never split
+    monkeypatch.setattr(common, "sm_count", lambda device: 132)
+    assert fill_v_block(64, 128, 8 * 16 * 2, cuda) == 64               # B 8, H 16: 512 programs
+    assert fill_v_block(64, 128, 2 * 16 * 2, cuda) == 32               # B 2: 128 -> 256
+    assert fill_v_block(64, 128, 2 * 16, cuda) == 16                   # delta scan, B 2: 64 -> 256
+    assert fill_v_block(64, 128, 1, cuda) == 16                        # never below 16
+    assert fill_v_block(32, 20, 1, cuda) == 16                         # V < BV: still a valid tile

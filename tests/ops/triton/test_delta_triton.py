@@ -84,6 +84,15 @@ def test_strong_decay():
     check(make_inputs(1, 50, 1, 16, 16, gated=True, seed=5, g_low=-21.0, g_high=-19.0))
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_split_scan_v_blocks(gated, monkeypatch):
+    """The forward and reverse scans with V cut into 16-wide blocks (common.fill_v_block's
+    choice for few long sequences on a GPU), forced here: V = 40 in three ragged blocks."""
+    from linattn.ops.triton import common
+    monkeypatch.setattr(common, "sm_count", lambda device: 10 ** 6)
+    check(make_inputs(1, 70, 1, 16, 40, gated=gated, seed=7))
+
+
 def test_wide_head_dims():
     """K = 128 > one 64-wide tile (several K tiles in the chunk kernels), V = 64."""
     check(make_inputs(1, 20, 1, 128, 64, gated=True, seed=6))

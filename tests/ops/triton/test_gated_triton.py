@@ -134,6 +134,15 @@ def test_gates_cpu(small_tiles, kind, K, V, T):
     check_la(kind, B=2, T=T, H=1, K=K, V=V, dtype=torch.float32, device="cpu")
 
 
+def test_split_scan_v_blocks_cpu(small_tiles, monkeypatch):
+    """The state scans with V cut into 16-wide blocks (what common.fill_v_block picks for few
+    long sequences on a GPU), forced here: V = 40 in three blocks, the last one ragged."""
+    from linattn.ops.triton import common
+    monkeypatch.setattr(common, "sm_count", lambda device: 10 ** 6)
+    check_la("scalar", B=1, T=40, H=1, K=16, V=40, dtype=torch.float32, device="cpu")
+    check_mlstm("exp", B=1, T=40, H=1, K=16, V=40, dtype=torch.float32, device="cpu")
+
+
 def test_varlen_scalar_cpu(small_tiles):
     check_la("scalar", B=1, T=0, H=2, K=16, V=24, dtype=torch.float32, device="cpu",
              lengths=[0, 37, 1, 20], noncontig=True)
