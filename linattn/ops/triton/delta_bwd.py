@@ -83,31 +83,37 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
                                  (t0, i_v * BV), (BT, BV), (1, 0))
         p_dv2 = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                   (t0, i_v * BV), (BT, BV), (1, 0))
-        b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)  # 16-bit loads upcast: exact
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-        b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
+        # q, k, dO stay in the inputs' dtype (half the registers of float32 tiles at 16 bits);
+        # the decays scale a dot's rows or its other operand instead of q and k, so each dot
+        # rounds no more than before (16-bit values are exact in tf32)
+        b_q = tl.load(p_q, boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_do = tl.load(p_do, boundary_check=(0, 1))
         # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
-        b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [j, i]
+        b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [j, i], exact products
         m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
         if USE_G:
             last = tl.minimum(t0 + BT, Tn) - 1
             b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
             b_kq = b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
-            b_k = b_k * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-            b_q = b_q * tl.exp(b_g)[:, None]
         else:
             b_kq = tl.where(m_c, b_kq, 0.0)
-        # dU' = scale (masked K Q^T) dO + (K exp(b_L - b)) dS'
-        b_dv = scale * tl.dot(b_kq, b_do, input_precision=PREC) \
-            + tl.dot(b_k, b_ds, input_precision=PREC)
-        tl.store(p_dv2, b_dv, boundary_check=(0, 1))
-        # dS = exp(b_L) dS' + scale (Q exp(b))^T dO - W^T dU'
+        # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
+        b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
         if USE_G:
-            b_ds = b_ds * tl.exp(b_gl)
-        b_w = tl.load(p_w, boundary_check=(0, 1))
-        b_ds += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC) \
-            - tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
+            b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
+        b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
+        tl.store(p_dv2, b_dv, boundary_check=(0, 1))
+        # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
+        if USE_G:
+            b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(
+                tl.trans(b_q.to(tl.float32)), b_do.to(tl.float32) * tl.exp(b_g)[:, None],
+                input_precision=PREC)
+        else:
+            b_ds += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC)  # exact products
+        b_w = tl.load(p_w, boundary_check=(0, 1))          # loaded once q and dO are done
+        b_ds -= tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
 
     if STORE_DH0:
         p_dh0 = tl.make_block_ptr(dh0 + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV),
