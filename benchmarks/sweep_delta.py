@@ -38,7 +38,7 @@ VARIANTS = {
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
 }
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
-                "delta_output_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
+                "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
 
 

@@ -3,9 +3,10 @@
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t)
 
 Forward: delta_fwd.prep (b, T, W, U per chunk) -> delta_fwd.scan (chunk states, U') ->
-delta_fwd.output (O). The forward keeps what the backward reads of prep and scan (b, T, W, U'
-and the chunk states; SAVE_INTERMEDIATES) or, with SAVE_INTERMEDIATES off, only its inputs,
-and the backward (delta_bwd.backward) recomputes them. It then runs the reverse scan for dS
+delta_fwd.output (O: the gated family's output kernel with values U'). The forward keeps what
+the backward reads of prep and scan (b, T, W, U' and the chunk states; SAVE_INTERMEDIATES)
+or, with SAVE_INTERMEDIATES off, only its inputs, and the backward (delta_bwd.backward)
+recomputes them. It then runs the reverse scan for dS
 and two chunk-parallel gradient kernels, releasing every float32 intermediate after its last
 kernel. No atomics: bitwise deterministic.
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import delta_bwd, delta_fwd
+from . import common, delta_bwd, delta_fwd
 
 # Keep the forward's b, T, W, U' and chunk states for the backward instead of recomputing
 # prep and scan there: one launch of each less per backward (prep 2.08 + scan 1.25 of 19.96 ms
@@ -38,6 +39,9 @@ class ChunkLayout:
     chunk_offsets: int64 [N] global index of each sequence's first chunk (device).
     chunk_seq:     int32 [NC] sequence of each chunk (device).
     chunk_idx:     int32 [NC] index of each chunk inside its sequence (device).
+    tiles:         the gated family's layout of the same sequences with chunk = tile = BT
+                   (common.ChunkLayout): the output kernel (gated_fwd.fwd_o) and the slots of
+                   the chunk states h.
     """
     cu_seqlens: torch.Tensor
     chunk_offsets: torch.Tensor
@@ -45,12 +49,14 @@ class ChunkLayout:
     chunk_idx: torch.Tensor
     num_seqs: int
     num_chunks: int
+    tiles: common.ChunkLayout
 
 
 def chunk_layout(B: int, T: int, cu_seqlens, device) -> ChunkLayout:
     """The chunk tables for B equal sequences of T tokens, or for packed cu_seqlens [N+1].
 
-    Equal lengths need no host sync; cu_seqlens is read once on the host (N + 1 integers)."""
+    Equal lengths need no device-to-host sync; cu_seqlens is read once on the host (N + 1
+    integers). The gated layout (tiles) is cached per shape (common.make_layout)."""
     BT = delta_fwd.BT
     if cu_seqlens is None:
         nt = triton.cdiv(T, BT)
@@ -59,7 +65,7 @@ def chunk_layout(B: int, T: int, cu_seqlens, device) -> ChunkLayout:
             cu_seqlens=torch.arange(B + 1, device=device, dtype=torch.int64) * T,
             chunk_offsets=torch.arange(B, device=device, dtype=torch.int64) * nt,
             chunk_seq=ar // nt if nt else ar, chunk_idx=ar % nt if nt else ar,
-            num_seqs=B, num_chunks=B * nt)
+            num_seqs=B, num_chunks=B * nt, tiles=common.make_layout([T] * B, BT, BT, device))
     cu = [int(c) for c in cu_seqlens.tolist()]
     nts = [triton.cdiv(e - s, BT) for s, e in zip(cu[:-1], cu[1:])]
     offsets, seq, idx = [], [], []
@@ -73,7 +79,9 @@ def chunk_layout(B: int, T: int, cu_seqlens, device) -> ChunkLayout:
 
     return ChunkLayout(cu_seqlens=dev(cu, torch.int64), chunk_offsets=dev(offsets, torch.int64),
                        chunk_seq=dev(seq, torch.int32), chunk_idx=dev(idx, torch.int32),
-                       num_seqs=len(nts), num_chunks=len(seq))
+                       num_seqs=len(nts), num_chunks=len(seq),
+                       tiles=common.make_layout([e - s for s, e in zip(cu[:-1], cu[1:])], BT, BT,
+                                                device))
 
 
 def _packed(x):

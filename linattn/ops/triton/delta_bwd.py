@@ -129,6 +129,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     """Per (chunk, head): dq; dk (state and output part, float32); dw = -dU' S^T; db part."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
+    hslot = i_c + tl.load(chunk_seq + i_c).to(tl.int64)  # h's slot: c0 + n + c = i_c + n
     last = tl.minimum(t0 + BT, Tn) - 1 - t0  # row of the chunk's last token
     m_c = (o_t[:, None] >= o_t[None, :]) & valid[:, None]
     if USE_G:
@@ -173,7 +174,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         b_dka = tl.zeros([BT, BK], dtype=tl.float32)
         b_dwa = tl.zeros([BT, BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
-            p_h = tl.make_block_ptr(h + (i_c * H + i_h) * K * V, (K, V), (V, 1),
+            p_h = tl.make_block_ptr(h + (hslot * H + i_h) * K * V, (K, V), (V, 1),
                                     (i_k * BK, i_v * BV), (BK, BV), (1, 0))
             p_dh = tl.make_block_ptr(dh + (i_c * H + i_h) * K * V, (K, V), (V, 1),
                                      (i_k * BK, i_v * BV), (BK, BV), (1, 0))
@@ -350,7 +351,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
 def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
     """dq, and the parts of dk, dW and db that come through the states and outputs.
 
-    Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC, H, K, V] (delta_fwd.scan); gc [TT, H] or
+    Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (delta_fwd.scan); gc [TT, H] or
         None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V].
     Returns: dq [TT, H, K] in q's dtype; dk_part, dw [TT, H, K] float32; db [TT, H] float32
         (None when ungated).
@@ -392,7 +393,10 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
             db if db is not None else dw, dk, dv, dbeta, dg if dg is not None else dbeta,
             layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
             H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
-            PREC=dot_precision(k.dtype), **LAUNCH["grads_wy"])
+            PREC=dot_precision(k.dtype),
+            # float32 inputs ("ieee" dots) keep 8 warps: on 4, sm_90 spills ~9 KB (the sweep
+            # timed 16-bit inputs only)
+            **{**LAUNCH["grads_wy"], **(dict(num_warps=8) if k.dtype == torch.float32 else {})})
     return dk, dv, dbeta, dg
 
 

@@ -8,17 +8,23 @@ Gamma_ij = exp(b_i - b_j) (all ones when ungated), DESIGN.md section 4:
     O  = scale ((Q * exp(b)) S + (tril(Q K^T) * Gamma) U')
     S <- exp(b_L) S + (K * exp(b_L - b))^T U'
 
-Three kernels; the backward reruns prep and scan rather than keep W, U, U' and the states:
+Two kernels and one borrowed (delta_api keeps W, U', b, T and the states for the backward,
+or the backward reruns prep and scan):
   delta_prep_kernel    per (chunk, head): b, T (blocked forward substitution on 16x16
                        blocks), W and U.
   delta_scan_kernel    per (sequence, head, V tile): the sequential float32 state scan; writes
                        the state at each chunk start and U'. W S contracts over all of K, so
                        K is never split across programs; V is tiled.
-  delta_output_kernel  per (chunk, head, V tile): O, fully parallel.
+  output               O is gated linear attention with values U' and the chunk-start states:
+                       the gated family's gated_fwd.fwd_o_kernel (no gate, or the scalar gate
+                       with b), on the chunk = tile = BT layout. One output kernel for both
+                       families (DESIGN.md: one recurrence, many gates).
 
 Every token tensor is addressed as packed [TT, H, D] (B sequences of T tokens are the packed
 case with cu_seqlens = [0, T, 2T, ...]); chunks are enumerated by (chunk_seq, chunk_idx)
-tables built in delta_api. Batch/head offsets are int64.
+tables built in delta_api. Batch/head offsets are int64. The chunk states h use the gated
+family's slot numbering (common.ChunkLayout): chunk c of sequence n at slot c0 + n + c, one
+slot per sequence after its last chunk (unused here: the final state has its own buffer).
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ import triton.language as tl
 
 from .. import alloc
 from .common import fill_v_block, head_tile, next_pow2
+from .gated_api import KernelConfig
+from .gated_fwd import fwd_o
 
 BT = 64  # chunk length: the UT transform's block
 BC = 16  # diagonal sub-block of the forward substitution
@@ -36,8 +44,10 @@ BC = 16  # diagonal sub-block of the forward substitution
 # tile cap. Chosen per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
 # bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): one stage for prep (2.07 -> 1.88) and output
 # (1.91 -> 1.31); 8 warps made prep 2.3x and output 1.3x slower; a 128-wide output V tile
-# 1.17x slower. The scan's [BK, BV] float32 state tiles take >= 128 KB of shared memory, so
-# it runs one CTA per SM anyway: 8 warps (4: no faster), 2 stages (1: 1.25 -> 1.65).
+# 1.17x slower (all measured on the former delta_output_kernel; fwd_o, which replaced it,
+# takes the same settings, not yet timed). The scan's [BK, BV] float32 state tiles take
+# >= 128 KB of shared memory, so it runs one CTA per SM anyway: 8 warps (4: no faster),
+# 2 stages (1: 1.25 -> 1.65).
 LAUNCH = {
     "prep": dict(num_warps=4, num_stages=1),
     "scan": dict(num_warps=8, num_stages=2),      # num_stages 1 at K = 256 (shared memory)
@@ -216,11 +226,13 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
                       H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
                       PREC: tl.constexpr):
-    """Per (V tile, sequence * head): S over the chunks; h[c] = S at chunk c's start, U'.
+    """Per (V tile, sequence * head): S over the chunks; h[c0 + n + c] = S at chunk c's start
+    (the gated layout's slots), U'.
 
     BK spans all of K (the launcher picks full_tile(K)): W S contracts over it."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
+    n = i_nh // H
     o_t = tl.arange(0, BT)
 
     # S_0: initial_state[n, h] or zeros (float32, [BK, BV] tile of [K, V])
@@ -232,8 +244,8 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
 
     for i_t in range(tl.cdiv(Tn, BT)):
         t0 = i_t * BT
-        # h[c] = S at the chunk's start
-        p_h = tl.make_block_ptr(h + ((c0 + i_t) * H + i_h) * K * V, (K, V), (V, 1),
+        # h[slot] = S at the chunk's start
+        p_h = tl.make_block_ptr(h + ((c0 + n + i_t) * H + i_h) * K * V, (K, V), (V, 1),
                                 (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_h, b_s.to(p_h.dtype.element_ty), boundary_check=(0, 1))
         # U' = U - W S
@@ -263,50 +275,6 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
         p_ht = tl.make_block_ptr(ht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV),
                                  (1, 0))
         tl.store(p_ht, b_s, boundary_check=(0, 1))
-
-
-@triton.jit
-def delta_output_kernel(q, k, vnew, gc, h, o, cu_seqlens, chunk_seq, chunk_idx, scale,
-                        H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        USE_G: tl.constexpr, PREC: tl.constexpr):
-    """Per (chunk, head, V tile): O = scale ((Q * exp(b)) S + (tril(Q K^T) * Gamma) U')."""
-    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
-    i_v = tl.program_id(2)  # int32: a block-pointer offset
-
-    # Q S and Q K^T, accumulated over K tiles
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
-        p_h = tl.make_block_ptr(h + (i_c * H + i_h) * K * V, (K, V), (V, 1),
-                                (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-        b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-        b_h = tl.load(p_h, boundary_check=(0, 1))
-        b_o += tl.dot(b_q, b_h, input_precision=PREC)
-        b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-
-    # decays: exp(b) on the inter term, Gamma on the causal intra term
-    m_c = (o_t[:, None] >= o_t[None, :]) & valid[:, None]
-    if USE_G:
-        b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
-        b_o = b_o * tl.exp(b_g)[:, None]
-        b_qk = b_qk * tl.exp(tl.where(m_c, b_g[:, None] - b_g[None, :], float("-inf")))
-    else:
-        b_qk = tl.where(m_c, b_qk, 0.0)
-
-    # O = scale (inter + intra U')
-    p_vn = tl.make_block_ptr(vnew + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                             (t0, i_v * BV), (BT, BV), (1, 0))
-    p_o = tl.make_block_ptr(o + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                            (t0, i_v * BV), (BT, BV), (1, 0))
-    b_vn = tl.load(p_vn, boundary_check=(0, 1))
-    b_o = (b_o + tl.dot(b_qk, b_vn, input_precision=PREC)) * scale
-    tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -340,14 +308,15 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
 
     Args: k [TT, H, K]; w [TT, H, K], u [TT, H, V], gc [TT, H] or None (float32, from prep);
         initial_state [N, H, K, V] or None.
-    Returns: h [NC, H, K, V] float32 (state at each chunk's start), vnew [TT, H, V] float32
+    Returns: h [NC + N, H, K, V] float32 (state at each chunk's start, at the slots of
+        layout.tiles; the N slots after each sequence stay unwritten), vnew [TT, H, V] float32
         (U'), final [N, H, K, V] float32 or None.
     """
     TT, H, K = k.shape
     V = u.shape[-1]
     N = layout.num_seqs
     dev = k.device
-    h = alloc.empty(layout.num_chunks, H, K, V, dtype=torch.float32, device=dev)
+    h = alloc.empty(layout.num_chunks + N, H, K, V, dtype=torch.float32, device=dev)
     vnew = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V), V, N * H, dev)
@@ -364,19 +333,20 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
 
 
 def output(q, k, vnew, gc, h, layout, scale, out_dtype):
-    """O from the chunk states.
+    """O from the chunk states: gated linear attention with values U' (gated_fwd.fwd_o).
 
-    Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC, H, K, V], gc [TT, H] or None (float32).
+    Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (float32, from scan);
+        gc [TT, H] float32 or None (b, the log-decay's cumsum inside each chunk).
     Returns: o [TT, H, V] in out_dtype.
     """
-    TT, H, K = q.shape
-    V = vnew.shape[-1]
-    o = alloc.empty(TT, H, V, dtype=out_dtype, device=q.device)
-    BV = head_tile(V, OUTPUT_BV)
-    if layout.num_chunks:
-        delta_output_kernel[(layout.num_chunks, H, triton.cdiv(V, BV))](
-            q, k, vnew, gc if gc is not None else vnew, h, o, layout.cu_seqlens,
-            layout.chunk_seq, layout.chunk_idx, scale,
-            H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=BV, USE_G=gc is not None,
-            PREC=dot_precision(q.dtype), **LAUNCH["output"])
+    K, V = q.shape[-1], vnew.shape[-1]
+    launch = LAUNCH["output"]
+    # dots in tf32 on float32 U' and states (exact "ieee" for float32 inputs), as in the scan
+    cfg = KernelConfig(gate=0 if gc is None else 1, has_kw=False, mexp=False, noncausal=False,
+                       ieee=q.dtype == torch.float32, BK=head_tile(K, 64),
+                       BV=head_tile(V, OUTPUT_BV), BVS=head_tile(V, OUTPUT_BV),
+                       warps=launch["num_warps"], scan_warps=launch["num_warps"],
+                       stages=launch["num_stages"])
+    o, _ = fwd_o(q, k, vnew, gc, None, None, None, h, None, layout.tiles, cfg, scale,
+                 out_dtype=out_dtype)
     return o

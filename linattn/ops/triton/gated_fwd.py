@@ -123,10 +123,10 @@ def chunk_end_exp(gb, gm, ce, hh, H, MEXP: tl.constexpr):
 
 @triton.jit
 def diag_scores(q, k, hh, rows, mr, qe, ke, scale, H, K, BT: tl.constexpr, BK: tl.constexpr,
-                GATE: tl.constexpr, IEEE: tl.constexpr):
+                GATE: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr):
     """Scores of one tile against itself: A[t, s] = scale q_t . k_s (times exp(qe_t + ke_s)
-    for GATE 1) where s <= t, zero elsewhere; float32 [BT, BT] (GATE 0 and 1 only)."""
-    DT = q.dtype.element_ty
+    for GATE 1) where s <= t, zero elsewhere; float32 [BT, BT] (GATE 0 and 1 only). The dot
+    takes DT operands: the values' dtype of the caller (float32 for the delta rule's U')."""
     A = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
@@ -323,7 +323,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
                 accn += tl.sum(A, axis=1)
         # 3) the diagonal tile, causal mask t >= s
         if GATE != 2:
-            A = diag_scores(q, k, hh, rows, mr, qe, ke, scale, H, K, BT, BK, GATE, IEEE)
+            A = diag_scores(q, k, hh, rows, mr, qe, ke, scale, H, K, BT, BK, GATE, IEEE, DT)
             vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
             acc += dot(A.to(DT), vt.to(DT), IEEE)
             if MEXP:
@@ -404,11 +404,12 @@ def state_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if cfg.ieee else dtype
 
 
-def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale):
-    """o [TT, H, V] in v's dtype, and qn = n^T q [TT, H] float32 for MEXP (else None)."""
+def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale, out_dtype=None):
+    """o [TT, H, V] in out_dtype (default v's dtype), and qn = n^T q [TT, H] float32 for MEXP
+    (else None). The dots take v's dtype (the delta rule passes float32 values U')."""
     TT, H, K = q.shape
     V = v.shape[-1]
-    o = empty(TT, H, V, dtype=v.dtype, device=v.device)
+    o = empty(TT, H, V, dtype=out_dtype or v.dtype, device=v.device)
     qn = empty(TT, H, dtype=torch.float32, device=v.device) if cfg.mexp else None
     if layout.NT:
         x = q
