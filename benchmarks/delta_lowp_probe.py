@@ -1,0 +1,121 @@
+"""Which delta-rule intermediates can be stored in 16 bits? A CPU precision probe.
+
+The Triton delta-rule kernels keep W, U, U' (vnew) and the chunk states h in float32; fla
+keeps them in bf16, which halves their memory traffic (each float32 [TT, H, 128] tensor is
+512 MiB per pass at the bench shape). This probe runs the chunked PyTorch path in float64
+with chosen intermediates rounded to bf16 where a kernel would store them, and checks the
+result with the tests' own rule (tests/helpers.check_against_oracle: outputs within 3x and
+gradients within 5x the error of rounding the inputs alone), on the delta tests' inputs:
+unit keys, and unnormalised keys with beta ||k||^2 up to 2, gated and not.
+
+Rounding points (forward values; autograd passes gradients through a rounding unchanged, so
+this probes the forward's stored values, as the backward would read them):
+    h     the chunk-start state as the output and the backward read it (the scan carries S
+          exactly)
+    vnew  U' as the output reads it (the state update uses the exact U')
+    w     W as the scan reads it (U' = U - W S: cancels when keys are not normalised)
+    u     U as the scan reads it (same cancellation)
+    S     the state the scan carries, every chunk (a control the rule should reject: the
+          kernels never do this)
+
+    PYTHONPATH=. python3 benchmarks/delta_lowp_probe.py [--T 256] [--seeds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "ops" / "triton"))
+
+import helpers  # noqa: E402
+import test_delta_triton as TD  # noqa: E402
+
+import linattn  # noqa: E402
+from linattn.ops import torch_chunked  # noqa: E402
+from linattn.ops.torch_chunked import _causal_log_mask  # noqa: E402
+
+LOW = torch.bfloat16
+
+
+def rounded(x, on: bool):
+    """x rounded to LOW and back (autograd: identity), or x."""
+    return x.to(LOW).to(x.dtype) if on else x
+
+
+def delta_chunks_rounding(points: set):
+    """torch_chunked._delta_chunks with the given intermediates rounded to LOW."""
+    def chunks(state, q, k, v, beta, g):
+        L = q.shape[3]
+        if g is None:
+            gamma = torch.ones(L, L, dtype=q.dtype, device=q.device).tril()
+            q_in, k_out, chunk_decay, beta_eb = q, k, None, beta
+        else:
+            b = g.cumsum(dim=-1)
+            gamma = torch.exp(_causal_log_mask(b))
+            b_last = b[..., -1:]
+            q_in = q * torch.exp(b).unsqueeze(-1)
+            k_out = k * torch.exp(b_last - b).unsqueeze(-1)
+            chunk_decay = torch.exp(b_last).unsqueeze(-1)
+            beta_eb = beta * torch.exp(b)
+        eye = torch.eye(L, dtype=q.dtype, device=q.device)
+        a = (beta.unsqueeze(-1) * (k @ k.transpose(-1, -2)) * gamma).tril(-1)
+        w = torch.linalg.solve_triangular(eye + a, beta_eb.unsqueeze(-1) * k, upper=False,
+                                          unitriangular=True)
+        u = torch.linalg.solve_triangular(eye + a, beta.unsqueeze(-1) * v, upper=False,
+                                          unitriangular=True)
+        w, u = rounded(w, "w" in points), rounded(u, "u" in points)
+        attn = (q @ k.transpose(-1, -2)) * gamma
+        outs = []
+        for n in range(q.shape[2]):
+            u_n = u[:, :, n] - w[:, :, n] @ state
+            outs.append(q_in[:, :, n] @ rounded(state, "h" in points)
+                        + attn[:, :, n] @ rounded(u_n, "vnew" in points))
+            decayed = state if chunk_decay is None else chunk_decay[:, :, n] * state
+            state = rounded(decayed + k_out[:, :, n].transpose(-1, -2) @ u_n, "S" in points)
+        return torch.stack(outs, dim=2), state
+    return chunks
+
+
+def probe(points: set, case: dict) -> str:
+    """'ok', or the first failing check's message."""
+    saved = torch_chunked._delta_chunks
+    torch_chunked._delta_chunks = delta_chunks_rounding(points)
+    try:
+        names = [n for n in TD.GRADS if case.get(n) is not None]
+        fast = lambda **kw: linattn.delta_rule(**kw, backend="torch")  # noqa: E731
+        helpers.check_against_oracle(fast, TD.oracle, case, dtype=LOW, grad_names=names,
+                                     output_final_state=True)
+        return "ok"
+    except AssertionError as e:
+        return str(e).split("\n")[0][:90]
+    finally:
+        torch_chunked._delta_chunks = saved
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=256)
+    ap.add_argument("--K", type=int, default=32)
+    ap.add_argument("--seeds", type=int, default=2)
+    args = ap.parse_args()
+    cases = {}
+    for gated, knorm, seed in itertools.product((False, True), (None, "free"), range(args.seeds)):
+        cases[f"{'gdn' if gated else 'dn'}-{knorm or 'unit'}-s{seed}"] = TD.make_inputs(
+            1, args.T, 2, args.K, args.K, gated=gated, seed=seed, knorm=knorm)
+    sets = [set(), {"h"}, {"vnew"}, {"h", "vnew"}, {"w"}, {"u"}, {"h", "vnew", "w", "u"}, {"S"}]
+    for pts in sets:
+        label = "+".join(sorted(pts)) or "none (control)"
+        results = {name: probe(pts, case) for name, case in cases.items()}
+        bad = {n: r for n, r in results.items() if r != "ok"}
+        print(f"{label:22s} {len(results) - len(bad)}/{len(results)} pass"
+              + "".join(f"\n    {n}: {r}" for n, r in bad.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
