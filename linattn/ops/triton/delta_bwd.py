@@ -184,7 +184,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                                      (t0, i_v * BV), (BT, BV), (1, 0))
             p_dv2 = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                       (t0, i_v * BV), (BT, BV), (1, 0))
-            b_h = tl.load(p_h, boundary_check=(0, 1))
+            b_h = tl.load(p_h, boundary_check=(0, 1)).to(tl.float32)  # stored 16-bit or float32
             b_dh = tl.load(p_dh, boundary_check=(0, 1))
             b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
             b_vn = tl.load(p_vn, boundary_check=(0, 1))

@@ -55,6 +55,18 @@ LAUNCH = {
 }
 OUTPUT_BV = 64
 
+# Chunk states h stored in the inputs' dtype for 16-bit inputs (the scan carries S in float32;
+# the output and grads_qk read h). Halves the largest buffer the forward keeps for the
+# backward (1 GiB float32 at B*T 65536, H 16, D 128 with 64-token chunks). Precision: the CPU
+# probe benchmarks/delta_lowp_probe.py finds h in bf16 within the tests' tolerance rule for
+# unit and unnormalised keys (T up to 1024); False restores float32 states.
+STATES_IN_INPUT_DTYPE: bool = True
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored chunk states h for inputs of this dtype."""
+    return dtype if STATES_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """input_precision for float32 x float32 dots: exact for float32 inputs, tf32 otherwise."""
@@ -308,15 +320,15 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
 
     Args: k [TT, H, K]; w [TT, H, K], u [TT, H, V], gc [TT, H] or None (float32, from prep);
         initial_state [N, H, K, V] or None.
-    Returns: h [NC + N, H, K, V] float32 (state at each chunk's start, at the slots of
-        layout.tiles; the N slots after each sequence stay unwritten), vnew [TT, H, V] float32
+    Returns: h [NC + N, H, K, V] in state_dtype(k.dtype) (state at each chunk's start, at the
+        slots of layout.tiles; the N slots after each sequence stay unwritten), vnew [TT, H, V] float32
         (U'), final [N, H, K, V] float32 or None.
     """
     TT, H, K = k.shape
     V = u.shape[-1]
     N = layout.num_seqs
     dev = k.device
-    h = alloc.empty(layout.num_chunks + N, H, K, V, dtype=torch.float32, device=dev)
+    h = alloc.empty(layout.num_chunks + N, H, K, V, dtype=state_dtype(k.dtype), device=dev)
     vnew = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V), V, N * H, dev)
@@ -335,7 +347,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
 def output(q, k, vnew, gc, h, layout, scale, out_dtype):
     """O from the chunk states: gated linear attention with values U' (gated_fwd.fwd_o).
 
-    Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (float32, from scan);
+    Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (from scan);
         gc [TT, H] float32 or None (b, the log-decay's cumsum inside each chunk).
     Returns: o [TT, H, V] in out_dtype.
     """
