@@ -85,6 +85,15 @@ def test_strong_decay():
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+@pytest.mark.parametrize("knorm", [None, "free"], ids=["unit", "free"])
+def test_float16(gated, knorm):
+    """The 16-bit paths (chunk states stored in the inputs' dtype, the output kernel's float32
+    values) on the CPU: float16, since the interpreter's bfloat16 arithmetic is wrong; the GPU
+    tests cover bfloat16. Unit keys and beta ||k||^2 up to 2."""
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=1, knorm=knorm), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_split_scan_v_blocks(gated, monkeypatch):
     """The forward and reverse scans with V cut into 16-wide blocks (common.fill_v_block's
     choice for few long sequences on a GPU), forced here: V = 40 in three ragged blocks."""

@@ -134,6 +134,19 @@ def test_gates_cpu(small_tiles, kind, K, V, T):
     check_la(kind, B=2, T=T, H=1, K=K, V=V, dtype=torch.float32, device="cpu")
 
 
+@pytest.mark.parametrize("kind", ["none", "scalar", "key"])
+def test_float16_cpu(small_tiles, kind):
+    """The 16-bit paths (chunk states and their gradients stored in the inputs' dtype, 16-bit
+    dot operands) on the CPU: float16, because the interpreter's bfloat16 arithmetic is wrong
+    (ENVIRONMENT.md); the GPU tests cover bfloat16."""
+    check_la(kind, B=2, T=45, H=1, K=32, V=16, dtype=torch.float16, device="cpu")
+
+
+@pytest.mark.parametrize("input_gate", ["sigmoid", "exp"])
+def test_mlstm_float16_cpu(small_tiles, input_gate):
+    check_mlstm(input_gate, B=1, T=45, H=1, K=32, V=16, dtype=torch.float16, device="cpu")
+
+
 def test_split_scan_v_blocks_cpu(small_tiles, monkeypatch):
     """The state scans with V cut into 16-wide blocks (what common.fill_v_block picks for few
     long sequences on a GPU), forced here: V = 40 in three blocks, the last one ragged."""
