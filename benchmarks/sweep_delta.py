@@ -1,7 +1,7 @@
 """Launch-setting sweep of the delta-rule kernels: per-kernel times under each variant.
 
-Each variant overrides entries of delta_fwd.LAUNCH / delta_bwd.LAUNCH (num_warps, num_stages)
-and delta_fwd.OUTPUT_BV; for each, one op (DeltaNet or Gated DeltaNet, bf16, B*T = 65536,
+Each variant overrides entries of delta_fwd.LAUNCH / delta_bwd.LAUNCH (num_warps, num_stages),
+delta_fwd.OUTPUT_BV and delta_bwd.GRADS_QK_BV; for each, one op (DeltaNet or Gated DeltaNet, bf16, B*T = 65536,
 H = 16, D = 128) runs a warm-up forward+backward (compile), is timed end to end with
 do_bench, and then profiled per kernel (benchmarks/profile_kernels.profile_one). The table
 printed last has a row per kernel and a column per variant, so the best setting of each
@@ -25,7 +25,8 @@ import profile_kernels  # noqa: E402
 
 from linattn.ops.triton import delta_bwd, delta_fwd  # noqa: E402
 
-# name -> {kernel: launch overrides}; "output_bv" sets delta_fwd.OUTPUT_BV
+# name -> {kernel: launch overrides}; "output_bv" sets delta_fwd.OUTPUT_BV, "qk_bv"
+# delta_bwd.GRADS_QK_BV
 VARIANTS = {
     "default": {},
     "warps_swapped": {"prep": dict(num_warps=8), "scan": dict(num_warps=4),
@@ -36,21 +37,24 @@ VARIANTS = {
                        "grads_qk": dict(num_stages=2), "grads_wy": dict(num_stages=2)},
     "output_bv128": {"output_bv": 128},
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
+    "qk_bv32": {"qk_bv": {False: 32, True: 32}},
+    "qk_bv64": {"qk_bv": {False: 64, True: 64}},
 }
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
 
 
-def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int) -> None:
+def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_bv: dict) -> None:
     """Resets the launch tables to their defaults, then applies the variant's overrides."""
     delta_fwd.LAUNCH.clear()
     delta_fwd.LAUNCH.update(copy.deepcopy(base_fwd))
     delta_bwd.LAUNCH.clear()
     delta_bwd.LAUNCH.update(copy.deepcopy(base_bwd))
     delta_fwd.OUTPUT_BV = variant.get("output_bv", base_bv)
+    delta_bwd.GRADS_QK_BV = dict(variant.get("qk_bv", base_qk_bv))
     for name, over in variant.items():
-        if name == "output_bv":
+        if name in ("output_bv", "qk_bv"):
             continue
         table = delta_fwd.LAUNCH if name in delta_fwd.LAUNCH else delta_bwd.LAUNCH
         table[name].update(over)
@@ -67,7 +71,8 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import triton.testing
-    base = (copy.deepcopy(delta_fwd.LAUNCH), copy.deepcopy(delta_bwd.LAUNCH), delta_fwd.OUTPUT_BV)
+    base = (copy.deepcopy(delta_fwd.LAUNCH), copy.deepcopy(delta_bwd.LAUNCH), delta_fwd.OUTPUT_BV,
+            dict(delta_bwd.GRADS_QK_BV))
     names = args.variants.split(",")
     result = {}
     for kind in args.kinds.split(","):

@@ -37,6 +37,11 @@ LAUNCH = {
     "grads_qk": dict(num_warps=8, num_stages=1),
     "grads_wy": dict(num_warps=4, num_stages=1),
 }
+# grads_qk's V tile cap, by gated: at 64 the gated kernel spills 624 B on sm_90 (bf16,
+# K = V = 128, 8 warps) and takes 4.17 ms against 2.92 ungated (profile 2026-11-29); at 32 it
+# compiles without spills (and 96 instead of 128 KiB of shared memory). Chosen from the compile
+# counts, not yet timed (sweep_delta.py's qk_bv variants time both).
+GRADS_QK_BV = {False: 64, True: 32}
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -367,7 +372,8 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
         delta_bwd_dqk_kernel[(layout.num_chunks, H)](
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
             db if db is not None else dw, layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
-            scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=gc is not None,
+            scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64),
+            BV=head_tile(V, GRADS_QK_BV[gc is not None]), USE_G=gc is not None,
             PREC=dot_precision(q.dtype), **LAUNCH["grads_qk"])
     return dq, dk_part, dw, db
 
