@@ -153,6 +153,7 @@ def test_split_scan_v_blocks_cpu(small_tiles, monkeypatch):
     from linattn.ops.triton import common
     monkeypatch.setattr(common, "sm_count", lambda device: 10 ** 6)
     check_la("scalar", B=1, T=40, H=1, K=16, V=40, dtype=torch.float32, device="cpu")
+    check_la("key", B=1, T=40, H=1, K=16, V=40, dtype=torch.float32, device="cpu")
     check_mlstm("exp", B=1, T=40, H=1, K=16, V=40, dtype=torch.float32, device="cpu")
 
 
