@@ -170,13 +170,16 @@ class GatedChunkFunction(torch.autograd.Function):
             rd = 1.0 / (torch.maximum(qn.abs(), floor) + MLSTM_EPS)
             so = row_dot(do, o)                                            # [TT, H] float32
             dqn = -(torch.sign(qn) * (qn.abs() > floor)) * so * rd
+        # a frozen decay (g needs no gradient, e.g. RetNet's fixed gammas) skips the gate sums;
+        # mLSTM's gates always take them (its key log-weight's gradient is one of them)
+        gate_sums = ctx.needs_input_grad[3] or cfg.has_kw
         dh, dhn, dh0, dn0, sdot = bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn,
-                                             h0 is not None, layout, cfg, scale, V)
+                                             h0 is not None, layout, cfg, scale, V, gate_sums)
         dv = bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout, cfg, scale, v.dtype, V)
         dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout,
-                               cfg, scale)
+                               cfg, scale, gate_sums)
         dg = dkw = dm0 = None
-        if cfg.gate == 1:
+        if gate_sums and cfg.gate == 1:
             qdq, kdk, kdk_state, kdk_all = gsum
             dg = _gate_grad(qdq - kdk, kdk_state, sdot, layout, gate_dtype(cfg))  # [TT, H]
             dkw = kdk_all
@@ -184,7 +187,7 @@ class GatedChunkFunction(torch.autograd.Function):
                 nfin = hn.index_select(0, layout.final_slot)
                 dg, dkw, dm0 = _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt,
                                             h0, n0, m0, dh0, dn0, layout)
-        elif cfg.gate == 2:
+        elif gate_sums and cfg.gate == 2:
             dg = _gate_grad(*gsum, sdot, layout, gate_dtype(cfg))         # [TT, H, K]
         if dg is not None and ctx.const_gate:
             dg = dg.sum(0)                                                 # [H], in gdt

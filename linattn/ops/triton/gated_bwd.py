@@ -36,12 +36,13 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
                       cu, coff, scale, H, NS, K, V, L: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       GATE: tl.constexpr, MEXP: tl.constexpr, HAS_DHT: tl.constexpr,
-                      HAS_H0: tl.constexpr, NONCAUSAL: tl.constexpr, IEEE: tl.constexpr):
+                      HAS_H0: tl.constexpr, NONCAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                      SDOT: tl.constexpr):
     """Reverse scan over the chunks of sequence n, head h, one [BK, BV] block: writes the
     gradient of the state after every chunk (slot c + 1) and of the initial state (slot 0);
-    NONCAUSAL sums q^T do over the sequence into the final slot. For the gates' gradient it
-    also writes <dS_{c+1}, exp(le + mp) S_c> of every chunk c (summed over this block's V, and
-    over its K too for GATE 1) into sdot, at the slot of the state after the chunk."""
+    NONCAUSAL sums q^T do over the sequence into the final slot. For the gates' gradient (SDOT)
+    it also writes <dS_{c+1}, exp(le + mp) S_c> of every chunk c (summed over this block's V,
+    and over its K too for GATE 1) into sdot, at the slot of the state after the chunk."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
@@ -72,7 +73,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
             dS = dS * exp(bl, IEEE)[:, None]
-        if GATE != 0:
+        if GATE != 0 and SDOT:
             # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
             Sp = ld_state(h + ((slot - 1) * H + hh) * K * V, ck, mk, cv, mv, V).to(tl.float32)  # S_c
             rs = tl.sum(dS * Sp, axis=1)                                      # [BK]
@@ -248,8 +249,9 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
-                   IEEE: tl.constexpr):
-    """dq and dk of one tile (BT tokens), one block of K, and the gate sums of the tile:
+                   IEEE: tl.constexpr, GATE_SUMS: tl.constexpr):
+    """dq and dk of one tile (BT tokens), one block of K, and (GATE_SUMS: the gate needs a
+    gradient) the gate sums of the tile:
     GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], k.dk without the
     part from the state after the chunk, which goes to gks, and with HAS_KW the whole k.dk
     into gkw; GATE 2 writes q*dq - k*dk (same split) into gq [TT, H, K], the state part of
@@ -419,10 +421,10 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
     if GATE != 0:
         qs = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
         ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        if GATE == 1:
+        if GATE == 1 and GATE_SUMS:
             tl.store(gq + (kb * TT + rows) * H + hh, tl.sum(qs * dq, axis=1), mask=mr)
             tl.store(gk + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
-        else:
+        if GATE == 2 and GATE_SUMS:
             tl.store(gq + (rows[:, None] * H + hh) * K + ck[None, :], qs * dq - ks * dk, mask=mqk)
         dq += dd[:, None] * ks
     tl.store(dq_out + (rows[:, None] * H + hh) * K + ck[None, :], dq.to(dq_out.dtype.element_ty), mask=mqk)
@@ -443,15 +445,17 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
     if GATE == 1:
         le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
         dks = dks * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
-        tl.store(gks + (kb * TT + rows) * H + hh, tl.sum(ks * dks, axis=1), mask=mr)
+        if GATE_SUMS:
+            tl.store(gks + (kb * TT + rows) * H + hh, tl.sum(ks * dks, axis=1), mask=mr)
     if GATE == 2:
         bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
         dks = dks * exp(tl.where(mr[:, None], bl[None, :] - bq, NEG_INF), IEEE)
-        tl.store(gks + (rows[:, None] * H + hh) * K + ck[None, :], ks * dks, mask=mqk)
+        if GATE_SUMS:
+            tl.store(gks + (rows[:, None] * H + hh) * K + ck[None, :], ks * dks, mask=mqk)
     dk += dks
     if GATE != 0:
         dk += dd[:, None] * qs
-    if HAS_KW:
+    if HAS_KW and GATE_SUMS:
         tl.store(gkw + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
     tl.store(dk_out + (rows[:, None] * H + hh) * K + ck[None, :], dk.to(dk_out.dtype.element_ty), mask=mqk)
 
@@ -459,11 +463,12 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
 # ----------------------------------------------------------------------------- launchers
 
 def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: ChunkLayout, cfg,
-               scale, V):
+               scale, V, gate_sums=True):
     """Gradients of the chunk-boundary states: dh [slots, H, K, V] in do's dtype (float32 for
     float32 inputs), dhn [slots, H, K] float32 for MEXP, and of the initial state, dh0
     [N, H, K, V] (dn0 [N, H, K]) float32 when has_h0; and <dS, S>
-    of the state after every chunk: [NC, H] (GATE 1) or [NC, H, K] (GATE 2), else None."""
+    of the state after every chunk: [NC, H] (GATE 1) or [NC, H, K] (GATE 2), else None (also
+    when not gate_sums: the gate needs no gradient)."""
     TT, H, K = q.shape
     dev = q.device
     # dh's readers (bwd_dv, bwd_dqk) round it to the inputs' dtype before their dots, so for
@@ -478,9 +483,9 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
     grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, BVS))
     NS = layout.n_slots
     sdot = None
-    if cfg.gate == 1:
+    if cfg.gate == 1 and gate_sums:
         sdot = empty(grid[1] * grid[2], NS, H, dtype=torch.float32, device=dev)
-    if cfg.gate == 2:
+    if cfg.gate == 2 and gate_sums:
         sdot = empty(grid[2], NS, H, K, dtype=torch.float32, device=dev)
     bwd_states_kernel[grid](
         q, do, _or(gb, x), _or(gm, x), _or(mpc, x), _or(rd, x), _or(dqn, x), _or(dht, x),
@@ -488,7 +493,7 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         layout.cu, layout.chunk_off, scale, H, NS, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK,
         BV=BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
-        IEEE=cfg.ieee, num_warps=cfg.scan_warps, num_stages=cfg.stages)
+        IEEE=cfg.ieee, SDOT=sdot is not None, num_warps=cfg.scan_warps, num_stages=cfg.stages)
     if sdot is not None:
         sdot = sdot[:, layout.chunk_end_slot].sum(0)             # blocks -> [NC, H(, K)]
     return dh, dhn, dh0, dn0, sdot
@@ -510,11 +515,11 @@ def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtyp
 
 
 def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: ChunkLayout, cfg,
-            scale):
+            scale, gate_sums=True):
     """dq, dk [TT, H, K] in q's dtype and the gate sums (same-token terms left out, see the
     kernel): GATE 1 -> (q.dq, k.dk, the state part of k.dk, the whole k.dk or None without a
     key log-weight) each [TT, H] float32 (summed over K blocks here); GATE 2 -> (q*dq - k*dk,
-    the state part of k*dk) each [TT, H, K]; else None."""
+    the state part of k*dk) each [TT, H, K]; else, or without gate_sums, None."""
     TT, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -523,13 +528,14 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
     dq = empty(TT, H, K, dtype=q.dtype, device=dev)
     dk = empty(TT, H, K, dtype=k.dtype, device=dev)
     gq = gk = gks = gkw = None
-    if cfg.gate == 1:
+    gate_sums = gate_sums and cfg.gate != 0
+    if cfg.gate == 1 and gate_sums:
         gq = empty(nkb, TT, H, dtype=torch.float32, device=dev)
         gk = empty(nkb, TT, H, dtype=torch.float32, device=dev)
         gks = empty(nkb, TT, H, dtype=torch.float32, device=dev)
         if cfg.has_kw:
             gkw = empty(nkb, TT, H, dtype=torch.float32, device=dev)
-    if cfg.gate == 2:
+    if cfg.gate == 2 and gate_sums:
         gq = empty(TT, H, K, dtype=torch.float32, device=dev)
         gks = empty(TT, H, K, dtype=torch.float32, device=dev)
     if layout.NT:
@@ -540,7 +546,9 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H, TT,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
-            num_warps=cfg.dqk_warps or cfg.warps, num_stages=cfg.stages)
+            GATE_SUMS=gate_sums, num_warps=cfg.dqk_warps or cfg.warps, num_stages=cfg.stages)
+    if not gate_sums:
+        return dq, dk, None
     if cfg.gate == 1:
         return dq, dk, (gq.sum(0), gk.sum(0), gks.sum(0), gkw.sum(0) if cfg.has_kw else None)
     if cfg.gate == 2:

@@ -134,6 +134,16 @@ def test_gates_cpu(small_tiles, kind, K, V, T):
     check_la(kind, B=2, T=T, H=1, K=K, V=V, dtype=torch.float32, device="cpu")
 
 
+@pytest.mark.parametrize("kind", ["const", "scalar", "key"])
+def test_frozen_gate_cpu(small_tiles, kind):
+    """A decay that needs no gradient (RetNet's fixed gammas): the backward skips the gate
+    sums; the other gradients must not change."""
+    inputs, names = helpers.la_inputs(kind, B=2, T=40, H=1, K=16, V=24, state=True)
+    helpers.check_against_oracle(_la("triton"), _la("reference"), inputs, dtype=torch.float32,
+                                 grad_names=[n for n in names if n != "g"], device="cpu",
+                                 output_final_state=True)
+
+
 @pytest.mark.parametrize("kind", ["none", "scalar", "key"])
 def test_float16_cpu(small_tiles, kind):
     """The 16-bit paths (chunk states and their gradients stored in the inputs' dtype, 16-bit
