@@ -189,34 +189,17 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
                 dot_ = dot_ * ld_tok(rd + hh, qrows, mq, H)[:, None]
             acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
         # 3) the diagonal tile
-        if GATE != 2:
-            qe = tl.zeros([BT], dtype=tl.float32)
-            if GATE == 1:
-                qe = ld_gtok(gb + hh, rows, mr, H)
-                if MEXP:
-                    qe -= ld_gtok(gm + hh, rows, mr, H)
-            A = diag_scores(q, k, hh, rows, mr, qe, ke, scale, H, K, BT, BK, GATE, IEEE, DT)
-            dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+        qe = tl.zeros([BT], dtype=tl.float32)
+        if GATE == 1:
+            qe = ld_gtok(gb + hh, rows, mr, H)
             if MEXP:
-                dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-            acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
-        else:
-            # per-key decay: one query t at a time, exp(b_t - b_s) elementwise for s <= t
-            for t in range(BT):
-                tt = t0 + t
-                mt = tt < eos
-                row = tl.zeros([BT], dtype=tl.float32)          # A[t, :]
-                for kb in range(tl.cdiv(K, BK)):
-                    ck = kb * BK + tl.arange(0, BK)
-                    mk = ck < K
-                    kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-                    bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-                    qr = tl.load(q + (tt * H + hh) * K + ck, mask=mk & mt, other=0.0).to(tl.float32)
-                    br = tl.load(gb + (tt * H + hh) * K + ck, mask=mk & mt, other=0.0)
-                    keep = (rows <= tt)[:, None] & mr[:, None] & mt
-                    row += tl.sum(kt * qr[None, :] * exp(tl.where(keep, br[None, :] - bk, NEG_INF), IEEE), axis=1)
-                dor = tl.load(do + (tt * H + hh) * V + cv, mask=mv & mt, other=0.0).to(tl.float32)
-                acc += (row * scale)[:, None] * dor[None, :]
+                qe -= ld_gtok(gm + hh, rows, mr, H)
+        A = diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT, BK, GATE,
+                        IEEE, DT)
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+        if MEXP:
+            dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
+        acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
     tl.store(dv + (rows[:, None] * H + hh) * V + cv[None, :], acc.to(dv.dtype.element_ty),
              mask=mr[:, None] & mv[None, :])
 
@@ -361,21 +344,15 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             dq += dot(dA.to(DT), kt.to(DT), IEEE)
             dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
         else:
-            # per-key decay: token r of the tile as key (for dq) and as query (for dk)
+            # per-key decay: token r of the tile as key (for dq) and as query (for dk), with
+            # dA = do v^T of the tile formed once (one dot) and read a column / row at a time
+            dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
+            cols = tl.arange(0, BT)
             for r in range(BT):
                 tr = t0 + r
                 mrr = tr < eos
-                col = tl.zeros([BT], dtype=tl.float32)          # dA[:, r]
-                row = tl.zeros([BT], dtype=tl.float32)          # dA[r, :]
-                for vb in range(tl.cdiv(V, BV)):
-                    cv = vb * BV + tl.arange(0, BV)
-                    mv = cv < V
-                    dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
-                    vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
-                    vr = tl.load(v + (tr * H + hh) * V + cv, mask=mv & mrr, other=0.0).to(tl.float32)
-                    dor = tl.load(do + (tr * H + hh) * V + cv, mask=mv & mrr, other=0.0).to(tl.float32)
-                    col += tl.sum(dot_ * vr[None, :], axis=1)
-                    row += tl.sum(vt * dor[None, :], axis=1)
+                col = tl.sum(tl.where(cols[None, :] == r, dA, 0.0), axis=1)   # dA[:, r]
+                row = tl.sum(tl.where(cols[:, None] == r, dA, 0.0), axis=0)   # dA[r, :]
                 kr = tl.load(k + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0).to(tl.float32)
                 qr = tl.load(q + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0).to(tl.float32)
                 brr = tl.load(gb + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0)
@@ -386,11 +363,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
                 dq += col[:, None] * kr[None, :] * wq
                 dk += row[:, None] * qr[None, :] * wk
             # the same-token terms: dA_tt = do_t . v_t, weight exp(0)
-            for vb in range(tl.cdiv(V, BV)):
-                cv = vb * BV + tl.arange(0, BV)
-                mv = cv < V
-                dd += tl.sum(ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
-                             * ld_tile(v + hh * V, rows, mr, cv, mv, H * V), axis=1)
+            dd = tl.sum(tl.where(cols[:, None] == cols[None, :], dA, 0.0), axis=1)
         dq = dq * scale
         dk = dk * scale
         dd = dd * scale

@@ -122,23 +122,43 @@ def chunk_end_exp(gb, gm, ce, hh, H, MEXP: tl.constexpr):
 
 
 @triton.jit
-def diag_scores(q, k, hh, rows, mr, qe, ke, scale, H, K, BT: tl.constexpr, BK: tl.constexpr,
-                GATE: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr):
-    """Scores of one tile against itself: A[t, s] = scale q_t . k_s (times exp(qe_t + ke_s)
-    for GATE 1) where s <= t, zero elsewhere; float32 [BT, BT] (GATE 0 and 1 only). The dot
-    takes DT operands: the values' dtype of the caller (float32 for the delta rule's U')."""
+def diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT: tl.constexpr,
+                BK: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr):
+    """Scores of one tile (first token t0) against itself, float32 [BT, BT], zero above the
+    diagonal: A[t, s] = scale q_t . k_s, times exp(qe_t + ke_s) for GATE 1; for GATE 2
+    scale sum_k q_tk k_sk exp(b_tk - b_sk), formed one key s at a time (the per-key weights
+    are not a product of a row and a column factor), with the tile's q and b loaded once per
+    K block. The GATE 0/1 dot takes DT operands: the values' dtype of the caller (float32 for
+    the delta rule's U')."""
     A = tl.zeros([BT, BT], dtype=tl.float32)
-    for kb in range(tl.cdiv(K, BK)):
-        ck = kb * BK + tl.arange(0, BK)
-        mk = ck < K
-        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
-    causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
-    if GATE == 1:
-        A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
+    if GATE == 2:
+        cols = tl.arange(0, BT)
+        for kb in range(tl.cdiv(K, BK)):
+            ck = kb * BK + tl.arange(0, BK)
+            mk = ck < K
+            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale     # [BT, BK]
+            bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            for s in range(BT):
+                ts = t0 + s
+                ms = ts < eos
+                ks = tl.load(k + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
+                bs = tl.load(gb + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0)
+                keep = (rows >= ts)[:, None] & mr[:, None] & ms
+                col = tl.sum(qt * ks[None, :] * exp(tl.where(keep, bq - bs[None, :], NEG_INF), IEEE),
+                             axis=1)                                     # this block's A[:, s]
+                A += tl.where(cols[None, :] == s, col[:, None], 0.0)
     else:
-        A = tl.where(causal, A, 0.0)
+        for kb in range(tl.cdiv(K, BK)):
+            ck = kb * BK + tl.arange(0, BK)
+            mk = ck < K
+            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+            A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+        causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
+        if GATE == 1:
+            A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
+        else:
+            A = tl.where(causal, A, 0.0)
     return A
 
 
@@ -322,29 +342,12 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
             if MEXP:
                 accn += tl.sum(A, axis=1)
         # 3) the diagonal tile, causal mask t >= s
-        if GATE != 2:
-            A = diag_scores(q, k, hh, rows, mr, qe, ke, scale, H, K, BT, BK, GATE, IEEE, DT)
-            vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
-            acc += dot(A.to(DT), vt.to(DT), IEEE)
-            if MEXP:
-                accn += tl.sum(A, axis=1)
-        else:
-            # per-key decay: one key s at a time, exp(b_t - b_s) elementwise under the mask
-            for s in range(BT):
-                ts = t0 + s
-                ms = ts < eos
-                col = tl.zeros([BT], dtype=tl.float32)          # A[:, s]
-                for kb in range(tl.cdiv(K, BK)):
-                    ck = kb * BK + tl.arange(0, BK)
-                    mk = ck < K
-                    qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-                    bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-                    ks = tl.load(k + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
-                    bs = tl.load(gb + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0)
-                    keep = (rows >= ts)[:, None] & mr[:, None] & ms
-                    col += tl.sum(qt * ks[None, :] * exp(tl.where(keep, bq - bs[None, :], NEG_INF), IEEE), axis=1)
-                vs = tl.load(v + (ts * H + hh) * V + cv, mask=mv & ms, other=0.0).to(tl.float32)
-                acc += col[:, None] * vs[None, :]
+        A = diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT, BK, GATE,
+                        IEEE, DT)
+        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
+        acc += dot(A.to(DT), vt.to(DT), IEEE)
+        if MEXP:
+            accn += tl.sum(A, axis=1)
     if MEXP:
         # normaliser: o = h / (max(|n^T q|, exp(-m)) + eps)
         mt = ld_gtok(gm + hh, rows, mr, H)
