@@ -305,17 +305,13 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         for i in range(tl.cdiv(ce - t0, BT) - 1):
             qrows = t0 + (i + 1) * BT + tl.arange(0, BT)
             mq = qrows < ce
-            dA = tl.zeros([BT, BT], dtype=tl.float32)           # [query, key]
-            for vb in range(tl.cdiv(V, BV)):
-                cv = vb * BV + tl.arange(0, BV)
-                mv = cv < V
-                dot_ = ld_tile(do + hh * V, qrows, mq, cv, mv, H * V)
-                if MEXP:
-                    dot_ = dot_ * ld_tok(rd + hh, qrows, mq, H)[:, None]
-                vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
-                dA += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
+            rdi = rdt
+            dqi = dqt
             if MEXP:
-                dA += ld_tok(dqn + hh, qrows, mq, H)[:, None]
+                rdi = ld_tok(rd + hh, qrows, mq, H)
+                dqi = ld_tok(dqn + hh, qrows, mq, H)
+            dA = do_v_tile(do, v, hh, qrows, mq, rows, mr, rdi, dqi, H, V, BT, BV, MEXP,
+                           IEEE)                                # [query, key]
             qt = ld_tile(q + hh * K, qrows, mq, ck, mk, H * K)
             if GATE == 1:
                 qei = ld_gtok(gb + hh, qrows, mq, H)
