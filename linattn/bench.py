@@ -109,7 +109,7 @@ OPS = [
     OpSpec("linattn.linear_attention[none]", "ours", "no gate", "gla"),
     OpSpec("linattn.linear_attention[const]", "ours", "constant gate [H]", "gla", (G_CONST,)),
     # a frozen constant decay (no gate gradient), as fla's g_gamma computes it
-    OpSpec("linattn.linear_attention[const,frozen]", "ours", "constant gate [H]", "gla",
+    OpSpec("linattn.linear_attention[const-frozen]", "ours", "constant gate [H]", "gla",
            (Gate("g", "H", DECAY_BYTES, grad=False),)),
     OpSpec("linattn.linear_attention[scalar]", "ours", "scalar gate [B,T,H]", "gla", (G_SCALAR,)),
     OpSpec("linattn.linear_attention[key]", "ours", "per-key gate [B,T,H,K]", "gla", (G_KEY,)),
@@ -274,8 +274,8 @@ def build_case(name: str, s: Shape, gen):
         import linattn
         kind = name[len("linattn.linear_attention["):-1]
         q, k, v = _qkv(s, gen)
-        g = None if kind == "none" else _gate(kind.split(",")[0], s, gen)
-        if kind.endswith(",frozen"):
+        g = None if kind == "none" else _gate(kind.split("-")[0], s, gen)
+        if kind.endswith("-frozen"):
             g = g.detach()                                    # no gradient for the decay
         return [q, k, v] + ([g] if g is not None else []), \
             lambda: linattn.linear_attention(q, k, v, g, backend="triton")
