@@ -96,6 +96,7 @@ class ChunkLayout:
     chunk_off: torch.Tensor     # int32 [N+1]  cumulative chunk counts
     tile_seq: torch.Tensor      # int32 [NT]   sequence of each tile
     tile_start: torch.Tensor    # int32 [NT]   first token of each tile
+    tile_idx: torch.Tensor      # int32 [NT]   index of each tile inside its sequence
     chunk_start: torch.Tensor   # int32 [NC]   first token of each chunk
     chunk_end: torch.Tensor     # int32 [NC]   one past the last token of each chunk
     chunk_last: torch.Tensor    # int64 [NC]   last token of each chunk
@@ -137,7 +138,8 @@ def _cached_layout(lengths: tuple, L: int, BT: int, device: torch.device) -> Chu
     coff = np.concatenate([[0], np.cumsum(nc)])
     nt = -(-lens // BT)                                  # tiles per sequence
     tile_seq = np.repeat(np.arange(N), nt)
-    tile_start = cu[:-1][tile_seq] + (np.arange(nt.sum()) - np.repeat(np.cumsum(nt) - nt, nt)) * BT
+    tile_idx = np.arange(nt.sum()) - np.repeat(np.cumsum(nt) - nt, nt)
+    tile_start = cu[:-1][tile_seq] + tile_idx * BT
     ch_seq = np.repeat(np.arange(N), nc)
     ch_idx = np.arange(nc.sum()) - np.repeat(coff[:-1], nc)
     ch_start = cu[:-1][ch_seq] + ch_idx * L
@@ -146,6 +148,7 @@ def _cached_layout(lengths: tuple, L: int, BT: int, device: torch.device) -> Chu
     fields = dict(                                       # name -> (host array, dtype)
         cu=(cu, torch.int32), chunk_off=(coff, torch.int32),
         tile_seq=(tile_seq, torch.int32), tile_start=(tile_start, torch.int32),
+        tile_idx=(tile_idx, torch.int32),
         chunk_start=(ch_start, torch.int32), chunk_end=(ch_end, torch.int32),
         chunk_last=(ch_end - 1, torch.int64),
         chunk_end_slot=(coff[:-1][ch_seq] + ch_seq + ch_idx + 1, torch.int64),

@@ -6,16 +6,14 @@ Forward: delta_fwd.prep (b, T, W, U per chunk) -> delta_fwd.scan (chunk states, 
 delta_fwd.output (O: the gated family's output kernel with values U'). The forward keeps what
 the backward reads of prep and scan (b, T, W, U' and the chunk states; SAVE_INTERMEDIATES)
 or, with SAVE_INTERMEDIATES off, only its inputs, and the backward (delta_bwd.backward)
-recomputes them. It then runs the reverse scan for dS
-and two chunk-parallel gradient kernels, releasing every float32 intermediate after its last
-kernel. No atomics: bitwise deterministic.
+recomputes them. It then runs the reverse scan for dS and two chunk-parallel gradient
+kernels, releasing every intermediate after its last kernel. No atomics: bitwise
+deterministic.
 
 B sequences of T tokens are handled as the packed case (cu_seqlens = [0, T, 2T, ...]) of
 [1, B*T, H, D]; one code path serves both.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -26,62 +24,21 @@ from . import common, delta_bwd, delta_fwd
 # prep and scan there: one launch of each less per backward (prep 2.08 + scan 1.25 of 19.96 ms
 # at B*T = 65536, H = 16, D = 128 on the H200, profile of 2026-11-29). A single op's peak does
 # not rise (the backward allocated the same buffers, plus U, which is not kept), but they are
-# held from forward to backward: about 2.4x the size of q, k, v in bf16 at D = 128. Set False
-# to recompute in memory-bound stacks.
+# held from forward to backward: about 2.4x the size of q, k, v in bf16 at D = 128 with float32
+# states, ~1.9x with the states in bf16 (delta_fwd.STATES_IN_INPUT_DTYPE). Set False to
+# recompute in memory-bound stacks.
 SAVE_INTERMEDIATES: bool = True
 
 
-@dataclass
-class ChunkLayout:
-    """Where the chunks of BT tokens lie in the packed token axis.
-
-    cu_seqlens:    int64 [N+1] sequence offsets (device).
-    chunk_offsets: int64 [N] global index of each sequence's first chunk (device).
-    chunk_seq:     int32 [NC] sequence of each chunk (device).
-    chunk_idx:     int32 [NC] index of each chunk inside its sequence (device).
-    tiles:         the gated family's layout of the same sequences with chunk = tile = BT
-                   (common.ChunkLayout): the output kernel (gated_fwd.fwd_o) and the slots of
-                   the chunk states h.
-    """
-    cu_seqlens: torch.Tensor
-    chunk_offsets: torch.Tensor
-    chunk_seq: torch.Tensor
-    chunk_idx: torch.Tensor
-    num_seqs: int
-    num_chunks: int
-    tiles: common.ChunkLayout
-
-
-def chunk_layout(B: int, T: int, cu_seqlens, device) -> ChunkLayout:
-    """The chunk tables for B equal sequences of T tokens, or for packed cu_seqlens [N+1].
+def chunk_layout(B: int, T: int, cu_seqlens, device) -> common.ChunkLayout:
+    """The gated family's layout (common.make_layout, cached per shape) of B equal sequences
+    of T tokens, or of packed cu_seqlens [N+1], with chunk = tile = BT: a chunk of the delta
+    rule is a tile (tile_seq, tile_idx), and its states take the same slots.
 
     Equal lengths need no device-to-host sync; cu_seqlens is read once on the host (N + 1
-    integers). The gated layout (tiles) is cached per shape (common.make_layout)."""
-    BT = delta_fwd.BT
-    if cu_seqlens is None:
-        nt = triton.cdiv(T, BT)
-        ar = torch.arange(B * nt, device=device, dtype=torch.int32)
-        return ChunkLayout(
-            cu_seqlens=torch.arange(B + 1, device=device, dtype=torch.int64) * T,
-            chunk_offsets=torch.arange(B, device=device, dtype=torch.int64) * nt,
-            chunk_seq=ar // nt if nt else ar, chunk_idx=ar % nt if nt else ar,
-            num_seqs=B, num_chunks=B * nt, tiles=common.make_layout([T] * B, BT, BT, device))
-    cu = [int(c) for c in cu_seqlens.tolist()]
-    nts = [triton.cdiv(e - s, BT) for s, e in zip(cu[:-1], cu[1:])]
-    offsets, seq, idx = [], [], []
-    for n, nt in enumerate(nts):
-        offsets.append(len(seq))
-        seq.extend([n] * nt)
-        idx.extend(range(nt))
-
-    def dev(x, dt):
-        return torch.tensor(x, dtype=dt).to(device)
-
-    return ChunkLayout(cu_seqlens=dev(cu, torch.int64), chunk_offsets=dev(offsets, torch.int64),
-                       chunk_seq=dev(seq, torch.int32), chunk_idx=dev(idx, torch.int32),
-                       num_seqs=len(nts), num_chunks=len(seq),
-                       tiles=common.make_layout([e - s for s, e in zip(cu[:-1], cu[1:])], BT, BT,
-                                                device))
+    integers)."""
+    return common.make_layout(common.lengths_of(cu_seqlens, B, T), delta_fwd.BT, delta_fwd.BT,
+                              device)
 
 
 def _packed(x):

@@ -336,7 +336,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     """
     TT, H, K = q.shape
     V = do.shape[-1]
-    N, NC = layout.num_seqs, layout.num_chunks
+    N, NC = layout.N, layout.NT
     dev = q.device
     dh = alloc.empty(NC, H, K, V, dtype=torch.float32, device=dev)
     dv2 = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
@@ -345,7 +345,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
             q, k, w, gc if gc is not None else w, do, dfinal if dfinal is not None else dh,
-            dh, dv2, dh0 if dh0 is not None else dh, layout.cu_seqlens, layout.chunk_offsets,
+            dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
             **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
@@ -368,10 +368,10 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
     dk_part = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
     dw = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
     db = alloc.empty(TT, H, dtype=torch.float32, device=dev) if gc is not None else None
-    if layout.num_chunks:
-        delta_bwd_dqk_kernel[(layout.num_chunks, H)](
+    if layout.NT:
+        delta_bwd_dqk_kernel[(layout.NT, H)](
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
-            db if db is not None else dw, layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
+            db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
             scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64),
             BV=head_tile(V, GRADS_QK_BV[gc is not None]), USE_G=gc is not None,
             PREC=dot_precision(q.dtype), **LAUNCH["grads_qk"])
@@ -393,11 +393,11 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
     dv = alloc.empty(TT, H, V, dtype=v.dtype, device=dev)
     dbeta = alloc.empty(TT, H, dtype=beta.dtype, device=dev)
     dg = alloc.empty(TT, H, dtype=g.dtype, device=dev) if g is not None else None
-    if layout.num_chunks:
-        delta_bwd_wy_kernel[(layout.num_chunks, H)](
+    if layout.NT:
+        delta_bwd_wy_kernel[(layout.NT, H)](
             k, v, beta, gc if gc is not None else dw, tinv, dw, dv2, dk_part,
             db if db is not None else dw, dk, dv, dbeta, dg if dg is not None else dbeta,
-            layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
+            layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype),
             # float32 inputs ("ieee" dots) keep 8 warps: on 4, sm_90 spills ~9 KB (the sweep
@@ -417,7 +417,7 @@ def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh
 
     Args: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] (inputs; g may be None);
         do [TT, H, V] (contiguous); dfinal [N, H, K, V] float32 or None;
-        initial_state [N, H, K, V] float32 or None; layout: delta_api.ChunkLayout;
+        initial_state [N, H, K, V] float32 or None; layout: common.ChunkLayout (delta_api.chunk_layout);
         kept: None, or a list holding the forward's (gc, tinv, w, h, vnew) or None; it is
         emptied here, so that these buffers too are freed after their last kernel.
     Returns: dq, dk, dv (inputs' dtypes), dbeta (beta's dtype), dg (g's dtype or None),

@@ -21,10 +21,11 @@ or the backward reruns prep and scan):
                        families (DESIGN.md: one recurrence, many gates).
 
 Every token tensor is addressed as packed [TT, H, D] (B sequences of T tokens are the packed
-case with cu_seqlens = [0, T, 2T, ...]); chunks are enumerated by (chunk_seq, chunk_idx)
-tables built in delta_api. Batch/head offsets are int64. The chunk states h use the gated
-family's slot numbering (common.ChunkLayout): chunk c of sequence n at slot c0 + n + c, one
-slot per sequence after its last chunk (unused here: the final state has its own buffer).
+case with cu_seqlens = [0, T, 2T, ...]); chunks are the tiles of the gated family's layout with
+chunk = tile = BT (delta_api.chunk_layout), enumerated by its (tile_seq, tile_idx) tables,
+and the chunk states h take its slots: chunk c of sequence n at c0 + n + c, one slot per
+sequence after its last chunk (unused here: the final state has its own buffer).
+Batch/head offsets are int64.
 """
 from __future__ import annotations
 
@@ -295,7 +296,7 @@ def prep(k, v, beta, g, layout):
     """b, T, W, U for every chunk.
 
     Args: k [TT, H, K], v [TT, H, V] (packed, contiguous); beta, g [TT, H] (g may be None);
-        layout: delta_api.ChunkLayout.
+        layout: common.ChunkLayout (delta_api.chunk_layout).
     Returns: gc [TT, H] float32 (None when g is None), tinv [TT, H, BT] float32,
         w [TT, H, K] float32, u [TT, H, V] float32.
     """
@@ -306,10 +307,10 @@ def prep(k, v, beta, g, layout):
     tinv = alloc.empty(TT, H, BT, dtype=torch.float32, device=dev)
     w = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
     u = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
-    if layout.num_chunks:
-        delta_prep_kernel[(layout.num_chunks, H)](
+    if layout.NT:
+        delta_prep_kernel[(layout.NT, H)](
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
-            w, u, layout.cu_seqlens, layout.chunk_seq, layout.chunk_idx,
+            w, u, layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BC=BC, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype), **LAUNCH["prep"])
     return gc, tinv, w, u
@@ -321,14 +322,14 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
     Args: k [TT, H, K]; w [TT, H, K], u [TT, H, V], gc [TT, H] or None (float32, from prep);
         initial_state [N, H, K, V] or None.
     Returns: h [NC + N, H, K, V] in state_dtype(k.dtype) (state at each chunk's start, at the
-        slots of layout.tiles; the N slots after each sequence stay unwritten), vnew [TT, H, V] float32
+        slots of layout; the N slots after each sequence stay unwritten), vnew [TT, H, V] float32
         (U'), final [N, H, K, V] float32 or None.
     """
     TT, H, K = k.shape
     V = u.shape[-1]
-    N = layout.num_seqs
+    N = layout.N
     dev = k.device
-    h = alloc.empty(layout.num_chunks + N, H, K, V, dtype=state_dtype(k.dtype), device=dev)
+    h = alloc.empty(layout.n_slots, H, K, V, dtype=state_dtype(k.dtype), device=dev)
     vnew = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V), V, N * H, dev)
@@ -336,7 +337,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
         delta_scan_kernel[(triton.cdiv(V, BV), N * H)](
             k, w, u, gc if gc is not None else u,
             initial_state if initial_state is not None else h, h, vnew,
-            final if final is not None else h, layout.cu_seqlens, layout.chunk_offsets,
+            final if final is not None else h, layout.cu, layout.chunk_off,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
@@ -359,6 +360,6 @@ def output(q, k, vnew, gc, h, layout, scale, out_dtype):
                        BV=head_tile(V, OUTPUT_BV), BVS=head_tile(V, OUTPUT_BV),
                        warps=launch["num_warps"], scan_warps=launch["num_warps"],
                        stages=launch["num_stages"])
-    o, _ = fwd_o(q, k, vnew, gc, None, None, None, h, None, layout.tiles, cfg, scale,
+    o, _ = fwd_o(q, k, vnew, gc, None, None, None, h, None, layout, cfg, scale,
                  out_dtype=out_dtype)
     return o

@@ -57,6 +57,9 @@ def test_make_layout_is_cached_and_lists_nonempty_sequences():
     assert a.cu.dtype == torch.int32 and a.cu.tolist() == [0, 5, 5, 6, 6, 46]
     assert a.chunk_end_slot.dtype == torch.int64 and a.NC == 1 + 1 + 3
     assert a.final_slot.tolist() == [1, 2, 4, 5, 9]
+    # tiles of 16: sequence 0 one, sequence 2 one, sequence 4 three (the delta rule's chunks)
+    assert a.tile_seq.tolist() == [0, 2, 4, 4, 4] and a.tile_idx.tolist() == [0, 0, 0, 1, 2]
+    assert a.tile_start.tolist() == [0, 5, 6, 22, 38]
 
 
 def test_row_dot_sums_products_in_float32():
