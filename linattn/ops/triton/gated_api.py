@@ -42,13 +42,13 @@ MLSTM_EPS = 1e-6
 CHUNK: int | None = None
 TILE: int | None = None
 
-# Keep the forward's chunk states (float32, [chunks + N, H, K, V]) for the backward instead of
-# recomputing them there: saves one fwd_states launch per backward (0.47 ms at B*T = 65536,
-# H = 16, D = 128 on the H200; with it no gate went 6.96 -> 5.53 ms fwd+bwd, together with the
-# return to 4 warps) and does not raise a single op's peak (the backward allocated the same
-# buffer), but holds it from forward to backward: K*V*4 bytes per head every CHUNK tokens
-# (half the size of q, k, v, o in bf16 at D = 128, L = 128). Set False to recompute in
-# memory-bound stacks.
+# Keep the forward's chunk states ([chunks + N, H, K, V] in gated_fwd.state_dtype) for the
+# backward instead of recomputing them there: saves one fwd_states launch per backward
+# (0.47 ms at B*T = 65536, H = 16, D = 128 on the H200; with it no gate went 6.96 -> 5.53 ms
+# fwd+bwd, together with the return to 4 warps) and does not raise a single op's peak (the
+# backward allocated the same buffer), but holds it from forward to backward: K*V*2 bytes
+# per head every CHUNK tokens for 16-bit inputs (a quarter of the size of q, k, v, o at
+# D = 128, L = 128). Set False to recompute in memory-bound stacks.
 SAVE_STATES: bool = True
 
 
