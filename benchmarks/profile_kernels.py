@@ -62,14 +62,19 @@ def profile_one(kind: str, B: int, T: int, H: int, D: int) -> list[dict]:
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--kinds", default=",".join(GATED + DELTA))
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """--B --T --H --D (the bench's shape by default) and --json, for this and sweep_delta.py."""
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--json", default=None)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kinds", default=",".join(GATED + DELTA))
+    add_shape_args(ap)
     args = ap.parse_args()
     result = {}
     for kind in args.kinds.split(","):

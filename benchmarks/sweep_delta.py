@@ -64,11 +64,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kinds", default="delta")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--B", type=int, default=8)
-    ap.add_argument("--T", type=int, default=8192)
-    ap.add_argument("--H", type=int, default=16)
-    ap.add_argument("--D", type=int, default=128)
-    ap.add_argument("--json", default=None)
+    profile_kernels.add_shape_args(ap)
     args = ap.parse_args()
     import triton.testing
     base = (copy.deepcopy(delta_fwd.LAUNCH), copy.deepcopy(delta_bwd.LAUNCH), delta_fwd.OUTPUT_BV,
