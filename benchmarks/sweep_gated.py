@@ -88,7 +88,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kinds", default="none,scalar,key,mlstm_sig,mlstm_exp")
     p.add_argument("--chunks", default="64,128,256")
-    p.add_argument("--tiles", default="default", help="BT values, or 'default' (64; 32 per-key)")
+    p.add_argument("--tiles", default="default", help="BT values, or 'default' (64; 16 per-key)")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--scan-warps", default="4")
     p.add_argument("--stages", default="2,3")

@@ -37,11 +37,10 @@ LAUNCH = {
     "grads_qk": dict(num_warps=8, num_stages=1),
     "grads_wy": dict(num_warps=4, num_stages=1),
 }
-# grads_qk's V tile cap, by gated: at 64 the gated kernel spills 624 B on sm_90 (bf16,
-# K = V = 128, 8 warps) and takes 4.17 ms against 2.92 ungated (profile 2026-11-29); at 32 it
-# compiles without spills (and 96 instead of 128 KiB of shared memory). Chosen from the compile
-# counts, not yet timed (sweep_delta.py's qk_bv variants time both).
-GRADS_QK_BV = {False: 64, True: 32}
+# grads_qk's V tile cap, by gated. Timed on the H200 (sweep_delta.py, bf16, T 8192, D 128,
+# 2026-11-29, grads_qk ms, BV 64 / 32): ungated 2.87 / 3.75, gated 4.22 / 4.47, although the
+# gated kernel spills 624 B on sm_90 at 64 (8 warps) and none at 32.
+GRADS_QK_BV = {False: 64, True: 64}
 
 
 # ------------------------------------------------------------------------------ kernels

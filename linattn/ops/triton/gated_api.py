@@ -81,14 +81,16 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         BK, BV, BVS, warps, stages = head_tile(K, 32), head_tile(V, 32), head_tile(V, 32), 4, 1
         scan_warps = warps
     else:
-        BT = TILE or (32 if gate == 2 else 64)
+        # per-key gates: 16-token tiles, whose diagonal [16, 16, 32] weight tensors fit in
+        # registers (gated_fwd.diag_scores), the rest of the chunk on tensor cores
+        BT = TILE or (16 if gate == 2 else 64)
         # L = 64 (one tile per chunk) with no gate at K <= 128: 3.46 -> 3.23 ms fwd+bwd at T 8192,
         # D 128 once the states were stored in bf16 (sweep_gated, H200, 2026-11-29); with gates
         # the two are level (scalar 4.75 / 4.67, mLSTMsig 4.93 / 4.89), and L = 64 doubles the
         # stored states, so they keep 128
         L = CHUNK or (64 if gate == 0 and K <= 128 else 128)
         BK = head_tile(K, 64)
-        BV = head_tile(V, 64 if gate == 2 else 128)
+        BV = head_tile(V, 128)
         BVS = head_tile(V, 64)
         # 4 warps everywhere: measured on the H200 (linattn bench, 2026-11-28), 8 warps on the
         # GATE 0/1 per-tile kernels, chosen from sm_90 spill counts, made the no-gate op slower
@@ -100,6 +102,9 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
             # 4.80 -> 3.84, scalar 6.60 -> 5.13, mLSTMsig 6.78 -> 5.35 (BK 128 on 4 warps
             # spills: 5.48, 10.90, 9.66). sm_90 compile: 0 / 344 B spills (GATE 0 / 1).
             BKQ, dqk_warps = head_tile(K, 128), 8
+        else:
+            # per-key bwd_dqk: the diagonal's [BT, BT, BKQ] weights bound BKQ (gated_bwd)
+            BKQ = head_tile(K, 32)
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,

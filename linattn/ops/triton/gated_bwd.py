@@ -340,24 +340,18 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             dq += dot(dA.to(DT), kt.to(DT), IEEE)
             dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
         else:
-            # per-key decay: token r of the tile as key (for dq) and as query (for dk), with
-            # dA = do v^T of the tile formed once (one dot) and read a column / row at a time
+            # per-key decay: every (query t, key s < t) pair of the tile at once, one
+            # [BT, BT, BK] weight exp(b_t - b_s) serving dq_t (summed over s) and dk_s (over
+            # t); the launcher keeps BT * BT * BK small (16-token tiles, BK 32)
             dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
+            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
+            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+            below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]      # s < t
+            w = exp(tl.where(below[:, :, None], bq[:, None, :] - bq[None, :, :], NEG_INF),
+                    IEEE) * dA[:, :, None]                                         # [t, s, BK]
+            dq += tl.sum(w * kt[None, :, :], axis=1)
+            dk += tl.sum(w * qt[:, None, :], axis=0)
             cols = tl.arange(0, BT)
-            for r in range(BT):
-                tr = t0 + r
-                mrr = tr < eos
-                col = tl.sum(tl.where(cols[None, :] == r, dA, 0.0), axis=1)   # dA[:, r]
-                row = tl.sum(tl.where(cols[:, None] == r, dA, 0.0), axis=0)   # dA[r, :]
-                kr = tl.load(k + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0).to(tl.float32)
-                qr = tl.load(q + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0).to(tl.float32)
-                brr = tl.load(gb + (tr * H + hh) * K + ck, mask=mk & mrr, other=0.0)
-                keep_q = (rows > tr)[:, None] & mr[:, None] & mrr       # same token: below
-                keep_k = (rows < tr)[:, None] & mr[:, None] & mrr
-                wq = exp(tl.where(keep_q, bq - brr[None, :], NEG_INF), IEEE)   # query t, key r
-                wk = exp(tl.where(keep_k, brr[None, :] - bq, NEG_INF), IEEE)   # query r, key t
-                dq += col[:, None] * kr[None, :] * wq
-                dk += row[:, None] * qr[None, :] * wk
             # the same-token terms: dA_tt = do_t . v_t, weight exp(0)
             dd = tl.sum(tl.where(cols[:, None] == cols[None, :], dA, 0.0), axis=1)
         dq = dq * scale

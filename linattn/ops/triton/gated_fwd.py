@@ -30,6 +30,9 @@ from .common import ChunkLayout, dot, exp, fill_v_block
 # Globals a kernel reads must be instantiated tl.constexpr objects (not annotations).
 MLSTM_EPS = tl.constexpr(1e-6)  # mLSTMexp: o = h / (max(|n^T q|, exp(-m)) + eps)
 NEG_INF = tl.constexpr(float("-inf"))
+# Per-key diagonal tiles are formed as [BT, BT, KD] tensors of this many elements (64 float32
+# registers per thread at 4 warps): KD = 32 key columns at a time for 16-token tiles.
+DIAG3_ELEMS = tl.constexpr(8192)
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -126,27 +129,26 @@ def diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT: tl.con
                 BK: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr):
     """Scores of one tile (first token t0) against itself, float32 [BT, BT], zero above the
     diagonal: A[t, s] = scale q_t . k_s, times exp(qe_t + ke_s) for GATE 1; for GATE 2
-    scale sum_k q_tk k_sk exp(b_tk - b_sk), formed one key s at a time (the per-key weights
-    are not a product of a row and a column factor), with the tile's q and b loaded once per
-    K block. The GATE 0/1 dot takes DT operands: the values' dtype of the caller (float32 for
+    scale sum_k q_tk k_sk exp(b_tk - b_sk), formed elementwise (the per-key weights are not a
+    product of a row and a column factor that stay finite: b_t - b_s can reach -20 per token),
+    which is why per-key gates take 16-token tiles. The GATE 0/1 dot takes DT operands: the values' dtype of the caller (float32 for
     the delta rule's U')."""
     A = tl.zeros([BT, BT], dtype=tl.float32)
     if GATE == 2:
-        cols = tl.arange(0, BT)
-        for kb in range(tl.cdiv(K, BK)):
-            ck = kb * BK + tl.arange(0, BK)
+        # all (t, s) pairs of the tile at once, KD key columns at a time: [BT, BT, KD] weights
+        # exp(b_t - b_s) (masked to 0 above the diagonal before exp(), so none overflows) times
+        # q_t k_s, summed over the columns; KD keeps BT * BT * KD at DIAG3_ELEMS
+        KD: tl.constexpr = max(DIAG3_ELEMS // (BT * BT), 1)
+        causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]        # [t, s]
+        for kb in range(tl.cdiv(K, KD)):
+            ck = kb * KD + tl.arange(0, KD)
             mk = ck < K
-            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale     # [BT, BK]
-            bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-            for s in range(BT):
-                ts = t0 + s
-                ms = ts < eos
-                ks = tl.load(k + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
-                bs = tl.load(gb + (ts * H + hh) * K + ck, mask=mk & ms, other=0.0)
-                keep = (rows >= ts)[:, None] & mr[:, None] & ms
-                col = tl.sum(qt * ks[None, :] * exp(tl.where(keep, bq - bs[None, :], NEG_INF), IEEE),
-                             axis=1)                                     # this block's A[:, s]
-                A += tl.where(cols[None, :] == s, col[:, None], 0.0)
+            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [BT, KD]
+            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+            bt = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            w = exp(tl.where(causal[:, :, None], bt[:, None, :] - bt[None, :, :], NEG_INF),
+                    IEEE)                                                          # [t, s, KD]
+            A += tl.sum(qt[:, None, :] * kt[None, :, :] * w, axis=2)
     else:
         for kb in range(tl.cdiv(K, BK)):
             ck = kb * BK + tl.arange(0, BK)
