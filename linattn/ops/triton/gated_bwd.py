@@ -342,7 +342,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         else:
             # per-key decay: every (query t, key s < t) pair of the tile at once, one
             # [BT, BT, BK] weight exp(b_t - b_s) serving dq_t (summed over s) and dk_s (over
-            # t); the launcher keeps BT * BT * BK small (16-token tiles, BK 32)
+            # t); the launcher keeps BT * BT * BK small (16-token tiles, BK 64: 0 spills on sm_90)
             dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
