@@ -189,7 +189,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
             p_dv2 = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                       (t0, i_v * BV), (BT, BV), (1, 0))
             b_h = tl.load(p_h, boundary_check=(0, 1)).to(tl.float32)  # stored 16-bit or float32
-            b_dh = tl.load(p_dh, boundary_check=(0, 1))
+            b_dh = tl.load(p_dh, boundary_check=(0, 1)).to(tl.float32)  # stored 16-bit or float32
             b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
             b_vn = tl.load(p_vn, boundary_check=(0, 1))
             b_dv = tl.load(p_dv2, boundary_check=(0, 1))
@@ -329,7 +329,8 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
 
     Args: q, k [TT, H, K]; w [TT, H, K], gc [TT, H] or None (float32, delta_fwd.prep);
         do [TT, H, V]; dfinal [N, H, K, V] or None; initial_state [N, H, K, V] or None.
-    Returns: dh [NC, H, K, V] float32 (gradient of each chunk's end state),
+    Returns: dh [NC, H, K, V] in delta_fwd.state_dtype (gradient of each chunk's end state;
+        the scan carries it in float32),
         dv2 [TT, H, V] float32 (dU'), dh0 [N, H, K, V] in initial_state's dtype (or None
         unless need_dh0).
     """
@@ -337,7 +338,11 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     V = do.shape[-1]
     N, NC = layout.N, layout.NT
     dev = q.device
-    dh = alloc.empty(NC, H, K, V, dtype=torch.float32, device=dev)
+    # dh in the states' dtype (16 bits for 16-bit inputs, like h): its one reader, grads_qk,
+    # takes it into tf32 dots and <S, dS'> with the 16-bit h; half of the backward's largest
+    # buffer (1 GiB float32 at B*T 65536, H 16, D 128; 4 GiB at D 256), which is alive at the
+    # backward's peak (grads_qk)
+    dh = alloc.empty(NC, H, K, V, dtype=delta_fwd.state_dtype(q.dtype), device=dev)
     dv2 = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
     BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V), V, N * H, dev)
