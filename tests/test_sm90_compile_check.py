@@ -30,17 +30,32 @@ def too_much_smem(a, c, B: tl.constexpr):
 '''
 
 
+SCALAR_GATE_RUN = '''
+import torch
+import linattn
+
+
+def test_scalar_gate():
+    q, k, v = (torch.randn(1, 40, 1, 16) for _ in range(3))
+    g = -torch.rand(1, 40, 1)
+    linattn.linear_attention(q, k, v, g, backend="triton")
+'''
+
+
 def test_records_and_compiles_a_test_run(tmp_path):
-    """End to end: the step-routing test's launches, the cumsum kernel compiled for sm_90."""
+    """End to end: a scalar-gate run's launches, the cumsum kernel compiled for sm_90."""
     out = tmp_path / "keys.json"
+    (tmp_path / "test_scalar_gate_run.py").write_text(SCALAR_GATE_RUN)
     run = subprocess.run([sys.executable, tool.__file__, "--filter", "chunk_cumsum", "--json", str(out),
-                          "tests/ops/triton/test_step_routing.py"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          str(tmp_path / "test_scalar_gate_run.py"), "-p", "no:cacheprovider"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     keys = json.loads(out.read_text())
     assert keys and all(k["fn"] == "chunk_cumsum_kernel" and k["result"]["ok"] for k in keys)
     spec = {name: (t, a) for name, t, a in keys[0]["spec"]}
-    assert spec["x"][0] == "*fp32" and spec["L"] == ("constexpr", 128)    # the device's chunk
+    # the device's chunk for a scalar gate (128), not the interpreter's (64)
+    assert spec["x"][0] == "*fp32" and spec["L"] == ("constexpr", 128)
     assert keys[0]["result"]["shared"] > 0 and keys[0]["result"]["regs"] > 0
 
 
