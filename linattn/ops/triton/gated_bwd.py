@@ -26,7 +26,8 @@ import triton.language as tl
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp, fill_v_block
 from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, diag_scores, key_exp, ld_gtile,
-                        ld_gtok, ld_state, ld_tile, ld_tok, state_block_of, state_dtype)
+                        ld_gtok, ld_scores, ld_state, ld_tile, ld_tok, state_block_of,
+                        state_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -121,7 +122,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
 
 
 @triton.jit
-def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, coff, scale, H,
+def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, cu, coff, scale, H,
                   K, V, L: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                   HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
@@ -188,14 +189,17 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
             if MEXP:
                 dot_ = dot_ * ld_tok(rd + hh, qrows, mq, H)[:, None]
             acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
-        # 3) the diagonal tile
-        qe = tl.zeros([BT], dtype=tl.float32)
-        if GATE == 1:
-            qe = ld_gtok(gb + hh, rows, mr, H)
-            if MEXP:
-                qe -= ld_gtok(gm + hh, rows, mr, H)
-        A = diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT, BK, GATE,
-                        IEEE, DT)
+        # 3) the diagonal tile (per-key: the forward's scores)
+        if GATE == 2:
+            A = ld_scores(Asc, hh, rows, mr, t0, H, BT)
+        else:
+            qe = tl.zeros([BT], dtype=tl.float32)
+            if GATE == 1:
+                qe = ld_gtok(gb + hh, rows, mr, H)
+                if MEXP:
+                    qe -= ld_gtok(gm + hh, rows, mr, H)
+            A = diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT, BK, GATE,
+                            IEEE, DT)
         dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
         if MEXP:
             dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
@@ -462,14 +466,14 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
     return dh, dhn, dh0, dn0, sdot
 
 
-def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtype, V):
-    """dv [TT, H, V] in v's dtype."""
+def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtype, V, A=None):
+    """dv [TT, H, V] in v's dtype. A: the per-key scores (gated_fwd.key_scores) for GATE 2."""
     TT, H, K = q.shape
     dv = empty(TT, H, V, dtype=v_dtype, device=q.device)
     if layout.NT:
         x = q
         bwd_dv_kernel[(layout.NT, triton.cdiv(V, cfg.BV), H)](
-            q, k, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(rd, x), dh, dv,
+            q, k, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(rd, x), dh, _or(A, x), dv,
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,

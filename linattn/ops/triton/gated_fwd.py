@@ -33,6 +33,9 @@ NEG_INF = tl.constexpr(float("-inf"))
 # Per-key diagonal tiles are formed as [BT, BT, KD] tensors of this many elements (64 float32
 # registers per thread at 4 warps): KD = 32 key columns at a time for 16-token tiles.
 DIAG3_ELEMS = tl.constexpr(8192)
+# Per-key scores are formed in blocks of this many tokens (key_scores_kernel's SUB): across
+# blocks on tensor cores, inside a block elementwise.
+KEY_SUB = 16
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -272,13 +275,69 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
 
 
 @triton.jit
-def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, cu, coff,
+def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
+                      L: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+                      IEEE: tl.constexpr):
+    """Per-key scores inside one tile (first token t0): A[t, h, s - t0] = scale sum_k q_tk
+    k_sk exp(b_tk - b_sk) for the keys s <= t of t's tile, one SUB-row block of queries
+    per program. Key blocks left of the diagonal go through tensor cores with both factors
+    taken relative to the query block's first row r: exp(b_t - b_r) <= 1 for t >= r and
+    exp(b_r - b_s) <= 1 for s < r, so neither overflows; the diagonal block is formed
+    elementwise (diag_scores). Entries above the diagonal are not written: readers mask them."""
+    it = tl.program_id(0)
+    sb = tl.program_id(1)                                        # query block of the tile
+    hh = tl.program_id(2).to(tl.int64)
+    n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff, it, L)
+    r0 = t0 + sb * SUB                                           # the block's first row
+    if r0 < eos:
+        DT = q.dtype.element_ty
+        cols = tl.arange(0, SUB)
+        rows = r0 + cols
+        mr = rows < eos
+        out = A + (rows[:, None] * H + hh) * BT                   # this block's rows of A
+        for j in range(sb):
+            # key block j (every key before r0): one [SUB, SUB] dot per K block
+            krows = t0 + j * SUB + cols
+            Ab = tl.zeros([SUB, SUB], dtype=tl.float32)
+            for kb in range(tl.cdiv(K, BK)):
+                ck = kb * BK + tl.arange(0, BK)
+                mk = ck < K
+                br = tl.load(gb + (r0 * H + hh) * K + ck, mask=mk, other=0.0)       # b_r
+                qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+                bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+                kt = ld_tile(k + hh * K, krows, krows < eos, ck, mk, H * K)
+                bk = ld_gtile(gb + hh * K, krows, krows < eos, ck, mk, H * K)
+                qt = qt * exp(tl.where(mr[:, None], bq - br[None, :], NEG_INF), IEEE)  # <= 1
+                kt = kt * exp(br[None, :] - bk, IEEE)                                # <= 1
+                Ab += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+            tl.store(out + (j * SUB + cols)[None, :], Ab.to(A.dtype.element_ty),
+                     mask=mr[:, None])
+        # the diagonal block, causal
+        zero = tl.zeros([SUB], dtype=tl.float32)
+        Ad = diag_scores(q, k, gb, hh, r0, rows, mr, eos, zero, zero, scale, H, K, SUB, BK,
+                         2, IEEE, DT)
+        tl.store(out + (sb * SUB + cols)[None, :], Ad.to(A.dtype.element_ty), mask=mr[:, None])
+
+
+@triton.jit
+def ld_scores(Asc, hh, rows, mr, t0, H, BT: tl.constexpr):
+    """float32 [BT, BT] per-key scores of a tile (key_scores_kernel's A), zero above the
+    diagonal and past the sequence's end."""
+    cols = tl.arange(0, BT)
+    keep = mr[:, None] & (rows[:, None] >= (t0 + cols)[None, :])
+    return tl.load(Asc + (rows[:, None] * H + hh) * BT + cols[None, :], mask=keep,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_start, cu, coff,
                  scale, H, K, V, L: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                  HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
                  IEEE: tl.constexpr):
     """Output of one query tile (BT tokens), one block of V: the chunk-start state's part
-    plus the causal part of the keys of this chunk up to the tile (tile by tile)."""
+    plus the causal part of the keys of this chunk up to the tile (tile by tile; GATE 2 reads
+    the tile's own scores from Asc, key_scores_kernel's output)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     it = tl.program_id(0)
@@ -343,9 +402,12 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
             acc += dot(A.to(DT), vt.to(DT), IEEE)
             if MEXP:
                 accn += tl.sum(A, axis=1)
-        # 3) the diagonal tile, causal mask t >= s
-        A = diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT, BK, GATE,
-                        IEEE, DT)
+        # 3) the diagonal tile, causal mask t >= s (per-key: formed by key_scores_kernel)
+        if GATE == 2:
+            A = ld_scores(Asc, hh, rows, mr, t0, H, BT)
+        else:
+            A = diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT, BK, GATE,
+                            IEEE, DT)
         vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
         acc += dot(A.to(DT), vt.to(DT), IEEE)
         if MEXP:
@@ -409,9 +471,28 @@ def state_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if cfg.ieee else dtype
 
 
-def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale, out_dtype=None):
+def key_scores(q, k, gb, layout: ChunkLayout, cfg, scale):
+    """Per-key gates' intra-tile scores A [TT, H, BT] in q's dtype (what their readers' dots
+    round them to): A[t, h, s - t0] for the keys s <= t of t's tile (first token t0), scale
+    included; entries above the diagonal are left unwritten."""
+    TT, H, K = q.shape
+    if layout.BT % KEY_SUB:
+        raise ValueError(f"per-key gates need tiles of a multiple of {KEY_SUB} tokens, got {layout.BT}")
+    A = empty(TT, H, layout.BT, dtype=q.dtype, device=q.device)
+    if layout.NT:
+        key_scores_kernel[(layout.NT, layout.BT // KEY_SUB, H)](
+            q, k, gb, A, layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale,
+            H, K=K, L=layout.L, BT=layout.BT, SUB=KEY_SUB, BK=cfg.BK, IEEE=cfg.ieee,
+            num_warps=cfg.warps,
+            num_stages=cfg.stages)
+    return A
+
+
+def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale, out_dtype=None,
+          A=None):
     """o [TT, H, V] in out_dtype (default v's dtype), and qn = n^T q [TT, H] float32 for MEXP
-    (else None). The dots take v's dtype (the delta rule passes float32 values U')."""
+    (else None). The dots take v's dtype (the delta rule passes float32 values U'). A: the
+    per-key scores (key_scores) for GATE 2."""
     TT, H, K = q.shape
     V = v.shape[-1]
     o = empty(TT, H, V, dtype=out_dtype or v.dtype, device=v.device)
@@ -419,7 +500,8 @@ def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale, out_
     if layout.NT:
         x = q
         fwd_o_kernel[(layout.NT, triton.cdiv(V, cfg.BV), H)](
-            q, k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), h, _or(hn, x), o, _or(qn, x),
+            q, k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), h, _or(hn, x), _or(A, x), o,
+            _or(qn, x),
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
