@@ -99,7 +99,9 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         # up to L / 16 - 1 earlier key tiles, each needing [16, BK] exponentials of both sides
         L = CHUNK or (64 if (gate == 0 and K <= 128) or gate == 2 else 128)
         BK = head_tile(K, 64)
-        BV = head_tile(V, 128)
+        # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
+        # exponentials; at 128 the 64-token fwd_o and bwd_dv spill 264 / 320 B on sm_90)
+        BV = head_tile(V, 64 if gate == 2 else 128)
         BVS = head_tile(V, 64)
         # 4 warps everywhere: measured on the H200 (linattn bench, 2026-11-28), 8 warps on the
         # GATE 0/1 per-tile kernels, chosen from sm_90 spill counts, made the no-gate op slower
