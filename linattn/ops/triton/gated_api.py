@@ -74,6 +74,11 @@ class KernelConfig:
     # elementwise as [BTQ, BTQ, BKQ] weights, so BTQ = 16) while fwd_o and bwd_dv take BT-token
     # tiles whose scores come precomputed (gated_fwd.key_scores). 0: BT.
     BTQ: int = 0
+    score_warps: int = 0  # num_warps of gated_fwd.key_scores (per-key gates); 0: warps
+    # key columns per step of key_scores' elementwise diagonal blocks ([16, 16, score_kd]
+    # float32 weights): 8 compiles to 112 registers and no spills on sm_90 at 4 warps (16:
+    # 128 and 28 B of spills, 32: 168), i.e. 4 programs per SM instead of 3. Not yet timed.
+    score_kd: int = 8
 
 
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):

@@ -30,9 +30,6 @@ from .common import ChunkLayout, dot, exp, fill_v_block
 # Globals a kernel reads must be instantiated tl.constexpr objects (not annotations).
 MLSTM_EPS = tl.constexpr(1e-6)  # mLSTMexp: o = h / (max(|n^T q|, exp(-m)) + eps)
 NEG_INF = tl.constexpr(float("-inf"))
-# Per-key diagonal tiles are formed as [BT, BT, KD] tensors of this many elements (64 float32
-# registers per thread at 4 warps): KD = 32 key columns at a time for 16-token tiles.
-DIAG3_ELEMS = tl.constexpr(8192)
 # Per-key scores are formed in blocks of this many tokens (key_scores_kernel's SUB): across
 # blocks on tensor cores, inside a block elementwise.
 KEY_SUB = 16
@@ -131,39 +128,44 @@ def chunk_end_exp(gb, gm, ce, hh, H, MEXP: tl.constexpr):
 def diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT: tl.constexpr,
                 BK: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr):
     """Scores of one tile (first token t0) against itself, float32 [BT, BT], zero above the
-    diagonal: A[t, s] = scale q_t . k_s, times exp(qe_t + ke_s) for GATE 1; for GATE 2
-    scale sum_k q_tk k_sk exp(b_tk - b_sk), formed elementwise (the per-key weights are not a
-    product of a row and a column factor that stay finite: b_t - b_s can reach -20 per token),
-    which is why per-key gates take 16-token tiles. The GATE 0/1 dot takes DT operands: the values' dtype of the caller (float32 for
+    diagonal: A[t, s] = scale q_t . k_s, times exp(qe_t + ke_s) for GATE 1 (per-key gates:
+    key_diag_scores). The dot takes DT operands: the values' dtype of the caller (float32 for
     the delta rule's U')."""
+    tl.static_assert(GATE != 2)
     A = tl.zeros([BT, BT], dtype=tl.float32)
-    if GATE == 2:
-        # all (t, s) pairs of the tile at once, KD key columns at a time: [BT, BT, KD] weights
-        # exp(b_t - b_s) (masked to 0 above the diagonal before exp(), so none overflows) times
-        # q_t k_s, summed over the columns; KD keeps BT * BT * KD at DIAG3_ELEMS
-        KD: tl.constexpr = max(DIAG3_ELEMS // (BT * BT), 1)
-        causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]        # [t, s]
-        for kb in range(tl.cdiv(K, KD)):
-            ck = kb * KD + tl.arange(0, KD)
-            mk = ck < K
-            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [BT, KD]
-            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            bt = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-            w = exp(tl.where(causal[:, :, None], bt[:, None, :] - bt[None, :, :], NEG_INF),
-                    IEEE)                                                          # [t, s, KD]
-            A += tl.sum(qt[:, None, :] * kt[None, :, :] * w, axis=2)
+    for kb in range(tl.cdiv(K, BK)):
+        ck = kb * BK + tl.arange(0, BK)
+        mk = ck < K
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+        A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+    causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
+    if GATE == 1:
+        A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
     else:
-        for kb in range(tl.cdiv(K, BK)):
-            ck = kb * BK + tl.arange(0, BK)
-            mk = ck < K
-            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
-        causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
-        if GATE == 1:
-            A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
-        else:
-            A = tl.where(causal, A, 0.0)
+        A = tl.where(causal, A, 0.0)
+    return A
+
+
+@triton.jit
+def key_diag_scores(q, k, gb, hh, rows, mr, scale, H, K, SUB: tl.constexpr, KD: tl.constexpr,
+                    IEEE: tl.constexpr):
+    """Per-key scores of a block of SUB tokens against itself, float32 [SUB, SUB], zero above
+    the diagonal: scale sum_k q_tk k_sk exp(b_tk - b_sk), formed elementwise because per-key
+    weights are no product of a row and a column factor that both stay finite (b_t - b_s
+    reaches -20 per token): all (t, s) pairs at once, KD key columns at a time, as
+    [SUB, SUB, KD] weights masked to -inf above the diagonal before exp()."""
+    A = tl.zeros([SUB, SUB], dtype=tl.float32)
+    causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]            # [t, s]
+    for kb in range(tl.cdiv(K, KD)):
+        ck = kb * KD + tl.arange(0, KD)
+        mk = ck < K
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale                 # [SUB, KD]
+        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+        bt = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+        w = exp(tl.where(causal[:, :, None], bt[:, None, :] - bt[None, :, :], NEG_INF),
+                IEEE)                                                              # [t, s, KD]
+        A += tl.sum(qt[:, None, :] * kt[None, :, :] * w, axis=2)
     return A
 
 
@@ -277,13 +279,14 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
 @triton.jit
 def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
                       L: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
-                      IEEE: tl.constexpr):
+                      KD: tl.constexpr, IEEE: tl.constexpr):
     """Per-key scores inside one tile (first token t0): A[t, h, s - t0] = scale sum_k q_tk
     k_sk exp(b_tk - b_sk) for the keys s <= t of t's tile, one SUB-row block of queries
     per program. Key blocks left of the diagonal go through tensor cores with both factors
     taken relative to the query block's first row r: exp(b_t - b_r) <= 1 for t >= r and
     exp(b_r - b_s) <= 1 for s < r, so neither overflows; the diagonal block is formed
-    elementwise (diag_scores). Entries above the diagonal are not written: readers mask them."""
+    elementwise, KD key columns at a time (key_diag_scores). Entries above the diagonal are not
+    written: readers mask them."""
     it = tl.program_id(0)
     sb = tl.program_id(1)                                        # query block of the tile
     hh = tl.program_id(2).to(tl.int64)
@@ -313,9 +316,7 @@ def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
             tl.store(out + (j * SUB + cols)[None, :], Ab.to(A.dtype.element_ty),
                      mask=mr[:, None])
         # the diagonal block, causal
-        zero = tl.zeros([SUB], dtype=tl.float32)
-        Ad = diag_scores(q, k, gb, hh, r0, rows, mr, eos, zero, zero, scale, H, K, SUB, BK,
-                         2, IEEE, DT)
+        Ad = key_diag_scores(q, k, gb, hh, rows, mr, scale, H, K, SUB, KD, IEEE)
         tl.store(out + (sb * SUB + cols)[None, :], Ad.to(A.dtype.element_ty), mask=mr[:, None])
 
 
@@ -482,8 +483,9 @@ def key_scores(q, k, gb, layout: ChunkLayout, cfg, scale):
     if layout.NT:
         key_scores_kernel[(layout.NT, layout.BT // KEY_SUB, H)](
             q, k, gb, A, layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale,
-            H, K=K, L=layout.L, BT=layout.BT, SUB=KEY_SUB, BK=cfg.BK, IEEE=cfg.ieee,
-            num_warps=cfg.warps,
+            H, K=K, L=layout.L, BT=layout.BT, SUB=KEY_SUB, BK=cfg.BK, KD=cfg.score_kd,
+            IEEE=cfg.ieee,
+            num_warps=cfg.score_warps or cfg.warps,
             num_stages=cfg.stages)
     return A
 
