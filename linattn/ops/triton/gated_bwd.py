@@ -55,13 +55,21 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         dS = ld_state(dht + i_nh * K * V, ck, mk, cv, mv, V)    # cotangent of the final state
         if MEXP:
             dn = tl.load(dnt + i_nh * K + ck, mask=mk, other=0.0)
-    for cc in range(nc):
-        c = nc - 1 - cc                                         # chunks in reverse
+    # one flat loop over the sequence's tiles in reverse (see fwd_states_kernel: Triton
+    # pipelines innermost loops only); the first tile visited of a chunk (its last) stores
+    # the gradient of the state after the chunk, applies the chunk's decay and forms sdot
+    NJ: tl.constexpr = L // BT                                  # tiles per chunk
+    nt = tl.cdiv(eos - bos, BT)
+    for it2 in range(nt):
+        it = nt - 1 - it2                                       # tiles in reverse
+        c = it // NJ                                            # chunk of this tile
+        first = it == tl.minimum((c + 1) * NJ, nt) - 1          # the chunk's last tile
         slot = c0 + n + c + 1
         if not NONCAUSAL:
-            tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
+            tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS,
+                     mask=mkv & first)
             if MEXP:
-                tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0))
+                tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0) & first)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         mp = 0.0
@@ -69,46 +77,50 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
             if MEXP:
                 mp = tl.load(mpc + (c0 + c) * H + hh)
-            dS = dS * exp(le + mp, IEEE)                           # back through the chunk's decay
-            dn = dn * exp(le + mp, IEEE)
+            dec = tl.where(first, exp(le + mp, IEEE), 1.0)      # back through the chunk's decay
+            dS = dS * dec
+            dn = dn * dec
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-            dS = dS * exp(bl, IEEE)[:, None]
+            dS = dS * tl.where(first, exp(bl, IEEE), 1.0)[:, None]
         if GATE != 0 and SDOT:
             # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
-            Sp = ld_state(h + ((slot - 1) * H + hh) * K * V, ck, mk, cv, mv, V).to(tl.float32)  # S_c
-            rs = tl.sum(dS * Sp, axis=1)                                      # [BK]
+            # (S_c read on the chunk's first visit only: masked loads move no bytes)
+            Sp = tl.load(h + ((slot - 1) * H + hh) * K * V + ck[:, None] * V + cv[None, :],
+                         mask=mkv & first, other=0.0).to(tl.float32)                # S_c
+            rs = tl.sum(dS * Sp, axis=1)                                          # [BK]
             if GATE == 1:
                 part = tl.sum(rs, axis=0)
                 if MEXP:
-                    npv = tl.load(hn + ((slot - 1) * H + hh) * K + ck, mask=mk & (vb == 0), other=0.0)
+                    npv = tl.load(hn + ((slot - 1) * H + hh) * K + ck,
+                                  mask=mk & (vb == 0) & first, other=0.0)
                     part += tl.sum(dn * npv, axis=0)
-                tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part)
+                tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part,
+                         mask=first)
             else:
-                tl.store(sdot + ((vb * NS + slot) * H + hh) * K + ck, rs, mask=mk)
-        for j in range(tl.cdiv(ce - cs, BT)):
-            rows = cs + j * BT + tl.arange(0, BT)
-            mr = rows < ce
-            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-            if GATE == 1:
-                qe = ld_gtok(gb + hh, rows, mr, H)
-                if MEXP:
-                    qe -= ld_gtok(gm + hh, rows, mr, H)
-                qt = qt * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)[:, None]
-            if GATE == 2:
-                bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-                qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
-            dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+                tl.store(sdot + ((vb * NS + slot) * H + hh) * K + ck, rs, mask=mk & first)
+        rows = bos + it * BT + tl.arange(0, BT)
+        mr = rows < ce
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+        if GATE == 1:
+            qe = ld_gtok(gb + hh, rows, mr, H)
             if MEXP:
-                dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-                dn += tl.sum(qt * ld_tok(dqn + hh, rows, mr, H)[:, None], axis=0)
-            if MEXP and HAS_H0:
-                # float32 operands (tf32 products for 16-bit inputs): d C0 . C0 and d n0 . n0
-                # cancel to d m0, and dn is summed in float32, so dS must not be rounded coarser
-                # (without an initial state there is no d m0: 16-bit operands, 0.6 ms less)
-                dS += dot(tl.trans(qt), dot_, IEEE)
-            else:
-                dS += dot(tl.trans(qt).to(do.dtype.element_ty), dot_.to(do.dtype.element_ty), IEEE)
+                qe -= ld_gtok(gm + hh, rows, mr, H)
+            qt = qt * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)[:, None]
+        if GATE == 2:
+            bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+        if MEXP:
+            dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
+            dn += tl.sum(qt * ld_tok(dqn + hh, rows, mr, H)[:, None], axis=0)
+        if MEXP and HAS_H0:
+            # float32 operands (tf32 products for 16-bit inputs): d C0 . C0 and d n0 . n0
+            # cancel to d m0, and dn is summed in float32, so dS must not be rounded coarser
+            # (without an initial state there is no d m0: 16-bit operands, 0.6 ms less)
+            dS += dot(tl.trans(qt), dot_, IEEE)
+        else:
+            dS += dot(tl.trans(qt).to(do.dtype.element_ty), dot_.to(do.dtype.element_ty), IEEE)
     slot = c0 + n
     if NONCAUSAL:
         slot = c0 + n + nc

@@ -221,7 +221,7 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
                       BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                       HAS_KW: tl.constexpr, MEXP: tl.constexpr, HAS_H0: tl.constexpr,
                       IEEE: tl.constexpr):
-    """Sequential scan over the chunks of sequence n, head h, one [BK, BV] block of the state,
+    """Sequential scan over the tiles of sequence n, head h, one [BK, BV] block of the state,
     carried in float32: writes the state before every chunk and the final state into h (in
     h's dtype: its readers' dot operand type), n into hn, and the final state into hf
     (float32)."""
@@ -234,13 +234,20 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         S = ld_state(h0 + i_nh * K * V, ck, mk, cv, mv, V)      # initial state block
         if MEXP:
             nv = tl.load(n0 + i_nh * K + ck, mask=mk, other=0.0)
-    for c in range(tl.cdiv(eos - bos, L)):
+    # one flat loop over the sequence's tiles (not chunks, then tiles), so that Triton's
+    # pipeliner prefetches the next tile's k and v while this one's dot runs: it pipelines
+    # innermost loops only. A chunk's first tile stores the state before the chunk and applies
+    # the decay over the whole chunk.
+    NJ: tl.constexpr = L // BT                                  # tiles per chunk
+    mkv = mk[:, None] & mv[None, :]
+    for it in range(tl.cdiv(eos - bos, BT)):
+        c = it // NJ                                            # chunk of this tile
+        first = (it % NJ) == 0                                  # its first tile
         slot = c0 + n + c
         sp = h + (slot * H + hh) * K * V                        # state before chunk c
-        tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty),
-                 mask=mk[:, None] & mv[None, :])
+        tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv & first)
         if MEXP:
-            tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0))
+            tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0) & first)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         if GATE == 1:
@@ -248,30 +255,29 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
             de = le                                             # log decay over the chunk
             if MEXP:
                 de = le + tl.load(mpc + (c0 + c) * H + hh)
-            S = S * exp(de, IEEE)                                  # decay over the whole chunk
-            nv = nv * exp(de, IEEE)
+            dec = tl.where(first, exp(de, IEEE), 1.0)           # decay over the whole chunk
+            S = S * dec
+            nv = nv * dec
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-            S = S * exp(bl, IEEE)[:, None]
-        for j in range(tl.cdiv(ce - cs, BT)):
-            rows = cs + j * BT + tl.arange(0, BT)
-            mr = rows < ce
-            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)   # [BT, BK]
-            vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)   # [BT, BV]
-            if GATE == 1:
-                ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
-                kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
-            if GATE == 2:
-                bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-                kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
-            S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
-            if MEXP:
-                nv += tl.sum(kt, axis=0)
+            S = S * tl.where(first, exp(bl, IEEE), 1.0)[:, None]
+        rows = bos + it * BT + tl.arange(0, BT)
+        mr = rows < ce
+        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)       # [BT, BK]
+        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)       # [BT, BV]
+        if GATE == 1:
+            ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
+            kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
+        if GATE == 2:
+            bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
+        S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
+        if MEXP:
+            nv += tl.sum(kt, axis=0)
     slot = c0 + n + tl.cdiv(eos - bos, L)                        # final state
     sp = h + (slot * H + hh) * K * V
-    tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty),
-             mask=mk[:, None] & mv[None, :])
-    tl.store(hf + i_nh * K * V + ck[:, None] * V + cv[None, :], S, mask=mk[:, None] & mv[None, :])
+    tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv)
+    tl.store(hf + i_nh * K * V + ck[:, None] * V + cv[None, :], S, mask=mkv)
     if MEXP:
         tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0))
 
