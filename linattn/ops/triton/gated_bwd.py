@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp, fill_v_block
-from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, diag_scores, key_exp, ld_gtile,
+from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, gate_diag, key_exp, ld_gtile,
                         ld_gtok, ld_scores, ld_state, ld_tile, ld_tok, state_block_of,
                         state_dtype)
 
@@ -161,21 +161,44 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
         ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
         le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
         wk = exp(tl.where(mr, le + ke, NEG_INF), IEEE)             # weight into the next state
-    # 1) through the state after the chunk: dv += (k * exp(le + ke)) dS_{c+1}
+    # 1) through the state after the chunk, dv += (k dS_{c+1}) exp(le + ke) (a row weight,
+    #    applied after the dot), and in the same pass over K the tile's own raw scores q k^T
+    #    (GATE 0/1)
+    OWN: tl.constexpr = (not NONCAUSAL) and GATE != 2
+    Ad = tl.zeros([BT, BT], dtype=tl.float32)                  # [query, key]
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
         mk = ck < K
         kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        if GATE == 1:
-            kt = kt * wk[:, None]
+        ks = kt
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
             bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-            kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
+            ks = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
         dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
-        acc += dot(kt.to(DT), dS.to(DT), IEEE)
+        acc += dot(ks.to(DT), dS.to(DT), IEEE)
+        if OWN:
+            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+            Ad += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+    if GATE == 1:
+        acc = acc * wk[:, None]
     if not NONCAUSAL:
-        # 2) later query tiles of the chunk: dv += A^T do~ (reference row: this tile's end)
+        # 2) the diagonal tile (per-key: the forward's scores), first, so that Ad is dead
+        #    before the later tiles' scores are formed
+        if GATE == 2:
+            A = ld_scores(Asc, hh, rows, mr, t0, H, BT)
+        else:
+            qe = tl.zeros([BT], dtype=tl.float32)
+            if GATE == 1:
+                qe = ld_gtok(gb + hh, rows, mr, H)
+                if MEXP:
+                    qe -= ld_gtok(gm + hh, rows, mr, H)
+            A = gate_diag(Ad, rows, mr, qe, ke, GATE, IEEE)
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+        if MEXP:
+            dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
+        acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
+        # 3) later query tiles of the chunk: dv += A^T do~ (reference row: this tile's end)
         for i in range(tl.cdiv(ce - t0, BT) - 1):
             qrows = t0 + (i + 1) * BT + tl.arange(0, BT)
             mq = qrows < ce
@@ -201,21 +224,6 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
             if MEXP:
                 dot_ = dot_ * ld_tok(rd + hh, qrows, mq, H)[:, None]
             acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
-        # 3) the diagonal tile (per-key: the forward's scores)
-        if GATE == 2:
-            A = ld_scores(Asc, hh, rows, mr, t0, H, BT)
-        else:
-            qe = tl.zeros([BT], dtype=tl.float32)
-            if GATE == 1:
-                qe = ld_gtok(gb + hh, rows, mr, H)
-                if MEXP:
-                    qe -= ld_gtok(gm + hh, rows, mr, H)
-            A = diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT, BK, GATE,
-                            IEEE, DT)
-        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
-        if MEXP:
-            dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-        acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
     tl.store(dv + (rows[:, None] * H + hh) * V + cv[None, :], acc.to(dv.dtype.element_ty),
              mask=mr[:, None] & mv[None, :])
 

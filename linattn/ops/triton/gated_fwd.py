@@ -125,26 +125,15 @@ def chunk_end_exp(gb, gm, ce, hh, H, MEXP: tl.constexpr):
 
 
 @triton.jit
-def diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT: tl.constexpr,
-                BK: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr):
-    """Scores of one tile (first token t0) against itself, float32 [BT, BT], zero above the
-    diagonal: A[t, s] = scale q_t . k_s, times exp(qe_t + ke_s) for GATE 1 (per-key gates:
-    key_diag_scores). The dot takes DT operands: the values' dtype of the caller (float32 for
-    the delta rule's U')."""
-    tl.static_assert(GATE != 2)
-    A = tl.zeros([BT, BT], dtype=tl.float32)
-    for kb in range(tl.cdiv(K, BK)):
-        ck = kb * BK + tl.arange(0, BK)
-        mk = ck < K
-        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+def gate_diag(A, rows, mr, qe, ke, GATE: tl.constexpr, IEEE: tl.constexpr):
+    """A tile's raw scores against itself, A[t, s] = scale q_t . k_s (fwd_o and bwd_dv form
+    them in their pass over K) -> zero above the diagonal and past the sequence's end, times
+    exp(qe_t + ke_s) for GATE 1. Per-key gates: key_scores_kernel."""
     causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
     if GATE == 1:
-        A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
+        return A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
     else:
-        A = tl.where(causal, A, 0.0)
-    return A
+        return tl.where(causal, A, 0.0)
 
 
 @triton.jit
@@ -370,23 +359,41 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
             qe -= ld_gtok(gm + hh, rows, mr, H)
             mp = tl.load(mpc + ic * H + hh)
         wq = exp(tl.where(mr, qe + mp, NEG_INF), IEEE)             # weight of the chunk-start state
-    # 1) the state before the chunk: o += (q * exp(qe + mp)) S
+    # 1) the state before the chunk, o += (q S) exp(qe + mp) (a row weight, applied after the
+    #    dot), and in the same pass over K the tile's own raw scores q k^T (GATE 0/1)
+    OWN: tl.constexpr = (not NONCAUSAL) and GATE != 2
+    Ad = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
         mk = ck < K
         qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-        if GATE == 1:
-            qt = qt * wq[:, None]
+        qs = qt
         if GATE == 2:
             bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-            qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
+            qs = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
         S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
-        acc += dot(qt.to(DT), S.to(DT), IEEE)
+        acc += dot(qs.to(DT), S.to(DT), IEEE)
         if MEXP:
             nprev = tl.load(hn + (slot * H + hh) * K + ck, mask=mk, other=0.0)
             accn += tl.sum(qt * nprev[None, :], axis=1)
+        if OWN:
+            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+            Ad += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+    if GATE == 1:
+        acc = acc * wq[:, None]
+        accn = accn * wq
     if not NONCAUSAL:
-        # 2) earlier key tiles of this chunk (every key before every query)
+        # 2) the diagonal tile, causal mask t >= s (per-key: formed by key_scores_kernel),
+        #    first, so that Ad is dead before the earlier tiles' scores are formed
+        if GATE == 2:
+            A = ld_scores(Asc, hh, rows, mr, t0, H, BT)
+        else:
+            A = gate_diag(Ad, rows, mr, qe, ke, GATE, IEEE)
+        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
+        acc += dot(A.to(DT), vt.to(DT), IEEE)
+        if MEXP:
+            accn += tl.sum(A, axis=1)
+        # 3) earlier key tiles of this chunk (every key before every query)
         for j in range((t0 - cs) // BT):
             krows = cs + j * BT + tl.arange(0, BT)
             A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -409,16 +416,6 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
             acc += dot(A.to(DT), vt.to(DT), IEEE)
             if MEXP:
                 accn += tl.sum(A, axis=1)
-        # 3) the diagonal tile, causal mask t >= s (per-key: formed by key_scores_kernel)
-        if GATE == 2:
-            A = ld_scores(Asc, hh, rows, mr, t0, H, BT)
-        else:
-            A = diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT, BK, GATE,
-                            IEEE, DT)
-        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
-        acc += dot(A.to(DT), vt.to(DT), IEEE)
-        if MEXP:
-            accn += tl.sum(A, axis=1)
     if MEXP:
         # normaliser: o = h / (max(|n^T q|, exp(-m)) + eps)
         mt = ld_gtok(gm + hh, rows, mr, H)
