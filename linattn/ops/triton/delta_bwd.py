@@ -170,9 +170,12 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                                 (t0, i_k * BK), (BT, BK), (1, 0))
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, i_k * BK), (BT, BK), (1, 0))
-        b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-        b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_q16 = tl.load(p_q, boundary_check=(0, 1))
+        b_k16 = tl.load(p_k, boundary_check=(0, 1))
+        # Q K^T on the inputs' dtype: exact products either way, 16-bit MMA at twice tf32's rate
+        b_qk += tl.dot(b_q16, tl.trans(b_k16), input_precision=PREC)
+        b_q = b_q16.to(tl.float32)
+        b_k = b_k16.to(tl.float32)
         # dO S^T, U' dS'^T, dU' S^T over V tiles
         b_dqa = tl.zeros([BT, BK], dtype=tl.float32)
         b_dka = tl.zeros([BT, BK], dtype=tl.float32)
@@ -188,12 +191,14 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                                      (t0, i_v * BV), (BT, BV), (1, 0))
             p_dv2 = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                       (t0, i_v * BV), (BT, BV), (1, 0))
-            b_h = tl.load(p_h, boundary_check=(0, 1)).to(tl.float32)  # stored 16-bit or float32
+            b_hs = tl.load(p_h, boundary_check=(0, 1))       # stored 16-bit or float32
+            b_h = b_hs.to(tl.float32)
             b_dh = tl.load(p_dh, boundary_check=(0, 1)).to(tl.float32)  # stored 16-bit or float32
-            b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
+            b_do = tl.load(p_do, boundary_check=(0, 1))
             b_vn = tl.load(p_vn, boundary_check=(0, 1))
             b_dv = tl.load(p_dv2, boundary_check=(0, 1))
-            b_dqa += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+            # dO S^T in h's stored dtype (the inputs' for 16-bit inputs: exact products)
+            b_dqa += tl.dot(b_do.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC)
             b_dka += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
             b_dwa += tl.dot(b_dv, tl.trans(b_h), input_precision=PREC)
             b_ss += tl.sum(b_h * b_dh, 1)
@@ -255,8 +260,9 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
                                 (t0, i_k * BK), (BT, BK), (1, 0))
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                  (t0, i_k * BK), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+        b_k16 = tl.load(p_k, boundary_check=(0, 1))
+        b_kk += tl.dot(b_k16, tl.trans(b_k16), input_precision=PREC)  # exact products, 16-bit MMA
+        b_k = b_k16.to(tl.float32)
         b_dwt = tl.load(p_dw, boundary_check=(0, 1))
         b_dt += tl.dot(b_dwt, tl.trans(b_k * b_kw[:, None]), input_precision=PREC)
     for i_v in range(tl.cdiv(V, BV)):
