@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import torch_chunked
 from .common import (INTERPRET, chunk_cumsum, gate_grad_, head_tile, lengths_of, make_layout,
                      row_dot)
-from .gated_bwd import bwd_dqk, bwd_dv, bwd_states
+from .gated_bwd import bwd_dqk, bwd_dv, bwd_states, key_dscores
 from .gated_fwd import fwd_o, fwd_states, key_scores, mexp_prep
 
 MLSTM_EPS = 1e-6
@@ -208,8 +208,10 @@ class GatedChunkFunction(torch.autograd.Function):
                                              h0 is not None, layout, cfg, scale, V, gate_sums)
         dv = bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout, cfg, scale, v.dtype, V, A=A)
         del A
+        dsc = key_dscores(do, v, layout, cfg) if cfg.gate == 2 else None  # [TT, H, L] float32
         dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn,
-                               ctx.dqk_layout, cfg, scale, gate_sums)
+                               ctx.dqk_layout, cfg, scale, gate_sums, dsc=dsc)
+        del dsc
         dg = dkw = dm0 = None
         if gate_sums and cfg.gate == 1:
             qdq, kdk, kdk_state, kdk_all = gsum

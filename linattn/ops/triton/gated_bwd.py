@@ -251,8 +251,49 @@ def do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT: tl.constexpr,
 
 
 @triton.jit
-def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out, dk_out, gq, gk,
-                   gks, gkw, tile_seq, tile_start, cu, coff, scale, H, TT,
+def pair_dA(do, v, dsc, hh, rows, mr, krows, mkr, rdt, dqt, cs, H, V, L: tl.constexpr,
+            BT: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, MEXP: tl.constexpr,
+            IEEE: tl.constexpr):
+    """dA[t, s] for query rows t and key rows s of one chunk (first token cs), float32
+    [BT, BT]: per-key gates read it from dsc (key_dscores_kernel, zero where s > t), the
+    others form it (do_v_tile)."""
+    if GATE == 2:
+        keep = mr[:, None] & mkr[None, :] & (rows[:, None] >= krows[None, :])
+        return tl.load(dsc + (rows[:, None] * H + hh) * L + (krows - cs)[None, :], mask=keep,
+                       other=0.0)
+    else:
+        return do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
+
+
+@triton.jit
+def key_dscores_kernel(do, v, dsc, chunk_start, chunk_end, H, V, L: tl.constexpr,
+                       BV: tl.constexpr, IEEE: tl.constexpr):
+    """Per-key gates: dsc[t, h, s - cs] = do_t . v_s for the tokens t >= s of one chunk (first
+    token cs), float32, formed once per chunk for bwd_dqk, whose 16-token tile pairs would
+    otherwise each re-read do and v (once per K block). Entries above the diagonal are not
+    written: pair_dA masks them."""
+    ic = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1).to(tl.int64)
+    cs = tl.load(chunk_start + ic).to(tl.int64)
+    ce = tl.load(chunk_end + ic).to(tl.int64)
+    DT = do.dtype.element_ty
+    idx = tl.arange(0, L)
+    rows = cs + idx
+    mr = rows < ce
+    acc = tl.zeros([L, L], dtype=tl.float32)
+    for vb in range(tl.cdiv(V, BV)):
+        cv = vb * BV + tl.arange(0, BV)
+        mv = cv < V
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)             # [L, BV] do
+        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)                # [L, BV] v
+        acc += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
+    keep = mr[:, None] & (idx[:, None] >= idx[None, :])
+    tl.store(dsc + (rows[:, None] * H + hh) * L + idx[None, :], acc, mask=keep)
+
+
+@triton.jit
+def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, dq_out, dk_out, gq,
+                   gk, gks, gkw, tile_seq, tile_start, cu, coff, scale, H, TT,
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
@@ -311,7 +352,8 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         for j in range((t0 - cs) // BT):
             krows = cs + j * BT + tl.arange(0, BT)
             mkr = krows < eos
-            dA = do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
+            dA = pair_dA(do, v, dsc, hh, rows, mr, krows, mkr, rdt, dqt, cs, H, V, L, BT, BV,
+                         GATE, MEXP, IEEE)
             kt = ld_tile(k + hh * K, krows, mkr, ck, mk, H * K)
             if GATE == 1:
                 kej = key_exp(gb, kw, hh, krows, mkr, H, HAS_KW)
@@ -334,8 +376,8 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             if MEXP:
                 rdi = ld_tok(rd + hh, qrows, mq, H)
                 dqi = ld_tok(dqn + hh, qrows, mq, H)
-            dA = do_v_tile(do, v, hh, qrows, mq, rows, mr, rdi, dqi, H, V, BT, BV, MEXP,
-                           IEEE)                                # [query, key]
+            dA = pair_dA(do, v, dsc, hh, qrows, mq, rows, mr, rdi, dqi, cs, H, V, L, BT, BV,
+                         GATE, MEXP, IEEE)                      # [query, key]
             qt = ld_tile(q + hh * K, qrows, mq, ck, mk, H * K)
             if GATE == 1:
                 qei = ld_gtok(gb + hh, qrows, mq, H)
@@ -367,7 +409,8 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             # per-key decay: every (query t, key s < t) pair of the tile at once, one
             # [BT, BT, BK] weight exp(b_t - b_s) serving dq_t (summed over s) and dk_s (over
             # t); the launcher keeps BT * BT * BK small (16-token tiles, BK 64: 0 spills on sm_90)
-            dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
+            dA = pair_dA(do, v, dsc, hh, rows, mr, rows, mr, rdt, dqt, cs, H, V, L, BT, BV, GATE,
+                         MEXP, IEEE)
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
             below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]      # s < t
@@ -501,12 +544,25 @@ def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtyp
     return dv
 
 
+def key_dscores(do, v, layout: ChunkLayout, cfg):
+    """Per-key gates' intra-chunk dA = do v^T: [TT, H, L] float32, entry [t, h, s - cs] for the
+    tokens t >= s of one chunk (first token cs); the rest is left unwritten."""
+    TT, H, V = v.shape
+    dsc = empty(TT, H, layout.L, dtype=torch.float32, device=v.device)
+    if layout.NC:
+        key_dscores_kernel[(layout.NC, H)](
+            do, v, dsc, layout.chunk_start, layout.chunk_end, H, V=V, L=layout.L, BV=cfg.BV,
+            IEEE=cfg.ieee, num_warps=cfg.warps, num_stages=cfg.stages)
+    return dsc
+
+
 def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: ChunkLayout, cfg,
-            scale, gate_sums=True):
+            scale, gate_sums=True, dsc=None):
     """dq, dk [TT, H, K] in q's dtype and the gate sums (same-token terms left out, see the
     kernel): GATE 1 -> (q.dq, k.dk, the state part of k.dk, the whole k.dk or None without a
     key log-weight) each [TT, H] float32 (summed over K blocks here); GATE 2 -> (q*dq - k*dk,
-    the state part of k*dk) each [TT, H, K]; else, or without gate_sums, None."""
+    the state part of k*dk) each [TT, H, K]; else, or without gate_sums, None. dsc: GATE 2's
+    intra-chunk dA (key_dscores)."""
     TT, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -529,7 +585,8 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
         x = q
         bwd_dqk_kernel[(layout.NT, nkb, H)](
             q, k, v, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(rd, x), _or(dqn, x),
-            h, _or(hn, x), dh, _or(dhn, x), dq, dk, _or(gq, x), _or(gk, x), _or(gks, x), _or(gkw, x),
+            h, _or(hn, x), dh, _or(dhn, x), _or(dsc, x), dq, dk, _or(gq, x), _or(gk, x), _or(gks, x),
+            _or(gkw, x),
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H, TT,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
