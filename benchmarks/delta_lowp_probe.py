@@ -21,6 +21,7 @@ Backward points (the gradient flowing into a value rounded, as a kernel storing 
     dvnew dU' (delta_bwd's dv2), rounded for every reader, the reverse scan's dS update too
           (the kernel keeps that one in float32: the probe is the stricter of the two)
     dw    dW (delta_bwd's dw, read by grads_wy)
+    dkpart  dk's part through Q K^T and the state update (delta_bwd's dk_part), rounded per use
 
     PYTHONPATH=. python3 benchmarks/delta_lowp_probe.py [--T 256] [--seeds 3]
 """
@@ -73,6 +74,10 @@ def delta_chunks_rounding(points: set):
     """torch_chunked._delta_chunks with the given intermediates rounded to LOW."""
     def chunks(state, q, k, v, beta, g):
         L = q.shape[3]
+        k_in = k
+        # dk's state-and-output part (delta_bwd's dk_part): the gradient through k's uses in
+        # Q K^T and in the state update, each rounded (the kernel rounds their sum once)
+        k = grad_rounded(k, "dkpart" in points)
         if g is None:
             gamma = torch.ones(L, L, dtype=q.dtype, device=q.device).tril()
             q_in, k_out, chunk_decay, beta_eb = q, k, None, beta
@@ -85,8 +90,8 @@ def delta_chunks_rounding(points: set):
             chunk_decay = torch.exp(b_last).unsqueeze(-1)
             beta_eb = beta * torch.exp(b)
         eye = torch.eye(L, dtype=q.dtype, device=q.device)
-        a = (beta.unsqueeze(-1) * (k @ k.transpose(-1, -2)) * gamma).tril(-1)
-        w = torch.linalg.solve_triangular(eye + a, beta_eb.unsqueeze(-1) * k, upper=False,
+        a = (beta.unsqueeze(-1) * (k_in @ k_in.transpose(-1, -2)) * gamma).tril(-1)
+        w = torch.linalg.solve_triangular(eye + a, beta_eb.unsqueeze(-1) * k_in, upper=False,
                                           unitriangular=True)
         u = torch.linalg.solve_triangular(eye + a, beta.unsqueeze(-1) * v, upper=False,
                                           unitriangular=True)

@@ -42,18 +42,18 @@ LAUNCH = {
 # gated kernel spills 624 B on sm_90 at 64 (8 warps) and none at 32.
 GRADS_QK_BV = {False: 64, True: 64}
 
-# dU' (dv2) and dW (dw), each written by one kernel and read by later ones, stored in the
-# inputs' dtype for 16-bit inputs: 256 MiB each less at B*T 65536, H 16, D 128, both alive at
-# the backward's peak (grads_qk: 3.75 -> ~3.25 GiB expected). Every reader upcasts them to
-# float32 before its dots, and the reverse scan's own dS update uses the float32 dU'. The CPU
-# probe (benchmarks/delta_lowp_probe.py, points dvnew and dw, which round dU' for the
-# recurrence too: stricter than the kernels) passes the tests' rule at T = 1024 for unit and
-# unnormalised keys, gated and not, with h in bf16 as well. False: float32.
+# dU' (dv2), dW (dw) and dk's state-and-output part (dk_part), each written by one kernel and
+# read by later ones, stored in the inputs' dtype for 16-bit inputs: 256 MiB each less at
+# B*T 65536, H 16, D 128, all alive at the backward's peak (grads_qk: 3.75 -> ~3.0 GiB
+# expected). Every reader upcasts them to float32 before its dots, and the reverse scan's own
+# dS update uses the float32 dU'. The CPU probe (benchmarks/delta_lowp_probe.py, points dvnew,
+# dw, dkpart, each rounding at least where the kernels do) passes the tests' rule at T = 1024
+# for unit and unnormalised keys, gated and not, with h in bf16 as well. False: float32.
 GRADS_IN_INPUT_DTYPE: bool = True
 
 
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored dU' and dW for inputs of this dtype."""
+    """dtype of the stored dU', dW and dk_part for inputs of this dtype."""
     return dtype if GRADS_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
 
 
@@ -144,7 +144,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                          chunk_seq, chunk_idx, scale, H, K, V, BT: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                          PREC: tl.constexpr):
-    """Per (chunk, head): dq; dk (state and output part, float32); dw = -dU' S^T; db part."""
+    """Per (chunk, head): dq; dk (state and output part); dw = -dU' S^T; db part."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     hslot = i_c + tl.load(chunk_seq + i_c).to(tl.int64)  # h's slot: c0 + n + c = i_c + n
@@ -233,7 +233,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                  (t0, i_k * BK), (BT, BK), (1, 0))
         tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-        tl.store(p_dk, b_dk, boundary_check=(0, 1))
+        tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
         tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
 
     if USE_G:
@@ -316,7 +316,7 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
         b_dkb = tl.dot(tl.trans(b_t), tl.load(p_dw, boundary_check=(0, 1)).to(tl.float32),
                        input_precision=PREC)
-        b_dkt = tl.load(p_dkp, boundary_check=(0, 1)) + b_dkb * b_kw[:, None] \
+        b_dkt = tl.load(p_dkp, boundary_check=(0, 1)).to(tl.float32) + b_dkb * b_kw[:, None] \
             + tl.dot(b_dkk, b_k, input_precision=PREC) \
             + tl.dot(tl.trans(b_dkk), b_k, input_precision=PREC)
         b_s = tl.sum(b_dkb * b_k, 1)  # through beta e^b
@@ -387,14 +387,14 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
 
     Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (delta_fwd.scan); gc [TT, H] or
         None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V].
-    Returns: dq [TT, H, K] in q's dtype; dk_part [TT, H, K] float32; dw [TT, H, K] in
-        grad_dtype; db [TT, H] float32 (None when ungated).
+    Returns: dq [TT, H, K] in q's dtype; dk_part, dw [TT, H, K] in grad_dtype; db [TT, H]
+        float32 (None when ungated).
     """
     TT, H, K = q.shape
     V = do.shape[-1]
     dev = q.device
     dq = alloc.empty(TT, H, K, dtype=q.dtype, device=dev)
-    dk_part = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
+    dk_part = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
     dw = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
     db = alloc.empty(TT, H, dtype=torch.float32, device=dev) if gc is not None else None
     if layout.NT:
