@@ -276,25 +276,28 @@ def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
                       L: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
                       KD: tl.constexpr, IEEE: tl.constexpr):
     """Per-key scores inside one tile (first token t0): A[t, h, s - t0] = scale sum_k q_tk
-    k_sk exp(b_tk - b_sk) for the keys s <= t of t's tile, one SUB-row block of queries
-    per program. Key blocks left of the diagonal go through tensor cores with both factors
-    taken relative to the query block's first row r: exp(b_t - b_r) <= 1 for t >= r and
-    exp(b_r - b_s) <= 1 for s < r, so neither overflows; the diagonal block is formed
-    elementwise, KD key columns at a time (key_diag_scores). Entries above the diagonal are not
-    written: readers mask them."""
+    k_sk exp(b_tk - b_sk) for the keys s <= t of t's tile, one [SUB, SUB] block (query block
+    i, key block j <= i) per program, so that each program is a short chain (the kernel is
+    latency-bound: many small independent programs hide it best). Blocks left of the diagonal
+    go through tensor cores with both factors taken relative to the query block's first row r:
+    exp(b_t - b_r) <= 1 for t >= r and exp(b_r - b_s) <= 1 for s < r, so neither overflows;
+    diagonal blocks are formed elementwise, KD key columns at a time (key_diag_scores).
+    Entries above the diagonal are not written: readers mask them."""
+    NSUB: tl.constexpr = BT // SUB
     it = tl.program_id(0)
-    sb = tl.program_id(1)                                        # query block of the tile
+    i = tl.program_id(1) // NSUB                                 # query block of the tile
+    j = tl.program_id(1) % NSUB                                  # key block
     hh = tl.program_id(2).to(tl.int64)
     n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff, it, L)
-    r0 = t0 + sb * SUB                                           # the block's first row
-    if r0 < eos:
+    r0 = t0 + i * SUB                                            # the query block's first row
+    if (j <= i) & (r0 < eos):
         DT = q.dtype.element_ty
         cols = tl.arange(0, SUB)
         rows = r0 + cols
         mr = rows < eos
-        out = A + (rows[:, None] * H + hh) * BT                   # this block's rows of A
-        for j in range(sb):
-            # key block j (every key before r0): one [SUB, SUB] dot per K block
+        out = A + (rows[:, None] * H + hh) * BT + (j * SUB + cols)[None, :]   # block (i, j) of A
+        if j < i:
+            # every key of block j precedes r0: one [SUB, SUB] dot per K block
             krows = t0 + j * SUB + cols
             Ab = tl.zeros([SUB, SUB], dtype=tl.float32)
             for kb in range(tl.cdiv(K, BK)):
@@ -308,11 +311,10 @@ def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
                 qt = qt * exp(tl.where(mr[:, None], bq - br[None, :], NEG_INF), IEEE)  # <= 1
                 kt = kt * exp(br[None, :] - bk, IEEE)                                # <= 1
                 Ab += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
-            tl.store(out + (j * SUB + cols)[None, :], Ab.to(A.dtype.element_ty),
-                     mask=mr[:, None])
-        # the diagonal block, causal
-        Ad = key_diag_scores(q, k, gb, hh, rows, mr, scale, H, K, SUB, KD, IEEE)
-        tl.store(out + (sb * SUB + cols)[None, :], Ad.to(A.dtype.element_ty), mask=mr[:, None])
+        else:
+            # the diagonal block, causal
+            Ab = key_diag_scores(q, k, gb, hh, rows, mr, scale, H, K, SUB, KD, IEEE)
+        tl.store(out, Ab.to(A.dtype.element_ty), mask=mr[:, None])
 
 
 @triton.jit
@@ -484,7 +486,7 @@ def key_scores(q, k, gb, layout: ChunkLayout, cfg, scale):
         raise ValueError(f"per-key gates need tiles of a multiple of {KEY_SUB} tokens, got {layout.BT}")
     A = empty(TT, H, layout.BT, dtype=q.dtype, device=q.device)
     if layout.NT:
-        key_scores_kernel[(layout.NT, layout.BT // KEY_SUB, H)](
+        key_scores_kernel[(layout.NT, (layout.BT // KEY_SUB) ** 2, H)](
             q, k, gb, A, layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale,
             H, K=K, L=layout.L, BT=layout.BT, SUB=KEY_SUB, BK=cfg.BK, KD=cfg.score_kd,
             IEEE=cfg.ieee,
