@@ -194,8 +194,7 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
             qe = ld_gtok(gb + hh, rows, mr, H)
             if MEXP:
                 qe -= ld_gtok(gm + hh, rows, mr, H)
-        A = diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT, BK, GATE,
-                        IEEE, DT)
+        A = diag_scores(q, k, gb, hh, rows, mr, qe, ke, scale, H, K, BT, BK, GATE, IEEE, DT)
         dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
         if MEXP:
             dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]

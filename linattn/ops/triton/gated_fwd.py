@@ -125,21 +125,21 @@ def chunk_end_exp(gb, gm, ce, hh, H, MEXP: tl.constexpr):
 
 
 @triton.jit
-def diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT: tl.constexpr,
+def diag_scores(q, k, gb, hh, rows, mr, qe, ke, scale, H, K, BT: tl.constexpr,
                 BK: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr):
-    """Scores of one tile (first token t0) against itself, float32 [BT, BT], zero above the
-    diagonal: A[t, s] = scale q_t . k_s, times exp(qe_t + ke_s) for GATE 1; for GATE 2
-    scale sum_k q_tk k_sk exp(b_tk - b_sk), formed elementwise (the per-key weights are not a
-    product of a row and a column factor that stay finite: b_t - b_s can reach -20 per token),
-    which is why per-key gates take 16-token tiles. The GATE 0/1 dot takes DT operands: the values' dtype of the caller (float32 for
-    the delta rule's U')."""
+    """Scores of one tile against itself, float32 [BT, BT], zero above the diagonal:
+    A[t, s] = scale q_t . k_s, times exp(qe_t + ke_s) for GATE 1; for GATE 2 scale sum_k
+    q_tk k_sk exp(b_tk - b_sk), formed elementwise (per-key weights are no product of a row
+    and a column factor that stay finite: b_t - b_s can reach -20 per token), which is why
+    per-key gates take 16-token tiles. The GATE 0/1 dot takes DT operands: the values' dtype
+    of the caller (float32 for the delta rule's U')."""
     A = tl.zeros([BT, BT], dtype=tl.float32)
+    causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]            # [t, s]
     if GATE == 2:
         # all (t, s) pairs of the tile at once, KD key columns at a time: [BT, BT, KD] weights
         # exp(b_t - b_s) (masked to 0 above the diagonal before exp(), so none overflows) times
         # q_t k_s, summed over the columns; KD keeps BT * BT * KD at DIAG3_ELEMS
         KD: tl.constexpr = max(DIAG3_ELEMS // (BT * BT), 1)
-        causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]        # [t, s]
         for kb in range(tl.cdiv(K, KD)):
             ck = kb * KD + tl.arange(0, KD)
             mk = ck < K
@@ -156,7 +156,6 @@ def diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT: tl.con
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
             A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
-        causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
         if GATE == 1:
             A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
         else:
@@ -344,8 +343,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
             if MEXP:
                 accn += tl.sum(A, axis=1)
         # 3) the diagonal tile, causal mask t >= s
-        A = diag_scores(q, k, gb, hh, t0, rows, mr, eos, qe, ke, scale, H, K, BT, BK, GATE,
-                        IEEE, DT)
+        A = diag_scores(q, k, gb, hh, rows, mr, qe, ke, scale, H, K, BT, BK, GATE, IEEE, DT)
         vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
         acc += dot(A.to(DT), vt.to(DT), IEEE)
         if MEXP:
