@@ -37,22 +37,22 @@ VARIANTS = {
                        "grads_qk": dict(num_stages=2), "grads_wy": dict(num_stages=2)},
     "output_bv128": {"output_bv": 128},
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
-    "qk_bv32": {"qk_bv": {False: 32, True: 32}},
-    "qk_bv64": {"qk_bv": {False: 64, True: 64}},
+    "qk_bv32": {"qk_bv": 32},
+    "qk_bv64": {"qk_bv": 64},
 }
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
 
 
-def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_bv: dict) -> None:
+def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_bv: int) -> None:
     """Resets the launch tables to their defaults, then applies the variant's overrides."""
     delta_fwd.LAUNCH.clear()
     delta_fwd.LAUNCH.update(copy.deepcopy(base_fwd))
     delta_bwd.LAUNCH.clear()
     delta_bwd.LAUNCH.update(copy.deepcopy(base_bwd))
     delta_fwd.OUTPUT_BV = variant.get("output_bv", base_bv)
-    delta_bwd.GRADS_QK_BV = dict(variant.get("qk_bv", base_qk_bv))
+    delta_bwd.GRADS_QK_BV = variant.get("qk_bv", base_qk_bv)
     for name, over in variant.items():
         if name in ("output_bv", "qk_bv"):
             continue
@@ -68,7 +68,7 @@ def main():
     args = ap.parse_args()
     import triton.testing
     base = (copy.deepcopy(delta_fwd.LAUNCH), copy.deepcopy(delta_bwd.LAUNCH), delta_fwd.OUTPUT_BV,
-            dict(delta_bwd.GRADS_QK_BV))
+            delta_bwd.GRADS_QK_BV)
     names = args.variants.split(",")
     result = {}
     for kind in args.kinds.split(","):
