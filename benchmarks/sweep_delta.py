@@ -37,8 +37,8 @@ VARIANTS = {
                        "grads_qk": dict(num_stages=2), "grads_wy": dict(num_stages=2)},
     "output_bv128": {"output_bv": 128},
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
-    "qk_bv32": {"qk_bv": {False: 32, True: 32}},
-    "qk_bv64": {"qk_bv": {False: 64, True: 64}},
+    "qk_bv32": {"qk_bv": 32},
+    "qk_bv64": {"qk_bv": 64},
     # storage dtypes back to float32, one flag at a time (see delta_fwd / delta_bwd)
     "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
     "f32_u": {"flags": {"delta_fwd.U_IN_INPUT_DTYPE": False}},
@@ -51,14 +51,14 @@ KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
 
 
-def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_bv: dict) -> None:
+def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_bv: int) -> None:
     """Resets the launch tables to their defaults, then applies the variant's overrides."""
     delta_fwd.LAUNCH.clear()
     delta_fwd.LAUNCH.update(copy.deepcopy(base_fwd))
     delta_bwd.LAUNCH.clear()
     delta_bwd.LAUNCH.update(copy.deepcopy(base_bwd))
     delta_fwd.OUTPUT_BV = variant.get("output_bv", base_bv)
-    delta_bwd.GRADS_QK_BV = dict(variant.get("qk_bv", base_qk_bv))
+    delta_bwd.GRADS_QK_BV = variant.get("qk_bv", base_qk_bv)
     modules = {"delta_fwd": delta_fwd, "delta_bwd": delta_bwd}
     for path, value in {**FLAGS, **variant.get("flags", {})}.items():
         mod, attr = path.split(".")
@@ -78,7 +78,7 @@ def main():
     args = ap.parse_args()
     import triton.testing
     base = (copy.deepcopy(delta_fwd.LAUNCH), copy.deepcopy(delta_bwd.LAUNCH), delta_fwd.OUTPUT_BV,
-            dict(delta_bwd.GRADS_QK_BV))
+            delta_bwd.GRADS_QK_BV)
     names = args.variants.split(",")
     result = {}
     for kind in args.kinds.split(","):

@@ -967,14 +967,18 @@ def _warm_up(pool: WorkerPool, specs, shape: Shape, args, deadline) -> dict:
     overran --timeout among the others (compiles share the CPUs, autotuning the GPU) gets one
     more try alone, within the budget: fla's gated ops needed 150-170 s with four at once."""
     took, started, timed_out = {}, {}, []
+
+    def request(op):
+        return {"op": op, "B": shape.B, "T": shape.T, "H": shape.H, "D": shape.D,
+                "seed": args.seed, "warm": True}
+
     todo = [s.name for s in specs if s.name not in pool.dead]
     print(f"compile warm-up at {shape.label}: {len(todo)} ops, {args.jobs} at a time", flush=True)
     pending: dict = {}
     while todo or pending:
         while todo and len(pending) < args.jobs:
             op = todo.pop(0)
-            req = {"op": op, "B": shape.B, "T": shape.T, "H": shape.H, "D": shape.D, "seed": args.seed, "warm": True}
-            if pool.send(op, req):
+            if pool.send(op, request(op)):
                 pending[op] = started[op] = time.monotonic()
         if not pending:
             continue
@@ -996,8 +1000,7 @@ def _warm_up(pool: WorkerPool, specs, shape: Shape, args, deadline) -> dict:
         pool.dead.pop(op, None)
         print(f"compile warm-up: retrying {op} alone", flush=True)
         t0 = time.monotonic()
-        req = {"op": op, "B": shape.B, "T": shape.T, "H": shape.H, "D": shape.D, "seed": args.seed, "warm": True}
-        row = pool.run(op, req, min(args.timeout, left))
+        row = pool.run(op, request(op), min(args.timeout, left))
         took[f"{op}@D{shape.D}"] = round(time.monotonic() - t0, 1)
         if op in pool.dead:
             pool.dead[op] = f"in the compile warm-up (also alone): {pool.dead[op]}"

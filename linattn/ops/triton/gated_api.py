@@ -112,11 +112,6 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         # GATE 0/1 per-tile kernels, chosen from sm_90 spill counts, made the no-gate op slower
         # (fwd 1.84 -> 2.16 ms, fwd+bwd 6.30 -> 6.96 ms at T 8192, D 128).
         warps, scan_warps, stages = 4, 4, 2
-        if gate == 2:
-            # per-key: 21.9 against 23.9 ms fwd+bwd at 1 stage (sweep_gated, H200, 2026-11-29,
-            # T 8192, D 128, L 64, BT 16 for every kernel; 2 warps: 22.5 / 24.0). Not yet
-            # measured with key_scores and 64-token fwd_o / bwd_dv tiles
-            stages = 1
         if gate != 2:
             # bwd_dqk with one 128-wide K block on 8 warps (sweep_gated on the H200, 2026-11-29,
             # T 8192, D 128, bf16, fwd+bwd ms, BK 64 / 4 warps -> BK 128 / 8 warps): no gate
@@ -129,6 +124,10 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
             # 4 warps 19.1 / 15.8 / 9.4 (each K block recomputes do v^T and the earlier tiles'
             # weights), BKQ 64 on 8 warps 16.9; the serial per-key loop it replaced, 10.6
             BKQ = head_tile(K, 64)
+            # per-key: 21.9 against 23.9 ms fwd+bwd at 1 stage (sweep_gated, H200, 2026-11-29,
+            # T 8192, D 128, L 64, BT 16 for every kernel; 2 warps: 22.5 / 24.0). Not yet
+            # measured with key_scores and 64-token fwd_o / bwd_dv tiles
+            stages = 1
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,
