@@ -96,13 +96,15 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         # 16-token tiles (BTQ)
         BT = TILE or 64
         # L = 64 (one tile per chunk) with no gate at K <= 128: 3.46 -> 3.23 ms fwd+bwd at T 8192,
-        # D 128 once the states were stored in bf16 (sweep_gated, H200, 2026-11-29); with gates
-        # the two are level (scalar 4.75 / 4.67, mLSTMsig 4.93 / 4.89), and L = 64 doubles the
-        # stored states, so they keep 128
+        # D 128 once the states were stored in bf16 (sweep_gated, H200, 2026-11-29). Scalar
+        # gates at K <= 128 too since the flat state scans and the merged fwd_o (sweep_gated,
+        # H200, 2026-11-29, T 8192, D 128, fwd+bwd ms, L 64 / 128): scalar 3.99 / 4.18,
+        # mLSTMsig 4.14 / 4.40 (before them the two were level: 4.75 / 4.67). mLSTMexp keeps
+        # 128 (not measured at 64)
         # per-key gates: L = 64, 25.6 against 30.3 ms fwd+bwd at L = 128 with 16-token tiles
         # (H200, 2026-11-29, T 8192, D 128): each of bwd_dqk's 16-token query tiles pairs with
         # up to L / 16 - 1 earlier key tiles, each needing [16, BK] exponentials of both sides
-        L = CHUNK or (64 if (gate == 0 and K <= 128) or gate == 2 else 128)
+        L = CHUNK or (64 if (gate in (0, 1) and K <= 128 and not mexp) or gate == 2 else 128)
         BK = head_tile(K, 64)
         # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
         # exponentials; at 128 the 64-token fwd_o and bwd_dv spill 264 / 320 B on sm_90)
@@ -125,8 +127,9 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
             # weights), BKQ 64 on 8 warps 16.9; the serial per-key loop it replaced, 10.6
             BKQ = head_tile(K, 64)
             # per-key: 21.9 against 23.9 ms fwd+bwd at 1 stage (sweep_gated, H200, 2026-11-29,
-            # T 8192, D 128, L 64, BT 16 for every kernel; 2 warps: 22.5 / 24.0). Not yet
-            # measured with key_scores and 64-token fwd_o / bwd_dv tiles
+            # T 8192, D 128, L 64, BT 16 for every kernel; 2 warps: 22.5 / 24.0). With
+            # key_scores, key_dscores and 64-token fwd_o / bwd_dv tiles (same sweep, later):
+            # 16.5 ms at BKQ 64 (BKQ 32: 19.4), score_kd 8 (32: 16.8), 1 stage
             stages = 1
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
