@@ -98,13 +98,15 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         # L = 64 (one tile per chunk) with no gate at K <= 128: 3.46 -> 3.23 ms fwd+bwd at T 8192,
         # D 128 once the states were stored in bf16 (sweep_gated, H200, 2026-11-29). Scalar
         # gates at K <= 128 too since the flat state scans and the merged fwd_o (sweep_gated,
-        # H200, 2026-11-29, T 8192, D 128, fwd+bwd ms, L 64 / 128): scalar 3.99 / 4.18,
-        # mLSTMsig 4.14 / 4.40 (before them the two were level: 4.75 / 4.67). mLSTMexp keeps
-        # 128 (not measured at 64)
+        # H200, 2026-11-29, T 8192, D 128, fwd+bwd ms, L 64 / 128): scalar 3.99 / 4.18
+        # (before them the two were level: 4.75 / 4.67). The mLSTMs keep 128: at 64 mLSTMsig
+        # was 4.14 against 4.40 ms but its peak rose 1.56 -> 2.06 GiB, over TFLA's 2.04 (linattn
+        # bench, H200, 2026-11-29, cb1efdb); mLSTMexp 6.55 / 7.02 ms with gradients that differ
+        # from L 128 by up to 26 (bf16), not yet understood
         # per-key gates: L = 64, 25.6 against 30.3 ms fwd+bwd at L = 128 with 16-token tiles
         # (H200, 2026-11-29, T 8192, D 128): each of bwd_dqk's 16-token query tiles pairs with
         # up to L / 16 - 1 earlier key tiles, each needing [16, BK] exponentials of both sides
-        L = CHUNK or (64 if (gate in (0, 1) and K <= 128 and not mexp) or gate == 2 else 128)
+        L = CHUNK or (64 if (gate in (0, 1) and K <= 128 and not has_kw) or gate == 2 else 128)
         BK = head_tile(K, 64)
         # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
         # exponentials; at 128 the 64-token fwd_o and bwd_dv spill 264 / 320 B on sm_90)
