@@ -17,6 +17,11 @@ this probes the forward's stored values, as the backward would read them):
     u     U as the scan reads it (same cancellation)
     S     the state the scan carries, every chunk (a control the rule should reject: the
           kernels never do this)
+Backward points (the gradient flowing into a value rounded, as a kernel storing it would):
+    dvnew dU' (delta_bwd's dv2), rounded for every reader, the reverse scan's dS update too
+          (the kernel keeps that one in float32: the probe is the stricter of the two)
+    dw    dW (delta_bwd's dw, read by grads_wy)
+    dkpart  dk's part through Q K^T and the state update (delta_bwd's dk_part), rounded per use
 
     PYTHONPATH=. python3 benchmarks/delta_lowp_probe.py [--T 256] [--seeds 3]
 """
@@ -48,10 +53,31 @@ def rounded(x, on: bool):
     return x.to(LOW).to(x.dtype) if on else x
 
 
+class _RoundGrad(torch.autograd.Function):
+    """Identity forward; the backward rounds the incoming gradient to LOW (a kernel storing that
+    gradient in 16 bits for a later kernel to read)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(LOW).to(g.dtype)
+
+
+def grad_rounded(x, on: bool):
+    return _RoundGrad.apply(x) if on else x
+
+
 def delta_chunks_rounding(points: set):
     """torch_chunked._delta_chunks with the given intermediates rounded to LOW."""
     def chunks(state, q, k, v, beta, g):
         L = q.shape[3]
+        k_in = k
+        # dk's state-and-output part (delta_bwd's dk_part): the gradient through k's uses in
+        # Q K^T and in the state update, each rounded (the kernel rounds their sum once)
+        k = grad_rounded(k, "dkpart" in points)
         if g is None:
             gamma = torch.ones(L, L, dtype=q.dtype, device=q.device).tril()
             q_in, k_out, chunk_decay, beta_eb = q, k, None, beta
@@ -64,16 +90,19 @@ def delta_chunks_rounding(points: set):
             chunk_decay = torch.exp(b_last).unsqueeze(-1)
             beta_eb = beta * torch.exp(b)
         eye = torch.eye(L, dtype=q.dtype, device=q.device)
-        a = (beta.unsqueeze(-1) * (k @ k.transpose(-1, -2)) * gamma).tril(-1)
-        w = torch.linalg.solve_triangular(eye + a, beta_eb.unsqueeze(-1) * k, upper=False,
+        a = (beta.unsqueeze(-1) * (k_in @ k_in.transpose(-1, -2)) * gamma).tril(-1)
+        w = torch.linalg.solve_triangular(eye + a, beta_eb.unsqueeze(-1) * k_in, upper=False,
                                           unitriangular=True)
         u = torch.linalg.solve_triangular(eye + a, beta.unsqueeze(-1) * v, upper=False,
                                           unitriangular=True)
         w, u = rounded(w, "w" in points), rounded(u, "u" in points)
+        w = grad_rounded(w, "dw" in points)                     # dW (delta_bwd's dw)
         attn = (q @ k.transpose(-1, -2)) * gamma
         outs = []
         for n in range(q.shape[2]):
-            u_n = u[:, :, n] - w[:, :, n] @ state
+            # dU' rounded where every reader sees it, the recurrence's dS update included
+            # (the kernels keep that one in float32): a conservative stand-in for dv2 in 16 bits
+            u_n = grad_rounded(u[:, :, n] - w[:, :, n] @ state, "dvnew" in points)
             outs.append(q_in[:, :, n] @ rounded(state, "h" in points)
                         + attn[:, :, n] @ rounded(u_n, "vnew" in points))
             decayed = state if chunk_decay is None else chunk_decay[:, :, n] * state
@@ -103,12 +132,16 @@ def main():
     ap.add_argument("--T", type=int, default=256)
     ap.add_argument("--K", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--sets", default="", help="comma-separated '+'-joined rounding points, e.g. none,dvnew,h+dw")
     args = ap.parse_args()
     cases = {}
     for gated, knorm, seed in itertools.product((False, True), (None, "free"), range(args.seeds)):
         cases[f"{'gdn' if gated else 'dn'}-{knorm or 'unit'}-s{seed}"] = TD.make_inputs(
             1, args.T, 2, args.K, args.K, gated=gated, seed=seed, knorm=knorm)
-    sets = [set(), {"h"}, {"vnew"}, {"h", "vnew"}, {"w"}, {"u"}, {"h", "vnew", "w", "u"}, {"S"}]
+    sets = [set(), {"h"}, {"vnew"}, {"h", "vnew"}, {"w"}, {"u"}, {"h", "vnew", "w", "u"}, {"S"},
+            {"dvnew"}, {"dw"}, {"dvnew", "dw"}, {"h", "dvnew", "dw"}]
+    if args.sets:
+        sets = [set(x.split("+")) - {"none"} for x in args.sets.split(",")]
     for pts in sets:
         label = "+".join(sorted(pts)) or "none (control)"
         results = {name: probe(pts, case) for name, case in cases.items()}

@@ -26,7 +26,7 @@ import profile_kernels  # noqa: E402
 from linattn.ops.triton import delta_bwd, delta_fwd  # noqa: E402
 
 # name -> {kernel: launch overrides}; "output_bv" sets delta_fwd.OUTPUT_BV, "qk_bv"
-# delta_bwd.GRADS_QK_BV
+# delta_bwd.GRADS_QK_BV, "flags" module-level switches (FLAGS: their defaults)
 VARIANTS = {
     "default": {},
     "warps_swapped": {"prep": dict(num_warps=8), "scan": dict(num_warps=4),
@@ -39,7 +39,13 @@ VARIANTS = {
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
     "qk_bv32": {"qk_bv": 32},
     "qk_bv64": {"qk_bv": 64},
+    # storage dtypes back to float32, one flag at a time (see delta_fwd / delta_bwd)
+    "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
+    "f32_u": {"flags": {"delta_fwd.U_IN_INPUT_DTYPE": False}},
+    "f32_grads": {"flags": {"delta_bwd.GRADS_IN_INPUT_DTYPE": False}},
 }
+FLAGS = {"delta_fwd.STATES_IN_INPUT_DTYPE": True, "delta_fwd.U_IN_INPUT_DTYPE": True,
+         "delta_bwd.GRADS_IN_INPUT_DTYPE": True}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
@@ -53,8 +59,12 @@ def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_b
     delta_bwd.LAUNCH.update(copy.deepcopy(base_bwd))
     delta_fwd.OUTPUT_BV = variant.get("output_bv", base_bv)
     delta_bwd.GRADS_QK_BV = variant.get("qk_bv", base_qk_bv)
+    modules = {"delta_fwd": delta_fwd, "delta_bwd": delta_bwd}
+    for path, value in {**FLAGS, **variant.get("flags", {})}.items():
+        mod, attr = path.split(".")
+        setattr(modules[mod], attr, value)
     for name, over in variant.items():
-        if name in ("output_bv", "qk_bv"):
+        if name in ("output_bv", "qk_bv", "flags"):
             continue
         table = delta_fwd.LAUNCH if name in delta_fwd.LAUNCH else delta_bwd.LAUNCH
         table[name].update(over)

@@ -33,18 +33,21 @@ from linattn.ops.triton import gated_api  # noqa: E402
 _DEFAULT_CONFIG = gated_api._config
 
 
-SETTINGS = ("chunk", "tile", "warps", "scan_warps", "stages", "dqk_bk", "dqk_warps")
+SETTINGS = ("chunk", "tile", "warps", "scan_warps", "stages", "dqk_bk", "dqk_warps", "score_warps",
+            "score_kd")
 DEFAULTS = (None,) * len(SETTINGS)
 
 
-def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=None):
+def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=None,
+                 score_warps=None, score_kd=None):
     """Makes gated_api pick these settings (None: the default) until the next call."""
     gated_api.CHUNK, gated_api.TILE = chunk, tile
 
     def config(*a, **kw):
         cfg, L, BT = _DEFAULT_CONFIG(*a, **kw)
         repl = {k: v for k, v in dict(warps=warps, scan_warps=scan_warps, stages=stages,
-                                      BKQ=dqk_bk, dqk_warps=dqk_warps).items()
+                                      BKQ=dqk_bk, dqk_warps=dqk_warps, score_warps=score_warps,
+                                      score_kd=score_kd).items()
                 if v is not None}
         return dataclasses.replace(cfg, **repl), L, BT
 
@@ -88,12 +91,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kinds", default="none,scalar,key,mlstm_sig,mlstm_exp")
     p.add_argument("--chunks", default="64,128,256")
-    p.add_argument("--tiles", default="default", help="BT values, or 'default' (64; 16 per-key)")
+    p.add_argument("--tiles", default="default", help="BT values, or 'default' (64)")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--scan-warps", default="4")
     p.add_argument("--stages", default="2,3")
     p.add_argument("--dqk-bk", default="default", help="K block of bwd_dqk ('default': the K block)")
     p.add_argument("--dqk-warps", default="default", help="warps of bwd_dqk ('default': --warps)")
+    p.add_argument("--score-warps", default="default", help="warps of key_scores (per-key gates)")
+    p.add_argument("--score-kd", default="default", help="key columns per step of key_scores' diagonal")
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting combinations after this")
@@ -109,7 +114,8 @@ def main(argv=None):
         T, B = args.T, args.tokens // args.T
     combos = list(itertools.product(ints(args.chunks), ints(args.tiles), ints(args.warps),
                                     ints(args.scan_warps), ints(args.stages), ints(args.dqk_bk),
-                                    ints(args.dqk_warps)))
+                                    ints(args.dqk_warps), ints(args.score_warps),
+                                    ints(args.score_kd)))
     start, rows = time.perf_counter(), []
     for kind in args.kinds.split(","):
         ins = time_gated.make(kind, B, T, H, D, dev, dtype)
@@ -133,12 +139,13 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(dict(shape=dict(B=B, T=T, H=H, D=D, dtype=str(dtype)),
                                                    rows=rows), indent=1))
     print(f"\n{'kind':<10} {'L':>4} {'BT':>4} {'warps':>5} {'scan':>4} {'stg':>3} {'dqkBK':>5} {'dqkW':>4}"
-          f" {'fwd ms':>8} {'fwd+bwd':>8}  diff")
+          f" {'scW':>4} {'scKD':>4} {'fwd ms':>8} {'fwd+bwd':>8}  diff")
     for r in rows:
         if "error" in r:
             continue
         print(f"{r['kind']:<10} {str(r['chunk']):>4} {str(r['tile']):>4} {str(r['warps']):>5} "
               f"{str(r['scan_warps']):>4} {str(r['stages']):>3} {str(r['dqk_bk']):>5} {str(r['dqk_warps']):>4} "
+              f"{str(r['score_warps']):>4} {str(r['score_kd']):>4} "
               f"{r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>8.3f}  "
               f"{r['max_diff_vs_default']:.2e}")
     return 0

@@ -42,6 +42,20 @@ LAUNCH = {
 # spills 624 B on sm_90 at 64 (8 warps) and none at 32.
 GRADS_QK_BV = 64
 
+# dU' (dv2), dW (dw) and dk's state-and-output part (dk_part), each written by one kernel and
+# read by later ones, stored in the inputs' dtype for 16-bit inputs: 256 MiB each less at
+# B*T 65536, H 16, D 128, all alive at the backward's peak (grads_qk: 3.75 -> ~3.0 GiB
+# expected). Every reader upcasts them to float32 before its dots, and the reverse scan's own
+# dS update uses the float32 dU'. The CPU probe (benchmarks/delta_lowp_probe.py, points dvnew,
+# dw, dkpart, each rounding at least where the kernels do) passes the tests' rule at T = 1024
+# for unit and unnormalised keys, gated and not, with h in bf16 as well. False: float32.
+GRADS_IN_INPUT_DTYPE: bool = True
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored dU', dW and dk_part for inputs of this dtype."""
+    return dtype if GRADS_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+
 
 # ------------------------------------------------------------------------------ kernels
 
@@ -108,7 +122,7 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
         if USE_G:
             b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
         b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
-        tl.store(p_dv2, b_dv, boundary_check=(0, 1))
+        tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
         if USE_G:
             b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(
@@ -130,7 +144,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                          chunk_seq, chunk_idx, scale, H, K, V, BT: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
                          PREC: tl.constexpr):
-    """Per (chunk, head): dq; dk (state and output part, float32); dw = -dU' S^T; db part."""
+    """Per (chunk, head): dq; dk (state and output part); dw = -dU' S^T; db part."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     hslot = i_c + tl.load(chunk_seq + i_c).to(tl.int64)  # h's slot: c0 + n + c = i_c + n
@@ -170,9 +184,12 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                                 (t0, i_k * BK), (BT, BK), (1, 0))
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, i_k * BK), (BT, BK), (1, 0))
-        b_q = tl.load(p_q, boundary_check=(0, 1)).to(tl.float32)
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-        b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+        b_q16 = tl.load(p_q, boundary_check=(0, 1))
+        b_k16 = tl.load(p_k, boundary_check=(0, 1))
+        # Q K^T on the inputs' dtype: exact products either way, 16-bit MMA at twice tf32's rate
+        b_qk += tl.dot(b_q16, tl.trans(b_k16), input_precision=PREC)
+        b_q = b_q16.to(tl.float32)
+        b_k = b_k16.to(tl.float32)
         # dO S^T, U' dS'^T, dU' S^T over V tiles
         b_dqa = tl.zeros([BT, BK], dtype=tl.float32)
         b_dka = tl.zeros([BT, BK], dtype=tl.float32)
@@ -188,14 +205,19 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                                      (t0, i_v * BV), (BT, BV), (1, 0))
             p_dv2 = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                       (t0, i_v * BV), (BT, BV), (1, 0))
-            b_h = tl.load(p_h, boundary_check=(0, 1)).to(tl.float32)  # stored 16-bit or float32
+            b_hs = tl.load(p_h, boundary_check=(0, 1))       # stored 16-bit or float32
+            b_h = b_hs.to(tl.float32)
             b_dh = tl.load(p_dh, boundary_check=(0, 1)).to(tl.float32)  # stored 16-bit or float32
-            b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
+            b_do = tl.load(p_do, boundary_check=(0, 1))
             b_vn = tl.load(p_vn, boundary_check=(0, 1))
             b_dv = tl.load(p_dv2, boundary_check=(0, 1))
-            b_dqa += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+            # dO S^T in h's stored dtype (the inputs' for 16-bit inputs: exact products)
+            b_dqa += tl.dot(b_do.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC)
             b_dka += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
-            b_dwa += tl.dot(b_dv, tl.trans(b_h), input_precision=PREC)
+            if b_dv.dtype == b_hs.dtype:                    # both 16-bit: exact products
+                b_dwa += tl.dot(b_dv, tl.trans(b_hs), input_precision=PREC)
+            else:
+                b_dwa += tl.dot(b_dv.to(tl.float32), tl.trans(b_h), input_precision=PREC)
             b_ss += tl.sum(b_h * b_dh, 1)
         # db from the inter term scale exp(b_i) q_i . (S dO_i)
         b_db += scale * b_eg * tl.sum(b_dqa * b_q, 1)
@@ -211,8 +233,8 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                  (t0, i_k * BK), (BT, BK), (1, 0))
         tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-        tl.store(p_dk, b_dk, boundary_check=(0, 1))
-        tl.store(p_dw, -b_dwa, boundary_check=(0, 1))
+        tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+        tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
 
     if USE_G:
         # db from Gamma in the intra term: + row sums, - column sums of M * Q K^T
@@ -255,9 +277,10 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
                                 (t0, i_k * BK), (BT, BK), (1, 0))
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                  (t0, i_k * BK), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
-        b_dwt = tl.load(p_dw, boundary_check=(0, 1))
+        b_k16 = tl.load(p_k, boundary_check=(0, 1))
+        b_kk += tl.dot(b_k16, tl.trans(b_k16), input_precision=PREC)  # exact products, 16-bit MMA
+        b_k = b_k16.to(tl.float32)
+        b_dwt = tl.load(p_dw, boundary_check=(0, 1)).to(tl.float32)
         b_dt += tl.dot(b_dwt, tl.trans(b_k * b_kw[:, None]), input_precision=PREC)
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
@@ -265,7 +288,7 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         p_du = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                  (t0, i_v * BV), (BT, BV), (1, 0))
         b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
-        b_du = tl.load(p_du, boundary_check=(0, 1))
+        b_du = tl.load(p_du, boundary_check=(0, 1)).to(tl.float32)
         b_dt += tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
 
     # dA = -T^T dT T^T on the strict lower triangle; A = beta_i (K K^T)_ij Gamma_ij
@@ -291,8 +314,9 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                  (t0, i_k * BK), (BT, BK), (1, 0))
         b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-        b_dkb = tl.dot(tl.trans(b_t), tl.load(p_dw, boundary_check=(0, 1)), input_precision=PREC)
-        b_dkt = tl.load(p_dkp, boundary_check=(0, 1)) + b_dkb * b_kw[:, None] \
+        b_dkb = tl.dot(tl.trans(b_t), tl.load(p_dw, boundary_check=(0, 1)).to(tl.float32),
+                       input_precision=PREC)
+        b_dkt = tl.load(p_dkp, boundary_check=(0, 1)).to(tl.float32) + b_dkb * b_kw[:, None] \
             + tl.dot(b_dkk, b_k, input_precision=PREC) \
             + tl.dot(tl.trans(b_dkk), b_k, input_precision=PREC)
         b_s = tl.sum(b_dkb * b_k, 1)  # through beta e^b
@@ -309,7 +333,8 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                  (t0, i_v * BV), (BT, BV), (1, 0))
         b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
-        b_dvb = tl.dot(tl.trans(b_t), tl.load(p_du, boundary_check=(0, 1)), input_precision=PREC)
+        b_dvb = tl.dot(tl.trans(b_t), tl.load(p_du, boundary_check=(0, 1)).to(tl.float32),
+                       input_precision=PREC)
         b_dbeta += tl.sum(b_dvb * b_v, 1)
         tl.store(p_dv, (b_dvb * b_beta[:, None]).to(p_dv.dtype.element_ty),
                  boundary_check=(0, 1))
@@ -331,7 +356,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
         do [TT, H, V]; dfinal [N, H, K, V] or None; initial_state [N, H, K, V] or None.
     Returns: dh [NC, H, K, V] in delta_fwd.state_dtype (gradient of each chunk's end state;
         the scan carries it in float32),
-        dv2 [TT, H, V] float32 (dU'), dh0 [N, H, K, V] in initial_state's dtype (or None
+        dv2 [TT, H, V] in grad_dtype (dU'), dh0 [N, H, K, V] in initial_state's dtype (or None
         unless need_dh0).
     """
     TT, H, K = q.shape
@@ -343,7 +368,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     # buffer (1 GiB float32 at B*T 65536, H 16, D 128; 4 GiB at D 256), which is alive at the
     # backward's peak (grads_qk)
     dh = alloc.empty(NC, H, K, V, dtype=delta_fwd.state_dtype(q.dtype), device=dev)
-    dv2 = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
+    dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype), device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
     BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V), V, N * H, dev)
     if N:
@@ -362,15 +387,15 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
 
     Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (delta_fwd.scan); gc [TT, H] or
         None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V].
-    Returns: dq [TT, H, K] in q's dtype; dk_part, dw [TT, H, K] float32; db [TT, H] float32
-        (None when ungated).
+    Returns: dq [TT, H, K] in q's dtype; dk_part, dw [TT, H, K] in grad_dtype; db [TT, H]
+        float32 (None when ungated).
     """
     TT, H, K = q.shape
     V = do.shape[-1]
     dev = q.device
     dq = alloc.empty(TT, H, K, dtype=q.dtype, device=dev)
-    dk_part = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
-    dw = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
+    dk_part = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
+    dw = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
     db = alloc.empty(TT, H, dtype=torch.float32, device=dev) if gc is not None else None
     if layout.NT:
         delta_bwd_dqk_kernel[(layout.NT, H)](

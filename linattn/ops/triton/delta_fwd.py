@@ -69,6 +69,20 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if STATES_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
 
 
+# U (prep's output, read once by the scan, which upcasts it before U' = U - W S) stored in the
+# inputs' dtype for 16-bit inputs: 256 MiB less written and read at B*T 65536, H 16, D 128.
+# W stays float32: the CPU probe (delta_lowp_probe.py) passes the tests' rule at T = 1024 with
+# U or W in bf16 beside h, dU', dW and dk_part (delta_bwd.GRADS_IN_INPUT_DTYPE) in bf16, but
+# not with both (DeltaNet, unnormalised keys: dbeta 1.5e3 against a bound of 1.4e3); and W in
+# bf16 raises the reverse scan's sm_90 spills (436 -> 656 B, 1208 -> 1552 gated). False: float32.
+U_IN_INPUT_DTYPE: bool = True
+
+
+def u_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored U for inputs of this dtype."""
+    return dtype if U_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """input_precision for float32 x float32 dots: exact for float32 inputs, tf32 otherwise."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -154,8 +168,8 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, i_k * BK), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)  # 16-bit loads upcast: exact
-        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+        b_k = tl.load(p_k, boundary_check=(0, 1))  # inputs' dtype: exact products either way,
+        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # 16-bit MMA at twice tf32's rate
     m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
     b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))  # Gamma, 0 off-mask
     b_a = b_kk * b_gam * b_beta[:, None]
@@ -231,7 +245,8 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
         p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                 (t0, i_v * BV), (BT, BV), (1, 0))
         b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32) * b_beta[:, None]
-        tl.store(p_u, tl.dot(b_t, b_v, input_precision=PREC), boundary_check=(0, 1))
+        tl.store(p_u, tl.dot(b_t, b_v, input_precision=PREC).to(p_u.dtype.element_ty),
+                 boundary_check=(0, 1))
 
 
 @triton.jit
@@ -269,7 +284,8 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
         p_vn = tl.make_block_ptr(vnew + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                  (t0, i_v * BV), (BT, BV), (1, 0))
         b_w = tl.load(p_w, boundary_check=(0, 1))
-        b_vn = tl.load(p_u, boundary_check=(0, 1)) - tl.dot(b_w, b_s, input_precision=PREC)
+        b_vn = tl.load(p_u, boundary_check=(0, 1)).to(tl.float32) - tl.dot(b_w, b_s,
+                                                                            input_precision=PREC)
         tl.store(p_vn, b_vn, boundary_check=(0, 1))
         # S <- exp(b_L) S + (K * exp(b_L - b))^T U'
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
@@ -298,7 +314,7 @@ def prep(k, v, beta, g, layout):
     Args: k [TT, H, K], v [TT, H, V] (packed, contiguous); beta, g [TT, H] (g may be None);
         layout: common.ChunkLayout (delta_api.chunk_layout).
     Returns: gc [TT, H] float32 (None when g is None), tinv [TT, H, BT] float32,
-        w [TT, H, K] float32, u [TT, H, V] float32.
+        w [TT, H, K] float32, u [TT, H, V] in u_dtype.
     """
     TT, H, K = k.shape
     V = v.shape[-1]
@@ -306,7 +322,7 @@ def prep(k, v, beta, g, layout):
     gc = alloc.empty(TT, H, dtype=torch.float32, device=dev) if g is not None else None
     tinv = alloc.empty(TT, H, BT, dtype=torch.float32, device=dev)
     w = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
-    u = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
+    u = alloc.empty(TT, H, V, dtype=u_dtype(k.dtype), device=dev)
     if layout.NT:
         delta_prep_kernel[(layout.NT, H)](
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
@@ -319,7 +335,8 @@ def prep(k, v, beta, g, layout):
 def scan(k, w, u, gc, initial_state, layout, output_final_state):
     """The forward state scan.
 
-    Args: k [TT, H, K]; w [TT, H, K], u [TT, H, V], gc [TT, H] or None (float32, from prep);
+    Args: k [TT, H, K]; w [TT, H, K] float32, u [TT, H, V] (u_dtype), gc [TT, H] float32 or
+        None, from prep;
         initial_state [N, H, K, V] or None.
     Returns: h [NC + N, H, K, V] in state_dtype(k.dtype) (state at each chunk's start, at the
         slots of layout; the N slots after each sequence stay unwritten), vnew [TT, H, V] float32

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from .. import torch_chunked
 from .common import (INTERPRET, chunk_cumsum, gate_grad_, head_tile, lengths_of, make_layout,
                      row_dot)
-from .gated_bwd import bwd_dqk, bwd_dv, bwd_states
-from .gated_fwd import fwd_o, fwd_states, mexp_prep
+from .gated_bwd import bwd_dqk, bwd_dv, bwd_states, key_dscores
+from .gated_fwd import fwd_o, fwd_states, key_scores, mexp_prep
 
 MLSTM_EPS = 1e-6
 
@@ -70,30 +70,47 @@ class KernelConfig:
     # at D = 128 for more registers, which 8 warps supply (see _config for the measurement).
     BKQ: int = 0       # K block of bwd_dqk; 0: BK
     dqk_warps: int = 0  # num_warps of bwd_dqk; 0: warps
+    # Per-key gates run bwd_dqk on tiles of BTQ tokens (its diagonal tile is formed
+    # elementwise as [BTQ, BTQ, BKQ] weights, so BTQ = 16) while fwd_o and bwd_dv take BT-token
+    # tiles whose scores come precomputed (gated_fwd.key_scores). 0: BT.
+    BTQ: int = 0
+    score_warps: int = 0  # num_warps of gated_fwd.key_scores (per-key gates); 0: warps
+    # key columns per step of key_scores' elementwise diagonal blocks ([16, 16, score_kd]
+    # float32 weights): 8 compiles to 112 registers and no spills on sm_90 at 4 warps (16:
+    # 128 and 28 B of spills, 32: 168), i.e. 4 programs per SM instead of 3. Not yet timed.
+    score_kd: int = 8
 
 
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
     """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning
     (so no config depends on B, and the interpreter needs none)."""
     BKQ = dqk_warps = 0
+    BTQ = 16 if gate == 2 else 0
     if INTERPRET:
         BT, L = TILE or 16, CHUNK or 64
         BK, BV, BVS, warps, stages = head_tile(K, 32), head_tile(V, 32), head_tile(V, 32), 4, 1
         scan_warps = warps
     else:
-        # per-key gates: 16-token tiles, whose diagonal [16, 16, 32] weight tensors fit in
-        # registers (gated_fwd.diag_scores), the rest of the chunk on tensor cores
-        BT = TILE or (16 if gate == 2 else 64)
+        # per-key gates too: their tile's scores come from gated_fwd.key_scores (16-token
+        # blocks), so fwd_o and bwd_dv run 64-token tiles as the other gates do; bwd_dqk keeps
+        # 16-token tiles (BTQ)
+        BT = TILE or 64
         # L = 64 (one tile per chunk) with no gate at K <= 128: 3.46 -> 3.23 ms fwd+bwd at T 8192,
-        # D 128 once the states were stored in bf16 (sweep_gated, H200, 2026-11-29); with gates
-        # the two are level (scalar 4.75 / 4.67, mLSTMsig 4.93 / 4.89), and L = 64 doubles the
-        # stored states, so they keep 128
-        # per-key gates (16-token tiles): L = 64, 25.6 against 30.3 ms fwd+bwd at L = 128
-        # (H200, 2026-11-29, T 8192, D 128): every query tile pairs with up to L / 16 - 1
-        # earlier key tiles, each needing [BT, BK] exponentials of both sides
-        L = CHUNK or (64 if (gate == 0 and K <= 128) or gate == 2 else 128)
+        # D 128 once the states were stored in bf16 (sweep_gated, H200, 2026-11-29). Scalar
+        # gates at K <= 128 too since the flat state scans and the merged fwd_o (sweep_gated,
+        # H200, 2026-11-29, T 8192, D 128, fwd+bwd ms, L 64 / 128): scalar 3.99 / 4.18
+        # (before them the two were level: 4.75 / 4.67). The mLSTMs keep 128: at 64 mLSTMsig
+        # was 4.14 against 4.40 ms but its peak rose 1.56 -> 2.06 GiB, over TFLA's 2.04 (linattn
+        # bench, H200, 2026-11-29, cb1efdb); mLSTMexp 6.55 / 7.02 ms with gradients that differ
+        # from L 128 by up to 26 (bf16), not yet understood
+        # per-key gates: L = 64, 25.6 against 30.3 ms fwd+bwd at L = 128 with 16-token tiles
+        # (H200, 2026-11-29, T 8192, D 128): each of bwd_dqk's 16-token query tiles pairs with
+        # up to L / 16 - 1 earlier key tiles, each needing [16, BK] exponentials of both sides
+        L = CHUNK or (64 if (gate in (0, 1) and K <= 128 and not has_kw) or gate == 2 else 128)
         BK = head_tile(K, 64)
-        BV = head_tile(V, 128)
+        # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
+        # exponentials; at 128 the 64-token fwd_o and bwd_dv spill 264 / 320 B on sm_90)
+        BV = head_tile(V, 64 if gate == 2 else 128)
         BVS = head_tile(V, 64)
         # 4 warps everywhere: measured on the H200 (linattn bench, 2026-11-28), 8 warps on the
         # GATE 0/1 per-tile kernels, chosen from sm_90 spill counts, made the no-gate op slower
@@ -112,12 +129,14 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
             # weights), BKQ 64 on 8 warps 16.9; the serial per-key loop it replaced, 10.6
             BKQ = head_tile(K, 64)
             # per-key: 21.9 against 23.9 ms fwd+bwd at 1 stage (sweep_gated, H200, 2026-11-29,
-            # T 8192, D 128, L 64, BT 16; 2 warps: 22.5 / 24.0)
+            # T 8192, D 128, L 64, BT 16 for every kernel; 2 warps: 22.5 / 24.0). With
+            # key_scores, key_dscores and 64-token fwd_o / bwd_dv tiles (same sweep, later):
+            # 16.5 ms at BKQ 64 (BKQ 32: 19.4), score_kd 8 (32: 16.8), 1 stage
             stages = 1
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,
-                       scan_warps, stages, BKQ, dqk_warps)
+                       scan_warps, stages, BKQ, dqk_warps, BTQ)
     return cfg, L, BT
 
 
@@ -141,7 +160,7 @@ class GatedChunkFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final):
+    def forward(ctx, q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, dqk_layout=None):
         gf_is_const = g is not None and g.dim() == 1
         gb = gm = start = mpc = mfin = None
         gdt = gate_dtype(cfg)
@@ -152,7 +171,8 @@ class GatedChunkFunction(torch.autograd.Function):
         elif g is not None:
             gb = chunk_cumsum(g, layout, dtype=gdt)                   # chunk-local cumsum
         h, hn, hf = fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
-        o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale)
+        A = key_scores(q, k, gb, layout, cfg, scale) if cfg.gate == 2 else None  # [TT, H, BT]
+        o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale, A=A)
         ht = nt = mt = None
         if want_final:
             ht = hf                                                   # [N, H, K, V] float32
@@ -160,14 +180,15 @@ class GatedChunkFunction(torch.autograd.Function):
                 nt, mt = hn.index_select(0, layout.final_slot), mfin
         keep = (h, hn) if SAVE_STATES else (None, None)
         hfin = hf if cfg.mexp else None                               # the m-path's final C
-        ctx.save_for_backward(q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn, hfin, *keep)
+        ctx.save_for_backward(q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn, hfin, A, *keep)
         ctx.layout, ctx.cfg, ctx.scale = layout, cfg, scale
+        ctx.dqk_layout = dqk_layout or layout
         ctx.const_gate = gf_is_const
         return o, ht, nt, mt
 
     @staticmethod
     def backward(ctx, do, dht, dnt, dmt):
-        q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn, hfin, h, hn = ctx.saved_tensors
+        q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn, hfin, A, h, hn = ctx.saved_tensors
         layout, cfg, scale = ctx.layout, ctx.cfg, ctx.scale
         V = v.shape[-1]
         do = do.contiguous()
@@ -189,9 +210,12 @@ class GatedChunkFunction(torch.autograd.Function):
         gate_sums = ctx.needs_input_grad[3] or cfg.has_kw
         dh, dhn, dh0, dn0, sdot = bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn,
                                              h0 is not None, layout, cfg, scale, V, gate_sums)
-        dv = bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout, cfg, scale, v.dtype, V)
-        dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout,
-                               cfg, scale, gate_sums)
+        dv = bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout, cfg, scale, v.dtype, V, A=A)
+        del A
+        dsc = key_dscores(do, v, layout, cfg) if cfg.gate == 2 else None  # [TT, H, L] float32
+        dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn,
+                               ctx.dqk_layout, cfg, scale, gate_sums, dsc=dsc)
+        del dsc
         dg = dkw = dm0 = None
         if gate_sums and cfg.gate == 1:
             qdq, kdk, kdk_state, kdk_all = gsum
@@ -207,7 +231,7 @@ class GatedChunkFunction(torch.autograd.Function):
             dg = dg.sum(0)                                                 # [H], in gdt
         if dg is not None:
             dg = dg.float()
-        return dq, dk, dv, dg, dkw, dh0, dn0, dm0, None, None, None, None
+        return dq, dk, dv, dg, dkw, dh0, dn0, dm0, None, None, None, None, None
 
 
 def _gate_grad(db, state_part, sdot, layout, dtype):
@@ -295,7 +319,9 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
     TT = B * T
     gate = 0 if g is None else (2 if g.dim() == 4 else 1)
     cfg, L, BT = _config(gate, K, V, q.dtype, noncausal=not causal)
-    layout = make_layout(lengths_of(cu_seqlens, B, T), L, BT, q.device)
+    lengths = lengths_of(cu_seqlens, B, T)
+    layout = make_layout(lengths, L, BT, q.device)
+    dqk_layout = make_layout(lengths, L, cfg.BTQ, q.device) if cfg.BTQ not in (0, BT) else None
     gf = None
     if g is not None:
         gf = g.float()
@@ -305,7 +331,7 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
     h0 = None if initial_state is None else initial_state.float().contiguous()
     o, ht, _, _ = GatedChunkFunction.apply(_flat(q, TT), _flat(k, TT), _flat(v, TT), gf, None, h0,
                                            None, None, layout, cfg, float(scale),
-                                           bool(output_final_state))
+                                           bool(output_final_state), dqk_layout)
     return o.view(B, T, H, V), (ht if output_final_state else None)
 
 

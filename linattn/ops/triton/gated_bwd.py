@@ -25,8 +25,9 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp, fill_v_block
-from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, diag_scores, key_exp, ld_gtile,
-                        ld_gtok, ld_state, ld_tile, ld_tok, state_block_of, state_dtype)
+from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, gate_diag, key_exp, ld_gtile,
+                        ld_gtok, ld_scores, ld_state, ld_tile, ld_tok, state_block_of,
+                        state_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -54,13 +55,21 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         dS = ld_state(dht + i_nh * K * V, ck, mk, cv, mv, V)    # cotangent of the final state
         if MEXP:
             dn = tl.load(dnt + i_nh * K + ck, mask=mk, other=0.0)
-    for cc in range(nc):
-        c = nc - 1 - cc                                         # chunks in reverse
+    # one flat loop over the sequence's tiles in reverse (see fwd_states_kernel: Triton
+    # pipelines innermost loops only); the first tile visited of a chunk (its last) stores
+    # the gradient of the state after the chunk, applies the chunk's decay and forms sdot
+    NJ: tl.constexpr = L // BT                                  # tiles per chunk
+    nt = tl.cdiv(eos - bos, BT)
+    for it2 in range(nt):
+        it = nt - 1 - it2                                       # tiles in reverse
+        c = it // NJ                                            # chunk of this tile
+        first = it == tl.minimum((c + 1) * NJ, nt) - 1          # the chunk's last tile
         slot = c0 + n + c + 1
         if not NONCAUSAL:
-            tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
+            tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS,
+                     mask=mkv & first)
             if MEXP:
-                tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0))
+                tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0) & first)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         mp = 0.0
@@ -68,46 +77,50 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
             if MEXP:
                 mp = tl.load(mpc + (c0 + c) * H + hh)
-            dS = dS * exp(le + mp, IEEE)                           # back through the chunk's decay
-            dn = dn * exp(le + mp, IEEE)
+            dec = tl.where(first, exp(le + mp, IEEE), 1.0)      # back through the chunk's decay
+            dS = dS * dec
+            dn = dn * dec
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-            dS = dS * exp(bl, IEEE)[:, None]
+            dS = dS * tl.where(first, exp(bl, IEEE), 1.0)[:, None]
         if GATE != 0 and SDOT:
             # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
-            Sp = ld_state(h + ((slot - 1) * H + hh) * K * V, ck, mk, cv, mv, V).to(tl.float32)  # S_c
-            rs = tl.sum(dS * Sp, axis=1)                                      # [BK]
+            # (S_c read on the chunk's first visit only: masked loads move no bytes)
+            Sp = tl.load(h + ((slot - 1) * H + hh) * K * V + ck[:, None] * V + cv[None, :],
+                         mask=mkv & first, other=0.0).to(tl.float32)                # S_c
+            rs = tl.sum(dS * Sp, axis=1)                                          # [BK]
             if GATE == 1:
                 part = tl.sum(rs, axis=0)
                 if MEXP:
-                    npv = tl.load(hn + ((slot - 1) * H + hh) * K + ck, mask=mk & (vb == 0), other=0.0)
+                    npv = tl.load(hn + ((slot - 1) * H + hh) * K + ck,
+                                  mask=mk & (vb == 0) & first, other=0.0)
                     part += tl.sum(dn * npv, axis=0)
-                tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part)
+                tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part,
+                         mask=first)
             else:
-                tl.store(sdot + ((vb * NS + slot) * H + hh) * K + ck, rs, mask=mk)
-        for j in range(tl.cdiv(ce - cs, BT)):
-            rows = cs + j * BT + tl.arange(0, BT)
-            mr = rows < ce
-            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-            if GATE == 1:
-                qe = ld_gtok(gb + hh, rows, mr, H)
-                if MEXP:
-                    qe -= ld_gtok(gm + hh, rows, mr, H)
-                qt = qt * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)[:, None]
-            if GATE == 2:
-                bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-                qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
-            dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+                tl.store(sdot + ((vb * NS + slot) * H + hh) * K + ck, rs, mask=mk & first)
+        rows = bos + it * BT + tl.arange(0, BT)
+        mr = rows < ce
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+        if GATE == 1:
+            qe = ld_gtok(gb + hh, rows, mr, H)
             if MEXP:
-                dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-                dn += tl.sum(qt * ld_tok(dqn + hh, rows, mr, H)[:, None], axis=0)
-            if MEXP and HAS_H0:
-                # float32 operands (tf32 products for 16-bit inputs): d C0 . C0 and d n0 . n0
-                # cancel to d m0, and dn is summed in float32, so dS must not be rounded coarser
-                # (without an initial state there is no d m0: 16-bit operands, 0.6 ms less)
-                dS += dot(tl.trans(qt), dot_, IEEE)
-            else:
-                dS += dot(tl.trans(qt).to(do.dtype.element_ty), dot_.to(do.dtype.element_ty), IEEE)
+                qe -= ld_gtok(gm + hh, rows, mr, H)
+            qt = qt * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)[:, None]
+        if GATE == 2:
+            bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+        if MEXP:
+            dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
+            dn += tl.sum(qt * ld_tok(dqn + hh, rows, mr, H)[:, None], axis=0)
+        if MEXP and HAS_H0:
+            # float32 operands (tf32 products for 16-bit inputs): d C0 . C0 and d n0 . n0
+            # cancel to d m0, and dn is summed in float32, so dS must not be rounded coarser
+            # (without an initial state there is no d m0: 16-bit operands, 0.6 ms less)
+            dS += dot(tl.trans(qt), dot_, IEEE)
+        else:
+            dS += dot(tl.trans(qt).to(do.dtype.element_ty), dot_.to(do.dtype.element_ty), IEEE)
     slot = c0 + n
     if NONCAUSAL:
         slot = c0 + n + nc
@@ -121,7 +134,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
 
 
 @triton.jit
-def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, coff, scale, H,
+def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, cu, coff, scale, H,
                   K, V, L: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                   HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
@@ -148,21 +161,44 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
         ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
         le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
         wk = exp(tl.where(mr, le + ke, NEG_INF), IEEE)             # weight into the next state
-    # 1) through the state after the chunk: dv += (k * exp(le + ke)) dS_{c+1}
+    # 1) through the state after the chunk, dv += (k dS_{c+1}) exp(le + ke) (a row weight,
+    #    applied after the dot), and in the same pass over K the tile's own raw scores q k^T
+    #    (GATE 0/1)
+    OWN: tl.constexpr = (not NONCAUSAL) and GATE != 2
+    Ad = tl.zeros([BT, BT], dtype=tl.float32)                  # [query, key]
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
         mk = ck < K
         kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        if GATE == 1:
-            kt = kt * wk[:, None]
+        ks = kt
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
             bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-            kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
+            ks = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
         dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
-        acc += dot(kt.to(DT), dS.to(DT), IEEE)
+        acc += dot(ks.to(DT), dS.to(DT), IEEE)
+        if OWN:
+            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+            Ad += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+    if GATE == 1:
+        acc = acc * wk[:, None]
     if not NONCAUSAL:
-        # 2) later query tiles of the chunk: dv += A^T do~ (reference row: this tile's end)
+        # 2) the diagonal tile (per-key: the forward's scores), first, so that Ad is dead
+        #    before the later tiles' scores are formed
+        if GATE == 2:
+            A = ld_scores(Asc, hh, rows, mr, t0, H, BT)
+        else:
+            qe = tl.zeros([BT], dtype=tl.float32)
+            if GATE == 1:
+                qe = ld_gtok(gb + hh, rows, mr, H)
+                if MEXP:
+                    qe -= ld_gtok(gm + hh, rows, mr, H)
+            A = gate_diag(Ad, rows, mr, qe, ke, GATE, IEEE)
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+        if MEXP:
+            dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
+        acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
+        # 3) later query tiles of the chunk: dv += A^T do~ (reference row: this tile's end)
         for i in range(tl.cdiv(ce - t0, BT) - 1):
             qrows = t0 + (i + 1) * BT + tl.arange(0, BT)
             mq = qrows < ce
@@ -188,17 +224,6 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, dv, tile_seq, tile_start, cu, co
             if MEXP:
                 dot_ = dot_ * ld_tok(rd + hh, qrows, mq, H)[:, None]
             acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
-        # 3) the diagonal tile
-        qe = tl.zeros([BT], dtype=tl.float32)
-        if GATE == 1:
-            qe = ld_gtok(gb + hh, rows, mr, H)
-            if MEXP:
-                qe -= ld_gtok(gm + hh, rows, mr, H)
-        A = diag_scores(q, k, gb, hh, rows, mr, qe, ke, scale, H, K, BT, BK, GATE, IEEE, DT)
-        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
-        if MEXP:
-            dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-        acc += dot(tl.trans(A).to(DT), dot_.to(DT), IEEE)
     tl.store(dv + (rows[:, None] * H + hh) * V + cv[None, :], acc.to(dv.dtype.element_ty),
              mask=mr[:, None] & mv[None, :])
 
@@ -226,8 +251,49 @@ def do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT: tl.constexpr,
 
 
 @triton.jit
-def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out, dk_out, gq, gk,
-                   gks, gkw, tile_seq, tile_start, cu, coff, scale, H, TT,
+def pair_dA(do, v, dsc, hh, rows, mr, krows, mkr, rdt, dqt, cs, H, V, L: tl.constexpr,
+            BT: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, MEXP: tl.constexpr,
+            IEEE: tl.constexpr):
+    """dA[t, s] for query rows t and key rows s of one chunk (first token cs), float32
+    [BT, BT]: per-key gates read it from dsc (key_dscores_kernel, zero where s > t), the
+    others form it (do_v_tile)."""
+    if GATE == 2:
+        keep = mr[:, None] & mkr[None, :] & (rows[:, None] >= krows[None, :])
+        return tl.load(dsc + (rows[:, None] * H + hh) * L + (krows - cs)[None, :], mask=keep,
+                       other=0.0)
+    else:
+        return do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
+
+
+@triton.jit
+def key_dscores_kernel(do, v, dsc, chunk_start, chunk_end, H, V, L: tl.constexpr,
+                       BV: tl.constexpr, IEEE: tl.constexpr):
+    """Per-key gates: dsc[t, h, s - cs] = do_t . v_s for the tokens t >= s of one chunk (first
+    token cs), float32, formed once per chunk for bwd_dqk, whose 16-token tile pairs would
+    otherwise each re-read do and v (once per K block). Entries above the diagonal are not
+    written: pair_dA masks them."""
+    ic = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1).to(tl.int64)
+    cs = tl.load(chunk_start + ic).to(tl.int64)
+    ce = tl.load(chunk_end + ic).to(tl.int64)
+    DT = do.dtype.element_ty
+    idx = tl.arange(0, L)
+    rows = cs + idx
+    mr = rows < ce
+    acc = tl.zeros([L, L], dtype=tl.float32)
+    for vb in range(tl.cdiv(V, BV)):
+        cv = vb * BV + tl.arange(0, BV)
+        mv = cv < V
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)             # [L, BV] do
+        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)                # [L, BV] v
+        acc += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
+    keep = mr[:, None] & (idx[:, None] >= idx[None, :])
+    tl.store(dsc + (rows[:, None] * H + hh) * L + idx[None, :], acc, mask=keep)
+
+
+@triton.jit
+def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, dq_out, dk_out, gq,
+                   gk, gks, gkw, tile_seq, tile_start, cu, coff, scale, H, TT,
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
@@ -286,7 +352,8 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
         for j in range((t0 - cs) // BT):
             krows = cs + j * BT + tl.arange(0, BT)
             mkr = krows < eos
-            dA = do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
+            dA = pair_dA(do, v, dsc, hh, rows, mr, krows, mkr, rdt, dqt, cs, H, V, L, BT, BV,
+                         GATE, MEXP, IEEE)
             kt = ld_tile(k + hh * K, krows, mkr, ck, mk, H * K)
             if GATE == 1:
                 kej = key_exp(gb, kw, hh, krows, mkr, H, HAS_KW)
@@ -309,8 +376,8 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             if MEXP:
                 rdi = ld_tok(rd + hh, qrows, mq, H)
                 dqi = ld_tok(dqn + hh, qrows, mq, H)
-            dA = do_v_tile(do, v, hh, qrows, mq, rows, mr, rdi, dqi, H, V, BT, BV, MEXP,
-                           IEEE)                                # [query, key]
+            dA = pair_dA(do, v, dsc, hh, qrows, mq, rows, mr, rdi, dqi, cs, H, V, L, BT, BV,
+                         GATE, MEXP, IEEE)                      # [query, key]
             qt = ld_tile(q + hh * K, qrows, mq, ck, mk, H * K)
             if GATE == 1:
                 qei = ld_gtok(gb + hh, qrows, mq, H)
@@ -342,7 +409,8 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dq_out
             # per-key decay: every (query t, key s < t) pair of the tile at once, one
             # [BT, BT, BK] weight exp(b_t - b_s) serving dq_t (summed over s) and dk_s (over
             # t); the launcher keeps BT * BT * BK small (16-token tiles, BK 64: 0 spills on sm_90)
-            dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
+            dA = pair_dA(do, v, dsc, hh, rows, mr, rows, mr, rdt, dqt, cs, H, V, L, BT, BV, GATE,
+                         MEXP, IEEE)
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
             below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]      # s < t
@@ -461,14 +529,14 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
     return dh, dhn, dh0, dn0, sdot
 
 
-def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtype, V):
-    """dv [TT, H, V] in v's dtype."""
+def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtype, V, A=None):
+    """dv [TT, H, V] in v's dtype. A: the per-key scores (gated_fwd.key_scores) for GATE 2."""
     TT, H, K = q.shape
     dv = empty(TT, H, V, dtype=v_dtype, device=q.device)
     if layout.NT:
         x = q
         bwd_dv_kernel[(layout.NT, triton.cdiv(V, cfg.BV), H)](
-            q, k, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(rd, x), dh, dv,
+            q, k, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(rd, x), dh, _or(A, x), dv,
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
@@ -476,12 +544,25 @@ def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtyp
     return dv
 
 
+def key_dscores(do, v, layout: ChunkLayout, cfg):
+    """Per-key gates' intra-chunk dA = do v^T: [TT, H, L] float32, entry [t, h, s - cs] for the
+    tokens t >= s of one chunk (first token cs); the rest is left unwritten."""
+    TT, H, V = v.shape
+    dsc = empty(TT, H, layout.L, dtype=torch.float32, device=v.device)
+    if layout.NC:
+        key_dscores_kernel[(layout.NC, H)](
+            do, v, dsc, layout.chunk_start, layout.chunk_end, H, V=V, L=layout.L, BV=cfg.BV,
+            IEEE=cfg.ieee, num_warps=cfg.warps, num_stages=cfg.stages)
+    return dsc
+
+
 def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: ChunkLayout, cfg,
-            scale, gate_sums=True):
+            scale, gate_sums=True, dsc=None):
     """dq, dk [TT, H, K] in q's dtype and the gate sums (same-token terms left out, see the
     kernel): GATE 1 -> (q.dq, k.dk, the state part of k.dk, the whole k.dk or None without a
     key log-weight) each [TT, H] float32 (summed over K blocks here); GATE 2 -> (q*dq - k*dk,
-    the state part of k*dk) each [TT, H, K]; else, or without gate_sums, None."""
+    the state part of k*dk) each [TT, H, K]; else, or without gate_sums, None. dsc: GATE 2's
+    intra-chunk dA (key_dscores)."""
     TT, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -504,7 +585,8 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
         x = q
         bwd_dqk_kernel[(layout.NT, nkb, H)](
             q, k, v, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(rd, x), _or(dqn, x),
-            h, _or(hn, x), dh, _or(dhn, x), dq, dk, _or(gq, x), _or(gk, x), _or(gks, x), _or(gkw, x),
+            h, _or(hn, x), dh, _or(dhn, x), _or(dsc, x), dq, dk, _or(gq, x), _or(gk, x), _or(gks, x),
+            _or(gkw, x),
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H, TT,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,

@@ -30,9 +30,9 @@ from .common import ChunkLayout, dot, exp, fill_v_block
 # Globals a kernel reads must be instantiated tl.constexpr objects (not annotations).
 MLSTM_EPS = tl.constexpr(1e-6)  # mLSTMexp: o = h / (max(|n^T q|, exp(-m)) + eps)
 NEG_INF = tl.constexpr(float("-inf"))
-# Per-key diagonal tiles are formed as [BT, BT, KD] tensors of this many elements (64 float32
-# registers per thread at 4 warps): KD = 32 key columns at a time for 16-token tiles.
-DIAG3_ELEMS = tl.constexpr(8192)
+# Per-key scores are formed in blocks of this many tokens (key_scores_kernel's SUB): across
+# blocks on tensor cores, inside a block elementwise.
+KEY_SUB = 16
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -125,41 +125,36 @@ def chunk_end_exp(gb, gm, ce, hh, H, MEXP: tl.constexpr):
 
 
 @triton.jit
-def diag_scores(q, k, gb, hh, rows, mr, qe, ke, scale, H, K, BT: tl.constexpr,
-                BK: tl.constexpr, GATE: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr):
-    """Scores of one tile against itself, float32 [BT, BT], zero above the diagonal:
-    A[t, s] = scale q_t . k_s, times exp(qe_t + ke_s) for GATE 1; for GATE 2 scale sum_k
-    q_tk k_sk exp(b_tk - b_sk), formed elementwise (per-key weights are no product of a row
-    and a column factor that stay finite: b_t - b_s can reach -20 per token), which is why
-    per-key gates take 16-token tiles. The GATE 0/1 dot takes DT operands: the values' dtype
-    of the caller (float32 for the delta rule's U')."""
-    A = tl.zeros([BT, BT], dtype=tl.float32)
-    causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]            # [t, s]
-    if GATE == 2:
-        # all (t, s) pairs of the tile at once, KD key columns at a time: [BT, BT, KD] weights
-        # exp(b_t - b_s) (masked to 0 above the diagonal before exp(), so none overflows) times
-        # q_t k_s, summed over the columns; KD keeps BT * BT * KD at DIAG3_ELEMS
-        KD: tl.constexpr = max(DIAG3_ELEMS // (BT * BT), 1)
-        for kb in range(tl.cdiv(K, KD)):
-            ck = kb * KD + tl.arange(0, KD)
-            mk = ck < K
-            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [BT, KD]
-            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            bt = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-            w = exp(tl.where(causal[:, :, None], bt[:, None, :] - bt[None, :, :], NEG_INF),
-                    IEEE)                                                          # [t, s, KD]
-            A += tl.sum(qt[:, None, :] * kt[None, :, :] * w, axis=2)
+def gate_diag(A, rows, mr, qe, ke, GATE: tl.constexpr, IEEE: tl.constexpr):
+    """A tile's raw scores against itself, A[t, s] = scale q_t . k_s (fwd_o and bwd_dv form
+    them in their pass over K) -> zero above the diagonal and past the sequence's end, times
+    exp(qe_t + ke_s) for GATE 1. Per-key gates: key_scores_kernel."""
+    causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
+    if GATE == 1:
+        return A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
     else:
-        for kb in range(tl.cdiv(K, BK)):
-            ck = kb * BK + tl.arange(0, BK)
-            mk = ck < K
-            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
-        if GATE == 1:
-            A = A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
-        else:
-            A = tl.where(causal, A, 0.0)
+        return tl.where(causal, A, 0.0)
+
+
+@triton.jit
+def key_diag_scores(q, k, gb, hh, rows, mr, scale, H, K, SUB: tl.constexpr, KD: tl.constexpr,
+                    IEEE: tl.constexpr):
+    """Per-key scores of a block of SUB tokens against itself, float32 [SUB, SUB], zero above
+    the diagonal: scale sum_k q_tk k_sk exp(b_tk - b_sk), formed elementwise because per-key
+    weights are no product of a row and a column factor that both stay finite (b_t - b_s
+    reaches -20 per token): all (t, s) pairs at once, KD key columns at a time, as
+    [SUB, SUB, KD] weights masked to -inf above the diagonal before exp()."""
+    A = tl.zeros([SUB, SUB], dtype=tl.float32)
+    causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]            # [t, s]
+    for kb in range(tl.cdiv(K, KD)):
+        ck = kb * KD + tl.arange(0, KD)
+        mk = ck < K
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale                 # [SUB, KD]
+        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+        bt = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+        w = exp(tl.where(causal[:, :, None], bt[:, None, :] - bt[None, :, :], NEG_INF),
+                IEEE)                                                              # [t, s, KD]
+        A += tl.sum(qt[:, None, :] * kt[None, :, :] * w, axis=2)
     return A
 
 
@@ -215,7 +210,7 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
                       BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                       HAS_KW: tl.constexpr, MEXP: tl.constexpr, HAS_H0: tl.constexpr,
                       IEEE: tl.constexpr):
-    """Sequential scan over the chunks of sequence n, head h, one [BK, BV] block of the state,
+    """Sequential scan over the tiles of sequence n, head h, one [BK, BV] block of the state,
     carried in float32: writes the state before every chunk and the final state into h (in
     h's dtype: its readers' dot operand type), n into hn, and the final state into hf
     (float32)."""
@@ -228,13 +223,20 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         S = ld_state(h0 + i_nh * K * V, ck, mk, cv, mv, V)      # initial state block
         if MEXP:
             nv = tl.load(n0 + i_nh * K + ck, mask=mk, other=0.0)
-    for c in range(tl.cdiv(eos - bos, L)):
+    # one flat loop over the sequence's tiles (not chunks, then tiles), so that Triton's
+    # pipeliner prefetches the next tile's k and v while this one's dot runs: it pipelines
+    # innermost loops only. A chunk's first tile stores the state before the chunk and applies
+    # the decay over the whole chunk.
+    NJ: tl.constexpr = L // BT                                  # tiles per chunk
+    mkv = mk[:, None] & mv[None, :]
+    for it in range(tl.cdiv(eos - bos, BT)):
+        c = it // NJ                                            # chunk of this tile
+        first = (it % NJ) == 0                                  # its first tile
         slot = c0 + n + c
         sp = h + (slot * H + hh) * K * V                        # state before chunk c
-        tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty),
-                 mask=mk[:, None] & mv[None, :])
+        tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv & first)
         if MEXP:
-            tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0))
+            tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0) & first)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         if GATE == 1:
@@ -242,42 +244,98 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
             de = le                                             # log decay over the chunk
             if MEXP:
                 de = le + tl.load(mpc + (c0 + c) * H + hh)
-            S = S * exp(de, IEEE)                                  # decay over the whole chunk
-            nv = nv * exp(de, IEEE)
+            dec = tl.where(first, exp(de, IEEE), 1.0)           # decay over the whole chunk
+            S = S * dec
+            nv = nv * dec
         if GATE == 2:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-            S = S * exp(bl, IEEE)[:, None]
-        for j in range(tl.cdiv(ce - cs, BT)):
-            rows = cs + j * BT + tl.arange(0, BT)
-            mr = rows < ce
-            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)   # [BT, BK]
-            vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)   # [BT, BV]
-            if GATE == 1:
-                ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
-                kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
-            if GATE == 2:
-                bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-                kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
-            S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
-            if MEXP:
-                nv += tl.sum(kt, axis=0)
+            S = S * tl.where(first, exp(bl, IEEE), 1.0)[:, None]
+        rows = bos + it * BT + tl.arange(0, BT)
+        mr = rows < ce
+        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)       # [BT, BK]
+        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)       # [BT, BV]
+        if GATE == 1:
+            ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
+            kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
+        if GATE == 2:
+            bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
+        S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
+        if MEXP:
+            nv += tl.sum(kt, axis=0)
     slot = c0 + n + tl.cdiv(eos - bos, L)                        # final state
     sp = h + (slot * H + hh) * K * V
-    tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty),
-             mask=mk[:, None] & mv[None, :])
-    tl.store(hf + i_nh * K * V + ck[:, None] * V + cv[None, :], S, mask=mk[:, None] & mv[None, :])
+    tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv)
+    tl.store(hf + i_nh * K * V + ck[:, None] * V + cv[None, :], S, mask=mkv)
     if MEXP:
         tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0))
 
 
 @triton.jit
-def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, cu, coff,
+def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
+                      L: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+                      KD: tl.constexpr, IEEE: tl.constexpr):
+    """Per-key scores inside one tile (first token t0): A[t, h, s - t0] = scale sum_k q_tk
+    k_sk exp(b_tk - b_sk) for the keys s <= t of t's tile, one [SUB, SUB] block (query block
+    i, key block j <= i) per program, so that each program is a short chain (the kernel is
+    latency-bound: many small independent programs hide it best). Blocks left of the diagonal
+    go through tensor cores with both factors taken relative to the query block's first row r:
+    exp(b_t - b_r) <= 1 for t >= r and exp(b_r - b_s) <= 1 for s < r, so neither overflows;
+    diagonal blocks are formed elementwise, KD key columns at a time (key_diag_scores).
+    Entries above the diagonal are not written: readers mask them."""
+    NSUB: tl.constexpr = BT // SUB
+    it = tl.program_id(0)
+    i = tl.program_id(1) // NSUB                                 # query block of the tile
+    j = tl.program_id(1) % NSUB                                  # key block
+    hh = tl.program_id(2).to(tl.int64)
+    n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff, it, L)
+    r0 = t0 + i * SUB                                            # the query block's first row
+    if (j <= i) & (r0 < eos):
+        DT = q.dtype.element_ty
+        cols = tl.arange(0, SUB)
+        rows = r0 + cols
+        mr = rows < eos
+        out = A + (rows[:, None] * H + hh) * BT + (j * SUB + cols)[None, :]   # block (i, j) of A
+        if j < i:
+            # every key of block j precedes r0: one [SUB, SUB] dot per K block
+            krows = t0 + j * SUB + cols
+            Ab = tl.zeros([SUB, SUB], dtype=tl.float32)
+            for kb in range(tl.cdiv(K, BK)):
+                ck = kb * BK + tl.arange(0, BK)
+                mk = ck < K
+                br = tl.load(gb + (r0 * H + hh) * K + ck, mask=mk, other=0.0)       # b_r
+                qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+                bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+                kt = ld_tile(k + hh * K, krows, krows < eos, ck, mk, H * K)
+                bk = ld_gtile(gb + hh * K, krows, krows < eos, ck, mk, H * K)
+                qt = qt * exp(tl.where(mr[:, None], bq - br[None, :], NEG_INF), IEEE)  # <= 1
+                kt = kt * exp(br[None, :] - bk, IEEE)                                # <= 1
+                Ab += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+        else:
+            # the diagonal block, causal
+            Ab = key_diag_scores(q, k, gb, hh, rows, mr, scale, H, K, SUB, KD, IEEE)
+        tl.store(out, Ab.to(A.dtype.element_ty), mask=mr[:, None])
+
+
+@triton.jit
+def ld_scores(Asc, hh, rows, mr, t0, H, BT: tl.constexpr):
+    """float32 [BT, BT] per-key scores of a tile (key_scores_kernel's A), zero above the
+    diagonal and past the sequence's end."""
+    cols = tl.arange(0, BT)
+    keep = mr[:, None] & (rows[:, None] >= (t0 + cols)[None, :])
+    return tl.load(Asc + (rows[:, None] * H + hh) * BT + cols[None, :], mask=keep,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_start, cu, coff,
                  scale, H, K, V, L: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                  HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
                  IEEE: tl.constexpr):
     """Output of one query tile (BT tokens), one block of V: the chunk-start state's part
-    plus the causal part of the keys of this chunk up to the tile (tile by tile)."""
+    plus the causal part of the keys of this chunk up to the tile (tile by tile; GATE 2 reads
+    the tile's own scores from Asc, key_scores_kernel's output)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     it = tl.program_id(0)
@@ -303,23 +361,41 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
             qe -= ld_gtok(gm + hh, rows, mr, H)
             mp = tl.load(mpc + ic * H + hh)
         wq = exp(tl.where(mr, qe + mp, NEG_INF), IEEE)             # weight of the chunk-start state
-    # 1) the state before the chunk: o += (q * exp(qe + mp)) S
+    # 1) the state before the chunk, o += (q S) exp(qe + mp) (a row weight, applied after the
+    #    dot), and in the same pass over K the tile's own raw scores q k^T (GATE 0/1)
+    OWN: tl.constexpr = (not NONCAUSAL) and GATE != 2
+    Ad = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
         mk = ck < K
         qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-        if GATE == 1:
-            qt = qt * wq[:, None]
+        qs = qt
         if GATE == 2:
             bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-            qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
+            qs = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
         S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
-        acc += dot(qt.to(DT), S.to(DT), IEEE)
+        acc += dot(qs.to(DT), S.to(DT), IEEE)
         if MEXP:
             nprev = tl.load(hn + (slot * H + hh) * K + ck, mask=mk, other=0.0)
             accn += tl.sum(qt * nprev[None, :], axis=1)
+        if OWN:
+            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+            Ad += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+    if GATE == 1:
+        acc = acc * wq[:, None]
+        accn = accn * wq
     if not NONCAUSAL:
-        # 2) earlier key tiles of this chunk (every key before every query)
+        # 2) the diagonal tile, causal mask t >= s (per-key: formed by key_scores_kernel),
+        #    first, so that Ad is dead before the earlier tiles' scores are formed
+        if GATE == 2:
+            A = ld_scores(Asc, hh, rows, mr, t0, H, BT)
+        else:
+            A = gate_diag(Ad, rows, mr, qe, ke, GATE, IEEE)
+        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
+        acc += dot(A.to(DT), vt.to(DT), IEEE)
+        if MEXP:
+            accn += tl.sum(A, axis=1)
+        # 3) earlier key tiles of this chunk (every key before every query)
         for j in range((t0 - cs) // BT):
             krows = cs + j * BT + tl.arange(0, BT)
             A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -342,12 +418,6 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, o, qn, tile_seq, tile_start, c
             acc += dot(A.to(DT), vt.to(DT), IEEE)
             if MEXP:
                 accn += tl.sum(A, axis=1)
-        # 3) the diagonal tile, causal mask t >= s
-        A = diag_scores(q, k, gb, hh, rows, mr, qe, ke, scale, H, K, BT, BK, GATE, IEEE, DT)
-        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)
-        acc += dot(A.to(DT), vt.to(DT), IEEE)
-        if MEXP:
-            accn += tl.sum(A, axis=1)
     if MEXP:
         # normaliser: o = h / (max(|n^T q|, exp(-m)) + eps)
         mt = ld_gtok(gm + hh, rows, mr, H)
@@ -407,9 +477,29 @@ def state_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if cfg.ieee else dtype
 
 
-def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale, out_dtype=None):
+def key_scores(q, k, gb, layout: ChunkLayout, cfg, scale):
+    """Per-key gates' intra-tile scores A [TT, H, BT] in q's dtype (what their readers' dots
+    round them to): A[t, h, s - t0] for the keys s <= t of t's tile (first token t0), scale
+    included; entries above the diagonal are left unwritten."""
+    TT, H, K = q.shape
+    if layout.BT % KEY_SUB:
+        raise ValueError(f"per-key gates need tiles of a multiple of {KEY_SUB} tokens, got {layout.BT}")
+    A = empty(TT, H, layout.BT, dtype=q.dtype, device=q.device)
+    if layout.NT:
+        key_scores_kernel[(layout.NT, (layout.BT // KEY_SUB) ** 2, H)](
+            q, k, gb, A, layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale,
+            H, K=K, L=layout.L, BT=layout.BT, SUB=KEY_SUB, BK=cfg.BK, KD=cfg.score_kd,
+            IEEE=cfg.ieee,
+            num_warps=cfg.score_warps or cfg.warps,
+            num_stages=cfg.stages)
+    return A
+
+
+def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale, out_dtype=None,
+          A=None):
     """o [TT, H, V] in out_dtype (default v's dtype), and qn = n^T q [TT, H] float32 for MEXP
-    (else None). The dots take v's dtype (the delta rule passes float32 values U')."""
+    (else None). The dots take v's dtype (the delta rule passes float32 values U'). A: the
+    per-key scores (key_scores) for GATE 2."""
     TT, H, K = q.shape
     V = v.shape[-1]
     o = empty(TT, H, V, dtype=out_dtype or v.dtype, device=v.device)
@@ -417,7 +507,8 @@ def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale, out_
     if layout.NT:
         x = q
         fwd_o_kernel[(layout.NT, triton.cdiv(V, cfg.BV), H)](
-            q, k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), h, _or(hn, x), o, _or(qn, x),
+            q, k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), h, _or(hn, x), _or(A, x), o,
+            _or(qn, x),
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,

@@ -177,6 +177,17 @@ def test_varlen_key_no_state_cpu(small_tiles):
              lengths=[1, 0, 35], state=False, low=-3.0, high=-1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_key_scores_in_blocks_cpu(monkeypatch, dtype):
+    """Per-key gates at the H200's tiling: 64-token tiles whose scores gated_fwd.key_scores
+    forms in 16-token blocks (blocks left of the diagonal through dots relative to each query
+    block's first row), bwd_dqk on 16-token tiles; sequence ends inside a block, and blocks
+    that start past a sequence's end."""
+    monkeypatch.setattr(gated_api, "CHUNK", 64)
+    monkeypatch.setattr(gated_api, "TILE", 64)
+    check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50])
+
+
 def test_bidirectional_cpu(small_tiles):
     check_bidir(lengths=[0, 37, 1, 20], H=2, K=20, V=16, dtype=torch.float32, device="cpu")
 
