@@ -36,7 +36,8 @@ import linattn
 
 
 def test_scalar_gate():
-    q, k, v = (torch.randn(1, 40, 1, 16) for _ in range(3))
+    q, k = (torch.randn(1, 40, 1, 160) for _ in range(2))   # K > 128: the device's chunk is 128
+    v = torch.randn(1, 40, 1, 16)
     g = -torch.rand(1, 40, 1)
     linattn.linear_attention(q, k, v, g, backend="triton")
 '''
@@ -54,7 +55,7 @@ def test_records_and_compiles_a_test_run(tmp_path):
     keys = json.loads(out.read_text())
     assert keys and all(k["fn"] == "chunk_cumsum_kernel" and k["result"]["ok"] for k in keys)
     spec = {name: (t, a) for name, t, a in keys[0]["spec"]}
-    # the device's chunk for a scalar gate (128), not the interpreter's (64)
+    # the device's chunk for a scalar gate at K > 128 (128), not the interpreter's (64)
     assert spec["x"][0] == "*fp32" and spec["L"] == ("constexpr", 128)
     assert keys[0]["result"]["shared"] > 0 and keys[0]["result"]["regs"] > 0
 
