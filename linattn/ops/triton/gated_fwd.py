@@ -33,6 +33,9 @@ NEG_INF = tl.constexpr(float("-inf"))
 # Per-key scores are formed in blocks of this many tokens (key_scores_kernel's SUB): across
 # blocks on tensor cores, inside a block elementwise.
 KEY_SUB = 16
+# mLSTMexp's stabiliser carry scans this many chunks at a time (mexp_carry_kernel): 256 chunks
+# of 128 tokens, a 32768-token sequence, in one step.
+MEXP_CARRY_BLOCK = 256
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -168,39 +171,68 @@ def _max_plus_combine(a1, m1, a2, m2):
 
 
 @triton.jit
-def mexp_prep_kernel(lf, ig, m0, b, m, start, mpc, mfin, cu, coff, H,
-                     L: tl.constexpr, HAS_M0: tl.constexpr):
-    """mLSTMexp gates of sequence n, head h, chunk after chunk (one program per (n, h)):
-    b = chunk-local cumsum of logsigmoid(f); m_t = max(mp + b_t, mi_t) with mi_t = max over
-    s <= t of i_s + (b_t - b_s), both from one max-plus scan, so that m carries the rounding of
-    the sums since the maximising token, not of b_t - b_s (|b| reaches 20 L at log-decays near
-    -20: eps * 2560 in float32); start_t = 1 where i_t itself sets the maximum (the m-path of
-    the backward); mp = m of the chunk's previous token (m0 at the sequence start)."""
+def mexp_chunk_kernel(lf, ig, mpc, b, m, start, csum, cmax, chunk_start, chunk_end, H,
+                      L: tl.constexpr, FINAL: tl.constexpr):
+    """mLSTMexp gates of one chunk and head (grid NC x H), the two ends of mexp_prep:
+    b = chunk-local cumsum of logsigmoid(f) and mi_t = max over s <= t of i_s + (b_t - b_s),
+    both from one max-plus scan, so that m carries the rounding of the sums since the
+    maximising token, not of b_t - b_s (|b| reaches 20 L at log-decays near -20: eps * 2560
+    in float32).
+    FINAL False: the chunk's summary for mexp_carry_kernel, m after the chunk being
+    max(mp + csum, cmax) for m before it mp: csum = b and cmax = mi at its last token.
+    FINAL True: with mp = mpc[chunk] writes b, m_t = max(mp + b_t, mi_t) and start_t = 1
+    where i_t itself sets the maximum (the m-path of the backward)."""
     tl.static_assert(L >= 16)
-    n = tl.program_id(0).to(tl.int64)
+    ic = tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1).to(tl.int64)
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    c0 = tl.load(coff + n).to(tl.int64)
+    cs = tl.load(chunk_start + ic).to(tl.int64)                 # chunk's first token
+    ce = tl.load(chunk_end + ic).to(tl.int64)                   # one past its last token
     GDT = b.dtype.element_ty                                    # float32, or float64 (gated_api.gate_dtype)
-    mp = tl.zeros([], dtype=GDT)
-    if HAS_M0:
-        mp = tl.load(m0 + n * H + hh).to(GDT)                   # stabiliser before the sequence
     idx = tl.arange(0, L)
-    for c in range(tl.cdiv(eos - bos, L)):
-        rows = bos + c * L + idx
-        mr = rows < eos
-        lfc = ld_tok(lf + hh, rows, mr, H).to(GDT)              # 0 past the end
-        ic = tl.where(mr, ld_tok(ig + hh, rows, mr, H).to(GDT), NEG_INF)
-        bc, mi = tl.associative_scan((lfc, ic), 0, _max_plus_combine)  # b_t, max-plus of i
+    rows = cs + idx
+    mr = rows < ce
+    lfc = ld_tok(lf + hh, rows, mr, H).to(GDT)                  # 0 past the end
+    ic_ = tl.where(mr, ld_tok(ig + hh, rows, mr, H).to(GDT), NEG_INF)
+    bc, mi = tl.associative_scan((lfc, ic_), 0, _max_plus_combine)  # b_t, max-plus of i
+    if FINAL:
+        mp = tl.load(mpc + ic * H + hh)                         # m of the chunk's previous token
         mc = tl.maximum(mp + bc, mi)                             # m_t
-        st = mr & (mi == ic) & (ic >= mp + bc)                   # i_t sets the maximum
+        st = mr & (mi == ic_) & (ic_ >= mp + bc)                 # i_t sets the maximum
         tl.store(b + rows * H + hh, bc, mask=mr)
         tl.store(m + rows * H + hh, mc, mask=mr)
         tl.store(start + rows * H + hh, st.to(tl.int8), mask=mr)
-        tl.store(mpc + (c0 + c) * H + hh, mp)
-        last = tl.minimum(eos - bos - c * L, L) - 1             # last valid row of the chunk
-        mp = tl.sum(tl.where(idx == last, mc, 0.0), axis=0)     # m of the chunk's last token
+    else:
+        last = idx == ce - cs - 1                                # the chunk's last token
+        tl.store(csum + ic * H + hh, tl.sum(tl.where(last, bc, 0.0), axis=0))
+        tl.store(cmax + ic * H + hh, tl.sum(tl.where(last, mi, 0.0), axis=0))
+
+
+@triton.jit
+def mexp_carry_kernel(csum, cmax, m0, mpc, mfin, coff, H, CB: tl.constexpr, HAS_M0: tl.constexpr):
+    """The stabiliser across the chunks of sequence n, head h (grid N x H): m after chunk c is
+    max(m before it + csum_c, cmax_c), a max-plus recurrence over chunks, scanned CB chunks at
+    a time. Writes mpc[c] = m before chunk c (m0, or 0, at the sequence start) and mfin = m
+    after the last chunk."""
+    tl.static_assert(CB >= 16)
+    n = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1).to(tl.int64)
+    c0 = tl.load(coff + n).to(tl.int64)
+    c1 = tl.load(coff + n + 1).to(tl.int64)
+    GDT = mpc.dtype.element_ty
+    mp = tl.zeros([], dtype=GDT)
+    if HAS_M0:
+        mp = tl.load(m0 + n * H + hh).to(GDT)                   # stabiliser before the sequence
+    for j in range(tl.cdiv(c1 - c0, CB)):
+        cb0 = c0 + j * CB
+        cidx = cb0 + tl.arange(0, CB)
+        mc = cidx < c1
+        a = tl.load(csum + cidx * H + hh, mask=mc, other=0.0)   # (0, -inf): the identity map
+        x = tl.load(cmax + cidx * H + hh, mask=mc, other=NEG_INF)
+        A, X = tl.associative_scan((a, x), 0, _max_plus_combine)  # chunks cb0..c composed
+        after = tl.maximum(mp + A, X)                            # m after chunk c
+        tl.store(mpc + cb0 * H + hh, mp)                         # before the block's first chunk
+        tl.store(mpc + (cidx + 1) * H + hh, after, mask=cidx + 1 < c1)
+        mp = tl.sum(tl.where(cidx == tl.minimum(c1, cb0 + CB) - 1, after, 0.0), axis=0)
     tl.store(mfin + n * H + hh, mp)
 
 
@@ -432,17 +464,27 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
 
 def mexp_prep(lf, ig, m0, layout: ChunkLayout, gate_dtype=torch.float32):
     """mLSTMexp gates: lf, ig [TT, H] float32, m0 [N, H] or None ->
-    b, m [TT, H] and mpc [NC, H] in gate_dtype, start [TT, H] int8, mfin [N, H] float32."""
+    b, m [TT, H] and mpc [NC, H] in gate_dtype, start [TT, H] int8, mfin [N, H] float32.
+    Three launches, none of them a loop over a sequence's tokens: every chunk's summary, the
+    stabiliser's carry across chunks, every chunk's b, m and start."""
     TT, H = lf.shape
     dev = lf.device
     b = empty(TT, H, dtype=gate_dtype, device=dev)
     m = empty(TT, H, dtype=gate_dtype, device=dev)
     start = torch.zeros(TT, H, dtype=torch.int8, device=dev)
-    mpc = empty(max(layout.NC, 1), H, dtype=gate_dtype, device=dev)
+    NC = max(layout.NC, 1)
+    mpc = empty(NC, H, dtype=gate_dtype, device=dev)
+    csum = empty(NC, H, dtype=gate_dtype, device=dev)
+    cmax = empty(NC, H, dtype=gate_dtype, device=dev)
     mfin = empty(layout.N, H, dtype=torch.float32, device=dev)
-    mexp_prep_kernel[(layout.N, H)](lf, ig, m0 if m0 is not None else lf, b, m, start, mpc, mfin,
-                                    layout.cu, layout.chunk_off, H, L=layout.L,
-                                    HAS_M0=m0 is not None)
+    chunk_args = (lf, ig, mpc, b, m, start, csum, cmax, layout.chunk_start, layout.chunk_end, H)
+    if layout.NC:
+        mexp_chunk_kernel[(layout.NC, H)](*chunk_args, L=layout.L, FINAL=False)
+    mexp_carry_kernel[(layout.N, H)](csum, cmax, m0 if m0 is not None else lf, mpc, mfin,
+                                     layout.chunk_off, H, CB=MEXP_CARRY_BLOCK,
+                                     HAS_M0=m0 is not None)
+    if layout.NC:
+        mexp_chunk_kernel[(layout.NC, H)](*chunk_args, L=layout.L, FINAL=True)
     return b, m, start, mpc, mfin
 
 

@@ -273,6 +273,47 @@ def test_mexp_stabiliser_float32_at_steep_decays_cpu():
     assert (mfin.double() - fin).abs().max().item() <= 4e-7 * scale
 
 
+@pytest.mark.parametrize("with_m0", [False, True])
+def test_mexp_prep_carry_across_blocks_cpu(monkeypatch, with_m0):
+    """mexp_prep's three launches (chunk summaries, the carry across chunks, the chunks'
+    b, m, start) against the token-by-token recurrence: a 16-chunk carry block so that a
+    sequence crosses several blocks, an empty and a length-1 sequence, every output."""
+    from linattn.ops.triton import gated_fwd
+    from linattn.ops.triton.common import make_layout
+    monkeypatch.setattr(gated_fwd, "MEXP_CARRY_BLOCK", 16)
+    gen = helpers.seeded(5)
+    lengths, H, L = [16 * 37 + 5, 0, 1, 40], 2, 16
+    TT = sum(lengths)
+    layout = make_layout(lengths, L, 16, "cpu")
+    lf = torch.nn.functional.logsigmoid(torch.randn(TT, H, generator=gen, dtype=torch.float64))
+    ig = 3 * torch.randn(TT, H, generator=gen, dtype=torch.float64)
+    m0 = 2 * torch.randn(len(lengths), H, generator=gen, dtype=torch.float64) if with_m0 else None
+    b, m, start, mpc, mfin = gated_fwd.mexp_prep(lf.float(), ig.float(), None if m0 is None else m0.float(),
+                                                 layout, torch.float64)
+    lf, ig = lf.float().double(), ig.float().double()
+    ref_b, ref_m = torch.empty_like(lf), torch.empty_like(lf)
+    ref_start = torch.zeros(TT, H, dtype=torch.bool)
+    ref_mpc, ref_fin = [], torch.empty(len(lengths), H, dtype=torch.float64)
+    pos = 0
+    for n, T in enumerate(lengths):                      # m_t = max(m_{t-1} + lf_t, i_t)
+        mt = m0[n].float().double() if m0 is not None else torch.zeros(H, dtype=torch.float64)
+        for t in range(pos, pos + T):
+            if (t - pos) % L == 0:
+                ref_mpc.append(mt.clone())
+                bt = torch.zeros(H, dtype=torch.float64)
+            bt = bt + lf[t]
+            ref_b[t] = bt
+            ref_start[t] = ig[t] >= mt + lf[t]
+            mt = torch.maximum(mt + lf[t], ig[t])
+            ref_m[t] = mt
+        ref_fin[n], pos = mt, pos + T
+    torch.testing.assert_close(b, ref_b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m, ref_m, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mpc, torch.stack(ref_mpc), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mfin.double(), ref_fin.float().double())
+    assert torch.equal(start.bool(), ref_start)
+
+
 def test_deterministic_cpu(small_tiles):
     gen = helpers.seeded(5)
     B, T, H, K, V = 2, 40, 1, 16, 16
