@@ -1,8 +1,12 @@
 """Where the time goes: one CUDA profiler pass per op (bf16, B=8, T=8192, H=16, D=128).
 
-For each gated-family kind (none, const, scalar, key, mlstm_sig, mlstm_exp) and both delta
-variants: one warm-up forward+backward (compile), then 3 under torch.profiler; prints the
-per-kernel table (self device time, averaged over the 3 steps) and writes it as JSON.
+For each gated-family kind (none, const, const_frozen, scalar, key, mlstm_sig, mlstm_exp) and
+both delta variants: one warm-up forward+backward (compile), then 3 under torch.profiler;
+prints the per-kernel table (self device time, averaged over the 3 steps) and writes it as
+JSON. Beside it, without the profiler: the host's time to enqueue one step (cpu_ms), the wall
+time of back-to-back steps (wall_ms; near cpu_ms and above the kernels' sum when the host is
+the bottleneck), and the operations that synchronise with the device (torch's sync debug
+mode), which would stall the queue.
 Not a benchmark (no peers, profiler overhead): `linattn bench` is where claims come from.
 
     PYTHONPATH=. python3 benchmarks/profile_kernels.py --json $OUT/profile.json [--kinds none,delta]
@@ -12,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +29,7 @@ import time_gated  # noqa: E402
 
 import linattn  # noqa: E402
 
-GATED = ["none", "const", "scalar", "key", "mlstm_sig", "mlstm_exp"]
+GATED = ["none", "const", "const_frozen", "scalar", "key", "mlstm_sig", "mlstm_exp"]
 DELTA = ["delta", "gated_delta"]
 STEPS = 3
 
@@ -36,17 +42,45 @@ def fwd_bwd_step(kind: str, B: int, T: int, H: int, D: int):
         do = torch.randn_like(v)
         return lambda: torch.autograd.grad(
             linattn.delta_rule(q, k, v, beta, g, backend="triton")[0], leaves, do)
+    frozen = kind == "const_frozen"                       # the decay needs no gradient
+    kind = "const" if frozen else kind
     ins = time_gated.make(kind, B, T, H, D, "cuda", torch.bfloat16)
     fn = time_gated.op(kind)
-    leaves = list(ins.values())
+    if frozen:
+        ins["g"] = ins["g"].detach()
+    leaves = [x for x in ins.values() if x.requires_grad]
     do = torch.randn_like(ins["v"])
     return lambda: torch.autograd.grad(fn(**ins)[0], leaves, do)
 
 
-def profile_one(kind: str, B: int, T: int, H: int, D: int) -> list[dict]:
+def host_timing(step, reps: int = 10) -> dict:
+    """cpu_ms: host time to enqueue one step; wall_ms: per step of `reps` back to back; syncs:
+    the first few device synchronisations one step makes (torch.cuda sync debug mode)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    syncs = [str(w.message)[:200] for w in caught if "synchroniz" in str(w.message)]
+    return dict(cpu_ms=(t1 - t0) * 1e3 / reps, wall_ms=(t2 - t0) * 1e3 / reps,
+                n_syncs=len(syncs), syncs=syncs[:5])
+
+
+def profile_one(kind: str, B: int, T: int, H: int, D: int) -> tuple[list[dict], dict]:
     step = fwd_bwd_step(kind, B, T, H, D)
     step()
     torch.cuda.synchronize()
+    host = host_timing(step)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(STEPS):
             step()
@@ -59,7 +93,7 @@ def profile_one(kind: str, B: int, T: int, H: int, D: int) -> list[dict]:
         if us > 0:
             rows.append(dict(kernel=ev.key, ms_per_step=us / 1e3 / STEPS, calls_per_step=ev.count / STEPS))
     rows.sort(key=lambda r: -r["ms_per_step"])
-    return rows
+    return rows, host
 
 
 def add_shape_args(ap: argparse.ArgumentParser) -> None:
@@ -79,14 +113,16 @@ def main():
     result = {}
     for kind in args.kinds.split(","):
         try:
-            rows = profile_one(kind, args.B, args.T, args.H, args.D)
+            rows, host = profile_one(kind, args.B, args.T, args.H, args.D)
         except Exception as e:  # report and go on with the other kinds
             print(f"== {kind}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             result[kind] = {"error": f"{type(e).__name__}: {e}"}
             continue
         total = sum(r["ms_per_step"] for r in rows)
-        result[kind] = {"total_ms": total, "kernels": rows}
-        print(f"== {kind}: {total:.2f} ms of kernels per fwd+bwd", flush=True)
+        result[kind] = {"total_ms": total, **host, "kernels": rows}
+        print(f"== {kind}: {total:.2f} ms of kernels per fwd+bwd; host enqueue {host['cpu_ms']:.2f}, "
+              f"wall {host['wall_ms']:.2f} ms per step, {host['n_syncs']} syncs {host['syncs'][:2]}",
+              flush=True)
         for r in rows[:10]:
             print(f"  {r['ms_per_step']:8.3f} ms  x{r['calls_per_step']:<4g} {r['kernel'][:90]}")
         if args.json:

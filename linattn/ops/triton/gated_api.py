@@ -99,14 +99,17 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         # D 128 once the states were stored in bf16 (sweep_gated, H200, 2026-11-29). Scalar
         # gates at K <= 128 too since the flat state scans and the merged fwd_o (sweep_gated,
         # H200, 2026-11-29, T 8192, D 128, fwd+bwd ms, L 64 / 128): scalar 3.99 / 4.18
-        # (before them the two were level: 4.75 / 4.67). The mLSTMs keep 128: at 64 mLSTMsig
-        # was 4.14 against 4.40 ms but its peak rose 1.56 -> 2.06 GiB, over TFLA's 2.04 (linattn
-        # bench, H200, 2026-11-29, cb1efdb); mLSTMexp 6.55 / 7.02 ms with gradients that differ
-        # from L 128 by up to 26 (bf16), not yet understood
+        # (before them the two were level: 4.75 / 4.67). mLSTMsig keeps 128: at 64 it was 4.14
+        # against 4.40 ms but its peak rose 1.56 -> 2.06 GiB, over TFLA's 2.04 (linattn bench,
+        # H200, 2026-11-29, cb1efdb). mLSTMexp (no peer) at 64: 6.55 against 7.02 ms (sweep);
+        # the two runs' bf16 gradients differ by up to 26 (dk of magnitude ~200), which is the
+        # op, not the chunking: the normaliser max(|n^T q|, exp(-m)) has a kink, and tokens near
+        # its tie switch branch under any rounding, their gradients jumping (rounding the inputs
+        # to fp16 alone moves the exact dq by 16% of its largest value at T 1024)
         # per-key gates: L = 64, 25.6 against 30.3 ms fwd+bwd at L = 128 with 16-token tiles
         # (H200, 2026-11-29, T 8192, D 128): each of bwd_dqk's 16-token query tiles pairs with
         # up to L / 16 - 1 earlier key tiles, each needing [16, BK] exponentials of both sides
-        L = CHUNK or (64 if (gate in (0, 1) and K <= 128 and not has_kw) or gate == 2 else 128)
+        L = CHUNK or (64 if (gate in (0, 1) and K <= 128 and (mexp or not has_kw)) or gate == 2 else 128)
         BK = head_tile(K, 64)
         # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
         # exponentials; at 128 the 64-token fwd_o and bwd_dv spill 264 / 320 B on sm_90)
