@@ -34,12 +34,12 @@ _DEFAULT_CONFIG = gated_api._config
 
 
 SETTINGS = ("chunk", "tile", "warps", "scan_warps", "stages", "dqk_bk", "dqk_warps", "score_warps",
-            "score_kd")
+            "score_kd", "dqk_cols")
 DEFAULTS = (None,) * len(SETTINGS)
 
 
 def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=None,
-                 score_warps=None, score_kd=None):
+                 score_warps=None, score_kd=None, dqk_cols=None):
     """Makes gated_api pick these settings (None: the default) until the next call."""
     gated_api.CHUNK, gated_api.TILE = chunk, tile
 
@@ -47,7 +47,8 @@ def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=
         cfg, L, BT = _DEFAULT_CONFIG(*a, **kw)
         repl = {k: v for k, v in dict(warps=warps, scan_warps=scan_warps, stages=stages,
                                       BKQ=dqk_bk, dqk_warps=dqk_warps, score_warps=score_warps,
-                                      score_kd=score_kd).items()
+                                      score_kd=score_kd,
+                                      dqk_cols=None if dqk_cols is None else bool(dqk_cols)).items()
                 if v is not None}
         return dataclasses.replace(cfg, **repl), L, BT
 
@@ -98,7 +99,10 @@ def main(argv=None):
     p.add_argument("--dqk-bk", default="default", help="K block of bwd_dqk ('default': the K block)")
     p.add_argument("--dqk-warps", default="default", help="warps of bwd_dqk ('default': --warps)")
     p.add_argument("--score-warps", default="default", help="warps of key_scores (per-key gates)")
-    p.add_argument("--score-kd", default="default", help="key columns per step of key_scores' diagonal")
+    p.add_argument("--score-kd", default="default",
+                   help="key columns per step of key_scores' diagonal (0: one key token at a time)")
+    p.add_argument("--dqk-cols", default="default",
+                   help="1: bwd_dqk's per-key diagonal one key token at a time, 0: as 3-D weights")
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting combinations after this")
@@ -115,7 +119,7 @@ def main(argv=None):
     combos = list(itertools.product(ints(args.chunks), ints(args.tiles), ints(args.warps),
                                     ints(args.scan_warps), ints(args.stages), ints(args.dqk_bk),
                                     ints(args.dqk_warps), ints(args.score_warps),
-                                    ints(args.score_kd)))
+                                    ints(args.score_kd), ints(args.dqk_cols)))
     start, rows = time.perf_counter(), []
     for kind in args.kinds.split(","):
         ins = time_gated.make(kind, B, T, H, D, dev, dtype)
@@ -139,13 +143,13 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(dict(shape=dict(B=B, T=T, H=H, D=D, dtype=str(dtype)),
                                                    rows=rows), indent=1))
     print(f"\n{'kind':<10} {'L':>4} {'BT':>4} {'warps':>5} {'scan':>4} {'stg':>3} {'dqkBK':>5} {'dqkW':>4}"
-          f" {'scW':>4} {'scKD':>4} {'fwd ms':>8} {'fwd+bwd':>8}  diff")
+          f" {'scW':>4} {'scKD':>4} {'cols':>4} {'fwd ms':>8} {'fwd+bwd':>8}  diff")
     for r in rows:
         if "error" in r:
             continue
         print(f"{r['kind']:<10} {str(r['chunk']):>4} {str(r['tile']):>4} {str(r['warps']):>5} "
               f"{str(r['scan_warps']):>4} {str(r['stages']):>3} {str(r['dqk_bk']):>5} {str(r['dqk_warps']):>4} "
-              f"{str(r['score_warps']):>4} {str(r['score_kd']):>4} "
+              f"{str(r['score_warps']):>4} {str(r['score_kd']):>4} {str(r['dqk_cols']):>4} "
               f"{r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>8.3f}  "
               f"{r['max_diff_vs_default']:.2e}")
     return 0

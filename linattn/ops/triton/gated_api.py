@@ -77,8 +77,13 @@ class KernelConfig:
     score_warps: int = 0  # num_warps of gated_fwd.key_scores (per-key gates); 0: warps
     # key columns per step of key_scores' elementwise diagonal blocks ([16, 16, score_kd]
     # float32 weights): 8 compiles to 112 registers and no spills on sm_90 at 4 warps (16:
-    # 128 and 28 B of spills, 32: 168), i.e. 4 programs per SM instead of 3. Not yet timed.
+    # 128 and 28 B of spills, 32: 168), i.e. 4 programs per SM instead of 3; 16.53 against
+    # 16.79 ms fwd+bwd at 32 (H200, 2026-11-29). 0: one key token at a time over [16, BK]
+    # tiles (no 3-D tensors), not yet timed (key_scores was 3.09 of per-key's 16.62 ms).
     score_kd: int = 8
+    # bwd_dqk's per-key diagonal tile one key token at a time over [BTQ, BKQ] tiles instead
+    # of [BTQ, BTQ, BKQ] weights (16 K float32 elements per program). Not yet timed.
+    dqk_cols: bool = False
 
 
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):

@@ -297,7 +297,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
-                   IEEE: tl.constexpr, GATE_SUMS: tl.constexpr):
+                   IEEE: tl.constexpr, GATE_SUMS: tl.constexpr, DQK_COLS: tl.constexpr):
     """dq and dk of one tile (BT tokens), one block of K, and (GATE_SUMS: the gate needs a
     gradient) the gate sums of the tile:
     GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], k.dk without the
@@ -413,12 +413,26 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
                          MEXP, IEEE)
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]      # s < t
-            w = exp(tl.where(below[:, :, None], bq[:, None, :] - bq[None, :, :], NEG_INF),
-                    IEEE) * dA[:, :, None]                                         # [t, s, BK]
-            dq += tl.sum(w * kt[None, :, :], axis=1)
-            dk += tl.sum(w * qt[:, None, :], axis=0)
             cols = tl.arange(0, BT)
+            if DQK_COLS:
+                # one key token s at a time, [BT, BK] tiles only: the weights of (t > s, s)
+                # serve dq_t (times k_s) and dk_s (summed over t)
+                for j in range(BT):
+                    s = t0 + j
+                    ms = s < eos
+                    ks = tl.load(k + (s * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
+                    bs = tl.load(gb + (s * H + hh) * K + ck, mask=mk & ms, other=0.0)
+                    dAj = tl.sum(tl.where(cols[None, :] == j, dA, 0.0), axis=1)      # dA[:, s]
+                    w = exp(tl.where(mr[:, None] & (rows > s)[:, None], bq - bs[None, :],
+                                     NEG_INF), IEEE) * dAj[:, None]                # [t, BK]
+                    dq += w * ks[None, :]
+                    dk += tl.where(cols[:, None] == j, tl.sum(w * qt, axis=0)[None, :], 0.0)
+            else:
+                below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]  # s < t
+                w = exp(tl.where(below[:, :, None], bq[:, None, :] - bq[None, :, :], NEG_INF),
+                        IEEE) * dA[:, :, None]                                     # [t, s, BK]
+                dq += tl.sum(w * kt[None, :, :], axis=1)
+                dk += tl.sum(w * qt[:, None, :], axis=0)
             # the same-token terms: dA_tt = do_t . v_t, weight exp(0)
             dd = tl.sum(tl.where(cols[:, None] == cols[None, :], dA, 0.0), axis=1)
         dq = dq * scale
@@ -590,7 +604,8 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H, TT,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
-            GATE_SUMS=gate_sums, num_warps=cfg.dqk_warps or cfg.warps, num_stages=cfg.stages)
+            GATE_SUMS=gate_sums, DQK_COLS=cfg.dqk_cols, num_warps=cfg.dqk_warps or cfg.warps,
+            num_stages=cfg.stages)
     if not gate_sums:
         return dq, dk, None
     if cfg.gate == 1:

@@ -140,24 +140,45 @@ def gate_diag(A, rows, mr, qe, ke, GATE: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def key_diag_scores(q, k, gb, hh, rows, mr, scale, H, K, SUB: tl.constexpr, KD: tl.constexpr,
-                    IEEE: tl.constexpr):
+def key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB: tl.constexpr, KD: tl.constexpr,
+                    BK: tl.constexpr, IEEE: tl.constexpr):
     """Per-key scores of a block of SUB tokens against itself, float32 [SUB, SUB], zero above
     the diagonal: scale sum_k q_tk k_sk exp(b_tk - b_sk), formed elementwise because per-key
     weights are no product of a row and a column factor that both stay finite (b_t - b_s
-    reaches -20 per token): all (t, s) pairs at once, KD key columns at a time, as
-    [SUB, SUB, KD] weights masked to -inf above the diagonal before exp()."""
+    reaches -20 per token). KD > 0: all (t, s) pairs at once, KD key columns at a time, as
+    [SUB, SUB, KD] weights masked to -inf above the diagonal before exp(). KD = 0: one key
+    token s at a time against the block's queries, [SUB, BK] tiles (2-D only; no 3-D layout).
+    The block's tokens are r0 .. r0 + SUB - 1, those at or past eos masked."""
     A = tl.zeros([SUB, SUB], dtype=tl.float32)
-    causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]            # [t, s]
-    for kb in range(tl.cdiv(K, KD)):
-        ck = kb * KD + tl.arange(0, KD)
-        mk = ck < K
-        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale                 # [SUB, KD]
-        kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        bt = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-        w = exp(tl.where(causal[:, :, None], bt[:, None, :] - bt[None, :, :], NEG_INF),
-                IEEE)                                                              # [t, s, KD]
-        A += tl.sum(qt[:, None, :] * kt[None, :, :] * w, axis=2)
+    cols = tl.arange(0, SUB)
+    rows = r0 + cols
+    mr = rows < eos
+    if KD == 0:
+        for kb in range(tl.cdiv(K, BK)):
+            ck = kb * BK + tl.arange(0, BK)
+            mk = ck < K
+            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [SUB, BK]
+            bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            for j in range(SUB):
+                s = r0 + j                                       # key token j of the block
+                ms = s < eos
+                ks = tl.load(k + (s * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
+                bs = tl.load(gb + (s * H + hh) * K + ck, mask=mk & ms, other=0.0)
+                w = exp(tl.where(mr[:, None] & (rows >= s)[:, None], bq - bs[None, :], NEG_INF),
+                        IEEE)                                                      # [SUB, BK]
+                col = tl.sum(qt * ks[None, :] * w, axis=1)                         # A[:, j]
+                A += tl.where(cols[None, :] == j, col[:, None], 0.0)
+    else:
+        causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]        # [t, s]
+        for kb in range(tl.cdiv(K, KD)):
+            ck = kb * KD + tl.arange(0, KD)
+            mk = ck < K
+            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [SUB, KD]
+            kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+            bt = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            w = exp(tl.where(causal[:, :, None], bt[:, None, :] - bt[None, :, :], NEG_INF),
+                    IEEE)                                                          # [t, s, KD]
+            A += tl.sum(qt[:, None, :] * kt[None, :, :] * w, axis=2)
     return A
 
 
@@ -345,7 +366,7 @@ def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
                 Ab += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
         else:
             # the diagonal block, causal
-            Ab = key_diag_scores(q, k, gb, hh, rows, mr, scale, H, K, SUB, KD, IEEE)
+            Ab = key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB, KD, BK, IEEE)
         tl.store(out, Ab.to(A.dtype.element_ty), mask=mr[:, None])
 
 

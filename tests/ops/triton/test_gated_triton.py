@@ -9,6 +9,8 @@ bfloat16, one test per kernel specialisation (see gpu_cases).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -183,6 +185,22 @@ def test_key_scores_in_blocks_cpu(monkeypatch, dtype):
     forms in 16-token blocks (blocks left of the diagonal through dots relative to each query
     block's first row), bwd_dqk on 16-token tiles; sequence ends inside a block, and blocks
     that start past a sequence's end."""
+    monkeypatch.setattr(gated_api, "CHUNK", 64)
+    monkeypatch.setattr(gated_api, "TILE", 64)
+    check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_key_diagonals_one_key_token_at_a_time_cpu(monkeypatch, dtype):
+    """The per-key diagonal tiles formed one key token at a time over 2-D tiles (score_kd 0
+    in key_scores, dqk_cols in bwd_dqk) instead of as 3-D weights, at the H200's tiling."""
+    base = gated_api._config
+
+    def config(*a, **kw):
+        cfg, L, BT = base(*a, **kw)
+        return dataclasses.replace(cfg, score_kd=0, dqk_cols=True), L, BT
+
+    monkeypatch.setattr(gated_api, "_config", config)
     monkeypatch.setattr(gated_api, "CHUNK", 64)
     monkeypatch.setattr(gated_api, "TILE", 64)
     check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50])
