@@ -398,9 +398,10 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
             if GATE == 1:
                 dA = dA * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
-                same = rows[:, None] == rows[None, :]
-                dd = tl.sum(tl.where(same, dA, 0.0), axis=1)     # dA_tt
-                dA = tl.where(same, 0.0, dA)
+                if GATE_SUMS:                                   # same-token terms apart (5)
+                    same = rows[:, None] == rows[None, :]
+                    dd = tl.sum(tl.where(same, dA, 0.0), axis=1)  # dA_tt
+                    dA = tl.where(same, 0.0, dA)
             else:
                 dA = tl.where(causal, dA, 0.0)
             dq += dot(dA.to(DT), kt.to(DT), IEEE)
@@ -461,8 +462,9 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
     if GATE == 2:
         dq += dqs * scale * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
     # 5) gate sums from the float32 accumulators (same-token terms and dk's state part left
-    #    out), then dq with its same-token term
-    if GATE != 0:
+    #    out), then dq with its same-token term (a frozen scalar gate kept it in the dots)
+    SPLIT: tl.constexpr = GATE == 2 or (GATE == 1 and GATE_SUMS)
+    if SPLIT:
         qs = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
         ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
         if GATE == 1 and GATE_SUMS:
@@ -497,7 +499,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
         if GATE_SUMS:
             tl.store(gks + (rows[:, None] * H + hh) * K + ck[None, :], ks * dks, mask=mqk)
     dk += dks
-    if GATE != 0:
+    if SPLIT:
         dk += dd[:, None] * qs
     if HAS_KW and GATE_SUMS:
         tl.store(gkw + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
