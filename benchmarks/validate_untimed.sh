@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call (carry [".whl"]) that checks and times branch next/untimed before it is
-# merged: the GPU tests, then the launch sweeps its new settings need, each capped in time.
+# merged: the GPU tests, then the launch sweeps its new options need, each capped in time.
 # Everything lands in $OUT; the last lines printed are the sweeps' tables.
-#     bash benchmarks/validate_untimed.sh      (about 9 minutes; TOTAL_S caps it)
+#     bash benchmarks/validate_untimed.sh      (about 6 minutes; TOTAL_S caps it)
 set -u
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -14,20 +14,18 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # 1) every GPU test (about 2 minutes on 8 workers)
 OUT="$OUT" TESTS_S=${TESTS_S:-200} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&1 | tail -4
 
-# 2) per-key launch settings: bwd_dqk's K block (now that dA is precomputed) and the
-#    diagonal's key columns per step
-timeout $(( $(left) * 45 / 100 )) python3 benchmarks/sweep_gated.py --kinds key \
-    --chunks default --tiles default --warps default --stages 1 --dqk-bk 32,64 \
-    --score-kd 8,32 --json "$OUT/sweep_key.json" --budget-s 150 > "$OUT/sweep_key.log" 2>&1
+# 2) per-key diagonals: key_scores' one-key-token-at-a-time form (score_kd 0) against its
+#    [16, 16, 8] weights, and the same choice in bwd_dqk (dqk_cols), on 2 and 4 warps
+timeout $(( $(left) * 50 / 100 )) python3 benchmarks/sweep_gated.py --kinds key \
+    --chunks default --tiles default --warps default --stages 1 --score-kd 8,0 \
+    --dqk-cols 0,1 --score-warps 2,4 --json "$OUT/sweep_key.json" --budget-s 150 \
+    > "$OUT/sweep_key.log" 2>&1
 
-# 3) chunk 64 against 128 for the scalar-gated ops after the flat scans and the merged fwd_o
-timeout $(( $(left) * 50 / 100 )) python3 benchmarks/sweep_gated.py --kinds scalar,mlstm_sig \
-    --chunks 64,128 --tiles default --warps default --stages 2 \
-    --json "$OUT/sweep_chunk.json" --budget-s 100 > "$OUT/sweep_chunk.log" 2>&1
+# 3) the frozen constant gate (bwd_dqk without the same-token split) and the profile of
+#    every gated op, host time included
+timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
+    --kinds none,const_frozen,const,scalar,key,mlstm_exp --json "$OUT/profile.json" \
+    > "$OUT/profile.log" 2>&1
 
-# 4) the delta rule's 16-bit storage flags, one at a time back to float32
-timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds delta,gated_delta \
-    --variants default,f32_grads,f32_u --json "$OUT/sweep_delta.json" > "$OUT/sweep_delta.log" 2>&1
-
-tail -6 "$OUT/sweep_key.log"; tail -5 "$OUT/sweep_chunk.log"; tail -18 "$OUT/sweep_delta.log"
+tail -10 "$OUT/sweep_key.log"; grep "^==" "$OUT/profile.log"
 echo "== validate_untimed done in $(( $(date +%s) - START )) s"
