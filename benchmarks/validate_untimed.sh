@@ -2,7 +2,7 @@
 # One device call (carry [".whl"]) that checks and times branch next/untimed before it is
 # merged: the GPU tests, then the launch sweeps its new options need, each capped in time.
 # Everything lands in $OUT; the last lines printed are the sweeps' tables.
-#     bash benchmarks/validate_untimed.sh      (about 6 minutes; TOTAL_S caps it)
+#     bash benchmarks/validate_untimed.sh      (about 8 minutes; TOTAL_S caps it)
 set -u
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -21,11 +21,20 @@ timeout $(( $(left) * 50 / 100 )) python3 benchmarks/sweep_gated.py --kinds key 
     --dqk-cols 0,1 --score-warps 2,4 --json "$OUT/sweep_key.json" --budget-s 150 \
     > "$OUT/sweep_key.log" 2>&1
 
-# 3) the frozen constant gate (bwd_dqk without the same-token split) and the profile of
+# 3) the T = 32768 ratio (B 2): the scans' programs per SM (common.SCAN_PROGRAMS_PER_SM),
+#    and mLSTMexp's chunk 64 against 128 there
+timeout $(( $(left) * 45 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlstm_exp,mlstm_sig,none \
+    --T 32768 --chunks default --tiles default --warps default --stages default \
+    --scan-fill 1,2,4 --json "$OUT/sweep_fill.json" --budget-s 120 > "$OUT/sweep_fill.log" 2>&1
+timeout $(( $(left) * 25 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlstm_exp --T 32768 \
+    --chunks 64,128 --tiles default --warps default --stages default --budget-s 60 \
+    >> "$OUT/sweep_fill.log" 2>&1
+
+# 4) the frozen constant gate (bwd_dqk without the same-token split) and the profile of
 #    every gated op, host time included
 timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
     --kinds none,const_frozen,const,scalar,key,mlstm_exp --json "$OUT/profile.json" \
     > "$OUT/profile.log" 2>&1
 
-tail -10 "$OUT/sweep_key.log"; grep "^==" "$OUT/profile.log"
+tail -10 "$OUT/sweep_key.log"; tail -10 "$OUT/sweep_fill.log"; grep "^==" "$OUT/profile.log"
 echo "== validate_untimed done in $(( $(date +%s) - START )) s"
