@@ -114,7 +114,8 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         # per-key gates: L = 64, 25.6 against 30.3 ms fwd+bwd at L = 128 with 16-token tiles
         # (H200, 2026-11-29, T 8192, D 128): each of bwd_dqk's 16-token query tiles pairs with
         # up to L / 16 - 1 earlier key tiles, each needing [16, BK] exponentials of both sides
-        L = CHUNK or (64 if (gate in (0, 1) and K <= 128 and (mexp or not has_kw)) or gate == 2 else 128)
+        chunk64 = (gate in (0, 1) and K <= 128 and (mexp or not has_kw)) or gate == 2
+        L = CHUNK or (64 if chunk64 else 128)
         BK = head_tile(K, 64)
         # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
         # exponentials; at 128 the 64-token fwd_o and bwd_dv spill 264 / 320 B on sm_90)
