@@ -43,12 +43,17 @@ VARIANTS = {
     "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
     "f32_u": {"flags": {"delta_fwd.U_IN_INPUT_DTYPE": False}},
     "f32_grads": {"flags": {"delta_bwd.GRADS_IN_INPUT_DTYPE": False}},
+    # dU''s chunk-local part before the reverse scan (delta_bwd.DV_LOCAL_HOISTED), 4 or 8 warps
+    "dv_local": {"flags": {"delta_bwd.DV_LOCAL_HOISTED": True}},
+    "dv_local_w8": {"flags": {"delta_bwd.DV_LOCAL_HOISTED": True}, "dv_local": dict(num_warps=8)},
 }
-FLAGS = {"delta_fwd.STATES_IN_INPUT_DTYPE": True, "delta_fwd.U_IN_INPUT_DTYPE": True,
-         "delta_bwd.GRADS_IN_INPUT_DTYPE": True}
+FLAGS = {f"{mod.__name__.rsplit('.', 1)[1]}.{attr}": getattr(mod, attr)   # the library's defaults
+         for mod, attr in ((delta_fwd, "STATES_IN_INPUT_DTYPE"), (delta_fwd, "U_IN_INPUT_DTYPE"),
+                           (delta_bwd, "GRADS_IN_INPUT_DTYPE"), (delta_bwd, "DV_LOCAL_HOISTED"))}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
-                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
+                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy",
+                "bwd_dv_kernel": "dv_local"}
 
 
 def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_bv: int) -> None:

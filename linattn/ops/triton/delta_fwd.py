@@ -370,13 +370,18 @@ def output(q, k, vnew, gc, h, layout, scale, out_dtype):
     Returns: o [TT, H, V] in out_dtype.
     """
     K, V = q.shape[-1], vnew.shape[-1]
-    launch = LAUNCH["output"]
     # dots in tf32 on float32 U' and states (exact "ieee" for float32 inputs), as in the scan
-    cfg = KernelConfig(gate=0 if gc is None else 1, has_kw=False, mexp=False, noncausal=False,
-                       ieee=q.dtype == torch.float32, BK=head_tile(K, 64),
-                       BV=head_tile(V, OUTPUT_BV), BVS=head_tile(V, OUTPUT_BV),
-                       warps=launch["num_warps"], scan_warps=launch["num_warps"],
-                       stages=launch["num_stages"])
+    cfg = gated_config(q.dtype, gc is not None, K, V, LAUNCH["output"], OUTPUT_BV)
     o, _ = fwd_o(q, k, vnew, gc, None, None, None, h, None, layout, cfg, scale,
                  out_dtype=out_dtype)
     return o
+
+
+def gated_config(dtype, gated: bool, K: int, V: int, launch: dict, bv_cap: int) -> KernelConfig:
+    """The gated family's KernelConfig for a delta-rule pass through its per-tile kernels
+    (gated_fwd.fwd_o, gated_bwd.bwd_dv) on the chunk = tile = BT layout: no gate, or the
+    scalar gate with b (the chunk-local cumsum) as its exponent."""
+    return KernelConfig(gate=1 if gated else 0, has_kw=False, mexp=False, noncausal=False,
+                        ieee=dtype == torch.float32, BK=head_tile(K, 64), BV=head_tile(V, bv_cap),
+                        BVS=head_tile(V, bv_cap), warps=launch["num_warps"],
+                        scan_warps=launch["num_warps"], stages=launch["num_stages"])

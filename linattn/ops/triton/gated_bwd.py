@@ -138,9 +138,10 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
                   K, V, L: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                   HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
-                  IEEE: tl.constexpr):
-    """dv of one key tile (BT tokens), one block of V: through the state after the chunk,
-    then from the query tiles of the chunk at and after this one."""
+                  IEEE: tl.constexpr, STATE: tl.constexpr):
+    """dv of one key tile (BT tokens), one block of V: through the state after the chunk
+    (unless not STATE: the delta rule's chunk-local part of dU'), then from the query tiles
+    of the chunk at and after this one."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     it = tl.program_id(0)
@@ -175,8 +176,9 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
             bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             ks = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
-        dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
-        acc += dot(ks.to(DT), dS.to(DT), IEEE)
+        if STATE:
+            dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
+            acc += dot(ks.to(DT), dS.to(DT), IEEE)
         if OWN:
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
             Ad += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
@@ -546,17 +548,19 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
 
 
 def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtype, V, A=None):
-    """dv [TT, H, V] in v's dtype. A: the per-key scores (gated_fwd.key_scores) for GATE 2."""
+    """dv [TT, H, V] in v's dtype. A: the per-key scores (gated_fwd.key_scores) for GATE 2.
+    dh None: only the chunk's own part, sum over queries t >= s of the chunk (the delta
+    rule's dU' before its state term)."""
     TT, H, K = q.shape
     dv = empty(TT, H, V, dtype=v_dtype, device=q.device)
     if layout.NT:
         x = q
         bwd_dv_kernel[(layout.NT, triton.cdiv(V, cfg.BV), H)](
-            q, k, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(rd, x), dh, _or(A, x), dv,
+            q, k, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(rd, x), _or(dh, x), _or(A, x), dv,
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            STATE=dh is not None, num_warps=cfg.warps, num_stages=cfg.stages)
     return dv
 
 
