@@ -93,7 +93,7 @@ def main():
                 step = profile_kernels.fwd_bwd_step(kind, args.B, args.T, args.H, args.D)
                 step()
                 ms = triton.testing.do_bench(step, return_mode="median")
-                rows = profile_kernels.profile_one(kind, args.B, args.T, args.H, args.D)
+                rows, _ = profile_kernels.profile_one(kind, args.B, args.T, args.H, args.D)
             except Exception as e:  # report and go on
                 print(f"== {kind} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 result[f"{kind}/{name}"] = {"error": f"{type(e).__name__}: {e}"}
