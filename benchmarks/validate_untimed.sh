@@ -15,11 +15,12 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT="$OUT" TESTS_S=${TESTS_S:-190} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&1 | tail -4
 rm -f "$OUT/gpu_tests.xml"
 
-# 2) per-key diagonals: one key token at a time over 2-D tiles (key_scores' score_kd 0,
-#    bwd_dqk's dqk_cols) against the 3-D weights, on 2 and 4 warps for key_scores
+# 2) per-key options: the diagonals one key token at a time over 2-D tiles (key_scores'
+#    score_kd 0, bwd_dqk's dqk_cols) against the 3-D weights, and bwd_dqk split into an
+#    intra pass and a whole-chunk pass that finishes dg (key_split)
 timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_gated.py --kinds key \
     --chunks default --tiles default --warps default --stages 1 --score-kd 8,0 \
-    --dqk-cols 0,1 --score-warps 2,4 --json "$OUT/sweep_key.json" --budget-s 100 \
+    --dqk-cols 0,1 --key-split 0,1 --json "$OUT/sweep_key.json" --budget-s 110 \
     > "$OUT/sweep_key.log" 2>&1
 
 # 3) the delta rule's hoisted chunk-local dU' (delta_bwd.DV_LOCAL_HOISTED), 4 and 8 warps

@@ -84,6 +84,11 @@ class KernelConfig:
     # bwd_dqk's per-key diagonal tile one key token at a time over [BTQ, BKQ] tiles instead
     # of [BTQ, BTQ, BKQ] weights (16 K float32 elements per program). Not yet timed.
     dqk_cols: bool = False
+    # per-key bwd_dqk in two launches, as fla splits it: the intra part on BTQ-token tiles,
+    # then the state parts (64-row dots, each state block read once per chunk instead of once
+    # per 16-token tile) and the finished dg in registers on whole chunks (needs L = BT).
+    # Not yet timed.
+    key_split: bool = False
 
 
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
@@ -223,7 +228,8 @@ class GatedChunkFunction(torch.autograd.Function):
         del A
         dsc = key_dscores(do, v, layout, cfg) if cfg.gate == 2 else None  # [TT, H, L] float32
         dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn,
-                               ctx.dqk_layout, cfg, scale, gate_sums, dsc=dsc)
+                               ctx.dqk_layout, cfg, scale, gate_sums, dsc=dsc,
+                               chunk_layout=layout, sdot=sdot, dg_dtype=gate_dtype(cfg))
         del dsc
         dg = dkw = dm0 = None
         if gate_sums and cfg.gate == 1:
@@ -235,7 +241,8 @@ class GatedChunkFunction(torch.autograd.Function):
                 dg, dkw, dm0 = _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt,
                                             h0, n0, m0, dh0, dn0, layout)
         elif gate_sums and cfg.gate == 2:
-            dg = _gate_grad(*gsum, sdot, layout, gate_dtype(cfg))         # [TT, H, K]
+            # [TT, H, K]: finished by bwd_dqk when it splits (cfg.key_split), else from its sums
+            dg = gsum if torch.is_tensor(gsum) else _gate_grad(*gsum, sdot, layout, gate_dtype(cfg))
         if dg is not None and ctx.const_gate:
             dg = dg.sum(0)                                                 # [H], in gdt
         if dg is not None:

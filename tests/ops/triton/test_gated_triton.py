@@ -190,15 +190,20 @@ def test_key_scores_in_blocks_cpu(monkeypatch, dtype):
     check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50])
 
 
+@pytest.mark.parametrize("options", [dict(score_kd=0, dqk_cols=True), dict(key_split=True),
+                                     dict(score_kd=0, dqk_cols=True, key_split=True)],
+                         ids=["cols", "split", "cols+split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_key_diagonals_one_key_token_at_a_time_cpu(monkeypatch, dtype):
-    """The per-key diagonal tiles formed one key token at a time over 2-D tiles (score_kd 0
-    in key_scores, dqk_cols in bwd_dqk) instead of as 3-D weights, at the H200's tiling."""
+def test_key_gate_options_cpu(monkeypatch, dtype, options):
+    """Per-key gates' untimed options at the H200's tiling: the diagonal tiles one key token
+    at a time over 2-D tiles (score_kd 0 in key_scores, dqk_cols in bwd_dqk) instead of as
+    3-D weights; bwd_dqk split into its intra pass and a whole-chunk pass that finishes dg
+    (key_split)."""
     base = gated_api._config
 
     def config(*a, **kw):
         cfg, L, BT = base(*a, **kw)
-        return dataclasses.replace(cfg, score_kd=0, dqk_cols=True), L, BT
+        return dataclasses.replace(cfg, **options), L, BT
 
     monkeypatch.setattr(gated_api, "_config", config)
     monkeypatch.setattr(gated_api, "CHUNK", 64)
