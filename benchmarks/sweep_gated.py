@@ -50,7 +50,7 @@ def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=
         repl = {k: v for k, v in dict(warps=warps, scan_warps=scan_warps, stages=stages,
                                       BKQ=dqk_bk, dqk_warps=dqk_warps, score_warps=score_warps,
                                       score_kd=score_kd,
-                                      dqk_cols=None if dqk_cols is None else bool(dqk_cols),
+                                      dqk_cols=dqk_cols,
                                       key_split=None if key_split is None else bool(key_split)).items()
                 if v is not None}
         return dataclasses.replace(cfg, **repl), L, BT
@@ -103,13 +103,15 @@ def main(argv=None):
     p.add_argument("--dqk-warps", default="default", help="warps of bwd_dqk ('default': --warps)")
     p.add_argument("--score-warps", default="default", help="warps of key_scores (per-key gates)")
     p.add_argument("--score-kd", default="default",
-                   help="key columns per step of key_scores' diagonal (0: one key token at a time)")
+                   help="key columns per step of key_scores' diagonal (0: one key token at a "
+                        "time, -1: a dot where the decays allow)")
     p.add_argument("--scan-fill", default="default",
                    help="the scans' programs per SM that fill_v_block aims for (small B)")
     p.add_argument("--key-split", default="default",
                    help="1: per-key bwd_dqk as an intra pass and a whole-chunk pass that finishes dg")
     p.add_argument("--dqk-cols", default="default",
-                   help="1: bwd_dqk's per-key diagonal one key token at a time, 0: as 3-D weights")
+                   help="bwd_dqk's per-key diagonal: 0 3-D weights, 1 one key token at a time, "
+                        "2 dots where the decays allow")
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting combinations after this")

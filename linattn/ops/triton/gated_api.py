@@ -79,11 +79,14 @@ class KernelConfig:
     # float32 weights): 8 compiles to 112 registers and no spills on sm_90 at 4 warps (16:
     # 128 and 28 B of spills, 32: 168), i.e. 4 programs per SM instead of 3; 16.53 against
     # 16.79 ms fwd+bwd at 32 (H200, 2026-11-29). 0: one key token at a time over [16, BK]
-    # tiles (no 3-D tensors), not yet timed (key_scores was 3.09 of per-key's 16.62 ms).
+    # tiles (no 3-D tensors), not yet timed (key_scores was 3.09 of per-key's 16.62 ms); -1:
+    # one dot relative to the block's middle row where the log-decays allow it
+    # (gated_fwd.diag_dot_range), else as 0. Not yet timed.
     score_kd: int = 8
-    # bwd_dqk's per-key diagonal tile one key token at a time over [BTQ, BKQ] tiles instead
-    # of [BTQ, BTQ, BKQ] weights (16 K float32 elements per program). Not yet timed.
-    dqk_cols: bool = False
+    # bwd_dqk's per-key diagonal tile: 0 as [BTQ, BTQ, BKQ] weights (16 K float32 elements
+    # per program); 1 one key token at a time over [BTQ, BKQ] tiles; 2 two dots relative to
+    # the tile's middle row where the log-decays allow it, else as 1. Not yet timed.
+    dqk_cols: int = 0
     # per-key bwd_dqk in two launches, as fla splits it: the intra part on BTQ-token tiles,
     # then the state parts (64-row dots, each state block read once per chunk instead of once
     # per 16-token tile) and the finished dg in registers on whole chunks (needs L = BT).

@@ -25,9 +25,9 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp, fill_v_block
-from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, gate_diag, key_exp, ld_gtile,
-                        ld_gtok, ld_scores, ld_state, ld_tile, ld_tok, state_block_of,
-                        state_dtype)
+from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, diag_dot_range, gate_diag,
+                        key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile, ld_tok,
+                        state_block_of, state_dtype)
 
 
 # num_warps of bwd_dqk's whole-chunk pass (PART 2) when per-key gates split it in two
@@ -300,13 +300,35 @@ def key_dscores_kernel(do, v, dsc, chunk_start, chunk_end, H, V, L: tl.constexpr
 
 
 @triton.jit
+def key_diag_grads_cols(dA, qt, bq, k, gb, hh, t0, eos, rows, mr, ck, mk, H, K, BT: tl.constexpr,
+                        IEEE: tl.constexpr):
+    """Per-key diagonal tile's part of (dq, dk) over one K block, one key token s at a time,
+    [BT, BK] tiles only: the weights dA_ts exp(b_t - b_s) of the pairs t > s serve dq_t (times
+    k_s) and dk_s (summed over t). Unscaled, float32."""
+    dq = tl.zeros_like(qt)
+    dk = tl.zeros_like(qt)
+    cols = tl.arange(0, BT)
+    for j in range(BT):
+        s = t0 + j
+        ms = s < eos
+        ks = tl.load(k + (s * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
+        bs = tl.load(gb + (s * H + hh) * K + ck, mask=mk & ms, other=0.0)
+        dAj = tl.sum(tl.where(cols[None, :] == j, dA, 0.0), axis=1)                  # dA[:, s]
+        w = exp(tl.where(mr[:, None] & (rows > s)[:, None], bq - bs[None, :], NEG_INF),
+                IEEE) * dAj[:, None]                                               # [t, BK]
+        dq += w * ks[None, :]
+        dk += tl.where(cols[:, None] == j, tl.sum(w * qt, axis=0)[None, :], 0.0)
+    return dq, dk
+
+
+@triton.jit
 def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, dq_out, dk_out, gq,
                    gk, gks, gkw, dq_intra, dk_intra, dd_intra, sdot, tile_seq, tile_start, cu, coff, scale, H, TT,
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
                    IEEE: tl.constexpr, GATE_SUMS: tl.constexpr, DQK_COLS: tl.constexpr,
-                   PART: tl.constexpr):
+                   PART: tl.constexpr, DRANGE: tl.constexpr):
     """dq and dk of one tile (BT tokens), one block of K, and (GATE_SUMS: the gate needs a
     gradient) the gate sums of the tile:
     GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], k.dk without the
@@ -433,25 +455,37 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
             cols = tl.arange(0, BT)
-            if DQK_COLS:
-                # one key token s at a time, [BT, BK] tiles only: the weights of (t > s, s)
-                # serve dq_t (times k_s) and dk_s (summed over t)
-                for j in range(BT):
-                    s = t0 + j
-                    ms = s < eos
-                    ks = tl.load(k + (s * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
-                    bs = tl.load(gb + (s * H + hh) * K + ck, mask=mk & ms, other=0.0)
-                    dAj = tl.sum(tl.where(cols[None, :] == j, dA, 0.0), axis=1)      # dA[:, s]
-                    w = exp(tl.where(mr[:, None] & (rows > s)[:, None], bq - bs[None, :],
-                                     NEG_INF), IEEE) * dAj[:, None]                # [t, BK]
-                    dq += w * ks[None, :]
-                    dk += tl.where(cols[:, None] == j, tl.sum(w * qt, axis=0)[None, :], 0.0)
-            else:
+            if DQK_COLS == 0:
                 below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]  # s < t
                 w = exp(tl.where(below[:, :, None], bq[:, None, :] - bq[None, :, :], NEG_INF),
                         IEEE) * dA[:, :, None]                                     # [t, s, BK]
                 dq += tl.sum(w * kt[None, :, :], axis=1)
                 dk += tl.sum(w * qt[:, None, :], axis=0)
+            elif DQK_COLS == 1:
+                dqc, dkc = key_diag_grads_cols(dA, qt, bq, k, gb, hh, t0, eos, rows, mr, ck, mk,
+                                               H, K, BT, IEEE)
+                dq += dqc
+                dk += dkc
+            else:
+                # b relative to the tile's middle row m: exp(b_t - b_s) = exp(e_t) exp(-e_s),
+                # both factors finite while |e| <= DRANGE (gated_fwd.diag_dot_range)
+                m = tl.minimum(t0 + BT // 2, eos - 1)
+                bm = tl.load(gb + (m * H + hh) * K + ck, mask=mk, other=0.0)
+                e = tl.where(mqk, bq - bm[None, :], 0.0)
+                if tl.max(tl.max(tl.abs(e), axis=1), axis=0) <= DRANGE:
+                    # two tensor-core dots: dq_t += e^e_t sum_s<t dA_ts (k_s e^-e_s), and
+                    # dk_s += e^-e_s sum_t>s dA_ts (q_t e^e_t)
+                    below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]
+                    dAs = tl.where(below, dA, 0.0)
+                    ef = exp(e, IEEE)
+                    ei = exp(-e, IEEE)
+                    dq += dot(dAs.to(DT), (kt * ei).to(DT), IEEE) * ef
+                    dk += dot(tl.trans(dAs).to(DT), (qt * ef).to(DT), IEEE) * ei
+                else:
+                    dqc, dkc = key_diag_grads_cols(dA, qt, bq, k, gb, hh, t0, eos, rows, mr, ck,
+                                                   mk, H, K, BT, IEEE)
+                    dq += dqc
+                    dk += dkc
             # the same-token terms: dA_tt = do_t . v_t, weight exp(0)
             dd = tl.sum(tl.where(cols[:, None] == cols[None, :], dA, 0.0), axis=1)
         dq = dq * scale
@@ -659,7 +693,8 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
                 _or(sdot, x), lay.tile_seq, lay.tile_start, lay.cu, lay.chunk_off, scale, H, TT,
                 K=K, V=V, L=lay.L, BT=lay.BT, BK=BK, BV=cfg.BV, GATE=cfg.gate,
                 HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
-                GATE_SUMS=gate_sums, DQK_COLS=cfg.dqk_cols, PART=part, num_warps=warps,
+                GATE_SUMS=gate_sums, DQK_COLS=int(cfg.dqk_cols), PART=part,
+                DRANGE=diag_dot_range(q.dtype), num_warps=warps,
                 num_stages=cfg.stages)
 
     if split:

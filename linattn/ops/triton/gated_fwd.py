@@ -38,6 +38,15 @@ KEY_SUB = 16
 MEXP_CARRY_BLOCK = 256
 
 
+def diag_dot_range(dtype: torch.dtype) -> float:
+    """Per-key diagonal blocks by dots (key_scores' score_kd -1, bwd_dqk's dqk_cols 2): taken
+    where the block's log-decays stay within this many nats of its middle row in every key
+    column, so that both factors exp(+-(b - b_mid)) stay finite in the dots' operand dtype:
+    e^30 for bfloat16 and float32, e^4 for float16 (largest value 65504). Elsewhere the
+    block goes one key token at a time."""
+    return 4.0 if dtype == torch.float16 else 30.0
+
+
 # ----------------------------------------------------------------------------- jit helpers
 
 @triton.jit
@@ -140,34 +149,64 @@ def gate_diag(A, rows, mr, qe, ke, GATE: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def key_diag_cols(qt, bq, k, gb, hh, r0, eos, rows, mr, ck, mk, H, K, SUB: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """One K block's part of a diagonal block's per-key scores, one key token s at a time:
+    [SUB, SUB] float32, column s = sum_k qt_tk k_sk exp(bq_tk - b_sk) for t >= s (qt scaled,
+    bq: the block's queries and their b over the K block ck)."""
+    A = tl.zeros([SUB, SUB], dtype=tl.float32)
+    cols = tl.arange(0, SUB)
+    for j in range(SUB):
+        s = r0 + j                                               # key token j of the block
+        ms = s < eos
+        ks = tl.load(k + (s * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
+        bs = tl.load(gb + (s * H + hh) * K + ck, mask=mk & ms, other=0.0)
+        w = exp(tl.where(mr[:, None] & (rows >= s)[:, None], bq - bs[None, :], NEG_INF),
+                IEEE)                                                              # [SUB, BK]
+        col = tl.sum(qt * ks[None, :] * w, axis=1)                                 # A[:, j]
+        A += tl.where(cols[None, :] == j, col[:, None], 0.0)
+    return A
+
+
+@triton.jit
 def key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB: tl.constexpr, KD: tl.constexpr,
-                    BK: tl.constexpr, IEEE: tl.constexpr):
+                    BK: tl.constexpr, IEEE: tl.constexpr, DRANGE: tl.constexpr):
     """Per-key scores of a block of SUB tokens against itself, float32 [SUB, SUB], zero above
     the diagonal: scale sum_k q_tk k_sk exp(b_tk - b_sk), formed elementwise because per-key
     weights are no product of a row and a column factor that both stay finite (b_t - b_s
     reaches -20 per token). KD > 0: all (t, s) pairs at once, KD key columns at a time, as
     [SUB, SUB, KD] weights masked to -inf above the diagonal before exp(). KD = 0: one key
     token s at a time against the block's queries, [SUB, BK] tiles (2-D only; no 3-D layout).
+    KD = -1: per K block, one dot with both sides relative to the block's middle row m where
+    |b - b_m| <= DRANGE (diag_dot_range), else as KD = 0.
     The block's tokens are r0 .. r0 + SUB - 1, those at or past eos masked."""
     A = tl.zeros([SUB, SUB], dtype=tl.float32)
     cols = tl.arange(0, SUB)
     rows = r0 + cols
     mr = rows < eos
-    if KD == 0:
+    if KD <= 0:
+        DT = q.dtype.element_ty
+        m = tl.minimum(r0 + SUB // 2, eos - 1)                   # the middle row (KD -1)
         for kb in range(tl.cdiv(K, BK)):
             ck = kb * BK + tl.arange(0, BK)
             mk = ck < K
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [SUB, BK]
             bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-            for j in range(SUB):
-                s = r0 + j                                       # key token j of the block
-                ms = s < eos
-                ks = tl.load(k + (s * H + hh) * K + ck, mask=mk & ms, other=0.0).to(tl.float32)
-                bs = tl.load(gb + (s * H + hh) * K + ck, mask=mk & ms, other=0.0)
-                w = exp(tl.where(mr[:, None] & (rows >= s)[:, None], bq - bs[None, :], NEG_INF),
-                        IEEE)                                                      # [SUB, BK]
-                col = tl.sum(qt * ks[None, :] * w, axis=1)                         # A[:, j]
-                A += tl.where(cols[None, :] == j, col[:, None], 0.0)
+            if KD < 0:
+                bm = tl.load(gb + (m * H + hh) * K + ck, mask=mk, other=0.0)
+                e = tl.where(mr[:, None] & mk[None, :], bq - bm[None, :], 0.0)
+                if tl.max(tl.max(tl.abs(e), axis=1), axis=0) <= DRANGE:
+                    # q_t e^(b_t - b_m) . k_s e^(b_m - b_s) on tensor cores, then causal
+                    kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
+                    Ab = dot((qt * exp(e, IEEE)).to(DT), tl.trans((kt * exp(-e, IEEE)).to(DT)),
+                             IEEE)
+                    A += tl.where((rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :],
+                                  Ab, 0.0)
+                else:
+                    A += key_diag_cols(qt, bq, k, gb, hh, r0, eos, rows, mr, ck, mk, H, K, SUB,
+                                       IEEE)
+            else:
+                A += key_diag_cols(qt, bq, k, gb, hh, r0, eos, rows, mr, ck, mk, H, K, SUB, IEEE)
     else:
         causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]        # [t, s]
         for kb in range(tl.cdiv(K, KD)):
@@ -327,7 +366,7 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
 @triton.jit
 def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
                       L: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
-                      KD: tl.constexpr, IEEE: tl.constexpr):
+                      KD: tl.constexpr, IEEE: tl.constexpr, DRANGE: tl.constexpr):
     """Per-key scores inside one tile (first token t0): A[t, h, s - t0] = scale sum_k q_tk
     k_sk exp(b_tk - b_sk) for the keys s <= t of t's tile, one [SUB, SUB] block (query block
     i, key block j <= i) per program, so that each program is a short chain (the kernel is
@@ -366,7 +405,7 @@ def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
                 Ab += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
         else:
             # the diagonal block, causal
-            Ab = key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB, KD, BK, IEEE)
+            Ab = key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB, KD, BK, IEEE, DRANGE)
         tl.store(out, Ab.to(A.dtype.element_ty), mask=mr[:, None])
 
 
@@ -552,7 +591,7 @@ def key_scores(q, k, gb, layout: ChunkLayout, cfg, scale):
         key_scores_kernel[(layout.NT, (layout.BT // KEY_SUB) ** 2, H)](
             q, k, gb, A, layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale,
             H, K=K, L=layout.L, BT=layout.BT, SUB=KEY_SUB, BK=cfg.BK, KD=cfg.score_kd,
-            IEEE=cfg.ieee,
+            IEEE=cfg.ieee, DRANGE=diag_dot_range(q.dtype),
             num_warps=cfg.score_warps or cfg.warps,
             num_stages=cfg.stages)
     return A
