@@ -16,12 +16,12 @@ OUT="$OUT" TESTS_S=${TESTS_S:-190} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&
 rm -f "$OUT/gpu_tests.xml"
 
 # 2) per-key options: the diagonals by dots relative to the middle row where the decays
-#    allow (key_scores' score_kd -1, bwd_dqk's dqk_cols 2; else one key token at a time)
+#    allow (key_scores' score_kd -1, bwd_dqk's dqk_diag 2; else one key token at a time)
 #    against the 3-D weights, and bwd_dqk split into an intra pass and a whole-chunk pass
-#    that finishes dg (key_split); then the column loops alone (score_kd 0, dqk_cols 1)
+#    that finishes dg (key_split); then the column loops alone (score_kd 0, dqk_diag 1)
 timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_gated.py --kinds key \
     --chunks default --tiles default --warps default --stages 1 --score-kd 8,-1,0 \
-    --dqk-cols 0,2,1 --key-split 0,1 --json "$OUT/sweep_key.json" --budget-s 130 \
+    --dqk-diag 0,2,1 --key-split 0,1 --json "$OUT/sweep_key.json" --budget-s 130 \
     > "$OUT/sweep_key.log" 2>&1
 
 # 3) the delta rule's hoisted chunk-local dU' (delta_bwd.DV_LOCAL_HOISTED), 4 and 8 warps

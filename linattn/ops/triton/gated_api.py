@@ -86,7 +86,7 @@ class KernelConfig:
     # bwd_dqk's per-key diagonal tile: 0 as [BTQ, BTQ, BKQ] weights (16 K float32 elements
     # per program); 1 one key token at a time over [BTQ, BKQ] tiles; 2 two dots relative to
     # the tile's middle row where the log-decays allow it, else as 1. Not yet timed.
-    dqk_cols: int = 0
+    dqk_diag: int = 0
     # per-key bwd_dqk in two launches, as fla splits it: the intra part on BTQ-token tiles,
     # then the state parts (64-row dots, each state block read once per chunk instead of once
     # per 16-token tile) and the finished dg in registers on whole chunks (needs L = BT).

@@ -327,7 +327,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
-                   IEEE: tl.constexpr, GATE_SUMS: tl.constexpr, DQK_COLS: tl.constexpr,
+                   IEEE: tl.constexpr, GATE_SUMS: tl.constexpr, DQK_DIAG: tl.constexpr,
                    PART: tl.constexpr, DRANGE: tl.constexpr):
     """dq and dk of one tile (BT tokens), one block of K, and (GATE_SUMS: the gate needs a
     gradient) the gate sums of the tile:
@@ -455,13 +455,13 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
             cols = tl.arange(0, BT)
-            if DQK_COLS == 0:
+            if DQK_DIAG == 0:
                 below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]  # s < t
                 w = exp(tl.where(below[:, :, None], bq[:, None, :] - bq[None, :, :], NEG_INF),
                         IEEE) * dA[:, :, None]                                     # [t, s, BK]
                 dq += tl.sum(w * kt[None, :, :], axis=1)
                 dk += tl.sum(w * qt[:, None, :], axis=0)
-            elif DQK_COLS == 1:
+            elif DQK_DIAG == 1:
                 dqc, dkc = key_diag_grads_cols(dA, qt, bq, k, gb, hh, t0, eos, rows, mr, ck, mk,
                                                H, K, BT, IEEE)
                 dq += dqc
@@ -693,7 +693,7 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
                 _or(sdot, x), lay.tile_seq, lay.tile_start, lay.cu, lay.chunk_off, scale, H, TT,
                 K=K, V=V, L=lay.L, BT=lay.BT, BK=BK, BV=cfg.BV, GATE=cfg.gate,
                 HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
-                GATE_SUMS=gate_sums, DQK_COLS=int(cfg.dqk_cols), PART=part,
+                GATE_SUMS=gate_sums, DQK_DIAG=int(cfg.dqk_diag), PART=part,
                 DRANGE=diag_dot_range(q.dtype), num_warps=warps,
                 num_stages=cfg.stages)
 

@@ -39,7 +39,7 @@ MEXP_CARRY_BLOCK = 256
 
 
 def diag_dot_range(dtype: torch.dtype) -> float:
-    """Per-key diagonal blocks by dots (key_scores' score_kd -1, bwd_dqk's dqk_cols 2): taken
+    """Per-key diagonal blocks by dots (key_scores' score_kd -1, bwd_dqk's dqk_diag 2): taken
     where the block's log-decays stay within this many nats of its middle row in every key
     column, so that both factors exp(+-(b - b_mid)) stay finite in the dots' operand dtype:
     e^30 for bfloat16 and float32, e^4 for float16 (largest value 65504). Elsewhere the

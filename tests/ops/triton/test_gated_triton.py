@@ -204,14 +204,14 @@ def _key_options(monkeypatch, **options):
     monkeypatch.setattr(gated_api, "TILE", 64)
 
 
-@pytest.mark.parametrize("options", [dict(score_kd=0, dqk_cols=1), dict(key_split=True),
-                                     dict(score_kd=-1, dqk_cols=2, key_split=True)],
+@pytest.mark.parametrize("options", [dict(score_kd=0, dqk_diag=1), dict(key_split=True),
+                                     dict(score_kd=-1, dqk_diag=2, key_split=True)],
                          ids=["cols", "split", "dots+split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_key_gate_options_cpu(monkeypatch, dtype, options):
     """Per-key gates' untimed options: the diagonal tiles one key token at a time over 2-D
-    tiles (score_kd 0 in key_scores, dqk_cols 1 in bwd_dqk) or by dots relative to the
-    tile's middle row (score_kd -1, dqk_cols 2: log-decays in [-1, 0] keep float32 within
+    tiles (score_kd 0 in key_scores, dqk_diag 1 in bwd_dqk) or by dots relative to the
+    tile's middle row (score_kd -1, dqk_diag 2: log-decays in [-1, 0] keep float32 within
     the dots' range, float16 only partly), and bwd_dqk split into its intra pass and a
     whole-chunk pass that finishes dg (key_split)."""
     _key_options(monkeypatch, **options)
@@ -219,9 +219,9 @@ def test_key_gate_options_cpu(monkeypatch, dtype, options):
 
 
 def test_key_gate_dots_fall_back_at_steep_decays_cpu(monkeypatch):
-    """score_kd -1 and dqk_cols 2 with log-decays in [-9, -5]: 8 tokens from the middle row
+    """score_kd -1 and dqk_diag 2 with log-decays in [-9, -5]: 8 tokens from the middle row
     exceed diag_dot_range, so the blocks go one key token at a time."""
-    _key_options(monkeypatch, score_kd=-1, dqk_cols=2)
+    _key_options(monkeypatch, score_kd=-1, dqk_diag=2)
     check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=torch.float32, device="cpu",
              lengths=[70, 50], low=-9.0, high=-5.0)
 
