@@ -20,9 +20,12 @@ rm -f "$OUT/gpu_tests.xml"
 #    against the 3-D weights, and bwd_dqk split into an intra pass and a whole-chunk pass
 #    that finishes dg (key_split); then the column loops alone (score_kd 0, dqk_diag 1)
 timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_gated.py --kinds key \
-    --chunks default --tiles default --warps default --stages 1 --score-kd 8,-1,0 \
-    --dqk-diag 0,2,1 --key-split 0,1 --json "$OUT/sweep_key.json" --budget-s 130 \
+    --chunks default --tiles default --warps default --stages 1 --score-kd 8,-1 \
+    --dqk-diag 0,2 --key-split 0,1 --json "$OUT/sweep_key.json" --budget-s 100 \
     > "$OUT/sweep_key.log" 2>&1
+timeout $(( $(left) * 10 / 100 )) python3 benchmarks/sweep_gated.py --kinds key \
+    --chunks default --tiles default --warps default --stages 1 --score-kd 0 \
+    --dqk-diag 1 --key-split 1 --budget-s 30 >> "$OUT/sweep_key.log" 2>&1
 
 # 3) the delta rule's hoisted chunk-local dU' (delta_bwd.DV_LOCAL_HOISTED), 4 and 8 warps
 timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_delta.py --kinds delta,gated_delta \
