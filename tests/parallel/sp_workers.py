@@ -48,10 +48,25 @@ def _entry(rank, fn, world, port, args):
         dist.destroy_process_group()
 
 
-def run_processes(entry, fn, world: int, args, timeout: float, what: str):
+def run_processes(entry, fn, world: int, args, timeout: float, what: str, attempts: int = 3):
     """Starts entry(rank, fn, world, port, args) in `world` spawned processes on loopback;
     raises on an error in any of them, and kills them and fails after `timeout` seconds
-    instead of hanging. Shared by every multi-process test of this folder."""
+    instead of hanging. Shared by every multi-process test of this folder.
+
+    A run whose process dies by a signal (not a Python error) is started again on a new port,
+    up to `attempts` runs: _free_port() releases its port before rank 0 binds it, and under
+    CI's load another process can take it in between; gloo then aborts the process
+    ("terminate called without an active exception", seen once in a CI-like run)."""
+    for attempt in range(attempts):
+        try:
+            _run_once(entry, fn, world, args, timeout, what)
+            return
+        except mp.ProcessExitedException:
+            if attempt == attempts - 1:
+                raise
+
+
+def _run_once(entry, fn, world: int, args, timeout: float, what: str):
     ctx = mp.start_processes(entry, args=(fn, world, _free_port(), args), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
