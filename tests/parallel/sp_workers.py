@@ -46,6 +46,17 @@ def _entry(rank, fn, world, port, args):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_now()
+
+
+def exit_now():
+    """Ends a spawned child that finished its work: flushes its output and leaves without the
+    interpreter's finalisation, where gloo's worker threads can still hold tensors and abort
+    the process ("terminate called without an active exception"; pytorch/pytorch PR 179291
+    describes the race). Seen under CI's load in 2 of 4 full runs on 2026-11-29."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_processes(entry, fn, world: int, args, timeout: float, what: str, attempts: int = 3):
@@ -54,9 +65,9 @@ def run_processes(entry, fn, world: int, args, timeout: float, what: str, attemp
     instead of hanging. Shared by every multi-process test of this folder.
 
     A run whose process dies by a signal (not a Python error) is started again on a new port,
-    up to `attempts` runs: _free_port() releases its port before rank 0 binds it, and under
-    CI's load another process can take it in between; gloo then aborts the process
-    ("terminate called without an active exception", seen once in a CI-like run)."""
+    up to `attempts` runs (each run must start from a clean slate): _free_port() releases its
+    port before rank 0 binds it, and under CI's load another process can take it in between;
+    and see exit_now for the abort at exit."""
     for attempt in range(attempts):
         try:
             _run_once(entry, fn, world, args, timeout, what)

@@ -83,8 +83,10 @@ def test_train_on_two_ranks_matches_one_process(tmp_path):
     single, parallel = tmp_path / "single", tmp_path / "parallel"
     argv = ["train", *TINY, "--lr", "2e-3"]
     assert main([*argv, "--out", str(single)]) == 0
+    # --overwrite: a rerun after a process lost to a signal starts clean (sp_workers)
     workers.spawn_like_torchrun(workers.train_with_cli, 2,
-                                [*argv, "--sequence-parallel", "--out", str(parallel)])
+                                [*argv, "--sequence-parallel", "--out", str(parallel),
+                                 "--overwrite"])
     a, b = load_file(str(single / "model.safetensors")), load_file(str(parallel / "model.safetensors"))
     model_cfg, _, cfg = load_run(single)
     init = build_model(model_cfg, torch.device("cpu"), cfg.seed).state_dict()
