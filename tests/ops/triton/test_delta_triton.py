@@ -113,6 +113,15 @@ def test_dv_local_hoisted(gated, dtype, monkeypatch):
           dtype=dtype)
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_inverse_tf32x3(gated, monkeypatch):
+    """The inverse's off-diagonal blocks by tf32x3 dots (delta_fwd.INVERSE_TF32X3; 16-bit
+    inputs only): float16, unnormalised keys, where the inverse is far from the identity."""
+    from linattn.ops.triton import delta_fwd
+    monkeypatch.setattr(delta_fwd, "INVERSE_TF32X3", True)
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=11, knorm="free"), dtype=torch.float16)
+
+
 def test_wide_head_dims():
     """K = 128 > one 64-wide tile (several K tiles in the chunk kernels), V = 64."""
     check(make_inputs(1, 20, 1, 128, 64, gated=True, seed=6))
