@@ -218,6 +218,16 @@ def test_key_gate_options_cpu(monkeypatch, dtype, options):
     check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50])
 
 
+def test_key_split_frozen_gate_cpu(monkeypatch):
+    """key_split with a per-key decay that needs no gradient: the whole-chunk pass forms no
+    dg; dq, dk, dv and the states' gradients must not change."""
+    _key_options(monkeypatch, key_split=True, score_kd=-1, dqk_diag=2)
+    inputs, names = helpers.la_inputs("key", H=1, K=24, V=16, lengths=[70, 1, 50], state=True)
+    helpers.check_against_oracle(_la("triton"), _la("reference"), inputs, dtype=torch.float32,
+                                 grad_names=[n for n in names if n != "g"], device="cpu",
+                                 output_final_state=True)
+
+
 def test_key_gate_dots_fall_back_at_steep_decays_cpu(monkeypatch):
     """score_kd -1 and dqk_diag 2 with log-decays in [-9, -5]: 8 tokens from the middle row
     exceed diag_dot_range, so the blocks go one key token at a time."""
