@@ -28,9 +28,10 @@ timeout $(( $(left) * 10 / 100 )) python3 benchmarks/sweep_gated.py --kinds key 
     --dqk-diag 1 --key-split 1 --budget-s 30 >> "$OUT/sweep_key.log" 2>&1
 
 # 3) the delta rule's hoisted chunk-local dU' (delta_bwd.DV_LOCAL_HOISTED), 4 and 8 warps,
-#    and the inverse's tf32x3 dots (delta_fwd.INVERSE_TF32X3)
-timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_delta.py --kinds delta,gated_delta \
-    --variants default,dv_local,dv_local_w8,inv_tf32x3 --json "$OUT/sweep_delta.json" 2>&1 | tail -24
+#    the inverse's tf32x3 dots (delta_fwd.INVERSE_TF32X3), prep's A in registers
+timeout $(( $(left) * 35 / 100 )) python3 benchmarks/sweep_delta.py --kinds delta,gated_delta \
+    --variants default,dv_local,dv_local_w8,inv_tf32x3,prep_regs,prep_regs_tf32x3 \
+    --json "$OUT/sweep_delta.json" 2>&1 | tail -24
 
 # 4) the T = 32768 ratio (B 2): the scans' programs per SM (common.SCAN_PROGRAMS_PER_SM),
 #    and mLSTMexp's chunk 64 against 128 there

@@ -122,6 +122,17 @@ def test_inverse_tf32x3(gated, monkeypatch):
     check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=11, knorm="free"), dtype=torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_prep_a_in_registers(gated, dtype, monkeypatch):
+    """prep with A's 16 x 16 blocks formed by dots and inverted in registers
+    (delta_fwd.PREP_A_IN_REGISTERS): varlen with ragged chunk ends, unnormalised keys."""
+    from linattn.ops.triton import delta_fwd
+    monkeypatch.setattr(delta_fwd, "PREP_A_IN_REGISTERS", True)
+    check(make_inputs(1, 135, 1, 16, 24, gated=gated, seed=12, lengths=[70, 1, 64], knorm="free"),
+          dtype=dtype)
+
+
 def test_wide_head_dims():
     """K = 128 > one 64-wide tile (several K tiles in the chunk kernels), V = 64."""
     check(make_inputs(1, 20, 1, 128, 64, gated=True, seed=6))
