@@ -230,10 +230,12 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
         for i_k in range(tl.cdiv(K, BK)):
             p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                     (t0, i_k * BK), (BT, BK), (1, 0))
-            b_k = tl.load(p_k, boundary_check=(0, 1))  # inputs' dtype: exact products either way,
-            b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # 16-bit MMA at twice tf32's rate
+            # inputs' dtype: exact products either way, 16-bit MMA at twice tf32's rate
+            b_k = tl.load(p_k, boundary_check=(0, 1))
+            b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
         m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
-        b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))  # Gamma, 0 off-mask
+        # Gamma, 0 off the mask
+        b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))
         b_a = b_kk * b_gam * b_beta[:, None]
 
         # stage A in tinv's rows so that its 16 x 16 blocks can be read back

@@ -323,7 +323,8 @@ def key_diag_grads_cols(dA, qt, bq, k, gb, hh, t0, eos, rows, mr, ck, mk, H, K, 
 
 @triton.jit
 def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, dq_out, dk_out, gq,
-                   gk, gks, gkw, dq_intra, dk_intra, dd_intra, sdot, tile_seq, tile_start, cu, coff, scale, H, TT,
+                   gk, gks, gkw, dq_intra, dk_intra, dd_intra, sdot, tile_seq, tile_start, cu,
+                   coff, scale, H, TT,
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
