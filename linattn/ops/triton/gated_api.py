@@ -78,7 +78,7 @@ class KernelConfig:
     # key columns per step of key_scores' elementwise diagonal blocks ([16, 16, score_kd]
     # float32 weights): 8 compiles to 112 registers and no spills on sm_90 at 4 warps (16:
     # 128 and 28 B of spills, 32: 168), i.e. 4 programs per SM instead of 3; 16.53 against
-    # 16.79 ms fwd+bwd at 32 (H200, 2026-11-29). 0: one key token at a time over [16, BK]
+    # 16.79 ms per-key fwd+bwd at 32 (H200, 2026-11-29). 0: one key token at a time over [16, BK]
     # tiles (no 3-D tensors), not yet timed (key_scores was 3.09 of per-key's 16.62 ms); -1:
     # one dot relative to the block's middle row where the log-decays allow it
     # (gated_fwd.diag_dot_range), else as 0. Not yet timed.

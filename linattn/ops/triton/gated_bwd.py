@@ -284,17 +284,11 @@ def key_dscores_kernel(do, v, dsc, chunk_start, chunk_end, H, V, L: tl.constexpr
     hh = tl.program_id(1).to(tl.int64)
     cs = tl.load(chunk_start + ic).to(tl.int64)
     ce = tl.load(chunk_end + ic).to(tl.int64)
-    DT = do.dtype.element_ty
     idx = tl.arange(0, L)
     rows = cs + idx
     mr = rows < ce
-    acc = tl.zeros([L, L], dtype=tl.float32)
-    for vb in range(tl.cdiv(V, BV)):
-        cv = vb * BV + tl.arange(0, BV)
-        mv = cv < V
-        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)             # [L, BV] do
-        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)                # [L, BV] v
-        acc += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
+    # the chunk against itself (no mLSTM scaling: per-key gates only, so rdt, dqt go unread)
+    acc = do_v_tile(do, v, hh, rows, mr, rows, mr, mr, mr, H, V, L, BV, False, IEEE)
     keep = mr[:, None] & (idx[:, None] >= idx[None, :])
     tl.store(dsc + (rows[:, None] * H + hh) * L + idx[None, :], acc, mask=keep)
 
@@ -434,17 +428,13 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
         # 3) the diagonal tile, causal mask t >= s, the same-token terms apart (dd)
         if GATE != 2:
             dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
-            causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
+            dA = gate_diag(dA, rows, mr, qe, ke, GATE, IEEE)
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            if GATE == 1:
-                dA = dA * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
-                if GATE_SUMS:                                   # same-token terms apart (5)
-                    same = rows[:, None] == rows[None, :]
-                    dd = tl.sum(tl.where(same, dA, 0.0), axis=1)  # dA_tt
-                    dA = tl.where(same, 0.0, dA)
-            else:
-                dA = tl.where(causal, dA, 0.0)
+            if GATE == 1 and GATE_SUMS:                         # same-token terms apart (5)
+                same = rows[:, None] == rows[None, :]
+                dd = tl.sum(tl.where(same, dA, 0.0), axis=1)     # dA_tt
+                dA = tl.where(same, 0.0, dA)
             dq += dot(dA.to(DT), kt.to(DT), IEEE)
             dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
         else:

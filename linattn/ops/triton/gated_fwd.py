@@ -139,8 +139,9 @@ def chunk_end_exp(gb, gm, ce, hh, H, MEXP: tl.constexpr):
 @triton.jit
 def gate_diag(A, rows, mr, qe, ke, GATE: tl.constexpr, IEEE: tl.constexpr):
     """A tile's raw scores against itself, A[t, s] = scale q_t . k_s (fwd_o and bwd_dv form
-    them in their pass over K) -> zero above the diagonal and past the sequence's end, times
-    exp(qe_t + ke_s) for GATE 1. Per-key gates: key_scores_kernel."""
+    them in their pass over K), or their cotangents do_t . v_s (bwd_dqk) -> zero above the
+    diagonal and past the sequence's end, times exp(qe_t + ke_s) for GATE 1. Per-key gates:
+    key_scores_kernel."""
     causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
     if GATE == 1:
         return A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
