@@ -20,7 +20,7 @@ import helpers  # noqa: E402
 from linattn.models import CausalLM, LMConfig  # noqa: E402
 from linattn.parallel import SequenceParallelContext  # noqa: E402
 from linattn.train import all_reduce_gradients  # noqa: E402
-from sp_workers import exit_now, run_processes  # noqa: E402
+from sp_workers import run_processes  # noqa: E402
 
 
 def _entry(rank, fn, world, port, args):
@@ -28,7 +28,6 @@ def _entry(rank, fn, world, port, args):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     fn(rank, world, *args)
-    exit_now()
 
 
 def spawn_like_torchrun(fn, world: int, *args, timeout: float = 120.0):

@@ -46,14 +46,15 @@ def _entry(rank, fn, world, port, args):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    exit_now()
 
 
-def exit_now():
-    """Ends a spawned child that finished its work: flushes its output and leaves without the
-    interpreter's finalisation, where gloo's worker threads can still hold tensors and abort
-    the process ("terminate called without an active exception"; pytorch/pytorch PR 179291
-    describes the race). Seen under CI's load in 2 of 4 full runs on 2026-11-29."""
+def _child(rank, entry, fn, world, port, args):
+    """A spawned child: entry's work, then the exit without the interpreter's finalisation,
+    where gloo's worker threads can still hold tensors and abort the process ("terminate
+    called without an active exception"; pytorch/pytorch PR 179291 describes the race). Seen
+    under CI's load in 2 of 4 full runs on 2026-11-29. A Python error still propagates (to
+    the parent through torch.multiprocessing) before this exit."""
+    entry(rank, fn, world, port, args)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -67,7 +68,7 @@ def run_processes(entry, fn, world: int, args, timeout: float, what: str, attemp
     A run whose process dies by a signal (not a Python error) is started again on a new port,
     up to `attempts` runs (each run must start from a clean slate): _free_port() releases its
     port before rank 0 binds it, and under CI's load another process can take it in between;
-    and see exit_now for the abort at exit."""
+    and see _child for the abort at exit."""
     for attempt in range(attempts):
         try:
             _run_once(entry, fn, world, args, timeout, what)
@@ -78,7 +79,7 @@ def run_processes(entry, fn, world: int, args, timeout: float, what: str, attemp
 
 
 def _run_once(entry, fn, world: int, args, timeout: float, what: str):
-    ctx = mp.start_processes(entry, args=(fn, world, _free_port(), args), nprocs=world,
+    ctx = mp.start_processes(_child, args=(entry, fn, world, _free_port(), args), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
