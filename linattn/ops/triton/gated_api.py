@@ -75,22 +75,22 @@ class KernelConfig:
     # tiles whose scores come precomputed (gated_fwd.key_scores). 0: BT.
     BTQ: int = 0
     score_warps: int = 0  # num_warps of gated_fwd.key_scores (per-key gates); 0: warps
-    # key columns per step of key_scores' elementwise diagonal blocks ([16, 16, score_kd]
-    # float32 weights): 8 compiles to 112 registers and no spills on sm_90 at 4 warps (16:
-    # 128 and 28 B of spills, 32: 168), i.e. 4 programs per SM instead of 3; 16.53 against
-    # 16.79 ms per-key fwd+bwd at 32 (H200, 2026-11-29). 0: one key token at a time over [16, BK]
-    # tiles (no 3-D tensors), not yet timed (key_scores was 3.09 of per-key's 16.62 ms); -1:
-    # one dot relative to the block's middle row where the log-decays allow it
-    # (gated_fwd.diag_dot_range), else as 0. Not yet timed.
-    score_kd: int = 8
-    # bwd_dqk's per-key diagonal tile: 0 as [BTQ, BTQ, BKQ] weights (16 K float32 elements
-    # per program); 1 one key token at a time over [BTQ, BKQ] tiles; 2 two dots relative to
-    # the tile's middle row where the log-decays allow it, else as 1. Not yet timed.
-    dqk_diag: int = 0
+    # key_scores' per-key diagonal blocks: -1 one dot relative to the block's middle row where
+    # the log-decays allow it (gated_fwd.diag_dot_range), else one key token at a time over
+    # [16, BK] tiles; 0 always the token loop; > 0 [16, 16, score_kd] float32 weights (8: 112
+    # registers, no spills on sm_90). H200, T 8192, D 128, per-key fwd+bwd (sweep_gated,
+    # 2026-11-29, with dqk_diag 2): -1 10.30 ms (fwd 3.18), 8 12.10 (fwd 4.99).
+    score_kd: int = -1
+    # bwd_dqk's per-key diagonal tile: 2 two dots relative to the tile's middle row where the
+    # log-decays allow it, else as 1; 1 one key token at a time over [BTQ, BKQ] tiles; 0 as
+    # [BTQ, BTQ, BKQ] weights. Same sweep (score_kd -1): 2 10.30 ms, 0 14.73; with score_kd 8:
+    # 2 12.10, 0 16.55; the token loops alone (score_kd 0, dqk_diag 1, key_split) 19.98.
+    dqk_diag: int = 2
     # per-key bwd_dqk in two launches, as fla splits it: the intra part on BTQ-token tiles,
     # then the state parts (64-row dots, each state block read once per chunk instead of once
     # per 16-token tile) and the finished dg in registers on whole chunks (needs L = BT).
-    # Not yet timed.
+    # Slower on the H200 (same sweep): 11.18 against 10.30 ms with the dots, 17.32 against
+    # 16.55 with the weights.
     key_split: bool = False
 
 
