@@ -43,25 +43,12 @@ VARIANTS = {
     "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
     "f32_u": {"flags": {"delta_fwd.U_IN_INPUT_DTYPE": False}},
     "f32_grads": {"flags": {"delta_bwd.GRADS_IN_INPUT_DTYPE": False}},
-    # dU''s chunk-local part before the reverse scan (delta_bwd.DV_LOCAL_HOISTED), 4 or 8 warps
-    "dv_local": {"flags": {"delta_bwd.DV_LOCAL_HOISTED": True}},
-    "dv_local_w8": {"flags": {"delta_bwd.DV_LOCAL_HOISTED": True}, "dv_local": dict(num_warps=8)},
-    # the inverse's off-diagonal blocks by tf32x3 dots (delta_fwd.INVERSE_TF32X3)
-    "inv_tf32x3": {"flags": {"delta_fwd.INVERSE_TF32X3": True}},
-    # prep's A blocks by dots, inverted in registers (delta_fwd.PREP_A_IN_REGISTERS), alone
-    # and with the tf32x3 inverse (with ieee it spills 56 B on sm_90 gated)
-    "prep_regs": {"flags": {"delta_fwd.PREP_A_IN_REGISTERS": True}},
-    "prep_regs_tf32x3": {"flags": {"delta_fwd.PREP_A_IN_REGISTERS": True,
-                                   "delta_fwd.INVERSE_TF32X3": True}},
 }
-FLAGS = {f"{mod.__name__.rsplit('.', 1)[1]}.{attr}": getattr(mod, attr)   # the library's defaults
-         for mod, attr in ((delta_fwd, "STATES_IN_INPUT_DTYPE"), (delta_fwd, "U_IN_INPUT_DTYPE"),
-                           (delta_bwd, "GRADS_IN_INPUT_DTYPE"), (delta_bwd, "DV_LOCAL_HOISTED"),
-                           (delta_fwd, "INVERSE_TF32X3"), (delta_fwd, "PREP_A_IN_REGISTERS"))}
+FLAGS = {"delta_fwd.STATES_IN_INPUT_DTYPE": True, "delta_fwd.U_IN_INPUT_DTYPE": True,
+         "delta_bwd.GRADS_IN_INPUT_DTYPE": True}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
-                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy",
-                "bwd_dv_kernel": "dv_local"}
+                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
 
 
 def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_bv: int) -> None:

@@ -28,30 +28,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import time_gated  # noqa: E402
 
-from linattn.ops.triton import common, gated_api  # noqa: E402
+from linattn.ops.triton import gated_api  # noqa: E402
 
 _DEFAULT_CONFIG = gated_api._config
-_DEFAULT_SCAN_FILL = common.SCAN_PROGRAMS_PER_SM
 
 
 SETTINGS = ("chunk", "tile", "warps", "scan_warps", "stages", "dqk_bk", "dqk_warps", "score_warps",
-            "score_kd", "dqk_diag", "scan_fill", "key_split")
+            "score_kd", "dqk_diag")
 DEFAULTS = (None,) * len(SETTINGS)
 
 
 def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=None,
-                 score_warps=None, score_kd=None, dqk_diag=None, scan_fill=None, key_split=None):
+                 score_warps=None, score_kd=None, dqk_diag=None):
     """Makes gated_api pick these settings (None: the default) until the next call."""
     gated_api.CHUNK, gated_api.TILE = chunk, tile
-    common.SCAN_PROGRAMS_PER_SM = scan_fill or _DEFAULT_SCAN_FILL
 
     def config(*a, **kw):
         cfg, L, BT = _DEFAULT_CONFIG(*a, **kw)
         repl = {k: v for k, v in dict(warps=warps, scan_warps=scan_warps, stages=stages,
                                       BKQ=dqk_bk, dqk_warps=dqk_warps, score_warps=score_warps,
-                                      score_kd=score_kd,
-                                      dqk_diag=dqk_diag,
-                                      key_split=None if key_split is None else bool(key_split)).items()
+                                      score_kd=score_kd, dqk_diag=dqk_diag).items()
                 if v is not None}
         return dataclasses.replace(cfg, **repl), L, BT
 
@@ -105,10 +101,6 @@ def main(argv=None):
     p.add_argument("--score-kd", default="default",
                    help="key columns per step of key_scores' diagonal (0: one key token at a "
                         "time, -1: a dot where the decays allow)")
-    p.add_argument("--scan-fill", default="default",
-                   help="the scans' programs per SM that fill_v_block aims for (small B)")
-    p.add_argument("--key-split", default="default",
-                   help="1: per-key bwd_dqk as an intra pass and a whole-chunk pass that finishes dg")
     p.add_argument("--dqk-diag", default="default",
                    help="bwd_dqk's per-key diagonal: 0 3-D weights, 1 one key token at a time, "
                         "2 dots where the decays allow")
@@ -128,8 +120,7 @@ def main(argv=None):
     combos = list(itertools.product(ints(args.chunks), ints(args.tiles), ints(args.warps),
                                     ints(args.scan_warps), ints(args.stages), ints(args.dqk_bk),
                                     ints(args.dqk_warps), ints(args.score_warps),
-                                    ints(args.score_kd), ints(args.dqk_diag), ints(args.scan_fill),
-                                    ints(args.key_split)))
+                                    ints(args.score_kd), ints(args.dqk_diag)))
     start, rows = time.perf_counter(), []
     for kind in args.kinds.split(","):
         ins = time_gated.make(kind, B, T, H, D, dev, dtype)
@@ -153,13 +144,13 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(dict(shape=dict(B=B, T=T, H=H, D=D, dtype=str(dtype)),
                                                    rows=rows), indent=1))
     print(f"\n{'kind':<10} {'L':>4} {'BT':>4} {'warps':>5} {'scan':>4} {'stg':>3} {'dqkBK':>5} {'dqkW':>4}"
-          f" {'scW':>4} {'scKD':>4} {'diag':>4} {'fill':>4} {'splt':>4} {'fwd ms':>8} {'fwd+bwd':>8}  diff")
+          f" {'scW':>4} {'scKD':>4} {'diag':>4} {'fwd ms':>8} {'fwd+bwd':>8}  diff")
     for r in rows:
         if "error" in r:
             continue
         print(f"{r['kind']:<10} {str(r['chunk']):>4} {str(r['tile']):>4} {str(r['warps']):>5} "
               f"{str(r['scan_warps']):>4} {str(r['stages']):>3} {str(r['dqk_bk']):>5} {str(r['dqk_warps']):>4} "
-              f"{str(r['score_warps']):>4} {str(r['score_kd']):>4} {str(r['dqk_diag']):>4} {str(r['scan_fill']):>4} {str(r['key_split']):>4} "
+              f"{str(r['score_warps']):>4} {str(r['score_kd']):>4} {str(r['dqk_diag']):>4} "
               f"{r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>8.3f}  "
               f"{r['max_diff_vs_default']:.2e}")
     return 0

@@ -45,20 +45,13 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# The scans' V blocks are halved until they give this many programs per SM (fill_v_block).
-# 1 measured (T ratio 1.15-1.20 -> 1.10-1.14, H200, 2026-11-29); more programs per SM hide
-# more of each scan step's latency at smaller V blocks: 2 and 4 not yet timed.
-SCAN_PROGRAMS_PER_SM: int = 1
-
-
 def fill_v_block(BV: int, V: int, programs_per_v_block: int, device: torch.device) -> int:
     """V block of a sequential state scan (one program per sequence, head and state block):
     BV halved, down to 16, while the programs, programs_per_v_block * cdiv(V, BV), are fewer
-    than SCAN_PROGRAMS_PER_SM times the device's SMs. Few long sequences (B = 2 at T = 32768:
-    32 (sequence, head) pairs at H = 16) otherwise leave most SMs idle through the scans'
-    chunk-by-chunk loop; at the bench's B = 8 every scan already has >= 256 programs, so
-    nothing changes there at 1."""
-    sms = sm_count(device) * SCAN_PROGRAMS_PER_SM
+    than the device's SMs. Few long sequences (B = 2 at T = 32768: 32 (sequence, head) pairs
+    at H = 16) otherwise leave most SMs idle through the scans' chunk-by-chunk loop; at the
+    bench's B = 8 every scan already has >= 256 programs, so nothing changes there."""
+    sms = sm_count(device)
     while BV > 16 and programs_per_v_block * triton.cdiv(V, BV) < sms:
         BV //= 2
     return BV

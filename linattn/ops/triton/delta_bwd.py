@@ -26,9 +26,7 @@ import triton.language as tl
 from .. import alloc
 from . import delta_fwd
 from .common import fill_v_block, head_tile
-from .delta_fwd import (BT, chunk_program, dot_precision, full_tile, gated_config, scan_v_tile,
-                        sequence_program)
-from .gated_bwd import bwd_dv
+from .delta_fwd import BT, chunk_program, dot_precision, full_tile, scan_v_tile, sequence_program
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
 # bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): grads_wy on 4 warps 3.27 -> 1.99 although
@@ -38,16 +36,7 @@ LAUNCH = {
     "reverse_scan": dict(num_warps=4, num_stages=1),   # 8 warps, 1 stage at K = 256
     "grads_qk": dict(num_warps=8, num_stages=1),
     "grads_wy": dict(num_warps=4, num_stages=1),
-    "dv_local": dict(num_warps=4, num_stages=1),       # not yet timed
 }
-
-# The chunk-local part of dU', scale (tril(Q K^T) * Gamma)^T dO, formed before the reverse
-# scan, chunk-parallel, by the gated family's bwd_dv (its own tile's scores, no state term),
-# instead of inside the scan's sequential loop, which then adds K dS' to it: two of the five
-# dots per step leave the serial chain (fla does the same: chunk_bwd_dv_local). Stored in
-# grad_dtype, like dU' itself. Not yet timed (the reverse scan is 1.96 of DeltaNet's 10.57 ms
-# at T 8192, D 128); False keeps the part inside the scan.
-DV_LOCAL_HOISTED: bool = False
 # grads_qk's V tile cap. Timed on the H200 (sweep_delta.py, bf16, T 8192, D 128, 2026-11-29,
 # grads_qk ms, BV 64 / 32): ungated 2.87 / 3.75, gated 4.22 / 4.47, although the gated kernel
 # spills 624 B on sm_90 at 64 (8 warps) and none at 32.
@@ -72,13 +61,12 @@ def grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @triton.jit
-def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, chunk_offsets,
+def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_offsets,
                           scale, H, K, V,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                          DV_LOCAL: tl.constexpr, PREC: tl.constexpr):
+                          PREC: tl.constexpr):
     """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
-    DV_LOCAL: dU''s chunk-local part comes formed in dvl (DV_LOCAL_HOISTED).
 
     BK spans all of K (the launcher picks full_tile(K)): W^T dU' contracts over the chunk
     but yields all K rows of dS."""
@@ -119,27 +107,21 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, c
         b_q = tl.load(p_q, boundary_check=(0, 1))
         b_k = tl.load(p_k, boundary_check=(0, 1))
         b_do = tl.load(p_do, boundary_check=(0, 1))
+        # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
+        b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [j, i], exact products
+        m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
         if USE_G:
             last = tl.minimum(t0 + BT, Tn) - 1
             b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
+            b_kq = b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
+        else:
+            b_kq = tl.where(m_c, b_kq, 0.0)
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
         b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
         if USE_G:
             b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-        if DV_LOCAL:
-            p_dvl = tl.make_block_ptr(dvl + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                      (t0, i_v * BV), (BT, BV), (1, 0))
-            b_dv = tl.load(p_dvl, boundary_check=(0, 1)).to(tl.float32) + b_kds
-        else:
-            # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
-            b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [j, i], exact products
-            m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
-            if USE_G:
-                b_kq = b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
-            else:
-                b_kq = tl.where(m_c, b_kq, 0.0)
-            b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
+        b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
         if USE_G:
@@ -389,20 +371,12 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype), device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
     BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V), V, N * H, dev)
-    dvl = None
-    if DV_LOCAL_HOISTED and N:
-        # [TT, H, V] in grad_dtype: sum over the chunk's queries t >= s (gated_bwd.bwd_dv)
-        cfg = gated_config(q.dtype, gc is not None, K, V, LAUNCH["dv_local"], 64)
-        dvl = bwd_dv(q, k, do, gc, None, None, None, None, layout, cfg, scale,
-                     grad_dtype(q.dtype), V)
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
-            q, k, w, gc if gc is not None else w, do, dvl if dvl is not None else do,
-            dfinal if dfinal is not None else dh,
+            q, k, w, gc if gc is not None else w, do, dfinal if dfinal is not None else dh,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
-            USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, DV_LOCAL=dvl is not None,
-            PREC=dot_precision(q.dtype),
+            USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
             **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
                **(dict(num_stages=2) if BK < 128 else {})})
     return dh, dv2, dh0

@@ -64,18 +64,6 @@ OUTPUT_BV = 64
 STATES_IN_INPUT_DTYPE: bool = True
 
 
-# The inverse's off-diagonal 16 x 16 blocks by "tf32x3" dots (three tf32 products on tensor
-# cores, about float32's precision) instead of exact "ieee" ones on CUDA cores, for 16-bit
-# inputs: six chained dots per chunk and head. Not yet timed; float32 inputs keep ieee.
-INVERSE_TF32X3: bool = False
-
-# prep forms A's ten lower 16 x 16 blocks by dots of the chunk's 16-row key blocks and
-# inverts the diagonal ones in registers, instead of staging the whole A through tinv and
-# reading its blocks back (three fewer barriers and global round trips per chunk and head).
-# Not yet timed.
-PREP_A_IN_REGISTERS: bool = False
-
-
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the stored chunk states h for inputs of this dtype."""
     return dtype if STATES_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
@@ -127,40 +115,6 @@ def _inv_unit_lower_blocks(a, NB: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _inv_unit_lower(a, BC: tl.constexpr):
-    """(I + a)^-1 of one strictly lower-triangular [BC, BC] float32 block."""
-    return tl.reshape(_inv_unit_lower_blocks(tl.reshape(a, (1, BC, BC)), 1, BC), (BC, BC))
-
-
-@triton.jit
-def _key_block(k, beta, gc, bos, Tn, t0, i_h, H, K, r: tl.constexpr, BC: tl.constexpr,
-               USE_G: tl.constexpr):
-    """Rows r * BC .. of a chunk: their key rows' base pointers [BC] (add the columns), b
-    (0 without a gate), beta (0 past the end) and which rows are inside the sequence."""
-    o_c = tl.arange(0, BC)
-    rows = t0 + r * BC + o_c                                     # rows within the sequence
-    ok = rows < Tn
-    tok = (bos + rows) * H + i_h                                 # int64 (token, head) offsets
-    b_r = tl.zeros([BC], dtype=tl.float32)
-    if USE_G:
-        b_r = tl.load(gc + tok, mask=ok, other=0.0)
-    be_r = tl.load(beta + tok, mask=ok, other=0.0).to(tl.float32)
-    return k + tok * K, b_r, be_r, ok
-
-
-@triton.jit
-def _gate_block(a, be_r, b_r, b_c, ok_r, BC: tl.constexpr, DIAG: tl.constexpr):
-    """A block of K K^T (rows r, columns c of the chunk) -> diag(beta_r) (. * Gamma): zero
-    past the sequence's end, and on or above the diagonal for a diagonal block (DIAG)."""
-    o = tl.arange(0, BC)
-    keep = ok_r[:, None] & (o[None, :] >= 0)
-    if DIAG:
-        keep = keep & (o[:, None] > o[None, :])
-    gam = tl.exp(tl.where(keep, b_r[:, None] - b_c[None, :], float("-inf")))  # 0 off the mask
-    return a * gam * be_r[:, None]
-
-
-@triton.jit
 def chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT: tl.constexpr):
     """Where a (chunk, head[, tile]) program works: (chunk id i_c, head i_h, its sequence's
     first token bos and length Tn, the chunk's first row t0 in the sequence, the rows o_t,
@@ -194,8 +148,7 @@ def sequence_program(cu_seqlens, chunk_offsets, H):
 @triton.jit
 def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chunk_idx,
                       H, K, V, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
-                      INV_PREC: tl.constexpr, STAGE_A: tl.constexpr):
+                      BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, head): gc = b, tinv = T = (I + A)^-1, w = W, u = U (all float32)."""
     tl.static_assert(BT == 4 * BC, "the UT solve assembles 4 x 4 blocks of BC")
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
@@ -210,8 +163,22 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
     else:
         b_g = tl.zeros([BT], dtype=tl.float32)
 
+    # A = tril(diag(beta) (K K^T * Gamma), -1), K K^T accumulated over K tiles
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                (t0, i_k * BK), (BT, BK), (1, 0))
+        b_k = tl.load(p_k, boundary_check=(0, 1))  # inputs' dtype: exact products either way,
+        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # 16-bit MMA at twice tf32's rate
+    m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
+    b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))  # Gamma, 0 off-mask
+    b_a = b_kk * b_gam * b_beta[:, None]
+
+    # stage A in tinv's rows so that its 16 x 16 blocks can be read back
     p_t = tinv + (bos + t0) * H * BT + i_h * BT  # row r of the chunk at p_t + r * H * BT
     m_st = valid[:, None] & (o_t[None, :] < BT)
+    tl.store(p_t + o_t[:, None] * (H * BT) + o_t[None, :], b_a, mask=m_st)
+    tl.debug_barrier()
     n_rows = Tn - t0  # rows of the chunk inside the sequence (loads past them give 0)
     o_b = tl.arange(0, BT // BC)
     o_c = tl.arange(0, BC)
@@ -219,114 +186,38 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
     c3 = o_b[:, None, None] * BC + o_c[None, None, :]  # [BT // BC, 1, BC] its columns
     p_d = p_t + r3 * (H * BT) + c3  # the BT // BC diagonal blocks
     m_d = (r3 < n_rows) & (c3 < BT)
+    a_d = tl.load(p_d, mask=m_d, other=0.0)
     p_b = p_t + o_c[:, None] * (H * BT) + o_c[None, :]  # block (0, 0); (r, c): + r BC rows, c BC
     m_0 = (o_c < n_rows)[:, None] & (o_c[None, :] < BC)  # rows of block row r inside the sequence
     m_1 = (BC + o_c < n_rows)[:, None] & (o_c[None, :] < BC)
     m_2 = (2 * BC + o_c < n_rows)[:, None] & (o_c[None, :] < BC)
     m_3 = (3 * BC + o_c < n_rows)[:, None] & (o_c[None, :] < BC)
-    if STAGE_A:
-        # A = tril(diag(beta) (K K^T * Gamma), -1), K K^T accumulated over K tiles
-        b_kk = tl.zeros([BT, BT], dtype=tl.float32)
-        for i_k in range(tl.cdiv(K, BK)):
-            p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                    (t0, i_k * BK), (BT, BK), (1, 0))
-            # inputs' dtype: exact products either way, 16-bit MMA at twice tf32's rate
-            b_k = tl.load(p_k, boundary_check=(0, 1))
-            b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
-        m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
-        # Gamma, 0 off the mask
-        b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))
-        b_a = b_kk * b_gam * b_beta[:, None]
+    a10 = tl.load(p_b + BC * H * BT, mask=m_1, other=0.0)
+    a20 = tl.load(p_b + 2 * BC * H * BT, mask=m_2, other=0.0)
+    a21 = tl.load(p_b + 2 * BC * H * BT + BC, mask=m_2, other=0.0)
+    a30 = tl.load(p_b + 3 * BC * H * BT, mask=m_3, other=0.0)
+    a31 = tl.load(p_b + 3 * BC * H * BT + BC, mask=m_3, other=0.0)
+    a32 = tl.load(p_b + 3 * BC * H * BT + 2 * BC, mask=m_3, other=0.0)
+    tl.debug_barrier()  # every read of A is done before T overwrites it
 
-        # stage A in tinv's rows so that its 16 x 16 blocks can be read back
-        tl.store(p_t + o_t[:, None] * (H * BT) + o_t[None, :], b_a, mask=m_st)
-        tl.debug_barrier()
-        a_d = tl.load(p_d, mask=m_d, other=0.0)
-        a10 = tl.load(p_b + BC * H * BT, mask=m_1, other=0.0)
-        a20 = tl.load(p_b + 2 * BC * H * BT, mask=m_2, other=0.0)
-        a21 = tl.load(p_b + 2 * BC * H * BT + BC, mask=m_2, other=0.0)
-        a30 = tl.load(p_b + 3 * BC * H * BT, mask=m_3, other=0.0)
-        a31 = tl.load(p_b + 3 * BC * H * BT + BC, mask=m_3, other=0.0)
-        a32 = tl.load(p_b + 3 * BC * H * BT + 2 * BC, mask=m_3, other=0.0)
-        tl.debug_barrier()  # every read of A is done before T overwrites it
-
-        # diagonal blocks X_rr = (I + A_rr)^-1, staged in place and read back one by one
-        tl.store(p_d, _inv_unit_lower_blocks(a_d, BT // BC, BC), mask=m_d)
-        tl.debug_barrier()
-        x00 = tl.load(p_b, mask=m_0, other=0.0)
-        x11 = tl.load(p_b + BC * H * BT + BC, mask=m_1, other=0.0)
-        x22 = tl.load(p_b + 2 * BC * H * BT + 2 * BC, mask=m_2, other=0.0)
-        x33 = tl.load(p_b + 3 * BC * H * BT + 3 * BC, mask=m_3, other=0.0)
-    else:
-        # A's ten lower 16 x 16 blocks by dots of the chunk's four 16-row key blocks (no
-        # staging of A through memory), the diagonal blocks inverted in registers; T's blocks
-        # (zeros above the diagonal) stored into tinv for the read-back below
-        if USE_G:
-            tl.debug_barrier()  # b (gc), stored above, is read back per block
-        k0, bt0, be0, v0 = _key_block(k, beta, gc, bos, Tn, t0, i_h, H, K, 0, BC, USE_G)
-        k1, bt1, be1, v1 = _key_block(k, beta, gc, bos, Tn, t0, i_h, H, K, 1, BC, USE_G)
-        k2, bt2, be2, v2 = _key_block(k, beta, gc, bos, Tn, t0, i_h, H, K, 2, BC, USE_G)
-        k3, bt3, be3, v3 = _key_block(k, beta, gc, bos, Tn, t0, i_h, H, K, 3, BC, USE_G)
-        a00 = tl.zeros([BC, BC], dtype=tl.float32)
-        a10 = tl.zeros([BC, BC], dtype=tl.float32)
-        a11 = tl.zeros([BC, BC], dtype=tl.float32)
-        a20 = tl.zeros([BC, BC], dtype=tl.float32)
-        a21 = tl.zeros([BC, BC], dtype=tl.float32)
-        a22 = tl.zeros([BC, BC], dtype=tl.float32)
-        a30 = tl.zeros([BC, BC], dtype=tl.float32)
-        a31 = tl.zeros([BC, BC], dtype=tl.float32)
-        a32 = tl.zeros([BC, BC], dtype=tl.float32)
-        a33 = tl.zeros([BC, BC], dtype=tl.float32)
-        for i_k in range(tl.cdiv(K, BK)):
-            ck = i_k * BK + tl.arange(0, BK)
-            mk = ck < K
-            q0 = tl.load(k0[:, None] + ck[None, :], mask=v0[:, None] & mk[None, :], other=0.0)
-            q1 = tl.load(k1[:, None] + ck[None, :], mask=v1[:, None] & mk[None, :], other=0.0)
-            q2 = tl.load(k2[:, None] + ck[None, :], mask=v2[:, None] & mk[None, :], other=0.0)
-            q3 = tl.load(k3[:, None] + ck[None, :], mask=v3[:, None] & mk[None, :], other=0.0)
-            a00 += tl.dot(q0, tl.trans(q0), input_precision=PREC)  # exact 16-bit products
-            a10 += tl.dot(q1, tl.trans(q0), input_precision=PREC)
-            a11 += tl.dot(q1, tl.trans(q1), input_precision=PREC)
-            a20 += tl.dot(q2, tl.trans(q0), input_precision=PREC)
-            a21 += tl.dot(q2, tl.trans(q1), input_precision=PREC)
-            a22 += tl.dot(q2, tl.trans(q2), input_precision=PREC)
-            a30 += tl.dot(q3, tl.trans(q0), input_precision=PREC)
-            a31 += tl.dot(q3, tl.trans(q1), input_precision=PREC)
-            a32 += tl.dot(q3, tl.trans(q2), input_precision=PREC)
-            a33 += tl.dot(q3, tl.trans(q3), input_precision=PREC)
-        # diag(beta) (. * Gamma), strictly lower inside the diagonal blocks
-        a10 = _gate_block(a10, be1, bt1, bt0, v1, BC, False)
-        a20 = _gate_block(a20, be2, bt2, bt0, v2, BC, False)
-        a21 = _gate_block(a21, be2, bt2, bt1, v2, BC, False)
-        a30 = _gate_block(a30, be3, bt3, bt0, v3, BC, False)
-        a31 = _gate_block(a31, be3, bt3, bt1, v3, BC, False)
-        a32 = _gate_block(a32, be3, bt3, bt2, v3, BC, False)
-        x00 = _inv_unit_lower(_gate_block(a00, be0, bt0, bt0, v0, BC, True), BC)
-        x11 = _inv_unit_lower(_gate_block(a11, be1, bt1, bt1, v1, BC, True), BC)
-        x22 = _inv_unit_lower(_gate_block(a22, be2, bt2, bt2, v2, BC, True), BC)
-        x33 = _inv_unit_lower(_gate_block(a33, be3, bt3, bt3, v3, BC, True), BC)
-        zero = tl.zeros([BC, BC], dtype=tl.float32)
-        tl.store(p_b, x00, mask=m_0)
-        tl.store(p_b + BC, zero, mask=m_0)
-        tl.store(p_b + 2 * BC, zero, mask=m_0)
-        tl.store(p_b + 3 * BC, zero, mask=m_0)
-        tl.store(p_b + BC * H * BT + BC, x11, mask=m_1)
-        tl.store(p_b + BC * H * BT + 2 * BC, zero, mask=m_1)
-        tl.store(p_b + BC * H * BT + 3 * BC, zero, mask=m_1)
-        tl.store(p_b + 2 * BC * H * BT + 2 * BC, x22, mask=m_2)
-        tl.store(p_b + 2 * BC * H * BT + 3 * BC, zero, mask=m_2)
-        tl.store(p_b + 3 * BC * H * BT + 3 * BC, x33, mask=m_3)
+    # diagonal blocks X_rr = (I + A_rr)^-1, staged in place and read back one by one
+    tl.store(p_d, _inv_unit_lower_blocks(a_d, BT // BC, BC), mask=m_d)
+    tl.debug_barrier()
+    x00 = tl.load(p_b, mask=m_0, other=0.0)
+    x11 = tl.load(p_b + BC * H * BT + BC, mask=m_1, other=0.0)
+    x22 = tl.load(p_b + 2 * BC * H * BT + 2 * BC, mask=m_2, other=0.0)
+    x33 = tl.load(p_b + 3 * BC * H * BT + 3 * BC, mask=m_3, other=0.0)
     # off-diagonal blocks: X_rc = -X_rr sum_{c <= m < r} A_rm X_mc
-    x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision=INV_PREC), input_precision=INV_PREC)
-    x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision=INV_PREC), input_precision=INV_PREC)
-    x20 = -tl.dot(x22, tl.dot(a20, x00, input_precision=INV_PREC)
-                  + tl.dot(a21, x10, input_precision=INV_PREC), input_precision=INV_PREC)
-    x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision=INV_PREC), input_precision=INV_PREC)
-    x31 = -tl.dot(x33, tl.dot(a31, x11, input_precision=INV_PREC)
-                  + tl.dot(a32, x21, input_precision=INV_PREC), input_precision=INV_PREC)
-    x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision=INV_PREC)
-                  + tl.dot(a31, x10, input_precision=INV_PREC)
-                  + tl.dot(a32, x20, input_precision=INV_PREC), input_precision=INV_PREC)
+    x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision="ieee"), input_precision="ieee")
+    x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision="ieee"), input_precision="ieee")
+    x20 = -tl.dot(x22, tl.dot(a20, x00, input_precision="ieee")
+                  + tl.dot(a21, x10, input_precision="ieee"), input_precision="ieee")
+    x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision="ieee"), input_precision="ieee")
+    x31 = -tl.dot(x33, tl.dot(a31, x11, input_precision="ieee")
+                  + tl.dot(a32, x21, input_precision="ieee"), input_precision="ieee")
+    x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision="ieee")
+                  + tl.dot(a31, x10, input_precision="ieee")
+                  + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
 
     # store the off-diagonal blocks (the upper ones hold A's zeros), then read T back whole
     tl.store(p_b + BC * H * BT, x10, mask=m_1)
@@ -437,9 +328,7 @@ def prep(k, v, beta, g, layout):
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             w, u, layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BC=BC, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
-            PREC=dot_precision(k.dtype),
-            INV_PREC="tf32x3" if INVERSE_TF32X3 and k.dtype != torch.float32 else "ieee",
-            STAGE_A=not PREP_A_IN_REGISTERS, **LAUNCH["prep"])
+            PREC=dot_precision(k.dtype), **LAUNCH["prep"])
     return gc, tinv, w, u
 
 
@@ -481,18 +370,13 @@ def output(q, k, vnew, gc, h, layout, scale, out_dtype):
     Returns: o [TT, H, V] in out_dtype.
     """
     K, V = q.shape[-1], vnew.shape[-1]
+    launch = LAUNCH["output"]
     # dots in tf32 on float32 U' and states (exact "ieee" for float32 inputs), as in the scan
-    cfg = gated_config(q.dtype, gc is not None, K, V, LAUNCH["output"], OUTPUT_BV)
+    cfg = KernelConfig(gate=0 if gc is None else 1, has_kw=False, mexp=False, noncausal=False,
+                       ieee=q.dtype == torch.float32, BK=head_tile(K, 64),
+                       BV=head_tile(V, OUTPUT_BV), BVS=head_tile(V, OUTPUT_BV),
+                       warps=launch["num_warps"], scan_warps=launch["num_warps"],
+                       stages=launch["num_stages"])
     o, _ = fwd_o(q, k, vnew, gc, None, None, None, h, None, layout, cfg, scale,
                  out_dtype=out_dtype)
     return o
-
-
-def gated_config(dtype, gated: bool, K: int, V: int, launch: dict, bv_cap: int) -> KernelConfig:
-    """The gated family's KernelConfig for a delta-rule pass through its per-tile kernels
-    (gated_fwd.fwd_o, gated_bwd.bwd_dv) on the chunk = tile = BT layout: no gate, or the
-    scalar gate with b (the chunk-local cumsum) as its exponent."""
-    return KernelConfig(gate=1 if gated else 0, has_kw=False, mexp=False, noncausal=False,
-                        ieee=dtype == torch.float32, BK=head_tile(K, 64), BV=head_tile(V, bv_cap),
-                        BVS=head_tile(V, bv_cap), warps=launch["num_warps"],
-                        scan_warps=launch["num_warps"], stages=launch["num_stages"])

@@ -84,14 +84,10 @@ class KernelConfig:
     # bwd_dqk's per-key diagonal tile: 2 two dots relative to the tile's middle row where the
     # log-decays allow it, else as 1; 1 one key token at a time over [BTQ, BKQ] tiles; 0 as
     # [BTQ, BTQ, BKQ] weights. Same sweep (score_kd -1): 2 10.30 ms, 0 14.73; with score_kd 8:
-    # 2 12.10, 0 16.55; the token loops alone (score_kd 0, dqk_diag 1, key_split) 19.98.
+    # 2 12.10, 0 16.55; the token loops alone (score_kd 0, dqk_diag 1) about 19. (bwd_dqk
+    # split in two launches as fla splits it, the state parts and dg on whole chunks, was
+    # 0.8-0.9 ms slower in the same sweep and was dropped.)
     dqk_diag: int = 2
-    # per-key bwd_dqk in two launches, as fla splits it: the intra part on BTQ-token tiles,
-    # then the state parts (64-row dots, each state block read once per chunk instead of once
-    # per 16-token tile) and the finished dg in registers on whole chunks (needs L = BT).
-    # Slower on the H200 (same sweep): 11.18 against 10.30 ms with the dots, 17.32 against
-    # 16.55 with the weights.
-    key_split: bool = False
 
 
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
@@ -231,8 +227,7 @@ class GatedChunkFunction(torch.autograd.Function):
         del A
         dsc = key_dscores(do, v, layout, cfg) if cfg.gate == 2 else None  # [TT, H, L] float32
         dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn,
-                               ctx.dqk_layout, cfg, scale, gate_sums, dsc=dsc,
-                               chunk_layout=layout, sdot=sdot, dg_dtype=gate_dtype(cfg))
+                               ctx.dqk_layout, cfg, scale, gate_sums, dsc=dsc)
         del dsc
         dg = dkw = dm0 = None
         if gate_sums and cfg.gate == 1:
@@ -244,8 +239,7 @@ class GatedChunkFunction(torch.autograd.Function):
                 dg, dkw, dm0 = _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt,
                                             h0, n0, m0, dh0, dn0, layout)
         elif gate_sums and cfg.gate == 2:
-            # [TT, H, K]: finished by bwd_dqk when it splits (cfg.key_split), else from its sums
-            dg = gsum if torch.is_tensor(gsum) else _gate_grad(*gsum, sdot, layout, gate_dtype(cfg))
+            dg = _gate_grad(*gsum, sdot, layout, gate_dtype(cfg))         # [TT, H, K]
         if dg is not None and ctx.const_gate:
             dg = dg.sum(0)                                                 # [H], in gdt
         if dg is not None:

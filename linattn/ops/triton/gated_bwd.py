@@ -30,12 +30,6 @@ from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, diag_dot_range, g
                         state_block_of, state_dtype)
 
 
-# num_warps of bwd_dqk's whole-chunk pass (PART 2) when per-key gates split it in two
-# (KernelConfig.key_split): [64, BK] tiles of dq, dk, q, k, the state parts and the float64
-# dg sums. Not yet timed.
-KEY_SPLIT_WARPS = 8
-
-
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -144,10 +138,9 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
                   K, V, L: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                   HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
-                  IEEE: tl.constexpr, STATE: tl.constexpr):
-    """dv of one key tile (BT tokens), one block of V: through the state after the chunk
-    (unless not STATE: the delta rule's chunk-local part of dU'), then from the query tiles
-    of the chunk at and after this one."""
+                  IEEE: tl.constexpr):
+    """dv of one key tile (BT tokens), one block of V: through the state after the chunk,
+    then from the query tiles of the chunk at and after this one."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     it = tl.program_id(0)
@@ -182,9 +175,8 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
             bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             ks = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
-        if STATE:
-            dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
-            acc += dot(ks.to(DT), dS.to(DT), IEEE)
+        dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
+        acc += dot(ks.to(DT), dS.to(DT), IEEE)
         if OWN:
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
             Ad += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
@@ -317,13 +309,12 @@ def key_diag_grads_cols(dA, qt, bq, k, gb, hh, t0, eos, rows, mr, ck, mk, H, K, 
 
 @triton.jit
 def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, dq_out, dk_out, gq,
-                   gk, gks, gkw, dq_intra, dk_intra, dd_intra, sdot, tile_seq, tile_start, cu,
-                   coff, scale, H, TT,
+                   gk, gks, gkw, tile_seq, tile_start, cu, coff, scale, H, TT,
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
                    IEEE: tl.constexpr, GATE_SUMS: tl.constexpr, DQK_DIAG: tl.constexpr,
-                   PART: tl.constexpr, DRANGE: tl.constexpr):
+                   DRANGE: tl.constexpr):
     """dq and dk of one tile (BT tokens), one block of K, and (GATE_SUMS: the gate needs a
     gradient) the gate sums of the tile:
     GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], k.dk without the
@@ -337,18 +328,9 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
     Order, chosen to keep few [BT, BK] float32 tiles alive at once (registers: sm_90 spills
     at BK 128): the chunk's intra part of dq and dk, with the same-token coefficients kept as
     a [BT] vector; dq's state part; the gate sums; dq stored; dk's state part (its own gate
-    sum); dk stored.
-
-    PART (per-key gates split in two launches, the way fla splits them): 0 does it all; 1
-    only the intra part, on 16-token tiles, into dq_intra, dk_intra [TT, H, K] and dd_intra
-    [TT, H] (float32, scaled); 2 the rest on whole chunks (L = BT), the intra part read back,
-    and for GATE_SUMS the finished dg into gq (no gks): reverse sum of q*dq - k*dk over the
-    chunk, plus sdot [NC, H, K] (<dS_{c+1}, decay S_c>), plus the exclusive forward sum of the
-    state part of k*dk, in float64 in registers (no [TT, H, K] gate sums, no cumsum launch)."""
+    sum); dk stored."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
-    tl.static_assert(PART != 2 or (L == BT and GATE == 2 and not NONCAUSAL),
-                     "the whole-chunk pass needs per-key gates, causal, and one tile per chunk")
     it = tl.program_id(0)
     kb = tl.program_id(1)
     hh = tl.program_id(2).to(tl.int64)
@@ -380,7 +362,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
             qe -= ld_gtok(gm + hh, rows, mr, H)
     if GATE == 2:
         bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)     # this tile's b, [BT, BK]
-    if (not NONCAUSAL) and PART != 2:
+    if not NONCAUSAL:
         # 1) dq from the earlier key tiles of the chunk (reference row t0 - 1), unscaled
         if GATE == 2:
             br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk & (t0 > cs), other=0.0)
@@ -483,16 +465,6 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
         dk = dk * scale
         dd = dd * scale
     pqk = (rows[:, None] * H + hh) * K + ck[None, :]               # [BT, BK] offsets of a tile
-    if PART == 1:
-        tl.store(dq_intra + pqk, dq, mask=mqk)
-        tl.store(dk_intra + pqk, dk, mask=mqk)
-        tl.store(dd_intra + rows * H + hh, dd, mask=mr & (kb == 0))  # the same in every K block
-        return
-    if PART == 2:
-        # the intra part, from PART 1's 16-token pass
-        dq = tl.load(dq_intra + pqk, mask=mqk, other=0.0)
-        dk = tl.load(dk_intra + pqk, mask=mqk, other=0.0)
-        dd = tl.load(dd_intra + rows * H + hh, mask=mr, other=0.0)
     # 4) dq from the state before the chunk: exp(qe + mp) scale (S_c do~ + dqn n_c)
     dqs = tl.zeros([BT, BK], dtype=tl.float32)
     for vb in range(tl.cdiv(V, BV)):
@@ -525,10 +497,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
             tl.store(gq + (kb * TT + rows) * H + hh, tl.sum(qs * dq, axis=1), mask=mr)
             tl.store(gk + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
         if GATE == 2 and GATE_SUMS:
-            if PART == 2:
-                db = qs * dq - ks * dk                           # kept for dg below
-            else:
-                tl.store(gq + pqk, qs * dq - ks * dk, mask=mqk)
+            tl.store(gq + pqk, qs * dq - ks * dk, mask=mqk)
         dq += dd[:, None] * ks
     tl.store(dq_out + (rows[:, None] * H + hh) * K + ck[None, :], dq.to(dq_out.dtype.element_ty), mask=mqk)
     # 6) dk from the state after the chunk: exp(le + ke) (dS_{c+1} v + dn_{c+1}); its share of
@@ -554,18 +523,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
         bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
         dks = dks * exp(tl.where(mr[:, None], bl[None, :] - bq, NEG_INF), IEEE)
         if GATE_SUMS:
-            if PART == 2:
-                # dg = the reverse sum of db over the chunk (the tile) + sdot + the exclusive
-                # forward sum of the state part of k*dk (see gated_api._gate_grad), in float64:
-                # the exclusive sum as the inclusive one minus the row loses nothing there
-                GD: tl.constexpr = tl.float64
-                sp = (ks * dks).to(GD)
-                sd = tl.load(sdot + (ic * H + hh) * K + ck, mask=mk, other=0.0).to(GD)
-                dg = (tl.cumsum(db.to(GD), axis=0, reverse=True) + sd[None, :]
-                      + tl.cumsum(sp, axis=0) - sp)
-                tl.store(gq + pqk, dg.to(gq.dtype.element_ty), mask=mqk)
-            else:
-                tl.store(gks + pqk, ks * dks, mask=mqk)
+            tl.store(gks + pqk, ks * dks, mask=mqk)
     dk += dks
     if SPLIT:
         dk += dd[:, None] * qs
@@ -614,19 +572,17 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
 
 
 def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtype, V, A=None):
-    """dv [TT, H, V] in v's dtype. A: the per-key scores (gated_fwd.key_scores) for GATE 2.
-    dh None: only the chunk's own part, sum over queries t >= s of the chunk (the delta
-    rule's dU' before its state term)."""
+    """dv [TT, H, V] in v's dtype. A: the per-key scores (gated_fwd.key_scores) for GATE 2."""
     TT, H, K = q.shape
     dv = empty(TT, H, V, dtype=v_dtype, device=q.device)
     if layout.NT:
         x = q
         bwd_dv_kernel[(layout.NT, triton.cdiv(V, cfg.BV), H)](
-            q, k, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(rd, x), _or(dh, x), _or(A, x), dv,
+            q, k, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(rd, x), dh, _or(A, x), dv,
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
-            STATE=dh is not None, num_warps=cfg.warps, num_stages=cfg.stages)
+            num_warps=cfg.warps, num_stages=cfg.stages)
     return dv
 
 
@@ -643,16 +599,12 @@ def key_dscores(do, v, layout: ChunkLayout, cfg):
 
 
 def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: ChunkLayout, cfg,
-            scale, gate_sums=True, dsc=None, chunk_layout: ChunkLayout | None = None, sdot=None,
-            dg_dtype=torch.float32):
+            scale, gate_sums=True, dsc=None):
     """dq, dk [TT, H, K] in q's dtype and the gate sums (same-token terms left out, see the
     kernel): GATE 1 -> (q.dq, k.dk, the state part of k.dk, the whole k.dk or None without a
     key log-weight) each [TT, H] float32 (summed over K blocks here); GATE 2 -> (q*dq - k*dk,
     the state part of k*dk) each [TT, H, K]; else, or without gate_sums, None. dsc: GATE 2's
-    intra-chunk dA (key_dscores).
-    Per-key gates with cfg.key_split (causal, chunk_layout's tiles whole chunks): the intra
-    part on layout's tiles, the rest on chunk_layout's, and the third value is the finished
-    dg [TT, H, K] in dg_dtype (sdot: bwd_states' [NC, H, K])."""
+    intra-chunk dA (key_dscores)."""
     TT, H, K = q.shape
     V = v.shape[-1]
     dev = q.device
@@ -662,8 +614,6 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
     dk = empty(TT, H, K, dtype=k.dtype, device=dev)
     gq = gk = gks = gkw = None
     gate_sums = gate_sums and cfg.gate != 0
-    split = (cfg.key_split and cfg.gate == 2 and not cfg.noncausal and chunk_layout is not None
-             and chunk_layout.L == chunk_layout.BT)
     if cfg.gate == 1 and gate_sums:
         gq = empty(nkb, TT, H, dtype=torch.float32, device=dev)
         gk = empty(nkb, TT, H, dtype=torch.float32, device=dev)
@@ -671,33 +621,19 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
         if cfg.has_kw:
             gkw = empty(nkb, TT, H, dtype=torch.float32, device=dev)
     if cfg.gate == 2 and gate_sums:
-        gq = empty(TT, H, K, dtype=dg_dtype if split else torch.float32, device=dev)
-        gks = None if split else empty(TT, H, K, dtype=torch.float32, device=dev)
-    x = q
-
-    def launch(lay, part, warps, dqi=None, dki=None, ddi=None):
-        if lay.NT:
-            bwd_dqk_kernel[(lay.NT, nkb, H)](
-                q, k, v, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(rd, x),
-                _or(dqn, x), h, _or(hn, x), dh, _or(dhn, x), _or(dsc, x), dq, dk, _or(gq, x),
-                _or(gk, x), _or(gks, x), _or(gkw, x), _or(dqi, x), _or(dki, x), _or(ddi, x),
-                _or(sdot, x), lay.tile_seq, lay.tile_start, lay.cu, lay.chunk_off, scale, H, TT,
-                K=K, V=V, L=lay.L, BT=lay.BT, BK=BK, BV=cfg.BV, GATE=cfg.gate,
-                HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
-                GATE_SUMS=gate_sums, DQK_DIAG=int(cfg.dqk_diag), PART=part,
-                DRANGE=diag_dot_range(q.dtype), num_warps=warps,
-                num_stages=cfg.stages)
-
-    if split:
-        # intra part on 16-token tiles into float32 scratch, then the state parts and dg on
-        # whole chunks (64-row dots against each state block, loaded once per chunk)
-        dqi = empty(TT, H, K, dtype=torch.float32, device=dev)
-        dki = empty(TT, H, K, dtype=torch.float32, device=dev)
-        ddi = empty(TT, H, dtype=torch.float32, device=dev)
-        launch(layout, 1, cfg.dqk_warps or cfg.warps, dqi, dki, ddi)
-        launch(chunk_layout, 2, KEY_SPLIT_WARPS, dqi, dki, ddi)
-        return dq, dk, gq
-    launch(layout, 0, cfg.dqk_warps or cfg.warps)
+        gq = empty(TT, H, K, dtype=torch.float32, device=dev)
+        gks = empty(TT, H, K, dtype=torch.float32, device=dev)
+    if layout.NT:
+        x = q
+        bwd_dqk_kernel[(layout.NT, nkb, H)](
+            q, k, v, do, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(rd, x), _or(dqn, x),
+            h, _or(hn, x), dh, _or(dhn, x), _or(dsc, x), dq, dk, _or(gq, x), _or(gk, x), _or(gks, x),
+            _or(gkw, x),
+            layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H, TT,
+            K=K, V=V, L=layout.L, BT=layout.BT, BK=BK, BV=cfg.BV, GATE=cfg.gate,
+            HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
+            GATE_SUMS=gate_sums, DQK_DIAG=int(cfg.dqk_diag), DRANGE=diag_dot_range(q.dtype),
+            num_warps=cfg.dqk_warps or cfg.warps, num_stages=cfg.stages)
     if not gate_sums:
         return dq, dk, None
     if cfg.gate == 1:

@@ -102,37 +102,6 @@ def test_split_scan_v_blocks(gated, monkeypatch):
     check(make_inputs(1, 70, 1, 16, 40, gated=gated, seed=7))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_dv_local_hoisted(gated, dtype, monkeypatch):
-    """dU''s chunk-local part formed before the reverse scan by the gated family's bwd_dv
-    (delta_bwd.DV_LOCAL_HOISTED): varlen with a 1-token sequence, unnormalised keys, states."""
-    from linattn.ops.triton import delta_bwd
-    monkeypatch.setattr(delta_bwd, "DV_LOCAL_HOISTED", True)
-    check(make_inputs(1, 135, 1, 16, 24, gated=gated, seed=9, lengths=[70, 1, 64], knorm="free"),
-          dtype=dtype)
-
-
-@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_inverse_tf32x3(gated, monkeypatch):
-    """The inverse's off-diagonal blocks by tf32x3 dots (delta_fwd.INVERSE_TF32X3; 16-bit
-    inputs only): float16, unnormalised keys, where the inverse is far from the identity."""
-    from linattn.ops.triton import delta_fwd
-    monkeypatch.setattr(delta_fwd, "INVERSE_TF32X3", True)
-    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=11, knorm="free"), dtype=torch.float16)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_prep_a_in_registers(gated, dtype, monkeypatch):
-    """prep with A's 16 x 16 blocks formed by dots and inverted in registers
-    (delta_fwd.PREP_A_IN_REGISTERS): varlen with ragged chunk ends, unnormalised keys."""
-    from linattn.ops.triton import delta_fwd
-    monkeypatch.setattr(delta_fwd, "PREP_A_IN_REGISTERS", True)
-    check(make_inputs(1, 135, 1, 16, 24, gated=gated, seed=12, lengths=[70, 1, 64], knorm="free"),
-          dtype=dtype)
-
-
 def test_wide_head_dims():
     """K = 128 > one 64-wide tile (several K tiles in the chunk kernels), V = 64."""
     check(make_inputs(1, 20, 1, 128, 64, gated=True, seed=6))

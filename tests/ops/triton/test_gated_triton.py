@@ -204,24 +204,22 @@ def _key_options(monkeypatch, **options):
     monkeypatch.setattr(gated_api, "TILE", 64)
 
 
-@pytest.mark.parametrize("options", [dict(score_kd=8, dqk_diag=0), dict(score_kd=0, dqk_diag=1),
-                                     dict(key_split=True), dict(score_kd=8, dqk_diag=0, key_split=True)],
-                         ids=["weights", "cols", "split", "weights+split"])
+@pytest.mark.parametrize("options", [dict(score_kd=8, dqk_diag=0), dict(score_kd=0, dqk_diag=1)],
+                         ids=["weights", "cols"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_key_gate_options_cpu(monkeypatch, dtype, options):
-    """Per-key gates' other forms (the default takes the diagonal tiles by dots relative to
-    the tile's middle row where the decays allow): the diagonal tiles as [16, 16, BK] weights
-    (score_kd 8, dqk_diag 0) or one key token at a time over 2-D tiles (score_kd 0, dqk_diag
-    1), and bwd_dqk split into its intra pass and a whole-chunk pass that finishes dg
-    (key_split)."""
+    """Per-key gates' other forms of the diagonal tiles (the default takes them by dots
+    relative to the tile's middle row where the decays allow): [16, 16, BK] weights
+    (score_kd 8, dqk_diag 0) or one key token at a time over 2-D tiles (score_kd 0,
+    dqk_diag 1)."""
     _key_options(monkeypatch, **options)
     check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50])
 
 
-def test_key_split_frozen_gate_cpu(monkeypatch):
-    """key_split with a per-key decay that needs no gradient: the whole-chunk pass forms no
-    dg; dq, dk, dv and the states' gradients must not change."""
-    _key_options(monkeypatch, key_split=True)
+def test_key_gate_frozen_cpu(monkeypatch):
+    """A per-key decay that needs no gradient (no gate sums): dq, dk, dv and the states'
+    gradients must not change."""
+    _key_options(monkeypatch)
     inputs, names = helpers.la_inputs("key", H=1, K=24, V=16, lengths=[70, 1, 50], state=True)
     helpers.check_against_oracle(_la("triton"), _la("reference"), inputs, dtype=torch.float32,
                                  grad_names=[n for n in names if n != "g"], device="cpu",
