@@ -139,6 +139,12 @@ def compile_key(key: dict) -> dict:
         return {"ok": False, "seconds": time.time() - t0,
                 "error": f"{type(e).__name__}: {e}".strip()[:4000]}
     ptxas = log.getvalue()
+    if key.get("dump"):                        # the optimised TTGIR and the PTX, for reading
+        os.makedirs(key["dump"], exist_ok=True)
+        stem = os.path.join(key["dump"], f"{key['fn']}_{key['index']}")
+        for ext in ("ttgir", "ptx"):
+            with open(f"{stem}.{ext}", "w") as f:
+                f.write(kern.asm[ext])
     regs = re.search(r"Used (\d+) registers", ptxas)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
     return {"ok": True, "seconds": time.time() - t0, "shared": kern.metadata.shared,
@@ -209,6 +215,8 @@ def main() -> int:
     ap.add_argument("--filter", default="", metavar="SUBSTR", help="only keys whose 'kernel summary' line contains SUBSTR")
     ap.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel compile workers (default 1)")
     ap.add_argument("--json", default=None, metavar="PATH", help="write every key and its result to PATH")
+    ap.add_argument("--dump", default=None, metavar="DIR",
+                    help="write each compiled key's TTGIR and PTX to DIR/<kernel>_<n>.{ttgir,ptx}")
     ap.add_argument("--interpreter-tiling", action="store_true",
                     help="record the gated kernels at the interpreter's tiling, not the GPU's")
     args, pytest_args = ap.parse_known_args()
@@ -231,7 +239,7 @@ def main() -> int:
         if args.filter in f"{key['fn']} {summary(key)}" and (
                 args.max_per_kernel is None or per_kernel[key["fn"]] < args.max_per_kernel):
             per_kernel[key["fn"]] += 1
-            keys.append(key)
+            keys.append(dict(key, dump=args.dump, index=len(keys)))
     print(f"compiling {len(keys)} keys for sm_90 with {args.jobs} worker(s)\n")
 
     results: list[dict | None] = [None] * len(keys)

@@ -6,7 +6,7 @@
 #     bash benchmarks/validate_untimed.sh                  (all steps; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
 set -u
-STEPS=${STEPS:-"tests profile"}
+STEPS=${STEPS:-"tests key profile"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -21,12 +21,20 @@ OUT="$OUT" TESTS_S=${TESTS_S:-190} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&
 rm -f "$OUT/gpu_tests.xml"
 fi
 
-# 2) the per-kernel profile of the gated ops, host time included
+# 2) per-key scans on 2 stages (KernelConfig.scan_stages) against 1 (the tile kernels' own)
+if want key; then
+timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_gated.py --kinds key \
+    --chunks default --tiles default --warps default --stages default --scan-stages 1,2 \
+    --json "$OUT/sweep_key.json" --budget-s 100 > "$OUT/sweep_key.log" 2>&1
+fi
+
+# 3) the per-kernel profile of the gated ops, host time included
 if want profile; then
 timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
     --kinds none,const_frozen,const,scalar,key,mlstm_exp --json "$OUT/profile.json" \
     > "$OUT/profile.log" 2>&1
 fi
 
+[ -f "$OUT/sweep_key.log" ] && tail -4 "$OUT/sweep_key.log"
 [ -f "$OUT/profile.log" ] && grep "^==" "$OUT/profile.log"
 echo "== validate_untimed done in $(( $(date +%s) - START )) s"

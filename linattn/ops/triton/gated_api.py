@@ -70,6 +70,11 @@ class KernelConfig:
     # at D = 128 for more registers, which 8 warps supply (see _config for the measurement).
     BKQ: int = 0       # K block of bwd_dqk; 0: BK
     dqk_warps: int = 0  # num_warps of bwd_dqk; 0: warps
+    # num_stages of the state scans; 0: stages. Per-key gates run their tile kernels on 1
+    # stage but their scans on 2: at 1 Triton prefetches nothing and every step of the scans'
+    # chains waits on global memory (fwd_states 0.77 and bwd_states 1.00 ms per-key against
+    # 0.51 and 0.50 for scalar gates, H200, T 8192, D 128). Not yet timed.
+    scan_stages: int = 0
     # Per-key gates run bwd_dqk on tiles of BTQ tokens (its diagonal tile is formed
     # elementwise as [BTQ, BTQ, BKQ] weights, so BTQ = 16) while fwd_o and bwd_dv take BT-token
     # tiles whose scores come precomputed (gated_fwd.key_scores). 0: BT.
@@ -93,7 +98,7 @@ class KernelConfig:
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
     """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning
     (so no config depends on B, and the interpreter needs none)."""
-    BKQ = dqk_warps = 0
+    BKQ = dqk_warps = scan_stages = 0
     BTQ = 16 if gate == 2 else 0
     if INTERPRET:
         BT, L = TILE or 16, CHUNK or 64
@@ -145,11 +150,11 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
             # T 8192, D 128, L 64, BT 16 for every kernel; 2 warps: 22.5 / 24.0). With
             # key_scores, key_dscores and 64-token fwd_o / bwd_dv tiles (same sweep, later):
             # 16.5 ms at BKQ 64 (BKQ 32: 19.4), score_kd 8 (32: 16.8), 1 stage
-            stages = 1
+            stages, scan_stages = 1, 2
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,
-                       scan_warps, stages, BKQ, dqk_warps, BTQ)
+                       scan_warps, stages, BKQ, dqk_warps, scan_stages=scan_stages, BTQ=BTQ)
     return cfg, L, BT
 
 

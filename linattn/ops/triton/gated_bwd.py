@@ -25,12 +25,29 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp, fill_v_block
-from .gated_fwd import (NEG_INF, _or, chunk_end_exp, chunk_of, diag_dot_range, gate_diag,
-                        key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile, ld_tok,
-                        state_block_of, state_dtype)
+from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
+                        gate_diag, key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile,
+                        ld_tok, state_block_of, state_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, vb,
+                      NJ: tl.constexpr, MEXP: tl.constexpr):
+    """For bwd_states' <dS, S>: the state before tile it's chunk, S_c [BK, BV] float32 (and
+    n_c [BK] for MEXP), if tile it is the chunk's last, else zeros. The scan loads it one
+    tile ahead, as chunk_decay's exponents: a load that feeds no dot is not prefetched."""
+    c = it // NJ
+    last = (it == tl.minimum((c + 1) * NJ, nt) - 1) & (it >= 0)
+    slot = c0 + n + c                                           # the state before chunk c
+    S = tl.load(h + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :],
+                mask=mk[:, None] & mv[None, :] & last, other=0.0).to(tl.float32)
+    nv = tl.zeros_like(ck).to(tl.float32)
+    if MEXP:
+        nv = tl.load(hn + (slot * H + hh) * K + ck, mask=mk & (vb == 0) & last, other=0.0)
+    return S, nv
+
 
 @triton.jit
 def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, h, hn, sdot,
@@ -60,6 +77,12 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
     # the gradient of the state after the chunk, applies the chunk's decay and forms sdot
     NJ: tl.constexpr = L // BT                                  # tiles per chunk
     nt = tl.cdiv(eos - bos, BT)
+    de_n, mp_n = chunk_decay(gb, gm, mpc, nt - 1, bos, eos, c0, hh, H, ck, mk, K, L, BT, GATE,
+                             MEXP)
+    GRAD_SDOT: tl.constexpr = GATE != 0 and SDOT
+    if GRAD_SDOT:
+        Sp_n, np_n = chunk_start_state(h, hn, nt - 1, nt, c0, n, hh, H, K, V, ck, mk, cv, mv,
+                                       vb, NJ, MEXP)
     for it2 in range(nt):
         it = nt - 1 - it2                                       # tiles in reverse
         c = it // NJ                                            # chunk of this tile
@@ -72,28 +95,27 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
                 tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0) & first)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
-        mp = 0.0
+        le, mp = de_n, mp_n                                     # this chunk's decay exponents
+        if GATE != 0:                                           # the next tile's, loaded ahead
+            de_n, mp_n = chunk_decay(gb, gm, mpc, tl.maximum(it - 1, 0), bos, eos, c0, hh, H,
+                                     ck, mk, K, L, BT, GATE, MEXP)
         if GATE == 1:
-            le = chunk_end_exp(gb, gm, ce, hh, H, MEXP)
-            if MEXP:
-                mp = tl.load(mpc + (c0 + c) * H + hh)
             dec = tl.where(first, exp(le + mp, IEEE), 1.0)      # back through the chunk's decay
             dS = dS * dec
             dn = dn * dec
         if GATE == 2:
-            bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-            dS = dS * tl.where(first, exp(bl, IEEE), 1.0)[:, None]
-        if GATE != 0 and SDOT:
+            dS = dS * tl.where(first, exp(le, IEEE), 1.0)[:, None]
+        if GRAD_SDOT:
             # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
-            # (S_c read on the chunk's first visit only: masked loads move no bytes)
-            Sp = tl.load(h + ((slot - 1) * H + hh) * K * V + ck[:, None] * V + cv[None, :],
-                         mask=mkv & first, other=0.0).to(tl.float32)                # S_c
+            # (S_c, read ahead, is nonzero on the chunk's first visit only: masked loads move
+            # no bytes)
+            Sp, npv = Sp_n, np_n
+            Sp_n, np_n = chunk_start_state(h, hn, it - 1, nt, c0, n, hh, H, K, V, ck, mk, cv,
+                                           mv, vb, NJ, MEXP)
             rs = tl.sum(dS * Sp, axis=1)                                          # [BK]
             if GATE == 1:
                 part = tl.sum(rs, axis=0)
                 if MEXP:
-                    npv = tl.load(hn + ((slot - 1) * H + hh) * K + ck,
-                                  mask=mk & (vb == 0) & first, other=0.0)
                     part += tl.sum(dn * npv, axis=0)
                 tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part,
                          mask=first)
@@ -565,7 +587,8 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         layout.cu, layout.chunk_off, scale, H, NS, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK,
         BV=BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
-        IEEE=cfg.ieee, SDOT=sdot is not None, num_warps=cfg.scan_warps, num_stages=cfg.stages)
+        IEEE=cfg.ieee, SDOT=sdot is not None, num_warps=cfg.scan_warps,
+        num_stages=cfg.scan_stages or cfg.stages)
     if sdot is not None:
         sdot = sdot[:, layout.chunk_end_slot].sum(0)             # blocks -> [NC, H(, K)]
     return dh, dhn, dh0, dn0, sdot
