@@ -6,7 +6,7 @@
 #     bash benchmarks/validate_untimed.sh                  (all steps; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
 set -u
-STEPS=${STEPS:-"tests key profile"}
+STEPS=${STEPS:-"tests key fill profile"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -28,7 +28,16 @@ timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_gated.py --kinds key 
     --json "$OUT/sweep_key.json" --budget-s 100 > "$OUT/sweep_key.log" 2>&1
 fi
 
-# 3) the per-kernel profile of the gated ops, host time included
+# 3) the T = 32768 ratio (B 2, each scan program a 512-step chain): the scans' stages (loads
+#    issued further ahead) and warps
+if want fill; then
+timeout $(( $(left) * 60 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlstm_exp,scalar,none \
+    --T 32768 --chunks default --tiles default --warps default --stages default \
+    --scan-warps 4,8 --scan-stages 2,3 --json "$OUT/sweep_fill.json" --budget-s 150 \
+    > "$OUT/sweep_fill.log" 2>&1
+fi
+
+# 4) the per-kernel profile of the gated ops, host time included
 if want profile; then
 timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
     --kinds none,const_frozen,const,scalar,key,mlstm_exp --json "$OUT/profile.json" \
@@ -36,5 +45,6 @@ timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
 fi
 
 [ -f "$OUT/sweep_key.log" ] && tail -4 "$OUT/sweep_key.log"
+[ -f "$OUT/sweep_fill.log" ] && tail -14 "$OUT/sweep_fill.log"
 [ -f "$OUT/profile.log" ] && grep "^==" "$OUT/profile.log"
 echo "== validate_untimed done in $(( $(date +%s) - START )) s"

@@ -80,6 +80,10 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
     de_n, mp_n = chunk_decay(gb, gm, mpc, nt - 1, bos, eos, c0, hh, H, ck, mk, K, L, BT, GATE,
                              MEXP)
     GRAD_SDOT: tl.constexpr = GATE != 0 and SDOT
+    if MEXP:
+        # dqn (cotangent of n^T q) a tile ahead: it feeds dn's sum, no dot (see chunk_decay)
+        rows = bos + (nt - 1) * BT + tl.arange(0, BT)
+        dqn_n = ld_tok(dqn + hh, rows, (rows >= bos) & (rows < eos), H)
     if GRAD_SDOT:
         Sp_n, np_n = chunk_start_state(h, hn, nt - 1, nt, c0, n, hh, H, K, V, ck, mk, cv, mv,
                                        vb, NJ, MEXP)
@@ -135,7 +139,9 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
         if MEXP:
             dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-            dn += tl.sum(qt * ld_tok(dqn + hh, rows, mr, H)[:, None], axis=0)
+            dn += tl.sum(qt * dqn_n[:, None], axis=0)
+            rp = rows - BT                                      # the next visited tile's rows
+            dqn_n = ld_tok(dqn + hh, rp, rp >= bos, H)
         if MEXP and HAS_H0:
             # float32 operands (tf32 products for 16-bit inputs): d C0 . C0 and d n0 . n0
             # cancel to d m0, and dn is summed in float32, so dS must not be rounded coarser
