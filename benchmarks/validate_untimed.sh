@@ -6,7 +6,7 @@
 #     bash benchmarks/validate_untimed.sh                  (all steps; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
 set -u
-STEPS=${STEPS:-"tests key fill profile"}
+STEPS=${STEPS:-"tests key fill ncu profile"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -37,7 +37,18 @@ timeout $(( $(left) * 60 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlst
     > "$OUT/sweep_fill.log" 2>&1
 fi
 
-# 4) the per-kernel profile of the gated ops, host time included
+# 4) why bwd_states with a frozen scalar gate takes 0.50 ms against 0.31 without one:
+#    Nsight Compute's stall reasons for both (if ncu reads the counters on this machine)
+if want ncu; then
+for kind in none const_frozen; do
+timeout 60 ncu --clock-control none --kernel-name regex:bwd_states --launch-count 1 \
+    --section WarpStateStats --section SchedulerStats --section Occupancy \
+    --section SpeedOfLight --section LaunchStats \
+    python3 benchmarks/ncu_kernel.py $kind > "$OUT/ncu_$kind.log" 2>&1
+done
+fi
+
+# 5) the per-kernel profile of the gated ops, host time included
 if want profile; then
 timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
     --kinds none,const_frozen,const,scalar,key,mlstm_exp --json "$OUT/profile.json" \
