@@ -42,6 +42,11 @@ MLSTM_EPS = 1e-6
 CHUNK: int | None = None
 TILE: int | None = None
 
+# The state scans' register cap aims for this many programs per SM (KernelConfig.scan_maxnreg)
+# out of the SM's 64K 32-bit registers.
+SCAN_PROGRAMS_PER_SM = 4
+SCAN_REGISTERS = 65536
+
 # Keep the forward's chunk states ([chunks + N, H, K, V] in gated_fwd.state_dtype) for the
 # backward instead of recomputing them there: saves one fwd_states launch per backward
 # (0.47 ms at B*T = 65536, H = 16, D = 128 on the H200; with it no gate went 6.96 -> 5.53 ms
@@ -75,6 +80,15 @@ class KernelConfig:
     # chains waits on global memory (fwd_states 0.77 and bwd_states 1.00 ms per-key against
     # 0.51 and 0.50 for scalar gates, H200, T 8192, D 128). Not yet timed.
     scan_stages: int = 0
+    # register caps of the state scans (ptx .maxnreg); 0: none. At the bench's shape each scan
+    # is one program per (sequence, head, K block, V block), 512 of them, 4 warps each: at
+    # 121 registers 4 fit per SM and the grid runs in one wave (0.97), at 136-176 (gated
+    # scans) 3 or 2 fit and a second wave of 116-248 programs nearly doubles the time (Nsight
+    # Compute, H200: bwd_states 0.31 ms without a gate, 0.50 with a frozen scalar one, at the
+    # same instruction rate). 128 lets 4 programs of 4 warps share an SM; set where sm_90
+    # compiles spill little under it (_config). Not yet timed.
+    fwd_scan_maxnreg: int = 0
+    bwd_scan_maxnreg: int = 0
     # Per-key gates run bwd_dqk on tiles of BTQ tokens (its diagonal tile is formed
     # elementwise as [BTQ, BTQ, BKQ] weights, so BTQ = 16) while fwd_o and bwd_dv take BT-token
     # tiles whose scores come precomputed (gated_fwd.key_scores). 0: BT.
@@ -98,7 +112,7 @@ class KernelConfig:
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
     """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning
     (so no config depends on B, and the interpreter needs none)."""
-    BKQ = dqk_warps = scan_stages = 0
+    BKQ = dqk_warps = scan_stages = fwd_cap = bwd_cap = 0
     BTQ = 16 if gate == 2 else 0
     if INTERPRET:
         BT, L = TILE or 16, CHUNK or 64
@@ -134,6 +148,18 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         # GATE 0/1 per-tile kernels, chosen from sm_90 spill counts, made the no-gate op slower
         # (fwd 1.84 -> 2.16 ms, fwd+bwd 6.30 -> 6.96 ms at T 8192, D 128).
         warps, scan_warps, stages = 4, 4, 2
+        # the scans on 3 stages (loads issued two tiles ahead): at T 32768 (B 2, 512-step
+        # chains) no gate 3.49 -> 3.11 ms fwd+bwd, scalar 4.33 -> 4.11, mLSTMexp level (sweep_gated,
+        # H200, 2026-11-29); 8 scan warps: level or slower (mLSTMexp 6.78 -> 7.95)
+        scan_stages = 3
+        # the scans' register caps where sm_90 (bf16, D 128) spills little under them: fwd
+        # with a scalar gate (12 B; mLSTMsig 0), bwd without per-key gates or mLSTMexp (no
+        # gate 0, frozen scalar 0, scalar with dg 24, mLSTMsig 60 B; uncapped 121-176
+        # registers); not fwd without a gate (142 -> 328 B), per-key (120 / 396 B) or
+        # mLSTMexp (216 / 968 B)
+        cap = SCAN_REGISTERS // (SCAN_PROGRAMS_PER_SM * 32 * scan_warps)
+        fwd_cap = cap if gate == 1 and not mexp else 0
+        bwd_cap = cap if gate != 2 and not mexp else 0
         if gate != 2:
             # bwd_dqk with one 128-wide K block on 8 warps (sweep_gated on the H200, 2026-11-29,
             # T 8192, D 128, bf16, fwd+bwd ms, BK 64 / 4 warps -> BK 128 / 8 warps): no gate
@@ -154,7 +180,8 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,
-                       scan_warps, stages, BKQ, dqk_warps, scan_stages=scan_stages, BTQ=BTQ)
+                       scan_warps, stages, BKQ, dqk_warps, scan_stages=scan_stages,
+                       fwd_scan_maxnreg=fwd_cap, bwd_scan_maxnreg=bwd_cap, BTQ=BTQ)
     return cfg, L, BT
 
 

@@ -36,8 +36,10 @@ from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag
 def chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, vb,
                       NJ: tl.constexpr, MEXP: tl.constexpr):
     """For bwd_states' <dS, S>: the state before tile it's chunk, S_c [BK, BV] float32 (and
-    n_c [BK] for MEXP), if tile it is the chunk's last, else zeros. The scan loads it one
-    tile ahead, as chunk_decay's exponents: a load that feeds no dot is not prefetched."""
+    n_c [BK] for MEXP), if tile it is the chunk's last, else zeros (masked loads move no
+    bytes). Loaded in the step that uses it: loaded a tile ahead it took 32 more registers
+    (bwd_states 0.69 -> 0.62 ms with a scalar gate, H200), which the register cap that fits 4
+    programs per SM (KernelConfig.bwd_scan_maxnreg) turns into spills."""
     c = it // NJ
     last = (it == tl.minimum((c + 1) * NJ, nt) - 1) & (it >= 0)
     slot = c0 + n + c                                           # the state before chunk c
@@ -84,9 +86,6 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         # dqn (cotangent of n^T q) a tile ahead: it feeds dn's sum, no dot (see chunk_decay)
         rows = bos + (nt - 1) * BT + tl.arange(0, BT)
         dqn_n = ld_tok(dqn + hh, rows, (rows >= bos) & (rows < eos), H)
-    if GRAD_SDOT:
-        Sp_n, np_n = chunk_start_state(h, hn, nt - 1, nt, c0, n, hh, H, K, V, ck, mk, cv, mv,
-                                       vb, NJ, MEXP)
     for it2 in range(nt):
         it = nt - 1 - it2                                       # tiles in reverse
         c = it // NJ                                            # chunk of this tile
@@ -111,11 +110,8 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             dS = dS * tl.where(first, exp(le, IEEE), 1.0)[:, None]
         if GRAD_SDOT:
             # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
-            # (S_c, read ahead, is nonzero on the chunk's first visit only: masked loads move
-            # no bytes)
-            Sp, npv = Sp_n, np_n
-            Sp_n, np_n = chunk_start_state(h, hn, it - 1, nt, c0, n, hh, H, K, V, ck, mk, cv,
-                                           mv, vb, NJ, MEXP)
+            Sp, npv = chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, vb,
+                                        NJ, MEXP)
             rs = tl.sum(dS * Sp, axis=1)                                          # [BK]
             if GATE == 1:
                 part = tl.sum(rs, axis=0)
@@ -594,7 +590,8 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         BV=BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
         IEEE=cfg.ieee, SDOT=sdot is not None, num_warps=cfg.scan_warps,
-        num_stages=cfg.scan_stages or cfg.stages)
+        num_stages=cfg.scan_stages or cfg.stages,
+        maxnreg=cfg.bwd_scan_maxnreg or None)
     if sdot is not None:
         sdot = sdot[:, layout.chunk_end_slot].sum(0)             # blocks -> [NC, H(, K)]
     return dh, dhn, dh0, dn0, sdot
