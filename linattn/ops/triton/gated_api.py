@@ -78,7 +78,8 @@ class KernelConfig:
     # num_stages of the state scans; 0: stages. Per-key gates run their tile kernels on 1
     # stage but their scans on 2: at 1 Triton prefetches nothing and every step of the scans'
     # chains waits on global memory (fwd_states 0.77 and bwd_states 1.00 ms per-key against
-    # 0.51 and 0.50 for scalar gates, H200, T 8192, D 128). Not yet timed.
+    # 0.51 and 0.50 for scalar gates, H200, T 8192, D 128). Per-key fwd+bwd 10.35 ms at 1,
+    # 10.17 at 2 (sweep_gated, H200, 2026-11-29).
     scan_stages: int = 0
     # register caps of the state scans (ptx .maxnreg); 0: none. At the bench's shape each scan
     # is one program per (sequence, head, K block, V block), 512 of them, 4 warps each: at
@@ -86,7 +87,9 @@ class KernelConfig:
     # scans) 3 or 2 fit and a second wave of 116-248 programs nearly doubles the time (Nsight
     # Compute, H200: bwd_states 0.31 ms without a gate, 0.50 with a frozen scalar one, at the
     # same instruction rate). 128 lets 4 programs of 4 warps share an SM; set where sm_90
-    # compiles spill little under it (_config). Not yet timed.
+    # compiles spill little under it (_config). With the caps (linattn bench, H200,
+    # 2026-11-29, 82d29b6 against cb1efdb, T 8192, fwd+bwd ms): frozen constant 3.55 -> 3.14,
+    # scalar 3.98 -> 3.60, mLSTMsig 4.42 (7931d51) -> 4.12 (with the scans' loads issued ahead).
     fwd_scan_maxnreg: int = 0
     bwd_scan_maxnreg: int = 0
     # Per-key gates run bwd_dqk on tiles of BTQ tokens (its diagonal tile is formed
