@@ -35,6 +35,10 @@ VARIANTS = {
     "stages_swapped": {"prep": dict(num_stages=1), "scan": dict(num_stages=1),
                        "output": dict(num_stages=1), "reverse_scan": dict(num_stages=2),
                        "grads_qk": dict(num_stages=2), "grads_wy": dict(num_stages=2)},
+    # the forward scan on 4 warps and 1 stage: 72 KB of shared memory and 255 registers (24 B
+    # of spills) let 2 programs share an SM, so its 256 programs (B 8, H 16, V / 64) run in one
+    # wave; on 8 warps and 2 stages (120 KB) one per SM, 1.94 waves (sm_90 compile counts)
+    "scan_w4s1": {"scan": dict(num_warps=4, num_stages=1)},
     "output_bv128": {"output_bv": 128},
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
     "qk_bv32": {"qk_bv": 32},
