@@ -6,7 +6,7 @@
 #     bash benchmarks/validate_untimed.sh                  (all steps; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
 set -u
-STEPS=${STEPS:-"tests delta ncu profile"}
+STEPS=${STEPS:-"tests delta stages ncu profile"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -27,7 +27,18 @@ timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_delta.py --kinds delt
     --variants default,scan_w4s1 --json "$OUT/sweep_delta.json" 2>&1 | tail -20
 fi
 
-# 3) Nsight Compute over every kernel of one fwd+bwd per op: registers, block limits, waves,
+# 3) the gated scans' stages at both ends of T, now that fwd_states without a gate reads k^T
+#    straight into its dot (110 registers; 57 KB of shared memory at 3 stages: 3 programs
+#    per SM, 4 at 2)
+if want stages; then
+for T in 8192 32768; do
+timeout $(( $(left) * 25 / 100 )) python3 benchmarks/sweep_gated.py --kinds none,scalar --T $T \
+    --chunks default --tiles default --warps default --stages default --scan-stages 2,3 \
+    --budget-s 60 2>&1 | tail -5
+done
+fi
+
+# 4) Nsight Compute over every kernel of one fwd+bwd per op: registers, block limits, waves,
 #    occupancy, DRAM throughput, issue rate (benchmarks/ncu_summary.py prints the table)
 if want ncu; then
 for kind in ${NCU_KINDS:-delta gated_delta none key}; do
@@ -38,7 +49,7 @@ python3 benchmarks/ncu_summary.py "/tmp/ncu_$kind.log" >> "$OUT/ncu_summary.log"
 done
 fi
 
-# 4) the per-kernel profile of the gated ops, host time included
+# 5) the per-kernel profile of the gated ops, host time included
 if want profile; then
 timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
     --kinds none,const_frozen,const,scalar,key,mlstm_exp --json "$OUT/profile.json" \

@@ -347,12 +347,6 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
     mkv = mk[:, None] & mv[None, :]
     nt = tl.cdiv(eos - bos, BT)
     de_n, mp_n = chunk_decay(gb, gm, mpc, 0, bos, eos, c0, hh, H, ck, mk, K, L, BT, GATE, MEXP)
-    if GATE == 0:
-        # k loaded a tile ahead: without a gate it feeds the dot only through a transpose, and
-        # Triton's pipeliner left that load synchronous (fwd_states 0.55 ms against 0.51 with
-        # a scalar gate, whose scaled k it prefetches; H200, T 8192, D 128)
-        rows = bos + tl.arange(0, BT)
-        kt_n = ld_tile(k + hh * K, rows, rows < eos, ck, mk, H * K)
     for it in range(nt):
         c = it // NJ                                            # chunk of this tile
         first = (it % NJ) == 0                                  # its first tile
@@ -376,20 +370,25 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
             S = S * tl.where(first, exp(bl, IEEE), 1.0)[:, None]
         rows = bos + it * BT + tl.arange(0, BT)
         mr = rows < ce
+        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)       # [BT, BV]
         if GATE == 0:
-            kt = kt_n                                           # [BT, BK]
-            rn = rows + BT                                      # the next tile's rows
-            kt_n = ld_tile(k + hh * K, rn, rn < eos, ck, mk, H * K)
+            # k^T read as a [BK, BT] tile in k's dtype, straight into the dot: a float32 k
+            # transposed in registers made the pipeliner leave its load synchronous, and the
+            # scan took 142 registers (3 programs per SM)
+            kT = tl.load(k + hh * K + rows[None, :] * (H * K) + ck[:, None],
+                         mask=mk[:, None] & mr[None, :], other=0.0)
         else:
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)   # [BT, BK]
-        vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)       # [BT, BV]
         if GATE == 1:
             ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
             kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
         if GATE == 2:
             bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
-        S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
+        if GATE == 0:
+            S += dot(kT, vt.to(v.dtype.element_ty), IEEE)
+        else:
+            S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
         if MEXP:
             nv += tl.sum(kt, axis=0)
     slot = c0 + n + tl.cdiv(eos - bos, L)                        # final state
