@@ -42,8 +42,8 @@ MLSTM_EPS = 1e-6
 CHUNK: int | None = None
 TILE: int | None = None
 
-# The state scans' register cap aims for this many programs per SM (KernelConfig.scan_maxnreg)
-# out of the SM's 64K 32-bit registers.
+# The state scans' register caps aim for this many programs per SM out of the SM's 64K
+# 32-bit registers (KernelConfig.fwd_scan_maxnreg, bwd_scan_maxnreg).
 SCAN_PROGRAMS_PER_SM = 4
 SCAN_REGISTERS = 65536
 
@@ -152,8 +152,8 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         # (fwd 1.84 -> 2.16 ms, fwd+bwd 6.30 -> 6.96 ms at T 8192, D 128).
         warps, scan_warps, stages = 4, 4, 2
         # the scans on 3 stages (loads issued two tiles ahead): at T 32768 (B 2, 512-step
-        # chains) no gate 3.49 -> 3.11 ms fwd+bwd, scalar 4.33 -> 4.11, mLSTMexp level (sweep_gated,
-        # H200, 2026-11-29); 8 scan warps: level or slower (mLSTMexp 6.78 -> 7.95)
+        # chains) no gate 3.49 -> 3.11 ms fwd+bwd, scalar 4.33 -> 4.11, mLSTMexp level
+        # (sweep_gated, H200, 2026-11-29); 8 scan warps: level or slower (mLSTMexp 6.78 -> 7.95)
         scan_stages = 3
         # the scans' register caps where sm_90 (bf16, D 128) spills little under them: fwd
         # with a scalar gate (12 B; mLSTMsig 0), bwd without per-key gates or mLSTMexp (no
