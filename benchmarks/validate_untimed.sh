@@ -21,10 +21,14 @@ OUT="$OUT" TESTS_S=${TESTS_S:-190} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&
 rm -f "$OUT/gpu_tests.xml"
 fi
 
-# 2) the delta rule's forward scan on 4 warps / 1 stage (two programs per SM, one wave)
+# 2) the delta rule's occupancy (sm_90 compile counts, bf16, D 128): the forward scan on 4
+#    warps / 1 stage (72 KB, 255 registers: two programs per SM, its 256 programs in one
+#    wave, against one per SM and 1.94 waves today); grads_qk on 32-wide V tiles (DeltaNet:
+#    126 registers, 94 KB: two programs of 8 warps per SM, against one at 64: 180, 120 KB;
+#    slower when last timed, 3.75 vs 2.88 ms, before the 16-bit storage)
 if want delta; then
 timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_delta.py --kinds delta,gated_delta \
-    --variants default,scan_w4s1 --json "$OUT/sweep_delta.json" 2>&1 | tail -20
+    --variants default,scan_w4s1,qk_bv32 --json "$OUT/sweep_delta.json" 2>&1 | tail -22
 fi
 
 # 3) the gated scans' stages at both ends of T, now that fwd_states without a gate reads k^T
