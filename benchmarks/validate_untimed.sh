@@ -5,8 +5,9 @@
 # are the sweeps' and the profile's tables.
 #     bash benchmarks/validate_untimed.sh                  (all steps; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
+# Today's steps fill two calls: STEPS="tests delta stages", then STEPS="ncu long".
 set -u
-STEPS=${STEPS:-"tests delta stages ncu profile"}
+STEPS=${STEPS:-"tests delta stages ncu long profile"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -53,7 +54,16 @@ python3 benchmarks/ncu_summary.py "/tmp/ncu_$kind.log" >> "$OUT/ncu_summary.log"
 done
 fi
 
-# 5) the per-kernel profile of the gated ops, host time included
+# 5) where mLSTMexp's T = 32768 time goes (its T ratio is 1.18; scalar 1.13, for contrast):
+#    the per-kernel profile at both ends of T
+if want long; then
+for shape in "--B 2 --T 32768" "--B 32 --T 2048"; do
+timeout $(( $(left) * 20 / 100 )) python3 benchmarks/profile_kernels.py --kinds mlstm_exp,scalar \
+    $shape 2>&1 | grep -A9 "^== " >> "$OUT/profile_long.log"
+done
+fi
+
+# 6) the per-kernel profile of the gated ops, host time included
 if want profile; then
 timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
     --kinds none,const_frozen,const,scalar,key,mlstm_exp --json "$OUT/profile.json" \
@@ -61,5 +71,6 @@ timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
 fi
 
 [ -f "$OUT/ncu_summary.log" ] && cat "$OUT/ncu_summary.log"
+[ -f "$OUT/profile_long.log" ] && grep "^==" "$OUT/profile_long.log"
 [ -f "$OUT/profile.log" ] && grep "^==" "$OUT/profile.log"
 echo "== validate_untimed done in $(( $(date +%s) - START )) s"
