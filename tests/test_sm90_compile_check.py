@@ -47,8 +47,10 @@ def test_records_and_compiles_a_test_run(tmp_path):
     """End to end: a scalar-gate run's launches, the cumsum kernel compiled for sm_90."""
     out = tmp_path / "keys.json"
     (tmp_path / "test_scalar_gate_run.py").write_text(SCALAR_GATE_RUN)
+    dump = tmp_path / "dump"
     run = subprocess.run([sys.executable, tool.__file__, "--filter", "chunk_cumsum", "--json", str(out),
-                          str(tmp_path / "test_scalar_gate_run.py"), "-p", "no:cacheprovider"],
+                          "--dump", str(dump), str(tmp_path / "test_scalar_gate_run.py"),
+                          "-p", "no:cacheprovider"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -58,6 +60,10 @@ def test_records_and_compiles_a_test_run(tmp_path):
     # the device's chunk for a scalar gate at K > 128 (128), not the interpreter's (64)
     assert spec["x"][0] == "*fp32" and spec["L"] == ("constexpr", 128)
     assert keys[0]["result"]["shared"] > 0 and keys[0]["result"]["regs"] > 0
+    # --dump: each compiled key's TTGIR and PTX, for reading what the compiler made of it
+    ttgir = sorted(dump.glob("chunk_cumsum_kernel_*.ttgir"))
+    assert len(ttgir) == len(keys) and "tt.func" in ttgir[0].read_text()
+    assert ".entry chunk_cumsum_kernel" in ttgir[0].with_suffix(".ptx").read_text()
 
 
 def test_compile_errors_and_shared_memory_are_reported(tmp_path, monkeypatch):
