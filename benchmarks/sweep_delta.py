@@ -39,6 +39,9 @@ VARIANTS = {
     # of spills) let 2 programs share an SM, so its 256 programs (B 8, H 16, V / 64) run in one
     # wave; on 8 warps and 2 stages (120 KB) one per SM, 1.94 waves (sm_90 compile counts)
     "scan_w4s1": {"scan": dict(num_warps=4, num_stages=1)},
+    # prep under a 168-register cap: 3 programs of 4 warps per SM instead of 2 (244 registers),
+    # for 220 B of spills (260 gated) on sm_90; 128 spills 640 B
+    "prep_r168": {"prep": dict(maxnreg=168)},
     "output_bv128": {"output_bv": 128},
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
     "qk_bv32": {"qk_bv": 32},

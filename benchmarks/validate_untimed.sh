@@ -26,10 +26,11 @@ fi
 #    warps / 1 stage (72 KB, 255 registers: two programs per SM, its 256 programs in one
 #    wave, against one per SM and 1.94 waves today); grads_qk on 32-wide V tiles (DeltaNet:
 #    126 registers, 94 KB: two programs of 8 warps per SM, against one at 64: 180, 120 KB;
-#    slower when last timed, 3.75 vs 2.88 ms, before the 16-bit storage)
+#    slower when last timed, 3.75 vs 2.88 ms, before the 16-bit storage); prep under a
+#    168-register cap (3 programs per SM instead of 2, 220 B of spills)
 if want delta; then
 timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_delta.py --kinds delta,gated_delta \
-    --variants default,scan_w4s1,qk_bv32 --json "$OUT/sweep_delta.json" 2>&1 | tail -22
+    --variants default,scan_w4s1,qk_bv32,prep_r168 --json "$OUT/sweep_delta.json" 2>&1 | tail -22
 fi
 
 # 3) the gated scans' stages at both ends of T, now that fwd_states without a gate reads k^T
