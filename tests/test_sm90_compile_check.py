@@ -76,3 +76,13 @@ def test_compile_errors_and_shared_memory_are_reported(tmp_path, monkeypatch):
     tool.compile_all(keys, 1, lambda i, r: results.__setitem__(i, r))
     assert not results[0]["ok"] and "Cannot access global variable X" in results[0]["error"]
     assert results[1]["ok"] and results[1]["shared"] > tool.SMEM_LIMIT
+
+
+def test_blocks_per_sm_matches_nsight_compute():
+    """The programs per SM that Nsight Compute reported on the H200 for bwd_states (4 warps,
+    33 KB of shared memory): 4 at 121 registers, 3 at 136; and the other limits."""
+    assert tool.blocks_per_sm(121, 33 * 1024, 4) == 4
+    assert tool.blocks_per_sm(136, 33 * 1024, 4) == 3
+    assert tool.blocks_per_sm(255, 33 * 1024, 8) == 1                 # registers
+    assert tool.blocks_per_sm(64, 120 * 1024, 4) == 1                 # shared memory
+    assert tool.blocks_per_sm(32, 0, 4) == 16                         # resident warps
