@@ -128,11 +128,12 @@ def key_exp(gb, kw, hh, rows, mask, H, HAS_KW: tl.constexpr):
 
 
 @triton.jit
-def chunk_end_exp(gb, gm, ce, hh, H, MEXP: tl.constexpr):
-    """le = b at the chunk's last token (minus the stabiliser m there for MEXP)."""
-    le = tl.load(gb + (ce - 1) * H + hh)
+def chunk_end_exp(gb, gm, ce, ok, hh, H, MEXP: tl.constexpr):
+    """le = b at the chunk's last token (minus the stabiliser m there for MEXP); 0 where ok is
+    False (an empty chunk: nothing is read)."""
+    le = tl.load(gb + (ce - 1) * H + hh, mask=ok, other=0.0)
     if MEXP:
-        le = le - tl.load(gm + (ce - 1) * H + hh)
+        le = le - tl.load(gm + (ce - 1) * H + hh, mask=ok, other=0.0)
     return le
 
 
@@ -150,9 +151,8 @@ def chunk_decay(gb, gm, mpc, it, bos, eos, c0, hh, H, ck, mk, K, L: tl.constexpr
     de = tl.full((), 0.0, tl.float32)
     mp = tl.full((), 0.0, tl.float32)
     if GATE == 1:
-        de = tl.load(gb + (ce - 1) * H + hh, mask=ok, other=0.0)
+        de = chunk_end_exp(gb, gm, ce, ok, hh, H, MEXP)
         if MEXP:
-            de -= tl.load(gm + (ce - 1) * H + hh, mask=ok, other=0.0)
             mp = tl.load(mpc + (c0 + c) * H + hh, mask=ok, other=0.0)
     if GATE == 2:
         de = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk & ok, other=0.0)
@@ -170,6 +170,19 @@ def gate_diag(A, rows, mr, qe, ke, GATE: tl.constexpr, IEEE: tl.constexpr):
         return A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
     else:
         return tl.where(causal, A, 0.0)
+
+
+@triton.jit
+def mid_row_exponents(gb, bq, hh, r0, eos, mask, ck, mk, H, K, SUB: tl.constexpr,
+                      DRANGE: tl.constexpr):
+    """Per-key diagonal blocks by dots: the block's log-decays bq [SUB, BK] relative to its
+    middle row m, e = b_t - b_m (0 where mask is off), and whether every |e| <= DRANGE, so that
+    exp(b_t - b_s) = exp(e_t) exp(-e_s) has both factors finite in the dots' operand dtype
+    (diag_dot_range). The block's tokens are r0 .. r0 + SUB - 1, those at or past eos masked."""
+    m = tl.minimum(r0 + SUB // 2, eos - 1)
+    bm = tl.load(gb + (m * H + hh) * K + ck, mask=mk, other=0.0)
+    e = tl.where(mask, bq - bm[None, :], 0.0)
+    return e, tl.max(tl.max(tl.abs(e), axis=1), axis=0) <= DRANGE
 
 
 @triton.jit
@@ -210,16 +223,15 @@ def key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB: tl.constexpr, KD: t
     mr = rows < eos
     if KD <= 0:
         DT = q.dtype.element_ty
-        m = tl.minimum(r0 + SUB // 2, eos - 1)                   # the middle row (KD -1)
         for kb in range(tl.cdiv(K, BK)):
             ck = kb * BK + tl.arange(0, BK)
             mk = ck < K
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [SUB, BK]
             bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             if KD < 0:
-                bm = tl.load(gb + (m * H + hh) * K + ck, mask=mk, other=0.0)
-                e = tl.where(mr[:, None] & mk[None, :], bq - bm[None, :], 0.0)
-                if tl.max(tl.max(tl.abs(e), axis=1), axis=0) <= DRANGE:
+                e, fits = mid_row_exponents(gb, bq, hh, r0, eos, mr[:, None] & mk[None, :], ck,
+                                            mk, H, K, SUB, DRANGE)
+                if fits:
                     # q_t e^(b_t - b_m) . k_s e^(b_m - b_s) on tensor cores, then causal
                     kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
                     Ab = dot((qt * exp(e, IEEE)).to(DT), tl.trans((kt * exp(-e, IEEE)).to(DT)),
