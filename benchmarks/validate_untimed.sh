@@ -67,7 +67,7 @@ fi
 # 6) the per-kernel profile of the gated ops, host time included
 if want profile; then
 timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
-    --kinds none,const_frozen,const,scalar,key,mlstm_exp --json "$OUT/profile.json" \
+    --kinds none,const_frozen,const,scalar,key,mlstm_exp,delta,gated_delta --json "$OUT/profile.json" \
     > "$OUT/profile.log" 2>&1
 fi
 
