@@ -45,6 +45,16 @@ VARIANTS = {
     "output_bv128": {"output_bv": 128},
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
     "qk_bv32": {"qk_bv": 32},
+    # the output (gated_fwd.fwd_o since it replaced delta_output_kernel, never swept): the
+    # gated family's no-gate settings (2 stages, BV 128) and steps towards them
+    "out_s2": {"output": dict(num_stages=2)},
+    "out_s3": {"output": dict(num_stages=3)},
+    "out_bv128_s2": {"output_bv": 128, "output": dict(num_stages=2)},
+    "out_bv128_s2_w8": {"output_bv": 128, "output": dict(num_stages=2, num_warps=8)},
+    # the branch's three winners together (sweep 2026-11-29 8th session, one at a time)
+    "combined": {"scan": dict(num_warps=4, num_stages=1), "prep": dict(maxnreg=168),
+                 "qk_bv": 32},
+    "combined_qk64": {"scan": dict(num_warps=4, num_stages=1), "prep": dict(maxnreg=168)},
     "qk_bv64": {"qk_bv": 64},
     # storage dtypes back to float32, one flag at a time (see delta_fwd / delta_bwd)
     "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
