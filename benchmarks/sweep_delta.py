@@ -55,6 +55,13 @@ VARIANTS = {
     "combined": {"scan": dict(num_warps=4, num_stages=1), "prep": dict(maxnreg=168),
                  "qk_bv": 32},
     "combined_qk64": {"scan": dict(num_warps=4, num_stages=1), "prep": dict(maxnreg=168)},
+    # 32-wide V tiles in the scans: 512 programs of half the state each (sm_90 counts below)
+    "rs_bv32": {"rs_bv": 32},
+    "rs_bv32_w8": {"rs_bv": 32, "reverse_scan": dict(num_warps=8)},
+    "rs_bv32_s2": {"rs_bv": 32, "reverse_scan": dict(num_stages=2)},
+    "scan_bv32": {"scan_bv": 32, "scan": dict(num_warps=4, num_stages=1)},
+    "rs_bv32_r168": {"rs_bv": 32, "reverse_scan": dict(maxnreg=168)},
+    "out_s3_r168": {"output": dict(num_stages=3, maxnreg=168)},
     "qk_bv64": {"qk_bv": 64},
     # storage dtypes back to float32, one flag at a time (see delta_fwd / delta_bwd)
     "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
@@ -76,12 +83,14 @@ def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_b
     delta_bwd.LAUNCH.update(copy.deepcopy(base_bwd))
     delta_fwd.OUTPUT_BV = variant.get("output_bv", base_bv)
     delta_bwd.GRADS_QK_BV = variant.get("qk_bv", base_qk_bv)
+    delta_fwd.SCAN_BV = variant.get("scan_bv", 64)
+    delta_bwd.REVERSE_SCAN_BV = variant.get("rs_bv", 64)
     modules = {"delta_fwd": delta_fwd, "delta_bwd": delta_bwd}
     for path, value in {**FLAGS, **variant.get("flags", {})}.items():
         mod, attr = path.split(".")
         setattr(modules[mod], attr, value)
     for name, over in variant.items():
-        if name in ("output_bv", "qk_bv", "flags"):
+        if name in ("output_bv", "qk_bv", "scan_bv", "rs_bv", "flags"):
             continue
         table = delta_fwd.LAUNCH if name in delta_fwd.LAUNCH else delta_bwd.LAUNCH
         table[name].update(over)

@@ -41,6 +41,8 @@ LAUNCH = {
 # grads_qk ms, BV 64 / 32): ungated 2.87 / 3.75, gated 4.22 / 4.47, although the gated kernel
 # spills 624 B on sm_90 at 64 (8 warps) and none at 32.
 GRADS_QK_BV = 64
+# the reverse scan's V tile cap (see delta_fwd.scan_v_tile)
+REVERSE_SCAN_BV = 64
 
 # dU' (dv2), dW (dw) and dk's state-and-output part (dk_part), each written by one kernel and
 # read by later ones, stored in the inputs' dtype for 16-bit inputs: 256 MiB each less at
@@ -269,7 +271,9 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
     b_t = tl.load(p_t + o_t[:, None] * (H * BT) + o_t[None, :],
                   mask=valid[:, None] & (o_t[None, :] < BT), other=0.0)
 
-    # dT = dW (diag(beta e^b) K)^T + dU (diag(beta) V)^T;  K K^T for A
+    # dT = (dW K^T * e^b_j + dU V^T) * beta_j (column weights applied to the dots' results, so
+    # that the stored dW, dU and the inputs K, V enter the dots as they are: 16-bit operands and
+    # exact products for 16-bit inputs);  K K^T for A
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -279,17 +283,19 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
                                  (t0, i_k * BK), (BT, BK), (1, 0))
         b_k16 = tl.load(p_k, boundary_check=(0, 1))
         b_kk += tl.dot(b_k16, tl.trans(b_k16), input_precision=PREC)  # exact products, 16-bit MMA
-        b_k = b_k16.to(tl.float32)
-        b_dwt = tl.load(p_dw, boundary_check=(0, 1)).to(tl.float32)
-        b_dt += tl.dot(b_dwt, tl.trans(b_k * b_kw[:, None]), input_precision=PREC)
+        b_dwt = tl.load(p_dw, boundary_check=(0, 1))
+        b_dt += tl.dot(b_dwt, tl.trans(b_k16.to(b_dwt.dtype)), input_precision=PREC)
+    if USE_G:
+        b_dt = b_dt * b_eg[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                 (t0, i_v * BV), (BT, BV), (1, 0))
         p_du = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                  (t0, i_v * BV), (BT, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
-        b_du = tl.load(p_du, boundary_check=(0, 1)).to(tl.float32)
-        b_dt += tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+        b_du = tl.load(p_du, boundary_check=(0, 1))
+        b_v = tl.load(p_v, boundary_check=(0, 1)).to(b_du.dtype)
+        b_dt += tl.dot(b_du, tl.trans(b_v), input_precision=PREC)
+    b_dt = b_dt * b_beta[None, :]
 
     # dA = -T^T dT T^T on the strict lower triangle; A = beta_i (K K^T)_ij Gamma_ij
     # (PREC: tf32 products for 16-bit inputs, finer than their 8 bits, as the dots above; the
@@ -370,7 +376,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     dh = alloc.empty(NC, H, K, V, dtype=delta_fwd.state_dtype(q.dtype), device=dev)
     dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype), device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
-    BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V), V, N * H, dev)
+    BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V, REVERSE_SCAN_BV), V, N * H, dev)
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
             q, k, w, gc if gc is not None else w, do, dfinal if dfinal is not None else dh,

@@ -93,9 +93,14 @@ def full_tile(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-def scan_v_tile(K: int, V: int) -> int:
-    """V tile of the scans: keep the float32 state tile [BK, BV] at or under 8192 elements."""
-    return max(16, min(head_tile(V, 64), 8192 // full_tile(K)))
+# V tile cap of the forward scan (delta_bwd.REVERSE_SCAN_BV: the reverse scan's)
+SCAN_BV = 64
+
+
+def scan_v_tile(K: int, V: int, cap: int = 64) -> int:
+    """V tile of the scans: at most cap, keeping the float32 state tile [BK, BV] at or under
+    8192 elements."""
+    return max(16, min(head_tile(V, cap), 8192 // full_tile(K)))
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -349,7 +354,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
     h = alloc.empty(layout.n_slots, H, K, V, dtype=state_dtype(k.dtype), device=dev)
     vnew = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
-    BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V), V, N * H, dev)
+    BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V, SCAN_BV), V, N * H, dev)
     if N:
         delta_scan_kernel[(triton.cdiv(V, BV), N * H)](
             k, w, u, gc if gc is not None else u,

@@ -484,7 +484,12 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
     n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff, it, L)
     if NONCAUSAL:
         slot = fslot                                            # every token reads the total
+    # operand types of the dots: the scores and the state's part in q's and h's stored dtype
+    # (the same as v's in the gated family), the values' part in v's; the delta rule passes
+    # float32 U' as v with 16-bit q, k and h, whose products are exact in 16-bit dots
     DT = v.dtype.element_ty
+    DQ = q.dtype.element_ty
+    DS = h.dtype.element_ty
     rows = t0 + tl.arange(0, BT)
     mr = rows < eos
     cv = vb * BV + tl.arange(0, BV)
@@ -508,22 +513,29 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
         mk = ck < K
-        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)        # unscaled: exact in DQ
+        if GATE == 2:
+            qt = qt * scale                                     # rounded with its exponentials
         qs = qt
         if GATE == 2:
             bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             qs = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
         S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
-        acc += dot(qs.to(DT), S.to(DT), IEEE)
+        acc += dot(qs.to(DS), S.to(DS), IEEE)
         if MEXP:
             nprev = tl.load(hn + (slot * H + hh) * K + ck, mask=mk, other=0.0)
             accn += tl.sum(qt * nprev[None, :], axis=1)
         if OWN:
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            Ad += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+            Ad += dot(qt.to(DQ), tl.trans(kt.to(DQ)), IEEE)
+    # the scale, applied to the dots' float32 results (q stays exact in 16-bit operands)
     if GATE == 1:
-        acc = acc * wq[:, None]
-        accn = accn * wq
+        Ad = Ad * scale
+        acc = acc * (wq * scale)[:, None]
+        accn = accn * (wq * scale)
+    if GATE == 0:
+        Ad = Ad * scale
+        acc = acc * scale
     if not NONCAUSAL:
         # 2) the diagonal tile, causal mask t >= s (per-key: formed by key_scores_kernel),
         #    first, so that Ad is dead before the earlier tiles' scores are formed
@@ -542,7 +554,9 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
             for kb in range(tl.cdiv(K, BK)):
                 ck = kb * BK + tl.arange(0, BK)
                 mk = ck < K
-                qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+                qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
+                if GATE == 2:
+                    qt = qt * scale
                 kt = ld_tile(k + hh * K, krows, krows < eos, ck, mk, H * K)
                 if GATE == 2:
                     br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk, other=0.0)
@@ -550,7 +564,9 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
                     bk = ld_gtile(gb + hh * K, krows, krows < eos, ck, mk, H * K)
                     qt = qt * exp(tl.where(mr[:, None], bq - br[None, :], NEG_INF), IEEE)
                     kt = kt * exp(br[None, :] - bk, IEEE)           # reference t0-1 >= every key
-                A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
+                A += dot(qt.to(DQ), tl.trans(kt.to(DQ)), IEEE)
+            if GATE != 2:
+                A = A * scale
             if GATE == 1:
                 kej = key_exp(gb, kw, hh, krows, krows < eos, H, HAS_KW)
                 A = A * exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF), IEEE)
