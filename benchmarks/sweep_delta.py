@@ -82,7 +82,7 @@ def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_b
     delta_bwd.LAUNCH.clear()
     delta_bwd.LAUNCH.update(copy.deepcopy(base_bwd))
     delta_fwd.OUTPUT_BV = variant.get("output_bv", base_bv)
-    delta_bwd.GRADS_QK_BV = variant.get("qk_bv", base_qk_bv)
+    delta_bwd.GRADS_QK_BV = ((variant["qk_bv"],) * 2 if "qk_bv" in variant else base_qk_bv)
     delta_fwd.SCAN_BV = variant.get("scan_bv", 64)
     delta_bwd.REVERSE_SCAN_BV = variant.get("rs_bv", 64)
     modules = {"delta_fwd": delta_fwd, "delta_bwd": delta_bwd}

@@ -37,10 +37,11 @@ LAUNCH = {
     "grads_qk": dict(num_warps=8, num_stages=1),
     "grads_wy": dict(num_warps=4, num_stages=1),
 }
-# grads_qk's V tile cap. Timed on the H200 (sweep_delta.py, bf16, T 8192, D 128, 2026-11-29,
-# grads_qk ms, BV 64 / 32): ungated 2.87 / 3.75, gated 4.22 / 4.47, although the gated kernel
-# spills 624 B on sm_90 at 64 (8 warps) and none at 32.
-GRADS_QK_BV = 64
+# grads_qk's V tile cap, (ungated, gated). Timed on the H200 (sweep_delta.py, bf16, T 8192,
+# D 128, grads_qk ms, BV 64 / 32): 2026-11-29 (8th session, with 16-bit h, dh, dU') ungated
+# 2.71 / 2.21 (126 registers, 94 KB: two programs of 8 warps per SM instead of one), gated
+# 3.00 / 3.54; earlier, with float32 intermediates: ungated 2.87 / 3.75, gated 4.22 / 4.47.
+GRADS_QK_BV = (32, 64)
 # the reverse scan's V tile cap (see delta_fwd.scan_v_tile)
 REVERSE_SCAN_BV = 64
 
@@ -408,7 +409,7 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
             db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
             scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64),
-            BV=head_tile(V, GRADS_QK_BV), USE_G=gc is not None,
+            BV=head_tile(V, GRADS_QK_BV[gc is not None]), USE_G=gc is not None,
             PREC=dot_precision(q.dtype), **LAUNCH["grads_qk"])
     return dq, dk_part, dw, db
 

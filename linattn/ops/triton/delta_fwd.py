@@ -49,10 +49,15 @@ BC = 16  # diagonal sub-block of the forward substitution
 # takes the same settings, not yet timed). The scan's [BK, BV] float32 state tiles take
 # >= 128 KB of shared memory, so it runs one CTA per SM anyway: 8 warps (4: no faster),
 # 2 stages (1: 1.25 -> 1.65).
+# 2026-11-29 (8th session, same sweep, DeltaNet / Gated DeltaNet ms): prep under a 168-register
+# cap, 3 programs per SM instead of 2 for 220 B of sm_90 spills (1.76 -> 1.60 / 1.83 -> 1.65);
+# the scan on 4 warps and 1 stage at K <= 128 (72 KB, two programs per SM: its 256 programs in
+# one wave instead of 1.94; 1.13 -> 0.85 / 1.23 -> 1.18); the output on 3 stages once its dots
+# took 16-bit operands (0.78 either way / 1.12 -> 0.89).
 LAUNCH = {
-    "prep": dict(num_warps=4, num_stages=1),
-    "scan": dict(num_warps=8, num_stages=2),      # num_stages 1 at K = 256 (shared memory)
-    "output": dict(num_warps=4, num_stages=1),
+    "prep": dict(num_warps=4, num_stages=1, maxnreg=168),
+    "scan": dict(num_warps=4, num_stages=1),      # 8 warps at K = 256 (launcher)
+    "output": dict(num_warps=4, num_stages=3),
 }
 OUTPUT_BV = 64
 
@@ -363,7 +368,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
-            **{**LAUNCH["scan"], **(dict(num_stages=1) if BK >= 256 else {})})
+            **{**LAUNCH["scan"], **(dict(num_warps=8, num_stages=1) if BK >= 256 else {})})
     return h, vnew, final
 
 
