@@ -82,10 +82,6 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
     de_n, mp_n = chunk_decay(gb, gm, mpc, nt - 1, bos, eos, c0, hh, H, ck, mk, K, L, BT, GATE,
                              MEXP)
     GRAD_SDOT: tl.constexpr = GATE != 0 and SDOT
-    # q^T straight into the dot, its row weights on dO: mLSTMexp without an initial state (with
-    # one its dot keeps float32 operands); the other gates keep q weighted in registers (under
-    # their 128-register cap the direct form spilled up to 60 B more on sm_90)
-    QT_DIRECT: tl.constexpr = MEXP and not HAS_H0
     if MEXP:
         # dqn (cotangent of n^T q) a tile ahead: it feeds dn's sum, no dot (see chunk_decay)
         rows = bos + (nt - 1) * BT + tl.arange(0, BT)
@@ -127,47 +123,28 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
                 tl.store(sdot + ((vb * NS + slot) * H + hh) * K + ck, rs, mask=mk & first)
         rows = bos + it * BT + tl.arange(0, BT)
         mr = rows < ce
-        if QT_DIRECT:
-            # q^T read as a [BK, BT] tile in q's dtype, straight into the dot; the scale and the
-            # gate's row weights go on dO instead (a float32 q weighted and transposed in
-            # registers left its load synchronous: Nsight Compute, mLSTMexp at T 32768, 18% of
-            # the stall samples on the shared-memory store waiting for it; sm_90: 255 registers
-            # and 52 B of spills -> 220 and none)
-            qT = tl.load(q + hh * K + rows[None, :] * (H * K) + ck[:, None],
-                         mask=mk[:, None] & mr[None, :], other=0.0)
-            dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
-            qe = ld_gtok(gb + hh, rows, mr, H) - ld_gtok(gm + hh, rows, mr, H)
-            wq = scale * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)         # [BT]
-            dn += tl.sum(qT.to(tl.float32) * (wq * dqn_n)[None, :], axis=1)
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
+        if GATE == 1:
+            qe = ld_gtok(gb + hh, rows, mr, H)
+            if MEXP:
+                qe -= ld_gtok(gm + hh, rows, mr, H)
+            qt = qt * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)[:, None]
+        if GATE == 2:
+            bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
+        dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
+        if MEXP:
+            dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
+            dn += tl.sum(qt * dqn_n[:, None], axis=0)
             rp = rows - BT                                      # the next visited tile's rows
             dqn_n = ld_tok(dqn + hh, rp, rp >= bos, H)
-            wq = wq * ld_tok(rd + hh, rows, mr, H)
-            dS += dot(qT, (dot_ * wq[:, None]).to(do.dtype.element_ty), IEEE)
+        if MEXP and HAS_H0:
+            # float32 operands (tf32 products for 16-bit inputs): d C0 . C0 and d n0 . n0
+            # cancel to d m0, and dn is summed in float32, so dS must not be rounded coarser
+            # (without an initial state there is no d m0: 16-bit operands, 0.6 ms less)
+            dS += dot(tl.trans(qt), dot_, IEEE)
         else:
-            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-            if GATE == 1:
-                qe = ld_gtok(gb + hh, rows, mr, H)
-                if MEXP:
-                    qe -= ld_gtok(gm + hh, rows, mr, H)
-                qt = qt * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)[:, None]
-            if GATE == 2:
-                bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-                qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
-            dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
-            if MEXP:
-                dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-                dn += tl.sum(qt * dqn_n[:, None], axis=0)
-                rp = rows - BT                                  # the next visited tile's rows
-                dqn_n = ld_tok(dqn + hh, rp, rp >= bos, H)
-            if MEXP and HAS_H0:
-                # float32 operands (tf32 products for 16-bit inputs): d C0 . C0 and d n0 . n0
-                # cancel to d m0, and dn is summed in float32, so dS must not be rounded
-                # coarser (without an initial state there is no d m0: 16-bit operands, 0.6 ms
-                # less)
-                dS += dot(tl.trans(qt), dot_, IEEE)
-            else:
-                dS += dot(tl.trans(qt).to(do.dtype.element_ty), dot_.to(do.dtype.element_ty),
-                          IEEE)
+            dS += dot(tl.trans(qt).to(do.dtype.element_ty), dot_.to(do.dtype.element_ty), IEEE)
     slot = c0 + n
     if NONCAUSAL:
         slot = c0 + n + nc

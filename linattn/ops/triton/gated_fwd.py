@@ -356,9 +356,6 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
     # innermost loops only. A chunk's first tile stores the state before the chunk and applies
     # the decay over the whole chunk.
     NJ: tl.constexpr = L // BT                                  # tiles per chunk
-    # k^T straight into the dot without a gate and for mLSTMexp; the other scalar gates keep
-    # k weighted in registers (under their 128-register cap the direct form spilled 12-88 B)
-    KT_DIRECT: tl.constexpr = GATE == 0 or MEXP
     mkv = mk[:, None] & mv[None, :]
     nt = tl.cdiv(eos - bos, BT)
     de_n, mp_n = chunk_decay(gb, gm, mpc, 0, bos, eos, c0, hh, H, ck, mk, K, L, BT, GATE, MEXP)
@@ -386,30 +383,26 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         rows = bos + it * BT + tl.arange(0, BT)
         mr = rows < ce
         vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)       # [BT, BV]
-        if KT_DIRECT:
-            # k^T read as a [BK, BT] tile in k's dtype, straight into the dot, a scalar gate's
-            # row weights on v instead: a float32 k transposed in registers made the pipeliner
-            # leave its load synchronous and its shared-memory stores conflict (Nsight
-            # Compute, mLSTMexp at T 32768: 48% excess wavefronts; 237 -> 191 registers on
-            # sm_90), and the scan without a gate took 142 registers (3 programs per SM)
+        if GATE == 0:
+            # k^T read as a [BK, BT] tile in k's dtype, straight into the dot: a float32 k
+            # transposed in registers made the pipeliner leave its load synchronous, and the
+            # scan took 142 registers (3 programs per SM)
             kT = tl.load(k + hh * K + rows[None, :] * (H * K) + ck[:, None],
                          mask=mk[:, None] & mr[None, :], other=0.0)
-            if GATE == 1:
-                ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
-                wk = exp(tl.where(mr, le + ke, NEG_INF), IEEE)  # [BT] weight into the state
-                vt = vt * wk[:, None]
-                if MEXP:
-                    nv += tl.sum(kT.to(tl.float32) * wk[None, :], axis=1)
-            S += dot(kT, vt.to(v.dtype.element_ty), IEEE)
         else:
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)   # [BT, BK]
-            if GATE == 1:
-                ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
-                kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
-            if GATE == 2:
-                bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-                kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
+        if GATE == 1:
+            ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
+            kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
+        if GATE == 2:
+            bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
+        if GATE == 0:
+            S += dot(kT, vt.to(v.dtype.element_ty), IEEE)
+        else:
             S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
+        if MEXP:
+            nv += tl.sum(kt, axis=0)
     slot = c0 + n + tl.cdiv(eos - bos, L)                        # final state
     sp = h + (slot * H + hh) * K * V
     tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv)
