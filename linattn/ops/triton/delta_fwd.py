@@ -45,10 +45,9 @@ BC = 16  # diagonal sub-block of the forward substitution
 # tile cap. Chosen per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
 # bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): one stage for prep (2.07 -> 1.88) and output
 # (1.91 -> 1.31); 8 warps made prep 2.3x and output 1.3x slower; a 128-wide output V tile
-# 1.17x slower (all measured on the former delta_output_kernel; fwd_o, which replaced it,
-# takes the same settings, not yet timed). The scan's [BK, BV] float32 state tiles take
-# >= 128 KB of shared memory, so it runs one CTA per SM anyway: 8 warps (4: no faster),
-# 2 stages (1: 1.25 -> 1.65).
+# 1.17x slower (on the former delta_output_kernel; for fwd_o a 128-wide tile was slower too,
+# 1.43 against 1.33, before its dots took 16-bit operands). When the scan's float32 tiles took
+# >= 128 KB of shared memory: 8 warps, 2 stages (1: 1.25 -> 1.65).
 # 2026-11-29 (8th session, same sweep, DeltaNet / Gated DeltaNet ms): prep under a 168-register
 # cap, 3 programs per SM instead of 2 for 220 B of sm_90 spills (1.76 -> 1.60 / 1.83 -> 1.65);
 # the scan on 4 warps and 1 stage at K <= 128 (72 KB, two programs per SM: its 256 programs in
