@@ -5,9 +5,10 @@
 # are the sweeps' and the profile's tables.
 #     bash benchmarks/validate_untimed.sh                  (all steps; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
-# Today's steps fill two calls: STEPS="tests delta stages", then STEPS="ncu long".
+# Next call (branch next/untimed4): the default STEPS="tests mexp long" (~8 minutes); the
+# other steps: delta, stages, ncu, profile.
 set -u
-STEPS=${STEPS:-"tests delta stages ncu long profile"}
+STEPS=${STEPS:-"tests mexp long"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -52,6 +53,18 @@ timeout 90 ncu --clock-control none --section LaunchStats --section Occupancy \
     --section SpeedOfLight --section SchedulerStats --section WarpStateStats \
     python3 benchmarks/ncu_kernel.py $kind > "/tmp/ncu_$kind.log" 2>&1
 python3 benchmarks/ncu_summary.py "/tmp/ncu_$kind.log" >> "$OUT/ncu_summary.log"
+done
+fi
+
+# 4b) mLSTMexp's normaliser sums by a dot (gated_fwd.MEXP_NORM_DOT, branch next/untimed4:
+#     sm_90 fwd_states 237 -> 181 registers, bwd_states 255 + 52 B spills -> 241 and none),
+#     with and without a 168-register cap on fwd_states (3 programs per SM, no spills), at
+#     both ends of T and the bench's middle: the T ratio (asked <= 1.15) is T 32768 over 2048
+if want mexp; then
+for T in 32768 2048 8192; do
+timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlstm_exp --T $T \
+    --chunks default --tiles default --warps default --stages default --norm-dot 0,1 \
+    --fwd-cap 0,168 --budget-s 100 2>&1 | tail -5 | tee -a "$OUT/sweep_mexp.log"
 done
 fi
 

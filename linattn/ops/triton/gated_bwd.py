@@ -25,9 +25,11 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp, fill_v_block
-from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
+from . import gated_fwd
+from .gated_fwd import (NCOL, NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
                         gate_diag, key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile,
-                        ld_tok, mid_row_exponents, state_block_of, state_dtype)
+                        ld_tok, mid_row_exponents, norm_cols, st_norm, state_block_of,
+                        state_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -57,12 +59,13 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       GATE: tl.constexpr, MEXP: tl.constexpr, HAS_DHT: tl.constexpr,
                       HAS_H0: tl.constexpr, NONCAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                      SDOT: tl.constexpr):
+                      SDOT: tl.constexpr, NORM_DOT: tl.constexpr):
     """Reverse scan over the chunks of sequence n, head h, one [BK, BV] block: writes the
     gradient of the state after every chunk (slot c + 1) and of the initial state (slot 0);
     NONCAUSAL sums q^T do over the sequence into the final slot. For the gates' gradient (SDOT)
     it also writes <dS_{c+1}, exp(le + mp) S_c> of every chunk c (summed over this block's V,
-    and over its K too for GATE 1) into sdot, at the slot of the state after the chunk."""
+    and over its K too for GATE 1) into sdot, at the slot of the state after the chunk.
+    NORM_DOT (MEXP without an initial state): dn summed by a dot (gated_fwd.MEXP_NORM_DOT)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
@@ -74,6 +77,8 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         dS = ld_state(dht + i_nh * K * V, ck, mk, cv, mv, V)    # cotangent of the final state
         if MEXP:
             dn = tl.load(dnt + i_nh * K + ck, mask=mk, other=0.0)
+    if NORM_DOT:
+        dn = norm_cols(dn)                                      # [BK, NCOL], equal columns
     # one flat loop over the sequence's tiles in reverse (see fwd_states_kernel: Triton
     # pipelines innermost loops only); the first tile visited of a chunk (its last) stores
     # the gradient of the state after the chunk, applies the chunk's decay and forms sdot
@@ -95,7 +100,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS,
                      mask=mkv & first)
             if MEXP:
-                tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0) & first)
+                st_norm(dhn + (slot * H + hh) * K, ck, mk, dn, (vb == 0) & first, NORM_DOT)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         le, mp = de_n, mp_n                                     # this chunk's decay exponents
@@ -116,7 +121,11 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             if GATE == 1:
                 part = tl.sum(rs, axis=0)
                 if MEXP:
-                    part += tl.sum(dn * npv, axis=0)
+                    if NORM_DOT:   # column 0 of dn
+                        part += tl.sum(tl.sum(tl.where(tl.arange(0, NCOL)[None, :] == 0,
+                                                       dn * npv[:, None], 0.0), axis=1), axis=0)
+                    else:
+                        part += tl.sum(dn * npv, axis=0)
                 tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part,
                          mask=first)
             else:
@@ -135,7 +144,12 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
         if MEXP:
             dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-            dn += tl.sum(qt * dqn_n[:, None], axis=0)
+            if NORM_DOT:
+                dqn_c = dqn_n[:, None] + tl.zeros([BT, NCOL], dtype=tl.float32)
+                dn += dot(tl.trans(qt).to(do.dtype.element_ty), dqn_c.to(do.dtype.element_ty),
+                          IEEE)                                 # dn's sum on the tensor cores
+            else:
+                dn += tl.sum(qt * dqn_n[:, None], axis=0)
             rp = rows - BT                                      # the next visited tile's rows
             dqn_n = ld_tok(dqn + hh, rp, rp >= bos, H)
         if MEXP and HAS_H0:
@@ -150,11 +164,11 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         slot = c0 + n + nc
     tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
     if MEXP:
-        tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0))
+        st_norm(dhn + (slot * H + hh) * K, ck, mk, dn, vb == 0, NORM_DOT)
     if HAS_H0:
         tl.store(dh0 + i_nh * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
         if MEXP:
-            tl.store(dn0 + i_nh * K + ck, dn, mask=mk & (vb == 0))
+            st_norm(dn0 + i_nh * K, ck, mk, dn, vb == 0, NORM_DOT)
 
 
 @triton.jit
@@ -588,7 +602,8 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         layout.cu, layout.chunk_off, scale, H, NS, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK,
         BV=BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
-        IEEE=cfg.ieee, SDOT=sdot is not None, num_warps=cfg.scan_warps,
+        IEEE=cfg.ieee, SDOT=sdot is not None,
+        NORM_DOT=cfg.mexp and not has_h0 and gated_fwd.MEXP_NORM_DOT, num_warps=cfg.scan_warps,
         num_stages=cfg.scan_stages or cfg.stages,
         maxnreg=cfg.bwd_scan_maxnreg or None)
     if sdot is not None:
