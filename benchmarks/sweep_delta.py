@@ -67,9 +67,11 @@ VARIANTS = {
     "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
     "f32_u": {"flags": {"delta_fwd.U_IN_INPUT_DTYPE": False}},
     "f32_grads": {"flags": {"delta_bwd.GRADS_IN_INPUT_DTYPE": False}},
+    # Gated DeltaNet's grads_qk with Q K^T inside its main loop again (main's form)
+    "qk_inloop": {"flags": {"delta_bwd.GRADS_QK_QK_AFTER": False}},
 }
 FLAGS = {"delta_fwd.STATES_IN_INPUT_DTYPE": True, "delta_fwd.U_IN_INPUT_DTYPE": True,
-         "delta_bwd.GRADS_IN_INPUT_DTYPE": True}
+         "delta_bwd.GRADS_IN_INPUT_DTYPE": True, "delta_bwd.GRADS_QK_QK_AFTER": True}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}

@@ -5,10 +5,10 @@
 # are the sweeps' and the profile's tables.
 #     bash benchmarks/validate_untimed.sh                  (all steps; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
-# Next call (branch next/untimed4): the default STEPS="tests mexp long" (~8 minutes); the
-# other steps: delta, stages, ncu, profile.
+# Next call (branch next/untimed4): the default STEPS="tests mexp delta long" (~9 minutes);
+# the other steps: stages, ncu, profile.
 set -u
-STEPS=${STEPS:-"tests mexp long"}
+STEPS=${STEPS:-"tests mexp delta long"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -23,15 +23,11 @@ OUT="$OUT" TESTS_S=${TESTS_S:-190} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&
 rm -f "$OUT/gpu_tests.xml"
 fi
 
-# 2) the delta rule's occupancy (sm_90 compile counts, bf16, D 128): the forward scan on 4
-#    warps / 1 stage (72 KB, 255 registers: two programs per SM, its 256 programs in one
-#    wave, against one per SM and 1.94 waves today); grads_qk on 32-wide V tiles (DeltaNet:
-#    126 registers, 94 KB: two programs of 8 warps per SM, against one at 64: 180, 120 KB;
-#    slower when last timed, 3.75 vs 2.88 ms, before the 16-bit storage); prep under a
-#    168-register cap (3 programs per SM instead of 2, 220 B of spills)
+# 2) the delta rule: Gated DeltaNet's grads_qk forming Q K^T after its main loop (branch
+#    next/untimed4's default; sm_90: 104 -> 44 B of spills) against main's in-loop form
 if want delta; then
-timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_delta.py --kinds delta,gated_delta \
-    --variants default,scan_w4s1,qk_bv32,prep_r168 --json "$OUT/sweep_delta.json" 2>&1 | tail -22
+timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
+    --variants default,qk_inloop --json "$OUT/sweep_delta.json" 2>&1 | tail -22
 fi
 
 # 3) the gated scans' stages at both ends of T, now that fwd_states without a gate reads k^T

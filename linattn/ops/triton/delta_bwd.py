@@ -42,6 +42,9 @@ LAUNCH = {
 # 2.71 / 2.21 (126 registers, 94 KB: two programs of 8 warps per SM instead of one), gated
 # 3.00 / 3.54; earlier, with float32 intermediates: ungated 2.87 / 3.75, gated 4.22 / 4.47.
 GRADS_QK_BV = (32, 64)
+# Gated DeltaNet's grads_qk forms Q K^T (for db) after its main loop instead of inside it
+# (branch next/untimed4, sm_90 counts only: not timed)
+GRADS_QK_QK_AFTER: bool = True
 # the reverse scan's V tile cap (see delta_fwd.scan_v_tile)
 REVERSE_SCAN_BV = 64
 
@@ -146,7 +149,7 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
 def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
                          chunk_seq, chunk_idx, scale, H, K, V, BT: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, QK_AFTER: tl.constexpr):
     """Per (chunk, head): dq; dk (state and output part); dw = -dU' S^T; db part."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
@@ -189,8 +192,10 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                                 (t0, i_k * BK), (BT, BK), (1, 0))
         b_q16 = tl.load(p_q, boundary_check=(0, 1))
         b_k16 = tl.load(p_k, boundary_check=(0, 1))
-        # Q K^T on the inputs' dtype: exact products either way, 16-bit MMA at twice tf32's rate
-        b_qk += tl.dot(b_q16, tl.trans(b_k16), input_precision=PREC)
+        if USE_G and not QK_AFTER:
+            # Q K^T on the inputs' dtype: exact products either way, 16-bit MMA at twice tf32's
+            # rate
+            b_qk += tl.dot(b_q16, tl.trans(b_k16), input_precision=PREC)
         b_q = b_q16.to(tl.float32)
         b_k = b_k16.to(tl.float32)
         # dO S^T, U' dS'^T, dU' S^T over V tiles
@@ -240,6 +245,19 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
 
     if USE_G:
+        # QK_AFTER: Q K^T in a pass of its own after the main loop (in the inputs' dtype: exact
+        # products), so that its [BT, BT] accumulator is not alive beside the loop's tiles
+        # (sm_90, bf16, D 128, 8 warps: 104 -> 44 B of spills at BV 64; 247 -> 221 registers
+        # at BV 32)
+        if QK_AFTER:
+            for i_k in range(tl.cdiv(K, BK)):
+                p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                        (t0, i_k * BK), (BT, BK), (1, 0))
+                p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                        (t0, i_k * BK), (BT, BK), (1, 0))
+                b_qk += tl.dot(tl.load(p_q, boundary_check=(0, 1)),
+                               tl.trans(tl.load(p_k, boundary_check=(0, 1))),
+                               input_precision=PREC)
         # db from Gamma in the intra term: + row sums, - column sums of M * Q K^T
         b_mq = b_m * b_qk
         b_db += tl.sum(b_mq, 1) - tl.sum(b_mq, 0)
@@ -410,7 +428,7 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
             db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
             scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64),
             BV=head_tile(V, GRADS_QK_BV[gc is not None]), USE_G=gc is not None,
-            PREC=dot_precision(q.dtype), **LAUNCH["grads_qk"])
+            PREC=dot_precision(q.dtype), QK_AFTER=GRADS_QK_QK_AFTER, **LAUNCH["grads_qk"])
     return dq, dk_part, dw, db
 
 
