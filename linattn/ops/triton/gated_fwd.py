@@ -522,6 +522,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
     # with the scale applied to their float32 results (SCALE_AFTER) so that q enters unrounded.
     # The gated family scales q first (its mLSTMexp bf16 test sits near the normaliser's kink,
     # where the other order flips a token's branch: o error 28 against a bound of 26)
+    tl.static_assert(not (SCALE_AFTER and MEXP), "n^T q (MEXP) takes the scale with q")
     DT = v.dtype.element_ty
     DQ = q.dtype.element_ty
     DS = h.dtype.element_ty
