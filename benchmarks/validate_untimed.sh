@@ -23,11 +23,17 @@ OUT="$OUT" TESTS_S=${TESTS_S:-190} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&
 rm -f "$OUT/gpu_tests.xml"
 fi
 
-# 2) the delta rule: Gated DeltaNet's grads_qk forming Q K^T after its main loop (branch
-#    next/untimed4's default; sm_90: 104 -> 44 B of spills) against main's in-loop form
+# 2) the delta rule, branch next/untimed4's options against main's forms (main_form): Gated
+#    DeltaNet's grads_qk forming Q K^T after its main loop (sm_90: 104 -> 44 B of spills;
+#    qk_inloop), and the scans' dots on float32 values by two 16-bit halves (common.split16;
+#    sm_90 per loop iteration, ungated / gated: forward scan shared stores 140 / 148 -> 116,
+#    barriers 24 / 10 -> 10, spills 24 / 88 -> 0 / 32 B; reverse scan shared stores 240 / 276
+#    -> 144 / 152, shared loads 76 / 84 -> 12, barriers 13 / 30 -> 11 / 13, but spills 436 ->
+#    1080 B ungated, 1208 -> 1436 gated; scan_nosplit, rs_nosplit)
 if want delta; then
-timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants default,qk_inloop --json "$OUT/sweep_delta.json" 2>&1 | tail -22
+timeout $(( $(left) * 35 / 100 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
+    --variants default,main_form,qk_inloop,scan_nosplit,rs_nosplit \
+    --json "$OUT/sweep_delta.json" 2>&1 | tail -22
 fi
 
 # 3) the gated scans' stages at both ends of T, now that fwd_states without a gate reads k^T

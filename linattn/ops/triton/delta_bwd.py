@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import alloc
 from . import delta_fwd
-from .common import fill_v_block, head_tile
+from .common import fill_v_block, head_tile, split16
 from .delta_fwd import BT, chunk_program, dot_precision, full_tile, scan_v_tile, sequence_program
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
@@ -45,6 +45,11 @@ GRADS_QK_BV = (32, 64)
 # Gated DeltaNet's grads_qk forms Q K^T (for db) after its main loop instead of inside it
 # (branch next/untimed4, sm_90 counts only: not timed)
 GRADS_QK_QK_AFTER: bool = True
+# the reverse scan's dots on 16-bit inputs against float32 values by two 16-bit halves of the
+# float32 operand (delta_bwd_scan_kernel's SPLIT16; branch next/untimed4, not timed). Tried and
+# dropped the same in grads_qk (U' and M split): sm_90 ungated 126 -> 186 registers (2 -> 1
+# programs per SM), gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
+REVERSE_SCAN_SPLIT16: bool = True
 # the reverse scan's V tile cap (see delta_fwd.scan_v_tile)
 REVERSE_SCAN_BV = 64
 
@@ -71,8 +76,13 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
                           scale, H, K, V,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                          PREC: tl.constexpr):
+                          PREC: tl.constexpr, SPLIT16: tl.constexpr):
     """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
+
+    SPLIT16 (16-bit inputs): the float32 operand of each dot whose other operand is a 16-bit
+    input (K dS', (K Q^T) dO, Q^T (e^b dO)) goes in as two 16-bit halves (common.split16), so
+    the input enters the dot as stored instead of through a float32 copy staged in shared
+    memory for a tf32 dot; the products keep ~16 bits where tf32 keeps 11.
 
     BK spans all of K (the launcher picks full_tile(K)): W^T dU' contracts over the chunk
     but yields all K rows of dS."""
@@ -124,13 +134,25 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
         else:
             b_kq = tl.where(m_c, b_kq, 0.0)
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
-        b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
+        if SPLIT16:
+            ds_hi, ds_lo = split16(b_ds, b_k.dtype)
+            b_kds = tl.dot(b_k, ds_lo, tl.dot(b_k, ds_hi))
+        else:
+            b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
         if USE_G:
             b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-        b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
+        if SPLIT16:
+            kq_hi, kq_lo = split16(b_kq, b_do.dtype)
+            b_dv = scale * tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do)) + b_kds
+        else:
+            b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
-        if USE_G:
+        if USE_G and SPLIT16:
+            de_hi, de_lo = split16(b_do.to(tl.float32) * tl.exp(b_g)[:, None], b_q.dtype)
+            b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(tl.trans(b_q), de_lo,
+                                                        tl.dot(tl.trans(b_q), de_hi))
+        elif USE_G:
             b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(
                 tl.trans(b_q.to(tl.float32)), b_do.to(tl.float32) * tl.exp(b_g)[:, None],
                 input_precision=PREC)
@@ -402,6 +424,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
+            SPLIT16=REVERSE_SCAN_SPLIT16 and q.dtype != torch.float32,
             **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
                **(dict(num_stages=2) if BK < 128 else {})})
     return dh, dv2, dh0

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import alloc
-from .common import fill_v_block, head_tile, next_pow2
+from .common import fill_v_block, head_tile, next_pow2, split16
 from .gated_api import KernelConfig
 from .gated_fwd import fwd_o
 
@@ -99,6 +99,9 @@ def full_tile(d: int) -> int:
 
 # V tile cap of the forward scan (delta_bwd.REVERSE_SCAN_BV: the reverse scan's)
 SCAN_BV = 64
+# the forward scan's K^T U' by two 16-bit halves of U' (delta_scan_kernel's SPLIT16; branch
+# next/untimed4, not timed)
+SCAN_SPLIT16: bool = True
 
 
 def scan_v_tile(K: int, V: int, cap: int = 64) -> int:
@@ -262,11 +265,13 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
 def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
                       H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, SPLIT16: tl.constexpr):
     """Per (V tile, sequence * head): S over the chunks; h[c0 + n + c] = S at chunk c's start
     (the gated layout's slots), U'.
 
-    BK spans all of K (the launcher picks full_tile(K)): W S contracts over it."""
+    BK spans all of K (the launcher picks full_tile(K)): W S contracts over it. SPLIT16
+    (16-bit inputs): K^T U' with k as stored and U' (decay-weighted) as two 16-bit halves
+    (common.split16) instead of a tf32 dot on a float32 copy of k."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
     n = i_nh // H
@@ -299,15 +304,27 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
         # S <- exp(b_L) S + (K * exp(b_L - b))^T U'
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, 0), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-        if USE_G:
-            valid = (t0 + o_t) < Tn
-            last = tl.minimum(t0 + BT, Tn) - 1
-            b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
-            b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
-            b_k = b_k * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-            b_s = b_s * tl.exp(b_gl)
-        b_s += tl.dot(tl.trans(b_k), b_vn, input_precision=PREC)
+        if SPLIT16:
+            b_k16 = tl.load(p_k, boundary_check=(0, 1))
+            if USE_G:
+                valid = (t0 + o_t) < Tn
+                last = tl.minimum(t0 + BT, Tn) - 1
+                b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+                b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
+                b_vn = b_vn * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
+                b_s = b_s * tl.exp(b_gl)
+            vn_hi, vn_lo = split16(b_vn, b_k16.dtype)
+            b_s = tl.dot(tl.trans(b_k16), vn_lo, tl.dot(tl.trans(b_k16), vn_hi, b_s))
+        else:
+            b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+            if USE_G:
+                valid = (t0 + o_t) < Tn
+                last = tl.minimum(t0 + BT, Tn) - 1
+                b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+                b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
+                b_k = b_k * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
+                b_s = b_s * tl.exp(b_gl)
+            b_s += tl.dot(tl.trans(b_k), b_vn, input_precision=PREC)
 
     if STORE_FINAL:
         p_ht = tl.make_block_ptr(ht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV),
@@ -366,7 +383,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             final if final is not None else h, layout.cu, layout.chunk_off,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
-            PREC=dot_precision(k.dtype),
+            PREC=dot_precision(k.dtype), SPLIT16=SCAN_SPLIT16 and k.dtype != torch.float32,
             **{**LAUNCH["scan"], **(dict(num_warps=8, num_stages=1) if BK >= 256 else {})})
     return h, vnew, final
 
