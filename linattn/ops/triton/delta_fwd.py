@@ -97,6 +97,9 @@ def full_tile(d: int) -> int:
     return max(16, next_pow2(d))
 
 
+# prep's W and U by two 16-bit halves of the weighted T (delta_prep_kernel's SPLIT16; branch
+# next/untimed4, not timed)
+PREP_SPLIT16: bool = True
 # V tile cap of the forward scan (delta_bwd.REVERSE_SCAN_BV: the reverse scan's)
 SCAN_BV = 64
 # the forward scan's K^T U' by two 16-bit halves of U' (delta_scan_kernel's SPLIT16; branch
@@ -160,8 +163,11 @@ def sequence_program(cu_seqlens, chunk_offsets, H):
 @triton.jit
 def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chunk_idx,
                       H, K, V, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
-    """Per (chunk, head): gc = b, tinv = T = (I + A)^-1, w = W, u = U (all float32)."""
+                      BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
+                      SPLIT16: tl.constexpr):
+    """Per (chunk, head): gc = b, tinv = T = (I + A)^-1, w = W, u = U (all float32). SPLIT16
+    (16-bit inputs): W and U by dots of K, V as stored against two 16-bit halves of the
+    weighted T (common.split16)."""
     tl.static_assert(BT == 4 * BC, "the UT solve assembles 4 x 4 blocks of BC")
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
@@ -243,22 +249,37 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
 
     # W = T diag(beta exp(b)) K, tile by tile over K
     b_kw = b_beta * tl.exp(b_g)
+    if SPLIT16:
+        # (T diag(beta e^b)) K and (T diag(beta)) V with the float32 factor as two 16-bit
+        # halves (common.split16) and K, V as stored
+        tw_hi, tw_lo = split16(b_t * b_kw[None, :], k.dtype.element_ty)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, i_k * BK), (BT, BK), (1, 0))
         p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, i_k * BK), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32) * b_kw[:, None]
-        tl.store(p_w, tl.dot(b_t, b_k, input_precision=PREC), boundary_check=(0, 1))
+        if SPLIT16:
+            b_k16 = tl.load(p_k, boundary_check=(0, 1))
+            b_wt = tl.dot(tw_lo, b_k16, tl.dot(tw_hi, b_k16))
+        else:
+            b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32) * b_kw[:, None]
+            b_wt = tl.dot(b_t, b_k, input_precision=PREC)
+        tl.store(p_w, b_wt, boundary_check=(0, 1))
     # U = T diag(beta) V, tile by tile over V
+    if SPLIT16:
+        tb_hi, tb_lo = split16(b_t * b_beta[None, :], v.dtype.element_ty)
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                 (t0, i_v * BV), (BT, BV), (1, 0))
         p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                 (t0, i_v * BV), (BT, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32) * b_beta[:, None]
-        tl.store(p_u, tl.dot(b_t, b_v, input_precision=PREC).to(p_u.dtype.element_ty),
-                 boundary_check=(0, 1))
+        if SPLIT16:
+            b_v16 = tl.load(p_v, boundary_check=(0, 1))
+            b_ut = tl.dot(tb_lo, b_v16, tl.dot(tb_hi, b_v16))
+        else:
+            b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32) * b_beta[:, None]
+            b_ut = tl.dot(b_t, b_v, input_precision=PREC)
+        tl.store(p_u, b_ut.to(p_u.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -354,7 +375,8 @@ def prep(k, v, beta, g, layout):
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             w, u, layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BC=BC, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
-            PREC=dot_precision(k.dtype), **LAUNCH["prep"])
+            PREC=dot_precision(k.dtype), SPLIT16=PREP_SPLIT16 and k.dtype != torch.float32,
+            **LAUNCH["prep"])
     return gc, tinv, w, u
 
 
