@@ -5,10 +5,10 @@
 # are the sweeps' and the profile's tables.
 #     bash benchmarks/validate_untimed.sh                  (all steps; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
-# Next call (branch next/untimed4): the default STEPS="tests mexp delta long" (~9 minutes);
-# the other steps: stages, ncu, profile.
+# Next session (branch next/untimed4), two calls: the default STEPS="tests delta" (~9 minutes),
+# then STEPS="mexp long"; the other steps: stages, ncu, profile.
 set -u
-STEPS=${STEPS:-"tests mexp delta long"}
+STEPS=${STEPS:-"tests delta"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -32,7 +32,7 @@ fi
 #    1080 B ungated, 1208 -> 1436 gated; scan_nosplit, rs_nosplit); prep's W and U the same
 #    way (STS 137 / 140 -> 81 / 92, spills 220 / 260 -> 184 / 236 B; prep_nosplit)
 if want delta; then
-timeout $(( $(left) * 35 / 100 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
+timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
     --variants default,main_form,qk_inloop,scan_nosplit,rs_nosplit,prep_nosplit \
     --json "$OUT/sweep_delta.json" 2>&1 | tail -22
 fi
