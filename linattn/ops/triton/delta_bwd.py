@@ -350,7 +350,8 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
     b_gg = b_dkk * b_kk  # gradient of b_i - b_j through Gamma
     b_db = tl.sum(b_gg, 1) - tl.sum(b_gg, 0)
 
-    # dK = dK_part + T^T dW * beta e^b + dKK K + dKK^T K
+    # dK = dK_part + T^T dW * beta e^b + (dKK + dKK^T) K  (one dot for both K K^T factors)
+    b_dks = b_dkk + tl.trans(b_dkk)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, i_k * BK), (BT, BK), (1, 0))
@@ -364,8 +365,7 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         b_dkb = tl.dot(tl.trans(b_t), tl.load(p_dw, boundary_check=(0, 1)).to(tl.float32),
                        input_precision=PREC)
         b_dkt = tl.load(p_dkp, boundary_check=(0, 1)).to(tl.float32) + b_dkb * b_kw[:, None] \
-            + tl.dot(b_dkk, b_k, input_precision=PREC) \
-            + tl.dot(tl.trans(b_dkk), b_k, input_precision=PREC)
+            + tl.dot(b_dks, b_k, input_precision=PREC)
         b_s = tl.sum(b_dkb * b_k, 1)  # through beta e^b
         b_dbeta += b_s * b_eg
         b_db += b_s * b_kw
