@@ -30,10 +30,11 @@ fi
 #    barriers 24 / 10 -> 10, spills 24 / 88 -> 0 / 32 B; reverse scan shared stores 240 / 276
 #    -> 144 / 152, shared loads 76 / 84 -> 12, barriers 13 / 30 -> 11 / 13, but spills 436 ->
 #    1080 B ungated, 1208 -> 1436 gated; scan_nosplit, rs_nosplit); prep's W and U the same
-#    way (STS 137 / 140 -> 81 / 92, spills 220 / 260 -> 184 / 236 B; prep_nosplit)
+#    way (STS 137 / 140 -> 81 / 92, spills 220 / 260 -> 184 / 236 B; prep_nosplit); grads_wy's
+#    T^T dW, T^T dU, (dKK + dKK^T) K the same way (STS 214 / 234 -> 138 / 158; wy_nosplit)
 if want delta; then
 timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants default,main_form,qk_inloop,scan_nosplit,rs_nosplit,prep_nosplit \
+    --variants default,main_form,qk_inloop,scan_nosplit,rs_nosplit,prep_nosplit,wy_nosplit \
     --json "$OUT/sweep_delta.json" 2>&1 | tail -22
 fi
 

@@ -50,6 +50,9 @@ GRADS_QK_QK_AFTER: bool = True
 # dropped the same in grads_qk (U' and M split): sm_90 ungated 126 -> 186 registers (2 -> 1
 # programs per SM), gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
 REVERSE_SCAN_SPLIT16: bool = True
+# grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16;
+# branch next/untimed4, not timed)
+GRADS_WY_SPLIT16: bool = True
 # the reverse scan's V tile cap (see delta_fwd.scan_v_tile)
 REVERSE_SCAN_BV = 64
 
@@ -292,8 +295,10 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
 def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv, dbeta, dg,
                         cu_seqlens, chunk_seq, chunk_idx, H, K, V, BT: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                        PREC: tl.constexpr):
-    """Per (chunk, head): through W = T diag(beta e^b) K, U = T diag(beta) V, T = (I + A)^-1."""
+                        PREC: tl.constexpr, SPLIT16: tl.constexpr):
+    """Per (chunk, head): through W = T diag(beta e^b) K, U = T diag(beta) V, T = (I + A)^-1.
+    SPLIT16 (16-bit inputs and stored dW, dU): T^T dW, T^T dU and (dKK + dKK^T) K with the
+    float32 factor as two 16-bit halves (common.split16), K, dW and dU as stored."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     row = (bos + t0 + o_t) * H + i_h
@@ -352,6 +357,9 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
 
     # dK = dK_part + T^T dW * beta e^b + (dKK + dKK^T) K  (one dot for both K K^T factors)
     b_dks = b_dkk + tl.trans(b_dkk)
+    if SPLIT16:
+        t_hi, t_lo = split16(tl.trans(b_t), k.dtype.element_ty)       # T^T as two halves
+        s_hi, s_lo = split16(b_dks, k.dtype.element_ty)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, i_k * BK), (BT, BK), (1, 0))
@@ -361,11 +369,19 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
                                   (t0, i_k * BK), (BT, BK), (1, 0))
         p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                  (t0, i_k * BK), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-        b_dkb = tl.dot(tl.trans(b_t), tl.load(p_dw, boundary_check=(0, 1)).to(tl.float32),
-                       input_precision=PREC)
+        if SPLIT16:
+            b_k16 = tl.load(p_k, boundary_check=(0, 1))
+            b_k = b_k16.to(tl.float32)
+            b_dw16 = tl.load(p_dw, boundary_check=(0, 1))
+            b_dkb = tl.dot(t_lo, b_dw16, tl.dot(t_hi, b_dw16))
+            b_kk2 = tl.dot(s_lo, b_k16, tl.dot(s_hi, b_k16))
+        else:
+            b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+            b_dkb = tl.dot(tl.trans(b_t), tl.load(p_dw, boundary_check=(0, 1)).to(tl.float32),
+                           input_precision=PREC)
+            b_kk2 = tl.dot(b_dks, b_k, input_precision=PREC)
         b_dkt = tl.load(p_dkp, boundary_check=(0, 1)).to(tl.float32) + b_dkb * b_kw[:, None] \
-            + tl.dot(b_dks, b_k, input_precision=PREC)
+            + b_kk2
         b_s = tl.sum(b_dkb * b_k, 1)  # through beta e^b
         b_dbeta += b_s * b_eg
         b_db += b_s * b_kw
@@ -380,8 +396,12 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                  (t0, i_v * BV), (BT, BV), (1, 0))
         b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
-        b_dvb = tl.dot(tl.trans(b_t), tl.load(p_du, boundary_check=(0, 1)).to(tl.float32),
-                       input_precision=PREC)
+        if SPLIT16:
+            b_du16 = tl.load(p_du, boundary_check=(0, 1))
+            b_dvb = tl.dot(t_lo, b_du16, tl.dot(t_hi, b_du16))
+        else:
+            b_dvb = tl.dot(tl.trans(b_t), tl.load(p_du, boundary_check=(0, 1)).to(tl.float32),
+                           input_precision=PREC)
         b_dbeta += tl.sum(b_dvb * b_v, 1)
         tl.store(p_dv, (b_dvb * b_beta[:, None]).to(p_dv.dtype.element_ty),
                  boundary_check=(0, 1))
@@ -477,6 +497,8 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
             layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype),
+            SPLIT16=GRADS_WY_SPLIT16 and k.dtype != torch.float32 and dw.dtype == k.dtype
+            and dv2.dtype == k.dtype,
             # float32 inputs ("ieee" dots) keep 8 warps: on 4, sm_90 spills ~9 KB (the sweep
             # timed 16-bit inputs only)
             **{**LAUNCH["grads_wy"], **(dict(num_warps=8) if k.dtype == torch.float32 else {})})
