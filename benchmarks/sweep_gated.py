@@ -28,23 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import time_gated  # noqa: E402
 
-from linattn.ops.triton import gated_api, gated_fwd  # noqa: E402
+from linattn.ops.triton import gated_api, gated_bwd, gated_fwd  # noqa: E402
 
 _DEFAULT_CONFIG = gated_api._config
 _NORM_DOT = gated_fwd.MEXP_NORM_DOT
+_S_PREFETCH = gated_bwd.MEXP_S_PREFETCH
 
 
 SETTINGS = ("chunk", "tile", "warps", "scan_warps", "stages", "dqk_bk", "dqk_warps", "score_warps",
-            "score_kd", "dqk_diag", "scan_stages", "fwd_cap", "bwd_cap", "norm_dot")
+            "score_kd", "dqk_diag", "scan_stages", "fwd_cap", "bwd_cap", "norm_dot", "s_prefetch")
 DEFAULTS = (None,) * len(SETTINGS)
 
 
 def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=None,
                  score_warps=None, score_kd=None, dqk_diag=None, scan_stages=None, fwd_cap=None,
-                 bwd_cap=None, norm_dot=None):
+                 bwd_cap=None, norm_dot=None, s_prefetch=None):
     """Makes gated_api pick these settings (None: the default) until the next call."""
     gated_api.CHUNK, gated_api.TILE = chunk, tile
     gated_fwd.MEXP_NORM_DOT = _NORM_DOT if norm_dot is None else bool(norm_dot)
+    gated_bwd.MEXP_S_PREFETCH = _S_PREFETCH if s_prefetch is None else bool(s_prefetch)
 
     def config(*a, **kw):
         cfg, L, BT = _DEFAULT_CONFIG(*a, **kw)
@@ -114,6 +116,8 @@ def main(argv=None):
     p.add_argument("--bwd-cap", default="default", help="bwd_states' register cap (0: none)")
     p.add_argument("--norm-dot", default="default",
                    help="mLSTMexp's normaliser sums by a dot (gated_fwd.MEXP_NORM_DOT: 0 or 1)")
+    p.add_argument("--s-prefetch", default="default",
+                   help="mLSTMexp's bwd_states loads S_c a tile ahead (gated_bwd.MEXP_S_PREFETCH)")
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting combinations after this")
@@ -131,7 +135,8 @@ def main(argv=None):
                                     ints(args.scan_warps), ints(args.stages), ints(args.dqk_bk),
                                     ints(args.dqk_warps), ints(args.score_warps),
                                     ints(args.score_kd), ints(args.dqk_diag), ints(args.scan_stages),
-                                    ints(args.fwd_cap), ints(args.bwd_cap), ints(args.norm_dot)))
+                                    ints(args.fwd_cap), ints(args.bwd_cap), ints(args.norm_dot),
+                                    ints(args.s_prefetch)))
     start, rows = time.perf_counter(), []
     for kind in args.kinds.split(","):
         ins = time_gated.make(kind, B, T, H, D, dev, dtype)
@@ -155,7 +160,7 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(dict(shape=dict(B=B, T=T, H=H, D=D, dtype=str(dtype)),
                                                    rows=rows), indent=1))
     print(f"\n{'kind':<10} {'L':>4} {'BT':>4} {'warps':>5} {'scan':>4} {'stg':>3} {'dqkBK':>5} {'dqkW':>4}"
-          f" {'scW':>4} {'scKD':>4} {'diag':>4} {'scSt':>4} {'fCap':>4} {'bCap':>4} {'nDot':>4} {'fwd ms':>8}"
+          f" {'scW':>4} {'scKD':>4} {'diag':>4} {'scSt':>4} {'fCap':>4} {'bCap':>4} {'nDot':>4} {'sPf':>3} {'fwd ms':>8}"
           f" {'fwd+bwd':>8}  diff")
     for r in rows:
         if "error" in r:
@@ -163,7 +168,7 @@ def main(argv=None):
         print(f"{r['kind']:<10} {str(r['chunk']):>4} {str(r['tile']):>4} {str(r['warps']):>5} "
               f"{str(r['scan_warps']):>4} {str(r['stages']):>3} {str(r['dqk_bk']):>5} {str(r['dqk_warps']):>4} "
               f"{str(r['score_warps']):>4} {str(r['score_kd']):>4} {str(r['dqk_diag']):>4} {str(r['scan_stages']):>4} "
-              f"{str(r['fwd_cap']):>4} {str(r['bwd_cap']):>4} {str(r['norm_dot']):>4} "
+              f"{str(r['fwd_cap']):>4} {str(r['bwd_cap']):>4} {str(r['norm_dot']):>4} {str(r['s_prefetch']):>3} "
               f"{r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>8.3f}  "
               f"{r['max_diff_vs_default']:.2e}")
     return 0

@@ -65,10 +65,12 @@ fi
 #     with and without a 168-register cap on fwd_states (3 programs per SM, no spills), at
 #     both ends of T and the bench's middle: the T ratio (asked <= 1.15) is T 32768 over 2048
 if want mexp; then
+#     and bwd_states loading S_c a tile ahead (gated_bwd.MEXP_S_PREFETCH, with NORM_DOT only:
+#     251 registers, no spills)
 for T in 32768 2048 8192; do
 timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlstm_exp --T $T \
     --chunks default --tiles default --warps default --stages default --norm-dot 0,1 \
-    --fwd-cap 0,168 --budget-s 100 2>&1 | tail -5 | tee -a "$OUT/sweep_mexp.log"
+    --s-prefetch 0,1 --fwd-cap 0,168 --budget-s 100 2>&1 | tail -9 | tee -a "$OUT/sweep_mexp.log"
 done
 fi
 

@@ -34,6 +34,11 @@ from .gated_fwd import (NCOL, NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of
 
 # ----------------------------------------------------------------------------- kernels
 
+# mLSTMexp's bwd_states (uncapped) loads S_c for <dS, S> a tile ahead (S_AHEAD; branch
+# next/untimed4, not timed)
+MEXP_S_PREFETCH: bool = True
+
+
 @triton.jit
 def chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, vb,
                       NJ: tl.constexpr, MEXP: tl.constexpr):
@@ -59,7 +64,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       GATE: tl.constexpr, MEXP: tl.constexpr, HAS_DHT: tl.constexpr,
                       HAS_H0: tl.constexpr, NONCAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                      SDOT: tl.constexpr, NORM_DOT: tl.constexpr):
+                      SDOT: tl.constexpr, NORM_DOT: tl.constexpr, S_PREFETCH: tl.constexpr):
     """Reverse scan over the chunks of sequence n, head h, one [BK, BV] block: writes the
     gradient of the state after every chunk (slot c + 1) and of the initial state (slot 0);
     NONCAUSAL sums q^T do over the sequence into the final slot. For the gates' gradient (SDOT)
@@ -87,6 +92,12 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
     de_n, mp_n = chunk_decay(gb, gm, mpc, nt - 1, bos, eos, c0, hh, H, ck, mk, K, L, BT, GATE,
                              MEXP)
     GRAD_SDOT: tl.constexpr = GATE != 0 and SDOT
+    # S_c for <dS, S> a tile ahead where no register cap is set (mLSTMexp): a synchronous
+    # [BK, BV] load every step otherwise (see chunk_start_state)
+    S_AHEAD: tl.constexpr = GRAD_SDOT and MEXP and NORM_DOT and S_PREFETCH
+    if S_AHEAD:
+        Sp_n, npv_n = chunk_start_state(h, hn, nt - 1, nt, c0, n, hh, H, K, V, ck, mk, cv, mv,
+                                        vb, NJ, MEXP)
     if MEXP:
         # dqn (cotangent of n^T q) a tile ahead: it feeds dn's sum, no dot (see chunk_decay)
         rows = bos + (nt - 1) * BT + tl.arange(0, BT)
@@ -115,8 +126,13 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             dS = dS * tl.where(first, exp(le, IEEE), 1.0)[:, None]
         if GRAD_SDOT:
             # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
-            Sp, npv = chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, vb,
-                                        NJ, MEXP)
+            if S_AHEAD:
+                Sp, npv = Sp_n, npv_n
+                Sp_n, npv_n = chunk_start_state(h, hn, it - 1, nt, c0, n, hh, H, K, V, ck, mk,
+                                                cv, mv, vb, NJ, MEXP)
+            else:
+                Sp, npv = chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv,
+                                            vb, NJ, MEXP)
             rs = tl.sum(dS * Sp, axis=1)                                          # [BK]
             if GATE == 1:
                 part = tl.sum(rs, axis=0)
@@ -603,7 +619,8 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         BV=BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
         IEEE=cfg.ieee, SDOT=sdot is not None,
-        NORM_DOT=cfg.mexp and not has_h0 and gated_fwd.MEXP_NORM_DOT, num_warps=cfg.scan_warps,
+        NORM_DOT=cfg.mexp and not has_h0 and gated_fwd.MEXP_NORM_DOT,
+        S_PREFETCH=MEXP_S_PREFETCH and not cfg.bwd_scan_maxnreg, num_warps=cfg.scan_warps,
         num_stages=cfg.scan_stages or cfg.stages,
         maxnreg=cfg.bwd_scan_maxnreg or None)
     if sdot is not None:
