@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .. import alloc
 from . import delta_fwd
+from . import common
 from .common import fill_v_block, head_tile, split16
 from .delta_fwd import BT, chunk_program, dot_precision, full_tile, scan_v_tile, sequence_program
 
@@ -444,7 +445,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            SPLIT16=REVERSE_SCAN_SPLIT16 and q.dtype != torch.float32,
+            SPLIT16=REVERSE_SCAN_SPLIT16 and q.dtype in common.SPLIT16_DTYPES,
             **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
                **(dict(num_stages=2) if BK < 128 else {})})
     return dh, dv2, dh0
@@ -497,7 +498,7 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
             layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=GRADS_WY_SPLIT16 and k.dtype != torch.float32 and dw.dtype == k.dtype
+            SPLIT16=GRADS_WY_SPLIT16 and k.dtype in common.SPLIT16_DTYPES and dw.dtype == k.dtype
             and dv2.dtype == k.dtype,
             # float32 inputs ("ieee" dots) keep 8 warps: on 4, sm_90 spills ~9 KB (the sweep
             # timed 16-bit inputs only)

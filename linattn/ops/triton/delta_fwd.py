@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import alloc
+from . import common
 from .common import fill_v_block, head_tile, next_pow2, split16
 from .gated_api import KernelConfig
 from .gated_fwd import fwd_o
@@ -375,7 +376,7 @@ def prep(k, v, beta, g, layout):
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             w, u, layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BC=BC, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
-            PREC=dot_precision(k.dtype), SPLIT16=PREP_SPLIT16 and k.dtype != torch.float32,
+            PREC=dot_precision(k.dtype), SPLIT16=PREP_SPLIT16 and k.dtype in common.SPLIT16_DTYPES,
             **LAUNCH["prep"])
     return gc, tinv, w, u
 
@@ -405,7 +406,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             final if final is not None else h, layout.cu, layout.chunk_off,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
-            PREC=dot_precision(k.dtype), SPLIT16=SCAN_SPLIT16 and k.dtype != torch.float32,
+            PREC=dot_precision(k.dtype), SPLIT16=SCAN_SPLIT16 and k.dtype in common.SPLIT16_DTYPES,
             **{**LAUNCH["scan"], **(dict(num_warps=8, num_stages=1) if BK >= 256 else {})})
     return h, vnew, final
 
