@@ -131,6 +131,28 @@ def _inv_unit_lower_blocks(a, NB: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
+def t_weighted_product(b_t, b_wt, x, out, bos, i_h, Tn, t0, H, D, BT: tl.constexpr,
+                       BD: tl.constexpr, SPLIT16: tl.constexpr, PREC: tl.constexpr):
+    """out = T diag(b_wt) X on one chunk's rows (x, out [TT, H, D]; T [BT, BT] and the row
+    weights b_wt [BT] float32), tile by tile over D. SPLIT16: T diag(b_wt) as two 16-bit halves
+    (common.split16) against X as stored; else a dot on the weighted float32 X."""
+    if SPLIT16:
+        a_hi, a_lo = split16(b_t * b_wt[None, :], x.dtype.element_ty)
+    for i_d in range(tl.cdiv(D, BD)):
+        p_x = tl.make_block_ptr(x + (bos * H + i_h) * D, (Tn, D), (H * D, 1),
+                                (t0, i_d * BD), (BT, BD), (1, 0))
+        p_o = tl.make_block_ptr(out + (bos * H + i_h) * D, (Tn, D), (H * D, 1),
+                                (t0, i_d * BD), (BT, BD), (1, 0))
+        if SPLIT16:
+            b_x16 = tl.load(p_x, boundary_check=(0, 1))
+            b_o = tl.dot(a_lo, b_x16, tl.dot(a_hi, b_x16))
+        else:
+            b_x = tl.load(p_x, boundary_check=(0, 1)).to(tl.float32) * b_wt[:, None]
+            b_o = tl.dot(b_t, b_x, input_precision=PREC)
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
 def chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT: tl.constexpr):
     """Where a (chunk, head[, tile]) program works: (chunk id i_c, head i_h, its sequence's
     first token bos and length Tn, the chunk's first row t0 in the sequence, the rows o_t,
@@ -248,39 +270,10 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
     tl.debug_barrier()
     b_t = tl.load(p_t + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_st, other=0.0)
 
-    # W = T diag(beta exp(b)) K, tile by tile over K
-    b_kw = b_beta * tl.exp(b_g)
-    if SPLIT16:
-        # (T diag(beta e^b)) K and (T diag(beta)) V with the float32 factor as two 16-bit
-        # halves (common.split16) and K, V as stored
-        tw_hi, tw_lo = split16(b_t * b_kw[None, :], k.dtype.element_ty)
-    for i_k in range(tl.cdiv(K, BK)):
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
-        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
-        if SPLIT16:
-            b_k16 = tl.load(p_k, boundary_check=(0, 1))
-            b_wt = tl.dot(tw_lo, b_k16, tl.dot(tw_hi, b_k16))
-        else:
-            b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32) * b_kw[:, None]
-            b_wt = tl.dot(b_t, b_k, input_precision=PREC)
-        tl.store(p_w, b_wt, boundary_check=(0, 1))
-    # U = T diag(beta) V, tile by tile over V
-    if SPLIT16:
-        tb_hi, tb_lo = split16(b_t * b_beta[None, :], v.dtype.element_ty)
-    for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                (t0, i_v * BV), (BT, BV), (1, 0))
-        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                (t0, i_v * BV), (BT, BV), (1, 0))
-        if SPLIT16:
-            b_v16 = tl.load(p_v, boundary_check=(0, 1))
-            b_ut = tl.dot(tb_lo, b_v16, tl.dot(tb_hi, b_v16))
-        else:
-            b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32) * b_beta[:, None]
-            b_ut = tl.dot(b_t, b_v, input_precision=PREC)
-        tl.store(p_u, b_ut.to(p_u.dtype.element_ty), boundary_check=(0, 1))
+    # W = T diag(beta exp(b)) K and U = T diag(beta) V
+    t_weighted_product(b_t, b_beta * tl.exp(b_g), k, w, bos, i_h, Tn, t0, H, K, BT, BK, SPLIT16,
+                       PREC)
+    t_weighted_product(b_t, b_beta, v, u, bos, i_h, Tn, t0, H, V, BT, BV, SPLIT16, PREC)
 
 
 @triton.jit
@@ -326,26 +319,23 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
         # S <- exp(b_L) S + (K * exp(b_L - b))^T U'
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, 0), (BT, BK), (1, 0))
+        if USE_G:
+            valid = (t0 + o_t) < Tn
+            last = tl.minimum(t0 + BT, Tn) - 1
+            b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+            b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
+            b_wk = tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))  # [BT] into the state
+            b_s = b_s * tl.exp(b_gl)
         if SPLIT16:
             b_k16 = tl.load(p_k, boundary_check=(0, 1))
             if USE_G:
-                valid = (t0 + o_t) < Tn
-                last = tl.minimum(t0 + BT, Tn) - 1
-                b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
-                b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
-                b_vn = b_vn * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-                b_s = b_s * tl.exp(b_gl)
+                b_vn = b_vn * b_wk[:, None]                   # the weights on U' (split below)
             vn_hi, vn_lo = split16(b_vn, b_k16.dtype)
             b_s = tl.dot(tl.trans(b_k16), vn_lo, tl.dot(tl.trans(b_k16), vn_hi, b_s))
         else:
             b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
             if USE_G:
-                valid = (t0 + o_t) < Tn
-                last = tl.minimum(t0 + BT, Tn) - 1
-                b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
-                b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
-                b_k = b_k * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-                b_s = b_s * tl.exp(b_gl)
+                b_k = b_k * b_wk[:, None]
             b_s += tl.dot(tl.trans(b_k), b_vn, input_precision=PREC)
 
     if STORE_FINAL:
