@@ -139,6 +139,10 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
             b_kq = tl.where(m_c, b_kq, 0.0)
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
         if SPLIT16:
+            # the part that does not wait for dS' first, so that K Q^T is dead before the split
+            # of dS' is formed
+            kq_hi, kq_lo = split16(b_kq, b_do.dtype)
+            b_dvi = tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do))
             ds_hi, ds_lo = split16(b_ds, b_k.dtype)
             b_kds = tl.dot(b_k, ds_lo, tl.dot(b_k, ds_hi))
         else:
@@ -146,8 +150,7 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
         if USE_G:
             b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
         if SPLIT16:
-            kq_hi, kq_lo = split16(b_kq, b_do.dtype)
-            b_dv = scale * tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do)) + b_kds
+            b_dv = scale * b_dvi + b_kds
         else:
             b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
