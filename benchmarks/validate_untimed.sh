@@ -28,8 +28,8 @@ fi
 #    qk_inloop), and the scans' dots on float32 values by two 16-bit halves (common.split16;
 #    sm_90 per loop iteration, ungated / gated: forward scan shared stores 140 / 148 -> 116,
 #    barriers 24 / 10 -> 10, spills 24 / 88 -> 0 / 32 B; reverse scan shared stores 240 / 276
-#    -> 144 / 152, shared loads 76 / 84 -> 12, barriers 13 / 30 -> 11 / 13, but spills 436 ->
-#    1080 B ungated, 1208 -> 1436 gated; scan_nosplit, rs_nosplit); prep's W and U the same
+#    -> 144 / 152, shared loads 76 / 84 -> 12, barriers 13 / 30 -> 11 / 13, spills 436 ->
+#    1148 B ungated, 1208 -> 892 gated; scan_nosplit, rs_nosplit); prep's W and U the same
 #    way (STS 137 / 140 -> 81 / 92, spills 220 / 260 -> 184 / 236 B; prep_nosplit); grads_wy's
 #    T^T dW, T^T dU, (dKK + dKK^T) K the same way (STS 214 / 234 -> 138 / 158; wy_nosplit)
 if want delta; then
