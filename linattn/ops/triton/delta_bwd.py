@@ -448,7 +448,8 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            SPLIT16=REVERSE_SCAN_SPLIT16 and q.dtype in common.SPLIT16_DTYPES,
+            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B (the D 128 sweep decides)
+            SPLIT16=REVERSE_SCAN_SPLIT16 and q.dtype in common.SPLIT16_DTYPES and BK <= 128,
             **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
                **(dict(num_stages=2) if BK < 128 else {})})
     return dh, dv2, dh0
