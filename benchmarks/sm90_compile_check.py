@@ -19,7 +19,9 @@ them without a GPU, in two steps:
    gives OK/ERROR, shared memory bytes, registers and spills (from ptxas -v), the programs
    that fit on one SM (blocks_per_sm: the grid's waves follow), compile seconds; --dump DIR
    writes each key's TTGIR and PTX (a `tt.load` left in a loop is a load the pipeliner did not
-   prefetch).
+   prefetch); --sass counts SASS instructions from the cubin (shared-memory stores and loads,
+   spill traffic, barriers, HGMMA, global loads: static counts, a proxy to compare two forms
+   of a kernel, not a timing).
 
 Exit code 1 if a key fails to compile or needs more than 227 KiB of shared memory, 2 if
 pytest could not run (failed tests only warn: their launches are still checked). The default
@@ -164,9 +166,39 @@ def compile_key(key: dict) -> dict:
                 f.write(kern.asm[ext])
     regs = re.search(r"Used (\d+) registers", ptxas)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
-    return {"ok": True, "seconds": time.time() - t0, "shared": kern.metadata.shared,
-            "regs": int(regs.group(1)) if regs else None,
-            "spills": int(spill.group(1)) + int(spill.group(2)) if spill else None}
+    res = {"ok": True, "seconds": time.time() - t0, "shared": kern.metadata.shared,
+           "regs": int(regs.group(1)) if regs else None,
+           "spills": int(spill.group(1)) + int(spill.group(2)) if spill else None}
+    if key.get("sass"):
+        sass = disassemble(kern.asm["cubin"])
+        res["sass"] = sass_counts(sass)
+        if key.get("dump"):
+            with open(os.path.join(key["dump"], f"{key['fn']}_{key['index']}.sass"), "w") as f:
+                f.write(sass)
+    return res
+
+
+# SASS instructions --sass counts (whole kernel, static): shared-memory stores and loads (STS,
+# LDS: operands staged for the tensor cores, layout conversions), local memory (LDL, STL:
+# register spills), barriers (BAR), Hopper tensor-core instructions (HGMMA), global loads (LDG)
+SASS_OPS = ("STS", "LDS", "LDL", "STL", "BAR", "HGMMA", "LDG")
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a cubin, by the cuobjdump that ships with Triton's NVIDIA backend."""
+    import triton.backends.nvidia as nv
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def sass_counts(sass: str) -> dict:
+    """Static count of each SASS_OPS opcode (any suffix, predicated or not)."""
+    ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
+    return {op: sum(1 for o in ops if o == op) for op in SASS_OPS}
 
 
 def worker_main():
@@ -234,6 +266,9 @@ def main() -> int:
     ap.add_argument("--json", default=None, metavar="PATH", help="write every key and its result to PATH")
     ap.add_argument("--dump", default=None, metavar="DIR",
                     help="write each compiled key's TTGIR and PTX to DIR/<kernel>_<n>.{ttgir,ptx}")
+    ap.add_argument("--sass", action="store_true",
+                    help="also count SASS instructions of each key (STS, LDS, LDL, STL, BAR, "
+                         "HGMMA, LDG) from its cubin; with --dump, write DIR/<kernel>_<n>.sass")
     ap.add_argument("--interpreter-tiling", action="store_true",
                     help="record the gated kernels at the interpreter's tiling, not the GPU's")
     args, pytest_args = ap.parse_known_args()
@@ -256,7 +291,7 @@ def main() -> int:
         if args.filter in f"{key['fn']} {summary(key)}" and (
                 args.max_per_kernel is None or per_kernel[key["fn"]] < args.max_per_kernel):
             per_kernel[key["fn"]] += 1
-            keys.append(dict(key, dump=args.dump, index=len(keys)))
+            keys.append(dict(key, dump=args.dump, sass=args.sass, index=len(keys)))
     print(f"compiling {len(keys)} keys for sm_90 with {args.jobs} worker(s)\n")
 
     results: list[dict | None] = [None] * len(keys)
@@ -270,6 +305,8 @@ def main() -> int:
         stats = (f"smem {res['shared']:>6} regs {res['regs']} spills {res['spills']} "
                  f"per SM {res['per_sm']}" if res["ok"]
                  else "ERROR " + res["error"].splitlines()[0][:120])
+        if res.get("sass"):
+            stats += " | " + " ".join(f"{op} {n}" for op, n in res["sass"].items())
         print(f"{'OK   ' if res['ok'] else 'ERROR'} {k['fn']:<24} {res['seconds']:6.1f}s  {stats}\n"
               f"      {summary(k)}", flush=True)
     os.environ["TRITON_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="sm90_check_cache_")

@@ -49,7 +49,7 @@ def test_records_and_compiles_a_test_run(tmp_path):
     (tmp_path / "test_scalar_gate_run.py").write_text(SCALAR_GATE_RUN)
     dump = tmp_path / "dump"
     run = subprocess.run([sys.executable, tool.__file__, "--filter", "chunk_cumsum", "--json", str(out),
-                          "--dump", str(dump), str(tmp_path / "test_scalar_gate_run.py"),
+                          "--dump", str(dump), "--sass", str(tmp_path / "test_scalar_gate_run.py"),
                           "-p", "no:cacheprovider"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -64,6 +64,10 @@ def test_records_and_compiles_a_test_run(tmp_path):
     ttgir = sorted(dump.glob("chunk_cumsum_kernel_*.ttgir"))
     assert len(ttgir) == len(keys) and "tt.func" in ttgir[0].read_text()
     assert ".entry chunk_cumsum_kernel" in ttgir[0].with_suffix(".ptx").read_text()
+    # --sass: static SASS counts from the cubin (the cumsum reads and writes global memory)
+    counts = keys[0]["result"]["sass"]
+    assert set(counts) == set(tool.SASS_OPS) and counts["LDG"] > 0
+    assert "chunk_cumsum_kernel" in ttgir[0].with_suffix(".sass").read_text()
 
 
 def test_compile_errors_and_shared_memory_are_reported(tmp_path, monkeypatch):
