@@ -1,8 +1,8 @@
 """Launch-setting sweep of the delta-rule kernels: per-kernel times under each variant.
 
 Each variant overrides entries of delta_fwd.LAUNCH / delta_bwd.LAUNCH (num_warps, num_stages),
-delta_fwd.OUTPUT_BV and delta_bwd.GRADS_QK_BV; for each, one op (DeltaNet or Gated DeltaNet, bf16, B*T = 65536,
-H = 16, D = 128) runs a warm-up forward+backward (compile), is timed end to end with
+the V-tile caps (TILE_CAPS) and module switches (FLAGS); for each, one op (DeltaNet or Gated
+DeltaNet, bf16, B*T = 65536, H = 16, D = 128) runs a warm-up forward+backward (compile), is timed end to end with
 do_bench, and then profiled per kernel (benchmarks/profile_kernels.profile_one). The table
 printed last has a row per kernel and a column per variant, so the best setting of each
 kernel can be read off even when variants change several kernels at once. Not a benchmark
@@ -25,8 +25,8 @@ import profile_kernels  # noqa: E402
 
 from linattn.ops.triton import delta_bwd, delta_fwd  # noqa: E402
 
-# name -> {kernel: launch overrides}; "output_bv" sets delta_fwd.OUTPUT_BV, "qk_bv"
-# delta_bwd.GRADS_QK_BV, "flags" module-level switches (FLAGS: their defaults)
+# name -> {kernel: launch overrides}; TILE_CAPS' keys set V-tile caps, "flags" module-level
+# switches (FLAGS: their defaults)
 VARIANTS = {
     "default": {},
     "warps_swapped": {"prep": dict(num_warps=8), "scan": dict(num_warps=4),
@@ -44,7 +44,7 @@ VARIANTS = {
     "prep_r168": {"prep": dict(maxnreg=168)},
     "output_bv128": {"output_bv": 128},
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
-    "qk_bv32": {"qk_bv": 32},
+    "qk_bv32": {"qk_bv": (32, 32)},
     # the output (gated_fwd.fwd_o since it replaced delta_output_kernel, never swept): the
     # gated family's no-gate settings (2 stages, BV 128) and steps towards them
     "out_s2": {"output": dict(num_stages=2)},
@@ -53,7 +53,7 @@ VARIANTS = {
     "out_bv128_s2_w8": {"output_bv": 128, "output": dict(num_stages=2, num_warps=8)},
     # the branch's three winners together (sweep 2026-11-29 8th session, one at a time)
     "combined": {"scan": dict(num_warps=4, num_stages=1), "prep": dict(maxnreg=168),
-                 "qk_bv": 32},
+                 "qk_bv": (32, 32)},
     "combined_qk64": {"scan": dict(num_warps=4, num_stages=1), "prep": dict(maxnreg=168)},
     # 32-wide V tiles in the scans: 512 programs of half the state each (sm_90 counts below)
     "rs_bv32": {"rs_bv": 32},
@@ -62,7 +62,7 @@ VARIANTS = {
     "scan_bv32": {"scan_bv": 32, "scan": dict(num_warps=4, num_stages=1)},
     "rs_bv32_r168": {"rs_bv": 32, "reverse_scan": dict(maxnreg=168)},
     "out_s3_r168": {"output": dict(num_stages=3, maxnreg=168)},
-    "qk_bv64": {"qk_bv": 64},
+    "qk_bv64": {"qk_bv": (64, 64)},
     # storage dtypes back to float32, one flag at a time (see delta_fwd / delta_bwd)
     "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
     "f32_u": {"flags": {"delta_fwd.U_IN_INPUT_DTYPE": False}},
@@ -79,6 +79,9 @@ VARIANTS = {
                             "delta_fwd.PREP_SPLIT16": False, "delta_bwd.GRADS_QK_QK_AFTER": False,
                             "delta_bwd.GRADS_WY_SPLIT16": False}},
 }
+# variant keys that set a V-tile cap: key -> (module, attribute); qk_bv is (ungated, gated)
+TILE_CAPS = {"output_bv": (delta_fwd, "OUTPUT_BV"), "qk_bv": (delta_bwd, "GRADS_QK_BV"),
+             "scan_bv": (delta_fwd, "SCAN_BV"), "rs_bv": (delta_bwd, "REVERSE_SCAN_BV")}
 FLAGS = {"delta_fwd.STATES_IN_INPUT_DTYPE": True, "delta_fwd.U_IN_INPUT_DTYPE": True,
          "delta_bwd.GRADS_IN_INPUT_DTYPE": True, "delta_bwd.GRADS_QK_QK_AFTER": True,
          "delta_fwd.SCAN_SPLIT16": True, "delta_bwd.REVERSE_SCAN_SPLIT16": True,
@@ -88,22 +91,21 @@ KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
 
 
-def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_bv: int, base_qk_bv: int) -> None:
-    """Resets the launch tables to their defaults, then applies the variant's overrides."""
+def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_caps: dict) -> None:
+    """Resets the launch tables and tile caps to their defaults, then applies the variant's
+    overrides."""
     delta_fwd.LAUNCH.clear()
     delta_fwd.LAUNCH.update(copy.deepcopy(base_fwd))
     delta_bwd.LAUNCH.clear()
     delta_bwd.LAUNCH.update(copy.deepcopy(base_bwd))
-    delta_fwd.OUTPUT_BV = variant.get("output_bv", base_bv)
-    delta_bwd.GRADS_QK_BV = ((variant["qk_bv"],) * 2 if "qk_bv" in variant else base_qk_bv)
-    delta_fwd.SCAN_BV = variant.get("scan_bv", 64)
-    delta_bwd.REVERSE_SCAN_BV = variant.get("rs_bv", 64)
+    for key, (mod, attr) in TILE_CAPS.items():
+        setattr(mod, attr, variant.get(key, base_caps[key]))
     modules = {"delta_fwd": delta_fwd, "delta_bwd": delta_bwd}
     for path, value in {**FLAGS, **variant.get("flags", {})}.items():
         mod, attr = path.split(".")
         setattr(modules[mod], attr, value)
     for name, over in variant.items():
-        if name in ("output_bv", "qk_bv", "scan_bv", "rs_bv", "flags"):
+        if name in TILE_CAPS or name == "flags":
             continue
         table = delta_fwd.LAUNCH if name in delta_fwd.LAUNCH else delta_bwd.LAUNCH
         table[name].update(over)
@@ -116,8 +118,8 @@ def main():
     profile_kernels.add_shape_args(ap)
     args = ap.parse_args()
     import triton.testing
-    base = (copy.deepcopy(delta_fwd.LAUNCH), copy.deepcopy(delta_bwd.LAUNCH), delta_fwd.OUTPUT_BV,
-            delta_bwd.GRADS_QK_BV)
+    base = (copy.deepcopy(delta_fwd.LAUNCH), copy.deepcopy(delta_bwd.LAUNCH),
+            {key: getattr(mod, attr) for key, (mod, attr) in TILE_CAPS.items()})
     names = args.variants.split(",")
     result = {}
     for kind in args.kinds.split(","):

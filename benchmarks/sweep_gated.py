@@ -38,6 +38,12 @@ _S_PREFETCH = gated_bwd.MEXP_S_PREFETCH
 SETTINGS = ("chunk", "tile", "warps", "scan_warps", "stages", "dqk_bk", "dqk_warps", "score_warps",
             "score_kd", "dqk_diag", "scan_stages", "fwd_cap", "bwd_cap", "norm_dot", "s_prefetch")
 DEFAULTS = (None,) * len(SETTINGS)
+# each setting's column in the table printed last: (label, width)
+LABELS = dict(chunk=("L", 4), tile=("BT", 4), warps=("warps", 5), scan_warps=("scan", 4),
+              stages=("stg", 3), dqk_bk=("dqkBK", 5), dqk_warps=("dqkW", 4),
+              score_warps=("scW", 4), score_kd=("scKD", 4), dqk_diag=("diag", 4),
+              scan_stages=("scSt", 4), fwd_cap=("fCap", 4), bwd_cap=("bCap", 4),
+              norm_dot=("nDot", 4), s_prefetch=("sPf", 3))
 
 
 def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=None,
@@ -159,18 +165,13 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(dict(shape=dict(B=B, T=T, H=H, D=D, dtype=str(dtype)),
                                                    rows=rows), indent=1))
-    print(f"\n{'kind':<10} {'L':>4} {'BT':>4} {'warps':>5} {'scan':>4} {'stg':>3} {'dqkBK':>5} {'dqkW':>4}"
-          f" {'scW':>4} {'scKD':>4} {'diag':>4} {'scSt':>4} {'fCap':>4} {'bCap':>4} {'nDot':>4} {'sPf':>3} {'fwd ms':>8}"
-          f" {'fwd+bwd':>8}  diff")
+    print("\n" + f"{'kind':<10} " + " ".join(f"{LABELS[k][0]:>{LABELS[k][1]}}" for k in SETTINGS)
+          + f" {'fwd ms':>8} {'fwd+bwd':>8}  diff")
     for r in rows:
         if "error" in r:
             continue
-        print(f"{r['kind']:<10} {str(r['chunk']):>4} {str(r['tile']):>4} {str(r['warps']):>5} "
-              f"{str(r['scan_warps']):>4} {str(r['stages']):>3} {str(r['dqk_bk']):>5} {str(r['dqk_warps']):>4} "
-              f"{str(r['score_warps']):>4} {str(r['score_kd']):>4} {str(r['dqk_diag']):>4} {str(r['scan_stages']):>4} "
-              f"{str(r['fwd_cap']):>4} {str(r['bwd_cap']):>4} {str(r['norm_dot']):>4} {str(r['s_prefetch']):>3} "
-              f"{r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>8.3f}  "
-              f"{r['max_diff_vs_default']:.2e}")
+        print(f"{r['kind']:<10} " + " ".join(f"{str(r[k]):>{LABELS[k][1]}}" for k in SETTINGS)
+              + f" {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>8.3f}  {r['max_diff_vs_default']:.2e}")
     return 0
 
 
