@@ -35,8 +35,9 @@ from .gated_fwd import (NCOL, NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of
 # ----------------------------------------------------------------------------- kernels
 
 # mLSTMexp's bwd_states (uncapped) loads S_c for <dS, S> a tile ahead (S_AHEAD; branch
-# next/untimed4, not timed)
-MEXP_S_PREFETCH: bool = True
+# next/untimed4): off until the GPU tests and the mLSTMexp sweep have run it (sweep_gated
+# --s-prefetch 1, with --norm-dot 1)
+MEXP_S_PREFETCH: bool = False
 
 
 @triton.jit

@@ -99,8 +99,9 @@ def test_split16_dots(gated, knorm, monkeypatch):
     """The dots that take a float32 operand as two 16-bit halves (common.split16: the scans,
     prep's W and U, grads_wy), which run for bfloat16 inputs only, forced on for float16 so
     the interpreter can run them; the GPU tests cover them in bfloat16."""
-    from linattn.ops.triton import common
+    from linattn.ops.triton import common, delta_bwd
     monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(delta_bwd, "GRADS_WY_SPLIT16", True)  # off by default (see there)
     check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=2, knorm=knorm), dtype=torch.float16)
 
 
