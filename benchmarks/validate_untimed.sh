@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Device calls (carry [".whl"]) that check and time branch next/untimed before it is
-# merged: the GPU tests, then the sweeps its new options need and the per-kernel profile,
-# each capped in time. Everything lands in $OUT (at most 8 files); the last lines printed
-# are the sweeps' and the profile's tables.
-#     bash benchmarks/validate_untimed.sh                  (all steps; TOTAL_S caps it)
+# Device calls (carry [".whl"]) that check and time kernel options before they become
+# defaults: first the options against the defaults kernel to kernel (benchmarks/flag_diff.py,
+# a minute: NaN, O(1) errors and illegal addresses show there long before the oracle tests
+# finish), then the GPU tests, then the sweeps and the per-kernel profile, each capped in time.
+# Everything lands in $OUT (at most 8 files); the last lines printed are the tables.
+#     bash benchmarks/validate_untimed.sh                  (STEPS below; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
-# Next session (branch next/untimed4), two calls: the default STEPS="tests delta" (~9 minutes),
-# then STEPS="mexp long"; the other steps: stages, ncu, profile.
+# The options off by default, each broken on the H200 in a way the interpreter does not show
+# (PERF_NOTES 22): delta_bwd.GRADS_WY_SPLIT16 (NaN in dk at K = 16), gated_fwd.MEXP_NORM_DOT
+# (+ gated_bwd.MEXP_S_PREFETCH: wrong at T 2048, illegal address at T 32768); Gated DeltaNet's
+# reverse-scan split was removed (O(1) gradient errors). Steps: diff, tests, delta, stages, ncu,
+# mexp, long, profile.
 set -u
-STEPS=${STEPS:-"tests delta"}
+STEPS=${STEPS:-"diff tests delta"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -17,24 +21,26 @@ left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 
-# 1) every GPU test (about 2 minutes on 8 workers)
+# 0) the off options against the defaults, kernel to kernel (relative max differences; a
+#    healthy option differs at the dtype's rounding, ~1e-2 at most in bf16)
+if want diff; then
+timeout 100 python3 benchmarks/flag_diff.py --op delta --timeout 90 --json "$OUT/flag_diff_delta.json" \
+    --settings "default=;wy_split=delta_bwd.GRADS_WY_SPLIT16=1" 2>&1 | grep -v Warn | tail -6
+timeout 100 python3 benchmarks/flag_diff.py --op mlstm_exp --timeout 90 --json "$OUT/flag_diff_mexp.json" \
+    --settings "default=;norm_dot=gated_fwd.MEXP_NORM_DOT=1" 2>&1 | grep -v Warn | tail -5
+fi
+
+# 1) every GPU test (about 2.5 minutes on 8 workers)
 if want tests; then
-OUT="$OUT" TESTS_S=${TESTS_S:-190} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&1 | tail -4
+OUT="$OUT" TESTS_S=${TESTS_S:-200} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&1 | tail -4
 rm -f "$OUT/gpu_tests.xml"
 fi
 
-# 2) the delta rule, branch next/untimed4's options against main's forms (main_form): Gated
-#    DeltaNet's grads_qk forming Q K^T after its main loop (sm_90: 104 -> 44 B of spills;
-#    qk_inloop), and the scans' dots on float32 values by two 16-bit halves (common.split16;
-#    sm_90 per loop iteration, ungated / gated: forward scan shared stores 140 / 148 -> 116,
-#    barriers 24 / 10 -> 10, spills 24 / 88 -> 0 / 32 B; reverse scan shared stores 240 / 276
-#    -> 144 / 152, shared loads 76 / 84 -> 12, barriers 13 / 30 -> 11 / 13, spills 436 ->
-#    1148 B ungated, 1208 -> 892 gated; scan_nosplit, rs_nosplit); prep's W and U the same
-#    way (STS 137 / 140 -> 81 / 92, spills 220 / 260 -> 184 / 236 B; prep_nosplit); grads_wy's
-#    T^T dW, T^T dU, (dKK + dKK^T) K the same way (STS 214 / 234 -> 138 / 158; wy_nosplit)
+# 2) the delta rule's options one at a time against the defaults (main_form: every split16
+#    option and QK_AFTER off; wy_split: grads_wy's split on, 1.50 -> 1.22 ms when last timed)
 if want delta; then
 timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants default,main_form,qk_inloop,scan_nosplit,rs_nosplit,prep_nosplit,wy_nosplit \
+    --variants default,main_form,qk_inloop,scan_nosplit,rs_nosplit,prep_nosplit,wy_split \
     --json "$OUT/sweep_delta.json" 2>&1 | tail -22
 fi
 
@@ -60,13 +66,12 @@ python3 benchmarks/ncu_summary.py "/tmp/ncu_$kind.log" >> "$OUT/ncu_summary.log"
 done
 fi
 
-# 4b) mLSTMexp's normaliser sums by a dot (gated_fwd.MEXP_NORM_DOT, branch next/untimed4:
-#     sm_90 fwd_states 237 -> 181 registers, bwd_states 255 + 52 B spills -> 241 and none),
-#     with and without a 168-register cap on fwd_states (3 programs per SM, no spills), at
-#     both ends of T and the bench's middle: the T ratio (asked <= 1.15) is T 32768 over 2048
+# 4b) mLSTMexp's normaliser sums by a dot (gated_fwd.MEXP_NORM_DOT: sm_90 fwd_states 237 ->
+#     181 registers, bwd_states 255 + 52 B spills -> 241 and none; off, see step 0) and
+#     bwd_states loading S_c a tile ahead (gated_bwd.MEXP_S_PREFETCH, with NORM_DOT only),
+#     with and without a 168-register cap on fwd_states, at both ends of T and the bench's
+#     middle: the T ratio (asked <= 1.15) is T 32768 over 2048
 if want mexp; then
-#     and bwd_states loading S_c a tile ahead (gated_bwd.MEXP_S_PREFETCH, with NORM_DOT only:
-#     251 registers, no spills)
 for T in 32768 2048 8192; do
 timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlstm_exp --T $T \
     --chunks default --tiles default --warps default --stages default --norm-dot 0,1 \

@@ -35,8 +35,8 @@ from .gated_fwd import (NCOL, NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of
 # ----------------------------------------------------------------------------- kernels
 
 # mLSTMexp's bwd_states (uncapped) loads S_c for <dS, S> a tile ahead (S_AHEAD; branch
-# next/untimed4): off until the GPU tests and the mLSTMexp sweep have run it (sweep_gated
-# --s-prefetch 1, with --norm-dot 1)
+# next/untimed4): off, as gated_fwd.MEXP_NORM_DOT, which it needs (see there; with it the H200
+# gave the same outputs as without, 2026-11-29)
 MEXP_S_PREFETCH: bool = False
 
 

@@ -336,8 +336,10 @@ def mexp_carry_kernel(csum, cmax, m0, mpc, mfin, coff, H, CB: tl.constexpr, HAS_
 # (bwd_states) carried as NCOL equal columns [BK, NCOL], each tile adding k_w^T 1 (fwd) or
 # q_w^T dqn (bwd) through the tensor cores instead of a cross-warp tl.sum every tile (its
 # shuffles and adds led the fwd scan's stall samples in Nsight Compute at T 32768). The ones
-# are exact; the summands are the dot's operands, rounded as the state's own are. Off until the
-# GPU tests and the mLSTMexp sweep have run it (sweep_gated --norm-dot 1).
+# are exact; the summands are the dot's operands, rounded as the state's own are. Off: on the
+# H200 (2026-11-29, sweep_gated) it ran T 2048 in 5.55 ms instead of 5.81 but its result was
+# off from the default's (diff 43), and T 32768 (B 2) hit an illegal address; the interpreter's
+# float16 run of it is right (benchmarks/results/sweep_mexp_normdot-h200-2026-11-29.txt).
 MEXP_NORM_DOT: bool = False
 NCOL = tl.constexpr(16)  # the narrowest dot operand
 
