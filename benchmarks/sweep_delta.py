@@ -67,12 +67,26 @@ VARIANTS = {
     "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
     "f32_u": {"flags": {"delta_fwd.U_IN_INPUT_DTYPE": False}},
     "f32_grads": {"flags": {"delta_bwd.GRADS_IN_INPUT_DTYPE": False}},
+    # Gated DeltaNet's grads_qk with Q K^T inside its main loop again (main's form)
+    "qk_inloop": {"flags": {"delta_bwd.GRADS_QK_QK_AFTER": False}},
+    # the scans' dots on float32 values by tf32 again instead of two 16-bit halves (main's form)
+    "scan_nosplit": {"flags": {"delta_fwd.SCAN_SPLIT16": False}},
+    "rs_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16": False}},
+    "prep_nosplit": {"flags": {"delta_fwd.PREP_SPLIT16": False}},
+    # grads_wy's split (off: NaN in dk at K = 16 on the GPU; see delta_bwd.GRADS_WY_SPLIT16)
+    "wy_split": {"flags": {"delta_bwd.GRADS_WY_SPLIT16": True}},
+    # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
+    "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
+                            "delta_fwd.PREP_SPLIT16": False, "delta_bwd.GRADS_QK_QK_AFTER": False,
+                            "delta_bwd.GRADS_WY_SPLIT16": False}},
 }
 # variant keys that set a V-tile cap: key -> (module, attribute); qk_bv is (ungated, gated)
 TILE_CAPS = {"output_bv": (delta_fwd, "OUTPUT_BV"), "qk_bv": (delta_bwd, "GRADS_QK_BV"),
              "scan_bv": (delta_fwd, "SCAN_BV"), "rs_bv": (delta_bwd, "REVERSE_SCAN_BV")}
 FLAGS = {"delta_fwd.STATES_IN_INPUT_DTYPE": True, "delta_fwd.U_IN_INPUT_DTYPE": True,
-         "delta_bwd.GRADS_IN_INPUT_DTYPE": True}
+         "delta_bwd.GRADS_IN_INPUT_DTYPE": True, "delta_bwd.GRADS_QK_QK_AFTER": True,
+         "delta_fwd.SCAN_SPLIT16": True, "delta_bwd.REVERSE_SCAN_SPLIT16": True,
+         "delta_fwd.PREP_SPLIT16": True, "delta_bwd.GRADS_WY_SPLIT16": False}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}

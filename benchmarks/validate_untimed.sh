@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Device calls (carry [".whl"]) that check and time branch next/untimed before it is
-# merged: the GPU tests, then the sweeps its new options need and the per-kernel profile,
-# each capped in time. Everything lands in $OUT (at most 8 files); the last lines printed
-# are the sweeps' and the profile's tables.
-#     bash benchmarks/validate_untimed.sh                  (all steps; TOTAL_S caps it)
+# Device calls (carry [".whl"]) that check and time kernel options before they become
+# defaults: first the options against the defaults kernel to kernel (benchmarks/flag_diff.py,
+# a minute: NaN, O(1) errors and illegal addresses show there long before the oracle tests
+# finish), then the GPU tests, then the sweeps and the per-kernel profile, each capped in time.
+# Everything lands in $OUT (at most 8 files); the last lines printed are the tables.
+#     bash benchmarks/validate_untimed.sh                  (STEPS below; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
-# Today's steps fill two calls: STEPS="tests delta stages", then STEPS="ncu long".
+# The options off by default, each broken on the H200 in a way the interpreter does not show
+# (PERF_NOTES 22): delta_bwd.GRADS_WY_SPLIT16 (NaN in dk at K = 16), gated_fwd.MEXP_NORM_DOT
+# (+ gated_bwd.MEXP_S_PREFETCH: wrong at T 2048, illegal address at T 32768); Gated DeltaNet's
+# reverse-scan split was removed (O(1) gradient errors). Steps: diff, tests, delta, stages, ncu,
+# mexp, long, profile.
 set -u
-STEPS=${STEPS:-"tests delta stages ncu long profile"}
+STEPS=${STEPS:-"diff tests delta"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -16,21 +21,27 @@ left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 
-# 1) every GPU test (about 2 minutes on 8 workers)
+# 0) the off options against the defaults, kernel to kernel (relative max differences; a
+#    healthy option differs at the dtype's rounding, ~1e-2 at most in bf16)
+if want diff; then
+timeout 100 python3 benchmarks/flag_diff.py --op delta --timeout 90 --json "$OUT/flag_diff_delta.json" \
+    --settings "default=;wy_split=delta_bwd.GRADS_WY_SPLIT16=1" 2>&1 | grep -v Warn | tail -6
+timeout 100 python3 benchmarks/flag_diff.py --op mlstm_exp --timeout 90 --json "$OUT/flag_diff_mexp.json" \
+    --settings "default=;norm_dot=gated_fwd.MEXP_NORM_DOT=1" 2>&1 | grep -v Warn | tail -5
+fi
+
+# 1) every GPU test (about 2.5 minutes on 8 workers)
 if want tests; then
-OUT="$OUT" TESTS_S=${TESTS_S:-190} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&1 | tail -4
+OUT="$OUT" TESTS_S=${TESTS_S:-200} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&1 | tail -4
 rm -f "$OUT/gpu_tests.xml"
 fi
 
-# 2) the delta rule's occupancy (sm_90 compile counts, bf16, D 128): the forward scan on 4
-#    warps / 1 stage (72 KB, 255 registers: two programs per SM, its 256 programs in one
-#    wave, against one per SM and 1.94 waves today); grads_qk on 32-wide V tiles (DeltaNet:
-#    126 registers, 94 KB: two programs of 8 warps per SM, against one at 64: 180, 120 KB;
-#    slower when last timed, 3.75 vs 2.88 ms, before the 16-bit storage); prep under a
-#    168-register cap (3 programs per SM instead of 2, 220 B of spills)
+# 2) the delta rule's options one at a time against the defaults (main_form: every split16
+#    option and QK_AFTER off; wy_split: grads_wy's split on, 1.50 -> 1.22 ms when last timed)
 if want delta; then
-timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_delta.py --kinds delta,gated_delta \
-    --variants default,scan_w4s1,qk_bv32,prep_r168 --json "$OUT/sweep_delta.json" 2>&1 | tail -22
+timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
+    --variants default,main_form,qk_inloop,scan_nosplit,rs_nosplit,prep_nosplit,wy_split \
+    --json "$OUT/sweep_delta.json" 2>&1 | tail -22
 fi
 
 # 3) the gated scans' stages at both ends of T, now that fwd_states without a gate reads k^T
@@ -52,6 +63,19 @@ timeout 90 ncu --clock-control none --section LaunchStats --section Occupancy \
     --section SpeedOfLight --section SchedulerStats --section WarpStateStats \
     python3 benchmarks/ncu_kernel.py $kind > "/tmp/ncu_$kind.log" 2>&1
 python3 benchmarks/ncu_summary.py "/tmp/ncu_$kind.log" >> "$OUT/ncu_summary.log"
+done
+fi
+
+# 4b) mLSTMexp's normaliser sums by a dot (gated_fwd.MEXP_NORM_DOT: sm_90 fwd_states 237 ->
+#     181 registers, bwd_states 255 + 52 B spills -> 241 and none; off, see step 0) and
+#     bwd_states loading S_c a tile ahead (gated_bwd.MEXP_S_PREFETCH, with NORM_DOT only),
+#     with and without a 168-register cap on fwd_states, at both ends of T and the bench's
+#     middle: the T ratio (asked <= 1.15) is T 32768 over 2048
+if want mexp; then
+for T in 32768 2048 8192; do
+timeout $(( $(left) * 30 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlstm_exp --T $T \
+    --chunks default --tiles default --warps default --stages default --norm-dot 0,1 \
+    --s-prefetch 0,1 --fwd-cap 0,168 --budget-s 100 2>&1 | tail -9 | tee -a "$OUT/sweep_mexp.log"
 done
 fi
 

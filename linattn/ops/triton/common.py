@@ -67,6 +67,21 @@ def dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b)
 
 
+# Input dtypes whose kernels split float32 dot operands into two 16-bit halves (split16):
+# bfloat16 only, whose halves have float32's range; float16's would overflow past 65504 where
+# a tf32 dot does not (the CPU tests add float16 to run the split in the interpreter).
+SPLIT16_DTYPES: tuple = (torch.bfloat16,)
+
+
+@triton.jit
+def split16(x, DT: tl.constexpr):
+    """float32 x -> (hi, lo) in the 16-bit dtype DT with hi + lo = x to ~16 significant bits:
+    a dot against a 16-bit operand B as dot(hi, B) + dot(lo, B) keeps x's precision finer than
+    one tf32 dot, with B entering as it is stored (no float32 copy staged for a tf32 dot)."""
+    hi = x.to(DT)
+    return hi, (x - hi.to(tl.float32)).to(DT)
+
+
 if INTERPRET:
     @triton.jit
     def exp(x, PRECISE: tl.constexpr):

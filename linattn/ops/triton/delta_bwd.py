@@ -25,7 +25,8 @@ import triton.language as tl
 
 from .. import alloc
 from . import delta_fwd
-from .common import fill_v_block, head_tile
+from . import common
+from .common import fill_v_block, head_tile, split16
 from .delta_fwd import BT, chunk_program, dot_precision, full_tile, scan_v_tile, sequence_program
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
@@ -42,6 +43,23 @@ LAUNCH = {
 # 2.71 / 2.21 (126 registers, 94 KB: two programs of 8 warps per SM instead of one), gated
 # 3.00 / 3.54; earlier, with float32 intermediates: ungated 2.87 / 3.75, gated 4.22 / 4.47.
 GRADS_QK_BV = (32, 64)
+# Gated DeltaNet's grads_qk forms Q K^T (for db) after its main loop instead of inside it
+# (branch next/untimed4, sm_90 counts only: not timed)
+GRADS_QK_QK_AFTER: bool = True
+# the reverse scan's dots on 16-bit inputs against float32 values by two 16-bit halves of the
+# float32 operand (delta_bwd_scan_kernel's SPLIT16), DeltaNet only: H200 sweep (2026-11-29,
+# T 8192, D 128) reverse scan 1.97 -> 1.93 ms. Gated, the same dots (and Q^T (e^b dO) split)
+# were 2.56 -> 2.14 ms, but the GPU gave gradients off by O(1) (dh0 relative error 1.5 - 16
+# against the unsplit kernel, bf16), which the interpreter's float16 run of the same code does
+# not: a Triton 3.6 sm_90 miscompile not yet isolated, so the gated kernel never splits. Tried and
+# dropped the same in grads_qk (U' and M split): sm_90 ungated 126 -> 186 registers (2 -> 1
+# programs per SM), gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
+REVERSE_SCAN_SPLIT16: bool = True
+# grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16):
+# off. H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms DeltaNet, 1.67 -> 1.35
+# gated, but at K = 16 (one 16-wide K tile) the GPU gave NaN in dk, bf16, where the
+# interpreter's float16 run of the same code is exact: on again once that is found
+GRADS_WY_SPLIT16: bool = False
 # the reverse scan's V tile cap (see delta_fwd.scan_v_tile)
 REVERSE_SCAN_BV = 64
 
@@ -68,12 +86,18 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
                           scale, H, K, V,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                          PREC: tl.constexpr):
+                          PREC: tl.constexpr, SPLIT16: tl.constexpr):
     """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
+
+    SPLIT16 (16-bit inputs): the float32 operand of each dot whose other operand is a 16-bit
+    input (K dS', (K Q^T) dO; DeltaNet only) goes in as two 16-bit halves (common.split16), so
+    the input enters the dot as stored instead of through a float32 copy staged in shared
+    memory for a tf32 dot; the products keep ~16 bits where tf32 keeps 11.
 
     BK spans all of K (the launcher picks full_tile(K)): W^T dU' contracts over the chunk
     but yields all K rows of dS."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(not (USE_G and SPLIT16), "gated: no split16 (see REVERSE_SCAN_SPLIT16)")
     i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
     nt = tl.cdiv(Tn, BT)
     o_t = tl.arange(0, BT)
@@ -121,10 +145,21 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
         else:
             b_kq = tl.where(m_c, b_kq, 0.0)
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
-        b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
+        if SPLIT16:
+            # the part that does not wait for dS' first, so that K Q^T is dead before the split
+            # of dS' is formed
+            kq_hi, kq_lo = split16(b_kq, b_do.dtype)
+            b_dvi = tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do))
+            ds_hi, ds_lo = split16(b_ds, b_k.dtype)
+            b_kds = tl.dot(b_k, ds_lo, tl.dot(b_k, ds_hi))
+        else:
+            b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
         if USE_G:
             b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-        b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
+        if SPLIT16:
+            b_dv = scale * b_dvi + b_kds
+        else:
+            b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
         if USE_G:
@@ -146,7 +181,7 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
 def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
                          chunk_seq, chunk_idx, scale, H, K, V, BT: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, QK_AFTER: tl.constexpr):
     """Per (chunk, head): dq; dk (state and output part); dw = -dU' S^T; db part."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
@@ -189,8 +224,10 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                                 (t0, i_k * BK), (BT, BK), (1, 0))
         b_q16 = tl.load(p_q, boundary_check=(0, 1))
         b_k16 = tl.load(p_k, boundary_check=(0, 1))
-        # Q K^T on the inputs' dtype: exact products either way, 16-bit MMA at twice tf32's rate
-        b_qk += tl.dot(b_q16, tl.trans(b_k16), input_precision=PREC)
+        if USE_G and not QK_AFTER:
+            # Q K^T on the inputs' dtype: exact products either way, 16-bit MMA at twice tf32's
+            # rate
+            b_qk += tl.dot(b_q16, tl.trans(b_k16), input_precision=PREC)
         b_q = b_q16.to(tl.float32)
         b_k = b_k16.to(tl.float32)
         # dO S^T, U' dS'^T, dU' S^T over V tiles
@@ -240,6 +277,19 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
 
     if USE_G:
+        # QK_AFTER: Q K^T in a pass of its own after the main loop (in the inputs' dtype: exact
+        # products), so that its [BT, BT] accumulator is not alive beside the loop's tiles
+        # (sm_90, bf16, D 128, 8 warps: 104 -> 44 B of spills at BV 64; 247 -> 221 registers
+        # at BV 32)
+        if QK_AFTER:
+            for i_k in range(tl.cdiv(K, BK)):
+                p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                        (t0, i_k * BK), (BT, BK), (1, 0))
+                p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
+                                        (t0, i_k * BK), (BT, BK), (1, 0))
+                b_qk += tl.dot(tl.load(p_q, boundary_check=(0, 1)),
+                               tl.trans(tl.load(p_k, boundary_check=(0, 1))),
+                               input_precision=PREC)
         # db from Gamma in the intra term: + row sums, - column sums of M * Q K^T
         b_mq = b_m * b_qk
         b_db += tl.sum(b_mq, 1) - tl.sum(b_mq, 0)
@@ -252,8 +302,10 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
 def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv, dbeta, dg,
                         cu_seqlens, chunk_seq, chunk_idx, H, K, V, BT: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                        PREC: tl.constexpr):
-    """Per (chunk, head): through W = T diag(beta e^b) K, U = T diag(beta) V, T = (I + A)^-1."""
+                        PREC: tl.constexpr, SPLIT16: tl.constexpr):
+    """Per (chunk, head): through W = T diag(beta e^b) K, U = T diag(beta) V, T = (I + A)^-1.
+    SPLIT16 (16-bit inputs and stored dW, dU): T^T dW, T^T dU and (dKK + dKK^T) K with the
+    float32 factor as two 16-bit halves (common.split16), K, dW and dU as stored."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     row = (bos + t0 + o_t) * H + i_h
@@ -310,7 +362,11 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
     b_gg = b_dkk * b_kk  # gradient of b_i - b_j through Gamma
     b_db = tl.sum(b_gg, 1) - tl.sum(b_gg, 0)
 
-    # dK = dK_part + T^T dW * beta e^b + dKK K + dKK^T K
+    # dK = dK_part + T^T dW * beta e^b + (dKK + dKK^T) K  (one dot for both K K^T factors)
+    b_dks = b_dkk + tl.trans(b_dkk)
+    if SPLIT16:
+        t_hi, t_lo = split16(tl.trans(b_t), k.dtype.element_ty)       # T^T as two halves
+        s_hi, s_lo = split16(b_dks, k.dtype.element_ty)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, i_k * BK), (BT, BK), (1, 0))
@@ -320,12 +376,19 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
                                   (t0, i_k * BK), (BT, BK), (1, 0))
         p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                  (t0, i_k * BK), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-        b_dkb = tl.dot(tl.trans(b_t), tl.load(p_dw, boundary_check=(0, 1)).to(tl.float32),
-                       input_precision=PREC)
+        if SPLIT16:
+            b_k16 = tl.load(p_k, boundary_check=(0, 1))
+            b_k = b_k16.to(tl.float32)
+            b_dw16 = tl.load(p_dw, boundary_check=(0, 1))
+            b_dkb = tl.dot(t_lo, b_dw16, tl.dot(t_hi, b_dw16))
+            b_kk2 = tl.dot(s_lo, b_k16, tl.dot(s_hi, b_k16))
+        else:
+            b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+            b_dkb = tl.dot(tl.trans(b_t), tl.load(p_dw, boundary_check=(0, 1)).to(tl.float32),
+                           input_precision=PREC)
+            b_kk2 = tl.dot(b_dks, b_k, input_precision=PREC)
         b_dkt = tl.load(p_dkp, boundary_check=(0, 1)).to(tl.float32) + b_dkb * b_kw[:, None] \
-            + tl.dot(b_dkk, b_k, input_precision=PREC) \
-            + tl.dot(tl.trans(b_dkk), b_k, input_precision=PREC)
+            + b_kk2
         b_s = tl.sum(b_dkb * b_k, 1)  # through beta e^b
         b_dbeta += b_s * b_eg
         b_db += b_s * b_kw
@@ -340,8 +403,12 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
                                  (t0, i_v * BV), (BT, BV), (1, 0))
         b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
-        b_dvb = tl.dot(tl.trans(b_t), tl.load(p_du, boundary_check=(0, 1)).to(tl.float32),
-                       input_precision=PREC)
+        if SPLIT16:
+            b_du16 = tl.load(p_du, boundary_check=(0, 1))
+            b_dvb = tl.dot(t_lo, b_du16, tl.dot(t_hi, b_du16))
+        else:
+            b_dvb = tl.dot(tl.trans(b_t), tl.load(p_du, boundary_check=(0, 1)).to(tl.float32),
+                           input_precision=PREC)
         b_dbeta += tl.sum(b_dvb * b_v, 1)
         tl.store(p_dv, (b_dvb * b_beta[:, None]).to(p_dv.dtype.element_ty),
                  boundary_check=(0, 1))
@@ -384,6 +451,9 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
+            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B (the D 128 sweep decides)
+            SPLIT16=REVERSE_SCAN_SPLIT16 and q.dtype in common.SPLIT16_DTYPES and BK <= 128
+            and gc is None,
             **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
                **(dict(num_stages=2) if BK < 128 else {})})
     return dh, dv2, dh0
@@ -410,7 +480,7 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
             db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
             scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64),
             BV=head_tile(V, GRADS_QK_BV[gc is not None]), USE_G=gc is not None,
-            PREC=dot_precision(q.dtype), **LAUNCH["grads_qk"])
+            PREC=dot_precision(q.dtype), QK_AFTER=GRADS_QK_QK_AFTER, **LAUNCH["grads_qk"])
     return dq, dk_part, dw, db
 
 
@@ -436,6 +506,8 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
             layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype),
+            SPLIT16=GRADS_WY_SPLIT16 and k.dtype in common.SPLIT16_DTYPES and dw.dtype == k.dtype
+            and dv2.dtype == k.dtype,
             # float32 inputs ("ieee" dots) keep 8 warps: on 4, sm_90 spills ~9 KB (the sweep
             # timed 16-bit inputs only)
             **{**LAUNCH["grads_wy"], **(dict(num_warps=8) if k.dtype == torch.float32 else {})})

@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from .. import alloc
-from .common import fill_v_block, head_tile, next_pow2
+from . import common
+from .common import fill_v_block, head_tile, next_pow2, split16
 from .gated_api import KernelConfig
 from .gated_fwd import fwd_o
 
@@ -97,8 +98,14 @@ def full_tile(d: int) -> int:
     return max(16, next_pow2(d))
 
 
+# prep's W and U by two 16-bit halves of the weighted T (delta_prep_kernel's SPLIT16; branch
+# next/untimed4, not timed)
+PREP_SPLIT16: bool = True
 # V tile cap of the forward scan (delta_bwd.REVERSE_SCAN_BV: the reverse scan's)
 SCAN_BV = 64
+# the forward scan's K^T U' by two 16-bit halves of U' (delta_scan_kernel's SPLIT16; branch
+# next/untimed4, not timed)
+SCAN_SPLIT16: bool = True
 
 
 def scan_v_tile(K: int, V: int, cap: int = 64) -> int:
@@ -121,6 +128,28 @@ def _inv_unit_lower_blocks(a, NB: tl.constexpr, BC: tl.constexpr):
         row = row + tl.sum(row[:, :, None] * x, 1)  # x'_i = N_i + sum_{j<i} N_ij x'_j
         x = tl.where(sel, row[:, None, :], x)  # write row i
     return x + (o[None, :, None] == o[None, None, :]).to(tl.float32)  # X = X' + I
+
+
+@triton.jit
+def t_weighted_product(b_t, b_wt, x, out, bos, i_h, Tn, t0, H, D, BT: tl.constexpr,
+                       BD: tl.constexpr, SPLIT16: tl.constexpr, PREC: tl.constexpr):
+    """out = T diag(b_wt) X on one chunk's rows (x, out [TT, H, D]; T [BT, BT] and the row
+    weights b_wt [BT] float32), tile by tile over D. SPLIT16: T diag(b_wt) as two 16-bit halves
+    (common.split16) against X as stored; else a dot on the weighted float32 X."""
+    if SPLIT16:
+        a_hi, a_lo = split16(b_t * b_wt[None, :], x.dtype.element_ty)
+    for i_d in range(tl.cdiv(D, BD)):
+        p_x = tl.make_block_ptr(x + (bos * H + i_h) * D, (Tn, D), (H * D, 1),
+                                (t0, i_d * BD), (BT, BD), (1, 0))
+        p_o = tl.make_block_ptr(out + (bos * H + i_h) * D, (Tn, D), (H * D, 1),
+                                (t0, i_d * BD), (BT, BD), (1, 0))
+        if SPLIT16:
+            b_x16 = tl.load(p_x, boundary_check=(0, 1))
+            b_o = tl.dot(a_lo, b_x16, tl.dot(a_hi, b_x16))
+        else:
+            b_x = tl.load(p_x, boundary_check=(0, 1)).to(tl.float32) * b_wt[:, None]
+            b_o = tl.dot(b_t, b_x, input_precision=PREC)
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -157,8 +186,11 @@ def sequence_program(cu_seqlens, chunk_offsets, H):
 @triton.jit
 def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chunk_idx,
                       H, K, V, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
-    """Per (chunk, head): gc = b, tinv = T = (I + A)^-1, w = W, u = U (all float32)."""
+                      BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
+                      SPLIT16: tl.constexpr):
+    """Per (chunk, head): gc = b, tinv = T = (I + A)^-1, w = W, u = U (all float32). SPLIT16
+    (16-bit inputs): W and U by dots of K, V as stored against two 16-bit halves of the
+    weighted T (common.split16)."""
     tl.static_assert(BT == 4 * BC, "the UT solve assembles 4 x 4 blocks of BC")
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
@@ -238,35 +270,23 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
     tl.debug_barrier()
     b_t = tl.load(p_t + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_st, other=0.0)
 
-    # W = T diag(beta exp(b)) K, tile by tile over K
-    b_kw = b_beta * tl.exp(b_g)
-    for i_k in range(tl.cdiv(K, BK)):
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
-        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32) * b_kw[:, None]
-        tl.store(p_w, tl.dot(b_t, b_k, input_precision=PREC), boundary_check=(0, 1))
-    # U = T diag(beta) V, tile by tile over V
-    for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                (t0, i_v * BV), (BT, BV), (1, 0))
-        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                (t0, i_v * BV), (BT, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32) * b_beta[:, None]
-        tl.store(p_u, tl.dot(b_t, b_v, input_precision=PREC).to(p_u.dtype.element_ty),
-                 boundary_check=(0, 1))
+    # W = T diag(beta exp(b)) K and U = T diag(beta) V
+    t_weighted_product(b_t, b_beta * tl.exp(b_g), k, w, bos, i_h, Tn, t0, H, K, BT, BK, SPLIT16,
+                       PREC)
+    t_weighted_product(b_t, b_beta, v, u, bos, i_h, Tn, t0, H, V, BT, BV, SPLIT16, PREC)
 
 
 @triton.jit
 def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
                       H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, SPLIT16: tl.constexpr):
     """Per (V tile, sequence * head): S over the chunks; h[c0 + n + c] = S at chunk c's start
     (the gated layout's slots), U'.
 
-    BK spans all of K (the launcher picks full_tile(K)): W S contracts over it."""
+    BK spans all of K (the launcher picks full_tile(K)): W S contracts over it. SPLIT16
+    (16-bit inputs): K^T U' with k as stored and U' (decay-weighted) as two 16-bit halves
+    (common.split16) instead of a tf32 dot on a float32 copy of k."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
     n = i_nh // H
@@ -299,15 +319,24 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
         # S <- exp(b_L) S + (K * exp(b_L - b))^T U'
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
                                 (t0, 0), (BT, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
         if USE_G:
             valid = (t0 + o_t) < Tn
             last = tl.minimum(t0 + BT, Tn) - 1
             b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
-            b_k = b_k * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
+            b_wk = tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))  # [BT] into the state
             b_s = b_s * tl.exp(b_gl)
-        b_s += tl.dot(tl.trans(b_k), b_vn, input_precision=PREC)
+        if SPLIT16:
+            b_k16 = tl.load(p_k, boundary_check=(0, 1))
+            if USE_G:
+                b_vn = b_vn * b_wk[:, None]                   # the weights on U' (split below)
+            vn_hi, vn_lo = split16(b_vn, b_k16.dtype)
+            b_s = tl.dot(tl.trans(b_k16), vn_lo, tl.dot(tl.trans(b_k16), vn_hi, b_s))
+        else:
+            b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
+            if USE_G:
+                b_k = b_k * b_wk[:, None]
+            b_s += tl.dot(tl.trans(b_k), b_vn, input_precision=PREC)
 
     if STORE_FINAL:
         p_ht = tl.make_block_ptr(ht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV),
@@ -337,7 +366,8 @@ def prep(k, v, beta, g, layout):
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             w, u, layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BC=BC, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
-            PREC=dot_precision(k.dtype), **LAUNCH["prep"])
+            PREC=dot_precision(k.dtype), SPLIT16=PREP_SPLIT16 and k.dtype in common.SPLIT16_DTYPES,
+            **LAUNCH["prep"])
     return gc, tinv, w, u
 
 
@@ -366,7 +396,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             final if final is not None else h, layout.cu, layout.chunk_off,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
-            PREC=dot_precision(k.dtype),
+            PREC=dot_precision(k.dtype), SPLIT16=SCAN_SPLIT16 and k.dtype in common.SPLIT16_DTYPES,
             **{**LAUNCH["scan"], **(dict(num_warps=8, num_stages=1) if BK >= 256 else {})})
     return h, vnew, final
 

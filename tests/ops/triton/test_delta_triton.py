@@ -94,6 +94,18 @@ def test_float16(gated, knorm):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+@pytest.mark.parametrize("knorm", [None, "free"], ids=["unit", "free"])
+def test_split16_dots(gated, knorm, monkeypatch):
+    """The dots that take a float32 operand as two 16-bit halves (common.split16: the scans,
+    prep's W and U, grads_wy), which run for bfloat16 inputs only, forced on for float16 so
+    the interpreter can run them; the GPU tests cover them in bfloat16."""
+    from linattn.ops.triton import common, delta_bwd
+    monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(delta_bwd, "GRADS_WY_SPLIT16", True)  # off by default (see there)
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=2, knorm=knorm), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_split_scan_v_blocks(gated, monkeypatch):
     """The forward and reverse scans with V cut into 16-wide blocks (common.fill_v_block's
     choice for few long sequences on a GPU), forced here: V = 40 in three ragged blocks."""

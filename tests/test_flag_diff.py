@@ -1,0 +1,28 @@
+"""benchmarks/flag_diff.py: kernel options against the defaults, one process per setting. On
+the CPU (interpreter, float16) the tool runs one small case: the flag must reach the child
+process (mLSTMexp's MEXP_NORM_DOT changes n's rounding, so its row differs from the base's, by
+little), and an unknown flag must stop its child without stopping the others."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_flag_reaches_child_and_bad_flag_is_reported(tmp_path):
+    out = tmp_path / "diff.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "flag_diff.py"), "--device", "cpu",
+         "--op", "mlstm_exp", "--json", str(out), "--timeout", "300", "--settings",
+         "off=gated_fwd.MEXP_NORM_DOT=0;on=gated_fwd.MEXP_NORM_DOT=1;bad=gated_fwd.NO_SUCH=1"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "no gated_fwd.NO_SUCH" in run.stderr
+    diff = json.load(open(out))["diff"]
+    assert diff["bad tiny_pack"] == "not run"
+    row = diff["on tiny_pack"]
+    assert {"o", "dq", "dk", "dv", "di", "df"} <= set(row)
+    assert all(0.0 <= x < 1e-2 for x in row.values()), row     # finite, small
+    assert max(row.values()) > 0.0, row                         # the flag took effect
