@@ -75,6 +75,8 @@ VARIANTS = {
     "prep_nosplit": {"flags": {"delta_fwd.PREP_SPLIT16": False}},
     # grads_wy's split (off: NaN in dk at K = 16 on the GPU; see delta_bwd.GRADS_WY_SPLIT16)
     "wy_split": {"flags": {"delta_bwd.GRADS_WY_SPLIT16": True}},
+    # Gated DeltaNet's reverse-scan split (off: O(1) gradient errors on the GPU; see delta_bwd)
+    "rs_gated": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_GATED": True}},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_fwd.PREP_SPLIT16": False, "delta_bwd.GRADS_QK_QK_AFTER": False,
@@ -86,7 +88,8 @@ TILE_CAPS = {"output_bv": (delta_fwd, "OUTPUT_BV"), "qk_bv": (delta_bwd, "GRADS_
 FLAGS = {"delta_fwd.STATES_IN_INPUT_DTYPE": True, "delta_fwd.U_IN_INPUT_DTYPE": True,
          "delta_bwd.GRADS_IN_INPUT_DTYPE": True, "delta_bwd.GRADS_QK_QK_AFTER": True,
          "delta_fwd.SCAN_SPLIT16": True, "delta_bwd.REVERSE_SCAN_SPLIT16": True,
-         "delta_fwd.PREP_SPLIT16": True, "delta_bwd.GRADS_WY_SPLIT16": False}
+         "delta_fwd.PREP_SPLIT16": True, "delta_bwd.GRADS_WY_SPLIT16": False,
+         "delta_bwd.REVERSE_SCAN_SPLIT16_GATED": False}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}

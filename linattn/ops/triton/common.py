@@ -45,6 +45,11 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# the narrowest V block fill_v_block halves down to (16: tl.dot's smallest; 64 turns the
+# filling off, e.g. to tell a kernel's 16-wide form from its 64-wide one in flag_diff.py)
+FILL_MIN_BV: int = 16
+
+
 def fill_v_block(BV: int, V: int, programs_per_v_block: int, device: torch.device) -> int:
     """V block of a sequential state scan (one program per sequence, head and state block):
     BV halved, down to 16, while the programs, programs_per_v_block * cdiv(V, BV), are fewer
@@ -52,7 +57,7 @@ def fill_v_block(BV: int, V: int, programs_per_v_block: int, device: torch.devic
     at H = 16) otherwise leave most SMs idle through the scans' chunk-by-chunk loop; at the
     bench's B = 8 every scan already has >= 256 programs, so nothing changes there."""
     sms = sm_count(device)
-    while BV > 16 and programs_per_v_block * triton.cdiv(V, BV) < sms:
+    while BV > FILL_MIN_BV and programs_per_v_block * triton.cdiv(V, BV) < sms:
         BV //= 2
     return BV
 

@@ -51,10 +51,14 @@ GRADS_QK_QK_AFTER: bool = True
 # T 8192, D 128) reverse scan 1.97 -> 1.93 ms. Gated, the same dots (and Q^T (e^b dO) split)
 # were 2.56 -> 2.14 ms, but the GPU gave gradients off by O(1) (dh0 relative error 1.5 - 16
 # against the unsplit kernel, bf16), which the interpreter's float16 run of the same code does
-# not: a Triton 3.6 sm_90 miscompile not yet isolated, so the gated kernel never splits. Tried and
-# dropped the same in grads_qk (U' and M split): sm_90 ungated 126 -> 186 registers (2 -> 1
-# programs per SM), gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
+# not (a GPU-only fault not yet isolated): the gated kernel splits only under
+# REVERSE_SCAN_SPLIT16_GATED. Tried and dropped the same in grads_qk (U' and M split): sm_90
+# ungated 126 -> 186 registers (2 -> 1 programs per SM), gated 44 -> 424 B of spills, barriers
+# per K tile 13 -> 58 / 40 -> 86.
 REVERSE_SCAN_SPLIT16: bool = True
+# the same split in Gated DeltaNet's reverse scan (with Q^T (e^b dO) split too): off, broken on
+# the H200 as above; kept to find out why (benchmarks/flag_diff.py; branch next/untimed5)
+REVERSE_SCAN_SPLIT16_GATED: bool = False
 # grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16):
 # off. H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms DeltaNet, 1.67 -> 1.35
 # gated, but at K = 16 (one 16-wide K tile) the GPU gave NaN in dk, bf16, where the
@@ -90,14 +94,13 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
     """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
 
     SPLIT16 (16-bit inputs): the float32 operand of each dot whose other operand is a 16-bit
-    input (K dS', (K Q^T) dO; DeltaNet only) goes in as two 16-bit halves (common.split16), so
+    input (K dS', (K Q^T) dO, gated Q^T (e^b dO)) goes in as two 16-bit halves (common.split16), so
     the input enters the dot as stored instead of through a float32 copy staged in shared
     memory for a tf32 dot; the products keep ~16 bits where tf32 keeps 11.
 
     BK spans all of K (the launcher picks full_tile(K)): W^T dU' contracts over the chunk
     but yields all K rows of dS."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    tl.static_assert(not (USE_G and SPLIT16), "gated: no split16 (see REVERSE_SCAN_SPLIT16)")
     i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
     nt = tl.cdiv(Tn, BT)
     o_t = tl.arange(0, BT)
@@ -162,7 +165,11 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
             b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
-        if USE_G:
+        if USE_G and SPLIT16:
+            de_hi, de_lo = split16(b_do.to(tl.float32) * tl.exp(b_g)[:, None], b_q.dtype)
+            b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(tl.trans(b_q), de_lo,
+                                                        tl.dot(tl.trans(b_q), de_hi))
+        elif USE_G:
             b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(
                 tl.trans(b_q.to(tl.float32)), b_do.to(tl.float32) * tl.exp(b_g)[:, None],
                 input_precision=PREC)
@@ -453,7 +460,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
             # not at K = 256, where its sm_90 spills rose 392 -> 1472 B (the D 128 sweep decides)
             SPLIT16=REVERSE_SCAN_SPLIT16 and q.dtype in common.SPLIT16_DTYPES and BK <= 128
-            and gc is None,
+            and (gc is None or REVERSE_SCAN_SPLIT16_GATED),
             **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
                **(dict(num_stages=2) if BK < 128 else {})})
     return dh, dv2, dh0

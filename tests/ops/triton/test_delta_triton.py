@@ -102,6 +102,7 @@ def test_split16_dots(gated, knorm, monkeypatch):
     from linattn.ops.triton import common, delta_bwd
     monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
     monkeypatch.setattr(delta_bwd, "GRADS_WY_SPLIT16", True)  # off by default (see there)
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_GATED", True)  # the same
     check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=2, knorm=knorm), dtype=torch.float16)
 
 
