@@ -51,7 +51,8 @@ def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=
                  bwd_cap=None, norm_dot=None, s_prefetch=None):
     """Makes gated_api pick these settings (None: the default) until the next call."""
     gated_api.CHUNK, gated_api.TILE = chunk, tile
-    gated_fwd.MEXP_NORM_DOT = _NORM_DOT if norm_dot is None else bool(norm_dot)
+    gated_fwd.MEXP_NORM_DOT = _NORM_DOT if norm_dot is None else norm_dot == 1
+    gated_fwd.MEXP_NORM_SKIP_PROBE = norm_dot == 2
     gated_bwd.MEXP_S_PREFETCH = _S_PREFETCH if s_prefetch is None else bool(s_prefetch)
 
     def config(*a, **kw):
@@ -121,7 +122,9 @@ def main(argv=None):
     p.add_argument("--fwd-cap", default="default", help="fwd_states' register cap (0: none)")
     p.add_argument("--bwd-cap", default="default", help="bwd_states' register cap (0: none)")
     p.add_argument("--norm-dot", default="default",
-                   help="mLSTMexp's normaliser sums by a dot (gated_fwd.MEXP_NORM_DOT: 0 or 1)")
+                   help="mLSTMexp's normaliser in the scans: 0 a sum per tile, 1 by a dot "
+                        "(gated_fwd.MEXP_NORM_DOT), 2 not formed (MEXP_NORM_SKIP_PROBE: timing "
+                        "only, its diff is large by design)")
     p.add_argument("--s-prefetch", default="default",
                    help="mLSTMexp's bwd_states loads S_c a tile ahead (gated_bwd.MEXP_S_PREFETCH)")
     p.add_argument("--T", type=int, default=8192)

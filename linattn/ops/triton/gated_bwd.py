@@ -26,7 +26,7 @@ import triton.language as tl
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp, fill_v_block
 from . import gated_fwd
-from .gated_fwd import (NCOL, NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
+from .gated_fwd import (NCOL, NEG_INF, NORM_BY_DOT, NORM_SKIP, NORM_SUM, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
                         gate_diag, key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile,
                         ld_tok, mid_row_exponents, norm_cols, st_norm, state_block_of,
                         state_dtype)
@@ -65,13 +65,14 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       GATE: tl.constexpr, MEXP: tl.constexpr, HAS_DHT: tl.constexpr,
                       HAS_H0: tl.constexpr, NONCAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                      SDOT: tl.constexpr, NORM_DOT: tl.constexpr, S_PREFETCH: tl.constexpr):
+                      SDOT: tl.constexpr, NORM: tl.constexpr, S_PREFETCH: tl.constexpr):
     """Reverse scan over the chunks of sequence n, head h, one [BK, BV] block: writes the
     gradient of the state after every chunk (slot c + 1) and of the initial state (slot 0);
     NONCAUSAL sums q^T do over the sequence into the final slot. For the gates' gradient (SDOT)
     it also writes <dS_{c+1}, exp(le + mp) S_c> of every chunk c (summed over this block's V,
     and over its K too for GATE 1) into sdot, at the slot of the state after the chunk.
-    NORM_DOT (MEXP without an initial state): dn summed by a dot (gated_fwd.MEXP_NORM_DOT)."""
+    NORM (MEXP): how dn is summed (gated_fwd.NORM_SUM; NORM_BY_DOT without an initial state
+    only; NORM_SKIP: not at all, a timing probe)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
@@ -83,7 +84,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         dS = ld_state(dht + i_nh * K * V, ck, mk, cv, mv, V)    # cotangent of the final state
         if MEXP:
             dn = tl.load(dnt + i_nh * K + ck, mask=mk, other=0.0)
-    if NORM_DOT:
+    if NORM == NORM_BY_DOT:
         dn = norm_cols(dn)                                      # [BK, NCOL], equal columns
     # one flat loop over the sequence's tiles in reverse (see fwd_states_kernel: Triton
     # pipelines innermost loops only); the first tile visited of a chunk (its last) stores
@@ -95,7 +96,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
     GRAD_SDOT: tl.constexpr = GATE != 0 and SDOT
     # S_c for <dS, S> a tile ahead where no register cap is set (mLSTMexp): a synchronous
     # [BK, BV] load every step otherwise (see chunk_start_state)
-    S_AHEAD: tl.constexpr = GRAD_SDOT and MEXP and NORM_DOT and S_PREFETCH
+    S_AHEAD: tl.constexpr = GRAD_SDOT and MEXP and NORM == NORM_BY_DOT and S_PREFETCH
     if S_AHEAD:
         Sp_n, npv_n = chunk_start_state(h, hn, nt - 1, nt, c0, n, hh, H, K, V, ck, mk, cv, mv,
                                         vb, NJ, MEXP)
@@ -112,7 +113,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS,
                      mask=mkv & first)
             if MEXP:
-                st_norm(dhn + (slot * H + hh) * K, ck, mk, dn, (vb == 0) & first, NORM_DOT)
+                st_norm(dhn + (slot * H + hh) * K, ck, mk, dn, (vb == 0) & first, NORM)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         le, mp = de_n, mp_n                                     # this chunk's decay exponents
@@ -138,10 +139,10 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             if GATE == 1:
                 part = tl.sum(rs, axis=0)
                 if MEXP:
-                    if NORM_DOT:   # column 0 of dn
+                    if NORM == NORM_BY_DOT:   # column 0 of dn
                         part += tl.sum(tl.sum(tl.where(tl.arange(0, NCOL)[None, :] == 0,
                                                        dn * npv[:, None], 0.0), axis=1), axis=0)
-                    else:
+                    elif NORM == NORM_SUM:
                         part += tl.sum(dn * npv, axis=0)
                 tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part,
                          mask=first)
@@ -161,14 +162,15 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
         if MEXP:
             dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-            if NORM_DOT:
+            if NORM == NORM_BY_DOT:
                 dqn_c = dqn_n[:, None] + tl.zeros([BT, NCOL], dtype=tl.float32)
                 dn += dot(tl.trans(qt).to(do.dtype.element_ty), dqn_c.to(do.dtype.element_ty),
                           IEEE)                                 # dn's sum on the tensor cores
-            else:
+            elif NORM == NORM_SUM:
                 dn += tl.sum(qt * dqn_n[:, None], axis=0)
-            rp = rows - BT                                      # the next visited tile's rows
-            dqn_n = ld_tok(dqn + hh, rp, rp >= bos, H)
+            if NORM != NORM_SKIP:
+                rp = rows - BT                                  # the next visited tile's rows
+                dqn_n = ld_tok(dqn + hh, rp, rp >= bos, H)
         if MEXP and HAS_H0:
             # float32 operands (tf32 products for 16-bit inputs): d C0 . C0 and d n0 . n0
             # cancel to d m0, and dn is summed in float32, so dS must not be rounded coarser
@@ -181,11 +183,11 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         slot = c0 + n + nc
     tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
     if MEXP:
-        st_norm(dhn + (slot * H + hh) * K, ck, mk, dn, vb == 0, NORM_DOT)
+        st_norm(dhn + (slot * H + hh) * K, ck, mk, dn, vb == 0, NORM)
     if HAS_H0:
         tl.store(dh0 + i_nh * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
         if MEXP:
-            st_norm(dn0 + i_nh * K, ck, mk, dn, vb == 0, NORM_DOT)
+            st_norm(dn0 + i_nh * K, ck, mk, dn, vb == 0, NORM)
 
 
 @triton.jit
@@ -613,6 +615,9 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         sdot = empty(grid[1] * grid[2], NS, H, dtype=torch.float32, device=dev)
     if cfg.gate == 2 and gate_sums:
         sdot = empty(grid[2], NS, H, K, dtype=torch.float32, device=dev)
+    norm = gated_fwd.mexp_norm_mode(cfg.mexp)
+    if has_h0 and norm == NORM_BY_DOT.value:
+        norm = NORM_SUM.value                      # dn's dot needs no d m0 (see the kernel)
     bwd_states_kernel[grid](
         q, do, _or(gb, x), _or(gm, x), _or(mpc, x), _or(rd, x), _or(dqn, x), _or(dht, x),
         _or(dnt, x), dh, _or(dhn, x), _or(dh0, x), _or(dn0, x), h, _or(hn, x), _or(sdot, x),
@@ -620,7 +625,7 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         BV=BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
         IEEE=cfg.ieee, SDOT=sdot is not None,
-        NORM_DOT=cfg.mexp and not has_h0 and gated_fwd.MEXP_NORM_DOT,
+        NORM=norm,
         S_PREFETCH=MEXP_S_PREFETCH and not cfg.bwd_scan_maxnreg, num_warps=cfg.scan_warps,
         num_stages=cfg.scan_stages or cfg.stages,
         maxnreg=cfg.bwd_scan_maxnreg or None)

@@ -342,6 +342,23 @@ def mexp_carry_kernel(csum, cmax, m0, mpc, mfin, coff, H, CB: tl.constexpr, HAS_
 # float16 run of it is right (benchmarks/results/sweep_mexp_normdot-h200-2026-11-29.txt).
 MEXP_NORM_DOT: bool = False
 NCOL = tl.constexpr(16)  # the narrowest dot operand
+# A timing probe, never for results (branch next/untimed5): the scans skip n and dn entirely
+# (hn, dhn left unwritten), to measure what mLSTMexp's scans would cost with the normaliser
+# formed elsewhere (n is a [K] scan: chunk sums in a parallel kernel, then a [K]-wide scan
+# over the chunks) before building that. sweep_gated --norm-dot 2.
+MEXP_NORM_SKIP_PROBE: bool = False
+# how a scan forms mLSTMexp's normaliser (its NORM constexpr): a cross-warp sum per tile, a
+# dot against ones (MEXP_NORM_DOT), or not at all (MEXP_NORM_SKIP_PROBE)
+NORM_SUM = tl.constexpr(0)
+NORM_BY_DOT = tl.constexpr(1)
+NORM_SKIP = tl.constexpr(2)
+
+
+def mexp_norm_mode(mexp: bool) -> int:
+    """The scans' NORM for an op (mexp: mLSTMexp's normaliser); see NORM_SUM."""
+    if mexp and MEXP_NORM_SKIP_PROBE:
+        return NORM_SKIP.value
+    return NORM_BY_DOT.value if mexp and MEXP_NORM_DOT else NORM_SUM.value
 
 
 @triton.jit
@@ -351,12 +368,14 @@ def norm_cols(x):
 
 
 @triton.jit
-def st_norm(base, ck, mk, x, ok, NORM_DOT: tl.constexpr):
-    """Stores the [BK] normaliser block x at base + ck (column 0 of x when NORM_DOT), where ok."""
-    if NORM_DOT:
+def st_norm(base, ck, mk, x, ok, NORM: tl.constexpr):
+    """Stores the [BK] normaliser block x at base + ck (column 0 of x for NORM_BY_DOT), where
+    ok; nothing for NORM_SKIP."""
+    if NORM == NORM_BY_DOT:
         col = tl.arange(0, NCOL)
-        tl.store(base + ck[:, None] + 0 * col[None, :], x, mask=mk[:, None] & (col[None, :] == 0) & ok)
-    else:
+        tl.store(base + ck[:, None] + 0 * col[None, :], x,
+                 mask=mk[:, None] & (col[None, :] == 0) & ok)
+    elif NORM == NORM_SUM:
         tl.store(base + ck, x, mask=mk & ok)
 
 
@@ -365,12 +384,13 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
                       K, V, L: tl.constexpr, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                       HAS_KW: tl.constexpr, MEXP: tl.constexpr, HAS_H0: tl.constexpr,
-                      IEEE: tl.constexpr, NORM_DOT: tl.constexpr):
+                      IEEE: tl.constexpr, NORM: tl.constexpr):
     """Sequential scan over the tiles of sequence n, head h, one [BK, BV] block of the state,
     carried in float32: writes the state before every chunk and the final state into h (in
     h's dtype: its readers' dot operand type), n into hn, and the final state into hf
-    (float32). NORM_DOT (MEXP): n is summed by the state's dot against a ones block, as if it
-    were NCOL more columns of the state (see norm_cols), not by a cross-warp sum per tile."""
+    (float32). NORM (MEXP): n by a cross-warp sum per tile (NORM_SUM), or by the state's dot
+    against a ones block, as if it were NCOL more columns of the state (NORM_BY_DOT, see
+    norm_cols), or not at all (NORM_SKIP: a timing probe)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
@@ -380,7 +400,7 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         S = ld_state(h0 + i_nh * K * V, ck, mk, cv, mv, V)      # initial state block
         if MEXP:
             nv = tl.load(n0 + i_nh * K + ck, mask=mk, other=0.0)
-    if NORM_DOT:
+    if NORM == NORM_BY_DOT:
         nv = norm_cols(nv)                                      # [BK, NCOL], equal columns
         ones = tl.full([BT, NCOL], 1.0, tl.float32).to(v.dtype.element_ty)
     # one flat loop over the sequence's tiles (not chunks, then tiles), so that Triton's
@@ -398,7 +418,7 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         sp = h + (slot * H + hh) * K * V                        # state before chunk c
         tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv & first)
         if MEXP:
-            st_norm(hn + (slot * H + hh) * K, ck, mk, nv, (vb == 0) & first, NORM_DOT)
+            st_norm(hn + (slot * H + hh) * K, ck, mk, nv, (vb == 0) & first, NORM)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         le, mp = de_n, mp_n                                     # this chunk's decay exponents
@@ -434,16 +454,16 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         else:
             ktT = tl.trans(kt).to(v.dtype.element_ty)
             S += dot(ktT, vt.to(v.dtype.element_ty), IEEE)
-            if NORM_DOT:
+            if NORM == NORM_BY_DOT:
                 nv += dot(ktT, ones, IEEE)                      # n's sum on the tensor cores
-        if MEXP and not NORM_DOT:
+        if MEXP and NORM == NORM_SUM:
             nv += tl.sum(kt, axis=0)
     slot = c0 + n + tl.cdiv(eos - bos, L)                        # final state
     sp = h + (slot * H + hh) * K * V
     tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv)
     tl.store(hf + i_nh * K * V + ck[:, None] * V + cv[None, :], S, mask=mkv)
     if MEXP:
-        st_norm(hn + (slot * H + hh) * K, ck, mk, nv, vb == 0, NORM_DOT)
+        st_norm(hn + (slot * H + hh) * K, ck, mk, nv, vb == 0, NORM)
 
 
 @triton.jit
@@ -665,7 +685,7 @@ def fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout: ChunkLayout, cfg):
         k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(h0, x), _or(n0, x), h, _or(hn, x),
         hf, layout.cu, layout.chunk_off, H, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=BVS,
         GATE=cfg.gate, HAS_KW=cfg.has_kw, MEXP=cfg.mexp, HAS_H0=h0 is not None, IEEE=cfg.ieee,
-        NORM_DOT=cfg.mexp and MEXP_NORM_DOT,
+        NORM=mexp_norm_mode(cfg.mexp),
         num_warps=cfg.scan_warps, num_stages=cfg.scan_stages or cfg.stages,
         maxnreg=cfg.fwd_scan_maxnreg or None)
     return h, hn, hf
