@@ -53,6 +53,7 @@ def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=
     gated_api.CHUNK, gated_api.TILE = chunk, tile
     gated_fwd.MEXP_NORM_DOT = _NORM_DOT if norm_dot is None else norm_dot == 1
     gated_fwd.MEXP_NORM_SKIP_PROBE = norm_dot == 2
+    gated_fwd.MEXP_NORM_OUTSIDE = norm_dot == 3
     gated_bwd.MEXP_S_PREFETCH = _S_PREFETCH if s_prefetch is None else bool(s_prefetch)
 
     def config(*a, **kw):
@@ -124,7 +125,8 @@ def main(argv=None):
     p.add_argument("--norm-dot", default="default",
                    help="mLSTMexp's normaliser in the scans: 0 a sum per tile, 1 by a dot "
                         "(gated_fwd.MEXP_NORM_DOT), 2 not formed (MEXP_NORM_SKIP_PROBE: timing "
-                        "only, its diff is large by design)")
+                        "only, its diff is large by design), 3 outside the scans "
+                        "(MEXP_NORM_OUTSIDE: ops/triton/mexp_norm.py)")
     p.add_argument("--s-prefetch", default="default",
                    help="mLSTMexp's bwd_states loads S_c a tile ahead (gated_bwd.MEXP_S_PREFETCH)")
     p.add_argument("--T", type=int, default=8192)

@@ -36,7 +36,8 @@ timeout 150 python3 benchmarks/flag_diff.py --op delta --timeout 140 --json "$OU
     2>&1 | grep -v Warn | tail -30
 ND="gated_fwd.MEXP_NORM_DOT=1"
 timeout 120 python3 benchmarks/flag_diff.py --op mlstm_exp --timeout 110 --json "$OUT/flag_diff_mexp.json" \
-    --settings "default=;bv64=$B64;norm_dot=$ND;norm_dot_bv64=$ND,$B64" 2>&1 | grep -v Warn | tail -12
+    --settings "default=;bv64=$B64;norm_dot=$ND;norm_dot_bv64=$ND,$B64;outside=gated_fwd.MEXP_NORM_OUTSIDE=1" \
+    2>&1 | grep -v Warn | tail -16
 fi
 
 # 1) every GPU test (about 2.5 minutes on 8 workers)
@@ -76,16 +77,19 @@ done
 fi
 
 # 4b) mLSTMexp's T ratio (T 32768 over T 2048; 1.17, asked <= 1.15). Branch next/untimed5:
-#     --norm-dot 2 is a timing probe (the scans form no n / dn: wrong results, its diff is
-#     large by design) that tells what forming the normaliser outside the scans would buy
-#     (sm_90, bf16: fwd_states 185 -> 149 registers, 2 -> 3 programs per SM, barriers 16 -> 9;
-#     bwd_states 255 + 40 B of spills -> 248 and none, barriers 19 -> 12); chunk 128 against
-#     64 (mLSTMexp's scans store a state every 64-token tile at L 64)
+#     --norm-dot 3 forms n / dn outside the scans (gated_fwd.MEXP_NORM_OUTSIDE, mexp_norm.py:
+#     chunk sums in parallel, an affine scan over the chunks' [K] vectors); --norm-dot 2 is
+#     the scans alone without them (a timing probe: wrong results, its diff is large by
+#     design), so 3 - 2 is mexp_norm's own cost (sm_90, bf16: fwd_states 185 -> 149 registers,
+#     2 -> 3 programs per SM, barriers 16 -> 9; bwd_states 255 + 40 B of spills -> 248 and
+#     none, barriers 19 -> 12); chunk 128 against 64 (the scans store a state every 64-token
+#     tile at L 64). If 3 wins, its scans may take the register caps the other gates have
+#     (--fwd-cap / --bwd-cap)
 if want mexp; then
 for T in 32768 2048; do
 timeout $(( $(left) * 45 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlstm_exp --T $T \
-    --chunks 64,128 --tiles default --warps default --stages default --norm-dot 0,2 \
-    --budget-s 90 2>&1 | tail -6 | tee -a "$OUT/sweep_mexp.log"
+    --chunks 64,128 --tiles default --warps default --stages default --norm-dot 0,2,3 \
+    --budget-s 110 2>&1 | tail -8 | tee -a "$OUT/sweep_mexp.log"
 done
 fi
 

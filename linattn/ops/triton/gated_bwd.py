@@ -25,11 +25,11 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp, fill_v_block
-from . import gated_fwd
-from .gated_fwd import (NCOL, NEG_INF, NORM_BY_DOT, NORM_SKIP, NORM_SUM, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
-                        gate_diag, key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile,
-                        ld_tok, mid_row_exponents, norm_cols, st_norm, state_block_of,
-                        state_dtype)
+from . import gated_fwd, mexp_norm
+from .gated_fwd import (NCOL, NEG_INF, NORM_BY_DOT, NORM_SKIP, NORM_SUM, _or, chunk_decay,
+                        chunk_end_exp, chunk_of, diag_dot_range, gate_diag, key_exp, ld_gtile,
+                        ld_gtok, ld_scores, ld_state, ld_tile, ld_tok, mid_row_exponents,
+                        norm_cols, st_norm, state_block_of, state_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -631,6 +631,10 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         maxnreg=cfg.bwd_scan_maxnreg or None)
     if sdot is not None:
         sdot = sdot[:, layout.chunk_end_slot].sum(0)             # blocks -> [NC, H(, K)]
+    if gated_fwd.norm_outside(cfg):
+        npart = mexp_norm.backward(q, gb, gm, mpc, dqn, dnt, hn, dhn, dn0, layout, cfg, scale)
+        if sdot is not None:
+            sdot = sdot + npart                                  # the normaliser's share
     return dh, dhn, dh0, dn0, sdot
 
 

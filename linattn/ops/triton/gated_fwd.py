@@ -354,9 +354,20 @@ NORM_BY_DOT = tl.constexpr(1)
 NORM_SKIP = tl.constexpr(2)
 
 
+# mLSTMexp's n and dn formed outside the scans (mexp_norm: chunk sums in parallel, then an
+# affine scan over the chunks' [K] vectors; the scans run with NORM_SKIP). Branch
+# next/untimed5: CPU-tested, not timed (sweep_gated --norm-dot 3)
+MEXP_NORM_OUTSIDE: bool = False
+
+
+def norm_outside(cfg) -> bool:
+    """Whether mexp_norm forms mLSTMexp's normaliser (MEXP_NORM_OUTSIDE)."""
+    return cfg.mexp and MEXP_NORM_OUTSIDE and not MEXP_NORM_SKIP_PROBE
+
+
 def mexp_norm_mode(mexp: bool) -> int:
     """The scans' NORM for an op (mexp: mLSTMexp's normaliser); see NORM_SUM."""
-    if mexp and MEXP_NORM_SKIP_PROBE:
+    if mexp and (MEXP_NORM_SKIP_PROBE or MEXP_NORM_OUTSIDE):
         return NORM_SKIP.value
     return NORM_BY_DOT.value if mexp and MEXP_NORM_DOT else NORM_SUM.value
 
@@ -688,6 +699,9 @@ def fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout: ChunkLayout, cfg):
         NORM=mexp_norm_mode(cfg.mexp),
         num_warps=cfg.scan_warps, num_stages=cfg.scan_stages or cfg.stages,
         maxnreg=cfg.fwd_scan_maxnreg or None)
+    if norm_outside(cfg):
+        from . import mexp_norm                 # here: mexp_norm imports this module
+        mexp_norm.forward(k, gb, gm, kw, mpc, n0, hn, layout, cfg)
     return h, hn, hf
 
 
