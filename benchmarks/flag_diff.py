@@ -64,7 +64,8 @@ def cases(op: str, device: str):
                 ("g128_T1000", True, 2, 1000, 128, 128, None, True),
                 ("d64x100_pack", False, 1, sum(PACKED), 64, 100, PACKED, True),
                 ("d16x256_pack", False, 1, sum(PACKED), 16, 256, PACKED, False),
-                ("d128x256", False, 2, 300, 128, 256, None, True)]
+                ("d128x256", False, 2, 300, 128, 256, None, True),
+                ("d256x64", False, 2, 300, 256, 64, None, True)]
     return [("K128_T2048", None, 2, 2048, 128, 128, None, False),
             ("K128_T2048_h0", None, 2, 2048, 128, 128, None, True),
             ("K100x72_pack", None, 1, sum(PACKED), 100, 72, PACKED, False),

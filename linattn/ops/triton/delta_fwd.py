@@ -98,13 +98,18 @@ def full_tile(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-# prep's W and U by two 16-bit halves of the weighted T (delta_prep_kernel's SPLIT16; branch
-# next/untimed4, not timed)
+# prep's W and U by two 16-bit halves of the weighted T (delta_prep_kernel's SPLIT16): H200
+# sweep (2026-11-29, T 8192, D 128) prep 1.61 / 1.66 -> 1.43 / 1.50 ms (DeltaNet / gated);
+# checked against the unsplit kernel on the GPU (benchmarks/flag_diff.py) at K 16 - 128 and
+# V up to 256 (its 64-wide tiles are the same at K 256)
 PREP_SPLIT16: bool = True
 # V tile cap of the forward scan (delta_bwd.REVERSE_SCAN_BV: the reverse scan's)
 SCAN_BV = 64
-# the forward scan's K^T U' by two 16-bit halves of U' (delta_scan_kernel's SPLIT16; branch
-# next/untimed4, not timed)
+# the forward scan's K^T U' by two 16-bit halves of U' (delta_scan_kernel's SPLIT16): H200
+# sweep (2026-11-29, T 8192, D 128) scan 0.85 / 1.18 -> 0.84 / 0.91 ms (DeltaNet / gated).
+# At K <= 128 only: the GPU checked it there (flag_diff); K 256 runs the scan on one 256-wide
+# K block and 8 warps, where other split16 kernels went wrong in shapes the interpreter passes
+# (PERF_NOTES 22)
 SCAN_SPLIT16: bool = True
 
 
@@ -396,7 +401,8 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             final if final is not None else h, layout.cu, layout.chunk_off,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
-            PREC=dot_precision(k.dtype), SPLIT16=SCAN_SPLIT16 and k.dtype in common.SPLIT16_DTYPES,
+            PREC=dot_precision(k.dtype),
+            SPLIT16=SCAN_SPLIT16 and k.dtype in common.SPLIT16_DTYPES and BK <= 128,
             **{**LAUNCH["scan"], **(dict(num_warps=8, num_stages=1) if BK >= 256 else {})})
     return h, vnew, final
 

@@ -180,6 +180,7 @@ GPU_SETS = {
     "gated-K32-V16-f32": (32, 16, True, F32, [
         (1, PACK_T, {**PACK, **NONCONTIG}), (2, 400, {}), (2, 130, {**NEAR_0, **FREE_KEYS}),
         (2, 65, NEAR_20)], True),
+    "deltanet-K256-V64-bf16": (256, 64, False, BF16, [(1, PACK_T, PACK)], False),
     "deltanet-K256-V32-f32": (256, 32, False, F32, [
         (1, PACK_T, {**PACK, **NONCONTIG}), (1, 1000, QV5)], False),
 }
