@@ -51,9 +51,9 @@ GRADS_QK_QK_AFTER: bool = True
 # T 8192, D 128) reverse scan 1.97 -> 1.93 ms. Gated, the same dots (and Q^T (e^b dO) split)
 # were 2.56 -> 2.14 ms, but the GPU gave gradients off by O(1) (dh0 relative error 1.5 - 16
 # against the unsplit kernel, bf16), which the interpreter's float16 run of the same code does
-# not: a Triton 3.6 sm_90 miscompile not yet isolated, so the gated kernel never splits. Tried and
-# dropped the same in grads_qk (U' and M split): sm_90 ungated 126 -> 186 registers (2 -> 1
-# programs per SM), gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
+# not (a GPU-only fault not yet isolated): the gated kernel does not split. Tried and dropped
+# the same in grads_qk (U' and M split): sm_90 ungated 126 -> 186 registers (2 -> 1 programs
+# per SM), gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
 REVERSE_SCAN_SPLIT16: bool = True
 # grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16):
 # off. H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms DeltaNet, 1.67 -> 1.35
