@@ -111,6 +111,11 @@ class KernelConfig:
     # 0.8-0.9 ms slower in the same sweep and was dropped.)
     dqk_diag: int = 2
 
+    @property
+    def scan_num_stages(self) -> int:
+        """num_stages of the state scans (scan_stages, or stages where it is 0)."""
+        return self.scan_stages or self.stages
+
 
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
     """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning

@@ -627,7 +627,7 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         IEEE=cfg.ieee, SDOT=sdot is not None,
         NORM=norm,
         S_PREFETCH=MEXP_S_PREFETCH and not cfg.bwd_scan_maxnreg, num_warps=cfg.scan_warps,
-        num_stages=cfg.scan_stages or cfg.stages,
+        num_stages=cfg.scan_num_stages,
         maxnreg=cfg.bwd_scan_maxnreg or None)
     if sdot is not None:
         sdot = sdot[:, layout.chunk_end_slot].sum(0)             # blocks -> [NC, H(, K)]

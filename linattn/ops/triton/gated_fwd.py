@@ -697,7 +697,7 @@ def fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout: ChunkLayout, cfg):
         hf, layout.cu, layout.chunk_off, H, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=BVS,
         GATE=cfg.gate, HAS_KW=cfg.has_kw, MEXP=cfg.mexp, HAS_H0=h0 is not None, IEEE=cfg.ieee,
         NORM=mexp_norm_mode(cfg.mexp),
-        num_warps=cfg.scan_warps, num_stages=cfg.scan_stages or cfg.stages,
+        num_warps=cfg.scan_warps, num_stages=cfg.scan_num_stages,
         maxnreg=cfg.fwd_scan_maxnreg or None)
     if norm_outside(cfg):
         from . import mexp_norm                 # here: mexp_norm imports this module
