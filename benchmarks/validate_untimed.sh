@@ -54,9 +54,8 @@ timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds gated_delt
     --json "$OUT/sweep_delta.json" 2>&1 | tail -22
 fi
 
-# 3) the gated scans' stages at both ends of T, now that fwd_states without a gate reads k^T
-#    straight into its dot (110 registers; 57 KB of shared memory at 3 stages: 3 programs
-#    per SM, 4 at 2)
+# 3) the gated scans' num_stages at both ends of T (3 since the eighth session: 2 won at
+#    T 8192 and lost more at T 32768)
 if want stages; then
 for T in 8192 32768; do
 timeout $(( $(left) * 25 / 100 )) python3 benchmarks/sweep_gated.py --kinds none,scalar --T $T \
@@ -93,7 +92,7 @@ timeout $(( $(left) * 45 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlst
 done
 fi
 
-# 5) where mLSTMexp's T = 32768 time goes (its T ratio is 1.18; scalar 1.13, for contrast):
+# 5) where mLSTMexp's T = 32768 time goes (its T ratio is 1.17; scalar 1.13, for contrast):
 #    the per-kernel profile at both ends of T
 if want long; then
 for shape in "--B 2 --T 32768" "--B 32 --T 2048"; do
@@ -102,11 +101,13 @@ timeout $(( $(left) * 20 / 100 )) python3 benchmarks/profile_kernels.py --kinds 
 done
 fi
 
-# 6) the per-kernel profile of the gated ops, host time included
+# 6) the per-kernel profile of every op, host time included; PROFILE_ARGS adds or overrides
+#    arguments, e.g. PROFILE_ARGS="--kinds delta,gated_delta --D 256" (D 256: never profiled
+#    per kernel, DeltaNet 41 ms against fla's 16.7)
 if want profile; then
 timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
     --kinds none,const_frozen,const,scalar,key,mlstm_exp,delta,gated_delta --json "$OUT/profile.json" \
-    > "$OUT/profile.log" 2>&1
+    ${PROFILE_ARGS:-} > "$OUT/profile.log" 2>&1
 fi
 
 [ -f "$OUT/ncu_summary.log" ] && cat "$OUT/ncu_summary.log"
