@@ -424,9 +424,9 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B (the D 128 sweep decides)
-            SPLIT16=REVERSE_SCAN_SPLIT16 and q.dtype in common.SPLIT16_DTYPES and BK <= 128
-            and gc is None,
+            # DeltaNet only (see REVERSE_SCAN_SPLIT16), and not at K = 256, where its sm_90
+            # spills rose 392 -> 1472 B
+            SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= 128 and gc is None,
             **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
                **(dict(num_stages=2) if BK < 128 else {})})
     return dh, dv2, dh0
@@ -479,8 +479,7 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
             layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=GRADS_WY_SPLIT16 and k.dtype in common.SPLIT16_DTYPES and dw.dtype == k.dtype
-            and dv2.dtype == k.dtype,
+            SPLIT16=common.split16_on(GRADS_WY_SPLIT16, k, dw, dv2),
             # float32 inputs ("ieee" dots) keep 8 warps: on 4, sm_90 spills ~9 KB (the sweep
             # timed 16-bit inputs only)
             **{**LAUNCH["grads_wy"], **(dict(num_warps=8) if k.dtype == torch.float32 else {})})

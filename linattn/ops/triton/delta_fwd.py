@@ -373,7 +373,7 @@ def prep(k, v, beta, g, layout):
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             w, u, layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BC=BC, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
-            PREC=dot_precision(k.dtype), SPLIT16=PREP_SPLIT16 and k.dtype in common.SPLIT16_DTYPES,
+            PREC=dot_precision(k.dtype), SPLIT16=common.split16_on(PREP_SPLIT16, k),
             **LAUNCH["prep"])
     return gc, tinv, w, u
 
@@ -404,7 +404,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=SCAN_SPLIT16 and k.dtype in common.SPLIT16_DTYPES and BK <= 128,
+            SPLIT16=common.split16_on(SCAN_SPLIT16, k) and BK <= 128,
             **{**LAUNCH["scan"], **(dict(num_warps=8, num_stages=1) if BK >= 256 else {})})
     return h, vnew, final
 
