@@ -29,14 +29,29 @@ PACKED = [0, 1, 2, 15, 63, 64, 65, 127, 300, 3]  # sequence lengths with cu_seql
 
 
 def set_flags(spec: str) -> None:
-    """"mod.NAME=0|1,..." -> linattn.ops.triton.mod.NAME = bool."""
+    """"mod.NAME=V,..." -> linattn.ops.triton.mod.NAME = V: 0 / 1 for a bool, else an int;
+    a dotted path goes into dicts, e.g. delta_bwd.LAUNCH.reverse_scan.num_warps=8 (a key the
+    dict lacks is added: launch options such as maxnreg)."""
     for item in filter(None, spec.split(",")):
         name, value = item.split("=")
-        mod, attr = name.rsplit(".", 1)
-        module = importlib.import_module("linattn.ops.triton." + mod)
-        if not hasattr(module, attr):
+        mod, *path = name.split(".")
+        obj = importlib.import_module("linattn.ops.triton." + mod)
+        for part in path[:-1]:
+            obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+            if obj is None:
+                raise SystemExit(f"flag_diff: no {name}")
+        last = path[-1]
+        if isinstance(obj, dict):
+            old = obj.get(last)
+        elif hasattr(obj, last):
+            old = getattr(obj, last)
+        else:
             raise SystemExit(f"flag_diff: no {name}")
-        setattr(module, attr, value == "1")
+        new = bool(int(value)) if isinstance(old, bool) else int(value)
+        if isinstance(obj, dict):
+            obj[last] = new
+        else:
+            setattr(obj, last, new)
 
 
 def cases(op: str, device: str):

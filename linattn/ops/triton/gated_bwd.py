@@ -25,20 +25,12 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp, fill_v_block
-from . import gated_fwd
-from .gated_fwd import (NCOL, NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
+from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
                         gate_diag, key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile,
-                        ld_tok, mid_row_exponents, norm_cols, st_norm, state_block_of,
-                        state_dtype)
+                        ld_tok, mid_row_exponents, state_block_of, state_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
-
-# mLSTMexp's bwd_states (uncapped) loads S_c for <dS, S> a tile ahead (S_AHEAD; branch
-# next/untimed4): off, as gated_fwd.MEXP_NORM_DOT, which it needs (see there; with it the H200
-# gave the same outputs as without, 2026-11-29)
-MEXP_S_PREFETCH: bool = False
-
 
 @triton.jit
 def chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, vb,
@@ -65,13 +57,12 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       GATE: tl.constexpr, MEXP: tl.constexpr, HAS_DHT: tl.constexpr,
                       HAS_H0: tl.constexpr, NONCAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                      SDOT: tl.constexpr, NORM_DOT: tl.constexpr, S_PREFETCH: tl.constexpr):
+                      SDOT: tl.constexpr):
     """Reverse scan over the chunks of sequence n, head h, one [BK, BV] block: writes the
     gradient of the state after every chunk (slot c + 1) and of the initial state (slot 0);
     NONCAUSAL sums q^T do over the sequence into the final slot. For the gates' gradient (SDOT)
     it also writes <dS_{c+1}, exp(le + mp) S_c> of every chunk c (summed over this block's V,
-    and over its K too for GATE 1) into sdot, at the slot of the state after the chunk.
-    NORM_DOT (MEXP without an initial state): dn summed by a dot (gated_fwd.MEXP_NORM_DOT)."""
+    and over its K too for GATE 1) into sdot, at the slot of the state after the chunk."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
@@ -83,8 +74,6 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         dS = ld_state(dht + i_nh * K * V, ck, mk, cv, mv, V)    # cotangent of the final state
         if MEXP:
             dn = tl.load(dnt + i_nh * K + ck, mask=mk, other=0.0)
-    if NORM_DOT:
-        dn = norm_cols(dn)                                      # [BK, NCOL], equal columns
     # one flat loop over the sequence's tiles in reverse (see fwd_states_kernel: Triton
     # pipelines innermost loops only); the first tile visited of a chunk (its last) stores
     # the gradient of the state after the chunk, applies the chunk's decay and forms sdot
@@ -93,12 +82,6 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
     de_n, mp_n = chunk_decay(gb, gm, mpc, nt - 1, bos, eos, c0, hh, H, ck, mk, K, L, BT, GATE,
                              MEXP)
     GRAD_SDOT: tl.constexpr = GATE != 0 and SDOT
-    # S_c for <dS, S> a tile ahead where no register cap is set (mLSTMexp): a synchronous
-    # [BK, BV] load every step otherwise (see chunk_start_state)
-    S_AHEAD: tl.constexpr = GRAD_SDOT and MEXP and NORM_DOT and S_PREFETCH
-    if S_AHEAD:
-        Sp_n, npv_n = chunk_start_state(h, hn, nt - 1, nt, c0, n, hh, H, K, V, ck, mk, cv, mv,
-                                        vb, NJ, MEXP)
     if MEXP:
         # dqn (cotangent of n^T q) a tile ahead: it feeds dn's sum, no dot (see chunk_decay)
         rows = bos + (nt - 1) * BT + tl.arange(0, BT)
@@ -112,7 +95,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS,
                      mask=mkv & first)
             if MEXP:
-                st_norm(dhn + (slot * H + hh) * K, ck, mk, dn, (vb == 0) & first, NORM_DOT)
+                tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0) & first)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         le, mp = de_n, mp_n                                     # this chunk's decay exponents
@@ -127,22 +110,13 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             dS = dS * tl.where(first, exp(le, IEEE), 1.0)[:, None]
         if GRAD_SDOT:
             # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
-            if S_AHEAD:
-                Sp, npv = Sp_n, npv_n
-                Sp_n, npv_n = chunk_start_state(h, hn, it - 1, nt, c0, n, hh, H, K, V, ck, mk,
-                                                cv, mv, vb, NJ, MEXP)
-            else:
-                Sp, npv = chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv,
-                                            vb, NJ, MEXP)
+            Sp, npv = chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, vb,
+                                        NJ, MEXP)
             rs = tl.sum(dS * Sp, axis=1)                                          # [BK]
             if GATE == 1:
                 part = tl.sum(rs, axis=0)
                 if MEXP:
-                    if NORM_DOT:   # column 0 of dn
-                        part += tl.sum(tl.sum(tl.where(tl.arange(0, NCOL)[None, :] == 0,
-                                                       dn * npv[:, None], 0.0), axis=1), axis=0)
-                    else:
-                        part += tl.sum(dn * npv, axis=0)
+                    part += tl.sum(dn * npv, axis=0)
                 tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part,
                          mask=first)
             else:
@@ -161,12 +135,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
         if MEXP:
             dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-            if NORM_DOT:
-                dqn_c = dqn_n[:, None] + tl.zeros([BT, NCOL], dtype=tl.float32)
-                dn += dot(tl.trans(qt).to(do.dtype.element_ty), dqn_c.to(do.dtype.element_ty),
-                          IEEE)                                 # dn's sum on the tensor cores
-            else:
-                dn += tl.sum(qt * dqn_n[:, None], axis=0)
+            dn += tl.sum(qt * dqn_n[:, None], axis=0)
             rp = rows - BT                                      # the next visited tile's rows
             dqn_n = ld_tok(dqn + hh, rp, rp >= bos, H)
         if MEXP and HAS_H0:
@@ -181,11 +150,11 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         slot = c0 + n + nc
     tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
     if MEXP:
-        st_norm(dhn + (slot * H + hh) * K, ck, mk, dn, vb == 0, NORM_DOT)
+        tl.store(dhn + (slot * H + hh) * K + ck, dn, mask=mk & (vb == 0))
     if HAS_H0:
         tl.store(dh0 + i_nh * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
         if MEXP:
-            st_norm(dn0 + i_nh * K, ck, mk, dn, vb == 0, NORM_DOT)
+            tl.store(dn0 + i_nh * K + ck, dn, mask=mk & (vb == 0))
 
 
 @triton.jit
@@ -619,9 +588,7 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         layout.cu, layout.chunk_off, scale, H, NS, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK,
         BV=BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
-        IEEE=cfg.ieee, SDOT=sdot is not None,
-        NORM_DOT=cfg.mexp and not has_h0 and gated_fwd.MEXP_NORM_DOT,
-        S_PREFETCH=MEXP_S_PREFETCH and not cfg.bwd_scan_maxnreg, num_warps=cfg.scan_warps,
+        IEEE=cfg.ieee, SDOT=sdot is not None, num_warps=cfg.scan_warps,
         num_stages=cfg.scan_num_stages,
         maxnreg=cfg.bwd_scan_maxnreg or None)
     if sdot is not None:

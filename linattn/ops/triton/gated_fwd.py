@@ -332,45 +332,16 @@ def mexp_carry_kernel(csum, cmax, m0, mpc, mfin, coff, H, CB: tl.constexpr, HAS_
     tl.store(mfin + n * H + hh, mp)
 
 
-# mLSTMexp's normaliser sums in the scans as a small dot: n (fwd_states) and its cotangent dn
-# (bwd_states) carried as NCOL equal columns [BK, NCOL], each tile adding k_w^T 1 (fwd) or
-# q_w^T dqn (bwd) through the tensor cores instead of a cross-warp tl.sum every tile (its
-# shuffles and adds led the fwd scan's stall samples in Nsight Compute at T 32768). The ones
-# are exact; the summands are the dot's operands, rounded as the state's own are. Off: on the
-# H200 (2026-11-29, sweep_gated) it ran T 2048 in 5.55 ms instead of 5.81 but its result was
-# off from the default's (diff 43), and T 32768 (B 2) hit an illegal address; the interpreter's
-# float16 run of it is right (benchmarks/results/sweep_mexp_normdot-h200-2026-11-29.txt).
-MEXP_NORM_DOT: bool = False
-NCOL = tl.constexpr(16)  # the narrowest dot operand
-
-
-@triton.jit
-def norm_cols(x):
-    """[BK] -> [BK, NCOL] float32, every column x."""
-    return x[:, None] + tl.zeros([x.shape[0], NCOL], dtype=tl.float32)
-
-
-@triton.jit
-def st_norm(base, ck, mk, x, ok, NORM_DOT: tl.constexpr):
-    """Stores the [BK] normaliser block x at base + ck (column 0 of x when NORM_DOT), where ok."""
-    if NORM_DOT:
-        col = tl.arange(0, NCOL)
-        tl.store(base + ck[:, None] + 0 * col[None, :], x, mask=mk[:, None] & (col[None, :] == 0) & ok)
-    else:
-        tl.store(base + ck, x, mask=mk & ok)
-
-
 @triton.jit
 def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
                       K, V, L: tl.constexpr, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                       HAS_KW: tl.constexpr, MEXP: tl.constexpr, HAS_H0: tl.constexpr,
-                      IEEE: tl.constexpr, NORM_DOT: tl.constexpr):
+                      IEEE: tl.constexpr):
     """Sequential scan over the tiles of sequence n, head h, one [BK, BV] block of the state,
     carried in float32: writes the state before every chunk and the final state into h (in
     h's dtype: its readers' dot operand type), n into hn, and the final state into hf
-    (float32). NORM_DOT (MEXP): n is summed by the state's dot against a ones block, as if it
-    were NCOL more columns of the state (see norm_cols), not by a cross-warp sum per tile."""
+    (float32)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
@@ -380,9 +351,6 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         S = ld_state(h0 + i_nh * K * V, ck, mk, cv, mv, V)      # initial state block
         if MEXP:
             nv = tl.load(n0 + i_nh * K + ck, mask=mk, other=0.0)
-    if NORM_DOT:
-        nv = norm_cols(nv)                                      # [BK, NCOL], equal columns
-        ones = tl.full([BT, NCOL], 1.0, tl.float32).to(v.dtype.element_ty)
     # one flat loop over the sequence's tiles (not chunks, then tiles), so that Triton's
     # pipeliner prefetches the next tile's k and v while this one's dot runs: it pipelines
     # innermost loops only. A chunk's first tile stores the state before the chunk and applies
@@ -398,7 +366,7 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         sp = h + (slot * H + hh) * K * V                        # state before chunk c
         tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv & first)
         if MEXP:
-            st_norm(hn + (slot * H + hh) * K, ck, mk, nv, (vb == 0) & first, NORM_DOT)
+            tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0) & first)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         le, mp = de_n, mp_n                                     # this chunk's decay exponents
@@ -432,18 +400,15 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         if GATE == 0:
             S += dot(kT, vt.to(v.dtype.element_ty), IEEE)
         else:
-            ktT = tl.trans(kt).to(v.dtype.element_ty)
-            S += dot(ktT, vt.to(v.dtype.element_ty), IEEE)
-            if NORM_DOT:
-                nv += dot(ktT, ones, IEEE)                      # n's sum on the tensor cores
-        if MEXP and not NORM_DOT:
+            S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
+        if MEXP:
             nv += tl.sum(kt, axis=0)
     slot = c0 + n + tl.cdiv(eos - bos, L)                        # final state
     sp = h + (slot * H + hh) * K * V
     tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv)
     tl.store(hf + i_nh * K * V + ck[:, None] * V + cv[None, :], S, mask=mkv)
     if MEXP:
-        st_norm(hn + (slot * H + hh) * K, ck, mk, nv, vb == 0, NORM_DOT)
+        tl.store(hn + (slot * H + hh) * K + ck, nv, mask=mk & (vb == 0))
 
 
 @triton.jit
@@ -665,7 +630,6 @@ def fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout: ChunkLayout, cfg):
         k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(h0, x), _or(n0, x), h, _or(hn, x),
         hf, layout.cu, layout.chunk_off, H, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=BVS,
         GATE=cfg.gate, HAS_KW=cfg.has_kw, MEXP=cfg.mexp, HAS_H0=h0 is not None, IEEE=cfg.ieee,
-        NORM_DOT=cfg.mexp and MEXP_NORM_DOT,
         num_warps=cfg.scan_warps, num_stages=cfg.scan_num_stages,
         maxnreg=cfg.fwd_scan_maxnreg or None)
     return h, hn, hf
