@@ -26,7 +26,7 @@ import profile_kernels  # noqa: E402
 from linattn.ops.triton import delta_bwd, delta_fwd  # noqa: E402
 
 # name -> {kernel: launch overrides}; TILE_CAPS' keys set V-tile caps, "flags" module-level
-# switches (FLAGS: their defaults)
+# switches (reset to their defaults, FLAGS, before each variant)
 VARIANTS = {
     "default": {},
     "warps_swapped": {"prep": dict(num_warps=8), "scan": dict(num_warps=4),
@@ -85,11 +85,10 @@ VARIANTS = {
 # variant keys that set a V-tile cap: key -> (module, attribute); qk_bv is (ungated, gated)
 TILE_CAPS = {"output_bv": (delta_fwd, "OUTPUT_BV"), "qk_bv": (delta_bwd, "GRADS_QK_BV"),
              "scan_bv": (delta_fwd, "SCAN_BV"), "rs_bv": (delta_bwd, "REVERSE_SCAN_BV")}
-FLAGS = {"delta_fwd.STATES_IN_INPUT_DTYPE": True, "delta_fwd.U_IN_INPUT_DTYPE": True,
-         "delta_bwd.GRADS_IN_INPUT_DTYPE": True, "delta_bwd.GRADS_QK_QK_AFTER": True,
-         "delta_fwd.SCAN_SPLIT16": True, "delta_bwd.REVERSE_SCAN_SPLIT16": True,
-         "delta_fwd.PREP_SPLIT16": True, "delta_bwd.GRADS_WY_SPLIT16": False,
-         "delta_bwd.REVERSE_SCAN_SPLIT16_GATED": False}
+MODULES = {"delta_fwd": delta_fwd, "delta_bwd": delta_bwd}
+# every module switch a variant sets, at its default (captured at import, before any variant)
+FLAGS = {path: getattr(MODULES[path.split(".")[0]], path.split(".")[1])
+         for v in VARIANTS.values() for path in v.get("flags", {})}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
@@ -104,10 +103,9 @@ def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_caps: dict) -> Non
     delta_bwd.LAUNCH.update(copy.deepcopy(base_bwd))
     for key, (mod, attr) in TILE_CAPS.items():
         setattr(mod, attr, variant.get(key, base_caps[key]))
-    modules = {"delta_fwd": delta_fwd, "delta_bwd": delta_bwd}
     for path, value in {**FLAGS, **variant.get("flags", {})}.items():
         mod, attr = path.split(".")
-        setattr(modules[mod], attr, value)
+        setattr(MODULES[mod], attr, value)
     for name, over in variant.items():
         if name in TILE_CAPS or name == "flags":
             continue

@@ -78,6 +78,13 @@ def dot(a, b, IEEE: tl.constexpr):
 SPLIT16_DTYPES: tuple = (torch.bfloat16,)
 
 
+def split16_on(option: bool, *tensors: torch.Tensor) -> bool:
+    """Whether a kernel runs its split16 dots: its option on, and the tensors whose stored
+    values enter those dots all of one dtype in SPLIT16_DTYPES."""
+    dtype = tensors[0].dtype
+    return option and dtype in SPLIT16_DTYPES and all(t.dtype == dtype for t in tensors)
+
+
 @triton.jit
 def split16(x, DT: tl.constexpr):
     """float32 x -> (hi, lo) in the 16-bit dtype DT with hi + lo = x to ~16 significant bits:

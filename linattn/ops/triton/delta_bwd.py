@@ -27,7 +27,8 @@ from .. import alloc
 from . import delta_fwd
 from . import common
 from .common import fill_v_block, head_tile, split16
-from .delta_fwd import BT, chunk_program, dot_precision, full_tile, scan_v_tile, sequence_program
+from .delta_fwd import (BT, chunk_program, dot_precision, full_tile, scan_v_tile,
+                        sequence_program, token_tile)
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
 # bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): grads_wy on 4 warps 3.27 -> 1.99 although
@@ -121,16 +122,11 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
         p_dh = tl.make_block_ptr(dh + ((c0 + i_t) * H + i_h) * K * V, (K, V), (V, 1),
                                  (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_dh, b_ds.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
-        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (Tn, K), (H * K, 1), (t0, 0), (BT, BK),
-                                (1, 0))
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1), (t0, 0), (BT, BK),
-                                (1, 0))
-        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (Tn, K), (H * K, 1), (t0, 0), (BT, BK),
-                                (1, 0))
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                 (t0, i_v * BV), (BT, BV), (1, 0))
-        p_dv2 = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                  (t0, i_v * BV), (BT, BV), (1, 0))
+        p_q = token_tile(q, bos, i_h, Tn, H, K, t0, 0, BT, BK)
+        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
+        p_w = token_tile(w, bos, i_h, Tn, H, K, t0, 0, BT, BK)
+        p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         # q, k, dO stay in the inputs' dtype (half the registers of float32 tiles at 16 bits);
         # the decays scale a dot's rows or its other operand instead of q and k, so each dot
         # rounds no more than before (16-bit values are exact in tf32)
@@ -211,10 +207,8 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     # M = scale tril(dO U'^T) * Gamma, dO U'^T accumulated over V tiles
     b_m = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                 (t0, i_v * BV), (BT, BV), (1, 0))
-        p_vn = tl.make_block_ptr(vnew + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
         b_vn = tl.load(p_vn, boundary_check=(0, 1))
         b_m += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
@@ -225,10 +219,8 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     b_dkd = tl.zeros([BT], dtype=tl.float32)  # exp(b_L - b_j) k_j . (dS' U'_j)
     b_ss = tl.zeros([BK], dtype=tl.float32)  # rows of sum(S * dS')
     for i_k in range(tl.cdiv(K, BK)):
-        p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
+        p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         b_q16 = tl.load(p_q, boundary_check=(0, 1))
         b_k16 = tl.load(p_k, boundary_check=(0, 1))
         if USE_G and not QK_AFTER:
@@ -246,12 +238,9 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
                                     (i_k * BK, i_v * BV), (BK, BV), (1, 0))
             p_dh = tl.make_block_ptr(dh + (i_c * H + i_h) * K * V, (K, V), (V, 1),
                                      (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-            p_do = tl.make_block_ptr(do + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                     (t0, i_v * BV), (BT, BV), (1, 0))
-            p_vn = tl.make_block_ptr(vnew + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                     (t0, i_v * BV), (BT, BV), (1, 0))
-            p_dv2 = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                      (t0, i_v * BV), (BT, BV), (1, 0))
+            p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+            p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+            p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
             b_hs = tl.load(p_h, boundary_check=(0, 1))       # stored 16-bit or float32
             b_h = b_hs.to(tl.float32)
             b_dh = tl.load(p_dh, boundary_check=(0, 1)).to(tl.float32)  # stored 16-bit or float32
@@ -273,12 +262,9 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         # dK (state and output part) = exp(b_L - b) (U' dS'^T) + M^T Q
         b_dkd += b_kd * tl.sum(b_dka * b_k, 1)
         b_dk = b_kd[:, None] * b_dka + tl.dot(tl.trans(b_m), b_q, input_precision=PREC)
-        p_dq = tl.make_block_ptr(dq + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                 (t0, i_k * BK), (BT, BK), (1, 0))
-        p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                 (t0, i_k * BK), (BT, BK), (1, 0))
-        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                 (t0, i_k * BK), (BT, BK), (1, 0))
+        p_dq = token_tile(dq, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+        p_dk = token_tile(dk, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+        p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
         tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
         tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
@@ -290,10 +276,8 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         # at BV 32)
         if QK_AFTER:
             for i_k in range(tl.cdiv(K, BK)):
-                p_q = tl.make_block_ptr(q + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                        (t0, i_k * BK), (BT, BK), (1, 0))
-                p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                        (t0, i_k * BK), (BT, BK), (1, 0))
+                p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+                p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
                 b_qk += tl.dot(tl.load(p_q, boundary_check=(0, 1)),
                                tl.trans(tl.load(p_k, boundary_check=(0, 1))),
                                input_precision=PREC)
@@ -337,10 +321,8 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
-        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                 (t0, i_k * BK), (BT, BK), (1, 0))
+        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+        p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         b_k16 = tl.load(p_k, boundary_check=(0, 1))
         b_kk += tl.dot(b_k16, tl.trans(b_k16), input_precision=PREC)  # exact products, 16-bit MMA
         b_dwt = tl.load(p_dw, boundary_check=(0, 1))
@@ -348,10 +330,8 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
     if USE_G:
         b_dt = b_dt * b_eg[None, :]
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                (t0, i_v * BV), (BT, BV), (1, 0))
-        p_du = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        p_du = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         b_du = tl.load(p_du, boundary_check=(0, 1))
         b_v = tl.load(p_v, boundary_check=(0, 1)).to(b_du.dtype)
         b_dt += tl.dot(b_du, tl.trans(b_v), input_precision=PREC)
@@ -375,14 +355,10 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         t_hi, t_lo = split16(tl.trans(b_t), k.dtype.element_ty)       # T^T as two halves
         s_hi, s_lo = split16(b_dks, k.dtype.element_ty)
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
-        p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                 (t0, i_k * BK), (BT, BK), (1, 0))
-        p_dkp = tl.make_block_ptr(dk_part + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                  (t0, i_k * BK), (BT, BK), (1, 0))
-        p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                 (t0, i_k * BK), (BT, BK), (1, 0))
+        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+        p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+        p_dkp = token_tile(dk_part, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+        p_dk = token_tile(dk, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         if SPLIT16:
             b_k16 = tl.load(p_k, boundary_check=(0, 1))
             b_k = b_k16.to(tl.float32)
@@ -403,12 +379,9 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
 
     # dV = beta T^T dU
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                (t0, i_v * BV), (BT, BV), (1, 0))
-        p_du = tl.make_block_ptr(dv2 + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                 (t0, i_v * BV), (BT, BV), (1, 0))
-        p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        p_du = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        p_dv = token_tile(dv, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
         if SPLIT16:
             b_du16 = tl.load(p_du, boundary_check=(0, 1))
@@ -458,8 +431,9 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B (the D 128 sweep decides)
-            SPLIT16=REVERSE_SCAN_SPLIT16 and q.dtype in common.SPLIT16_DTYPES and BK <= 128
+            # DeltaNet only unless REVERSE_SCAN_SPLIT16_GATED, and not at K = 256, where its
+            # sm_90 spills rose 392 -> 1472 B
+            SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= 128
             and (gc is None or REVERSE_SCAN_SPLIT16_GATED),
             **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
                **(dict(num_stages=2) if BK < 128 else {})})
@@ -513,8 +487,7 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
             layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=GRADS_WY_SPLIT16 and k.dtype in common.SPLIT16_DTYPES and dw.dtype == k.dtype
-            and dv2.dtype == k.dtype,
+            SPLIT16=common.split16_on(GRADS_WY_SPLIT16, k, dw, dv2),
             # float32 inputs ("ieee" dots) keep 8 warps: on 4, sm_90 spills ~9 KB (the sweep
             # timed 16-bit inputs only)
             **{**LAUNCH["grads_wy"], **(dict(num_warps=8) if k.dtype == torch.float32 else {})})

@@ -136,6 +136,15 @@ def _inv_unit_lower_blocks(a, NB: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
+def token_tile(x, bos, i_h, Tn, H, D, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """Block pointer to the [BR, BC] tile at row r0, column c0 of head i_h's [Tn, D] slice of
+    a packed [TT, H, D] tensor x whose sequence starts at token bos (rows past Tn and columns
+    past D are out of bounds for boundary_check)."""
+    return tl.make_block_ptr(x + (bos * H + i_h) * D, (Tn, D), (H * D, 1), (r0, c0), (BR, BC),
+                             (1, 0))
+
+
+@triton.jit
 def t_weighted_product(b_t, b_wt, x, out, bos, i_h, Tn, t0, H, D, BT: tl.constexpr,
                        BD: tl.constexpr, SPLIT16: tl.constexpr, PREC: tl.constexpr):
     """out = T diag(b_wt) X on one chunk's rows (x, out [TT, H, D]; T [BT, BT] and the row
@@ -144,10 +153,8 @@ def t_weighted_product(b_t, b_wt, x, out, bos, i_h, Tn, t0, H, D, BT: tl.constex
     if SPLIT16:
         a_hi, a_lo = split16(b_t * b_wt[None, :], x.dtype.element_ty)
     for i_d in range(tl.cdiv(D, BD)):
-        p_x = tl.make_block_ptr(x + (bos * H + i_h) * D, (Tn, D), (H * D, 1),
-                                (t0, i_d * BD), (BT, BD), (1, 0))
-        p_o = tl.make_block_ptr(out + (bos * H + i_h) * D, (Tn, D), (H * D, 1),
-                                (t0, i_d * BD), (BT, BD), (1, 0))
+        p_x = token_tile(x, bos, i_h, Tn, H, D, t0, i_d * BD, BT, BD)
+        p_o = token_tile(out, bos, i_h, Tn, H, D, t0, i_d * BD, BT, BD)
         if SPLIT16:
             b_x16 = tl.load(p_x, boundary_check=(0, 1))
             b_o = tl.dot(a_lo, b_x16, tl.dot(a_hi, b_x16))
@@ -212,8 +219,7 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
     # A = tril(diag(beta) (K K^T * Gamma), -1), K K^T accumulated over K tiles
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, i_k * BK), (BT, BK), (1, 0))
+        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         b_k = tl.load(p_k, boundary_check=(0, 1))  # inputs' dtype: exact products either way,
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # 16-bit MMA at twice tf32's rate
     m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
@@ -311,19 +317,15 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
                                 (0, i_v * BV), (BK, BV), (1, 0))
         tl.store(p_h, b_s.to(p_h.dtype.element_ty), boundary_check=(0, 1))
         # U' = U - W S
-        p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, 0), (BT, BK), (1, 0))
-        p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                (t0, i_v * BV), (BT, BV), (1, 0))
-        p_vn = tl.make_block_ptr(vnew + (bos * H + i_h) * V, (Tn, V), (H * V, 1),
-                                 (t0, i_v * BV), (BT, BV), (1, 0))
+        p_w = token_tile(w, bos, i_h, Tn, H, K, t0, 0, BT, BK)
+        p_u = token_tile(u, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         b_w = tl.load(p_w, boundary_check=(0, 1))
         b_vn = tl.load(p_u, boundary_check=(0, 1)).to(tl.float32) - tl.dot(b_w, b_s,
                                                                             input_precision=PREC)
         tl.store(p_vn, b_vn, boundary_check=(0, 1))
         # S <- exp(b_L) S + (K * exp(b_L - b))^T U'
-        p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (Tn, K), (H * K, 1),
-                                (t0, 0), (BT, BK), (1, 0))
+        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
         if USE_G:
             valid = (t0 + o_t) < Tn
             last = tl.minimum(t0 + BT, Tn) - 1
@@ -371,7 +373,7 @@ def prep(k, v, beta, g, layout):
             k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             w, u, layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BC=BC, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
-            PREC=dot_precision(k.dtype), SPLIT16=PREP_SPLIT16 and k.dtype in common.SPLIT16_DTYPES,
+            PREC=dot_precision(k.dtype), SPLIT16=common.split16_on(PREP_SPLIT16, k),
             **LAUNCH["prep"])
     return gc, tinv, w, u
 
@@ -402,7 +404,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=SCAN_SPLIT16 and k.dtype in common.SPLIT16_DTYPES and BK <= 128,
+            SPLIT16=common.split16_on(SCAN_SPLIT16, k) and BK <= 128,
             **{**LAUNCH["scan"], **(dict(num_warps=8, num_stages=1) if BK >= 256 else {})})
     return h, vnew, final
 
