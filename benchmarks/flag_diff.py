@@ -10,7 +10,7 @@ run it. It does not replace them: a difference at the level of the dtype's round
 expected (the options round differently), and only the tests bound it.
 
     python benchmarks/flag_diff.py --op delta \\
-        --settings "off=;on=delta_bwd.GRADS_WY_SPLIT16=1;w8=delta_bwd.LAUNCH.grads_wy.num_warps=8"
+        --settings "on=;off=delta_bwd.GRADS_WY_SPLIT16=0;w8=delta_bwd.LAUNCH.grads_wy.num_warps=8"
 """
 from __future__ import annotations
 

@@ -73,10 +73,11 @@ VARIANTS = {
     "scan_nosplit": {"flags": {"delta_fwd.SCAN_SPLIT16": False}},
     "rs_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16": False}},
     "prep_nosplit": {"flags": {"delta_fwd.PREP_SPLIT16": False}},
-    # grads_wy's split (off: NaN in dk at K = 16 on the GPU; see delta_bwd.GRADS_WY_SPLIT16)
-    "wy_split": {"flags": {"delta_bwd.GRADS_WY_SPLIT16": True}},
-    # Gated DeltaNet's reverse-scan split (off: O(1) gradient errors on the GPU; see delta_bwd)
-    "rs_gated": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_GATED": True}},
+    # grads_wy's split off (on from 64-wide K tiles: NaN in dk at K = 16 on the GPU)
+    "wy_nosplit": {"flags": {"delta_bwd.GRADS_WY_SPLIT16": False}},
+    # Gated DeltaNet's reverse scan unsplit (it splits on 64-wide V blocks: O(1) gradient
+    # errors on 16-wide ones; see delta_bwd)
+    "rs_gated_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_GATED_MIN_BV": 1 << 30}},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_fwd.PREP_SPLIT16": False, "delta_bwd.GRADS_QK_QK_AFTER": False,

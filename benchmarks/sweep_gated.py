@@ -28,33 +28,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import time_gated  # noqa: E402
 
-from linattn.ops.triton import gated_api, gated_bwd, gated_fwd  # noqa: E402
+from linattn.ops.triton import gated_api  # noqa: E402
 
 _DEFAULT_CONFIG = gated_api._config
-_NORM_DOT = gated_fwd.MEXP_NORM_DOT
-_S_PREFETCH = gated_bwd.MEXP_S_PREFETCH
 
 
 SETTINGS = ("chunk", "tile", "warps", "scan_warps", "stages", "dqk_bk", "dqk_warps", "score_warps",
-            "score_kd", "dqk_diag", "scan_stages", "fwd_cap", "bwd_cap", "norm_dot", "s_prefetch")
+            "score_kd", "dqk_diag", "scan_stages", "fwd_cap", "bwd_cap")
 DEFAULTS = (None,) * len(SETTINGS)
 # each setting's column in the table printed last: (label, width)
 LABELS = dict(chunk=("L", 4), tile=("BT", 4), warps=("warps", 5), scan_warps=("scan", 4),
               stages=("stg", 3), dqk_bk=("dqkBK", 5), dqk_warps=("dqkW", 4),
               score_warps=("scW", 4), score_kd=("scKD", 4), dqk_diag=("diag", 4),
-              scan_stages=("scSt", 4), fwd_cap=("fCap", 4), bwd_cap=("bCap", 4),
-              norm_dot=("nDot", 4), s_prefetch=("sPf", 3))
+              scan_stages=("scSt", 4), fwd_cap=("fCap", 4), bwd_cap=("bCap", 4))
 
 
 def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=None,
                  score_warps=None, score_kd=None, dqk_diag=None, scan_stages=None, fwd_cap=None,
-                 bwd_cap=None, norm_dot=None, s_prefetch=None):
+                 bwd_cap=None):
     """Makes gated_api pick these settings (None: the default) until the next call."""
     gated_api.CHUNK, gated_api.TILE = chunk, tile
-    gated_fwd.MEXP_NORM_DOT = _NORM_DOT if norm_dot is None else norm_dot == 1
-    gated_fwd.MEXP_NORM_SKIP_PROBE = norm_dot == 2
-    gated_fwd.MEXP_NORM_OUTSIDE = norm_dot == 3
-    gated_bwd.MEXP_S_PREFETCH = _S_PREFETCH if s_prefetch is None else bool(s_prefetch)
 
     def config(*a, **kw):
         cfg, L, BT = _DEFAULT_CONFIG(*a, **kw)
@@ -122,13 +115,6 @@ def main(argv=None):
                         "2 dots where the decays allow")
     p.add_argument("--fwd-cap", default="default", help="fwd_states' register cap (0: none)")
     p.add_argument("--bwd-cap", default="default", help="bwd_states' register cap (0: none)")
-    p.add_argument("--norm-dot", default="default",
-                   help="mLSTMexp's normaliser in the scans: 0 a sum per tile, 1 by a dot "
-                        "(gated_fwd.MEXP_NORM_DOT), 2 not formed (MEXP_NORM_SKIP_PROBE: timing "
-                        "only, its diff is large by design), 3 outside the scans "
-                        "(MEXP_NORM_OUTSIDE: ops/triton/mexp_norm.py)")
-    p.add_argument("--s-prefetch", default="default",
-                   help="mLSTMexp's bwd_states loads S_c a tile ahead (gated_bwd.MEXP_S_PREFETCH)")
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting combinations after this")
@@ -146,8 +132,7 @@ def main(argv=None):
                                     ints(args.scan_warps), ints(args.stages), ints(args.dqk_bk),
                                     ints(args.dqk_warps), ints(args.score_warps),
                                     ints(args.score_kd), ints(args.dqk_diag), ints(args.scan_stages),
-                                    ints(args.fwd_cap), ints(args.bwd_cap), ints(args.norm_dot),
-                                    ints(args.s_prefetch)))
+                                    ints(args.fwd_cap), ints(args.bwd_cap)))
     start, rows = time.perf_counter(), []
     for kind in args.kinds.split(","):
         ins = time_gated.make(kind, B, T, H, D, dev, dtype)

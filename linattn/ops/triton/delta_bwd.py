@@ -48,23 +48,25 @@ GRADS_QK_BV = (32, 64)
 # H200 sweep (2026-11-29, T 8192, D 128) grads_qk 3.02 -> 2.97 ms, bitwise equal results
 GRADS_QK_QK_AFTER: bool = True
 # the reverse scan's dots on 16-bit inputs against float32 values by two 16-bit halves of the
-# float32 operand (delta_bwd_scan_kernel's SPLIT16), DeltaNet only: H200 sweep (2026-11-29,
-# T 8192, D 128) reverse scan 1.97 -> 1.93 ms. Gated, the same dots (and Q^T (e^b dO) split)
-# were 2.56 -> 2.14 ms, but the GPU gave gradients off by O(1) (dh0 relative error 1.5 - 16
-# against the unsplit kernel, bf16), which the interpreter's float16 run of the same code does
-# not (a GPU-only fault not yet isolated): the gated kernel splits only under
-# REVERSE_SCAN_SPLIT16_GATED. Tried and dropped the same in grads_qk (U' and M split): sm_90
-# ungated 126 -> 186 registers (2 -> 1 programs per SM), gated 44 -> 424 B of spills, barriers
-# per K tile 13 -> 58 / 40 -> 86.
+# float32 operand (delta_bwd_scan_kernel's SPLIT16): H200 sweep (2026-11-29, T 8192, D 128)
+# reverse scan 1.97 -> 1.93 ms DeltaNet, 2.56 -> 2.14 gated (which splits Q^T (e^b dO) too).
+# Tried and dropped the same in grads_qk (U' and M split): sm_90 ungated 126 -> 186 registers
+# (2 -> 1 programs per SM), gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
 REVERSE_SCAN_SPLIT16: bool = True
-# the same split in Gated DeltaNet's reverse scan (with Q^T (e^b dO) split too): off, broken on
-# the H200 as above; kept to find out why (benchmarks/flag_diff.py; branch next/untimed5)
-REVERSE_SCAN_SPLIT16_GATED: bool = False
-# grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16):
-# off. H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms DeltaNet, 1.67 -> 1.35
-# gated, but at K = 16 (one 16-wide K tile) the GPU gave NaN in dk, bf16, where the
-# interpreter's float16 run of the same code is exact: on again once that is found
-GRADS_WY_SPLIT16: bool = False
+# Gated DeltaNet's reverse scan splits on V blocks at least this wide only. H200 (2026-11-29,
+# benchmarks/flag_diff.py, bf16): on 64-wide V blocks (the bench's B 8) the split differs from
+# the unsplit kernel at bf16 rounding (dv 5e-3, dh0 5e-4 relative), but on the 16-wide blocks
+# fill_v_block cuts to for few sequences its gradients are off by O(1) (dh0 2, dk 1), and on
+# 8 warps it hits an illegal address: a GPU-only fault (the interpreter's float16 run of the
+# same code is right), not isolated, so those forms run unsplit. DeltaNet's is right on both.
+REVERSE_SCAN_SPLIT16_GATED_MIN_BV = 64
+# grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16), on
+# K tiles at least this wide: H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms
+# DeltaNet, 1.67 -> 1.35 gated; flag_diff: bf16 rounding (2e-3 - 5e-3) at K 64, 100, 128, 256,
+# but NaN in dk at K = 16 (one 16-wide K tile, 4 warps; right on 8), where the interpreter's
+# float16 run of the same code is exact. A 32-wide K tile has not run split on the GPU.
+GRADS_WY_SPLIT16: bool = True
+GRADS_WY_SPLIT16_MIN_BK = 64
 # the reverse scan's V tile cap (see delta_fwd.scan_v_tile)
 REVERSE_SCAN_BV = 64
 
@@ -431,10 +433,10 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            # DeltaNet only unless REVERSE_SCAN_SPLIT16_GATED, and not at K = 256, where its
-            # sm_90 spills rose 392 -> 1472 B
+            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B; gated, on wide V blocks
+            # only (see REVERSE_SCAN_SPLIT16_GATED_MIN_BV)
             SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= 128
-            and (gc is None or REVERSE_SCAN_SPLIT16_GATED),
+            and (gc is None or BV >= REVERSE_SCAN_SPLIT16_GATED_MIN_BV),
             **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
                **(dict(num_stages=2) if BK < 128 else {})})
     return dh, dv2, dh0
@@ -480,14 +482,16 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
     dv = alloc.empty(TT, H, V, dtype=v.dtype, device=dev)
     dbeta = alloc.empty(TT, H, dtype=beta.dtype, device=dev)
     dg = alloc.empty(TT, H, dtype=g.dtype, device=dev) if g is not None else None
+    BK = head_tile(K, 64)
     if layout.NT:
         delta_bwd_wy_kernel[(layout.NT, H)](
             k, v, beta, gc if gc is not None else dw, tinv, dw, dv2, dk_part,
             db if db is not None else dw, dk, dv, dbeta, dg if dg is not None else dbeta,
             layout.cu, layout.tile_seq, layout.tile_idx,
-            H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=common.split16_on(GRADS_WY_SPLIT16, k, dw, dv2),
+            SPLIT16=common.split16_on(GRADS_WY_SPLIT16, k, dw, dv2)
+            and BK >= GRADS_WY_SPLIT16_MIN_BK,
             # float32 inputs ("ieee" dots) keep 8 warps: on 4, sm_90 spills ~9 KB (the sweep
             # timed 16-bit inputs only)
             **{**LAUNCH["grads_wy"], **(dict(num_warps=8) if k.dtype == torch.float32 else {})})
@@ -505,7 +509,8 @@ def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh
 
     Args: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] (inputs; g may be None);
         do [TT, H, V] (contiguous); dfinal [N, H, K, V] float32 or None;
-        initial_state [N, H, K, V] float32 or None; layout: common.ChunkLayout (delta_api.chunk_layout);
+        initial_state [N, H, K, V] float32 or None;
+        layout: common.ChunkLayout (delta_api.chunk_layout);
         kept: None, or a list holding the forward's (gc, tinv, w, h, vnew) or None; it is
         emptied here, so that these buffers too are freed after their last kernel.
     Returns: dq, dk, dv (inputs' dtypes), dbeta (beta's dtype), dg (g's dtype or None),

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .. import torch_chunked
 from .common import (INTERPRET, chunk_cumsum, gate_grad_, head_tile, lengths_of, make_layout,
                      row_dot)
+from . import mexp_norm
 from .gated_bwd import bwd_dqk, bwd_dv, bwd_states, key_dscores
 from .gated_fwd import fwd_o, fwd_states, key_scores, mexp_prep
 
@@ -223,7 +224,8 @@ class GatedChunkFunction(torch.autograd.Function):
             gb, gm, start, mpc, mfin = mexp_prep(g, kw, m0, layout, gdt)  # b, m, m's sources
         elif g is not None:
             gb = chunk_cumsum(g, layout, dtype=gdt)                   # chunk-local cumsum
-        h, hn, hf = fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
+        h, hf = fwd_states(k, v, gb, gm, kw, mpc, h0, layout, cfg)
+        hn = mexp_norm.forward(k, gb, gm, kw, mpc, n0, layout, cfg) if cfg.mexp else None
         A = key_scores(q, k, gb, layout, cfg, scale) if cfg.gate == 2 else None  # [TT, H, BT]
         o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale, A=A)
         ht = nt = mt = None
@@ -250,7 +252,8 @@ class GatedChunkFunction(torch.autograd.Function):
         if cfg.mexp and dht is not None and dnt is None:
             dnt = torch.zeros(dht.shape[:-1], dtype=torch.float32, device=dht.device)
         if h is None:                                                  # recompute the states
-            h, hn, _ = fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
+            h, _ = fwd_states(k, v, gb, gm, kw, mpc, h0, layout, cfg)
+            hn = mexp_norm.forward(k, gb, gm, kw, mpc, n0, layout, cfg) if cfg.mexp else None
         rd = dqn = so = None
         if cfg.mexp:
             # o = h / d with d = max(|qn|, exp(-m)) + eps: cotangents of h (do / d) and of qn
@@ -261,8 +264,14 @@ class GatedChunkFunction(torch.autograd.Function):
         # a frozen decay (g needs no gradient, e.g. RetNet's fixed gammas) skips the gate sums;
         # mLSTM's gates always take them (its key log-weight's gradient is one of them)
         gate_sums = ctx.needs_input_grad[3] or cfg.has_kw
-        dh, dhn, dh0, dn0, sdot = bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn,
-                                             h0 is not None, layout, cfg, scale, V, gate_sums)
+        dh, dh0, sdot = bwd_states(q, do, gb, gm, mpc, rd, dht, h, h0 is not None, layout, cfg,
+                                   scale, V, gate_sums)
+        dhn = dn0 = None
+        if cfg.mexp:
+            dhn, dn0, npart = mexp_norm.backward(q, gb, gm, mpc, dqn, dnt, hn, h0 is not None,
+                                                 layout, cfg, scale)
+            if sdot is not None:
+                sdot = sdot + npart                     # the normaliser's share of the gate sums
         dv = bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout, cfg, scale, v.dtype, V, A=A)
         del A
         dsc = key_dscores(do, v, layout, cfg) if cfg.gate == 2 else None  # [TT, H, L] float32

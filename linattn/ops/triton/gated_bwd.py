@@ -25,67 +25,47 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import ChunkLayout, dot, exp, fill_v_block
-from . import gated_fwd, mexp_norm
-from .gated_fwd import (NCOL, NEG_INF, NORM_BY_DOT, NORM_SKIP, NORM_SUM, _or, chunk_decay,
-                        chunk_end_exp, chunk_of, diag_dot_range, gate_diag, key_exp, ld_gtile,
-                        ld_gtok, ld_scores, ld_state, ld_tile, ld_tok, mid_row_exponents,
-                        norm_cols, st_norm, state_block_of, state_dtype)
+from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
+                        gate_diag, key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile,
+                        ld_tok, mid_row_exponents, state_block_of, state_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
 
-# mLSTMexp's bwd_states (uncapped) loads S_c for <dS, S> a tile ahead (S_AHEAD; branch
-# next/untimed4): off, as gated_fwd.MEXP_NORM_DOT, which it needs (see there; with it the H200
-# gave the same outputs as without, 2026-11-29)
-MEXP_S_PREFETCH: bool = False
-
-
 @triton.jit
-def chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, vb,
-                      NJ: tl.constexpr, MEXP: tl.constexpr):
-    """For bwd_states' <dS, S>: the state before tile it's chunk, S_c [BK, BV] float32 (and
-    n_c [BK] for MEXP), if tile it is the chunk's last, else zeros (masked loads move no
-    bytes). Loaded in the step that uses it: loaded a tile ahead it took 32 more registers
+def chunk_start_state(h, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, NJ: tl.constexpr):
+    """For bwd_states' <dS, S>: the state before tile it's chunk, S_c [BK, BV] float32, if
+    tile it is the chunk's last, else zeros (masked loads move no bytes). Loaded in the step that uses it: loaded a tile ahead it took 32 more registers
     (bwd_states 0.69 -> 0.62 ms with a scalar gate, H200), which the register cap that fits 4
     programs per SM (KernelConfig.bwd_scan_maxnreg) turns into spills."""
     c = it // NJ
     last = (it == tl.minimum((c + 1) * NJ, nt) - 1) & (it >= 0)
     slot = c0 + n + c                                           # the state before chunk c
-    S = tl.load(h + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :],
-                mask=mk[:, None] & mv[None, :] & last, other=0.0).to(tl.float32)
-    nv = tl.zeros_like(ck).to(tl.float32)
-    if MEXP:
-        nv = tl.load(hn + (slot * H + hh) * K + ck, mask=mk & (vb == 0) & last, other=0.0)
-    return S, nv
+    return tl.load(h + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :],
+                   mask=mk[:, None] & mv[None, :] & last, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, h, hn, sdot,
+def bwd_states_kernel(q, do, gb, gm, mpc, rd, dht, dh, dh0, h, sdot,
                       cu, coff, scale, H, NS, K, V, L: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       GATE: tl.constexpr, MEXP: tl.constexpr, HAS_DHT: tl.constexpr,
                       HAS_H0: tl.constexpr, NONCAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                      SDOT: tl.constexpr, NORM: tl.constexpr, S_PREFETCH: tl.constexpr):
+                      SDOT: tl.constexpr):
     """Reverse scan over the chunks of sequence n, head h, one [BK, BV] block: writes the
     gradient of the state after every chunk (slot c + 1) and of the initial state (slot 0);
     NONCAUSAL sums q^T do over the sequence into the final slot. For the gates' gradient (SDOT)
     it also writes <dS_{c+1}, exp(le + mp) S_c> of every chunk c (summed over this block's V,
     and over its K too for GATE 1) into sdot, at the slot of the state after the chunk.
-    NORM (MEXP): how dn is summed (gated_fwd.NORM_SUM; NORM_BY_DOT without an initial state
-    only; NORM_SKIP: not at all, a timing probe)."""
+    mLSTMexp's normaliser's cotangent dn is formed outside (mexp_norm)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
     nc = tl.cdiv(eos - bos, L)
     mkv = mk[:, None] & mv[None, :]
     dS = tl.zeros([BK, BV], dtype=tl.float32)
-    dn = tl.zeros([BK], dtype=tl.float32)
     if HAS_DHT:
         dS = ld_state(dht + i_nh * K * V, ck, mk, cv, mv, V)    # cotangent of the final state
-        if MEXP:
-            dn = tl.load(dnt + i_nh * K + ck, mask=mk, other=0.0)
-    if NORM == NORM_BY_DOT:
-        dn = norm_cols(dn)                                      # [BK, NCOL], equal columns
     # one flat loop over the sequence's tiles in reverse (see fwd_states_kernel: Triton
     # pipelines innermost loops only); the first tile visited of a chunk (its last) stores
     # the gradient of the state after the chunk, applies the chunk's decay and forms sdot
@@ -94,16 +74,6 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
     de_n, mp_n = chunk_decay(gb, gm, mpc, nt - 1, bos, eos, c0, hh, H, ck, mk, K, L, BT, GATE,
                              MEXP)
     GRAD_SDOT: tl.constexpr = GATE != 0 and SDOT
-    # S_c for <dS, S> a tile ahead where no register cap is set (mLSTMexp): a synchronous
-    # [BK, BV] load every step otherwise (see chunk_start_state)
-    S_AHEAD: tl.constexpr = GRAD_SDOT and MEXP and NORM == NORM_BY_DOT and S_PREFETCH
-    if S_AHEAD:
-        Sp_n, npv_n = chunk_start_state(h, hn, nt - 1, nt, c0, n, hh, H, K, V, ck, mk, cv, mv,
-                                        vb, NJ, MEXP)
-    if MEXP:
-        # dqn (cotangent of n^T q) a tile ahead: it feeds dn's sum, no dot (see chunk_decay)
-        rows = bos + (nt - 1) * BT + tl.arange(0, BT)
-        dqn_n = ld_tok(dqn + hh, rows, (rows >= bos) & (rows < eos), H)
     for it2 in range(nt):
         it = nt - 1 - it2                                       # tiles in reverse
         c = it // NJ                                            # chunk of this tile
@@ -112,8 +82,6 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         if not NONCAUSAL:
             tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS,
                      mask=mkv & first)
-            if MEXP:
-                st_norm(dhn + (slot * H + hh) * K, ck, mk, dn, (vb == 0) & first, NORM)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         le, mp = de_n, mp_n                                     # this chunk's decay exponents
@@ -121,31 +89,16 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
             de_n, mp_n = chunk_decay(gb, gm, mpc, tl.maximum(it - 1, 0), bos, eos, c0, hh, H,
                                      ck, mk, K, L, BT, GATE, MEXP)
         if GATE == 1:
-            dec = tl.where(first, exp(le + mp, IEEE), 1.0)      # back through the chunk's decay
-            dS = dS * dec
-            dn = dn * dec
+            dS = dS * tl.where(first, exp(le + mp, IEEE), 1.0)  # back through the chunk's decay
         if GATE == 2:
             dS = dS * tl.where(first, exp(le, IEEE), 1.0)[:, None]
         if GRAD_SDOT:
             # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
-            if S_AHEAD:
-                Sp, npv = Sp_n, npv_n
-                Sp_n, npv_n = chunk_start_state(h, hn, it - 1, nt, c0, n, hh, H, K, V, ck, mk,
-                                                cv, mv, vb, NJ, MEXP)
-            else:
-                Sp, npv = chunk_start_state(h, hn, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv,
-                                            vb, NJ, MEXP)
+            Sp = chunk_start_state(h, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, NJ)
             rs = tl.sum(dS * Sp, axis=1)                                          # [BK]
             if GATE == 1:
-                part = tl.sum(rs, axis=0)
-                if MEXP:
-                    if NORM == NORM_BY_DOT:   # column 0 of dn
-                        part += tl.sum(tl.sum(tl.where(tl.arange(0, NCOL)[None, :] == 0,
-                                                       dn * npv[:, None], 0.0), axis=1), axis=0)
-                    elif NORM == NORM_SUM:
-                        part += tl.sum(dn * npv, axis=0)
-                tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh, part,
-                         mask=first)
+                tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh,
+                         tl.sum(rs, axis=0), mask=first)
             else:
                 tl.store(sdot + ((vb * NS + slot) * H + hh) * K + ck, rs, mask=mk & first)
         rows = bos + it * BT + tl.arange(0, BT)
@@ -162,19 +115,11 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
         dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
         if MEXP:
             dot_ = dot_ * ld_tok(rd + hh, rows, mr, H)[:, None]
-            if NORM == NORM_BY_DOT:
-                dqn_c = dqn_n[:, None] + tl.zeros([BT, NCOL], dtype=tl.float32)
-                dn += dot(tl.trans(qt).to(do.dtype.element_ty), dqn_c.to(do.dtype.element_ty),
-                          IEEE)                                 # dn's sum on the tensor cores
-            elif NORM == NORM_SUM:
-                dn += tl.sum(qt * dqn_n[:, None], axis=0)
-            if NORM != NORM_SKIP:
-                rp = rows - BT                                  # the next visited tile's rows
-                dqn_n = ld_tok(dqn + hh, rp, rp >= bos, H)
         if MEXP and HAS_H0:
             # float32 operands (tf32 products for 16-bit inputs): d C0 . C0 and d n0 . n0
-            # cancel to d m0, and dn is summed in float32, so dS must not be rounded coarser
-            # (without an initial state there is no d m0: 16-bit operands, 0.6 ms less)
+            # cancel to d m0, and dn is summed in float32 (mexp_norm), so dS must not be
+            # rounded coarser (without an initial state there is no d m0: 16-bit operands,
+            # 0.6 ms less)
             dS += dot(tl.trans(qt), dot_, IEEE)
         else:
             dS += dot(tl.trans(qt).to(do.dtype.element_ty), dot_.to(do.dtype.element_ty), IEEE)
@@ -182,12 +127,8 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dqn, dht, dnt, dh, dhn, dh0, dn0, 
     if NONCAUSAL:
         slot = c0 + n + nc
     tl.store(dh + (slot * H + hh) * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
-    if MEXP:
-        st_norm(dhn + (slot * H + hh) * K, ck, mk, dn, vb == 0, NORM)
     if HAS_H0:
         tl.store(dh0 + i_nh * K * V + ck[:, None] * V + cv[None, :], dS, mask=mkv)
-        if MEXP:
-            st_norm(dn0 + i_nh * K, ck, mk, dn, vb == 0, NORM)
 
 
 @triton.jit
@@ -590,22 +531,20 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
 
 # ----------------------------------------------------------------------------- launchers
 
-def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: ChunkLayout, cfg,
-               scale, V, gate_sums=True):
+def bwd_states(q, do, gb, gm, mpc, rd, dht, h, has_h0, layout: ChunkLayout, cfg, scale, V,
+               gate_sums=True):
     """Gradients of the chunk-boundary states: dh [slots, H, K, V] in do's dtype (float32 for
-    float32 inputs), dhn [slots, H, K] float32 for MEXP, and of the initial state, dh0
-    [N, H, K, V] (dn0 [N, H, K]) float32 when has_h0; and <dS, S>
-    of the state after every chunk: [NC, H] (GATE 1) or [NC, H, K] (GATE 2), else None (also
-    when not gate_sums: the gate needs no gradient)."""
+    float32 inputs), and of the initial state, dh0 [N, H, K, V] float32 when has_h0; and
+    <dS, S> of the state after every chunk: [NC, H] (GATE 1) or [NC, H, K] (GATE 2), else None
+    (also when not gate_sums: the gate needs no gradient). (mLSTMexp's normaliser:
+    mexp_norm.backward, whose share of the gate sums the caller adds.)"""
     TT, H, K = q.shape
     dev = q.device
     # dh's readers (bwd_dv, bwd_dqk) round it to the inputs' dtype before their dots, so for
     # 16-bit inputs it is stored rounded: the same results, half the bytes (the scan itself
     # carries dS in float32, and dh0 and the gate sums come from that float32 value)
     dh = empty(layout.n_slots, H, K, V, dtype=state_dtype(cfg, do.dtype), device=dev)
-    dhn = empty(layout.n_slots, H, K, dtype=torch.float32, device=dev) if cfg.mexp else None
     dh0 = empty(layout.N, H, K, V, dtype=torch.float32, device=dev) if has_h0 else None
-    dn0 = empty(layout.N, H, K, dtype=torch.float32, device=dev) if has_h0 and cfg.mexp else None
     x = q
     BVS = fill_v_block(cfg.BVS, V, layout.N * H * triton.cdiv(K, cfg.BK), dev)
     grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, BVS))
@@ -615,27 +554,17 @@ def bwd_states(q, do, gb, gm, mpc, rd, dqn, dht, dnt, h, hn, has_h0, layout: Chu
         sdot = empty(grid[1] * grid[2], NS, H, dtype=torch.float32, device=dev)
     if cfg.gate == 2 and gate_sums:
         sdot = empty(grid[2], NS, H, K, dtype=torch.float32, device=dev)
-    norm = gated_fwd.mexp_norm_mode(cfg.mexp)
-    if has_h0 and norm == NORM_BY_DOT.value:
-        norm = NORM_SUM.value                      # dn's dot needs no d m0 (see the kernel)
     bwd_states_kernel[grid](
-        q, do, _or(gb, x), _or(gm, x), _or(mpc, x), _or(rd, x), _or(dqn, x), _or(dht, x),
-        _or(dnt, x), dh, _or(dhn, x), _or(dh0, x), _or(dn0, x), h, _or(hn, x), _or(sdot, x),
+        q, do, _or(gb, x), _or(gm, x), _or(mpc, x), _or(rd, x), _or(dht, x), dh, _or(dh0, x), h,
+        _or(sdot, x),
         layout.cu, layout.chunk_off, scale, H, NS, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK,
         BV=BVS, GATE=cfg.gate,
         MEXP=cfg.mexp, HAS_DHT=dht is not None, HAS_H0=has_h0, NONCAUSAL=cfg.noncausal,
-        IEEE=cfg.ieee, SDOT=sdot is not None,
-        NORM=norm,
-        S_PREFETCH=MEXP_S_PREFETCH and not cfg.bwd_scan_maxnreg, num_warps=cfg.scan_warps,
-        num_stages=cfg.scan_num_stages,
-        maxnreg=cfg.bwd_scan_maxnreg or None)
+        IEEE=cfg.ieee, SDOT=sdot is not None, num_warps=cfg.scan_warps,
+        num_stages=cfg.scan_num_stages, maxnreg=cfg.bwd_scan_maxnreg or None)
     if sdot is not None:
         sdot = sdot[:, layout.chunk_end_slot].sum(0)             # blocks -> [NC, H(, K)]
-    if gated_fwd.norm_outside(cfg):
-        npart = mexp_norm.backward(q, gb, gm, mpc, dqn, dnt, hn, dhn, dn0, layout, cfg, scale)
-        if sdot is not None:
-            sdot = sdot + npart                                  # the normaliser's share
-    return dh, dhn, dh0, dn0, sdot
+    return dh, dh0, sdot
 
 
 def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtype, V, A=None):

@@ -332,88 +332,22 @@ def mexp_carry_kernel(csum, cmax, m0, mpc, mfin, coff, H, CB: tl.constexpr, HAS_
     tl.store(mfin + n * H + hh, mp)
 
 
-# mLSTMexp's normaliser sums in the scans as a small dot: n (fwd_states) and its cotangent dn
-# (bwd_states) carried as NCOL equal columns [BK, NCOL], each tile adding k_w^T 1 (fwd) or
-# q_w^T dqn (bwd) through the tensor cores instead of a cross-warp tl.sum every tile (its
-# shuffles and adds led the fwd scan's stall samples in Nsight Compute at T 32768). The ones
-# are exact; the summands are the dot's operands, rounded as the state's own are. Off: on the
-# H200 (2026-11-29, sweep_gated) it ran T 2048 in 5.55 ms instead of 5.81 but its result was
-# off from the default's (diff 43), and T 32768 (B 2) hit an illegal address; the interpreter's
-# float16 run of it is right (benchmarks/results/sweep_mexp_normdot-h200-2026-11-29.txt).
-MEXP_NORM_DOT: bool = False
-NCOL = tl.constexpr(16)  # the narrowest dot operand
-# A timing probe, never for results (branch next/untimed5): the scans skip n and dn entirely
-# (hn, dhn left unwritten), to measure what mLSTMexp's scans would cost with the normaliser
-# formed elsewhere (n is a [K] scan: chunk sums in a parallel kernel, then a [K]-wide scan
-# over the chunks) before building that. sweep_gated --norm-dot 2.
-MEXP_NORM_SKIP_PROBE: bool = False
-# how a scan forms mLSTMexp's normaliser (its NORM constexpr): a cross-warp sum per tile, a
-# dot against ones (MEXP_NORM_DOT), or not at all (MEXP_NORM_SKIP_PROBE)
-NORM_SUM = tl.constexpr(0)
-NORM_BY_DOT = tl.constexpr(1)
-NORM_SKIP = tl.constexpr(2)
-
-
-# mLSTMexp's n and dn formed outside the scans (mexp_norm: chunk sums in parallel, then an
-# affine scan over the chunks' [K] vectors; the scans run with NORM_SKIP). Branch
-# next/untimed5: CPU-tested, not timed (sweep_gated --norm-dot 3)
-MEXP_NORM_OUTSIDE: bool = False
-
-
-def norm_outside(cfg) -> bool:
-    """Whether mexp_norm forms mLSTMexp's normaliser (MEXP_NORM_OUTSIDE)."""
-    return cfg.mexp and MEXP_NORM_OUTSIDE and not MEXP_NORM_SKIP_PROBE
-
-
-def mexp_norm_mode(mexp: bool) -> int:
-    """The scans' NORM for an op (mexp: mLSTMexp's normaliser); see NORM_SUM."""
-    if mexp and (MEXP_NORM_SKIP_PROBE or MEXP_NORM_OUTSIDE):
-        return NORM_SKIP.value
-    return NORM_BY_DOT.value if mexp and MEXP_NORM_DOT else NORM_SUM.value
-
-
 @triton.jit
-def norm_cols(x):
-    """[BK] -> [BK, NCOL] float32, every column x."""
-    return x[:, None] + tl.zeros([x.shape[0], NCOL], dtype=tl.float32)
-
-
-@triton.jit
-def st_norm(base, ck, mk, x, ok, NORM: tl.constexpr):
-    """Stores the [BK] normaliser block x at base + ck (column 0 of x for NORM_BY_DOT), where
-    ok; nothing for NORM_SKIP."""
-    if NORM == NORM_BY_DOT:
-        col = tl.arange(0, NCOL)
-        tl.store(base + ck[:, None] + 0 * col[None, :], x,
-                 mask=mk[:, None] & (col[None, :] == 0) & ok)
-    elif NORM == NORM_SUM:
-        tl.store(base + ck, x, mask=mk & ok)
-
-
-@triton.jit
-def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
+def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, h, hf, cu, coff, H,
                       K, V, L: tl.constexpr, BT: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                       HAS_KW: tl.constexpr, MEXP: tl.constexpr, HAS_H0: tl.constexpr,
-                      IEEE: tl.constexpr, NORM: tl.constexpr):
+                      IEEE: tl.constexpr):
     """Sequential scan over the tiles of sequence n, head h, one [BK, BV] block of the state,
     carried in float32: writes the state before every chunk and the final state into h (in
-    h's dtype: its readers' dot operand type), n into hn, and the final state into hf
-    (float32). NORM (MEXP): n by a cross-warp sum per tile (NORM_SUM), or by the state's dot
-    against a ones block, as if it were NCOL more columns of the state (NORM_BY_DOT, see
-    norm_cols), or not at all (NORM_SKIP: a timing probe)."""
+    h's dtype: its readers' dot operand type), and the final state into hf (float32).
+    mLSTMexp's normaliser n is formed outside (mexp_norm)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     i_nh, kb, vb, hh, n, bos, eos, c0, ck, mk, cv, mv = state_block_of(cu, coff, H, K, V, BK, BV)
     S = tl.zeros([BK, BV], dtype=tl.float32)
-    nv = tl.zeros([BK], dtype=tl.float32)
     if HAS_H0:
         S = ld_state(h0 + i_nh * K * V, ck, mk, cv, mv, V)      # initial state block
-        if MEXP:
-            nv = tl.load(n0 + i_nh * K + ck, mask=mk, other=0.0)
-    if NORM == NORM_BY_DOT:
-        nv = norm_cols(nv)                                      # [BK, NCOL], equal columns
-        ones = tl.full([BT, NCOL], 1.0, tl.float32).to(v.dtype.element_ty)
     # one flat loop over the sequence's tiles (not chunks, then tiles), so that Triton's
     # pipeliner prefetches the next tile's k and v while this one's dot runs: it pipelines
     # innermost loops only. A chunk's first tile stores the state before the chunk and applies
@@ -428,8 +362,6 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         slot = c0 + n + c
         sp = h + (slot * H + hh) * K * V                        # state before chunk c
         tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv & first)
-        if MEXP:
-            st_norm(hn + (slot * H + hh) * K, ck, mk, nv, (vb == 0) & first, NORM)
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         le, mp = de_n, mp_n                                     # this chunk's decay exponents
@@ -437,9 +369,7 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
             de_n, mp_n = chunk_decay(gb, gm, mpc, tl.minimum(it + 1, nt - 1), bos, eos, c0,
                                      hh, H, ck, mk, K, L, BT, GATE, MEXP)
         if GATE == 1:
-            dec = tl.where(first, exp(le + mp, IEEE), 1.0)      # decay over the whole chunk
-            S = S * dec
-            nv = nv * dec
+            S = S * tl.where(first, exp(le + mp, IEEE), 1.0)    # decay over the whole chunk
         if GATE == 2:
             bl = le
             S = S * tl.where(first, exp(bl, IEEE), 1.0)[:, None]
@@ -463,18 +393,11 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, n0, h, hn, hf, cu, coff, H,
         if GATE == 0:
             S += dot(kT, vt.to(v.dtype.element_ty), IEEE)
         else:
-            ktT = tl.trans(kt).to(v.dtype.element_ty)
-            S += dot(ktT, vt.to(v.dtype.element_ty), IEEE)
-            if NORM == NORM_BY_DOT:
-                nv += dot(ktT, ones, IEEE)                      # n's sum on the tensor cores
-        if MEXP and NORM == NORM_SUM:
-            nv += tl.sum(kt, axis=0)
+            S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
     slot = c0 + n + tl.cdiv(eos - bos, L)                        # final state
     sp = h + (slot * H + hh) * K * V
     tl.store(sp + ck[:, None] * V + cv[None, :], S.to(h.dtype.element_ty), mask=mkv)
     tl.store(hf + i_nh * K * V + ck[:, None] * V + cv[None, :], S, mask=mkv)
-    if MEXP:
-        st_norm(hn + (slot * H + hh) * K, ck, mk, nv, vb == 0, NORM)
 
 
 @triton.jit
@@ -680,29 +603,24 @@ def mexp_prep(lf, ig, m0, layout: ChunkLayout, gate_dtype=torch.float32):
     return b, m, start, mpc, mfin
 
 
-def fwd_states(k, v, gb, gm, kw, mpc, h0, n0, layout: ChunkLayout, cfg):
+def fwd_states(k, v, gb, gm, kw, mpc, h0, layout: ChunkLayout, cfg):
     """States before every chunk and at every sequence's end: h [slots, H, K, V] in
-    state_dtype (hn [slots, H, K] float32 for MEXP, else None), and each sequence's final
-    state hf [N, H, K, V] float32. k [TT, H, K], v [TT, H, V]."""
+    state_dtype, and each sequence's final state hf [N, H, K, V] float32. k [TT, H, K],
+    v [TT, H, V]. (mLSTMexp's normaliser: mexp_norm.forward.)"""
     TT, H, K = k.shape
     V = v.shape[-1]
     h = empty(layout.n_slots, H, K, V, dtype=state_dtype(cfg, k.dtype), device=k.device)
-    hn = empty(layout.n_slots, H, K, dtype=torch.float32, device=k.device) if cfg.mexp else None
     hf = empty(layout.N, H, K, V, dtype=torch.float32, device=k.device)
     BVS = fill_v_block(cfg.BVS, V, layout.N * H * triton.cdiv(K, cfg.BK), k.device)
     grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, BVS))
     x = k  # placeholder pointer for absent optional tensors
     fwd_states_kernel[grid](
-        k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(h0, x), _or(n0, x), h, _or(hn, x),
-        hf, layout.cu, layout.chunk_off, H, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=BVS,
+        k, v, _or(gb, x), _or(gm, x), _or(kw, x), _or(mpc, x), _or(h0, x), h, hf, layout.cu,
+        layout.chunk_off, H, K=K, V=V, L=layout.L, BT=layout.BT, BK=cfg.BK, BV=BVS,
         GATE=cfg.gate, HAS_KW=cfg.has_kw, MEXP=cfg.mexp, HAS_H0=h0 is not None, IEEE=cfg.ieee,
-        NORM=mexp_norm_mode(cfg.mexp),
         num_warps=cfg.scan_warps, num_stages=cfg.scan_num_stages,
         maxnreg=cfg.fwd_scan_maxnreg or None)
-    if norm_outside(cfg):
-        from . import mexp_norm                 # here: mexp_norm imports this module
-        mexp_norm.forward(k, gb, gm, kw, mpc, n0, hn, layout, cfg)
-    return h, hn, hf
+    return h, hf
 
 
 def state_dtype(cfg, dtype: torch.dtype) -> torch.dtype:

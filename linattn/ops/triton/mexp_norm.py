@@ -1,5 +1,5 @@
-"""mLSTMexp's normaliser n and its cotangent dn outside the state scans
-(gated_fwd.MEXP_NORM_OUTSIDE; the scans then run with NORM_SKIP).
+"""mLSTMexp's normaliser n and its cotangent dn, beside the state scans (gated_api calls
+these after gated_fwd.fwd_states and gated_bwd.bwd_states, which carry the state alone).
 
 n is the state's recurrence with a column of ones for v: per chunk c of a sequence
 
@@ -11,7 +11,11 @@ backwards with csum_c = sum_t scale exp(qe_t + mp_c) dqn_t q_t (gated_bwd.bwd_st
 Inside the scans those [K]-sums were a cross-warp reduction in every step of a 512-step chain
 at T 32768; here the chunk sums are one parallel pass over the chunks, and the chain is an
 affine scan over the chunks' [K] vectors, CB chunks at a time by tl.associative_scan (as
-gated_fwd.mexp_carry_kernel scans the stabiliser).
+gated_fwd.mexp_carry_kernel scans the stabiliser). H200 (2026-11-29, sweep_gated, bf16, D 128,
+fwd+bwd ms, in the scans -> here): T 32768 (B 2) 6.77 -> 6.38, T 2048 (B 32) 5.80 -> 5.71,
+so T 32768 costs 1.12x T 2048 instead of 1.17x; the scans without the normaliser's sums
+went 185 -> 149 registers (fwd_states, 2 -> 3 programs per SM) and 255 + 40 B of spills ->
+248 and none (bwd_states); results equal to ~1e-7 (benchmarks/flag_diff.py).
 """
 from __future__ import annotations
 
@@ -136,20 +140,28 @@ def _scan(csum, dec, init, out, out0, layout: ChunkLayout, reverse: bool):
         REVERSE=reverse, STORE_OUT0=out0 is not None)
 
 
-def forward(k, gb, gm, kw, mpc, n0, hn, layout: ChunkLayout, cfg):
-    """Fills hn [slots, H, K] (float32): n before every chunk and at every sequence's end.
-    k [TT, H, K]; gb, gm [TT, H]; kw [TT, H] or None; mpc [NC, H]; n0 [N, H, K] or None."""
+def forward(k, gb, gm, kw, mpc, n0, layout: ChunkLayout, cfg):
+    """hn [slots, H, K] float32: n before every chunk and at every sequence's end (the slots
+    of gated_fwd.fwd_states' h). k [TT, H, K]; gb, gm [TT, H]; kw [TT, H] or None;
+    mpc [NC, H]; n0 [N, H, K] or None."""
+    hn = empty(layout.n_slots, k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
     csum, dec = _sums(k, None, gb, gm, kw, mpc, layout, cfg, 1.0)
     _scan(csum, dec, n0, hn, None, layout, reverse=False)
+    return hn
 
 
-def backward(q, gb, gm, mpc, dqn, dnt, hn, dhn, dn0, layout: ChunkLayout, cfg, scale):
-    """Fills dhn [slots, H, K] (and dn0 [N, H, K] where given) and returns the normaliser's
-    share of each chunk's gate sum, dec_c <dn after chunk c, n before it> [NC, H] float32
-    (gated_bwd.bwd_states' sdot holds the state's share). dqn [TT, H]; dnt [N, H, K] or None."""
+def backward(q, gb, gm, mpc, dqn, dnt, hn, has_n0, layout: ChunkLayout, cfg, scale):
+    """(dhn [slots, H, K] float32: dn after every chunk, the slots of gated_bwd.bwd_states'
+    dh; dn0 [N, H, K] float32 when has_n0, else None; the normaliser's share of each chunk's
+    gate sum, dec_c <dn after chunk c, n before it> [NC, H] float32, which the caller adds to
+    bwd_states' sdot, the state's share). q [TT, H, K]; dqn [TT, H]; dnt [N, H, K] or None;
+    hn from forward."""
+    TT, H, K = q.shape
+    dhn = empty(layout.n_slots, H, K, dtype=torch.float32, device=q.device)
+    dn0 = empty(layout.N, H, K, dtype=torch.float32, device=q.device) if has_n0 else None
     csum, dec = _sums(q, dqn, gb, gm, None, mpc, layout, cfg, scale)
     _scan(csum, dec, dnt, dhn, dn0, layout, reverse=True)
     if not layout.NC:
-        return torch.zeros(0, hn.shape[1], dtype=torch.float32, device=hn.device)
+        return dhn, dn0, torch.zeros(0, H, dtype=torch.float32, device=q.device)
     after = layout.chunk_end_slot                                # slot after each chunk
-    return dec[:layout.NC] * (dhn[after] * hn[after - 1]).sum(-1)  # [NC, H]
+    return dhn, dn0, dec[:layout.NC] * (dhn[after] * hn[after - 1]).sum(-1)  # [NC, H]

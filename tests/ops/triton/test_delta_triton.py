@@ -101,8 +101,9 @@ def test_split16_dots(gated, knorm, monkeypatch):
     the interpreter can run them; the GPU tests cover them in bfloat16."""
     from linattn.ops.triton import common, delta_bwd
     monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
-    monkeypatch.setattr(delta_bwd, "GRADS_WY_SPLIT16", True)  # off by default (see there)
-    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_GATED", True)  # the same
+    # both splits run on narrow tiles too here (on the GPU only from 64 wide: see delta_bwd)
+    monkeypatch.setattr(delta_bwd, "GRADS_WY_SPLIT16_MIN_BK", 16)
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_GATED_MIN_BV", 16)
     check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=2, knorm=knorm), dtype=torch.float16)
 
 
@@ -166,17 +167,20 @@ NEAR_20 = {"g_low": -21.0, "g_high": -19.0}
 FREE_KEYS = {"knorm": "free"}            # beta ||k||^2 up to 2
 QV5 = {"qv_scale": 5.0}
 NO_STATE = {"h0": False, "final": False}  # training from zeros, no final state
+# the scans' V blocks left 64 wide (fill_v_block cuts them to 16 for the tests' few sequences;
+# the bench's B 8 runs 64): Gated DeltaNet's reverse scan splits its dots on those only
+WIDE_V = {"min_bv": 64}
 # name: (K, V, gated, dtype, cases as (B, T, extra inputs), with a determinism check)
 GPU_SETS = {
     "deltanet-K16-V256-bf16": (16, 256, False, BF16, [
         (1, PACK_T, {**PACK, **NONCONTIG}), (2, 300, FREE_KEYS)], False),
     "deltanet-K64-V100-bf16": (64, 100, False, BF16, [
-        (1, PACK_T, PACK), (2, 300, QV5)], False),
+        (1, PACK_T, PACK), (2, 300, QV5), (1, 300, WIDE_V)], False),
     "gated-K100-V64-bf16": (100, 64, True, BF16, [
         (1, PACK_T, {**PACK, **NEAR_20}), (2, 200, {**FREE_KEYS, **NEAR_0})], False),
     "gated-K128-V128-bf16": (128, 128, True, BF16, [
         (1, PACK_T, {**PACK, **NONCONTIG}), (2, 1000, QV5), (2, 130, NEAR_0), (2, 127, NEAR_20),
-        (1, 200, FREE_KEYS), (2, 200, NO_STATE)], True),
+        (1, 200, FREE_KEYS), (2, 200, NO_STATE), (2, 300, {**FREE_KEYS, **WIDE_V})], True),
     "gated-K32-V16-f32": (32, 16, True, F32, [
         (1, PACK_T, {**PACK, **NONCONTIG}), (2, 400, {}), (2, 130, {**NEAR_0, **FREE_KEYS}),
         (2, 65, NEAR_20)], True),
@@ -210,11 +214,14 @@ def check_deterministic(K, V, dtype):
 
 @gpu_cases.gpu(gpu_cases.DELTA_TIMEOUT)
 @pytest.mark.parametrize("name", list(GPU_SETS))
-def test_gpu(name):
+def test_gpu(name, monkeypatch):
+    from linattn.ops.triton import common
     K, V, gated, dtype, cases, deterministic = GPU_SETS[name]
+    min_bv = common.FILL_MIN_BV
     for B, T, extra in cases:
         extra = dict(extra)
         final = extra.pop("final", True)
+        monkeypatch.setattr(common, "FILL_MIN_BV", extra.pop("min_bv", min_bv))
         ins = make_inputs(B, T, 2, K, V, gated=gated, seed=T + K, **extra)
         try:
             check(ins, dtype=dtype, device="cuda", output_final_state=final,

@@ -252,12 +252,11 @@ def test_mlstm_without_state_cpu(small_tiles, input_gate):
 
 
 @pytest.mark.parametrize("state", [True, False], ids=["state", "no_state"])
-def test_mexp_norm_outside_cpu(small_tiles, monkeypatch, state):
-    """mLSTMexp's n and dn formed outside the scans (gated_fwd.MEXP_NORM_OUTSIDE: mexp_norm's
-    chunk sums and affine scan over the chunks, 16 chunks a block): a sequence crossing two
-    scan blocks (chunk 16), an empty and a length-1 one, with and without the state tuple."""
-    from linattn.ops.triton import gated_fwd, mexp_norm
-    monkeypatch.setattr(gated_fwd, "MEXP_NORM_OUTSIDE", True)
+def test_mexp_norm_scan_blocks_cpu(small_tiles, monkeypatch, state):
+    """mLSTMexp's n and dn (mexp_norm: chunk sums, then an affine scan over the chunks, 16
+    chunks a block): a sequence crossing two scan blocks (chunk 16), an empty and a length-1
+    one, with and without the state tuple."""
+    from linattn.ops.triton import mexp_norm
     monkeypatch.setattr(mexp_norm, "NORM_SCAN_BLOCK", 16)
     monkeypatch.setattr(gated_api, "CHUNK", 16)                 # 18 chunks: two scan blocks
     check_mlstm("exp", H=2, K=24, V=16, lengths=[16 * 17 + 9, 0, 1, 40], dtype=torch.float32,
