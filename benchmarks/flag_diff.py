@@ -65,7 +65,9 @@ def cases(op: str, device: str):
                 ("d64x100_pack", False, 1, sum(PACKED), 64, 100, PACKED, True),
                 ("d16x256_pack", False, 1, sum(PACKED), 16, 256, PACKED, False),
                 ("d128x256", False, 2, 300, 128, 256, None, True),
-                ("d256x64", False, 2, 300, 256, 64, None, True)]
+                ("d256x64", False, 2, 300, 256, 64, None, True),
+                ("d256x256", False, 2, 300, 256, 256, None, True),
+                ("g256x256", True, 2, 300, 256, 256, None, True)]
     return [("K128_T2048", None, 2, 2048, 128, 128, None, False),
             ("K128_T2048_h0", None, 2, 2048, 128, 128, None, True),
             ("K100x72_pack", None, 1, sum(PACKED), 100, 72, PACKED, False),

@@ -78,6 +78,16 @@ VARIANTS = {
     # Gated DeltaNet's reverse scan unsplit (it splits on 64-wide V blocks: O(1) gradient
     # errors on 16-wide ones; see delta_bwd)
     "rs_gated_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_GATED_MIN_BV": 1 << 30}},
+    # D = 256 (a 256-wide state tile; H200 2026-11-29, DeltaNet 39.96 ms at BV 32, the scans
+    # 6.63 + 19.02 of it; 30.10 at BV 64, now the default): V tiles of 16 / 32, 4 warps
+    # instead of 8 (2 stages need more than the H200's 227 KiB of shared memory)
+    "k256_bv16": {"flags": {"delta_fwd.STATE_TILE_ELEMS": 4096}},
+    "k256_bv16_w4": {"flags": {"delta_fwd.STATE_TILE_ELEMS": 4096},
+                     "scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
+    "k256_bv32": {"flags": {"delta_fwd.STATE_TILE_ELEMS": 8192}},
+    "k256_bv32_w4": {"flags": {"delta_fwd.STATE_TILE_ELEMS": 8192},
+                     "scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
+    "k256_w4": {"scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_fwd.PREP_SPLIT16": False, "delta_bwd.GRADS_QK_QK_AFTER": False,

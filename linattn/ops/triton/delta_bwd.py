@@ -26,8 +26,8 @@ import triton.language as tl
 from .. import alloc
 from . import delta_fwd
 from . import common
-from .common import fill_v_block, head_tile, split16
-from .delta_fwd import (BT, chunk_program, dot_precision, full_tile, scan_v_tile,
+from .common import head_tile, split16
+from .delta_fwd import (BT, chunk_program, dot_precision, full_tile, scan_v_block,
                         sequence_program, token_tile)
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
@@ -35,7 +35,8 @@ from .delta_fwd import (BT, chunk_program, dot_precision, full_tile, scan_v_tile
 # it spills more there (sm_90 compile counts); grads_qk keeps 8 (4: 3.43) and one stage
 # (2: 3.04 vs 2.97); reverse_scan 4 warps (8: 2.88 vs 2.66), one stage (2: 3.80).
 LAUNCH = {
-    "reverse_scan": dict(num_warps=4, num_stages=1),   # 8 warps, 1 stage at K = 256
+    "reverse_scan": dict(num_warps=4, num_stages=1),   # 2 stages at K < 128 (launcher)
+    "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
     "grads_qk": dict(num_warps=8, num_stages=1),
     "grads_wy": dict(num_warps=4, num_stages=1),
 }
@@ -67,7 +68,7 @@ REVERSE_SCAN_SPLIT16_GATED_MIN_BV = 64
 # float16 run of the same code is exact. A 32-wide K tile has not run split on the GPU.
 GRADS_WY_SPLIT16: bool = True
 GRADS_WY_SPLIT16_MIN_BK = 64
-# the reverse scan's V tile cap (see delta_fwd.scan_v_tile)
+# the reverse scan's V tile cap (see delta_fwd.scan_v_block)
 REVERSE_SCAN_BV = 64
 
 # dU' (dv2), dW (dw) and dk's state-and-output part (dk_part), each written by one kernel and
@@ -426,7 +427,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     dh = alloc.empty(NC, H, K, V, dtype=delta_fwd.state_dtype(q.dtype), device=dev)
     dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype), device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
-    BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V, REVERSE_SCAN_BV), V, N * H, dev)
+    BK, BV = full_tile(K), scan_v_block(K, V, REVERSE_SCAN_BV, N * H, dev, q.dtype)
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
             q, k, w, gc if gc is not None else w, do, dfinal if dfinal is not None else dh,
@@ -437,8 +438,8 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             # only (see REVERSE_SCAN_SPLIT16_GATED_MIN_BV)
             SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= 128
             and (gc is None or BV >= REVERSE_SCAN_SPLIT16_GATED_MIN_BV),
-            **{**LAUNCH["reverse_scan"], **(dict(num_warps=8) if BK >= 256 else {}),
-               **(dict(num_stages=2) if BK < 128 else {})})
+            **(LAUNCH["reverse_scan_k256"] if BK >= 256 else
+               {**LAUNCH["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))
     return dh, dv2, dh0
 
 

@@ -56,7 +56,8 @@ BC = 16  # diagonal sub-block of the forward substitution
 # took 16-bit operands (0.78 either way / 1.12 -> 0.89).
 LAUNCH = {
     "prep": dict(num_warps=4, num_stages=1, maxnreg=168),
-    "scan": dict(num_warps=4, num_stages=1),      # 8 warps at K = 256 (launcher)
+    "scan": dict(num_warps=4, num_stages=1),
+    "scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile (full_tile(K) 256)
     "output": dict(num_warps=4, num_stages=3),
 }
 OUTPUT_BV = 64
@@ -113,10 +114,31 @@ SCAN_BV = 64
 SCAN_SPLIT16: bool = True
 
 
-def scan_v_tile(K: int, V: int, cap: int = 64) -> int:
-    """V tile of the scans: at most cap, keeping the float32 state tile [BK, BV] at or under
-    8192 elements."""
-    return max(16, min(head_tile(V, cap), 8192 // full_tile(K)))
+# the scans' float32 state tile [BK, BV] at most this many elements: BV 64 at K 256. H200
+# (2026-11-29, sweep_delta, bf16, B 8, T 8192, H 16, D 256, ms, DeltaNet / Gated DeltaNet)
+# 8192 elements (BV 32) -> 16384: forward scan 6.63 -> 4.50 / 9.48 -> 5.49, reverse scan
+# 19.02 -> 11.52 / 23.84 -> 15.41, fwd+bwd 39.96 -> 30.10 / 47.97 -> 35.58; results bitwise
+# equal (flag_diff). 4096 (BV 16) was slower (62.2 ms DeltaNet), 4 warps no better. float32
+# inputs keep 8192: their "ieee" dots spill 60 - 157 KB per program at BV 64 (sm_90), and
+# only BV 32 has run on the GPU for them.
+STATE_TILE_ELEMS = 16384
+STATE_TILE_ELEMS_F32 = 8192
+# the narrowest V block fill_v_block may cut the scans to at K = 256: on 16-wide blocks the
+# H200 ran Gated DeltaNet's forward scan wrong (2026-11-29, flag_diff, bf16, K = V = 256,
+# B 2, H 2: final state off by O(1) against 32- and 64-wide blocks, which agree bitwise; 8
+# warps, 1152 B of sm_90 spills; DeltaNet's was right). A GPU-only fault, not isolated.
+SCAN_MIN_BV_K256 = 32
+
+
+def scan_v_block(K: int, V: int, cap: int, programs_per_v_block: int, device,
+                 dtype: torch.dtype = torch.bfloat16) -> int:
+    """The scans' V block for inputs of dtype: at most cap, the float32 state tile [BK, BV] at
+    most STATE_TILE_ELEMS(_F32) elements, cut by fill_v_block for few sequences (not below
+    SCAN_MIN_BV_K256 at K = 256)."""
+    elems = STATE_TILE_ELEMS_F32 if dtype == torch.float32 else STATE_TILE_ELEMS
+    BV = max(16, min(head_tile(V, cap), elems // full_tile(K)))
+    return fill_v_block(BV, V, programs_per_v_block, device,
+                        min_bv=SCAN_MIN_BV_K256 if full_tile(K) >= 256 else 16)
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -395,7 +417,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
     h = alloc.empty(layout.n_slots, H, K, V, dtype=state_dtype(k.dtype), device=dev)
     vnew = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
-    BK, BV = full_tile(K), fill_v_block(scan_v_tile(K, V, SCAN_BV), V, N * H, dev)
+    BK, BV = full_tile(K), scan_v_block(K, V, SCAN_BV, N * H, dev, k.dtype)
     if N:
         delta_scan_kernel[(triton.cdiv(V, BV), N * H)](
             k, w, u, gc if gc is not None else u,
@@ -405,7 +427,7 @@ def scan(k, w, u, gc, initial_state, layout, output_final_state):
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
             SPLIT16=common.split16_on(SCAN_SPLIT16, k) and BK <= 128,
-            **{**LAUNCH["scan"], **(dict(num_warps=8, num_stages=1) if BK >= 256 else {})})
+            **LAUNCH["scan_k256" if BK >= 256 else "scan"])
     return h, vnew, final
 
 

@@ -116,6 +116,19 @@ def test_split_scan_v_blocks(gated, monkeypatch):
     check(make_inputs(1, 70, 1, 16, 40, gated=gated, seed=7))
 
 
+def test_scan_v_block_floor_at_k256(monkeypatch):
+    """fill_v_block's cutting stops at 32-wide V blocks for a 256-wide state (on 16 the H200
+    ran Gated DeltaNet's forward scan wrong) and goes on to 16 below; 64 wide by default."""
+    from linattn.ops.triton import common, delta_fwd
+    cpu = torch.device("cpu")
+    assert delta_fwd.scan_v_block(256, 256, 64, 10 ** 6, cpu) == 64
+    assert delta_fwd.scan_v_block(256, 256, 64, 10 ** 6, cpu, torch.float32) == 32
+    monkeypatch.setattr(common, "sm_count", lambda device: 10 ** 6)
+    assert delta_fwd.scan_v_block(256, 256, 64, 4, cpu) == 32
+    assert delta_fwd.scan_v_block(200, 100, 64, 4, cpu) == 32
+    assert delta_fwd.scan_v_block(128, 256, 64, 4, cpu) == 16
+
+
 def test_wide_head_dims():
     """K = 128 > one 64-wide tile (several K tiles in the chunk kernels), V = 64."""
     check(make_inputs(1, 20, 1, 128, 64, gated=True, seed=6))
@@ -185,6 +198,10 @@ GPU_SETS = {
         (1, PACK_T, {**PACK, **NONCONTIG}), (2, 400, {}), (2, 130, {**NEAR_0, **FREE_KEYS}),
         (2, 65, NEAR_20)], True),
     "deltanet-K256-V64-bf16": (256, 64, False, BF16, [(1, PACK_T, PACK)], False),
+    # 32-wide V blocks (fill_v_block's floor at K 256), then 64 (the bench's); passed on the
+    # H200 at T 200 / 300 (188 s with its oracle, the suite's longest), trimmed to 3 chunks
+    "gated-K256-V256-bf16": (256, 256, True, BF16, [
+        (2, 130, FREE_KEYS), (1, 150, {**NEAR_0, **WIDE_V})], False),
     "deltanet-K256-V32-f32": (256, 32, False, F32, [
         (1, PACK_T, {**PACK, **NONCONTIG}), (1, 1000, QV5)], False),
 }
