@@ -6,15 +6,14 @@
 # Everything lands in $OUT (at most 8 files); the last lines printed are the tables.
 #     bash benchmarks/validate_untimed.sh                  (STEPS below; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
-# The options off by default, each broken on the H200 in a way the interpreter does not show
-# (PERF_NOTES 22): delta_bwd.GRADS_WY_SPLIT16 (NaN in dk at K = 16), gated_fwd.MEXP_NORM_DOT
-# (+ gated_bwd.MEXP_S_PREFETCH: wrong at T 2048, illegal address at T 32768); Gated DeltaNet's
-# reverse-scan split is off too (delta_bwd.REVERSE_SCAN_SPLIT16_GATED: O(1) gradient errors).
-# Steps: diff, tests, delta, stages, ncu, mexp, long, profile. Next session (branch
-# next/untimed5): STEPS="diff mexp" first (about 6 minutes); if an option comes right at
-# 64-wide V blocks or 8 warps, make that its launch condition, then STEPS="tests delta".
+# flag_diff's settings below: the launch conditions the H200 set (2026-11-29, PERF_NOTES 23):
+# Gated DeltaNet's reverse-scan split on 64-wide V blocks only (O(1) gradient errors on 16,
+# an illegal address on 8 warps), grads_wy's split on 64-wide K tiles only (NaN in dk at
+# K = 16), the delta scans at K = 256 on V blocks of 32 or more (Gated DeltaNet's forward
+# scan wrong on 16). Each setting forces the form the defaults avoid, so a fix shows as a
+# difference at bf16 rounding instead of an O(1) one.
 set -u
-STEPS=${STEPS:-"diff mexp"}
+STEPS=${STEPS:-"diff tests"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -23,21 +22,15 @@ left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 
-# 0) the off options against the defaults, kernel to kernel (relative max differences; a
-#    healthy option differs at the dtype's rounding, ~1e-2 at most in bf16). Branch
-#    next/untimed5: where do the broken ones break? Each again at 64-wide V blocks
-#    (common.FILL_MIN_BV=64: flag_diff's small cases otherwise run the scans on 16-wide
-#    blocks, as the GPU tests do, where the bench's B 8 runs 64) and on 8 warps. The 0.29 /
-#    0.73 ms of DeltaNet / Gated DeltaNet that the broken two would buy (PERF_NOTES 22)
+# 0) the forms the launch conditions avoid against the defaults, kernel to kernel (relative
+#    max differences; a healthy form differs at the dtype's rounding, ~1e-2 at most in bf16).
+#    One process per setting: an illegal address cannot poison the others
 if want diff; then
-RS="delta_bwd.REVERSE_SCAN_SPLIT16_GATED=1"; WY="delta_bwd.GRADS_WY_SPLIT16=1"; B64="common.FILL_MIN_BV=64"
-timeout 150 python3 benchmarks/flag_diff.py --op delta --timeout 140 --json "$OUT/flag_diff_delta.json" \
-    --settings "default=;bv64=$B64;rs_g=$RS;rs_g_bv64=$RS,$B64;rs_g_w8=$RS,delta_bwd.LAUNCH.reverse_scan.num_warps=8;wy=$WY;wy_w8=$WY,delta_bwd.LAUNCH.grads_wy.num_warps=8" \
-    2>&1 | grep -v Warn | tail -30
-ND="gated_fwd.MEXP_NORM_DOT=1"
-timeout 120 python3 benchmarks/flag_diff.py --op mlstm_exp --timeout 110 --json "$OUT/flag_diff_mexp.json" \
-    --settings "default=;bv64=$B64;norm_dot=$ND;norm_dot_bv64=$ND,$B64;outside=gated_fwd.MEXP_NORM_OUTSIDE=1" \
-    2>&1 | grep -v Warn | tail -16
+RS="delta_bwd.REVERSE_SCAN_SPLIT16_GATED_MIN_BV=16"; WY="delta_bwd.GRADS_WY_SPLIT16_MIN_BK=16"
+K256="delta_fwd.SCAN_MIN_BV_K256=16"
+timeout 200 python3 benchmarks/flag_diff.py --op delta --timeout 190 --json "$OUT/flag_diff_delta.json" \
+    --settings "default=;rs_g16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
+    2>&1 | grep -v Warn | tail -40
 fi
 
 # 1) every GPU test (about 2.5 minutes on 8 workers)
@@ -47,11 +40,12 @@ rm -f "$OUT/gpu_tests.xml"
 fi
 
 # 2) the delta rule's options one at a time against the defaults (main_form: every split16
-#    option and QK_AFTER off; wy_split: grads_wy's split on, 1.50 -> 1.22 ms when last timed)
+#    option and QK_AFTER off); SWEEP_ARGS="--D 256 --variants default,k256_bv32,k256_w4" for
+#    the 256-wide state
 if want delta; then
 timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants default,main_form,qk_inloop,scan_nosplit,rs_nosplit,prep_nosplit,wy_split,rs_gated \
-    --json "$OUT/sweep_delta.json" 2>&1 | tail -22
+    --variants default,main_form,qk_inloop,scan_nosplit,rs_nosplit,prep_nosplit,wy_nosplit,rs_gated_nosplit \
+    --json "$OUT/sweep_delta.json" ${SWEEP_ARGS:-} 2>&1 | tail -22
 fi
 
 # 3) the gated scans' num_stages at both ends of T (3 since the eighth session: 2 won at
@@ -75,24 +69,17 @@ python3 benchmarks/ncu_summary.py "/tmp/ncu_$kind.log" >> "$OUT/ncu_summary.log"
 done
 fi
 
-# 4b) mLSTMexp's T ratio (T 32768 over T 2048; 1.17, asked <= 1.15). Branch next/untimed5:
-#     --norm-dot 3 forms n / dn outside the scans (gated_fwd.MEXP_NORM_OUTSIDE, mexp_norm.py:
-#     chunk sums in parallel, an affine scan over the chunks' [K] vectors); --norm-dot 2 is
-#     the scans alone without them (a timing probe: wrong results, its diff is large by
-#     design), so 3 - 2 is mexp_norm's own cost (sm_90, bf16: fwd_states 185 -> 149 registers,
-#     2 -> 3 programs per SM, barriers 16 -> 9; bwd_states 255 + 40 B of spills -> 248 and
-#     none, barriers 19 -> 12); chunk 128 against 64 (the scans store a state every 64-token
-#     tile at L 64). If 3 wins, its scans may take the register caps the other gates have
-#     (--fwd-cap / --bwd-cap)
+# 4b) mLSTMexp's T ratio (T 32768 over T 2048: 1.12 in the 2026-11-29 bench, asked <= 1.15,
+#     since mexp_norm forms n / dn beside the scans), chunk 64 against 128 at both ends
 if want mexp; then
 for T in 32768 2048; do
 timeout $(( $(left) * 45 / 100 )) python3 benchmarks/sweep_gated.py --kinds mlstm_exp --T $T \
-    --chunks 64,128 --tiles default --warps default --stages default --norm-dot 0,2,3 \
+    --chunks 64,128 --tiles default --warps default --stages default \
     --budget-s 110 2>&1 | tail -8 | tee -a "$OUT/sweep_mexp.log"
 done
 fi
 
-# 5) where mLSTMexp's T = 32768 time goes (its T ratio is 1.17; scalar 1.13, for contrast):
+# 5) where mLSTMexp's T = 32768 time goes (T ratio 1.12 now; scalar 1.13, for contrast):
 #    the per-kernel profile at both ends of T
 if want long; then
 for shape in "--B 2 --T 32768" "--B 32 --T 2048"; do
@@ -102,8 +89,8 @@ done
 fi
 
 # 6) the per-kernel profile of every op, host time included; PROFILE_ARGS adds or overrides
-#    arguments, e.g. PROFILE_ARGS="--kinds delta,gated_delta --D 256" (D 256: never profiled
-#    per kernel, DeltaNet 41 ms against fla's 16.7)
+#    arguments, e.g. PROFILE_ARGS="--kinds delta,gated_delta --D 256" (D 256, 2026-11-29 at
+#    BV 32: DeltaNet's reverse scan 19.2 of 40.2 ms, the forward scan 6.8, grads_qk 7.7)
 if want profile; then
 timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
     --kinds none,const_frozen,const,scalar,key,mlstm_exp,delta,gated_delta --json "$OUT/profile.json" \

@@ -4,7 +4,8 @@ One set of kernels serves every member, chosen by constexpr flags:
     GATE     0: no decay, 1: scalar decay per (token, head) (constant [H] decays arrive
              broadcast), 2: per-key decay per (token, head, key)
     HAS_KW   a key log-weight w_s (mLSTM's input gate): key s enters as exp(w_s) k_s
-    MEXP     mLSTMexp: stabiliser m_t and normaliser n (implies GATE 1 and HAS_KW)
+    MEXP     mLSTMexp: stabiliser m_t and normaliser n (implies GATE 1 and HAS_KW; the
+             scans carry the state alone, mexp_norm forms n beside them)
     NONCAUSAL  bidirectional attention: every token reads its sequence's total state
 
 Tokens are packed along one axis ([TT, H, D] tensors, see common.ChunkLayout). With b the
