@@ -54,9 +54,10 @@ def fill_v_block(BV: int, V: int, programs_per_v_block: int, device: torch.devic
                  min_bv: int = 16) -> int:
     """V block of a sequential state scan (one program per sequence, head and state block):
     BV halved, down to max(min_bv, FILL_MIN_BV), while the programs,
-    programs_per_v_block * cdiv(V, BV), are fewer than the device's SMs. Few long sequences (B = 2 at T = 32768: 32 (sequence, head) pairs
-    at H = 16) otherwise leave most SMs idle through the scans' chunk-by-chunk loop; at the
-    bench's B = 8 every scan already has >= 256 programs, so nothing changes there."""
+    programs_per_v_block * cdiv(V, BV), are fewer than the device's SMs. Few long sequences
+    (B = 2 at T = 32768: 32 (sequence, head) pairs at H = 16) otherwise leave most SMs idle
+    through the scans' chunk-by-chunk loop; at the bench's B = 8 every scan already has >= 256
+    programs, so nothing changes there."""
     sms = sm_count(device)
     while BV > max(min_bv, FILL_MIN_BV) and programs_per_v_block * triton.cdiv(V, BV) < sms:
         BV //= 2
