@@ -88,6 +88,9 @@ VARIANTS = {
     "k256_bv32_w4": {"flags": {"delta_fwd.STATE_TILE_ELEMS": 8192},
                      "scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
     "k256_w4": {"scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
+    # the reverse scan forming dU''s chunk-local part in its loop again (main's form; branch
+    # next/untimed6 takes it from delta_bwd_dvl_kernel)
+    "dvl_off": {"flags": {"delta_bwd.REVERSE_SCAN_DV_LOCAL": False}},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_fwd.PREP_SPLIT16": False, "delta_bwd.GRADS_QK_QK_AFTER": False,
@@ -102,7 +105,8 @@ FLAGS = {path: getattr(MODULES[path.split(".")[0]], path.split(".")[1])
          for v in VARIANTS.values() for path in v.get("flags", {})}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
-                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
+                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy",
+                "delta_bwd_dvl_kernel": "dv_local"}
 
 
 def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_caps: dict) -> None:

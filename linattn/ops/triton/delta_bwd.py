@@ -13,6 +13,8 @@ chunk's start, dS' the gradient of the state at its end, M = scale tril(dO U'^T)
     dbeta, and db (-> dg by a reverse cumsum inside the chunk) from every exp(b) above.
 
 Kernels:
+  delta_bwd_dvl_kernel   per (chunk, head): dU' from the chunk's own tokens,
+                         scale (tril(Q K^T) * Gamma)^T dO (DV_LOCAL: off the scan's chain).
   delta_bwd_scan_kernel  per (V tile, sequence * head): dh[c] = dS' of chunk c, dU', dS_0.
   delta_bwd_dqk_kernel   per (chunk, head): dQ, the state/output part of dK, dW, and db.
   delta_bwd_wy_kernel    per (chunk, head): the WY part: dK, dV, dbeta, dg.
@@ -37,6 +39,7 @@ from .delta_fwd import (BT, chunk_program, dot_precision, full_tile, scan_v_bloc
 LAUNCH = {
     "reverse_scan": dict(num_warps=4, num_stages=1),   # 2 stages at K < 128 (launcher)
     "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
+    "dv_local": dict(num_warps=4, num_stages=2),
     "grads_qk": dict(num_warps=8, num_stages=1),
     "grads_wy": dict(num_warps=4, num_stages=1),
 }
@@ -68,6 +71,13 @@ REVERSE_SCAN_SPLIT16_GATED_MIN_BV = 64
 # float16 run of the same code is exact. A 32-wide K tile has not run split on the GPU.
 GRADS_WY_SPLIT16: bool = True
 GRADS_WY_SPLIT16_MIN_BK = 64
+# the reverse scan takes dU''s chunk-local part, scale (masked K Q^T) dO, from a parallel
+# kernel (delta_bwd_dvl_kernel, into a float32 [TT, H, V] buffer alive through the scan)
+# instead of forming K Q^T and its product with dO in every step of its sequential loop, as
+# fla's chunk_bwd_dv_local does: the loop keeps the dots on dS only (at K 256 the K Q^T dot
+# alone is 2.1 M of the step's 8.7 M multiply-adds, per V block). Branch next/untimed6: not
+# yet run on the GPU.
+REVERSE_SCAN_DV_LOCAL: bool = True
 # the reverse scan's V tile cap (see delta_fwd.scan_v_block)
 REVERSE_SCAN_BV = 64
 
@@ -90,12 +100,58 @@ def grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @triton.jit
-def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_offsets,
+def local_scores(b_k, b_q, b_g, o_t, valid, USE_G: tl.constexpr, PREC: tl.constexpr):
+    """(tril(Q K^T) * Gamma)^T of one chunk as K Q^T [j, i] (key j, query i) in float32: exact
+    products of the stored q, k tiles, masked to i >= j and i in the sequence, and with
+    USE_G times exp(b_i - b_j) (b_g [BT] the chunk-local log-decay cumsum)."""
+    b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+    m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
+    if USE_G:
+        return b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
+    else:
+        return tl.where(m_c, b_kq, 0.0)
+
+
+@triton.jit
+def delta_bwd_dvl_kernel(q, k, gc, do, dvl, cu_seqlens, chunk_seq, chunk_idx, scale, H, K, V,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         USE_G: tl.constexpr, PREC: tl.constexpr, SPLIT16: tl.constexpr):
+    """Per (chunk, head): dvl = scale (masked K Q^T) dO [BT, V] float32, the part of dU' from
+    the chunk's own queries (no state), for the reverse scan's DV_LOCAL. BK spans all of K
+    (full_tile(K)); V in BV tiles, K Q^T formed once. SPLIT16 (16-bit inputs): K Q^T as two
+    16-bit halves against dO as stored, as the scan's own form."""
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
+    b_q = tl.load(token_tile(q, bos, i_h, Tn, H, K, t0, 0, BT, BK), boundary_check=(0, 1))
+    b_k = tl.load(token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK), boundary_check=(0, 1))
+    b_g = None
+    if USE_G:
+        b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+    b_kq = local_scores(b_k, b_q, b_g, o_t, valid, USE_G, PREC)      # [j, i] float32
+    if SPLIT16:
+        kq_hi, kq_lo = split16(b_kq, do.dtype.element_ty)
+    for i_v in range(tl.cdiv(V, BV)):
+        b_do = tl.load(token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV),
+                       boundary_check=(0, 1))
+        if SPLIT16:
+            b_dv = tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do))
+        else:
+            b_dv = tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC)
+        tl.store(token_tile(dvl, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV), scale * b_dv,
+                 boundary_check=(0, 1))
+
+
+@triton.jit
+def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, chunk_offsets,
                           scale, H, K, V,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                          PREC: tl.constexpr, SPLIT16: tl.constexpr):
+                          PREC: tl.constexpr, SPLIT16: tl.constexpr, DV_LOCAL: tl.constexpr):
     """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
+
+    DV_LOCAL: the chunk-local part of dU', scale (masked K Q^T) dO, comes from dvl (float32,
+    delta_bwd_dvl_kernel) instead of two dots per step here: the sequential loop keeps only
+    the dots that depend on dS (K dS', Q^T dO into dS, W^T dU').
 
     SPLIT16 (16-bit inputs): the float32 operand of each dot whose other operand is a 16-bit
     input (K dS', (K Q^T) dO, gated Q^T (e^b dO)) goes in as two 16-bit halves (common.split16), so
@@ -136,29 +192,31 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
         b_q = tl.load(p_q, boundary_check=(0, 1))
         b_k = tl.load(p_k, boundary_check=(0, 1))
         b_do = tl.load(p_do, boundary_check=(0, 1))
-        # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
-        b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [j, i], exact products
-        m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
+        b_g = None
         if USE_G:
             last = tl.minimum(t0 + BT, Tn) - 1
             b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
-            b_kq = b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
-        else:
-            b_kq = tl.where(m_c, b_kq, 0.0)
+        if not DV_LOCAL:
+            # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
+            b_kq = local_scores(b_k, b_q, b_g, o_t, valid, USE_G, PREC)
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
         if SPLIT16:
-            # the part that does not wait for dS' first, so that K Q^T is dead before the split
-            # of dS' is formed
-            kq_hi, kq_lo = split16(b_kq, b_do.dtype)
-            b_dvi = tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do))
+            if not DV_LOCAL:
+                # the part that does not wait for dS' first, so that K Q^T is dead before the
+                # split of dS' is formed
+                kq_hi, kq_lo = split16(b_kq, b_do.dtype)
+                b_dvi = tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do))
             ds_hi, ds_lo = split16(b_ds, b_k.dtype)
             b_kds = tl.dot(b_k, ds_lo, tl.dot(b_k, ds_hi))
         else:
             b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
         if USE_G:
             b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-        if SPLIT16:
+        if DV_LOCAL:
+            p_dvl = token_tile(dvl, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+            b_dv = tl.load(p_dvl, boundary_check=(0, 1)) + b_kds
+        elif SPLIT16:
             b_dv = scale * b_dvi + b_kds
         else:
             b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
@@ -428,9 +486,18 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype), device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
     BK, BV = full_tile(K), scan_v_block(K, V, REVERSE_SCAN_BV, N * H, dev, q.dtype)
+    dvl = None
+    if REVERSE_SCAN_DV_LOCAL and layout.NT:
+        dvl = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
+        delta_bwd_dvl_kernel[(layout.NT, H)](
+            q, k, gc if gc is not None else dvl, do, dvl, layout.cu, layout.tile_seq,
+            layout.tile_idx, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=head_tile(V, 64),
+            USE_G=gc is not None, PREC=dot_precision(q.dtype),
+            SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q), **LAUNCH["dv_local"])
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
-            q, k, w, gc if gc is not None else w, do, dfinal if dfinal is not None else dh,
+            q, k, w, gc if gc is not None else w, do, dvl if dvl is not None else dv2,
+            dfinal if dfinal is not None else dh,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
@@ -438,6 +505,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             # only (see REVERSE_SCAN_SPLIT16_GATED_MIN_BV)
             SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= 128
             and (gc is None or BV >= REVERSE_SCAN_SPLIT16_GATED_MIN_BV),
+            DV_LOCAL=dvl is not None,
             **(LAUNCH["reverse_scan_k256"] if BK >= 256 else
                {**LAUNCH["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))
     return dh, dv2, dh0

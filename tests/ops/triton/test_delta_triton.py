@@ -108,6 +108,21 @@ def test_split16_dots(gated, knorm, monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+@pytest.mark.parametrize("split", [False, True], ids=["tf32", "split16"])
+def test_reverse_scan_local_part_in_loop(gated, split, monkeypatch):
+    """The reverse scan forming dU''s chunk-local part itself (delta_bwd.REVERSE_SCAN_DV_LOCAL
+    off: K Q^T and its product with dO in every step), with and without the split16 dots
+    (float16 forced through them, as in test_split16_dots)."""
+    from linattn.ops.triton import common, delta_bwd
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_DV_LOCAL", False)
+    if split:
+        monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
+        monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_GATED_MIN_BV", 16)
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=4, knorm="free"),
+          dtype=torch.float16 if split else torch.float32)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_split_scan_v_blocks(gated, monkeypatch):
     """The forward and reverse scans with V cut into 16-wide blocks (common.fill_v_block's
     choice for few long sequences on a GPU), forced here: V = 40 in three ragged blocks."""
