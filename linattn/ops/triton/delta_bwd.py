@@ -100,11 +100,10 @@ def grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @triton.jit
-def local_scores(b_k, b_q, b_g, o_t, valid, USE_G: tl.constexpr, PREC: tl.constexpr):
-    """(tril(Q K^T) * Gamma)^T of one chunk as K Q^T [j, i] (key j, query i) in float32: exact
-    products of the stored q, k tiles, masked to i >= j and i in the sequence, and with
-    USE_G times exp(b_i - b_j) (b_g [BT] the chunk-local log-decay cumsum)."""
-    b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+def mask_scores(b_kq, b_g, o_t, valid, USE_G: tl.constexpr):
+    """(tril(Q K^T) * Gamma)^T of one chunk from K Q^T [j, i] (key j, query i), float32:
+    masked to i >= j and i in the sequence, and with USE_G times exp(b_i - b_j) (b_g [BT] the
+    chunk-local log-decay cumsum)."""
     m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
     if USE_G:
         return b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
@@ -117,17 +116,22 @@ def delta_bwd_dvl_kernel(q, k, gc, do, dvl, cu_seqlens, chunk_seq, chunk_idx, sc
                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          USE_G: tl.constexpr, PREC: tl.constexpr, SPLIT16: tl.constexpr):
     """Per (chunk, head): dvl = scale (masked K Q^T) dO [BT, V] float32, the part of dU' from
-    the chunk's own queries (no state), for the reverse scan's DV_LOCAL. BK spans all of K
-    (full_tile(K)); V in BV tiles, K Q^T formed once. SPLIT16 (16-bit inputs): K Q^T as two
-    16-bit halves against dO as stored, as the scan's own form."""
+    the chunk's own queries (no state), for the reverse scan's DV_LOCAL. K Q^T summed over
+    BK-wide K tiles, formed once; V in BV tiles. SPLIT16 (16-bit inputs): K Q^T as two 16-bit
+    halves against dO as stored, as the scan's own form."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
-    b_q = tl.load(token_tile(q, bos, i_h, Tn, H, K, t0, 0, BT, BK), boundary_check=(0, 1))
-    b_k = tl.load(token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK), boundary_check=(0, 1))
+    b_kq = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):                                # K Q^T [j, i], exact products
+        b_q = tl.load(token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK),
+                      boundary_check=(0, 1))
+        b_k = tl.load(token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK),
+                      boundary_check=(0, 1))
+        b_kq += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
     b_g = None
     if USE_G:
         b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
-    b_kq = local_scores(b_k, b_q, b_g, o_t, valid, USE_G, PREC)      # [j, i] float32
+    b_kq = mask_scores(b_kq, b_g, o_t, valid, USE_G)                 # [j, i] float32
     if SPLIT16:
         kq_hi, kq_lo = split16(b_kq, do.dtype.element_ty)
     for i_v in range(tl.cdiv(V, BV)):
@@ -199,7 +203,8 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, c
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
         if not DV_LOCAL:
             # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
-            b_kq = local_scores(b_k, b_q, b_g, o_t, valid, USE_G, PREC)
+            b_kq = mask_scores(tl.dot(b_k, tl.trans(b_q), input_precision=PREC), b_g, o_t,
+                               valid, USE_G)                    # [j, i], exact products
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
         if SPLIT16:
             if not DV_LOCAL:
@@ -491,7 +496,7 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
         dvl = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
         delta_bwd_dvl_kernel[(layout.NT, H)](
             q, k, gc if gc is not None else dvl, do, dvl, layout.cu, layout.tile_seq,
-            layout.tile_idx, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=head_tile(V, 64),
+            layout.tile_idx, scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64),
             USE_G=gc is not None, PREC=dot_precision(q.dtype),
             SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q), **LAUNCH["dv_local"])
     if N:
