@@ -13,7 +13,10 @@
 # scan wrong on 16). Each setting forces the form the defaults avoid, so a fix shows as a
 # difference at bf16 rounding instead of an O(1) one.
 set -u
-STEPS=${STEPS:-"diff tests delta"}
+# Branch next/untimed6 (the reverse scan's dU' local part from delta_bwd_dvl_kernel,
+# mexp_norm's 64-chunk scan steps): call 1 the default STEPS ("diff tests", ~7 minutes),
+# call 2 STEPS=delta (the sweeps at D 128 and 256, dvl on / off), then the bench.
+STEPS=${STEPS:-"diff tests"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 OUT=${OUT:-$PWD/benchmarks/results}
@@ -35,7 +38,7 @@ fi
 
 # 1) every GPU test (about 2.5 minutes on 8 workers)
 if want tests; then
-OUT="$OUT" TESTS_S=${TESTS_S:-200} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&1 | tail -4
+OUT="$OUT" TESTS_S=${TESTS_S:-240} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&1 | tail -4
 rm -f "$OUT/gpu_tests.xml"
 fi
 
