@@ -186,7 +186,7 @@ def test_float64_routes_to_torch_path():
 # is packed (with an empty and a length-1 sequence) into one call per specialisation; T =
 # 1000 runs once per dtype (the float64 oracle's loop over T is the CPU cost of a case).
 
-F32, BF16 = torch.float32, torch.bfloat16
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 PACK = {"lengths": gpu_cases.packed(gpu_cases.SHORT_LENGTHS)}
 PACK_T = sum(PACK["lengths"])            # packed: B = 1, T = PACK_T
 NONCONTIG = {"noncontig": True}
@@ -217,6 +217,10 @@ GPU_SETS = {
     # H200 at T 200 / 300 (188 s with its oracle, the suite's longest), trimmed to 3 chunks
     "gated-K256-V256-bf16": (256, 256, True, BF16, [
         (2, 130, FREE_KEYS), (1, 150, {**NEAR_0, **WIDE_V})], False),
+    # float16: the tf32 forms (split16 runs for bfloat16 only), never run on the GPU before
+    "gated-K128-V128-f16": (128, 128, True, F16, [
+        (1, PACK_T, {**PACK, **NONCONTIG}), (2, 200, {**FREE_KEYS, **WIDE_V})], False),
+    "deltanet-K256-V64-f16": (256, 64, False, F16, [(2, 150, {**QV5, **WIDE_V})], False),
     "deltanet-K256-V32-f32": (256, 32, False, F32, [
         (1, PACK_T, {**PACK, **NONCONTIG}), (1, 1000, QV5)], False),
 }
