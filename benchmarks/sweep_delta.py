@@ -2,10 +2,11 @@
 
 Each variant overrides entries of delta_fwd.LAUNCH / delta_bwd.LAUNCH (num_warps, num_stages),
 the V-tile caps (TILE_CAPS) and module switches (FLAGS); for each, one op (DeltaNet or Gated
-DeltaNet, bf16, B*T = 65536, H = 16, D = 128) runs a warm-up forward+backward (compile), is timed end to end with
-do_bench, and then profiled per kernel (benchmarks/profile_kernels.profile_one). The table
-printed last has a row per kernel and a column per variant, so the best setting of each
-kernel can be read off even when variants change several kernels at once. Not a benchmark
+DeltaNet, bf16, B*T = 65536, H = 16, D = 128 or --D) runs a warm-up forward+backward
+(compile), is timed end to end with do_bench, and then profiled per kernel
+(benchmarks/profile_kernels.profile_one). The table printed last has a row per kernel and a
+column per variant, so the best setting of each kernel can be read off even when variants
+change several kernels at once. Not a benchmark
 (`linattn bench` is where claims come from).
 
     PYTHONPATH=. python3 benchmarks/sweep_delta.py --json $OUT/sweep_delta.json [--kinds delta]

@@ -30,7 +30,7 @@ from . import delta_fwd
 from . import common
 from .common import head_tile, split16
 from .delta_fwd import (BT, chunk_program, dot_precision, full_tile, scan_v_block,
-                        sequence_program, token_tile)
+                        sequence_program, state_tile, token_tile)
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
 # bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): grads_wy on 4 warps 3.27 -> 1.99 although
@@ -171,8 +171,7 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, c
 
     # dS after the last token: the final state's cotangent, or zeros
     if USE_DHT:
-        p_dht = tl.make_block_ptr(dht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV),
-                                  (1, 0))
+        p_dht = state_tile(dht, i_nh, K, V, 0, i_v * BV, BK, BV)
         b_ds = tl.load(p_dht, boundary_check=(0, 1)).to(tl.float32)
     else:
         b_ds = tl.zeros([BK, BV], dtype=tl.float32)
@@ -182,8 +181,7 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, c
         t0 = i_t * BT
         valid = (t0 + o_t) < Tn
         # dh[c] = dS' (gradient of the state at the chunk's end)
-        p_dh = tl.make_block_ptr(dh + ((c0 + i_t) * H + i_h) * K * V, (K, V), (V, 1),
-                                 (0, i_v * BV), (BK, BV), (1, 0))
+        p_dh = state_tile(dh, (c0 + i_t) * H + i_h, K, V, 0, i_v * BV, BK, BV)
         tl.store(p_dh, b_ds.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
         p_q = token_tile(q, bos, i_h, Tn, H, K, t0, 0, BT, BK)
         p_k = token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
@@ -241,8 +239,7 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, c
         b_ds -= tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
 
     if STORE_DH0:
-        p_dh0 = tl.make_block_ptr(dh0 + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV),
-                                  (1, 0))
+        p_dh0 = state_tile(dh0, i_nh, K, V, 0, i_v * BV, BK, BV)
         tl.store(p_dh0, b_ds.to(p_dh0.dtype.element_ty), boundary_check=(0, 1))
 
 
@@ -300,10 +297,8 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         b_dka = tl.zeros([BT, BK], dtype=tl.float32)
         b_dwa = tl.zeros([BT, BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
-            p_h = tl.make_block_ptr(h + (hslot * H + i_h) * K * V, (K, V), (V, 1),
-                                    (i_k * BK, i_v * BV), (BK, BV), (1, 0))
-            p_dh = tl.make_block_ptr(dh + (i_c * H + i_h) * K * V, (K, V), (V, 1),
-                                     (i_k * BK, i_v * BV), (BK, BV), (1, 0))
+            p_h = state_tile(h, hslot * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
+            p_dh = state_tile(dh, i_c * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
             p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
             p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
             p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)

@@ -167,6 +167,13 @@ def token_tile(x, bos, i_h, Tn, H, D, r0, c0, BR: tl.constexpr, BC: tl.constexpr
 
 
 @triton.jit
+def state_tile(x, slot, K, V, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """Block pointer to the [BR, BC] tile at row r0, column c0 of the [K, V] state x[slot] of a
+    [slots, K, V] view (slot = state index * H + head, or n * H + h for per-sequence states)."""
+    return tl.make_block_ptr(x + slot * K * V, (K, V), (V, 1), (r0, c0), (BR, BC), (1, 0))
+
+
+@triton.jit
 def t_weighted_product(b_t, b_wt, x, out, bos, i_h, Tn, t0, H, D, BT: tl.constexpr,
                        BD: tl.constexpr, SPLIT16: tl.constexpr, PREC: tl.constexpr):
     """out = T diag(b_wt) X on one chunk's rows (x, out [TT, H, D]; T [BT, BT] and the row
@@ -326,7 +333,7 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
     o_t = tl.arange(0, BT)
 
     # S_0: initial_state[n, h] or zeros (float32, [BK, BV] tile of [K, V])
-    p_s0 = tl.make_block_ptr(h0 + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV), (1, 0))
+    p_s0 = state_tile(h0, i_nh, K, V, 0, i_v * BV, BK, BV)
     if USE_H0:
         b_s = tl.load(p_s0, boundary_check=(0, 1)).to(tl.float32)
     else:
@@ -335,8 +342,7 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
     for i_t in range(tl.cdiv(Tn, BT)):
         t0 = i_t * BT
         # h[slot] = S at the chunk's start
-        p_h = tl.make_block_ptr(h + ((c0 + n + i_t) * H + i_h) * K * V, (K, V), (V, 1),
-                                (0, i_v * BV), (BK, BV), (1, 0))
+        p_h = state_tile(h, (c0 + n + i_t) * H + i_h, K, V, 0, i_v * BV, BK, BV)
         tl.store(p_h, b_s.to(p_h.dtype.element_ty), boundary_check=(0, 1))
         # U' = U - W S
         p_w = token_tile(w, bos, i_h, Tn, H, K, t0, 0, BT, BK)
@@ -368,8 +374,7 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
             b_s += tl.dot(tl.trans(b_k), b_vn, input_precision=PREC)
 
     if STORE_FINAL:
-        p_ht = tl.make_block_ptr(ht + i_nh * K * V, (K, V), (V, 1), (0, i_v * BV), (BK, BV),
-                                 (1, 0))
+        p_ht = state_tile(ht, i_nh, K, V, 0, i_v * BV, BK, BV)
         tl.store(p_ht, b_s, boundary_check=(0, 1))
 
 

@@ -224,8 +224,7 @@ class GatedChunkFunction(torch.autograd.Function):
             gb, gm, start, mpc, mfin = mexp_prep(g, kw, m0, layout, gdt)  # b, m, m's sources
         elif g is not None:
             gb = chunk_cumsum(g, layout, dtype=gdt)                   # chunk-local cumsum
-        h, hf = fwd_states(k, v, gb, gm, kw, mpc, h0, layout, cfg)
-        hn = mexp_norm.forward(k, gb, gm, kw, mpc, n0, layout, cfg) if cfg.mexp else None
+        h, hn, hf = _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
         A = key_scores(q, k, gb, layout, cfg, scale) if cfg.gate == 2 else None  # [TT, H, BT]
         o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale, A=A)
         ht = nt = mt = None
@@ -252,8 +251,7 @@ class GatedChunkFunction(torch.autograd.Function):
         if cfg.mexp and dht is not None and dnt is None:
             dnt = torch.zeros(dht.shape[:-1], dtype=torch.float32, device=dht.device)
         if h is None:                                                  # recompute the states
-            h, _ = fwd_states(k, v, gb, gm, kw, mpc, h0, layout, cfg)
-            hn = mexp_norm.forward(k, gb, gm, kw, mpc, n0, layout, cfg) if cfg.mexp else None
+            h, hn, _ = _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
         rd = dqn = so = None
         if cfg.mexp:
             # o = h / d with d = max(|qn|, exp(-m)) + eps: cotangents of h (do / d) and of qn
@@ -294,6 +292,14 @@ class GatedChunkFunction(torch.autograd.Function):
         if dg is not None:
             dg = dg.float()
         return dq, dk, dv, dg, dkw, dh0, dn0, dm0, None, None, None, None, None
+
+
+def _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg):
+    """(h, hn, hf): the chunk states and final state (gated_fwd.fwd_states), and mLSTMexp's
+    normaliser at the same slots (mexp_norm.forward; None for the other ops)."""
+    h, hf = fwd_states(k, v, gb, gm, kw, mpc, h0, layout, cfg)
+    hn = mexp_norm.forward(k, gb, gm, kw, mpc, n0, layout, cfg) if cfg.mexp else None
+    return h, hn, hf
 
 
 def _gate_grad(db, state_part, sdot, layout, dtype):

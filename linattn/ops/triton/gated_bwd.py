@@ -35,9 +35,10 @@ from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag
 @triton.jit
 def chunk_start_state(h, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, NJ: tl.constexpr):
     """For bwd_states' <dS, S>: the state before tile it's chunk, S_c [BK, BV] float32, if
-    tile it is the chunk's last, else zeros (masked loads move no bytes). Loaded in the step that uses it: loaded a tile ahead it took 32 more registers
-    (bwd_states 0.69 -> 0.62 ms with a scalar gate, H200), which the register cap that fits 4
-    programs per SM (KernelConfig.bwd_scan_maxnreg) turns into spills."""
+    tile it is the chunk's last, else zeros (masked loads move no bytes). Loaded in the step
+    that uses it: loaded a tile ahead it took 32 more registers (bwd_states 0.69 -> 0.62 ms
+    with a scalar gate, H200), which the register cap that fits 4 programs per SM
+    (KernelConfig.bwd_scan_maxnreg) turns into spills."""
     c = it // NJ
     last = (it == tl.minimum((c + 1) * NJ, nt) - 1) & (it >= 0)
     slot = c0 + n + c                                           # the state before chunk c
