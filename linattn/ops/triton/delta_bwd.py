@@ -4,7 +4,8 @@ Notation as in delta_fwd (per chunk: b, Gamma, T, W, U, U' = U - W S, S the stat
 chunk's start, dS' the gradient of the state at its end, M = scale tril(dO U'^T) * Gamma):
 
     dU'  = scale (tril(Q K^T) * Gamma)^T dO + (K * exp(b_L - b)) dS'
-    dS   = exp(b_L) dS' + scale (Q * exp(b))^T dO - W^T dU'            (reverse scan)
+    dS   = exp(b_L) dS' + scale (Q * exp(b))^T dO - W^T dU'            (reverse scan;
+           W^T dU' = K^T (beta exp(b) * (T^T dU')): W is never stored, see delta_fwd)
     dQ   = scale exp(b) * (dO S^T) + M K
     dK  <- exp(b_L - b) * (U' dS'^T) + M^T Q                             (+ the WY part)
     dW   = -dU' S^T,  dU = dU'
@@ -13,8 +14,6 @@ chunk's start, dS' the gradient of the state at its end, M = scale tril(dO U'^T)
     dbeta, and db (-> dg by a reverse cumsum inside the chunk) from every exp(b) above.
 
 Kernels:
-  delta_bwd_dvl_kernel   per (chunk, head): dU' from the chunk's own tokens,
-                         scale (tril(Q K^T) * Gamma)^T dO (DV_LOCAL: off the scan's chain).
   delta_bwd_scan_kernel  per (V tile, sequence * head): dh[c] = dS' of chunk c, dU', dS_0.
   delta_bwd_dqk_kernel   per (chunk, head): dQ, the state/output part of dK, dW, and db.
   delta_bwd_wy_kernel    per (chunk, head): the WY part: dK, dV, dbeta, dg.
@@ -29,7 +28,7 @@ from .. import alloc
 from . import delta_fwd
 from . import common
 from .common import head_tile, split16
-from .delta_fwd import (BT, chunk_program, dot_precision, full_tile, scan_v_block,
+from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, scan_v_block,
                         sequence_program, state_tile, token_tile)
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
@@ -39,7 +38,6 @@ from .delta_fwd import (BT, chunk_program, dot_precision, full_tile, scan_v_bloc
 LAUNCH = {
     "reverse_scan": dict(num_warps=4, num_stages=1),   # 2 stages at K < 128 (launcher)
     "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
-    "dv_local": dict(num_warps=4, num_stages=2),
     "grads_qk": dict(num_warps=8, num_stages=1),
     "grads_wy": dict(num_warps=4, num_stages=1),
 }
@@ -71,13 +69,6 @@ REVERSE_SCAN_SPLIT16_GATED_MIN_BV = 64
 # float16 run of the same code is exact. A 32-wide K tile has not run split on the GPU.
 GRADS_WY_SPLIT16: bool = True
 GRADS_WY_SPLIT16_MIN_BK = 64
-# the reverse scan takes dU''s chunk-local part, scale (masked K Q^T) dO, from a parallel
-# kernel (delta_bwd_dvl_kernel, into a float32 [TT, H, V] buffer alive through the scan)
-# instead of forming K Q^T and its product with dO in every step of its sequential loop, as
-# fla's chunk_bwd_dv_local does: the loop keeps the dots on dS only (at K 256 the K Q^T dot
-# alone is 2.1 M of the step's 8.7 M multiply-adds, per V block). Branch next/untimed6: not
-# yet run on the GPU.
-REVERSE_SCAN_DV_LOCAL: bool = True
 # the reverse scan's V tile cap (see delta_fwd.scan_v_block)
 REVERSE_SCAN_BV = 64
 
@@ -112,57 +103,19 @@ def mask_scores(b_kq, b_g, o_t, valid, USE_G: tl.constexpr):
 
 
 @triton.jit
-def delta_bwd_dvl_kernel(q, k, gc, do, dvl, cu_seqlens, chunk_seq, chunk_idx, scale, H, K, V,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         USE_G: tl.constexpr, PREC: tl.constexpr, SPLIT16: tl.constexpr):
-    """Per (chunk, head): dvl = scale (masked K Q^T) dO [BT, V] float32, the part of dU' from
-    the chunk's own queries (no state), for the reverse scan's DV_LOCAL. K Q^T summed over
-    BK-wide K tiles, formed once; V in BV tiles. SPLIT16 (16-bit inputs): K Q^T as two 16-bit
-    halves against dO as stored, as the scan's own form."""
-    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
-    b_kq = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):                                # K Q^T [j, i], exact products
-        b_q = tl.load(token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK),
-                      boundary_check=(0, 1))
-        b_k = tl.load(token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK),
-                      boundary_check=(0, 1))
-        b_kq += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
-    b_g = None
-    if USE_G:
-        b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
-    b_kq = mask_scores(b_kq, b_g, o_t, valid, USE_G)                 # [j, i] float32
-    if SPLIT16:
-        kq_hi, kq_lo = split16(b_kq, do.dtype.element_ty)
-    for i_v in range(tl.cdiv(V, BV)):
-        b_do = tl.load(token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV),
-                       boundary_check=(0, 1))
-        if SPLIT16:
-            b_dv = tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do))
-        else:
-            b_dv = tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC)
-        tl.store(token_tile(dvl, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV), scale * b_dv,
-                 boundary_check=(0, 1))
-
-
-@triton.jit
-def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, chunk_offsets,
-                          scale, H, K, V,
+def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, dht, dh, dv2, dh0, cu_seqlens,
+                          chunk_offsets, scale, H, K, V,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                          PREC: tl.constexpr, SPLIT16: tl.constexpr, DV_LOCAL: tl.constexpr):
+                          PREC: tl.constexpr, SPLIT16: tl.constexpr):
     """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
 
-    DV_LOCAL: the chunk-local part of dU', scale (masked K Q^T) dO, comes from dvl (float32,
-    delta_bwd_dvl_kernel) instead of two dots per step here: the sequential loop keeps only
-    the dots that depend on dS (K dS', Q^T dO into dS, W^T dU').
-
     SPLIT16 (16-bit inputs): the float32 operand of each dot whose other operand is a 16-bit
-    input (K dS', (K Q^T) dO, gated Q^T (e^b dO)) goes in as two 16-bit halves (common.split16), so
-    the input enters the dot as stored instead of through a float32 copy staged in shared
-    memory for a tf32 dot; the products keep ~16 bits where tf32 keeps 11.
+    input (K dS', (K Q^T) dO, K^T (beta e^b T^T dU'), gated Q^T (e^b dO)) goes in as two 16-bit
+    halves (common.split16), so the input enters the dot as stored instead of through a float32
+    copy staged in shared memory for a tf32 dot; the products keep ~16 bits where tf32 keeps 11.
 
-    BK spans all of K (the launcher picks full_tile(K)): W^T dU' contracts over the chunk
+    BK spans all of K (the launcher picks full_tile(K)): K^T (...) contracts over the chunk
     but yields all K rows of dS."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
@@ -180,12 +133,12 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, c
         i_t = nt - 1 - j  # chunks in reverse
         t0 = i_t * BT
         valid = (t0 + o_t) < Tn
+        row = (bos + t0 + o_t) * H + i_h  # [BT] int64 offsets of (token, head)
         # dh[c] = dS' (gradient of the state at the chunk's end)
         p_dh = state_tile(dh, (c0 + i_t) * H + i_h, K, V, 0, i_v * BV, BK, BV)
         tl.store(p_dh, b_ds.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
         p_q = token_tile(q, bos, i_h, Tn, H, K, t0, 0, BT, BK)
         p_k = token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
-        p_w = token_tile(w, bos, i_h, Tn, H, K, t0, 0, BT, BK)
         p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         # q, k, dO stay in the inputs' dtype (half the registers of float32 tiles at 16 bits);
@@ -197,32 +150,25 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, c
         b_g = None
         if USE_G:
             last = tl.minimum(t0 + BT, Tn) - 1
-            b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+            b_g = tl.load(gc + row, mask=valid, other=0.0)
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
-        if not DV_LOCAL:
-            # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
-            b_kq = mask_scores(tl.dot(b_k, tl.trans(b_q), input_precision=PREC), b_g, o_t,
-                               valid, USE_G)                    # [j, i], exact products
+        # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
+        b_kq = mask_scores(tl.dot(b_k, tl.trans(b_q), input_precision=PREC), b_g, o_t, valid,
+                           USE_G)                                   # [j, i], exact products
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
         if SPLIT16:
-            if not DV_LOCAL:
-                # the part that does not wait for dS' first, so that K Q^T is dead before the
-                # split of dS' is formed
-                kq_hi, kq_lo = split16(b_kq, b_do.dtype)
-                b_dvi = tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do))
+            # the part that does not wait for dS' first, so that K Q^T is dead before the
+            # split of dS' is formed
+            kq_hi, kq_lo = split16(b_kq, b_do.dtype)
+            b_dvi = tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do))
             ds_hi, ds_lo = split16(b_ds, b_k.dtype)
             b_kds = tl.dot(b_k, ds_lo, tl.dot(b_k, ds_hi))
         else:
+            b_dvi = tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC)
             b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
         if USE_G:
             b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-        if DV_LOCAL:
-            p_dvl = token_tile(dvl, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-            b_dv = tl.load(p_dvl, boundary_check=(0, 1)) + b_kds
-        elif SPLIT16:
-            b_dv = scale * b_dvi + b_kds
-        else:
-            b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
+        b_dv = scale * b_dvi + b_kds
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
         if USE_G and SPLIT16:
@@ -235,8 +181,17 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dvl, dht, dh, dv2, dh0, cu_seqlens, c
                 input_precision=PREC)
         else:
             b_ds += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC)  # exact products
-        b_w = tl.load(p_w, boundary_check=(0, 1))          # loaded once q and dO are done
-        b_ds -= tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
+        # W^T dU' = K^T (beta exp(b) * (T^T dU')), T loaded once q and dO are done
+        b_wt = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)  # beta exp(b)
+        if USE_G:
+            b_wt = b_wt * tl.exp(b_g)
+        b_y = tl.dot(tl.trans(chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT)), b_dv,
+                     input_precision=PREC) * b_wt[:, None]           # [BT, BV]
+        if SPLIT16:
+            y_hi, y_lo = split16(b_y, b_k.dtype)
+            b_ds -= tl.dot(tl.trans(b_k), y_lo, tl.dot(tl.trans(b_k), y_hi))
+        else:
+            b_ds -= tl.dot(tl.trans(b_k.to(tl.float32)), b_y, input_precision=PREC)
 
     if STORE_DH0:
         p_dh0 = state_tile(dh0, i_nh, K, V, 0, i_v * BV, BK, BV)
@@ -464,11 +419,12 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
 
 # ------------------------------------------------------------------------------ launchers
 
-def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0):
+def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale, need_dh0):
     """dS backwards over the chunks.
 
-    Args: q, k [TT, H, K]; w [TT, H, K], gc [TT, H] or None (float32, delta_fwd.prep);
-        do [TT, H, V]; dfinal [N, H, K, V] or None; initial_state [N, H, K, V] or None.
+    Args: q, k [TT, H, K], beta [TT, H] (inputs); tinv [TT, H, BT], gc [TT, H] or None
+        (float32, delta_fwd.prep); do [TT, H, V]; dfinal [N, H, K, V] or None;
+        initial_state [N, H, K, V] or None.
     Returns: dh [NC, H, K, V] in delta_fwd.state_dtype (gradient of each chunk's end state;
         the scan carries it in float32),
         dv2 [TT, H, V] in grad_dtype (dU'), dh0 [N, H, K, V] in initial_state's dtype (or None
@@ -486,17 +442,9 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype), device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
     BK, BV = full_tile(K), scan_v_block(K, V, REVERSE_SCAN_BV, N * H, dev, q.dtype)
-    dvl = None
-    if REVERSE_SCAN_DV_LOCAL and layout.NT:
-        dvl = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
-        delta_bwd_dvl_kernel[(layout.NT, H)](
-            q, k, gc if gc is not None else dvl, do, dvl, layout.cu, layout.tile_seq,
-            layout.tile_idx, scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64), BV=head_tile(V, 64),
-            USE_G=gc is not None, PREC=dot_precision(q.dtype),
-            SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q), **LAUNCH["dv_local"])
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
-            q, k, w, gc if gc is not None else w, do, dvl if dvl is not None else dv2,
+            q, k, beta, tinv, gc if gc is not None else tinv, do,
             dfinal if dfinal is not None else dh,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
@@ -505,7 +453,6 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
             # only (see REVERSE_SCAN_SPLIT16_GATED_MIN_BV)
             SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= 128
             and (gc is None or BV >= REVERSE_SCAN_SPLIT16_GATED_MIN_BV),
-            DV_LOCAL=dvl is not None,
             **(LAUNCH["reverse_scan_k256"] if BK >= 256 else
                {**LAUNCH["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))
     return dh, dv2, dh0
@@ -580,22 +527,20 @@ def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh
         do [TT, H, V] (contiguous); dfinal [N, H, K, V] float32 or None;
         initial_state [N, H, K, V] float32 or None;
         layout: common.ChunkLayout (delta_api.chunk_layout);
-        kept: None, or a list holding the forward's (gc, tinv, w, h, vnew) or None; it is
+        kept: None, or a list holding the forward's (gc, tinv, h, vnew) or None; it is
         emptied here, so that these buffers too are freed after their last kernel.
     Returns: dq, dk, dv (inputs' dtypes), dbeta (beta's dtype), dg (g's dtype or None),
         dh0 (initial_state's dtype, or None unless need_dh0).
     """
     kept = kept.pop() if kept else None
     if kept is None:                                       # recompute prep and scan
-        gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, layout)
-        h, vnew, _ = delta_fwd.scan(k, w, u, gc, initial_state, layout, False)
-        del u                                              # last read by scan
+        gc, tinv = delta_fwd.prep(k, beta, g, layout)
+        h, vnew, _ = delta_fwd.scan(k, v, beta, gc, tinv, initial_state, layout, False)
     else:
-        gc, tinv, w, h, vnew = kept
+        gc, tinv, h, vnew = kept
         del kept
-    dh, dv2, dh0 = reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale,
+    dh, dv2, dh0 = reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
                                 need_dh0)
-    del w                                                  # last read by reverse_scan
     dq, dk_part, dw, db = grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale)
     del h, vnew, dh                                        # last read by grads_qk
     dk, dv, dbeta, dg = grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout)

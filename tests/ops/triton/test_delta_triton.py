@@ -97,7 +97,7 @@ def test_float16(gated, knorm):
 @pytest.mark.parametrize("knorm", [None, "free"], ids=["unit", "free"])
 def test_split16_dots(gated, knorm, monkeypatch):
     """The dots that take a float32 operand as two 16-bit halves (common.split16: the scans,
-    prep's W and U, grads_wy), which run for bfloat16 inputs only, forced on for float16 so
+    grads_wy), which run for bfloat16 inputs only, forced on for float16 so
     the interpreter can run them; the GPU tests cover them in bfloat16."""
     from linattn.ops.triton import common, delta_bwd
     monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
@@ -105,21 +105,6 @@ def test_split16_dots(gated, knorm, monkeypatch):
     monkeypatch.setattr(delta_bwd, "GRADS_WY_SPLIT16_MIN_BK", 16)
     monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_GATED_MIN_BV", 16)
     check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=2, knorm=knorm), dtype=torch.float16)
-
-
-@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-@pytest.mark.parametrize("split", [False, True], ids=["tf32", "split16"])
-def test_reverse_scan_local_part_in_loop(gated, split, monkeypatch):
-    """The reverse scan forming dU''s chunk-local part itself (delta_bwd.REVERSE_SCAN_DV_LOCAL
-    off: K Q^T and its product with dO in every step), with and without the split16 dots
-    (float16 forced through them, as in test_split16_dots)."""
-    from linattn.ops.triton import common, delta_bwd
-    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_DV_LOCAL", False)
-    if split:
-        monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
-        monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_GATED_MIN_BV", 16)
-    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=4, knorm="free"),
-          dtype=torch.float16 if split else torch.float32)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
