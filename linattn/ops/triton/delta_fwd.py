@@ -61,10 +61,11 @@ BC = 16  # diagonal sub-block of the forward substitution
 # one wave instead of 1.94; 1.13 -> 0.85 / 1.23 -> 1.18); the output on 3 stages once its dots
 # took 16-bit operands (0.78 either way / 1.12 -> 0.89).
 # 2026-11-29 (11th session): prep forming T alone (W and U left to a kernel of their own, the
-# step before they went away) on 2 warps instead of 4: 1.01 -> 0.55 / 1.17 -> 0.58.
+# step before they went away) on 2 warps instead of 4: 1.01 -> 0.55 / 1.17 -> 0.58; the scan
+# forming U' from T on 2 stages (0.92 -> 0.75 / 0.95 -> 0.85; 8 warps 1.51 / 1.54).
 LAUNCH = {
     "prep": dict(num_warps=2, num_stages=1),
-    "scan": dict(num_warps=4, num_stages=1),
+    "scan": dict(num_warps=4, num_stages=2),
     "scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile (full_tile(K) 256)
     "output": dict(num_warps=4, num_stages=3),
 }
