@@ -227,8 +227,8 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     for i_v in range(tl.cdiv(V, BV)):
         p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
-        b_vn = tl.load(p_vn, boundary_check=(0, 1))
+        b_vn = tl.load(p_vn, boundary_check=(0, 1))       # stored 16-bit or float32
+        b_do = tl.load(p_do, boundary_check=(0, 1)).to(b_vn.dtype)
         b_m += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
     b_m = b_m * b_gam * scale
 
@@ -259,13 +259,14 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
             p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
             b_hs = tl.load(p_h, boundary_check=(0, 1))       # stored 16-bit or float32
             b_h = b_hs.to(tl.float32)
-            b_dh = tl.load(p_dh, boundary_check=(0, 1)).to(tl.float32)  # stored 16-bit or float32
+            b_dhs = tl.load(p_dh, boundary_check=(0, 1))     # stored 16-bit or float32
+            b_dh = b_dhs.to(tl.float32)
             b_do = tl.load(p_do, boundary_check=(0, 1))
             b_vn = tl.load(p_vn, boundary_check=(0, 1))
             b_dv = tl.load(p_dv2, boundary_check=(0, 1))
             # dO S^T in h's stored dtype (the inputs' for 16-bit inputs: exact products)
             b_dqa += tl.dot(b_do.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC)
-            b_dka += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
+            b_dka += tl.dot(b_vn.to(b_dhs.dtype), tl.trans(b_dhs), input_precision=PREC)
             if b_dv.dtype == b_hs.dtype:                    # both 16-bit: exact products
                 b_dwa += tl.dot(b_dv, tl.trans(b_hs), input_precision=PREC)
             else:
@@ -461,7 +462,8 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
 def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
     """dq, and the parts of dk, dW and db that come through the states and outputs.
 
-    Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (delta_fwd.scan); gc [TT, H] or
+    Args: q, k [TT, H, K]; vnew [TT, H, V] (delta_fwd.vnew_dtype), h [NC + N, H, K, V]
+        (delta_fwd.scan); gc [TT, H] or
         None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V].
     Returns: dq [TT, H, K] in q's dtype; dk_part, dw [TT, H, K] in grad_dtype; db [TT, H]
         float32 (None when ungated).

@@ -84,6 +84,19 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if STATES_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
 
 
+# U' (vnew) stored in the inputs' dtype for 16-bit inputs, as fla stores it: read by the output
+# kernel and twice by grads_qk (once per 64-wide K tile at K 128), 256 MiB less per pass at
+# B*T 65536, H 16, D 128, and their dots against it take 16-bit operands. The scan's state
+# update uses the float32 U'. CPU probe (delta_lowp_probe.py, point vnew beside h, dU', dW,
+# dk_part): the tests' rule holds at T 1024, K 64, unit and unnormalised keys, gated or not.
+VNEW_IN_INPUT_DTYPE: bool = True
+
+
+def vnew_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored U' for inputs of this dtype."""
+    return dtype if VNEW_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """input_precision for float32 x float32 dots: exact for float32 inputs; tf32 for
     bfloat16 (whose hot dots take split16 instead); tf32x3 (three tf32 products, float32's
@@ -385,15 +398,15 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
     Args: k [TT, H, K], v [TT, H, V], beta [TT, H] (inputs); gc [TT, H] float32 or None,
         tinv [TT, H, BT] float32 (prep); initial_state [N, H, K, V] or None.
     Returns: h [NC + N, H, K, V] in state_dtype(k.dtype) (state at each chunk's start, at the
-        slots of layout; the N slots after each sequence stay unwritten), vnew [TT, H, V] float32
-        (U'), final [N, H, K, V] float32 or None.
+        slots of layout; the N slots after each sequence stay unwritten), vnew [TT, H, V] in
+        vnew_dtype (U'), final [N, H, K, V] float32 or None.
     """
     TT, H, K = k.shape
     V = v.shape[-1]
     N = layout.N
     dev = k.device
     h = alloc.empty(layout.n_slots, H, K, V, dtype=state_dtype(k.dtype), device=dev)
-    vnew = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
+    vnew = alloc.empty(TT, H, V, dtype=vnew_dtype(k.dtype), device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     BK, BV = full_tile(K), scan_v_block(K, V, SCAN_BV, N * H, dev, k.dtype)
     if N:
@@ -418,7 +431,8 @@ def output(q, k, vnew, gc, h, layout, scale, out_dtype):
     """
     K, V = q.shape[-1], vnew.shape[-1]
     launch = LAUNCH["output"]
-    # dots in tf32 on float32 U' and states (exact "ieee" for float32 inputs), as in the scan
+    # dots on U' and the states as stored (16-bit, or float32 with exact "ieee" dots for float32
+    # inputs)
     cfg = KernelConfig(gate=0 if gc is None else 1, has_kw=False, mexp=False, noncausal=False,
                        ieee=q.dtype == torch.float32, BK=head_tile(K, 64),
                        BV=head_tile(V, OUTPUT_BV), BVS=head_tile(V, OUTPUT_BV),
