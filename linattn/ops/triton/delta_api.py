@@ -20,13 +20,12 @@ import triton
 
 from . import common, delta_bwd, delta_fwd
 
-# Keep the forward's b, T, W, U' and chunk states for the backward instead of recomputing
-# prep and scan there: one launch of each less per backward (prep 2.08 + scan 1.25 of 19.96 ms
-# at B*T = 65536, H = 16, D = 128 on the H200, profile of 2026-11-29). A single op's peak does
-# not rise (the backward allocated the same buffers, plus U, which is not kept), but they are
-# held from forward to backward: about 2.4x the size of q, k, v in bf16 at D = 128 with float32
-# states, ~1.9x with the states in bf16 (delta_fwd.STATES_IN_INPUT_DTYPE). Set False to
-# recompute in memory-bound stacks.
+# Keep the forward's b, T, U' and chunk states for the backward instead of recomputing prep
+# and scan there: one launch of each less per backward (prep 0.55 + scan 0.75 of ~6.6 ms at
+# B*T = 65536, H = 16, D = 128 on the H200, 2026-11-29). A single op's peak does not rise
+# (the backward allocates the same buffers), but they are held from forward to backward:
+# about 1.5x the size of q, k, v in bf16 at D = 128 (h and U' in bf16, T float32). Set False
+# to recompute in memory-bound stacks.
 SAVE_INTERMEDIATES: bool = True
 
 

@@ -266,7 +266,10 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
             b_dv = tl.load(p_dv2, boundary_check=(0, 1))
             # dO S^T in h's stored dtype (the inputs' for 16-bit inputs: exact products)
             b_dqa += tl.dot(b_do.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC)
-            b_dka += tl.dot(b_vn.to(b_dhs.dtype), tl.trans(b_dhs), input_precision=PREC)
+            if b_vn.dtype == b_dhs.dtype:                   # both 16-bit: exact products
+                b_dka += tl.dot(b_vn, tl.trans(b_dhs), input_precision=PREC)
+            else:
+                b_dka += tl.dot(b_vn.to(tl.float32), tl.trans(b_dh), input_precision=PREC)
             if b_dv.dtype == b_hs.dtype:                    # both 16-bit: exact products
                 b_dwa += tl.dot(b_dv, tl.trans(b_hs), input_precision=PREC)
             else:

@@ -108,6 +108,15 @@ def test_split16_dots(gated, knorm, monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_vnew_float32(gated, monkeypatch):
+    """U' stored in float32 for 16-bit inputs (delta_fwd.VNEW_IN_INPUT_DTYPE off): grads_qk's
+    dots on U' then take float32 operands beside the 16-bit dO and dS'."""
+    from linattn.ops.triton import delta_fwd
+    monkeypatch.setattr(delta_fwd, "VNEW_IN_INPUT_DTYPE", False)
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=5, knorm="free"), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_split_scan_v_blocks(gated, monkeypatch):
     """The forward and reverse scans with V cut into 16-wide blocks (common.fill_v_block's
     choice for few long sequences on a GPU), forced here: V = 40 in three ragged blocks."""
