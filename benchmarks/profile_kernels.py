@@ -35,7 +35,21 @@ STEPS = 3
 
 
 def fwd_bwd_step(kind: str, B: int, T: int, H: int, D: int):
-    """A closure running one forward+backward of `kind` on fixed bf16 inputs."""
+    """A closure running one forward+backward of `kind` on fixed bf16 inputs. A kind with a
+    dot is an op of `linattn bench` (e.g. fla.chunk_delta_rule: a peer's kernels, profiled
+    on the bench's inputs)."""
+    if "." in kind:
+        from linattn import bench
+        gen = torch.Generator(device="cuda")
+        gen.manual_seed(0)
+        inputs, fn = bench.build_case(kind, bench.Shape(B, T, H, D), gen)
+        leaves = [x for x in inputs if x.requires_grad]
+
+        def step():
+            out = fn()
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            return torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return step
     if kind in DELTA:
         q, k, v, beta, g = time_delta.make_inputs(B, T, H, D, kind == "gated_delta", torch.bfloat16)
         leaves = [x.requires_grad_() for x in (q, k, v, beta, g) if x is not None]

@@ -66,14 +66,12 @@ VARIANTS = {
     "qk_bv64": {"qk_bv": (64, 64)},
     # storage dtypes back to float32, one flag at a time (see delta_fwd / delta_bwd)
     "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
-    "f32_u": {"flags": {"delta_fwd.U_IN_INPUT_DTYPE": False}},
     "f32_grads": {"flags": {"delta_bwd.GRADS_IN_INPUT_DTYPE": False}},
     # Gated DeltaNet's grads_qk with Q K^T inside its main loop again (main's form)
     "qk_inloop": {"flags": {"delta_bwd.GRADS_QK_QK_AFTER": False}},
     # the scans' dots on float32 values by tf32 again instead of two 16-bit halves (main's form)
     "scan_nosplit": {"flags": {"delta_fwd.SCAN_SPLIT16": False}},
     "rs_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16": False}},
-    "prep_nosplit": {"flags": {"delta_fwd.PREP_SPLIT16": False}},
     # grads_wy's split off (on from 64-wide K tiles: NaN in dk at K = 16 on the GPU)
     "wy_nosplit": {"flags": {"delta_bwd.GRADS_WY_SPLIT16": False}},
     # Gated DeltaNet's reverse scan unsplit (it splits on 64-wide V blocks: O(1) gradient
@@ -89,9 +87,14 @@ VARIANTS = {
     "k256_bv32_w4": {"flags": {"delta_fwd.STATE_TILE_ELEMS": 8192},
                      "scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
     "k256_w4": {"scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
+    # prep on 4 warps (2 since W and U left it), the scans' launch around the new dots
+    "prep_w4": {"prep": dict(num_warps=4)},
+    "scan_s2": {"scan": dict(num_stages=2)},
+    "scan_w8": {"scan": dict(num_warps=8)},
+    "rs_s2": {"reverse_scan": dict(num_stages=2)},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
-                            "delta_fwd.PREP_SPLIT16": False, "delta_bwd.GRADS_QK_QK_AFTER": False,
+                            "delta_bwd.GRADS_QK_QK_AFTER": False,
                             "delta_bwd.GRADS_WY_SPLIT16": False}},
 }
 # variant keys that set a V-tile cap: key -> (module, attribute); qk_bv is (ungated, gated)

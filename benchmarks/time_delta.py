@@ -72,16 +72,16 @@ def time_kernels(B, T, H, D, gated, dtype):
     do = torch.randn_like(v)
     lay = chunk_layout(B, T, None, q.device)
     scale = D ** -0.5
-    gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, lay)
-    h, vnew, _ = delta_fwd.scan(k, w, u, gc, None, lay, False)
-    dh, dv2, _ = delta_bwd.reverse_scan(q, k, w, gc, do, None, None, lay, scale, False)
+    gc, tinv = delta_fwd.prep(k, beta, g, lay)
+    h, vnew, _ = delta_fwd.scan(k, v, beta, gc, tinv, None, lay, False)
+    dh, dv2, _ = delta_bwd.reverse_scan(q, k, beta, tinv, gc, do, None, None, lay, scale, False)
     dq, dkp, dw, db = delta_bwd.grads_qk(q, k, vnew, gc, h, dh, do, dv2, lay, scale)
     steps = {
-        "prep": lambda: delta_fwd.prep(k, v, beta, g, lay),
-        "scan": lambda: delta_fwd.scan(k, w, u, gc, None, lay, False),
+        "prep": lambda: delta_fwd.prep(k, beta, g, lay),
+        "scan": lambda: delta_fwd.scan(k, v, beta, gc, tinv, None, lay, False),
         "output": lambda: delta_fwd.output(q, k, vnew, gc, h, lay, scale, v.dtype),
-        "reverse_scan": lambda: delta_bwd.reverse_scan(q, k, w, gc, do, None, None, lay,
-                                                       scale, False),
+        "reverse_scan": lambda: delta_bwd.reverse_scan(q, k, beta, tinv, gc, do, None, None,
+                                                       lay, scale, False),
         "grads_qk": lambda: delta_bwd.grads_qk(q, k, vnew, gc, h, dh, do, dv2, lay, scale),
         "grads_wy": lambda: delta_bwd.grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dkp, db, lay),
     }

@@ -13,6 +13,9 @@
 # scan wrong on 16). Each setting forces the form the defaults avoid, so a fix shows as a
 # difference at bf16 rounding instead of an O(1) one.
 set -u
+# After the eleventh session (W and U gone from the delta rule, U' in bf16; PERF_NOTES 25): call
+# 1 the default STEPS ("diff tests", ~5 minutes), call 2 STEPS=delta (the sweeps at D 128 and
+# 256), then the bench.
 STEPS=${STEPS:-"diff tests"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
@@ -29,23 +32,25 @@ if want diff; then
 RS="delta_bwd.REVERSE_SCAN_SPLIT16_GATED_MIN_BV=16"; WY="delta_bwd.GRADS_WY_SPLIT16_MIN_BK=16"
 K256="delta_fwd.SCAN_MIN_BV_K256=16"
 timeout 200 python3 benchmarks/flag_diff.py --op delta --timeout 190 --json "$OUT/flag_diff_delta.json" \
-    --settings "default=;rs_g16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
+    --settings "default=;vnew_f32=delta_fwd.VNEW_IN_INPUT_DTYPE=0;rs_g16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
     2>&1 | grep -v Warn | tail -40
 fi
 
 # 1) every GPU test (about 2.5 minutes on 8 workers)
 if want tests; then
-OUT="$OUT" TESTS_S=${TESTS_S:-200} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&1 | tail -4
+OUT="$OUT" TESTS_S=${TESTS_S:-240} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&1 | tail -4
 rm -f "$OUT/gpu_tests.xml"
 fi
 
-# 2) the delta rule's options one at a time against the defaults (main_form: every split16
-#    option and QK_AFTER off); SWEEP_ARGS="--D 256 --variants default,k256_bv32,k256_w4" for
-#    the 256-wide state
+# 2) the delta rule's options against the defaults at D 128 and D 256 (SWEEP_VARIANTS, e.g.
+#    "default,main_form,qk_inloop,scan_nosplit,rs_nosplit,wy_nosplit,scan_s2,rs_s2")
 if want delta; then
+timeout $(( ($(left) - 10) / 2 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
+    --variants ${SWEEP_VARIANTS:-default,scan_nosplit,rs_nosplit} --json "$OUT/sweep_delta.json" ${SWEEP_ARGS:-} \
+    2>&1 | tail -22
 timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants default,main_form,qk_inloop,scan_nosplit,rs_nosplit,prep_nosplit,wy_nosplit,rs_gated_nosplit \
-    --json "$OUT/sweep_delta.json" ${SWEEP_ARGS:-} 2>&1 | tail -22
+    --variants ${SWEEP_VARIANTS:-default,scan_nosplit,rs_nosplit} --D 256 --json "$OUT/sweep_delta_d256.json" \
+    2>&1 | tail -22
 fi
 
 # 3) the gated scans' num_stages at both ends of T (3 since the eighth session: 2 won at

@@ -2,9 +2,9 @@
 
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t)
 
-Forward: delta_fwd.prep (b, T, W, U per chunk) -> delta_fwd.scan (chunk states, U') ->
+Forward: delta_fwd.prep (b, T per chunk) -> delta_fwd.scan (chunk states, U') ->
 delta_fwd.output (O: the gated family's output kernel with values U'). The forward keeps what
-the backward reads of prep and scan (b, T, W, U' and the chunk states; SAVE_INTERMEDIATES)
+the backward reads of prep and scan (b, T, U' and the chunk states; SAVE_INTERMEDIATES)
 or, with SAVE_INTERMEDIATES off, only its inputs, and the backward (delta_bwd.backward)
 recomputes them. It then runs the reverse scan for dS and two chunk-parallel gradient
 kernels, releasing every intermediate after its last kernel. No atomics: bitwise
@@ -20,13 +20,12 @@ import triton
 
 from . import common, delta_bwd, delta_fwd
 
-# Keep the forward's b, T, W, U' and chunk states for the backward instead of recomputing
-# prep and scan there: one launch of each less per backward (prep 2.08 + scan 1.25 of 19.96 ms
-# at B*T = 65536, H = 16, D = 128 on the H200, profile of 2026-11-29). A single op's peak does
-# not rise (the backward allocated the same buffers, plus U, which is not kept), but they are
-# held from forward to backward: about 2.4x the size of q, k, v in bf16 at D = 128 with float32
-# states, ~1.9x with the states in bf16 (delta_fwd.STATES_IN_INPUT_DTYPE). Set False to
-# recompute in memory-bound stacks.
+# Keep the forward's b, T, U' and chunk states for the backward instead of recomputing prep
+# and scan there: one launch of each less per backward (prep 0.55 + scan 0.75 of ~6.6 ms at
+# B*T = 65536, H = 16, D = 128 on the H200, 2026-11-29). A single op's peak does not rise
+# (the backward allocates the same buffers), but they are held from forward to backward:
+# about 1.5x the size of q, k, v in bf16 at D = 128 (h and U' in bf16, T float32). Set False
+# to recompute in memory-bound stacks.
 SAVE_INTERMEDIATES: bool = True
 
 
@@ -48,16 +47,14 @@ def _packed(x):
 
 def _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state, keep):
     """Packed forward: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] -> (o [TT, H, V], final,
-    the backward's (gc, tinv, w, h, vnew) when keep, else None)."""
-    gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, layout)
+    the backward's (gc, tinv, h, vnew) when keep, else None)."""
+    gc, tinv = delta_fwd.prep(k, beta, g, layout)
+    h, vnew, final = delta_fwd.scan(k, v, beta, gc, tinv, initial_state, layout,
+                                    output_final_state)
     if not keep:
-        tinv = None                                       # read only by the backward
-    h, vnew, final = delta_fwd.scan(k, w, u, gc, initial_state, layout, output_final_state)
-    del u                                                 # last read by scan
-    if not keep:
-        w = None                                          # the forward's last reader was scan
+        tinv = None                                       # the forward's last reader was scan
     o = delta_fwd.output(q, k, vnew, gc, h, layout, scale, v.dtype)
-    return o, final, ((gc, tinv, w, h, vnew) if keep else None)
+    return o, final, ((gc, tinv, h, vnew) if keep else None)
 
 
 class DeltaRuleFunction(torch.autograd.Function):

@@ -4,7 +4,8 @@ Notation as in delta_fwd (per chunk: b, Gamma, T, W, U, U' = U - W S, S the stat
 chunk's start, dS' the gradient of the state at its end, M = scale tril(dO U'^T) * Gamma):
 
     dU'  = scale (tril(Q K^T) * Gamma)^T dO + (K * exp(b_L - b)) dS'
-    dS   = exp(b_L) dS' + scale (Q * exp(b))^T dO - W^T dU'            (reverse scan)
+    dS   = exp(b_L) dS' + scale (Q * exp(b))^T dO - W^T dU'            (reverse scan;
+           W^T dU' = K^T (beta exp(b) * (T^T dU')): W is never stored, see delta_fwd)
     dQ   = scale exp(b) * (dO S^T) + M K
     dK  <- exp(b_L - b) * (U' dS'^T) + M^T Q                             (+ the WY part)
     dW   = -dU' S^T,  dU = dU'
@@ -27,7 +28,7 @@ from .. import alloc
 from . import delta_fwd
 from . import common
 from .common import head_tile, split16
-from .delta_fwd import (BT, chunk_program, dot_precision, full_tile, scan_v_block,
+from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, scan_v_block,
                         sequence_program, state_tile, token_tile)
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
@@ -90,19 +91,31 @@ def grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @triton.jit
-def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_offsets,
-                          scale, H, K, V,
+def mask_scores(b_kq, b_g, o_t, valid, USE_G: tl.constexpr):
+    """(tril(Q K^T) * Gamma)^T of one chunk from K Q^T [j, i] (key j, query i), float32:
+    masked to i >= j and i in the sequence, and with USE_G times exp(b_i - b_j) (b_g [BT] the
+    chunk-local log-decay cumsum)."""
+    m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
+    if USE_G:
+        return b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
+    else:
+        return tl.where(m_c, b_kq, 0.0)
+
+
+@triton.jit
+def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, dht, dh, dv2, dh0, cu_seqlens,
+                          chunk_offsets, scale, H, K, V,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
                           PREC: tl.constexpr, SPLIT16: tl.constexpr):
     """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
 
     SPLIT16 (16-bit inputs): the float32 operand of each dot whose other operand is a 16-bit
-    input (K dS', (K Q^T) dO, gated Q^T (e^b dO)) goes in as two 16-bit halves (common.split16), so
-    the input enters the dot as stored instead of through a float32 copy staged in shared
-    memory for a tf32 dot; the products keep ~16 bits where tf32 keeps 11.
+    input (K dS', (K Q^T) dO, K^T (beta e^b T^T dU'), gated Q^T (e^b dO)) goes in as two 16-bit
+    halves (common.split16), so the input enters the dot as stored instead of through a float32
+    copy staged in shared memory for a tf32 dot; the products keep ~16 bits where tf32 keeps 11.
 
-    BK spans all of K (the launcher picks full_tile(K)): W^T dU' contracts over the chunk
+    BK spans all of K (the launcher picks full_tile(K)): K^T (...) contracts over the chunk
     but yields all K rows of dS."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
@@ -120,12 +133,12 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
         i_t = nt - 1 - j  # chunks in reverse
         t0 = i_t * BT
         valid = (t0 + o_t) < Tn
+        row = (bos + t0 + o_t) * H + i_h  # [BT] int64 offsets of (token, head)
         # dh[c] = dS' (gradient of the state at the chunk's end)
         p_dh = state_tile(dh, (c0 + i_t) * H + i_h, K, V, 0, i_v * BV, BK, BV)
         tl.store(p_dh, b_ds.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
         p_q = token_tile(q, bos, i_h, Tn, H, K, t0, 0, BT, BK)
         p_k = token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
-        p_w = token_tile(w, bos, i_h, Tn, H, K, t0, 0, BT, BK)
         p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         # q, k, dO stay in the inputs' dtype (half the registers of float32 tiles at 16 bits);
@@ -134,32 +147,28 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
         b_q = tl.load(p_q, boundary_check=(0, 1))
         b_k = tl.load(p_k, boundary_check=(0, 1))
         b_do = tl.load(p_do, boundary_check=(0, 1))
-        # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
-        b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)  # [j, i], exact products
-        m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
+        b_g = None
         if USE_G:
             last = tl.minimum(t0 + BT, Tn) - 1
-            b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+            b_g = tl.load(gc + row, mask=valid, other=0.0)
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
-            b_kq = b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
-        else:
-            b_kq = tl.where(m_c, b_kq, 0.0)
+        # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
+        b_kq = mask_scores(tl.dot(b_k, tl.trans(b_q), input_precision=PREC), b_g, o_t, valid,
+                           USE_G)                                   # [j, i], exact products
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
         if SPLIT16:
-            # the part that does not wait for dS' first, so that K Q^T is dead before the split
-            # of dS' is formed
+            # the part that does not wait for dS' first, so that K Q^T is dead before the
+            # split of dS' is formed
             kq_hi, kq_lo = split16(b_kq, b_do.dtype)
             b_dvi = tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do))
             ds_hi, ds_lo = split16(b_ds, b_k.dtype)
             b_kds = tl.dot(b_k, ds_lo, tl.dot(b_k, ds_hi))
         else:
+            b_dvi = tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC)
             b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
         if USE_G:
             b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-        if SPLIT16:
-            b_dv = scale * b_dvi + b_kds
-        else:
-            b_dv = scale * tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC) + b_kds
+        b_dv = scale * b_dvi + b_kds
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
         if USE_G and SPLIT16:
@@ -172,8 +181,17 @@ def delta_bwd_scan_kernel(q, k, w, gc, do, dht, dh, dv2, dh0, cu_seqlens, chunk_
                 input_precision=PREC)
         else:
             b_ds += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC)  # exact products
-        b_w = tl.load(p_w, boundary_check=(0, 1))          # loaded once q and dO are done
-        b_ds -= tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
+        # W^T dU' = K^T (beta exp(b) * (T^T dU')), T loaded once q and dO are done
+        b_wt = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)  # beta exp(b)
+        if USE_G:
+            b_wt = b_wt * tl.exp(b_g)
+        b_y = tl.dot(tl.trans(chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT)), b_dv,
+                     input_precision=PREC) * b_wt[:, None]           # [BT, BV]
+        if SPLIT16:
+            y_hi, y_lo = split16(b_y, b_k.dtype)
+            b_ds -= tl.dot(tl.trans(b_k), y_lo, tl.dot(tl.trans(b_k), y_hi))
+        else:
+            b_ds -= tl.dot(tl.trans(b_k.to(tl.float32)), b_y, input_precision=PREC)
 
     if STORE_DH0:
         p_dh0 = state_tile(dh0, i_nh, K, V, 0, i_v * BV, BK, BV)
@@ -209,8 +227,8 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     for i_v in range(tl.cdiv(V, BV)):
         p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_do = tl.load(p_do, boundary_check=(0, 1)).to(tl.float32)
-        b_vn = tl.load(p_vn, boundary_check=(0, 1))
+        b_vn = tl.load(p_vn, boundary_check=(0, 1))       # stored 16-bit or float32
+        b_do = tl.load(p_do, boundary_check=(0, 1)).to(b_vn.dtype)
         b_m += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
     b_m = b_m * b_gam * scale
 
@@ -241,13 +259,17 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
             p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
             b_hs = tl.load(p_h, boundary_check=(0, 1))       # stored 16-bit or float32
             b_h = b_hs.to(tl.float32)
-            b_dh = tl.load(p_dh, boundary_check=(0, 1)).to(tl.float32)  # stored 16-bit or float32
+            b_dhs = tl.load(p_dh, boundary_check=(0, 1))     # stored 16-bit or float32
+            b_dh = b_dhs.to(tl.float32)
             b_do = tl.load(p_do, boundary_check=(0, 1))
             b_vn = tl.load(p_vn, boundary_check=(0, 1))
             b_dv = tl.load(p_dv2, boundary_check=(0, 1))
             # dO S^T in h's stored dtype (the inputs' for 16-bit inputs: exact products)
             b_dqa += tl.dot(b_do.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC)
-            b_dka += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
+            if b_vn.dtype == b_dhs.dtype:                   # both 16-bit: exact products
+                b_dka += tl.dot(b_vn, tl.trans(b_dhs), input_precision=PREC)
+            else:
+                b_dka += tl.dot(b_vn.to(tl.float32), tl.trans(b_dh), input_precision=PREC)
             if b_dv.dtype == b_hs.dtype:                    # both 16-bit: exact products
                 b_dwa += tl.dot(b_dv, tl.trans(b_hs), input_precision=PREC)
             else:
@@ -401,11 +423,12 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
 
 # ------------------------------------------------------------------------------ launchers
 
-def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0):
+def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale, need_dh0):
     """dS backwards over the chunks.
 
-    Args: q, k [TT, H, K]; w [TT, H, K], gc [TT, H] or None (float32, delta_fwd.prep);
-        do [TT, H, V]; dfinal [N, H, K, V] or None; initial_state [N, H, K, V] or None.
+    Args: q, k [TT, H, K], beta [TT, H] (inputs); tinv [TT, H, BT], gc [TT, H] or None
+        (float32, delta_fwd.prep); do [TT, H, V]; dfinal [N, H, K, V] or None;
+        initial_state [N, H, K, V] or None.
     Returns: dh [NC, H, K, V] in delta_fwd.state_dtype (gradient of each chunk's end state;
         the scan carries it in float32),
         dv2 [TT, H, V] in grad_dtype (dU'), dh0 [N, H, K, V] in initial_state's dtype (or None
@@ -425,7 +448,8 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
     BK, BV = full_tile(K), scan_v_block(K, V, REVERSE_SCAN_BV, N * H, dev, q.dtype)
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
-            q, k, w, gc if gc is not None else w, do, dfinal if dfinal is not None else dh,
+            q, k, beta, tinv, gc if gc is not None else tinv, do,
+            dfinal if dfinal is not None else dh,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
@@ -441,7 +465,8 @@ def reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale, need_dh0
 def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
     """dq, and the parts of dk, dW and db that come through the states and outputs.
 
-    Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (delta_fwd.scan); gc [TT, H] or
+    Args: q, k [TT, H, K]; vnew [TT, H, V] (delta_fwd.vnew_dtype), h [NC + N, H, K, V]
+        (delta_fwd.scan); gc [TT, H] or
         None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V].
     Returns: dq [TT, H, K] in q's dtype; dk_part, dw [TT, H, K] in grad_dtype; db [TT, H]
         float32 (None when ungated).
@@ -507,22 +532,20 @@ def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh
         do [TT, H, V] (contiguous); dfinal [N, H, K, V] float32 or None;
         initial_state [N, H, K, V] float32 or None;
         layout: common.ChunkLayout (delta_api.chunk_layout);
-        kept: None, or a list holding the forward's (gc, tinv, w, h, vnew) or None; it is
+        kept: None, or a list holding the forward's (gc, tinv, h, vnew) or None; it is
         emptied here, so that these buffers too are freed after their last kernel.
     Returns: dq, dk, dv (inputs' dtypes), dbeta (beta's dtype), dg (g's dtype or None),
         dh0 (initial_state's dtype, or None unless need_dh0).
     """
     kept = kept.pop() if kept else None
     if kept is None:                                       # recompute prep and scan
-        gc, tinv, w, u = delta_fwd.prep(k, v, beta, g, layout)
-        h, vnew, _ = delta_fwd.scan(k, w, u, gc, initial_state, layout, False)
-        del u                                              # last read by scan
+        gc, tinv = delta_fwd.prep(k, beta, g, layout)
+        h, vnew, _ = delta_fwd.scan(k, v, beta, gc, tinv, initial_state, layout, False)
     else:
-        gc, tinv, w, h, vnew = kept
+        gc, tinv, h, vnew = kept
         del kept
-    dh, dv2, dh0 = reverse_scan(q, k, w, gc, do, dfinal, initial_state, layout, scale,
+    dh, dv2, dh0 = reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
                                 need_dh0)
-    del w                                                  # last read by reverse_scan
     dq, dk_part, dw, db = grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale)
     del h, vnew, dh                                        # last read by grads_qk
     dk, dv, dbeta, dg = grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout)

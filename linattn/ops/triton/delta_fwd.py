@@ -5,15 +5,21 @@ Gamma_ij = exp(b_i - b_j) (all ones when ungated), DESIGN.md section 4:
 
     A  = tril(diag(beta) (K K^T * Gamma), -1),   T = (I + A)^-1
     W  = T diag(beta exp(b)) K,   U = T diag(beta) V,   U' = U - W S
+       = T diag(beta) (V - exp(b) * (K S))                (the form the scan computes)
     O  = scale ((Q * exp(b)) S + (tril(Q K^T) * Gamma) U')
     S <- exp(b_L) S + (K * exp(b_L - b))^T U'
 
-Two kernels and one borrowed (delta_api keeps W, U', b, T and the states for the backward,
+W and U are never stored: the scan forms U' from T, K and V, which it reads anyway, and the
+reverse scan forms W^T dU' as K^T (beta exp(b) * (T^T dU')). Against storing W (float32) and
+U, that is 0.75 GiB less written and read per fwd+bwd at B*T 65536, H 16, D 128 and one
+kernel less, for one [BT, BT] x [BT, BV] dot more per step.
+
+Two kernels and one borrowed (delta_api keeps U', b, T and the states for the backward,
 or the backward reruns prep and scan):
   delta_prep_kernel    per (chunk, head): b, T (blocked forward substitution on 16x16
-                       blocks), W and U.
+                       blocks).
   delta_scan_kernel    per (sequence, head, V tile): the sequential float32 state scan; writes
-                       the state at each chunk start and U'. W S contracts over all of K, so
+                       the state at each chunk start and U'. K S contracts over all of K, so
                        K is never split across programs; V is tiled.
   output               O is gated linear attention with values U' and the chunk-start states:
                        the gated family's gated_fwd.fwd_o_kernel (no gate, or the scalar gate
@@ -54,9 +60,12 @@ BC = 16  # diagonal sub-block of the forward substitution
 # the scan on 4 warps and 1 stage at K <= 128 (72 KB, two programs per SM: its 256 programs in
 # one wave instead of 1.94; 1.13 -> 0.85 / 1.23 -> 1.18); the output on 3 stages once its dots
 # took 16-bit operands (0.78 either way / 1.12 -> 0.89).
+# 2026-11-29 (11th session): prep forming T alone (W and U left to a kernel of their own, the
+# step before they went away) on 2 warps instead of 4: 1.01 -> 0.55 / 1.17 -> 0.58; the scan
+# forming U' from T on 2 stages (0.92 -> 0.75 / 0.95 -> 0.85; 8 warps 1.51 / 1.54).
 LAUNCH = {
-    "prep": dict(num_warps=4, num_stages=1, maxnreg=168),
-    "scan": dict(num_warps=4, num_stages=1),
+    "prep": dict(num_warps=2, num_stages=1),
+    "scan": dict(num_warps=4, num_stages=2),
     "scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile (full_tile(K) 256)
     "output": dict(num_warps=4, num_stages=3),
 }
@@ -75,23 +84,28 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if STATES_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
 
 
-# U (prep's output, read once by the scan, which upcasts it before U' = U - W S) stored in the
-# inputs' dtype for 16-bit inputs: 256 MiB less written and read at B*T 65536, H 16, D 128.
-# W stays float32: the CPU probe (delta_lowp_probe.py) passes the tests' rule at T = 1024 with
-# U or W in bf16 beside h, dU', dW and dk_part (delta_bwd.GRADS_IN_INPUT_DTYPE) in bf16, but
-# not with both (DeltaNet, unnormalised keys: dbeta 1.5e3 against a bound of 1.4e3); and W in
-# bf16 raises the reverse scan's sm_90 spills (436 -> 656 B, 1208 -> 1552 gated). False: float32.
-U_IN_INPUT_DTYPE: bool = True
+# U' (vnew) stored in the inputs' dtype for 16-bit inputs, as fla stores it: read by the output
+# kernel and twice by grads_qk (once per 64-wide K tile at K 128), 256 MiB less per pass at
+# B*T 65536, H 16, D 128, and their dots against it take 16-bit operands. The scan's state
+# update uses the float32 U'. CPU probe (delta_lowp_probe.py, point vnew beside h, dU', dW,
+# dk_part): the tests' rule holds at T 1024, K 64, unit and unnormalised keys, gated or not.
+VNEW_IN_INPUT_DTYPE: bool = True
 
 
-def u_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored U for inputs of this dtype."""
-    return dtype if U_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+def vnew_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored U' for inputs of this dtype."""
+    return dtype if VNEW_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """input_precision for float32 x float32 dots: exact for float32 inputs, tf32 otherwise."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """input_precision for float32 x float32 dots: exact for float32 inputs; tf32 for
+    bfloat16 (whose hot dots take split16 instead); tf32x3 (three tf32 products, float32's
+    accuracy) for float16, whose 11-bit inputs the 11-bit tf32 rounding of W, S and U' matched:
+    H200 (2026-11-29) Gated DeltaNet K = V = 128, final state 1.15e-3 against the tests' bound
+    of 1.0e-3 (3 x the oracle's error on float16-rounded inputs) with tf32."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float16 else "tf32"
 
 
 def full_tile(d: int) -> int:
@@ -99,15 +113,11 @@ def full_tile(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-# prep's W and U by two 16-bit halves of the weighted T (delta_prep_kernel's SPLIT16): H200
-# sweep (2026-11-29, T 8192, D 128) prep 1.61 / 1.66 -> 1.43 / 1.50 ms (DeltaNet / gated);
-# checked against the unsplit kernel on the GPU (benchmarks/flag_diff.py) at K 16 - 128 and
-# V up to 256 (its 64-wide tiles are the same at K 256)
-PREP_SPLIT16: bool = True
 # V tile cap of the forward scan (delta_bwd.REVERSE_SCAN_BV: the reverse scan's)
 SCAN_BV = 64
-# the forward scan's K^T U' by two 16-bit halves of U' (delta_scan_kernel's SPLIT16): H200
-# sweep (2026-11-29, T 8192, D 128) scan 0.85 / 1.18 -> 0.84 / 0.91 ms (DeltaNet / gated).
+# the forward scan's K S and K^T U' by two 16-bit halves of S and U' (delta_scan_kernel's
+# SPLIT16): H200 sweep (2026-11-29, T 8192, D 128, K^T U' only) scan 0.85 / 1.18 -> 0.84 /
+# 0.91 ms (DeltaNet / gated).
 # At K <= 128 only: the GPU checked it there (flag_diff); K 256 runs the scan on one 256-wide
 # K block and 8 warps, where other split16 kernels went wrong in shapes the interpreter passes
 # (PERF_NOTES 22)
@@ -174,26 +184,6 @@ def state_tile(x, slot, K, V, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def t_weighted_product(b_t, b_wt, x, out, bos, i_h, Tn, t0, H, D, BT: tl.constexpr,
-                       BD: tl.constexpr, SPLIT16: tl.constexpr, PREC: tl.constexpr):
-    """out = T diag(b_wt) X on one chunk's rows (x, out [TT, H, D]; T [BT, BT] and the row
-    weights b_wt [BT] float32), tile by tile over D. SPLIT16: T diag(b_wt) as two 16-bit halves
-    (common.split16) against X as stored; else a dot on the weighted float32 X."""
-    if SPLIT16:
-        a_hi, a_lo = split16(b_t * b_wt[None, :], x.dtype.element_ty)
-    for i_d in range(tl.cdiv(D, BD)):
-        p_x = token_tile(x, bos, i_h, Tn, H, D, t0, i_d * BD, BT, BD)
-        p_o = token_tile(out, bos, i_h, Tn, H, D, t0, i_d * BD, BT, BD)
-        if SPLIT16:
-            b_x16 = tl.load(p_x, boundary_check=(0, 1))
-            b_o = tl.dot(a_lo, b_x16, tl.dot(a_hi, b_x16))
-        else:
-            b_x = tl.load(p_x, boundary_check=(0, 1)).to(tl.float32) * b_wt[:, None]
-            b_o = tl.dot(b_t, b_x, input_precision=PREC)
-        tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
-
-
-@triton.jit
 def chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT: tl.constexpr):
     """Where a (chunk, head[, tile]) program works: (chunk id i_c, head i_h, its sequence's
     first token bos and length Tn, the chunk's first row t0 in the sequence, the rows o_t,
@@ -225,15 +215,13 @@ def sequence_program(cu_seqlens, chunk_offsets, H):
 
 
 @triton.jit
-def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chunk_idx,
-                      H, K, V, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr,
-                      SPLIT16: tl.constexpr):
-    """Per (chunk, head): gc = b, tinv = T = (I + A)^-1, w = W, u = U (all float32). SPLIT16
-    (16-bit inputs): W and U by dots of K, V as stored against two 16-bit halves of the
-    weighted T (common.split16)."""
+def delta_prep_kernel(k, beta, g, gc, tinv, cu_seqlens, chunk_seq, chunk_idx, H, K,
+                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                      USE_G: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, head): gc = b, tinv = T = (I + A)^-1 (float32; rows past the sequence
+    unwritten)."""
     tl.static_assert(BT == 4 * BC, "the UT solve assembles 4 x 4 blocks of BC")
-    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(BK >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     row = (bos + t0 + o_t) * H + i_h  # [BT] int64 offsets of (token, head)
 
@@ -300,33 +288,34 @@ def delta_prep_kernel(k, v, beta, g, gc, tinv, w, u, cu_seqlens, chunk_seq, chun
                   + tl.dot(a31, x10, input_precision="ieee")
                   + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
 
-    # store the off-diagonal blocks (the upper ones hold A's zeros), then read T back whole
+    # store the off-diagonal blocks (the upper ones hold A's zeros)
     tl.store(p_b + BC * H * BT, x10, mask=m_1)
     tl.store(p_b + 2 * BC * H * BT, x20, mask=m_2)
     tl.store(p_b + 2 * BC * H * BT + BC, x21, mask=m_2)
     tl.store(p_b + 3 * BC * H * BT, x30, mask=m_3)
     tl.store(p_b + 3 * BC * H * BT + BC, x31, mask=m_3)
     tl.store(p_b + 3 * BC * H * BT + 2 * BC, x32, mask=m_3)
-    tl.debug_barrier()
-    b_t = tl.load(p_t + o_t[:, None] * (H * BT) + o_t[None, :], mask=m_st, other=0.0)
-
-    # W = T diag(beta exp(b)) K and U = T diag(beta) V
-    t_weighted_product(b_t, b_beta * tl.exp(b_g), k, w, bos, i_h, Tn, t0, H, K, BT, BK, SPLIT16,
-                       PREC)
-    t_weighted_product(b_t, b_beta, v, u, bos, i_h, Tn, t0, H, V, BT, BV, SPLIT16, PREC)
 
 
 @triton.jit
-def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
+def chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT: tl.constexpr):
+    """T [BT, BT] float32 of the chunk at row t0 of a sequence starting at token bos, from
+    prep's tinv [TT, H, BT] (rows past the sequence: zeros)."""
+    p_t = tinv + (bos + t0 + o_t[:, None]) * (H * BT) + i_h * BT + o_t[None, :]
+    return tl.load(p_t, mask=valid[:, None] & (o_t[None, :] < BT), other=0.0)
+
+
+@triton.jit
+def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
                       H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
                       PREC: tl.constexpr, SPLIT16: tl.constexpr):
     """Per (V tile, sequence * head): S over the chunks; h[c0 + n + c] = S at chunk c's start
-    (the gated layout's slots), U'.
+    (the gated layout's slots), U' = T diag(beta) (V - exp(b) * (K S)).
 
-    BK spans all of K (the launcher picks full_tile(K)): W S contracts over it. SPLIT16
-    (16-bit inputs): K^T U' with k as stored and U' (decay-weighted) as two 16-bit halves
-    (common.split16) instead of a tf32 dot on a float32 copy of k."""
+    BK spans all of K (the launcher picks full_tile(K)): K S contracts over it. SPLIT16
+    (16-bit inputs): K S and K^T U' with k as stored and S, U' (decay-weighted) as two 16-bit
+    halves (common.split16) instead of tf32 dots on a float32 copy of k."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
     n = i_nh // H
@@ -341,37 +330,40 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
 
     for i_t in range(tl.cdiv(Tn, BT)):
         t0 = i_t * BT
+        valid = (t0 + o_t) < Tn
         # h[slot] = S at the chunk's start
         p_h = state_tile(h, (c0 + n + i_t) * H + i_h, K, V, 0, i_v * BV, BK, BV)
         tl.store(p_h, b_s.to(p_h.dtype.element_ty), boundary_check=(0, 1))
-        # U' = U - W S
-        p_w = token_tile(w, bos, i_h, Tn, H, K, t0, 0, BT, BK)
-        p_u = token_tile(u, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_w = tl.load(p_w, boundary_check=(0, 1))
-        b_vn = tl.load(p_u, boundary_check=(0, 1)).to(tl.float32) - tl.dot(b_w, b_s,
-                                                                            input_precision=PREC)
-        tl.store(p_vn, b_vn, boundary_check=(0, 1))
-        # S <- exp(b_L) S + (K * exp(b_L - b))^T U'
+        # K S [BT, BV] (rows past the sequence: zeros)
         p_k = token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
+        b_k16 = tl.load(p_k, boundary_check=(0, 1))
+        if SPLIT16:
+            s_hi, s_lo = split16(b_s, b_k16.dtype)
+            b_ks = tl.dot(b_k16, s_lo, tl.dot(b_k16, s_hi))
+        else:
+            b_ks = tl.dot(b_k16.to(tl.float32), b_s, input_precision=PREC)
+        # R = diag(beta) (V - exp(b) * K S), then U' = T R
+        row = (bos + t0 + o_t) * H + i_h  # [BT] int64 offsets of (token, head)
+        b_beta = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
         if USE_G:
-            valid = (t0 + o_t) < Tn
+            b_g = tl.load(gc + row, mask=valid, other=0.0)
+            b_ks = b_ks * tl.exp(b_g)[:, None]
+        p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        b_r = (tl.load(p_v, boundary_check=(0, 1)).to(tl.float32) - b_ks) * b_beta[:, None]
+        b_vn = tl.dot(chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT), b_r, input_precision=PREC)
+        p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
+        # S <- exp(b_L) S + (K * exp(b_L - b))^T U'
+        if USE_G:
             last = tl.minimum(t0 + BT, Tn) - 1
-            b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
-            b_wk = tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))  # [BT] into the state
+            b_vn = b_vn * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
             b_s = b_s * tl.exp(b_gl)
         if SPLIT16:
-            b_k16 = tl.load(p_k, boundary_check=(0, 1))
-            if USE_G:
-                b_vn = b_vn * b_wk[:, None]                   # the weights on U' (split below)
             vn_hi, vn_lo = split16(b_vn, b_k16.dtype)
             b_s = tl.dot(tl.trans(b_k16), vn_lo, tl.dot(tl.trans(b_k16), vn_hi, b_s))
         else:
-            b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-            if USE_G:
-                b_k = b_k * b_wk[:, None]
-            b_s += tl.dot(tl.trans(b_k), b_vn, input_precision=PREC)
+            b_s += tl.dot(tl.trans(b_k16.to(tl.float32)), b_vn, input_precision=PREC)
 
     if STORE_FINAL:
         p_ht = state_tile(ht, i_nh, K, V, 0, i_v * BV, BK, BV)
@@ -380,52 +372,46 @@ def delta_scan_kernel(k, w, u, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
 
 # ------------------------------------------------------------------------------ launchers
 
-def prep(k, v, beta, g, layout):
-    """b, T, W, U for every chunk.
+def prep(k, beta, g, layout):
+    """b and T for every chunk.
 
-    Args: k [TT, H, K], v [TT, H, V] (packed, contiguous); beta, g [TT, H] (g may be None);
+    Args: k [TT, H, K] (packed, contiguous); beta, g [TT, H] (g may be None);
         layout: common.ChunkLayout (delta_api.chunk_layout).
-    Returns: gc [TT, H] float32 (None when g is None), tinv [TT, H, BT] float32,
-        w [TT, H, K] float32, u [TT, H, V] in u_dtype.
+    Returns: gc [TT, H] float32 (None when g is None), tinv [TT, H, BT] float32.
     """
     TT, H, K = k.shape
-    V = v.shape[-1]
     dev = k.device
     gc = alloc.empty(TT, H, dtype=torch.float32, device=dev) if g is not None else None
     tinv = alloc.empty(TT, H, BT, dtype=torch.float32, device=dev)
-    w = alloc.empty(TT, H, K, dtype=torch.float32, device=dev)
-    u = alloc.empty(TT, H, V, dtype=u_dtype(k.dtype), device=dev)
     if layout.NT:
         delta_prep_kernel[(layout.NT, H)](
-            k, v, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
-            w, u, layout.cu, layout.tile_seq, layout.tile_idx,
-            H=H, K=K, V=V, BT=BT, BC=BC, BK=head_tile(K, 64), BV=head_tile(V, 64), USE_G=g is not None,
-            PREC=dot_precision(k.dtype), SPLIT16=common.split16_on(PREP_SPLIT16, k),
+            k, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
+            layout.cu, layout.tile_seq, layout.tile_idx, H=H, K=K, BT=BT, BC=BC,
+            BK=head_tile(K, 64), USE_G=g is not None, PREC=dot_precision(k.dtype),
             **LAUNCH["prep"])
-    return gc, tinv, w, u
+    return gc, tinv
 
 
-def scan(k, w, u, gc, initial_state, layout, output_final_state):
+def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
     """The forward state scan.
 
-    Args: k [TT, H, K]; w [TT, H, K] float32, u [TT, H, V] (u_dtype), gc [TT, H] float32 or
-        None, from prep;
-        initial_state [N, H, K, V] or None.
+    Args: k [TT, H, K], v [TT, H, V], beta [TT, H] (inputs); gc [TT, H] float32 or None,
+        tinv [TT, H, BT] float32 (prep); initial_state [N, H, K, V] or None.
     Returns: h [NC + N, H, K, V] in state_dtype(k.dtype) (state at each chunk's start, at the
-        slots of layout; the N slots after each sequence stay unwritten), vnew [TT, H, V] float32
-        (U'), final [N, H, K, V] float32 or None.
+        slots of layout; the N slots after each sequence stay unwritten), vnew [TT, H, V] in
+        vnew_dtype (U'), final [N, H, K, V] float32 or None.
     """
     TT, H, K = k.shape
-    V = u.shape[-1]
+    V = v.shape[-1]
     N = layout.N
     dev = k.device
     h = alloc.empty(layout.n_slots, H, K, V, dtype=state_dtype(k.dtype), device=dev)
-    vnew = alloc.empty(TT, H, V, dtype=torch.float32, device=dev)
+    vnew = alloc.empty(TT, H, V, dtype=vnew_dtype(k.dtype), device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     BK, BV = full_tile(K), scan_v_block(K, V, SCAN_BV, N * H, dev, k.dtype)
     if N:
         delta_scan_kernel[(triton.cdiv(V, BV), N * H)](
-            k, w, u, gc if gc is not None else u,
+            k, v, beta, tinv, gc if gc is not None else tinv,
             initial_state if initial_state is not None else h, h, vnew,
             final if final is not None else h, layout.cu, layout.chunk_off,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
@@ -445,7 +431,8 @@ def output(q, k, vnew, gc, h, layout, scale, out_dtype):
     """
     K, V = q.shape[-1], vnew.shape[-1]
     launch = LAUNCH["output"]
-    # dots in tf32 on float32 U' and states (exact "ieee" for float32 inputs), as in the scan
+    # dots on U' and the states as stored (16-bit, or float32 with exact "ieee" dots for float32
+    # inputs)
     cfg = KernelConfig(gate=0 if gc is None else 1, has_kw=False, mexp=False, noncausal=False,
                        ieee=q.dtype == torch.float32, BK=head_tile(K, 64),
                        BV=head_tile(V, OUTPUT_BV), BVS=head_tile(V, OUTPUT_BV),

@@ -246,6 +246,11 @@ class GatedChunkFunction(torch.autograd.Function):
         layout, cfg, scale = ctx.layout, ctx.cfg, ctx.scale
         V = v.shape[-1]
         do = do.contiguous()
+        if cfg.mexp and do.dtype == torch.float16:
+            # mLSTMexp scales do by 1 / normaliser, up to exp(m): beyond float16's 65504, so
+            # the backward's operands (and dh) take float32 from a float32 do, with tf32 dots
+            # (bfloat16 has float32's range and keeps 16-bit operands)
+            do = do.float()
         dht = None if dht is None else dht.float().contiguous()
         dnt = None if dnt is None else dnt.float().contiguous()
         if cfg.mexp and dht is not None and dnt is None:

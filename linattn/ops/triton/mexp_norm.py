@@ -27,7 +27,11 @@ from ..alloc import empty
 from .common import ChunkLayout, exp, head_tile
 from .gated_fwd import NEG_INF, chunk_end_exp, key_exp, ld_gtok, ld_tile, ld_tok
 
-NORM_SCAN_BLOCK = 16  # chunks per step of the affine scan
+# chunks per step of the affine scan: its serial steps are cdiv(chunks, this) per sequence
+# (T 32768 at L 64: 512 chunks, 32 steps at 16). 16 ran the 2026-11-29 bench (mexp_norm ~0.35
+# ms of mLSTMexp's 5.8 - 6.5); 64 (8 steps, sm_90 182 registers, no spills) passed the GPU
+# tests (2026-11-29, eleventh session) but has not been timed
+NORM_SCAN_BLOCK = 16
 
 
 # ----------------------------------------------------------------------------- kernels

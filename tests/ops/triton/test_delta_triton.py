@@ -97,7 +97,7 @@ def test_float16(gated, knorm):
 @pytest.mark.parametrize("knorm", [None, "free"], ids=["unit", "free"])
 def test_split16_dots(gated, knorm, monkeypatch):
     """The dots that take a float32 operand as two 16-bit halves (common.split16: the scans,
-    prep's W and U, grads_wy), which run for bfloat16 inputs only, forced on for float16 so
+    grads_wy), which run for bfloat16 inputs only, forced on for float16 so
     the interpreter can run them; the GPU tests cover them in bfloat16."""
     from linattn.ops.triton import common, delta_bwd
     monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
@@ -105,6 +105,15 @@ def test_split16_dots(gated, knorm, monkeypatch):
     monkeypatch.setattr(delta_bwd, "GRADS_WY_SPLIT16_MIN_BK", 16)
     monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_GATED_MIN_BV", 16)
     check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=2, knorm=knorm), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_vnew_float32(gated, monkeypatch):
+    """U' stored in float32 for 16-bit inputs (delta_fwd.VNEW_IN_INPUT_DTYPE off): grads_qk's
+    dots on U' then take float32 operands beside the 16-bit dO and dS'."""
+    from linattn.ops.triton import delta_fwd
+    monkeypatch.setattr(delta_fwd, "VNEW_IN_INPUT_DTYPE", False)
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=5, knorm="free"), dtype=torch.float16)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
@@ -171,7 +180,7 @@ def test_float64_routes_to_torch_path():
 # is packed (with an empty and a length-1 sequence) into one call per specialisation; T =
 # 1000 runs once per dtype (the float64 oracle's loop over T is the CPU cost of a case).
 
-F32, BF16 = torch.float32, torch.bfloat16
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 PACK = {"lengths": gpu_cases.packed(gpu_cases.SHORT_LENGTHS)}
 PACK_T = sum(PACK["lengths"])            # packed: B = 1, T = PACK_T
 NONCONTIG = {"noncontig": True}
@@ -202,6 +211,10 @@ GPU_SETS = {
     # H200 at T 200 / 300 (188 s with its oracle, the suite's longest), trimmed to 3 chunks
     "gated-K256-V256-bf16": (256, 256, True, BF16, [
         (2, 130, FREE_KEYS), (1, 150, {**NEAR_0, **WIDE_V})], False),
+    # float16: the tf32 forms (split16 runs for bfloat16 only), never run on the GPU before
+    "gated-K128-V128-f16": (128, 128, True, F16, [
+        (1, PACK_T, {**PACK, **NONCONTIG}), (2, 200, {**FREE_KEYS, **WIDE_V})], False),
+    "deltanet-K256-V64-f16": (256, 64, False, F16, [(2, 150, {**QV5, **WIDE_V})], False),
     "deltanet-K256-V32-f32": (256, 32, False, F32, [
         (1, PACK_T, {**PACK, **NONCONTIG}), (1, 1000, QV5)], False),
 }

@@ -522,6 +522,24 @@ def test_gpu_mlstm(input_gate, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("kind", ["none", "scalar", "key", "mlstm_exp"])
+def test_gpu_float16(kind):
+    """float16 inputs, which take the tf32 forms (split16 runs for bfloat16 only), at the
+    bf16 tests' K 64, V 128: every short T packed, then 264 tokens with large q, v or input
+    gates, then K = V = 256 (the tests' wide tiles)."""
+    shape = {**shape_of(torch.bfloat16), "dtype": torch.float16, "device": "cuda"}
+    wide = {**shape, **WIDE[torch.bfloat16], "B": 1, "T": 144}
+    if kind == "mlstm_exp":
+        check_mlstm("exp", **shape, lengths=PACK, noncontig=True, seed=1)
+        check_mlstm("exp", **shape, B=2, T=264, f_shift=8.0, i_scale=8.0, seed=3)
+        check_mlstm("exp", **wide, seed=5)
+    else:
+        check_la(kind, **shape, lengths=PACK, noncontig=True, seed=1)
+        check_la(kind, **shape, B=2, T=264, qv_scale=5.0, seed=3)
+        check_la(kind, **wide, seed=5)
+
+
+@gpu
 @pytest.mark.parametrize("op,K,V,dtype", [
     ("key", 16, 32, torch.bfloat16),
     ("scalar", 32, 100, torch.float32),     # float32 at V tile 128 (non-power-of-two V)
