@@ -92,6 +92,13 @@ VARIANTS = {
     "scan_s2": {"scan": dict(num_stages=2)},
     "scan_w8": {"scan": dict(num_warps=8)},
     "rs_s2": {"reverse_scan": dict(num_stages=2)},
+    # grads_qk per (chunk, head) with K tiles in a loop (main's form) against the branch's
+    # per-(chunk, head, K tile) kernel and its launch
+    "qk_fused": {"flags": {"delta_bwd.GRADS_QK_PER_K_TILE": False}},
+    "qk_tile_w8": {"grads_qk_tile": dict(num_warps=8)},
+    "qk_tile_s1": {"grads_qk_tile": dict(num_stages=1)},
+    "qk_tile_w8_s1": {"grads_qk_tile": dict(num_warps=8, num_stages=1)},
+    "qk_tile_w2": {"grads_qk_tile": dict(num_warps=2)},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_bwd.GRADS_QK_QK_AFTER": False,
@@ -106,7 +113,8 @@ FLAGS = {path: getattr(MODULES[path.split(".")[0]], path.split(".")[1])
          for v in VARIANTS.values() for path in v.get("flags", {})}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
-                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
+                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy",
+                "delta_bwd_dqk_tile_kernel": "grads_qk"}
 
 
 def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_caps: dict) -> None:

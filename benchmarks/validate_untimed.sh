@@ -13,9 +13,10 @@
 # scan wrong on 16). Each setting forces the form the defaults avoid, so a fix shows as a
 # difference at bf16 rounding instead of an O(1) one.
 set -u
-# After the eleventh session (W and U gone from the delta rule, U' in bf16; PERF_NOTES 25): call
-# 1 the default STEPS ("diff tests", ~5 minutes), call 2 STEPS=delta (the sweeps at D 128 and
-# 256), then the bench.
+# Branch next/untimed8 (grads_qk per (chunk, head, K tile), PERF_NOTES 26): call 1 the default
+# STEPS ("diff tests", ~5 minutes: flag_diff qk_fused against the new kernel, then the GPU
+# tests), call 2 STEPS=delta (the sweeps at D 128 and 256 with the grads_qk variants), then
+# the bench with fla at D 128 and 256.
 STEPS=${STEPS:-"diff tests"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
@@ -32,7 +33,7 @@ if want diff; then
 RS="delta_bwd.REVERSE_SCAN_SPLIT16_GATED_MIN_BV=16"; WY="delta_bwd.GRADS_WY_SPLIT16_MIN_BK=16"
 K256="delta_fwd.SCAN_MIN_BV_K256=16"
 timeout 200 python3 benchmarks/flag_diff.py --op delta --timeout 190 --json "$OUT/flag_diff_delta.json" \
-    --settings "default=;vnew_f32=delta_fwd.VNEW_IN_INPUT_DTYPE=0;rs_g16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
+    --settings "default=;qk_fused=delta_bwd.GRADS_QK_PER_K_TILE=0;vnew_f32=delta_fwd.VNEW_IN_INPUT_DTYPE=0;rs_g16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
     2>&1 | grep -v Warn | tail -40
 fi
 
@@ -46,10 +47,10 @@ fi
 #    "default,main_form,qk_inloop,scan_nosplit,rs_nosplit,wy_nosplit,scan_s2,rs_s2")
 if want delta; then
 timeout $(( ($(left) - 10) / 2 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants ${SWEEP_VARIANTS:-default,scan_nosplit,rs_nosplit} --json "$OUT/sweep_delta.json" ${SWEEP_ARGS:-} \
+    --variants ${SWEEP_VARIANTS:-default,qk_fused,qk_tile_w8,qk_tile_s1,qk_tile_w8_s1,qk_tile_w2} --json "$OUT/sweep_delta.json" ${SWEEP_ARGS:-} \
     2>&1 | tail -22
 timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants ${SWEEP_VARIANTS:-default,scan_nosplit,rs_nosplit} --D 256 --json "$OUT/sweep_delta_d256.json" \
+    --variants ${SWEEP_VARIANTS:-default,qk_fused,qk_tile_w8,qk_tile_s1,qk_tile_w8_s1,qk_tile_w2} --D 256 --json "$OUT/sweep_delta_d256.json" \
     2>&1 | tail -22
 fi
 

@@ -39,6 +39,7 @@ LAUNCH = {
     "reverse_scan": dict(num_warps=4, num_stages=1),   # 2 stages at K < 128 (launcher)
     "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
     "grads_qk": dict(num_warps=8, num_stages=1),
+    "grads_qk_tile": dict(num_warps=4, num_stages=2),  # GRADS_QK_PER_K_TILE: not yet swept
     "grads_wy": dict(num_warps=4, num_stages=1),
 }
 # grads_qk's V tile cap, (ungated, gated). Timed on the H200 (sweep_delta.py, bf16, T 8192,
@@ -46,6 +47,11 @@ LAUNCH = {
 # 2.71 / 2.21 (126 registers, 94 KB: two programs of 8 warps per SM instead of one), gated
 # 3.00 / 3.54; earlier, with float32 intermediates: ungated 2.87 / 3.75, gated 4.22 / 4.47.
 GRADS_QK_BV = (32, 64)
+# grads_qk as one program per (chunk, head, 64-wide K tile) (delta_bwd_dqk_tile_kernel, one
+# pass over V per program, M formed by each) instead of one per (chunk, head) looping K tiles
+# outside V tiles (re-reading dO, U', dU' per K tile): twice the programs at K 128, as fla's
+# chunk_bwd_dqkwg (0.97 ms against our 2.24 at D 128). Branch next/untimed8: not GPU-run.
+GRADS_QK_PER_K_TILE: bool = True
 # Gated DeltaNet's grads_qk forms Q K^T (for db) after its main loop instead of inside it:
 # H200 sweep (2026-11-29, T 8192, D 128) grads_qk 3.02 -> 2.97 ms, bitwise equal results
 GRADS_QK_QK_AFTER: bool = True
@@ -199,15 +205,11 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, dht, dh, dv2, dh0, cu_seqlen
 
 
 @triton.jit
-def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
-                         chunk_seq, chunk_idx, scale, H, K, V, BT: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                         PREC: tl.constexpr, QK_AFTER: tl.constexpr):
-    """Per (chunk, head): dq; dk (state and output part); dw = -dU' S^T; db part."""
-    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
-    hslot = i_c + tl.load(chunk_seq + i_c).to(tl.int64)  # h's slot: c0 + n + c = i_c + n
-    last = tl.minimum(t0 + BT, Tn) - 1 - t0  # row of the chunk's last token
+def chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT: tl.constexpr,
+                USE_G: tl.constexpr):
+    """The decays grads_qk applies in one chunk (last: the row of its last token), float32:
+    Gamma [BT, BT] masked to i >= j and rows in the sequence, exp(b) [BT], exp(b_L - b) [BT]
+    (0 past the sequence), exp(b_L); ones (and the masks) when ungated."""
     m_c = (o_t[:, None] >= o_t[None, :]) & valid[:, None]
     if USE_G:
         b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
@@ -221,6 +223,20 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         b_eg = tl.full([BT], 1.0, dtype=tl.float32)
         b_kd = tl.where(valid, 1.0, 0.0)
         b_el = 1.0
+    return b_gam, b_eg, b_kd, b_el
+
+
+@triton.jit
+def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
+                         chunk_seq, chunk_idx, scale, H, K, V, BT: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                         PREC: tl.constexpr, QK_AFTER: tl.constexpr):
+    """Per (chunk, head): dq; dk (state and output part); dw = -dU' S^T; db part."""
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
+    hslot = i_c + tl.load(chunk_seq + i_c).to(tl.int64)  # h's slot: c0 + n + c = i_c + n
+    last = tl.minimum(t0 + BT, Tn) - 1 - t0  # row of the chunk's last token
+    b_gam, b_eg, b_kd, b_el = chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT, USE_G)
 
     # M = scale tril(dO U'^T) * Gamma, dO U'^T accumulated over V tiles
     b_m = tl.zeros([BT, BT], dtype=tl.float32)
@@ -307,6 +323,85 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         # db from the state update: exp(b_L) S and exp(b_L - b_j) k_j
         b_db += tl.where(o_t == last, b_el * tl.sum(b_ss, 0) + tl.sum(b_dkd, 0), 0.0) - b_dkd
         tl.store(db + (bos + t0 + o_t) * H + i_h, b_db, mask=valid)
+
+
+@triton.jit
+def delta_bwd_dqk_tile_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
+                              chunk_seq, chunk_idx, scale, TT, H, K, V, BT: tl.constexpr,
+                              BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                              PREC: tl.constexpr):
+    """Per (chunk, head, K tile): dq, dk (state and output part) and dw = -dU' S^T on the
+    tile's BK columns, and the tile's share of db (db [cdiv(K, BK), TT, H]; the launcher sums
+    the shares). One pass over the V tiles reads dO, U', dU' and the tile's rows of S and dS'
+    once, forming M = scale tril(dO U'^T) * Gamma beside them (every K tile's program forms
+    it: [BT, BT] per program, as fla's chunk_bwd_dqkwg)."""
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
+    i_k = tl.program_id(2)
+    hslot = i_c + tl.load(chunk_seq + i_c).to(tl.int64)  # h's slot: c0 + n + c = i_c + n
+    last = tl.minimum(t0 + BT, Tn) - 1 - t0  # row of the chunk's last token
+    b_gam, b_eg, b_kd, b_el = chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT, USE_G)
+
+    # over V tiles: dO U'^T, and on this K tile dO S^T, U' dS'^T, dU' S^T, rows of S * dS'
+    b_m = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dqa = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dka = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dwa = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ss = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_h = state_tile(h, hslot * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
+        p_dh = state_tile(dh, i_c * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
+        p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        b_hs = tl.load(p_h, boundary_check=(0, 1))           # stored 16-bit or float32
+        b_dhs = tl.load(p_dh, boundary_check=(0, 1))         # stored 16-bit or float32
+        b_vn = tl.load(p_vn, boundary_check=(0, 1))          # stored 16-bit or float32
+        b_do = tl.load(p_do, boundary_check=(0, 1))
+        b_dv = tl.load(p_dv2, boundary_check=(0, 1))
+        b_h = b_hs.to(tl.float32)
+        b_dh = b_dhs.to(tl.float32)
+        b_m += tl.dot(b_do.to(b_vn.dtype), tl.trans(b_vn), input_precision=PREC)
+        # dO S^T in h's stored dtype (the inputs' for 16-bit inputs: exact products)
+        b_dqa += tl.dot(b_do.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC)
+        if b_vn.dtype == b_dhs.dtype:                        # both 16-bit: exact products
+            b_dka += tl.dot(b_vn, tl.trans(b_dhs), input_precision=PREC)
+        else:
+            b_dka += tl.dot(b_vn.to(tl.float32), tl.trans(b_dh), input_precision=PREC)
+        if b_dv.dtype == b_hs.dtype:
+            b_dwa += tl.dot(b_dv, tl.trans(b_hs), input_precision=PREC)
+        else:
+            b_dwa += tl.dot(b_dv.to(tl.float32), tl.trans(b_h), input_precision=PREC)
+        b_ss += tl.sum(b_h * b_dh, 1)
+    b_m = b_m * b_gam * scale
+
+    p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    b_q16 = tl.load(p_q, boundary_check=(0, 1))
+    b_k16 = tl.load(p_k, boundary_check=(0, 1))
+    b_q = b_q16.to(tl.float32)
+    b_k = b_k16.to(tl.float32)
+    # dQ = scale exp(b) (dO S^T) + M K
+    b_dq = scale * b_eg[:, None] * b_dqa + tl.dot(b_m, b_k, input_precision=PREC)
+    # dK (state and output part) = exp(b_L - b) (U' dS'^T) + M^T Q
+    b_dk = b_kd[:, None] * b_dka + tl.dot(tl.trans(b_m), b_q, input_precision=PREC)
+    p_dq = token_tile(dq, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    p_dk = token_tile(dk, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
+
+    if USE_G:
+        # this tile's share of db: the inter term scale exp(b_i) q_i . (S dO_i), Gamma in the
+        # intra term (+ row sums, - column sums of M * Q K^T, Q K^T on this tile's columns),
+        # and the state update's exp(b_L) S and exp(b_L - b_j) k_j
+        b_db = scale * b_eg * tl.sum(b_dqa * b_q, 1)
+        b_mq = b_m * tl.dot(b_q16, tl.trans(b_k16), input_precision=PREC)
+        b_db += tl.sum(b_mq, 1) - tl.sum(b_mq, 0)
+        b_dkd = b_kd * tl.sum(b_dka * b_k, 1)
+        b_db += tl.where(o_t == last, b_el * tl.sum(b_ss, 0) + tl.sum(b_dkd, 0), 0.0) - b_dkd
+        tl.store(db + (i_k.to(tl.int64) * TT + bos + t0 + o_t) * H + i_h, b_db, mask=valid)
 
 
 @triton.jit
@@ -477,6 +572,22 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
     dq = alloc.empty(TT, H, K, dtype=q.dtype, device=dev)
     dk_part = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
     dw = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
+    if GRADS_QK_PER_K_TILE:
+        BK = head_tile(K, 64)
+        NK = triton.cdiv(K, BK)
+        db = alloc.empty(NK, TT, H, dtype=torch.float32, device=dev) if gc is not None else None
+        if layout.NT:
+            delta_bwd_dqk_tile_kernel[(layout.NT, H, NK)](
+                q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
+                db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
+                scale, TT, H, K=K, V=V, BT=BT, BK=BK, BV=head_tile(V, 64),
+                USE_G=gc is not None, PREC=dot_precision(q.dtype),
+                # float32 inputs ("ieee" dots) on 8 warps: on 4, sm_90 spills 7.4 - 9.5 KB
+                **{**LAUNCH["grads_qk_tile"],
+                   **(dict(num_warps=8) if q.dtype == torch.float32 else {})})
+        if db is not None:
+            db = db[0] if NK == 1 else db.sum(0)         # the K tiles' shares (no atomics)
+        return dq, dk_part, dw, db
     db = alloc.empty(TT, H, dtype=torch.float32, device=dev) if gc is not None else None
     if layout.NT:
         delta_bwd_dqk_kernel[(layout.NT, H)](

@@ -117,6 +117,15 @@ def test_vnew_float32(gated, monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_grads_qk_per_chunk(gated, monkeypatch):
+    """grads_qk as one program per (chunk, head) looping over K tiles (delta_bwd.
+    GRADS_QK_PER_K_TILE off), at K = 128: two K tiles."""
+    from linattn.ops.triton import delta_bwd
+    monkeypatch.setattr(delta_bwd, "GRADS_QK_PER_K_TILE", False)
+    check(make_inputs(1, 70, 1, 128, 32, gated=gated, seed=8))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_split_scan_v_blocks(gated, monkeypatch):
     """The forward and reverse scans with V cut into 16-wide blocks (common.fill_v_block's
     choice for few long sequences on a GPU), forced here: V = 40 in three ragged blocks."""
