@@ -426,9 +426,7 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         b_eg = tl.full([BT], 1.0, dtype=tl.float32)
         b_gam = tl.where(m_low, 1.0, 0.0)
     b_kw = b_beta * b_eg  # W's row weights beta e^b
-    p_t = tinv + (bos + t0) * H * BT + i_h * BT
-    b_t = tl.load(p_t + o_t[:, None] * (H * BT) + o_t[None, :],
-                  mask=valid[:, None] & (o_t[None, :] < BT), other=0.0)
+    b_t = chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT)
 
     # dT = (dW K^T * e^b_j + dU V^T) * beta_j (column weights applied to the dots' results, so
     # that the stored dW, dU and the inputs K, V enter the dots as they are: 16-bit operands and

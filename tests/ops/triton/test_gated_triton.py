@@ -524,9 +524,10 @@ def test_gpu_mlstm(input_gate, dtype):
 @gpu
 @pytest.mark.parametrize("kind", ["none", "scalar", "key", "mlstm_exp"])
 def test_gpu_float16(kind):
-    """float16 inputs, which take the tf32 forms (split16 runs for bfloat16 only), at the
-    bf16 tests' K 64, V 128: every short T packed, then 264 tokens with large q, v or input
-    gates, then K = V = 256 (the tests' wide tiles)."""
+    """float16 inputs, which take the tf32 forms (split16 runs for bfloat16 only; mLSTMexp's
+    backward a float32 dO, whose 1 / normaliser scaling overflowed float16), at the bf16
+    tests' K 64, V 128: every short T packed, then 264 tokens with large q, v or input gates,
+    then K = V = 256 (the tests' wide tiles)."""
     shape = {**shape_of(torch.bfloat16), "dtype": torch.float16, "device": "cuda"}
     wide = {**shape, **WIDE[torch.bfloat16], "B": 1, "T": 144}
     if kind == "mlstm_exp":
