@@ -76,7 +76,7 @@ VARIANTS = {
     "wy_nosplit": {"flags": {"delta_bwd.GRADS_WY_SPLIT16": False}},
     # Gated DeltaNet's reverse scan unsplit (it splits on 64-wide V blocks: O(1) gradient
     # errors on 16-wide ones; see delta_bwd)
-    "rs_gated_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_GATED_MIN_BV": 1 << 30}},
+    "rs_narrow_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_MIN_BV": 1 << 30}},
     # D = 256 (a 256-wide state tile; H200 2026-11-29, DeltaNet 39.96 ms at BV 32, the scans
     # 6.63 + 19.02 of it; 30.10 at BV 64, now the default): V tiles of 16 / 32, 4 warps
     # instead of 8 (2 stages need more than the H200's 227 KiB of shared memory)
@@ -99,6 +99,11 @@ VARIANTS = {
     "qk_tile_s1": {"grads_qk_tile": dict(num_stages=1)},
     "qk_tile_w8_s1": {"grads_qk_tile": dict(num_warps=8, num_stages=1)},
     "qk_tile_w2": {"grads_qk_tile": dict(num_warps=2)},
+    "qk_tile_s3": {"grads_qk_tile": dict(num_stages=3)},
+    "qk_tile_bv32": {"flags": {"delta_bwd.GRADS_QK_TILE_BV": 32}},
+    "qk_tile_bv32_w8": {"flags": {"delta_bwd.GRADS_QK_TILE_BV": 32,
+                                  "delta_bwd.GRADS_QK_TILE_BV_GATED": 32},
+                        "grads_qk_tile": dict(num_warps=8)},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_bwd.GRADS_QK_QK_AFTER": False,

@@ -39,7 +39,9 @@ LAUNCH = {
     "reverse_scan": dict(num_warps=4, num_stages=1),   # 2 stages at K < 128 (launcher)
     "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
     "grads_qk": dict(num_warps=8, num_stages=1),
-    "grads_qk_tile": dict(num_warps=4, num_stages=2),  # GRADS_QK_PER_K_TILE: not yet swept
+    # H200 sweep (12th session, D 128): 4 warps 2 stages 1.30 ms DeltaNet; 8 warps 1.41, 1 stage
+    # 1.40, 8 warps 1 stage 2.09; gated (32-wide V tiles) 2.13, on 8 warps 3.07
+    "grads_qk_tile": dict(num_warps=4, num_stages=2),
     "grads_wy": dict(num_warps=4, num_stages=1),
 }
 # grads_qk's V tile cap, (ungated, gated). Timed on the H200 (sweep_delta.py, bf16, T 8192,
@@ -49,9 +51,16 @@ LAUNCH = {
 GRADS_QK_BV = (32, 64)
 # grads_qk as one program per (chunk, head, 64-wide K tile) (delta_bwd_dqk_tile_kernel, one
 # pass over V per program, M formed by each) instead of one per (chunk, head) looping K tiles
-# outside V tiles (re-reading dO, U', dU' per K tile): twice the programs at K 128, as fla's
-# chunk_bwd_dqkwg (0.97 ms against our 2.24 at D 128). Branch next/untimed8: not GPU-run.
+# outside V tiles (re-reading dO, U', dU' per K tile). H200 sweep (2026-11-29, 12th session,
+# bf16, T 8192, D 128, grads_qk ms): DeltaNet 1.97 -> 1.30, Gated DeltaNet 2.64 -> 2.13.
 GRADS_QK_PER_K_TILE: bool = True
+# its V tile, ungated and gated. Gated on 64-wide V tiles (4 warps, 1.79 ms, sm_90 308 B of
+# spills) was wrong on the H200: at K 100 dW and dk off by O(1) and different from run to run
+# (benchmarks/flag_diff.py), and a GPU test's two identical runs differed at K 128; on 32-wide
+# tiles (2.13 ms) or 8 warps (2.60) it matches the per-chunk kernel. A GPU-only fault (the
+# interpreter's run of the same code is right), not isolated, like the reverse scan's below.
+GRADS_QK_TILE_BV = 64
+GRADS_QK_TILE_BV_GATED = 32
 # Gated DeltaNet's grads_qk forms Q K^T (for db) after its main loop instead of inside it:
 # H200 sweep (2026-11-29, T 8192, D 128) grads_qk 3.02 -> 2.97 ms, bitwise equal results
 GRADS_QK_QK_AFTER: bool = True
@@ -61,13 +70,15 @@ GRADS_QK_QK_AFTER: bool = True
 # Tried and dropped the same in grads_qk (U' and M split): sm_90 ungated 126 -> 186 registers
 # (2 -> 1 programs per SM), gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
 REVERSE_SCAN_SPLIT16: bool = True
-# Gated DeltaNet's reverse scan splits on V blocks at least this wide only. H200 (2026-11-29,
+# The reverse scan splits on V blocks at least this wide only. H200 (2026-11-29,
 # benchmarks/flag_diff.py, bf16): on 64-wide V blocks (the bench's B 8) the split differs from
-# the unsplit kernel at bf16 rounding (dv 5e-3, dh0 5e-4 relative), but on the 16-wide blocks
-# fill_v_block cuts to for few sequences its gradients are off by O(1) (dh0 2, dk 1), and on
-# 8 warps it hits an illegal address: a GPU-only fault (the interpreter's float16 run of the
-# same code is right), not isolated, so those forms run unsplit. DeltaNet's is right on both.
-REVERSE_SCAN_SPLIT16_GATED_MIN_BV = 64
+# the unsplit kernel at bf16 rounding (dv 5e-3, dh0 5e-4 relative), but on the narrower blocks
+# fill_v_block cuts to for few sequences it is wrong: Gated DeltaNet's gradients off by O(1)
+# on 16-wide blocks (dh0 2, dk 1) and an illegal address on 8 warps; DeltaNet's at K 128 (since
+# the scan forms W^T dU' itself, 12th session) NaN on 16-wide blocks and O(1) off on 32-wide
+# ones (K 16, 64 and 256 right). A GPU-only fault (the interpreter's float16 run of the same
+# code is right), not isolated, so those forms run unsplit.
+REVERSE_SCAN_SPLIT16_MIN_BV = 64
 # grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16), on
 # K tiles at least this wide: H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms
 # DeltaNet, 1.67 -> 1.35 gated; flag_diff: bf16 rounding (2e-3 - 5e-3) at K 64, 100, 128, 256,
@@ -546,10 +557,10 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B; gated, on wide V blocks
-            # only (see REVERSE_SCAN_SPLIT16_GATED_MIN_BV)
+            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B; on wide V blocks only
+            # (see REVERSE_SCAN_SPLIT16_MIN_BV)
             SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= 128
-            and (gc is None or BV >= REVERSE_SCAN_SPLIT16_GATED_MIN_BV),
+            and BV >= REVERSE_SCAN_SPLIT16_MIN_BV,
             **(LAUNCH["reverse_scan_k256"] if BK >= 256 else
                {**LAUNCH["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))
     return dh, dv2, dh0
@@ -573,12 +584,13 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
     if GRADS_QK_PER_K_TILE:
         BK = head_tile(K, 64)
         NK = triton.cdiv(K, BK)
+        BV = head_tile(V, GRADS_QK_TILE_BV_GATED if gc is not None else GRADS_QK_TILE_BV)
         db = alloc.empty(NK, TT, H, dtype=torch.float32, device=dev) if gc is not None else None
         if layout.NT:
             delta_bwd_dqk_tile_kernel[(layout.NT, H, NK)](
                 q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
                 db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
-                scale, TT, H, K=K, V=V, BT=BT, BK=BK, BV=head_tile(V, 64),
+                scale, TT, H, K=K, V=V, BT=BT, BK=BK, BV=BV,
                 USE_G=gc is not None, PREC=dot_precision(q.dtype),
                 # float32 inputs ("ieee" dots) on 8 warps: on 4, sm_90 spills 7.4 - 9.5 KB
                 **{**LAUNCH["grads_qk_tile"],
