@@ -117,12 +117,10 @@ def test_vnew_float32(gated, monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_grads_qk_per_chunk(gated, monkeypatch):
-    """grads_qk as one program per (chunk, head) looping over K tiles (delta_bwd.
-    GRADS_QK_PER_K_TILE off), at K = 128: two K tiles."""
-    from linattn.ops.triton import delta_bwd
-    monkeypatch.setattr(delta_bwd, "GRADS_QK_PER_K_TILE", False)
-    check(make_inputs(1, 70, 1, 128, 32, gated=gated, seed=8))
+def test_grads_qk_k_tiles(gated):
+    """grads_qk's programs per 64-wide K tile at K = 100: a full tile and a partial one, each
+    with its own M and its share of db (summed by the launcher)."""
+    check(make_inputs(1, 70, 1, 100, 32, gated=gated, seed=8))
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
