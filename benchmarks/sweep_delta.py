@@ -32,10 +32,10 @@ VARIANTS = {
     "default": {},
     "warps_swapped": {"prep": dict(num_warps=8), "scan": dict(num_warps=4),
                       "output": dict(num_warps=8), "reverse_scan": dict(num_warps=8),
-                      "grads_qk": dict(num_warps=4), "grads_wy": dict(num_warps=4)},
+                      "grads_qk": dict(num_warps=8), "grads_wy": dict(num_warps=8)},
     "stages_swapped": {"prep": dict(num_stages=1), "scan": dict(num_stages=1),
                        "output": dict(num_stages=1), "reverse_scan": dict(num_stages=2),
-                       "grads_qk": dict(num_stages=2), "grads_wy": dict(num_stages=2)},
+                       "grads_qk": dict(num_stages=1), "grads_wy": dict(num_stages=2)},
     # the forward scan on 4 warps and 1 stage: 72 KB of shared memory and 255 registers (24 B
     # of spills) let 2 programs share an SM, so its 256 programs (B 8, H 16, V / 64) run in one
     # wave; on 8 warps and 2 stages (120 KB) one per SM, 1.94 waves (sm_90 compile counts)
@@ -45,17 +45,14 @@ VARIANTS = {
     "prep_r168": {"prep": dict(maxnreg=168)},
     "output_bv128": {"output_bv": 128},
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
-    "qk_bv32": {"qk_bv": (32, 32)},
     # the output (gated_fwd.fwd_o since it replaced delta_output_kernel, never swept): the
     # gated family's no-gate settings (2 stages, BV 128) and steps towards them
     "out_s2": {"output": dict(num_stages=2)},
     "out_s3": {"output": dict(num_stages=3)},
     "out_bv128_s2": {"output_bv": 128, "output": dict(num_stages=2)},
     "out_bv128_s2_w8": {"output_bv": 128, "output": dict(num_stages=2, num_warps=8)},
-    # the branch's three winners together (sweep 2026-11-29 8th session, one at a time)
-    "combined": {"scan": dict(num_warps=4, num_stages=1), "prep": dict(maxnreg=168),
-                 "qk_bv": (32, 32)},
-    "combined_qk64": {"scan": dict(num_warps=4, num_stages=1), "prep": dict(maxnreg=168)},
+    # two of the 8th session's winners together (one at a time in its sweep)
+    "combined": {"scan": dict(num_warps=4, num_stages=1), "prep": dict(maxnreg=168)},
     # 32-wide V tiles in the scans: 512 programs of half the state each (sm_90 counts below)
     "rs_bv32": {"rs_bv": 32},
     "rs_bv32_w8": {"rs_bv": 32, "reverse_scan": dict(num_warps=8)},
@@ -63,12 +60,9 @@ VARIANTS = {
     "scan_bv32": {"scan_bv": 32, "scan": dict(num_warps=4, num_stages=1)},
     "rs_bv32_r168": {"rs_bv": 32, "reverse_scan": dict(maxnreg=168)},
     "out_s3_r168": {"output": dict(num_stages=3, maxnreg=168)},
-    "qk_bv64": {"qk_bv": (64, 64)},
     # storage dtypes back to float32, one flag at a time (see delta_fwd / delta_bwd)
     "f32_states": {"flags": {"delta_fwd.STATES_IN_INPUT_DTYPE": False}},
     "f32_grads": {"flags": {"delta_bwd.GRADS_IN_INPUT_DTYPE": False}},
-    # Gated DeltaNet's grads_qk with Q K^T inside its main loop again (main's form)
-    "qk_inloop": {"flags": {"delta_bwd.GRADS_QK_QK_AFTER": False}},
     # the scans' dots on float32 values by tf32 again instead of two 16-bit halves (main's form)
     "scan_nosplit": {"flags": {"delta_fwd.SCAN_SPLIT16": False}},
     "rs_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16": False}},
@@ -76,7 +70,7 @@ VARIANTS = {
     "wy_nosplit": {"flags": {"delta_bwd.GRADS_WY_SPLIT16": False}},
     # Gated DeltaNet's reverse scan unsplit (it splits on 64-wide V blocks: O(1) gradient
     # errors on 16-wide ones; see delta_bwd)
-    "rs_gated_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_GATED_MIN_BV": 1 << 30}},
+    "rs_narrow_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_MIN_BV": 1 << 30}},
     # D = 256 (a 256-wide state tile; H200 2026-11-29, DeltaNet 39.96 ms at BV 32, the scans
     # 6.63 + 19.02 of it; 30.10 at BV 64, now the default): V tiles of 16 / 32, 4 warps
     # instead of 8 (2 stages need more than the H200's 227 KiB of shared memory)
@@ -92,13 +86,18 @@ VARIANTS = {
     "scan_s2": {"scan": dict(num_stages=2)},
     "scan_w8": {"scan": dict(num_warps=8)},
     "rs_s2": {"reverse_scan": dict(num_stages=2)},
+    # grads_qk (one program per chunk, head and K tile) launch and V tiles; 64-wide gated
+    # tiles were wrong on the H200 (see delta_bwd.GRADS_QK_TILE_BV_GATED)
+    "qk_w8": {"grads_qk": dict(num_warps=8)},
+    "qk_s1": {"grads_qk": dict(num_stages=1)},
+    "qk_s3": {"grads_qk": dict(num_stages=3)},
+    "qk_bv32": {"qk_bv": 32},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
-                            "delta_bwd.GRADS_QK_QK_AFTER": False,
                             "delta_bwd.GRADS_WY_SPLIT16": False}},
 }
-# variant keys that set a V-tile cap: key -> (module, attribute); qk_bv is (ungated, gated)
-TILE_CAPS = {"output_bv": (delta_fwd, "OUTPUT_BV"), "qk_bv": (delta_bwd, "GRADS_QK_BV"),
+# variant keys that set a V-tile cap: key -> (module, attribute); qk_bv is the ungated one
+TILE_CAPS = {"output_bv": (delta_fwd, "OUTPUT_BV"), "qk_bv": (delta_bwd, "GRADS_QK_TILE_BV"),
              "scan_bv": (delta_fwd, "SCAN_BV"), "rs_bv": (delta_bwd, "REVERSE_SCAN_BV")}
 MODULES = {"delta_fwd": delta_fwd, "delta_bwd": delta_bwd}
 # every module switch a variant sets, at its default (captured at import, before any variant)
@@ -107,6 +106,7 @@ FLAGS = {path: getattr(MODULES[path.split(".")[0]], path.split(".")[1])
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
+
 
 
 def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_caps: dict) -> None:

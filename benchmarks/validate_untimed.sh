@@ -6,16 +6,17 @@
 # Everything lands in $OUT (at most 8 files); the last lines printed are the tables.
 #     bash benchmarks/validate_untimed.sh                  (STEPS below; TOTAL_S caps it)
 #     STEPS="tests" bash benchmarks/validate_untimed.sh    (one step; PYTEST_ARGS="-k key")
-# flag_diff's settings below: the launch conditions the H200 set (2026-11-29, PERF_NOTES 23):
-# Gated DeltaNet's reverse-scan split on 64-wide V blocks only (O(1) gradient errors on 16,
-# an illegal address on 8 warps), grads_wy's split on 64-wide K tiles only (NaN in dk at
-# K = 16), the delta scans at K = 256 on V blocks of 32 or more (Gated DeltaNet's forward
-# scan wrong on 16). Each setting forces the form the defaults avoid, so a fix shows as a
-# difference at bf16 rounding instead of an O(1) one.
+# flag_diff's settings below: the launch conditions the H200 set (2026-11-29, PERF_NOTES 23
+# and 27): the reverse-scan split on 64-wide V blocks only (Gated DeltaNet O(1) gradient errors
+# on 16, an illegal address on 8 warps; DeltaNet at K 128 NaN on 16, O(1) off on 32),
+# grads_qk's gated V tiles 32 wide (64: O(1) errors in dW and dk at K 100, run to run
+# different), grads_wy's split on 64-wide K tiles only (NaN in dk at K = 16), the delta scans
+# at K = 256 on V blocks of 32 or more (Gated DeltaNet's forward scan wrong on 16). Each
+# setting forces the form the defaults avoid, so a fix shows as a difference at bf16 rounding
+# instead of an O(1) one.
 set -u
-# After the eleventh session (W and U gone from the delta rule, U' in bf16; PERF_NOTES 25): call
-# 1 the default STEPS ("diff tests", ~5 minutes), call 2 STEPS=delta (the sweeps at D 128 and
-# 256), then the bench.
+# Default STEPS "diff tests" (~5 minutes: flag_diff, then the GPU tests), then STEPS=delta
+# (the sweeps at D 128 and 256; SWEEP_VARIANTS picks them), then the bench with fla.
 STEPS=${STEPS:-"diff tests"}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
@@ -29,10 +30,10 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #    max differences; a healthy form differs at the dtype's rounding, ~1e-2 at most in bf16).
 #    One process per setting: an illegal address cannot poison the others
 if want diff; then
-RS="delta_bwd.REVERSE_SCAN_SPLIT16_GATED_MIN_BV=16"; WY="delta_bwd.GRADS_WY_SPLIT16_MIN_BK=16"
+RS="delta_bwd.REVERSE_SCAN_SPLIT16_MIN_BV=16"; WY="delta_bwd.GRADS_WY_SPLIT16_MIN_BK=16"
 K256="delta_fwd.SCAN_MIN_BV_K256=16"
 timeout 200 python3 benchmarks/flag_diff.py --op delta --timeout 190 --json "$OUT/flag_diff_delta.json" \
-    --settings "default=;vnew_f32=delta_fwd.VNEW_IN_INPUT_DTYPE=0;rs_g16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
+    --settings "default=;qk_g64=delta_bwd.GRADS_QK_TILE_BV_GATED=64;vnew_f32=delta_fwd.VNEW_IN_INPUT_DTYPE=0;rs16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
     2>&1 | grep -v Warn | tail -40
 fi
 
@@ -46,10 +47,10 @@ fi
 #    "default,main_form,qk_inloop,scan_nosplit,rs_nosplit,wy_nosplit,scan_s2,rs_s2")
 if want delta; then
 timeout $(( ($(left) - 10) / 2 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants ${SWEEP_VARIANTS:-default,scan_nosplit,rs_nosplit} --json "$OUT/sweep_delta.json" ${SWEEP_ARGS:-} \
+    --variants ${SWEEP_VARIANTS:-default,qk_w8,qk_s1,rs_s2,wy_nosplit} --json "$OUT/sweep_delta.json" ${SWEEP_ARGS:-} \
     2>&1 | tail -22
 timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants ${SWEEP_VARIANTS:-default,scan_nosplit,rs_nosplit} --D 256 --json "$OUT/sweep_delta_d256.json" \
+    --variants ${SWEEP_VARIANTS:-default,qk_w8,qk_s1,rs_s2,wy_nosplit} --D 256 --json "$OUT/sweep_delta_d256.json" \
     2>&1 | tail -22
 fi
 

@@ -15,7 +15,8 @@ chunk's start, dS' the gradient of the state at its end, M = scale tril(dO U'^T)
 
 Kernels:
   delta_bwd_scan_kernel  per (V tile, sequence * head): dh[c] = dS' of chunk c, dU', dS_0.
-  delta_bwd_dqk_kernel   per (chunk, head): dQ, the state/output part of dK, dW, and db.
+  delta_bwd_dqk_kernel   per (chunk, head, K tile): dQ, the state/output part of dK, dW,
+                         and the tile's share of db.
   delta_bwd_wy_kernel    per (chunk, head): the WY part: dK, dV, dbeta, dg.
 """
 from __future__ import annotations
@@ -33,35 +34,42 @@ from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, sc
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
 # bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): grads_wy on 4 warps 3.27 -> 1.99 although
-# it spills more there (sm_90 compile counts); grads_qk keeps 8 (4: 3.43) and one stage
-# (2: 3.04 vs 2.97); reverse_scan 4 warps (8: 2.88 vs 2.66), one stage (2: 3.80).
+# it spills more there (sm_90 compile counts); reverse_scan 4 warps (8: 2.88 vs 2.66), one
+# stage (2: 3.80); grads_qk (12th session, grads_qk ms) 4 warps 2 stages 1.30 DeltaNet, 8 warps
+# 1.41, 1 stage 1.40, 8 warps 1 stage 2.09; gated (32-wide V tiles) 2.13, on 8 warps 3.07.
 LAUNCH = {
     "reverse_scan": dict(num_warps=4, num_stages=1),   # 2 stages at K < 128 (launcher)
     "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
-    "grads_qk": dict(num_warps=8, num_stages=1),
+    "grads_qk": dict(num_warps=4, num_stages=2),       # 8 warps for float32 (launcher)
     "grads_wy": dict(num_warps=4, num_stages=1),
 }
-# grads_qk's V tile cap, (ungated, gated). Timed on the H200 (sweep_delta.py, bf16, T 8192,
-# D 128, grads_qk ms, BV 64 / 32): 2026-11-29 (8th session, with 16-bit h, dh, dU') ungated
-# 2.71 / 2.21 (126 registers, 94 KB: two programs of 8 warps per SM instead of one), gated
-# 3.00 / 3.54; earlier, with float32 intermediates: ungated 2.87 / 3.75, gated 4.22 / 4.47.
-GRADS_QK_BV = (32, 64)
-# Gated DeltaNet's grads_qk forms Q K^T (for db) after its main loop instead of inside it:
-# H200 sweep (2026-11-29, T 8192, D 128) grads_qk 3.02 -> 2.97 ms, bitwise equal results
-GRADS_QK_QK_AFTER: bool = True
+# grads_qk runs one program per (chunk, head, 64-wide K tile), one pass over V per program,
+# M formed by each, as fla's chunk_bwd_dqkwg. It replaced (12th session) one program per
+# (chunk, head) looping K tiles outside V tiles, which re-read dO, U', dU' per K tile: H200
+# sweep (2026-11-29, bf16, T 8192, D 128, grads_qk ms) DeltaNet 1.97 -> 1.30, Gated DeltaNet
+# 2.64 -> 2.13; results equal to float32 rounding (flag_diff, dg 3e-7).
+# Its V tile, ungated and gated. Gated on 64-wide V tiles (4 warps, 1.79 ms, sm_90 308 B of
+# spills) was wrong on the H200: at K 100 dW and dk off by O(1) and different from run to run
+# (benchmarks/flag_diff.py), and a GPU test's two identical runs differed at K 128; on 32-wide
+# tiles (2.13 ms) or 8 warps (2.60) it matched the per-chunk kernel. A GPU-only fault (the
+# interpreter's run of the same code is right), not isolated, like the reverse scan's below.
+GRADS_QK_TILE_BV = 64
+GRADS_QK_TILE_BV_GATED = 32
 # the reverse scan's dots on 16-bit inputs against float32 values by two 16-bit halves of the
 # float32 operand (delta_bwd_scan_kernel's SPLIT16): H200 sweep (2026-11-29, T 8192, D 128)
 # reverse scan 1.97 -> 1.93 ms DeltaNet, 2.56 -> 2.14 gated (which splits Q^T (e^b dO) too).
-# Tried and dropped the same in grads_qk (U' and M split): sm_90 ungated 126 -> 186 registers
-# (2 -> 1 programs per SM), gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
+# Tried and dropped the same in the per-chunk grads_qk (U' and M split): sm_90 ungated
+# 126 -> 186 registers, gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
 REVERSE_SCAN_SPLIT16: bool = True
-# Gated DeltaNet's reverse scan splits on V blocks at least this wide only. H200 (2026-11-29,
+# The reverse scan splits on V blocks at least this wide only. H200 (2026-11-29,
 # benchmarks/flag_diff.py, bf16): on 64-wide V blocks (the bench's B 8) the split differs from
-# the unsplit kernel at bf16 rounding (dv 5e-3, dh0 5e-4 relative), but on the 16-wide blocks
-# fill_v_block cuts to for few sequences its gradients are off by O(1) (dh0 2, dk 1), and on
-# 8 warps it hits an illegal address: a GPU-only fault (the interpreter's float16 run of the
-# same code is right), not isolated, so those forms run unsplit. DeltaNet's is right on both.
-REVERSE_SCAN_SPLIT16_GATED_MIN_BV = 64
+# the unsplit kernel at bf16 rounding (dv 5e-3, dh0 5e-4 relative), but on the narrower blocks
+# fill_v_block cuts to for few sequences it is wrong: Gated DeltaNet's gradients off by O(1)
+# on 16-wide blocks (dh0 2, dk 1) and an illegal address on 8 warps; DeltaNet's at K 128 (since
+# the scan forms W^T dU' itself, 12th session) NaN on 16-wide blocks and O(1) off on 32-wide
+# ones (K 16, 64 and 256 right). A GPU-only fault (the interpreter's float16 run of the same
+# code is right), not isolated, so those forms run unsplit.
+REVERSE_SCAN_SPLIT16_MIN_BV = 64
 # grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16), on
 # K tiles at least this wide: H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms
 # DeltaNet, 1.67 -> 1.35 gated; flag_diff: bf16 rounding (2e-3 - 5e-3) at K 64, 100, 128, 256,
@@ -199,15 +207,11 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, dht, dh, dv2, dh0, cu_seqlen
 
 
 @triton.jit
-def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
-                         chunk_seq, chunk_idx, scale, H, K, V, BT: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                         PREC: tl.constexpr, QK_AFTER: tl.constexpr):
-    """Per (chunk, head): dq; dk (state and output part); dw = -dU' S^T; db part."""
-    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
-    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
-    hslot = i_c + tl.load(chunk_seq + i_c).to(tl.int64)  # h's slot: c0 + n + c = i_c + n
-    last = tl.minimum(t0 + BT, Tn) - 1 - t0  # row of the chunk's last token
+def chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT: tl.constexpr,
+                USE_G: tl.constexpr):
+    """The decays grads_qk applies in one chunk (last: the row of its last token), float32:
+    Gamma [BT, BT] masked to i >= j and rows in the sequence, exp(b) [BT], exp(b_L - b) [BT]
+    (0 past the sequence), exp(b_L); ones (and the masks) when ungated."""
     m_c = (o_t[:, None] >= o_t[None, :]) & valid[:, None]
     if USE_G:
         b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
@@ -221,92 +225,100 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         b_eg = tl.full([BT], 1.0, dtype=tl.float32)
         b_kd = tl.where(valid, 1.0, 0.0)
         b_el = 1.0
+    return b_gam, b_eg, b_kd, b_el
 
-    # M = scale tril(dO U'^T) * Gamma, dO U'^T accumulated over V tiles
+
+@triton.jit
+def gate_sums(b_mq, b_dkd, b_ss_el, o_t, last):
+    """db's terms from the decays inside a chunk [BT]: + row sums, - column sums of
+    M * Q K^T (Gamma in the intra term), and from the state update exp(b_L) <S, dS'> (b_ss_el)
+    plus sum_j exp(b_L - b_j) k_j . (dS' U'_j) on the last row, minus each row's own term
+    (b_dkd). The terms that cancel exactly (M * Q K^T's diagonal, in its row and its column;
+    the last row's own b_dkd, added and subtracted) are left out rather than rounded and
+    subtracted: with strong decays (b ~ -20 a step) they dominate the sums and their float32
+    rounding was most of db's error (a GPU test's dg at 1.008e-6 against a 1.0004e-6 bound)."""
+    off = o_t[:, None] != o_t[None, :]
+    b_mq = tl.where(off, b_mq, 0.0)
+    others = tl.sum(tl.where(o_t == last, 0.0, b_dkd), 0)
+    return tl.sum(b_mq, 1) - tl.sum(b_mq, 0) + tl.where(o_t == last, b_ss_el + others, -b_dkd)
+
+
+@triton.jit
+def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
+                         chunk_seq, chunk_idx, scale, TT, H, K, V, BT: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                         PREC: tl.constexpr):
+    """Per (chunk, head, K tile): dq, dk (state and output part) and dw = -dU' S^T on the
+    tile's BK columns, and the tile's share of db (db [cdiv(K, BK), TT, H]; the launcher sums
+    the shares). One pass over the V tiles reads dO, U', dU' and the tile's rows of S and dS'
+    once, forming M = scale tril(dO U'^T) * Gamma beside them (every K tile's program forms
+    it: [BT, BT] per program, as fla's chunk_bwd_dqkwg)."""
+    tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
+    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
+    i_k = tl.program_id(2)
+    hslot = i_c + tl.load(chunk_seq + i_c).to(tl.int64)  # h's slot: c0 + n + c = i_c + n
+    last = tl.minimum(t0 + BT, Tn) - 1 - t0  # row of the chunk's last token
+    b_gam, b_eg, b_kd, b_el = chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT, USE_G)
+
+    # over V tiles: dO U'^T, and on this K tile dO S^T, U' dS'^T, dU' S^T, rows of S * dS'
     b_m = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dqa = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dka = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dwa = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ss = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
+        p_h = state_tile(h, hslot * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
+        p_dh = state_tile(dh, i_c * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
         p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_vn = tl.load(p_vn, boundary_check=(0, 1))       # stored 16-bit or float32
-        b_do = tl.load(p_do, boundary_check=(0, 1)).to(b_vn.dtype)
-        b_m += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+        p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        b_hs = tl.load(p_h, boundary_check=(0, 1))           # stored 16-bit or float32
+        b_dhs = tl.load(p_dh, boundary_check=(0, 1))         # stored 16-bit or float32
+        b_vn = tl.load(p_vn, boundary_check=(0, 1))          # stored 16-bit or float32
+        b_do = tl.load(p_do, boundary_check=(0, 1))
+        b_dv = tl.load(p_dv2, boundary_check=(0, 1))
+        b_h = b_hs.to(tl.float32)
+        b_dh = b_dhs.to(tl.float32)
+        b_m += tl.dot(b_do.to(b_vn.dtype), tl.trans(b_vn), input_precision=PREC)
+        # dO S^T in h's stored dtype (the inputs' for 16-bit inputs: exact products)
+        b_dqa += tl.dot(b_do.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC)
+        if b_vn.dtype == b_dhs.dtype:                        # both 16-bit: exact products
+            b_dka += tl.dot(b_vn, tl.trans(b_dhs), input_precision=PREC)
+        else:
+            b_dka += tl.dot(b_vn.to(tl.float32), tl.trans(b_dh), input_precision=PREC)
+        if b_dv.dtype == b_hs.dtype:
+            b_dwa += tl.dot(b_dv, tl.trans(b_hs), input_precision=PREC)
+        else:
+            b_dwa += tl.dot(b_dv.to(tl.float32), tl.trans(b_h), input_precision=PREC)
+        b_ss += tl.sum(b_h * b_dh, 1)
     b_m = b_m * b_gam * scale
 
-    b_qk = tl.zeros([BT, BT], dtype=tl.float32)  # Q K^T for db of the intra term
-    b_db = tl.zeros([BT], dtype=tl.float32)
-    b_dkd = tl.zeros([BT], dtype=tl.float32)  # exp(b_L - b_j) k_j . (dS' U'_j)
-    b_ss = tl.zeros([BK], dtype=tl.float32)  # rows of sum(S * dS')
-    for i_k in range(tl.cdiv(K, BK)):
-        p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        b_q16 = tl.load(p_q, boundary_check=(0, 1))
-        b_k16 = tl.load(p_k, boundary_check=(0, 1))
-        if USE_G and not QK_AFTER:
-            # Q K^T on the inputs' dtype: exact products either way, 16-bit MMA at twice tf32's
-            # rate
-            b_qk += tl.dot(b_q16, tl.trans(b_k16), input_precision=PREC)
-        b_q = b_q16.to(tl.float32)
-        b_k = b_k16.to(tl.float32)
-        # dO S^T, U' dS'^T, dU' S^T over V tiles
-        b_dqa = tl.zeros([BT, BK], dtype=tl.float32)
-        b_dka = tl.zeros([BT, BK], dtype=tl.float32)
-        b_dwa = tl.zeros([BT, BK], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            p_h = state_tile(h, hslot * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
-            p_dh = state_tile(dh, i_c * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
-            p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-            p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-            p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-            b_hs = tl.load(p_h, boundary_check=(0, 1))       # stored 16-bit or float32
-            b_h = b_hs.to(tl.float32)
-            b_dhs = tl.load(p_dh, boundary_check=(0, 1))     # stored 16-bit or float32
-            b_dh = b_dhs.to(tl.float32)
-            b_do = tl.load(p_do, boundary_check=(0, 1))
-            b_vn = tl.load(p_vn, boundary_check=(0, 1))
-            b_dv = tl.load(p_dv2, boundary_check=(0, 1))
-            # dO S^T in h's stored dtype (the inputs' for 16-bit inputs: exact products)
-            b_dqa += tl.dot(b_do.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC)
-            if b_vn.dtype == b_dhs.dtype:                   # both 16-bit: exact products
-                b_dka += tl.dot(b_vn, tl.trans(b_dhs), input_precision=PREC)
-            else:
-                b_dka += tl.dot(b_vn.to(tl.float32), tl.trans(b_dh), input_precision=PREC)
-            if b_dv.dtype == b_hs.dtype:                    # both 16-bit: exact products
-                b_dwa += tl.dot(b_dv, tl.trans(b_hs), input_precision=PREC)
-            else:
-                b_dwa += tl.dot(b_dv.to(tl.float32), tl.trans(b_h), input_precision=PREC)
-            b_ss += tl.sum(b_h * b_dh, 1)
-        # db from the inter term scale exp(b_i) q_i . (S dO_i)
-        b_db += scale * b_eg * tl.sum(b_dqa * b_q, 1)
-        # dQ = scale exp(b) (dO S^T) + M K
-        b_dq = scale * b_eg[:, None] * b_dqa + tl.dot(b_m, b_k, input_precision=PREC)
-        # dK (state and output part) = exp(b_L - b) (U' dS'^T) + M^T Q
-        b_dkd += b_kd * tl.sum(b_dka * b_k, 1)
-        b_dk = b_kd[:, None] * b_dka + tl.dot(tl.trans(b_m), b_q, input_precision=PREC)
-        p_dq = token_tile(dq, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        p_dk = token_tile(dk, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-        tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
-        tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
+    p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    b_q16 = tl.load(p_q, boundary_check=(0, 1))
+    b_k16 = tl.load(p_k, boundary_check=(0, 1))
+    b_q = b_q16.to(tl.float32)
+    b_k = b_k16.to(tl.float32)
+    # dQ = scale exp(b) (dO S^T) + M K
+    b_dq = scale * b_eg[:, None] * b_dqa + tl.dot(b_m, b_k, input_precision=PREC)
+    # dK (state and output part) = exp(b_L - b) (U' dS'^T) + M^T Q
+    b_dk = b_kd[:, None] * b_dka + tl.dot(tl.trans(b_m), b_q, input_precision=PREC)
+    p_dq = token_tile(dq, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    p_dk = token_tile(dk, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
 
     if USE_G:
-        # QK_AFTER: Q K^T in a pass of its own after the main loop (in the inputs' dtype: exact
-        # products), so that its [BT, BT] accumulator is not alive beside the loop's tiles
-        # (sm_90, bf16, D 128, 8 warps: 104 -> 44 B of spills at BV 64; 247 -> 221 registers
-        # at BV 32)
-        if QK_AFTER:
-            for i_k in range(tl.cdiv(K, BK)):
-                p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-                p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-                b_qk += tl.dot(tl.load(p_q, boundary_check=(0, 1)),
-                               tl.trans(tl.load(p_k, boundary_check=(0, 1))),
-                               input_precision=PREC)
-        # db from Gamma in the intra term: + row sums, - column sums of M * Q K^T
-        b_mq = b_m * b_qk
-        b_db += tl.sum(b_mq, 1) - tl.sum(b_mq, 0)
-        # db from the state update: exp(b_L) S and exp(b_L - b_j) k_j
-        b_db += tl.where(o_t == last, b_el * tl.sum(b_ss, 0) + tl.sum(b_dkd, 0), 0.0) - b_dkd
-        tl.store(db + (bos + t0 + o_t) * H + i_h, b_db, mask=valid)
+        # this tile's share of db: the inter term scale exp(b_i) q_i . (S dO_i), Gamma in the
+        # intra term (+ row sums, - column sums of M * Q K^T, Q K^T on this tile's columns),
+        # and the state update's exp(b_L) S and exp(b_L - b_j) k_j
+        b_db = scale * b_eg * tl.sum(b_dqa * b_q, 1)
+        b_mq = b_m * tl.dot(b_q16, tl.trans(b_k16), input_precision=PREC)
+        b_dkd = b_kd * tl.sum(b_dka * b_k, 1)
+        b_db += gate_sums(b_mq, b_dkd, b_el * tl.sum(b_ss, 0), o_t, last)
+        tl.store(db + (i_k.to(tl.int64) * TT + bos + t0 + o_t) * H + i_h, b_db, mask=valid)
 
 
 @triton.jit
@@ -451,10 +463,10 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B; gated, on wide V blocks
-            # only (see REVERSE_SCAN_SPLIT16_GATED_MIN_BV)
+            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B; on wide V blocks only
+            # (see REVERSE_SCAN_SPLIT16_MIN_BV)
             SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= 128
-            and (gc is None or BV >= REVERSE_SCAN_SPLIT16_GATED_MIN_BV),
+            and BV >= REVERSE_SCAN_SPLIT16_MIN_BV,
             **(LAUNCH["reverse_scan_k256"] if BK >= 256 else
                {**LAUNCH["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))
     return dh, dv2, dh0
@@ -475,14 +487,22 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
     dq = alloc.empty(TT, H, K, dtype=q.dtype, device=dev)
     dk_part = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
     dw = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
-    db = alloc.empty(TT, H, dtype=torch.float32, device=dev) if gc is not None else None
+    BK = head_tile(K, 64)
+    NK = triton.cdiv(K, BK)
+    BV = head_tile(V, GRADS_QK_TILE_BV_GATED if gc is not None else GRADS_QK_TILE_BV)
+    # db as one share per K tile [NK, TT, H], summed below (no atomics)
+    db = alloc.empty(NK, TT, H, dtype=torch.float32, device=dev) if gc is not None else None
     if layout.NT:
-        delta_bwd_dqk_kernel[(layout.NT, H)](
+        delta_bwd_dqk_kernel[(layout.NT, H, NK)](
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
             db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
-            scale, H=H, K=K, V=V, BT=BT, BK=head_tile(K, 64),
-            BV=head_tile(V, GRADS_QK_BV[gc is not None]), USE_G=gc is not None,
-            PREC=dot_precision(q.dtype), QK_AFTER=GRADS_QK_QK_AFTER, **LAUNCH["grads_qk"])
+            scale, TT, H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+            USE_G=gc is not None, PREC=dot_precision(q.dtype),
+            # float32 inputs ("ieee" dots) on 8 warps: on 4, sm_90 spills 7.4 - 9.5 KB
+            **{**LAUNCH["grads_qk"],
+               **(dict(num_warps=8) if q.dtype == torch.float32 else {})})
+    if db is not None:
+        db = db[0] if NK == 1 else db.sum(0)               # [TT, H]: the K tiles' shares
     return dq, dk_part, dw, db
 
 

@@ -103,7 +103,7 @@ def test_split16_dots(gated, knorm, monkeypatch):
     monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
     # both splits run on narrow tiles too here (on the GPU only from 64 wide: see delta_bwd)
     monkeypatch.setattr(delta_bwd, "GRADS_WY_SPLIT16_MIN_BK", 16)
-    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_GATED_MIN_BV", 16)
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
     check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=2, knorm=knorm), dtype=torch.float16)
 
 
@@ -114,6 +114,13 @@ def test_vnew_float32(gated, monkeypatch):
     from linattn.ops.triton import delta_fwd
     monkeypatch.setattr(delta_fwd, "VNEW_IN_INPUT_DTYPE", False)
     check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=5, knorm="free"), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_grads_qk_k_tiles(gated):
+    """grads_qk's programs per 64-wide K tile at K = 100: a full tile and a partial one, each
+    with its own M and its share of db (summed by the launcher)."""
+    check(make_inputs(1, 70, 1, 100, 32, gated=gated, seed=8))
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
@@ -190,7 +197,7 @@ FREE_KEYS = {"knorm": "free"}            # beta ||k||^2 up to 2
 QV5 = {"qv_scale": 5.0}
 NO_STATE = {"h0": False, "final": False}  # training from zeros, no final state
 # the scans' V blocks left 64 wide (fill_v_block cuts them to 16 for the tests' few sequences;
-# the bench's B 8 runs 64): Gated DeltaNet's reverse scan splits its dots on those only
+# the bench's B 8 runs 64): the reverse scan splits its dots on those only
 WIDE_V = {"min_bv": 64}
 # name: (K, V, gated, dtype, cases as (B, T, extra inputs), with a determinism check)
 GPU_SETS = {
@@ -198,6 +205,14 @@ GPU_SETS = {
         (1, PACK_T, {**PACK, **NONCONTIG}), (2, 300, FREE_KEYS)], False),
     "deltanet-K64-V100-bf16": (64, 100, False, BF16, [
         (1, PACK_T, PACK), (2, 300, QV5), (1, 300, WIDE_V)], False),
+    # K 128 at the bench's width (two 64-wide K tiles in grads_qk) on few sequences: 16-wide V
+    # blocks in the reverse scan (its split there gave NaN on the H200 until it ran unsplit,
+    # 12th session), then 64-wide (split)
+    "deltanet-K128-V256-bf16": (128, 256, False, BF16, [
+        (2, 300, {}), (1, 200, {**FREE_KEYS, **WIDE_V})], False),
+    # a partial K tile in grads_qk (64 + 36 columns)
+    "deltanet-K100-V64-bf16": (100, 64, False, BF16, [
+        (1, PACK_T, PACK), (2, 200, FREE_KEYS)], False),
     "gated-K100-V64-bf16": (100, 64, True, BF16, [
         (1, PACK_T, {**PACK, **NEAR_20}), (2, 200, {**FREE_KEYS, **NEAR_0})], False),
     "gated-K128-V128-bf16": (128, 128, True, BF16, [
