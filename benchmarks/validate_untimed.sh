@@ -103,7 +103,27 @@ timeout $(( $(left) - 10 )) python3 benchmarks/profile_kernels.py \
     ${PROFILE_ARGS:-} > "$OUT/profile.log" 2>&1
 fi
 
+# 7) the GPU-only faults (PERF_NOTES 27) under compute-sanitizer: memcheck (an invalid
+#    __shared__ read would match triton-lang/triton #10486 / #11366, multi-dot kernels on sm_90
+#    with triton >= 3.6) and racecheck, each on the wrong form flag_diff found
+if want sanitize; then
+if command -v compute-sanitizer > /dev/null; then
+for tool in memcheck racecheck; do
+for setting in delta_bwd.GRADS_QK_TILE_BV_GATED=64:g100x64_pack \
+               delta_bwd.REVERSE_SCAN_SPLIT16_MIN_BV=16:d128x256; do
+echo "== $tool ${setting%%:*} on ${setting##*:}" >> "$OUT/sanitize.log"
+timeout $(( $(left) / 5 )) compute-sanitizer --tool $tool --print-limit 5 python3 \
+    benchmarks/repeat_probe.py --child "${setting%%:*}" "${setting##*:}" 1 /tmp/sanitize.pt \
+    2>&1 | grep -E "^=========|ERROR SUMMARY|RACECHECK SUMMARY" | head -30 >> "$OUT/sanitize.log"
+done
+done
+else
+echo "no compute-sanitizer on this machine" >> "$OUT/sanitize.log"
+fi
+fi
+
 [ -f "$OUT/ncu_summary.log" ] && cat "$OUT/ncu_summary.log"
 [ -f "$OUT/profile_long.log" ] && grep "^==" "$OUT/profile_long.log"
 [ -f "$OUT/profile.log" ] && grep "^==" "$OUT/profile.log"
+[ -f "$OUT/sanitize.log" ] && tail -40 "$OUT/sanitize.log"
 echo "== validate_untimed done in $(( $(date +%s) - START )) s"

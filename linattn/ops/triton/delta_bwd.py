@@ -29,8 +29,8 @@ from .. import alloc
 from . import delta_fwd
 from . import common
 from .common import head_tile, split16
-from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, scan_v_block,
-                        sequence_program, state_tile, token_tile)
+from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, load_tile,
+                        scan_v_block, sequence_program, state_tile, token_tile)
 
 # Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
 # bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): grads_wy on 4 warps 3.27 -> 1.99 although
@@ -133,7 +133,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, dht, dh, dv2, dh0, cu_seqlen
     # dS after the last token: the final state's cotangent, or zeros
     if USE_DHT:
         p_dht = state_tile(dht, i_nh, K, V, 0, i_v * BV, BK, BV)
-        b_ds = tl.load(p_dht, boundary_check=(0, 1)).to(tl.float32)
+        b_ds = load_tile(p_dht).to(tl.float32)
     else:
         b_ds = tl.zeros([BK, BV], dtype=tl.float32)
 
@@ -152,9 +152,9 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, dht, dh, dv2, dh0, cu_seqlen
         # q, k, dO stay in the inputs' dtype (half the registers of float32 tiles at 16 bits);
         # the decays scale a dot's rows or its other operand instead of q and k, so each dot
         # rounds no more than before (16-bit values are exact in tf32)
-        b_q = tl.load(p_q, boundary_check=(0, 1))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
-        b_do = tl.load(p_do, boundary_check=(0, 1))
+        b_q = load_tile(p_q)
+        b_k = load_tile(p_k)
+        b_do = load_tile(p_do)
         b_g = None
         if USE_G:
             last = tl.minimum(t0 + BT, Tn) - 1
@@ -272,11 +272,11 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_hs = tl.load(p_h, boundary_check=(0, 1))           # stored 16-bit or float32
-        b_dhs = tl.load(p_dh, boundary_check=(0, 1))         # stored 16-bit or float32
-        b_vn = tl.load(p_vn, boundary_check=(0, 1))          # stored 16-bit or float32
-        b_do = tl.load(p_do, boundary_check=(0, 1))
-        b_dv = tl.load(p_dv2, boundary_check=(0, 1))
+        b_hs = load_tile(p_h)           # stored 16-bit or float32
+        b_dhs = load_tile(p_dh)         # stored 16-bit or float32
+        b_vn = load_tile(p_vn)          # stored 16-bit or float32
+        b_do = load_tile(p_do)
+        b_dv = load_tile(p_dv2)
         b_h = b_hs.to(tl.float32)
         b_dh = b_dhs.to(tl.float32)
         b_m += tl.dot(b_do.to(b_vn.dtype), tl.trans(b_vn), input_precision=PREC)
@@ -295,8 +295,8 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
 
     p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
     p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-    b_q16 = tl.load(p_q, boundary_check=(0, 1))
-    b_k16 = tl.load(p_k, boundary_check=(0, 1))
+    b_q16 = load_tile(p_q)
+    b_k16 = load_tile(p_k)
     b_q = b_q16.to(tl.float32)
     b_k = b_k16.to(tl.float32)
     # dQ = scale exp(b) (dO S^T) + M K
@@ -353,17 +353,17 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
     for i_k in range(tl.cdiv(K, BK)):
         p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        b_k16 = tl.load(p_k, boundary_check=(0, 1))
+        b_k16 = load_tile(p_k)
         b_kk += tl.dot(b_k16, tl.trans(b_k16), input_precision=PREC)  # exact products, 16-bit MMA
-        b_dwt = tl.load(p_dw, boundary_check=(0, 1))
+        b_dwt = load_tile(p_dw)
         b_dt += tl.dot(b_dwt, tl.trans(b_k16.to(b_dwt.dtype)), input_precision=PREC)
     if USE_G:
         b_dt = b_dt * b_eg[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_du = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_du = tl.load(p_du, boundary_check=(0, 1))
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(b_du.dtype)
+        b_du = load_tile(p_du)
+        b_v = load_tile(p_v).to(b_du.dtype)
         b_dt += tl.dot(b_du, tl.trans(b_v), input_precision=PREC)
     b_dt = b_dt * b_beta[None, :]
 
@@ -390,17 +390,17 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         p_dkp = token_tile(dk_part, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         p_dk = token_tile(dk, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         if SPLIT16:
-            b_k16 = tl.load(p_k, boundary_check=(0, 1))
+            b_k16 = load_tile(p_k)
             b_k = b_k16.to(tl.float32)
-            b_dw16 = tl.load(p_dw, boundary_check=(0, 1))
+            b_dw16 = load_tile(p_dw)
             b_dkb = tl.dot(t_lo, b_dw16, tl.dot(t_hi, b_dw16))
             b_kk2 = tl.dot(s_lo, b_k16, tl.dot(s_hi, b_k16))
         else:
-            b_k = tl.load(p_k, boundary_check=(0, 1)).to(tl.float32)
-            b_dkb = tl.dot(tl.trans(b_t), tl.load(p_dw, boundary_check=(0, 1)).to(tl.float32),
+            b_k = load_tile(p_k).to(tl.float32)
+            b_dkb = tl.dot(tl.trans(b_t), load_tile(p_dw).to(tl.float32),
                            input_precision=PREC)
             b_kk2 = tl.dot(b_dks, b_k, input_precision=PREC)
-        b_dkt = tl.load(p_dkp, boundary_check=(0, 1)).to(tl.float32) + b_dkb * b_kw[:, None] \
+        b_dkt = load_tile(p_dkp).to(tl.float32) + b_dkb * b_kw[:, None] \
             + b_kk2
         b_s = tl.sum(b_dkb * b_k, 1)  # through beta e^b
         b_dbeta += b_s * b_eg
@@ -412,12 +412,12 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_du = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_dv = token_tile(dv, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(tl.float32)
+        b_v = load_tile(p_v).to(tl.float32)
         if SPLIT16:
-            b_du16 = tl.load(p_du, boundary_check=(0, 1))
+            b_du16 = load_tile(p_du)
             b_dvb = tl.dot(t_lo, b_du16, tl.dot(t_hi, b_du16))
         else:
-            b_dvb = tl.dot(tl.trans(b_t), tl.load(p_du, boundary_check=(0, 1)).to(tl.float32),
+            b_dvb = tl.dot(tl.trans(b_t), load_tile(p_du).to(tl.float32),
                            input_precision=PREC)
         b_dbeta += tl.sum(b_dvb * b_v, 1)
         tl.store(p_dv, (b_dvb * b_beta[:, None]).to(p_dv.dtype.element_ty),

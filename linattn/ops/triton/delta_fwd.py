@@ -177,6 +177,16 @@ def token_tile(x, bos, i_h, Tn, H, D, r0, c0, BR: tl.constexpr, BC: tl.constexpr
 
 
 @triton.jit
+def load_tile(p):
+    """The tile a block pointer (token_tile, state_tile) points to, zero where it lies past the
+    tensor's bounds, which the delta kernels' dots and sums rely on (Q^T dO over a chunk's rows,
+    <S, dS'> over a K tile's rows). Triton leaves those elements undefined without a padding
+    option; triton 3.6's NVIDIA backend zero-fills them anyway (sm_90 PTX identical but for
+    register names), so this states the contract rather than changing the code."""
+    return tl.load(p, boundary_check=(0, 1), padding_option="zero")
+
+
+@triton.jit
 def state_tile(x, slot, K, V, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
     """Block pointer to the [BR, BC] tile at row r0, column c0 of the [K, V] state x[slot] of a
     [slots, K, V] view (slot = state index * H + head, or n * H + h for per-sequence states)."""
@@ -237,7 +247,7 @@ def delta_prep_kernel(k, beta, g, gc, tinv, cu_seqlens, chunk_seq, chunk_idx, H,
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        b_k = tl.load(p_k, boundary_check=(0, 1))  # inputs' dtype: exact products either way,
+        b_k = load_tile(p_k)  # inputs' dtype: exact products either way,
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # 16-bit MMA at twice tf32's rate
     m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
     b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))  # Gamma, 0 off-mask
@@ -324,7 +334,7 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
     # S_0: initial_state[n, h] or zeros (float32, [BK, BV] tile of [K, V])
     p_s0 = state_tile(h0, i_nh, K, V, 0, i_v * BV, BK, BV)
     if USE_H0:
-        b_s = tl.load(p_s0, boundary_check=(0, 1)).to(tl.float32)
+        b_s = load_tile(p_s0).to(tl.float32)
     else:
         b_s = tl.zeros([BK, BV], dtype=tl.float32)
 
@@ -336,7 +346,7 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
         tl.store(p_h, b_s.to(p_h.dtype.element_ty), boundary_check=(0, 1))
         # K S [BT, BV] (rows past the sequence: zeros)
         p_k = token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
-        b_k16 = tl.load(p_k, boundary_check=(0, 1))
+        b_k16 = load_tile(p_k)
         if SPLIT16:
             s_hi, s_lo = split16(b_s, b_k16.dtype)
             b_ks = tl.dot(b_k16, s_lo, tl.dot(b_k16, s_hi))
@@ -349,7 +359,7 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
             b_g = tl.load(gc + row, mask=valid, other=0.0)
             b_ks = b_ks * tl.exp(b_g)[:, None]
         p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_r = (tl.load(p_v, boundary_check=(0, 1)).to(tl.float32) - b_ks) * b_beta[:, None]
+        b_r = (load_tile(p_v).to(tl.float32) - b_ks) * b_beta[:, None]
         b_vn = tl.dot(chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT), b_r, input_precision=PREC)
         p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
