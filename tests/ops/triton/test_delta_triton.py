@@ -221,7 +221,9 @@ GPU_SETS = {
     "gated-K32-V16-f32": (32, 16, True, F32, [
         (1, PACK_T, {**PACK, **NONCONTIG}), (2, 400, {}), (2, 130, {**NEAR_0, **FREE_KEYS}),
         (2, 65, NEAR_20)], True),
-    "deltanet-K256-V64-bf16": (256, 64, False, BF16, [(1, PACK_T, PACK)], False),
+    # packed (32-wide V blocks: fill_v_block's floor at K 256), then the bench's 64-wide ones
+    "deltanet-K256-V64-bf16": (256, 64, False, BF16, [
+        (1, PACK_T, PACK), (1, 150, {**FREE_KEYS, **WIDE_V})], False),
     # 32-wide V blocks (fill_v_block's floor at K 256), then 64 (the bench's); passed on the
     # H200 at T 200 / 300 (188 s with its oracle, the suite's longest), trimmed to 3 chunks
     "gated-K256-V256-bf16": (256, 256, True, BF16, [
