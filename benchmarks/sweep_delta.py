@@ -81,6 +81,12 @@ VARIANTS = {
     "k256_bv32_w4": {"flags": {"delta_fwd.STATE_TILE_ELEMS": 8192},
                      "scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
     "k256_w4": {"scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
+    # K 256 since next/untimed10: both scans split (PERF_NOTES 28) against main's unsplit
+    # form; the forward scan on 4 warps fits 2 programs per SM (sm_90: 96 KB, 1964 B spills
+    # split), 512 programs in 1.94 waves instead of 3.9
+    "k256_nosplit": {"flags": {"delta_fwd.SCAN_SPLIT16_MAX_BK": 128,
+                               "delta_bwd.REVERSE_SCAN_SPLIT16_MAX_BK": 128}},
+    "k256_scan_w4": {"scan_k256": dict(num_warps=4)},
     # prep on 4 warps (2 since W and U left it), the scans' launch around the new dots
     "prep_w4": {"prep": dict(num_warps=4)},
     "scan_s2": {"scan": dict(num_stages=2)},

@@ -61,6 +61,13 @@ GRADS_QK_TILE_BV_GATED = 32
 # Tried and dropped the same in the per-chunk grads_qk (U' and M split): sm_90 ungated
 # 126 -> 186 registers, gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
 REVERSE_SCAN_SPLIT16: bool = True
+# on state tiles up to this many rows. Branch next/untimed10 (PERF_NOTES 28): 256, untimed and
+# not GPU-run; until then 128 ("sm_90 spills rose 392 -> 1472 B" at K 256, before the scan
+# formed W^T dU' itself). Now, bf16, K 256, BV 64, 8 warps, unsplit -> split: DeltaNet shared
+# memory 164 -> 136 KB, spills 1960 -> 2428 B but spill loads / stores 229 / 222 -> 188 / 186,
+# shared stores / loads 230 / 128 -> 94 / 0, barriers 36 -> 19; gated spills 2840 -> 2616 B,
+# spill loads 348 -> 198, barriers 53 -> 22; HGMMA equal.
+REVERSE_SCAN_SPLIT16_MAX_BK = 256
 # The reverse scan splits on V blocks at least this wide only. H200 (2026-11-29,
 # benchmarks/flag_diff.py, bf16): on 64-wide V blocks (the bench's B 8) the split differs from
 # the unsplit kernel at bf16 rounding (dv 5e-3, dh0 5e-4 relative), but on the narrower blocks
@@ -463,9 +470,9 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B; on wide V blocks only
+            # on state tiles up to REVERSE_SCAN_SPLIT16_MAX_BK rows and wide V blocks only
             # (see REVERSE_SCAN_SPLIT16_MIN_BV)
-            SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= 128
+            SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= REVERSE_SCAN_SPLIT16_MAX_BK
             and BV >= REVERSE_SCAN_SPLIT16_MIN_BV,
             **(LAUNCH["reverse_scan_k256"] if BK >= 256 else
                {**LAUNCH["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))

@@ -108,6 +108,16 @@ def test_split16_dots(gated, knorm, monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_split16_dots_k256(gated, monkeypatch):
+    """The scans' split dots on one 256-wide state tile (BK = 256), float16 forced through them
+    as in test_split16_dots."""
+    from linattn.ops.triton import common, delta_bwd
+    monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
+    check(make_inputs(1, 70, 1, 256, 32, gated=gated, seed=3, knorm="free"), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_vnew_float32(gated, monkeypatch):
     """U' stored in float32 for 16-bit inputs (delta_fwd.VNEW_IN_INPUT_DTYPE off): grads_qk's
     dots on U' then take float32 operands beside the 16-bit dO and dS'."""
