@@ -108,9 +108,23 @@ def test_split16_dots(gated, knorm, monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_reverse_scan_scores_kernel(gated, monkeypatch):
+    """The reverse scan reading the masked scores from delta_bwd_scores_kernel (on from K 256
+    by default), forced at K = 40 (a 64-wide padded K tile), packed lengths 0, 1, 66, 5, with
+    float16 forced through the split dots too."""
+    from linattn.ops.triton import common, delta_bwd
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SCORES_MIN_BK", 16)
+    check(make_inputs(1, 72, 2, 40, 16, gated=gated, seed=6, lengths=[0, 1, 66, 5]))
+    monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=9, knorm="free"), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_split16_dots_k256(gated, monkeypatch):
     """The scans' split dots on one 256-wide state tile (BK = 256), float16 forced through them
-    as in test_split16_dots."""
+    as in test_split16_dots; the reverse scan reads its scores from delta_bwd_scores_kernel
+    there."""
     from linattn.ops.triton import common, delta_bwd
     monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
     monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
