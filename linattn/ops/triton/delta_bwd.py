@@ -128,6 +128,18 @@ def mask_scores(b_kq, b_g, o_t, valid, USE_G: tl.constexpr):
 
 
 @triton.jit
+def dot_nt(a, b, PREC: tl.constexpr):
+    """a @ b^T of two stored tiles in their common dtype, float32 accumulation: as stored when
+    both are 16-bit (exact products, 16-bit MMA), else both as float32 (PREC): a float32
+    intermediate (delta_fwd.state_dtype, vnew_dtype, grad_dtype switched off) beside a 16-bit
+    one or an input."""
+    if a.dtype == b.dtype:
+        return tl.dot(a, tl.trans(b), input_precision=PREC)
+    else:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision=PREC)
+
+
+@triton.jit
 def delta_bwd_scores_kernel(q, k, gc, kq, cu_seqlens, chunk_seq, chunk_idx, H, K,
                             BT: tl.constexpr, BK: tl.constexpr, USE_G: tl.constexpr,
                             PREC: tl.constexpr):
@@ -324,20 +336,11 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         b_vn = load_tile(p_vn)          # stored 16-bit or float32
         b_do = load_tile(p_do)
         b_dv = load_tile(p_dv2)
-        b_h = b_hs.to(tl.float32)
-        b_dh = b_dhs.to(tl.float32)
-        b_m += tl.dot(b_do.to(b_vn.dtype), tl.trans(b_vn), input_precision=PREC)
-        # dO S^T in h's stored dtype (the inputs' for 16-bit inputs: exact products)
-        b_dqa += tl.dot(b_do.to(b_hs.dtype), tl.trans(b_hs), input_precision=PREC)
-        if b_vn.dtype == b_dhs.dtype:                        # both 16-bit: exact products
-            b_dka += tl.dot(b_vn, tl.trans(b_dhs), input_precision=PREC)
-        else:
-            b_dka += tl.dot(b_vn.to(tl.float32), tl.trans(b_dh), input_precision=PREC)
-        if b_dv.dtype == b_hs.dtype:
-            b_dwa += tl.dot(b_dv, tl.trans(b_hs), input_precision=PREC)
-        else:
-            b_dwa += tl.dot(b_dv.to(tl.float32), tl.trans(b_h), input_precision=PREC)
-        b_ss += tl.sum(b_h * b_dh, 1)
+        b_m += dot_nt(b_do, b_vn, PREC)                      # dO U'^T
+        b_dqa += dot_nt(b_do, b_hs, PREC)                    # dO S^T
+        b_dka += dot_nt(b_vn, b_dhs, PREC)                   # U' dS'^T
+        b_dwa += dot_nt(b_dv, b_hs, PREC)                    # dU' S^T
+        b_ss += tl.sum(b_hs.to(tl.float32) * b_dhs.to(tl.float32), 1)
     b_m = b_m * b_gam * scale
 
     p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
@@ -402,16 +405,13 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         b_k16 = load_tile(p_k)
         b_kk += tl.dot(b_k16, tl.trans(b_k16), input_precision=PREC)  # exact products, 16-bit MMA
-        b_dwt = load_tile(p_dw)
-        b_dt += tl.dot(b_dwt, tl.trans(b_k16.to(b_dwt.dtype)), input_precision=PREC)
+        b_dt += dot_nt(load_tile(p_dw), b_k16, PREC)                  # dW K^T
     if USE_G:
         b_dt = b_dt * b_eg[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         p_du = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_du = load_tile(p_du)
-        b_v = load_tile(p_v).to(b_du.dtype)
-        b_dt += tl.dot(b_du, tl.trans(b_v), input_precision=PREC)
+        b_dt += dot_nt(load_tile(p_du), load_tile(p_v), PREC)          # dU V^T
     b_dt = b_dt * b_beta[None, :]
 
     # dA = -T^T dT T^T on the strict lower triangle; A = beta_i (K K^T)_ij Gamma_ij
