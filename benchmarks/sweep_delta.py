@@ -81,11 +81,9 @@ VARIANTS = {
     "k256_bv32_w4": {"flags": {"delta_fwd.STATE_TILE_ELEMS": 8192},
                      "scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
     "k256_w4": {"scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
-    # K 256 since next/untimed10: both scans split (PERF_NOTES 28) against main's unsplit
-    # form; the forward scan on 4 warps fits 2 programs per SM (sm_90: 96 KB, 1964 B spills
-    # split), 512 programs in 1.94 waves instead of 3.9
-    "k256_nosplit": {"flags": {"delta_fwd.SCAN_SPLIT16_MAX_BK": 128,
-                               "delta_bwd.REVERSE_SCAN_SPLIT16_MAX_BK": 128}},
+    # K 256 since next/untimed10: the reverse scan split (PERF_NOTES 28) against main's
+    # unsplit form (the forward scan's split at K 256 was wrong on the H200; it stays at 128)
+    "k256_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_MAX_BK": 128}},
     "k256_scan_w4": {"scan_k256": dict(num_warps=4)},
     # the reverse scan's masked scores from delta_bwd_scores_kernel (on from K 256 here) at
     # every K, and nowhere (its in-loop K Q^T, main's form)
