@@ -44,7 +44,7 @@ LAUNCH = {
     "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
     "grads_qk": dict(num_warps=4, num_stages=2),       # 8 warps for float32 (launcher)
     "grads_wy": dict(num_warps=4, num_stages=1),
-    "scores": dict(num_warps=4, num_stages=2),         # REVERSE_SCAN_SCORES_MIN_BK: untimed
+    "scores": dict(num_warps=4, num_stages=2),         # REVERSE_SCAN_SCORES_MIN_BK
 }
 # grads_qk runs one program per (chunk, head, 64-wide K tile), one pass over V per program,
 # M formed by each, as fla's chunk_bwd_dqkwg. It replaced (12th session) one program per
@@ -64,12 +64,13 @@ GRADS_QK_TILE_BV_GATED = 32
 # Tried and dropped the same in the per-chunk grads_qk (U' and M split): sm_90 ungated
 # 126 -> 186 registers, gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
 REVERSE_SCAN_SPLIT16: bool = True
-# on state tiles up to this many rows. Branch next/untimed10 (PERF_NOTES 28): 256, untimed and
-# not GPU-run; until then 128 ("sm_90 spills rose 392 -> 1472 B" at K 256, before the scan
-# formed W^T dU' itself). Now, bf16, K 256, BV 64, 8 warps, unsplit -> split: DeltaNet shared
-# memory 164 -> 136 KB, spills 1960 -> 2428 B but spill loads / stores 229 / 222 -> 188 / 186,
-# shared stores / loads 230 / 128 -> 94 / 0, barriers 36 -> 19; gated spills 2840 -> 2616 B,
-# spill loads 348 -> 198, barriers 53 -> 22; HGMMA equal.
+# on state tiles up to this many rows: 256 since the 13th session (until then 128: "sm_90
+# spills rose 392 -> 1472 B" at K 256, before the scan formed W^T dU' itself). bf16, K 256,
+# BV 64, 8 warps, unsplit -> split, sm_90: DeltaNet shared memory 164 -> 136 KB, spill loads /
+# stores 229 / 222 -> 188 / 186, shared stores / loads 230 / 128 -> 94 / 0, barriers 36 -> 19;
+# gated spill loads 348 -> 198, barriers 53 -> 22. H200 sweep (2026-11-29, T 8192, D 256, with
+# the scores kernel below): reverse scan 11.89 -> 9.29 ms gated, 7.76 -> 7.72 DeltaNet; the
+# GPU tests' K 256 sets on 64-wide V blocks pass.
 REVERSE_SCAN_SPLIT16_MAX_BK = 256
 # The reverse scan splits on V blocks at least this wide only. H200 (2026-11-29,
 # benchmarks/flag_diff.py, bf16): on 64-wide V blocks (the bench's B 8) the split differs from
@@ -93,8 +94,9 @@ REVERSE_SCAN_BV = 64
 # kernel (delta_bwd_scores_kernel, a float32 [TT, H, BT] buffer alive through the scan) on
 # state tiles at least this many rows wide, instead of forming K Q^T in every step of its
 # serial loop for every V block: at K 256 that dot is 1.05 M of the step's ~7 M multiply-adds
-# (BV 64), repeated by the 4 V blocks; the kernel forms it once per chunk. Branch
-# next/untimed10 (PERF_NOTES 28): untimed, not GPU-run. 1 << 30: never.
+# (BV 64), repeated by the 4 V blocks; the kernel forms it once per chunk. H200 sweep
+# (2026-11-29, T 8192, D 256): reverse scan 10.88 -> 7.72 ms + 0.34 for the scores kernel
+# (DeltaNet), 11.58 -> 9.29 + 0.36 (gated); flag_diff: identical results. 1 << 30: never.
 REVERSE_SCAN_SCORES_MIN_BK = 256
 
 # dU' (dv2), dW (dw) and dk's state-and-output part (dk_part), each written by one kernel and
