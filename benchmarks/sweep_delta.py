@@ -81,6 +81,14 @@ VARIANTS = {
     "k256_bv32_w4": {"flags": {"delta_fwd.STATE_TILE_ELEMS": 8192},
                      "scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
     "k256_w4": {"scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
+    # K 256 since next/untimed10: the reverse scan split (PERF_NOTES 28) against main's
+    # unsplit form (the forward scan's split at K 256 was wrong on the H200; it stays at 128)
+    "k256_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_MAX_BK": 128}},
+    "k256_scan_w4": {"scan_k256": dict(num_warps=4)},
+    # the reverse scan's masked scores from delta_bwd_scores_kernel (on from K 256 here) at
+    # every K, and nowhere (its in-loop K Q^T, main's form)
+    "scores_all": {"flags": {"delta_bwd.REVERSE_SCAN_SCORES_MIN_BK": 16}},
+    "scores_off": {"flags": {"delta_bwd.REVERSE_SCAN_SCORES_MIN_BK": 1 << 30}},
     # prep on 4 warps (2 since W and U left it), the scans' launch around the new dots
     "prep_w4": {"prep": dict(num_warps=4)},
     "scan_s2": {"scan": dict(num_stages=2)},
@@ -105,7 +113,8 @@ FLAGS = {path: getattr(MODULES[path.split(".")[0]], path.split(".")[1])
          for v in VARIANTS.values() for path in v.get("flags", {})}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
-                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy"}
+                "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy",
+                "delta_bwd_scores_kernel": "scores"}
 
 
 

@@ -33,7 +33,7 @@ if want diff; then
 RS="delta_bwd.REVERSE_SCAN_SPLIT16_MIN_BV=16"; WY="delta_bwd.GRADS_WY_SPLIT16_MIN_BK=16"
 K256="delta_fwd.SCAN_MIN_BV_K256=16"
 timeout 200 python3 benchmarks/flag_diff.py --op delta --timeout 190 --json "$OUT/flag_diff_delta.json" \
-    --settings "default=;qk_g64=delta_bwd.GRADS_QK_TILE_BV_GATED=64;vnew_f32=delta_fwd.VNEW_IN_INPUT_DTYPE=0;rs16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
+    --settings "default=;k256_nosplit=delta_bwd.REVERSE_SCAN_SPLIT16_MAX_BK=128;fwd_split256=delta_fwd.SCAN_SPLIT16_MAX_BK=256;scores_off=delta_bwd.REVERSE_SCAN_SCORES_MIN_BK=1073741824;scores_all=delta_bwd.REVERSE_SCAN_SCORES_MIN_BK=16;qk_g64=delta_bwd.GRADS_QK_TILE_BV_GATED=64;vnew_f32=delta_fwd.VNEW_IN_INPUT_DTYPE=0;rs16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
     2>&1 | grep -v Warn | tail -40
 fi
 
@@ -43,15 +43,14 @@ OUT="$OUT" TESTS_S=${TESTS_S:-240} RUN_TIMING=0 bash benchmarks/gpu_check.sh 2>&
 rm -f "$OUT/gpu_tests.xml"
 fi
 
-# 2) the delta rule's options against the defaults at D 128 and D 256 (SWEEP_VARIANTS, e.g.
-#    "default,main_form,qk_inloop,scan_nosplit,rs_nosplit,wy_nosplit,scan_s2,rs_s2")
+# 2) the delta rule's options against the defaults at each D of SWEEP_DS (default "128 256";
+#    SWEEP_VARIANTS, e.g. "default,k256_nosplit,k256_scan_w4" with SWEEP_DS=256)
 if want delta; then
-timeout $(( ($(left) - 10) / 2 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants ${SWEEP_VARIANTS:-default,qk_w8,qk_s1,rs_s2,wy_nosplit} --json "$OUT/sweep_delta.json" ${SWEEP_ARGS:-} \
-    2>&1 | tail -22
-timeout $(( $(left) - 10 )) python3 benchmarks/sweep_delta.py --kinds gated_delta,delta \
-    --variants ${SWEEP_VARIANTS:-default,qk_w8,qk_s1,rs_s2,wy_nosplit} --D 256 --json "$OUT/sweep_delta_d256.json" \
-    2>&1 | tail -22
+for D in ${SWEEP_DS:-128 256}; do
+timeout $(( ($(left) - 10) / $(echo ${SWEEP_DS:-128 256} | wc -w) )) python3 benchmarks/sweep_delta.py \
+    --kinds gated_delta,delta --D $D --json "$OUT/sweep_delta_d$D.json" \
+    --variants ${SWEEP_VARIANTS:-default,qk_w8,qk_s1,rs_s2,wy_nosplit} ${SWEEP_ARGS:-} 2>&1 | tail -22
+done
 fi
 
 # 3) the gated scans' num_stages at both ends of T (3 since the eighth session: 2 won at

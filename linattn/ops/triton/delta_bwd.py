@@ -14,6 +14,8 @@ chunk's start, dS' the gradient of the state at its end, M = scale tril(dO U'^T)
     dbeta, and db (-> dg by a reverse cumsum inside the chunk) from every exp(b) above.
 
 Kernels:
+  delta_bwd_scores_kernel per (chunk, head): the masked scores (tril(Q K^T) * Gamma)^T the
+                         reverse scan reads at K >= REVERSE_SCAN_SCORES_MIN_BK.
   delta_bwd_scan_kernel  per (V tile, sequence * head): dh[c] = dS' of chunk c, dU', dS_0.
   delta_bwd_dqk_kernel   per (chunk, head, K tile): dQ, the state/output part of dK, dW,
                          and the tile's share of db.
@@ -42,6 +44,7 @@ LAUNCH = {
     "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
     "grads_qk": dict(num_warps=4, num_stages=2),       # 8 warps for float32 (launcher)
     "grads_wy": dict(num_warps=4, num_stages=1),
+    "scores": dict(num_warps=4, num_stages=2),         # REVERSE_SCAN_SCORES_MIN_BK
 }
 # grads_qk runs one program per (chunk, head, 64-wide K tile), one pass over V per program,
 # M formed by each, as fla's chunk_bwd_dqkwg. It replaced (12th session) one program per
@@ -61,6 +64,14 @@ GRADS_QK_TILE_BV_GATED = 32
 # Tried and dropped the same in the per-chunk grads_qk (U' and M split): sm_90 ungated
 # 126 -> 186 registers, gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
 REVERSE_SCAN_SPLIT16: bool = True
+# on state tiles up to this many rows: 256 since the 13th session (until then 128: "sm_90
+# spills rose 392 -> 1472 B" at K 256, before the scan formed W^T dU' itself). bf16, K 256,
+# BV 64, 8 warps, unsplit -> split, sm_90: DeltaNet shared memory 164 -> 136 KB, spill loads /
+# stores 229 / 222 -> 188 / 186, shared stores / loads 230 / 128 -> 94 / 0, barriers 36 -> 19;
+# gated spill loads 348 -> 198, barriers 53 -> 22. H200 sweep (2026-11-29, T 8192, D 256, with
+# the scores kernel below): reverse scan 11.89 -> 9.29 ms gated, 7.76 -> 7.72 DeltaNet; the
+# GPU tests' K 256 sets on 64-wide V blocks pass.
+REVERSE_SCAN_SPLIT16_MAX_BK = 256
 # The reverse scan splits on V blocks at least this wide only. H200 (2026-11-29,
 # benchmarks/flag_diff.py, bf16): on 64-wide V blocks (the bench's B 8) the split differs from
 # the unsplit kernel at bf16 rounding (dv 5e-3, dh0 5e-4 relative), but on the narrower blocks
@@ -79,6 +90,14 @@ GRADS_WY_SPLIT16: bool = True
 GRADS_WY_SPLIT16_MIN_BK = 64
 # the reverse scan's V tile cap (see delta_fwd.scan_v_block)
 REVERSE_SCAN_BV = 64
+# The reverse scan reads each chunk's masked scores (tril(Q K^T) * Gamma)^T from a parallel
+# kernel (delta_bwd_scores_kernel, a float32 [TT, H, BT] buffer alive through the scan) on
+# state tiles at least this many rows wide, instead of forming K Q^T in every step of its
+# serial loop for every V block: at K 256 that dot is 1.05 M of the step's ~7 M multiply-adds
+# (BV 64), repeated by the 4 V blocks; the kernel forms it once per chunk. H200 sweep
+# (2026-11-29, T 8192, D 256): reverse scan 10.88 -> 7.72 ms + 0.34 for the scores kernel
+# (DeltaNet), 11.58 -> 9.29 + 0.36 (gated); flag_diff: identical results. 1 << 30: never.
+REVERSE_SCAN_SCORES_MIN_BK = 256
 
 # dU' (dv2), dW (dw) and dk's state-and-output part (dk_part), each written by one kernel and
 # read by later ones, stored in the inputs' dtype for 16-bit inputs: 256 MiB each less at
@@ -123,17 +142,44 @@ def dot_nt(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, dht, dh, dv2, dh0, cu_seqlens,
+def delta_bwd_scores_kernel(q, k, gc, kq, cu_seqlens, chunk_seq, chunk_idx, H, K,
+                            BT: tl.constexpr, BK: tl.constexpr, USE_G: tl.constexpr,
+                            PREC: tl.constexpr):
+    """Per (chunk, head): kq [BT, BT] of the chunk's rows of kq [TT, H, BT] float32, the
+    masked scores (tril(Q K^T) * Gamma)^T [key j, query i] the reverse scan reads when it
+    does not form them itself (REVERSE_SCAN_SCORES_MIN_BK)."""
+    tl.static_assert(BK >= 16, "tl.dot needs tiles of at least 16")
+    i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
+    # K Q^T [j, i] over BK-wide K tiles, 16-bit operands as stored: exact products
+    b_kq = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        b_q = load_tile(token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK))
+        b_k = load_tile(token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK))
+        b_kq += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+    b_g = None
+    if USE_G:
+        b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
+    # masked to i >= j, i in the sequence, times exp(b_i - b_j) when gated
+    b_kq = mask_scores(b_kq, b_g, o_t, valid, USE_G)
+    p_kq = token_tile(kq, bos, i_h, Tn, H, BT, t0, 0, BT, BT)
+    tl.store(p_kq, b_kq, boundary_check=(0, 1))
+
+
+@triton.jit
+def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_seqlens,
                           chunk_offsets, scale, H, K, V,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                          PREC: tl.constexpr, SPLIT16: tl.constexpr):
+                          PREC: tl.constexpr, SPLIT16: tl.constexpr, KQ_IN: tl.constexpr):
     """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
 
     SPLIT16 (16-bit inputs): the float32 operand of each dot whose other operand is a 16-bit
     input (K dS', (K Q^T) dO, K^T (beta e^b T^T dU'), gated Q^T (e^b dO)) goes in as two 16-bit
     halves (common.split16), so the input enters the dot as stored instead of through a float32
     copy staged in shared memory for a tf32 dot; the products keep ~16 bits where tf32 keeps 11.
+
+    KQ_IN: the masked scores come from kq [TT, H, BT] (delta_bwd_scores_kernel) instead of a
+    K Q^T dot per step.
 
     BK spans all of K (the launcher picks full_tile(K)): K^T (...) contracts over the chunk
     but yields all K rows of dS."""
@@ -173,8 +219,11 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, dht, dh, dv2, dh0, cu_seqlen
             b_g = tl.load(gc + row, mask=valid, other=0.0)
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
         # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
-        b_kq = mask_scores(tl.dot(b_k, tl.trans(b_q), input_precision=PREC), b_g, o_t, valid,
-                           USE_G)                                   # [j, i], exact products
+        if KQ_IN:
+            b_kq = load_tile(token_tile(kq, bos, i_h, Tn, H, BT, t0, 0, BT, BT))  # [j, i]
+        else:
+            b_kq = mask_scores(tl.dot(b_k, tl.trans(b_q), input_precision=PREC), b_g, o_t,
+                               valid, USE_G)                        # [j, i], exact products
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
         if SPLIT16:
             # the part that does not wait for dS' first, so that K Q^T is dead before the
@@ -456,17 +505,25 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
     dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype), device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
     BK, BV = full_tile(K), scan_v_block(K, V, REVERSE_SCAN_BV, N * H, dev, q.dtype)
+    kq = None
+    if BK >= REVERSE_SCAN_SCORES_MIN_BK and layout.NT:
+        kq = alloc.empty(TT, H, BT, dtype=torch.float32, device=dev)    # [TT, H, BT]
+        delta_bwd_scores_kernel[(layout.NT, H)](
+            q, k, gc if gc is not None else kq, kq, layout.cu, layout.tile_seq,
+            layout.tile_idx, H, K=K, BT=BT, BK=head_tile(K, 64), USE_G=gc is not None,
+            PREC=dot_precision(q.dtype), **LAUNCH["scores"])
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
-            q, k, beta, tinv, gc if gc is not None else tinv, do,
+            q, k, beta, tinv, gc if gc is not None else tinv, do, kq if kq is not None else tinv,
             dfinal if dfinal is not None else dh,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            # not at K = 256, where its sm_90 spills rose 392 -> 1472 B; on wide V blocks only
+            # on state tiles up to REVERSE_SCAN_SPLIT16_MAX_BK rows and wide V blocks only
             # (see REVERSE_SCAN_SPLIT16_MIN_BV)
-            SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q) and BK <= 128
-            and BV >= REVERSE_SCAN_SPLIT16_MIN_BV,
+            SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q)
+            and BK <= REVERSE_SCAN_SPLIT16_MAX_BK and BV >= REVERSE_SCAN_SPLIT16_MIN_BV,
+            KQ_IN=kq is not None,
             **(LAUNCH["reverse_scan_k256"] if BK >= 256 else
                {**LAUNCH["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))
     return dh, dv2, dh0

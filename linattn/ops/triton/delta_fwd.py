@@ -118,10 +118,14 @@ SCAN_BV = 64
 # the forward scan's K S and K^T U' by two 16-bit halves of S and U' (delta_scan_kernel's
 # SPLIT16): H200 sweep (2026-11-29, T 8192, D 128, K^T U' only) scan 0.85 / 1.18 -> 0.84 /
 # 0.91 ms (DeltaNet / gated).
-# At K <= 128 only: the GPU checked it there (flag_diff); K 256 runs the scan on one 256-wide
-# K block and 8 warps, where other split16 kernels went wrong in shapes the interpreter passes
-# (PERF_NOTES 22)
+# On state tiles up to SCAN_SPLIT16_MAX_BK rows: 128. Tried 256 (branch next/untimed10,
+# PERF_NOTES 28; sm_90 bf16 at K 256, BV 64, 8 warps: shared stores / loads per step 186 / 144
+# -> 74 / 16, barriers 28 -> 15, HGMMA equal) and dropped: on the H200 (2026-11-29) the split
+# K 256 scan is wrong, the output off by O(1) (GPU tests deltanet-K256-V64 and gated-K256-V256
+# bf16 fail at o; flag_diff o 0.6 relative against the unsplit scan), with no memcheck or
+# racecheck error: another GPU-only fault of a multi-dot sm_90 kernel (PERF_NOTES 27).
 SCAN_SPLIT16: bool = True
+SCAN_SPLIT16_MAX_BK = 128
 
 
 # the scans' float32 state tile [BK, BV] at most this many elements: BV 64 at K 256. H200
@@ -427,7 +431,7 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=common.split16_on(SCAN_SPLIT16, k) and BK <= 128,
+            SPLIT16=common.split16_on(SCAN_SPLIT16, k) and BK <= SCAN_SPLIT16_MAX_BK,
             **LAUNCH["scan_k256" if BK >= 256 else "scan"])
     return h, vnew, final
 

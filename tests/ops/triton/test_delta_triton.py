@@ -108,6 +108,32 @@ def test_split16_dots(gated, knorm, monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_reverse_scan_scores_kernel(gated, monkeypatch):
+    """The reverse scan reading the masked scores from delta_bwd_scores_kernel (on from K 256
+    by default), forced at K = 40 (a 64-wide padded K tile), packed lengths 0, 1, 66, 5, with
+    float16 forced through the split dots too."""
+    from linattn.ops.triton import common, delta_bwd
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SCORES_MIN_BK", 16)
+    check(make_inputs(1, 72, 2, 40, 16, gated=gated, seed=6, lengths=[0, 1, 66, 5]))
+    monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=9, knorm="free"), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_split16_dots_k256(gated, monkeypatch):
+    """The scans' split dots on one 256-wide state tile (BK = 256), float16 forced through them
+    as in test_split16_dots; the reverse scan reads its scores from delta_bwd_scores_kernel
+    there. The forward scan's split at K 256 is forced too: off by default since the H200
+    compiles it wrong (delta_fwd.SCAN_SPLIT16_MAX_BK), its arithmetic stays checked here."""
+    from linattn.ops.triton import common, delta_bwd, delta_fwd
+    monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(delta_fwd, "SCAN_SPLIT16_MAX_BK", 256)
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
+    check(make_inputs(1, 70, 1, 256, 32, gated=gated, seed=3, knorm="free"), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_vnew_float32(gated, monkeypatch):
     """U' stored in float32 for 16-bit inputs (delta_fwd.VNEW_IN_INPUT_DTYPE off): grads_qk's
     dots on U' then take float32 operands beside the 16-bit dO and dS'."""
@@ -221,7 +247,9 @@ GPU_SETS = {
     "gated-K32-V16-f32": (32, 16, True, F32, [
         (1, PACK_T, {**PACK, **NONCONTIG}), (2, 400, {}), (2, 130, {**NEAR_0, **FREE_KEYS}),
         (2, 65, NEAR_20)], True),
-    "deltanet-K256-V64-bf16": (256, 64, False, BF16, [(1, PACK_T, PACK)], False),
+    # packed (32-wide V blocks: fill_v_block's floor at K 256), then the bench's 64-wide ones
+    "deltanet-K256-V64-bf16": (256, 64, False, BF16, [
+        (1, PACK_T, PACK), (1, 150, {**FREE_KEYS, **WIDE_V})], False),
     # 32-wide V blocks (fill_v_block's floor at K 256), then 64 (the bench's); passed on the
     # H200 at T 200 / 300 (188 s with its oracle, the suite's longest), trimmed to 3 chunks
     "gated-K256-V256-bf16": (256, 256, True, BF16, [
