@@ -100,6 +100,13 @@ VARIANTS = {
     "qk_s1": {"grads_qk": dict(num_stages=1)},
     "qk_s3": {"grads_qk": dict(num_stages=3)},
     "qk_bv32": {"qk_bv": 32},
+    # gated on 64-wide V tiles (wrong on the H200 at 2 stages, run to run different), without
+    # the software pipeline (1 stage) and with a deeper one (3): is the fault the pipeline's?
+    "qk_g64": {"flags": {"delta_bwd.GRADS_QK_TILE_BV_GATED": 64}},
+    "qk_g64_s1": {"flags": {"delta_bwd.GRADS_QK_TILE_BV_GATED": 64},
+                  "grads_qk": dict(num_stages=1)},
+    "qk_g64_s3": {"flags": {"delta_bwd.GRADS_QK_TILE_BV_GATED": 64},
+                  "grads_qk": dict(num_stages=3)},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_bwd.GRADS_WY_SPLIT16": False}},
