@@ -85,9 +85,10 @@ VARIANTS = {
     # unsplit form (the forward scan's split at K 256 was wrong on the H200; it stays at 128)
     "k256_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_MAX_BK": 128}},
     "k256_scan_w4": {"scan_k256": dict(num_warps=4)},
-    # the forward scan split at K 256 (wrong on the H200 on 8 warps) on 4 warps
-    "fwd_split256_w4": {"flags": {"delta_fwd.SCAN_SPLIT16_MAX_BK": 256},
-                        "scan_k256": dict(num_warps=4)},
+    # the forward scan unsplit at K 256 (main's form until the 13th session) on 8 and 4 warps
+    "fwd_nosplit256": {"flags": {"delta_fwd.SCAN_SPLIT16_MAX_BK": 128}},
+    "fwd_nosplit256_w4": {"flags": {"delta_fwd.SCAN_SPLIT16_MAX_BK": 128},
+                          "scan_k256": dict(num_warps=4)},
     # the reverse scan's masked scores from delta_bwd_scores_kernel (on from K 256 here) at
     # every K, and nowhere (its in-loop K Q^T, main's form)
     "scores_all": {"flags": {"delta_bwd.REVERSE_SCAN_SCORES_MIN_BK": 16}},

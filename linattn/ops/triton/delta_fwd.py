@@ -67,6 +67,7 @@ LAUNCH = {
     "prep": dict(num_warps=2, num_stages=1),
     "scan": dict(num_warps=4, num_stages=2),
     "scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile (full_tile(K) 256)
+    "scan_k256_split": dict(num_warps=4, num_stages=1),  # the same, split dots (16-bit inputs)
     "output": dict(num_warps=4, num_stages=3),
 }
 OUTPUT_BV = 64
@@ -118,14 +119,17 @@ SCAN_BV = 64
 # the forward scan's K S and K^T U' by two 16-bit halves of S and U' (delta_scan_kernel's
 # SPLIT16): H200 sweep (2026-11-29, T 8192, D 128, K^T U' only) scan 0.85 / 1.18 -> 0.84 /
 # 0.91 ms (DeltaNet / gated).
-# On state tiles up to SCAN_SPLIT16_MAX_BK rows: 128. Tried 256 (branch next/untimed10,
-# PERF_NOTES 28; sm_90 bf16 at K 256, BV 64, 8 warps: shared stores / loads per step 186 / 144
-# -> 74 / 16, barriers 28 -> 15, HGMMA equal) and dropped: on the H200 (2026-11-29) the split
-# K 256 scan is wrong, the output off by O(1) (GPU tests deltanet-K256-V64 and gated-K256-V256
-# bf16 fail at o; flag_diff o 0.6 relative against the unsplit scan), with no memcheck or
-# racecheck error: another GPU-only fault of a multi-dot sm_90 kernel (PERF_NOTES 27).
+# On state tiles up to SCAN_SPLIT16_MAX_BK rows: 256 since the 13th session, the K 256 tile on
+# 4 warps (LAUNCH "scan_k256_split"). On 8 warps (branch next/untimed10, sm_90 bf16 BV 64:
+# shared stores / loads per step 186 / 144 -> 74 / 16, barriers 28 -> 15) the H200 ran it
+# wrong: output off by O(1) (GPU tests deltanet-K256-V64 and gated-K256-V256 bf16; flag_diff
+# o 0.6 relative against the unsplit scan), memcheck and racecheck clean, another GPU-only
+# fault of a multi-dot sm_90 kernel (PERF_NOTES 27). On 4 warps (1 or 2 stages) flag_diff
+# finds bf16 rounding only (2.6e-3 - 6.6e-3 against the unsplit scan at K 256, V 64 / 256),
+# and the H200 sweep (2026-11-29, T 8192, D 256) has the forward scan 5.64 -> 4.23 ms
+# DeltaNet, 5.28 -> 4.63 gated (unsplit on 4 warps: 5.66 / 5.78).
 SCAN_SPLIT16: bool = True
-SCAN_SPLIT16_MAX_BK = 128
+SCAN_SPLIT16_MAX_BK = 256
 
 
 # the scans' float32 state tile [BK, BV] at most this many elements: BV 64 at K 256. H200
@@ -423,6 +427,7 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
     vnew = alloc.empty(TT, H, V, dtype=vnew_dtype(k.dtype), device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     BK, BV = full_tile(K), scan_v_block(K, V, SCAN_BV, N * H, dev, k.dtype)
+    split = common.split16_on(SCAN_SPLIT16, k) and BK <= SCAN_SPLIT16_MAX_BK
     if N:
         delta_scan_kernel[(triton.cdiv(V, BV), N * H)](
             k, v, beta, tinv, gc if gc is not None else tinv,
@@ -431,8 +436,8 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=common.split16_on(SCAN_SPLIT16, k) and BK <= SCAN_SPLIT16_MAX_BK,
-            **LAUNCH["scan_k256" if BK >= 256 else "scan"])
+            SPLIT16=split,
+            **LAUNCH[("scan_k256_split" if split else "scan_k256") if BK >= 256 else "scan"])
     return h, vnew, final
 
 

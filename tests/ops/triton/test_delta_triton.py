@@ -124,11 +124,9 @@ def test_reverse_scan_scores_kernel(gated, monkeypatch):
 def test_split16_dots_k256(gated, monkeypatch):
     """The scans' split dots on one 256-wide state tile (BK = 256), float16 forced through them
     as in test_split16_dots; the reverse scan reads its scores from delta_bwd_scores_kernel
-    there. The forward scan's split at K 256 is forced too: off by default since the H200
-    compiles it wrong (delta_fwd.SCAN_SPLIT16_MAX_BK), its arithmetic stays checked here."""
-    from linattn.ops.triton import common, delta_bwd, delta_fwd
+    there."""
+    from linattn.ops.triton import common, delta_bwd
     monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
-    monkeypatch.setattr(delta_fwd, "SCAN_SPLIT16_MAX_BK", 256)
     monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
     check(make_inputs(1, 70, 1, 256, 32, gated=gated, seed=3, knorm="free"), dtype=torch.float16)
 
