@@ -84,7 +84,8 @@ VARIANTS = {
     # K 256 since next/untimed10: the reverse scan split (PERF_NOTES 28) against main's
     # unsplit form (the forward scan's split at K 256 was wrong on the H200; it stays at 128)
     "k256_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_MAX_BK": 128}},
-    "k256_scan_w4": {"scan_k256": dict(num_warps=4)},
+    # the forward scan's K 256 split on 8 warps: wrong on the H200 (timing reference only)
+    "fwd_split256_w8": {"scan_k256_split": dict(num_warps=8)},
     # the forward scan unsplit at K 256 (main's form until the 13th session) on 8 and 4 warps
     "fwd_nosplit256": {"flags": {"delta_fwd.SCAN_SPLIT16_MAX_BK": 128}},
     "fwd_nosplit256_w4": {"flags": {"delta_fwd.SCAN_SPLIT16_MAX_BK": 128},

@@ -11,7 +11,8 @@
 # on 16, an illegal address on 8 warps; DeltaNet at K 128 NaN on 16, O(1) off on 32),
 # grads_qk's gated V tiles 32 wide (64: O(1) errors in dW and dk at K 100, run to run
 # different), grads_wy's split on 64-wide K tiles only (NaN in dk at K = 16), the delta scans
-# at K = 256 on V blocks of 32 or more (Gated DeltaNet's forward scan wrong on 16). Each
+# at K = 256 on V blocks of 32 or more (Gated DeltaNet's forward scan wrong on 16), the forward
+# scan's split dots at K = 256 on 4 warps only (O(1) wrong on 8, 13th session). Each
 # setting forces the form the defaults avoid, so a fix shows as a difference at bf16 rounding
 # instead of an O(1) one.
 set -u
@@ -44,7 +45,7 @@ rm -f "$OUT/gpu_tests.xml"
 fi
 
 # 2) the delta rule's options against the defaults at each D of SWEEP_DS (default "128 256";
-#    SWEEP_VARIANTS, e.g. "default,k256_nosplit,k256_scan_w4" with SWEEP_DS=256)
+#    SWEEP_VARIANTS, e.g. "default,k256_nosplit,fwd_nosplit256" with SWEEP_DS=256)
 if want delta; then
 for D in ${SWEEP_DS:-128 256}; do
 timeout $(( ($(left) - 10) / $(echo ${SWEEP_DS:-128 256} | wc -w) )) python3 benchmarks/sweep_delta.py \
@@ -109,7 +110,8 @@ if want sanitize; then
 if command -v compute-sanitizer > /dev/null; then
 for tool in memcheck racecheck; do
 for setting in delta_bwd.GRADS_QK_TILE_BV_GATED=64:g100x64_pack \
-               delta_bwd.REVERSE_SCAN_SPLIT16_MIN_BV=16:d128x256; do
+               delta_bwd.REVERSE_SCAN_SPLIT16_MIN_BV=16:d128x256 \
+               delta_fwd.LAUNCH.scan_k256_split.num_warps=8:d256x256; do
 echo "== $tool ${setting%%:*} on ${setting##*:}" >> "$OUT/sanitize.log"
 timeout $(( $(left) / 5 )) compute-sanitizer --tool $tool --print-limit 5 python3 \
     benchmarks/repeat_probe.py --child "${setting%%:*}" "${setting##*:}" 1 /tmp/sanitize.pt \
