@@ -19,10 +19,13 @@ this probes the forward's stored values, as the backward would read them):
     u     U as the scan reads it (same cancellation)
     S     the state the scan carries, every chunk (a control the rule should reject: the
           kernels never do this)
+    kS    S rounded as the operand of K S (W S) only: one 16-bit dot, as fla's scan
+    upd   U' rounded as the operand of the state update K^T U' only (one 16-bit dot)
 Backward points (the gradient flowing into a value rounded, as a kernel storing it would):
     dvnew dU' (delta_bwd's dv2), rounded for every reader, the reverse scan's dS update too
           (the kernel keeps that one in float32: the probe is the stricter of the two)
     dw    dW (delta_bwd's dw, read by grads_wy)
+    dS16  dS' rounded where the reverse scan's K dS' dot (and dk's) reads it
     dkpart  dk's part through Q K^T and the state update (delta_bwd's dk_part), rounded per use
 
     PYTHONPATH=. python3 benchmarks/delta_lowp_probe.py [--T 256] [--seeds 3]
@@ -104,11 +107,15 @@ def delta_chunks_rounding(points: set):
         for n in range(q.shape[2]):
             # dU' rounded where every reader sees it, the recurrence's dS update included
             # (the kernels keep that one in float32): a conservative stand-in for dv2 in 16 bits
-            u_n = grad_rounded(u[:, :, n] - w[:, :, n] @ state, "dvnew" in points)
+            s_ks = rounded(state, "kS" in points)  # S as a single 16-bit dot's operand
+            u_n = grad_rounded(u[:, :, n] - w[:, :, n] @ s_ks, "dvnew" in points)
             outs.append(q_in[:, :, n] @ rounded(state, "h" in points)
                         + attn[:, :, n] @ rounded(u_n, "vnew" in points))
             decayed = state if chunk_decay is None else chunk_decay[:, :, n] * state
-            state = rounded(decayed + k_out[:, :, n].transpose(-1, -2) @ u_n, "S" in points)
+            # K^T U' with U' (decay-weighted) as a 16-bit dot operand; its gradient dS'
+            # rounded for the reverse scan's K dS' dot (and dk's) when dS16
+            upd = k_out[:, :, n].transpose(-1, -2) @ rounded(u_n, "upd" in points)
+            state = rounded(decayed + grad_rounded(upd, "dS16" in points), "S" in points)
         return torch.stack(outs, dim=2), state
     return chunks
 

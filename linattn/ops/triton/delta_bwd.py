@@ -30,7 +30,7 @@ import triton.language as tl
 from .. import alloc
 from . import delta_fwd
 from . import common
-from .common import head_tile, split16
+from .common import dot_a16, dot_b16, head_tile, split16
 from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, load_tile,
                         scan_v_block, sequence_program, state_tile, token_tile)
 
@@ -81,6 +81,10 @@ REVERSE_SCAN_SPLIT16_MAX_BK = 256
 # ones (K 16, 64 and 256 right). A GPU-only fault (the interpreter's float16 run of the same
 # code is right), not isolated, so those forms run unsplit.
 REVERSE_SCAN_SPLIT16_MIN_BV = 64
+# how many 16-bit parts of its float32 operands those dots take (delta_fwd.SCAN_DOT16_PARTS):
+# 2 halves, or 1 (dS', the scores, T^T dU' and e^b dO rounded to the inputs' dtype, one dot
+# each, as fla's reverse scan takes dh). CPU probe (delta_lowp_probe.py, point dS16, T 1024).
+REVERSE_SCAN_DOT16_PARTS = 2
 # grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16), on
 # K tiles at least this wide: H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms
 # DeltaNet, 1.67 -> 1.35 gated; flag_diff: bf16 rounding (2e-3 - 5e-3) at K 64, 100, 128, 256,
@@ -173,9 +177,9 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
                           PREC: tl.constexpr, SPLIT16: tl.constexpr, KQ_IN: tl.constexpr):
     """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
 
-    SPLIT16 (16-bit inputs): the float32 operand of each dot whose other operand is a 16-bit
-    input (K dS', (K Q^T) dO, K^T (beta e^b T^T dU'), gated Q^T (e^b dO)) goes in as two 16-bit
-    halves (common.split16), so the input enters the dot as stored instead of through a float32
+    SPLIT16 (16-bit inputs; 0 off): the float32 operand of each dot whose other operand is a
+    16-bit input (K dS', (K Q^T) dO, K^T (beta e^b T^T dU'), gated Q^T (e^b dO)) goes in as
+    SPLIT16 16-bit parts (common.dot_a16 / dot_b16: 2 halves, or 1, rounded), so the input enters the dot as stored instead of through a float32
     copy staged in shared memory for a tf32 dot; the products keep ~16 bits where tf32 keeps 11.
 
     KQ_IN: the masked scores come from kq [TT, H, BT] (delta_bwd_scores_kernel) instead of a
@@ -228,10 +232,8 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
         if SPLIT16:
             # the part that does not wait for dS' first, so that K Q^T is dead before the
             # split of dS' is formed
-            kq_hi, kq_lo = split16(b_kq, b_do.dtype)
-            b_dvi = tl.dot(kq_lo, b_do, tl.dot(kq_hi, b_do))
-            ds_hi, ds_lo = split16(b_ds, b_k.dtype)
-            b_kds = tl.dot(b_k, ds_lo, tl.dot(b_k, ds_hi))
+            b_dvi = dot_b16(b_kq, b_do, None, SPLIT16)
+            b_kds = dot_a16(b_k, b_ds, None, SPLIT16)
         else:
             b_dvi = tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC)
             b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
@@ -241,9 +243,8 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
         if USE_G and SPLIT16:
-            de_hi, de_lo = split16(b_do.to(tl.float32) * tl.exp(b_g)[:, None], b_q.dtype)
-            b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(tl.trans(b_q), de_lo,
-                                                        tl.dot(tl.trans(b_q), de_hi))
+            b_ds = b_ds * tl.exp(b_gl) + scale * dot_a16(
+                tl.trans(b_q), b_do.to(tl.float32) * tl.exp(b_g)[:, None], None, SPLIT16)
         elif USE_G:
             b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(
                 tl.trans(b_q.to(tl.float32)), b_do.to(tl.float32) * tl.exp(b_g)[:, None],
@@ -257,8 +258,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
         b_y = tl.dot(tl.trans(chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT)), b_dv,
                      input_precision=PREC) * b_wt[:, None]           # [BT, BV]
         if SPLIT16:
-            y_hi, y_lo = split16(b_y, b_k.dtype)
-            b_ds -= tl.dot(tl.trans(b_k), y_lo, tl.dot(tl.trans(b_k), y_hi))
+            b_ds -= dot_a16(tl.trans(b_k), b_y, None, SPLIT16)
         else:
             b_ds -= tl.dot(tl.trans(b_k.to(tl.float32)), b_y, input_precision=PREC)
 
@@ -521,8 +521,10 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
             # on state tiles up to REVERSE_SCAN_SPLIT16_MAX_BK rows and wide V blocks only
             # (see REVERSE_SCAN_SPLIT16_MIN_BV)
-            SPLIT16=common.split16_on(REVERSE_SCAN_SPLIT16, q)
-            and BK <= REVERSE_SCAN_SPLIT16_MAX_BK and BV >= REVERSE_SCAN_SPLIT16_MIN_BV,
+            SPLIT16=REVERSE_SCAN_DOT16_PARTS if (
+                common.split16_on(REVERSE_SCAN_SPLIT16, q)
+                and BK <= REVERSE_SCAN_SPLIT16_MAX_BK and BV >= REVERSE_SCAN_SPLIT16_MIN_BV)
+            else 0,
             KQ_IN=kq is not None,
             **(LAUNCH["reverse_scan_k256"] if BK >= 256 else
                {**LAUNCH["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .. import alloc
 from . import common
-from .common import fill_v_block, head_tile, next_pow2, split16
+from .common import dot_a16, fill_v_block, head_tile, next_pow2
 from .gated_api import KernelConfig
 from .gated_fwd import fwd_o
 
@@ -130,6 +130,12 @@ SCAN_BV = 64
 # DeltaNet, 5.28 -> 4.63 gated (unsplit on 4 warps: 5.66 / 5.78).
 SCAN_SPLIT16: bool = True
 SCAN_SPLIT16_MAX_BK = 256
+# how many 16-bit parts of S and U' those dots take: 2 (split16's halves, ~16 significant
+# bits), or 1 (S and U' rounded to the inputs' dtype for the dot, one dot each instead of two,
+# as fla's scan takes its state; the carried S stays float32). CPU probe
+# (benchmarks/delta_lowp_probe.py, points kS and upd, T 1024, K 32): 1 passes the tests' rule
+# for unit and unnormalised keys, gated and not.
+SCAN_DOT16_PARTS = 2
 
 
 # the scans' float32 state tile [BK, BV] at most this many elements: BV 64 at K 256. H200
@@ -332,8 +338,9 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
     (the gated layout's slots), U' = T diag(beta) (V - exp(b) * (K S)).
 
     BK spans all of K (the launcher picks full_tile(K)): K S contracts over it. SPLIT16
-    (16-bit inputs): K S and K^T U' with k as stored and S, U' (decay-weighted) as two 16-bit
-    halves (common.split16) instead of tf32 dots on a float32 copy of k."""
+    (16-bit inputs; 0 off): K S and K^T U' with k as stored and S, U' (decay-weighted) as
+    SPLIT16 16-bit parts (common.dot_a16: 2 halves, or 1, rounded) instead of tf32 dots on a
+    float32 copy of k."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_v, i_nh, i_h, bos, Tn, c0 = sequence_program(cu_seqlens, chunk_offsets, H)
     n = i_nh // H
@@ -356,8 +363,7 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
         p_k = token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
         b_k16 = load_tile(p_k)
         if SPLIT16:
-            s_hi, s_lo = split16(b_s, b_k16.dtype)
-            b_ks = tl.dot(b_k16, s_lo, tl.dot(b_k16, s_hi))
+            b_ks = dot_a16(b_k16, b_s, None, SPLIT16)
         else:
             b_ks = tl.dot(b_k16.to(tl.float32), b_s, input_precision=PREC)
         # R = diag(beta) (V - exp(b) * K S), then U' = T R
@@ -378,8 +384,7 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
             b_vn = b_vn * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
             b_s = b_s * tl.exp(b_gl)
         if SPLIT16:
-            vn_hi, vn_lo = split16(b_vn, b_k16.dtype)
-            b_s = tl.dot(tl.trans(b_k16), vn_lo, tl.dot(tl.trans(b_k16), vn_hi, b_s))
+            b_s = dot_a16(tl.trans(b_k16), b_vn, b_s, SPLIT16)
         else:
             b_s += tl.dot(tl.trans(b_k16.to(tl.float32)), b_vn, input_precision=PREC)
 
@@ -436,7 +441,7 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=split,
+            SPLIT16=SCAN_DOT16_PARTS if split else 0,
             **LAUNCH[("scan_k256_split" if split else "scan_k256") if BK >= 256 else "scan"])
     return h, vnew, final
 

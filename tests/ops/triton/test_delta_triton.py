@@ -93,14 +93,18 @@ def test_float16(gated, knorm):
     check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=1, knorm=knorm), dtype=torch.float16)
 
 
+@pytest.mark.parametrize("parts", [2, 1], ids=["halves", "rounded"])
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 @pytest.mark.parametrize("knorm", [None, "free"], ids=["unit", "free"])
-def test_split16_dots(gated, knorm, monkeypatch):
+def test_split16_dots(gated, knorm, parts, monkeypatch):
     """The dots that take a float32 operand as two 16-bit halves (common.split16: the scans,
     grads_wy), which run for bfloat16 inputs only, forced on for float16 so
-    the interpreter can run them; the GPU tests cover them in bfloat16."""
-    from linattn.ops.triton import common, delta_bwd
+    the interpreter can run them; the GPU tests cover them in bfloat16. parts 1: the scans'
+    float32 operands rounded to 16 bits instead (SCAN_DOT16_PARTS, REVERSE_SCAN_DOT16_PARTS)."""
+    from linattn.ops.triton import common, delta_bwd, delta_fwd
     monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(delta_fwd, "SCAN_DOT16_PARTS", parts)
+    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_DOT16_PARTS", parts)
     # both splits run on narrow tiles too here (on the GPU only from 64 wide: see delta_bwd)
     monkeypatch.setattr(delta_bwd, "GRADS_WY_SPLIT16_MIN_BK", 16)
     monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
