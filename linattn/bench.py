@@ -401,9 +401,30 @@ def _short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
-def measure(name: str, s: Shape, seed: int, warm: bool = False, quick: bool = False) -> dict:
+def clear_autotune_caches() -> int:
+    """Forgets every Triton autotuner's chosen configs in this process (fla's CachedAutotuner
+    included: a subclass); returns how many autotuners had chosen any. Their next launch
+    tunes again; the compiled kernels stay cached."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return 0
+    cleared = 0
+    for obj in gc.get_objects():
+        if issubclass(type(obj), Autotuner) and obj.cache:   # type(): no __class__ lookups
+            obj.cache.clear()
+            cleared += 1
+    return cleared
+
+
+def measure(name: str, s: Shape, seed: int, warm: bool = False, quick: bool = False,
+            retune: bool = False) -> dict:
     """Times one op at one shape in this process. warm: run fwd+bwd once (compile and
-    autotune) and return. The row holds fwd_ms, fwdbwd_ms, peak_gib, or an error."""
+    autotune) and return. retune: first forget the configs the autotuners chose (in a
+    warm-up that ran beside other ops, where the timings they compared were under load) and
+    run fwd+bwd once untimed, so each autotuner tunes again with the GPU to itself. The row
+    holds fwd_ms, fwdbwd_ms, peak_gib (and retuned: how many autotuners tuned again), or an
+    error."""
     torch = _torch()
     from triton.testing import do_bench
     spec = OPS_BY_NAME[name]
@@ -432,6 +453,13 @@ def measure(name: str, s: Shape, seed: int, warm: bool = False, quick: bool = Fa
         def fwdbwd():
             return torch.autograd.grad(_first(fn()), grad_inputs, do)
 
+        if retune and not warm and (n := clear_autotune_caches()):
+            stage = "forward+backward (autotuning again)"
+            fn()
+            fwdbwd()
+            torch.cuda.synchronize()
+            row["retuned"] = n
+            stage = "forward"
         if warm:
             stage = "forward+backward"
             fwdbwd()
@@ -467,7 +495,8 @@ def worker_main() -> int:
         req = json.loads(line)
         s = Shape(req["B"], req["T"], req["H"], req["D"])
         try:
-            row = measure(req["op"], s, req["seed"], warm=req.get("warm", False), quick=req.get("quick", False))
+            row = measure(req["op"], s, req["seed"], warm=req.get("warm", False),
+                          quick=req.get("quick", False), retune=req.get("retune", False))
         except Exception as e:  # measure records op errors itself; this catches the harness's
             row = {"error": f"worker: {_short_error(e)}"}
         results.write(json.dumps(row) + "\n")
@@ -828,7 +857,8 @@ def parse_args(argv):
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per row (compile included)")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run: rows left are skipped")
     p.add_argument("--jobs", type=int, default=4,
-                   help="ops compiled and autotuned in parallel before timing (0: each compiles at its first timed row)")
+                   help="ops compiled and autotuned in parallel before timing (0: each compiles at its first "
+                        "timed row); above 1, autotuners tune again alone before each op's first timed row per D")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inprocess", action="store_true", help="no worker processes (a crash ends the run)")
     p.add_argument("--list", action="store_true", help="list the ops and exit")
@@ -903,9 +933,11 @@ def main(argv=None) -> int:
         notes.append("fla gated ops timed with fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True: "
                      "fla 0.6.0 refuses their backward on Hopper with triton < 3.7.1 (their gradients "
                      "may be wrong there; timing only)")
-    if args.jobs > 0 and not args.inprocess:
-        notes.append(f"compile + autotune warm-up ran up to {args.jobs} ops at once before timing "
-                     "(autotuning under that load may pick a slower config; --jobs 0 avoids it)")
+    if args.jobs > 1 and not args.inprocess:
+        notes.append(f"compile + autotune warm-up ran up to {args.jobs} ops at once before timing; "
+                     "each op's autotuners then tuned again alone (caches cleared) before its first "
+                     "timed row at that D (the row's retuned: how many), so the warm-up's load does "
+                     "not pick the configs")
     print(f"linattn bench on {gpu}: measuring the ceilings ...", flush=True)
     result = {"gpu": gpu, "date": date, "command": " ".join(["linattn bench"] + list(sys.argv[1:] if argv is None else argv)),
               "versions": versions(), "ceilings": measure_ceilings(args.quick),
@@ -925,7 +957,7 @@ def main(argv=None) -> int:
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
     old = signal.signal(signal.SIGTERM, on_term)
-    warmed = set()
+    warmed, retuned = set(), set()
     try:
         for spec, shape in plan_rows(specs, Ts, Ds, args.tokens):
             row = {"op": spec.name, "family": spec.family, "variant": spec.variant, "decode": spec.decode,
@@ -945,6 +977,11 @@ def main(argv=None) -> int:
                         shape, args, deadline))
                 req = {"op": spec.name, "B": shape.B, "T": shape.T, "H": shape.H, "D": shape.D,
                        "seed": args.seed, "quick": args.quick}
+                # the first timed row per op and D after a warm-up beside other ops tunes again
+                key = (spec.name, shape.D, spec.decode)
+                if (shape.D, spec.decode) in warmed and args.jobs > 1 and key not in retuned:
+                    retuned.add(key)
+                    req["retune"] = True
                 t_row = time.monotonic()
                 row.update(runner.run(spec.name, req, max(1.0, min(args.timeout, deadline - time.monotonic()))))
                 row["wall_s"] = round(time.monotonic() - t_row, 2)   # compile included, if any left

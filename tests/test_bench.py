@@ -249,3 +249,58 @@ def test_warm_up_reports_seconds_and_retries_a_timed_out_op_alone():
     assert set(took) == {"a@D32", "b@D32", "c@D32", "d@D32"} and all(t >= 0 for t in took.values())
     assert pool.alone == ["b"] and "b" not in pool.dead           # retried alone, and it worked
     assert pool.dead["d"].startswith("in the compile warm-up: crash")
+
+
+def test_clear_autotune_caches_forgets_chosen_configs():
+    """clear_autotune_caches empties every Triton autotuner's chosen configs (what a warm-up
+    beside other ops picked) and counts the autotuners that had any."""
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"B": 16}), triton.Config({"B": 32})], key=["n"])
+    @triton.jit
+    def _tuned(x, n, B: tl.constexpr):
+        pass
+
+    _tuned.cache[(64,)] = _tuned.configs[1]               # as a tuned launch leaves it
+    assert bench.clear_autotune_caches() >= 1
+    assert _tuned.cache == {}
+
+
+def test_first_timed_row_per_op_and_D_tunes_again_after_a_parallel_warm_up(monkeypatch, tmp_path):
+    """With --jobs > 1 the worker pool's first timed request per (op, D) carries retune (the
+    autotuners tune again alone); later rows at that D do not, and --jobs 1 never does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(bench, "measure_ceilings", lambda quick=False: {"copy_TBps": 4.0, "matmul_TFLOPs": 800.0})
+    timed = []
+
+    class FakePool:
+        def __init__(self, argv, env=None):
+            self.dead = {}
+
+        def send(self, op, req):
+            return True
+
+        def collect(self, pending, deadline_of, first_only=False):
+            op = next(iter(pending))
+            del pending[op]
+            return {op: {}}
+
+        def run(self, op, req, timeout):
+            timed.append((op, req["T"], req["D"], req.get("retune", False)))
+            return {"fwd_ms": 1.0, "fwdbwd_ms": 3.0, "peak_gib": 2.0}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench, "WorkerPool", FakePool)
+    for jobs in ("4", "1"):
+        timed.clear()
+        assert bench.main(["--ops", "linattn.delta_rule,sdpa[default]", "--T", "8192,2048",
+                           "--D", "128,256", "--jobs", jobs, "--no-decode", "--out", str(tmp_path)]) == 0
+        first = {}
+        for op, T, D, retune in timed:
+            first.setdefault((op, D), T)
+            assert retune == (jobs == "4" and first[(op, D)] == T), (jobs, op, T, D, retune)
+        assert len(first) == 4 and len(timed) == 8
