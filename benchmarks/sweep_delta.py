@@ -81,8 +81,9 @@ VARIANTS = {
     "k256_bv32_w4": {"flags": {"delta_fwd.STATE_TILE_ELEMS": 8192},
                      "scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
     "k256_w4": {"scan_k256": dict(num_warps=4), "reverse_scan_k256": dict(num_warps=4)},
-    # K 256 since next/untimed10: the reverse scan split (PERF_NOTES 28) against main's
-    # unsplit form (the forward scan's split at K 256 was wrong on the H200; it stays at 128)
+    # (since the 13th session "scan_k256" launches the unsplit forward scan only: float32
+    # inputs, or fwd_nosplit256 below; bf16's split scan takes "scan_k256_split", 4 warps)
+    # the reverse scan unsplit at K 256 (its split there since the 13th session, PERF_NOTES 29)
     "k256_nosplit": {"flags": {"delta_bwd.REVERSE_SCAN_SPLIT16_MAX_BK": 128}},
     # the forward scan's K 256 split on 8 warps: wrong on the H200 (timing reference only)
     "fwd_split256_w8": {"scan_k256_split": dict(num_warps=8)},
