@@ -113,6 +113,10 @@ VARIANTS = {
                   "grads_qk": dict(num_stages=1)},
     "qk_g64_s3": {"flags": {"delta_bwd.GRADS_QK_TILE_BV_GATED": 64},
                   "grads_qk": dict(num_stages=3)},
+    # M in a second pass over V (next/untimed12): without and with 64-wide gated V tiles
+    "qk_mpass": {"flags": {"delta_bwd.GRADS_QK_M_PASS": True}},
+    "qk_g64_mpass": {"flags": {"delta_bwd.GRADS_QK_M_PASS": True,
+                               "delta_bwd.GRADS_QK_TILE_BV_GATED": 64}},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_bwd.GRADS_WY_SPLIT16": False}},

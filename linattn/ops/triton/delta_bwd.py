@@ -57,6 +57,10 @@ LAUNCH = {
 # tiles (2.13 ms) or 8 warps (2.60) it matched the per-chunk kernel. A GPU-only fault (the
 # interpreter's run of the same code is right), not isolated, like the reverse scan's below.
 GRADS_QK_TILE_BV = 64
+# grads_qk forms M = dO U'^T in a second pass over V, after dW is stored (M_PASS): at most
+# three [BT, BK] / [BT, BT] float32 accumulators alive instead of four. Branch
+# next/untimed12: untimed, not GPU-run.
+GRADS_QK_M_PASS: bool = False
 GRADS_QK_TILE_BV_GATED = 32
 # the reverse scan's dots on 16-bit inputs against float32 values by two 16-bit halves of the
 # float32 operand (delta_bwd_scan_kernel's SPLIT16): H200 sweep (2026-11-29, T 8192, D 128)
@@ -308,12 +312,14 @@ def gate_sums(b_mq, b_dkd, b_ss_el, o_t, last):
 def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
                          chunk_seq, chunk_idx, scale, TT, H, K, V, BT: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, M_PASS: tl.constexpr):
     """Per (chunk, head, K tile): dq, dk (state and output part) and dw = -dU' S^T on the
     tile's BK columns, and the tile's share of db (db [cdiv(K, BK), TT, H]; the launcher sums
     the shares). One pass over the V tiles reads dO, U', dU' and the tile's rows of S and dS'
     once, forming M = scale tril(dO U'^T) * Gamma beside them (every K tile's program forms
-    it: [BT, BT] per program, as fla's chunk_bwd_dqkwg)."""
+    it: [BT, BT] per program, as fla's chunk_bwd_dqkwg). M_PASS: M in a second pass over V
+    (dO and U' read again, from L2) after dW is stored, so that its accumulator and dW's are
+    never alive together (GRADS_QK_M_PASS)."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     i_k = tl.program_id(2)
@@ -338,11 +344,20 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         b_vn = load_tile(p_vn)          # stored 16-bit or float32
         b_do = load_tile(p_do)
         b_dv = load_tile(p_dv2)
-        b_m += dot_nt(b_do, b_vn, PREC)                      # dO U'^T
+        if not M_PASS:
+            b_m += dot_nt(b_do, b_vn, PREC)                  # dO U'^T
         b_dqa += dot_nt(b_do, b_hs, PREC)                    # dO S^T
         b_dka += dot_nt(b_vn, b_dhs, PREC)                   # U' dS'^T
         b_dwa += dot_nt(b_dv, b_hs, PREC)                    # dU' S^T
         b_ss += tl.sum(b_hs.to(tl.float32) * b_dhs.to(tl.float32), 1)
+    p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
+    if M_PASS:
+        # dO U'^T over the V tiles again, dW's accumulator dead
+        for i_v in range(tl.cdiv(V, BV)):
+            b_do = load_tile(token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV))
+            b_vn = load_tile(token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV))
+            b_m += dot_nt(b_do, b_vn, PREC)
     b_m = b_m * b_gam * scale
 
     p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
@@ -357,10 +372,8 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     b_dk = b_kd[:, None] * b_dka + tl.dot(tl.trans(b_m), b_q, input_precision=PREC)
     p_dq = token_tile(dq, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
     p_dk = token_tile(dk, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-    p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
 
     if USE_G:
         # this tile's share of db: the inter term scale exp(b_i) q_i . (S dO_i), Gamma in the
@@ -556,7 +569,7 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
             db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
             scale, TT, H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            USE_G=gc is not None, PREC=dot_precision(q.dtype),
+            USE_G=gc is not None, PREC=dot_precision(q.dtype), M_PASS=GRADS_QK_M_PASS,
             # float32 inputs ("ieee" dots) on 8 warps: on 4, sm_90 spills 7.4 - 9.5 KB
             **{**LAUNCH["grads_qk"],
                **(dict(num_warps=8) if q.dtype == torch.float32 else {})})

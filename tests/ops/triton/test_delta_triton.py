@@ -152,6 +152,18 @@ def test_grads_qk_k_tiles(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_grads_qk_m_pass(gated, monkeypatch):
+    """grads_qk forming M in its second pass over V (delta_bwd.GRADS_QK_M_PASS), at K = 100
+    (a full and a partial K tile) and V = 40 on 16-wide V tiles (three passes' worth of
+    ragged tiles), packed lengths 0, 1, 66, 5."""
+    from linattn.ops.triton import delta_bwd
+    monkeypatch.setattr(delta_bwd, "GRADS_QK_M_PASS", True)
+    monkeypatch.setattr(delta_bwd, "GRADS_QK_TILE_BV", 16)
+    monkeypatch.setattr(delta_bwd, "GRADS_QK_TILE_BV_GATED", 16)
+    check(make_inputs(1, 72, 2, 100, 40, gated=gated, seed=11, lengths=[0, 1, 66, 5]))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_split_scan_v_blocks(gated, monkeypatch):
     """The forward and reverse scans with V cut into 16-wide blocks (common.fill_v_block's
     choice for few long sequences on a GPU), forced here: V = 40 in three ragged blocks."""
