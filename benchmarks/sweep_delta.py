@@ -117,6 +117,11 @@ VARIANTS = {
     "qk_mpass": {"flags": {"delta_bwd.GRADS_QK_M_PASS": True}},
     "qk_g64_mpass": {"flags": {"delta_bwd.GRADS_QK_M_PASS": True,
                                "delta_bwd.GRADS_QK_TILE_BV_GATED": 64}},
+    # the scans' float32 dot operands (S, U', dS', ...) rounded to 16 bits, one dot each
+    # instead of split16's two (SCAN_DOT16_PARTS, REVERSE_SCAN_DOT16_PARTS = 1), as fla
+    "dot16": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 1, "delta_bwd.REVERSE_SCAN_DOT16_PARTS": 1}},
+    "scan_dot16": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 1}},
+    "rs_dot16": {"flags": {"delta_bwd.REVERSE_SCAN_DOT16_PARTS": 1}},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_bwd.GRADS_WY_SPLIT16": False}},
