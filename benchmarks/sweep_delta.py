@@ -117,11 +117,12 @@ VARIANTS = {
     "qk_mpass": {"flags": {"delta_bwd.GRADS_QK_M_PASS": True}},
     "qk_g64_mpass": {"flags": {"delta_bwd.GRADS_QK_M_PASS": True,
                                "delta_bwd.GRADS_QK_TILE_BV_GATED": 64}},
-    # the scans' float32 dot operands (S, U', dS', ...) rounded to 16 bits, one dot each
-    # instead of split16's two (SCAN_DOT16_PARTS, REVERSE_SCAN_DOT16_PARTS = 1), as fla
-    "dot16": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 1, "delta_bwd.REVERSE_SCAN_DOT16_PARTS": 1}},
-    "scan_dot16": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 1}},
-    "rs_dot16": {"flags": {"delta_bwd.REVERSE_SCAN_DOT16_PARTS": 1}},
+    # the scans' float32 dot operands (S, U', dS', ...) as split16's two 16-bit halves, two dots
+    # each (SCAN_DOT16_PARTS, REVERSE_SCAN_DOT16_PARTS = 2; 1, rounded, since the 14th session)
+    "halves": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 2, "delta_bwd.REVERSE_SCAN_DOT16_PARTS": 2}},
+    "scan_halves": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 2}},
+    "rs_halves": {"flags": {"delta_bwd.REVERSE_SCAN_DOT16_PARTS": 2}},
+    "output_bv64": {"output_bv": 64},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_bwd.GRADS_WY_SPLIT16": False}},

@@ -87,8 +87,11 @@ REVERSE_SCAN_SPLIT16_MAX_BK = 256
 REVERSE_SCAN_SPLIT16_MIN_BV = 64
 # how many 16-bit parts of its float32 operands those dots take (delta_fwd.SCAN_DOT16_PARTS):
 # 2 halves, or 1 (dS', the scores, T^T dU' and e^b dO rounded to the inputs' dtype, one dot
-# each, as fla's reverse scan takes dh). CPU probe (delta_lowp_probe.py, point dS16, T 1024).
-REVERSE_SCAN_DOT16_PARTS = 2
+# each, as fla's reverse scan takes dh). 1 since the 14th session: H200 sweep (2026-11-29,
+# T 8192, bf16, reverse scan ms, 2 -> 1) D 128 DeltaNet 1.45 -> 1.02, gated 1.87 -> 1.41;
+# D 256 7.74 -> 4.26 / 9.02 -> 4.38 (sm_90 spills 1304 -> 56 B / 1784 -> 304 B at K 256, 808 ->
+# 224 / 904 -> 344 at K 128). CPU probe (delta_lowp_probe.py, point dS16, T 1024).
+REVERSE_SCAN_DOT16_PARTS = 1
 # grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16), on
 # K tiles at least this wide: H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms
 # DeltaNet, 1.67 -> 1.35 gated; flag_diff: bf16 rounding (2e-3 - 5e-3) at K 64, 100, 128, 256,
