@@ -104,7 +104,7 @@ VARIANTS = {
     # tiles were wrong on the H200 (see delta_bwd.GRADS_QK_TILE_BV_GATED)
     "qk_w8": {"grads_qk": dict(num_warps=8)},
     "qk_s1": {"grads_qk": dict(num_stages=1)},
-    "qk_s3": {"grads_qk": dict(num_stages=3)},
+    "qk_s3": {"grads_qk": dict(num_stages=3)},  # gated: faster but wrong on the H200 (14th)
     "qk_bv32": {"qk_bv": 32},
     # gated on 64-wide V tiles (wrong on the H200 at 2 stages, run to run different), without
     # the software pipeline (1 stage) and with a deeper one (3): is the fault the pipeline's?

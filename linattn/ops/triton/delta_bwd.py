@@ -56,6 +56,11 @@ LAUNCH = {
 # (benchmarks/flag_diff.py), and a GPU test's two identical runs differed at K 128; on 32-wide
 # tiles (2.13 ms) or 8 warps (2.60) it matched the per-chunk kernel. A GPU-only fault (the
 # interpreter's run of the same code is right), not isolated, like the reverse scan's below.
+# On 32-wide tiles and 3 stages (14th session, 2.07 -> 1.84 ms at D 128) the same fault: GPU
+# test gated-K100-V64 dk error 18.3 against a bound of 1.2, gated-K128-V128's two identical
+# runs differ; with M formed in a second pass (GRADS_QK_M_PASS, no spills) 64-wide tiles stay
+# wrong too. A run-to-run difference points at a read of memory no program wrote (next:
+# compute-sanitizer --tool initcheck on the K 100 case), not at register pressure.
 GRADS_QK_TILE_BV = 64
 # grads_qk forms M = dO U'^T in a second pass over V, after dW is stored (M_PASS): at most
 # three [BT, BK] / [BT, BT] float32 accumulators alive instead of four. Branch
