@@ -105,11 +105,14 @@ fi
 
 # 7) the GPU-only faults (PERF_NOTES 27) under compute-sanitizer: memcheck (an invalid
 #    __shared__ read would match triton-lang/triton #10486 / #11366, multi-dot kernels on sm_90
-#    with triton >= 3.6) and racecheck, each on the wrong form flag_diff found
+#    with triton >= 3.6), racecheck and initcheck (a read of device memory nothing wrote: gated
+#    grads_qk's faults differ from run to run, PERF_NOTES 31), each on the wrong form flag_diff
+#    found; SANITIZE_TOOLS picks the tools
 if want sanitize; then
 if command -v compute-sanitizer > /dev/null; then
-for tool in memcheck racecheck; do
+for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
 for setting in delta_bwd.GRADS_QK_TILE_BV_GATED=64:g100x64_pack \
+               delta_bwd.LAUNCH.grads_qk.num_stages=3:g100x64_pack \
                delta_bwd.REVERSE_SCAN_SPLIT16_MIN_BV=16:d128x256 \
                delta_fwd.LAUNCH.scan_k256_split.num_warps=8:d256x256; do
 echo "== $tool ${setting%%:*} on ${setting##*:}" >> "$OUT/sanitize.log"
