@@ -191,8 +191,9 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
 
     SPLIT16 (16-bit inputs; 0 off): the float32 operand of each dot whose other operand is a
     16-bit input (K dS', (K Q^T) dO, K^T (beta e^b T^T dU'), gated Q^T (e^b dO)) goes in as
-    SPLIT16 16-bit parts (common.dot_a16 / dot_b16: 2 halves, or 1, rounded), so the input enters the dot as stored instead of through a float32
-    copy staged in shared memory for a tf32 dot; the products keep ~16 bits where tf32 keeps 11.
+    SPLIT16 16-bit parts (common.dot_a16 / dot_b16: 2 halves, or 1, rounded), so the input
+    enters the dot as stored instead of through a float32 copy staged in shared memory for a
+    tf32 dot; two halves keep ~16 bits of the float32 side where tf32 keeps 11.
 
     KQ_IN: the masked scores come from kq [TT, H, BT] (delta_bwd_scores_kernel) instead of a
     K Q^T dot per step.

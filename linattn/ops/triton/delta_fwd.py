@@ -53,8 +53,8 @@ BC = 16  # diagonal sub-block of the forward substitution
 # bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): one stage for prep (2.07 -> 1.88) and output
 # (1.91 -> 1.31); 8 warps made prep 2.3x and output 1.3x slower; a 128-wide output V tile
 # 1.17x slower (on the former delta_output_kernel; for fwd_o a 128-wide tile was slower too,
-# 1.43 against 1.33, before its dots took 16-bit operands; OUTPUT_BV below). When the scan's float32 tiles took
-# >= 128 KB of shared memory: 8 warps, 2 stages (1: 1.25 -> 1.65).
+# 1.43 against 1.33, before its dots took 16-bit operands; OUTPUT_BV below). When the scan's
+# float32 tiles took >= 128 KB of shared memory: 8 warps, 2 stages (1: 1.25 -> 1.65).
 # 2026-11-29 (8th session, same sweep, DeltaNet / Gated DeltaNet ms): prep under a 168-register
 # cap, 3 programs per SM instead of 2 for 220 B of sm_90 spills (1.76 -> 1.60 / 1.83 -> 1.65);
 # the scan on 4 warps and 1 stage at K <= 128 (72 KB, two programs per SM: its 256 programs in
@@ -106,9 +106,9 @@ def vnew_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """input_precision for float32 x float32 dots: exact for float32 inputs; tf32 for
-    bfloat16 (whose hot dots take 16-bit operands instead: common.dot_a16); tf32x3 (three tf32 products, float32's
-    accuracy) for float16, whose 11-bit inputs the 11-bit tf32 rounding of W, S and U' matched:
-    H200 (2026-11-29) Gated DeltaNet K = V = 128, final state 1.15e-3 against the tests' bound
+    bfloat16 (whose hot dots take 16-bit operands instead: common.dot_a16); tf32x3 (three
+    tf32 products, float32's accuracy) for float16, whose 11-bit inputs the 11-bit tf32
+    rounding of W, S and U' matched: H200 (2026-11-29) Gated DeltaNet K = V = 128, final state 1.15e-3 against the tests' bound
     of 1.0e-3 (3 x the oracle's error on float16-rounded inputs) with tf32."""
     if dtype == torch.float32:
         return "ieee"
