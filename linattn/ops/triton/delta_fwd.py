@@ -108,8 +108,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     """input_precision for float32 x float32 dots: exact for float32 inputs; tf32 for
     bfloat16 (whose hot dots take 16-bit operands instead: common.dot_a16); tf32x3 (three
     tf32 products, float32's accuracy) for float16, whose 11-bit inputs the 11-bit tf32
-    rounding of W, S and U' matched: H200 (2026-11-29) Gated DeltaNet K = V = 128, final state 1.15e-3 against the tests' bound
-    of 1.0e-3 (3 x the oracle's error on float16-rounded inputs) with tf32."""
+    rounding of W, S and U' matched: H200 (2026-11-29) Gated DeltaNet K = V = 128, final
+    state 1.15e-3 against the tests' bound of 1.0e-3 (3 x the oracle's error on
+    float16-rounded inputs) with tf32."""
     if dtype == torch.float32:
         return "ieee"
     return "tf32x3" if dtype == torch.float16 else "tf32"
