@@ -43,7 +43,9 @@ VARIANTS = {
     # prep under a 168-register cap: 3 programs of 4 warps per SM instead of 2 (244 registers),
     # for 220 B of spills (260 gated) on sm_90; 128 spills 640 B
     "prep_r168": {"prep": dict(maxnreg=168)},
+    # the output kernel's V tile: 128 is the default since the 14th session, 64 the former one
     "output_bv128": {"output_bv": 128},
+    "output_bv64": {"output_bv": 64},
     "output_bv128_w8": {"output_bv": 128, "output": dict(num_warps=8)},
     # the output (gated_fwd.fwd_o since it replaced delta_output_kernel, never swept): the
     # gated family's no-gate settings (2 stages, BV 128) and steps towards them
@@ -122,7 +124,6 @@ VARIANTS = {
     "halves": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 2, "delta_bwd.REVERSE_SCAN_DOT16_PARTS": 2}},
     "scan_halves": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 2}},
     "rs_halves": {"flags": {"delta_bwd.REVERSE_SCAN_DOT16_PARTS": 2}},
-    "output_bv64": {"output_bv": 64},
     # main's forms of every option (grads_wy's one dot of dKK + dKK^T stays: less work)
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_bwd.GRADS_WY_SPLIT16": False}},
@@ -138,7 +139,6 @@ KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy",
                 "delta_bwd_scores_kernel": "scores"}
-
 
 
 def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_caps: dict) -> None:
