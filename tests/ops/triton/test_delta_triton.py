@@ -136,6 +136,14 @@ def test_split16_dots_k256(gated, monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+def test_output_wide_v_tiles(gated):
+    """The output kernel on its 16-bit inputs' 128-wide V tiles (delta_fwd.OUTPUT_BV; float32
+    keeps 64): V = 160, a full tile and a ragged 32-column one, packed lengths 0, 1, 66, 5."""
+    check(make_inputs(1, 72, 1, 16, 160, gated=gated, seed=12, lengths=[0, 1, 66, 5]),
+          dtype=torch.float16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_vnew_float32(gated, monkeypatch):
     """U' stored in float32 for 16-bit inputs (delta_fwd.VNEW_IN_INPUT_DTYPE off): grads_qk's
     dots on U' then take float32 operands beside the 16-bit dO and dS'."""
