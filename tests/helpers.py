@@ -83,13 +83,14 @@ def _flatten(x) -> list:
     return [x]
 
 
-def _detach_cast(inputs: dict, dtype: torch.dtype, grad_names: Iterable[str]) -> dict:
+def _detach_cast(inputs: dict, dtype: torch.dtype, grad_names: Iterable[str],
+                 activations: Iterable[str] = ACTIVATIONS) -> dict:
     """Leaf copies of the inputs: activations in dtype, other floats in float32/float64."""
     side = torch.float64 if dtype == torch.float64 else torch.float32
     out = {}
     for name, x in inputs.items():
         if isinstance(x, torch.Tensor) and x.is_floating_point():
-            t = x.detach().to(dtype if name in ACTIVATIONS else side)
+            t = x.detach().to(dtype if name in activations else side)
             out[name] = t.requires_grad_(name in grad_names)
         elif isinstance(x, tuple) and all(isinstance(t, torch.Tensor) for t in x):
             out[name] = tuple(t.detach().to(side).requires_grad_(name in grad_names) for t in x)
@@ -158,7 +159,7 @@ def _assert_within(label, fast, ref, bases, factor, dtype):
 def check_against_oracle(fast_fn: Callable, oracle_fn: Callable, inputs: dict, *,
                          dtype: torch.dtype, grad_names=(), seed: int = 1234,
                          device: str = "cpu", noncontig_grads: bool = False, rel_grads=None,
-                         **kwargs):
+                         activations: Iterable[str] = ACTIVATIONS, **kwargs):
     """Asserts the DESIGN.md section 5 tolerance rule for outputs, states and gradients.
 
     inputs: float64 tensors (or tuples of tensors, e.g. an mLSTM state) and plain values,
@@ -167,6 +168,7 @@ def check_against_oracle(fast_fn: Callable, oracle_fn: Callable, inputs: dict, *
     through the final state are checked too. rel_grads {name: r}: that input's gradient is
     held to r x max(1, its largest magnitude) instead (only for a documented known gap: the float32
     gradient of a constant [H] log-decay, which sums every token's chunk-identity term).
+    activations: the inputs cast to dtype (the others run in float32, float64 for float64).
     Returns the fast path's (outs, grads)."""
     grad_names = list(grad_names)
     exact = _upcast(inputs, grad_names)
@@ -182,7 +184,7 @@ def check_against_oracle(fast_fn: Callable, oracle_fn: Callable, inputs: dict, *
         cot.append(c)
     ref, ref_g = run_op(oracle_fn, exact, grad_names, cot, **kwargs)
 
-    rounded = _detach_cast(inputs, dtype, grad_names)
+    rounded = _detach_cast(inputs, dtype, grad_names, activations)
     fast_in = {n: (t.to(device).detach().requires_grad_(t.requires_grad)
                    if isinstance(t, torch.Tensor) and t.is_floating_point() else
                    tuple(s.to(device).detach().requires_grad_(s.requires_grad) for s in t)
@@ -196,7 +198,7 @@ def check_against_oracle(fast_fn: Callable, oracle_fn: Callable, inputs: dict, *
         base, base_g = ref, ref_g
         low, low_g = ref, ref_g
     else:
-        low_in = _detach_cast(inputs, dtype, grad_names)
+        low_in = _detach_cast(inputs, dtype, grad_names, activations)
         low, low_g = run_op(oracle_fn, low_in, grad_names, cot, **kwargs)
         base_in = _upcast(rounded, grad_names)
         base, base_g = run_op(oracle_fn, base_in, grad_names, cot, **kwargs)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import delta_rule
+from ..ops.fused import l2_normalize
 from .base import Mixer, gate_dtype, make_dims
 from .norms import GatedOutputNorm
 from .short_conv import ShortConv
@@ -70,8 +71,8 @@ class DeltaNet(Mixer):
             conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
         qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
         q, k, v = qkv.split([HK, HK, self.n_heads * self.value_dim], dim=-1)
-        q = F.normalize(self.heads(q, self.key_dim), dim=-1, eps=1e-6)  # [B, T, H, K]
-        k = F.normalize(self.heads(k, self.key_dim), dim=-1, eps=1e-6)  # [B, T, H, K]
+        q = l2_normalize(self.heads(q, self.key_dim), eps=1e-6)         # [B, T, H, K]
+        k = l2_normalize(self.heads(k, self.key_dim), eps=1e-6)         # [B, T, H, K]
         v = self.heads(v, self.value_dim)                                # [B, T, H, V]
         q, k = q.to(v.dtype), k.to(v.dtype)  # autocast runs the normalisation in float32
         gdt = gate_dtype(x)

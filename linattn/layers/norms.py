@@ -1,22 +1,16 @@
-"""RMSNorm, and the per-head output norm with an optional gate that most mixers end with."""
+"""RMSNorm, and the per-head output norm with an optional gate that most mixers end with.
+
+The math is linattn.ops.fused (rms_norm, gated_rms_norm): one Triton kernel forward and one
+backward on CUDA tensors, plain PyTorch elsewhere.
+"""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-GATE_ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
+from ..ops.fused import GATE_ACTIVATIONS, gated_rms_norm, rms_norm
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim, computed in float32 (float64
-    for float64 x); returns x's dtype."""
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = x.to(dt)
-    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.to(dt)
-    return y.to(x.dtype)
+__all__ = ["GATE_ACTIVATIONS", "GatedOutputNorm", "RMSNorm", "rms_norm"]
 
 
 class RMSNorm(nn.Module):
@@ -46,9 +40,4 @@ class GatedOutputNorm(nn.Module):
         self.activation = activation
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.norm(o).flatten(-2)  # [B, T, H, V] -> [B, T, H * V]
-        if self.activation is None:
-            return y
-        if gate is None:
-            raise ValueError("this output norm is gated: pass the gate projection [B, T, H * V]")
-        return y * GATE_ACTIVATIONS[self.activation](gate)
+        return gated_rms_norm(o, self.norm.weight, gate, self.activation, self.norm.eps)

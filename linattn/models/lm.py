@@ -6,11 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import MIXERS, RMSNorm
+from ..ops.fused import swiglu
+from ..ops.linear_ce import linear_cross_entropy
 from .config import LMConfig
 
 
 class SwiGLU(nn.Module):
-    """x [..., d] -> W_down (silu(x W_gate) * x W_up) [..., d], hidden width `hidden`."""
+    """x [..., d] -> W_down (silu(x W_gate) * x W_up) [..., d], hidden width `hidden`; the
+    activation is linattn.ops.fused.swiglu (one Triton kernel each way on CUDA tensors)."""
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
@@ -18,8 +21,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [..., hidden] each
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu(self.gate_up(x)))  # [..., 2 hidden] -> [..., hidden]
 
 
 class Block(nn.Module):
@@ -52,6 +54,10 @@ class CausalLM(nn.Module):
     forward_with_state(input_ids, state=None) -> (logits, state): the same, continuing from
         and returning the per-layer mixer states (a list, one entry per layer; None starts a
         new sequence), so prompts and generated tokens can be fed a chunk at a time.
+    loss(input_ids, targets, mask=None, cu_seqlens=None, reduction="mean", ignore_index=-100)
+        -> 0-d float32 (float64 for a float64 model): the cross-entropy of the logits forward
+        would return against targets [B, T] (int64; mask [B, T] bool, True: counted), computed
+        chunk by chunk (linattn.ops.linear_ce) so the [B, T, vocab] logits never exist in full.
     generate(input_ids, max_new_tokens, temperature=0.0) -> [B, T + max_new_tokens] int64.
     num_parameters(exclude_embeddings=False) -> int (a tied head counts once).
     set_sequence_parallel(sp): run every layer sequence-parallel over a
@@ -94,18 +100,30 @@ class CausalLM(nn.Module):
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"input length {input_ids.shape[1]} exceeds max_seq_len={self.config.max_seq_len}")
 
+    def _head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight  # [vocab, d]
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm(h)
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, w)                                          # [B, T, vocab]
+        logits = F.linear(self.norm(h), self._head_weight())            # [B, T, vocab]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def _hidden(self, input_ids: torch.Tensor, cu_seqlens) -> torch.Tensor:
+        """The last block's output [B, T, d] (before the final norm)."""
         self._check_ids(input_ids)
         h = self.embed(input_ids)  # [B, T, d]
         for block in self.blocks:
             h, _ = block(h, cu_seqlens=cu_seqlens)
-        return self._logits(h)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        return self._logits(self._hidden(input_ids, cu_seqlens))
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None, reduction: str = "mean",
+             ignore_index: int = -100) -> torch.Tensor:
+        h = self.norm(self._hidden(input_ids, cu_seqlens))
+        return linear_cross_entropy(h, self._head_weight(), targets, mask,
+                                    ignore_index=ignore_index, reduction=reduction)
 
     def forward_with_state(self, input_ids: torch.Tensor, state: list | None = None):
         self._check_ids(input_ids)

@@ -1,0 +1,250 @@
+"""The layers' pieces around the mixing ops, each one function with a fused Triton path and a
+plain PyTorch path that computes the same function:
+
+    short_conv      causal depthwise conv (+ SiLU), cache of the last W-1 inputs, cu_seqlens
+    rms_norm        RMSNorm over the last dim
+    gated_rms_norm  per-head rmsnorm(o) * weight * act(gate), flattened over heads
+    l2_normalize    x / max(||x||, eps) over the last dim (F.normalize)
+    swiglu          silu(gate) * up from SwiGLU's fused [..., 2F] projection
+
+backend: "auto" takes Triton for CUDA tensors of float32, bfloat16 or float16 when triton
+imports, and PyTorch otherwise (CPU, float64): a pure function of the inputs' device and
+dtype. "torch" always takes PyTorch; "triton" always takes Triton (CPU tensors only under
+TRITON_INTERPRET=1, as the tests run it). The Triton paths are torch custom ops
+(linattn.ops.triton.short_conv, .norms, .swiglu), so torch.compile(fullgraph=True) traces
+through both paths.
+
+Numerics: the PyTorch paths round where PyTorch's modules do (the conv's taps in x's dtype,
+the norm in float32 rounded to x's dtype before the gate); the Triton paths compute in float32
+and round once, which is at least as accurate.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+FUSED_BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CONV_ACTIVATIONS = ("silu", None)
+GATE_ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
+_GATE_CODES = {None: 0, "silu": 1, "sigmoid": 2}
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def takes_triton(x: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether `backend` runs the Triton path for an input like x (see the module docstring)."""
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"backend must be one of {FUSED_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return x.is_cuda and x.dtype in TRITON_DTYPES and _HAS_TRITON
+    if not _HAS_TRITON:
+        raise ValueError("backend='triton' needs the triton package, which is not importable")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"triton is imported); the input is on {x.device}")
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' takes float32, bfloat16 or float16, got {x.dtype}")
+    return True
+
+
+def _check_tensor(name, x, dims: int | None, shape: str):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor {shape}, got "
+                        + (str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__))
+    if dims is not None and x.dim() != dims:
+        raise ValueError(f"{name} must be {shape}, got shape {tuple(x.shape)}")
+
+
+# ----------------------------------------------------------------------------- short conv
+
+def short_conv(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None = None,
+               cu_seqlens: torch.Tensor | None = None, activation: str | None = "silu",
+               return_cache: bool = False, backend: str = "auto"):
+    """Causal depthwise conv over time: y_t = act(sum_j weight[:, j] * x_{t-(W-1-j)}), where
+    inputs before the start of t's sequence come from the cache (or are 0).
+
+    x [B, T, C] float; weight [C, W] (tap W-1 is the current token); cache [B, W-1, C]
+    ([N, W-1, C] with cu_seqlens) or None; cu_seqlens int32/int64 [N+1] offsets of N
+    sequences packed along T (B == 1) or None; activation "silu" or None.
+    Returns (y [B, T, C] in x's dtype, new cache [B or N, W-1, C] in x's dtype: each
+    sequence's last W-1 inputs, the old cache's tail for a sequence shorter than W-1;
+    None unless return_cache). Gradients flow to x, weight and cache.
+    """
+    _check_tensor("x", x, 3, "[B, T, C]")
+    _check_tensor("weight", weight, 2, "[C, W]")
+    B, T, C = x.shape
+    W = weight.shape[1]
+    if weight.shape[0] != C or W < 1:
+        raise ValueError(f"weight must be [C={C}, W >= 1], got {tuple(weight.shape)}")
+    if activation not in CONV_ACTIVATIONS:
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be an int32/int64 [N+1] tensor of offsets, got "
+                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs sequences along T and needs B == 1, got B={B}")
+    n_rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if cache is not None:
+        _check_tensor("cache", cache, 3, f"[{'N' if cu_seqlens is not None else 'B'}, W-1, C]")
+        if tuple(cache.shape) != (n_rows, W - 1, C):
+            raise ValueError(f"conv cache must be [{'N' if cu_seqlens is not None else 'B'}, "
+                             f"W-1, C] = {(n_rows, W - 1, C)}, got {tuple(cache.shape)}")
+    if takes_triton(x, backend):
+        from .triton.short_conv import short_conv_fwd
+        cache_in = cache.to(x.dtype) if cache is not None else None
+        y = short_conv_fwd(x, weight, cache_in, cu_seqlens, activation == "silu")
+    else:
+        y = _conv_torch(x, weight, cache, cu_seqlens)
+        if activation == "silu":
+            y = F.silu(y)
+    new_cache = _conv_new_cache(x, cache, cu_seqlens, W) if return_cache else None
+    return y, new_cache
+
+
+def _conv_torch(x, weight, cache, cu_seqlens):
+    """The conv's pre-activation in x's dtype, tap by tap over one padded buffer."""
+    B, T, C = x.shape
+    W = weight.shape[1]
+    w = weight.to(x.dtype)
+    if cu_seqlens is None:
+        if cache is None:
+            cache = x.new_zeros(B, W - 1, C)
+        xx = torch.cat([cache.to(x.dtype), x], dim=1)                  # [B, W-1+T, C]
+        return sum(xx[:, j: j + T] * w[:, j] for j in range(W))        # tap j: x_{t-(W-1-j)}
+    buf, idx = _varlen_rows(x, cache, cu_seqlens, W)
+    return torch.einsum("wtc,cw->tc", buf[idx], w)[None]               # [1, T, C]
+
+
+def _varlen_rows(x, cache, cu_seqlens, W):
+    """(buf [T + N(W-1) + 1, C]: x's rows, the cache's rows, a zero row; idx [W, T]: the row of
+    buf that tap j of token t reads)."""
+    T, C = x.shape[1], x.shape[2]
+    dev = x.device
+    cu = cu_seqlens.to(device=dev, dtype=torch.long)
+    N = cu.numel() - 1
+    t = torch.arange(T, device=dev)
+    seq = torch.searchsorted(cu[1:].contiguous(), t, right=True)         # [T] sequence of each token
+    pos = t - cu[:-1][seq]                                               # [T] position in it
+    shifts = torch.arange(W - 1, -1, -1, device=dev)                     # tap j: shift W-1-j
+    p = pos[None] - shifts[:, None]                                      # [W, T]
+    return _buffer(x, cache, N, W), _buffer_index(p, t[None] - shifts[:, None], seq[None],
+                                                  cache is not None, T, N, W)
+
+
+def _buffer(x, cache, N, W):
+    parts = [x[0]]
+    if cache is not None:
+        parts.append(cache.to(x.dtype).reshape(N * (W - 1), x.shape[2]))
+    parts.append(x.new_zeros(1, x.shape[2]))
+    return torch.cat(parts, 0)
+
+
+def _buffer_index(p, abs_row, seq, has_cache, T, N, W):
+    """Row of _buffer holding position p of sequence seq (p < 0: the cache, or the zero row)."""
+    if has_cache:
+        from_cache = T + seq * (W - 1) + (W - 1 + p).clamp(min=0)
+    else:
+        from_cache = torch.full_like(p, T)                               # the zero row
+    return torch.where(p >= 0, abs_row, from_cache)
+
+
+def _conv_new_cache(x, cache, cu_seqlens, W):
+    """Each sequence's last W-1 inputs [B or N, W-1, C] in x's dtype (differentiable)."""
+    B, T, C = x.shape
+    if cu_seqlens is None:
+        prev = cache.to(x.dtype) if cache is not None else x.new_zeros(B, W - 1, C)
+        return torch.cat([prev, x], dim=1)[:, T:]
+    dev = x.device
+    cu = cu_seqlens.to(device=dev, dtype=torch.long)
+    N = cu.numel() - 1
+    r = torch.arange(W - 1, device=dev)
+    lengths = cu[1:] - cu[:-1]
+    p_last = lengths[:, None] - (W - 1) + r[None]                        # [N, W-1]
+    n_ids = torch.arange(N, device=dev)[:, None].expand_as(p_last)
+    idx = _buffer_index(p_last, cu[:-1, None] + p_last, n_ids, cache is not None, T, N, W)
+    return _buffer(x, cache, N, W)[idx]                                  # [N, W-1, C]
+
+
+# ----------------------------------------------------------------------------- norms
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             backend: str = "auto") -> torch.Tensor:
+    """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim. x [..., D] float; weight [D]
+    or None. Returns x's shape and dtype (float32 math; float64 for float64 x)."""
+    _check_tensor("x", x, None, "[..., D]")
+    if weight is not None and tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"weight must be [D={x.shape[-1]}], got {tuple(weight.shape)}")
+    if takes_triton(x, backend):
+        from .triton.norms import row_norm_fwd
+        D = x.shape[-1]
+        return row_norm_fwd(x.reshape(-1, 1, D), weight, None, float(eps), False, 0).view(x.shape)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(dt)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(dt)
+    return y.to(x.dtype)
+
+
+def gated_rms_norm(o: torch.Tensor, weight: torch.Tensor | None, gate: torch.Tensor | None,
+                   activation: str | None, eps: float, backend: str = "auto") -> torch.Tensor:
+    """Per-head output norm then gate: rmsnorm(o) * weight * act(gate), flattened over heads.
+
+    o [B, T, H, V] float; weight [V] (shared by the heads) or None; gate [B, T, H * V] or None
+    (needed when activation is "silu" or "sigmoid", ignored when activation is None).
+    Returns [B, T, H * V] in o's dtype.
+    """
+    _check_tensor("o", o, 4, "[B, T, H, V]")
+    B, T, H, V = o.shape
+    if activation is not None and activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(GATE_ACTIVATIONS)} or None, got {activation!r}")
+    if activation is not None:
+        if gate is None:
+            raise ValueError("this output norm is gated: pass the gate projection [B, T, H * V]")
+        _check_tensor("gate", gate, 3, "[B, T, H * V]")
+        if tuple(gate.shape) != (B, T, H * V):
+            raise ValueError(f"gate must be [B, T, H * V] = {(B, T, H * V)}, got {tuple(gate.shape)}")
+    if weight is not None and tuple(weight.shape) != (V,):
+        raise ValueError(f"weight must be [V={V}], got {tuple(weight.shape)}")
+    if takes_triton(o, backend):
+        from .triton.norms import row_norm_fwd
+        g = gate.view(B * T, H, V) if activation is not None else None
+        y = row_norm_fwd(o.reshape(B * T, H, V), weight, g, float(eps), False,
+                         _GATE_CODES[activation])
+        return y.view(B, T, H * V)
+    y = rms_norm(o, weight, eps, backend="torch").flatten(-2)
+    return y if activation is None else y * GATE_ACTIVATIONS[activation](gate)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
+    """x / max(||x||, eps) over the last dim (torch.nn.functional.normalize). x [..., D] float;
+    returns x's shape and dtype. With x [B, T, H, D] a strided view (a slice of a conv output)
+    the Triton path reads it in place."""
+    _check_tensor("x", x, None, "[..., D]")
+    if takes_triton(x, backend):
+        from .triton.norms import row_norm_fwd
+        shape = x.shape
+        x3 = x.flatten(0, -3) if x.dim() >= 3 else x.reshape(-1, 1, shape[-1])
+        return row_norm_fwd(x3, None, None, float(eps), True, 0).view(shape)
+    return F.normalize(x, dim=-1, eps=eps)
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+
+def swiglu(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2F] = [gate | up]; returns [..., F] in its dtype."""
+    _check_tensor("gate_up", gate_up, None, "[..., 2F]")
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dim must be even (2F), got {gate_up.shape[-1]}")
+    if takes_triton(gate_up, backend):
+        from .triton.swiglu import swiglu_fwd
+        lead, F2 = gate_up.shape[:-1], gate_up.shape[-1]
+        return swiglu_fwd(gate_up.reshape(-1, F2)).view(*lead, F2 // 2)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

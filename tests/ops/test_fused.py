@@ -1,0 +1,307 @@
+"""linattn.ops.fused (short conv, RMSNorm, gated output norm, L2 norm, SwiGLU): both backends
+against independent float64 statements of the math, with the tolerance rule of DESIGN.md
+section 5. CPU: the PyTorch path in float64, the Triton kernels in float32 through the
+interpreter at small, awkward shapes; gpu: bf16 and float32 at the 12-layer d_model 768
+model's shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+from linattn.ops import fused
+
+GPU = pytest.mark.gpu
+
+
+# ----------------------------------------------------------------------------- oracles
+
+def conv_oracle(x, weight, cache=None, cu_seqlens=None, activation="silu"):
+    """Sequence by sequence: left-pad with its cache (or zeros) and run F.conv1d."""
+    B, T, C = x.shape
+    W = weight.shape[1]
+    bounds = ([(b, 0, T) for b in range(B)] if cu_seqlens is None else
+              [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])])
+    ys, caches = [], []
+    for n, (b, s, e) in enumerate(bounds):
+        prev = cache[n].to(x.dtype) if cache is not None else x.new_zeros(W - 1, C)
+        xx = torch.cat([prev, x[b, s:e]], 0)                             # [W-1+L, C]
+        z = (F.conv1d(xx.t()[None], weight.to(x.dtype)[:, None], groups=C)[0].t()  # [L, C]
+             if e > s else xx[:0])
+        ys.append(F.silu(z) if activation == "silu" else z)
+        caches.append(xx[xx.shape[0] - (W - 1):])
+    y = torch.stack(ys) if cu_seqlens is None else torch.cat(ys)[None]
+    return y, torch.stack(caches)
+
+
+def rms_oracle(x, weight, eps=1e-6):
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight.to(x.dtype)
+
+
+def gated_oracle(o, weight, gate, activation, eps=1e-6):
+    y = rms_oracle(o, weight, eps).flatten(-2)
+    act = {"silu": F.silu, "sigmoid": torch.sigmoid, None: None}[activation]
+    return y if act is None else y * act(gate)
+
+
+def l2_oracle(x, eps=1e-6):
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def swiglu_oracle(gate_up):
+    g, u = gate_up.chunk(2, -1)
+    return g * torch.sigmoid(g) * u
+
+
+# ----------------------------------------------------------------------------- short conv
+
+def _conv_inputs(B, T, C, W, lengths=None, cache=True, seed=0, device="cpu"):
+    gen = helpers.seeded(seed)
+    cu = None
+    if lengths is not None:
+        B, T = 1, sum(lengths)
+        cu = helpers.cu_seqlens_from_lengths(lengths, device)
+    N = B if lengths is None else len(lengths)
+    inputs = dict(x=helpers.randn(B, T, C, gen=gen, device=device),
+                  weight=helpers.randn(C, W, gen=gen, scale=0.5, device=device),
+                  cache=helpers.randn(N, W - 1, C, gen=gen, device=device) if cache else None,
+                  cu_seqlens=cu)
+    return inputs, ["x", "weight"] + (["cache"] if cache and W > 1 else [])
+
+
+def _conv_fn(backend, activation):
+    def run(x, weight, cache=None, cu_seqlens=None):
+        return fused.short_conv(x, weight, cache, cu_seqlens, activation, return_cache=True,
+                                backend=backend)
+    return run
+
+
+def _conv_oracle_fn(activation):
+    def run(x, weight, cache=None, cu_seqlens=None):
+        return conv_oracle(x, weight, cache, cu_seqlens, activation)
+    return run
+
+
+CONV_CASES = [  # (B, T, C, W, lengths, cache, activation)
+    (2, 33, 70, 4, None, True, "silu"),
+    (1, 1, 16, 4, None, False, "silu"),
+    (3, 15, 20, 1, None, True, None),
+    (1, 0, 40, 4, [5, 0, 1, 2, 31], True, "silu"),
+    (1, 0, 24, 3, [0, 17, 1], False, None),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"B{c[0]}T{c[1]}C{c[2]}W{c[3]}"
+                         f"{'-varlen' if c[4] else ''}{'-cache' if c[5] else ''}-{c[6]}")
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_short_conv_matches_oracle(case, backend, dtype):
+    B, T, C, W, lengths, cache, act = case
+    inputs, names = _conv_inputs(B, T, C, W, lengths, cache)
+    helpers.check_against_oracle(_conv_fn(backend, act), _conv_oracle_fn(act), inputs,
+                                 dtype=dtype, grad_names=names, activations=("x", "cache"))
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_short_conv_decodes_token_by_token(backend, dtype):
+    """T = 1 steps carrying the cache give the full-sequence output and final cache; a packed
+    call continuing from per-sequence caches equals separate calls (no leakage)."""
+    inputs, _ = _conv_inputs(2, 9, 20, 4, cache=True, seed=3)
+    x, w, c0 = (inputs[n].to(dtype) for n in ("x", "weight", "cache"))
+    y, c = fused.short_conv(x, w, c0, return_cache=True, backend=backend)
+    cache, steps = c0, []
+    for t in range(x.shape[1]):
+        yt, cache = fused.short_conv(x[:, t:t + 1], w, cache, return_cache=True, backend=backend)
+        steps.append(yt)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.cat(steps, 1), y, **tol)
+    torch.testing.assert_close(cache, c, **tol)
+    cu = helpers.cu_seqlens_from_lengths([4, 9])
+    packed = torch.cat([x[0, :4], x[1]])[None]
+    yp, cp = fused.short_conv(packed, w, c0, cu, return_cache=True, backend=backend)
+    y0, c0_ = fused.short_conv(x[:1, :4], w, c0[:1], return_cache=True, backend=backend)
+    torch.testing.assert_close(yp, torch.cat([y0[0], y[1]])[None], **tol)
+    torch.testing.assert_close(cp, torch.cat([c0_, c[1:]]), **tol)
+
+
+def test_short_conv_rejects_bad_input():
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match="weight"):
+        fused.short_conv(x, torch.randn(7, 4))
+    with pytest.raises(ValueError, match="cache"):
+        fused.short_conv(x, torch.randn(8, 4), torch.randn(2, 2, 8))
+    with pytest.raises(ValueError, match="B == 1"):
+        fused.short_conv(x, torch.randn(8, 4), cu_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="backend"):
+        fused.short_conv(x, torch.randn(8, 4), backend="cuda")
+
+
+# ----------------------------------------------------------------------------- norms, SwiGLU
+
+def _norm_cases(device="cpu", shape=(2, 7, 3, 20), seed=0):
+    gen = helpers.seeded(seed)
+    B, T, H, V = shape
+    o = helpers.randn(B, T, H, V, gen=gen, scale=3.0, device=device)
+    gate = helpers.randn(B, T, H * V, gen=gen, device=device)
+    w = (1 + helpers.randn(V, gen=gen, scale=0.3)).to(device)
+    return o, gate, w
+
+
+@pytest.mark.parametrize("activation", ["silu", "sigmoid", None])
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_gated_rms_norm_matches_oracle(activation, backend, dtype):
+    o, gate, w = _norm_cases()
+    inputs = dict(q=o, v=gate, weight=w)
+
+    def fast(q, v, weight):
+        return fused.gated_rms_norm(q, weight, v, activation, 1e-6, backend=backend), None
+
+    def oracle(q, v, weight):
+        return gated_oracle(q, weight, v, activation), None
+
+    helpers.check_against_oracle(fast, oracle, inputs, dtype=dtype,
+                                 grad_names=["q", "weight"] + (["v"] if activation else []))
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_rms_norm_matches_oracle(with_weight, backend, dtype):
+    gen = helpers.seeded(1)
+    inputs = dict(q=helpers.randn(3, 5, 37, gen=gen, scale=2.0, noncontig=True),
+                  weight=1 + helpers.randn(37, gen=gen, scale=0.3) if with_weight else None)
+
+    def fast(q, weight):
+        return fused.rms_norm(q, weight, 1e-6, backend=backend), None
+
+    def oracle(q, weight):
+        return rms_oracle(q, weight), None
+
+    helpers.check_against_oracle(fast, oracle, inputs, dtype=dtype,
+                                 grad_names=["q"] + (["weight"] if with_weight else []))
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_l2_normalize_strided_slice_matches_oracle(backend, dtype):
+    """q as the first 2 heads of a conv output [B, T, 100] (a strided view), one row of zeros
+    (the eps branch)."""
+    gen = helpers.seeded(2)
+    qkv = helpers.randn(2, 9, 100, gen=gen)
+    qkv[0, 3, :20] = 0.0
+    inputs = dict(q=qkv)
+
+    def fast(q):
+        return fused.l2_normalize(q[..., :40].unflatten(-1, (2, 20)), backend=backend), None
+
+    def oracle(q):
+        return l2_oracle(q[..., :40].unflatten(-1, (2, 20))), None
+
+    helpers.check_against_oracle(fast, oracle, inputs, dtype=dtype, grad_names=["q"])
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_swiglu_matches_oracle(backend, dtype):
+    inputs = dict(q=helpers.randn(3, 5, 2 * 150, gen=helpers.seeded(3), scale=2.0))
+    helpers.check_against_oracle(lambda q: (fused.swiglu(q, backend=backend), None),
+                                 lambda q: (swiglu_oracle(q), None), inputs, dtype=dtype,
+                                 grad_names=["q"])
+
+
+def test_auto_backend_is_a_function_of_device_and_dtype():
+    x = torch.randn(2, 3)
+    assert not fused.takes_triton(x) and not fused.takes_triton(x.double())
+    assert fused.takes_triton(x, "triton")  # CPU tensors under the interpreter (conftest)
+    with pytest.raises(TypeError, match="float64"):
+        fused.takes_triton(x.double(), "triton")
+
+
+def test_pieces_trace_without_graph_breaks():
+    """Both paths under torch.compile(fullgraph=True, backend='aot_eager'): the PyTorch path
+    as plain ops, the Triton path through the custom ops' fake kernels; forward and
+    gradients equal eager."""
+    x = torch.randn(1, 12, 24, requires_grad=True)
+    w = torch.randn(24, 4, requires_grad=True)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    nw = torch.randn(6, requires_grad=True)
+
+    def pieces(x, w, nw, backend):
+        y, c = fused.short_conv(x, w, None, cu, "silu", True, backend=backend)
+        q = fused.l2_normalize(y[..., :12].unflatten(-1, (2, 6)), backend=backend)
+        o = fused.gated_rms_norm(q, nw, y[..., 12:], "silu", 1e-6, backend=backend)
+        s = fused.swiglu(fused.rms_norm(o, None, 1e-6, backend=backend), backend=backend)
+        return s.sum() + c.sum()
+
+    for backend in ("torch", "triton"):
+        torch._dynamo.reset()
+        compiled = torch.compile(pieces, backend="aot_eager", fullgraph=True)
+        want = pieces(x, w, nw, backend)
+        got = compiled(x, w, nw, backend)
+        torch.testing.assert_close(got, want)
+        gw = torch.autograd.grad(want, [x, w, nw])
+        gg = torch.autograd.grad(got, [x, w, nw])
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_short_conv_gpu(dtype, varlen):
+    """The DeltaNet conv of the 12-layer d_model 768 model: C = 2304, 8 x 2048 tokens."""
+    lengths = [2048, 1, 0, 3000, 11283] if varlen else None
+    inputs, names = _conv_inputs(8, 2048, 2304, 4, lengths, cache=True, device="cuda")
+    helpers.check_against_oracle(_conv_fn("auto", "silu"), _conv_oracle_fn("silu"), inputs,
+                                 dtype=dtype, grad_names=names, activations=("x", "cache"),
+                                 device="cuda")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("activation", ["silu", "sigmoid"])
+def test_gated_rms_norm_gpu(dtype, activation):
+    o, gate, w = _norm_cases("cuda", shape=(8, 2048, 6, 128))
+    inputs = dict(q=o, v=gate, weight=w)
+    helpers.check_against_oracle(
+        lambda q, v, weight: (fused.gated_rms_norm(q, weight, v, activation, 1e-6), None),
+        lambda q, v, weight: (gated_oracle(q, weight, v, activation), None), inputs,
+        dtype=dtype, grad_names=["q", "v", "weight"], device="cuda")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_l2_swiglu_gpu(dtype):
+    gen = helpers.seeded(4)
+    h = dict(q=helpers.randn(16384, 768, gen=gen, device="cuda", scale=3.0),
+             weight=(1 + helpers.randn(768, gen=gen, scale=0.3)).cuda())
+    helpers.check_against_oracle(lambda q, weight: (fused.rms_norm(q, weight, 1e-6), None),
+                                 lambda q, weight: (rms_oracle(q, weight), None), h,
+                                 dtype=dtype, grad_names=["q", "weight"], device="cuda")
+    qkv = dict(q=helpers.randn(8, 2048, 2304, gen=gen, device="cuda"))
+    helpers.check_against_oracle(
+        lambda q: (fused.l2_normalize(q[..., 768:1536].unflatten(-1, (6, 128))), None),
+        lambda q: (l2_oracle(q[..., 768:1536].unflatten(-1, (6, 128))), None), qkv,
+        dtype=dtype, grad_names=["q"], device="cuda")
+    gu = dict(q=helpers.randn(16384, 2 * 2048, gen=gen, device="cuda", scale=2.0))
+    helpers.check_against_oracle(lambda q: (fused.swiglu(q), None),
+                                 lambda q: (swiglu_oracle(q), None), gu, dtype=dtype,
+                                 grad_names=["q"], device="cuda")
+
+
+@GPU
+def test_pieces_compile_with_inductor_gpu():
+    """The Triton path under torch.compile(fullgraph=True) with inductor equals eager."""
+    x = torch.randn(2, 256, 2304, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(2304, 4, device="cuda", requires_grad=True)
+    nw = torch.randn(128, device="cuda", requires_grad=True)
+
+    def pieces(x, w, nw):
+        y, _ = fused.short_conv(x, w)
+        q = fused.l2_normalize(y[..., :768].unflatten(-1, (6, 128)))
+        o = fused.gated_rms_norm(q, nw, y[..., 768:1536], "silu", 1e-6)
+        return fused.swiglu(fused.rms_norm(o, None, 1e-6)).float().square().sum()
+
+    compiled = torch.compile(pieces, fullgraph=True)
+    want, got = pieces(x, w, nw), compiled(x, w, nw)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, [x, w, nw]), torch.autograd.grad(want, [x, w, nw])):
+        torch.testing.assert_close(a, b)
