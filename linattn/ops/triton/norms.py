@@ -28,6 +28,7 @@ from ..alloc import empty
 ACTIVATIONS = {None: 0, "silu": 1, "sigmoid": 2}
 MAX_PROGRAMS = 512   # programs of the persistent row loop (fixed: results do not depend on the GPU)
 TILE_ELEMS = 4096    # rows per block x padded D
+NUM_WARPS = 8        # 16 elements of a tile per thread
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -154,7 +155,7 @@ def _launch_fwd(x, weight, gate, eps, l2, act):
         row_norm_fwd_kernel[(G,)](
             x, weight if weight is not None else x, g, y, R, H, D, x.stride(0), x.stride(1),
             g.stride(0), g.stride(1), eps, BR=BR, BD=BD, L2=l2, HAS_W=weight is not None,
-            ACT=act)
+            ACT=act, num_warps=NUM_WARPS)
     return y
 
 
@@ -173,7 +174,8 @@ def _launch_bwd(dy, x, weight, gate, eps, l2, act):
         row_norm_bwd_kernel[(G,)](
             dy, x, weight if weight is not None else x, g, dx, dwp if dwp is not None else x,
             dgate if gate is not None else x, R, H, D, x.stride(0), x.stride(1), g.stride(0),
-            g.stride(1), eps, BR=BR, BD=BD, L2=l2, HAS_W=weight is not None, ACT=act)
+            g.stride(1), eps, BR=BR, BD=BD, L2=l2, HAS_W=weight is not None, ACT=act,
+            num_warps=NUM_WARPS)
     elif dwp is not None:
         dwp.zero_()
     dw = dwp.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)

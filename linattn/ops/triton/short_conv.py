@@ -7,10 +7,12 @@ x_{t-s} before the start of t's sequence comes from that sequence's cache row (i
 inputs, [N, W-1, C]) or is 0. Rows are addressed globally: row b*T + t (dense) or t (packed,
 B == 1), and each row knows its sequence's first row S and one-past-last row E.
 
-Backward: dz_u = dy_u * silu'(z_u) is recomputed where it is needed (W taps each, cheap next to
-storing z), dx_t = sum_j w_j dz_{t+s_j} over t + s_j < E, dw[:, j] = sum_t dz_t x_{t-s_j}
-(per row tile, summed by the launcher: no atomics), dcache the same sum as dx at the W-1
-positions before S.
+Backward in two passes: the first recomputes z from the W shifted input tiles, writes
+dz = dy * silu'(z) (float32; without SiLU dz is dy and nothing is written) and, from the same
+tiles, each row tile's share of dw[:, j] = sum_t dz_t x_{t-s_j} (summed by the launcher: no
+atomics); the second reads dz at W shifts: dx_t = sum_j w_j dz_{t+s_j} over t + s_j < E, and
+dcache is the same sum at the W-1 positions before S. (One pass that recomputed dz at every
+shift read W^2 input tiles and spilled registers on sm_90.)
 
 The ops are torch custom ops (linattn::short_conv_fwd / short_conv_bwd) so torch.compile
 traces through them; linattn.ops.fused.short_conv is the entry point.
@@ -27,6 +29,7 @@ from ..alloc import empty
 
 BLOCK_T = 32  # rows per program
 BLOCK_C = 64  # channels per program
+NUM_WARPS = 8  # 8 elements of a [BLOCK_T, BLOCK_C] tile per thread
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -57,19 +60,6 @@ def _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.c
         wj = tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32)
         acc += wj[None, :] * _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, W, HAS_CACHE)
     return acc
-
-
-@triton.jit
-def _dz(dy, x, cache, w, u, S, n, valid, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr,
-        SILU: tl.constexpr):
-    """dz at rows u (0 where not valid): dy times silu'(z) (recomputed), float32 [R, BC]."""
-    g = tl.load(dy + u[:, None] * C + c[None, :], mask=valid[:, None] & mc[None, :],
-                other=0.0).to(tl.float32)
-    if SILU:
-        z = _conv_z(x, cache, w, u, S, n, valid, c, mc, C, W, HAS_CACHE)
-        sg = tl.sigmoid(z)
-        g = g * sg * (1.0 + z * (1.0 - sg))
-    return g
 
 
 @triton.jit
@@ -110,10 +100,11 @@ def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, W: tl.constexpr, BT:
 
 
 @triton.jit
-def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NT, W: tl.constexpr,
-                          BT: tl.constexpr, BC: tl.constexpr, HAS_CACHE: tl.constexpr,
-                          VARLEN: tl.constexpr, SILU: tl.constexpr):
-    """dx of one tile and its rows' share of dw into dwp[b * NT + tile] [C, W] (float32)."""
+def short_conv_dz_kernel(dy, x, w, cache, dz, dwp, cu, seq_id, T, C, NT, W: tl.constexpr,
+                         BT: tl.constexpr, BC: tl.constexpr, HAS_CACHE: tl.constexpr,
+                         VARLEN: tl.constexpr, SILU: tl.constexpr):
+    """One tile: dz = dy * silu'(z) into dz (float32, SILU only; without SiLU dz is dy) and
+    the tile's share of dw, dw[:, j] = sum_t dz_t x_{t - s_j}, into dwp[b * NT + tile]."""
     tl.static_assert(BT >= 16)
     tl.static_assert(BC >= 16)
     b = tl.program_id(2).to(tl.int64)
@@ -124,27 +115,57 @@ def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NT, W: tl.
     mc = c < C
     n, S, E = _seq_bounds(cu, seq_id, b, t, mr, T, VARLEN)
     u = b * T + t
-    # dx_u = sum_j w_j dz_{u + s_j}, inside the row's sequence
-    acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(W):
-        wj = tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32)
-        v = u + (W - 1 - j)
-        acc += wj[None, :] * _dz(dy, x, cache, w, v, S, n, mr & (v < E), c, mc, C, W,
-                                 HAS_CACHE, SILU)
-    tl.store(dx + u[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
-             mask=mr[:, None] & mc[None, :])
-    # this tile's dw[:, j] = sum_t dz_t x_{t - s_j}
-    dz0 = _dz(dy, x, cache, w, u, S, n, mr, c, mc, C, W, HAS_CACHE, SILU)
+    m = mr[:, None] & mc[None, :]
+    g = tl.load(dy + u[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+    if SILU:
+        # recompute z, then dz = dy * silu'(z)
+        z = _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W, HAS_CACHE)
+        sg = tl.sigmoid(z)
+        g = g * sg * (1.0 + z * (1.0 - sg))
+        tl.store(dz + u[:, None] * C + c[None, :], g, mask=m)
+    # the tile's dw: the same shifted inputs the conv read
     base = (b * NT + it) * C * W
     for j in tl.static_range(W):
         xs = _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, W, HAS_CACHE)
-        tl.store(dwp + base + c * W + j, tl.sum(dz0 * xs, axis=0), mask=mc)
+        tl.store(dwp + base + c * W + j, tl.sum(g * xs, axis=0), mask=mc)
 
 
 @triton.jit
-def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, W: tl.constexpr,
-                             WP: tl.constexpr, BC: tl.constexpr, VARLEN: tl.constexpr,
-                             SILU: tl.constexpr):
+def _dx_rows(dz, w, v0, S, E, mr, c, mc, C, W: tl.constexpr):
+    """sum_j w[:, j] dz_{v0 + s_j} over v0 + s_j in [S, E): the cotangent of the inputs at
+    rows v0 (float32 [R, BC])."""
+    acc = tl.zeros([v0.shape[0], c.shape[0]], dtype=tl.float32)
+    for j in tl.static_range(W):
+        # tap j of output row v read input row v - (W-1-j)
+        wj = tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32)
+        v = v0 + (W - 1 - j)
+        ok = mr & (v >= S) & (v < E)
+        acc += wj[None, :] * tl.load(dz + v[:, None] * C + c[None, :],
+                                     mask=ok[:, None] & mc[None, :], other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def short_conv_dx_kernel(dz, w, dx, cu, seq_id, T, C, W: tl.constexpr, BT: tl.constexpr,
+                         BC: tl.constexpr, VARLEN: tl.constexpr):
+    """dx of one tile from dz (float32 with SiLU, else dy)."""
+    tl.static_assert(BT >= 16)
+    tl.static_assert(BC >= 16)
+    b = tl.program_id(2).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    mr = t < T
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mc = c < C
+    n, S, E = _seq_bounds(cu, seq_id, b, t, mr, T, VARLEN)
+    u = b * T + t
+    acc = _dx_rows(dz, w, u, S, E, mr, c, mc, C, W)
+    tl.store(dx + u[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
+             mask=mr[:, None] & mc[None, :])
+
+
+@triton.jit
+def short_conv_dcache_kernel(dz, w, dcache, cu, T, C, W: tl.constexpr, WP: tl.constexpr,
+                             BC: tl.constexpr, VARLEN: tl.constexpr):
     """dcache of sequence n (grid N x cdiv(C, BC)): dx's sum at the W-1 positions before S."""
     tl.static_assert(WP >= 16)
     tl.static_assert(BC >= 16)
@@ -160,13 +181,7 @@ def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, W: tl.constexpr,
     else:
         S = n * T
         E = S + T
-    u = S - (W - 1) + r
-    acc = tl.zeros([WP, BC], dtype=tl.float32)
-    for j in tl.static_range(W):
-        wj = tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32)
-        v = u + (W - 1 - j)
-        acc += wj[None, :] * _dz(dy, x, cache, w, v, S, n, mr & (v >= S) & (v < E), c, mc, C,
-                                 W, True, SILU)
+    acc = _dx_rows(dz, w, S - (W - 1) + r, S, E, mr, c, mc, C, W)
     tl.store(dcache + (n * (W - 1) + r)[:, None] * C + c[None, :],
              acc.to(dcache.dtype.element_ty), mask=mr[:, None] & mc[None, :])
 
@@ -192,7 +207,7 @@ def _launch_fwd(x, weight, cache, cu_seqlens, silu):
         short_conv_fwd_kernel[grid](
             x, weight, cache.contiguous() if has_cache else x, y,
             cu_seqlens if varlen else x, seq_id, T, C, W=W, BT=BLOCK_T, BC=BLOCK_C,
-            HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu)
+            HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu, num_warps=NUM_WARPS)
     return y
 
 
@@ -203,22 +218,27 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu):
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
-    cache_c = cache.contiguous() if has_cache else x
+    cu = cu_seqlens if varlen else x
     NT = triton.cdiv(T, BLOCK_T)
-    dx = empty(x.shape, dtype=x.dtype, device=x.device)
+    grid = (NT, triton.cdiv(C, BLOCK_C), B)
+    dz = empty(x.shape, dtype=torch.float32, device=x.device) if silu else dy
     dwp = empty(B * NT, C, W, dtype=torch.float32, device=x.device)
+    dx = empty(x.shape, dtype=x.dtype, device=x.device)
     if T and C:
-        short_conv_bwd_kernel[(NT, triton.cdiv(C, BLOCK_C), B)](
-            dy, x, weight, cache_c, dx, dwp, cu_seqlens if varlen else x, seq_id, T, C, NT,
-            W=W, BT=BLOCK_T, BC=BLOCK_C, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu)
+        short_conv_dz_kernel[grid](
+            dy, x, weight, cache.contiguous() if has_cache else x, dz, dwp, cu, seq_id, T, C,
+            NT, W=W, BT=BLOCK_T, BC=BLOCK_C, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu,
+            num_warps=NUM_WARPS)
+        short_conv_dx_kernel[grid](dz, weight, dx, cu, seq_id, T, C, W=W, BT=BLOCK_T,
+                                   BC=BLOCK_C, VARLEN=varlen, num_warps=NUM_WARPS)
     dw = dwp.sum(0).to(weight.dtype)                                # [C, W]
     if cache is None:
         return dx, dw, x.new_empty(0)
     dcache = empty(cache.shape, dtype=cache.dtype, device=x.device)
     if has_cache and cache.shape[0] and C:
         short_conv_dcache_kernel[(cache.shape[0], triton.cdiv(C, BLOCK_C))](
-            dy, x, weight, cache_c, dcache, cu_seqlens if varlen else x, T, C, W=W,
-            WP=max(16, triton.next_power_of_2(W - 1)), BC=BLOCK_C, VARLEN=varlen, SILU=silu)
+            dz, weight, dcache, cu, T, C, W=W, WP=max(16, triton.next_power_of_2(W - 1)),
+            BC=BLOCK_C, VARLEN=varlen)
     return dx, dw, dcache
 
 
