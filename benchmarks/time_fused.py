@@ -12,7 +12,8 @@ Pieces (shapes per step):
     rms_norm       the blocks' RMSNorm: [B, T, 768] float32 residual stream -> float32
     swiglu         silu(gate) * up from gate_up [B, T, 2 x 3072]
     linear_ce      the LM head + cross-entropy: h [16384, 768] @ W [32000, 768]^T, mean
-                   loss (the plain path forms the [16384, 32000] logits, then float32)
+                   loss (the plain path forms the [16384, 32000] logits, then float32;
+                   "chunked-torch" is the chunked op with its softmax part in PyTorch)
 Each row: median ms of triton.testing.do_bench for forward and forward+backward (gradients
 of every floating input, with torch.autograd.grad), and the peak memory one forward+backward
 allocates above its inputs. Rows are compared within one run on one GPU.
@@ -65,6 +66,8 @@ def make_case(piece: str, T: int, dtype=torch.bfloat16, dev="cuda"):
         def ce(be, h, w):
             if be == "torch":
                 return F.cross_entropy(F.linear(h, w).float(), targets)
+            if be == "chunked":  # the chunked op with its softmax part in PyTorch
+                return linear_cross_entropy(h, w, targets, backend="torch")
             return linear_cross_entropy(h, w, targets)
         return [leaf(TOKENS, D_MODEL), leaf(VOCAB, D_MODEL, scale=0.02)], ce
     raise ValueError(f"unknown piece {piece!r}; pieces: {PIECES}")
@@ -114,6 +117,8 @@ def main(argv=None) -> int:
         for T in (Ts if piece == "short_conv" else Ts[:1]):
             inputs, fn = make_case(piece, T)
             impls = [("fused", lambda *a: fn("auto", *a)), ("torch", lambda *a: fn("torch", *a))]
+            if piece == "linear_ce":
+                impls.append(("chunked-torch", lambda *a: fn("chunked", *a)))
             if not args.no_compile:
                 impls.append(("torch.compile", torch.compile(lambda *a: fn("torch", *a))))
             for name, impl in impls:

@@ -12,12 +12,16 @@ ignore_index, or mask False) add nothing to the loss and get zero gradients. Wit
 token the mean is NaN, as F.cross_entropy's is.
 
 linear_cross_entropy is the entry point; the work is the torch custom op
-linattn::linear_cross_entropy_fwd (torch.compile traces it as one opaque node), plain PyTorch
-on every device.
+linattn::linear_cross_entropy_fwd (torch.compile traces it as one opaque node): the matmuls in
+PyTorch, the softmax and its gradient in PyTorch or, on CUDA (backend "auto", as
+linattn.ops.fused chooses), one Triton kernel per chunk that overwrites the chunk's logits
+with their gradient (linattn.ops.triton.cross_entropy).
 """
 from __future__ import annotations
 
 import torch
+
+from .fused import takes_triton
 
 REDUCTIONS = ("mean", "sum")
 CHUNK_ELEMS = 1 << 25  # logits per chunk (128 MiB of float32 softmax)
@@ -31,10 +35,11 @@ def default_chunk_tokens(vocab: int) -> int:
 @torch.library.custom_op("linattn::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              ignore_index: int, sum_reduction: bool, chunk_tokens: int,
-                             need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             need_grad: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss: 0-d float32 (float64 for float64 h), dh [N, d] in h's dtype, dW [V, d] in W's
     dtype; dh and dW are d loss / d(h, W) for a loss cotangent of 1, empty tensors unless
-    need_grad). h [N, d]; weight [V, d] in h's dtype; targets [N] int64."""
+    need_grad). h [N, d]; weight [V, d] in h's dtype; targets [N] int64; use_triton: the
+    softmax part in Triton (not for float64)."""
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     N, V = h.shape[0], weight.shape[0]
     with torch.autocast(h.device.type, enabled=False):
@@ -47,6 +52,15 @@ def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: tor
         for s in range(0, N, chunk_tokens):
             e = min(N, s + chunk_tokens)
             hc, tc, valid = h[s:e], targets[s:e], valid_all[s:e]
+            if use_triton:
+                # the chunk's logits in h's dtype, overwritten with their gradient
+                from .triton.cross_entropy import ce_rows
+                g = (hc @ weight.t()).contiguous()                          # [n, V]
+                loss = loss + ce_rows(g, tc, scale.to(torch.float32), ignore_index, need_grad).sum()
+                if need_grad:
+                    dh[s:e] = g @ weight
+                    dw += (g.t() @ hc).to(acc)
+                continue
             # the chunk's logits in h's dtype, then float32
             lf = (hc @ weight.t()).to(acc)                                  # [n, V]
             lse = torch.logsumexp(lf, dim=-1)                               # [n]
@@ -65,7 +79,7 @@ def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: tor
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(h, weight, targets, ignore_index, sum_reduction, chunk_tokens, need_grad):
+def _(h, weight, targets, ignore_index, sum_reduction, chunk_tokens, need_grad, use_triton):
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     return (h.new_empty((), dtype=acc), torch.empty_like(h) if need_grad else h.new_empty(0),
             torch.empty_like(weight) if need_grad else h.new_empty(0))
@@ -81,7 +95,7 @@ def _backward(ctx, dloss, _dh, _dw):
     if not ctx.need_grad:
         raise RuntimeError("linear_cross_entropy was called with no input requiring grad")
     dh, dw = ctx.saved_tensors
-    return dh * dloss.to(dh.dtype), dw * dloss.to(dw.dtype), None, None, None, None, None
+    return dh * dloss.to(dh.dtype), dw * dloss.to(dw.dtype), None, None, None, None, None, None
 
 
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
@@ -89,13 +103,15 @@ linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          mask: torch.Tensor | None = None, *, ignore_index: int = -100,
-                         reduction: str = "mean", chunk_tokens: int | None = None) -> torch.Tensor:
+                         reduction: str = "mean", chunk_tokens: int | None = None,
+                         backend: str = "auto") -> torch.Tensor:
     """Cross-entropy of logits = h @ weight^T against targets, chunked over tokens.
 
     h [..., d] float (the final hidden states); weight [V, d] (the LM head); targets [...]
     int64 with h's leading shape; mask [...] bool (True: counted) or None; ignore_index: a
     target value that is not counted; reduction "mean" (over counted tokens) or "sum";
-    chunk_tokens: tokens per chunk (default: default_chunk_tokens(V)).
+    chunk_tokens: tokens per chunk (default: default_chunk_tokens(V)); backend: "auto"
+    (the softmax part in Triton for CUDA tensors), "torch" or "triton" (see linattn.ops.fused).
     Returns a 0-d float32 loss (float64 for a float64 h). Under torch.autocast the logits are
     computed in autocast's dtype, as F.linear would compute them there. Gradients flow to h
     and weight; equal to F.cross_entropy(F.linear(h, weight).float(), targets) to rounding.
@@ -127,5 +143,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     chunk = int(chunk_tokens) if chunk_tokens is not None else default_chunk_tokens(weight.shape[0])
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     loss, _, _ = linear_cross_entropy_fwd(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
-                                          int(ignore_index), reduction == "sum", chunk, need_grad)
+                                          int(ignore_index), reduction == "sum", chunk, need_grad,
+                                          takes_triton(h, backend))
     return loss

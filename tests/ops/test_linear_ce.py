@@ -29,16 +29,21 @@ def _inputs(N_shape=(3, 41), d=24, V=77, seed=0, device="cpu"):
     return h, w, targets, mask
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("use_mask", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_linear_ce_matches_full_logits(reduction, use_mask, dtype):
-    """Chunks of 10 tokens (not dividing 123); ignore_index and a mask both drop tokens."""
+CE_CASES = [(red, use_mask, "torch", dt) for red in ("mean", "sum") for use_mask in (False, True)
+            for dt in (torch.float64, torch.float32)] + \
+           [("mean", True, "triton", torch.float32), ("sum", False, "triton", torch.float32)]
+
+
+@pytest.mark.parametrize("reduction,use_mask,backend,dtype", CE_CASES)
+def test_linear_ce_matches_full_logits(reduction, use_mask, backend, dtype):
+    """Chunks of 10 tokens (not dividing 123); ignore_index and a mask both drop tokens; a
+    vocabulary of 77 (the Triton rows' loop over a ragged block)."""
     h, w, targets, mask = _inputs()
     m = mask if use_mask else None
 
     def fast(q, weight):
-        loss = linear_cross_entropy(q, weight, targets, m, reduction=reduction, chunk_tokens=10)
+        loss = linear_cross_entropy(q, weight, targets, m, reduction=reduction, chunk_tokens=10,
+                                    backend=backend)
         return loss * 1.5, None  # a loss cotangent other than 1
 
     def oracle(q, weight):
@@ -48,11 +53,24 @@ def test_linear_ce_matches_full_logits(reduction, use_mask, dtype):
                                  grad_names=["q", "weight"], activations=("q", "weight"))
 
 
+def test_linear_ce_triton_rows_over_several_blocks():
+    """A vocabulary of 4200: the Triton rows loop over three 2048-wide blocks, the last ragged."""
+    h, w, targets, mask = _inputs((1, 20), 8, 4200, seed=1)
+
+    def fast(q, weight):
+        return linear_cross_entropy(q, weight, targets, mask, chunk_tokens=8, backend="triton"), None
+
+    helpers.check_against_oracle(fast, lambda q, weight: (ce_oracle(q, weight, targets, mask), None),
+                                 dict(q=h, weight=w), dtype=torch.float32,
+                                 grad_names=["q", "weight"], activations=("q", "weight"))
+
+
 def test_linear_ce_all_ignored_and_no_grad():
     h, w, targets, _ = _inputs()
     none = torch.full_like(targets, -100)
     assert torch.isnan(linear_cross_entropy(h, w, none))  # as F.cross_entropy's mean
     assert linear_cross_entropy(h, w, none, reduction="sum") == 0
+    assert linear_cross_entropy(h.float(), w.float(), none, reduction="sum", backend="triton") == 0
     with torch.no_grad():
         loss = linear_cross_entropy(h.requires_grad_(), w, targets)
     helpers.assert_allclose_f64(loss, ce_oracle(h.detach(), w, targets), "no-grad loss")
@@ -121,3 +139,15 @@ def test_linear_ce_peak_memory_gpu():
     extra = torch.cuda.max_memory_allocated() - base
     full_logits = 16384 * 32000 * 4
     assert extra < full_logits / 2, f"peak extra {extra / 2**20:.0f} MiB"
+
+
+def test_linear_ce_under_autocast_takes_autocast_dtype():
+    """Under torch.autocast the logits are computed in autocast's dtype, as F.linear's are:
+    the loss equals the loss of the inputs cast to bfloat16 (bitwise)."""
+    h, w, targets, _ = _inputs()
+    h, w = h.float(), w.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, targets, chunk_tokens=16)
+    want = linear_cross_entropy(h.bfloat16(), w.bfloat16(), targets, chunk_tokens=16)
+    assert loss.dtype == torch.float32 and torch.equal(loss, want)
+    assert not torch.equal(loss, linear_cross_entropy(h, w, targets, chunk_tokens=16))
