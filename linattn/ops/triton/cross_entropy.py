@@ -4,7 +4,8 @@ the gradient (softmax - onehot) * scale in the logits' dtype, in two passes over
 online max / sum of exponentials, then the gradient) instead of PyTorch's float32 copy,
 logsumexp, exp, scatter, scale and cast (six passes over a float32 [n, V]).
 
-Rows whose target is ignore_index get loss 0 and a zero gradient. Called by
+Rows whose target is ignore_index get loss 0 and a zero gradient. Targets are not checked on
+the GPU (that would sync): one outside [0, V) reads a clamped column, never out of bounds. Called by
 linear_ce.linear_cross_entropy_fwd (a custom op already), so it has no custom op of its own.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def ce_rows_kernel(logits, targets, scale, loss, V, ignore_index, BV: tl.constex
     mx = tl.max(m, axis=0)
     lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), axis=0))
     # the row's loss (0 when ignored)
-    x_t = tl.load(row + tl.where(valid, tgt, 0)).to(tl.float32)
+    x_t = tl.load(row + tl.minimum(tl.maximum(tl.where(valid, tgt, 0), 0), V - 1)).to(tl.float32)
     tl.store(loss + i, tl.where(valid, lse - x_t, 0.0))
     if NEED_GRAD:
         # pass 2: (softmax - onehot) * scale, 0 on ignored rows, over the logits
