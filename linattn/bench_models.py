@@ -32,8 +32,8 @@ timing only (its gradients may be wrong there).
 Every case runs in its own worker process (linattn.bench's WorkerPool), kept across its
 rows: a crash or a hang costs that case's rows, never the run. Before the rows, every case
 runs one forward+backward at batch 1 (--jobs at a time) so the Triton compiles of all cases
-overlap; each row then forgets the autotuners' choices (made under that load) and tunes
-again alone in its warm-up steps. Rows run in order of importance (the first T first),
+overlap; each case's first row then forgets the autotuners' choices (made under that load)
+and tunes again alone in its warm-up steps. Rows run in order of importance (the first T first),
 within --timeout each and --budget overall; a row that cannot run records why.
 
 Writes bench-models-<gpu>-<date>-<size>[-compile].json (every row, the GPU, the versions,
@@ -298,11 +298,13 @@ def _step_clock(dev):
 
 def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warmup: int,
                 device: str, seed: int = 0, compile: bool = False, compile_mode: str | None = None,
-                warm: bool = False) -> dict:
+                warm: bool = False, retune: bool = False) -> dict:
     """Builds case's model and times training steps at [B, T] in this process. warm: one
-    forward+backward (compiles and autotunes) and return. The row holds parameters, the
-    FLOP counts, ms_per_step (median), tokens_per_s, peak_mem_gib, or an error naming the
-    stage that failed."""
+    forward+backward (compiles and autotunes) and return. retune: first forget the configs
+    the Triton autotuners chose (in a warm-up beside other cases, under load), so the warm-up
+    steps tune again with the GPU to themselves. The row holds parameters, the FLOP counts,
+    ms_per_step (median), tokens_per_s, peak_mem_gib, or an error naming the stage that
+    failed."""
     import torch.nn.functional as F
     dev = torch.device(device)
     row: dict = {}
@@ -349,7 +351,7 @@ def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warm
             opt.step()
             return loss
 
-        if dev.type == "cuda":
+        if retune and dev.type == "cuda":
             row["retuned"] = bench.clear_autotune_caches()    # tune alone, at this shape
         stage = "first step" + (" (torch.compile)" if compile else "")
         t0 = time.perf_counter()
@@ -399,7 +401,7 @@ def _request_row(req: dict, cases: dict) -> dict:
     return measure_row(case, ModelSize(**req["size"]), req["T"], req["B"], steps=req["steps"],
                        warmup=req["warmup"], device=req["device"], seed=req["seed"],
                        compile=req["compile"], compile_mode=req.get("compile_mode"),
-                       warm=req.get("warm", False))
+                       warm=req.get("warm", False), retune=req.get("retune", False))
 
 
 def worker_main() -> int:
@@ -602,9 +604,11 @@ def run(args, cases: list, size: ModelSize, s: dict, runner=None) -> dict:
     old = signal.signal(signal.SIGTERM, on_term)
     try:
         runnable = [c for c in cases if c.needs not in missing]
-        if isinstance(runner, bench.WorkerPool) and args.jobs > 0 and runnable:
+        warmed = isinstance(runner, bench.WorkerPool) and args.jobs > 0 and bool(runnable)
+        if warmed:
             result["warmup_s"] = _warm_up(runner, runnable, base, min(s["T"]), args.jobs,
                                           args.timeout, deadline)
+        retuned = set()
         for case, T in plan_rows(cases, s["T"]):
             B = max(1, s["tokens"] // T)
             row = {"case": case.name, "family": case.family, "peer": case.peer, "T": T, "B": B,
@@ -617,7 +621,10 @@ def run(args, cases: list, size: ModelSize, s: dict, runner=None) -> dict:
                 row["error"] = f"skipped: {runner.dead[case.name]}"
             else:
                 t_row = time.monotonic()
-                req = {**base, "case": case.name, "T": T, "B": B}
+                # after the shared warm-up, each case's first timed row tunes again alone
+                req = {**base, "case": case.name, "T": T, "B": B,
+                       "retune": warmed and case.name not in retuned}
+                retuned.add(case.name)
                 row.update(runner.run(case.name, req, max(1.0, min(args.timeout, deadline - time.monotonic()))))
                 row["wall_s"] = round(time.monotonic() - t_row, 2)
             add_ratios(result["rows"] + [row], mm)
