@@ -186,7 +186,7 @@ def _ours(name, mixer, hybrid=None, family="ours"):
 def _fla(kind, mixer, peer, hybrid=None, name=None):
     return Case(name or f"fla.{kind}", "fla", mixer,
                 functools.partial(build_fla, kind=kind, mixer=mixer, hybrid=hybrid), hybrid,
-                needs="fla", peer=peer)
+                needs="fla.layers", peer=peer)
 
 
 HYBRID = "gated_deltanet_3:1_attention"
@@ -500,6 +500,18 @@ def git_commit() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def why_missing(module: str) -> str | None:
+    """None when `module` can be imported, else why not (finding a submodule runs its
+    packages' __init__, which may fail on a missing or mismatched dependency)."""
+    import importlib.util
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return None
+        return f"{module} is not importable"
+    except Exception as e:  # an __init__ that fails: name the cause
+        return f"{module} is not importable: {bench._short_error(e)}"
+
+
 def _versions() -> dict:
     from importlib import metadata
     v = bench.versions()
@@ -550,7 +562,11 @@ def run(args, cases: list, size: ModelSize, s: dict, runner=None) -> dict:
     size_name = next((k for k, v in SIZES.items() if v == size), f"{size.n_layers}x{size.d_model}")
     stem = f"bench-models-{bench._slug(gpu)}-{date}-{size_name}" + ("-compile" if args.compile else "")
     out_dir = Path(args.out)
-    missing = {c.needs for c in cases if c.needs and not bench._available(c.needs)}
+    missing = {}
+    for need in dict.fromkeys(c.needs for c in cases if c.needs):
+        why = why_missing(need)
+        if why:
+            missing[need] = why
     notes = [f"training step: {'bf16 autocast' if dev == 'cuda' else 'float32'} forward, float32 "
              f"cross-entropy over every token, backward, AdamW (lr {LR}, torch's default "
              f"implementation); our mixers on backend 'auto' (Triton on CUDA)",
@@ -568,7 +584,7 @@ def run(args, cases: list, size: ModelSize, s: dict, runner=None) -> dict:
              "output gate, short conv where ours have one); fla.SimpleGatedLinearAttention (scalar "
              "decay) stands for mlstm_sig's work, fla.MultiScaleRetention (constant decay) for "
              "lightning's; mlstm (mLSTMexp) has no fla layer"]
-    if any(c.family == "fla" for c in cases) and "fla" not in missing:
+    if any(c.family == "fla" and c.needs not in missing for c in cases):
         notes.append("fla's gated ops timed with fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True: "
                      "fla 0.6.0 refuses their backward on Hopper with triton < 3.7.1 (their gradients "
                      "may be wrong there; timing only)")
@@ -614,7 +630,7 @@ def run(args, cases: list, size: ModelSize, s: dict, runner=None) -> dict:
             row = {"case": case.name, "family": case.family, "peer": case.peer, "T": T, "B": B,
                    "tokens_per_step": B * T}
             if case.needs in missing:
-                row["error"] = f"skipped: {case.needs} is not importable"
+                row["error"] = f"skipped: {missing[case.needs]}"
             elif time.monotonic() >= deadline:
                 row["error"] = "skipped: out of the time budget (--budget)"
             elif case.name in runner.dead:

@@ -133,6 +133,19 @@ def test_a_failing_row_records_its_error_and_the_run_goes_on(tmp_path, capsys):
     assert "boom at build" in capsys.readouterr().out.splitlines()[-3]
 
 
+def test_why_missing_names_the_cause(tmp_path, monkeypatch):
+    pkg = tmp_path / "brokenpkg_for_bench_models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from transformers_too_old import PreTrainedConfig\n")
+    (pkg / "layers.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    why = bm.why_missing("brokenpkg_for_bench_models.layers")
+    assert why.startswith("brokenpkg_for_bench_models.layers is not importable: ModuleNotFoundError")
+    assert "transformers_too_old" in why
+    assert bm.why_missing("no_such_module_here") == "no_such_module_here is not importable"
+    assert bm.why_missing("json") is None
+
+
 ROW_KEYS = {"case", "family", "peer", "T", "B", "tokens_per_step", "parameters", "matmul_parameters",
             "layers", "flops_per_token_dense", "flops_per_token_mixing", "flops_per_token", "warmup_s",
             "ms_per_step", "ms_per_step_min", "ms_per_step_max", "wall_ms_per_step", "tokens_per_s",
