@@ -101,8 +101,7 @@ class Case:
     """One benchmarked model. family: ours | sdpa | fla. mixer and hybrid: the LMConfig
     layer pattern (for an fla case: the pattern of the model it is compared with; its layers
     named `mixer` are fla's). peer: the case this one is compared with (an fla case names
-    ours). build(size, T, backend) -> the model, an nn.Module with a CausalLM's forward and
-    a `config` whose layer_pattern() names each layer's mixer (the FLOP model reads it)."""
+    ours). build(size, T, backend) -> the model: a CausalLM (its mixers may be FlaMixers)."""
     name: str
     family: str
     mixer: str
@@ -211,18 +210,9 @@ CASES = {c.name: c for c in [
 
 # ============================================================================ FLOPs
 
-# Each mixer's FLOP model: (algorithm, K / head_dim, V / head_dim) at our layers' defaults.
-MIXER_FLOPS = {
-    "attention": ("softmax", 1.0, 1.0),
-    "gated_deltanet": ("delta", 1.0, 1.0),
-    "deltanet": ("delta", 1.0, 1.0),
-    "gla": ("gla", 0.5, 1.0),
-    "mlstm": ("gla", 1.0, 1.0),
-    "mlstm_sig": ("gla", 1.0, 1.0),
-    "lightning": ("gla", 1.0, 1.0),
-    "linear": ("gla", 1.0, 1.0),
-    "hgrn2": ("gla", 1.0, 1.0),
-}
+# The FLOP model of each mixer's sequence mixing (see chunk_flops_per_token).
+MIXER_ALGO = {"attention": "softmax", "gated_deltanet": "delta", "deltanet": "delta", "gla": "gla",
+              "mlstm": "gla", "mlstm_sig": "gla", "lightning": "gla"}
 
 
 def chunk_flops_per_token(algo: str, K: int, V: int, T: int, L: int = CHUNK) -> float:
@@ -251,14 +241,25 @@ def matmul_params(model) -> int:
     return n - model.embed.weight.numel() if head is not None else n
 
 
-def model_flops(pattern: list, size: ModelSize, T: int, n_params: int) -> dict:
+def mixing_layers(model) -> list:
+    """(algorithm, heads, K, V) of every layer's sequence mixing, read from the built layers
+    (an fla layer by its num_heads, head_k_dim and head_v_dim; the algorithm is that of the
+    mixer it stands for)."""
+    out = []
+    for block in model.blocks:
+        m = block.mixer
+        if isinstance(m, FlaMixer):
+            H, K, V = m.layer.num_heads, m.layer.head_k_dim, m.layer.head_v_dim
+        else:
+            H, K, V = m.n_heads, getattr(m, "key_dim", m.head_dim), getattr(m, "value_dim", m.head_dim)
+        out.append((MIXER_ALGO[block.mixer_name], H, K, V))
+    return out
+
+
+def model_flops(layers: list, T: int, n_params: int) -> dict:
     """Training FLOPs per token: 6 N (the matmuls with the weights, forward and backward)
-    plus 3x the forward sequence mixing of every layer (chunk_flops_per_token x heads)."""
-    hd = size.d_model // size.n_heads
-    mixing = 0.0
-    for name in pattern:
-        algo, ek, ev = MIXER_FLOPS[name]
-        mixing += size.n_heads * chunk_flops_per_token(algo, int(hd * ek), int(hd * ev), T)
+    plus 3x the forward sequence mixing of every layer, `layers` as mixing_layers gives them."""
+    mixing = sum(H * chunk_flops_per_token(algo, K, V, T) for algo, H, K, V in layers)
     dense = 6.0 * n_params
     return {"flops_per_token_dense": dense, "flops_per_token_mixing": 3.0 * mixing,
             "flops_per_token": dense + 3.0 * mixing}
@@ -317,7 +318,7 @@ def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warm
         n = matmul_params(model)
         row["matmul_parameters"] = n
         row["layers"] = describe_pattern(model)
-        row.update(model_flops(model.config.layer_pattern(), size, T, n))
+        row.update(model_flops(mixing_layers(model), T, n))
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, size.vocab, (B, T + 1), generator=gen).to(dev)    # [B, T + 1]
         x, y = ids[:, :-1], ids[:, 1:]
@@ -364,7 +365,7 @@ def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warm
         row["warmup_s"] = round(time.perf_counter() - t0, 2)
         stage = "timed steps"
         if dev.type == "cuda":
-            row["static_mem_gib"] = torch.cuda.memory_allocated() / 2**30   # weights + AdamW states
+            row["static_mem_gib"] = torch.cuda.memory_allocated() / 2**30   # weights, grads, AdamW
             torch.cuda.reset_peak_memory_stats()
         mark, elapsed = _step_clock(dev)
         marks = [mark()]
@@ -387,7 +388,7 @@ def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warm
     except Exception as e:  # one failing row must not stop the run: the row says why
         row["error"] = f"{stage}: {bench._short_error(e)}"
     finally:
-        del model, opt
+        model = opt = None                                   # free them before the next row
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -23,7 +23,8 @@ def test_flops_of_a_tiny_attention_model_by_hand():
     n = 2 * per_layer + 64 * 32 + 32
     assert n == 34976
     assert bm.matmul_params(model) == n
-    f = bm.model_flops(model.config.layer_pattern(), TINY, 64, n)
+    assert bm.mixing_layers(model) == [("softmax", 2, 16, 16)] * 2
+    f = bm.model_flops(bm.mixing_layers(model), 64, n)
     # causal softmax: a query attends T / 2 keys on average, Q K^T and P V: T (K + V) per
     # token and head, 2 heads, 2 layers, x3 for forward + backward
     assert f["flops_per_token_mixing"] == 3 * 2 * 2 * (64 * (16 + 16))
@@ -49,8 +50,11 @@ def test_chunk_flops_by_hand_and_as_the_op_bench_counts():
             assert bm.chunk_flops_per_token(algo, D, D, T) == pytest.approx(bench.flops_per_token(algo, D, T))
     with pytest.raises(ValueError, match="FLOP model"):
         bm.chunk_flops_per_token("nope", 16, 16, 64)
-    gla = bm.model_flops(["gla", "attention"], TINY, 64, 1000)
-    assert gla["flops_per_token_mixing"] == 3 * 2 * (3584 + 64 * 32)
+    hybrid = bm.build_ours(TINY, 64, "torch", mixer="gla", hybrid=1)
+    assert bm.mixing_layers(hybrid) == [("gla", 2, 8, 16), ("softmax", 2, 16, 16)]   # GLA's K = 16 / 2
+    f = bm.model_flops(bm.mixing_layers(hybrid), 64, 1000)
+    assert f["flops_per_token_mixing"] == 3 * 2 * (3584 + 64 * 32)
+    assert f["flops_per_token"] == 6000 + f["flops_per_token_mixing"]
 
 
 def _row(case, T, tps, family="ours", peer=None, fpt=1e9):
@@ -93,6 +97,13 @@ def test_fla_mixer_follows_the_mixer_contract():
     assert layer.kw["cu_seqlens"] is cu
     with pytest.raises(ValueError, match="return_state"):
         mixer(x, return_state=True)
+    # in a model: counted by the fla layer's own heads and dims, named by its class
+    layer.num_heads, layer.head_k_dim, layer.head_v_dim = 4, 8, 4
+    model = bm.build_ours(TINY, 64, "torch", mixer="gla")
+    model.blocks[0].mixer = mixer
+    assert bm.mixing_layers(model) == [("gla", 4, 8, 4), ("gla", 2, 8, 16)]
+    assert bm.describe_pattern(model) == "fla.FakeFlaLayer x1, gla x1"
+    assert model(torch.randint(0, 64, (1, 6))).shape == (1, 6, 64)
 
 
 def test_cases_are_ordered_and_select_by_glob():
