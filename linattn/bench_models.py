@@ -322,14 +322,9 @@ def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warm
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, size.vocab, (B, T + 1), generator=gen).to(dev)    # [B, T + 1]
         x, y = ids[:, :-1], ids[:, 1:]
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
-
         def loss_fn(x, y):
-            if amp is None:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 logits = model(x)                                            # [B, T, vocab]
-            else:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = model(x)
             return F.cross_entropy(logits.float().view(-1, size.vocab), y.reshape(-1))
 
         if compile:
@@ -526,7 +521,9 @@ def _versions() -> dict:
 
 def _warm_up(pool, cases: list, base: dict, T: int, jobs: int, timeout: float, deadline: float) -> dict:
     """One forward+backward of every case at [1, T], up to `jobs` at once (their Triton
-    compiles overlap); returns {case: seconds or the error}."""
+    compiles overlap); returns {case: seconds or the error}. A case whose warm-up overran
+    `timeout` beside the others is not given up: its rows start a new worker, which compiles
+    alone (what the killed one compiled is in Triton's disk cache)."""
     took, started, pending = {}, {}, {}
     todo = [c.name for c in cases if c.name not in pool.dead]
     print(f"compile warm-up at B1 T{T}: {len(todo)} cases, {jobs} at a time", flush=True)
@@ -542,6 +539,8 @@ def _warm_up(pool, cases: list, base: dict, T: int, jobs: int, timeout: float, d
             took[name] = row.get("error") or round(time.monotonic() - started[name], 1)
             if row.get("error"):
                 print(f"warm-up {name}: {row['error']}", file=sys.stderr, flush=True)
+            if str(row.get("error", "")).startswith("timeout"):
+                pool.dead.pop(name, None)
     for name in todo:
         took[name] = "skipped: out of the time budget (--budget)"
     return took

@@ -208,8 +208,8 @@ def test_one_case_through_a_worker_process(tmp_path):
 class FakePool(bench.WorkerPool):
     """Answers every request at once and records it: no processes."""
 
-    def __init__(self):
-        self.dead, self.requests = {}, []
+    def __init__(self, timeouts=()):
+        self.dead, self.requests, self.timeouts = {}, [], set(timeouts)
 
     def send(self, op, request):
         self.requests.append(request)
@@ -218,6 +218,9 @@ class FakePool(bench.WorkerPool):
     def collect(self, pending, deadline_of, first_only=False):
         op = next(iter(pending))
         del pending[op]
+        if op in self.timeouts:                   # as WorkerPool does: the worker is killed
+            self.dead[op] = "timeout after 240 s"
+            return {op: {"error": "timeout after 240 s"}}
         return {op: {}}
 
     def run(self, op, request, timeout):
@@ -239,6 +242,15 @@ def test_after_the_shared_warm_up_each_cases_first_row_tunes_again(tmp_path):
     assert [(r["case"], r["T"], r["retune"]) for r in timed] == [
         ("attention", 128, True), ("gla", 128, True), ("attention", 64, False), ("gla", 64, False)]
     assert set(result["warmup_s"]) == {"attention", "gla"}
+
+
+def test_a_warm_up_timeout_beside_the_others_does_not_cost_the_rows(tmp_path):
+    pool = FakePool(timeouts={"gla"})
+    args = bm.parse_args(["--smoke", "--jobs", "2", "--out", str(tmp_path)])
+    result = bm.run(args, bm.select_cases("attention,gla", False), bm.SIZES["smoke"],
+                    dict(bm.SETTINGS["smoke"]), runner=pool)
+    assert result["warmup_s"]["gla"] == "timeout after 240 s"
+    assert [r["case"] for r in result["rows"] if r.get("tokens_per_s")] == ["attention", "gla"]
 
 
 @pytest.mark.gpu
