@@ -716,7 +716,8 @@ def format_markdown(result: dict) -> str:
             f"{cfg['n_heads']} heads), {result['gpu']}, {result['date']}", "",
             f"torch {v.get('torch')} (CUDA {v.get('cuda')}), triton {v.get('triton')}, fla-core "
             f"{v.get('fla') or '-'}, flash-linear-attention {v.get('flash_linear_attention') or '-'}, "
-            f"commit {v.get('commit') or '-'}. Measured bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s"
+            f"commit {v.get('commit') or '-'}. Measured {'bf16' if cfg['device'] == 'cuda' else 'float32'} "
+            f"matmul {c['matmul_TFLOPs']:.4g} TFLOP/s"
             + (f", copy {c['copy_TBps']:.2f} TB/s" if c.get("copy_TBps") else "")
             + f". Vocabulary {cfg['vocab']}, {cfg['tokens_per_step']} tokens per step, "
             f"median of {cfg['steps']} steps after {cfg['warmup']}"
