@@ -862,6 +862,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inprocess", action="store_true", help="no worker processes (a crash ends the run)")
     p.add_argument("--list", action="store_true", help="list the ops and exit")
+    p.add_argument("--models", action="store_true",
+                   help="time training steps of whole models instead (see `linattn bench --models --help`)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -896,7 +898,11 @@ def plan_rows(specs, Ts, Ds, tokens, H=HEADS) -> list:
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--models" in argv:                                   # the model-level bench
+        from .bench_models import main as models_main
+        return models_main([a for a in argv if a != "--models"])
+    args = parse_args(argv)
     if args.worker:
         return worker_main()
     specs = select_ops(args.ops, args.no_peers, args.no_decode)
