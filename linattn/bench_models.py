@@ -8,7 +8,8 @@ and against the same model built on fla's layers, on one GPU.
     linattn bench --models --smoke --inprocess --out /tmp/b    # toy size on the CPU (tests)
 
 A row is one model (a case) at one sequence length T: full training steps (bf16 autocast
-forward, float32 cross-entropy over a 32000 vocabulary, backward, AdamW step) at a constant
+forward, CausalLM.loss: the chunked linear + float32 cross-entropy over a 32000
+vocabulary, backward, AdamW step) at a constant
 number of tokens per step (B = tokens // T), timed as the median of --steps steps after
 --warmup steps (CUDA events between consecutive steps), with the peak memory of the timed
 steps (torch.cuda.max_memory_allocated: weights, gradients, AdamW states and activations).
@@ -306,7 +307,6 @@ def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warm
     steps tune again with the GPU to themselves. The row holds parameters, the FLOP counts,
     ms_per_step (median), tokens_per_s, peak_mem_gib, or an error naming the stage that
     failed."""
-    import torch.nn.functional as F
     dev = torch.device(device)
     row: dict = {}
     stage = "build"
@@ -323,9 +323,10 @@ def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warm
         ids = torch.randint(0, size.vocab, (B, T + 1), generator=gen).to(dev)    # [B, T + 1]
         x, y = ids[:, :-1], ids[:, 1:]
         def loss_fn(x, y):
+            # CausalLM.loss: the chunked linear + cross-entropy, so no row holds the
+            # [B * T, vocab] float32 logits (every case is a CausalLM, fla's mixers included).
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                logits = model(x)                                            # [B, T, vocab]
-            return F.cross_entropy(logits.float().view(-1, size.vocab), y.reshape(-1))
+                return model.loss(x, y)
 
         if compile:
             from torch import _dynamo
@@ -568,7 +569,7 @@ def run(args, cases: list, size: ModelSize, s: dict, runner=None) -> dict:
         if why:
             missing[need] = why
     notes = [f"training step: {'bf16 autocast' if dev == 'cuda' else 'float32'} forward, float32 "
-             f"cross-entropy over every token, backward, AdamW (lr {LR}, torch's default "
+             f"cross-entropy over every token (CausalLM.loss, chunked linear + cross-entropy), backward, AdamW (lr {LR}, torch's default "
              f"implementation); our mixers on backend 'auto' (Triton on CUDA)",
              f"ms/step: median of {s['steps']} steps after {s['warmup']} (CUDA events between "
              "consecutive steps); peak: torch.cuda.max_memory_allocated over the timed steps "
