@@ -536,7 +536,11 @@ def delta_chunk_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Optional[Te
     o, final, kept = delta_api._forward(q, k, v, beta, g, scale, h0, layout, want_final, keep)
     outs = [o] + ([final] if want_final else [])
     if keep:
-        outs += [t for t in kept if t is not None]
+        gc, tinv, h, vnew = kept
+        # the scan leaves each sequence's slot after its last chunk unwritten (nothing reads
+        # it); an op's outputs must not depend on what memory held before
+        h.index_fill_(0, layout.final_slot, 0)
+        outs += [t for t in (gc, tinv, h, vnew) if t is not None]
     return _unaliased(outs, (q, k, v, beta, g, h0))
 
 
