@@ -107,11 +107,20 @@ def _check_log_decay(g, q, allowed=("none", "const", "scalar", "key")) -> str:
     B, T, H, K = q.shape
     shapes = {"const": (H,), "scalar": (B, T, H), "key": (B, T, H, K)}
     names = {"const": "[H]", "scalar": "[B, T, H]", "key": "[B, T, H, K]"}
-    expect = " or ".join(f"{names[kd]} = {shapes[kd]}" for kd in allowed if kd != "none")
-    _check_float("g", g, q, expect)
-    kind = next((kd for kd in allowed if kd != "none" and tuple(g.shape) == shapes[kd]), None)
+
+    def expect():  # built only for an error: torch.compile traces the rest
+        return " or ".join(f"{names[kd]} = {shapes[kd]}" for kd in allowed if kd != "none")
+
+    if not isinstance(g, torch.Tensor) or g.dtype not in FLOAT_DTYPES:
+        _check_float("g", g, q, expect())
+    _check_float("g", g, q, "")
+    kind = None
+    for kd in allowed:
+        if kd != "none" and tuple(g.shape) == shapes[kd]:
+            kind = kd
+            break
     if kind is None:
-        raise ValueError(f"g must be {expect} (a log-decay), got shape {tuple(g.shape)}")
+        raise ValueError(f"g must be {expect()} (a log-decay), got shape {tuple(g.shape)}")
     _check_devices(q, g=g)
     if _value_checks_enabled(g) and g.numel() and bool((g.detach() > 0).any()):
         raise ValueError(f"g holds log-decays and must be <= 0, got max {g.detach().max().item():.4g}")

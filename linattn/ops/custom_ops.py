@@ -63,12 +63,14 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _unaliased(outs, inputs) -> list:
-    """outs with every tensor that shares memory with an input or an earlier output cloned:
-    a custom op's outputs may alias neither (e.g. a state returned unchanged for T == 0)."""
+    """outs made contiguous (the fake implementations promise contiguous outputs), with every
+    tensor that shares memory with an input or an earlier output cloned: a custom op's
+    outputs may alias neither (e.g. a state returned unchanged for T == 0)."""
     seen = {t.untyped_storage().data_ptr() for t in inputs
             if isinstance(t, Tensor) and t.numel()}
     res = []
     for t in outs:
+        t = t.contiguous()
         if t.numel() and t.untyped_storage().data_ptr() in seen:
             t = t.clone()
         if t.numel():
@@ -112,13 +114,13 @@ def _recompute_grads(fn, inputs, needs, cotangents):
         cot = tuple(torch.zeros_like(o) if c is None else c.to(o.dtype)
                     for o, c in zip(outs, cotangents))
         grads = dict(zip(idx, vjp_fn(cot)))
-    return [grads[j] if j in grads else x.new_empty(0)
-            for j, x in enumerate(inputs) if x is not None]
+    return _unaliased([grads[j] if j in grads else x.new_empty(0)
+                       for j, x in enumerate(inputs) if x is not None], inputs)
 
 
 def _fake_grads(inputs, needs):
     """Shapes of _recompute_grads' result."""
-    return [torch.empty_like(x) if n and x.is_floating_point() else x.new_empty(0)
+    return [x.new_empty(x.shape) if n and x.is_floating_point() else x.new_empty(0)
             for x, n in zip(inputs, needs) if x is not None]
 
 
@@ -475,7 +477,7 @@ def _(q, k, v, g, kw, h0, n0, m0, cu_seqlens, o, saved, do, dht, dnt, dmt, B, ga
         if x is None:
             continue
         frozen = j == 3 and not (need_dg or has_kw)
-        res.append(x.new_empty(0) if frozen else torch.empty_like(x))
+        res.append(x.new_empty(0) if frozen else x.new_empty(x.shape))
     return res
 
 
@@ -582,9 +584,9 @@ def delta_chunk_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Op
 
 @delta_chunk_backward_op.register_fake
 def _(q, k, v, beta, g, h0, cu_seqlens, saved, do, dfinal, B, scale, need_dh0):
-    res = [torch.empty_like(x) for x in (q, k, v, beta, g) if x is not None]
+    res = [x.new_empty(x.shape) for x in (q, k, v, beta, g) if x is not None]
     if h0 is not None:
-        res.append(torch.empty_like(h0) if need_dh0 else h0.new_empty(0))
+        res.append(h0.new_empty(h0.shape) if need_dh0 else h0.new_empty(0))
     return res
 
 
