@@ -250,6 +250,10 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 (float64 for float64
         inputs) or None.
+
+    Under torch.compile the op is one custom op (linattn.ops.custom_ops), so
+    `torch.compile(model, fullgraph=True)` traces through it; the checks that read values
+    (g <= 0, cu_seqlens' order) are skipped while tracing, the shape checks still run.
     """
     _check_qkv(q, k, v)
     B, T, H, K = q.shape
@@ -295,6 +299,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 or None.
+
+    torch.compile: as linear_attention (a custom op; value checks skipped while tracing).
     """
     _check_qkv(q, k, v)
     B, T, H, K = q.shape
@@ -339,6 +345,8 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state as above (float32) or None.
+
+    torch.compile: as linear_attention (a custom op; value checks skipped while tracing).
     """
     _check_qkv(q, k, v)
     B, T, H, K = q.shape
