@@ -32,7 +32,7 @@ def _logits_and_grads(model, fn, ids, **kw):
     logits = fn(ids, **kw)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(), ids[:, 1:].reshape(-1))
     loss.backward()
-    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+    return logits.detach().clone(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
                              if p.grad is not None}
 
 

@@ -45,8 +45,8 @@ def _outputs_and_grads(fn, inputs, seed=0):
     o, st = fn(**leaves)
     outs = [o] + _flat(st)
     gen = seeded(seed)
-    loss = sum((y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64)).sum()
-               for y in outs)
+    loss = sum((y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+                .to(y.device)).sum() for y in outs)
     wrt = [t for x in leaves.values() for t in _flat(x)
            if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(loss, wrt)
