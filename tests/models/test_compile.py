@@ -5,7 +5,8 @@ CPU (CI): one model whose layer pattern holds every mixer of linattn.layers.MIXE
 included, so it is a hybrid too), on the "torch" backend, compiled with backend="aot_eager"
 (AOTAutograd traces the forward and backward graphs through the ops' custom ops; inductor's
 code generation would cost minutes on CI's two cores and adds nothing to what is tested: the
-graph capture). One compile covers every mixer, in float32 and in float64. The GPU tests
+graph capture). One compile covers every mixer in float32; a float64 model holds one mixer
+per op path. The GPU tests
 (marked gpu) compile one model per mixer with inductor, and with mode="reduce-overhead".
 """
 import pytest
@@ -55,13 +56,19 @@ def _check(model, compiled, ids, dtype, **kw):
         _assert_close(got_g[name], ref_g[name], dtype, f"grad of {name}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_mixer_compiles_fullgraph_and_matches_eager(dtype):
-    """Every mixer in one model: fullgraph (a graph break is an error) gives eager's logits
-    and gradients of every parameter. (Packed sequences, states and absent gates through the
-    compiled ops: tests/ops/test_custom_ops.py.)"""
+# the float64 model: one mixer per op path (constant frozen decay, per-key gate, mLSTMexp,
+# the gated delta rule) and attention, to keep CI's compile time down
+F64_LAYERS = ["lightning", "gla", "mlstm", "gated_deltanet", "attention"]
+
+
+@pytest.mark.parametrize("dtype,layers", [(torch.float32, list(MIXERS)),
+                                          (torch.float64, F64_LAYERS)], ids=["float32", "float64"])
+def test_every_mixer_compiles_fullgraph_and_matches_eager(dtype, layers):
+    """Every mixer in one model (a hybrid, with attention): fullgraph (a graph break is an
+    error) gives eager's logits and gradients of every parameter. (Packed sequences, states
+    and absent gates through the compiled ops: tests/ops/test_custom_ops.py.)"""
     torch._dynamo.reset()
-    model = _model(dtype)
+    model = _model(dtype, layers=layers, n_layers=len(layers))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     ids = torch.randint(0, VOCAB, (2, T), generator=helpers.seeded(1))
     _check(model, compiled, ids, dtype)
