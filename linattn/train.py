@@ -98,7 +98,8 @@ class TrainConfig:
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, "
+                             f"got {self.compile!r}")
         if not (0 <= self.seed < 2**30):
             raise ValueError(f"seed must be in [0, 2**30), got {self.seed}")
         resolve_device(self.device)
@@ -556,7 +557,8 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
                 (writer / name).unlink(missing_ok=True)
 
     if sp is not None and cfg.compile != "none":
-        raise ValueError("compile runs on one process: use compile='none' with sequence parallelism")
+        raise ValueError("compile runs on one process: use compile='none' with sequence "
+                         "parallelism")
     model = build_model(model_cfg, device, cfg.seed)
     model.set_sequence_parallel(sp)
     model.train()

@@ -12,14 +12,16 @@ import torch
 from linattn.cli import _build_parser, build_run
 from linattn.models import CausalLM, LMConfig
 from linattn.tasks import make_task
-from linattn.train import TrainConfig, _make_optimizer, _train_step, compile_model, model_config_for, train
+from linattn.train import (TrainConfig, _make_optimizer, _train_step, compile_model,
+                           model_config_for, train)
 
 
 def _tiny(compile_mode):
     task = make_task("mqar", pairs=2, seq_len=12, vocab=10)
     cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, log_every=1, eval_batches=1, ckpt_every=100,
                       device="cpu", compile=compile_mode)
-    return model_config_for(task, d_model=16, n_layers=2, n_heads=2, mixer="gated_deltanet"), task, cfg
+    model = model_config_for(task, d_model=16, n_layers=2, n_heads=2, mixer="gated_deltanet")
+    return model, task, cfg
 
 
 def test_train_compiled_matches_eager():

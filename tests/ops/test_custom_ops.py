@@ -117,8 +117,8 @@ CASES = [
 ]
 
 
-# extra Triton cases: bidirectional, and a constant decay that needs no gradient (its gate
-# sums are skipped)
+# bidirectional, and a constant decay that needs no gradient (the Triton backward then skips
+# its gate sums)
 TRITON_EXTRA = [("linear_attention", "noncausal", False, True),
                 ("linear_attention", "const_frozen", True, False)]
 
@@ -162,7 +162,7 @@ def _all_cases(cases, backend, dtype):
 
 
 @pytest.mark.parametrize("backend,dtype,cases", [
-    ("torch", torch.float64, CASES),
+    ("torch", torch.float64, CASES + TRITON_EXTRA),
     ("reference", torch.float64, [CASES[3], CASES[5], CASES[6]]),
     # the interpreter is slow: one case per kind of saved tensors (per-key scores with
     # unbacked chunk counts, the delta rule's, mLSTMexp's stabiliser and (C, n, m) state, a
@@ -244,7 +244,8 @@ def _gated_opcheck(case, device, dtype):
     cu = "cu" in case
     mexp, msig = case.startswith("mexp"), case.startswith("msig")
     d = _inputs(dtype, {"key": "key", "const": "const"}.get(case.split("_")[0], "none"),
-                states="states" in case, cu=cu, mlstm="exp" if mexp else ("sigmoid" if msig else None))
+                states="states" in case, cu=cu,
+                mlstm="exp" if mexp else ("sigmoid" if msig else None))
     d = _to(d, device)
     TT = d["q"].shape[0] * T
     q, k, v = (_packed(d[n]).requires_grad_() for n in "qkv")
@@ -339,7 +340,8 @@ def test_compile_decode(backend):
 
 def test_opcheck_decode_ops():
     d = _inputs(torch.float32, "scalar", states=True, delta=True)
-    d = {n: (x[:, :2].contiguous() if n in ("q", "k", "v", "beta", "g") else x) for n, x in d.items()}
+    d = {n: (x[:, :2].contiguous() if n in ("q", "k", "v", "beta", "g") else x)
+         for n, x in d.items()}
     S = d["initial_state"].contiguous()
     _opcheck(co.delta_rule_decode_op, (d["q"], d["k"], d["v"], d["beta"], d["g"], S, 0.25, "torch"))
     _opcheck(co.delta_rule_decode_inplace_op,
@@ -356,7 +358,7 @@ def test_opcheck_decode_ops():
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op,gate,states,cu", CASES)
+@pytest.mark.parametrize("op,gate,states,cu", CASES + TRITON_EXTRA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_compile_inductor_equals_eager(op, gate, states, cu, dtype):
     """Inductor (fullgraph) on CUDA: the op's custom ops inside a graph with the gates'
