@@ -39,6 +39,11 @@ The ops (namespace "linattn"):
     (a trailing underscore; they declare the state as mutated): no autograd (decoding is
     inference only; the public functions refuse inputs that require grad).
 
+Host syncs: none for B sequences of T tokens. With cu_seqlens the Triton ops read the offsets
+on the host to build their chunk layout (one sync in the forward op and one in the backward
+op; eager syncs once, in the forward), so a packed call cannot be captured in a CUDA graph
+(mode="reduce-overhead"); the saved tensors' chunk counts are then unbacked sizes.
+
 The ops take the Triton path's packed tensors ([TT, H, D]) or the public layout ([B, T, H, D])
 exactly as the functions that call them prepare them; no op returns None (an absent tensor
 is left out of the returned list, or an empty tensor stands for a gradient not asked for).

@@ -55,9 +55,10 @@ def _outputs_and_grads(fn, inputs, seed=0):
 
 def _assert_compiled_equals_eager(fn, inputs):
     """fullgraph aot_eager compile of fn gives eager's outputs and gradients, bitwise: both
-    run the same kernels and the same aten ops."""
+    run the same kernels and the same aten ops. dynamic=True: the fake implementations see
+    symbolic sizes (B, T, chunk counts), as after a recompile for a new shape."""
     torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
     got_o, got_g = _outputs_and_grads(compiled, inputs)
     ref_o, ref_g = _outputs_and_grads(fn, inputs)
     assert len(got_o) == len(ref_o) and len(got_g) == len(ref_g)
