@@ -52,8 +52,9 @@ def test_compile_setting_from_the_command_line():
 @pytest.mark.gpu
 def test_gpu_mqar_step_reduce_overhead_matches_eager():
     """The MQAR model's training step (4 layers, d_model 128, T 256, batch 128, bf16 autocast,
-    Gated DeltaNet) under mode="reduce-overhead": the losses of 5 steps and the final weights
-    equal eager's within bf16 rounding; prints both step times."""
+    Gated DeltaNet) under mode="reduce-overhead": the first step's gradients (same weights,
+    same batch) and the losses of 5 steps equal eager's within bf16 rounding (5x bf16's
+    2^-8 of each tensor's scale); prints both step times (the issue's bar: <= 6 ms)."""
     dev = torch.device("cuda")
     task = make_task("mqar", pairs=16, seq_len=256, vocab=256)
     cfg = dict(vocab_size=task.vocab_size, d_model=128, n_layers=4, n_heads=2,
@@ -66,7 +67,10 @@ def test_gpu_mqar_step_reduce_overhead_matches_eager():
         model = CausalLM(LMConfig(**cfg)).to(dev)
         opt = _make_optimizer(model, TrainConfig(lr=1e-3))
         run = compile_model(model, mode, dev)
-        losses = [_train_step(run, opt, b, 1e-3, 1.0, dev, torch.bfloat16)[0] for b in batches]
+        losses = [_train_step(run, opt, batches[0], 1e-3, 1.0, dev, torch.bfloat16)[0]]
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        losses += [_train_step(run, opt, b, 1e-3, 1.0, dev, torch.bfloat16)[0]
+                   for b in batches[1:]]
         for b in batches[:3]:                   # warm (compiled, graphs recorded), then timed
             _train_step(run, opt, b, 1e-3, 1.0, dev, torch.bfloat16)
         torch.cuda.synchronize()
@@ -76,10 +80,11 @@ def test_gpu_mqar_step_reduce_overhead_matches_eager():
                 _train_step(run, opt, b, 1e-3, 1.0, dev, torch.bfloat16)
         torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) / 20 * 1e3
-        results[mode] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()}, ms)
+        results[mode] = (losses, grads, ms)
         print(f"MQAR step ({mode}): {ms:.2f} ms")
-    (l_got, w_got, _), (l_ref, w_ref, _) = results["reduce-overhead"], results["none"]
+    (l_got, g_got, _), (l_ref, g_ref, _) = results["reduce-overhead"], results["none"]
     assert l_got == pytest.approx(l_ref, rel=2e-2)
-    for name in w_ref:
-        scale = w_ref[name].abs().max().item()
-        assert (w_got[name] - w_ref[name]).abs().max().item() <= 2e-2 * max(scale, 1e-2), name
+    for name in g_ref:
+        scale = g_ref[name].abs().max().item()
+        err = (g_got[name] - g_ref[name]).abs().max().item()
+        assert err <= 2e-2 * scale + 1e-6, (name, err, scale)
