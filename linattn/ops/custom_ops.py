@@ -120,7 +120,8 @@ def _recompute_grads(fn, inputs, needs, cotangents):
                     for o, c in zip(outs, cotangents))
         grads = dict(zip(idx, vjp_fn(cot)))
     return _unaliased([grads[j] if j in grads else x.new_empty(0)
-                       for j, x in enumerate(inputs) if x is not None], inputs)
+                       for j, x in enumerate(inputs) if x is not None],
+                      [*inputs, *cotangents])
 
 
 def _fake_grads(inputs, needs):
@@ -471,7 +472,7 @@ def gated_chunk_backward_op(
                               g is not None and g.dim() == 1)
     inputs = (q, k, v, g, kw, h0, n0, m0)
     return _unaliased([_absent_or(d, x) for d, x in zip(grads, inputs) if x is not None],
-                      (*inputs, o, *saved))
+                      (*inputs, o, *saved, do, dht, dnt, dmt))
 
 
 @gated_chunk_backward_op.register_fake
@@ -584,7 +585,7 @@ def delta_chunk_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Op
                                scale, need_dh0=need_dh0 and h0 is not None, kept=[kept])
     inputs = (q, k, v, beta, g, h0)
     return _unaliased([_absent_or(d, x) for d, x in zip(grads, inputs) if x is not None],
-                      (*inputs, *saved))
+                      (*inputs, *saved, do, dfinal))
 
 
 @delta_chunk_backward_op.register_fake
