@@ -89,6 +89,9 @@ SETTINGS = {
     "time_limit_s": (["--time-limit"], float, "train", "stop training after this many seconds (0: none)"),
     "seq_len_warmup": (["--seq-len-warmup"], float, "train",
                        "fraction of the steps trained at the task's shortest length (0: none)"),
+    "compile": (["--compile"], str, "train",
+                "torch.compile the model: none, default or reduce-overhead (CUDA graphs, for small "
+                "launch-bound models); on CPU the graph is captured with aot_eager"),
 }
 ALIASES = {"heads": "n_heads", "batch": "batch_size", "time_limit": "time_limit_s", "pattern": "layers",
            "name": "task"}

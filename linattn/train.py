@@ -18,6 +18,10 @@ predicted exactly (argmax), "exact_match" the fraction of sequences whose answer
 all right. On CUDA with dtype "bfloat16" the forward runs under bf16 autocast (float32
 master weights) and the model's backend "auto" takes the Triton kernels.
 
+Compiling (TrainConfig.compile, `linattn train --compile MODE`): the model's forward (and so
+its backward) runs as one torch.compile(fullgraph=True) graph, its ops as torch custom ops
+(linattn.ops.custom_ops); see compile_model. The loss and the optimizer stay eager.
+
 Sequence parallelism (train(..., sequence_parallel=True), `linattn train --sequence-parallel`
 under torchrun): the processes torchrun starts form one process group (gloo on CPU, NCCL on
 CUDA, one GPU per process: cuda:LOCAL_RANK) that holds ONE model replica, each sequence cut
@@ -48,6 +52,7 @@ import torch.nn.functional as F
 from .tasks import Batch, Task, task_from_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 CONFIG_FILE, CURVE_FILE, METRICS_FILE = "config.json", "metrics.jsonl", "metrics.json"
 WEIGHTS_FILE, CHECKPOINT_FILE, PLOT_FILE = "model.safetensors", "checkpoint.pt", "curves.png"
 
@@ -74,6 +79,9 @@ class TrainConfig:
     # short carries over: on MQAR (16 pairs) a Gated DeltaNet still near chance (2%) after 1000
     # steps at T = 256 reaches 94% in 400 steps at T = 64, and 97.6% at T = 256 from there.
     seq_len_warmup: float = 0.0
+    # torch.compile the model (compile_model): "none", "default" or "reduce-overhead" (CUDA
+    # graphs: one launch per graph, for small, launch-bound models)
+    compile: str = "none"
 
     def validate(self) -> "TrainConfig":
         positive = ("steps", "batch_size", "log_every", "eval_batches", "ckpt_every")
@@ -89,6 +97,9 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, "
+                             f"got {self.compile!r}")
         if not (0 <= self.seed < 2**30):
             raise ValueError(f"seed must be in [0, 2**30), got {self.seed}")
         resolve_device(self.device)
@@ -150,6 +161,19 @@ def build_model(model_cfg, device: torch.device, seed: int):
         torch.manual_seed(seed)
         model = CausalLM(model_cfg)
     return model.to(device)
+
+
+def compile_model(model, mode: str, device: torch.device):
+    """model itself for mode "none", else torch.compile(model, fullgraph=True): the same
+    parameters, its forward one graph (a graph break is an error). On CUDA, inductor with
+    `mode` ("reduce-overhead" replays CUDA graphs); on the CPU the graph is captured with
+    backend="aot_eager" (AOTAutograd, no code generation), whatever the mode: inductor's C++
+    code generation takes minutes per model on a small CPU, and CUDA graphs need CUDA."""
+    if mode == "none":
+        return model
+    if device.type == "cuda":
+        return torch.compile(model, mode=mode, fullgraph=True)
+    return torch.compile(model, backend="aot_eager", fullgraph=True)
 
 
 def model_config_for(task: Task, **model_kwargs):
@@ -532,10 +556,14 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
             for name in (CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE, PLOT_FILE):
                 (writer / name).unlink(missing_ok=True)
 
+    if sp is not None and cfg.compile != "none":
+        raise ValueError("compile runs on one process: use compile='none' with sequence "
+                         "parallelism")
     model = build_model(model_cfg, device, cfg.seed)
     model.set_sequence_parallel(sp)
     model.train()
     optimizer = _make_optimizer(model, cfg)
+    run_model = compile_model(model, cfg.compile, device)  # model itself unless compiling
     start_step, elapsed_before = 0, 0.0
     if resume:
         if out is None or not (out / CHECKPOINT_FILE).is_file():
@@ -577,7 +605,8 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
             step_task = short_task if step < short_steps else task   # sequence-length warm-up
             tokens_per_step = cfg.batch_size * step_task.seq_len
             batch = step_task.batch("train", cfg.seed, step, cfg.batch_size).to(device)
-            loss_value, counts = _train_step(model, optimizer, batch, lr, cfg.grad_clip, device, dtype, sp)
+            loss_value, counts = _train_step(run_model, optimizer, batch, lr, cfg.grad_clip, device,
+                                             dtype, sp)
             dt = time.perf_counter() - t0
             step += 1
             if step > start_step + 1:
@@ -597,7 +626,7 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
                      "tokens_per_s": tok_s})
                 window = {"loss": 0.0, "tokens": 0, "correct": 0, "steps": 0}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                ev = evaluate(model, task, seed=cfg.seed, batches=cfg.eval_batches,
+                ev = evaluate(run_model, task, seed=cfg.seed, batches=cfg.eval_batches,
                               batch_size=cfg.batch_size, device=device, dtype=dtype, sp=sp)
                 log({"step": step, "split": "test", "loss": ev["loss"], "accuracy": ev["accuracy"],
                      "exact_match": ev["exact_match"]})
@@ -618,7 +647,7 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
         bar.close()
     checkpoint()
 
-    ev = evaluate(model, task, seed=cfg.seed, batches=cfg.eval_batches,
+    ev = evaluate(run_model, task, seed=cfg.seed, batches=cfg.eval_batches,
                   batch_size=cfg.batch_size, device=device, dtype=dtype, sp=sp)
     model.set_sequence_parallel(None)  # the returned model runs on one process
     log({"step": step, "split": "test", "loss": ev["loss"], "accuracy": ev["accuracy"],

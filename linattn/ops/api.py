@@ -16,7 +16,13 @@ step kernel when the backend is Triton, as decoding does (linattn.ops.decode).
 
 Shape, dtype and device checks always run. Checks that need the values (log-decays <= 0,
 cu_seqlens order) run on CPU tensors, and on GPU tensors only when LINATTN_CHECK=1, so the
-hot path has no host sync.
+hot path has no host sync; they are skipped while torch.compile traces (the values are not
+known then; the eager call of the same code checks them).
+
+torch.compile: every op is one torch custom op in the compiled graph (linattn.ops.custom_ops),
+so `torch.compile(model, fullgraph=True)` traces a model through them, its backward included,
+with cu_seqlens, states and absent gates. The validation above runs at trace time, before the
+op.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from numbers import Real
 
 import torch
 
-from . import reference, torch_chunked
+from . import custom_ops, reference, torch_chunked
 
 MAX_HEAD_DIM = 256
 # Calls of at most this many tokens with no gradient to compute take the fused recurrent step
@@ -39,6 +45,10 @@ INPUT_GATES = ("exp", "sigmoid")
 # ----------------------------------------------------------------------------- validation
 
 def _value_checks_enabled(x: torch.Tensor) -> bool:
+    """Value checks (a host read of x) run on CPU tensors, or with LINATTN_CHECK=1; never
+    while torch.compile traces, where x holds no values."""
+    if torch.compiler.is_compiling():
+        return False
     return x.device.type == "cpu" or os.environ.get("LINATTN_CHECK", "0") == "1"
 
 
@@ -97,11 +107,20 @@ def _check_log_decay(g, q, allowed=("none", "const", "scalar", "key")) -> str:
     B, T, H, K = q.shape
     shapes = {"const": (H,), "scalar": (B, T, H), "key": (B, T, H, K)}
     names = {"const": "[H]", "scalar": "[B, T, H]", "key": "[B, T, H, K]"}
-    expect = " or ".join(f"{names[kd]} = {shapes[kd]}" for kd in allowed if kd != "none")
-    _check_float("g", g, q, expect)
-    kind = next((kd for kd in allowed if kd != "none" and tuple(g.shape) == shapes[kd]), None)
+
+    def expect():  # built only for an error: torch.compile traces the rest
+        return " or ".join(f"{names[kd]} = {shapes[kd]}" for kd in allowed if kd != "none")
+
+    if not isinstance(g, torch.Tensor) or g.dtype not in FLOAT_DTYPES:
+        _check_float("g", g, q, expect())
+    _check_float("g", g, q, "")
+    kind = None
+    for kd in allowed:
+        if kd != "none" and tuple(g.shape) == shapes[kd]:
+            kind = kd
+            break
     if kind is None:
-        raise ValueError(f"g must be {expect} (a log-decay), got shape {tuple(g.shape)}")
+        raise ValueError(f"g must be {expect()} (a log-decay), got shape {tuple(g.shape)}")
     _check_devices(q, g=g)
     if _value_checks_enabled(g) and g.numel() and bool((g.detach() > 0).any()):
         raise ValueError(f"g holds log-decays and must be <= 0, got max {g.detach().max().item():.4g}")
@@ -185,6 +204,19 @@ def _takes_step_kernel(impl, q, cu_seqlens, *tensors) -> bool:
     return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
 
 
+def _plain_under_compile(impl, q) -> bool:
+    """While torch.compile traces, the PyTorch backends (and float64 inputs, which the Triton
+    entry points hand to the chunked PyTorch path) run as the plain_* custom ops; the Triton
+    entry points call their own custom ops (gated_api.run_chunks, delta_api.run_delta)."""
+    if not torch.compiler.is_compiling():
+        return False
+    return impl in (reference, torch_chunked) or q.dtype == torch.float64
+
+
+def _plain_name(impl) -> str:
+    return "reference" if impl is reference else "torch"
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -218,6 +250,10 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 (float64 for float64
         inputs) or None.
+
+    Under torch.compile the op is one custom op (linattn.ops.custom_ops), so
+    `torch.compile(model, fullgraph=True)` traces through it; the checks that read values
+    (g <= 0, cu_seqlens' order) are skipped while tracing, the shape checks still run.
     """
     _check_qkv(q, k, v)
     B, T, H, K = q.shape
@@ -238,6 +274,11 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
         o, st = linear_attention_decode(q, k, v, g, state=initial_state, scale=scale,
                                         backend="triton")
         return o, (st if output_final_state else None)
+    if _plain_under_compile(impl, q):
+        return custom_ops.plain_linear_attention(
+            q, k, v, g, scale=scale, initial_state=initial_state,
+            output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens, causal=causal,
+            backend=_plain_name(impl))
     return impl.linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
                                  output_final_state=bool(output_final_state),
                                  cu_seqlens=cu_seqlens, causal=causal)
@@ -258,6 +299,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 or None.
+
+    torch.compile: as linear_attention (a custom op; value checks skipped while tracing).
     """
     _check_qkv(q, k, v)
     B, T, H, K = q.shape
@@ -274,6 +317,11 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
         o, st = delta_rule_decode(q, k, v, beta, g, state=initial_state, scale=scale,
                                   backend="triton")
         return o, (st if output_final_state else None)
+    if _plain_under_compile(impl, q):
+        return custom_ops.plain_delta_rule(
+            q, k, v, beta, g, scale=scale, initial_state=initial_state,
+            output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
+            backend=_plain_name(impl))
     return impl.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                            output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens)
 
@@ -297,6 +345,8 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state as above (float32) or None.
+
+    torch.compile: as linear_attention (a custom op; value checks skipped while tracing).
     """
     _check_qkv(q, k, v)
     B, T, H, K = q.shape
@@ -326,6 +376,11 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
         o, st = mlstm_decode(q, k, v, i, f, input_gate=input_gate, state=initial_state,
                              scale=scale, backend="triton")
         return o, (st if output_final_state else None)
+    if _plain_under_compile(impl, q):
+        return custom_ops.plain_mlstm(
+            q, k, v, i, f, input_gate=input_gate, scale=scale, initial_state=initial_state,
+            output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
+            backend=_plain_name(impl))
     return impl.mlstm(q, k, v, i, f, input_gate=input_gate, scale=scale,
                       initial_state=initial_state, output_final_state=bool(output_final_state),
                       cu_seqlens=cu_seqlens)

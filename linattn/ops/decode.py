@@ -16,6 +16,9 @@ Backends:
     "torch"      the step loop of linattn.ops.reference, run on the inputs' device in float32
     "reference"  the same step loop (named for symmetry with the ops)
 
+Under torch.compile each function is a custom op (linattn.ops.custom_ops; the in-place
+variants declare the state as mutated), so a compiled decoding loop has no graph break.
+
 States are float32 (float64 for float64 inputs): C [B, H, K, V], and for mLSTMexp the tuple
 (C [B, H, K, V], n [B, H, K], m [B, H]). ``state=None`` starts from zeros.
 """
@@ -25,7 +28,7 @@ import os
 
 import torch
 
-from . import reference
+from . import custom_ops, reference
 from .api import (BACKENDS, INPUT_GATES, _check_log_decay, _check_qkv, _check_scale,
                   _check_state, _check_step_gate, _triton_available)
 
@@ -148,6 +151,9 @@ def linear_attention_decode(q, k, v, g=None, *, state=None, scale=None, inplace=
     kind = _check_log_decay(g, q)
     _check_decode_state(state, q, v, inplace)
     _check_no_grad("linattn.linear_attention", q=q, k=k, v=v, g=g, state=state)
+    if torch.compiler.is_compiling():
+        return custom_ops.decode("linear_attention", q, k, v, (g,), state, scale=scale,
+                                 inplace=inplace, backend=_resolve_backend(backend, q))
     if _resolve_backend(backend, q) == "torch":
         return _run_torch(reference.linear_attention, (q, k, v, g), dict(scale=scale),
                           state, inplace)
@@ -176,6 +182,9 @@ def delta_rule_decode(q, k, v, beta, g=None, *, state=None, scale=None, inplace=
     kind = _check_log_decay(g, q, allowed=("none", "scalar"))
     _check_decode_state(state, q, v, inplace)
     _check_no_grad("linattn.delta_rule", q=q, k=k, v=v, beta=beta, g=g, state=state)
+    if torch.compiler.is_compiling():
+        return custom_ops.decode("delta_rule", q, k, v, (beta, g), state, scale=scale,
+                                 inplace=inplace, backend=_resolve_backend(backend, q))
     if _resolve_backend(backend, q) == "torch":
         return _run_torch(reference.delta_rule, (q, k, v, beta, g), dict(scale=scale),
                           state, inplace)
@@ -212,6 +221,9 @@ def mlstm_decode(q, k, v, i, f, *, input_gate="exp", state=None, scale=None, inp
     if parts and input_gate == "exp":
         state = parts  # a list becomes the tuple (C, n, m)
     _check_no_grad("linattn.mlstm", q=q, k=k, v=v, i=i, f=f, state=state)
+    if torch.compiler.is_compiling():
+        return custom_ops.decode("mlstm", q, k, v, (i, f), state, scale=scale, inplace=inplace,
+                                 backend=_resolve_backend(backend, q), input_gate=input_gate)
     if _resolve_backend(backend, q) == "torch":
         return _run_torch(reference.mlstm, (q, k, v, i, f),
                           dict(input_gate=input_gate, scale=scale), state, inplace)

@@ -57,8 +57,24 @@ def _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state,
     return o, final, ((gc, tinv, h, vnew) if keep else None)
 
 
+def saved_specs(TT, H, K, V, slots, dtype, gated, keep):
+    """{name: (shape, dtype)} of what the forward keeps for the backward when keep (else
+    nothing), in the order (gc, tinv, h, vnew) less gc without a gate: what a fake
+    (shape-only) forward must return. slots = NC + N, the state slots (chunks and sequences);
+    sizes may be symbolic; dtype is q's."""
+    if not keep:
+        return {}
+    specs = {"gc": ((TT, H), torch.float32)} if gated else {}
+    specs.update(tinv=((TT, H, delta_fwd.BT), torch.float32),
+                 h=((slots, H, K, V), delta_fwd.state_dtype(dtype)),
+                 vnew=((TT, H, V), delta_fwd.vnew_dtype(dtype)))
+    return specs
+
+
 class DeltaRuleFunction(torch.autograd.Function):
-    """Autograd of the packed delta rule; see delta_rule for the tensors' shapes."""
+    """Autograd of the packed delta rule; see delta_rule for the tensors' shapes. (Under
+    torch.compile the same _forward and delta_bwd.backward run as the custom ops of
+    linattn.ops.custom_ops.)"""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, layout):
@@ -85,6 +101,19 @@ class DeltaRuleFunction(torch.autograd.Function):
         return dq, dk, dv, dbeta, dg, dh0, None, None, None
 
 
+def run_delta(q, k, v, beta, g, h0, cu_seqlens, B, *, scale, want_final):
+    """DeltaRuleFunction on packed inputs q, k [TT, H, K], v [TT, H, V], beta, g [TT, H]
+    (B: the batch, so that T = TT / B without cu_seqlens) -> (o [TT, H, V], final or None).
+    Under torch.compile the same forward and backward run as the custom ops
+    linattn::delta_chunk(_backward), which build the layout inside (linattn.ops.custom_ops)."""
+    if torch.compiler.is_compiling():
+        from ..custom_ops import delta_chunk
+        return delta_chunk(q, k, v, beta, g, h0, cu_seqlens, B, scale=scale,
+                           want_final=want_final)
+    layout = chunk_layout(B, q.shape[0] // max(B, 1), cu_seqlens, q.device)
+    return DeltaRuleFunction.apply(q, k, v, beta, g, h0, scale, want_final, layout)
+
+
 def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final_state=False,
                cu_seqlens=None):
     """DeltaNet (g None) and Gated DeltaNet (g [B, T, H]) on Triton, forward and backward.
@@ -109,10 +138,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final
                                         cu_seqlens=cu_seqlens)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    layout = chunk_layout(B, T, cu_seqlens, q.device)
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    o, final = DeltaRuleFunction.apply(
-        _packed(q), _packed(k), _packed(v), _packed(beta),
-        _packed(g) if g is not None else None, h0, float(scale), bool(output_final_state),
-        layout)
+    o, final = run_delta(_packed(q), _packed(k), _packed(v), _packed(beta),
+                         _packed(g) if g is not None else None, h0, cu_seqlens, B,
+                         scale=float(scale), want_final=bool(output_final_state))
     return o.view(B, T, H, V), final

@@ -24,6 +24,7 @@ by a segmented reverse scan over the m_t = max(logsigmoid(f_t) + m_{t-1}, i_t) r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from .common import (INTERPRET, chunk_cumsum, gate_grad_, head_tile, lengths_of,
                      row_dot)
 from . import mexp_norm
 from .gated_bwd import bwd_dqk, bwd_dv, bwd_states, key_dscores
-from .gated_fwd import fwd_o, fwd_states, key_scores, mexp_prep
+from .gated_fwd import fwd_o, fwd_states, key_scores, mexp_prep, state_dtype
 
 MLSTM_EPS = 1e-6
 
@@ -204,99 +205,171 @@ def gate_dtype(cfg) -> torch.dtype:
     return torch.float64 if cfg.ieee else torch.float32
 
 
+class Saved(NamedTuple):
+    """What chunk_forward keeps for chunk_backward (None where the flags need none).
+
+    gb    chunk-local cumsum of the log-decays, [TT, H] or [TT, H, K] in gate_dtype (gated)
+    gm    mLSTMexp's stabiliser m, [TT, H] in gate_dtype
+    start mLSTMexp's "m set by i here" flags, [TT, H] int8
+    mpc   mLSTMexp's m before each chunk, [max(NC, 1), H] in gate_dtype
+    qn    mLSTMexp's n^T q, [TT, H] float32
+    hfin  mLSTMexp's final C, [N, H, K, V] float32 (the m-path's share of the gradient)
+    A     per-key gates' intra-tile scores, [TT, H, BT] in q's dtype
+    h     chunk states, [NC + N, H, K, V] in gated_fwd.state_dtype (keep_states)
+    hn    mLSTMexp's normaliser at the same slots, [NC + N, H, K] float32 (keep_states)
+    """
+    gb: torch.Tensor | None
+    gm: torch.Tensor | None
+    start: torch.Tensor | None
+    mpc: torch.Tensor | None
+    qn: torch.Tensor | None
+    hfin: torch.Tensor | None
+    A: torch.Tensor | None
+    h: torch.Tensor | None
+    hn: torch.Tensor | None
+
+
+def saved_specs(cfg, BT, TT, H, K, V, N, slots, chunk_rows, dtype, keep_states):
+    """{name: (shape, dtype)} of the Saved fields chunk_forward fills for these flags (the
+    others are None), in Saved's order: what a fake (shape-only) forward must return. BT:
+    the layout's tile; slots = NC + N (state slots), chunk_rows = max(NC, 1); sizes may be
+    symbolic; dtype is q's."""
+    gdt = gate_dtype(cfg)
+    specs = {}
+    if cfg.mexp or cfg.gate:
+        specs["gb"] = ((TT, H, K) if cfg.gate == 2 else (TT, H), gdt)
+    if cfg.mexp:
+        specs.update(gm=((TT, H), gdt), start=((TT, H), torch.int8),
+                     mpc=((chunk_rows, H), gdt), qn=((TT, H), torch.float32),
+                     hfin=((N, H, K, V), torch.float32))
+    if cfg.gate == 2:
+        specs["A"] = ((TT, H, BT), dtype)
+    if keep_states:
+        specs["h"] = ((slots, H, K, V), state_dtype(cfg, dtype))
+        if cfg.mexp:
+            specs["hn"] = ((slots, H, K), torch.float32)
+    return specs
+
+
+def chunk_forward(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, keep_states):
+    """The family's forward (see GatedChunkFunction for the tensors).
+
+    Returns (o, ht, nt, mt, saved): o [TT, H, V]; the final state (ht [N, H, K, V], and
+    nt [N, H, K], mt [N, H] for MEXP) or Nones unless want_final; saved (Saved) for
+    chunk_backward, with h and hn only when keep_states (else the backward recomputes them)."""
+    gf_is_const = g is not None and g.dim() == 1
+    gb = gm = start = mpc = mfin = None
+    gdt = gate_dtype(cfg)
+    if gf_is_const:                                               # constant decay [H]
+        g = g.view(1, -1).expand(layout.TT, -1).contiguous()      # [TT, H]
+    if cfg.mexp:
+        gb, gm, start, mpc, mfin = mexp_prep(g, kw, m0, layout, gdt)  # b, m, m's sources
+    elif g is not None:
+        gb = chunk_cumsum(g, layout, dtype=gdt)                   # chunk-local cumsum
+    h, hn, hf = _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
+    A = key_scores(q, k, gb, layout, cfg, scale) if cfg.gate == 2 else None  # [TT, H, BT]
+    o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale, A=A)
+    ht = nt = mt = None
+    if want_final:
+        ht = hf                                                   # [N, H, K, V] float32
+        if cfg.mexp:
+            nt, mt = hn.index_select(0, layout.final_slot), mfin
+    keep = (h, hn) if keep_states else (None, None)
+    hfin = hf if cfg.mexp else None                               # the m-path's final C
+    return o, ht, nt, mt, Saved(gb, gm, start, mpc, qn, hfin, A, *keep)
+
+
+def chunk_backward(q, k, v, kw, h0, n0, m0, saved, o, layout, dqk_layout, cfg, scale, do, dht,
+                   dnt, dmt, need_dg, const_gate):
+    """The family's backward from chunk_forward's saved tensors and o; do [TT, H, V], dht,
+    dnt, dmt the final state's cotangents or None. need_dg: the log-decay needs a gradient
+    (a frozen decay skips the gate sums). const_gate: g was [H] (its gradient is summed).
+
+    Returns dq, dk, dv, dg, dkw, dh0, dn0, dm0 (None where there is no such input)."""
+    gb, gm, start, mpc, qn, hfin, A, h, hn = saved
+    V = v.shape[-1]
+    do = do.contiguous()
+    if cfg.mexp and do.dtype == torch.float16:
+        # mLSTMexp scales do by 1 / normaliser, up to exp(m): beyond float16's 65504, so
+        # the backward's operands (and dh) take float32 from a float32 do, with tf32 dots
+        # (bfloat16 has float32's range and keeps 16-bit operands)
+        do = do.float()
+    dht = None if dht is None else dht.float().contiguous()
+    dnt = None if dnt is None else dnt.float().contiguous()
+    if cfg.mexp and dht is not None and dnt is None:
+        dnt = torch.zeros(dht.shape[:-1], dtype=torch.float32, device=dht.device)
+    if h is None:                                                  # recompute the states
+        h, hn, _ = _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
+    rd = dqn = so = None
+    if cfg.mexp:
+        # o = h / d with d = max(|qn|, exp(-m)) + eps: cotangents of h (do / d) and of qn
+        floor = torch.exp(-gm).float()
+        rd = 1.0 / (torch.maximum(qn.abs(), floor) + MLSTM_EPS)
+        so = row_dot(do, o)                                            # [TT, H] float32
+        dqn = -(torch.sign(qn) * (qn.abs() > floor)) * so * rd
+    # a frozen decay (g needs no gradient, e.g. RetNet's fixed gammas) skips the gate sums;
+    # mLSTM's gates always take them (its key log-weight's gradient is one of them)
+    gate_sums = need_dg or cfg.has_kw
+    dh, dh0, sdot = bwd_states(q, do, gb, gm, mpc, rd, dht, h, h0 is not None, layout, cfg,
+                               scale, V, gate_sums)
+    dhn = dn0 = None
+    if cfg.mexp:
+        dhn, dn0, npart = mexp_norm.backward(q, gb, gm, mpc, dqn, dnt, hn, h0 is not None,
+                                             layout, cfg, scale)
+        if sdot is not None:
+            sdot = sdot + npart                     # the normaliser's share of the gate sums
+    dv = bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout, cfg, scale, v.dtype, V, A=A)
+    del A
+    dsc = key_dscores(do, v, layout, cfg) if cfg.gate == 2 else None  # [TT, H, L] float32
+    dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn,
+                           dqk_layout or layout, cfg, scale, gate_sums, dsc=dsc)
+    del dsc
+    dg = dkw = dm0 = None
+    if gate_sums and cfg.gate == 1:
+        qdq, kdk, kdk_state, kdk_all = gsum
+        dg = _gate_grad(qdq - kdk, kdk_state, sdot, layout, gate_dtype(cfg))  # [TT, H]
+        dkw = kdk_all
+        if cfg.mexp:
+            nfin = hn.index_select(0, layout.final_slot)
+            dg, dkw, dm0 = _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt,
+                                        h0, n0, m0, dh0, dn0, layout)
+    elif gate_sums and cfg.gate == 2:
+        dg = _gate_grad(*gsum, sdot, layout, gate_dtype(cfg))         # [TT, H, K]
+    if dg is not None and const_gate:
+        dg = dg.sum(0)                                                 # [H], in gdt
+    if dg is not None:
+        dg = dg.float()
+    return dq, dk, dv, dg, dkw, dh0, dn0, dm0
+
+
 class GatedChunkFunction(torch.autograd.Function):
     """One chunked recurrence for the whole family (flags in cfg).
 
-    Inputs: q, k [TT, H, K], v [TT, H, V] (one dtype); g None | [TT, H] | [TT, H, K] float32
-    log-decay; kw None | [TT, H] float32 key log-weight; h0 None | [N, H, K, V] float32;
-    n0 [N, H, K], m0 [N, H] float32 (MEXP). Outputs: o [TT, H, V] in v's dtype and, when
-    want_final, the final state [N, H, K, V] (and n [N, H, K], m [N, H] for MEXP).
+    Inputs: q, k [TT, H, K], v [TT, H, V] (one dtype); g None | [H] | [TT, H] | [TT, H, K]
+    float32 log-decay; kw None | [TT, H] float32 key log-weight; h0 None | [N, H, K, V]
+    float32; n0 [N, H, K], m0 [N, H] float32 (MEXP). Outputs: o [TT, H, V] in v's dtype and,
+    when want_final, the final state [N, H, K, V] (and n [N, H, K], m [N, H] for MEXP).
+    (Under torch.compile the same two functions run as the custom ops of
+    linattn.ops.custom_ops.)
     """
 
     @staticmethod
     def forward(ctx, q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, dqk_layout=None):
-        gf_is_const = g is not None and g.dim() == 1
-        gb = gm = start = mpc = mfin = None
-        gdt = gate_dtype(cfg)
-        if gf_is_const:                                               # constant decay [H]
-            g = g.view(1, -1).expand(layout.TT, -1).contiguous()      # [TT, H]
-        if cfg.mexp:
-            gb, gm, start, mpc, mfin = mexp_prep(g, kw, m0, layout, gdt)  # b, m, m's sources
-        elif g is not None:
-            gb = chunk_cumsum(g, layout, dtype=gdt)                   # chunk-local cumsum
-        h, hn, hf = _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
-        A = key_scores(q, k, gb, layout, cfg, scale) if cfg.gate == 2 else None  # [TT, H, BT]
-        o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale, A=A)
-        ht = nt = mt = None
-        if want_final:
-            ht = hf                                                   # [N, H, K, V] float32
-            if cfg.mexp:
-                nt, mt = hn.index_select(0, layout.final_slot), mfin
-        keep = (h, hn) if SAVE_STATES else (None, None)
-        hfin = hf if cfg.mexp else None                               # the m-path's final C
-        ctx.save_for_backward(q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn, hfin, A, *keep)
+        o, ht, nt, mt, saved = chunk_forward(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale,
+                                             want_final, SAVE_STATES)
+        ctx.save_for_backward(q, k, v, kw, h0, n0, m0, o, *saved)
         ctx.layout, ctx.cfg, ctx.scale = layout, cfg, scale
         ctx.dqk_layout = dqk_layout or layout
-        ctx.const_gate = gf_is_const
+        ctx.const_gate = g is not None and g.dim() == 1
         return o, ht, nt, mt
 
     @staticmethod
     def backward(ctx, do, dht, dnt, dmt):
-        q, k, v, g, kw, h0, n0, m0, gb, gm, start, mpc, o, qn, hfin, A, h, hn = ctx.saved_tensors
-        layout, cfg, scale = ctx.layout, ctx.cfg, ctx.scale
-        V = v.shape[-1]
-        do = do.contiguous()
-        if cfg.mexp and do.dtype == torch.float16:
-            # mLSTMexp scales do by 1 / normaliser, up to exp(m): beyond float16's 65504, so
-            # the backward's operands (and dh) take float32 from a float32 do, with tf32 dots
-            # (bfloat16 has float32's range and keeps 16-bit operands)
-            do = do.float()
-        dht = None if dht is None else dht.float().contiguous()
-        dnt = None if dnt is None else dnt.float().contiguous()
-        if cfg.mexp and dht is not None and dnt is None:
-            dnt = torch.zeros(dht.shape[:-1], dtype=torch.float32, device=dht.device)
-        if h is None:                                                  # recompute the states
-            h, hn, _ = _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
-        rd = dqn = so = None
-        if cfg.mexp:
-            # o = h / d with d = max(|qn|, exp(-m)) + eps: cotangents of h (do / d) and of qn
-            floor = torch.exp(-gm).float()
-            rd = 1.0 / (torch.maximum(qn.abs(), floor) + MLSTM_EPS)
-            so = row_dot(do, o)                                            # [TT, H] float32
-            dqn = -(torch.sign(qn) * (qn.abs() > floor)) * so * rd
-        # a frozen decay (g needs no gradient, e.g. RetNet's fixed gammas) skips the gate sums;
-        # mLSTM's gates always take them (its key log-weight's gradient is one of them)
-        gate_sums = ctx.needs_input_grad[3] or cfg.has_kw
-        dh, dh0, sdot = bwd_states(q, do, gb, gm, mpc, rd, dht, h, h0 is not None, layout, cfg,
-                                   scale, V, gate_sums)
-        dhn = dn0 = None
-        if cfg.mexp:
-            dhn, dn0, npart = mexp_norm.backward(q, gb, gm, mpc, dqn, dnt, hn, h0 is not None,
-                                                 layout, cfg, scale)
-            if sdot is not None:
-                sdot = sdot + npart                     # the normaliser's share of the gate sums
-        dv = bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout, cfg, scale, v.dtype, V, A=A)
-        del A
-        dsc = key_dscores(do, v, layout, cfg) if cfg.gate == 2 else None  # [TT, H, L] float32
-        dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn,
-                               ctx.dqk_layout, cfg, scale, gate_sums, dsc=dsc)
-        del dsc
-        dg = dkw = dm0 = None
-        if gate_sums and cfg.gate == 1:
-            qdq, kdk, kdk_state, kdk_all = gsum
-            dg = _gate_grad(qdq - kdk, kdk_state, sdot, layout, gate_dtype(cfg))  # [TT, H]
-            dkw = kdk_all
-            if cfg.mexp:
-                nfin = hn.index_select(0, layout.final_slot)
-                dg, dkw, dm0 = _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt,
-                                            h0, n0, m0, dh0, dn0, layout)
-        elif gate_sums and cfg.gate == 2:
-            dg = _gate_grad(*gsum, sdot, layout, gate_dtype(cfg))         # [TT, H, K]
-        if dg is not None and ctx.const_gate:
-            dg = dg.sum(0)                                                 # [H], in gdt
-        if dg is not None:
-            dg = dg.float()
-        return dq, dk, dv, dg, dkw, dh0, dn0, dm0, None, None, None, None, None
+        q, k, v, kw, h0, n0, m0, o, *saved = ctx.saved_tensors
+        grads = chunk_backward(q, k, v, kw, h0, n0, m0, Saved(*saved), o, ctx.layout,
+                               ctx.dqk_layout, ctx.cfg, ctx.scale, do, dht, dnt, dmt,
+                               ctx.needs_input_grad[3], ctx.const_gate)
+        return (*grads, None, None, None, None, None)
 
 
 def _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg):
@@ -378,6 +451,33 @@ def _flat(x, TT):
     return x.reshape(TT, *x.shape[2:]).contiguous()
 
 
+def layouts(cfg, L, BT, B, T, cu_seqlens, device):
+    """(layout, dqk_layout) of B sequences of T tokens or of cu_seqlens [N+1] (read on the
+    host: one sync) for _config's (cfg, L, BT); dqk_layout is None where bwd_dqk shares the
+    layout's tiles."""
+    lengths = lengths_of(cu_seqlens, B, T)
+    layout = make_layout(lengths, L, BT, device)
+    dqk_layout = make_layout(lengths, L, cfg.BTQ, device) if cfg.BTQ not in (0, BT) else None
+    return layout, dqk_layout
+
+
+def run_chunks(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, *, gate, has_kw=False, mexp=False,
+               noncausal=False, scale, want_final):
+    """GatedChunkFunction on packed inputs (see it for the tensors; B: the batch, so that
+    T = TT / B without cu_seqlens) -> (o, ht, nt, mt). Under torch.compile the same forward
+    and backward run as the custom ops linattn::gated_chunk(_backward), which build the
+    layout inside (linattn.ops.custom_ops)."""
+    if torch.compiler.is_compiling():
+        from ..custom_ops import gated_chunk
+        return gated_chunk(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, gate=gate, has_kw=has_kw,
+                           mexp=mexp, noncausal=noncausal, scale=scale, want_final=want_final)
+    cfg, L, BT = _config(gate, q.shape[-1], v.shape[-1], q.dtype, has_kw=has_kw, mexp=mexp,
+                         noncausal=noncausal)
+    layout, dqk_layout = layouts(cfg, L, BT, B, q.shape[0] // max(B, 1), cu_seqlens, q.device)
+    return GatedChunkFunction.apply(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final,
+                                    dqk_layout)
+
+
 def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final_state=False,
                      cu_seqlens=None, causal=True):
     """Gated linear attention on the Triton kernels (see linattn.ops.api.linear_attention).
@@ -394,10 +494,6 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
     V = v.shape[-1]
     TT = B * T
     gate = 0 if g is None else (2 if g.dim() == 4 else 1)
-    cfg, L, BT = _config(gate, K, V, q.dtype, noncausal=not causal)
-    lengths = lengths_of(cu_seqlens, B, T)
-    layout = make_layout(lengths, L, BT, q.device)
-    dqk_layout = make_layout(lengths, L, cfg.BTQ, q.device) if cfg.BTQ not in (0, BT) else None
     gf = None
     if g is not None:
         gf = g.float()
@@ -405,9 +501,9 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
             gf = gf.reshape(TT, H, K) if g.dim() == 4 else gf.reshape(TT, H)
         gf = gf.contiguous()                                        # [H], [TT, H] or [TT, H, K]
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht, _, _ = GatedChunkFunction.apply(_flat(q, TT), _flat(k, TT), _flat(v, TT), gf, None, h0,
-                                           None, None, layout, cfg, float(scale),
-                                           bool(output_final_state), dqk_layout)
+    o, ht, _, _ = run_chunks(_flat(q, TT), _flat(k, TT), _flat(v, TT), gf, None, h0, None, None,
+                             cu_seqlens, B, gate=gate, noncausal=not causal, scale=float(scale),
+                             want_final=bool(output_final_state))
     return o.view(B, T, H, V), (ht if output_final_state else None)
 
 
@@ -427,8 +523,6 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None, output_
     V = v.shape[-1]
     TT = B * T
     mexp = input_gate == "exp"
-    cfg, L, BT = _config(1, K, V, q.dtype, has_kw=True, mexp=mexp)
-    layout = make_layout(lengths_of(cu_seqlens, B, T), L, BT, q.device)
     lf = F.logsigmoid(f.float()).reshape(TT, H).contiguous()       # log forget gate
     h0 = n0 = m0 = None
     if mexp:
@@ -439,9 +533,9 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None, output_
         kw = F.logsigmoid(i.float()).reshape(TT, H).contiguous()   # sigmoid(i) k v^T
         if initial_state is not None:
             h0 = initial_state.float().contiguous()
-    o, ht, nt, mt = GatedChunkFunction.apply(_flat(q, TT), _flat(k, TT), _flat(v, TT), lf, kw, h0,
-                                             n0, m0, layout, cfg, float(scale),
-                                             bool(output_final_state))
+    o, ht, nt, mt = run_chunks(_flat(q, TT), _flat(k, TT), _flat(v, TT), lf, kw, h0, n0, m0,
+                               cu_seqlens, B, gate=1, has_kw=True, mexp=mexp,
+                               scale=float(scale), want_final=bool(output_final_state))
     o = o.view(B, T, H, V)
     if not output_final_state:
         return o, None
