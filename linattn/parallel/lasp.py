@@ -23,11 +23,12 @@ to form dS_out[r] = dS_in[r+1] by folding ranks W-1..r+1.
 A rank's local work, per op kind (the extra work over the single-GPU op on the slice):
 
     gated linear attention (M_r = diag(decay_r), per key row):
-        forward:  E_r = sum_t exp(b_T - b_t) k_t v_t^T (one pass over k, v), the all-gather,
-                  then the op on the slice from S_in (the kernels take an initial state at
-                  no extra cost) with the final state when a later rank needs its gradient
-        backward: c_r = scale sum_t (q_t exp(b_t)) do_t^T (one pass over q, do), the
-                  all-gather, then the op's backward from (do, dS_out)
+        forward:  E_r = sum_t exp(b_T - b_t) k_t v_t^T (one pass over k, v; not on the last
+                  rank without a final state, whose pair nobody reads), the all-gather, then
+                  the op on the slice from S_in (the kernels take an initial state at no
+                  extra cost), with its final state where a gradient reaches it
+        backward: c_r = scale sum_t (q_t exp(b_t)) do_t^T (one pass over q, do; not on
+                  rank 0), the all-gather, then the op's backward from (do, dS_out)
     delta rule (M_r dense K x K):
         the op ONCE, with autograd, on v' = [0 | v] from [I | 0] (one call of V' = K + V
         columns; two calls when K + V > MAX_HEAD_DIM): its output is [o~ | o_0] with
@@ -209,10 +210,13 @@ class _LinearAttentionKind:
             return _outer_sum_triton(a, b, L).to(sdt), None if total is None else total.to(sdt)
         return weighted_outer_sum(a, b, _log_decay_steps(g, B, T, H), reverse=reverse, dtype=sdt)
 
-    def local(self, leaves, S0):
+    def local(self, leaves, S0, need_payload):
         q, k, v, g = leaves
         B, _, H, K = q.shape
         st = _Local(leaves)
+        if not need_payload:  # the last rank without a final state: nobody reads its pair
+            st.payload = torch.zeros(B, H, K, self.V + 1, dtype=state_dtype(q), device=q.device)
+            return st
         with torch.no_grad():
             E, total = self._sum(k, v, g, reverse=True)
             decay = torch.ones(B, H, K, dtype=E.dtype, device=q.device) if total is None else torch.exp(total)
@@ -238,9 +242,13 @@ class _LinearAttentionKind:
                                                    backend=self.backend)
         return st.o.detach()
 
-    def incoming_grad(self, st, do):
-        """c_r = d(sum_t <do_t, o_t>)/dS_in = sum_t scale (q_t * exp(b_t)) do_t^T."""
+    def incoming_grad(self, st, do, first_rank):
+        """c_r = d(sum_t <do_t, o_t>)/dS_in = sum_t scale (q_t * exp(b_t)) do_t^T (zeros on
+        rank 0, whose c nobody reads: its initial state's gradient comes from the op)."""
         q, g = st.leaves[0], st.leaves[3]
+        if first_rank:
+            B, _, H, K = q.shape
+            return torch.zeros(B, H, K, self.V, dtype=state_dtype(q), device=q.device)
         with torch.no_grad():
             c, _ = self._sum(q.detach(), do, None if g is None else g.detach(), reverse=False)
         return c * self.scale
@@ -275,7 +283,7 @@ class _DeltaRuleKind:
         return _api.delta_rule(q, k, v, beta, g, scale=self.scale, initial_state=S0,
                                output_final_state=True, backend=self.backend)
 
-    def local(self, leaves, S0):
+    def local(self, leaves, S0, need_payload):
         q, k, v, beta, g = leaves
         B, T, H, K = q.shape
         V, sdt = self.V, state_dtype(q)
@@ -310,7 +318,7 @@ class _DeltaRuleKind:
 
     def output(self, st, S_in, s0_grad, need_state):
         """o = o_0 + o~ S_in (o~ [B, T, H, K] and S_in [B, H, K, V] in the inputs' dtype)."""
-        st.S_in = S_in
+        st.S_in, st.s0_grad = S_in, s0_grad
         with torch.no_grad():
             o0 = st.o_0.detach()
             if S_in is None:
@@ -318,10 +326,13 @@ class _DeltaRuleKind:
             o_t = st.o_t.detach()
             return o0 + torch.einsum("bthk,bhkv->bthv", o_t, S_in.to(o_t.dtype))
 
-    def incoming_grad(self, st, do):
-        """c_r = sum_t o~_t do_t^T."""
+    def incoming_grad(self, st, do, first_rank):
+        """c_r = sum_t o~_t do_t^T (zeros on rank 0 unless its initial state needs a gradient)."""
         with torch.no_grad():
             o_t = st.o_t.detach()
+            if first_rank and not st.s0_grad:
+                B, _, H, K = o_t.shape
+                return torch.zeros(B, H, K, self.V, dtype=state_dtype(o_t), device=o_t.device)
             if _sums_impl(self.sums, self.backend, o_t) == "triton":
                 return _outer_sum_triton(o_t, do, None).to(state_dtype(o_t))
             c, _ = weighted_outer_sum(o_t, do, None, reverse=False, dtype=state_dtype(o_t))
@@ -354,7 +365,7 @@ class _DeltaRuleKind:
                 cots += [dM.to(st.outs[1].dtype), dS.to(st.outs[3].dtype)]
         got = torch.autograd.grad(outs, list(targets), cots, allow_unused=True) if targets else []
         dS_in = None
-        if st.S_in is not None:  # rank 0's initial state: dS_in = c_0 + M^T dS_out
+        if st.s0_grad:  # rank 0's initial state: dS_in = c_0 + M^T dS_out
             dS_in = st.c if dS is None else st.c + st.M.detach().to(dS.dtype).transpose(-1, -2) @ dS
         return list(got), dS_in
 
@@ -371,7 +382,7 @@ class _LASP2(torch.autograd.Function):
         S0_used = S0 if rank == 0 else None
         needs = ctx.needs_input_grad[4:]
         leaves = [a.detach().requires_grad_(n) if a is not None else None for a, n in zip(args, needs)]
-        st = kind.local(leaves, S0_used)
+        st = kind.local(leaves, S0_used, need_payload=rank < world - 1 or want_final)
         pays = comm.all_gather(st.payload)  # [W, B, H, K, P]
         with torch.no_grad():
             S_in = S0_used
@@ -397,7 +408,7 @@ class _LASP2(torch.autograd.Function):
     def backward(ctx, do, dfinal):
         kind, comm, st, V = ctx.kind, ctx.comm, ctx.st, ctx.kind.V
         rank, world = comm.rank, comm.world
-        st.c = c = kind.incoming_grad(st, do)  # [B, H, K, V]
+        st.c = c = kind.incoming_grad(st, do, first_rank=rank == 0)  # [B, H, K, V]
         with torch.no_grad():
             msg = torch.cat([c, dfinal.to(c.dtype)], dim=-1) if ctx.want_final else c
         pending = comm.start_all_gather(msg)
