@@ -89,3 +89,16 @@ def test_bad_communicator_and_sums_are_clear_errors():
         lasp.linear_attention_on("world", q, q, q)
     with pytest.raises(ValueError, match="sums"):
         lasp.linear_attention_on(LoopbackComm(0, 2), q, q, q, sums="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op, gate", [("linear", "scalar"), ("linear", "key"), ("linear", "none"),
+                                      ("linear", "const"), ("delta", "scalar"), ("delta", "none")])
+def test_simulated_ranks_bf16_on_gpu(op, gate):
+    """bf16 on the GPU kernels (the time-split sums over many splits, the delta rule's
+    correction o~ S_in in bf16), tolerance rule, initial and final states."""
+    lengths = [700, 555]
+    x = _inputs(op, gate, sum(lengths), 64, 64, seed=4)
+    helpers.check_against_oracle(
+        sp_loopback.simulated(op, 2, lengths, backend="auto"), _oracle(op), x,
+        dtype=torch.bfloat16, grad_names=list(x), output_final_state=True, device="cuda")
