@@ -97,7 +97,7 @@ def weighted_outer_sum(a, b, logd, *, reverse: bool, dtype):
     Returns (sum [B, H, K, V], total log-decay of the slice broadcast to [B, H, K] or None).
     Partial sums run per block of BLOCK_TOKENS tokens with a carried offset, so the weights
     that matter (L near 0) are never the difference of two large sums. (PyTorch; the Triton
-    backend's form is linattn.ops.triton.outer_sum with log_weights.)"""
+    backend's form is linattn.ops.triton.outer_sum.)"""
     B, T, H, K = a.shape
     V = b.shape[-1]
     # 16-bit inputs on CUDA: TF32 tensor cores (10-bit mantissa, finer than the inputs'
@@ -139,35 +139,6 @@ def _weighted_outer_sum_blocks(a, b, logd, reverse, dtype):
     return acc, total
 
 
-def log_weights(g, B, T, H, K, *, reverse: bool, dtype):
-    """The log-weights of weighted_outer_sum for linattn.ops.triton.outer_sum, and the
-    slice's total log-decay.
-
-    g: None, [H], [B, T, H] or [B, T, H, K] log-decay. Returns (L, total): L None, float32
-    [1, T, H] (constant gate), [B, T, H] (scalar) or [B, T, H, K] (per key), with
-    L_t = sum_{s > t} g_s (reverse) or sum_{s <= t} g_s; total [B, H, K] in dtype (None
-    without a gate). The cumulative sums run in dtype (float64 for float32 inputs) straight
-    from the end (reverse) or the start of the slice, never as differences: the weights near
-    1 come from short sums."""
-    if g is None:
-        return None, None
-    x = g.to(dtype)
-    if g.dim() == 1:  # [H]: L_t = (steps after t, or through t) * g
-        steps = torch.arange(T, dtype=dtype, device=g.device)
-        n = (T - 1 - steps) if reverse else (steps + 1)
-        L = (n[:, None] * x[None, :]).unsqueeze(0)                      # [1, T, H]
-        total = (T * x).view(1, H, 1).expand(B, H, K)
-    else:
-        if reverse:
-            incl = x.flip(1).cumsum(1).flip(1)                          # sum over s >= t
-            L = torch.cat([incl[:, 1:], torch.zeros_like(incl[:, :1])], dim=1)
-        else:
-            L = x.cumsum(1)
-        total = x.sum(1)                                                # [B, H] or [B, H, K]
-        total = total.unsqueeze(-1).expand(B, H, K) if g.dim() == 3 else total
-    return L.float(), total
-
-
 def _sums_impl(sums: str, backend: str, x: torch.Tensor) -> str:
     """"triton" where the local op runs on Triton (and the inputs are not float64), else "torch"."""
     if x.dtype == torch.float64:
@@ -178,9 +149,9 @@ def _sums_impl(sums: str, backend: str, x: torch.Tensor) -> str:
     return "triton" if on_triton else "torch"
 
 
-def _outer_sum_triton(a, b, L):
+def _outer_sum_triton(a, b, g, reverse):
     from ..ops.triton.outer_sum import weighted_outer_sum as kernel_sum
-    return kernel_sum(a, b, L)
+    return kernel_sum(a, b, g, reverse=reverse)
 
 
 # ----------------------------------------------------------------------------- op kinds
@@ -205,9 +176,8 @@ class _LinearAttentionKind:
         B, T, H, K = a.shape
         sdt = state_dtype(a)
         if _sums_impl(self.sums, self.backend, a) == "triton":
-            gdt = torch.float64 if a.dtype == torch.float32 else torch.float32
-            L, total = log_weights(g, B, T, H, K, reverse=reverse, dtype=gdt)
-            return _outer_sum_triton(a, b, L).to(sdt), None if total is None else total.to(sdt)
+            out, total = _outer_sum_triton(a, b, g, reverse)
+            return out.to(sdt), None if total is None else total.to(sdt)
         return weighted_outer_sum(a, b, _log_decay_steps(g, B, T, H), reverse=reverse, dtype=sdt)
 
     def local(self, leaves, S0, need_payload):
@@ -334,7 +304,7 @@ class _DeltaRuleKind:
                 B, _, H, K = o_t.shape
                 return torch.zeros(B, H, K, self.V, dtype=state_dtype(o_t), device=o_t.device)
             if _sums_impl(self.sums, self.backend, o_t) == "triton":
-                return _outer_sum_triton(o_t, do, None).to(state_dtype(o_t))
+                return _outer_sum_triton(o_t, do, None, False)[0].to(state_dtype(o_t))
             c, _ = weighted_outer_sum(o_t, do, None, reverse=False, dtype=state_dtype(o_t))
         return c
 

@@ -10,18 +10,16 @@ from linattn.parallel import lasp
 
 def _fast(split, reverse):
     def fn(k, v, g=None):
-        B, T, H, K = k.shape
-        L, _ = lasp.log_weights(g, B, T, H, K, reverse=reverse, dtype=torch.float64)
-        return kernel_sum(k, v, L, split=split), None
+        return kernel_sum(k, v, g, reverse=reverse, split=split)
     return fn
 
 
 def _oracle(reverse):
     def fn(k, v, g=None):
         B, T, H, _ = k.shape
-        out, _ = lasp.weighted_outer_sum(k, v, lasp._log_decay_steps(g, B, T, H),
-                                         reverse=reverse, dtype=torch.float64)
-        return out, None
+        out, total = lasp.weighted_outer_sum(k, v, lasp._log_decay_steps(g, B, T, H),
+                                             reverse=reverse, dtype=torch.float64)
+        return out, total
     return fn
 
 
@@ -41,5 +39,5 @@ def test_outer_sum_bad_input_is_a_clear_error():
     k = torch.zeros(1, 5, 2, 16)
     with pytest.raises(ValueError, match="b must be"):
         kernel_sum(k, torch.zeros(1, 4, 2, 16))
-    with pytest.raises(ValueError, match="logw must be"):
-        kernel_sum(k, k, torch.zeros(1, 5, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="g must be"):
+        kernel_sum(k, k, torch.zeros(1, 4, 2))
