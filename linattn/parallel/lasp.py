@@ -58,6 +58,8 @@ order; slices may have any length (not a multiple of any chunk size).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..ops import api as _api
@@ -412,6 +414,9 @@ def _check_common(comm, backend, sums, q, v, initial_state):
         raise ValueError(f"backend must be one of {_api.BACKENDS}, got {backend!r}")
     if sums not in SUMS:
         raise ValueError(f"sums must be one of {SUMS}, got {sums!r}")
+    if sums == "triton" and not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("sums='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"triton is imported); q is on {q.device}")
     if initial_state is not None:
         B, _, H, K = q.shape
         _api._check_state("initial_state", initial_state, q, (B, H, K, v.shape[-1]), "[B, H, K, V]")
