@@ -170,7 +170,13 @@ def main(argv=None):
     import linattn
 
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    rows = []
+    print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    out = dict(benchmark="sp_rank_sim", gpu=gpu, torch=torch.__version__,
+               triton=triton.__version__, linattn=linattn.__version__,
+               date=datetime.now(timezone.utc).isoformat(timespec="seconds"), args=vars(args),
+               rows=[])
+    rows = out["rows"]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for case in args.cases:
         for T in args.lengths:
             try:
@@ -180,6 +186,8 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
+            with open(args.out, "w") as f:  # after every case: a cut-off run keeps what it has
+                json.dump(out, f, indent=1)
             if "error" in row:
                 print(f"{case} T={T}: {row['error']}", flush=True)
                 continue
@@ -199,11 +207,6 @@ def main(argv=None):
         cells = [f"{row[c + '_ms']:7.2f} {row[c + '_ratio']:5.2f}x" for c in cols]
         print(f"{row['case']:>6} | {row['T']:>7} | {row['plain_ms']:8.2f} | " + " | ".join(f"{c:>15}" for c in cells))
 
-    out = dict(benchmark="sp_rank_sim", gpu=gpu, torch=torch.__version__,
-               triton=triton.__version__, linattn=linattn.__version__,
-               date=datetime.now(timezone.utc).isoformat(timespec="seconds"), args=vars(args),
-               rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"\nwrote {args.out}")
