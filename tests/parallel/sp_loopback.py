@@ -25,7 +25,7 @@ PER_TOKEN = ("q", "k", "v", "beta", "g")
 class _Simulated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, names, *values):
-        op, world, lengths, kw = spec
+        op, world, lengths, kw, wire = spec
         x = dict(zip(names, values))
         const_gate = x.get("g") is not None and x["g"].dim() == 1
         starts = [sum(lengths[:r]) for r in range(world)]
@@ -42,7 +42,7 @@ class _Simulated(torch.autograd.Function):
         recorders = [LoopbackComm(r, world) for r in range(world)]
         inbox = [c.sent for c in recorders]  # filled as pass one runs
         runs = []
-        for comm in recorders + [LoopbackComm(r, world, inbox) for r in range(world)]:
+        for comm in recorders + [LoopbackComm(r, world, inbox, wire_dtype=wire) for r in range(world)]:
             mine = {n: cut(n, comm.rank) for n in names}
             with torch.enable_grad():
                 o, st = fn(comm, **mine, output_final_state=True, **kw)
@@ -77,12 +77,13 @@ class _Simulated(torch.autograd.Function):
         return (None, None, *out)
 
 
-def simulated(op: str, world: int, lengths: list[int], **kw):
+def simulated(op: str, world: int, lengths: list[int], wire_dtype=None, **kw):
     """fn(**inputs) -> (o [B, T, H, V], final_state): the W ranks of the sequence-parallel op
-    ("linear" or "delta") over slices of the given lengths, with output_final_state=True;
-    kw goes to linear_attention_on / delta_rule_on (backend, sums, fuse_dim, scale)."""
+    ("linear" or "delta") over slices of the given lengths, with output_final_state=True, the
+    messages delivered in wire_dtype (LoopbackComm's); kw goes to linear_attention_on /
+    delta_rule_on (backend, sums, fuse_dim, scale)."""
     def fn(output_final_state=True, **inputs):
         assert output_final_state, "the simulation always returns the final state"
         names = tuple(inputs)
-        return _Simulated.apply((op, world, list(lengths), kw), names, *inputs.values())
+        return _Simulated.apply((op, world, list(lengths), kw, wire_dtype), names, *inputs.values())
     return fn

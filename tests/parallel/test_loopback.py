@@ -94,11 +94,25 @@ def test_bad_communicator_and_sums_are_clear_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("op, gate", [("linear", "scalar"), ("linear", "key"), ("linear", "none"),
                                       ("linear", "const"), ("delta", "scalar"), ("delta", "none")])
-def test_simulated_ranks_bf16_on_gpu(op, gate):
+@pytest.mark.parametrize("wire", [None, torch.bfloat16])
+def test_simulated_ranks_bf16_on_gpu(op, gate, wire):
     """bf16 on the GPU kernels (the time-split sums over many splits, the delta rule's
-    correction o~ S_in in bf16), tolerance rule, initial and final states."""
+    correction o~ S_in in bf16), tolerance rule, initial and final states; the states
+    communicated as they are (float32) or in bf16."""
     lengths = [700, 555]
     x = _inputs(op, gate, sum(lengths), 64, 64, seed=4)
     helpers.check_against_oracle(
-        sp_loopback.simulated(op, 2, lengths, backend="auto"), _oracle(op), x,
+        sp_loopback.simulated(op, 2, lengths, wire_dtype=wire, backend="auto"), _oracle(op), x,
         dtype=torch.bfloat16, grad_names=list(x), output_final_state=True, device="cuda")
+
+
+@pytest.mark.parametrize("op, gate", [("linear", "scalar"), ("linear", "key"), ("delta", "scalar")])
+def test_bf16_states_on_the_wire_cpu(op, gate):
+    """Whether the communicated states may travel in bfloat16: bf16 inputs on the chunked
+    PyTorch path with the (M_r, E_r) and (c_r, d final) messages rounded to bf16, tolerance
+    rule (a long slice per rank, so the incoming states carry most of the outputs)."""
+    lengths = [160, 96, 130]
+    x = _inputs(op, gate, sum(lengths), 16, 16, seed=9)
+    helpers.check_against_oracle(
+        sp_loopback.simulated(op, 3, lengths, wire_dtype=torch.bfloat16, backend="torch"),
+        _oracle(op), x, dtype=torch.bfloat16, grad_names=list(x), output_final_state=True)
