@@ -16,9 +16,10 @@ torch.cuda.synchronize around each) of:
     torch   the same rank with sums="torch": its passes over time on chunked float32 PyTorch
             sums (main's form of those passes) instead of the time-split Triton kernel
 
-and profiles one forward+backward of plain and rank 1 (torch.profiler, top kernels by device
-time). The bar (issue 29): rank / plain <= 1.15. Prints the profiles, then a table (ratio per
-case); writes everything to --out as JSON.
+and profiles one forward+backward of each (torch.profiler, top kernels by device time). The
+bar (issue 29): rank / plain <= 1.15. Prints plain's and rank 1's top kernels per case, where
+each rank's extra device time goes, then a table (ratio per case); writes everything
+(every profile) to --out as JSON.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--no-torch-sums", action="store_true", help="skip the sums='torch' rank")
-    p.add_argument("--top", type=int, default=12, help="kernels per profile table")
+    p.add_argument("--top", type=int, default=15, help="kernels per profile (in the JSON)")
     p.add_argument("--out", default="benchmarks/results/sp_rank_sim.json")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (PyTorch paths)")
     return p.parse_args(argv)
@@ -147,16 +148,29 @@ def run_case(case, T, args, device):
             ms = time_fwd_bwd(op_fn(case, mode, r), x, do, args.warmup, args.iters) * 1e3
             row[f"{mode}{r}_ms"] = ms
             row[f"{mode}{r}_ratio"] = ms / row["plain_ms"]
-    rank = args.ranks[0]
-    row["profile"] = {"plain": profile_fwd_bwd(op_fn(case, "plain"), x, do, args.top),
-                      f"rank{rank}": profile_fwd_bwd(op_fn(case, "rank", rank), x, do, args.top)}
+    row["profile"] = {"plain": profile_fwd_bwd(op_fn(case, "plain"), x, do, args.top)}
+    for r in args.ranks:
+        for mode in modes:
+            row["profile"][f"{mode}{r}"] = profile_fwd_bwd(op_fn(case, mode, r), x, do, args.top)
     return row
 
 
-def _print_profiles(row):
-    for name, p in row["profile"].items():
-        print(f"\n  profile {row['case']} T={row['T']} {name}: {p['total_ms']:.2f} ms of kernels")
-        for r in p["top"]:
+def extra_kernels(row, name, n=5):
+    """The kernels whose device time grew most from the plain op to profile `name`:
+    [(kernel, extra ms)] (a kernel missing from a top list counts as 0 there)."""
+    base = {r["kernel"]: r["ms"] for r in row["profile"]["plain"]["top"]}
+    mine = {r["kernel"]: r["ms"] for r in row["profile"][name]["top"]}
+    diff = [(k, ms - base.get(k, 0.0)) for k, ms in mine.items()]
+    return sorted(diff, key=lambda d: -d[1])[:n]
+
+
+def _print_profiles(row, names=("plain", "rank1"), n=8):
+    for name in names:
+        p = row["profile"].get(name)
+        if p is None:
+            continue
+        print(f"  profile {row['case']} T={row['T']} {name}: {p['total_ms']:.2f} ms of kernels")
+        for r in p["top"][:n]:
             print(f"    {r['ms']:9.3f} ms  x{r['calls']:<4} {r['kernel'][:96]}")
 
 
@@ -195,6 +209,19 @@ def main(argv=None):
                   ", ".join(f"{k[:-3]} {v:.2f} ms" for k, v in row.items()
                             if k.endswith("_ms") and k != "plain_ms"), flush=True)
             _print_profiles(row)
+
+    print("\nwhere a rank's extra device time goes (longest T of each case; kernel: ms over plain)")
+    for case in args.cases:
+        done = [r for r in rows if r["case"] == case and "error" not in r]
+        if not done:
+            continue
+        row = done[-1]
+        for name in row["profile"]:
+            if name == "plain":
+                continue
+            extra = row["profile"][name]["total_ms"] - row["profile"]["plain"]["total_ms"]
+            top = ", ".join(f"{k[:40]} {ms:+.2f}" for k, ms in extra_kernels(row, name, 3))
+            print(f"  {case} T={row['T']} {name}: {extra:+.2f} ms in all; {top}")
 
     print(f"\nsimulated LASP-2 rank of W = 2 vs the plain op on the slice, B=1 H={args.heads} "
           f"D={args.dim} bf16, fwd+bwd ms ({gpu}); bar: rank/plain <= 1.15")
