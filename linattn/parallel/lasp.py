@@ -296,7 +296,8 @@ class _DeltaRuleKind:
             if S_in is None:
                 return o0.contiguous()
             o_t = st.o_t.detach()
-            return o0 + torch.einsum("bthk,bhkv->bthv", o_t, S_in.to(o_t.dtype))
+            corr = torch.einsum("bthk,bhkv->bthv", o_t, S_in.to(o_t.dtype))  # [B, H, T, V] in memory
+            return torch.add(o0, corr, out=torch.empty(o0.shape, dtype=o0.dtype, device=o0.device))
 
     def incoming_grad(self, st, do, first_rank):
         """c_r = sum_t o~_t do_t^T (zeros on rank 0 unless its initial state needs a gradient)."""
