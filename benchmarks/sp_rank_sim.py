@@ -12,7 +12,7 @@ torch.cuda.synchronize around each) of:
 
     plain   linattn.linear_attention / linattn.delta_rule on the slice (q, k, v, gates
             requiring grad, as in the rank)
-    rank r  the simulated rank r of W = 2 (default r = 1 and r = 0), sums="auto"
+    rank r  the simulated rank r of W = 2 (--ranks, default 1), sums="auto"
     torch   the same rank with sums="torch": its passes over time on chunked float32 PyTorch
             sums (main's form of those passes) instead of the time-split Triton kernel
 
@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
-CASES = ("scalar", "key", "none", "delta")
+CASES = ("scalar", "delta", "key", "none")  # the two bars first
 
 
 def parse_args(argv=None):
@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--lengths", type=int, nargs="+", default=[65536, 262144, 524288],
                    help="slice lengths T (a length that runs out of memory is recorded and skipped)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 0], help="simulated ranks of W = 2")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1],
+                   help="simulated ranks of W = 2 (rank 0 too: --ranks 1 0)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
