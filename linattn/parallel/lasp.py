@@ -43,8 +43,10 @@ matmul to fill the GPU), on chunked float32 PyTorch sums elsewhere (sums="torch"
 
 Collectives go through a communicator value (linattn.parallel.comm): ProcessGroupComm for a
 torch.distributed group, LoopbackComm to run one rank's work in a single process (timing,
-tests). The backward's all-gather is launched before the local work that does not need it
-(the delta rule's do S_in^T) and waited for after.
+tests). Each all-gather is launched before the local work that does not need its result and
+waited for after: rank 0's op (its incoming state is the initial state) in the forward; in
+the backward the delta rule's do S_in^T, and the whole backward of the last rank when no
+final state is asked for (no gradient flows into it).
 
 Gradients of inputs shared by all ranks are split by use, as for any parameter under
 sequence parallelism: a constant gate g [H] gets on each rank the part from its own slice
@@ -356,20 +358,25 @@ class _LASP2(torch.autograd.Function):
         needs = ctx.needs_input_grad[4:]
         leaves = [a.detach().requires_grad_(n) if a is not None else None for a, n in zip(args, needs)]
         st = kind.local(leaves, S0_used, need_payload=rank < world - 1 or want_final)
-        pays = comm.all_gather(st.payload)  # [W, B, H, K, P]
-        with torch.no_grad():
-            S_in = S0_used
-            if rank > 0:
+        pending = comm.start_all_gather(st.payload)  # [W, B, H, K, P] once waited for
+        s0_grad = S0_used is not None and ctx.needs_input_grad[3]
+        need_state = rank < world - 1 or want_final
+        if rank == 0:  # its incoming state is S0 (or none): the op overlaps the gather
+            o = kind.output(st, S0_used, s0_grad, need_state)
+            pays = pending.wait()
+        else:
+            pays = pending.wait()
+            with torch.no_grad():
                 S_in = torch.zeros_like(st.payload[..., : kind.V])
                 for j in range(rank):
                     S_in = kind.apply(pays[j], S_in)
-            final = None
-            if want_final:
+            o = kind.output(st, S_in, s0_grad, need_state)
+        final = None
+        if want_final:
+            with torch.no_grad():
                 final = torch.zeros_like(st.payload[..., : kind.V])
                 for j in range(world):
                     final = kind.apply(pays[j], final)
-        s0_grad = S0_used is not None and ctx.needs_input_grad[3]
-        o = kind.output(st, S_in, s0_grad, need_state=rank < world - 1 or want_final)
 
         ctx.kind, ctx.comm, ctx.want_final, ctx.st, ctx.pays = kind, comm, want_final, st, pays
         ctx.S0_like = None if S0 is None else (S0.shape, S0.dtype, S0.device)
@@ -386,14 +393,17 @@ class _LASP2(torch.autograd.Function):
             msg = torch.cat([c, dfinal.to(c.dtype)], dim=-1) if ctx.want_final else c
         pending = comm.start_all_gather(msg)
         kind.before_grads(st, do)  # local work that overlaps the gather
-        got = pending.wait()  # [W, B, H, K, V or 2V]
-        with torch.no_grad():
-            dS = got[..., V:].sum(0) if ctx.want_final else None
-            for j in range(world - 1, rank, -1):
-                dS = got[j, ..., :V] if dS is None else kind.apply_transposed(ctx.pays[j], dS) + got[j, ..., :V]
-
         targets = [x for x in st.leaves if x is not None and x.requires_grad]
-        grads, dS_in = kind.grads(st, do, dS, targets)
+        if rank == world - 1 and not ctx.want_final:  # nothing flows in: the op's backward overlaps the gather
+            grads, dS_in = kind.grads(st, do, None, targets)
+            pending.wait()
+        else:
+            got = pending.wait()  # [W, B, H, K, V or 2V]
+            with torch.no_grad():
+                dS = got[..., V:].sum(0) if ctx.want_final else None
+                for j in range(world - 1, rank, -1):
+                    dS = got[j, ..., :V] if dS is None else kind.apply_transposed(ctx.pays[j], dS) + got[j, ..., :V]
+            grads, dS_in = kind.grads(st, do, dS, targets)
         by_id = {id(t): gr for t, gr in zip(targets, grads)}
         arg_grads = [None if x is None else by_id.get(id(x)) for x in st.leaves]
         dS0 = None
