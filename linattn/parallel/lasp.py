@@ -38,8 +38,9 @@ A rank's local work, per op kind (the extra work over the single-GPU op on the s
         (do' = [do S_in^T | do], dS' = [dS_out S_in^T | dS_out]).
 
 The passes over time (E_r, c_r) run on a Triton kernel split over time on the Triton
-backend (linattn.ops.triton.outer_sum: one sequence has too few [K, V] blocks for a batched
-matmul to fill the GPU), on chunked float32 PyTorch sums elsewhere (sums="torch").
+backend (linattn.ops.triton.outer_sum: at B = 1 a batched matmul over time has one [K, V]
+output per head to spread over the GPU, and the PyTorch form also stages float32 copies),
+on chunked float32 PyTorch sums elsewhere (sums="torch").
 
 Collectives go through a communicator value (linattn.parallel.comm): ProcessGroupComm for a
 torch.distributed group, LoopbackComm to run one rank's work in a single process (timing,
