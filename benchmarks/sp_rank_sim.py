@@ -13,8 +13,12 @@ torch.cuda.synchronize around each) of:
     plain   linattn.linear_attention / linattn.delta_rule on the slice (q, k, v, gates
             requiring grad, as in the rank)
     rank r  the simulated rank r of W = 2 (--ranks, default 1), sums="auto"
-    torch   the same rank with sums="torch": its passes over time on chunked float32 PyTorch
-            sums (main's form of those passes) instead of the time-split Triton kernel
+    main    the rank as main computed it before this version (the "before" column):
+            sums="torch", its passes over time on chunked float32 PyTorch sums instead of
+            the time-split Triton kernel, and for the delta rule form="twice" (a forward on
+            [0 | v] without autograd for (M, E), then the op from S_in with autograd)
+            instead of the op once on [0 | v] with autograd
+    twice   (delta rule) form="twice" with the Triton sums: which form is faster
 
 and profiles one forward+backward of each (torch.profiler, top kernels by device time). The
 bar (issue 29): rank / plain <= 1.15. Prints plain's and rank 1's top kernels per case, where
@@ -47,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--no-torch-sums", action="store_true", help="skip the sums='torch' rank")
+    p.add_argument("--no-main", action="store_true", help="skip main's form of the rank")
+    p.add_argument("--no-twice", action="store_true", help="skip the delta rule's form='twice' rank")
     p.add_argument("--top", type=int, default=15, help="kernels per profile (in the JSON)")
     p.add_argument("--out", default="benchmarks/results/sp_rank_sim.json")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (PyTorch paths)")
@@ -79,20 +84,28 @@ def make_inputs(case, T, H, D, device, seed=0):
 
 
 def op_fn(case, mode, rank=1, world=2):
-    """fn(**inputs) -> (o, state): mode "plain" (the single-GPU op), "rank" or "torch" (the
-    simulated rank with sums "auto" / "torch")."""
+    """fn(**inputs) -> (o, state): mode "plain" (the single-GPU op), "rank" (the simulated
+    rank), "main" (main's form of it), "twice" (the delta rule's form="twice")."""
     import linattn
     from linattn.parallel import lasp
     from linattn.parallel.comm import LoopbackComm
 
     if mode == "plain":
         return linattn.delta_rule if case == "delta" else linattn.linear_attention
-    sums = "auto" if mode == "rank" else "torch"
+    kw = dict(sums="torch" if mode == "main" else "auto")
+    if case == "delta" and mode in ("main", "twice"):
+        kw["form"] = "twice"
     fn = lasp.delta_rule_on if case == "delta" else lasp.linear_attention_on
 
     def run(**x):
-        return fn(LoopbackComm(rank, world, record=False), **x, sums=sums)
+        return fn(LoopbackComm(rank, world, record=False), **x, **kw)
     return run
+
+
+def modes_of(case, args):
+    """The simulated-rank modes timed for a case."""
+    return (["rank"] + ([] if args.no_main else ["main"])
+            + (["twice"] if case == "delta" and not args.no_twice else []))
 
 
 def _sync(device):
@@ -143,7 +156,7 @@ def run_case(case, T, args, device):
     x, do = make_inputs(case, T, H, D, device)
     row = dict(case=case, T=T)
     row["plain_ms"] = time_fwd_bwd(op_fn(case, "plain"), x, do, args.warmup, args.iters) * 1e3
-    modes = ["rank"] + ([] if args.no_torch_sums else ["torch"])
+    modes = modes_of(case, args)
     for r in args.ranks:
         for mode in modes:
             ms = time_fwd_bwd(op_fn(case, mode, r), x, do, args.warmup, args.iters) * 1e3
@@ -226,13 +239,15 @@ def main(argv=None):
 
     print(f"\nsimulated LASP-2 rank of W = 2 vs the plain op on the slice, B=1 H={args.heads} "
           f"D={args.dim} bf16, fwd+bwd ms ({gpu}); bar: rank/plain <= 1.15")
-    cols = [f"{m}{r}" for r in args.ranks for m in (["rank"] + ([] if args.no_torch_sums else ["torch"]))]
+    cols = [f"{m}{r}" for r in args.ranks for m in ["rank", "main", "twice"]
+            if any(f"{m}{r}_ms" in row for row in rows)]
     print(f"{'case':>6} | {'T':>7} | {'plain':>8} | " + " | ".join(f"{c:>15}" for c in cols))
     for row in rows:
         if "error" in row:
             print(f"{row['case']:>6} | {row['T']:>7} | {row['error'][:60]}")
             continue
-        cells = [f"{row[c + '_ms']:7.2f} {row[c + '_ratio']:5.2f}x" for c in cols]
+        cells = [f"{row[c + '_ms']:7.2f} {row[c + '_ratio']:5.2f}x" if c + "_ms" in row else "-"
+                 for c in cols]
         print(f"{row['case']:>6} | {row['T']:>7} | {row['plain_ms']:8.2f} | " + " | ".join(f"{c:>15}" for c in cells))
 
     with open(args.out, "w") as f:

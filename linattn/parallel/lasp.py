@@ -73,6 +73,7 @@ from .comm import ProcessGroupComm
 # temporaries to ~BLOCK * H * D elements whatever the slice length.
 BLOCK_TOKENS = 16384
 SUMS = ("auto", "triton", "torch")
+DELTA_FORMS = ("once", "twice")
 
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:
@@ -209,13 +210,9 @@ class _LinearAttentionKind:
     def output(self, st, S_in, s0_grad, need_state):
         """The op on the slice from S_in (a leaf needing grad on rank 0 with s0_grad)."""
         q, k, v, g = st.leaves
-        st.s_leaf = None if S_in is None else S_in.detach().requires_grad_(s0_grad)
-        with torch.enable_grad():
-            st.o, st.S_out = _api.linear_attention(q, k, v, g, scale=self.scale,
-                                                   initial_state=st.s_leaf,
-                                                   output_final_state=need_state,
-                                                   backend=self.backend)
-        return st.o.detach()
+        return _run_from_state(st, S_in, s0_grad, lambda s_leaf: _api.linear_attention(
+            q, k, v, g, scale=self.scale, initial_state=s_leaf, output_final_state=need_state,
+            backend=self.backend))
 
     def incoming_grad(self, st, do, first_rank):
         """c_r = d(sum_t <do_t, o_t>)/dS_in = sum_t scale (q_t * exp(b_t)) do_t^T (zeros on
@@ -232,17 +229,31 @@ class _LinearAttentionKind:
         pass
 
     def grads(self, st, do, dS, targets):
-        """Gradients of targets (and dS_in, on rank 0's initial state) from (do, dS_out)."""
-        outs, cots = [st.o], [do]
-        if dS is not None and st.S_out is not None:
-            outs.append(st.S_out)
-            cots.append(dS.to(st.S_out.dtype))
-        want = list(targets)
-        if st.s_leaf is not None and st.s_leaf.requires_grad:
-            want.append(st.s_leaf)
-        got = torch.autograd.grad(outs, want, cots, allow_unused=True) if want else []
-        dS_in = got[-1] if len(want) > len(targets) else None
-        return list(got[: len(targets)]), dS_in
+        return _grads_from_state(st, do, dS, targets)
+
+
+def _run_from_state(st, S_in, s0_grad, call):
+    """(o detached) of call(s_leaf) -> (o, S_out), the op on the slice from S_in with autograd,
+    s_leaf a leaf of S_in that needs a gradient with s0_grad (rank 0's initial state)."""
+    st.s_leaf = None if S_in is None else S_in.detach().requires_grad_(s0_grad)
+    with torch.enable_grad():
+        st.o, st.S_out = call(st.s_leaf)
+    return st.o.detach()
+
+
+def _grads_from_state(st, do, dS, targets):
+    """Gradients of targets (and dS_in, of rank 0's initial state) from (do, dS_out) through
+    the op _run_from_state ran."""
+    outs, cots = [st.o], [do]
+    if dS is not None and st.S_out is not None:
+        outs.append(st.S_out)
+        cots.append(dS.to(st.S_out.dtype))
+    want = list(targets)
+    if st.s_leaf is not None and st.s_leaf.requires_grad:
+        want.append(st.s_leaf)
+    got = torch.autograd.grad(outs, want, cots, allow_unused=True) if want else []
+    dS_in = got[-1] if len(want) > len(targets) else None
+    return list(got[: len(targets)]), dS_in
 
 
 class _DeltaRuleKind:
@@ -344,6 +355,47 @@ class _DeltaRuleKind:
         if st.s0_grad:  # rank 0's initial state: dS_in = c_0 + M^T dS_out
             dS_in = st.c if dS is None else st.c + st.M.detach().to(dS.dtype).transpose(-1, -2) @ dS
         return list(got), dS_in
+
+
+class _DeltaRuleTwiceKind(_DeltaRuleKind):
+    """The delta rule in two op calls per rank: a forward without autograd on v' = [0 | v]
+    from [I | S0] for (M_r, E_r) and o~, then the op with autograd on v from S_in (the
+    single-GPU op's own handling of the incoming state). form="twice" of delta_rule_on."""
+
+    def local(self, leaves, S0, need_payload):
+        q, k, v, beta, g = leaves
+        B, T, H, K = q.shape
+        V, sdt = self.V, state_dtype(q)
+        st = _Local(leaves)
+        eye = torch.eye(K, dtype=sdt, device=q.device).expand(B, H, K, K)
+        zeros_v = torch.zeros(B, T, H, K, dtype=v.dtype, device=v.device)
+        with torch.no_grad():
+            q, k, v, beta = q.detach(), k.detach(), v.detach(), beta.detach()
+            g = None if g is None else g.detach()
+            S0_part = torch.zeros(B, H, K, V, dtype=sdt, device=q.device) if S0 is None else S0.to(sdt)
+            if K + V <= self.fuse_dim:
+                o2, s2 = self._op(q, k, torch.cat([zeros_v, v], dim=-1), beta, g,
+                                  torch.cat([eye, S0_part], dim=-1))
+                st.o_t, st.M = o2[..., :K], s2[..., :K]
+                st.payload = s2.to(sdt)
+            else:
+                st.o_t, st.M = self._op(q, k, zeros_v, beta, g, eye.contiguous())
+                _, E = self._op(q, k, v, beta, g, None if S0 is None else S0_part)
+                st.payload = torch.cat([st.M.to(sdt), E.to(sdt)], dim=-1)
+        return st
+
+    def output(self, st, S_in, s0_grad, need_state):
+        st.s0_grad = s0_grad
+        q, k, v, beta, g = st.leaves
+        return _run_from_state(st, S_in, s0_grad, lambda s_leaf: _api.delta_rule(
+            q, k, v, beta, g, scale=self.scale, initial_state=s_leaf,
+            output_final_state=need_state, backend=self.backend))
+
+    def before_grads(self, st, do):
+        pass
+
+    def grads(self, st, do, dS, targets):
+        return _grads_from_state(st, do, dS, targets)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -524,16 +576,22 @@ def delta_rule(q, k, v, beta, g=None, *, group=None, scale=None, initial_state=N
 
 
 def delta_rule_on(comm, q, k, v, beta, g=None, *, scale=None, initial_state=None,
-                  output_final_state=False, backend="auto", sums="auto", fuse_dim=MAX_HEAD_DIM):
+                  output_final_state=False, backend="auto", sums="auto", fuse_dim=MAX_HEAD_DIM,
+                  form="once"):
     """delta_rule over a communicator (see linear_attention_on). fuse_dim: the widest
-    K + V run as one op call on v' = [0 | v] (above it: two calls)."""
+    K + V run as one op call on v' = [0 | v] (above it: two calls). form: "once" (the op
+    once on v' with autograd, the module docstring's form) or "twice" (a forward on v'
+    without autograd, then the op on v from S_in with autograd)."""
+    if form not in DELTA_FORMS:
+        raise ValueError(f"form must be one of {DELTA_FORMS}, got {form!r}")
     _api._check_qkv(q, k, v)
     B, T, H, K = q.shape
     scale = _api._check_scale(scale, K)
     _api._check_step_gate("beta", beta, q)
     _api._check_log_decay(g, q, allowed=("none", "scalar"))
     _check_common(comm, backend, sums, q, v, initial_state)
-    kind = _DeltaRuleKind(scale, backend, v.shape[-1], sums, fuse_dim)
+    kind = (_DeltaRuleKind if form == "once" else _DeltaRuleTwiceKind)(scale, backend, v.shape[-1],
+                                                                         sums, fuse_dim)
     return _run(kind, comm, initial_state, output_final_state, (q, k, v, beta, g),
                 lambda: _api.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                         output_final_state=output_final_state, backend=backend))

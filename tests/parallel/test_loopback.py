@@ -42,7 +42,8 @@ def _oracle(op):
 
 CASES_F64 = [("linear", "none", {}), ("linear", "const", {}), ("linear", "scalar", {}),
              ("linear", "key", {}), ("delta", "none", {}), ("delta", "scalar", {}),
-             ("delta", "scalar", {"fuse_dim": 0})]
+             ("delta", "scalar", {"fuse_dim": 0}), ("delta", "none", {"form": "twice"}),
+             ("delta", "scalar", {"form": "twice", "fuse_dim": 0})]
 
 
 @pytest.mark.parametrize("op, gate, kw", CASES_F64)
@@ -89,6 +90,9 @@ def test_bad_communicator_and_sums_are_clear_errors():
         lasp.linear_attention_on("world", q, q, q)
     with pytest.raises(ValueError, match="sums"):
         lasp.linear_attention_on(LoopbackComm(0, 2), q, q, q, sums="cuda")
+    beta = torch.full((1, 5, 2), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="form"):
+        lasp.delta_rule_on(LoopbackComm(0, 2), q, q, q, beta, form="thrice")
 
 
 @pytest.mark.gpu
