@@ -17,7 +17,9 @@ torch.cuda.synchronize around each) of:
             sums="torch", its passes over time on chunked float32 PyTorch sums instead of
             the time-split Triton kernel, and for the delta rule form="twice" (a forward on
             [0 | v] without autograd for (M, E), then the op from S_in with autograd)
-            instead of the op once on [0 | v] with autograd
+            instead of the op once on [0 | v] with autograd (main also ran the passes nobody
+            reads, the last rank's E_r and the op's final state there: every mode skips them,
+            so this column is a little faster than main was)
     twice   (delta rule) form="twice" with the Triton sums: which form is faster
 
 and profiles one forward+backward of each (torch.profiler, top kernels by device time). The
