@@ -7,11 +7,14 @@ correctness check on NCCL: the sequence-parallel ops (linear attention with scal
 per-key gates, the gated delta rule; initial and final states; uneven slices) against the
 single-GPU op on the whole sequence in float32, both measured against the float64 reference
 (backend="reference"); the sequence-parallel error must stay within 3x the single-GPU error
-plus 1e-5. Then, for one sequence (B = 1) of each length, forward+backward of
-linear_attention with a scalar gate (H=16, D=128, bfloat16):
+plus 1e-5. Then, for each case (--cases: linear_attention with a scalar, per-key or no
+gate; the gated delta rule) and one sequence (B = 1) of each length, forward+backward
+(H=16, D=128, bfloat16; inputs as benchmarks/sp_rank_sim.py makes them):
 
     1 GPU:  every rank runs the plain op on the whole sequence on its own GPU (rank 0's time)
-    W GPUs: linattn.parallel.linear_attention, each rank one slice (the slowest rank's time)
+    W GPUs: linattn.parallel's op (linear_attention_on / delta_rule_on over the default
+            group, which linattn.parallel.linear_attention / delta_rule call), each rank one
+            slice (the slowest rank's time)
 
 and prints a table with the scaling efficiency time_1 / (W * time_W), writing everything
 (with GPU, versions and date) to --out as JSON.
@@ -31,6 +34,7 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from sp_rank_sim import make_inputs  # noqa: E402  (this folder: the same inputs as the simulation)
 
 
 def parse_args(argv=None):
@@ -42,9 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--backend", default="auto", help="the local op's backend")
+    p.add_argument("--cases", nargs="+", default=["scalar", "key", "none", "delta"],
+                   choices=["scalar", "key", "none", "delta"],
+                   help="linear attention with a scalar / per-key / no gate; the gated delta rule")
+    p.add_argument("--sums", default="auto", choices=["auto", "triton", "torch"],
+                   help="the ranks' passes over time (linattn.parallel.lasp): torch = chunked PyTorch")
     p.add_argument("--skip-check", action="store_true", help="skip the NCCL correctness check")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one fwd+bwd at the first length: per-kernel time, 1 GPU vs a rank")
+                   help="also profile one fwd+bwd at the first length and case: per-kernel time, 1 GPU vs a rank")
     p.add_argument("--out", default="benchmarks/results/sp_scaling.json")
     return p.parse_args(argv)
 
@@ -125,23 +134,38 @@ def correctness_check(rank, world, backend, device, lengths=None, H=2, D=64):
 
 # ----------------------------------------------------------------------------- timing
 
-def _time_fwd_bwd(fn, T, H, D, device, warmup, iters, distributed):
-    gen = torch.Generator(device=device).manual_seed(1)
-    q, k, v = (torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3))
-    k = torch.nn.functional.normalize(k.float(), dim=-1).to(torch.bfloat16)
-    g = torch.nn.functional.logsigmoid(torch.randn(1, T, H, device=device, generator=gen) + 4)
-    do = torch.randn(1, T, H, D, device=device, dtype=torch.bfloat16, generator=gen)
-    for t in (q, k, v, g):
-        t.requires_grad_(True)
+def _ops(case, args):
+    """(1-GPU fn, sequence-parallel fn) of a case, each fn(**inputs) -> (o, state); the
+    sequence-parallel one is linattn.parallel's op over the default group (what
+    linattn.parallel.linear_attention / delta_rule run), with --sums."""
+    import linattn
+    from linattn.parallel import lasp
+    from linattn.parallel.comm import ProcessGroupComm
+
+    single = linattn.delta_rule if case == "delta" else linattn.linear_attention
+    on = lasp.delta_rule_on if case == "delta" else lasp.linear_attention_on
+
+    def one(**x):
+        return single(**x, backend=args.backend)
+
+    def par(**x):
+        return on(ProcessGroupComm(), **x, backend=args.backend, sums=args.sums)
+    return one, par
+
+
+def _time_fwd_bwd(fn, case, T, H, D, device, warmup, iters, distributed):
+    """Median seconds of forward+backward of fn on one sequence of T tokens (sp_rank_sim's
+    inputs for the case: bf16 q, k, v, float32 gates, all requiring grad)."""
+    x, do = make_inputs(case, T, H, D, device, seed=1)
     times = []
     for it in range(warmup + iters):
-        for t in (q, k, v, g):
+        for t in x.values():
             t.grad = None
         torch.cuda.synchronize()
         if distributed:
             dist.barrier()
         t0 = time.perf_counter()
-        o, _ = fn(q, k, v, g)
+        o, _ = fn(**x)
         o.backward(do)
         torch.cuda.synchronize()
         if it >= warmup:
@@ -149,24 +173,24 @@ def _time_fwd_bwd(fn, T, H, D, device, warmup, iters, distributed):
     return statistics.median(times)
 
 
+def _slice_len(T, world, rank):
+    return T // world + (1 if rank < T % world else 0)
+
+
 def _profile(world, rank, args, device):
-    """Per-kernel device time (top 15) of one fwd+bwd at the first length: the single-GPU op
-    on the whole sequence, and this rank's sequence-parallel slice."""
+    """Per-kernel device time (top 15) of one fwd+bwd at the first length and case: the
+    single-GPU op on the whole sequence, and this rank's sequence-parallel slice."""
     from torch.profiler import ProfilerActivity, profile
 
-    import linattn
-    import linattn.parallel as sp
-
-    T, H, D = args.lengths[0], args.heads, args.dim
-    runs = (("1gpu", lambda q, k, v, g: linattn.linear_attention(q, k, v, g, backend=args.backend), T, False),
-            ("sp", lambda q, k, v, g: sp.linear_attention(q, k, v, g, backend=args.backend),
-             T // world + (1 if rank < T % world else 0), True))
+    T, H, D, case = args.lengths[0], args.heads, args.dim, args.cases[0]
+    one, par = _ops(case, args)
     out = {}
-    for name, fn, n, distributed in runs:
+    for name, fn, n, distributed in (("1gpu", one, T, False),
+                                     ("sp", par, _slice_len(T, world, rank), True)):
         if distributed:
             dist.barrier()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            _time_fwd_bwd(fn, n, H, D, device, 0, 1, distributed)
+            _time_fwd_bwd(fn, case, n, H, D, device, 0, 1, distributed)
         rows = []
         for ev in prof.key_averages():
             us = getattr(ev, "self_device_time_total", None)
@@ -178,9 +202,6 @@ def _profile(world, rank, args, device):
 
 
 def _worker(rank, world, port, args, queue):
-    import linattn
-    import linattn.parallel as sp
-
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -191,19 +212,21 @@ def _worker(rank, world, port, args, queue):
             result["check"] = correctness_check(rank, world, args.backend, device)
             dist.barrier()
         H, D = args.heads, args.dim
-        for T in args.lengths:
-            t1 = _time_fwd_bwd(lambda q, k, v, g: linattn.linear_attention(q, k, v, g, backend=args.backend),
-                               T, H, D, device, args.warmup, args.iters, distributed=False)
-            torch.cuda.empty_cache()
-            dist.barrier()
-            tw = _time_fwd_bwd(lambda q, k, v, g: sp.linear_attention(q, k, v, g, backend=args.backend),
-                               T // world + (1 if rank < T % world else 0), H, D, device,
-                               args.warmup, args.iters, distributed=True)
-            torch.cuda.empty_cache()
-            slowest = torch.tensor([tw], device=device, dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            result["rows"].append(dict(T=T, ms_1gpu=t1 * 1e3, ms_sp=slowest.item() * 1e3,
-                                       efficiency=t1 / (world * slowest.item())))
+        for case in args.cases:
+            one, par = _ops(case, args)
+            for T in args.lengths:
+                t1 = _time_fwd_bwd(one, case, T, H, D, device, args.warmup, args.iters,
+                                   distributed=False)
+                torch.cuda.empty_cache()
+                dist.barrier()
+                tw = _time_fwd_bwd(par, case, _slice_len(T, world, rank), H, D, device,
+                                   args.warmup, args.iters, distributed=True)
+                torch.cuda.empty_cache()
+                slowest = torch.tensor([tw], device=device, dtype=torch.float64)
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                result["rows"].append(dict(case=case, T=T, ms_1gpu=t1 * 1e3,
+                                           ms_sp=slowest.item() * 1e3,
+                                           efficiency=t1 / (world * slowest.item())))
         if args.profile:
             result["profile"] = _profile(world, rank, args, device)
         if rank == 0:
@@ -230,13 +253,14 @@ def main(argv=None):
         print(f"NCCL correctness check passed (rank 0, {len(result['check'])} values; tightest: "
               f"{worst['case']} {worst['value']} err {worst['err_sp']:.2e} vs single {worst['err_single']:.2e})")
     W = args.world
-    print(f"\nlinear_attention, scalar gate, B=1 H={args.heads} D={args.dim} bf16, fwd+bwd, backend={args.backend}")
-    print(f"{'T':>9} | {'1 GPU ms':>9} | {W} GPUs ms | efficiency")
+    print(f"\nB=1 H={args.heads} D={args.dim} bf16, fwd+bwd, backend={args.backend}, sums={args.sums} "
+          "(cases: linear_attention with a scalar / per-key / no gate; delta: the gated delta rule)")
+    print(f"{'case':>6} | {'T':>9} | {'1 GPU ms':>9} | {W} GPUs ms | efficiency")
     for r in result["rows"]:
-        print(f"{r['T']:>9} | {r['ms_1gpu']:>9.2f} | {r['ms_sp']:>9.2f} | {r['efficiency']:>9.1%}")
+        print(f"{r['case']:>6} | {r['T']:>9} | {r['ms_1gpu']:>9.2f} | {r['ms_sp']:>9.2f} | {r['efficiency']:>9.1%}")
 
     for name, rows in (result.get("profile") or {}).items():
-        print(f"\nprofile, {name}, T={args.lengths[0]} (rank 0), one fwd+bwd:")
+        print(f"\nprofile, {name}, {args.cases[0]} T={args.lengths[0]} (rank 0), one fwd+bwd:")
         for r in rows:
             print(f"  {r['ms']:8.3f} ms  x{r['calls']:<3} {r['kernel'][:90]}")
 

@@ -55,6 +55,99 @@ def all_gather_stacked(x: torch.Tensor, group=None) -> torch.Tensor:
     return out
 
 
+def _to_wire(x: torch.Tensor, wire_dtype) -> torch.Tensor:
+    """x in the wire dtype (floating tensors only; None: x)."""
+    return x if wire_dtype is None or not x.is_floating_point() else x.to(wire_dtype)
+
+
+class Pending:
+    """A collective in flight: wait() returns its result (after the backend's work is done),
+    in dtype when given (the messages travelled in a narrower wire dtype)."""
+
+    def __init__(self, result: torch.Tensor, work=None, dtype=None):
+        self._result, self._work, self._dtype = result, work, dtype
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._dtype is not None:
+            self._result, self._dtype = self._result.to(self._dtype), None
+        return self._result
+
+
+class ProcessGroupComm:
+    """The collectives of sequence parallelism over a torch.distributed process group.
+
+    group None: the default group; without an initialised default group this is the single
+    process (rank 0 of 1), which communicates nothing. A communicator is a value: the LASP-2
+    ops take one, so a rank's work can run on other transports (LoopbackComm) unchanged.
+
+    wire_dtype: floating messages travel in this dtype (e.g. torch.bfloat16: half the bytes
+    of float32 states) and are returned in their own; None sends them as they are."""
+
+    def __init__(self, group=None, wire_dtype: torch.dtype | None = None):
+        check_group(group)
+        self.group, self.wire_dtype = group, wire_dtype
+        self.rank, self.world = rank_and_world(group)
+
+    def start_all_gather(self, x: torch.Tensor) -> Pending:
+        """Launches the all-gather of x (every rank's x has one shape) and returns at once;
+        wait() gives [W, *x.shape] in rank order. On NCCL the gather runs on NCCL's stream,
+        so work queued before wait() overlaps it."""
+        dtype = x.dtype
+        x = _to_wire(x, self.wire_dtype).contiguous()
+        if self.world == 1:
+            return Pending(x.unsqueeze(0), dtype=dtype)
+        out = torch.empty((self.world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        if _is_nccl(self.group):
+            work = dist.all_gather_into_tensor(out, x, group=self.group, async_op=True)
+        else:
+            work = dist.all_gather(list(out.unbind(0)), x, group=self.group, async_op=True)
+        return Pending(out, work, dtype)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' x stacked in rank order: [W, *x.shape]."""
+        return self.start_all_gather(x).wait()
+
+
+class LoopbackComm:
+    """One rank of a W-rank group simulated in this process, without any communication.
+
+    all_gather(x) returns [W, *x.shape]: every rank's entry is x itself (a group whose ranks
+    all hold this rank's data: what a rank's timing needs), or, with inbox, the messages the
+    other ranks sent in the same call (inbox[j][i]: rank j's i-th message, e.g. the `sent`
+    list of a LoopbackComm that ran rank j). With record, every message this rank sends is
+    kept in `sent` (a copy), so running each rank once with a plain LoopbackComm records what
+    an exact simulation of any rank needs: in LASP-2 each rank's messages depend on its own
+    slice only. wire_dtype: as ProcessGroupComm's (every gathered message, this rank's
+    included, is rounded to it and back).
+    """
+
+    def __init__(self, rank: int, world: int, inbox: list | None = None, record: bool = True,
+                 wire_dtype: torch.dtype | None = None):
+        if not (0 <= rank < world):
+            raise ValueError(f"rank must be in [0, world) = [0, {world}), got {rank}")
+        if inbox is not None and len(inbox) != world:
+            raise ValueError(f"inbox must hold one message list per rank ({world}), got {len(inbox)}")
+        self.rank, self.world, self.inbox, self.record = rank, world, inbox, record
+        self.wire_dtype = wire_dtype
+        self.sent: list[torch.Tensor] = []
+        self.calls = 0
+
+    def start_all_gather(self, x: torch.Tensor) -> Pending:
+        i = self.calls
+        self.calls += 1
+        if self.record:
+            self.sent.append(x.detach().clone())
+        parts = [x if (self.inbox is None or j == self.rank) else
+                 self.inbox[j][i].to(device=x.device, dtype=x.dtype) for j in range(self.world)]
+        return Pending(_to_wire(torch.stack(parts), self.wire_dtype), dtype=x.dtype)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self.start_all_gather(x).wait()
+
+
 def reduce_scatter_stacked(x: torch.Tensor, group=None) -> torch.Tensor:
     """x: [W, *shape], one block per rank; returns sum over ranks of their block [rank].
 

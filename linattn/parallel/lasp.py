@@ -8,9 +8,9 @@ slice a rank's effect on the state is affine:
 (M_r the product of the slice's step maps, last step leftmost; E_r the state the slice
 builds from zero). Each rank computes (M_r, E_r) locally, ONE all-gather gives every rank
 all W pairs, and rank r folds pairs 0..r-1 into its incoming state S_in (and all W into the
-final state), in the state dtype (float32; float64 for float64 inputs). It then runs the
-ordinary single-GPU op on its slice from S_in. The initial state is folded into rank 0's
-pair (E_0 <- M_0 S_0 + E_0), so only rank 0's copy of initial_state is read.
+final state), in the state dtype (float32; float64 for float64 inputs). The initial state is
+folded into rank 0's pair (E_0 <- M_0 S_0 + E_0), so only rank 0's copy of initial_state is
+read.
 
 Backward, with the chain S_in[r+1] = M_r S_in[r] + E_r and the final state S_in[W]:
 
@@ -18,8 +18,36 @@ Backward, with the chain S_in[r+1] = M_r S_in[r] + E_r and the final state S_in[
 
 where c_r is what rank r's outputs send into its incoming state (computable locally, before
 any communication). ONE all-gather of (c_r, d final_state_r) gives every rank what it needs
-to form dS_out[r] = dS_in[r+1] by folding ranks W-1..r+1; the local op then backpropagates
-(do, dS_out) into q, k, v, gates and (on rank 0) initial_state.
+to form dS_out[r] = dS_in[r+1] by folding ranks W-1..r+1.
+
+A rank's local work, per op kind (the extra work over the single-GPU op on the slice):
+
+    gated linear attention (M_r = diag(decay_r), per key row):
+        forward:  E_r = sum_t exp(b_T - b_t) k_t v_t^T (one pass over k, v; not on the last
+                  rank without a final state, whose pair nobody reads), the all-gather, then
+                  the op on the slice from S_in (the kernels take an initial state at no
+                  extra cost), with its final state where a gradient reaches it
+        backward: c_r = scale sum_t (q_t exp(b_t)) do_t^T (one pass over q, do; not on
+                  rank 0), the all-gather, then the op's backward from (do, dS_out)
+    delta rule (M_r dense K x K):
+        the op ONCE, with autograd, on v' = [0 | v] from [I | 0] (one call of V' = K + V
+        columns; two calls when K + V > MAX_HEAD_DIM): its output is [o~ | o_0] with
+        o~_t = scale P_t^T q_t (P_t the product of the maps through t) and o_0 the output
+        from zero, its final state [M_r | E_r]. Then o = o_0 + o~ S_in (a [T, K] x [K, V]
+        product per head), c_r = sum_t o~_t do_t^T, and the backward is the op's own on
+        (do' = [do S_in^T | do], dS' = [dS_out S_in^T | dS_out]).
+
+The passes over time (E_r, c_r) run on a Triton kernel split over time on the Triton
+backend (linattn.ops.triton.outer_sum: at B = 1 a batched matmul over time has one [K, V]
+output per head to spread over the GPU, and the PyTorch form also stages float32 copies),
+on chunked float32 PyTorch sums elsewhere (sums="torch").
+
+Collectives go through a communicator value (linattn.parallel.comm): ProcessGroupComm for a
+torch.distributed group, LoopbackComm to run one rank's work in a single process (timing,
+tests). Each all-gather is launched before the local work that does not need its result and
+waited for after: rank 0's op (its incoming state is the initial state) in the forward; in
+the backward the delta rule's do S_in^T, and the whole backward of the last rank when no
+final state is asked for (no gradient flows into it).
 
 Gradients of inputs shared by all ranks are split by use, as for any parameter under
 sequence parallelism: a constant gate g [H] gets on each rank the part from its own slice
@@ -33,15 +61,19 @@ order; slices may have any length (not a multiple of any chunk size).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..ops import api as _api
 from ..ops.api import MAX_HEAD_DIM
-from .comm import all_gather_stacked, check_group, rank_and_world
+from .comm import ProcessGroupComm
 
-# Tokens per block when summing outer products over a slice: bounds float32 temporaries
-# to ~BLOCK * H * D elements whatever the slice length.
+# Tokens per block when summing outer products over a slice (sums="torch"): bounds float32
+# temporaries to ~BLOCK * H * D elements whatever the slice length.
 BLOCK_TOKENS = 16384
+SUMS = ("auto", "triton", "torch")
+DELTA_FORMS = ("once", "twice")
 
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:
@@ -70,11 +102,12 @@ def weighted_outer_sum(a, b, logd, *, reverse: bool, dtype):
     a: [B, T, H, K]; b: [B, T, H, V]; logd: None or broadcastable [B|1, T, H, 1|K].
     Returns (sum [B, H, K, V], total log-decay of the slice broadcast to [B, H, K] or None).
     Partial sums run per block of BLOCK_TOKENS tokens with a carried offset, so the weights
-    that matter (L near 0) are never the difference of two large sums."""
+    that matter (L near 0) are never the difference of two large sums. (PyTorch; the Triton
+    backend's form is linattn.ops.triton.outer_sum.)"""
     B, T, H, K = a.shape
     V = b.shape[-1]
     # 16-bit inputs on CUDA: TF32 tensor cores (10-bit mantissa, finer than the inputs'
-    # 8 bits; float32 accumulation), else these sums would cost a sizeable part of the op.
+    # 8 bits; float32 accumulation)
     tf32 = a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32
     prev = torch.get_float32_matmul_precision()
     if tf32:
@@ -112,23 +145,61 @@ def _weighted_outer_sum_blocks(a, b, logd, reverse, dtype):
     return acc, total
 
 
+def _sums_impl(sums: str, backend: str, x: torch.Tensor) -> str:
+    """"triton" where the local op runs on Triton (and the inputs are not float64), else "torch"."""
+    if x.dtype == torch.float64:
+        return "torch"
+    if sums != "auto":
+        return sums
+    on_triton = backend == "triton" or (backend == "auto" and x.is_cuda and _api._triton_available())
+    return "triton" if on_triton else "torch"
+
+
+def _outer_sum_triton(a, b, g, reverse):
+    from ..ops.triton.outer_sum import weighted_outer_sum as kernel_sum
+    return kernel_sum(a, b, g, reverse=reverse)
+
+
 # ----------------------------------------------------------------------------- op kinds
+
+class _Local:
+    """What a rank keeps between its forward and backward (filled by the op kind)."""
+
+    def __init__(self, leaves):
+        self.leaves = leaves
+        self.payload = None
+
 
 class _LinearAttentionKind:
     """Gated linear attention: M_r = diag(decay_r) (per key row), payload [B, H, K, V + 1] = [E_r | decay_r]."""
 
-    def __init__(self, scale, backend, V):
-        self.scale, self.backend, self.V = scale, backend, V
+    def __init__(self, scale, backend, V, sums="auto"):
+        self.scale, self.backend, self.V, self.sums = scale, backend, V, sums
 
-    def transition(self, args, S0):
-        q, k, v, g = args
-        B, T, H, K = q.shape
-        sdt = state_dtype(q)
-        E, total = weighted_outer_sum(k, v, _log_decay_steps(g, B, T, H), reverse=True, dtype=sdt)
-        decay = torch.ones(B, H, K, dtype=sdt, device=q.device) if total is None else torch.exp(total)
-        if S0 is not None:
-            E = decay.unsqueeze(-1) * S0.to(sdt) + E
-        return torch.cat([E, decay.unsqueeze(-1)], dim=-1), None  # [B, H, K, V + 1]
+    def _sum(self, a, b, g, reverse):
+        """(sum_t exp(L_t) a_t^T b_t [B, H, K, V], the slice's total log-decay [B, H, K] or
+        None), both in the state dtype; L as weighted_outer_sum defines it."""
+        B, T, H, K = a.shape
+        sdt = state_dtype(a)
+        if _sums_impl(self.sums, self.backend, a) == "triton":
+            out, total = _outer_sum_triton(a, b, g, reverse)
+            return out.to(sdt), None if total is None else total.to(sdt)
+        return weighted_outer_sum(a, b, _log_decay_steps(g, B, T, H), reverse=reverse, dtype=sdt)
+
+    def local(self, leaves, S0, need_payload):
+        q, k, v, g = leaves
+        B, _, H, K = q.shape
+        st = _Local(leaves)
+        if not need_payload:  # the last rank without a final state: nobody reads its pair
+            st.payload = torch.zeros(B, H, K, self.V + 1, dtype=state_dtype(q), device=q.device)
+            return st
+        with torch.no_grad():
+            E, total = self._sum(k, v, g, reverse=True)
+            decay = torch.ones(B, H, K, dtype=E.dtype, device=q.device) if total is None else torch.exp(total)
+            if S0 is not None:
+                E = decay.unsqueeze(-1) * S0.to(E.dtype) + E
+            st.payload = torch.cat([E, decay.unsqueeze(-1)], dim=-1)  # [B, H, K, V + 1]
+        return st
 
     def apply(self, p, S):  # M S + E
         return p[..., : self.V] + p[..., self.V:] * S
@@ -136,49 +207,92 @@ class _LinearAttentionKind:
     def apply_transposed(self, p, dS):  # M^T dS
         return p[..., self.V:] * dS
 
-    def incoming_grad(self, args, saved, do):
-        """c_r = d(sum_t <do_t, o_t>)/dS_in = sum_t scale (q_t * exp(b_t)) do_t^T."""
-        q, g = args[0], args[3]
-        B, T, H, _ = q.shape
-        c, _ = weighted_outer_sum(q, do, _log_decay_steps(g, B, T, H), reverse=False,
-                                  dtype=state_dtype(q))
+    def output(self, st, S_in, s0_grad, need_state):
+        """The op on the slice from S_in (a leaf needing grad on rank 0 with s0_grad)."""
+        q, k, v, g = st.leaves
+        return _run_from_state(st, S_in, s0_grad, lambda s_leaf: _api.linear_attention(
+            q, k, v, g, scale=self.scale, initial_state=s_leaf, output_final_state=need_state,
+            backend=self.backend))
+
+    def incoming_grad(self, st, do, first_rank):
+        """c_r = d(sum_t <do_t, o_t>)/dS_in = sum_t scale (q_t * exp(b_t)) do_t^T (zeros on
+        rank 0, whose c nobody reads: its initial state's gradient comes from the op)."""
+        q, g = st.leaves[0], st.leaves[3]
+        if first_rank:
+            B, _, H, K = q.shape
+            return torch.zeros(B, H, K, self.V, dtype=state_dtype(q), device=q.device)
+        with torch.no_grad():
+            c, _ = self._sum(q.detach(), do, None if g is None else g.detach(), reverse=False)
         return c * self.scale
 
-    def run(self, args, S_in):
-        q, k, v, g = args
-        return _api.linear_attention(q, k, v, g, scale=self.scale, initial_state=S_in,
-                                     output_final_state=True, backend=self.backend)
+    def before_grads(self, st, do):
+        pass
+
+    def grads(self, st, do, dS, targets):
+        return _grads_from_state(st, do, dS, targets)
+
+
+def _run_from_state(st, S_in, s0_grad, call):
+    """(o detached) of call(s_leaf) -> (o, S_out), the op on the slice from S_in with autograd,
+    s_leaf a leaf of S_in that needs a gradient with s0_grad (rank 0's initial state)."""
+    st.s_leaf = None if S_in is None else S_in.detach().requires_grad_(s0_grad)
+    with torch.enable_grad():
+        st.o, st.S_out = call(st.s_leaf)
+    return st.o.detach()
+
+
+def _grads_from_state(st, do, dS, targets):
+    """Gradients of targets (and dS_in, of rank 0's initial state) from (do, dS_out) through
+    the op _run_from_state ran."""
+    outs, cots = [st.o], [do]
+    if dS is not None and st.S_out is not None:
+        outs.append(st.S_out)
+        cots.append(dS.to(st.S_out.dtype))
+    want = list(targets)
+    if st.s_leaf is not None and st.s_leaf.requires_grad:
+        want.append(st.s_leaf)
+    got = torch.autograd.grad(outs, want, cots, allow_unused=True) if want else []
+    dS_in = got[-1] if len(want) > len(targets) else None
+    return list(got[: len(targets)]), dS_in
 
 
 class _DeltaRuleKind:
     """(Gated) delta rule: M_r dense [B, H, K, K], payload [B, H, K, K + V] = [M_r | E_r].
 
-    M_r is the op run with v = 0 from initial_state = I (a K x K state); its output is then
-    o~_t = scale P_t^T q_t (P_t the product of the maps up to t), kept for the backward:
-    c_r = sum_t o~_t do_t^T. With K + V <= MAX_HEAD_DIM the two runs are one op call on
-    v' = [0 | v] from [I | S0]."""
+    The op runs once per rank, with autograd, on v' = [0 | v] from [I | 0] (see the module
+    docstring); when K + V > fuse_dim the two halves are two op calls."""
 
-    def __init__(self, scale, backend, V):
-        self.scale, self.backend, self.V = scale, backend, V
+    def __init__(self, scale, backend, V, sums="auto", fuse_dim=MAX_HEAD_DIM):
+        self.scale, self.backend, self.V, self.sums, self.fuse_dim = scale, backend, V, sums, fuse_dim
 
     def _op(self, q, k, v, beta, g, S0):
         return _api.delta_rule(q, k, v, beta, g, scale=self.scale, initial_state=S0,
                                output_final_state=True, backend=self.backend)
 
-    def transition(self, args, S0):
-        q, k, v, beta, g = args
+    def local(self, leaves, S0, need_payload):
+        q, k, v, beta, g = leaves
         B, T, H, K = q.shape
         V, sdt = self.V, state_dtype(q)
+        st = _Local(leaves)
         eye = torch.eye(K, dtype=sdt, device=q.device).expand(B, H, K, K)
         zeros_v = torch.zeros(B, T, H, K, dtype=v.dtype, device=v.device)
-        if K + V <= MAX_HEAD_DIM:
-            S0_part = torch.zeros(B, H, K, V, dtype=sdt, device=q.device) if S0 is None else S0.to(sdt)
-            o2, st = self._op(q, k, torch.cat([zeros_v, v], dim=-1), beta, g,
-                              torch.cat([eye, S0_part], dim=-1))  # o2 [B, T, H, K + V], st [B, H, K, K + V]
-            return st.to(sdt), o2[..., :K].contiguous()  # o~ [B, T, H, K]
-        o_tilde, M = self._op(q, k, zeros_v, beta, g, eye.contiguous())
-        _, E = self._op(q, k, v, beta, g, None if S0 is None else S0.to(sdt))
-        return torch.cat([M.to(sdt), E.to(sdt)], dim=-1), o_tilde
+        st.fused = K + V <= self.fuse_dim
+        with torch.enable_grad():
+            if st.fused:
+                h0 = torch.cat([eye, torch.zeros(B, H, K, V, dtype=sdt, device=q.device)], dim=-1)
+                o2, s2 = self._op(q, k, torch.cat([zeros_v, v], dim=-1), beta, g, h0)
+                st.outs = [o2, s2]                          # [B, T, H, K + V], [B, H, K, K + V]
+                st.o_t, st.o_0, st.M, E = o2[..., :K], o2[..., K:], s2[..., :K], s2[..., K:]
+            else:
+                st.o_t, st.M = self._op(q, k, zeros_v, beta, g, eye.contiguous())
+                st.o_0, E = self._op(q, k, v, beta, g, None)
+                st.outs = [st.o_t, st.M, st.o_0, E]
+        with torch.no_grad():
+            M, E = st.M.detach().to(sdt), E.detach().to(sdt)
+            if S0 is not None:
+                E = M @ S0.to(sdt) + E
+            st.payload = torch.cat([M, E], dim=-1)
+        return st
 
     def apply(self, p, S):
         K = p.shape[-1] - self.V
@@ -188,98 +302,194 @@ class _DeltaRuleKind:
         K = p.shape[-1] - self.V
         return p[..., :K].transpose(-1, -2) @ dS
 
-    def incoming_grad(self, args, o_tilde, do):
-        c, _ = weighted_outer_sum(o_tilde, do, None, reverse=False, dtype=state_dtype(args[0]))
+    def output(self, st, S_in, s0_grad, need_state):
+        """o = o_0 + o~ S_in (o~ [B, T, H, K] and S_in [B, H, K, V] in the inputs' dtype)."""
+        st.S_in, st.s0_grad = S_in, s0_grad
+        with torch.no_grad():
+            o0 = st.o_0.detach()
+            if S_in is None:
+                return o0.contiguous()
+            o_t = st.o_t.detach()
+            corr = torch.einsum("bthk,bhkv->bthv", o_t, S_in.to(o_t.dtype))  # [B, H, T, V] in memory
+            return torch.add(o0, corr, out=torch.empty(o0.shape, dtype=o0.dtype, device=o0.device))
+
+    def incoming_grad(self, st, do, first_rank):
+        """c_r = sum_t o~_t do_t^T (zeros on rank 0 unless its initial state needs a gradient)."""
+        with torch.no_grad():
+            o_t = st.o_t.detach()
+            if first_rank and not st.s0_grad:
+                B, _, H, K = o_t.shape
+                return torch.zeros(B, H, K, self.V, dtype=state_dtype(o_t), device=o_t.device)
+            if _sums_impl(self.sums, self.backend, o_t) == "triton":
+                return _outer_sum_triton(o_t, do, None, False)[0].to(state_dtype(o_t))
+            c, _ = weighted_outer_sum(o_t, do, None, reverse=False, dtype=state_dtype(o_t))
         return c
 
-    def run(self, args, S_in):
-        return self._op(*args, S_in)
+    def before_grads(self, st, do):
+        """do S_in^T, the cotangent of o~ (needs no communication: runs while the gather does)."""
+        st.do_t = None
+        if st.S_in is not None:
+            with torch.no_grad():
+                st.do_t = torch.einsum("bthv,bhkv->bthk", do, st.S_in.to(do.dtype))
+
+    def grads(self, st, do, dS, targets):
+        q = st.leaves[0]
+        B, _, H, K = q.shape
+        d_ot = st.do_t if st.do_t is not None else torch.zeros_like(st.o_t)
+        dM = None
+        if dS is not None:
+            dM = (dS @ st.S_in.to(dS.dtype).transpose(-1, -2) if st.S_in is not None
+                  else torch.zeros(B, H, K, K, dtype=dS.dtype, device=dS.device))
+        if st.fused:
+            outs, cots = [st.outs[0]], [torch.cat([d_ot, do.to(d_ot.dtype)], dim=-1)]
+            if dS is not None:
+                outs.append(st.outs[1])
+                cots.append(torch.cat([dM, dS], dim=-1).to(st.outs[1].dtype))
+        else:
+            outs, cots = [st.outs[0], st.outs[2]], [d_ot, do]
+            if dS is not None:
+                outs += [st.outs[1], st.outs[3]]
+                cots += [dM.to(st.outs[1].dtype), dS.to(st.outs[3].dtype)]
+        got = torch.autograd.grad(outs, list(targets), cots, allow_unused=True) if targets else []
+        dS_in = None
+        if st.s0_grad:  # rank 0's initial state: dS_in = c_0 + M^T dS_out
+            dS_in = st.c if dS is None else st.c + st.M.detach().to(dS.dtype).transpose(-1, -2) @ dS
+        return list(got), dS_in
+
+
+class _DeltaRuleTwiceKind(_DeltaRuleKind):
+    """The delta rule in two op calls per rank: a forward without autograd on v' = [0 | v]
+    from [I | S0] for (M_r, E_r) and o~, then the op with autograd on v from S_in (the
+    single-GPU op's own handling of the incoming state). form="twice" of delta_rule_on."""
+
+    def local(self, leaves, S0, need_payload):
+        q, k, v, beta, g = leaves
+        B, T, H, K = q.shape
+        V, sdt = self.V, state_dtype(q)
+        st = _Local(leaves)
+        eye = torch.eye(K, dtype=sdt, device=q.device).expand(B, H, K, K)
+        zeros_v = torch.zeros(B, T, H, K, dtype=v.dtype, device=v.device)
+        with torch.no_grad():
+            q, k, v, beta = q.detach(), k.detach(), v.detach(), beta.detach()
+            g = None if g is None else g.detach()
+            S0_part = torch.zeros(B, H, K, V, dtype=sdt, device=q.device) if S0 is None else S0.to(sdt)
+            if K + V <= self.fuse_dim:
+                o2, s2 = self._op(q, k, torch.cat([zeros_v, v], dim=-1), beta, g,
+                                  torch.cat([eye, S0_part], dim=-1))
+                st.o_t, st.M = o2[..., :K], s2[..., :K]
+                st.payload = s2.to(sdt)
+            else:
+                st.o_t, st.M = self._op(q, k, zeros_v, beta, g, eye.contiguous())
+                _, E = self._op(q, k, v, beta, g, None if S0 is None else S0_part)
+                st.payload = torch.cat([st.M.to(sdt), E.to(sdt)], dim=-1)
+        return st
+
+    def output(self, st, S_in, s0_grad, need_state):
+        st.s0_grad = s0_grad
+        q, k, v, beta, g = st.leaves
+        return _run_from_state(st, S_in, s0_grad, lambda s_leaf: _api.delta_rule(
+            q, k, v, beta, g, scale=self.scale, initial_state=s_leaf,
+            output_final_state=need_state, backend=self.backend))
+
+    def before_grads(self, st, do):
+        pass
+
+    def grads(self, st, do, dS, targets):
+        return _grads_from_state(st, do, dS, targets)
 
 
 # ----------------------------------------------------------------------------- autograd
 
 class _LASP2(torch.autograd.Function):
-    """One all-gather of per-rank (M_r, E_r) forward, one all-gather of (c_r, dfinal_r) backward."""
+    """One all-gather of per-rank (M_r, E_r) forward, one all-gather of (c_r, dfinal_r) backward,
+    over the communicator comm (linattn.parallel.comm)."""
 
     @staticmethod
-    def forward(ctx, kind, group, want_final, S0, *args):
-        rank, world = rank_and_world(group)
+    def forward(ctx, kind, comm, want_final, S0, *args):
+        rank, world = comm.rank, comm.world
         S0_used = S0 if rank == 0 else None
-        with torch.no_grad():
-            payload, saved = kind.transition(args, S0_used)
-            pays = all_gather_stacked(payload, group)  # [W, B, H, K, P]
-            S_in = S0_used
-            if rank > 0:
-                S_in = torch.zeros_like(payload[..., : kind.V])
+        needs = ctx.needs_input_grad[4:]
+        leaves = [a.detach().requires_grad_(n) if a is not None else None for a, n in zip(args, needs)]
+        st = kind.local(leaves, S0_used, need_payload=rank < world - 1 or want_final)
+        pending = comm.start_all_gather(st.payload)  # [W, B, H, K, P] once waited for
+        s0_grad = S0_used is not None and ctx.needs_input_grad[3]
+        need_state = rank < world - 1 or want_final
+        if rank == 0:  # its incoming state is S0 (or none): the op overlaps the gather
+            o = kind.output(st, S0_used, s0_grad, need_state)
+            pays = pending.wait()
+        else:
+            pays = pending.wait()
+            with torch.no_grad():
+                S_in = torch.zeros_like(st.payload[..., : kind.V])
                 for j in range(rank):
                     S_in = kind.apply(pays[j], S_in)
-            final = None
-            if want_final:
-                final = torch.zeros_like(payload[..., : kind.V])
+            o = kind.output(st, S_in, s0_grad, need_state)
+        final = None
+        if want_final:
+            with torch.no_grad():
+                final = torch.zeros_like(st.payload[..., : kind.V])
                 for j in range(world):
                     final = kind.apply(pays[j], final)
 
-        needs = ctx.needs_input_grad[4:]
-        leaves = [a.detach().requires_grad_(n) if a is not None else None for a, n in zip(args, needs)]
-        s_leaf = None
-        if S_in is not None:
-            s_leaf = S_in.detach().requires_grad_(rank == 0 and ctx.needs_input_grad[3])
-        with torch.enable_grad():
-            o, S_out = kind.run(leaves, s_leaf)
-
-        ctx.kind, ctx.group, ctx.rank, ctx.world, ctx.want_final = kind, group, rank, world, want_final
-        ctx.pays, ctx.saved, ctx.o, ctx.S_out = pays, saved, o, S_out
-        ctx.leaves, ctx.s_leaf = leaves, s_leaf
+        ctx.kind, ctx.comm, ctx.want_final, ctx.st, ctx.pays = kind, comm, want_final, st, pays
         ctx.S0_like = None if S0 is None else (S0.shape, S0.dtype, S0.device)
         if final is None:
-            final = payload.new_zeros(0)
-        return o.detach(), final
+            final = st.payload.new_zeros(0)
+        return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        kind, rank, world, V = ctx.kind, ctx.rank, ctx.world, ctx.kind.V
+        kind, comm, st, V = ctx.kind, ctx.comm, ctx.st, ctx.kind.V
+        rank, world = comm.rank, comm.world
+        st.c = c = kind.incoming_grad(st, do, first_rank=rank == 0)  # [B, H, K, V]
         with torch.no_grad():
-            c = kind.incoming_grad(ctx.leaves, ctx.saved, do)  # [B, H, K, V]
             msg = torch.cat([c, dfinal.to(c.dtype)], dim=-1) if ctx.want_final else c
-            got = all_gather_stacked(msg, ctx.group)  # [W, B, H, K, V or 2V]
-            dS = got[..., V:].sum(0) if ctx.want_final else torch.zeros_like(c)
-            for j in range(world - 1, rank, -1):
-                dS = kind.apply_transposed(ctx.pays[j], dS) + got[j, ..., :V]
-
-        targets = [x for x in ctx.leaves if x is not None and x.requires_grad]
-        if ctx.s_leaf is not None and ctx.s_leaf.requires_grad:
-            targets.append(ctx.s_leaf)
-        grads = {}
-        if targets:
-            outs = torch.autograd.grad([ctx.o, ctx.S_out], targets, [do, dS.to(ctx.S_out.dtype)],
-                                       allow_unused=True)
-            grads = {id(t): gr for t, gr in zip(targets, outs)}
-        arg_grads = [None if x is None else grads.get(id(x)) for x in ctx.leaves]
+        pending = comm.start_all_gather(msg)
+        kind.before_grads(st, do)  # local work that overlaps the gather
+        targets = [x for x in st.leaves if x is not None and x.requires_grad]
+        if rank == world - 1 and not ctx.want_final:  # nothing flows in: the op's backward overlaps the gather
+            grads, dS_in = kind.grads(st, do, None, targets)
+            pending.wait()
+        else:
+            got = pending.wait()  # [W, B, H, K, V or 2V]
+            with torch.no_grad():
+                dS = got[..., V:].sum(0) if ctx.want_final else None
+                for j in range(world - 1, rank, -1):
+                    dS = got[j, ..., :V] if dS is None else kind.apply_transposed(ctx.pays[j], dS) + got[j, ..., :V]
+            grads, dS_in = kind.grads(st, do, dS, targets)
+        by_id = {id(t): gr for t, gr in zip(targets, grads)}
+        arg_grads = [None if x is None else by_id.get(id(x)) for x in st.leaves]
         dS0 = None
         if ctx.needs_input_grad[3]:
-            dS0 = grads.get(id(ctx.s_leaf)) if rank == 0 else None
-            if dS0 is None:
-                shape, dtype, device = ctx.S0_like
-                dS0 = torch.zeros(shape, dtype=dtype, device=device)
+            dS0 = dS_in if rank == 0 else None
+            shape, dtype, device = ctx.S0_like
+            dS0 = torch.zeros(shape, dtype=dtype, device=device) if dS0 is None else dS0.to(dtype)
+        ctx.st = None
         return (None, None, None, dS0, *arg_grads)
 
 
 # ----------------------------------------------------------------------------- public API
 
-def _check_common(group, backend, q, v, initial_state):
-    check_group(group)
+def _check_common(comm, backend, sums, q, v, initial_state):
+    if not hasattr(comm, "start_all_gather"):
+        raise TypeError(f"comm must be a communicator (linattn.parallel.comm.ProcessGroupComm or "
+                        f"LoopbackComm), got {type(comm).__name__}")
     if backend not in _api.BACKENDS:
         raise ValueError(f"backend must be one of {_api.BACKENDS}, got {backend!r}")
+    if sums not in SUMS:
+        raise ValueError(f"sums must be one of {SUMS}, got {sums!r}")
+    if sums == "triton" and not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("sums='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"triton is imported); q is on {q.device}")
     if initial_state is not None:
         B, _, H, K = q.shape
         _api._check_state("initial_state", initial_state, q, (B, H, K, v.shape[-1]), "[B, H, K, V]")
 
 
-def _run(kind, group, initial_state, output_final_state, args, single):
-    rank, world = rank_and_world(group)
-    if world == 1:
+def _run(kind, comm, initial_state, output_final_state, args, single):
+    if comm.world == 1:
         return single()
-    o, final = _LASP2.apply(kind, group, bool(output_final_state), initial_state, *args)
+    o, final = _LASP2.apply(kind, comm, bool(output_final_state), initial_state, *args)
     return o, (final if output_final_state else None)
 
 
@@ -315,13 +525,24 @@ def linear_attention(q, k, v, g=None, *, group=None, scale=None, initial_state=N
     A constant gate's gradient is this rank's part: all-reduce it (SUM) across the group,
     as for any parameter under sequence parallelism.
     """
+    return linear_attention_on(ProcessGroupComm(group), q, k, v, g, scale=scale,
+                               initial_state=initial_state,
+                               output_final_state=output_final_state, backend=backend)
+
+
+def linear_attention_on(comm, q, k, v, g=None, *, scale=None, initial_state=None,
+                        output_final_state=False, backend="auto", sums="auto"):
+    """linear_attention over a communicator (ProcessGroupComm, LoopbackComm): the rank and the
+    group are comm's. sums: how the passes over time run, "auto" (the Triton kernel where the
+    op runs on Triton), "triton" or "torch" (chunked PyTorch). Other arguments: as
+    linear_attention."""
     _api._check_qkv(q, k, v)
     B, T, H, K = q.shape
     scale = _api._check_scale(scale, K)
     _api._check_log_decay(g, q)
-    _check_common(group, backend, q, v, initial_state)
-    kind = _LinearAttentionKind(scale, backend, v.shape[-1])
-    return _run(kind, group, initial_state, output_final_state, (q, k, v, g),
+    _check_common(comm, backend, sums, q, v, initial_state)
+    kind = _LinearAttentionKind(scale, backend, v.shape[-1], sums)
+    return _run(kind, comm, initial_state, output_final_state, (q, k, v, g),
                 lambda: _api.linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
                                               output_final_state=output_final_state, backend=backend))
 
@@ -346,16 +567,31 @@ def delta_rule(q, k, v, beta, g=None, *, group=None, scale=None, initial_state=N
             M_r and E_r); independent of T.
         backward: one all-gather; each rank sends B*H*K*V elements, 2*B*H*K*V with
             output_final_state=True.
-    Extra local work over the single-GPU op: one forward of the op on v' = [0 | v] (V' = K + V,
-    or two calls when K + V > 256) without autograd, to form (M_r, E_r).
+    Local work: the op once on v' = [0 | v] (V' = K + V columns, or two calls when
+    K + V > 256) with autograd, instead of the single-GPU op on v; then o = o_0 + o~ S_in.
     """
+    return delta_rule_on(ProcessGroupComm(group), q, k, v, beta, g, scale=scale,
+                         initial_state=initial_state, output_final_state=output_final_state,
+                         backend=backend)
+
+
+def delta_rule_on(comm, q, k, v, beta, g=None, *, scale=None, initial_state=None,
+                  output_final_state=False, backend="auto", sums="auto", fuse_dim=MAX_HEAD_DIM,
+                  form="once"):
+    """delta_rule over a communicator (see linear_attention_on). fuse_dim: the widest
+    K + V run as one op call on v' = [0 | v] (above it: two calls). form: "once" (the op
+    once on v' with autograd, the module docstring's form) or "twice" (a forward on v'
+    without autograd, then the op on v from S_in with autograd)."""
+    if form not in DELTA_FORMS:
+        raise ValueError(f"form must be one of {DELTA_FORMS}, got {form!r}")
     _api._check_qkv(q, k, v)
     B, T, H, K = q.shape
     scale = _api._check_scale(scale, K)
     _api._check_step_gate("beta", beta, q)
     _api._check_log_decay(g, q, allowed=("none", "scalar"))
-    _check_common(group, backend, q, v, initial_state)
-    kind = _DeltaRuleKind(scale, backend, v.shape[-1])
-    return _run(kind, group, initial_state, output_final_state, (q, k, v, beta, g),
+    _check_common(comm, backend, sums, q, v, initial_state)
+    kind = (_DeltaRuleKind if form == "once" else _DeltaRuleTwiceKind)(scale, backend, v.shape[-1],
+                                                                         sums, fuse_dim)
+    return _run(kind, comm, initial_state, output_final_state, (q, k, v, beta, g),
                 lambda: _api.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                         output_final_state=output_final_state, backend=backend))

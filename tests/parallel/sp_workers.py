@@ -25,6 +25,7 @@ import helpers  # noqa: E402
 import linattn  # noqa: E402
 import linattn.parallel as sp  # noqa: E402
 from linattn.parallel import lasp  # noqa: E402
+from linattn.parallel.comm import ProcessGroupComm  # noqa: E402
 
 B, H, K, V = 2, 2, 5, 3  # K != V
 
@@ -124,7 +125,7 @@ def _full_inputs(op, gate, T, world, gen):
     return x, do, dfinals
 
 
-def _check_case(rank, world, lengths, op, gate, with_state, seed):
+def _check_case(rank, world, lengths, op, gate, with_state, seed, **kw):
     label = f"[{op} gate={gate} state={with_state} W={world} rank={rank}]"
     gen = helpers.seeded(seed)
     T = sum(lengths)
@@ -145,7 +146,12 @@ def _check_case(rank, world, lengths, op, gate, with_state, seed):
     const_gate = gate == "const"
     mine = {n: _cut(x[n], sl, n not in ("initial_state",) and not (n == "g" and const_gate))
             for n in names}
-    o_r, st_r = fn_sp(**mine, group=None, output_final_state=with_state, backend="torch")
+    if kw:  # an option of the communicator-level entry point, on the default group
+        fn_on = lasp.delta_rule_on if op == "delta" else lasp.linear_attention_on
+        o_r, st_r = fn_on(ProcessGroupComm(), **mine, output_final_state=with_state,
+                          backend="torch", **kw)
+    else:
+        o_r, st_r = fn_sp(**mine, group=None, output_final_state=with_state, backend="torch")
     loss_r = (o_r * do[:, sl]).sum() + ((st_r * dfinals[rank]).sum() if with_state else 0)
     loss_r.backward()
 
@@ -226,12 +232,7 @@ def check_everything(rank, world, lengths):
     """All op cases, attention and prev_tokens on one process group."""
     for i, (op, gate, with_state) in enumerate(CASES):
         _check_case(rank, world, lengths, op, gate, with_state, seed=100 + i)
-    # The delta rule's two-call transition (taken when K + V > MAX_HEAD_DIM).
-    saved = lasp.MAX_HEAD_DIM
-    lasp.MAX_HEAD_DIM = 0
-    try:
-        _check_case(rank, world, lengths, "delta", "scalar", True, seed=200)
-    finally:
-        lasp.MAX_HEAD_DIM = saved
+    # The delta rule's two-call form (taken when K + V > fuse_dim, MAX_HEAD_DIM by default).
+    _check_case(rank, world, lengths, "delta", "scalar", True, seed=200, fuse_dim=0)
     _check_attention(rank, world, lengths, seed=300)
     _check_prev_tokens(rank, world, lengths, n=3, seed=400)
