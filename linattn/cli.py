@@ -462,7 +462,7 @@ def _cmd_generate(args) -> int:
     model, model_cfg, task, cfg, dev = load_trained(args.run_dir, args.device)
     try:
         prompt = task.prompt_ids(args.prompt)
-    except ValueError as e:
+    except (ValueError, NotImplementedError) as e:  # not a token / a task without a text form
         raise ValueError(f"--prompt: {e}") from None
     n = args.max_new_tokens or task.answer_len or 1
     if len(prompt) + n > model_cfg.max_seq_len:
