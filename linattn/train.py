@@ -34,6 +34,7 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -771,8 +772,6 @@ def _progress_bar(total: int, initial: int, mode, desc: str, every_s: float = 10
     """Progress on stderr. mode True: a tqdm bar when stderr is a terminal, else plain lines;
     "lines": plain lines (a start line, the first step, then one every `every_s` seconds and
     the last step); False: nothing."""
-    import sys
-
     if not mode:
         return None
     if mode is True and sys.stderr.isatty():
@@ -795,8 +794,6 @@ class _LineProgress:
                     else f"{desc}: already trained {total} steps, evaluating")
 
     def _print(self, text: str) -> None:
-        import sys
-
         print(text, file=sys.stderr, flush=True)
 
     def update(self, n: int = 1) -> None:
