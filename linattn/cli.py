@@ -129,8 +129,10 @@ def _build_parser() -> argparse.ArgumentParser:
                          "torchrun --nproc-per-node N -m linattn.cli train ... --sequence-parallel; "
                          "same weights as one process, rank 0 writes --out")
 
-    ev = sub.add_parser("eval", help="evaluate a trained run on a fresh test set",
-                        description="Reload a run directory and evaluate it on a fresh test set.")
+    ev = sub.add_parser("eval", help="evaluate a trained run on its test split",
+                        description="Reload a run directory and evaluate it on its task's test split "
+                                    "(never drawn in training); by default on the batches of "
+                                    "training's final evaluation, so it prints metrics.json's numbers.")
     ev.add_argument("run_dir", help="directory written by `linattn train`")
     ev.add_argument("--seed", type=int, default=None,
                     help="test-set seed (default: the run's seed, whose test split training never "
@@ -182,10 +184,11 @@ def _setting_defaults() -> dict:
     out.update({f.name: f.default for f in fields(TrainConfig)})
     out.update(CLI_DEFAULTS)
     out["task"] = "mqar"
+    per_task = {}
     for name, cls in TASKS.items():
         for knob, value in cls.knobs().items():
-            out.setdefault(knob, {})[name] = value
-    return out
+            per_task.setdefault(knob, {})[name] = value
+    return {**out, **per_task}
 
 
 def _with_default(dest: str, help_: str, defaults: dict) -> str:
