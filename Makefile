@@ -37,6 +37,8 @@ demo: $(STAMP)
 	$(VPY) -m linattn.demo
 
 # On a GPU machine: our ops against SDPA and the peers installed in .venv (see BENCHMARKS.md).
+# With a python that already has CUDA torch and linattn (no .venv, no network):
+#   make bench VPY=python3 STAMP=
 bench: $(STAMP)
 	$(VPY) -m linattn.cli bench
 
