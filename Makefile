@@ -1,4 +1,6 @@
-# `make test` and `make demo` do all the set-up on a fresh CPU machine.
+# `make test` and `make demo` do all the set-up on a fresh CPU machine: the project's
+# virtual environment is .venv; every target runs in it (the `linattn` command is
+# .venv/bin/linattn, on the PATH after `source .venv/bin/activate`).
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
@@ -7,10 +9,12 @@ STAMP := $(VENV)/.installed
 .PHONY: install test test-gpu sm90-check demo bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
+	@echo "== setting up $(VENV): linattn, torch, triton and the test tools, pinned by constraints-cpu.txt (1-2 minutes) =="
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -c constraints-cpu.txt -e ".[test]"
+	$(VPY) -m pip install --progress-bar on -c constraints-cpu.txt -e ".[test]"
 	touch $(STAMP)
+	@echo "== $(VENV) is ready: run 'source $(VENV)/bin/activate' to put linattn on your PATH, or call $(VENV)/bin/linattn =="
 
 install: $(STAMP)
 
@@ -32,8 +36,11 @@ sm90-check: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m linattn.demo
 
-bench:
-	$(PY) -m linattn.cli bench
+# On a GPU machine: our ops against SDPA and the peers installed in .venv (see BENCHMARKS.md).
+# With a python that already has CUDA torch and linattn (no .venv, no network):
+#   make bench VPY=python3 STAMP=
+bench: $(STAMP)
+	$(VPY) -m linattn.cli bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

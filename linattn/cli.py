@@ -3,7 +3,8 @@
     linattn train --task mqar --mixer gated_deltanet --steps 2000 --out runs/mqar
     linattn train --config run.yaml --lr 3e-3 --out runs/x     # explicit flags beat the file
     linattn train --out runs/mqar --resume                      # continue an interrupted run
-    linattn eval runs/mqar                                      # fresh test set, a table
+    linattn eval runs/mqar                                      # train's final test numbers again
+    linattn generate runs/cmp --prompt "9.11 | 9.9 ?"           # a task's text in, the answer out
     torchrun --nproc-per-node 2 -m linattn.cli train ... --sequence-parallel   # LASP-2
     linattn bench ...                                           # linattn.bench.main(argv)
 
@@ -49,18 +50,19 @@ def _csv(text):
 # dest: (flags, type, section, help). Dests are the config keys (LMConfig / task / TrainConfig).
 SETTINGS = {
     # model
-    "mixer": (["--mixer"], str, "model", "token mixer of every layer (gated_deltanet, gla, mlstm_sig, attention, ...)"),
+    "mixer": (["--mixer"], str, "model", "token mixer of every layer"),
     "d_model": (["--d-model"], int, "model", "model width"),
     "n_layers": (["--n-layers", "--layers"], int, "model", "number of layers"),
     "n_heads": (["--n-heads", "--heads"], int, "model", "heads per layer (must divide d_model)"),
     "hybrid": (["--hybrid"], _int_or_none, "model", "N for an N:1 hybrid: one attention layer after every N mixer layers"),
-    "layers": (["--pattern"], _csv, "model", "explicit layer pattern, comma separated mixer names (overrides --hybrid)"),
+    "layers": (["--pattern"], _csv, "model", "explicit layer pattern, comma separated mixer names, "
+               "e.g. gla,attention,gla (overrides --mixer and --hybrid; sets --n-layers)"),
     "mlp_ratio": (["--mlp-ratio"], float, "model", "MLP hidden size / d_model"),
     "sliding_window": (["--sliding-window"], _int_or_none, "model", "window of the attention layers (none: full)"),
     "feature_map": (["--feature-map"], str, "model", "feature map of the linear-attention mixers"),
     "backend": (["--backend"], str, "model", "ops backend: auto (Triton on CUDA), triton, torch, reference"),
     # task
-    "task": (["--task"], str, "task", "mqar, arithmetic, compare or copy"),
+    "task": (["--task"], str, "task", "the synthetic task"),
     "pairs": (["--pairs"], int, "task", "mqar: key-value pairs"),
     "queries": (["--queries"], int, "task", "mqar: queries (0: one per pair)"),
     "seq_len": (["--seq-len"], int, "task", "mqar, copy: sequence length"),
@@ -83,7 +85,8 @@ SETTINGS = {
     "device": (["--device"], str, "train", "auto, cpu, cuda or cuda:N"),
     "dtype": (["--dtype"], str, "train", "auto (bf16 autocast on CUDA, float32 on CPU), float32, bfloat16"),
     "log_every": (["--log-every"], int, "train", "steps per metrics.jsonl line"),
-    "eval_every": (["--eval-every"], int, "train", "steps between test evaluations (0: at the end only)"),
+    "eval_every": (["--eval-every"], int, "train", "steps between test evaluations (0: at the end only, "
+                   "-1: about 10 over the run)"),
     "eval_batches": (["--eval-batches"], int, "train", "test batches per evaluation"),
     "ckpt_every": (["--ckpt-every"], int, "train", "steps between checkpoints"),
     "time_limit_s": (["--time-limit"], float, "train", "stop training after this many seconds (0: none)"),
@@ -95,44 +98,122 @@ SETTINGS = {
 }
 ALIASES = {"heads": "n_heads", "batch": "batch_size", "time_limit": "time_limit_s", "pattern": "layers",
            "name": "task"}
-RESUME_MAY_CHANGE = {"device", "time_limit_s"}
+RESUME_MAY_CHANGE = {"device", "time_limit_s", "steps"}
+CLI_DEFAULTS = {"eval_every": -1}  # the command's defaults where they differ from TrainConfig's
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="linattn", description="Linear-attention models: train, evaluate, benchmark.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,bench}", parser_class=_Parser)
     sub.required = True
 
     tr = sub.add_parser("train", help="train a model on a synthetic task",
                         description="Train a causal LM on a synthetic task; write its run directory.",
                         argument_default=argparse.SUPPRESS)
     groups = {s: tr.add_argument_group(f"{s} settings") for s in ("model", "task", "train")}
+    defaults = _setting_defaults()
     for dest, (flags, kind, section, help_) in SETTINGS.items():
-        groups[section].add_argument(*flags, dest=dest, type=kind, help=help_)
+        groups[section].add_argument(*flags, dest=dest, type=kind, help=_with_default(dest, help_, defaults))
     tr.add_argument("--config", help="YAML or JSON file of settings (explicit flags override it)")
     tr.add_argument("--out", required=True, help="run directory")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its checkpoint (its settings, which may not "
+                         "change, except --device, --time-limit and --steps). --steps N above the "
+                         "steps it has trained extends it, a finished run too: training goes on to "
+                         "step N, the learning rate following the schedule of an N-step run from "
+                         "there (it rises again after a finished run's decay)")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--no-progress", action="store_true",
+                    help="no progress bar: a plain line on stderr every ~10 s instead (as when stderr "
+                         "is not a terminal)")
     tr.add_argument("--sequence-parallel", action="store_true",
                     help="cut every sequence along time over the processes of a torchrun launch "
                          "(LASP-2; gloo on CPU, NCCL with one GPU per process): "
                          "torchrun --nproc-per-node N -m linattn.cli train ... --sequence-parallel; "
                          "same weights as one process, rank 0 writes --out")
 
-    ev = sub.add_parser("eval", help="evaluate a trained run on a fresh test set",
-                        description="Reload a run directory and evaluate it on a fresh test set.")
+    ev = sub.add_parser("eval", help="evaluate a trained run on its test split",
+                        description="Reload a run directory and evaluate it on its task's test split "
+                                    "(never drawn in training); by default on the batches of "
+                                    "training's final evaluation, so it prints metrics.json's numbers.")
     ev.add_argument("run_dir", help="directory written by `linattn train`")
     ev.add_argument("--seed", type=int, default=None,
-                    help="test-set seed (default: the run's seed + 1, a test set never seen in training)")
-    ev.add_argument("--batches", type=int, default=None, help="test batches (default: the run's eval_batches)")
+                    help="test-set seed (default: the run's seed, whose test split training never "
+                         "drew from: with the default batches and batch size, the test numbers "
+                         "train reported; another seed draws other test sequences)")
+    ev.add_argument("--batches", type=int, default=None, help="test batches, >= 1 (default: the run's eval_batches)")
     ev.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
     ev.add_argument("--device", default=None, help="auto, cpu, cuda (default: the run's)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
 
+    _add_generate_parser(sub)
     sub.add_parser("bench", help="time the ops against softmax attention and peers (see `linattn bench --help`)",
                    add_help=False)
     return parser
+
+
+def _add_generate_parser(sub) -> None:
+    """`linattn generate RUN_DIR --prompt TEXT`: see _cmd_generate."""
+    ge = sub.add_parser(
+        "generate", help="continue a prompt with a trained run's model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Continue a prompt written in the run's task text with CausalLM.generate and print "
+                    "the continuation (by default the task's answer) as text.",
+        epilog="Task text (spaces between characters do not matter for arithmetic and compare):\n"
+               "  compare     9.11 | 9.9 ?          answer <, > or =\n"
+               "  arithmetic  123+456=              operands with exactly --digits digits; answer in\n"
+               "                                    the run's --order (reversed: least significant first)\n"
+               "  mqar        k3 v7 k1 v2 k3        keys k0.., values v0.., _ filler; answer v7\n"
+               "  copy        * 5 9 4 * 12 7 3 |    marked tokens (after *), ids 3..vocab-1; answer 5 12")
+    ge.add_argument("run_dir", help="directory written by `linattn train`")
+    ge.add_argument("--prompt", required=True, help="the prompt, in the task's text (see below)")
+    ge.add_argument("--max-new-tokens", type=int, default=None,
+                    help="tokens to generate (default: the length of the task's answer)")
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampled")
+    ge.add_argument("--seed", type=int, default=0, help="seed of the sampling (temperature > 0)")
+    ge.add_argument("--device", default=None, help="auto, cpu, cuda (default: the run's)")
+
+
+def _setting_defaults() -> dict:
+    """dest -> the value a train setting takes when neither a flag nor --config gives it; task
+    knobs map to {task name: default} (tasks share knob names with other defaults)."""
+    from dataclasses import MISSING
+
+    from .models import LMConfig
+    from .tasks import TASKS
+    from .train import TrainConfig
+
+    out = {f.name: f.default for f in fields(LMConfig) if f.default is not MISSING}
+    out.update({f.name: f.default for f in fields(TrainConfig)})
+    out.update(CLI_DEFAULTS)
+    out["task"] = "mqar"
+    per_task = {}
+    for name, cls in TASKS.items():
+        for knob, value in cls.knobs().items():
+            per_task.setdefault(knob, {})[name] = value
+    return {**out, **per_task}
+
+
+def _with_default(dest: str, help_: str, defaults: dict) -> str:
+    """help_ plus the setting's choices (mixers, tasks) and "(default: ...)"."""
+    if dest == "mixer":
+        from .layers import MIXERS
+
+        help_ += f": {', '.join(MIXERS)}"
+    if dest == "task":
+        from .tasks import TASKS
+
+        help_ += f": {', '.join(TASKS)}"
+    if dest not in defaults:
+        return help_
+    value = defaults[dest]
+    if isinstance(value, dict):
+        values = set(map(str, value.values()))
+        value = (next(iter(values)) if len(values) == 1
+                 else ", ".join(f"{task} {v}" for task, v in value.items()))
+    elif value is None:
+        value = "none"
+    return f"{help_} (default: {value})".replace("%%", "%").replace("%", "%%")
 
 
 # ------------------------------------------------------------------------------ settings
@@ -182,16 +263,25 @@ def load_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {path} not found")
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not a text file") from None
     if p.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
     else:
         import yaml
 
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ValueError(f"config file {path} is not valid YAML{where}: "
+                             f"{str(getattr(e, 'problem', None) or e).splitlines()[0]}") from None
     return flatten_config(data or {}, f"config file {path}")
 
 
@@ -215,6 +305,14 @@ def build_run(settings: dict):
         raise ValueError(f"{flags} does not apply to task {task_name} "
                          f"(its knobs: {', '.join('--' + k.replace('_', '-') for k in task_knobs)})")
     task = make_task(task_name, **sections["task"])
+    layers = sections["model"].get("layers")
+    if layers is not None:  # an explicit pattern sets the depth
+        n_layers = sections["model"].setdefault("n_layers", len(layers))
+        if n_layers != len(layers):
+            raise ValueError(f"--pattern {','.join(layers)} has {len(layers)} layers but --n-layers "
+                             f"is {n_layers}: give one of them, or make them agree")
+    for key, value in CLI_DEFAULTS.items():
+        sections[SETTINGS[key][2]].setdefault(key, value)
     model_kwargs = {k: v for k, v in sections["model"].items() if k in _model_fields()}
     model_cfg = model_config_for(task, **model_kwargs)
     train_cfg = TrainConfig.from_dict(sections["train"]).validate()
@@ -222,7 +320,9 @@ def build_run(settings: dict):
 
 
 def _stored_settings(out: Path) -> dict:
-    return flatten_config(json.loads((out / "config.json").read_text()), f"{out}/config.json")
+    from .train import read_run_config
+
+    return flatten_config(read_run_config(out / "config.json"), f"{out}/config.json")
 
 
 # ------------------------------------------------------------------------------ commands
@@ -239,29 +339,40 @@ def _cmd_train(args) -> int:
     lead = not parallel or os.environ.get("RANK", "0") == "0"  # the rank that prints
 
     if resume:
-        if not (out / "checkpoint.pt").is_file() or not (out / "config.json").is_file():
-            raise ValueError(f"--resume: {out} holds no checkpoint to continue")
+        if not (out / "config.json").is_file():
+            raise ValueError(f"--resume: {out} holds no run to continue (no config.json)")
         stored = _stored_settings(out)
         for key, value in settings.items():
             if key not in RESUME_MAY_CHANGE and key in stored and stored[key] != value:
                 raise ValueError(f"--resume: {key}={value!r} differs from the run's {key}={stored[key]!r}")
+        if not (out / "checkpoint.pt").exists():  # stopped before its first checkpoint
+            if lead:
+                print(f"note: {out} has no checkpoint yet; training its run from step 0", file=sys.stderr)
+            settings, resume = {**stored, **settings}, False
+    if resume:
         model_cfg, task, train_cfg = load_run(out)
         for key in RESUME_MAY_CHANGE & settings.keys():
             setattr(train_cfg, key, settings[key])
         train_cfg.validate()
     else:
         model_cfg, task, train_cfg = build_run(settings)
-        if (out / "config.json").exists() and not getattr(args, "overwrite", False):
+        if _holds_a_run(out) and not getattr(args, "overwrite", False):
             raise ValueError(f"{out} already holds a run: pass --resume to continue it or --overwrite")
+    created = _prepare_out(out) if lead and not resume else None
 
     try:
         metrics = train(model_cfg, task, train_cfg, out, resume=resume,
-                        progress=not getattr(args, "no_progress", False), sequence_parallel=parallel)
+                        progress="lines" if getattr(args, "no_progress", False) else True,
+                        sequence_parallel=parallel)
     except Interrupted as e:
         if lead:
             print(f"interrupted at step {e.step}; continue with: linattn train --out {out} --resume",
                   file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BaseException:  # failed before a checkpoint: leave no half run that blocks a rerun
+        if created is not None:
+            _remove_unfinished(out, *created)
+        raise
     if not lead:
         return 0
     print(format_table([{"task": task.name, "model": metrics_model_name(model_cfg),
@@ -273,6 +384,51 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _holds_a_run(out: Path) -> bool:
+    """Whether `out` holds something of a run worth keeping (a checkpoint, weights, metrics)."""
+    from .train import CHECKPOINT_FILE, METRICS_FILE, WEIGHTS_FILE
+
+    return any((out / name).exists() for name in (CHECKPOINT_FILE, WEIGHTS_FILE, METRICS_FILE))
+
+
+def _prepare_out(out: Path) -> tuple[list[Path], list[str]]:
+    """Creates the run directory `out`; returns what this invocation adds there (the
+    directories it made, the run files that are not there yet) for _remove_unfinished.
+    ValueError when `out` cannot be a run directory."""
+    from .train import RUN_FILES
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    made, p = [], out
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write into the directory (permission denied)")
+    return made, [name for name in RUN_FILES if not (out / name).exists()]
+
+
+def _remove_unfinished(out: Path, made: list[Path], absent: list[str]) -> None:
+    """After a run failed before its first checkpoint: remove the run files and directories
+    this invocation created, so that a rerun starts clean. A run with a checkpoint stays
+    (--resume continues it)."""
+    from .train import CHECKPOINT_FILE
+
+    if (out / CHECKPOINT_FILE).exists():
+        return
+    for name in absent:
+        (out / name).unlink(missing_ok=True)
+    for d in made:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 def metrics_model_name(model_cfg) -> str:
     from .train import _describe
 
@@ -280,12 +436,13 @@ def metrics_model_name(model_cfg) -> str:
 
 
 def _cmd_eval(args) -> int:
-    from .train import evaluate_run, format_table, load_run
+    from .train import evaluate_run, format_table
 
     out = Path(args.run_dir)
-    _, _, cfg = load_run(out)
-    seed = cfg.seed + 1 if args.seed is None else args.seed
-    res = evaluate_run(out, seed=seed, batches=args.batches, batch_size=args.batch_size,
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    res = evaluate_run(out, seed=args.seed, batches=args.batches, batch_size=args.batch_size,
                        device=args.device)
     if args.json:
         print(json.dumps(res, indent=2))
@@ -294,6 +451,34 @@ def _cmd_eval(args) -> int:
                    "params": f"{res['parameters']:,}", "test seed": res["seed"],
                    "sequences": res["sequences"], "loss": f"{res['loss']:.4f}",
                    "accuracy": f"{res['accuracy']:.4f}", "exact match": f"{res['exact_match']:.4f}"}]))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    """Continue --prompt, written in the run's task text, with the run's model; print the
+    continuation as text (for task runs by default the task's answer, see Task.answer_text)."""
+    import torch
+
+    from .train import autocast, load_trained, resolve_dtype
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    model, model_cfg, task, cfg, dev = load_trained(args.run_dir, args.device)
+    try:
+        prompt = task.prompt_ids(args.prompt)
+    except (ValueError, NotImplementedError) as e:  # not a token / a task without a text form
+        raise ValueError(f"--prompt: {e}") from None
+    n = args.max_new_tokens or task.answer_len or 1
+    if len(prompt) + n > model_cfg.max_seq_len:
+        raise ValueError(f"--prompt ({len(prompt)} tokens with BOS) plus {n} new tokens is longer than "
+                         f"the model's max_seq_len {model_cfg.max_seq_len}")
+    generator = torch.Generator(device=dev).manual_seed(args.seed)
+    with autocast(dev, resolve_dtype(cfg.dtype, dev)):
+        ids = model.generate(torch.tensor([prompt], device=dev), n, temperature=args.temperature,
+                             generator=generator)  # [1, len(prompt) + n]
+    print(task.answer_text(ids[0, len(prompt):].tolist()))
     return 0
 
 
@@ -321,10 +506,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "generate":
+            return _cmd_generate(args)
         return _cmd_eval(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         if os.environ.get("LINATTN_DEBUG") == "1":
             raise
+        if isinstance(e, OSError) and e.filename is not None:  # a file the command reads or writes
+            e = f"{e.filename}: {e.strerror}"
         message = " ".join(str(e).split())  # one line
         print(f"linattn {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

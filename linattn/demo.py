@@ -5,17 +5,20 @@ The task is a real recall problem: 8 key-value pairs drawn from a 64-token vocab
 (31 possible keys, 32 values), then the 8 keys asked again in random order; the model must
 emit each key's value. Chance is 1/32 per answer. Training is time-boxed (--time-limit,
 3 minutes by default) and stops at the step budget or the time limit, whichever comes
-first; the test set comes from a seed the training never drew from.
+first; the test set is the run's test split, which training never draws from.
+
+The run goes to runs/demo (a run of `linattn train`, replaced by each demo), so that
+`linattn eval runs/demo` prints the demo's test numbers again and `linattn generate
+runs/demo --prompt "k3 v7 k1 v2 k3"` asks the model a recall question.
 
     python -m linattn.demo                  # the defaults below
-    python -m linattn.demo --steps 400 --out runs/demo
+    python -m linattn.demo --steps 400 --out runs/demo400
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 # Tuned on a shared CPU, one thread, ~0.13 s of CPU per step: with 2 heads of 64 dims this
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m linattn.demo", description=__doc__.split("\n\n")[0])
     for key, value in DEFAULTS.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
-    p.add_argument("--out", default=None, help="run directory (default: a temporary one)")
+    p.add_argument("--out", default="runs/demo", help="run directory, replaced if it holds a run")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for torch")
     args = p.parse_args(argv)
 
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .models import LMConfig
     from .tasks import make_task
-    from .train import TrainConfig, evaluate, train
+    from .train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
     task = make_task("mqar", pairs=args.pairs, vocab=args.vocab, seq_len=args.seq_len)
@@ -49,25 +52,47 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg.validate()
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       time_limit_s=args.time_limit_s, device="cpu", dtype="float32",
-                      log_every=25, ckpt_every=10**9, eval_batches=4)
+                      log_every=25, ckpt_every=10**9, eval_batches=args.test_batches, eval_every=-1)
     print(f"MQAR: {task.pairs} key-value pairs, vocabulary {task.vocab}, sequence length {task.seq_len} "
           f"(chance {1 / (task.vocab - 1 - task.num_keys):.1%})")
     print(f"model: {model_cfg.mixer}, {model_cfg.n_layers} layers, d_model {model_cfg.d_model}, "
           f"{model_cfg.n_heads} heads; {cfg.steps} steps of {cfg.batch_size} at lr {cfg.lr:g}, "
           f"at most {cfg.time_limit_s:.0f} s of training on {args.threads} CPU thread(s)")
-    out = args.out or tempfile.mkdtemp(prefix="linattn-demo-")
+    out = args.out
     t0 = time.perf_counter()
-    result = train(model_cfg, task, cfg, out, progress=True)
+    ev = train(model_cfg, task, cfg, out, progress=True)  # ends with the test split's evaluation
     train_s = time.perf_counter() - t0
-    held_out_seed = cfg.seed + 1  # a test split never drawn during training
-    ev = evaluate(result["model"], task, seed=held_out_seed, batches=args.test_batches,
-                  batch_size=cfg.batch_size, device=torch.device("cpu"))
-    print(f"trained {result['steps']} steps in {result['wall_s']:.0f} s "
-          f"(stopped by {result['stopped_by'].replace('_', ' ')}), {train_s:.0f} s with evaluation")
-    print(f"test accuracy on held-out seed {held_out_seed}: {ev['accuracy']:.1%} of "
-          f"{ev['answer_tokens']} recalled values ({ev['exact_match']:.1%} of {ev['sequences']} "
-          f"sequences fully right); run files in {out}")
+    answers = ev["test_sequences"] * task.num_queries
+    print(f"trained {ev['steps']} steps in {ev['wall_s']:.0f} s "
+          f"(stopped by {ev['stopped_by'].replace('_', ' ')}), {train_s:.0f} s with evaluation")
+    print(f"test accuracy on the held-out test split: {ev['accuracy']:.1%} of {answers} recalled "
+          f"values ({ev['exact_match']:.1%} of {ev['test_sequences']} sequences fully right)")
+    cmd = _linattn_command()
+    print(f"run files in {out}/; the same numbers again: {cmd} eval {out}")
+    print(f"ask it a question: {cmd} generate {out} --prompt \"{_example_prompt(task)}\"")
     return 0
+
+
+def _linattn_command() -> str:
+    """How to call the `linattn` command of this python: "linattn" when it is on the PATH,
+    else its path (.venv/bin/linattn before `source .venv/bin/activate`)."""
+    import shutil
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "linattn"
+    found = shutil.which("linattn")
+    if found and Path(found).resolve() == script.resolve():
+        return "linattn"
+    if script.is_file():
+        return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)
+    return f"{Path(sys.executable).name} -m linattn.cli"
+
+
+def _example_prompt(task) -> str:
+    """A recall question in the task's text: the first pairs of a test sequence, one key again."""
+    ids = task.batch("test", 0, 0, 1).targets[0].tolist()  # content: k v k v ... filler, queries
+    pairs = ids[:2 * task.pairs]
+    return task.decode(pairs + pairs[2:3])
 
 
 if __name__ == "__main__":

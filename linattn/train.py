@@ -38,6 +38,7 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -55,6 +56,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_MODES = ("none", "default", "reduce-overhead")
 CONFIG_FILE, CURVE_FILE, METRICS_FILE = "config.json", "metrics.jsonl", "metrics.json"
 WEIGHTS_FILE, CHECKPOINT_FILE, PLOT_FILE = "model.safetensors", "checkpoint.pt", "curves.png"
+RUN_FILES = (CONFIG_FILE, CURVE_FILE, METRICS_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, PLOT_FILE)
 
 
 @dataclass
@@ -70,7 +72,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
     log_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at the end
+    eval_every: int = 0  # 0: evaluate only at the end; -1: about 10 evaluations (every steps // 10)
     eval_batches: int = 8
     ckpt_every: int = 100
     time_limit_s: float = 0.0  # 0: none; else stop training after this many seconds
@@ -88,7 +90,9 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "time_limit_s", "weight_decay", "grad_clip", "min_lr_ratio"):
+        if self.eval_every < -1:
+            raise ValueError(f"eval_every must be >= -1 (-1: about 10 evaluations), got {self.eval_every}")
+        for name in ("time_limit_s", "weight_decay", "grad_clip", "min_lr_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.seq_len_warmup < 1):
@@ -104,6 +108,11 @@ class TrainConfig:
             raise ValueError(f"seed must be in [0, 2**30), got {self.seed}")
         resolve_device(self.device)
         return self
+
+    @property
+    def eval_interval(self) -> int:
+        """Steps between test evaluations during training (0: at the end only)."""
+        return max(1, self.steps // 10) if self.eval_every < 0 else self.eval_every
 
     @property
     def warmup(self) -> int:
@@ -269,17 +278,27 @@ def evaluate(model, task: Task, *, seed: int, batches: int, batch_size: int,
 # ------------------------------------------------------------------------------ file I/O
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then os.replace it into place."""
+    """Call write(tmp_path) on a temp file beside `path`, then os.replace it into place. The
+    file gets the permissions a plain open() would give it (0o666 less the umask; mkstemp's
+    temp files are 0o600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj) -> None:
@@ -302,8 +321,34 @@ def load_run(out_dir) -> tuple:
     path = Path(out_dir) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{out_dir} is not a run directory (no {CONFIG_FILE})")
-    d = json.loads(path.read_text())
-    return LMConfig.from_dict(d["model"]), task_from_dict(d["task"]), TrainConfig.from_dict(d["train"])
+    d = read_run_config(path)
+    try:
+        return LMConfig.from_dict(d["model"]), task_from_dict(d["task"]), TrainConfig.from_dict(d["train"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid run config: {_one_line(e)}") from None
+
+
+def read_run_config(path: Path) -> dict:
+    """A run's config.json as a dict with its "model", "task" and "train" sections; ValueError
+    naming the file when it is not JSON or a section is missing."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({_one_line(e)})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} is not a run config: expected a JSON object, got {type(d).__name__}")
+    missing = [s for s in ("model", "task", "train") if not isinstance(d.get(s), dict)]
+    if missing:
+        raise ValueError(f"{path} is not a run config: no {', '.join(missing)} section")
+    if "name" not in d["task"]:
+        raise ValueError(f"{path} is not a run config: its task section has no name")
+    return d
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (the first line, whitespace collapsed)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return " ".join(text.split())
 
 
 def save_weights(model, path: Path) -> None:
@@ -324,12 +369,27 @@ def save_weights(model, path: Path) -> None:
 def load_weights(model, path: Path) -> None:
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise ValueError(f"{path} is not a readable safetensors file ({_one_line(e)})") from None
+    _check_shapes(state, model, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     shared = {n for n, _ in _tied_names(model)}
     missing = [m for m in missing if m not in shared]
     if missing or unexpected:
         raise ValueError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def _check_shapes(state: dict, model, path: Path) -> None:
+    """ValueError naming `path` when a tensor of `state` has another shape than the model's
+    (weights of another run)."""
+    own = model.state_dict()
+    for name, t in state.items():
+        if name in own and tuple(t.shape) != tuple(own[name].shape):
+            raise ValueError(f"{path} does not match the run's {CONFIG_FILE}: {name} is "
+                             f"{list(t.shape)} in the file, {list(own[name].shape)} in the model "
+                             "(weights of another run?)")
 
 
 def _tied_names(model):
@@ -354,11 +414,22 @@ def _save_checkpoint(path: Path, step: int, model, optimizer, elapsed_s: float) 
 
 
 def _load_checkpoint(path: Path, model, optimizer, device: torch.device) -> tuple[int, float]:
-    """Restore model, optimizer and RNG state in place; returns (step, elapsed seconds)."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["torch_rng"])
+    """Restore model, optimizer and RNG state in place; returns (step, elapsed seconds).
+    ValueError naming `path` when it is unreadable, incomplete or of another model."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated zip, garbage, a pickle of something else
+        raise ValueError(f"{path} is not a readable checkpoint ({_one_line(e)})") from None
+    missing = [k for k in ("step", "model", "optimizer", "torch_rng") if not (isinstance(ckpt, dict) and k in ckpt)]
+    if missing:
+        raise ValueError(f"{path} is not a complete checkpoint: no {', '.join(missing)}")
+    _check_shapes(ckpt["model"], model, path)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} does not fit this run ({_one_line(e)})") from None
     if "cuda_rng" in ckpt and device.type == "cuda":
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     return ckpt["step"], ckpt.get("elapsed_s", 0.0)
@@ -369,16 +440,28 @@ def _read_curve(path: Path, upto_step: int) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file ({_one_line(e)})") from None
+    for number, line in enumerate(lines, 1):
         if line.strip():
-            rec = json.loads(line)
-            if rec["step"] <= upto_step:
+            try:
+                rec = json.loads(line)
+                step = rec["step"] if isinstance(rec, dict) else None
+            except (json.JSONDecodeError, KeyError):
+                step = None
+            if not isinstance(step, int):
+                raise ValueError(f"{path} line {number} is not a metrics record "
+                                 f"(fix or delete that line, then --resume again): {line[:60]!r}")
+            if step <= upto_step:
                 records.append(rec)
     return records
 
 
-def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
-    """PNG of loss (log scale) and accuracy over steps, train and test."""
+def plot_curves(records: list[dict], path: Path, title: str = "", chance: float | None = None) -> None:
+    """PNG of loss (log scale) and accuracy over steps, train (a line per log interval) and
+    test (a marker per evaluation), and the task's chance accuracy as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,6 +475,8 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
         steps = [r["step"] for r in recs]
         ax_loss.plot(steps, [r["loss"] for r in recs], style, label=split)
         ax_acc.plot(steps, [r["accuracy"] for r in recs], style, label=split)
+    if chance is not None:
+        ax_acc.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance {chance:.3g}")
     ax_loss.set(xlabel="step", ylabel="answer loss", yscale="log", title="loss")
     ax_acc.set(xlabel="step", ylabel="answer accuracy", ylim=(-0.02, 1.02), title="accuracy")
     for ax in (ax_loss, ax_acc):
@@ -525,11 +610,17 @@ def _any_rank(flag: bool, sp, device: torch.device) -> bool:
 
 
 def train(model_cfg, task: Task, cfg: TrainConfig, out_dir=None, *, resume: bool = False,
-          progress: bool = True, on_step=None, sequence_parallel: bool = False) -> dict:
+          progress: bool | str = True, on_step=None, sequence_parallel: bool = False) -> dict:
     """Train a CausalLM(model_cfg) on `task`, evaluate it on the test split, return metrics.
 
     out_dir: where the files listed in the module docstring go (None: write nothing).
-    resume: continue from out_dir/checkpoint.pt (ValueError when there is none).
+    resume: continue from out_dir/checkpoint.pt (ValueError when there is none). cfg.steps
+        may be larger than the checkpoint's step, also for a finished run: training goes on to
+        cfg.steps, the learning rate following the cfg.steps-step schedule from the
+        checkpoint's step on (as if the run had been planned that long; the lr rises again
+        when a finished run is extended); fewer steps than the checkpoint's is a ValueError.
+    progress: True: a tqdm bar on stderr when it is a terminal, else plain progress lines on
+        stderr now and then; "lines": those lines; False: nothing.
     on_step(step, record): called after each completed step (tests use it to interrupt).
     sequence_parallel: train one model replica sequence-parallel over the processes torchrun
         started (see the module docstring; ValueError outside torchrun). Every rank calls
@@ -569,6 +660,9 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
         if out is None or not (out / CHECKPOINT_FILE).is_file():
             raise ValueError(f"nothing to resume: no {CHECKPOINT_FILE} in {out_dir}")
         start_step, elapsed_before = _load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, device)
+        if start_step > cfg.steps:
+            raise ValueError(f"steps={cfg.steps} is fewer than the {start_step} steps "
+                             f"{out / CHECKPOINT_FILE} has already trained")
     records = _read_curve(out / CURVE_FILE, start_step) if (out is not None and resume) else []
     if writer is not None:
         write_json(writer / CONFIG_FILE, run_config_dict(model_cfg, task, cfg))
@@ -577,7 +671,8 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
 
     n_params = sum(p.numel() for p in model.parameters())
     short_task, short_steps = task.shortest(), round(cfg.seq_len_warmup * cfg.steps)
-    bar = _progress_bar(cfg.steps, start_step, progress and lead, desc=f"{task.name} {model_cfg.mixer}")
+    bar = _progress_bar(cfg.steps, start_step, progress if lead else False,
+                        desc=f"{task.name} {model_name(model_cfg)}")
     window = {"loss": 0.0, "tokens": 0, "correct": 0, "steps": 0}
     timed_tokens, timed_s = 0, 0.0  # throughput excludes the first step of a process (compile)
     t_start = time.perf_counter()
@@ -625,7 +720,7 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
                      "accuracy": window["correct"] / window["tokens"], "lr": lr,
                      "tokens_per_s": tok_s})
                 window = {"loss": 0.0, "tokens": 0, "correct": 0, "steps": 0}
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
                 ev = evaluate(run_model, task, seed=cfg.seed, batches=cfg.eval_batches,
                               batch_size=cfg.batch_size, device=device, dtype=dtype, sp=sp)
                 log({"step": step, "split": "test", "loss": ev["loss"], "accuracy": ev["accuracy"],
@@ -636,6 +731,7 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{record['accuracy']:.3f}",
                                 tok_s=f"{tok_s:,.0f}")
+                bar.step_done(step)
             if on_step is not None:
                 on_step(step, record)
             if _any_rank(sigint["set"], sp, device):
@@ -650,8 +746,12 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
     ev = evaluate(run_model, task, seed=cfg.seed, batches=cfg.eval_batches,
                   batch_size=cfg.batch_size, device=device, dtype=dtype, sp=sp)
     model.set_sequence_parallel(None)  # the returned model runs on one process
-    log({"step": step, "split": "test", "loss": ev["loss"], "accuracy": ev["accuracy"],
-         "exact_match": ev["exact_match"]})
+    final = {"step": step, "split": "test", "loss": ev["loss"], "accuracy": ev["accuracy"],
+             "exact_match": ev["exact_match"]}
+    # the same weights on the same batches were already evaluated at this step (a finished
+    # run resumed, or a periodic evaluation at a time-limit stop): one line per evaluation
+    if not any(r["split"] == "test" and r["step"] == step for r in records):
+        log(final)
     train_recs = [r for r in records if r["split"] == "train"]
     wall = elapsed_before + time.perf_counter() - t_start
     metrics = {
@@ -661,13 +761,14 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
         "parameters": n_params, "train_loss": train_recs[-1]["loss"] if train_recs else None,
         "train_accuracy": train_recs[-1]["accuracy"] if train_recs else None,
         "wall_s": wall, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "task": task.name, "mixer": model_cfg.mixer,
+        "task": task.name, "mixer": model_name(model_cfg),
         "sequence_parallel": 1 if sp is None else sp.world_size,
     }
     if writer is not None:
         write_json(writer / METRICS_FILE, metrics)
         save_weights(model, writer / WEIGHTS_FILE)
-        plot_curves(records, writer / PLOT_FILE, title=f"{task.name} / {_describe(model_cfg)}")
+        plot_curves(records, writer / PLOT_FILE, title=f"{task.name} / {_describe(model_cfg)}",
+                    chance=task.chance)
     return {**metrics, "model": model}
 
 
@@ -683,34 +784,95 @@ def format_table(rows: list[dict]) -> str:
                      + [line(r.get(c, "") for c in cols) for r in rows])
 
 
-def _describe(model_cfg) -> str:
+def model_name(model_cfg) -> str:
+    """The model's layers in a few words: the mixer, "gla hybrid 2:1", or an explicit
+    pattern as given ("gla,attention,gla")."""
+    if model_cfg.layers is not None:
+        return ",".join(model_cfg.layers)
     hybrid = f" hybrid {model_cfg.hybrid}:1" if getattr(model_cfg, "hybrid", None) else ""
-    return (f"{model_cfg.mixer}{hybrid}, {model_cfg.n_layers} layers, d_model {model_cfg.d_model}")
+    return f"{model_cfg.mixer}{hybrid}"
 
 
-def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
-    if not enabled:
+def _describe(model_cfg) -> str:
+    return f"{model_name(model_cfg)}, {model_cfg.n_layers} layers, d_model {model_cfg.d_model}"
+
+
+def _progress_bar(total: int, initial: int, mode, desc: str, every_s: float = 10.0):
+    """Progress on stderr. mode True: a tqdm bar when stderr is a terminal, else plain lines;
+    "lines": plain lines (a start line, the first step, then one every `every_s` seconds and
+    the last step); False: nothing."""
+    if not mode:
         return None
-    from tqdm.auto import tqdm
+    if mode is True and sys.stderr.isatty():
+        from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+        bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+        bar.step_done = lambda step: None
+        return bar
+    return _LineProgress(total, initial, desc, every_s)
 
 
-def evaluate_run(out_dir, *, seed: int | None = None, batches: int | None = None,
-                 batch_size: int | None = None, device: str | None = None) -> dict:
-    """Reload a finished run (config.json + model.safetensors) and evaluate it on a fresh
-    test set: the test split under `seed` (default: the run's seed; the test split never
-    overlaps the training data). Returns evaluate()'s dict plus run facts."""
+class _LineProgress:
+    """tqdm's calls used by the training loop, printed as a plain line now and then."""
+
+    def __init__(self, total: int, initial: int, desc: str, every_s: float):
+        self.total, self.desc, self.every_s, self.postfix = total, desc, every_s, {}
+        self.t0 = time.perf_counter()
+        self.last_print, self.last_step, self.printed_step = None, initial, initial
+        self._print(f"{desc}: training steps {initial + 1}..{total}" if initial < total
+                    else f"{desc}: already trained {total} steps, evaluating")
+
+    def _print(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def step_done(self, step: int) -> None:
+        self.last_step = step
+        now = time.perf_counter()
+        if self.last_print is None or now - self.last_print >= self.every_s or step == self.total:
+            self.last_print, self.printed_step = now, step
+            values = "  ".join(f"{k.replace('_', '/')} {v}" for k, v in self.postfix.items())
+            self._print(f"{self.desc}: step {step}/{self.total}  {values}  {now - self.t0:.0f} s")
+
+    def close(self) -> None:
+        if self.last_step != self.printed_step:
+            self.printed_step = self.last_step
+            self._print(f"{self.desc}: stopped at step {self.last_step}/{self.total}")
+
+
+def load_trained(out_dir, device: str | None = None) -> tuple:
+    """A finished run's model with its trained weights, in eval mode: (CausalLM, LMConfig,
+    Task, TrainConfig, torch.device). device: None for the run's own. ValueError naming the
+    file when config.json or model.safetensors is missing, unreadable or of another model."""
     model_cfg, task, cfg = load_run(out_dir)
     weights = Path(out_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise ValueError(f"{out_dir} has no {WEIGHTS_FILE} (did training finish?)")
     dev = resolve_device(device or cfg.device)
-    dtype = resolve_dtype(cfg.dtype, dev)
     model = build_model(model_cfg, dev, cfg.seed)
     load_weights(model, weights)
+    return model.eval(), model_cfg, task, cfg, dev
+
+
+def evaluate_run(out_dir, *, seed: int | None = None, batches: int | None = None,
+                 batch_size: int | None = None, device: str | None = None) -> dict:
+    """Reload a finished run (config.json + model.safetensors) and evaluate it on the test
+    split under `seed`. The defaults (the run's seed, eval_batches and batch_size) are the
+    batches training's final evaluation used, so they reproduce metrics.json's test numbers;
+    the test split never overlaps the training data under any seed, and another seed draws
+    other test sequences. Returns evaluate()'s dict plus run facts."""
+    for name, value in (("batches", batches), ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    model, model_cfg, task, cfg, dev = load_trained(out_dir, device)
+    dtype = resolve_dtype(cfg.dtype, dev)
     seed = cfg.seed if seed is None else seed
-    res = evaluate(model, task, seed=seed, batches=batches or cfg.eval_batches,
-                   batch_size=batch_size or cfg.batch_size, device=dev, dtype=dtype)
+    res = evaluate(model, task, seed=seed, batches=cfg.eval_batches if batches is None else batches,
+                   batch_size=cfg.batch_size if batch_size is None else batch_size, device=dev, dtype=dtype)
     return {**res, "task": task.name, "model": _describe(model_cfg), "seed": seed,
             "parameters": sum(p.numel() for p in model.parameters()), "device": str(dev)}

@@ -61,6 +61,15 @@ def test_bad_training_settings_are_value_errors(bad, match):
         TrainConfig(**bad).validate()
 
 
+def test_atomic_write_gives_files_the_umasks_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0o600
+
+
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "f.json"
     target.write_text("old")
@@ -155,16 +164,26 @@ def test_benchmark_scripts_run_at_toy_size(script, extra, tmp_path):
         assert prof["wall_ms_per_step_profiled"] > 0 and prof["top_host"][0]["self_host_ms"] > 0
 
 
-def test_demo_runs_and_reports_held_out_accuracy(tmp_path, capsys):
+def test_demo_runs_and_reports_held_out_accuracy(tmp_path, capsys, monkeypatch):
     from linattn import demo
 
     assert demo.DEFAULTS["pairs"] >= 8 and demo.DEFAULTS["vocab"] >= 64  # a real recall problem
     assert demo.DEFAULTS["time_limit_s"] <= 180
-    assert demo.main(["--steps", "2", "--d-model", "16", "--n-heads", "2", "--test-batches", "1",
-                      "--threads", "1", "--out", str(tmp_path)]) == 0
+    monkeypatch.chdir(tmp_path)  # the default run directory is runs/demo under the working directory
+    small = ["--steps", "2", "--d-model", "16", "--n-heads", "2", "--test-batches", "2", "--threads", "1"]
+    assert demo.main(small) == 0
+    assert demo.main(small) == 0  # replaces its run
     out = capsys.readouterr().out
-    assert "test accuracy on held-out seed 1" in out and "trained 2 steps" in out
-    assert (tmp_path / "metrics.json").is_file()
+    assert "test accuracy on the held-out test split" in out and "trained 2 steps" in out
+    assert "of 512 recalled values" in out and "eval runs/demo" in out and "generate runs/demo --prompt" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    # the printed numbers are the run's, which `linattn eval runs/demo` reproduces
+    metrics = json.loads((tmp_path / "runs" / "demo" / "metrics.json").read_text())
+    assert f"{metrics['accuracy']:.1%} of 512" in out
+    ev = evaluate_run(tmp_path / "runs" / "demo")
+    assert (ev["accuracy"], ev["sequences"]) == (metrics["accuracy"], 64)
+    prompt = out.split("--prompt ")[-1].strip().strip('"')
+    assert len(prompt.split()) == 2 * demo.DEFAULTS["pairs"] + 1
 
 
 def test_gated_settings_sweep_runs_in_the_interpreter(tmp_path):

@@ -41,6 +41,29 @@ class Arithmetic(Task):
     def seq_len(self) -> int:
         return 2 * self.digits + 2 + self.answer_width
 
+    @property
+    def chance(self) -> float:
+        return 0.1  # one of ten digits
+
+    @property
+    def answer_len(self) -> int:
+        return self.answer_width
+
+    text_unit = "char"
+
+    def token_names(self) -> list[str]:
+        """One character per token: "_" (BOS), the digits, "+", "*", "=". A prompt reads
+        "123+456=" (operands with exactly `digits` digits), its answer the answer_width digits
+        in `order`."""
+        return ["_", *"0123456789", "+", "*", "="]
+
+    def answer_text(self, ids) -> str:
+        """The answer digits as generated, and for reversed answers the number they write."""
+        text = self.decode(ids)
+        if self.order == "reversed" and text.isdigit():
+            return f"{text} (reversed digits of {int(text[::-1])})"
+        return text
+
     def check(self) -> None:
         if not (1 <= self.digits <= 64):
             raise ValueError(f"arithmetic: digits must be in [1, 64], got {self.digits}")

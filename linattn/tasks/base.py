@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from .batch import Batch, generator_for
+from .batch import BOS, Batch, generator_for
 
 
 @dataclass
@@ -39,6 +39,58 @@ class Task:
         """The same task at its shortest sequence length (for a sequence-length warm-up);
         tasks whose length is fixed by their knobs return themselves."""
         return self
+
+    @property
+    def chance(self) -> float | None:
+        """Answer-token accuracy of a uniform guess among the values an answer token can take
+        (the floor a trained model should beat); None when a task does not say."""
+        return None
+
+    @property
+    def answer_len(self) -> int | None:
+        """How many tokens answer one prompt (what `linattn generate` emits by default);
+        None when a task does not say."""
+        return None
+
+    # Text form of the tokens, for prompts (`linattn generate`): token_names()[id] is the
+    # text of token id; "char" tasks write one character per token and ignore whitespace,
+    # "word" tasks separate tokens by whitespace.
+    text_unit = "word"
+
+    def token_names(self) -> list[str]:
+        """The text of every token id (index = id), vocab_size names, "_" for BOS."""
+        raise NotImplementedError(f"task {self.name} has no text form")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` in the task's text form (see token_names); ValueError naming
+        the first piece of text that is not a token."""
+        names = self.token_names()
+        ids = {n: i for i, n in enumerate(names)}
+        pieces = list("".join(text.split())) if self.text_unit == "char" else text.split()
+        bad = [p for p in pieces if p not in ids]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a token of task {self.name} "
+                             f"(its tokens: {_summary(names)})")
+        return [ids[p] for p in pieces]
+
+    def decode(self, ids) -> str:
+        """Text of token ids (ints or a 1-D tensor); encode(decode(ids)) == ids."""
+        names = self.token_names()
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < len(names)]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside task {self.name}'s vocabulary "
+                             f"[0, {len(names)})")
+        return ("" if self.text_unit == "char" else " ").join(names[i] for i in ids)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The ids a model reads for the prompt `text`, as training laid them out: BOS, then
+        the prompt's tokens (tasks that left-pad their sequences pad here too)."""
+        return [BOS, *self.encode(text)]
+
+    def answer_text(self, ids) -> str:
+        """The text of generated answer ids, as a reader wants it (default: decode(ids))."""
+        return self.decode(ids)
 
     # ------------------------------------------------------------------ shared behaviour
 
@@ -76,3 +128,10 @@ def random_choice_rows(gen: np.random.Generator, rows: int, population: int, k: 
     """[rows, k] int64: each row k distinct values from range(population), in random order."""
     scores = gen.random((rows, population))  # [rows, population]
     return torch.from_numpy(scores.argsort(axis=1)[:, :k].astype(np.int64))
+
+
+def _summary(names: list[str], limit: int = 24) -> str:
+    """The token names for an error message, the middle elided when there are many."""
+    if len(names) <= limit:
+        return " ".join(names)
+    return " ".join(names[:limit // 2]) + " ... " + " ".join(names[-limit // 4:])

@@ -41,6 +41,27 @@ class Compare(Task):
     def seq_len(self) -> int:
         return 2 * self.number_width + 3
 
+    @property
+    def chance(self) -> float:
+        return 1 / 3  # '<', '>' or '='
+
+    @property
+    def answer_len(self) -> int:
+        return 1
+
+    text_unit = "char"
+
+    def token_names(self) -> list[str]:
+        """One character per token: "_" (BOS/pad), the digits, ".", "|", "?", "<", ">", "=".
+        A prompt reads "9.11 | 9.9 ?" (spaces ignored), its answer "<", ">" or "="."""
+        return ["_", *"0123456789", ".", "|", "?", "<", ">", "="]
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """BOS, then the prompt left-padded with BOS as training pads it (the answer is the
+        sequence's last token)."""
+        tokens = self.encode(text)
+        return [BOS] * max(1, self.seq_len - len(tokens)) + tokens
+
     def check(self) -> None:
         for knob in ("int_digits", "frac_digits"):
             if not (1 <= getattr(self, knob) <= 32):

@@ -36,6 +36,19 @@ class SelectiveCopy(Task):
     def context_len(self) -> int:
         return self.seq_len - self.copy_len - 1
 
+    @property
+    def chance(self) -> float:
+        return 1 / (self.vocab - FIRST_DATA)  # one of the data tokens
+
+    @property
+    def answer_len(self) -> int:
+        return self.copy_len
+
+    def token_names(self) -> list[str]:
+        """"_" (BOS), "*" (MARK), "|" (SEP), data and noise tokens as their ids "3".."vocab-1":
+        a prompt reads "5 9 * 12 7 3 * 8 ... |", its answer the marked tokens "12 8 ..."."""
+        return ["_", "*", "|", *(str(i) for i in range(FIRST_DATA, self.vocab))]
+
     def shortest(self) -> "SelectiveCopy":
         """The least noise that still hides copy_len marked tokens: T = 3 copy_len + 1."""
         return replace(self, seq_len=3 * self.copy_len + 1)

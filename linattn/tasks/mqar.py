@@ -43,6 +43,20 @@ class MQAR(Task):
     def num_queries(self) -> int:
         return self.queries or self.pairs
 
+    @property
+    def chance(self) -> float:
+        return 1 / (self.vocab - 1 - self.num_keys)  # one of the value tokens
+
+    @property
+    def answer_len(self) -> int:
+        return 1  # a prompt ends with a queried key; its value answers it
+
+    def token_names(self) -> list[str]:
+        """"_" (BOS/filler), keys "k0".."k{nk-1}", values "v0".."v{vocab-2-nk}": a prompt
+        reads "k3 v7 k1 v2 ... k3" and its answer is "v7"."""
+        nk = self.num_keys
+        return ["_"] + [f"k{i}" for i in range(nk)] + [f"v{i}" for i in range(self.vocab - 1 - nk)]
+
     def shortest(self) -> "MQAR":
         """The pairs and the queries with no filler between them: T = 2P + 2Q."""
         return replace(self, seq_len=2 * self.pairs + 2 * self.num_queries)

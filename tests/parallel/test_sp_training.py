@@ -32,7 +32,7 @@ OTHERS = dict(BASE, n_layers=5, layers=["lightning", "hgrn2", "deltanet", "atten
 TINY = ["--task", "mqar", "--pairs", "2", "--seq-len", "12", "--vocab", "10", "--d-model", "16",
         "--n-layers", "2", "--pattern", "gated_deltanet,attention", "--n-heads", "2", "--steps", "6",
         "--batch", "4", "--lr", "1e-2", "--log-every", "2", "--ckpt-every", "3", "--eval-batches", "1",
-        "--device", "cpu", "--no-progress"]
+        "--eval-every", "0", "--device", "cpu", "--no-progress"]
 
 
 def test_every_sequence_parallel_mixer_is_covered():
