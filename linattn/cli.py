@@ -71,6 +71,11 @@ SETTINGS = {
     "int_digits": (["--int-digits"], int, "task", "compare: max integer digits"),
     "frac_digits": (["--frac-digits"], int, "task", "compare: max fraction digits"),
     "copy_len": (["--copy-len"], int, "task", "copy: marked tokens to copy"),
+    "corpus": (["--corpus"], str, "task", "text: a directory or file of text (e.g. Python's stdlib)"),
+    "test_percent": (["--test-percent"], int, "task", "text: percent of documents held out for evaluation"),
+    "include": (["--include"], str, "task", "text: comma-separated file-name patterns to read (default *)"),
+    "exclude": (["--exclude"], str, "task", "text: comma-separated directory/file-name patterns to skip"),
+    "block_bytes": (["--block-bytes"], int, "task", "text: document size of a single-file corpus"),
     # training
     "steps": (["--steps"], int, "train", "optimizer steps"),
     "batch_size": (["--batch", "--batch-size"], int, "train", "sequences per step"),
@@ -129,6 +134,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="time the ops against softmax attention and peers (see `linattn bench --help`)",
                    add_help=False)
+    _build_export_parser(sub)
+    _build_generate_hf_parser(sub)
     return parser
 
 
@@ -261,11 +268,14 @@ def _cmd_train(args) -> int:
         return EXIT_INTERRUPTED
     if not lead:
         return 0
+    _text_bits_per_byte(metrics, out)
     print(format_table([{"task": task.name, "model": metrics_model_name(model_cfg),
                    "params": f"{metrics['parameters']:,}", "steps": metrics["steps"],
                    "test loss": f"{metrics['loss']:.4f}", "accuracy": f"{metrics['accuracy']:.4f}",
                    "exact match": f"{metrics['exact_match']:.4f}",
                    "tokens/s": f"{metrics['tokens_per_s']:,.0f}" if metrics["tokens_per_s"] else "-"}]))
+    if "bits_per_byte" in metrics:
+        print(f"test bits per byte: {metrics['bits_per_byte']:.4f}")
     print(f"wrote {out}/ (config.json, metrics.json, metrics.jsonl, model.safetensors, curves.png)")
     return 0
 
@@ -284,6 +294,7 @@ def _cmd_eval(args) -> int:
     seed = cfg.seed + 1 if args.seed is None else args.seed
     res = evaluate_run(out, seed=seed, batches=args.batches, batch_size=args.batch_size,
                        device=args.device)
+    _text_bits_per_byte(res)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -291,6 +302,8 @@ def _cmd_eval(args) -> int:
                    "params": f"{res['parameters']:,}", "test seed": res["seed"],
                    "sequences": res["sequences"], "loss": f"{res['loss']:.4f}",
                    "accuracy": f"{res['accuracy']:.4f}", "exact match": f"{res['exact_match']:.4f}"}]))
+    if "bits_per_byte" in res:
+        print(f"bits per byte: {res['bits_per_byte']:.4f}")
     return 0
 
 
@@ -309,6 +322,76 @@ def _cmd_bench(argv: list[str]) -> int:
     return int(result or 0)
 
 
+# ------------------------------------------------------- transformers: export, generate, text
+
+def _build_export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="convert a run directory to a transformers model directory",
+                        description="Write a `linattn train` run as a transformers model directory "
+                                    "(config.json, model.safetensors, tokenizer) that "
+                                    "AutoModelForCausalLM loads after `import linattn.hf`. "
+                                    "Needs the hf extra: pip install 'linattn[hf]'.")
+    ex.add_argument("run_dir", help="directory written by `linattn train`")
+    ex.add_argument("out_dir", help="directory to write")
+
+
+def _cmd_export(args) -> int:
+    from .hf import export_run
+
+    out = export_run(args.run_dir, args.out_dir)
+    print(f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer)")
+    return 0
+
+
+def add_generate_hf_args(parser) -> None:
+    """The options of generation through transformers (linattn.hf.generate)."""
+    parser.add_argument("--prompt", required=True, help="text to continue (a synthetic task's run: space-separated token ids)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty (1: off)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampling")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--no-stream", action="store_true", help="print the continuation at the end, not as it comes")
+
+
+def _build_generate_hf_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="continue a prompt with a trained model",
+                         description="Print the continuation of --prompt by a model directory "
+                                     "(linattn export) or a run directory (linattn train), "
+                                     "streamed as it is generated. Needs the hf extra.")
+    gen.add_argument("run_dir", help="run directory or transformers model directory")
+    add_generate_hf_args(gen)
+
+
+def _generate_hf(args) -> int:
+    """`linattn generate` through transformers (linattn.hf.generate) for a model directory or
+    any run directory: the text task's runs read and print text, synthetic tasks' runs
+    space-separated token ids."""
+    from .hf.generate import generate_cli
+
+    generate_cli(args.run_dir, args.prompt, device=args.device, stream=not args.no_stream, seed=args.seed,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                 top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    return 0
+
+
+def _text_bits_per_byte(res: dict, out: Path | None = None) -> None:
+    """For the text task: res["bits_per_byte"] = loss / ln 2 (the loss is nats per byte token),
+    also written into out/metrics.json when out is given."""
+    import math
+
+    if res.get("task") != "text":
+        return
+    res["bits_per_byte"] = res["loss"] / math.log(2)
+    if out is not None and (out / "metrics.json").is_file():
+        from .train import write_json
+
+        stored = json.loads((out / "metrics.json").read_text())
+        stored["bits_per_byte"] = res["bits_per_byte"]
+        write_json(out / "metrics.json", stored)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `linattn` command. Returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -318,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "export":
+            return _cmd_export(args)
+        if args.command == "generate":
+            return _generate_hf(args)
         return _cmd_eval(args)
     except ValueError as e:
         if os.environ.get("LINATTN_DEBUG") == "1":
