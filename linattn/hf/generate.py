@@ -31,7 +31,7 @@ def generation_kwargs(*, max_new_tokens: int = 128, temperature: float = 0.0, to
 class _Printer:
     """A transformers streamer that writes each new piece of text to `out` as it comes."""
 
-    def __init__(self, tokenizer, out):
+    def __init__(self, tokenizer, out, skip_special_tokens: bool):
         from transformers import TextStreamer
 
         class _Streamer(TextStreamer):
@@ -41,7 +41,7 @@ class _Printer:
                     out.write("\n")
                 out.flush()
 
-        self.streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=skip_special_tokens)
 
 
 @torch.no_grad()
@@ -50,7 +50,8 @@ def generate_text(model, tokenizer, prompt: str, *, stream=None, seed: int | Non
     """The continuation of `prompt` (the tokenizer's text; a synthetic task's tokenizer reads
     space-separated ids) by model.generate with generation_kwargs(**options). stream: a text
     file (sys.stdout) to write the continuation to while it is generated, or None. seed fixes
-    sampling. Returns the continuation's text."""
+    sampling. Returns the continuation's text: without "<bos>" for text models (it ends a
+    document), with it for synthetic tasks' models (it is a token of their vocabulary)."""
     kw = generation_kwargs(**options)
     enc = tokenizer(prompt, return_tensors="pt")
     dev = next(model.parameters()).device
@@ -60,10 +61,12 @@ def generate_text(model, tokenizer, prompt: str, *, stream=None, seed: int | Non
                          f"{model.config.max_seq_len}")
     if seed is not None:
         torch.manual_seed(seed)
-    streamer = _Printer(tokenizer, stream).streamer if stream is not None else None
+    task = getattr(model.config, "task", None)
+    skip = not task or task.get("name") == "text"
+    streamer = _Printer(tokenizer, stream, skip).streamer if stream is not None else None
     out = model.generate(ids, attention_mask=mask, streamer=streamer,
                          pad_token_id=tokenizer.pad_token_id, **kw)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=skip)
 
 
 def generate_cli(path: str, prompt: str, *, device: str = "auto", stream: bool = True,
