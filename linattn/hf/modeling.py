@@ -121,22 +121,26 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
             if padded:
                 raise ValueError("attention_mask: tokens after the first call must not be padding "
                                  "(pad on the left of the prompt only)")
-            logits, states = self._run(input_ids, h, cache.states)
+            h, states = self._run(input_ids, h, cache.states)
             cache.states, cache.seen_tokens = states, cache.seen_tokens + T
         elif padded:
-            logits, states = self._run_rows(input_ids, h, new_mask)
+            h, states = self._run_rows(input_ids, h, new_mask)
             cache = LinAttnCache(states, T)
         else:
-            logits, states = self._run(input_ids, h, None, want_state=use_cache)
+            h, states = self._run(input_ids, h, None, want_state=use_cache)
             cache = LinAttnCache(states, T) if use_cache else None
         if not use_cache:
             cache = None
+        keep = logits_to_keep if (logits_to_keep and labels is None) else T
+        logits = self.model._logits(h[:, T - keep:])                          # [B, keep, vocab]
+        if padded:
+            logits = logits.masked_fill(~new_mask[:, T - keep:, None], 0.0)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=-100)
-        if logits_to_keep:
-            logits = logits[:, -logits_to_keep:]
+            if logits_to_keep:
+                logits = logits[:, -logits_to_keep:]
         out = LinAttnCausalLMOutput(loss=loss, logits=logits, cache=cache)
         return out if return_dict is not False else out.to_tuple()
 
@@ -144,7 +148,8 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
 
     def _run(self, input_ids, h, states, want_state=True):
         """Every block on ids [B, T] (or embeddings h) from `states` (None: fresh). Returns
-        (logits [B, T, vocab] float32, new states (None when not want_state))."""
+        (hidden states [B, T, d_model] before the final norm, new states (None when not
+        want_state))."""
         lm = self.model
         if h is None:
             h = lm.embed(input_ids)                                              # [B, T, d]
@@ -158,22 +163,22 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
             else:
                 h, s = block(h, state=s, return_state=want_state)
             new_states.append(s)
-        return lm._logits(h), (new_states if want_state else None)
+        return h, (new_states if want_state else None)
 
     def _run_rows(self, input_ids, h, mask):
         """Left-padded first call: each row on its own tokens (mask [B, T] bool), states stacked.
-        Logits at padded positions are 0."""
+        Returns (hidden states [B, T, d_model], 0 at padded positions; the stacked states)."""
         B, T = mask.shape
-        logits, row_states = None, []
+        out, row_states = None, []
         for b in range(B):
             keep = mask[b]
             if not bool(keep.any()):
                 raise ValueError(f"attention_mask row {b} has no token")
-            lg, s = self._run(None if input_ids is None else input_ids[b:b + 1, keep],
+            hb, s = self._run(None if input_ids is None else input_ids[b:b + 1, keep],
                               None if h is None else h[b:b + 1, keep], None)
-            if logits is None:
-                logits = lg.new_zeros(B, T, lg.shape[-1])
-            logits[b, keep] = lg[0]
+            if out is None:
+                out = hb.new_zeros(B, T, hb.shape[-1])
+            out[b, keep] = hb[0]
             row_states.append(s)
         states = [stack_rows([rs[i] for rs in row_states]) for i in range(len(self.model.blocks))]
-        return logits, states
+        return out, states

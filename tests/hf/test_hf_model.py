@@ -182,3 +182,15 @@ def test_pipeline_with_byte_tokenizer(tmp_path):
     ids = torch.tensor([tok("def f(").input_ids])
     want = tok.decode(stepwise_argmax(model, ids, 5)[0], skip_special_tokens=True)
     assert res == want
+
+
+@pytest.mark.parametrize("kw", [dict(mixer="mlstm"), MODELS[-2]], ids=["mlstm", "hybrid"])
+def test_greedy_generate_equals_transformers_generate(kw):
+    from linattn.hf.greedy import greedy_generate
+
+    model = tiny(**kw)
+    ids, mask = left_pad([torch.tensor([5, 6, 7, 8, 9]), torch.tensor([9, 10])])
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(greedy_generate(model, ids, 6, attention_mask=mask), want)
+    with pytest.raises(ValueError, match="CUDA"):
+        greedy_generate(model, ids, 6, cuda_graph=True)
