@@ -17,11 +17,13 @@ from .configuration import LinAttnConfig
 @dataclass
 class LinAttnCausalLMOutput(ModelOutput):
     """loss: scalar float32 (with labels); logits [B, T', vocab] float32 (T' = logits_to_keep or
-    T); cache: LinAttnCache (use_cache) or None."""
+    T); cache: LinAttnCache (use_cache) or None; past_key_values: the same cache, under the
+    name transformers releases before 5.2x read it by."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     cache: LinAttnCache | None = None
+    past_key_values: LinAttnCache | None = None
 
 
 class LinAttnPreTrainedModel(PreTrainedModel):
@@ -141,7 +143,7 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
             if logits_to_keep:
                 logits = logits[:, -logits_to_keep:]
-        out = LinAttnCausalLMOutput(loss=loss, logits=logits, cache=cache)
+        out = LinAttnCausalLMOutput(loss=loss, logits=logits, cache=cache, past_key_values=cache)
         return out if return_dict is not False else out.to_tuple()
 
     # ------------------------------------------------------------------ the block loop
