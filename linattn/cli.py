@@ -334,8 +334,17 @@ def _build_export_parser(sub) -> None:
     ex.add_argument("out_dir", help="directory to write")
 
 
+def _import_hf():
+    """linattn.hf, or a ValueError (one line on stderr) naming the extra to install."""
+    try:
+        import linattn.hf as hf
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    return hf
+
+
 def _cmd_export(args) -> int:
-    from .hf import export_run
+    export_run = _import_hf().export_run
 
     out = export_run(args.run_dir, args.out_dir)
     print(f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer)")
@@ -368,6 +377,7 @@ def _generate_hf(args) -> int:
     """`linattn generate` through transformers (linattn.hf.generate) for a model directory or
     any run directory: the text task's runs read and print text, synthetic tasks' runs
     space-separated token ids."""
+    _import_hf()
     from .hf.generate import generate_cli
 
     generate_cli(args.run_dir, args.prompt, device=args.device, stream=not args.no_stream, seed=args.seed,

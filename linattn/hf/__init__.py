@@ -16,7 +16,10 @@ AutoModelForCausalLM, so a saved model loads with the Auto classes:
     export_run          a `linattn train` run directory -> a save_pretrained directory
     byte_tokenizer, task_tokenizer   the tokenizers saved beside a model
 """
-from transformers import AutoConfig, AutoModelForCausalLM
+try:
+    from transformers import AutoConfig, AutoModelForCausalLM
+except ImportError as e:  # the core package works without it; this module does not
+    raise ImportError("linattn.hf needs transformers 5.x: pip install 'linattn[hf]'") from e
 
 from .cache import LinAttnCache
 from .configuration import LinAttnConfig
