@@ -168,14 +168,29 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
         return h, (new_states if want_state else None)
 
     def _run_rows(self, input_ids, h, mask):
-        """Left-padded first call: each row on its own tokens (mask [B, T] bool), states stacked.
-        Returns (hidden states [B, T, d_model], 0 at padded positions; the stacked states)."""
+        """Left-padded first call: each row on its own tokens (mask [B, T] bool). Models without
+        softmax attention run the rows packed along time (cu_seqlens, one call per layer);
+        hybrids run them one at a time (attention keeps no per-row cache under cu_seqlens) and
+        stack the states. Returns (hidden states [B, T, d_model], 0 at padded positions; the
+        states of the B rows)."""
         B, T = mask.shape
+        lengths = mask.sum(dim=1)                                                # [B]
+        if bool((lengths == 0).any()):
+            raise ValueError(f"attention_mask row {int((lengths == 0).nonzero()[0])} has no token")
+        if "attention" not in self.lm_config.layer_pattern():
+            cu = F.pad(lengths.cumsum(0), (1, 0))                               # [B + 1]
+            packed = self.model.embed(input_ids[mask]) if h is None else h[mask]  # [N, d], row-major
+            x = packed[None]                                                     # [1, N, d]
+            states = []
+            for block in self.model.blocks:
+                x, s = block(x, cu_seqlens=cu, return_state=True)
+                states.append(s)
+            out = x.new_zeros(B, T, x.shape[-1])
+            out[mask] = x[0]
+            return out, states
         out, row_states = None, []
         for b in range(B):
             keep = mask[b]
-            if not bool(keep.any()):
-                raise ValueError(f"attention_mask row {b} has no token")
             hb, s = self._run(None if input_ids is None else input_ids[b:b + 1, keep],
                               None if h is None else h[b:b + 1, keep], None)
             if out is None:
