@@ -60,7 +60,7 @@ SETTINGS = {
     "feature_map": (["--feature-map"], str, "model", "feature map of the linear-attention mixers"),
     "backend": (["--backend"], str, "model", "ops backend: auto (Triton on CUDA), triton, torch, reference"),
     # task
-    "task": (["--task"], str, "task", "mqar, arithmetic, compare or copy"),
+    "task": (["--task"], str, "task", "mqar, arithmetic, compare, copy or text"),
     "pairs": (["--pairs"], int, "task", "mqar: key-value pairs"),
     "queries": (["--queries"], int, "task", "mqar: queries (0: one per pair)"),
     "seq_len": (["--seq-len"], int, "task", "mqar, copy: sequence length"),
