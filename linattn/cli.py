@@ -73,6 +73,11 @@ SETTINGS = {
     "int_digits": (["--int-digits"], int, "task", "compare: max integer digits"),
     "frac_digits": (["--frac-digits"], int, "task", "compare: max fraction digits"),
     "copy_len": (["--copy-len"], int, "task", "copy: marked tokens to copy"),
+    "corpus": (["--corpus"], str, "task", "text: a directory or file of text (e.g. Python's stdlib)"),
+    "test_percent": (["--test-percent"], int, "task", "text: percent of documents held out for evaluation"),
+    "include": (["--include"], str, "task", "text: comma-separated file-name patterns to read (default *)"),
+    "exclude": (["--exclude"], str, "task", "text: comma-separated directory/file-name patterns to skip"),
+    "block_bytes": (["--block-bytes"], int, "task", "text: document size of a single-file corpus"),
     # training
     "steps": (["--steps"], int, "train", "optimizer steps"),
     "batch_size": (["--batch", "--batch-size"], int, "train", "sequences per step"),
@@ -149,6 +154,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     sub.add_parser("bench", help="time the ops against softmax attention and peers (see `linattn bench --help`)",
                    add_help=False)
+    _build_export_parser(sub)
     return parser
 
 
@@ -165,13 +171,20 @@ def _add_generate_parser(sub) -> None:
                "                                    the run's --order (reversed: least significant first)\n"
                "  mqar        k3 v7 k1 v2 k3        keys k0.., values v0.., _ filler; answer v7\n"
                "  copy        * 5 9 4 * 12 7 3 |    marked tokens (after *), ids 3..vocab-1; answer 5 12")
-    ge.add_argument("run_dir", help="directory written by `linattn train`")
+    ge.add_argument("run_dir", help="directory written by `linattn train`, or a model directory "
+                                    "written by `linattn export` / save_pretrained")
     ge.add_argument("--prompt", required=True, help="the prompt, in the task's text (see below)")
     ge.add_argument("--max-new-tokens", type=int, default=None,
-                    help="tokens to generate (default: the length of the task's answer)")
+                    help="tokens to generate (default: the length of the task's answer; "
+                         "128 for text runs and model directories)")
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampled")
     ge.add_argument("--seed", type=int, default=0, help="seed of the sampling (temperature > 0)")
     ge.add_argument("--device", default=None, help="auto, cpu, cuda (default: the run's)")
+    hf = ge.add_argument_group("text runs and model directories (transformers' generate; the hf extra)")
+    hf.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    hf.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    hf.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty (1: off)")
+    hf.add_argument("--no-stream", action="store_true", help="print the continuation at the end, not as it comes")
 
 
 def _setting_defaults() -> dict:
@@ -375,11 +388,14 @@ def _cmd_train(args) -> int:
         raise
     if not lead:
         return 0
+    _text_bits_per_byte(metrics, out)
     print(format_table([{"task": task.name, "model": metrics_model_name(model_cfg),
                    "params": f"{metrics['parameters']:,}", "steps": metrics["steps"],
                    "test loss": f"{metrics['loss']:.4f}", "accuracy": f"{metrics['accuracy']:.4f}",
                    "exact match": f"{metrics['exact_match']:.4f}",
                    "tokens/s": f"{metrics['tokens_per_s']:,.0f}" if metrics["tokens_per_s"] else "-"}]))
+    if "bits_per_byte" in metrics:
+        print(f"test bits per byte: {metrics['bits_per_byte']:.4f}")
     print(f"wrote {out}/ (config.json, metrics.json, metrics.jsonl, model.safetensors, curves.png)")
     return 0
 
@@ -444,6 +460,7 @@ def _cmd_eval(args) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     res = evaluate_run(out, seed=args.seed, batches=args.batches, batch_size=args.batch_size,
                        device=args.device)
+    _text_bits_per_byte(res)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -451,6 +468,8 @@ def _cmd_eval(args) -> int:
                    "params": f"{res['parameters']:,}", "test seed": res["seed"],
                    "sequences": res["sequences"], "loss": f"{res['loss']:.4f}",
                    "accuracy": f"{res['accuracy']:.4f}", "exact match": f"{res['exact_match']:.4f}"}]))
+    if "bits_per_byte" in res:
+        print(f"bits per byte: {res['bits_per_byte']:.4f}")
     return 0
 
 
@@ -465,6 +484,14 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if _generates_text(Path(args.run_dir)):
+        return _generate_hf(args)
+    hf_only = [flag for flag, value, off in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0),
+                                             ("--repetition-penalty", args.repetition_penalty, 1.0))
+               if value != off]
+    if hf_only:
+        raise ValueError(f"{', '.join(hf_only)} apply to text runs and model directories; a task run "
+                         "answers with CausalLM.generate (greedy, or sampled with --temperature)")
     model, model_cfg, task, cfg, dev = load_trained(args.run_dir, args.device)
     try:
         prompt = task.prompt_ids(args.prompt)
@@ -497,6 +524,81 @@ def _cmd_bench(argv: list[str]) -> int:
     return int(result or 0)
 
 
+# ------------------------------------------------------- transformers: export, generate, text
+
+def _build_export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="convert a run directory to a transformers model directory",
+                        description="Write a `linattn train` run as a transformers model directory "
+                                    "(config.json, model.safetensors, tokenizer) that "
+                                    "AutoModelForCausalLM loads after `import linattn.hf`. "
+                                    "Needs the hf extra: pip install 'linattn[hf]'.")
+    ex.add_argument("run_dir", help="directory written by `linattn train`")
+    ex.add_argument("out_dir", help="directory to write")
+
+
+def _import_hf():
+    """linattn.hf, or a ValueError (one line on stderr) naming the extra to install."""
+    try:
+        import linattn.hf as hf
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    return hf
+
+
+def _cmd_export(args) -> int:
+    export_run = _import_hf().export_run
+
+    out = export_run(args.run_dir, args.out_dir)
+    print(f"wrote {out}/ (config.json, model.safetensors, generation_config.json, tokenizer)")
+    return 0
+
+
+def _generates_text(path: Path) -> bool:
+    """A model directory (linattn export / save_pretrained) or a run of the text task: these
+    generate through transformers (linattn.hf.generate); other runs through their task."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        return False
+    task = data.get("task")
+    return data.get("model_type") == "linattn" or (isinstance(task, dict) and task.get("name") == "text")
+
+
+def _generate_hf(args) -> int:
+    """`linattn generate` through transformers (linattn.hf.generate) for a model directory or
+    any run directory: the text task's runs read and print text, synthetic tasks' runs
+    space-separated token ids."""
+    _import_hf()
+    from .hf.generate import generate_cli
+
+    generate_cli(args.run_dir, args.prompt, device=args.device or "auto", stream=not args.no_stream,
+                 seed=args.seed, max_new_tokens=args.max_new_tokens or 128,
+                 temperature=args.temperature, top_p=args.top_p,
+                 top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    return 0
+
+
+def _text_bits_per_byte(res: dict, out: Path | None = None) -> None:
+    """For the text task: res["bits_per_byte"] = loss / ln 2 (the loss is nats per byte token),
+    also written into out/metrics.json when out is given."""
+    import math
+
+    if res.get("task") != "text":
+        return
+    res["bits_per_byte"] = res["loss"] / math.log(2)
+    if out is not None and (out / "metrics.json").is_file():
+        from .train import write_json
+
+        stored = json.loads((out / "metrics.json").read_text())
+        stored["bits_per_byte"] = res["bits_per_byte"]
+        write_json(out / "metrics.json", stored)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `linattn` command. Returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -508,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args)
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_eval(args)
     except (ValueError, OSError) as e:
         if os.environ.get("LINATTN_DEBUG") == "1":

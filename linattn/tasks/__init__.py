@@ -9,6 +9,7 @@ accuracy count answer tokens only.
     arithmetic  n-digit addition / multiplication (digits, op, order)
     compare     which of two decimals is larger (int_digits, frac_digits)
     copy        selective copying of marked tokens out of noise (copy_len, seq_len, vocab)
+    text        byte-level language modelling on a directory or file of text (corpus, seq_len)
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from .batch import Batch, batch_seed
 from .compare import Compare
 from .copy import SelectiveCopy
 from .mqar import MQAR
+from .text import Text
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (MQAR, Arithmetic, Compare, SelectiveCopy)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (MQAR, Arithmetic, Compare, SelectiveCopy, Text)}
 
 
 def make_task(name: str, **knobs) -> Task:
@@ -42,4 +44,4 @@ def task_from_dict(d: dict) -> Task:
 
 
 __all__ = ["Task", "Batch", "TASKS", "make_task", "task_from_dict", "batch_seed",
-           "MQAR", "Arithmetic", "Compare", "SelectiveCopy"]
+           "MQAR", "Arithmetic", "Compare", "SelectiveCopy", "Text"]
