@@ -144,6 +144,12 @@ class MixtureOfMemories(Mixer):
         self.o_proj = nn.Linear(HV, d_model, bias=False)
         self.aux_loss = None
 
+    def __getstate__(self):
+        """Copies and pickles leave out the last forward's aux_loss (a tensor in its graph)."""
+        state = dict(super().__getstate__())
+        state["aux_loss"] = None
+        return state
+
     def check_sequence_parallel(self, sp) -> None:
         super().check_sequence_parallel(sp)
         if sp is not None:
