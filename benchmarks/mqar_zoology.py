@@ -6,7 +6,9 @@ query placement, fixed sets of 100,000 training and 3,000 test examples, Zoology
 size for T, AdamW with weight decay 0.1, warmup then cosine) for --epochs epochs (64 in
 Zoology) capped at --max-steps steps, evaluated on the whole test set every epoch (or every
 --eval-every steps when that is sooner) and stopped once test accuracy reaches 0.99. "hybrid"
-is a 1:1 Gated DeltaNet / attention model (layer 0 Gated DeltaNet, layer 1 attention).
+is a 1:1 Gated DeltaNet / attention model (layer 0 Gated DeltaNet, layer 1 attention). Every
+model has one head, except where the op's head-dim limit (256) needs more (heads_for: the
+linear mixer at d_model 256, every mixer at 512).
 
 Rows are appended to --out (JSON Lines) as runs finish, with at least the keys mixer,
 d_model, seq_len, num_kv_pairs, lr, steps, accuracy (the fraction of query positions
@@ -94,6 +96,16 @@ def state_size(model, seq_len: int, device) -> int:
     return count(state)
 
 
+def heads_for(mixer: str, d_model: int) -> int:
+    """One head (Zoology's), or the fewest powers of two that keep the op's head dims <= 256
+    (the linear mixer's value carries one extra column for its denominator)."""
+    extra = 1 if mixer == "linear" else 0
+    heads = 1
+    while d_model // heads + extra > 256:
+        heads *= 2
+    return heads
+
+
 def run_one(spec: dict) -> dict:
     """Trains one grid point; returns its row (never raises: errors become a row field)."""
     t0 = time.time()
@@ -113,6 +125,7 @@ def run_one(spec: dict) -> dict:
             settings.update(mixer="gated_deltanet", hybrid=1)
         else:
             settings["mixer"] = spec["mixer"]
+        settings["n_heads"] = heads_for(spec["mixer"], spec["d_model"])
         settings.update(spec.get("overrides", {}))
         model_cfg, task, cfg = build_run(settings)
         task = _TASKS.setdefault(tuple(sorted(task.to_dict().items())), task)
