@@ -16,7 +16,10 @@ answered right on the test set), and state_size (floats of recurrent state per s
 summed over layers, caches of the short convs included; attention counts its KV cache at
 length T). The grid is resumable: a (mixer, d_model, seq_len, num_kv_pairs, lr) with a
 complete row in --out is skipped; a run cut short by --budget-s is written with
-complete=false and runs again next time (from the start). --jobs runs that many trainings
+complete=false and runs again next time (from the start). Learning rates: --lrs in order; a
+(mixer, d_model, T, pairs) that some lr already solved (accuracy >= --solved-at, 0.99) runs no
+further lr, so a first call with one lr and a later one with two more is Zoology's sweep
+restricted to the cells that need it. --jobs runs that many trainings
 at once, each in its own process (small models leave most of a GPU idle). --budget-s bounds
 the whole command: no run starts when less than --min-run-s is left, and each run's time
 limit is the smaller of --run-time-limit and what is left. Order: the cells in --cells order,
@@ -182,9 +185,12 @@ def grid(a) -> list[dict]:
 def run_grid(a) -> int:
     out = Path(a.out) if a.out else default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {row_key(r) for r in read_rows(out) if r.get("complete")}
-    todo = [s for s in grid(a) if row_key(s) not in done]
-    print(f"{len(todo)} runs to do ({len(done)} complete in {out})", flush=True)
+    rows = read_rows(out)
+    done = {row_key(r) for r in rows if r.get("complete")}
+    solved = {row_key(r)[:4] for r in rows if r.get("complete") and r.get("accuracy", 0) >= a.solved_at}
+    todo = [s for s in grid(a) if row_key(s) not in done and row_key(s)[:4] not in solved]
+    print(f"{len(todo)} runs to do ({len(done)} complete in {out}; {len(solved)} cells solved at "
+          f">= {a.solved_at} by some lr, their other lrs skipped)", flush=True)
     overrides = json.loads(a.overrides) if a.overrides else {}
     gpu = gpu_slug() if a.device != "cpu" else "cpu"
     start = time.time()
@@ -297,7 +303,10 @@ def main(argv=None) -> int:
     p.add_argument("--mixers", default=",".join(MIXERS))
     p.add_argument("--cells", default="256:16,512:64", help="T:pairs, comma separated")
     p.add_argument("--d-models", default="64,128,256")
-    p.add_argument("--lrs", default=ZOOLOGY_LRS, help="at most 3 per cell is the plan")
+    p.add_argument("--lrs", default=None, help=f"comma separated (default {ZOOLOGY_LRS}; at most 3 "
+                   "per cell is the plan)")
+    p.add_argument("--solved-at", type=float, default=0.99,
+                   help="skip the other lrs of a (mixer, d_model, T, pairs) that reached this accuracy")
     p.add_argument("--epochs", type=float, default=64.0)
     p.add_argument("--max-steps", type=int, default=3000, help="cap on each run's steps (its lr schedule too)")
     p.add_argument("--eval-every", type=int, default=250, help="test evaluation period, at most one epoch")
@@ -319,11 +328,12 @@ def main(argv=None) -> int:
         print(summary_table(read_rows(Path(a.plot))))
         return 0
     if a.smoke:
-        a.mixers, a.cells, a.d_models, a.lrs = "attention,mom,hybrid", "16:2", "16", "1e-2"
+        a.mixers, a.cells, a.d_models, a.lrs = "attention,mom,hybrid", "16:2", "16", a.lrs or "1e-2"
         a.device, a.backend, a.max_steps, a.jobs, a.eval_every = "cpu", "torch", 3, 2, 2
         a.budget_s, a.run_time_limit, a.min_run_s, a.margin_s = 120.0, 60.0, 1.0, 1.0
         a.overrides = json.dumps({"train_examples": 64, "test_examples": 16, "batch_size": 8,
                                   "vocab": 64, "n_heads": 2})
+    a.lrs = a.lrs or ZOOLOGY_LRS
     return run_grid(a)
 
 

@@ -31,6 +31,9 @@ def test_smoke_grid_resumes_and_plots(tmp_path):
     assert sizes["attention"] == 2 * 2 * 16 * 16  # 2 layers x (K and V) x T x d_model
     assert "| attention |" in printed and f"wrote {out}" in printed
     assert "0 runs to do (3 complete" in run("--smoke", "--out", str(out))  # resumable
+    # another lr runs only where no lr solved the cell yet ("solved" at >= 0: every cell)
+    assert "0 runs to do (3 complete in" in run("--smoke", "--out", str(out), "--lrs", "1e-2,3e-3",
+                                                "--solved-at", "0")
     printed = run("--plot", str(out))
     for png in (tmp_path / "zoo.png", tmp_path / "zoo-state.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in printed
