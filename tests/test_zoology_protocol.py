@@ -32,7 +32,8 @@ def test_zoology_preset_sets_the_protocol_and_flags_win():
     assert (task.layout, task.vocab, task.power_a) == ("zoology", 8192, 0.01)
     assert (task.train_examples, task.test_examples) == (100_000, 3_000)
     assert tr.batch_size == 256 and tr.eval_every == 390 and tr.steps == 64 * 390
-    assert tr.eval_batches == 12 and tr.stop_at_accuracy == 0.99 and tr.weight_decay == 0.1
+    assert tr.eval_batches == 12 and tr.stop_at_accuracy == 0.99 and tr.weight_decay == 0.01
+    assert (tr.warmup_steps, tr.min_lr_ratio, tr.grad_clip) == (0, 0.0, 0.0)
     _, _, short = build_run({"preset": "zoology", "seq_len": 64, "pairs": 4, "steps": 50,
                              "batch_size": 100, "epochs": 2.0, "n_heads": 2, "mixer": "mom"})
     assert short.steps == 50 and short.eval_every == 1000 and short.eval_batches == 30
