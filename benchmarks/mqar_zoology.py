@@ -171,13 +171,23 @@ class InProcess:
         return fut
 
 
+def mixer_lrs(a) -> dict:
+    """{mixer: [lr, ...]} from --mixer-lrs "attention=4.6e-4,2.2e-3;hybrid=1e-3"."""
+    out = {}
+    for part in filter(None, (a.mixer_lrs or "").split(";")):
+        name, _, lrs = part.partition("=")
+        out[name.strip()] = [float(v) for v in lrs.split(",")]
+    return out
+
+
 def grid(a) -> list[dict]:
     cells = [tuple(int(v) for v in c.split(":")) for c in a.cells.split(",")]
+    own = mixer_lrs(a)
     specs = []
     for T, P in cells:
         for d in [int(v) for v in a.d_models.split(",")]:
             for mixer in a.mixers.split(","):
-                for lr in [float(v) for v in a.lrs.split(",")]:
+                for lr in own.get(mixer, [float(v) for v in a.lrs.split(",")]):
                     specs.append(dict(mixer=mixer, d_model=d, seq_len=T, num_kv_pairs=P, lr=lr))
     return specs
 
@@ -305,6 +315,8 @@ def main(argv=None) -> int:
     p.add_argument("--d-models", default="64,128,256")
     p.add_argument("--lrs", default=None, help=f"comma separated (default {ZOOLOGY_LRS}; at most 3 "
                    "per cell is the plan)")
+    p.add_argument("--mixer-lrs", default="", help='per-mixer lr lists that replace --lrs, e.g. '
+                   '"attention=4.6e-4,2.2e-3;hybrid=1e-3"')
     p.add_argument("--solved-at", type=float, default=0.99,
                    help="skip the other lrs of a (mixer, d_model, T, pairs) that reached this accuracy")
     p.add_argument("--epochs", type=float, default=64.0)

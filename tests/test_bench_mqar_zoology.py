@@ -37,3 +37,21 @@ def test_smoke_grid_resumes_and_plots(tmp_path):
     printed = run("--plot", str(out))
     for png in (tmp_path / "zoo.png", tmp_path / "zoo-state.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in printed
+
+
+def test_grid_order_and_per_mixer_lrs():
+    """The bar's cells first in the given order, then d_model, mixer, lr; --mixer-lrs replaces
+    the lr list of the mixers it names; heads only where the head-dim limit needs them."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mqar_zoology as z
+
+    a = argparse.Namespace(cells="512:64,256:16", d_models="128,64", mixers="attention,mom",
+                           lrs="2.2e-3,1e-2", mixer_lrs="attention=4.6e-4")
+    got = [(s["seq_len"], s["d_model"], s["mixer"], s["lr"]) for s in z.grid(a)]
+    assert got == [(512, 128, "attention", 4.6e-4), (512, 128, "mom", 2.2e-3), (512, 128, "mom", 1e-2),
+                   (512, 64, "attention", 4.6e-4), (512, 64, "mom", 2.2e-3), (512, 64, "mom", 1e-2),
+                   (256, 128, "attention", 4.6e-4), (256, 128, "mom", 2.2e-3), (256, 128, "mom", 1e-2),
+                   (256, 64, "attention", 4.6e-4), (256, 64, "mom", 2.2e-3), (256, 64, "mom", 1e-2)]
+    assert [z.heads_for("linear", 256), z.heads_for("gla", 256), z.heads_for("mom", 512)] == [2, 1, 2]
