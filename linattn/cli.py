@@ -100,6 +100,17 @@ SETTINGS = {
     "compile": (["--compile"], str, "train",
                 "torch.compile the model: none, default or reduce-overhead (CUDA graphs, for small "
                 "launch-bound models); on CPU the graph is captured with aot_eager"),
+    # Zoology's MQAR protocol (see linattn.tasks.mqar and linattn.models.config.preset_settings)
+    "preset": (["--preset"], str, "model", "a bundle of defaults that other settings override: "
+               "zoology (Zoology's MQAR protocol: 2 blocks, no MLP, 1 head, its data and epochs)"),
+    "layout": (["--layout"], str, "task", "mqar: token layout, linattn or zoology"),
+    "power_a": (["--power-a"], float, "task", "mqar (zoology layout): power law of the query positions"),
+    "train_examples": (["--train-examples"], int, "task", "mqar: fixed training set size (0: fresh data every step)"),
+    "test_examples": (["--test-examples"], int, "task", "mqar: fixed test set size (0: unlimited)"),
+    "epochs": (["--epochs"], float, "train", "passes over the fixed training set (sets --steps unless given)"),
+    "aux_loss_coef": (["--aux-loss-coef"], float, "train", "weight of auxiliary losses (MoM load balancing)"),
+    "stop_at_accuracy": (["--stop-at-accuracy"], float, "train",
+                         "stop once a periodic test evaluation reaches this accuracy (0: off)"),
 }
 ALIASES = {"heads": "n_heads", "batch": "batch_size", "time_limit": "time_limit_s", "pattern": "layers",
            "name": "task"}
@@ -306,6 +317,7 @@ def build_run(settings: dict):
     task_name = settings.get("task", "mqar")
     if task_name not in TASKS:
         raise ValueError(f"unknown task {task_name!r}; choose one of {', '.join(TASKS)}")
+    settings, epochs = _with_preset(settings)
     sections = {s: {} for s in ("model", "task", "train")}
     for key, value in settings.items():
         section = SETTINGS[key][2] if key in SETTINGS else "model"
@@ -328,8 +340,43 @@ def build_run(settings: dict):
         sections[SETTINGS[key][2]].setdefault(key, value)
     model_kwargs = {k: v for k, v in sections["model"].items() if k in _model_fields()}
     model_cfg = model_config_for(task, **model_kwargs)
+    _fixed_set_schedule(task, sections["train"], epochs)
     train_cfg = TrainConfig.from_dict(sections["train"]).validate()
     return model_cfg, task, train_cfg
+
+
+def _with_preset(settings: dict) -> tuple[dict, float | None]:
+    """(settings over the defaults of their "preset", if any, without "preset" and "epochs";
+    the epochs asked for, or None)."""
+    from .models.config import preset_settings
+
+    settings = dict(settings)
+    name = settings.pop("preset", None)
+    if name is not None:
+        settings = {**preset_settings(name, settings.get("seq_len", 64)), **settings}
+    return settings, settings.pop("epochs", None)
+
+
+def _fixed_set_schedule(task, train: dict, epochs) -> None:
+    """Fills, in place, the training settings a fixed training/test set implies unless given:
+    steps = epochs x steps per epoch, an evaluation every epoch, and evaluation batches that
+    cover the fixed test set (and no more)."""
+    batch = train.get("batch_size", 32)
+    if epochs is not None:
+        if not epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {epochs}")
+        per_epoch = task.steps_per_epoch(batch) if hasattr(task, "steps_per_epoch") else None
+        if per_epoch is None:
+            raise ValueError(f"--epochs needs a task with a fixed training set, not {task.name}")
+        train.setdefault("steps", max(1, round(epochs * per_epoch)))
+        train.setdefault("eval_every", per_epoch)
+    test = getattr(task, "test_examples", 0)
+    if test:
+        covered = -(-test // batch)
+        train.setdefault("eval_batches", covered)
+        if train["eval_batches"] > covered:
+            raise ValueError(f"--eval-batches {train['eval_batches']} x batch {batch} exceeds the "
+                             f"fixed test set of {test} examples ({covered} batches)")
 
 
 def _stored_settings(out: Path) -> dict:

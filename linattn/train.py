@@ -84,6 +84,11 @@ class TrainConfig:
     # torch.compile the model (compile_model): "none", "default" or "reduce-overhead" (CUDA
     # graphs: one launch per graph, for small, launch-bound models)
     compile: str = "none"
+    # Auxiliary losses (Mixture-of-Memories' load balancing, `aux_loss` of a mixer) join the
+    # training loss times this coefficient.
+    aux_loss_coef: float = 0.01
+    # Early stop: once a periodic evaluation (eval_every) reaches this test accuracy (0: off).
+    stop_at_accuracy: float = 0.0
 
     def validate(self) -> "TrainConfig":
         positive = ("steps", "batch_size", "log_every", "eval_batches", "ckpt_every")
@@ -92,7 +97,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < -1:
             raise ValueError(f"eval_every must be >= -1 (-1: about 10 evaluations), got {self.eval_every}")
-        for name in ("time_limit_s", "weight_decay", "grad_clip", "min_lr_ratio"):
+        for name in ("time_limit_s", "weight_decay", "grad_clip", "min_lr_ratio", "aux_loss_coef",
+                     "stop_at_accuracy"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.seq_len_warmup < 1):
@@ -529,13 +535,24 @@ def _make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def model_aux_loss(model):
+    """The sum of the `aux_loss` tensors the model's modules set in their last forward
+    (Mixture-of-Memories' load balancing), or None when no module has one."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+    return sum(losses) if losses else None
+
+
 def _train_step(model, optimizer, batch: Batch, lr: float, grad_clip: float,
-                device: torch.device, dtype: torch.dtype, sp=None) -> tuple[float, dict]:
+                device: torch.device, dtype: torch.dtype, sp=None, aux_loss_coef: float = 0.0) -> tuple[float, dict]:
     """One optimizer step on `batch` at learning rate `lr`; returns (loss, answer_loss counts).
-    sp: the SequenceParallelContext the model runs under, or None."""
+    sp: the SequenceParallelContext the model runs under, or None. aux_loss_coef: weight of
+    model_aux_loss in the loss that is backpropagated (the returned loss excludes it)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss, loss_value, counts = batch_loss(model, batch, device, dtype, sp)
+    aux = model_aux_loss(model) if aux_loss_coef else None
+    if aux is not None:
+        loss = loss + aux_loss_coef * aux.float()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if sp is not None:
@@ -701,7 +718,7 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
             tokens_per_step = cfg.batch_size * step_task.seq_len
             batch = step_task.batch("train", cfg.seed, step, cfg.batch_size).to(device)
             loss_value, counts = _train_step(run_model, optimizer, batch, lr, cfg.grad_clip, device,
-                                             dtype, sp)
+                                             dtype, sp, aux_loss_coef=cfg.aux_loss_coef)
             dt = time.perf_counter() - t0
             step += 1
             if step > start_step + 1:
@@ -725,6 +742,8 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
                               batch_size=cfg.batch_size, device=device, dtype=dtype, sp=sp)
                 log({"step": step, "split": "test", "loss": ev["loss"], "accuracy": ev["accuracy"],
                      "exact_match": ev["exact_match"]})
+                if cfg.stop_at_accuracy and ev["accuracy"] >= cfg.stop_at_accuracy:
+                    stopped = "accuracy"
             if step % cfg.ckpt_every == 0:
                 checkpoint()
             if bar is not None:
@@ -734,6 +753,8 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
                 bar.step_done(step)
             if on_step is not None:
                 on_step(step, record)
+            if stopped == "accuracy":
+                break
             if _any_rank(sigint["set"], sp, device):
                 checkpoint()
                 if bar is not None:

@@ -6,7 +6,7 @@ MIXERS maps a mixer's name to its class. Every class is built as
 [B, T, d_model] (see linattn.layers.base for the convention, and each class for its options
 and its state's layout). ``mixer.set_sequence_parallel(sp)`` runs a mixer sequence-parallel
 (LASP-2, linattn.parallel) on this rank's slice of the sequence (see linattn.layers.base);
-mLSTMexp cannot (ValueError).
+mLSTMexp and mom cannot (ValueError).
 """
 from .attention import Attention
 from .base import Mixer
@@ -17,6 +17,7 @@ from .hgrn2 import HGRN2
 from .lightning import LightningAttention
 from .linear import LinearAttention
 from .mlstm import MLSTM, MLSTMSig
+from .mom import MixtureOfMemories
 from .norms import GatedOutputNorm, RMSNorm
 from .short_conv import ShortConv
 
@@ -30,8 +31,9 @@ MIXERS = {
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
     "attention": Attention,
+    "mom": MixtureOfMemories,
 }
 
 __all__ = ["MIXERS", "Mixer", "LinearAttention", "LightningAttention", "GatedLinearAttention",
-           "HGRN2", "MLSTM", "MLSTMSig", "DeltaNet", "GatedDeltaNet", "Attention",
+           "HGRN2", "MLSTM", "MLSTMSig", "DeltaNet", "GatedDeltaNet", "Attention", "MixtureOfMemories",
            "FEATURE_MAPS", "FeatureMap", "HedgehogMap", "RMSNorm", "GatedOutputNorm", "ShortConv"]

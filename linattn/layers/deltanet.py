@@ -14,6 +14,25 @@ from .norms import GatedOutputNorm
 from .short_conv import ShortConv
 
 
+def mamba2_decay_params(n_heads: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """(A_log, dt_bias), each [n_heads] float32: A = exp(A_log) uniform in [1, 16] and
+    dt = softplus(dt_bias) log-uniform in [1e-3, 1e-1], as Mamba-2 initialises them."""
+    A_log = nn.Parameter(torch.empty(n_heads).uniform_(1.0, 16.0).log())
+    dt = torch.exp(torch.empty(n_heads).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
+    return A_log, nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+
+def mamba2_log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """g = -exp(A_log) * softplus(a + dt_bias): a [..., H] in the gate dtype -> g [..., H] <= 0."""
+    return -A_log.to(a.dtype).exp() * F.softplus(a + dt_bias.to(a.dtype))
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, 1e-6) over the last dim, as the delta-rule layers normalise q and k (one
+    Triton kernel on CUDA, linattn.ops.fused.l2_normalize)."""
+    return l2_normalize(x, eps=1e-6)
+
+
 class DeltaNet(Mixer):
     """DeltaNet's token mixer, as the Gated DeltaNet paper builds it:
 
@@ -53,9 +72,7 @@ class DeltaNet(Mixer):
         self.b_proj = nn.Linear(d_model, n_heads, bias=True)
         if self.gated:
             self.a_proj = nn.Linear(d_model, n_heads, bias=False)
-            self.A_log = nn.Parameter(torch.empty(n_heads).uniform_(1.0, 16.0).log())
-            dt = torch.exp(torch.empty(n_heads).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
-            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+            self.A_log, self.dt_bias = mamba2_decay_params(n_heads)
         self.z_proj = nn.Linear(d_model, HV, bias=False)
         self.out_norm = GatedOutputNorm(self.value_dim, activation="silu")
         self.o_proj = nn.Linear(HV, d_model, bias=False)
@@ -71,15 +88,15 @@ class DeltaNet(Mixer):
             conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
         qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
         q, k, v = qkv.split([HK, HK, self.n_heads * self.value_dim], dim=-1)
-        q = l2_normalize(self.heads(q, self.key_dim), eps=1e-6)         # [B, T, H, K]
-        k = l2_normalize(self.heads(k, self.key_dim), eps=1e-6)         # [B, T, H, K]
+        q = l2norm(self.heads(q, self.key_dim))                          # [B, T, H, K]
+        k = l2norm(self.heads(k, self.key_dim))                          # [B, T, H, K]
         v = self.heads(v, self.value_dim)                                # [B, T, H, V]
         q, k = q.to(v.dtype), k.to(v.dtype)  # autocast runs the normalisation in float32
         gdt = gate_dtype(x)
         beta = torch.sigmoid(self.b_proj(x).to(gdt))                     # [B, T, H]
         g = None
         if self.gated:
-            g = -self.A_log.to(gdt).exp() * F.softplus(self.a_proj(x).to(gdt) + self.dt_bias.to(gdt))
+            g = mamba2_log_decay(self.a_proj(x).to(gdt), self.A_log, self.dt_bias)
         run = delta_rule if self.sequence_parallel is None else self.parallel_op("delta_rule")
         o, S = run(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
                    cu_seqlens=cu_seqlens, backend=self.backend)

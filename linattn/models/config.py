@@ -22,7 +22,8 @@ class LMConfig:
         layers: explicit per-layer mixer names (length n_layers); overrides mixer and hybrid.
         hybrid: N for an "N:1" hybrid: every (N+1)-th layer (layers N, 2N+1, ... 0-based) is
             "attention", the others are mixer; n_layers must be a multiple of N+1.
-        mlp_ratio: SwiGLU hidden width = round(mlp_ratio * d_model).
+        mlp_ratio: SwiGLU hidden width = round(mlp_ratio * d_model); 0 means blocks without
+            an MLP (mixer only, as Zoology's MQAR models).
         max_seq_len: the longest input forward() accepts.
         sliding_window: window of the attention layers (None: full causal).
         feature_map: feature map of the "linear" mixer (see linattn.layers.feature_maps).
@@ -93,9 +94,10 @@ class LMConfig:
             if self.layers is None and self.n_layers % (self.hybrid + 1):
                 raise ValueError(f"hybrid={self.hybrid} means {self.hybrid}:1 blocks of "
                                  f"{self.hybrid + 1} layers, which do not tile n_layers={self.n_layers}")
-        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0
-                and round(self.mlp_ratio * self.d_model) >= 1):
-            raise ValueError(f"mlp_ratio must be > 0 (and give a hidden width >= 1), got {self.mlp_ratio!r}")
+        if not (isinstance(self.mlp_ratio, (int, float)) and not isinstance(self.mlp_ratio, bool)
+                and (self.mlp_ratio == 0 or (self.mlp_ratio > 0 and round(self.mlp_ratio * self.d_model) >= 1))):
+            raise ValueError(f"mlp_ratio must be 0 (no MLP) or > 0 (and give a hidden width >= 1), "
+                             f"got {self.mlp_ratio!r}")
         if self.sliding_window is not None:
             _positive_int("sliding_window", self.sliding_window)
         if self.feature_map not in FEATURE_MAPS:
@@ -146,6 +148,37 @@ class LMConfig:
     @classmethod
     def load_json(cls, path) -> "LMConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+PRESETS = ("zoology",)
+
+
+def preset_settings(name: str, seq_len: int) -> dict:
+    """Flat `linattn train` settings of a named preset, for a task of length seq_len; the
+    caller lets its own settings win over them.
+
+    "zoology": the MQAR protocol of Zoology (Arora et al., 2023; its figure-2 configs):
+    two blocks of the mixer without MLP, one head (softmax attention then has one head, and
+    no conv; the mixers keep their short convs), vocabulary 8192, Zoology's layout with
+    power-law query placement (a = 0.01), fixed sets of 100,000 training and 3,000 test
+    examples, 64 epochs, batch 512 (T <= 128), 256 (T = 256) or 128 (T >= 512), the whole
+    test set evaluated every epoch and training stopped at 99% test accuracy; its trainer's
+    optimisation: AdamW with torch's default weight decay 0.01, no warmup, cosine to 0, no
+    gradient clipping. The learning rate is swept outside (Zoology: 1e-4 .. 1e-2 log-spaced).
+    Differences left: Zoology's AdamW has betas (0.9, 0.999) and decays every parameter, ours
+    (0.9, 0.95) and matrices only; its cosine steps once per epoch, ours every step; its
+    attention uses learned absolute positions and dropout 0.1, ours RoPE and no dropout.
+    """
+    if name != "zoology":
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    batch = 512 if seq_len <= 128 else 256 if seq_len <= 256 else 128
+    return {
+        "n_layers": 2, "mlp_ratio": 0.0, "n_heads": 1,
+        "layout": "zoology", "vocab": 8_192, "power_a": 0.01,
+        "train_examples": 100_000, "test_examples": 3_000,
+        "epochs": 64.0, "batch_size": batch, "weight_decay": 0.01, "warmup_steps": 0,
+        "min_lr_ratio": 0.0, "grad_clip": 0.0, "stop_at_accuracy": 0.99,
+    }
 
 
 def _positive_int(name, v):

@@ -25,8 +25,9 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """x + mixer(rmsnorm(x)), then x + swiglu(rmsnorm(x)); forward follows the mixers'
-    convention: (x [B, T, d], state, cu_seqlens, return_state) -> (x, new_state or None)."""
+    """x + mixer(rmsnorm(x)), then x + swiglu(rmsnorm(x)) (no MLP when config.mlp_ratio is 0);
+    forward follows the mixers' convention: (x [B, T, d], state, cu_seqlens, return_state) ->
+    (x, new_state or None)."""
 
     def __init__(self, config: LMConfig, name: str, layer_idx: int):
         super().__init__()
@@ -35,13 +36,15 @@ class Block(nn.Module):
         self.mixer_norm = RMSNorm(d, config.norm_eps)
         self.mixer = MIXERS[name](d, config.n_heads, backend=config.backend, layer_idx=layer_idx,
                                   n_layers=config.n_layers, **config.mixer_kwargs(name))
-        self.mlp_norm = RMSNorm(d, config.norm_eps)
-        self.mlp = SwiGLU(d, round(config.mlp_ratio * d))
+        self.mlp_norm = RMSNorm(d, config.norm_eps) if config.mlp_ratio else None
+        self.mlp = SwiGLU(d, round(config.mlp_ratio * d)) if config.mlp_ratio else None
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         y, new_state = self.mixer(self.mixer_norm(x), state=state, cu_seqlens=cu_seqlens,
                                   return_state=return_state)
         x = x + y
+        if self.mlp is None:
+            return x, new_state
         return x + self.mlp(self.mlp_norm(x)), new_state
 
 

@@ -15,6 +15,8 @@ CASES = [(name, {}) for name in MIXERS] + [
     ("gla", {"expand_k": 1.0, "expand_v": 0.5}),
     ("deltanet", {"expand_v": 2.0}),
     ("attention", {"window": 4}),
+    ("mom", {"recurrence": "gla"}),
+    ("mom", {"shared_memory": False, "top_k": 1}),
 ]
 RECURRENT = [c for c in CASES if c[0] != "attention"]
 

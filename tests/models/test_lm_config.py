@@ -30,7 +30,7 @@ def test_defaults_are_valid_and_cover_every_mixer():
     (dict(d_model=100, n_heads=3), "divisible"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(n_layers=1.5), "n_layers"),
-    (dict(mlp_ratio=0), "mlp_ratio"),
+    (dict(mlp_ratio=-1.0), "mlp_ratio"),  # 0 is valid: blocks without MLP
     (dict(sliding_window=0), "sliding_window"),
     (dict(feature_map="relu"), "feature_map"),
     (dict(backend="cuda"), "backend"),
