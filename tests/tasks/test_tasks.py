@@ -185,8 +185,8 @@ def test_bad_knobs_are_a_value_error(name, knobs, match):
         make_task(name, **knobs)
 
 
-def test_registry_lists_the_four_tasks():
-    assert set(TASKS) == {"mqar", "arithmetic", "compare", "copy"}
+def test_registry_lists_the_tasks():
+    assert set(TASKS) == {"mqar", "arithmetic", "compare", "copy", "nupa"}
 
 
 @pytest.mark.parametrize("name,knobs", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
