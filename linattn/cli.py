@@ -66,11 +66,17 @@ SETTINGS = {
     "seq_len": (["--seq-len"], int, "task", "mqar, copy: sequence length"),
     "vocab": (["--vocab"], int, "task", "mqar, copy: vocabulary size"),
     "digits": (["--digits"], int, "task", "arithmetic: digits per operand"),
-    "op": (["--op"], str, "task", "arithmetic: add, mul or mixed"),
+    "op": (["--op"], str, "task", "arithmetic: add, sub, mul or mixed"),
     "order": (["--order"], str, "task", "arithmetic: answer digits forward or reversed"),
     "int_digits": (["--int-digits"], int, "task", "compare: max integer digits"),
     "frac_digits": (["--frac-digits"], int, "task", "compare: max fraction digits"),
     "copy_len": (["--copy-len"], int, "task", "copy: marked tokens to copy"),
+    "digits_b": (["--digits-b"], int, "task", "arithmetic: digits of the second operand (0: as --digits)"),
+    "tokenization": (["--tokenization"], str, "task",
+                     "arithmetic, nupa: digit (one token per digit), l2r3 or r2l3 (groups of 3 digits "
+                     "from the left / from the right)"),
+    "problem": (["--problem"], str, "task", "nupa: int_add, int_sub, int_mul, int_floordiv, int_mod, "
+                "int_max, int_get_digit, int_length, int_to_sci, float_add, float_max, frac_add, frac_max"),
     # training
     "steps": (["--steps"], int, "train", "optimizer steps"),
     "batch_size": (["--batch", "--batch-size"], int, "train", "sequences per step"),
@@ -126,6 +132,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
     ev.add_argument("--device", default=None, help="auto, cpu, cuda (default: the run's)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    ev.add_argument("--digits", default=None,
+                    help="length generalisation: evaluate at these operand lengths instead, one row "
+                         "each (6-9, 5,7 or 8; tasks with a digits knob)")
 
     sub.add_parser("bench", help="time the ops against softmax attention and peers (see `linattn bench --help`)",
                    add_help=False)
@@ -282,6 +291,8 @@ def _cmd_eval(args) -> int:
     out = Path(args.run_dir)
     _, _, cfg = load_run(out)
     seed = cfg.seed + 1 if args.seed is None else args.seed
+    if getattr(args, "digits", None) is not None:
+        return _cmd_eval_digits(args, out, seed)
     res = evaluate_run(out, seed=seed, batches=args.batches, batch_size=args.batch_size,
                        device=args.device)
     if args.json:
@@ -291,6 +302,26 @@ def _cmd_eval(args) -> int:
                    "params": f"{res['parameters']:,}", "test seed": res["seed"],
                    "sequences": res["sequences"], "loss": f"{res['loss']:.4f}",
                    "accuracy": f"{res['accuracy']:.4f}", "exact match": f"{res['exact_match']:.4f}"}]))
+    return 0
+
+
+def _cmd_eval_digits(args, out: Path, seed: int) -> int:
+    """`linattn eval RUN --digits 6-9`: one row per operand length (linattn.tasks.lengths)."""
+    from .tasks.lengths import evaluate_lengths, parse_digits
+    from .train import format_table
+
+    res = evaluate_lengths(out, parse_digits(args.digits), seed=seed, batches=args.batches,
+                           batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    trained = res["trained_digits"]
+    print(f"{out}: {res['task']['name']} trained at {trained} digits, test seed {seed}")
+    print(format_table([{"digits": r["digits"], "": "trained" if r["digits"] == trained else
+                         ("longer" if r["digits"] > trained else "shorter"),
+                         "tokens": r["seq_len"], "sequences": r["sequences"],
+                         "accuracy": f"{r['accuracy']:.4f}", "exact match": f"{r['exact_match']:.4f}"}
+                        for r in res["rows"]]))
     return 0
 
 
