@@ -75,6 +75,8 @@ SETTINGS = {
     "tokenization": (["--tokenization"], str, "task",
                      "arithmetic, nupa: digit (one token per digit), l2r3 or r2l3 (groups of 3 digits "
                      "from the left / from the right)"),
+    "lengths": (["--lengths"], str, "task", "arithmetic: fixed (every digit uniform) or uniform "
+                "(each operand's significant length uniform in 1..width, zero-padded)"),
     "problem": (["--problem"], str, "task", "nupa: int_add, int_sub, int_mul, int_floordiv, int_mod, "
                 "int_max, int_get_digit, int_length, int_to_sci, float_add, float_max, frac_add, frac_max"),
     # training

@@ -16,6 +16,11 @@ first) or "reversed" (least significant first, the order in which carries are pr
     mul    a * b                                    n + m
     mixed  add or mul, half each                    n + m
 
+`lengths`: "fixed" draws every digit of the padded operands uniformly (so most operands use
+their full width); "uniform" first draws each operand's significant length uniformly in
+1..width and zero-fills the rest, so short, easy products are as common as long ones (a data
+mix that favours simple samples, as Qiu et al. do; train on it, evaluate on "fixed").
+
 Only the answer tokens (sign included) are scored. `tokenization` picks how digits become
 tokens (see linattn.tasks.number_tokens): "digit" (one per digit), "l2r3" or "r2l3" (groups of
 three from the left or from the right; a reversed answer is grouped as written).
@@ -38,6 +43,7 @@ from .number_tokens import TOKENIZATIONS, NumberVocab, pieces_in_run
 DIGIT0, PLUS, TIMES, EQUALS, MINUS = 1, 11, 12, 13, 14  # the ids under tokenization "digit"
 OPS = ("add", "sub", "mul", "mixed")
 ORDERS = ("forward", "reversed")
+LENGTHS = ("fixed", "uniform")
 MAX_DIGITS = 64
 FAST_WIDTH = 18  # answers of up to 18 digits fit int64: computed on tensors
 
@@ -50,6 +56,7 @@ class Arithmetic(Task):
     order: str = "reversed"
     digits_b: int = 0  # 0: as many as digits
     tokenization: str = "digit"
+    lengths: str = "fixed"
 
     @property
     def m(self) -> int:
@@ -89,6 +96,8 @@ class Arithmetic(Task):
             raise ValueError(f"arithmetic: op must be one of {', '.join(OPS)}, got {self.op!r}")
         if self.order not in ORDERS:
             raise ValueError(f"arithmetic: order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.lengths not in LENGTHS:
+            raise ValueError(f"arithmetic: lengths must be one of {', '.join(LENGTHS)}, got {self.lengths!r}")
         if self.tokenization not in TOKENIZATIONS:
             raise ValueError(f"arithmetic: tokenization must be one of {', '.join(TOKENIZATIONS)}, "
                              f"got {self.tokenization!r}")
@@ -110,6 +119,10 @@ class Arithmetic(Task):
             is_mul = randint(gen, 0, 2, (B,)).bool()
         else:
             is_mul = torch.full((B,), self.op == "mul")
+        if self.lengths == "uniform":  # keep the last L digits of each operand, L uniform in 1..width
+            for d in (a_digits, b_digits):
+                keep = randint(gen, 1, d.shape[1] + 1, (B, 1))  # [B, 1]
+                d.masked_fill_(torch.arange(d.shape[1]) < d.shape[1] - keep, 0)
         if self.tokenization == "digit" and self.answer_width <= FAST_WIDTH:
             content = self._content_digits(a_digits, b_digits, is_mul)
         else:

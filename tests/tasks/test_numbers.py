@@ -129,6 +129,21 @@ def test_tensor_path_equals_text_path(knobs):
     assert torch.equal(task._content_digits(a, b, is_mul), task._content_text(a, b, is_mul.tolist()))
 
 
+def test_uniform_lengths_make_short_operands_common():
+    fixed = make_task("arithmetic", digits=6, op="mul")
+    uniform = make_task("arithmetic", digits=6, op="mul", lengths="uniform")
+    for task, lo, hi in ((fixed, 0.85, 1.0), (uniform, 0.1, 0.25)):
+        b = task.batch("train", 0, 0, 400)
+        counts = {}
+        for ids, mask in zip(content_of(b).tolist(), b.answer_mask.tolist()):
+            a_s, _, b_s, answer = parse_arithmetic(task, ids, mask)
+            assert int(answer[::-1]) == int(a_s) * int(b_s) and len(a_s) == len(b_s) == 6
+            counts[len(a_s.lstrip("0"))] = counts.get(len(a_s.lstrip("0")), 0) + 1
+        assert lo <= counts.get(6, 0) / 400 <= hi, counts  # full-length a: ~90% vs ~1/6
+    with pytest.raises(ValueError, match="lengths"):
+        make_task("arithmetic", lengths="short")
+
+
 def test_arithmetic_grouped_answer_is_the_reversed_text_grouped():
     task = make_task("arithmetic", digits=5, op="mul", order="reversed", tokenization="r2l3")
     b = task.batch("train", 0, 0, 4)
