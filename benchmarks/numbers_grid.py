@@ -96,6 +96,14 @@ def cell_key(cell: dict, model: dict) -> str:
     return f"{cell['phase']}|{task}|{cell['mixer']}|{size}|seed{model['seed']}{mix}"
 
 
+def run_name(cell: dict) -> str:
+    """Directory name of a cell's saved run, e.g. mul5-mul5_reversed-attention."""
+    t = cell["task"]
+    what = t.get("problem") or f"{t['op']}{t['digits']}_{t['order']}"
+    tok = t.get("tokenization", "digit")
+    return f"{cell['phase']}-{what}{'' if tok == 'digit' else '_' + tok}-{cell['mixer']}"
+
+
 # ------------------------------------------------------------------------------ one cell
 
 def run_cell(spec: dict) -> dict:
@@ -154,6 +162,13 @@ def run_cell(spec: dict) -> dict:
             if ev["exact_match"] >= hp["stop_at"]:
                 break
     train_s = time.perf_counter() - start
+    if hp.get("save_dir"):  # a run directory that `linattn eval` and numbers_probe.py read
+        from linattn.train import run_config_dict, save_weights, write_json
+
+        run = Path(hp["save_dir"]) / run_name(cell)
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(run / "config.json", run_config_dict(model_cfg, task, train_cfg))
+        save_weights(model, run / "model.safetensors")
     final = evaluate(model, task, batches=hp.get("final_batches", 16), **{**eval_kw, "seed": hp["seed"] + 1})
     return {
         "key": spec["key"], "phase": cell["phase"], "task": task.to_dict(), "train_task": train_task.to_dict(),
@@ -195,7 +210,7 @@ def run_grid(args) -> list[dict]:
     hp = dict(device=args.device, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
               batch=args.batch, lr=args.lr, seed=args.seed, cell_s=args.cell_s,
               eval_every=args.eval_every, stop_at=args.stop_at, train_lengths=args.train_lengths,
-              eval_batch=args.eval_batch_size, final_batches=args.final_batches)
+              eval_batch=args.eval_batch_size, final_batches=args.final_batches, save_dir=args.save_dir)
     todo = [c for c in cells(args.phases, args.mixers, args.orders)]
     done = done_keys(args.out)
     specs = [dict(cell=c, hp=hp, key=cell_key(c, hp)) for c in todo]
@@ -337,6 +352,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-lengths", default="fixed", choices=("fixed", "uniform"),
                    help="arithmetic training data: fixed, or operands of uniform significant length "
                         "(zero-padded; evaluation stays fixed)")
+    p.add_argument("--save-dir", default=None,
+                   help="also save each cell's model as a run directory here (config.json + "
+                        "model.safetensors, for linattn eval --digits and numbers_probe.py)")
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from --out")
     args = p.parse_args(argv)
     if args.run_cell:

@@ -26,8 +26,8 @@ def test_cells_run_multiplication_first_then_addition_in_both_orders():
     assert {c["task"]["tokenization"] for c in tok} == {"digit", "l2r3", "r2l3"} and len(tok) == 3
 
 
-def test_run_cell_in_process_for_the_hybrid():
-    hp = dict(device="cpu", d_model=16, n_layers=4, n_heads=2, batch=8, lr=1e-3, seed=0, cell_s=0.5,
+def test_run_cell_in_process_for_the_hybrid(tmp_path):
+    hp = dict(save_dir=str(tmp_path), device="cpu", d_model=16, n_layers=4, n_heads=2, batch=8, lr=1e-3, seed=0, cell_s=0.5,
               eval_every=2, stop_at=0.999, train_lengths="uniform", eval_batch=32, final_batches=3)
     cell = dict(phase="mul3", task=dict(name="arithmetic", digits=2, op="mul", order="reversed"), mixer="hybrid")
     rec = grid.run_cell(dict(cell=cell, hp=hp, key="k"))
@@ -36,6 +36,9 @@ def test_run_cell_in_process_for_the_hybrid():
     assert rec["steps"] >= 1 and 0 <= rec["final_exact_match"] <= rec["final_accuracy"] <= 1
     assert rec["final_sequences"] == 3 * 32
     assert all(len(point) == 5 for point in rec["curve"])
+    from linattn.train import evaluate_run
+    saved = evaluate_run(tmp_path / "mul3-mul2_reversed-hybrid", seed=1, batches=3, batch_size=32)
+    assert saved["accuracy"] == rec["final_accuracy"]  # the saved weights are the evaluated ones
 
 
 def test_grid_appends_resumes_and_reports(tmp_path, capsys):
