@@ -226,7 +226,7 @@ def run_grid(args) -> list[dict]:
         try:
             proc = subprocess.run([sys.executable, __file__, "--run-cell", json.dumps(spec)],
                                   capture_output=True, text=True, env=env,
-                                  timeout=args.cell_s + margin + 60)
+                                  timeout=args.cell_s + margin + 600)  # a hung child, not a slow compile
         except subprocess.TimeoutExpired:
             print(f"timeout: {spec['key']}", flush=True)
             return None
