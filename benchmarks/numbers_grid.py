@@ -17,9 +17,11 @@ final exact match and token accuracy on a fresh test set. Cells, in the order th
 Mixers: attention (softmax, RoPE), gated_deltanet, mlstm_sig, gla, and a 3:1 hybrid (three
 gated_deltanet layers, then attention). Model: d_model 256, 4 layers, 4 heads, SwiGLU MLP x4
 (~3.2M parameters for attention), AdamW lr 1e-3 (betas 0.9/0.95, weight decay 0.1), batch
-256, bf16 autocast on CUDA. The recipe follows Qiu et al. ("Dissecting Multiplication in
+512, bf16 autocast on CUDA. The recipe follows Qiu et al. ("Dissecting Multiplication in
 Transformers", 2024): operands zero-padded to a fixed width, the product reversed (least
-significant digit first), a model deeper than one or two layers.
+significant digit first), a model deeper than one or two layers, and for multiplication
+(--train-lengths uniform) a training mix that favours simple samples: each operand's
+significant length uniform in 1..5, zero-padded (the test set stays uniform 5-digit operands).
 
 Time boxes: every cell trains for --cell-s seconds of wall clock (the clock starts after a
 warm-up step and a warm-up evaluation, which compile the kernels) or until the periodic test
@@ -32,9 +34,11 @@ the whole command: a cell starts only if its time box still fits.
 Results: one JSON line per finished cell appended to --out (resumable: cells already there
 are skipped), and a PNG plus a Markdown table beside it.
 
-    # GPU, two device commands of < 10 minutes
-    python benchmarks/numbers_grid.py --phases mul5 --budget-s 540 --cell-s 210
-    python benchmarks/numbers_grid.py --phases add3,tok --budget-s 540 --cell-s 90
+    # GPU, two device commands of < 10 minutes (all cells of a command at once where they fit)
+    python benchmarks/numbers_grid.py --phases mul5 --workers 10 --cell-s 380 --budget-s 500 \\
+        --train-lengths uniform --save-dir /tmp/numbers_runs
+    python benchmarks/numbers_grid.py --phases add3,tok,nupa --workers 12 --cell-s 150 \\
+        --budget-s 480 --save-dir /tmp/numbers_runs
     # CPU sanity (small model, one cell)
     python benchmarks/numbers_grid.py --device cpu --phases add3 --mixers attention --orders reversed \\
         --d-model 128 --layers 2 --heads 2 --batch 64 --cell-s 240 --workers 1 --out /tmp/n.jsonl
@@ -42,11 +46,11 @@ are skipped), and a PNG plus a Markdown table beside it.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import json
 import math
+import os
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,7 +97,8 @@ def cell_key(cell: dict, model: dict) -> str:
     task = ",".join(f"{k}={v}" for k, v in sorted(cell["task"].items()))
     size = f"d{model['d_model']}x{model['n_layers']}h{model['n_heads']}"
     mix = "" if model.get("train_lengths", "fixed") == "fixed" else f"|train_lengths={model['train_lengths']}"
-    return f"{cell['phase']}|{task}|{cell['mixer']}|{size}|seed{model['seed']}{mix}"
+    tag = f"|{model['tag']}" if model.get("tag") else ""
+    return f"{cell['phase']}|{task}|{cell['mixer']}|{size}|seed{model['seed']}{mix}{tag}"
 
 
 def run_name(cell: dict) -> str:
@@ -210,7 +215,8 @@ def run_grid(args) -> list[dict]:
     hp = dict(device=args.device, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
               batch=args.batch, lr=args.lr, seed=args.seed, cell_s=args.cell_s,
               eval_every=args.eval_every, stop_at=args.stop_at, train_lengths=args.train_lengths,
-              eval_batch=args.eval_batch_size, final_batches=args.final_batches, save_dir=args.save_dir)
+              eval_batch=args.eval_batch_size, final_batches=args.final_batches, save_dir=args.save_dir,
+              tag=args.tag)
     todo = [c for c in cells(args.phases, args.mixers, args.orders)]
     done = done_keys(args.out)
     specs = [dict(cell=c, hp=hp, key=cell_key(c, hp)) for c in todo]
@@ -266,7 +272,8 @@ def label(rec: dict) -> str:
         return f"nupa {task['problem']} {task['digits']}d"
     tok = "" if task.get("tokenization", "digit") == "digit" else f" {task['tokenization']}"
     mix = " (train uniform lengths)" if rec.get("train_task", {}).get("lengths", "fixed") != "fixed" else ""
-    return f"{task['op']}{task['digits']} {task['order']}{tok}{mix}"
+    tag = f" [{rec['hp']['tag']}]" if rec.get("hp", {}).get("tag") else ""
+    return f"{task['op']}{task['digits']} {task['order']}{tok}{mix}{tag}"
 
 
 def table(recs: list[dict]) -> str:
@@ -341,7 +348,7 @@ def main(argv=None) -> int:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=250)
@@ -355,6 +362,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-dir", default=None,
                    help="also save each cell's model as a run directory here (config.json + "
                         "model.safetensors, for linattn eval --digits and numbers_probe.py)")
+    p.add_argument("--tag", default="", help="a label added to the cells' keys (a second setting of the same cells)")
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from --out")
     args = p.parse_args(argv)
     if args.run_cell:
