@@ -319,7 +319,7 @@ def _cmd_eval_digits(args, out: Path, seed: int) -> int:
         return 0
     trained = res["trained_digits"]
     print(f"{out}: {res['task']['name']} trained at {trained} digits, test seed {seed}")
-    print(format_table([{"digits": r["digits"], "": "trained" if r["digits"] == trained else
+    print(format_table([{"digits": r["digits"], "vs training": "trained" if r["digits"] == trained else
                          ("longer" if r["digits"] > trained else "shorter"),
                          "tokens": r["seq_len"], "sequences": r["sequences"],
                          "accuracy": f"{r['accuracy']:.4f}", "exact match": f"{r['exact_match']:.4f}"}

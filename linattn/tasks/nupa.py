@@ -37,6 +37,9 @@ and a fraction part of 1..digits digits each; fractions a numerator and a denomi
 Content: the question, the answer, then '$' (end), right-aligned in seq_len tokens with BOS on
 the left. The answer tokens and '$' are scored, so an answer one digit too short or too long
 is wrong. `tokenization` as in linattn.tasks.number_tokens ("digit", "l2r3", "r2l3").
+
+Vocabulary: 0 = BOS/padding, the digit pieces (digit d = 1 + d under "digit"), then the
+symbols + - * ÷ % M G L S . e / = $ in that order (linattn.tasks.number_tokens.NumberVocab).
 """
 from __future__ import annotations
 
