@@ -4,11 +4,13 @@
 #     bash benchmarks/numbers_gpu.sh mul5    # 5-digit multiplication, reversed then forward, every
 #                                            # mixer (all 10 cells at once, 380 s each); then the
 #                                            # operand probe of the reversed attention and hybrid models
-#     bash benchmarks/numbers_gpu.sh rest    # 3-digit addition both orders for every mixer, the
-#                                            # tokenization cells and the NUPA cells (12 at once,
-#                                            # 150 s each); probes of the reversed-addition attention
-#                                            # and gated_deltanet models; their length generalisation
+#     bash benchmarks/numbers_gpu.sh rest    # 3-digit addition both orders for every mixer, 5-digit
+#                                            # by 1-digit multiplication both orders for every mixer,
+#                                            # the tokenization cells (13 at once, 150 s each);
+#                                            # probes of the reversed-addition attention and
+#                                            # gated_deltanet models; their length generalisation
 #                                            # (linattn eval --digits 3-7)
+#     bash benchmarks/numbers_gpu.sh nupa    # optional third command: the NUPA cells (8 at once, 240 s)
 # Writes into $OUT (default benchmarks/results): numbers.jsonl (JSON Lines, one record per cell,
 # appended), numbers.md, numbers.png, numbers_probe_*.json/.png, numbers_lengths_*.txt.
 # Resumable: when $OUT is elsewhere, benchmarks/results/numbers.jsonl is copied there first, so
@@ -43,7 +45,7 @@ case "${1:-}" in
         probe mul5-mul5_reversed-hybrid mul5_hybrid
         ;;
     rest)
-        python3 benchmarks/numbers_grid.py --phases add3,tok,nupa --workers 12 --cell-s 150 \
+        python3 benchmarks/numbers_grid.py --phases add3,mul5x1,tok --workers 13 --cell-s 150 \
             --budget-s 470 --save-dir "$RUNS" --out "$RES" ${GRID_ARGS:-}
         probe add3-add3_reversed-attention add3_attention
         probe add3-add3_reversed-gated_deltanet add3_gated_deltanet
@@ -54,8 +56,12 @@ case "${1:-}" in
             fi
         done
         ;;
+    nupa)
+        python3 benchmarks/numbers_grid.py --phases nupa --workers 8 --cell-s 240 --budget-s 400 \
+            --save-dir "$RUNS" --out "$RES" ${GRID_ARGS:-}
+        ;;
     *)
-        echo "usage: bash benchmarks/numbers_gpu.sh mul5|rest" >&2
+        echo "usage: bash benchmarks/numbers_gpu.sh mul5|rest|nupa" >&2
         exit 2
         ;;
 esac

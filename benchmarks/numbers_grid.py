@@ -8,6 +8,8 @@ periodic test evaluation whose exact match, all answer tokens right, reaches 0.9
 final exact match and token accuracy on a fresh test set. Cells, in the order they run:
 
     mul5   5-digit x 5-digit multiplication, answer reversed then forward, every mixer
+    mul5x1 5-digit x 1-digit multiplication (Qiu et al.'s m x u case: carries without
+           partial-product sums), both orders, every mixer
     add3   3-digit addition, reversed and forward, every mixer
     tok    6-digit addition, forward answer, digits one per token vs groups of 3 from the
            left vs from the right (Singh & Strouse 2024), attention and gated_deltanet
@@ -37,8 +39,9 @@ are skipped), and a PNG plus a Markdown table beside it.
     # GPU, two device commands of < 10 minutes (all cells of a command at once where they fit)
     python benchmarks/numbers_grid.py --phases mul5 --workers 10 --cell-s 380 --budget-s 500 \\
         --train-lengths uniform --save-dir /tmp/numbers_runs
-    python benchmarks/numbers_grid.py --phases add3,tok,nupa --workers 12 --cell-s 150 \\
-        --budget-s 480 --save-dir /tmp/numbers_runs
+    python benchmarks/numbers_grid.py --phases add3,mul5x1,tok --workers 13 --cell-s 150 \\
+        --budget-s 470 --save-dir /tmp/numbers_runs
+    python benchmarks/numbers_grid.py --phases nupa --workers 8 --cell-s 240 --budget-s 400   # optional
     # CPU sanity (small model, one cell)
     python benchmarks/numbers_grid.py --device cpu --phases add3 --mixers attention --orders reversed \\
         --d-model 128 --layers 2 --heads 2 --batch 64 --cell-s 240 --workers 1 --out /tmp/n.jsonl
@@ -49,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -73,10 +77,12 @@ def cells(phases: list[str], mixers: list[str], orders: list[str]) -> list[dict]
     """The grid's cells in run order: {"phase", "task": {knobs}, "mixer"}."""
     out = []
     for phase in phases:
-        if phase in ("mul5", "mul3"):
+        mul = re.fullmatch(r"mul(\d+)(?:x(\d+))?", phase)  # mulN: N by N digits; mulNxM: N by M
+        if mul:
+            b = {} if mul.group(2) is None else {"digits_b": int(mul.group(2))}
             for order in orders:
-                out += [dict(phase=phase, task=dict(name="arithmetic", digits=int(phase[-1]), op="mul",
-                                                    order=order), mixer=m)
+                out += [dict(phase=phase, task=dict(name="arithmetic", digits=int(mul.group(1)), op="mul",
+                                                    order=order, **b), mixer=m)
                         for m in mixers]
         elif phase == "add3":
             out += [dict(phase=phase, task=dict(name="arithmetic", digits=3, op="add", order=o), mixer=m)
@@ -89,7 +95,8 @@ def cells(phases: list[str], mixers: list[str], orders: list[str]) -> list[dict]
             out += [dict(phase=phase, task=dict(name="nupa", problem=p, digits=4), mixer=m)
                     for p in NUPA_PROBLEMS for m in mixers if m in ("attention", "gated_deltanet")]
         else:
-            raise ValueError(f"unknown phase {phase!r}; choose from mul5, mul3, add3, tok, nupa")
+            raise ValueError(f"unknown phase {phase!r}; choose from mulN, mulNxM (mul5, mul3, "
+                             "mul5x1, ...), add3, tok, nupa")
     return out
 
 
@@ -104,7 +111,8 @@ def cell_key(cell: dict, model: dict) -> str:
 def run_name(cell: dict) -> str:
     """Directory name of a cell's saved run, e.g. mul5-mul5_reversed-attention."""
     t = cell["task"]
-    what = t.get("problem") or f"{t['op']}{t['digits']}_{t['order']}"
+    by = f"x{t['digits_b']}" if t.get("digits_b") else ""
+    what = t.get("problem") or f"{t['op']}{t['digits']}{by}_{t['order']}"
     tok = t.get("tokenization", "digit")
     return f"{cell['phase']}-{what}{'' if tok == 'digit' else '_' + tok}-{cell['mixer']}"
 
@@ -228,7 +236,8 @@ def run_grid(args) -> list[dict]:
     def work(spec):
         if time.monotonic() + args.cell_s + margin > deadline:
             return None  # would not fit the budget: left for the next command
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # many children share the cores
         try:
             proc = subprocess.run([sys.executable, __file__, "--run-cell", json.dumps(spec)],
                                   capture_output=True, text=True, env=env,
@@ -273,7 +282,8 @@ def label(rec: dict) -> str:
     tok = "" if task.get("tokenization", "digit") == "digit" else f" {task['tokenization']}"
     mix = " (train uniform lengths)" if rec.get("train_task", {}).get("lengths", "fixed") != "fixed" else ""
     tag = f" [{rec['hp']['tag']}]" if rec.get("hp", {}).get("tag") else ""
-    return f"{task['op']}{task['digits']} {task['order']}{tok}{mix}{tag}"
+    by = f"x{task['digits_b']}" if task.get("digits_b") else ""
+    return f"{task['op']}{task['digits']}{by} {task['order']}{tok}{mix}{tag}"
 
 
 def table(recs: list[dict]) -> str:

@@ -22,6 +22,10 @@ def test_cells_run_multiplication_first_then_addition_in_both_orders():
     add = {(c["mixer"], c["task"]["order"]) for c in cells[10:]}
     assert add == {(m, o) for m in grid.MIXERS for o in ("reversed", "forward")}
     assert len({grid.cell_key(c, dict(d_model=1, n_layers=1, n_heads=1, seed=0)) for c in cells}) == 20
+    by1 = grid.cells(["mul5x1"], ["gla"], ["reversed", "forward"])
+    assert [(c["task"]["digits"], c["task"]["digits_b"], c["task"]["order"]) for c in by1] == \
+        [(5, 1, "reversed"), (5, 1, "forward")]
+    assert grid.run_name(by1[0]) == "mul5x1-mul5x1_reversed-gla"
     tok = grid.cells(["tok"], ["attention", "gla"], ["forward"])
     assert {c["task"]["tokenization"] for c in tok} == {"digit", "l2r3", "r2l3"} and len(tok) == 3
 
