@@ -49,3 +49,13 @@ def test_eval_digits_needs_a_digits_knob(tmp_path, capsys):
                  "--out", str(tmp_path), *TINY]) == 0
     assert main(["eval", str(tmp_path), "--digits", "3"]) == 2
     assert "digits knob" in capsys.readouterr().err
+
+
+def test_nupa_trains_from_the_cli_and_evaluates_at_other_lengths(tmp_path, capsys):
+    assert main(["train", "--task", "nupa", "--problem", "frac_add", "--digits", "2", "--tokenization", "r2l3",
+                 "--mixer", "gla", "--out", str(tmp_path), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path), "--digits", "2-3", "--json", "--batches", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["task"]["problem"] == "frac_add" and res["task"]["tokenization"] == "r2l3"
+    assert [r["digits"] for r in res["rows"]] == [2, 3] and res["rows"][0]["seq_len"] < res["rows"][1]["seq_len"]
