@@ -67,8 +67,8 @@ SETTINGS = {
     "queries": (["--queries"], int, "task", "mqar: queries (0: one per pair)"),
     "seq_len": (["--seq-len"], int, "task", "mqar, copy: sequence length"),
     "vocab": (["--vocab"], int, "task", "mqar, copy: vocabulary size"),
-    "digits": (["--digits"], int, "task", "arithmetic: digits per operand"),
-    "op": (["--op"], str, "task", "arithmetic: add, mul or mixed"),
+    "digits": (["--digits"], int, "task", "arithmetic, nupa: (max) digits per operand"),
+    "op": (["--op"], str, "task", "arithmetic: add, sub, mul or mixed"),
     "order": (["--order"], str, "task", "arithmetic: answer digits forward or reversed"),
     "int_digits": (["--int-digits"], int, "task", "compare: max integer digits"),
     "frac_digits": (["--frac-digits"], int, "task", "compare: max fraction digits"),
@@ -78,6 +78,14 @@ SETTINGS = {
     "include": (["--include"], str, "task", "text: comma-separated file-name patterns to read (default *)"),
     "exclude": (["--exclude"], str, "task", "text: comma-separated directory/file-name patterns to skip"),
     "block_bytes": (["--block-bytes"], int, "task", "text: document size of a single-file corpus"),
+    "digits_b": (["--digits-b"], int, "task", "arithmetic: digits of the second operand (0: as --digits)"),
+    "tokenization": (["--tokenization"], str, "task",
+                     "arithmetic, nupa: digit (one token per digit), l2r3 or r2l3 (groups of 3 digits "
+                     "from the left / from the right)"),
+    "lengths": (["--lengths"], str, "task", "arithmetic: fixed (every digit uniform) or uniform "
+                "(each operand's significant length uniform in 1..width, zero-padded)"),
+    "problem": (["--problem"], str, "task", "nupa: int_add, int_sub, int_mul, int_floordiv, int_mod, "
+                "int_max, int_get_digit, int_length, int_to_sci, float_add, float_max, frac_add, frac_max"),
     # training
     "steps": (["--steps"], int, "train", "optimizer steps"),
     "batch_size": (["--batch", "--batch-size"], int, "train", "sequences per step"),
@@ -161,6 +169,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
     ev.add_argument("--device", default=None, help="auto, cpu, cuda (default: the run's)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    ev.add_argument("--digits", default=None,
+                    help="length generalisation: evaluate at these operand lengths instead, one row "
+                         "each (6-9, 5,7 or 8; tasks with a digits knob)")
 
     _add_generate_parser(sub)
     sub.add_parser("bench", help="time the ops against softmax attention and peers (see `linattn bench --help`)",
@@ -505,6 +516,11 @@ def _cmd_eval(args) -> int:
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if getattr(args, "digits", None) is not None:
+        from .train import load_run
+
+        seed = load_run(out)[2].seed if args.seed is None else args.seed  # eval's default: the run's
+        return _cmd_eval_digits(args, out, seed)
     res = evaluate_run(out, seed=args.seed, batches=args.batches, batch_size=args.batch_size,
                        device=args.device)
     _text_bits_per_byte(res)
@@ -553,6 +569,26 @@ def _cmd_generate(args) -> int:
         ids = model.generate(torch.tensor([prompt], device=dev), n, temperature=args.temperature,
                              generator=generator)  # [1, len(prompt) + n]
     print(task.answer_text(ids[0, len(prompt):].tolist()))
+    return 0
+
+
+def _cmd_eval_digits(args, out: Path, seed: int) -> int:
+    """`linattn eval RUN --digits 6-9`: one row per operand length (linattn.tasks.lengths)."""
+    from .tasks.lengths import evaluate_lengths, parse_digits
+    from .train import format_table
+
+    res = evaluate_lengths(out, parse_digits(args.digits), seed=seed, batches=args.batches,
+                           batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    trained = res["trained_digits"]
+    print(f"{out}: {res['task']['name']} trained at {trained} digits, test seed {seed}")
+    print(format_table([{"digits": r["digits"], "vs training": "trained" if r["digits"] == trained else
+                         ("longer" if r["digits"] > trained else "shorter"),
+                         "tokens": r["seq_len"], "sequences": r["sequences"],
+                         "accuracy": f"{r['accuracy']:.4f}", "exact match": f"{r['exact_match']:.4f}"}
+                        for r in res["rows"]]))
     return 0
 
 

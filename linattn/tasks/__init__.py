@@ -6,7 +6,8 @@ function of its arguments, with train and test batches drawn from disjoint seeds
 accuracy count answer tokens only.
 
     mqar        multi-query associative recall (knobs: pairs, seq_len, vocab, queries)
-    arithmetic  n-digit addition / multiplication (digits, op, order)
+    arithmetic  n-digit by m-digit add / sub / mul (digits, digits_b, op, order, tokenization)
+    nupa        number understanding: 13 Number Cookbook problems (problem, digits, tokenization)
     compare     which of two decimals is larger (int_digits, frac_digits)
     copy        selective copying of marked tokens out of noise (copy_len, seq_len, vocab)
     text        byte-level language modelling on a directory or file of text (corpus, seq_len)
@@ -19,9 +20,10 @@ from .batch import Batch, batch_seed
 from .compare import Compare
 from .copy import SelectiveCopy
 from .mqar import MQAR
+from .nupa import Nupa
 from .text import Text
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (MQAR, Arithmetic, Compare, SelectiveCopy, Text)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (MQAR, Arithmetic, Compare, SelectiveCopy, Nupa, Text)}
 
 
 def make_task(name: str, **knobs) -> Task:
@@ -44,4 +46,4 @@ def task_from_dict(d: dict) -> Task:
 
 
 __all__ = ["Task", "Batch", "TASKS", "make_task", "task_from_dict", "batch_seed",
-           "MQAR", "Arithmetic", "Compare", "SelectiveCopy", "Text"]
+           "MQAR", "Arithmetic", "Compare", "SelectiveCopy", "Nupa", "Text"]

@@ -186,7 +186,7 @@ def test_bad_knobs_are_a_value_error(name, knobs, match):
 
 
 def test_registry_lists_the_tasks():
-    assert set(TASKS) == {"mqar", "arithmetic", "compare", "copy", "text"}
+    assert set(TASKS) == {"mqar", "arithmetic", "compare", "copy", "nupa", "text"}
 
 
 @pytest.mark.parametrize("name,knobs", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
