@@ -20,7 +20,8 @@ torch.cuda.synchronize around each) of:
             instead of the op once on [0 | v] with autograd (main also ran the passes nobody
             reads, the last rank's E_r and the op's final state there: every mode skips them,
             so this column is a little faster than main was)
-    twice   (delta rule) form="twice" with the Triton sums: which form is faster
+    once    (delta rule) form="once" with the Triton sums (the rank column is the default,
+            form="twice"): which form is faster
 
 and profiles one forward+backward of each (torch.profiler, top kernels by device time). The
 bar (issue 29): rank / plain <= 1.15. Prints plain's and rank 1's top kernels per case, where
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--no-main", action="store_true", help="skip main's form of the rank")
-    p.add_argument("--no-twice", action="store_true", help="skip the delta rule's form='twice' rank")
+    p.add_argument("--no-once", action="store_true", help="skip the delta rule's form='once' rank")
     p.add_argument("--top", type=int, default=15, help="kernels per profile (in the JSON)")
     p.add_argument("--out", default="benchmarks/results/sp_rank_sim.json")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (PyTorch paths)")
@@ -87,7 +88,7 @@ def make_inputs(case, T, H, D, device, seed=0):
 
 def op_fn(case, mode, rank=1, world=2):
     """fn(**inputs) -> (o, state): mode "plain" (the single-GPU op), "rank" (the simulated
-    rank), "main" (main's form of it), "twice" (the delta rule's form="twice")."""
+    rank), "main" (main's form of it), "once" (the delta rule's form="once")."""
     import linattn
     from linattn.parallel import lasp
     from linattn.parallel.comm import LoopbackComm
@@ -95,8 +96,8 @@ def op_fn(case, mode, rank=1, world=2):
     if mode == "plain":
         return linattn.delta_rule if case == "delta" else linattn.linear_attention
     kw = dict(sums="torch" if mode == "main" else "auto")
-    if case == "delta" and mode in ("main", "twice"):
-        kw["form"] = "twice"
+    if case == "delta" and mode in ("main", "once"):
+        kw["form"] = "twice" if mode == "main" else "once"
     fn = lasp.delta_rule_on if case == "delta" else lasp.linear_attention_on
 
     def run(**x):
@@ -107,7 +108,7 @@ def op_fn(case, mode, rank=1, world=2):
 def modes_of(case, args):
     """The simulated-rank modes timed for a case."""
     return (["rank"] + ([] if args.no_main else ["main"])
-            + (["twice"] if case == "delta" and not args.no_twice else []))
+            + (["once"] if case == "delta" and not args.no_once else []))
 
 
 def _sync(device):
@@ -241,7 +242,7 @@ def main(argv=None):
 
     print(f"\nsimulated LASP-2 rank of W = 2 vs the plain op on the slice, B=1 H={args.heads} "
           f"D={args.dim} bf16, fwd+bwd ms ({gpu}); bar: rank/plain <= 1.15")
-    cols = [f"{m}{r}" for r in args.ranks for m in ["rank", "main", "twice"]
+    cols = [f"{m}{r}" for r in args.ranks for m in ["rank", "main", "once"]
             if any(f"{m}{r}_ms" in row for row in rows)]
     print(f"{'case':>6} | {'T':>7} | {'plain':>8} | " + " | ".join(f"{c:>15}" for c in cols))
     for row in rows:

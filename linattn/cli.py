@@ -347,11 +347,11 @@ def build_run(settings: dict):
         if n_layers != len(layers):
             raise ValueError(f"--pattern {','.join(layers)} has {len(layers)} layers but --n-layers "
                              f"is {n_layers}: give one of them, or make them agree")
-    for key, value in CLI_DEFAULTS.items():
-        sections[SETTINGS[key][2]].setdefault(key, value)
     model_kwargs = {k: v for k, v in sections["model"].items() if k in _model_fields()}
     model_cfg = model_config_for(task, **model_kwargs)
     _fixed_set_schedule(task, sections["train"], epochs)
+    for key, value in CLI_DEFAULTS.items():  # after the fixed set's schedule, which sets its own
+        sections[SETTINGS[key][2]].setdefault(key, value)
     train_cfg = TrainConfig.from_dict(sections["train"]).validate()
     return model_cfg, task, train_cfg
 
@@ -560,7 +560,8 @@ def _cmd_generate(args) -> int:
         prompt = task.prompt_ids(args.prompt)
     except (ValueError, NotImplementedError) as e:  # not a token / a task without a text form
         raise ValueError(f"--prompt: {e}") from None
-    n = args.max_new_tokens or task.answer_len or 1
+    # default: the task's answer length, or (answers of varying length) room to its end
+    n = args.max_new_tokens or task.answer_len or max(1, min(64, model_cfg.max_seq_len - len(prompt)))
     if len(prompt) + n > model_cfg.max_seq_len:
         raise ValueError(f"--prompt ({len(prompt)} tokens with BOS) plus {n} new tokens is longer than "
                          f"the model's max_seq_len {model_cfg.max_seq_len}")

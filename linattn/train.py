@@ -191,6 +191,25 @@ def compile_model(model, mode: str, device: torch.device):
     return torch.compile(model, backend="aot_eager", fullgraph=True)
 
 
+def short_task_of(task: Task, cfg: "TrainConfig") -> Task:
+    """The task the sequence-length warm-up trains on (task itself when there is none)."""
+    return task.shortest() if cfg.seq_len_warmup else task
+
+
+def _warm_outside_graphs(model, tasks, cfg, device: torch.device, dtype: torch.dtype) -> None:
+    """One eager forward + backward per batch shape the run will use (gradients then cleared).
+    The Triton ops cache each shape's chunk layout (index tensors kept across calls); built
+    inside the first call of a reduce-overhead model they would sit in CUDA graphs' private
+    memory pool, which may hold only the graph's own tensors (cudagraph trees refuse it)."""
+    for i, t in enumerate(tasks):
+        if any(t is u for u in tasks[:i]):
+            continue
+        batch = t.batch("train", cfg.seed, 0, cfg.batch_size).to(device)
+        loss, _, _ = batch_loss(model, batch, device, dtype)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def model_config_for(task: Task, **model_kwargs):
     """An LMConfig sized for `task` (vocab_size and max_seq_len from it), validated."""
     from .models import LMConfig
@@ -672,6 +691,9 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
     model.train()
     optimizer = _make_optimizer(model, cfg)
     run_model = compile_model(model, cfg.compile, device)  # model itself unless compiling
+    if cfg.compile == "reduce-overhead" and device.type == "cuda":
+        _warm_outside_graphs(model, [short_task_of(task, cfg), task], cfg, device,
+                             resolve_dtype(cfg.dtype, device))
     start_step, elapsed_before = 0, 0.0
     if resume:
         if out is None or not (out / CHECKPOINT_FILE).is_file():

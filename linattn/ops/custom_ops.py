@@ -417,7 +417,7 @@ def gated_chunk_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], kw: Opt
     ga, (cfg, L, BT) = _gated_setup_of(q, v, B, gate, has_kw, mexp, noncausal)
     layout, _ = ga.layouts(cfg, L, BT, B, q.shape[0] // max(B, 1), cu_seqlens, q.device)
     o, ht, nt, mt, saved = ga.chunk_forward(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale,
-                                            want_final, keep_states)
+                                            want_final, keep_states, defined=save)
     outs = [o]
     if want_final:
         outs += [ht, nt, mt] if mexp else [ht]

@@ -29,13 +29,18 @@ A rank's local work, per op kind (the extra work over the single-GPU op on the s
                   extra cost), with its final state where a gradient reaches it
         backward: c_r = scale sum_t (q_t exp(b_t)) do_t^T (one pass over q, do; not on
                   rank 0), the all-gather, then the op's backward from (do, dS_out)
-    delta rule (M_r dense K x K):
-        the op ONCE, with autograd, on v' = [0 | v] from [I | 0] (one call of V' = K + V
-        columns; two calls when K + V > MAX_HEAD_DIM): its output is [o~ | o_0] with
-        o~_t = scale P_t^T q_t (P_t the product of the maps through t) and o_0 the output
-        from zero, its final state [M_r | E_r]. Then o = o_0 + o~ S_in (a [T, K] x [K, V]
-        product per head), c_r = sum_t o~_t do_t^T, and the backward is the op's own on
-        (do' = [do S_in^T | do], dS' = [dS_out S_in^T | dS_out]).
+    delta rule (M_r dense K x K), form="twice" (the default):
+        forward:  the op without autograd on v' = [0 | v] from [I | 0] (one call of V' = K + V
+                  columns; two calls when K + V > MAX_HEAD_DIM): its final state is
+                  [M_r | E_r] and its output's first K columns o~_t = scale P_t^T q_t (P_t the
+                  product of the maps through t); the all-gather; then the op with autograd
+                  on v from S_in
+        backward: c_r = sum_t o~_t do_t^T, the all-gather, the op's own backward
+    form="once" runs the op ONCE, with autograd, on v' from [I | 0] and forms
+        o = o_0 + o~ S_in (o_0 the output from zero); its backward is the op's own on
+        (do' = [do S_in^T | do], dS' = [dS_out S_in^T | dS_out]). It does less arithmetic
+        on paper, but the op on K + V value columns backward costs more than a second
+        forward on V (PERF_NOTES: the one-GPU rank simulation), so "twice" is the default.
 
 The passes over time (E_r, c_r) run on a Triton kernel split over time on the Triton
 backend (linattn.ops.triton.outer_sum: at B = 1 a batched matmul over time has one [K, V]
@@ -577,11 +582,11 @@ def delta_rule(q, k, v, beta, g=None, *, group=None, scale=None, initial_state=N
 
 def delta_rule_on(comm, q, k, v, beta, g=None, *, scale=None, initial_state=None,
                   output_final_state=False, backend="auto", sums="auto", fuse_dim=MAX_HEAD_DIM,
-                  form="once"):
+                  form="twice"):
     """delta_rule over a communicator (see linear_attention_on). fuse_dim: the widest
-    K + V run as one op call on v' = [0 | v] (above it: two calls). form: "once" (the op
-    once on v' with autograd, the module docstring's form) or "twice" (a forward on v'
-    without autograd, then the op on v from S_in with autograd)."""
+    K + V run as one op call on v' = [0 | v] (above it: two calls). form: "twice" (a forward
+    on v' without autograd, then the op on v from S_in with autograd; the default, faster on
+    the GPU) or "once" (the op once on v' with autograd; see the module docstring)."""
     if form not in DELTA_FORMS:
         raise ValueError(f"form must be one of {DELTA_FORMS}, got {form!r}")
     _api._check_qkv(q, k, v)

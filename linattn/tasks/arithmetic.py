@@ -38,7 +38,7 @@ import torch
 
 from .base import Task, randint
 from .batch import Batch
-from .number_tokens import TOKENIZATIONS, NumberVocab, pieces_in_run
+from .number_tokens import TOKENIZATIONS, NumberText, NumberVocab, pieces_in_run
 
 DIGIT0, PLUS, TIMES, EQUALS, MINUS = 1, 11, 12, 13, 14  # the ids under tokenization "digit"
 OPS = ("add", "sub", "mul", "mixed")
@@ -49,7 +49,7 @@ FAST_WIDTH = 18  # answers of up to 18 digits fit int64: computed on tensors
 
 
 @dataclass
-class Arithmetic(Task):
+class Arithmetic(NumberText, Task):
     name = "arithmetic"
     digits: int = 3
     op: str = "add"
@@ -93,15 +93,7 @@ class Arithmetic(Task):
 
     @property
     def answer_len(self) -> int:
-        return self.answer_width
-
-    text_unit = "char"
-
-    def token_names(self) -> list[str]:
-        """One character per token: "_" (BOS), the digits, "+", "*", "=". A prompt reads
-        "123+456=" (operands with exactly `digits` digits), its answer the answer_width digits
-        in `order`."""
-        return ["_", *"0123456789", "+", "*", "="]
+        return self.answer_tokens
 
     def answer_text(self, ids) -> str:
         """The answer digits as generated, and for reversed answers the number they write."""
@@ -125,7 +117,7 @@ class Arithmetic(Task):
             raise ValueError(f"arithmetic: tokenization must be one of {', '.join(TOKENIZATIONS)}, "
                              f"got {self.tokenization!r}")
 
-    def answer_text(self, a: int, b: int, is_mul: bool) -> str:
+    def answer_string(self, a: int, b: int, is_mul: bool) -> str:
         """The answer as written: sign (sub), digits zero-padded to answer_width, in order."""
         if self.op == "sub":
             sign, c = ("+" if a >= b else "-"), abs(a - b)
@@ -160,7 +152,7 @@ class Arithmetic(Task):
         for da, db, mul in zip(a_digits.tolist(), b_digits.tolist(), is_mul):
             a_s, b_s = "".join(map(str, da)), "".join(map(str, db))
             sym = "*" if mul else "-" if self.op == "sub" else "+"
-            rows.append(vocab.encode(f"{a_s}{sym}{b_s}=" + self.answer_text(int(a_s), int(b_s), mul)))
+            rows.append(vocab.encode(f"{a_s}{sym}{b_s}=" + self.answer_string(int(a_s), int(b_s), mul)))
         return torch.tensor(rows, dtype=torch.int64)
 
     def _content_digits(self, a_digits: torch.Tensor, b_digits: torch.Tensor,

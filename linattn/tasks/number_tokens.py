@@ -116,3 +116,33 @@ class NumberVocab:
                 length = 3 if k >= OFFSET[3] else 2 if k >= OFFSET[2] else 1
                 out.append(str(k - OFFSET[length]).rjust(length, "0"))
         return "".join(out)
+
+
+class NumberText:
+    """The text form of a task whose tokens come from a NumberVocab (its `vocab` property),
+    for prompts (`linattn generate`): the task's text itself, "123+45=" (whitespace ignored,
+    "_" for BOS); digits are cut into tokens as the task's tokenization cuts them."""
+
+    def token_names(self) -> list[str]:
+        vocab = self.vocab
+        return ["_", *(vocab.decode([i]) for i in range(1, vocab.size))]
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for k, part in enumerate("".join(text.split()).split("_")):
+            if k:
+                ids.append(0)                                   # "_": BOS
+            try:
+                ids += self.vocab.encode(part)
+            except KeyError as e:
+                raise ValueError(f"{e.args[0]!r} is not a token of task {self.name} (its symbols: "
+                                 f"digits and {' '.join(self.vocab.symbols)})") from None
+        return ids
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab.size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside task {self.name}'s vocabulary "
+                             f"[0, {self.vocab.size})")
+        return "".join("_" if i == 0 else self.vocab.decode([i]) for i in ids)

@@ -52,7 +52,7 @@ import torch
 
 from .base import Task
 from .batch import BOS, Batch
-from .number_tokens import TOKENIZATIONS, NumberVocab, pieces_in_run
+from .number_tokens import TOKENIZATIONS, NumberText, NumberVocab, pieces_in_run
 
 SYMBOLS = ("+", "-", "*", "÷", "%", "M", "G", "L", "S", ".", "e", "/", "=", "$")
 MAX_DIGITS = 40
@@ -196,11 +196,16 @@ PROBLEMS = {
 
 
 @dataclass
-class Nupa(Task):
+class Nupa(NumberText, Task):
     name = "nupa"
     problem: str = "int_add"
     digits: int = 5
     tokenization: str = "digit"
+
+    def answer_text(self, ids) -> str:
+        """The generated answer up to its end mark "$" (what the task scores)."""
+        text = self.decode(ids)
+        return text[:text.index("$") + 1] if "$" in text else text
 
     @property
     def vocab(self) -> NumberVocab:

@@ -369,6 +369,7 @@ def test_gpu_compile_inductor_equals_eager(op, gate, states, cu, dtype):
     inputs = {n: (x.cuda() if isinstance(x, torch.Tensor) else
                   tuple(t.cuda() for t in x) if isinstance(x, tuple) else x)
               for n, x in inputs.items()}
+    kw = {n: x.cuda() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}  # a frozen g
     fn = OPS[op]("auto", states, **kw)
     torch._dynamo.reset()
     got_o, got_g = _outputs_and_grads(torch.compile(fn, fullgraph=True), inputs)

@@ -42,8 +42,8 @@ def _oracle(op):
 
 CASES_F64 = [("linear", "none", {}), ("linear", "const", {}), ("linear", "scalar", {}),
              ("linear", "key", {}), ("delta", "none", {}), ("delta", "scalar", {}),
-             ("delta", "scalar", {"fuse_dim": 0}), ("delta", "none", {"form": "twice"}),
-             ("delta", "scalar", {"form": "twice", "fuse_dim": 0})]
+             ("delta", "scalar", {"fuse_dim": 0}), ("delta", "none", {"form": "once"}),
+             ("delta", "scalar", {"form": "once", "fuse_dim": 0})]
 
 
 @pytest.mark.parametrize("op, gate, kw", CASES_F64)

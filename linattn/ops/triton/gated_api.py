@@ -251,8 +251,10 @@ def saved_specs(cfg, BT, TT, H, K, V, N, slots, chunk_rows, dtype, keep_states):
     return specs
 
 
-def chunk_forward(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, keep_states):
-    """The family's forward (see GatedChunkFunction for the tensors).
+def chunk_forward(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, keep_states,
+                  defined=False):
+    """The family's forward (see GatedChunkFunction for the tensors). defined: every element
+    of the saved tensors written (the custom op returns them; see key_scores).
 
     Returns (o, ht, nt, mt, saved): o [TT, H, V]; the final state (ht [N, H, K, V], and
     nt [N, H, K], mt [N, H] for MEXP) or Nones unless want_final; saved (Saved) for
@@ -267,7 +269,7 @@ def chunk_forward(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, ke
     elif g is not None:
         gb = chunk_cumsum(g, layout, dtype=gdt)                   # chunk-local cumsum
     h, hn, hf = _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
-    A = key_scores(q, k, gb, layout, cfg, scale) if cfg.gate == 2 else None  # [TT, H, BT]
+    A = key_scores(q, k, gb, layout, cfg, scale, defined) if cfg.gate == 2 else None  # [TT, H, BT]
     o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale, A=A)
     ht = nt = mt = None
     if want_final:

@@ -635,14 +635,16 @@ def state_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if cfg.ieee else dtype
 
 
-def key_scores(q, k, gb, layout: ChunkLayout, cfg, scale):
+def key_scores(q, k, gb, layout: ChunkLayout, cfg, scale, defined: bool = False):
     """Per-key gates' intra-tile scores A [TT, H, BT] in q's dtype (what their readers' dots
     round them to): A[t, h, s - t0] for the keys s <= t of t's tile (first token t0), scale
-    included; entries above the diagonal are left unwritten."""
+    included; the sub-tiles above the diagonal are left unwritten (nothing reads them), or
+    zero with defined=True (A is then an output of a custom op, which must not depend on
+    leftover memory)."""
     TT, H, K = q.shape
     if layout.BT % KEY_SUB:
         raise ValueError(f"per-key gates need tiles of a multiple of {KEY_SUB} tokens, got {layout.BT}")
-    A = empty(TT, H, layout.BT, dtype=q.dtype, device=q.device)
+    A = (torch.zeros if defined else empty)(TT, H, layout.BT, dtype=q.dtype, device=q.device)
     if layout.NT:
         key_scores_kernel[(layout.NT, (layout.BT // KEY_SUB) ** 2, H)](
             q, k, gb, A, layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale,
