@@ -9,7 +9,10 @@ plain PyTorch path that computes the same function:
 
 backend: "auto" takes Triton for CUDA tensors of float32, bfloat16 or float16 when triton
 imports, and PyTorch otherwise (CPU, float64): a pure function of the inputs' device and
-dtype. "torch" always takes PyTorch; "triton" always takes Triton (CPU tensors only under
+dtype; for rms_norm and l2_normalize also of whether autograd records the call: their Triton
+backward is slower than PyTorch's (benchmarks/time_fused.py on the H200, 16384 tokens at
+d_model 768, fwd+bwd ms: rms_norm 0.69 against 0.52, l2_normalize 0.72 against 0.43; their
+forward is 3.4x / 1.5x faster), so "auto" takes Triton for them only without a gradient. "torch" always takes PyTorch; "triton" always takes Triton (CPU tensors only under
 TRITON_INTERPRET=1, as the tests run it). The Triton paths are torch custom ops
 (linattn.ops.triton.short_conv, .norms, .swiglu), so torch.compile(fullgraph=True) traces
 through both paths.
@@ -173,6 +176,15 @@ def _conv_new_cache(x, cache, cu_seqlens, W):
 
 # ----------------------------------------------------------------------------- norms
 
+def _forward_only_triton(backend: str, *tensors) -> str:
+    """backend for a piece whose Triton backward loses to PyTorch's (see the module
+    docstring): "auto" becomes "torch" when autograd records the call."""
+    if backend == "auto" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors):
+        return "torch"
+    return backend
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
              backend: str = "auto") -> torch.Tensor:
     """x / sqrt(mean(x^2, -1) + eps) * weight over the last dim. x [..., D] float; weight [D]
@@ -180,7 +192,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     _check_tensor("x", x, None, "[..., D]")
     if weight is not None and tuple(weight.shape) != (x.shape[-1],):
         raise ValueError(f"weight must be [D={x.shape[-1]}], got {tuple(weight.shape)}")
-    if takes_triton(x, backend):
+    if takes_triton(x, _forward_only_triton(backend, x, weight)):
         from .triton.norms import row_norm_fwd
         D = x.shape[-1]
         return row_norm_fwd(x.reshape(-1, 1, D), weight, None, float(eps), False, 0).view(x.shape)
@@ -227,7 +239,7 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> t
     returns x's shape and dtype. With x [B, T, H, D] a strided view (a slice of a conv output)
     the Triton path reads it in place."""
     _check_tensor("x", x, None, "[..., D]")
-    if takes_triton(x, backend):
+    if takes_triton(x, _forward_only_triton(backend, x)):
         from .triton.norms import row_norm_fwd
         shape = x.shape
         x3 = x.flatten(0, -3) if x.dim() >= 3 else x.reshape(-1, 1, shape[-1])

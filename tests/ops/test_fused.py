@@ -273,12 +273,13 @@ def test_rms_norm_l2_swiglu_gpu(dtype):
     gen = helpers.seeded(4)
     h = dict(q=helpers.randn(16384, 768, gen=gen, device="cuda", scale=3.0),
              weight=(1 + helpers.randn(768, gen=gen, scale=0.3)).cuda())
-    helpers.check_against_oracle(lambda q, weight: (fused.rms_norm(q, weight, 1e-6), None),
+    # backend="triton": "auto" runs these two on PyTorch when a gradient is recorded
+    helpers.check_against_oracle(lambda q, weight: (fused.rms_norm(q, weight, 1e-6, backend="triton"), None),
                                  lambda q, weight: (rms_oracle(q, weight), None), h,
                                  dtype=dtype, grad_names=["q", "weight"], device="cuda")
     qkv = dict(q=helpers.randn(8, 2048, 2304, gen=gen, device="cuda"))
     helpers.check_against_oracle(
-        lambda q: (fused.l2_normalize(q[..., 768:1536].unflatten(-1, (6, 128))), None),
+        lambda q: (fused.l2_normalize(q[..., 768:1536].unflatten(-1, (6, 128)), backend="triton"), None),
         lambda q: (l2_oracle(q[..., 768:1536].unflatten(-1, (6, 128))), None), qkv,
         dtype=dtype, grad_names=["q"], device="cuda")
     gu = dict(q=helpers.randn(16384, 2 * 2048, gen=gen, device="cuda", scale=2.0))
@@ -296,12 +297,24 @@ def test_pieces_compile_with_inductor_gpu():
 
     def pieces(x, w, nw):
         y, _ = fused.short_conv(x, w)
-        q = fused.l2_normalize(y[..., :768].unflatten(-1, (6, 128)))
+        q = fused.l2_normalize(y[..., :768].unflatten(-1, (6, 128)), backend="triton")
         o = fused.gated_rms_norm(q, nw, y[..., 768:1536], "silu", 1e-6)
-        return fused.swiglu(fused.rms_norm(o, None, 1e-6)).float().square().sum()
+        return fused.swiglu(fused.rms_norm(o, None, 1e-6, backend="triton")).float().square().sum()
 
     compiled = torch.compile(pieces, fullgraph=True)
     want, got = pieces(x, w, nw), compiled(x, w, nw)
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, [x, w, nw]), torch.autograd.grad(want, [x, w, nw])):
         torch.testing.assert_close(a, b)
+
+
+def test_auto_takes_pytorch_for_the_row_norms_under_autograd():
+    """rms_norm and l2_normalize: "auto" runs Triton only without a gradient to record (their
+    Triton backward loses to PyTorch's); the other pieces keep Triton either way."""
+    x = torch.randn(4, 8)
+    assert fused._forward_only_triton("auto", x) == "auto"
+    assert fused._forward_only_triton("auto", x.requires_grad_()) == "torch"
+    with torch.no_grad():
+        assert fused._forward_only_triton("auto", x) == "auto"
+    assert fused._forward_only_triton("triton", x) == "triton"
+    assert fused._forward_only_triton("auto", torch.randn(3), None) == "auto"
