@@ -16,6 +16,7 @@ from .gla import GatedLinearAttention
 from .hgrn2 import HGRN2
 from .lightning import LightningAttention
 from .linear import LinearAttention
+from .linearized import LinearizedAttention
 from .mlstm import MLSTM, MLSTMSig
 from .mom import MixtureOfMemories
 from .norms import GatedOutputNorm, RMSNorm
@@ -32,8 +33,10 @@ MIXERS = {
     "gated_deltanet": GatedDeltaNet,
     "attention": Attention,
     "mom": MixtureOfMemories,
+    "linearized": LinearizedAttention,
 }
 
 __all__ = ["MIXERS", "Mixer", "LinearAttention", "LightningAttention", "GatedLinearAttention",
            "HGRN2", "MLSTM", "MLSTMSig", "DeltaNet", "GatedDeltaNet", "Attention", "MixtureOfMemories",
+           "LinearizedAttention",
            "FEATURE_MAPS", "FeatureMap", "HedgehogMap", "RMSNorm", "GatedOutputNorm", "ShortConv"]
