@@ -153,6 +153,8 @@ class LinearizedAttention(Mixer):
         B, T, _ = x.shape
         D, dev, gdt = self.head_dim, x.device, gate_dtype(x)
         if T == 0:
+            if return_state and state is None:
+                state = self.empty_state(B, x)
             return self.o_proj(x.new_zeros(B, 0, self.n_heads * D)), (state if return_state else None)
         q = self.heads(self.q_proj(x), D)                                      # [B, T, H, D]
         k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, D))                 # [B, T, H_kv, D]
@@ -171,6 +173,20 @@ class LinearizedAttention(Mixer):
         if return_state:
             new_state.update(win)
         return self.o_proj(o.to(x.dtype).flatten(-2)), new_state
+
+    def empty_state(self, B: int, x: torch.Tensor) -> dict:
+        """The state before any token, for B rows (x gives the device and dtype)."""
+        H, D, Fd, dev, gdt = self.n_heads, self.head_dim, self.feature_dim, x.device, gate_dtype(x)
+        V = D if self.recurrence == "gated_deltanet" else D + 1
+        state = {"S": torch.zeros(B, H, Fd, V, device=dev, dtype=gdt),
+                 "pos": torch.zeros(B, dtype=torch.long, device=dev)}
+        if self.window is not None:
+            L, kv = self.window - 1, self.n_kv_heads
+            state.update(k=x.new_zeros(B, L, kv, D), v=x.new_zeros(B, L, kv, D),
+                         kpos=torch.full((B, L), -1, dtype=torch.long, device=dev))
+            if self.combine == "shared":
+                state["fk"] = x.new_zeros(B, L, kv, Fd)
+        return state
 
     def _linear(self, k, fq, fk, v, S0, return_state):
         """The recurrence. Returns (numerator [B, T, H, D], denominator [B, T, H, 1] or None
