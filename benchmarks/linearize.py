@@ -177,6 +177,8 @@ def speed_rows(args) -> list[dict]:
         runs = {"hf.generate": hf(model)}
         if name != "teacher":
             runs["linattn greedy"] = lambda x, k, m=model: greedy_generate(m, x, k)
+            if torch.device(args.device).type == "cuda":
+                runs["linattn greedy+graph"] = lambda x, k, m=model: greedy_generate(m, x, k, cuda_graph=True)
         for how, run in runs.items():
             try:
                 run(ids[:, :256], 8)  # warm-up: kernels compiled and tuned
@@ -245,14 +247,14 @@ def print_table(res: dict) -> None:
     for m, r in res["methods"].items():
         print(f"{m:<16} {r['tokens']:>9,} {100 * r['tokens'] / t['tokens']:>8.2f}% {r['bpb_as_converted']:>12.3f} {r['bpb']:>9.3f} {r['recovery']:>8.1%}")
     if "speed" in res:
-        head = f"{'model':<16} {'how':<15} {'wall s':>7} {'tok/s':>9} {'vs teacher':>10}"
+        head = f"{'model':<16} {'how':<20} {'wall s':>7} {'tok/s':>9} {'vs teacher':>10}"
         print(head + "\n" + "-" * len(head))
         for r in res["speed"]:
             if "error" in r:
-                print(f"{r['model']:<16} {r['how']:<15} error: {r['error'][:80]}")
+                print(f"{r['model']:<16} {r['how']:<20} error: {r['error'][:80]}")
                 continue
             sp = "-" if r["speedup_vs_teacher"] is None else f"{r['speedup_vs_teacher']:.2f}x"
-            print(f"{r['model']:<16} {r['how']:<15} {r['wall_s']:>7.2f} {r['tokens_per_s']:>9,.0f} {sp:>10}")
+            print(f"{r['model']:<16} {r['how']:<20} {r['wall_s']:>7.2f} {r['tokens_per_s']:>9,.0f} {sp:>10}")
 
 
 def main(argv=None) -> int:

@@ -84,6 +84,7 @@ def distill(out, teacher: str | None, corpus: str, stage: str, cfg: TrainConfig,
     amp = resolve_dtype(cfg.dtype, device)
     task = Text(corpus=corpus, seq_len=seq_len)
     task.check()
+    saved_dtype = _saved_dtype(out)
     student = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
     if getattr(student.config, "model_type", None) != "linattn" or not hasattr(student.config, "linearization"):
         raise ValueError(f"{out} is not a `linattn convert` directory (no linearization record in its config)")
@@ -135,9 +136,16 @@ def distill(out, teacher: str | None, corpus: str, stage: str, cfg: TrainConfig,
     if not res["done"]:
         return dict(result, done=False)
     model = lora.merge_and_unload() if lora is not None else student
-    _replace_model(model, out)
+    _replace_model(model.to(saved_dtype), out)
     write_json(work / "result.json", result)
     return dict(result, done=True)
+
+
+def _saved_dtype(out: Path) -> torch.dtype:
+    """The dtype the model in out was saved in (training runs in float32 and saves back in it)."""
+    dtype = json.loads((out / "config.json").read_text()).get("dtype", "float32")
+    return getattr(torch, dtype) if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) \
+        else torch.float32
 
 
 def _replace_model(model, out: Path) -> None:
