@@ -713,6 +713,9 @@ def _build_convert_parsers(sub) -> None:
     di.add_argument("--corpus", required=True, help="a directory or a file of text")
     di.add_argument("--stage", required=True, choices=("attention", "finetune"))
     di.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0: full fine-tuning (default 8)")
+    di.add_argument("--loss", choices=("output", "weights"), default="output",
+                    help="attention stage: match each layer's output (MSE) or its attention weights "
+                         "(Hedgehog's cross-entropy; --method hedgehog)")
     di.add_argument("--steps", type=int, default=200)
     di.add_argument("--batch", type=int, default=8, dest="batch_size")
     di.add_argument("--seq-len", type=int, default=512)
@@ -743,7 +746,7 @@ def _cmd_distill(args) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, weight_decay=0.0, seed=args.seed,
                       device=args.device, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit_s).validate()
     res = distill(args.out, args.teacher, args.corpus, args.stage, cfg, seq_len=args.seq_len,
-                  lora_rank=args.lora_rank)
+                  lora_rank=args.lora_rank, loss=args.loss)
     print(json.dumps(res))
     return 0
 

@@ -3,7 +3,8 @@
 attention  attention transfer: the teacher runs frozen; each linearized layer of the student
            gets the teacher's own input to that attention layer and is trained to reproduce
            the teacher attention's output (mean squared error relative to the teacher
-           output's mean square, averaged over the layers).
+           output's mean square, averaged over the layers), or with loss="weights" to
+           match its attention weights (Hedgehog's cross-entropy, linear recurrence only).
            Only the method's new parameters train (Hedgehog feature maps, LoLCATs' window
            factors); Liger adds none, so it goes straight to finetune.
 finetune   next-token cross-entropy on the corpus, with LoRA adapters (peft) on the q/k/v/o
@@ -61,16 +62,29 @@ def _attention_inputs_outputs(teacher, layers: list[int]) -> tuple[dict, dict, l
     return ins, outs, handles
 
 
+def weights_divergence(soft: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
+    """Hedgehog's attention-weight loss: the cross-entropy -sum_s A_ts log Â_ts of the linear
+    weights Â against the softmax weights A (both [B, H, T, T], rows summing to 1 over
+    s <= t), less A's own entropy (so 0 is a perfect match: KL(A || Â)), averaged over queries."""
+    log_ratio = soft.clamp_min(1e-12).log() - lin.clamp_min(1e-12).log()
+    return (soft * log_ratio).sum(-1).mean()
+
+
 def distill(out, teacher: str | None, corpus: str, stage: str, cfg: TrainConfig, *, seq_len: int = 512,
-            lora_rank: int = 8, lora_alpha: float | None = None, progress=True) -> dict:
+            lora_rank: int = 8, lora_alpha: float | None = None, loss: str = "output", progress=True) -> dict:
     """Runs one stage on the converted model directory `out` (see the module docstring).
-    teacher: the source model directory (needed by the attention stage). Returns the stage's
-    result {"stage", "steps", "tokens", "first_loss", "final_loss", "trained_parameters"}."""
+    teacher: the source model directory (needed by the attention stage). loss (attention
+    stage): "output" (each layer's output, relative MSE) or "weights" (Hedgehog's
+    cross-entropy between the softmax and the linear attention weights; recurrence "linear"
+    without a window). Returns the stage's result {"stage", "steps", "tokens", "first_loss",
+    "final_loss", "trained_parameters", "lora_rank", "done"}."""
     import linattn.hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if loss not in ("output", "weights"):
+        raise ValueError(f"loss must be 'output' or 'weights', got {loss!r}")
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
         raise ValueError(f"lora_rank must be an int >= 0 (0: full fine-tuning), got {lora_rank!r}")
     out = Path(out)
@@ -103,13 +117,20 @@ def distill(out, teacher: str | None, corpus: str, stage: str, cfg: TrainConfig,
         teach = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).to(device).eval()
         teach.requires_grad_(False)
         ins, outs, _ = _attention_inputs_outputs(teach, layers)
+        if loss == "weights":
+            student.model.blocks[layers[0]].mixer.attention_weights(torch.zeros(1, 1, student.config.d_model,
+                                                                                device=device))  # checks the mixer
 
         def loss_at(step):
             b = task.batch("train", cfg.seed, step, cfg.batch_size)
             with torch.no_grad(), autocast(device, amp):
                 teach(input_ids=b.input_ids.to(device))
             with autocast(device, amp):
-                losses = [relative_mse(student.model.blocks[i].mixer(ins[i])[0], outs[i]) for i in layers]
+                mixers = [student.model.blocks[i].mixer for i in layers]
+                if loss == "weights":
+                    losses = [weights_divergence(*m.attention_weights(ins[i])) for m, i in zip(mixers, layers)]
+                else:
+                    losses = [relative_mse(m(ins[i])[0], outs[i]) for m, i in zip(mixers, layers)]
             return torch.stack(losses).mean()
     else:
         if lora_rank:

@@ -188,6 +188,29 @@ class LinearizedAttention(Mixer):
                 state["fk"] = x.new_zeros(B, L, kv, Fd)
         return state
 
+    def attention_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both attentions' weights on x [B, T, d_model] from the start of a sequence, for
+        attention-weight matching (Hedgehog): (softmax(q_r k_r^T / sqrt(D)) causal, and the
+        linear attention's phi(q_t).phi(k_s) / sum_{s' <= t} phi(q_t).phi(k_s')), each
+        [B, H, T, T] float32 (float64 for float64 x), 0 above the diagonal. Needs
+        recurrence "linear" and no window (ValueError otherwise)."""
+        if self.recurrence != "linear" or self.window is not None:
+            raise ValueError("attention weights exist for recurrence='linear' without a window only, "
+                             f"got recurrence={self.recurrence!r}, window={self.window!r}")
+        B, T, _ = x.shape
+        D, gdt = self.head_dim, gate_dtype(x)
+        q = self.heads(self.q_proj(x), D)                                      # [B, T, H, D]
+        k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, D))                 # [B, T, H_kv, D]
+        pos = torch.arange(T, device=x.device).expand(B, T)
+        qr, kr = rope_at(q, pos, self.rope_theta), rope_at(k, pos, self.rope_theta)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        scores = torch.einsum("bthd,bshd->bhts", qr.to(gdt), self._kv_to_heads(kr).to(gdt)) * D ** -0.5
+        soft = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+        fq = self._phi(self.q_map, qr if self.rope_linear else q).to(gdt)     # [B, T, H, F]
+        fk = self._kv_to_heads(self._phi(self.k_map, kr if self.rope_linear else k)).to(gdt)
+        lin = torch.einsum("bthf,bshf->bhts", fq, fk) * causal
+        return soft, lin / (lin.sum(-1, keepdim=True) + self.eps)
+
     def _linear(self, k, fq, fk, v, S0, return_state):
         """The recurrence. Returns (numerator [B, T, H, D], denominator [B, T, H, 1] or None
         for the delta rule, final state or None); float32 when the "shared" combine subtracts

@@ -42,6 +42,19 @@ def test_attention_transfer_lowers_the_layer_loss(teacher_dir, tmp_path):
                 cfg(2, 1e-2), seq_len=32, progress=False)
 
 
+def test_attention_weight_matching(teacher_dir, tmp_path):
+    """Hedgehog's loss: the divergence of the linear attention's weights from softmax's falls; LoLCATs' windowed layer has no such weights (one-line error)."""
+    out = convert(teacher_dir, tmp_path / "hh", "hedgehog")
+    assert main(["distill", str(out), "--teacher", str(teacher_dir), "--corpus", CORPUS, "--stage", "attention",
+                 "--loss", "weights", "--steps", "12", "--batch", "4", "--seq-len", "32", "--lr", "5e-2",
+                 "--device", "cpu"]) == 0
+    losses = torch.load(out / "distill-attention" / "checkpoint.pt")["losses"]
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3])
+    lol = convert(teacher_dir, tmp_path / "lol", "lolcats")
+    with pytest.raises(ValueError, match="without a window"):
+        distill(lol, str(teacher_dir), CORPUS, "attention", cfg(2, 1e-2), seq_len=32, loss="weights", progress=False)
+
+
 def test_lora_finetune_lowers_held_out_loss(teacher_dir, tmp_path):
     out = convert(teacher_dir, tmp_path / "lg", "liger")
     task = Text(corpus=CORPUS, seq_len=32)

@@ -97,3 +97,16 @@ def test_bad_options():
         LinearizedAttention(D_MODEL, H, recurrence="mamba")
     with pytest.raises(ValueError, match="n_kv_heads"):
         Attention(D_MODEL, H, n_kv_heads=0)
+
+
+def test_attention_weights_are_the_two_attentions():
+    """attention_weights gives the weights the softmax twin and the layer itself apply to v."""
+    m = make(recurrence="linear", feature_map="hedgehog", rope_linear=True, eps=0.0)
+    x = torch.randn(2, 12, D_MODEL, dtype=torch.float64)
+    soft, lin = m.attention_weights(x)
+    v = m._kv_to_heads(m.v_proj(x).unflatten(-1, (2, D_MODEL // H)))          # [B, T, H, D]
+    apply = lambda w: m.o_proj(torch.einsum("bhts,bshd->bthd", w, v).flatten(-2))
+    torch.testing.assert_close(apply(soft), attention_twin(m)(x)[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(apply(lin), m(x)[0], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="without a window"):
+        make(window=4).attention_weights(x)
