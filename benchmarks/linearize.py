@@ -19,7 +19,8 @@ as many steps (up to --teacher-steps) as --teacher-budget allows (measured on a 
 Methods: liger, liger-attention, hedgehog, lolcats (linattn/convert/llama.py says what each
 is). Budget: --budget-percent (1%) of the teacher's training tokens, split into the attention
 transfer stage (a quarter; Hedgehog and LoLCATs only) and LoRA fine-tuning (rank 8, q/k/v/o)
-for the rest; Liger and Liger Attention spend it all on fine-tuning.
+for the rest; Liger and Liger Attention spend it all on fine-tuning. Hedgehog's attention
+stage matches attention weights (its paper's loss), LoLCATs' the layer outputs (MSE).
 
 Metrics: bits per byte on the held-out split (the same windows for every model), the
 unigram baseline's (byte frequencies of the training split), and each method's recovery
@@ -123,7 +124,8 @@ def method_result(args, method: str, teacher_tokens: int) -> dict:
         cfg = TrainConfig(steps=max(1, steps), batch_size=args.distill_batch, weight_decay=0.0,
                           lr=1e-2 if stage == "attention" else 1e-3, warmup_steps=min(10, steps // 10),
                           device=args.device, ckpt_every=10**6)
-        res = distill(out, str(work / "teacher"), corpus(), stage, cfg, seq_len=args.seq_len, lora_rank=8)
+        loss = "weights" if (method == "hedgehog" and stage == "attention") else "output"  # Hedgehog's own loss
+        res = distill(out, str(work / "teacher"), corpus(), stage, cfg, seq_len=args.seq_len, lora_rank=8, loss=loss)
         row["stages"][stage] = res
     row["tokens"] = sum(s["tokens"] for s in row["stages"].values())
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(args.device).eval()

@@ -169,7 +169,8 @@ class LinearizedAttention(Mixer):
         if self.window is None:
             o = num / (den + self.eps) if den is not None else num             # [B, T, H, D]
             return self.o_proj(o.to(x.dtype).flatten(-2)), new_state
-        o, win = self._window(qr, kr, v, fq, fk, pos, num, den, state)
+        with torch.autocast(x.device.type, enabled=False):  # the window's sums stay in float32
+            o, win = self._window(qr, kr, v, fq, fk, pos, num, den, state)
         if return_state:
             new_state.update(win)
         return self.o_proj(o.to(x.dtype).flatten(-2)), new_state
