@@ -151,7 +151,7 @@ class LinearizedAttention(Mixer):
 
     def _forward(self, x, state, return_state):
         B, T, _ = x.shape
-        D, dev, gdt = self.head_dim, x.device, gate_dtype(x)
+        D, dev = self.head_dim, x.device
         if T == 0:
             if return_state and state is None:
                 state = self.empty_state(B, x)
@@ -238,8 +238,8 @@ class LinearizedAttention(Mixer):
     def _window(self, qr, kr, v, fq, fk, pos, num, den, state):
         """The sliding-window softmax branch and its combination with the linear branch.
         Returns (o [B, T, H, D], the window part of the new state)."""
-        B, T, H, D = qr.shape
-        W, gdt, dev = self.window, gate_dtype(qr), qr.device
+        D = qr.shape[-1]
+        W, gdt = self.window, gate_dtype(qr)
         shared = self.combine == "shared"
         if state is None or "k" not in state:
             ks, vs, kpos = kr, v, pos
@@ -268,7 +268,8 @@ class LinearizedAttention(Mixer):
                 / (e.sum(-1).transpose(1, 2)[..., None] + gamma * den_out)
         keep = W - 1
         pad = max(0, keep - ks.shape[1])
-        def last(z, fill=0):
+
+        def last(z, fill=0):  # the last W-1 columns, left-padded (kpos -1: empty) when fewer
             z = z[:, max(0, z.shape[1] - keep):]
             return F.pad(z, (0, 0) * (z.dim() - 2) + (pad, 0), value=fill) if pad else z
         win = {"k": last(ks), "v": last(vs), "kpos": last(kpos, -1)}
