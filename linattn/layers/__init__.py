@@ -6,7 +6,7 @@ MIXERS maps a mixer's name to its class. Every class is built as
 [B, T, d_model] (see linattn.layers.base for the convention, and each class for its options
 and its state's layout). ``mixer.set_sequence_parallel(sp)`` runs a mixer sequence-parallel
 (LASP-2, linattn.parallel) on this rank's slice of the sequence (see linattn.layers.base);
-mLSTMexp and mom cannot (ValueError).
+mLSTMexp, mom and linearized cannot (ValueError).
 """
 from .attention import Attention
 from .base import Mixer
