@@ -71,6 +71,8 @@ class LinearizedAttention(Mixer):
         window: sliding-window length of the softmax branch (None: no window branch).
         combine: "mix" or "shared" (see above).  mix: weight of the linear branch ("mix").
         gate_normalizer: divides the gates' logsigmoid (16, as GLA).  eps: denominator's eps.
+        window_block: queries per block of the window branch, whose scores are then
+            [window_block, window_block + W - 1] per head: memory O(T W), not O(T^2).
 
     forward: as in linattn.layers.base; no sequence parallelism. The state is the dict
     {"S": the op's float32 state [B, H, F, D(+1)], "pos": [B] int64 next position} plus,
@@ -84,7 +86,7 @@ class LinearizedAttention(Mixer):
                  o_bias: bool = False, recurrence: str = "gla", feature_map: str = "softmax",
                  rope_linear: bool = False, rope_theta: float = 10000.0, window: int | None = None,
                  combine: str = "mix", mix: float = 0.5, gate_normalizer: float = 16.0,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, window_block: int = 256):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
         D = self.head_dim
         if D % 2:
@@ -101,11 +103,14 @@ class LinearizedAttention(Mixer):
         if combine == "shared" and recurrence == "gated_deltanet":
             raise ValueError("combine='shared' needs an additive recurrence ('linear' or 'gla'), "
                              "got recurrence='gated_deltanet'")
+        if isinstance(window_block, bool) or not isinstance(window_block, int) or window_block < 1:
+            raise ValueError(f"window_block must be a positive int, got {window_block!r}")
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix must be in [0, 1], got {mix!r}")
         self.n_kv_heads, self.recurrence, self.rope_linear = n_kv, recurrence, bool(rope_linear)
         self.rope_theta, self.window, self.combine, self.mix = rope_theta, window, combine, float(mix)
         self.gate_normalizer, self.eps, self.feature_map = gate_normalizer, eps, feature_map
+        self.window_block = window_block
         self.q_proj = nn.Linear(d_model, n_heads * D, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv * D, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv * D, bias=qkv_bias)
@@ -235,11 +240,33 @@ class LinearizedAttention(Mixer):
         D = self.head_dim
         return o[..., :D], o[..., D:], S
 
+    def _window_block(self, qr, pos, num, den, fq, ks, vs, kpos, fks):
+        """The window branch and the combination for queries qr [B, t, H, D] at positions pos
+        [B, t], against keys ks, vs [B, s, H_kv, D] at kpos [B, s] (-1: empty), fks their
+        features ("shared"); num, den the linear branch's rows. Returns o [B, t, H, D] float32."""
+        D, W, gdt = qr.shape[-1], self.window, gate_dtype(qr)
+        d = pos[:, :, None] - kpos[:, None, :]                                 # [B, t, s]
+        allowed = (kpos[:, None, :] >= 0) & (d >= 0) & (d < W)
+        kh, vh = self._kv_to_heads(ks).to(gdt), self._kv_to_heads(vs).to(gdt)  # [B, s, H, D]
+        scores = torch.einsum("bthd,bshd->bhts", qr.to(gdt), kh) * D ** -0.5
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))         # [B, H, t, s]
+        if self.combine == "mix":
+            o_win = torch.einsum("bhts,bshd->bthd", torch.softmax(scores, -1), vh)
+            o_lin = num.to(gdt) / (den.to(gdt) + self.eps) if den is not None else num.to(gdt)
+            return self.mix * o_lin + (1.0 - self.mix) * o_win
+        e = torch.exp(scores - scores.amax(-1, keepdim=True).detach())       # [B, H, t, s]
+        lin = torch.einsum("bthf,bshf->bhts", fq.to(gdt), self._kv_to_heads(fks).to(gdt))
+        lin = lin * allowed[:, None]                                           # the window's linear terms
+        num_out = num.to(gdt) - torch.einsum("bhts,bshd->bthd", lin, vh)
+        den_out = den.to(gdt) - lin.sum(-1).transpose(1, 2)[..., None]         # [B, t, H, 1]
+        gamma = torch.sigmoid(self.window_factor.to(gdt))[:, None]             # [H, 1]
+        return (torch.einsum("bhts,bshd->bthd", e, vh) + gamma * num_out) \
+            / (e.sum(-1).transpose(1, 2)[..., None] + gamma * den_out)
+
     def _window(self, qr, kr, v, fq, fk, pos, num, den, state):
         """The sliding-window softmax branch and its combination with the linear branch.
         Returns (o [B, T, H, D], the window part of the new state)."""
-        D = qr.shape[-1]
-        W, gdt = self.window, gate_dtype(qr)
+        W = self.window
         shared = self.combine == "shared"
         if state is None or "k" not in state:
             ks, vs, kpos = kr, v, pos
@@ -248,24 +275,16 @@ class LinearizedAttention(Mixer):
             ks, vs = torch.cat([state["k"].to(kr.dtype), kr], 1), torch.cat([state["v"].to(v.dtype), v], 1)
             kpos = torch.cat([state["kpos"], pos], 1)                          # [B, L + T]
             fks = torch.cat([state["fk"].to(fk.dtype), fk], 1) if shared else None
-        d = pos[:, :, None] - kpos[:, None, :]                                 # [B, T, L + T]
-        allowed = (kpos[:, None, :] >= 0) & (d >= 0) & (d < W)
-        kh, vh = self._kv_to_heads(ks), self._kv_to_heads(vs)                  # [B, L + T, H, D]
-        scores = torch.einsum("bthd,bshd->bhts", qr.to(gdt), kh.to(gdt)) * D ** -0.5
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))         # [B, H, T, L + T]
-        if not shared:
-            o_win = torch.einsum("bhts,bshd->bthd", torch.softmax(scores, -1), vh.to(gdt))
-            o_lin = num.to(gdt) / (den.to(gdt) + self.eps) if den is not None else num.to(gdt)
-            o = self.mix * o_lin + (1.0 - self.mix) * o_win
-        else:
-            e = torch.exp(scores - scores.amax(-1, keepdim=True).detach())   # [B, H, T, L + T]
-            lin = torch.einsum("bthf,bshf->bhts", fq.to(gdt), self._kv_to_heads(fks).to(gdt))
-            lin = lin * allowed[:, None]                                       # the window's linear terms
-            num_out = num.to(gdt) - torch.einsum("bhts,bshd->bthd", lin, vh.to(gdt))
-            den_out = den.to(gdt) - lin.sum(-1).transpose(1, 2)[..., None]     # [B, T, H, 1]
-            gamma = torch.sigmoid(self.window_factor.to(gdt))[:, None]         # [H, 1]
-            o = (torch.einsum("bhts,bshd->bthd", e, vh.to(gdt)) + gamma * num_out) \
-                / (e.sum(-1).transpose(1, 2)[..., None] + gamma * den_out)
+        L, T = ks.shape[1] - qr.shape[1], qr.shape[1]
+        outs = []
+        for a in range(0, T, self.window_block):  # query blocks: scores [block, block + W - 1]
+            b = min(T, a + self.window_block)
+            lo = max(0, L + a - W + 1)
+            outs.append(self._window_block(
+                qr[:, a:b], pos[:, a:b], num[:, a:b], None if den is None else den[:, a:b],
+                fq[:, a:b], ks[:, lo:L + b], vs[:, lo:L + b], kpos[:, lo:L + b],
+                None if fks is None else fks[:, lo:L + b]))
+        o = torch.cat(outs, 1)
         keep = W - 1
         pad = max(0, keep - ks.shape[1])
 

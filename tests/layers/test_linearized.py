@@ -9,9 +9,9 @@ D_MODEL, H = 32, 4
 
 CONFIGS = {
     "gla": dict(recurrence="gla"),
-    "gla-window-mix": dict(recurrence="gla", window=5, combine="mix", mix=0.3),
+    "gla-window-mix": dict(recurrence="gla", window=5, combine="mix", mix=0.3, window_block=3),
     "linear-hedgehog-shared": dict(recurrence="linear", feature_map="hedgehog", rope_linear=True,
-                                   window=5, combine="shared"),
+                                   window=5, combine="shared", window_block=4),
     "deltanet-window": dict(recurrence="gated_deltanet", window=3),
 }
 
@@ -63,7 +63,7 @@ def attention_twin(m: LinearizedAttention) -> Attention:
                                 dict(recurrence="linear", feature_map="hedgehog", rope_linear=True,
                                      window=16, combine="shared")])
 def test_window_covering_the_sequence_is_softmax_attention(kw):
-    m = make(**kw)
+    m = make(window_block=5, **kw)
     x = torch.randn(2, 16, D_MODEL, dtype=torch.float64)
     ref, _ = attention_twin(m)(x)
     torch.testing.assert_close(m(x)[0], ref, rtol=1e-10, atol=1e-10)
