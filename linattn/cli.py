@@ -177,6 +177,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="time the ops against softmax attention and peers (see `linattn bench --help`)",
                    add_help=False)
     _build_export_parser(sub)
+    _build_convert_parsers(sub)
     return parser
 
 
@@ -683,6 +684,73 @@ def _text_bits_per_byte(res: dict, out: Path | None = None) -> None:
         write_json(out / "metrics.json", stored)
 
 
+# ----------------------------------------------------- linearization: convert, distill
+
+def _build_convert_parsers(sub) -> None:
+    from .convert.llama import CONVERT_MIXERS, METHODS
+
+    cv = sub.add_parser("convert", help="linearize a Llama-family transformers model",
+                        description="Turn a Llama-family causal LM directory (Llama, Qwen2, Mistral) into "
+                                    "a linattn.hf model directory whose attention layers are linear "
+                                    "(Liger, Liger Attention, Hedgehog, LoLCATs). Needs the hf extra.")
+    cv.add_argument("src", help="transformers model directory (config.json, weights, tokenizer)")
+    cv.add_argument("out", help="directory to write")
+    cv.add_argument("--method", required=True, choices=METHODS)
+    cv.add_argument("--mixer", choices=CONVERT_MIXERS, default=None,
+                    help="the recurrence (default: gla for liger*, linear for hedgehog and lolcats)")
+    cv.add_argument("--window", type=int, default=None,
+                    help="sliding window of liger-attention / lolcats (default 64)")
+    cv.add_argument("--keep-attention", type=_csv, default=[], metavar="I,J,...",
+                    help="layers (0-based) left as softmax attention (a hybrid)")
+    di = sub.add_parser("distill", help="train a converted model (attention transfer, fine-tuning)",
+                        description="Train a `linattn convert` directory in place on a text corpus: "
+                                    "--stage attention (teacher frozen, only the method's new parameters "
+                                    "learn to reproduce each attention layer's output), --stage finetune "
+                                    "(next-token loss; LoRA through peft, or every weight with "
+                                    "--lora-rank 0). Checkpoints in OUT/distill-STAGE/; rerun to resume.")
+    di.add_argument("out", help="directory written by `linattn convert` (updated in place)")
+    di.add_argument("--teacher", default=None, help="the converted source model (attention stage)")
+    di.add_argument("--corpus", required=True, help="a directory or a file of text")
+    di.add_argument("--stage", required=True, choices=("attention", "finetune"))
+    di.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0: full fine-tuning (default 8)")
+    di.add_argument("--loss", choices=("output", "weights"), default="output",
+                    help="attention stage: match each layer's output (MSE) or its attention weights "
+                         "(Hedgehog's cross-entropy; --method hedgehog)")
+    di.add_argument("--steps", type=int, default=200)
+    di.add_argument("--batch", type=int, default=8, dest="batch_size")
+    di.add_argument("--seq-len", type=int, default=512)
+    di.add_argument("--lr", type=float, default=None, help="default 1e-2 (attention), 1e-3 (finetune)")
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--device", default="auto")
+    di.add_argument("--ckpt-every", type=int, default=50)
+    di.add_argument("--time-limit", type=float, default=0.0, dest="time_limit_s",
+                    help="stop (resumably) after this many seconds")
+
+
+def _cmd_convert(args) -> int:
+    _import_hf()
+    from .convert.llama import convert
+
+    keep = [int(i) for i in args.keep_attention]
+    out = convert(args.src, args.out, args.method, mixer=args.mixer, window=args.window, keep_attention=keep)
+    print(f"wrote {out}/ ({args.method}; attention kept in layers {keep or 'none'})")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    _import_hf()
+    from .convert.distill import distill
+    from .train import TrainConfig
+
+    lr = args.lr if args.lr is not None else (1e-2 if args.stage == "attention" else 1e-3)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, weight_decay=0.0, seed=args.seed,
+                      device=args.device, ckpt_every=args.ckpt_every, time_limit_s=args.time_limit_s).validate()
+    res = distill(args.out, args.teacher, args.corpus, args.stage, cfg, seq_len=args.seq_len,
+                  lora_rank=args.lora_rank, loss=args.loss)
+    print(json.dumps(res))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `linattn` command. Returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -696,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_generate(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command in ("convert", "distill"):
+            return _cmd_convert(args) if args.command == "convert" else _cmd_distill(args)
         return _cmd_eval(args)
     except (ValueError, OSError) as e:
         if os.environ.get("LINATTN_DEBUG") == "1":

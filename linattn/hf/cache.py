@@ -131,7 +131,7 @@ def padded_attention_step(attn: Attention, x: torch.Tensor, state: dict):
     padded attention state); with a sliding window the state keeps the last window-1 columns."""
     B, T, _ = x.shape
     D, dev = attn.head_dim, x.device
-    q, k, v = (attn.heads(p(x), D) for p in (attn.q_proj, attn.k_proj, attn.v_proj))  # [B, T, H, D]
+    q, k, v = attn.project(x)                                                          # [B, T, H(_kv), D]
     pos = state["pos"][:, None] + torch.arange(T, device=dev)                          # [B, T]
     q, k = rope_rows(q, pos, attn.rope_theta), rope_rows(k, pos, attn.rope_theta)
     k = torch.cat([state["k"].to(k.dtype), k], dim=1)                                  # [B, L+T, H, D]
@@ -142,7 +142,7 @@ def padded_attention_step(attn: Attention, x: torch.Tensor, state: dict):
     allowed = valid[:, None, :] & (d >= 0)
     if attn.window is not None:
         allowed &= d < attn.window
-    qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))                                # [B, H, ., D]
+    qh, kh, vh = (z.transpose(1, 2) for z in (q, attn.expand_kv(k), attn.expand_kv(v)))  # [B, H, ., D]
     o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None])         # [B, H, T, D]
     y = attn.o_proj(o.transpose(1, 2).flatten(-2))
     keep = k.shape[1] if attn.window is None else min(k.shape[1], attn.window - 1)

@@ -6,7 +6,7 @@ MIXERS maps a mixer's name to its class. Every class is built as
 [B, T, d_model] (see linattn.layers.base for the convention, and each class for its options
 and its state's layout). ``mixer.set_sequence_parallel(sp)`` runs a mixer sequence-parallel
 (LASP-2, linattn.parallel) on this rank's slice of the sequence (see linattn.layers.base);
-mLSTMexp and mom cannot (ValueError).
+mLSTMexp, mom and linearized cannot (ValueError).
 """
 from .attention import Attention
 from .base import Mixer
@@ -16,6 +16,7 @@ from .gla import GatedLinearAttention
 from .hgrn2 import HGRN2
 from .lightning import LightningAttention
 from .linear import LinearAttention
+from .linearized import LinearizedAttention
 from .mlstm import MLSTM, MLSTMSig
 from .mom import MixtureOfMemories
 from .norms import GatedOutputNorm, RMSNorm
@@ -32,8 +33,10 @@ MIXERS = {
     "gated_deltanet": GatedDeltaNet,
     "attention": Attention,
     "mom": MixtureOfMemories,
+    "linearized": LinearizedAttention,
 }
 
 __all__ = ["MIXERS", "Mixer", "LinearAttention", "LightningAttention", "GatedLinearAttention",
            "HGRN2", "MLSTM", "MLSTMSig", "DeltaNet", "GatedDeltaNet", "Attention", "MixtureOfMemories",
+           "LinearizedAttention",
            "FEATURE_MAPS", "FeatureMap", "HedgehogMap", "RMSNorm", "GatedOutputNorm", "ShortConv"]

@@ -44,11 +44,14 @@ class Attention(Mixer):
         backend: accepted for a uniform signature; attention always uses PyTorch's SDPA.
         window: sliding-window length (None: full causal attention).
         rope_theta: RoPE base (10000).
+        n_kv_heads: key/value heads (None: n_heads), a divisor of n_heads: grouped-query
+            attention, each key/value head shared by n_heads / n_kv_heads query heads.
+        qkv_bias, o_bias: biases of the q/k/v projections and of the output projection.
 
     forward: as in linattn.layers.base. With cu_seqlens, positions restart at each packed
     sequence and attention stays inside it; a state (KV cache) cannot be combined with
-    cu_seqlens (ValueError). The state is the dict {"k": [B, L, H, D] rotated keys, "v":
-    [B, L, H, D], "offset": int, the absolute position of the next token}; with a window only
+    cu_seqlens (ValueError). The state is the dict {"k": [B, L, H_kv, D] rotated keys, "v":
+    [B, L, H_kv, D], "offset": int, the absolute position of the next token}; with a window only
     the last window-1 tokens are kept.
 
     Sequence parallelism (set_sequence_parallel): x is this rank's slice; q and k are rotated
@@ -59,17 +62,33 @@ class Attention(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 n_layers: int = 1, window: int | None = None, rope_theta: float = 10000.0):
+                 n_layers: int = 1, window: int | None = None, rope_theta: float = 10000.0,
+                 n_kv_heads: int | None = None, qkv_bias: bool = False, o_bias: bool = False):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        n_kv = n_heads if n_kv_heads is None else n_kv_heads
+        if isinstance(n_kv, bool) or not isinstance(n_kv, int) or n_kv < 1 or n_heads % n_kv:
+            raise ValueError(f"n_kv_heads must be a positive divisor of n_heads={n_heads}, got {n_kv_heads!r}")
+        self.n_kv_heads = n_kv
         if self.head_dim % 2:
             raise ValueError(f"attention needs an even head dim for RoPE, got d_model/n_heads = {self.head_dim}")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be None or a positive int, got {window!r}")
         self.window, self.rope_theta = window, rope_theta
-        self.q_proj = nn.Linear(d_model, d_model, bias=False)
-        self.k_proj = nn.Linear(d_model, d_model, bias=False)
-        self.v_proj = nn.Linear(d_model, d_model, bias=False)
-        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_proj = nn.Linear(d_model, d_model, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=o_bias)
+
+    def project(self, x: torch.Tensor):
+        """x [B, T, d_model] -> q [B, T, H, D], k and v [B, T, H_kv, D] (not rotated)."""
+        D = self.head_dim
+        return (self.heads(self.q_proj(x), D), self.k_proj(x).unflatten(-1, (self.n_kv_heads, D)),
+                self.v_proj(x).unflatten(-1, (self.n_kv_heads, D)))
+
+    def expand_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys or values [B, L, H_kv, D] -> [B, L, H, D] (each shared by H/H_kv query heads)."""
+        rep = self.n_heads // self.n_kv_heads
+        return x if rep == 1 else x.repeat_interleave(rep, dim=2)
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
@@ -78,7 +97,7 @@ class Attention(Mixer):
                              "pass state=None and return_state=False")
         B, T, _ = x.shape
         D, dev = self.head_dim, x.device
-        q, k, v = (self.heads(p(x), D) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, T, H, D]
+        q, k, v = self.project(x)  # [B, T, H, D], [B, T, H_kv, D] x 2
         if self.sequence_parallel is not None:
             o = self._parallel_attention(q, k, v)  # [B, T, H, D]
             return self.o_proj(o.flatten(-2)), None
@@ -99,7 +118,7 @@ class Attention(Mixer):
             k = torch.cat([state["k"].to(k.dtype), k], dim=1)  # [B, L+T, H, D]
             v = torch.cat([state["v"].to(v.dtype), v], dim=1)
             k_pos = torch.cat([offset - L + torch.arange(L, device=dev), pos])
-        qh, kh, vh = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
+        qh, kh, vh = (z.transpose(1, 2) for z in (q, self.expand_kv(k), self.expand_kv(v)))  # [B, H, T, D]
         if state is None and cu_seqlens is None and self.window is None:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
         else:
@@ -119,6 +138,7 @@ class Attention(Mixer):
         offset = sum(all_gather_lengths(T, dev, sp.group)[: sp.rank])  # global position of token 0
         pos = offset + torch.arange(T, device=dev)
         q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+        k, v = self.expand_kv(k), self.expand_kv(v)
         if self.window is None:
             return sp.causal_attention(q, k, v)
         n = self.window - 1  # every rank asks for the same n (prev_tokens pads with zeros)

@@ -33,6 +33,8 @@ class LMConfig:
         init_std: std of the normal init of the embedding (and an untied head).
         mixer_options: extra constructor options per mixer name, e.g.
             {"gla": {"expand_k": 1.0}}; applied to every layer of that mixer.
+        mlp_hidden: SwiGLU hidden width given explicitly (a converted Llama's
+            intermediate_size); None: from mlp_ratio. Ignored when mlp_ratio is 0.
     """
 
     vocab_size: int
@@ -51,6 +53,7 @@ class LMConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     mixer_options: dict[str, dict] = field(default_factory=dict)
+    mlp_hidden: int | None = None
 
     def __post_init__(self):
         if isinstance(self.layers, tuple):
@@ -65,6 +68,12 @@ class LMConfig:
             return ["attention" if (i + 1) % (self.hybrid + 1) == 0 else self.mixer
                     for i in range(self.n_layers)]
         return [self.mixer] * self.n_layers
+
+    def mlp_width(self) -> int:
+        """SwiGLU hidden width: mlp_hidden, else round(mlp_ratio * d_model); 0: no MLP."""
+        if not self.mlp_ratio:
+            return 0
+        return self.mlp_hidden if self.mlp_hidden is not None else round(self.mlp_ratio * self.d_model)
 
     def mixer_kwargs(self, name: str) -> dict:
         """Constructor options for mixer `name`: the config-wide ones, then mixer_options."""
@@ -98,6 +107,8 @@ class LMConfig:
                 and (self.mlp_ratio == 0 or (self.mlp_ratio > 0 and round(self.mlp_ratio * self.d_model) >= 1))):
             raise ValueError(f"mlp_ratio must be 0 (no MLP) or > 0 (and give a hidden width >= 1), "
                              f"got {self.mlp_ratio!r}")
+        if self.mlp_hidden is not None:
+            _positive_int("mlp_hidden", self.mlp_hidden)
         if self.sliding_window is not None:
             _positive_int("sliding_window", self.sliding_window)
         if self.feature_map not in FEATURE_MAPS:

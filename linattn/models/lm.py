@@ -37,7 +37,7 @@ class Block(nn.Module):
         self.mixer = MIXERS[name](d, config.n_heads, backend=config.backend, layer_idx=layer_idx,
                                   n_layers=config.n_layers, **config.mixer_kwargs(name))
         self.mlp_norm = RMSNorm(d, config.norm_eps) if config.mlp_ratio else None
-        self.mlp = SwiGLU(d, round(config.mlp_ratio * d)) if config.mlp_ratio else None
+        self.mlp = SwiGLU(d, config.mlp_width()) if config.mlp_ratio else None
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         y, new_state = self.mixer(self.mixer_norm(x), state=state, cu_seqlens=cu_seqlens,

@@ -17,6 +17,10 @@ CASES = [(name, {}) for name in MIXERS] + [
     ("attention", {"window": 4}),
     ("mom", {"recurrence": "gla"}),
     ("mom", {"shared_memory": False, "top_k": 1}),
+    ("linearized", {"n_kv_heads": 2, "window": 4}),
+    ("linearized", {"recurrence": "linear", "feature_map": "hedgehog", "rope_linear": True,
+                    "window": 4, "combine": "shared"}),
+    ("linearized", {"recurrence": "gated_deltanet"}),
 ]
 RECURRENT = [c for c in CASES if c[0] != "attention"]
 
@@ -53,11 +57,11 @@ def cat_states(states):
 
 
 def flat_state(state):
-    """The tensors of a state, in a fixed order."""
+    """The floating tensors of a state (positions left out), in a fixed order."""
     if state is None:
         return []
     if isinstance(state, dict):
         return [t for k in sorted(state) for t in flat_state(state[k])]
     if isinstance(state, (tuple, list)):
         return [t for s in state for t in flat_state(s)]
-    return [state] if isinstance(state, torch.Tensor) else []
+    return [state] if isinstance(state, torch.Tensor) and state.is_floating_point() else []

@@ -37,7 +37,7 @@ TINY = ["--task", "mqar", "--pairs", "2", "--seq-len", "12", "--vocab", "10", "-
 
 def test_every_sequence_parallel_mixer_is_covered():
     covered = set(HYBRID["layers"]) | set(OTHERS["layers"])
-    assert covered == set(MIXERS) - {"mlstm", "mom"}  # mLSTMexp, MoM: a ValueError (below)
+    assert covered == set(MIXERS) - {"mlstm", "mom", "linearized"}  # mLSTMexp, MoM, linearized: a ValueError (below)
 
 
 def test_lm_on_two_ranks_matches_one_process():
@@ -64,6 +64,10 @@ def test_what_cannot_run_sequence_parallel_is_a_clear_error():
     assert all(b.mixer.sequence_parallel is None for b in model.blocks)  # nothing half-set
     model = workers.build_lm(dict(BASE, n_layers=2, layers=["gla", "mom"]))
     with pytest.raises(ValueError, match="mom"):
+        model.set_sequence_parallel(sp)
+    assert all(b.mixer.sequence_parallel is None for b in model.blocks)
+    model = workers.build_lm(dict(BASE, n_layers=2, layers=["gla", "linearized"]))
+    with pytest.raises(ValueError, match="linearized attention"):
         model.set_sequence_parallel(sp)
     assert all(b.mixer.sequence_parallel is None for b in model.blocks)
     with pytest.raises(TypeError, match="SequenceParallelContext"):
