@@ -9,6 +9,8 @@ feature space of the Frechet distance, as Inception's are for FID.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,8 +33,10 @@ class Judge(nn.Module):
         return self.head(self.features(img))
 
 
+@functools.lru_cache(maxsize=4)
 def train_judge(seed: int = 0, steps: int = 300, device="cpu") -> Judge:
-    """The judge trained on the digits' training split (full batch, Adam, weight decay)."""
+    """The judge trained on the digits' training split (full batch, AdamW), in eval mode;
+    one per (seed, steps, device) per process (callers must not train it further)."""
     x, y = (t.to(device) for t in digits_split("train"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
