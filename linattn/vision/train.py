@@ -99,14 +99,18 @@ def generate(model, vcfg: VisionConfig, labels: torch.Tensor, *, seed: int, devi
 
 
 def evaluate_dit(model, vcfg, judge, *, seed, device, dtype) -> dict:
-    """{"accuracy" (the judge's on eval_samples per class), "per_class_accuracy", "fd"}."""
-    from .quality import sample_quality
+    """{"accuracy" (the judge's on eval_samples per class), "per_class_accuracy", "fd" (to the
+    real test images), "fd_real" (the real training images' FD to them: the floor)}."""
+    from .quality import frechet_distance, sample_quality
 
     labels = torch.arange(NUM_CLASSES).repeat_interleave(vcfg.eval_samples)
     samples = generate(model, vcfg, labels, seed=seed + 1, device=device, dtype=dtype)
-    q = sample_quality(judge.cpu(), samples, labels, digits_split("test")[0])
+    test_images = digits_split("test")[0]
+    q = sample_quality(judge.cpu(), samples, labels, test_images)
+    with torch.no_grad():
+        fd_real = frechet_distance(judge.features(digits_split("train")[0]), judge.features(test_images))
     return {"accuracy": q["sample_accuracy"], "per_class_accuracy": q["per_class_accuracy"], "fd": q["fd"],
-            "samples": len(labels)}
+            "fd_real": fd_real, "samples": len(labels)}
 
 
 def train_vision(vcfg: VisionConfig, tcfg: TrainConfig, out_dir=None, *, progress: bool = True) -> dict:

@@ -72,3 +72,21 @@ def test_config_errors():
         VisionConfig(patch_size=3).validate()
     with pytest.raises(ValueError, match="inherit_from"):
         VisionConfig(inherit_from="runs/x").validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixer", ["attention", "linear", "mala", "lit"])
+def test_models_train_step_under_bf16_autocast_on_cuda(mixer):
+    """A ViT and a DiT step on CUDA under bf16 autocast (the training set-up): finite loss
+    and gradients for every parameter."""
+    for model_type in ("vit", "dit"):
+        cfg = VisionConfig(model_type=model_type, mixer=mixer, d_model=64, n_layers=2)
+        model = build_vision_model(cfg, "cuda", 0)
+        x = torch.randn(16, 1, 8, 8, device="cuda")
+        y = torch.randint(0, 10, (16,), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x) if model_type == "vit" else model(x, torch.randint(0, 100, (16,), device="cuda"), y)
+        loss = (out.float() - 1).square().mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
