@@ -7,6 +7,8 @@
     linattn generate runs/cmp --prompt "9.11 | 9.9 ?"           # a task's text in, the answer out
     torchrun --nproc-per-node 2 -m linattn.cli train ... --sequence-parallel   # LASP-2
     linattn bench ...                                           # linattn.bench.main(argv)
+    linattn train --task digits --model vit --mixer mala --out runs/vit   # vision (linattn.vision)
+    linattn sample runs/lit --class 3 --n 64                    # a DiT / LiT run's samples as a PNG grid
 
 Settings come from three layers, later ones winning: the defaults (LMConfig, the task's
 dataclass, TrainConfig), a YAML/JSON file given with --config (flat keys named like the
