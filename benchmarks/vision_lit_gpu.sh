@@ -50,16 +50,21 @@ for run in ("dit_attention", "lit_inherit", "lit_scratch"):
     m = json.loads(p.read_text())
     curve = [json.loads(l) for l in (out / run / "metrics.jsonl").read_text().splitlines() if l.strip()]
     tests = [{"step": r["step"], "accuracy": r["accuracy"], "fd": r["fd"]} for r in curve if r["split"] == "test"]
-    summary[run] = {"steps": m["steps"], "accuracy": m["accuracy"], "fd": m["fd"],
+    summary[run] = {"steps": m["steps"], "accuracy": m["accuracy"], "fd": m["fd"], "fd_real": m.get("fd_real"),
                     "per_class_accuracy": m["per_class_accuracy"], "evaluations": tests}
 teacher = summary.get("dit_attention")
 if teacher and "lit_scratch" in summary:
     reached = [e["step"] for e in summary["lit_scratch"]["evaluations"] if e["accuracy"] >= teacher["accuracy"] - 0.05]
     summary["lit_scratch"]["first_step_within_5_points_of_teacher"] = reached[0] if reached else None
 (out / "lit_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-print("| run | steps | judge accuracy | FD |\n|---|---|---|---|")
+print("| run | steps | judge accuracy | FD | FD real train vs test |\n|---|---|---|---|---|")
 for run, s in summary.items():
-    print(f"| {run} | {s['steps']} | {100 * s['accuracy']:.1f} | {s['fd']:.2f} |")
+    print(f"| {run} | {s['steps']} | {100 * s['accuracy']:.1f} | {s['fd']:.2f} | {s['fd_real']:.2f} |")
+if teacher and "lit_inherit" in summary:
+    li = summary["lit_inherit"]
+    print(f"LiT inherited + distilled: {li['steps']} steps ({100 * li['steps'] / teacher['steps']:.0f}% of the "
+          f"teacher's), judge accuracy {100 * (li['accuracy'] - teacher['accuracy']):+.1f} points vs the teacher "
+          f"({'within' if li['accuracy'] >= teacher['accuracy'] - 0.05 else 'NOT within'} 5 points)")
 if teacher and "lit_scratch" in summary:
     print(f"LiT from scratch within 5 points of the teacher first at step "
           f"{summary['lit_scratch']['first_step_within_5_points_of_teacher']} (evaluated every {teacher['steps'] // 10})")
