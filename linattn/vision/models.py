@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .grid import depthwise
 from .mixers import MIXERS, make_mixer
