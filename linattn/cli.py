@@ -7,6 +7,8 @@
     linattn generate runs/cmp --prompt "9.11 | 9.9 ?"           # a task's text in, the answer out
     torchrun --nproc-per-node 2 -m linattn.cli train ... --sequence-parallel   # LASP-2
     linattn bench ...                                           # linattn.bench.main(argv)
+    linattn train --task digits --model vit --mixer mala --out runs/vit   # vision (linattn.vision)
+    linattn sample runs/lit --class 3 --n 64                    # a DiT / LiT run's samples as a PNG grid
 
 Settings come from three layers, later ones winning: the defaults (LMConfig, the task's
 dataclass, TrainConfig), a YAML/JSON file given with --config (flat keys named like the
@@ -119,6 +121,16 @@ SETTINGS = {
     "aux_loss_coef": (["--aux-loss-coef"], float, "train", "weight of auxiliary losses (MoM load balancing)"),
     "stop_at_accuracy": (["--stop-at-accuracy"], float, "train",
                          "stop once a periodic test evaluation reaches this accuracy (0: off)"),
+    # vision (linattn.vision): --task digits with --model vit or dit
+    "model_type": (["--model"], str, "model", "lm (a causal LM, the default), or vit / dit on --task digits "
+                   "(linattn.vision: --mixer attention, linear, mala or lit)"),
+    "patch_size": (["--patch-size"], int, "model", "vit, dit: patch side in pixels"),
+    "diffusion_steps": (["--diffusion-steps"], int, "model", "dit: DDPM steps"),
+    "inherit_from": (["--inherit-from"], str, "model", "dit: a trained DiT run to inherit every weight "
+                     "but the mixers' from, and to distill from (LiT)"),
+    "distill_eps": (["--distill-eps"], float, "model", "dit with --inherit-from: weight of the noise distillation"),
+    "distill_var": (["--distill-var"], float, "model", "dit with --inherit-from: weight of the variance distillation"),
+    "eval_samples": (["--eval-samples"], int, "model", "dit: samples per class of the sample-quality evaluation"),
 }
 ALIASES = {"heads": "n_heads", "batch": "batch_size", "time_limit": "time_limit_s", "pattern": "layers",
            "name": "task"}
@@ -174,6 +186,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          "each (6-9, 5,7 or 8; tasks with a digits knob)")
 
     _add_generate_parser(sub)
+    _add_sample_parser(sub)
     sub.add_parser("bench", help="time the ops against softmax attention and peers (see `linattn bench --help`)",
                    add_help=False)
     _build_export_parser(sub)
@@ -405,6 +418,8 @@ def _cmd_train(args) -> int:
     explicit = {k: v for k, v in vars(args).items() if k in SETTINGS}
     settings = load_config_file(args.config) if getattr(args, "config", None) else {}
     settings.update(explicit)
+    if _is_vision_run(settings):  # --model vit | dit (linattn.vision)
+        return _cmd_train_vision(settings, args)
     out = Path(args.out)
     resume = getattr(args, "resume", False)
     parallel = getattr(args, "sequence_parallel", False)
@@ -751,6 +766,102 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------- vision: train --model vit|dit, sample
+
+VISION_ONLY = ("patch_size", "diffusion_steps", "inherit_from", "distill_eps", "distill_var", "eval_samples")
+
+
+def _is_vision_run(settings: dict) -> bool:
+    """Whether the settings ask for a vision run (--model vit | dit); ValueError for vision
+    settings without one, and for --model lm with --task digits."""
+    kind = settings.get("model_type", "lm")
+    if kind in ("vit", "dit"):
+        return True
+    if kind != "lm":
+        raise ValueError(f"--model must be lm, vit or dit, got {kind!r}")
+    given = [SETTINGS[k][0][0] for k in VISION_ONLY if k in settings]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to --model vit or dit")
+    if settings.get("task") == "digits":
+        raise ValueError("task digits is images: train it with --model vit or --model dit")
+    return False
+
+
+def _cmd_train_vision(settings: dict, args) -> int:
+    """`linattn train --task digits --model vit|dit ...`: linattn.vision.train.train_vision."""
+    from dataclasses import fields as dc_fields
+
+    from .train import TrainConfig, format_table
+    from .vision.models import VisionConfig
+    from .vision.train import train_vision
+
+    if getattr(args, "resume", False) or getattr(args, "sequence_parallel", False):
+        raise ValueError("vision runs start fresh on one process: no --resume or --sequence-parallel")
+    settings = dict(settings)
+    task = settings.pop("task", "digits")
+    if task != "digits":
+        raise ValueError(f"--model {settings['model_type']} trains on --task digits, not {task}")
+    vision_keys = {f.name for f in dc_fields(VisionConfig)}
+    train_keys = {f.name for f in dc_fields(TrainConfig)}
+    foreign = sorted(k for k in settings if k not in vision_keys | train_keys)
+    if foreign:
+        raise ValueError(f"{', '.join(SETTINGS[k][0][0] if k in SETTINGS else k for k in foreign)} "
+                         "do not apply to vision runs")
+    vcfg = VisionConfig(**{k: v for k, v in settings.items() if k in vision_keys}).validate()
+    train = {k: v for k, v in settings.items() if k in train_keys}
+    for key, value in CLI_DEFAULTS.items():
+        train.setdefault(key, value)
+    tcfg = TrainConfig.from_dict(train).validate()
+    out = Path(args.out)
+    if _holds_a_run(out) and not getattr(args, "overwrite", False):
+        raise ValueError(f"{out} already holds a run: pass --overwrite to replace it")
+    m = train_vision(vcfg, tcfg, out, progress=True)
+    row = {"task": "digits", "model": vcfg.model_type, "mixer": vcfg.mixer, "params": f"{m['parameters']:,}",
+           "steps": m["steps"], "accuracy": f"{m['accuracy']:.4f}"}
+    if vcfg.model_type == "dit":
+        row["fd"] = f"{m['fd']:.3f}"
+    print(format_table([row]))
+    print(f"wrote {out}/ (config.json, metrics.json, metrics.jsonl, model.safetensors)")
+    return 0
+
+
+def _add_sample_parser(sub) -> None:
+    sa = sub.add_parser("sample", help="draw images from a trained DiT / LiT run as a PNG grid",
+                        description="Sample --n images of --class from a `linattn train --model dit` run "
+                                    "(the full reverse chain) and write them as a PNG grid.")
+    sa.add_argument("run_dir", help="directory written by `linattn train --task digits --model dit`")
+    sa.add_argument("--class", dest="cls", type=int, required=True, help="the digit to draw, 0..9")
+    sa.add_argument("--n", type=int, default=64, help="how many images (default 64)")
+    sa.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    sa.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples_class{C}.png)")
+    sa.add_argument("--device", default=None, help="auto, cpu, cuda (default: the run's)")
+
+
+def _cmd_sample(args) -> int:
+    import torch
+
+    from .train import resolve_dtype
+    from .vision.data import NUM_CLASSES, to_pixels
+    from .vision.png import image_grid, write_png
+    from .vision.quality import train_judge
+    from .vision.train import generate, load_vision_run
+
+    if not 0 <= args.cls < NUM_CLASSES:
+        raise ValueError(f"--class must be in 0..{NUM_CLASSES - 1}, got {args.cls}")
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    model, vcfg, tcfg, dev = load_vision_run(args.run_dir, args.device)
+    if vcfg.model_type != "dit":
+        raise ValueError(f"{args.run_dir} is a {vcfg.model_type} run: sample needs a --model dit run")
+    labels = torch.full((args.n,), args.cls, dtype=torch.long)
+    images = generate(model, vcfg, labels, seed=args.seed, device=dev, dtype=resolve_dtype(tcfg.dtype, dev))
+    path = Path(args.out) if args.out else Path(args.run_dir) / f"samples_class{args.cls}.png"
+    write_png(path, image_grid(to_pixels(images)[:, 0], columns=8))
+    judged = float((train_judge(seed=0)(images).argmax(-1) == args.cls).float().mean())
+    print(f"wrote {path} ({args.n} samples of class {args.cls}; the judge reads {judged:.0%} of them as {args.cls})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `linattn` command. Returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -766,6 +877,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command in ("convert", "distill"):
             return _cmd_convert(args) if args.command == "convert" else _cmd_distill(args)
+        if args.command == "sample":
+            return _cmd_sample(args)
         return _cmd_eval(args)
     except (ValueError, OSError) as e:
         if os.environ.get("LINATTN_DEBUG") == "1":
