@@ -27,6 +27,24 @@ routed pairs gathered from it (M / top_k times the needed projection FLOPs, but 
 sync and one GEMM); every gather and scatter is a permutation or a gather of distinct
 indices, so forward and backward stay deterministic.
 
+Decoding: a short call (1 <= T <= linattn.ops.api.STEP_KERNEL_MAX_T tokens, no cu_seqlens)
+with no gradient to record runs every (row, memory) pair as one lane of a batch of B*M' lanes
+instead: lane (b, m) holds the tokens of row b routed to m, in time order, then padding
+slots. The short conv runs on the lanes through its cache path (each lane's new cache is
+the last W-1 of its old cache and its routed tokens, one gather), and the op runs ONCE over
+[B*M', T, H, ...] without cu_seqlens, which the Triton backend serves with its fused step
+kernel (linattn.ops.decode), as every other mixer decodes. A padding slot is an exact
+identity step (beta = 0 and g = 0; for GLA k = 0 and g = 0), so a memory no token was
+routed to keeps its state. The lanes are the state's own [B*M'] rows, read once and
+written once by the kernel. Gathering only the S chosen states into a batch of B*S and
+scattering the new ones back would not move fewer bytes: the returned state is a new
+tensor, so every one of the M' states is read and written anyway, and the gather and
+scatter would add 4S state copies per row. The step on the M' - S unchosen lanes costs
+that same read and write, no more, since the step is bound by memory traffic. Each pair's
+read-out is then gathered from its lane and slot and mixed as above. The tokens of one call
+may route differently, and the lanes carry them all in one op call with no loop over tokens.
+Longer calls, calls with cu_seqlens and calls that record gradients take the packed path.
+
 Load balancing: after each forward, `self.aux_loss` holds the Switch-Transformer loss over
 the call's tokens, M * sum_m f_m P_m with f_m the fraction of the top-k assignments that
 went to memory m and P_m the mean router probability of m (1 at perfect balance); the
@@ -38,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.api import delta_rule, linear_attention
+from ..ops.api import STEP_KERNEL_MAX_T, delta_rule, linear_attention
 from .base import Mixer, gate_dtype, make_dims
 from .deltanet import l2norm, mamba2_decay_params, mamba2_log_decay
 from .norms import GatedOutputNorm
@@ -180,13 +198,34 @@ class MixtureOfMemories(Mixer):
                              f"cu_seqlens), got {tuple(state['S'].shape)} and {tuple(state['conv'].shape)}")
         return state["S"].flatten(0, 1), state["conv"].flatten(0, 1)
 
+    def _runs_in_lanes(self, x, state, cu_seqlens) -> bool:
+        """Short, gradient-free calls without cu_seqlens take the lane (step kernel) path."""
+        if cu_seqlens is not None or not 1 <= x.shape[1] <= STEP_KERNEL_MAX_T:
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        given = list(state.values()) if isinstance(state, dict) else []
+        return not any(isinstance(t, torch.Tensor) and t.requires_grad
+                       for t in [x, *given, *self.parameters()])
+
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
         B, T, _ = x.shape
-        H, K, V, n = self.n_heads, self.key_dim, self.value_dim, self.n_mem
-        gdt = gate_dtype(x)
+        H, V = self.n_heads, self.value_dim
         probs, mem, w = self.route(x)                                     # [BT, M], [BT, S], [BT, S]
         self.aux_loss = load_balancing_loss(probs, mem[:, :self.top_k], self.num_memories)
+        run = self._lanes if self._runs_in_lanes(x, state, cu_seqlens) else self._packed
+        o, new_state = run(x, mem, state, cu_seqlens, return_state)      # o: [BT, S, H, V]
+        o = (o * w.to(o.dtype)[:, :, None, None]).sum(1).view(B, T, H, V)
+        y = self.o_proj(self.out_norm(o, self.z_proj(x)))
+        return y, new_state
+
+    def _packed(self, x, mem, state, cu_seqlens, return_state):
+        """The (token, memory) pairs as packed per-memory sequences, one op call with
+        cu_seqlens. Returns (each pair's read-out [BT, S, H, V], the new state or None)."""
+        B, T, _ = x.shape
+        H, K, V, n = self.n_heads, self.key_dim, self.value_dim, self.n_mem
+        gdt = gate_dtype(x)
         BT, S = mem.shape
         with torch.no_grad():
             perm, inv, cu, R = routing_plan(mem, B, T, n, cu_seqlens)
@@ -222,8 +261,70 @@ class MixtureOfMemories(Mixer):
             o, S_new = delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
                                   cu_seqlens=cu, backend=self.backend)
         o = o[0][inv].view(BT, S, H, V)                                   # back to (token, slot)
-        o = (o * w.to(o.dtype)[:, :, None, None]).sum(1).view(B, T, H, V)
-        y = self.o_proj(self.out_norm(o, self.z_proj(x)))
         if not return_state:
-            return y, None
-        return y, {"S": S_new.unflatten(0, (R, n)), "conv": conv_state.unflatten(0, (R, n))}
+            return o, None
+        return o, {"S": S_new.unflatten(0, (R, n)), "conv": conv_state.unflatten(0, (R, n))}
+
+    def _lanes(self, x, mem, state, cu_seqlens, return_state):
+        """Every (row, memory) pair as one lane of a [B*M'] batch, one op call without
+        cu_seqlens (the step kernel on Triton); see the module docstring. Called only with
+        cu_seqlens None (the argument keeps _packed's signature). Returns (each pair's
+        read-out [BT, S, H, V], the new state or None)."""
+        B, T, _ = x.shape
+        H, K, V, n = self.n_heads, self.key_dim, self.value_dim, self.n_mem
+        HK, HV, W = H * K, H * V, self.conv.kernel_size
+        gdt = gate_dtype(x)
+        BT, S = mem.shape
+        S0, conv0 = self._state_in(state, B)                              # [B M', H, K, V], [B M', W-1, C]
+        xf = x.reshape(BT, self.d_model)
+        routed = torch.zeros(BT, n, dtype=torch.bool, device=x.device).scatter_(1, mem, True)
+        routed = routed.view(B, T, n)                                     # token (b, t) updates memory m
+        if T == 1:
+            order, keep = None, routed                                    # one slot: the token, or padding
+            slot = torch.zeros_like(mem)                                  # [BT, S] each pair's slot
+        else:
+            # lane (b, m)'s slot j holds token order[b, j, m]: its routed tokens first, in time order
+            order = torch.sort((~routed).to(torch.int8), dim=1, stable=True).indices   # [B, T, n]
+            keep = routed.gather(1, order)                                # slot j holds a routed token
+            slot = (routed.cumsum(1) - 1).view(BT, n).gather(1, mem)      # [BT, S]
+
+        def lanes(t):
+            """[B, T, n, c] per (token, memory) -> [B n, T, c], each lane in slot order."""
+            if order is not None:
+                t = t.gather(1, order[..., None].expand_as(t))
+            return t.transpose(1, 2).reshape(B * n, T, t.shape[-1])
+
+        def gate(proj, width):
+            """[B n, T, width] per-lane gate pre-activations in the gate dtype."""
+            return lanes(proj(xf).view(B, T, n, width).to(gdt))
+
+        q = self.q_proj(xf).view(B, T, 1, HK).expand(B, T, n, HK)
+        qkv = torch.cat([q, self.k_proj(xf).view(B, T, n, HK), self.v_proj(xf).view(B, T, n, HV)], -1)
+        qkv = lanes(qkv)                                                  # [B n, T, 2HK + HV]
+        conved, _ = self.conv(qkv, conv0)                                 # [B n, T, 2HK + HV]
+        q, k, v = conved.split([HK, HK, HV], dim=-1)
+        q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V))
+        real = keep.transpose(1, 2).reshape(B * n, T, 1)                  # [B n, T, 1] slot holds a token
+        if self.recurrence == "gla":
+            g = (F.logsigmoid(gate(self.gk_proj, HK)) / 16.0).unflatten(-1, (H, K))
+            g = torch.where(real[..., None], g, 0.0)                      # [B n, T, H, K]
+            k = torch.where(real[..., None], k, 0.0)                      # padding: S <- S exp(0) + 0 v^T
+            o, S_new = linear_attention(q, k, v, g, initial_state=S0, output_final_state=return_state,
+                                        backend=self.backend)
+        else:
+            q, k = l2norm(q).to(v.dtype), l2norm(k).to(v.dtype)
+            beta = torch.where(real, torch.sigmoid(gate(self.b_proj, H)), 0.0)    # padding: beta = 0
+            g = None
+            if self.recurrence == "gated_deltanet":
+                g = torch.where(real, mamba2_log_decay(gate(self.a_proj, H), self.A_log, self.dt_bias), 0.0)
+            o, S_new = delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
+                                  backend=self.backend)
+        row = torch.arange(B, device=x.device).repeat_interleave(T)[:, None]  # [BT, 1]
+        o = o.reshape(B * n * T, H, V)[(((row * n + mem) * T) + slot).view(-1)].view(BT, S, H, V)
+        if not return_state:
+            return o, None
+        # each lane's new cache: the last W-1 of (its cache, its routed tokens)
+        prev = conv0.to(qkv.dtype) if conv0 is not None else qkv.new_zeros(B * n, W - 1, qkv.shape[-1])
+        last = keep.sum(1).view(B * n, 1) + torch.arange(W - 1, device=x.device)    # [B n, W-1]
+        conv_new = torch.cat([prev, qkv], 1).gather(1, last[..., None].expand(-1, -1, qkv.shape[-1]))
+        return o, {"S": S_new.unflatten(0, (B, n)), "conv": conv_new.unflatten(0, (B, n))}

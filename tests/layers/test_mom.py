@@ -6,6 +6,7 @@ the shared one) runs that memory's projections, short conv window and recurrence
 step on that memory's own state, then mixes the read-outs by the router weights.
 """
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 
 import helpers
 from linattn.layers import MIXERS
+from linattn.layers import mom as mom_module
 from linattn.layers.mom import MixtureOfMemories, load_balancing_loss
+from linattn.ops import decode
 
 D, H = 32, 4
 REL = 1e-10
@@ -79,7 +82,11 @@ OPTIONS = [{}, {"recurrence": "gla"}, {"recurrence": "deltanet", "shared_memory"
            {"num_memories": 3, "top_k": 3}]
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "default")
+def options_id(opts):
+    return "-".join(f"{k}={v}" for k, v in opts.items()) or "default"
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=options_id)
 def test_matches_naive_loop_with_gradients(opts):
     """Outputs, final states and the gradients of x, the initial state and every parameter
     equal the naive loop's in float64 (two sequences with initial states, T crossing the
@@ -154,6 +161,112 @@ def test_packed_equals_separate():
     helpers.assert_allclose_f64(y, torch.cat(ys, 1), "packed y", rel=REL)
     helpers.assert_allclose_f64(s["S"], torch.cat(Ss), "packed S", rel=REL)
     helpers.assert_allclose_f64(s["conv"], torch.cat(convs), "packed conv", rel=REL)
+
+
+# prefix, single tokens, then short chunks: every call after the first 20 tokens is short
+DECODE_CUTS = (20, 21, 22, 23, 26, 30)
+
+
+def _op_spy(m):
+    """Patches the layer's op with a recording wrapper; returns (patcher, calls)."""
+    name = "linear_attention" if m.recurrence == "gla" else "delta_rule"
+    calls = []
+    real = getattr(mom_module, name)
+
+    def spy(q, *args, **kw):
+        calls.append((tuple(q.shape), kw.get("cu_seqlens")))
+        return real(q, *args, **kw)
+    return mock.patch.object(mom_module, name, spy), calls
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=options_id)
+def test_short_calls_run_one_op_over_all_memory_lanes(opts):
+    """Short gradient-free calls (T <= 16) run the op once over the B * M' (row, memory)
+    lanes without cu_seqlens: prefix -> single tokens -> chunks of 3 and 4 tokens with
+    per-token routing give the naive loop's outputs and states, and each call equals the
+    packed path (the same call with the rows packed by cu_seqlens), in float64; the rows of
+    one step route to different memories."""
+    m = build(**opts)
+    B, n = 3, m.n_mem
+    x = _x(B, DECODE_CUTS[-1], seed=11)
+    _, mem, _ = m.route(x[:, 20:21])
+    chosen = {frozenset(r) for r in mem[:, :m.top_k].tolist()}
+    assert len(chosen) > 1 or m.top_k == m.num_memories  # the rows' first steps differ
+    patch, calls = _op_spy(m)
+    ys = []
+    with torch.no_grad():
+        s = m(x[:, :20], return_state=True)[1]  # T > 16: the packed path
+        for a, b in zip(DECODE_CUTS[:-1], DECODE_CUTS[1:]):
+            with patch:
+                y, s_new = m(x[:, a:b], state=s, return_state=True)
+            assert calls[-1] == ((B * n, b - a, m.n_heads, m.key_dim), None)  # the lanes, no cu_seqlens
+            # the packed path: the B rows as B sequences with cu_seqlens
+            cu = helpers.cu_seqlens_from_lengths([b - a] * B)
+            y_p, s_p = m(x[:, a:b].reshape(1, B * (b - a), D), state=s, cu_seqlens=cu, return_state=True)
+            helpers.assert_allclose_f64(y, y_p.view(B, b - a, D), f"y[{a}:{b}] vs packed", rel=REL)
+            for key in ("S", "conv"):
+                helpers.assert_allclose_f64(s_new[key], s_p[key], f"{key} after {b} vs packed", rel=REL)
+            assert torch.equal(m(x[:, a:b], state=s)[0], y)  # return_state=False: the same y
+            ys.append(y)
+            s = s_new
+    assert len(calls) == len(DECODE_CUTS) - 1
+    outs = [naive_mom(m, x[r]) for r in range(B)]
+    y_ref = torch.stack([o[0] for o in outs])[:, 20:]
+    helpers.assert_allclose_f64(torch.cat(ys, 1), y_ref, "decoded y", rel=REL)
+    helpers.assert_allclose_f64(s["S"], torch.stack([o[1] for o in outs]), "S", rel=REL)
+    helpers.assert_allclose_f64(s["conv"], torch.stack([o[2] for o in outs]), "conv", rel=REL)
+
+
+def test_calls_that_record_gradients_keep_the_packed_path():
+    """A one-token step with gradients to record (the parameters require grad) runs the packed
+    path; the same step under no_grad runs the lanes."""
+    m = build()
+    with torch.no_grad():
+        s = m(_x(2, 3), return_state=True)[1]
+    patch, calls = _op_spy(m)
+    with patch:
+        m(_x(2, 1), state=s)
+        assert calls[-1][1] is not None  # cu_seqlens: the packed path
+        with torch.no_grad():
+            m(_x(2, 1), state=s)
+        assert calls[-1] == ((2 * m.n_mem, 1, m.n_heads, m.key_dim), None)
+
+
+@pytest.mark.parametrize("opts", [{}, {"recurrence": "gla"}], ids=["default", "gla"])
+def test_triton_step_kernels_decode_within_the_rounding_of_the_packed_path(opts):
+    """backend="triton" (the interpreter on CPU) in float32: a stateless 6-token call, single
+    tokens and a 4-token chunk all run the fused step kernels (linattn.ops.decode), and
+    their outputs and states are within 3x the float32 packed chunked-PyTorch path's error
+    (+ 1e-6 x magnitude) of the float64 naive loop."""
+    m64 = build(**opts)
+    B, cuts = 2, (0, 6, 7, 8, 12)
+    x = _x(B, cuts[-1], seed=13)
+    outs = [naive_mom(m64, x[r]) for r in range(B)]
+    ref = [torch.stack([o[j] for o in outs]) for j in range(3)]  # y, S, conv
+
+    def decoded(backend, packed):
+        m = copy.deepcopy(m64).float()
+        m.backend = backend
+        ys, s = [], None
+        with torch.no_grad():
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                xs = x[:, a:b].float()
+                if packed:  # the rows as sequences packed with cu_seqlens: the packed path
+                    cu = helpers.cu_seqlens_from_lengths([b - a] * B)
+                    y, s = m(xs.reshape(1, -1, D), state=s, cu_seqlens=cu, return_state=True)
+                else:
+                    y, s = m(xs, state=s, return_state=True)
+                ys.append(y.view(B, b - a, D))
+        return [torch.cat(ys, 1), s["S"], s["conv"]]
+
+    name = "linear_attention_decode" if m64.recurrence == "gla" else "delta_rule_decode"
+    with mock.patch.object(decode, name, wraps=getattr(decode, name)) as step:
+        fast = decoded("triton", packed=False)
+    assert step.call_count == len(cuts) - 1
+    base = decoded("torch", packed=True)
+    for label, f, b_, r in zip(("y", "S", "conv"), fast, base, ref):
+        err, err_base = (f.double() - r).abs().max().item(), (b_.double() - r).abs().max().item()
+        assert err <= 3 * err_base + 1e-6 * max(1.0, r.abs().max().item()), (label, err, err_base)
 
 
 def test_aux_loss_matches_hand_computation():
