@@ -1,6 +1,6 @@
 """Quick bf16 timing of the gated-family Triton kernels on one GPU (not the full bench).
 
-B=8, T=8192, H=16, K=V=128 (B*T = 65536, DESIGN.md section 6), forward and forward+backward,
+B=8, T=8192, H=16, K=V=128 (B*T = 65536, docs/design.md section 6), forward and forward+backward,
 median of triton.testing.do_bench, plus the peak extra memory of forward+backward.
 Usage: PYTHONPATH=. python3 benchmarks/time_gated.py [--T 8192] [--B 8]
 """

@@ -1,6 +1,6 @@
 """The one shared testing helper module: random inputs and the oracle tolerance rule.
 
-Tolerance rule (DESIGN.md section 5): let base be the error of rounding alone, i.e. the
+Tolerance rule (docs/design.md section 5): let base be the error of rounding alone, i.e. the
 float64 oracle run on inputs rounded to the test dtype, its outputs rounded to that dtype,
 measured against the oracle on the unrounded inputs. A fast path's error against the float64
 oracle must be at most 3x base for outputs and states and 5x base for gradients, plus 1e-6.
@@ -160,7 +160,7 @@ def check_against_oracle(fast_fn: Callable, oracle_fn: Callable, inputs: dict, *
                          dtype: torch.dtype, grad_names=(), seed: int = 1234,
                          device: str = "cpu", noncontig_grads: bool = False, rel_grads=None,
                          activations: Iterable[str] = ACTIVATIONS, **kwargs):
-    """Asserts the DESIGN.md section 5 tolerance rule for outputs, states and gradients.
+    """Asserts the docs/design.md section 5 tolerance rule for outputs, states and gradients.
 
     inputs: float64 tensors (or tuples of tensors, e.g. an mLSTM state) and plain values,
     passed as keywords to both functions with **kwargs. grad_names: inputs to differentiate.

@@ -5,7 +5,7 @@ head dim) in one of float32, bfloat16, float16 or float64, and returns ``(o, fin
 o is [B, T, H, V] in v's dtype; final_state is None unless ``output_final_state=True``, and
 is float32 ([B, H, K, V], or [N, H, K, V] with cu_seqlens), float64 for float64 inputs.
 
-Backends (all compute the same function, see DESIGN.md section 2):
+Backends (all compute the same function, see docs/design.md section 2):
     "auto"       Triton on CUDA tensors, chunked PyTorch elsewhere
     "triton"     Triton kernels (on CPU tensors only under TRITON_INTERPRET=1)
     "torch"      chunkwise-parallel PyTorch (linattn.ops.torch_chunked)

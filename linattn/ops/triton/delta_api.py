@@ -21,8 +21,8 @@ import triton
 from . import common, delta_bwd, delta_fwd
 
 # Keep the forward's b, T, U' and chunk states for the backward instead of recomputing prep
-# and scan there: one launch of each less per backward (prep 0.55 + scan 0.75 of ~6.6 ms at
-# B*T = 65536, H = 16, D = 128 on the H200, 2026-11-29). A single op's peak does not rise
+# and scan there: one launch of each less per backward (about a fifth of the delta rule's
+# fwd+bwd time; PERF_NOTES "Delta rule: launch choices"). A single op's peak does not rise
 # (the backward allocates the same buffers), but they are held from forward to backward:
 # about 1.5x the size of q, k, v in bf16 at D = 128 (h and U' in bf16, T float32). Set False
 # to recompute in memory-bound stacks.

@@ -34,11 +34,9 @@ from .common import dot_a16, dot_b16, head_tile, split16
 from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, load_tile,
                         scan_v_block, sequence_program, state_tile, token_tile)
 
-# Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
-# bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): grads_wy on 4 warps 3.27 -> 1.99 although
-# it spills more there (sm_90 compile counts); reverse_scan 4 warps (8: 2.88 vs 2.66), one
-# stage (2: 3.80); grads_qk (12th session, grads_qk ms) 4 warps 2 stages 1.30 DeltaNet, 8 warps
-# 1.41, 1 stage 1.40, 8 warps 1 stage 2.09; gated (32-wide V tiles) 2.13, on 8 warps 3.07.
+# Launch settings, per kernel from benchmarks/sweep_delta.py (PERF_NOTES "Delta rule: launch
+# choices"): grads_wy on 4 warps (faster than 8 although it spills more), the reverse scan on
+# 4 warps and 1 stage, grads_qk on 4 warps and 2 stages.
 LAUNCH = {
     "reverse_scan": dict(num_warps=4, num_stages=1),   # 2 stages at K < 128 (launcher)
     "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
@@ -47,61 +45,37 @@ LAUNCH = {
     "scores": dict(num_warps=4, num_stages=2),         # REVERSE_SCAN_SCORES_MIN_BK
 }
 # grads_qk runs one program per (chunk, head, 64-wide K tile), one pass over V per program,
-# M formed by each, as fla's chunk_bwd_dqkwg. It replaced (12th session) one program per
-# (chunk, head) looping K tiles outside V tiles, which re-read dO, U', dU' per K tile: H200
-# sweep (2026-11-29, bf16, T 8192, D 128, grads_qk ms) DeltaNet 1.97 -> 1.30, Gated DeltaNet
-# 2.64 -> 2.13; results equal to float32 rounding (flag_diff, dg 3e-7).
-# Its V tile, ungated and gated. Gated on 64-wide V tiles (4 warps, 1.79 ms, sm_90 308 B of
-# spills) was wrong on the H200: at K 100 dW and dk off by O(1) and different from run to run
-# (benchmarks/flag_diff.py), and a GPU test's two identical runs differed at K 128; on 32-wide
-# tiles (2.13 ms) or 8 warps (2.60) it matched the per-chunk kernel. A GPU-only fault (the
-# interpreter's run of the same code is right), not isolated, like the reverse scan's below.
-# On 32-wide tiles and 3 stages (14th session, 2.07 -> 1.84 ms at D 128) the same fault: GPU
-# test gated-K100-V64 dk error 18.3 against a bound of 1.2, gated-K128-V128's two identical
-# runs differ; with M formed in a second pass (GRADS_QK_M_PASS, no spills) 64-wide tiles stay
-# wrong too. A run-to-run difference points at a read of memory no program wrote (next:
-# compute-sanitizer --tool initcheck on the K 100 case), not at register pressure.
+# M formed by each, as fla's chunk_bwd_dqkwg: nothing re-reads dO, U', dU' per K tile.
+# Its V tile, ungated and gated: gated grads_qk on 64-wide V tiles (and on 3 stages) is
+# wrong on the H200, run to run different, while the interpreter's run is right: a GPU-only
+# fault, not isolated, so the gated kernel takes 32-wide tiles (PERF_NOTES "Compiler faults
+# and precision guards").
 GRADS_QK_TILE_BV = 64
 # grads_qk forms M = dO U'^T in a second pass over V, after dW is stored (M_PASS): at most
-# three [BT, BK] / [BT, BT] float32 accumulators alive instead of four. Branch
-# next/untimed12: untimed, not GPU-run.
+# three [BT, BK] / [BT, BT] float32 accumulators alive instead of four. Off: slower, and it
+# does not cure the gated 64-wide fault above (PERF_NOTES "Compiler faults and precision
+# guards").
 GRADS_QK_M_PASS: bool = False
 GRADS_QK_TILE_BV_GATED = 32
-# the reverse scan's dots on 16-bit inputs against float32 values by two 16-bit halves of the
-# float32 operand (delta_bwd_scan_kernel's SPLIT16): H200 sweep (2026-11-29, T 8192, D 128)
-# reverse scan 1.97 -> 1.93 ms DeltaNet, 2.56 -> 2.14 gated (which splits Q^T (e^b dO) too).
-# Tried and dropped the same in the per-chunk grads_qk (U' and M split): sm_90 ungated
-# 126 -> 186 registers, gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
+# the reverse scan's dots on 16-bit inputs against float32 values by 16-bit parts of the
+# float32 operand (delta_bwd_scan_kernel's SPLIT16; PERF_NOTES "Delta rule: launch choices").
+# The per-chunk grads_qk stays unsplit: split, it spills on sm_90.
 REVERSE_SCAN_SPLIT16: bool = True
-# on state tiles up to this many rows: 256 since the 13th session (until then 128: "sm_90
-# spills rose 392 -> 1472 B" at K 256, before the scan formed W^T dU' itself). bf16, K 256,
-# BV 64, 8 warps, unsplit -> split, sm_90: DeltaNet shared memory 164 -> 136 KB, spill loads /
-# stores 229 / 222 -> 188 / 186, shared stores / loads 230 / 128 -> 94 / 0, barriers 36 -> 19;
-# gated spill loads 348 -> 198, barriers 53 -> 22. H200 sweep (2026-11-29, T 8192, D 256, with
-# the scores kernel below): reverse scan 11.89 -> 9.29 ms gated, 7.76 -> 7.72 DeltaNet; the
-# GPU tests' K 256 sets on 64-wide V blocks pass.
+# on state tiles up to this many rows: at K 256 the split scan spills less and uses less shared
+# memory on sm_90 than the unsplit one.
 REVERSE_SCAN_SPLIT16_MAX_BK = 256
-# The reverse scan splits on V blocks at least this wide only. H200 (2026-11-29,
-# benchmarks/flag_diff.py, bf16): on 64-wide V blocks (the bench's B 8) the split differs from
-# the unsplit kernel at bf16 rounding (dv 5e-3, dh0 5e-4 relative), but on the narrower blocks
-# fill_v_block cuts to for few sequences it is wrong: Gated DeltaNet's gradients off by O(1)
-# on 16-wide blocks (dh0 2, dk 1) and an illegal address on 8 warps; DeltaNet's at K 128 (since
-# the scan forms W^T dU' itself, 12th session) NaN on 16-wide blocks and O(1) off on 32-wide
-# ones (K 16, 64 and 256 right). A GPU-only fault (the interpreter's float16 run of the same
-# code is right), not isolated, so those forms run unsplit.
+# The reverse scan splits on V blocks at least this wide only: on the narrower blocks
+# fill_v_block cuts to for few sequences the split scan is wrong on the H200 (a GPU-only
+# fault; PERF_NOTES "Compiler faults and precision guards"), so those forms run unsplit.
 REVERSE_SCAN_SPLIT16_MIN_BV = 64
 # how many 16-bit parts of its float32 operands those dots take (delta_fwd.SCAN_DOT16_PARTS):
 # 2 halves, or 1 (dS', the scores, T^T dU' and e^b dO rounded to the inputs' dtype, one dot
-# each, as fla's reverse scan takes dh). 1 since the 14th session: H200 sweep (2026-11-29,
-# T 8192, bf16, reverse scan ms, 2 -> 1) D 128 DeltaNet 1.45 -> 1.02, gated 1.87 -> 1.41;
-# D 256 7.74 -> 4.26 / 9.02 -> 4.38 (sm_90 spills 1304 -> 56 B / 1784 -> 304 B at K 256, 808 ->
-# 224 / 904 -> 344 at K 128). CPU probe (delta_lowp_probe.py, point dS16, T 1024).
+# each, as fla's reverse scan takes dh): fewer dots and spills, within the tests' rule
+# (PERF_NOTES "Delta rule: 16-bit intermediates").
 REVERSE_SCAN_DOT16_PARTS = 1
 # grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16), on
-# K tiles at least this wide: H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms
-# DeltaNet, 1.67 -> 1.35 gated; flag_diff: bf16 rounding (2e-3 - 5e-3) at K 64, 100, 128, 256,
-# but NaN in dk at K = 16 (one 16-wide K tile, 4 warps; right on 8), where the interpreter's
-# float16 run of the same code is exact. A 32-wide K tile has not run split on the GPU.
+# K tiles at least this wide: at K = 16 (one 16-wide K tile, 4 warps) the H200 returns NaN in
+# dk (PERF_NOTES "Compiler faults and precision guards"); 32-wide K tiles are untested split.
 GRADS_WY_SPLIT16: bool = True
 GRADS_WY_SPLIT16_MIN_BK = 64
 # the reverse scan's V tile cap (see delta_fwd.scan_v_block)
@@ -109,19 +83,15 @@ REVERSE_SCAN_BV = 64
 # The reverse scan reads each chunk's masked scores (tril(Q K^T) * Gamma)^T from a parallel
 # kernel (delta_bwd_scores_kernel, a float32 [TT, H, BT] buffer alive through the scan) on
 # state tiles at least this many rows wide, instead of forming K Q^T in every step of its
-# serial loop for every V block: at K 256 that dot is 1.05 M of the step's ~7 M multiply-adds
-# (BV 64), repeated by the 4 V blocks; the kernel forms it once per chunk. H200 sweep
-# (2026-11-29, T 8192, D 256): reverse scan 10.88 -> 7.72 ms + 0.34 for the scores kernel
-# (DeltaNet), 11.58 -> 9.29 + 0.36 (gated); flag_diff: identical results. 1 << 30: never.
+# serial loop for every V block: at K 256 that dot is about 1/7 of a step's multiply-adds,
+# repeated by the 4 V blocks (PERF_NOTES "Delta rule: launch choices"). 1 << 30: never.
 REVERSE_SCAN_SCORES_MIN_BK = 256
 
 # dU' (dv2), dW (dw) and dk's state-and-output part (dk_part), each written by one kernel and
-# read by later ones, stored in the inputs' dtype for 16-bit inputs: 256 MiB each less at
-# B*T 65536, H 16, D 128, all alive at the backward's peak (grads_qk: 3.75 -> ~3.0 GiB
-# expected). Every reader upcasts them to float32 before its dots, and the reverse scan's own
-# dS update uses the float32 dU'. The CPU probe (benchmarks/delta_lowp_probe.py, points dvnew,
-# dw, dkpart, each rounding at least where the kernels do) passes the tests' rule at T = 1024
-# for unit and unnormalised keys, gated and not, with h in bf16 as well. False: float32.
+# read by later ones, stored in the inputs' dtype for 16-bit inputs: all three are alive at the
+# backward's peak. Every reader upcasts them to float32 before its dots, and the reverse scan's
+# own dS update uses the float32 dU' (PERF_NOTES "Delta rule: 16-bit intermediates").
+# False: float32.
 GRADS_IN_INPUT_DTYPE: bool = True
 
 

@@ -50,12 +50,11 @@ SCAN_PROGRAMS_PER_SM = 4
 SCAN_REGISTERS = 65536
 
 # Keep the forward's chunk states ([chunks + N, H, K, V] in gated_fwd.state_dtype) for the
-# backward instead of recomputing them there: saves one fwd_states launch per backward
-# (0.47 ms at B*T = 65536, H = 16, D = 128 on the H200; with it no gate went 6.96 -> 5.53 ms
-# fwd+bwd, together with the return to 4 warps) and does not raise a single op's peak (the
-# backward allocated the same buffer), but holds it from forward to backward: K*V*2 bytes
-# per head every CHUNK tokens for 16-bit inputs (a quarter of the size of q, k, v, o at
-# D = 128, L = 128). Set False to recompute in memory-bound stacks.
+# backward instead of recomputing them there: one fwd_states launch less per backward, and a
+# single op's peak does not rise (the backward allocates the same buffer), but the states are
+# held from forward to backward: K*V*2 bytes per head every CHUNK tokens for 16-bit inputs (a
+# quarter of the size of q, k, v, o at D = 128, L = 128). PERF_NOTES "Gated family: launch
+# choices". Set False to recompute in memory-bound stacks.
 SAVE_STATES: bool = True
 
 
@@ -72,26 +71,19 @@ class KernelConfig:
     warps: int         # num_warps of the per-tile kernels (fwd_o, bwd_dv, bwd_dqk)
     scan_warps: int    # num_warps of the state scans (fwd_states, bwd_states)
     stages: int
-    # bwd_dqk, the largest kernel (2.6 of 5.2 ms with no gate on the H200): each K block's
-    # program recomputes do v^T for its tile pairs, so one K block (BKQ = K) halves that work
-    # at D = 128 for more registers, which 8 warps supply (see _config for the measurement).
+    # bwd_dqk, the largest kernel: each K block's program recomputes do v^T for its tile
+    # pairs, so one K block (BKQ = K) halves that work at D = 128 for more registers, which 8
+    # warps supply (_config).
     BKQ: int = 0       # K block of bwd_dqk; 0: BK
     dqk_warps: int = 0  # num_warps of bwd_dqk; 0: warps
     # num_stages of the state scans; 0: stages. Per-key gates run their tile kernels on 1
     # stage but their scans on 2: at 1 Triton prefetches nothing and every step of the scans'
-    # chains waits on global memory (fwd_states 0.77 and bwd_states 1.00 ms per-key against
-    # 0.51 and 0.50 for scalar gates, H200, T 8192, D 128). Per-key fwd+bwd 10.35 ms at 1,
-    # 10.17 at 2 (sweep_gated, H200, 2026-11-29).
+    # chains waits on global memory.
     scan_stages: int = 0
-    # register caps of the state scans (ptx .maxnreg); 0: none. At the bench's shape each scan
-    # is one program per (sequence, head, K block, V block), 512 of them, 4 warps each: at
-    # 121 registers 4 fit per SM and the grid runs in one wave (0.97), at 136-176 (gated
-    # scans) 3 or 2 fit and a second wave of 116-248 programs nearly doubles the time (Nsight
-    # Compute, H200: bwd_states 0.31 ms without a gate, 0.50 with a frozen scalar one, at the
-    # same instruction rate). 128 lets 4 programs of 4 warps share an SM; set where sm_90
-    # compiles spill little under it (_config). With the caps (linattn bench, H200,
-    # 2026-11-29, 82d29b6 against cb1efdb, T 8192, fwd+bwd ms): frozen constant 3.55 -> 3.14,
-    # scalar 3.98 -> 3.60, mLSTMsig 4.42 (7931d51) -> 4.12 (with the scans' loads issued ahead).
+    # register caps of the state scans (ptx .maxnreg); 0: none. Each scan is one program per
+    # (sequence, head, K block, V block), 4 warps each: under 128 registers 4 programs share an
+    # SM and the bench's grid runs in one wave instead of two (PERF_NOTES "Gated family: launch
+    # choices"); set where sm_90 compiles spill little under the cap (_config).
     fwd_scan_maxnreg: int = 0
     bwd_scan_maxnreg: int = 0
     # Per-key gates run bwd_dqk on tiles of BTQ tokens (its diagonal tile is formed
@@ -101,16 +93,12 @@ class KernelConfig:
     score_warps: int = 0  # num_warps of gated_fwd.key_scores (per-key gates); 0: warps
     # key_scores' per-key diagonal blocks: -1 one dot relative to the block's middle row where
     # the log-decays allow it (gated_fwd.diag_dot_range), else one key token at a time over
-    # [16, BK] tiles; 0 always the token loop; > 0 [16, 16, score_kd] float32 weights (8: 112
-    # registers, no spills on sm_90). H200, T 8192, D 128, per-key fwd+bwd (sweep_gated,
-    # 2026-11-29, with dqk_diag 2): -1 10.30 ms (fwd 3.18), 8 12.10 (fwd 4.99).
+    # [16, BK] tiles; 0 always the token loop; > 0 [16, 16, score_kd] float32 weights. -1 is
+    # the fastest (PERF_NOTES "Per-key gate: diagonal forms").
     score_kd: int = -1
     # bwd_dqk's per-key diagonal tile: 2 two dots relative to the tile's middle row where the
     # log-decays allow it, else as 1; 1 one key token at a time over [BTQ, BKQ] tiles; 0 as
-    # [BTQ, BTQ, BKQ] weights. Same sweep (score_kd -1): 2 10.30 ms, 0 14.73; with score_kd 8:
-    # 2 12.10, 0 16.55; the token loops alone (score_kd 0, dqk_diag 1) about 19. (bwd_dqk
-    # split in two launches as fla splits it, the state parts and dg on whole chunks, was
-    # 0.8-0.9 ms slower in the same sweep and was dropped.)
+    # [BTQ, BTQ, BKQ] weights. 2 is the fastest (PERF_NOTES "Per-key gate: diagonal forms").
     dqk_diag: int = 2
 
     @property
@@ -121,7 +109,8 @@ class KernelConfig:
 
 def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
     """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning
-    (so no config depends on B, and the interpreter needs none)."""
+    (so no config depends on B, and the interpreter needs none). Every choice is measured in
+    PERF_NOTES "Gated family: launch choices"."""
     BKQ = dqk_warps = scan_stages = fwd_cap = bwd_cap = 0
     BTQ = 16 if gate == 2 else 0
     if INTERPRET:
@@ -133,59 +122,37 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
         # blocks), so fwd_o and bwd_dv run 64-token tiles as the other gates do; bwd_dqk keeps
         # 16-token tiles (BTQ)
         BT = TILE or 64
-        # L = 64 (one tile per chunk) with no gate at K <= 128: 3.46 -> 3.23 ms fwd+bwd at T 8192,
-        # D 128 once the states were stored in bf16 (sweep_gated, H200, 2026-11-29). Scalar
-        # gates at K <= 128 too since the flat state scans and the merged fwd_o (sweep_gated,
-        # H200, 2026-11-29, T 8192, D 128, fwd+bwd ms, L 64 / 128): scalar 3.99 / 4.18
-        # (before them the two were level: 4.75 / 4.67). mLSTMsig keeps 128: at 64 it was 4.14
-        # against 4.40 ms but its peak rose 1.56 -> 2.06 GiB, over TFLA's 2.04 (linattn bench,
-        # H200, 2026-11-29, cb1efdb). mLSTMexp (no peer) at 64: 6.55 against 7.02 ms (sweep);
-        # the two runs' bf16 gradients differ by up to 26 (dk of magnitude ~200), which is the
-        # op, not the chunking: the normaliser max(|n^T q|, exp(-m)) has a kink, and tokens near
-        # its tie switch branch under any rounding, their gradients jumping (rounding the inputs
-        # to fp16 alone moves the exact dq by 16% of its largest value at T 1024)
-        # per-key gates: L = 64, 25.6 against 30.3 ms fwd+bwd at L = 128 with 16-token tiles
-        # (H200, 2026-11-29, T 8192, D 128): each of bwd_dqk's 16-token query tiles pairs with
-        # up to L / 16 - 1 earlier key tiles, each needing [16, BK] exponentials of both sides
+        # L = 64 (one tile per chunk) where it is faster than 128: no gate and scalar gates at
+        # K <= 128, mLSTMexp, per-key gates (each of bwd_dqk's 16-token query tiles pairs with
+        # up to L / 16 - 1 earlier key tiles). mLSTMsig keeps 128: at 64 its peak memory
+        # rises over TFLA's.
         chunk64 = (gate in (0, 1) and K <= 128 and (mexp or not has_kw)) or gate == 2
         L = CHUNK or (64 if chunk64 else 128)
         BK = head_tile(K, 64)
         # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
-        # exponentials; at 128 the 64-token fwd_o and bwd_dv spill 264 / 320 B on sm_90)
+        # exponentials; at 128 the 64-token fwd_o and bwd_dv spill on sm_90)
         BV = head_tile(V, 64 if gate == 2 else 128)
         BVS = head_tile(V, 64)
-        # 4 warps everywhere: measured on the H200 (linattn bench, 2026-11-28), 8 warps on the
-        # GATE 0/1 per-tile kernels, chosen from sm_90 spill counts, made the no-gate op slower
-        # (fwd 1.84 -> 2.16 ms, fwd+bwd 6.30 -> 6.96 ms at T 8192, D 128).
+        # 4 warps everywhere: 8 warps on the per-tile kernels spill less on sm_90 but run slower
         warps, scan_warps, stages = 4, 4, 2
-        # the scans on 3 stages (loads issued two tiles ahead): at T 32768 (B 2, 512-step
-        # chains) no gate 3.49 -> 3.11 ms fwd+bwd, scalar 4.33 -> 4.11, mLSTMexp level
-        # (sweep_gated, H200, 2026-11-29); 8 scan warps: level or slower (mLSTMexp 6.78 -> 7.95)
+        # the scans on 3 stages (loads issued two tiles ahead): faster on long sequences
         scan_stages = 3
         # the scans' register caps where sm_90 (bf16, D 128) spills little under them: fwd
-        # with a scalar gate (12 B; mLSTMsig 0), bwd without per-key gates or mLSTMexp (no
-        # gate 0, frozen scalar 0, scalar with dg 24, mLSTMsig 60 B; uncapped 121-176
-        # registers); not fwd without a gate (142 -> 328 B), per-key (120 / 396 B) or
-        # mLSTMexp (216 / 968 B)
+        # with a scalar gate, bwd without per-key gates or mLSTMexp; not fwd without a gate,
+        # per-key or mLSTMexp, which spill hundreds of bytes under the cap
         cap = SCAN_REGISTERS // (SCAN_PROGRAMS_PER_SM * 32 * scan_warps)
         fwd_cap = cap if gate == 1 and not mexp else 0
         bwd_cap = cap if gate != 2 and not mexp else 0
         if gate != 2:
-            # bwd_dqk with one 128-wide K block on 8 warps (sweep_gated on the H200, 2026-11-29,
-            # T 8192, D 128, bf16, fwd+bwd ms, BK 64 / 4 warps -> BK 128 / 8 warps): no gate
-            # 4.80 -> 3.84, scalar 6.60 -> 5.13, mLSTMsig 6.78 -> 5.35 (BK 128 on 4 warps
-            # spills: 5.48, 10.90, 9.66). sm_90 compile: 0 / 344 B spills (GATE 0 / 1).
+            # bwd_dqk with one 128-wide K block on 8 warps (faster than BK 64 on 4 warps; BK
+            # 128 on 4 warps spills)
             BKQ, dqk_warps = head_tile(K, 128), 8
         else:
-            # per-key bwd_dqk: the diagonal's [BT, BT, BKQ] weights bound BKQ (gated_bwd). H200,
-            # T 8192, D 128, L 64, BT 16, bwd_dqk ms (profile, 2026-11-29): BKQ 16 / 32 / 64 on
-            # 4 warps 19.1 / 15.8 / 9.4 (each K block recomputes do v^T and the earlier tiles'
-            # weights), BKQ 64 on 8 warps 16.9; the serial per-key loop it replaced, 10.6
+            # per-key bwd_dqk: the diagonal's [BT, BT, BKQ] weights bound BKQ (gated_bwd); 64
+            # on 4 warps is the fastest (each K block recomputes do v^T and the earlier tiles'
+            # weights)
             BKQ = head_tile(K, 64)
-            # per-key: 21.9 against 23.9 ms fwd+bwd at 1 stage (sweep_gated, H200, 2026-11-29,
-            # T 8192, D 128, L 64, BT 16 for every kernel; 2 warps: 22.5 / 24.0). With
-            # key_scores, key_dscores and 64-token fwd_o / bwd_dv tiles (same sweep, later):
-            # 16.5 ms at BKQ 64 (BKQ 32: 19.4), score_kd 8 (32: 16.8), 1 stage
+            # per-key: tile kernels on 1 stage, scans on 2
             stages, scan_stages = 1, 2
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
@@ -419,8 +386,7 @@ def _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt, h0, n0, m0, 
     st = start.bool()
     seg = st.clone()
     # sequences restart; index_fill_, not seg[first] = True: a Python scalar set through tensor
-    # indices is copied host-to-device from pageable memory, a sync that stalled the queue
-    # (mLSTMexp fwd+bwd 7.24 ms of wall for 5.78 of kernels, H200, profile_kernels 2026-11-29)
+    # indices is copied host-to-device from pageable memory, a sync that stalls the queue
     seg.index_fill_(0, first, True)
     # The scans run along the last, contiguous axis ([H, TT], tokens innermost): PyTorch scans
     # a leading axis of [TT, H] with one thread per column, 65536 sequential steps each.

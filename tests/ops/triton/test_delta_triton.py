@@ -3,7 +3,7 @@
 CPU tests run the kernels under TRITON_INTERPRET=1 in float32 at small shapes, one feature
 per case (states, varlen with empty and length-1 sequences, K != V, non-power-of-two dims,
 T not a multiple of the 64-token chunk, unnormalised keys, decays near -20, determinism).
-GPU tests (`pytest -m gpu`) cover DESIGN.md section 5's shapes in float32 and bfloat16.
+GPU tests (`pytest -m gpu`) cover docs/design.md section 5's shapes in float32 and bfloat16.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ CPU (Triton interpreter, float32, tiny shapes, chunk 32 / tile 16 so that severa
 tiles are crossed): every gate kind, causal=False, mLSTM sigmoid and exp, initial and final
 states with the final state's gradient, varlen with an empty and a length-1 sequence,
 K != V, non-power-of-two head dims, T off the tile grid, backward, determinism.
-GPU (`pytest -m gpu`): each axis of DESIGN.md section 5 at the default tiling, float32 and
+GPU (`pytest -m gpu`): each axis of docs/design.md section 5 at the default tiling, float32 and
 bfloat16, one test per kernel specialisation (see gpu_cases).
 """
 from __future__ import annotations
