@@ -43,8 +43,9 @@ def _cumsum64(g: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _exp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """exp(x) of a float64 exponent, in the compute dtype."""
-    return torch.exp(x).to(dtype)
+    """exp(x) of a float64 exponent, in the compute dtype: the exponent (a difference of
+    float64 cumsums, exact to its own rounding) is rounded to dtype first."""
+    return torch.exp(x.to(dtype))
 
 
 # ----------------------------------------------------------------------------- plumbing
