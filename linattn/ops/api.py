@@ -40,6 +40,9 @@ STEP_KERNEL_MAX_T = 16
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
 INPUT_GATES = ("exp", "sigmoid")
+# What the Triton backward starts from: "states" keeps what the forward computed per chunk (the
+# chunk states; for the delta rule also T and U'), "recompute" recomputes it in the backward.
+SAVE_FOR_BACKWARD = ("states", "recompute")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -170,6 +173,19 @@ def _check_scale(scale, K) -> float:
     return float(scale)
 
 
+def _check_save_for_backward(save_for_backward) -> None:
+    if save_for_backward not in SAVE_FOR_BACKWARD:
+        raise ValueError(f"save_for_backward must be one of {SAVE_FOR_BACKWARD}, "
+                         f"got {save_for_backward!r}")
+
+
+def _save_kw(impl, save_for_backward) -> dict:
+    """The keyword the Triton entry points take (the PyTorch paths differentiate through
+    autograd and keep what autograd keeps)."""
+    return ({"save_for_backward": save_for_backward}
+            if getattr(impl, "__name__", "") == "linattn.ops.triton" else {})
+
+
 def _backend_module(backend: str, q: torch.Tensor):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -228,7 +244,8 @@ def _triton_available() -> bool:
 # ----------------------------------------------------------------------------- public ops
 
 def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
-                     output_final_state=False, cu_seqlens=None, causal=True, backend="auto"):
+                     output_final_state=False, cu_seqlens=None, causal=True, backend="auto",
+                     save_for_backward="states"):
     """Gated linear attention: S_t = exp(g_t) * S_{t-1} + k_t v_t^T,  o_t = S_t^T (scale q_t).
 
     Args:
@@ -246,6 +263,13 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
         causal: False gives bidirectional attention o_t = scale q_t^T sum_s k_s v_s^T
             (over each packed sequence); g, initial_state and a final state are then errors.
         backend: "auto" | "triton" | "torch" | "reference".
+        save_for_backward: the Triton backward's trade of memory for time. "states" (default)
+            keeps the forward's chunk states (K*V per head every 64-128 tokens, in the inputs'
+            dtype for 16-bit inputs) from forward to backward; "recompute" frees them after the
+            forward and recomputes them in the backward (one more state scan, ~10% of
+            fwd+bwd time). A single op's peak memory is the same either way; in a deep model
+            "recompute" lowers the peak by what every layer would hold until its backward.
+            The PyTorch backends ignore it.
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 (float64 for float64
@@ -259,6 +283,7 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = _check_scale(scale, K)
+    _check_save_for_backward(save_for_backward)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not causal and (g is not None or initial_state is not None or output_final_state):
@@ -281,11 +306,13 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
             backend=_plain_name(impl))
     return impl.linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
                                  output_final_state=bool(output_final_state),
-                                 cu_seqlens=cu_seqlens, causal=causal)
+                                 cu_seqlens=cu_seqlens, causal=causal,
+                                 **_save_kw(impl, save_for_backward))
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
-               output_final_state=False, cu_seqlens=None, backend="auto"):
+               output_final_state=False, cu_seqlens=None, backend="auto",
+               save_for_backward="states"):
     """DeltaNet (g None) and Gated DeltaNet (g [B, T, H]):
 
         S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t)
@@ -296,6 +323,9 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
         beta: [B, T, H] in (0, 1), float32 or q's dtype.
         g: None or a scalar log-decay [B, T, H] (<= 0), float32 or q's dtype.
         scale, initial_state, output_final_state, cu_seqlens, backend: as linear_attention.
+        save_for_backward: as linear_attention; "states" also keeps each chunk's T = (I + A)^-1
+            and U' (about 1.5x the size of q, k, v in bf16 at D 128 in all), "recompute"
+            reruns the forward's two first kernels in the backward (~20% of fwd+bwd time).
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 or None.
@@ -306,6 +336,7 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = _check_scale(scale, K)
+    _check_save_for_backward(save_for_backward)
     _check_step_gate("beta", beta, q)
     _check_log_decay(g, q, allowed=("none", "scalar"))
     N = _check_cu_seqlens(cu_seqlens, q)
@@ -323,11 +354,12 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
             output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
             backend=_plain_name(impl))
     return impl.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                           output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens)
+                           output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
+                           **_save_kw(impl, save_for_backward))
 
 
 def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
-          output_final_state=False, cu_seqlens=None, backend="auto"):
+          output_final_state=False, cu_seqlens=None, backend="auto", save_for_backward="states"):
     """xLSTM's mLSTM cell; i, f are [B, T, H] pre-activations, f enters as logsigmoid(f).
 
     input_gate="exp" (mLSTMexp, stabilised and normalised):
@@ -341,7 +373,8 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V]; i, f: [B, T, H] (float32 or q's dtype).
-        scale, initial_state, output_final_state, cu_seqlens, backend: as linear_attention.
+        scale, initial_state, output_final_state, cu_seqlens, backend, save_for_backward: as
+            linear_attention.
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state as above (float32) or None.
@@ -354,6 +387,7 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
     scale = _check_scale(scale, K)
     if input_gate not in INPUT_GATES:
         raise ValueError(f"input_gate must be one of {INPUT_GATES}, got {input_gate!r}")
+    _check_save_for_backward(save_for_backward)
     _check_step_gate("i", i, q)
     _check_step_gate("f", f, q)
     N = _check_cu_seqlens(cu_seqlens, q)
@@ -383,4 +417,4 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
             backend=_plain_name(impl))
     return impl.mlstm(q, k, v, i, f, input_gate=input_gate, scale=scale,
                       initial_state=initial_state, output_final_state=bool(output_final_state),
-                      cu_seqlens=cu_seqlens)
+                      cu_seqlens=cu_seqlens, **_save_kw(impl, save_for_backward))

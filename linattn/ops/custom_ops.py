@@ -516,13 +516,12 @@ gated_chunk_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
 def gated_chunk(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, *, gate, has_kw, mexp, noncausal,
-                scale, want_final):
-    """gated_api.run_chunks under torch.compile: (o, ht, nt, mt) from the custom op."""
-    from .triton import gated_api
+                scale, want_final, keep_states):
+    """gated_api.run_chunks under torch.compile: (o, ht, nt, mt) from the custom op;
+    keep_states: the forward's chunk states go to the backward (save_for_backward="states")."""
     save = _needs_grad(q, k, v, g, kw, h0, n0, m0)
     outs = gated_chunk_op(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, gate, has_kw, mexp,
-                          noncausal, float(scale), bool(want_final), save,
-                          bool(gated_api.SAVE_STATES))
+                          noncausal, float(scale), bool(want_final), save, bool(keep_states))
     if not want_final:
         return outs[0], None, None, None
     if mexp:
@@ -619,10 +618,11 @@ def _delta_backward(ctx, grads):
 delta_chunk_op.register_autograd(_delta_backward, setup_context=_delta_setup)
 
 
-def delta_chunk(q, k, v, beta, g, h0, cu_seqlens, B, *, scale, want_final):
-    """delta_api.run_delta under torch.compile: (o, final or None) from the custom op."""
-    from .triton import delta_api
-    keep = delta_api.SAVE_INTERMEDIATES and _needs_grad(q, k, v, beta, g, h0)
+def delta_chunk(q, k, v, beta, g, h0, cu_seqlens, B, *, scale, want_final, save_intermediates):
+    """delta_api.run_delta under torch.compile: (o, final or None) from the custom op;
+    save_intermediates: the forward's b, T, U' and states go to the backward
+    (save_for_backward="states")."""
+    keep = save_intermediates and _needs_grad(q, k, v, beta, g, h0)
     outs = delta_chunk_op(q, k, v, beta, g, h0, cu_seqlens, B, float(scale), bool(want_final),
                           bool(keep))
     return outs[0], (outs[1] if want_final else None)

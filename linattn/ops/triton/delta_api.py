@@ -3,10 +3,13 @@
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t)
 
 Forward: delta_fwd.prep (b, T per chunk) -> delta_fwd.scan (chunk states, U') ->
-delta_fwd.output (O: the gated family's output kernel with values U'). The forward keeps what
-the backward reads of prep and scan (b, T, U' and the chunk states; SAVE_INTERMEDIATES)
-or, with SAVE_INTERMEDIATES off, only its inputs, and the backward (delta_bwd.backward)
-recomputes them. It then runs the reverse scan for dS and two chunk-parallel gradient
+delta_fwd.output (O: the gated family's output kernel with values U'). With
+save_for_backward="states" the forward keeps what the backward reads of prep and scan (b, T,
+U' and the chunk states); with "recompute" only its inputs, and the backward
+(delta_bwd.backward) recomputes them: one launch of prep and of scan more per backward (about
+a fifth of the fwd+bwd time; PERF_NOTES "Delta rule: launch choices") against holding about
+1.5x the size of q, k, v (bf16, D 128) from forward to backward. A single op's peak is the
+same either way (the backward allocates the same buffers). It then runs the reverse scan for dS and two chunk-parallel gradient
 kernels, releasing every intermediate after its last kernel. No atomics: bitwise
 deterministic.
 
@@ -19,15 +22,6 @@ import torch
 import triton
 
 from . import common, delta_bwd, delta_fwd
-
-# Keep the forward's b, T, U' and chunk states for the backward instead of recomputing prep
-# and scan there: one launch of each less per backward (about a fifth of the delta rule's
-# fwd+bwd time; PERF_NOTES "Delta rule: launch choices"). A single op's peak does not rise
-# (the backward allocates the same buffers), but they are held from forward to backward:
-# about 1.5x the size of q, k, v in bf16 at D = 128 (h and U' in bf16, T float32). Set False
-# to recompute in memory-bound stacks.
-SAVE_INTERMEDIATES: bool = True
-
 
 def chunk_layout(B: int, T: int, cu_seqlens, device) -> common.ChunkLayout:
     """The gated family's layout (common.make_layout, cached per shape) of B equal sequences
@@ -77,8 +71,9 @@ class DeltaRuleFunction(torch.autograd.Function):
     linattn.ops.custom_ops.)"""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, layout):
-        keep = SAVE_INTERMEDIATES and any(ctx.needs_input_grad)
+    def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, layout,
+                save_intermediates):
+        keep = save_intermediates and any(ctx.needs_input_grad)
         o, final, ctx.intermediates = _forward(q, k, v, beta, g, scale, initial_state, layout,
                                                output_final_state, keep)
         ctx.save_for_backward(q, k, v, beta, g, initial_state)
@@ -98,24 +93,27 @@ class DeltaRuleFunction(torch.autograd.Function):
             dfinal.contiguous() if dfinal is not None else None, initial_state, layout,
             ctx.scale, need_dh0=initial_state is not None and ctx.needs_input_grad[5],
             kept=box)
-        return dq, dk, dv, dbeta, dg, dh0, None, None, None
+        return dq, dk, dv, dbeta, dg, dh0, None, None, None, None
 
 
-def run_delta(q, k, v, beta, g, h0, cu_seqlens, B, *, scale, want_final):
+def run_delta(q, k, v, beta, g, h0, cu_seqlens, B, *, scale, want_final,
+              save_for_backward="states"):
     """DeltaRuleFunction on packed inputs q, k [TT, H, K], v [TT, H, V], beta, g [TT, H]
     (B: the batch, so that T = TT / B without cu_seqlens) -> (o [TT, H, V], final or None).
-    Under torch.compile the same forward and backward run as the custom ops
-    linattn::delta_chunk(_backward), which build the layout inside (linattn.ops.custom_ops)."""
+    save_for_backward: "states" | "recompute" (module docstring). Under torch.compile the same
+    forward and backward run as the custom ops linattn::delta_chunk(_backward), which build
+    the layout inside (linattn.ops.custom_ops)."""
+    save = save_for_backward == "states"
     if torch.compiler.is_compiling():
         from ..custom_ops import delta_chunk
         return delta_chunk(q, k, v, beta, g, h0, cu_seqlens, B, scale=scale,
-                           want_final=want_final)
+                           want_final=want_final, save_intermediates=save)
     layout = chunk_layout(B, q.shape[0] // max(B, 1), cu_seqlens, q.device)
-    return DeltaRuleFunction.apply(q, k, v, beta, g, h0, scale, want_final, layout)
+    return DeltaRuleFunction.apply(q, k, v, beta, g, h0, scale, want_final, layout, save)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final_state=False,
-               cu_seqlens=None):
+               cu_seqlens=None, save_for_backward="states"):
     """DeltaNet (g None) and Gated DeltaNet (g [B, T, H]) on Triton, forward and backward.
 
     Args:
@@ -126,6 +124,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final
         initial_state: None or [N, H, K, V] (N = B, or the number of packed sequences).
         output_final_state: also return the state after each sequence's last token.
         cu_seqlens: None or int32/int64 [N+1] offsets of sequences packed along T (B == 1).
+        save_for_backward: "states" keeps b, T, U' and the chunk states for the backward,
+            "recompute" recomputes them there (module docstring).
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] float32, or None.
@@ -141,5 +141,6 @@ def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     o, final = run_delta(_packed(q), _packed(k), _packed(v), _packed(beta),
                          _packed(g) if g is not None else None, h0, cu_seqlens, B,
-                         scale=float(scale), want_final=bool(output_final_state))
+                         scale=float(scale), want_final=bool(output_final_state),
+                         save_for_backward=save_for_backward)
     return o.view(B, T, H, V), final

@@ -49,14 +49,6 @@ TILE: int | None = None
 SCAN_PROGRAMS_PER_SM = 4
 SCAN_REGISTERS = 65536
 
-# Keep the forward's chunk states ([chunks + N, H, K, V] in gated_fwd.state_dtype) for the
-# backward instead of recomputing them there: one fwd_states launch less per backward, and a
-# single op's peak does not rise (the backward allocates the same buffer), but the states are
-# held from forward to backward: K*V*2 bytes per head every CHUNK tokens for 16-bit inputs (a
-# quarter of the size of q, k, v, o at D = 128, L = 128). PERF_NOTES "Gated family: launch
-# choices". Set False to recompute in memory-bound stacks.
-SAVE_STATES: bool = True
-
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -323,9 +315,10 @@ class GatedChunkFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, dqk_layout=None):
+    def forward(ctx, q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, dqk_layout,
+                keep_states):
         o, ht, nt, mt, saved = chunk_forward(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale,
-                                             want_final, SAVE_STATES)
+                                             want_final, keep_states)
         ctx.save_for_backward(q, k, v, kw, h0, n0, m0, o, *saved)
         ctx.layout, ctx.cfg, ctx.scale = layout, cfg, scale
         ctx.dqk_layout = dqk_layout or layout
@@ -338,7 +331,7 @@ class GatedChunkFunction(torch.autograd.Function):
         grads = chunk_backward(q, k, v, kw, h0, n0, m0, Saved(*saved), o, ctx.layout,
                                ctx.dqk_layout, ctx.cfg, ctx.scale, do, dht, dnt, dmt,
                                ctx.needs_input_grad[3], ctx.const_gate)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg):
@@ -430,28 +423,33 @@ def layouts(cfg, L, BT, B, T, cu_seqlens, device):
 
 
 def run_chunks(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, *, gate, has_kw=False, mexp=False,
-               noncausal=False, scale, want_final):
+               noncausal=False, scale, want_final, save_for_backward="states"):
     """GatedChunkFunction on packed inputs (see it for the tensors; B: the batch, so that
-    T = TT / B without cu_seqlens) -> (o, ht, nt, mt). Under torch.compile the same forward
-    and backward run as the custom ops linattn::gated_chunk(_backward), which build the
-    layout inside (linattn.ops.custom_ops)."""
+    T = TT / B without cu_seqlens) -> (o, ht, nt, mt). save_for_backward: "states" keeps the
+    forward's chunk states for the backward, "recompute" recomputes them there
+    (linattn.ops.api.linear_attention). Under torch.compile the same forward and backward run
+    as the custom ops linattn::gated_chunk(_backward), which build the layout inside
+    (linattn.ops.custom_ops)."""
+    keep_states = save_for_backward == "states"
     if torch.compiler.is_compiling():
         from ..custom_ops import gated_chunk
         return gated_chunk(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, gate=gate, has_kw=has_kw,
-                           mexp=mexp, noncausal=noncausal, scale=scale, want_final=want_final)
+                           mexp=mexp, noncausal=noncausal, scale=scale, want_final=want_final,
+                           keep_states=keep_states)
     cfg, L, BT = _config(gate, q.shape[-1], v.shape[-1], q.dtype, has_kw=has_kw, mexp=mexp,
                          noncausal=noncausal)
     layout, dqk_layout = layouts(cfg, L, BT, B, q.shape[0] // max(B, 1), cu_seqlens, q.device)
     return GatedChunkFunction.apply(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final,
-                                    dqk_layout)
+                                    dqk_layout, keep_states)
 
 
 def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, causal=True):
+                     cu_seqlens=None, causal=True, save_for_backward="states"):
     """Gated linear attention on the Triton kernels (see linattn.ops.api.linear_attention).
 
     q, k [B, T, H, K], v [B, T, H, V] (float32 / bfloat16 / float16); g None | [H] |
-    [B, T, H] | [B, T, H, K] log-decay; initial_state [B or N, H, K, V].
+    [B, T, H] | [B, T, H, K] log-decay; initial_state [B or N, H, K, V]; save_for_backward
+    "states" | "recompute" (run_chunks).
     Returns o [B, T, H, V] in v's dtype and the final state [B or N, H, K, V] float32 or None.
     """
     if q.dtype == torch.float64:
@@ -471,17 +469,18 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
     h0 = None if initial_state is None else initial_state.float().contiguous()
     o, ht, _, _ = run_chunks(_flat(q, TT), _flat(k, TT), _flat(v, TT), gf, None, h0, None, None,
                              cu_seqlens, B, gate=gate, noncausal=not causal, scale=float(scale),
-                             want_final=bool(output_final_state))
+                             want_final=bool(output_final_state),
+                             save_for_backward=save_for_backward)
     return o.view(B, T, H, V), (ht if output_final_state else None)
 
 
 def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None, output_final_state=False,
-          cu_seqlens=None):
+          cu_seqlens=None, save_for_backward="states"):
     """xLSTM's mLSTM on the Triton kernels (see linattn.ops.api.mlstm).
 
     q, k [B, T, H, K], v [B, T, H, V]; i, f [B, T, H] pre-activations. input_gate "exp":
     initial_state (C [N, H, K, V], n [N, H, K], m [N, H]) and the same tuple as final state;
-    "sigmoid": C alone. Returns o [B, T, H, V] in v's dtype and the final state or None.
+    "sigmoid": C alone. save_for_backward "states" | "recompute" (run_chunks). Returns o [B, T, H, V] in v's dtype and the final state or None.
     """
     if q.dtype == torch.float64:
         return torch_chunked.mlstm(q, k, v, i, f, input_gate=input_gate, scale=scale,
@@ -503,7 +502,8 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None, output_
             h0 = initial_state.float().contiguous()
     o, ht, nt, mt = run_chunks(_flat(q, TT), _flat(k, TT), _flat(v, TT), lf, kw, h0, n0, m0,
                                cu_seqlens, B, gate=1, has_kw=True, mexp=mexp,
-                               scale=float(scale), want_final=bool(output_final_state))
+                               scale=float(scale), want_final=bool(output_final_state),
+                               save_for_backward=save_for_backward)
     o = o.view(B, T, H, V)
     if not output_final_state:
         return o, None

@@ -200,20 +200,19 @@ def test_wide_head_dims():
 
 @pytest.mark.parametrize("save", [True, False], ids=["kept", "recomputed"])
 def test_deterministic(save, monkeypatch):
-    """Two forward+backward runs are bitwise equal; with delta_api.SAVE_INTERMEDIATES on
-    (kept), the second run's backward recomputes prep and scan and still matches the first,
-    which used the forward's."""
-    from linattn.ops.triton import delta_api, delta_fwd
+    """Two forward+backward runs are bitwise equal; with save_for_backward="states" (kept)
+    first, the second run's backward ("recompute") recomputes prep and scan and still matches
+    the first, which used the forward's."""
+    from linattn.ops.triton import delta_fwd
     prep, preps = delta_fwd.prep, []
     monkeypatch.setattr(delta_fwd, "prep", lambda *a: preps.append(1) or prep(*a))
-    flags = iter([save, False])
+    modes = iter(["states" if save else "recompute", "recompute"])
     ins = make_inputs(1, 70, 1, 16, 16, gated=True, seed=7)
     outs = []
     for _ in range(2):
-        monkeypatch.setattr(delta_api, "SAVE_INTERMEDIATES", next(flags))
         x = {n: (t.float().requires_grad_() if isinstance(t, torch.Tensor) and
                  t.is_floating_point() else t) for n, t in ins.items()}
-        o, st = fast(**x, output_final_state=True)
+        o, st = fast(**x, output_final_state=True, save_for_backward=next(modes))
         leaves = [x[n] for n in GRADS]
         grads = torch.autograd.grad([o, st], leaves, [torch.ones_like(o), torch.ones_like(st)])
         outs.append([o, st, *grads])

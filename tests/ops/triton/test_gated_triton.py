@@ -290,17 +290,18 @@ def test_float32_precision_at_gpu_chunks_cpu(gpu_tiles, kind):
 
 
 @pytest.mark.parametrize("input_gate", ["sigmoid", "exp"])
-def test_saved_and_recomputed_states_agree_cpu(small_tiles, monkeypatch, input_gate):
-    """gated_api.SAVE_STATES: the backward on the forward's states and on recomputed ones
-    gives bitwise equal results (the first run saves them, the second recomputes)."""
+def test_saved_and_recomputed_states_agree_cpu(small_tiles, input_gate):
+    """save_for_backward: the backward on the forward's states ("states") and on recomputed
+    ones ("recompute") gives bitwise equal results (the first run saves them, the second
+    recomputes)."""
     inputs, names = mlstm_inputs(input_gate, H=1, K=16, V=16, lengths=[40, 0, 1, 33], seed=7)
     inputs = {n: x.float() if torch.is_tensor(x) and x.is_floating_point() else
               tuple(t.float() for t in x) if isinstance(x, tuple) else x for n, x in inputs.items()}
-    flags = iter([True, False])
+    modes = iter(["states", "recompute"])
 
     def fn(**a):
-        monkeypatch.setattr(gated_api, "SAVE_STATES", next(flags))
-        return linattn.mlstm(**a, input_gate=input_gate, output_final_state=True, backend="triton")
+        return linattn.mlstm(**a, input_gate=input_gate, output_final_state=True, backend="triton",
+                             save_for_backward=next(modes))
     run_twice_bitwise(fn, inputs, names)
 
 
