@@ -540,7 +540,8 @@ def delta_chunk_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Optional[Te
     when want_final + the backward's tensors (delta_api.saved_specs) when keep."""
     from .triton import delta_api
     layout = delta_api.chunk_layout(B, q.shape[0] // max(B, 1), cu_seqlens, q.device)
-    o, final, kept = delta_api._forward(q, k, v, beta, g, scale, h0, layout, want_final, keep)
+    o, final, kept = delta_api._forward(q, k, v, beta, g, scale, h0, layout, want_final, keep,
+                                        delta_api.device_config(q.device))
     outs = [o] + ([final] if want_final else [])
     if keep:
         gc, tinv, h, vnew = kept
@@ -562,7 +563,8 @@ def _(q, k, v, beta, g, h0, cu_seqlens, B, scale, want_final, keep):
         outs.append(q.new_empty(N, H, K, V, dtype=torch.float32))
     if keep:
         slots, _ = _fake_sizes(TT, B, delta_fwd.BT, cu_seqlens, True, False)
-        specs = delta_api.saved_specs(TT, H, K, V, slots, q.dtype, g is not None, keep)
+        specs = delta_api.saved_specs(TT, H, K, V, slots, q.dtype, g is not None, keep,
+                                      delta_api.device_config(q.device))
         outs += [q.new_empty(shape, dtype=dt) for shape, dt in specs.values()]
     return outs
 
@@ -581,7 +583,8 @@ def delta_chunk_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Op
         kept = tuple(saved) if g is not None else (None, *saved)
     grads = delta_bwd.backward(q, k, v, beta, g, do.contiguous(),
                                None if dfinal is None else dfinal.contiguous(), h0, layout,
-                               scale, need_dh0=need_dh0 and h0 is not None, kept=[kept])
+                               scale, need_dh0=need_dh0 and h0 is not None, kept=[kept],
+                               cfg=delta_api.device_config(q.device))
     inputs = (q, k, v, beta, g, h0)
     return _unaliased([_absent_or(d, x) for d, x in zip(grads, inputs) if x is not None],
                       (*inputs, *saved, do, dfinal))

@@ -15,7 +15,7 @@ chunk's start, dS' the gradient of the state at its end, M = scale tril(dO U'^T)
 
 Kernels:
   delta_bwd_scores_kernel per (chunk, head): the masked scores (tril(Q K^T) * Gamma)^T the
-                         reverse scan reads at K >= REVERSE_SCAN_SCORES_MIN_BK.
+                         reverse scan reads at K >= DeltaConfig.reverse_scan_scores_min_bk.
   delta_bwd_scan_kernel  per (V tile, sequence * head): dh[c] = dS' of chunk c, dU', dS_0.
   delta_bwd_dqk_kernel   per (chunk, head, K tile): dQ, the state/output part of dK, dW,
                          and the tile's share of db.
@@ -29,75 +29,41 @@ import triton.language as tl
 
 from .. import alloc
 from . import delta_fwd
-from . import common
 from .common import dot_a16, dot_b16, head_tile, split16
+from .delta_config import DEFAULT, DeltaConfig, split16_on
 from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, load_tile,
                         scan_v_block, sequence_program, state_tile, token_tile)
 
-# Launch settings, per kernel from benchmarks/sweep_delta.py (PERF_NOTES "Delta rule: launch
-# choices"): grads_wy on 4 warps (faster than 8 although it spills more), the reverse scan on
-# 4 warps and 1 stage, grads_qk on 4 warps and 2 stages.
-LAUNCH = {
-    "reverse_scan": dict(num_warps=4, num_stages=1),   # 2 stages at K < 128 (launcher)
-    "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
-    "grads_qk": dict(num_warps=4, num_stages=2),       # 8 warps for float32 (launcher)
-    "grads_wy": dict(num_warps=4, num_stages=1),
-    "scores": dict(num_warps=4, num_stages=2),         # REVERSE_SCAN_SCORES_MIN_BK
-}
-# grads_qk runs one program per (chunk, head, 64-wide K tile), one pass over V per program,
-# M formed by each, as fla's chunk_bwd_dqkwg: nothing re-reads dO, U', dU' per K tile.
-# Its V tile, ungated and gated: gated grads_qk on 64-wide V tiles (and on 3 stages) is
-# wrong on the H200, run to run different, while the interpreter's run is right: a GPU-only
-# fault, not isolated, so the gated kernel takes 32-wide tiles (PERF_NOTES "Compiler faults
-# and precision guards").
-GRADS_QK_TILE_BV = 64
-# grads_qk forms M = dO U'^T in a second pass over V, after dW is stored (M_PASS): at most
-# three [BT, BK] / [BT, BT] float32 accumulators alive instead of four. Off: slower, and it
-# does not cure the gated 64-wide fault above (PERF_NOTES "Compiler faults and precision
-# guards").
-GRADS_QK_M_PASS: bool = False
-GRADS_QK_TILE_BV_GATED = 32
-# the reverse scan's dots on 16-bit inputs against float32 values by 16-bit parts of the
-# float32 operand (delta_bwd_scan_kernel's SPLIT16; PERF_NOTES "Delta rule: launch choices").
-# The per-chunk grads_qk stays unsplit: split, it spills on sm_90.
-REVERSE_SCAN_SPLIT16: bool = True
-# on state tiles up to this many rows: at K 256 the split scan spills less and uses less shared
-# memory on sm_90 than the unsplit one.
-REVERSE_SCAN_SPLIT16_MAX_BK = 256
-# The reverse scan splits on V blocks at least this wide only: on the narrower blocks
-# fill_v_block cuts to for few sequences the split scan is wrong on the H200 (a GPU-only
-# fault; PERF_NOTES "Compiler faults and precision guards"), so those forms run unsplit.
-REVERSE_SCAN_SPLIT16_MIN_BV = 64
-# how many 16-bit parts of its float32 operands those dots take (delta_fwd.SCAN_DOT16_PARTS):
-# 2 halves, or 1 (dS', the scores, T^T dU' and e^b dO rounded to the inputs' dtype, one dot
-# each, as fla's reverse scan takes dh): fewer dots and spills, within the tests' rule
-# (PERF_NOTES "Delta rule: 16-bit intermediates").
-REVERSE_SCAN_DOT16_PARTS = 1
-# grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16), on
-# K tiles at least this wide: at K = 16 (one 16-wide K tile, 4 warps) the H200 returns NaN in
-# dk (PERF_NOTES "Compiler faults and precision guards"); 32-wide K tiles are untested split.
-GRADS_WY_SPLIT16: bool = True
-GRADS_WY_SPLIT16_MIN_BK = 64
-# the reverse scan's V tile cap (see delta_fwd.scan_v_block)
-REVERSE_SCAN_BV = 64
-# The reverse scan reads each chunk's masked scores (tril(Q K^T) * Gamma)^T from a parallel
-# kernel (delta_bwd_scores_kernel, a float32 [TT, H, BT] buffer alive through the scan) on
-# state tiles at least this many rows wide, instead of forming K Q^T in every step of its
-# serial loop for every V block: at K 256 that dot is about 1/7 of a step's multiply-adds,
-# repeated by the 4 V blocks (PERF_NOTES "Delta rule: launch choices"). 1 << 30: never.
-REVERSE_SCAN_SCORES_MIN_BK = 256
-
-# dU' (dv2), dW (dw) and dk's state-and-output part (dk_part), each written by one kernel and
-# read by later ones, stored in the inputs' dtype for 16-bit inputs: all three are alive at the
-# backward's peak. Every reader upcasts them to float32 before its dots, and the reverse scan's
-# own dS update uses the float32 dU' (PERF_NOTES "Delta rule: 16-bit intermediates").
-# False: float32.
-GRADS_IN_INPUT_DTYPE: bool = True
+# Launch choices come from a DeltaConfig argument (delta_config.DEFAULT), from
+# benchmarks/sweep_delta.py (PERF_NOTES "Delta rule: launch choices"): grads_wy on 4 warps
+# (faster than 8 although it spills more), the reverse scan on 4 warps and 1 stage, grads_qk
+# on 4 warps and 2 stages, one program per (chunk, head, 64-wide K tile) with one pass over V
+# and M formed by each, as fla's chunk_bwd_dqkwg (nothing re-reads dO, U', dU' per K tile).
+# - gated grads_qk takes 32-wide V tiles: on 64-wide ones (and on 3 stages) the H200 computes
+#   it wrong, run to run different, while the interpreter's run is right (PERF_NOTES
+#   "Compiler faults and precision guards"); forming M in a second pass (grads_qk_m_pass) is
+#   slower and does not cure it.
+# - the reverse scan's dots on 16-bit inputs take their float32 operands in 16-bit parts
+#   (delta_bwd_scan_kernel's SPLIT16; 1 part: dS', the scores, T^T dU' and e^b dO rounded to
+#   the inputs' dtype as fla's reverse scan takes dh), on state tiles up to 256 rows and on V
+#   blocks at least 64 wide only: on the narrower blocks fill_v_block cuts to for few
+#   sequences the split scan is wrong on the H200. The per-chunk grads_qk stays unsplit:
+#   split, it spills on sm_90.
+# - grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves, on K tiles
+#   at least 64 wide: at K = 16 (one 16-wide K tile, 4 warps) the H200 returns NaN in dk.
+# - at K >= 256 the reverse scan reads each chunk's masked scores (tril(Q K^T) * Gamma)^T from
+#   delta_bwd_scores_kernel (a float32 [TT, H, BT] buffer alive through the scan) instead of
+#   forming K Q^T in every step of its serial loop for every V block (about 1/7 of a step's
+#   multiply-adds at K 256, repeated by the 4 V blocks).
 
 
-def grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored dU', dW and dk_part for inputs of this dtype."""
-    return dtype if GRADS_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+def grad_dtype(dtype: torch.dtype, cfg: DeltaConfig = DEFAULT) -> torch.dtype:
+    """dtype of the stored dU', dW and dk_part for inputs of this dtype: the inputs' for
+    16-bit inputs (each written by one kernel and read by later ones, all three alive at the
+    backward's peak; every reader upcasts them to float32 before its dots, and the reverse
+    scan's own dS update uses the float32 dU'; PERF_NOTES "Delta rule: 16-bit
+    intermediates")."""
+    return dtype if cfg.grads_in_input_dtype and dtype != torch.float32 else torch.float32
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -133,7 +99,7 @@ def delta_bwd_scores_kernel(q, k, gc, kq, cu_seqlens, chunk_seq, chunk_idx, H, K
                             PREC: tl.constexpr):
     """Per (chunk, head): kq [BT, BT] of the chunk's rows of kq [TT, H, BT] float32, the
     masked scores (tril(Q K^T) * Gamma)^T [key j, query i] the reverse scan reads when it
-    does not form them itself (REVERSE_SCAN_SCORES_MIN_BK)."""
+    does not form them itself (DeltaConfig.reverse_scan_scores_min_bk)."""
     tl.static_assert(BK >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     # K Q^T [j, i] over BK-wide K tiles, 16-bit operands as stored: exact products
@@ -298,7 +264,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     once, forming M = scale tril(dO U'^T) * Gamma beside them (every K tile's program forms
     it: [BT, BT] per program, as fla's chunk_bwd_dqkwg). M_PASS: M in a second pass over V
     (dO and U' read again, from L2) after dW is stored, so that its accumulator and dW's are
-    never alive together (GRADS_QK_M_PASS)."""
+    never alive together (DeltaConfig.grads_qk_m_pass)."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     i_k = tl.program_id(2)
@@ -474,12 +440,13 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
 
 # ------------------------------------------------------------------------------ launchers
 
-def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale, need_dh0):
+def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale, need_dh0,
+                 cfg: DeltaConfig = DEFAULT):
     """dS backwards over the chunks.
 
     Args: q, k [TT, H, K], beta [TT, H] (inputs); tinv [TT, H, BT], gc [TT, H] or None
         (float32, delta_fwd.prep); do [TT, H, V]; dfinal [N, H, K, V] or None;
-        initial_state [N, H, K, V] or None.
+        initial_state [N, H, K, V] or None; cfg: launch choices.
     Returns: dh [NC, H, K, V] in delta_fwd.state_dtype (gradient of each chunk's end state;
         the scan carries it in float32),
         dv2 [TT, H, V] in grad_dtype (dU'), dh0 [N, H, K, V] in initial_state's dtype (or None
@@ -493,17 +460,17 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
     # takes it into tf32 dots and <S, dS'> with the 16-bit h; half of the backward's largest
     # buffer (1 GiB float32 at B*T 65536, H 16, D 128; 4 GiB at D 256), which is alive at the
     # backward's peak (grads_qk)
-    dh = alloc.empty(NC, H, K, V, dtype=delta_fwd.state_dtype(q.dtype), device=dev)
-    dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype), device=dev)
+    dh = alloc.empty(NC, H, K, V, dtype=delta_fwd.state_dtype(q.dtype, cfg), device=dev)
+    dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype, cfg), device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
-    BK, BV = full_tile(K), scan_v_block(K, V, REVERSE_SCAN_BV, N * H, dev, q.dtype)
+    BK, BV = full_tile(K), scan_v_block(K, V, cfg.reverse_scan_bv, N * H, dev, q.dtype, cfg)
     kq = None
-    if BK >= REVERSE_SCAN_SCORES_MIN_BK and layout.NT:
+    if BK >= cfg.reverse_scan_scores_min_bk and layout.NT:
         kq = alloc.empty(TT, H, BT, dtype=torch.float32, device=dev)    # [TT, H, BT]
         delta_bwd_scores_kernel[(layout.NT, H)](
             q, k, gc if gc is not None else kq, kq, layout.cu, layout.tile_seq,
             layout.tile_idx, H, K=K, BT=BT, BK=head_tile(K, 64), USE_G=gc is not None,
-            PREC=dot_precision(q.dtype), **LAUNCH["scores"])
+            PREC=dot_precision(q.dtype), **cfg.launch["scores"])
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
             q, k, beta, tinv, gc if gc is not None else tinv, do, kq if kq is not None else tinv,
@@ -511,24 +478,26 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            # on state tiles up to REVERSE_SCAN_SPLIT16_MAX_BK rows and wide V blocks only
-            # (see REVERSE_SCAN_SPLIT16_MIN_BV)
-            SPLIT16=REVERSE_SCAN_DOT16_PARTS if (
-                common.split16_on(REVERSE_SCAN_SPLIT16, q)
-                and BK <= REVERSE_SCAN_SPLIT16_MAX_BK and BV >= REVERSE_SCAN_SPLIT16_MIN_BV)
+            # on state tiles up to reverse_scan_split16_max_bk rows and wide V blocks only
+            # (see reverse_scan_split16_min_bv)
+            SPLIT16=cfg.reverse_scan_dot16_parts if (
+                split16_on(cfg.reverse_scan_split16, cfg, q)
+                and BK <= cfg.reverse_scan_split16_max_bk
+                and BV >= cfg.reverse_scan_split16_min_bv)
             else 0,
             KQ_IN=kq is not None,
-            **(LAUNCH["reverse_scan_k256"] if BK >= 256 else
-               {**LAUNCH["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))
+            **(cfg.launch["reverse_scan_k256"] if BK >= 256 else
+               {**cfg.launch["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))
     return dh, dv2, dh0
 
 
-def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
+def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale, cfg: DeltaConfig = DEFAULT):
     """dq, and the parts of dk, dW and db that come through the states and outputs.
 
     Args: q, k [TT, H, K]; vnew [TT, H, V] (delta_fwd.vnew_dtype), h [NC + N, H, K, V]
         (delta_fwd.scan); gc [TT, H] or
-        None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V].
+        None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V]; cfg: launch
+        choices.
     Returns: dq [TT, H, K] in q's dtype; dk_part, dw [TT, H, K] in grad_dtype; db [TT, H]
         float32 (None when ungated).
     """
@@ -536,11 +505,11 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
     V = do.shape[-1]
     dev = q.device
     dq = alloc.empty(TT, H, K, dtype=q.dtype, device=dev)
-    dk_part = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
-    dw = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
+    dk_part = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype, cfg), device=dev)
+    dw = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype, cfg), device=dev)
     BK = head_tile(K, 64)
     NK = triton.cdiv(K, BK)
-    BV = head_tile(V, GRADS_QK_TILE_BV_GATED if gc is not None else GRADS_QK_TILE_BV)
+    BV = head_tile(V, cfg.grads_qk_tile_bv_gated if gc is not None else cfg.grads_qk_tile_bv)
     # db as one share per K tile [NK, TT, H], summed below (no atomics)
     db = alloc.empty(NK, TT, H, dtype=torch.float32, device=dev) if gc is not None else None
     if layout.NT:
@@ -548,21 +517,22 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
             db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
             scale, TT, H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            USE_G=gc is not None, PREC=dot_precision(q.dtype), M_PASS=GRADS_QK_M_PASS,
+            USE_G=gc is not None, PREC=dot_precision(q.dtype), M_PASS=cfg.grads_qk_m_pass,
             # float32 inputs ("ieee" dots) on 8 warps: on 4, sm_90 spills 7.4 - 9.5 KB
-            **{**LAUNCH["grads_qk"],
+            **{**cfg.launch["grads_qk"],
                **(dict(num_warps=8) if q.dtype == torch.float32 else {})})
     if db is not None:
         db = db[0] if NK == 1 else db.sum(0)               # [TT, H]: the K tiles' shares
     return dq, dk_part, dw, db
 
 
-def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
+def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout,
+             cfg: DeltaConfig = DEFAULT):
     """dk, dv, dbeta, dg through the WY/UT transform (and dg from every decay).
 
     Args: k [TT, H, K], v [TT, H, V], beta, g [TT, H] (inputs; g may be None); gc [TT, H],
         tinv [TT, H, BT] (delta_fwd.prep); dw, dk_part [TT, H, K], db [TT, H] (grads_qk);
-        dv2 [TT, H, V] (reverse_scan).
+        dv2 [TT, H, V] (reverse_scan); cfg: launch choices.
     Returns: dk, dv (k's and v's dtypes), dbeta (beta's dtype), dg (g's dtype, or None).
     """
     TT, H, K = k.shape
@@ -580,15 +550,17 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
             layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=common.split16_on(GRADS_WY_SPLIT16, k, dw, dv2)
-            and BK >= GRADS_WY_SPLIT16_MIN_BK,
+            SPLIT16=split16_on(cfg.grads_wy_split16, cfg, k, dw, dv2)
+            and BK >= cfg.grads_wy_split16_min_bk,
             # float32 inputs ("ieee" dots) keep 8 warps: on 4, sm_90 spills ~9 KB (the sweep
             # timed 16-bit inputs only)
-            **{**LAUNCH["grads_wy"], **(dict(num_warps=8) if k.dtype == torch.float32 else {})})
+            **{**cfg.launch["grads_wy"],
+               **(dict(num_warps=8) if k.dtype == torch.float32 else {})})
     return dk, dv, dbeta, dg
 
 
-def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh0, kept=None):
+def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh0, kept=None,
+             cfg: DeltaConfig = DEFAULT):
     """Gradients of the packed delta rule: prep and scan's outputs (kept by the forward, or
     recomputed), then reverse_scan -> grads_qk -> grads_wy.
 
@@ -602,20 +574,21 @@ def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh
         initial_state [N, H, K, V] float32 or None;
         layout: common.ChunkLayout (delta_api.chunk_layout);
         kept: None, or a list holding the forward's (gc, tinv, h, vnew) or None; it is
-        emptied here, so that these buffers too are freed after their last kernel.
+        emptied here, so that these buffers too are freed after their last kernel;
+        cfg: launch choices (the forward's).
     Returns: dq, dk, dv (inputs' dtypes), dbeta (beta's dtype), dg (g's dtype or None),
         dh0 (initial_state's dtype, or None unless need_dh0).
     """
     kept = kept.pop() if kept else None
     if kept is None:                                       # recompute prep and scan
-        gc, tinv = delta_fwd.prep(k, beta, g, layout)
-        h, vnew, _ = delta_fwd.scan(k, v, beta, gc, tinv, initial_state, layout, False)
+        gc, tinv = delta_fwd.prep(k, beta, g, layout, cfg)
+        h, vnew, _ = delta_fwd.scan(k, v, beta, gc, tinv, initial_state, layout, False, cfg)
     else:
         gc, tinv, h, vnew = kept
         del kept
     dh, dv2, dh0 = reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
-                                need_dh0)
-    dq, dk_part, dw, db = grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale)
+                                need_dh0, cfg)
+    dq, dk_part, dw, db = grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale, cfg)
     del h, vnew, dh                                        # last read by grads_qk
-    dk, dv, dbeta, dg = grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout)
+    dk, dv, dbeta, dg = grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout, cfg)
     return dq, dk, dv, dbeta, dg, dh0

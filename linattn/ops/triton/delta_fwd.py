@@ -40,51 +40,34 @@ import triton
 import triton.language as tl
 
 from .. import alloc
-from . import common
 from .common import dot_a16, fill_v_block, head_tile, next_pow2
+from .delta_config import DEFAULT, DeltaConfig, split16_on
 from .gated_api import KernelConfig
 from .gated_fwd import fwd_o
 
 BT = 64  # chunk length: the UT transform's block
 BC = 16  # diagonal sub-block of the forward substitution
 
-# Launch settings of the forward kernels, chosen per kernel by benchmarks/sweep_delta.py
-# (PERF_NOTES "Delta rule: launch choices"): prep on 2 warps and 1 stage, the scan on
-# 4 warps and 2 stages at K <= 128, the output on 4 warps and 3 stages.
-LAUNCH = {
-    "prep": dict(num_warps=2, num_stages=1),
-    "scan": dict(num_warps=4, num_stages=2),
-    "scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile (full_tile(K) 256)
-    "scan_k256_split": dict(num_warps=4, num_stages=1),  # the same, split dots (16-bit inputs)
-    "output": dict(num_warps=4, num_stages=3),
-}
-# the output kernel's V tile cap: 128-wide tiles form q K^T once per chunk instead of twice
-# and fit sm_90's registers once U' and h are 16-bit (PERF_NOTES "Delta rule: launch
-# choices"); float32 inputs keep 64 (their "ieee" dots at 128 are untested on a GPU).
-OUTPUT_BV = 128
-OUTPUT_BV_F32 = 64
-
-# Chunk states h stored in the inputs' dtype for 16-bit inputs (the scan carries S in float32;
-# the output and grads_qk read h): halves the largest buffer the forward keeps for the
-# backward. benchmarks/delta_lowp_probe.py checks the precision against the tests' tolerance
-# rule (PERF_NOTES "Delta rule: 16-bit intermediates"); False restores float32 states.
-STATES_IN_INPUT_DTYPE: bool = True
+# Launch choices come from a DeltaConfig argument (delta_config.DEFAULT): prep on 2 warps and
+# 1 stage, the scan on 4 warps and 2 stages at K <= 128, the output on 4 warps and 3 stages
+# and 128-wide V tiles for 16-bit inputs (q K^T formed once per chunk instead of twice; they
+# fit sm_90's registers once U' and h are 16-bit; float32 inputs keep 64). PERF_NOTES "Delta
+# rule: launch choices".
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored chunk states h for inputs of this dtype."""
-    return dtype if STATES_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+def state_dtype(dtype: torch.dtype, cfg: DeltaConfig = DEFAULT) -> torch.dtype:
+    """dtype of the stored chunk states h for inputs of this dtype: the inputs' for 16-bit
+    inputs (the scan carries S in float32; the output and grads_qk read h), which halves the
+    largest buffer the forward keeps for the backward; benchmarks/delta_lowp_probe.py checks
+    the precision against the tests' rule (PERF_NOTES "Delta rule: 16-bit intermediates")."""
+    return dtype if cfg.states_in_input_dtype and dtype != torch.float32 else torch.float32
 
 
-# U' (vnew) stored in the inputs' dtype for 16-bit inputs, as fla stores it: the output kernel
-# and grads_qk read it with 16-bit dot operands; the scan's state update uses the float32 U'
-# (PERF_NOTES "Delta rule: 16-bit intermediates").
-VNEW_IN_INPUT_DTYPE: bool = True
-
-
-def vnew_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored U' for inputs of this dtype."""
-    return dtype if VNEW_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+def vnew_dtype(dtype: torch.dtype, cfg: DeltaConfig = DEFAULT) -> torch.dtype:
+    """dtype of the stored U' for inputs of this dtype: the inputs' for 16-bit inputs, as fla
+    stores it (the output kernel and grads_qk read it with 16-bit dot operands; the scan's
+    state update uses the float32 U')."""
+    return dtype if cfg.vnew_in_input_dtype and dtype != torch.float32 else torch.float32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -103,40 +86,26 @@ def full_tile(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-# V tile cap of the forward scan (delta_bwd.REVERSE_SCAN_BV: the reverse scan's)
-SCAN_BV = 64
-# the forward scan's K S and K^T U' on 16-bit operands (delta_scan_kernel's SPLIT16), on state
-# tiles up to SCAN_SPLIT16_MAX_BK rows; at K 256 on 4 warps only (LAUNCH "scan_k256_split"):
-# on 8 warps the H200 computes it wrong (PERF_NOTES "Compiler faults and precision guards").
-SCAN_SPLIT16: bool = True
-SCAN_SPLIT16_MAX_BK = 256
-# how many 16-bit parts of S and U' those dots take: 2 (split16's halves, ~16 significant
-# bits), or 1 (S and U' rounded to the inputs' dtype for the dot, as fla's scan takes its
-# state; the carried S stays float32). 1: fewer dots on the serial chain, within the tests'
-# rule (PERF_NOTES "Delta rule: 16-bit intermediates").
-SCAN_DOT16_PARTS = 1
-
-
-# the scans' float32 state tile [BK, BV] at most this many elements: BV 64 at K 256 (faster
-# than BV 32, bitwise equal; PERF_NOTES "Delta rule: launch choices"). float32 inputs keep
-# 8192: their "ieee" dots spill heavily at BV 64 on sm_90.
-STATE_TILE_ELEMS = 16384
-STATE_TILE_ELEMS_F32 = 8192
-# the narrowest V block fill_v_block may cut the scans to at K = 256: on 16-wide blocks the
-# H200 runs Gated DeltaNet's forward scan wrong (PERF_NOTES "Compiler faults and precision
-# guards").
-SCAN_MIN_BV_K256 = 32
+# The forward scan's K S and K^T U' take 16-bit operands (delta_scan_kernel's SPLIT16:
+# cfg.scan_split16, scan_dot16_parts): 1 part, S and U' rounded to the inputs' dtype for the
+# dot as fla's scan takes its state (the carried S stays float32), puts fewer dots on the
+# serial chain within the tests' rule (PERF_NOTES "Delta rule: 16-bit intermediates"). At
+# K 256 the split scan runs on 4 warps only (launch "scan_k256_split"): on 8 warps the H200
+# computes it wrong (PERF_NOTES "Compiler faults and precision guards").
 
 
 def scan_v_block(K: int, V: int, cap: int, programs_per_v_block: int, device,
-                 dtype: torch.dtype = torch.bfloat16) -> int:
+                 dtype: torch.dtype = torch.bfloat16, cfg: DeltaConfig = DEFAULT) -> int:
     """The scans' V block for inputs of dtype: at most cap, the float32 state tile [BK, BV] at
-    most STATE_TILE_ELEMS(_F32) elements, cut by fill_v_block for few sequences (not below
-    SCAN_MIN_BV_K256 at K = 256)."""
-    elems = STATE_TILE_ELEMS_F32 if dtype == torch.float32 else STATE_TILE_ELEMS
+    most cfg.state_tile_elems(_f32) elements (BV 64 at K 256: faster than 32, bitwise equal;
+    float32's "ieee" dots spill heavily there), cut by fill_v_block for few sequences (not
+    below cfg.scan_min_bv_k256 at K = 256: on 16-wide blocks the H200 runs Gated DeltaNet's
+    forward scan wrong; PERF_NOTES "Compiler faults and precision guards")."""
+    elems = cfg.state_tile_elems_f32 if dtype == torch.float32 else cfg.state_tile_elems
     BV = max(16, min(head_tile(V, cap), elems // full_tile(K)))
     return fill_v_block(BV, V, programs_per_v_block, device,
-                        min_bv=SCAN_MIN_BV_K256 if full_tile(K) >= 256 else 16)
+                        min_bv=max(cfg.fill_min_bv,
+                                   cfg.scan_min_bv_k256 if full_tile(K) >= 256 else 16))
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -369,11 +338,11 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
 
 # ------------------------------------------------------------------------------ launchers
 
-def prep(k, beta, g, layout):
+def prep(k, beta, g, layout, cfg: DeltaConfig = DEFAULT):
     """b and T for every chunk.
 
     Args: k [TT, H, K] (packed, contiguous); beta, g [TT, H] (g may be None);
-        layout: common.ChunkLayout (delta_api.chunk_layout).
+        layout: common.ChunkLayout (delta_api.chunk_layout); cfg: launch choices.
     Returns: gc [TT, H] float32 (None when g is None), tinv [TT, H, BT] float32.
     """
     TT, H, K = k.shape
@@ -385,15 +354,17 @@ def prep(k, beta, g, layout):
             k, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             layout.cu, layout.tile_seq, layout.tile_idx, H=H, K=K, BT=BT, BC=BC,
             BK=head_tile(K, 64), USE_G=g is not None, PREC=dot_precision(k.dtype),
-            **LAUNCH["prep"])
+            **cfg.launch["prep"])
     return gc, tinv
 
 
-def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
+def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state,
+         cfg: DeltaConfig = DEFAULT):
     """The forward state scan.
 
     Args: k [TT, H, K], v [TT, H, V], beta [TT, H] (inputs); gc [TT, H] float32 or None,
-        tinv [TT, H, BT] float32 (prep); initial_state [N, H, K, V] or None.
+        tinv [TT, H, BT] float32 (prep); initial_state [N, H, K, V] or None; cfg: launch
+        choices.
     Returns: h [NC + N, H, K, V] in state_dtype(k.dtype) (state at each chunk's start, at the
         slots of layout; the N slots after each sequence stay unwritten), vnew [TT, H, V] in
         vnew_dtype (U'), final [N, H, K, V] float32 or None.
@@ -402,11 +373,11 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
     V = v.shape[-1]
     N = layout.N
     dev = k.device
-    h = alloc.empty(layout.n_slots, H, K, V, dtype=state_dtype(k.dtype), device=dev)
-    vnew = alloc.empty(TT, H, V, dtype=vnew_dtype(k.dtype), device=dev)
+    h = alloc.empty(layout.n_slots, H, K, V, dtype=state_dtype(k.dtype, cfg), device=dev)
+    vnew = alloc.empty(TT, H, V, dtype=vnew_dtype(k.dtype, cfg), device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
-    BK, BV = full_tile(K), scan_v_block(K, V, SCAN_BV, N * H, dev, k.dtype)
-    split = common.split16_on(SCAN_SPLIT16, k) and BK <= SCAN_SPLIT16_MAX_BK
+    BK, BV = full_tile(K), scan_v_block(K, V, cfg.scan_bv, N * H, dev, k.dtype, cfg)
+    split = split16_on(cfg.scan_split16, cfg, k) and BK <= cfg.scan_split16_max_bk
     if N:
         delta_scan_kernel[(triton.cdiv(V, BV), N * H)](
             k, v, beta, tinv, gc if gc is not None else tinv,
@@ -415,21 +386,22 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=SCAN_DOT16_PARTS if split else 0,
-            **LAUNCH[("scan_k256_split" if split else "scan_k256") if BK >= 256 else "scan"])
+            SPLIT16=cfg.scan_dot16_parts if split else 0,
+            **cfg.launch[("scan_k256_split" if split else "scan_k256") if BK >= 256 else "scan"])
     return h, vnew, final
 
 
-def output(q, k, vnew, gc, h, layout, scale, out_dtype):
+def output(q, k, vnew, gc, h, layout, scale, out_dtype, cfg: DeltaConfig = DEFAULT):
     """O from the chunk states: gated linear attention with values U' (gated_fwd.fwd_o).
 
     Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (from scan);
-        gc [TT, H] float32 or None (b, the log-decay's cumsum inside each chunk).
+        gc [TT, H] float32 or None (b, the log-decay's cumsum inside each chunk); cfg: launch
+        choices.
     Returns: o [TT, H, V] in out_dtype.
     """
     K, V = q.shape[-1], vnew.shape[-1]
-    launch = LAUNCH["output"]
-    bv = head_tile(V, OUTPUT_BV_F32 if q.dtype == torch.float32 else OUTPUT_BV)
+    launch = cfg.launch["output"]
+    bv = head_tile(V, cfg.output_bv_f32 if q.dtype == torch.float32 else cfg.output_bv)
     # dots on U' and the states as stored (16-bit, or float32 with exact "ieee" dots for float32
     # inputs)
     cfg = KernelConfig(gate=0 if gc is None else 1, has_kw=False, mexp=False, noncausal=False,
