@@ -1,6 +1,6 @@
 """A kernel option against the default on the GPU, in a minute: the same op, inputs and
-cotangent under several settings (the delta rule's DeltaConfig fields, or module constants of
-linattn.ops.triton such as gated_api.CHUNK), each in its own process (a
+cotangent under several settings (the delta rule's DeltaConfig fields, the gated family's
+gated_api.Override, or module constants of linattn.ops.triton), each in its own process (a
 miscompiled kernel's illegal address cannot poison the others), every output and gradient
 compared with the first setting's as max |diff| / max |base|.
 
@@ -31,18 +31,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKED = [0, 1, 2, 15, 63, 64, 65, 127, 300, 3]  # sequence lengths with cu_seqlens
 
 
-def set_flags(spec: str):
-    """"NAME=V,..." -> the delta rule's DeltaConfig (returned; None when no item names it):
-    delta.FIELD=V sets a field (0 / 1 for a bool, else an int; delta_fwd.X / delta_bwd.X, the
-    names the fields had as module constants, mean delta.x), delta.launch.KERNEL.OPTION=V a
-    launch option (num_warps, num_stages, maxnreg, ...). Any other mod.NAME=V sets the module
-    constant linattn.ops.triton.mod.NAME (a dotted path goes into dicts)."""
+def set_flags(spec: str) -> dict:
+    """"NAME=V,..." -> {"config": the delta rule's DeltaConfig, "override": the gated
+    family's gated_api.Override} (None where no item names them). delta.FIELD=V sets a
+    DeltaConfig field (0 / 1 for a bool, else an int; delta_fwd.X / delta_bwd.X, the names the
+    fields had as module constants, mean delta.x), delta.launch.KERNEL.OPTION=V a launch
+    option (num_warps, num_stages, maxnreg, ...); gated.chunk=V, gated.tile=V and
+    gated.FIELD=V (a KernelConfig field) the Override (gated_api.CHUNK / TILE mean
+    gated.chunk / tile). Any other mod.NAME=V sets the module constant
+    linattn.ops.triton.mod.NAME (a dotted path goes into dicts)."""
     import dataclasses
     from linattn.ops.triton.delta_config import DEFAULT
-    cfg = None
+    from linattn.ops.triton.gated_api import Override
+    cfg = override = None
     for item in filter(None, spec.split(",")):
         name, value = item.split("=")
         mod, *path = name.split(".")
+        if mod == "gated_api" and path in (["CHUNK"], ["TILE"]):
+            mod, path = "gated", [path[0].lower()]
+        if mod == "gated":
+            override = override or Override()
+            if path in (["chunk"], ["tile"]):
+                override = dataclasses.replace(override, **{path[0]: int(value)})
+            elif len(path) == 1:
+                override = dataclasses.replace(
+                    override, fields=override.fields + ((path[0], int(value)),))
+            else:
+                raise SystemExit(f"flag_diff: no {name}")
+            continue
         if mod in ("delta_fwd", "delta_bwd") and path and path[0] == "LAUNCH":
             mod, path = "delta", ["launch", *path[1:]]
         elif mod in ("delta_fwd", "delta_bwd") and len(path) == 1 and \
@@ -76,7 +92,7 @@ def set_flags(spec: str):
             obj[last] = new
         else:
             setattr(obj, last, new)
-    return cfg
+    return {"config": cfg, "override": override}
 
 
 def cases(op: str, device: str):
@@ -99,10 +115,10 @@ def cases(op: str, device: str):
             ("K256x64_T700", None, 2, 700, 256, 64, None, False)]
 
 
-def run_case(op, gated, B, T, K, V, lengths, h0, dev, config=None):
+def run_case(op, gated, B, T, K, V, lengths, h0, dev, config=None, override=None):
     """One forward+backward on seeded bf16 inputs (float16 on the CPU, where the interpreter
-    cannot run bf16), the delta rule with launch choices config (None: the default):
-    {name: float32 tensor on the CPU}."""
+    cannot run bf16), the delta rule with launch choices config, mLSTMexp with the gated
+    family's override (None: the defaults): {name: float32 tensor on the CPU}."""
     import linattn
     H = 2
     half = torch.bfloat16 if dev == "cuda" else torch.float16
@@ -129,7 +145,12 @@ def run_case(op, gated, B, T, K, V, lengths, h0, dev, config=None):
         if h0:
             kw["initial_state"] = tuple(t.to(dev).requires_grad_() for t in (
                 rnd(N, H, K, V), rnd(N, H, K), rnd(N, H)))
-        fn = linattn.mlstm
+        from linattn.ops.triton import gated_api
+
+        def fn(q, k, v, i, f, backend, **rest):
+            if override is None:
+                return linattn.mlstm(q, k, v, i, f, backend=backend, **rest)
+            return gated_api.mlstm(q, k, v, i, f, scale=K ** -0.5, override=override, **rest)
     x = {n: None if t is None else
          t.to(dev, half if n in ("q", "k", "v") else torch.float32).requires_grad_()
          for n, t in x.items()}
@@ -149,12 +170,12 @@ def run_case(op, gated, B, T, K, V, lengths, h0, dev, config=None):
 
 
 def child(args) -> None:
-    config = set_flags(args.flags)
+    values = set_flags(args.flags)
     results = {}
     for name, gated, B, T, K, V, lengths, h0 in cases(args.op, args.device):
         try:
             results[name] = run_case(args.op, gated, B, T, K, V, lengths, h0, args.device,
-                                     config)
+                                     **values)
             if args.device == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # an illegal address poisons the context: stop here

@@ -34,7 +34,7 @@ THRESHOLD = 2e-2                      # relative difference reported (bf16 round
 
 def child(flags: str, names: list[str], reps: int, path: str) -> None:
     """Runs the cases reps times under flags; saves {(case, run): {name: tensor} or error}."""
-    config = flag_diff.set_flags(flags)
+    values = flag_diff.set_flags(flags)
     from linattn.ops.triton import delta_bwd
     recorded = {}
     for fn in SPIED:
@@ -53,7 +53,7 @@ def child(flags: str, names: list[str], reps: int, path: str) -> None:
         for r in range(reps):
             recorded.clear()
             try:
-                out = flag_diff.run_case("delta", gated, B, T, K, V, lengths, h0, dev, config)
+                out = flag_diff.run_case("delta", gated, B, T, K, V, lengths, h0, dev, **values)
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 results[(name, r)] = {**out, **recorded}

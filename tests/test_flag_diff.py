@@ -1,6 +1,6 @@
 """benchmarks/flag_diff.py: kernel options against the defaults, one process per setting. On
 the CPU (interpreter, float16) the tool runs one small case: the flag must reach the child
-process (gated_api.CHUNK = 32 cuts the sequences into other chunks, so its row differs from the
+process (gated.chunk = 32 cuts the sequences into other chunks, so its row differs from the
 base's, by little), and an unknown flag must stop its child without stopping the others."""
 import json
 import os
@@ -16,7 +16,7 @@ def test_flag_reaches_child_and_bad_flag_is_reported(tmp_path):
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "flag_diff.py"), "--device", "cpu",
          "--op", "mlstm_exp", "--json", str(out), "--timeout", "300", "--settings",
-         "off=;on=gated_api.CHUNK=32;bad=gated_fwd.NO_SUCH=1"],
+         "off=;on=gated.chunk=32;bad=gated_fwd.NO_SUCH=1"],
         env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "no gated_fwd.NO_SUCH" in run.stderr

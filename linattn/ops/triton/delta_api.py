@@ -9,9 +9,9 @@ U' and the chunk states); with "recompute" only its inputs, and the backward
 (delta_bwd.backward) recomputes them: one launch of prep and of scan more per backward (about
 a fifth of the fwd+bwd time; PERF_NOTES "Delta rule: launch choices") against holding about
 1.5x the size of q, k, v (bf16, D 128) from forward to backward. A single op's peak is the
-same either way (the backward allocates the same buffers). It then runs the reverse scan for dS and two chunk-parallel gradient
-kernels, releasing every intermediate after its last kernel. No atomics: bitwise
-deterministic.
+same either way (the backward allocates the same buffers). The backward then runs the
+reverse scan for dS and two chunk-parallel gradient kernels, releasing every intermediate
+after its last kernel. No atomics: bitwise deterministic.
 
 B sequences of T tokens are handled as the packed case (cu_seqlens = [0, T, 2T, ...]) of
 [1, B*T, H, D]; one code path serves both.

@@ -23,6 +23,7 @@ by a segmented reverse scan over the m_t = max(logsigmoid(f_t) + m_{t-1}, i_t) r
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,11 +39,16 @@ from .gated_fwd import fwd_o, fwd_states, key_scores, mexp_prep, state_dtype
 
 MLSTM_EPS = 1e-6
 
-# Tiling overrides (tests set them to exercise several chunks and tiles at tiny T).
-# CHUNK: tokens between stored states (a power of two, a multiple of TILE); TILE: the tokens
-# a program holds. None picks the default for the device.
-CHUNK: int | None = None
-TILE: int | None = None
+
+@dataclass(frozen=True)
+class Override:
+    """Departures from _config's choice for one call (tests reach several chunks and tiles at
+    tiny T with them; sweeps time other forms). chunk: tokens between stored states (a power
+    of two, a multiple of tile); tile: the tokens a program holds; None keeps the device's.
+    fields: (name, value) pairs replacing KernelConfig fields."""
+    chunk: int | None = None
+    tile: int | None = None
+    fields: tuple = ()
 
 # The state scans' register caps aim for this many programs per SM out of the SM's 64K
 # 32-bit registers (KernelConfig.fwd_scan_maxnreg, bwd_scan_maxnreg).
@@ -99,27 +105,30 @@ class KernelConfig:
         return self.scan_stages or self.stages
 
 
-def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
+def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False,
+            override: Override | None = None):
     """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning
     (so no config depends on B, and the interpreter needs none). Every choice is measured in
-    PERF_NOTES "Gated family: launch choices"."""
+    PERF_NOTES "Gated family: launch choices". override: departures for this call."""
+    override = override or Override()
+    chunk, tile = override.chunk, override.tile
     BKQ = dqk_warps = scan_stages = fwd_cap = bwd_cap = 0
     BTQ = 16 if gate == 2 else 0
     if INTERPRET:
-        BT, L = TILE or 16, CHUNK or 64
+        BT, L = tile or 16, chunk or 64
         BK, BV, BVS, warps, stages = head_tile(K, 32), head_tile(V, 32), head_tile(V, 32), 4, 1
         scan_warps = warps
     else:
         # per-key gates too: their tile's scores come from gated_fwd.key_scores (16-token
         # blocks), so fwd_o and bwd_dv run 64-token tiles as the other gates do; bwd_dqk keeps
         # 16-token tiles (BTQ)
-        BT = TILE or 64
+        BT = tile or 64
         # L = 64 (one tile per chunk) where it is faster than 128: no gate and scalar gates at
         # K <= 128, mLSTMexp, per-key gates (each of bwd_dqk's 16-token query tiles pairs with
         # up to L / 16 - 1 earlier key tiles). mLSTMsig keeps 128: at 64 its peak memory
         # rises over TFLA's.
         chunk64 = (gate in (0, 1) and K <= 128 and (mexp or not has_kw)) or gate == 2
-        L = CHUNK or (64 if chunk64 else 128)
+        L = chunk or (64 if chunk64 else 128)
         BK = head_tile(K, 64)
         # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
         # exponentials; at 128 the 64-token fwd_o and bwd_dv spill on sm_90)
@@ -151,6 +160,8 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,
                        scan_warps, stages, BKQ, dqk_warps, scan_stages=scan_stages,
                        fwd_scan_maxnreg=fwd_cap, bwd_scan_maxnreg=bwd_cap, BTQ=BTQ)
+    if override.fields:
+        cfg = dataclasses.replace(cfg, **dict(override.fields))
     return cfg, L, BT
 
 
@@ -423,13 +434,15 @@ def layouts(cfg, L, BT, B, T, cu_seqlens, device):
 
 
 def run_chunks(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, *, gate, has_kw=False, mexp=False,
-               noncausal=False, scale, want_final, save_for_backward="states"):
+               noncausal=False, scale, want_final, save_for_backward="states",
+               override: Override | None = None):
     """GatedChunkFunction on packed inputs (see it for the tensors; B: the batch, so that
     T = TT / B without cu_seqlens) -> (o, ht, nt, mt). save_for_backward: "states" keeps the
     forward's chunk states for the backward, "recompute" recomputes them there
-    (linattn.ops.api.linear_attention). Under torch.compile the same forward and backward run
-    as the custom ops linattn::gated_chunk(_backward), which build the layout inside
-    (linattn.ops.custom_ops)."""
+    (linattn.ops.api.linear_attention); override: _config's departures for this call. Under
+    torch.compile the same forward and backward run as the custom ops
+    linattn::gated_chunk(_backward), which build the layout inside (linattn.ops.custom_ops)
+    from the default config."""
     keep_states = save_for_backward == "states"
     if torch.compiler.is_compiling():
         from ..custom_ops import gated_chunk
@@ -437,19 +450,20 @@ def run_chunks(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, *, gate, has_kw=False,
                            mexp=mexp, noncausal=noncausal, scale=scale, want_final=want_final,
                            keep_states=keep_states)
     cfg, L, BT = _config(gate, q.shape[-1], v.shape[-1], q.dtype, has_kw=has_kw, mexp=mexp,
-                         noncausal=noncausal)
+                         noncausal=noncausal, override=override)
     layout, dqk_layout = layouts(cfg, L, BT, B, q.shape[0] // max(B, 1), cu_seqlens, q.device)
     return GatedChunkFunction.apply(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final,
                                     dqk_layout, keep_states)
 
 
 def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, causal=True, save_for_backward="states"):
+                     cu_seqlens=None, causal=True, save_for_backward="states",
+                     override: Override | None = None):
     """Gated linear attention on the Triton kernels (see linattn.ops.api.linear_attention).
 
     q, k [B, T, H, K], v [B, T, H, V] (float32 / bfloat16 / float16); g None | [H] |
     [B, T, H] | [B, T, H, K] log-decay; initial_state [B or N, H, K, V]; save_for_backward
-    "states" | "recompute" (run_chunks).
+    "states" | "recompute", override: departures from the launch choices (run_chunks).
     Returns o [B, T, H, V] in v's dtype and the final state [B or N, H, K, V] float32 or None.
     """
     if q.dtype == torch.float64:
@@ -470,17 +484,17 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
     o, ht, _, _ = run_chunks(_flat(q, TT), _flat(k, TT), _flat(v, TT), gf, None, h0, None, None,
                              cu_seqlens, B, gate=gate, noncausal=not causal, scale=float(scale),
                              want_final=bool(output_final_state),
-                             save_for_backward=save_for_backward)
+                             save_for_backward=save_for_backward, override=override)
     return o.view(B, T, H, V), (ht if output_final_state else None)
 
 
 def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None, output_final_state=False,
-          cu_seqlens=None, save_for_backward="states"):
+          cu_seqlens=None, save_for_backward="states", override: Override | None = None):
     """xLSTM's mLSTM on the Triton kernels (see linattn.ops.api.mlstm).
 
     q, k [B, T, H, K], v [B, T, H, V]; i, f [B, T, H] pre-activations. input_gate "exp":
     initial_state (C [N, H, K, V], n [N, H, K], m [N, H]) and the same tuple as final state;
-    "sigmoid": C alone. save_for_backward "states" | "recompute" (run_chunks). Returns o [B, T, H, V] in v's dtype and the final state or None.
+    "sigmoid": C alone. save_for_backward "states" | "recompute", override (run_chunks). Returns o [B, T, H, V] in v's dtype and the final state or None.
     """
     if q.dtype == torch.float64:
         return torch_chunked.mlstm(q, k, v, i, f, input_gate=input_gate, scale=scale,
@@ -503,7 +517,7 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None, output_
     o, ht, nt, mt = run_chunks(_flat(q, TT), _flat(k, TT), _flat(v, TT), lf, kw, h0, n0, m0,
                                cu_seqlens, B, gate=1, has_kw=True, mexp=mexp,
                                scale=float(scale), want_final=bool(output_final_state),
-                               save_for_backward=save_for_backward)
+                               save_for_backward=save_for_backward, override=override)
     o = o.view(B, T, H, V)
     if not output_final_state:
         return o, None
