@@ -115,12 +115,8 @@ VARIANTS = {
                   "grads_qk": dict(num_stages=1)},
     "qk_g64_s3": {"flags": {"delta_bwd.GRADS_QK_TILE_BV_GATED": 64},
                   "grads_qk": dict(num_stages=3)},
-    # M in a second pass over V (next/untimed12): without and with 64-wide gated V tiles
-    "qk_mpass": {"flags": {"delta_bwd.GRADS_QK_M_PASS": True}},
-    "qk_g64_mpass": {"flags": {"delta_bwd.GRADS_QK_M_PASS": True,
-                               "delta_bwd.GRADS_QK_TILE_BV_GATED": 64}},
     # the scans' float32 dot operands (S, U', dS', ...) as split16's two 16-bit halves, two dots
-    # each (SCAN_DOT16_PARTS, REVERSE_SCAN_DOT16_PARTS = 2; 1, rounded, since the 14th session)
+    # each (scan_dot16_parts, reverse_scan_dot16_parts = 2; the default is 1, rounded)
     "halves": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 2, "delta_bwd.REVERSE_SCAN_DOT16_PARTS": 2}},
     "scan_halves": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 2}},
     "rs_halves": {"flags": {"delta_bwd.REVERSE_SCAN_DOT16_PARTS": 2}},

@@ -41,8 +41,8 @@ from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, lo
 # and M formed by each, as fla's chunk_bwd_dqkwg (nothing re-reads dO, U', dU' per K tile).
 # - gated grads_qk takes 32-wide V tiles: on 64-wide ones (and on 3 stages) the H200 computes
 #   it wrong, run to run different, while the interpreter's run is right (PERF_NOTES
-#   "Compiler faults and precision guards"); forming M in a second pass (grads_qk_m_pass) is
-#   slower and does not cure it.
+#   "Compiler faults and precision guards"); forming M in a second pass over V was slower
+#   and did not cure it.
 # - the reverse scan's dots on 16-bit inputs take their float32 operands in 16-bit parts
 #   (delta_bwd_scan_kernel's SPLIT16; 1 part: dS', the scores, T^T dU' and e^b dO rounded to
 #   the inputs' dtype as fla's reverse scan takes dh), on state tiles up to 256 rows and on V
@@ -257,14 +257,12 @@ def gate_sums(b_mq, b_dkd, b_ss_el, o_t, last):
 def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
                          chunk_seq, chunk_idx, scale, TT, H, K, V, BT: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                         PREC: tl.constexpr, M_PASS: tl.constexpr):
+                         PREC: tl.constexpr):
     """Per (chunk, head, K tile): dq, dk (state and output part) and dw = -dU' S^T on the
     tile's BK columns, and the tile's share of db (db [cdiv(K, BK), TT, H]; the launcher sums
     the shares). One pass over the V tiles reads dO, U', dU' and the tile's rows of S and dS'
     once, forming M = scale tril(dO U'^T) * Gamma beside them (every K tile's program forms
-    it: [BT, BT] per program, as fla's chunk_bwd_dqkwg). M_PASS: M in a second pass over V
-    (dO and U' read again, from L2) after dW is stored, so that its accumulator and dW's are
-    never alive together (DeltaConfig.grads_qk_m_pass)."""
+    it: [BT, BT] per program, as fla's chunk_bwd_dqkwg)."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     i_k = tl.program_id(2)
@@ -289,20 +287,13 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         b_vn = load_tile(p_vn)          # stored 16-bit or float32
         b_do = load_tile(p_do)
         b_dv = load_tile(p_dv2)
-        if not M_PASS:
-            b_m += dot_nt(b_do, b_vn, PREC)                  # dO U'^T
+        b_m += dot_nt(b_do, b_vn, PREC)                      # dO U'^T
         b_dqa += dot_nt(b_do, b_hs, PREC)                    # dO S^T
         b_dka += dot_nt(b_vn, b_dhs, PREC)                   # U' dS'^T
         b_dwa += dot_nt(b_dv, b_hs, PREC)                    # dU' S^T
         b_ss += tl.sum(b_hs.to(tl.float32) * b_dhs.to(tl.float32), 1)
     p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
     tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
-    if M_PASS:
-        # dO U'^T over the V tiles again, dW's accumulator dead
-        for i_v in range(tl.cdiv(V, BV)):
-            b_do = load_tile(token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV))
-            b_vn = load_tile(token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV))
-            b_m += dot_nt(b_do, b_vn, PREC)
     b_m = b_m * b_gam * scale
 
     p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
@@ -517,7 +508,7 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale, cfg: DeltaConfig = D
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
             db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
             scale, TT, H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            USE_G=gc is not None, PREC=dot_precision(q.dtype), M_PASS=cfg.grads_qk_m_pass,
+            USE_G=gc is not None, PREC=dot_precision(q.dtype),
             # float32 inputs ("ieee" dots) on 8 warps: on 4, sm_90 spills 7.4 - 9.5 KB
             **{**cfg.launch["grads_qk"],
                **(dict(num_warps=8) if q.dtype == torch.float32 else {})})

@@ -87,8 +87,6 @@ class DeltaConfig:
     # grads_qk's V tile, ungated and gated (gated 64 is a GPU-only fault)
     grads_qk_tile_bv: int = 64
     grads_qk_tile_bv_gated: int = 32
-    # grads_qk forms M in a second pass over V (fewer live accumulators; slower, off)
-    grads_qk_m_pass: bool = False
 
     def with_launch(self, kernel: str, **options) -> "DeltaConfig":
         """This config with kernel's launch options (num_warps, num_stages) replaced."""

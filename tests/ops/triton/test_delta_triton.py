@@ -187,12 +187,10 @@ def test_grads_qk_k_tiles(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_grads_qk_m_pass(gated):
-    """grads_qk forming M in its second pass over V (DeltaConfig.grads_qk_m_pass), at K = 100
-    (a full and a partial K tile) and V = 40 on 16-wide V tiles (three passes' worth of
-    ragged tiles), packed lengths 0, 1, 66, 5."""
-    cfg = dataclasses.replace(DEFAULT, grads_qk_m_pass=True, grads_qk_tile_bv=16,
-                              grads_qk_tile_bv_gated=16)
+def test_grads_qk_narrow_v_tiles(gated):
+    """grads_qk at K = 100 (a full and a partial K tile) and V = 40 on 16-wide V tiles (three
+    ragged tiles in its pass over V), packed lengths 0, 1, 66, 5."""
+    cfg = dataclasses.replace(DEFAULT, grads_qk_tile_bv=16, grads_qk_tile_bv_gated=16)
     check(make_inputs(1, 72, 2, 100, 40, gated=gated, seed=11, lengths=[0, 1, 66, 5]),
           config=cfg)
 
