@@ -1,5 +1,6 @@
 """A kernel option against the default on the GPU, in a minute: the same op, inputs and
-cotangent under several settings of the Triton modules' flags, each in its own process (a
+cotangent under several settings (the delta rule's DeltaConfig fields, the gated family's
+gated_api.Override, or module constants of linattn.ops.triton), each in its own process (a
 miscompiled kernel's illegal address cannot poison the others), every output and gradient
 compared with the first setting's as max |diff| / max |base|.
 
@@ -10,7 +11,9 @@ run it. It does not replace them: a difference at the level of the dtype's round
 expected (the options round differently), and only the tests bound it.
 
     python benchmarks/flag_diff.py --op delta \\
-        --settings "on=;off=delta_bwd.GRADS_WY_SPLIT16=0;w8=delta_bwd.LAUNCH.grads_wy.num_warps=8"
+        --settings "on=;off=delta.grads_wy_split16=0;w8=delta.launch.grads_wy.num_warps=8"
+
+Run it when a launch choice or a Triton version changes, before the GPU tests.
 """
 from __future__ import annotations
 
@@ -28,13 +31,50 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKED = [0, 1, 2, 15, 63, 64, 65, 127, 300, 3]  # sequence lengths with cu_seqlens
 
 
-def set_flags(spec: str) -> None:
-    """"mod.NAME=V,..." -> linattn.ops.triton.mod.NAME = V: 0 / 1 for a bool, else an int;
-    a dotted path goes into dicts, e.g. delta_bwd.LAUNCH.reverse_scan.num_warps=8 (a key the
-    dict lacks is added: launch options such as maxnreg)."""
+def set_flags(spec: str) -> dict:
+    """"NAME=V,..." -> {"config": the delta rule's DeltaConfig, "override": the gated
+    family's gated_api.Override} (None where no item names them). delta.FIELD=V sets a
+    DeltaConfig field (0 / 1 for a bool, else an int; delta_fwd.X / delta_bwd.X, the names the
+    fields had as module constants, mean delta.x), delta.launch.KERNEL.OPTION=V a launch
+    option (num_warps, num_stages, maxnreg, ...); gated.chunk=V, gated.tile=V and
+    gated.FIELD=V (a KernelConfig field) the Override (gated_api.CHUNK / TILE mean
+    gated.chunk / tile). Any other mod.NAME=V sets the module constant
+    linattn.ops.triton.mod.NAME (a dotted path goes into dicts)."""
+    import dataclasses
+    from linattn.ops.triton.delta_config import DEFAULT
+    from linattn.ops.triton.gated_api import Override
+    cfg = override = None
     for item in filter(None, spec.split(",")):
         name, value = item.split("=")
         mod, *path = name.split(".")
+        if mod == "gated_api" and path in (["CHUNK"], ["TILE"]):
+            mod, path = "gated", [path[0].lower()]
+        if mod == "gated":
+            override = override or Override()
+            if path in (["chunk"], ["tile"]):
+                override = dataclasses.replace(override, **{path[0]: int(value)})
+            elif len(path) == 1:
+                override = dataclasses.replace(
+                    override, fields=override.fields + ((path[0], int(value)),))
+            else:
+                raise SystemExit(f"flag_diff: no {name}")
+            continue
+        if mod in ("delta_fwd", "delta_bwd") and path and path[0] == "LAUNCH":
+            mod, path = "delta", ["launch", *path[1:]]
+        elif mod in ("delta_fwd", "delta_bwd") and len(path) == 1 and \
+                hasattr(DEFAULT, path[0].lower()):
+            mod, path = "delta", [path[0].lower()]
+        if mod == "delta":
+            cfg = cfg or DEFAULT
+            if path[0] == "launch" and len(path) == 3:
+                cfg = cfg.with_launch(path[1], **{path[2]: int(value)})
+            elif len(path) == 1 and hasattr(cfg, path[0]) and path[0] != "launch":
+                old = getattr(cfg, path[0])
+                new = bool(int(value)) if isinstance(old, bool) else int(value)
+                cfg = dataclasses.replace(cfg, **{path[0]: new})
+            else:
+                raise SystemExit(f"flag_diff: no {name}")
+            continue
         obj = importlib.import_module("linattn.ops.triton." + mod)
         for part in path[:-1]:
             obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
@@ -52,6 +92,7 @@ def set_flags(spec: str) -> None:
             obj[last] = new
         else:
             setattr(obj, last, new)
+    return {"config": cfg, "override": override}
 
 
 def cases(op: str, device: str):
@@ -74,9 +115,10 @@ def cases(op: str, device: str):
             ("K256x64_T700", None, 2, 700, 256, 64, None, False)]
 
 
-def run_case(op, gated, B, T, K, V, lengths, h0, dev):
+def run_case(op, gated, B, T, K, V, lengths, h0, dev, config=None, override=None):
     """One forward+backward on seeded bf16 inputs (float16 on the CPU, where the interpreter
-    cannot run bf16): {name: float32 tensor on the CPU}."""
+    cannot run bf16), the delta rule with launch choices config, mLSTMexp with the gated
+    family's override (None: the defaults): {name: float32 tensor on the CPU}."""
     import linattn
     H = 2
     half = torch.bfloat16 if dev == "cuda" else torch.float16
@@ -94,13 +136,21 @@ def run_case(op, gated, B, T, K, V, lengths, h0, dev):
                  g=-torch.rand(B, T, H, generator=gen) if gated else None)
         if h0:
             kw["initial_state"] = rnd(N, H, K, V).to(dev).requires_grad_()
-        fn = linattn.delta_rule
+        from linattn.ops.triton import delta_api
+
+        def fn(q, k, v, beta, g, backend, **rest):
+            return delta_api.delta_rule(q, k, v, beta, g, scale=K ** -0.5, config=config, **rest)
     else:
         x = dict(q=q, k=k, v=v, i=rnd(B, T, H) * 3, f=rnd(B, T, H) * 3 + 3)
         if h0:
             kw["initial_state"] = tuple(t.to(dev).requires_grad_() for t in (
                 rnd(N, H, K, V), rnd(N, H, K), rnd(N, H)))
-        fn = linattn.mlstm
+        from linattn.ops.triton import gated_api
+
+        def fn(q, k, v, i, f, backend, **rest):
+            if override is None:
+                return linattn.mlstm(q, k, v, i, f, backend=backend, **rest)
+            return gated_api.mlstm(q, k, v, i, f, scale=K ** -0.5, override=override, **rest)
     x = {n: None if t is None else
          t.to(dev, half if n in ("q", "k", "v") else torch.float32).requires_grad_()
          for n, t in x.items()}
@@ -120,11 +170,12 @@ def run_case(op, gated, B, T, K, V, lengths, h0, dev):
 
 
 def child(args) -> None:
-    set_flags(args.flags)
+    values = set_flags(args.flags)
     results = {}
     for name, gated, B, T, K, V, lengths, h0 in cases(args.op, args.device):
         try:
-            results[name] = run_case(args.op, gated, B, T, K, V, lengths, h0, args.device)
+            results[name] = run_case(args.op, gated, B, T, K, V, lengths, h0, args.device,
+                                     **values)
             if args.device == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # an illegal address poisons the context: stop here

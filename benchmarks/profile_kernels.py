@@ -34,10 +34,11 @@ DELTA = ["delta", "gated_delta"]
 STEPS = 3
 
 
-def fwd_bwd_step(kind: str, B: int, T: int, H: int, D: int):
+def fwd_bwd_step(kind: str, B: int, T: int, H: int, D: int, config=None):
     """A closure running one forward+backward of `kind` on fixed bf16 inputs. A kind with a
     dot is an op of `linattn bench` (e.g. fla.chunk_delta_rule: a peer's kernels, profiled
-    on the bench's inputs)."""
+    on the bench's inputs). config: the delta rule's launch choices
+    (linattn.ops.triton.delta_config.DeltaConfig; None: the device's)."""
     if "." in kind:
         from linattn import bench
         gen = torch.Generator(device="cuda")
@@ -54,8 +55,9 @@ def fwd_bwd_step(kind: str, B: int, T: int, H: int, D: int):
         q, k, v, beta, g = time_delta.make_inputs(B, T, H, D, kind == "gated_delta", torch.bfloat16)
         leaves = [x.requires_grad_() for x in (q, k, v, beta, g) if x is not None]
         do = torch.randn_like(v)
+        from linattn.ops.triton import delta_api
         return lambda: torch.autograd.grad(
-            linattn.delta_rule(q, k, v, beta, g, backend="triton")[0], leaves, do)
+            delta_api.delta_rule(q, k, v, beta, g, scale=D ** -0.5, config=config)[0], leaves, do)
     frozen = kind == "const_frozen"                       # the decay needs no gradient
     kind = "const" if frozen else kind
     ins = time_gated.make(kind, B, T, H, D, "cuda", torch.bfloat16)
@@ -90,8 +92,9 @@ def host_timing(step, reps: int = 10) -> dict:
                 n_syncs=len(syncs), syncs=syncs[:5])
 
 
-def profile_one(kind: str, B: int, T: int, H: int, D: int) -> tuple[list[dict], dict]:
-    step = fwd_bwd_step(kind, B, T, H, D)
+def profile_one(kind: str, B: int, T: int, H: int, D: int,
+                config=None) -> tuple[list[dict], dict]:
+    step = fwd_bwd_step(kind, B, T, H, D, config)
     step()
     torch.cuda.synchronize()
     host = host_timing(step)

@@ -11,9 +11,9 @@ A line per (case, setting, run): "ok", or each tensor whose max |diff| / max |ba
 the base (the first setting's first run) exceeds 2e-2, with its NaN count.
 
     python3 benchmarks/repeat_probe.py d128x256,g100x64_pack 3 \\
-        "unsplit=delta_bwd.REVERSE_SCAN_SPLIT16=0;default=;bv16=delta_bwd.REVERSE_SCAN_SPLIT16_MIN_BV=16"
+        "unsplit=delta.reverse_scan_split16=0;default=;bv16=delta.reverse_scan_split16_min_bv=16"
 
-Found on the H200 (2026-11-29, results/repeat_probe_delta-h200-2026-11-29-untimed8.txt): the
+Found on the H200 (results/repeat_probe_delta-h200-2026-11-29-untimed8.txt): the
 reverse scan's NaN at DeltaNet K 128 on 16-wide V blocks, and grads_qk's run-to-run different
 dW on 64-wide gated V tiles. PROBE_DEV=cpu runs flag_diff's CPU case under TRITON_INTERPRET=1.
 """
@@ -34,7 +34,7 @@ THRESHOLD = 2e-2                      # relative difference reported (bf16 round
 
 def child(flags: str, names: list[str], reps: int, path: str) -> None:
     """Runs the cases reps times under flags; saves {(case, run): {name: tensor} or error}."""
-    flag_diff.set_flags(flags)
+    values = flag_diff.set_flags(flags)
     from linattn.ops.triton import delta_bwd
     recorded = {}
     for fn in SPIED:
@@ -53,7 +53,7 @@ def child(flags: str, names: list[str], reps: int, path: str) -> None:
         for r in range(reps):
             recorded.clear()
             try:
-                out = flag_diff.run_case("delta", gated, B, T, K, V, lengths, h0, dev)
+                out = flag_diff.run_case("delta", gated, B, T, K, V, lengths, h0, dev, **values)
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 results[(name, r)] = {**out, **recorded}

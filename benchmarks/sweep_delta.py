@@ -1,7 +1,7 @@
 """Launch-setting sweep of the delta-rule kernels: per-kernel times under each variant.
 
-Each variant overrides entries of delta_fwd.LAUNCH / delta_bwd.LAUNCH (num_warps, num_stages),
-the V-tile caps (TILE_CAPS) and module switches (FLAGS); for each, one op (DeltaNet or Gated
+Each variant is a DeltaConfig (config_of: launch overrides per kernel (num_warps, num_stages),
+the V-tile caps (TILE_CAPS) and other fields ("flags")); for each, one op (DeltaNet or Gated
 DeltaNet, bf16, B*T = 65536, H = 16, D = 128 or --D) runs a warm-up forward+backward
 (compile), is timed end to end with do_bench, and then profiled per kernel
 (benchmarks/profile_kernels.profile_one). The table printed last has a row per kernel and a
@@ -14,7 +14,7 @@ change several kernels at once. Not a benchmark
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_kernels  # noqa: E402
 
-from linattn.ops.triton import delta_bwd, delta_fwd  # noqa: E402
+from linattn.ops.triton.delta_config import DEFAULT, DeltaConfig  # noqa: E402
 
-# name -> {kernel: launch overrides}; TILE_CAPS' keys set V-tile caps, "flags" module-level
-# switches (reset to their defaults, FLAGS, before each variant)
+# name -> {kernel: launch overrides}; TILE_CAPS' keys set V-tile caps, "flags" other
+# DeltaConfig fields (named as the module constants they once were)
 VARIANTS = {
     "default": {},
     "warps_swapped": {"prep": dict(num_warps=8), "scan": dict(num_warps=4),
@@ -115,12 +115,8 @@ VARIANTS = {
                   "grads_qk": dict(num_stages=1)},
     "qk_g64_s3": {"flags": {"delta_bwd.GRADS_QK_TILE_BV_GATED": 64},
                   "grads_qk": dict(num_stages=3)},
-    # M in a second pass over V (next/untimed12): without and with 64-wide gated V tiles
-    "qk_mpass": {"flags": {"delta_bwd.GRADS_QK_M_PASS": True}},
-    "qk_g64_mpass": {"flags": {"delta_bwd.GRADS_QK_M_PASS": True,
-                               "delta_bwd.GRADS_QK_TILE_BV_GATED": 64}},
     # the scans' float32 dot operands (S, U', dS', ...) as split16's two 16-bit halves, two dots
-    # each (SCAN_DOT16_PARTS, REVERSE_SCAN_DOT16_PARTS = 2; 1, rounded, since the 14th session)
+    # each (scan_dot16_parts, reverse_scan_dot16_parts = 2; the default is 1, rounded)
     "halves": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 2, "delta_bwd.REVERSE_SCAN_DOT16_PARTS": 2}},
     "scan_halves": {"flags": {"delta_fwd.SCAN_DOT16_PARTS": 2}},
     "rs_halves": {"flags": {"delta_bwd.REVERSE_SCAN_DOT16_PARTS": 2}},
@@ -128,36 +124,25 @@ VARIANTS = {
     "main_form": {"flags": {"delta_fwd.SCAN_SPLIT16": False, "delta_bwd.REVERSE_SCAN_SPLIT16": False,
                             "delta_bwd.GRADS_WY_SPLIT16": False}},
 }
-# variant keys that set a V-tile cap: key -> (module, attribute); qk_bv is the ungated one
-TILE_CAPS = {"output_bv": (delta_fwd, "OUTPUT_BV"), "qk_bv": (delta_bwd, "GRADS_QK_TILE_BV"),
-             "scan_bv": (delta_fwd, "SCAN_BV"), "rs_bv": (delta_bwd, "REVERSE_SCAN_BV")}
-MODULES = {"delta_fwd": delta_fwd, "delta_bwd": delta_bwd}
-# every module switch a variant sets, at its default (captured at import, before any variant)
-FLAGS = {path: getattr(MODULES[path.split(".")[0]], path.split(".")[1])
-         for v in VARIANTS.values() for path in v.get("flags", {})}
+# variant keys that set a V-tile cap: key -> DeltaConfig field; qk_bv is the ungated one
+TILE_CAPS = {"output_bv": "output_bv", "qk_bv": "grads_qk_tile_bv", "scan_bv": "scan_bv",
+             "rs_bv": "reverse_scan_bv"}
 KERNEL_NAMES = {"delta_prep_kernel": "prep", "delta_scan_kernel": "scan",
                 "fwd_o_kernel": "output", "delta_bwd_scan_kernel": "reverse_scan",
                 "delta_bwd_dqk_kernel": "grads_qk", "delta_bwd_wy_kernel": "grads_wy",
                 "delta_bwd_scores_kernel": "scores"}
 
 
-def apply(variant: dict, base_fwd: dict, base_bwd: dict, base_caps: dict) -> None:
-    """Resets the launch tables and tile caps to their defaults, then applies the variant's
-    overrides."""
-    delta_fwd.LAUNCH.clear()
-    delta_fwd.LAUNCH.update(copy.deepcopy(base_fwd))
-    delta_bwd.LAUNCH.clear()
-    delta_bwd.LAUNCH.update(copy.deepcopy(base_bwd))
-    for key, (mod, attr) in TILE_CAPS.items():
-        setattr(mod, attr, variant.get(key, base_caps[key]))
-    for path, value in {**FLAGS, **variant.get("flags", {})}.items():
-        mod, attr = path.split(".")
-        setattr(MODULES[mod], attr, value)
+def config_of(variant: dict) -> DeltaConfig:
+    """The variant as a DeltaConfig: launch overrides per kernel, tile caps, and "flags"
+    naming DeltaConfig fields ("delta_fwd.SCAN_SPLIT16" is the field scan_split16)."""
+    fields = {TILE_CAPS[k]: v for k, v in variant.items() if k in TILE_CAPS}
+    fields.update({path.split(".")[-1].lower(): v for path, v in variant.get("flags", {}).items()})
+    cfg = dataclasses.replace(DEFAULT, **fields)
     for name, over in variant.items():
-        if name in TILE_CAPS or name == "flags":
-            continue
-        table = delta_fwd.LAUNCH if name in delta_fwd.LAUNCH else delta_bwd.LAUNCH
-        table[name].update(over)
+        if name not in TILE_CAPS and name != "flags":
+            cfg = cfg.with_launch(name, **over)
+    return cfg
 
 
 def main():
@@ -167,18 +152,16 @@ def main():
     profile_kernels.add_shape_args(ap)
     args = ap.parse_args()
     import triton.testing
-    base = (copy.deepcopy(delta_fwd.LAUNCH), copy.deepcopy(delta_bwd.LAUNCH),
-            {key: getattr(mod, attr) for key, (mod, attr) in TILE_CAPS.items()})
     names = args.variants.split(",")
     result = {}
     for kind in args.kinds.split(","):
         for name in names:
-            apply(VARIANTS[name], *base)
+            cfg = config_of(VARIANTS[name])
             try:
-                step = profile_kernels.fwd_bwd_step(kind, args.B, args.T, args.H, args.D)
+                step = profile_kernels.fwd_bwd_step(kind, args.B, args.T, args.H, args.D, cfg)
                 step()
                 ms = triton.testing.do_bench(step, return_mode="median")
-                rows, _ = profile_kernels.profile_one(kind, args.B, args.T, args.H, args.D)
+                rows, _ = profile_kernels.profile_one(kind, args.B, args.T, args.H, args.D, cfg)
             except Exception as e:  # report and go on
                 print(f"== {kind} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 result[f"{kind}/{name}"] = {"error": f"{type(e).__name__}: {e}"}
@@ -191,7 +174,6 @@ def main():
             print(f"{kind:12s} {name:18s} fwd+bwd {ms:7.3f} ms  "
                   + " ".join(f"{k}={v:.2f}" for k, v in sorted(per.items())), flush=True)
             torch.cuda.empty_cache()
-    apply({}, *base)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     # the table: kernel x variant, per kind

@@ -14,7 +14,6 @@ it picks the defaults in gated_api._config, which `linattn bench` then measures.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import statistics
@@ -30,8 +29,6 @@ import time_gated  # noqa: E402
 
 from linattn.ops.triton import gated_api  # noqa: E402
 
-_DEFAULT_CONFIG = gated_api._config
-
 
 SETTINGS = ("chunk", "tile", "warps", "scan_warps", "stages", "dqk_bk", "dqk_warps", "score_warps",
             "score_kd", "dqk_diag", "scan_stages", "fwd_cap", "bwd_cap")
@@ -45,21 +42,15 @@ LABELS = dict(chunk=("L", 4), tile=("BT", 4), warps=("warps", 5), scan_warps=("s
 
 def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=None,
                  score_warps=None, score_kd=None, dqk_diag=None, scan_stages=None, fwd_cap=None,
-                 bwd_cap=None):
-    """Makes gated_api pick these settings (None: the default) until the next call."""
-    gated_api.CHUNK, gated_api.TILE = chunk, tile
-
-    def config(*a, **kw):
-        cfg, L, BT = _DEFAULT_CONFIG(*a, **kw)
-        repl = {k: v for k, v in dict(warps=warps, scan_warps=scan_warps, stages=stages,
-                                      BKQ=dqk_bk, dqk_warps=dqk_warps, score_warps=score_warps,
-                                      score_kd=score_kd, dqk_diag=dqk_diag,
-                                      scan_stages=scan_stages, fwd_scan_maxnreg=fwd_cap,
-                                      bwd_scan_maxnreg=bwd_cap).items()
-                if v is not None}
-        return dataclasses.replace(cfg, **repl), L, BT
-
-    gated_api._config = config
+                 bwd_cap=None) -> gated_api.Override:
+    """These settings (None: the default) as a gated_api.Override for the ops."""
+    repl = {k: v for k, v in dict(warps=warps, scan_warps=scan_warps, stages=stages,
+                                  BKQ=dqk_bk, dqk_warps=dqk_warps, score_warps=score_warps,
+                                  score_kd=score_kd, dqk_diag=dqk_diag,
+                                  scan_stages=scan_stages, fwd_scan_maxnreg=fwd_cap,
+                                  bwd_scan_maxnreg=bwd_cap).items()
+            if v is not None}
+    return gated_api.Override(chunk=chunk, tile=tile, fields=tuple(repl.items()))
 
 
 def timed(fn, smoke):
@@ -77,8 +68,7 @@ def timed(fn, smoke):
 
 def run_kind(kind, ins, settings, smoke):
     """(fwd ms, fwd+bwd ms, [o, grads...]) of one kind under the settings."""
-    use_settings(*settings)
-    fn = time_gated.op(kind)
+    fn = time_gated.op(kind, use_settings(*settings))
     leaves = list(ins.values())
     do = torch.ones_like(ins["v"])
 
@@ -150,8 +140,6 @@ def main(argv=None):
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
-    use_settings(*DEFAULTS)
-    gated_api._config = _DEFAULT_CONFIG
     if args.json:
         Path(args.json).write_text(json.dumps(dict(shape=dict(B=B, T=T, H=H, D=D, dtype=str(dtype)),
                                                    rows=rows), indent=1))

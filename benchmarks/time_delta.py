@@ -1,6 +1,6 @@
 """Times the delta-rule Triton kernels (DeltaNet, Gated DeltaNet) on a CUDA GPU.
 
-bf16, B=8, T=8192, H=16, D=128 by default (B*T = 65536 tokens, DESIGN.md section 6):
+bf16, B=8, T=8192, H=16, D=128 by default (B*T = 65536 tokens, docs/design.md section 6):
 forward and forward+backward medians of triton.testing.do_bench, and the peak memory
 allocated above the inputs; --kernels adds each launcher's median (where the time goes).
 Usage:

@@ -1,6 +1,6 @@
 """Quick bf16 timing of the gated-family Triton kernels on one GPU (not the full bench).
 
-B=8, T=8192, H=16, K=V=128 (B*T = 65536, DESIGN.md section 6), forward and forward+backward,
+B=8, T=8192, H=16, K=V=128 (B*T = 65536, docs/design.md section 6), forward and forward+backward,
 median of triton.testing.do_bench, plus the peak extra memory of forward+backward.
 Usage: PYTHONPATH=. python3 benchmarks/time_gated.py [--T 8192] [--B 8]
 """
@@ -39,7 +39,18 @@ def make(kind, B, T, H, D, dev, dtype):
     return ins
 
 
-def op(kind):
+def op(kind, override=None):
+    """The op of kind on the Triton kernels; override: gated_api.Override (None: the
+    device's launch choices)."""
+    from linattn.ops.triton import gated_api
+    if override is not None:
+        def scale(kw):
+            return kw["q"].shape[-1] ** -0.5
+        if kind in ("mlstm_sig", "mlstm_exp"):
+            gate = "sigmoid" if kind == "mlstm_sig" else "exp"
+            return lambda **kw: gated_api.mlstm(**kw, scale=scale(kw), input_gate=gate,
+                                                override=override)
+        return lambda **kw: gated_api.linear_attention(**kw, scale=scale(kw), override=override)
     if kind == "mlstm_sig":
         return lambda **kw: linattn.mlstm(**kw, input_gate="sigmoid", backend="triton")
     if kind == "mlstm_exp":

@@ -34,7 +34,7 @@ if want diff; then
 RS="delta_bwd.REVERSE_SCAN_SPLIT16_MIN_BV=16"; WY="delta_bwd.GRADS_WY_SPLIT16_MIN_BK=16"
 K256="delta_fwd.SCAN_MIN_BV_K256=16"
 timeout 200 python3 benchmarks/flag_diff.py --op delta --timeout 190 --json "$OUT/flag_diff_delta.json" \
-    --settings "default=;k256_nosplit=delta_bwd.REVERSE_SCAN_SPLIT16_MAX_BK=128;fwd_split256_w8=delta_fwd.LAUNCH.scan_k256_split.num_warps=8;scores_off=delta_bwd.REVERSE_SCAN_SCORES_MIN_BK=1073741824;scores_all=delta_bwd.REVERSE_SCAN_SCORES_MIN_BK=16;qk_g64=delta_bwd.GRADS_QK_TILE_BV_GATED=64;qk_mpass=delta_bwd.GRADS_QK_M_PASS=1;qk_g64_mpass=delta_bwd.GRADS_QK_M_PASS=1,delta_bwd.GRADS_QK_TILE_BV_GATED=64;halves=delta_fwd.SCAN_DOT16_PARTS=2,delta_bwd.REVERSE_SCAN_DOT16_PARTS=2;qk_s3=delta_bwd.LAUNCH.grads_qk.num_stages=3;vnew_f32=delta_fwd.VNEW_IN_INPUT_DTYPE=0;rs16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
+    --settings "default=;k256_nosplit=delta_bwd.REVERSE_SCAN_SPLIT16_MAX_BK=128;fwd_split256_w8=delta_fwd.LAUNCH.scan_k256_split.num_warps=8;scores_off=delta_bwd.REVERSE_SCAN_SCORES_MIN_BK=1073741824;scores_all=delta_bwd.REVERSE_SCAN_SCORES_MIN_BK=16;qk_g64=delta_bwd.GRADS_QK_TILE_BV_GATED=64;halves=delta_fwd.SCAN_DOT16_PARTS=2,delta_bwd.REVERSE_SCAN_DOT16_PARTS=2;qk_s3=delta_bwd.LAUNCH.grads_qk.num_stages=3;vnew_f32=delta_fwd.VNEW_IN_INPUT_DTYPE=0;rs16=$RS;wy16=$WY;k256_bv16=$K256;k256_bv32=delta_fwd.STATE_TILE_ELEMS=8192" \
     2>&1 | grep -v Warn | tail -40
 fi
 

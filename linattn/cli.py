@@ -191,6 +191,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     _build_export_parser(sub)
     _build_convert_parsers(sub)
+    _add_selftest_parser(sub)
     return parser
 
 
@@ -624,6 +625,21 @@ def _cmd_bench(argv: list[str]) -> int:
     return int(result or 0)
 
 
+# ------------------------------------------------------- selftest
+
+def _add_selftest_parser(sub) -> None:
+    """`linattn selftest`: listed here for --help; linattn.selftest parses its own flags."""
+    sub.add_parser("selftest", help="check every op, gate kind and dtype on this device against "
+                                    "the float64 oracle (see `linattn selftest --help`)",
+                   add_help=False)
+
+
+def _cmd_selftest(argv: list[str]) -> int:
+    from . import selftest
+
+    return selftest.main(argv)
+
+
 # ------------------------------------------------------- transformers: export, generate, text
 
 def _build_export_parser(sub) -> None:
@@ -867,6 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":
         return _cmd_bench(argv[1:])
+    if argv and argv[0] == "selftest":
+        return _cmd_selftest(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "train":

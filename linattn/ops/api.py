@@ -5,7 +5,7 @@ head dim) in one of float32, bfloat16, float16 or float64, and returns ``(o, fin
 o is [B, T, H, V] in v's dtype; final_state is None unless ``output_final_state=True``, and
 is float32 ([B, H, K, V], or [N, H, K, V] with cu_seqlens), float64 for float64 inputs.
 
-Backends (all compute the same function, see DESIGN.md section 2):
+Backends (all compute the same function, see docs/design.md section 2):
     "auto"       Triton on CUDA tensors, chunked PyTorch elsewhere
     "triton"     Triton kernels (on CPU tensors only under TRITON_INTERPRET=1)
     "torch"      chunkwise-parallel PyTorch (linattn.ops.torch_chunked)
@@ -27,147 +27,34 @@ op.
 from __future__ import annotations
 
 import os
-from numbers import Real
 
 import torch
 
-from . import custom_ops, reference, torch_chunked
+from . import custom_ops, decode, reference, torch_chunked
+from .validate import (BACKENDS, FLOAT_DTYPES, INPUT_GATES, MAX_HEAD_DIM,  # noqa: F401
+                       _check_cu_seqlens, _check_devices, _check_float, _check_log_decay,
+                       _check_qkv, _check_scale, _check_state, _check_step_gate,
+                       _triton_available, _value_checks_enabled)
 
-MAX_HEAD_DIM = 256
 # Calls of at most this many tokens with no gradient to compute take the fused recurrent step
 # kernel (linattn.ops.decode) on the Triton backend: one launch that reads the state once.
 STEP_KERNEL_MAX_T = 16
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-BACKENDS = ("auto", "triton", "torch", "reference")
-INPUT_GATES = ("exp", "sigmoid")
+# What the Triton backward starts from: "states" keeps what the forward computed per chunk (the
+# chunk states; for the delta rule also T and U'), "recompute" recomputes it in the backward.
+SAVE_FOR_BACKWARD = ("states", "recompute")
 
 
-# ----------------------------------------------------------------------------- validation
-
-def _value_checks_enabled(x: torch.Tensor) -> bool:
-    """Value checks (a host read of x) run on CPU tensors, or with LINATTN_CHECK=1; never
-    while torch.compile traces, where x holds no values."""
-    if torch.compiler.is_compiling():
-        return False
-    return x.device.type == "cpu" or os.environ.get("LINATTN_CHECK", "0") == "1"
+def _check_save_for_backward(save_for_backward) -> None:
+    if save_for_backward not in SAVE_FOR_BACKWARD:
+        raise ValueError(f"save_for_backward must be one of {SAVE_FOR_BACKWARD}, "
+                         f"got {save_for_backward!r}")
 
 
-def _check_qkv(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape [B, T, H, D], got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-d [B, T, H, D] (batch, time, heads, head dim), "
-                             f"got shape {tuple(x.shape)}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] with q's B, T, H = {tuple(q.shape[:3])}, "
-                         f"got {tuple(v.shape)}")
-    K, V = q.shape[-1], v.shape[-1]
-    if not (1 <= K <= MAX_HEAD_DIM) or not (1 <= V <= MAX_HEAD_DIM):
-        raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got K={K} (q, k) and V={V} (v)")
-    _check_devices(q, k=k, v=v)
-
-
-def _check_devices(ref: torch.Tensor, **tensors):
-    for name, x in tensors.items():
-        for t in (x if isinstance(x, (tuple, list)) else (x,)):
-            if isinstance(t, torch.Tensor) and t.device != ref.device:
-                raise ValueError(f"{name} is on {t.device} but q is on {ref.device}: "
-                                 "all inputs must be on one device")
-
-
-def _check_float(name, x, q, expected_shape: str):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {expected_shape}, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32 or q's dtype), got {x.dtype}")
-    if x.dtype == torch.float64 and q.dtype != torch.float64:
-        raise TypeError(f"{name} is float64 but q is {q.dtype}: use float32 or q's dtype")
-
-
-def _check_step_gate(name, x, q):
-    """A per-step gate tensor of shape [B, T, H] (beta, i, f, a scalar g)."""
-    B, T, H = q.shape[:3]
-    _check_float(name, x, q, "[B, T, H]")
-    if tuple(x.shape) != (B, T, H):
-        raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}, got {tuple(x.shape)}")
-    _check_devices(q, **{name: x})
-
-
-def _check_log_decay(g, q, allowed=("none", "const", "scalar", "key")) -> str:
-    """Validates a log-decay gate and returns its kind."""
-    if g is None:
-        return "none"
-    B, T, H, K = q.shape
-    shapes = {"const": (H,), "scalar": (B, T, H), "key": (B, T, H, K)}
-    names = {"const": "[H]", "scalar": "[B, T, H]", "key": "[B, T, H, K]"}
-
-    def expect():  # built only for an error: torch.compile traces the rest
-        return " or ".join(f"{names[kd]} = {shapes[kd]}" for kd in allowed if kd != "none")
-
-    if not isinstance(g, torch.Tensor) or g.dtype not in FLOAT_DTYPES:
-        _check_float("g", g, q, expect())
-    _check_float("g", g, q, "")
-    kind = None
-    for kd in allowed:
-        if kd != "none" and tuple(g.shape) == shapes[kd]:
-            kind = kd
-            break
-    if kind is None:
-        raise ValueError(f"g must be {expect()} (a log-decay), got shape {tuple(g.shape)}")
-    _check_devices(q, g=g)
-    if _value_checks_enabled(g) and g.numel() and bool((g.detach() > 0).any()):
-        raise ValueError(f"g holds log-decays and must be <= 0, got max {g.detach().max().item():.4g}")
-    return kind
-
-
-def _check_cu_seqlens(cu_seqlens, q) -> int:
-    """Returns the number of packed sequences (B when cu_seqlens is None)."""
-    B, T = q.shape[:2]
-    if cu_seqlens is None:
-        return B
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be an int32/int64 tensor [N+1], got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-d [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
-    if B != 1:
-        raise ValueError(f"cu_seqlens packs sequences along T and needs B == 1, got B={B}")
-    _check_devices(q, cu_seqlens=cu_seqlens)
-    if _value_checks_enabled(cu_seqlens):
-        c = cu_seqlens.tolist()
-        if c[0] != 0:
-            raise ValueError(f"cu_seqlens[0] must be 0, got {c[0]}")
-        if any(b < a for a, b in zip(c[:-1], c[1:])):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {c}")
-        if c[-1] != T:
-            raise ValueError(f"cu_seqlens[-1] must equal T={T}, got {c[-1]}")
-    return cu_seqlens.numel() - 1
-
-
-def _check_state(name, s, q, shape, what):
-    if not isinstance(s, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor {what} = {shape}, got {type(s).__name__}")
-    if s.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32), got {s.dtype}")
-    if tuple(s.shape) != tuple(shape):
-        raise ValueError(f"{name} must be {what} = {tuple(shape)}, got {tuple(s.shape)}")
-    _check_devices(q, **{name: s})
-
-
-def _check_scale(scale, K) -> float:
-    if scale is None:
-        return K ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    return float(scale)
+def _save_kw(impl, save_for_backward) -> dict:
+    """The keyword the Triton entry points take (the PyTorch paths differentiate through
+    autograd and keep what autograd keeps)."""
+    return ({"save_for_backward": save_for_backward}
+            if getattr(impl, "__name__", "") == "linattn.ops.triton" else {})
 
 
 def _backend_module(backend: str, q: torch.Tensor):
@@ -217,18 +104,11 @@ def _plain_name(impl) -> str:
     return "reference" if impl is reference else "torch"
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------- public ops
 
 def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
-                     output_final_state=False, cu_seqlens=None, causal=True, backend="auto"):
+                     output_final_state=False, cu_seqlens=None, causal=True, backend="auto",
+                     save_for_backward="states"):
     """Gated linear attention: S_t = exp(g_t) * S_{t-1} + k_t v_t^T,  o_t = S_t^T (scale q_t).
 
     Args:
@@ -246,6 +126,13 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
         causal: False gives bidirectional attention o_t = scale q_t^T sum_s k_s v_s^T
             (over each packed sequence); g, initial_state and a final state are then errors.
         backend: "auto" | "triton" | "torch" | "reference".
+        save_for_backward: the Triton backward's trade of memory for time. "states" (default)
+            keeps the forward's chunk states (K*V per head every 64-128 tokens, in the inputs'
+            dtype for 16-bit inputs) from forward to backward; "recompute" frees them after the
+            forward and recomputes them in the backward (one more state scan, ~10% of
+            fwd+bwd time). A single op's peak memory is the same either way; in a deep model
+            "recompute" lowers the peak by what every layer would hold until its backward.
+            The PyTorch backends ignore it.
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 (float64 for float64
@@ -259,6 +146,7 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = _check_scale(scale, K)
+    _check_save_for_backward(save_for_backward)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not causal and (g is not None or initial_state is not None or output_final_state):
@@ -270,9 +158,8 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
         _check_state("initial_state", initial_state, q, (N, H, K, V), "[N, H, K, V]" if cu_seqlens is not None else "[B, H, K, V]")
     impl = _backend_module(backend, q)
     if causal and _takes_step_kernel(impl, q, cu_seqlens, q, k, v, g, initial_state):
-        from .decode import linear_attention_decode
-        o, st = linear_attention_decode(q, k, v, g, state=initial_state, scale=scale,
-                                        backend="triton")
+        o, st = decode.linear_attention_decode(q, k, v, g, state=initial_state, scale=scale,
+                                               backend="triton")
         return o, (st if output_final_state else None)
     if _plain_under_compile(impl, q):
         return custom_ops.plain_linear_attention(
@@ -281,11 +168,13 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
             backend=_plain_name(impl))
     return impl.linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
                                  output_final_state=bool(output_final_state),
-                                 cu_seqlens=cu_seqlens, causal=causal)
+                                 cu_seqlens=cu_seqlens, causal=causal,
+                                 **_save_kw(impl, save_for_backward))
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
-               output_final_state=False, cu_seqlens=None, backend="auto"):
+               output_final_state=False, cu_seqlens=None, backend="auto",
+               save_for_backward="states"):
     """DeltaNet (g None) and Gated DeltaNet (g [B, T, H]):
 
         S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t)
@@ -296,6 +185,9 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
         beta: [B, T, H] in (0, 1), float32 or q's dtype.
         g: None or a scalar log-decay [B, T, H] (<= 0), float32 or q's dtype.
         scale, initial_state, output_final_state, cu_seqlens, backend: as linear_attention.
+        save_for_backward: as linear_attention; "states" also keeps each chunk's T = (I + A)^-1
+            and U' (about 1.5x the size of q, k, v in bf16 at D 128 in all), "recompute"
+            reruns the forward's two first kernels in the backward (~20% of fwd+bwd time).
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [B, H, K, V] float32 or None.
@@ -306,6 +198,7 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = _check_scale(scale, K)
+    _check_save_for_backward(save_for_backward)
     _check_step_gate("beta", beta, q)
     _check_log_decay(g, q, allowed=("none", "scalar"))
     N = _check_cu_seqlens(cu_seqlens, q)
@@ -313,9 +206,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
         _check_state("initial_state", initial_state, q, (N, H, K, V), "[N, H, K, V]" if cu_seqlens is not None else "[B, H, K, V]")
     impl = _backend_module(backend, q)
     if _takes_step_kernel(impl, q, cu_seqlens, q, k, v, beta, g, initial_state):
-        from .decode import delta_rule_decode
-        o, st = delta_rule_decode(q, k, v, beta, g, state=initial_state, scale=scale,
-                                  backend="triton")
+        o, st = decode.delta_rule_decode(q, k, v, beta, g, state=initial_state, scale=scale,
+                                         backend="triton")
         return o, (st if output_final_state else None)
     if _plain_under_compile(impl, q):
         return custom_ops.plain_delta_rule(
@@ -323,11 +215,12 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
             output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
             backend=_plain_name(impl))
     return impl.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                           output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens)
+                           output_final_state=bool(output_final_state), cu_seqlens=cu_seqlens,
+                           **_save_kw(impl, save_for_backward))
 
 
 def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
-          output_final_state=False, cu_seqlens=None, backend="auto"):
+          output_final_state=False, cu_seqlens=None, backend="auto", save_for_backward="states"):
     """xLSTM's mLSTM cell; i, f are [B, T, H] pre-activations, f enters as logsigmoid(f).
 
     input_gate="exp" (mLSTMexp, stabilised and normalised):
@@ -341,7 +234,8 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V]; i, f: [B, T, H] (float32 or q's dtype).
-        scale, initial_state, output_final_state, cu_seqlens, backend: as linear_attention.
+        scale, initial_state, output_final_state, cu_seqlens, backend, save_for_backward: as
+            linear_attention.
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state as above (float32) or None.
@@ -354,6 +248,7 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
     scale = _check_scale(scale, K)
     if input_gate not in INPUT_GATES:
         raise ValueError(f"input_gate must be one of {INPUT_GATES}, got {input_gate!r}")
+    _check_save_for_backward(save_for_backward)
     _check_step_gate("i", i, q)
     _check_step_gate("f", f, q)
     N = _check_cu_seqlens(cu_seqlens, q)
@@ -372,9 +267,8 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
             _check_state("initial_state", initial_state, q, (N, H, K, V), lead + "H, K, V]")
     impl = _backend_module(backend, q)
     if _takes_step_kernel(impl, q, cu_seqlens, q, k, v, i, f, initial_state):
-        from .decode import mlstm_decode
-        o, st = mlstm_decode(q, k, v, i, f, input_gate=input_gate, state=initial_state,
-                             scale=scale, backend="triton")
+        o, st = decode.mlstm_decode(q, k, v, i, f, input_gate=input_gate, state=initial_state,
+                                    scale=scale, backend="triton")
         return o, (st if output_final_state else None)
     if _plain_under_compile(impl, q):
         return custom_ops.plain_mlstm(
@@ -383,4 +277,4 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale=None, initial_state=None,
             backend=_plain_name(impl))
     return impl.mlstm(q, k, v, i, f, input_gate=input_gate, scale=scale,
                       initial_state=initial_state, output_final_state=bool(output_final_state),
-                      cu_seqlens=cu_seqlens)
+                      cu_seqlens=cu_seqlens, **_save_kw(impl, save_for_backward))

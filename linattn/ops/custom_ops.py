@@ -516,13 +516,12 @@ gated_chunk_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
 def gated_chunk(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, *, gate, has_kw, mexp, noncausal,
-                scale, want_final):
-    """gated_api.run_chunks under torch.compile: (o, ht, nt, mt) from the custom op."""
-    from .triton import gated_api
+                scale, want_final, keep_states):
+    """gated_api.run_chunks under torch.compile: (o, ht, nt, mt) from the custom op;
+    keep_states: the forward's chunk states go to the backward (save_for_backward="states")."""
     save = _needs_grad(q, k, v, g, kw, h0, n0, m0)
     outs = gated_chunk_op(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, gate, has_kw, mexp,
-                          noncausal, float(scale), bool(want_final), save,
-                          bool(gated_api.SAVE_STATES))
+                          noncausal, float(scale), bool(want_final), save, bool(keep_states))
     if not want_final:
         return outs[0], None, None, None
     if mexp:
@@ -541,7 +540,8 @@ def delta_chunk_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Optional[Te
     when want_final + the backward's tensors (delta_api.saved_specs) when keep."""
     from .triton import delta_api
     layout = delta_api.chunk_layout(B, q.shape[0] // max(B, 1), cu_seqlens, q.device)
-    o, final, kept = delta_api._forward(q, k, v, beta, g, scale, h0, layout, want_final, keep)
+    o, final, kept = delta_api._forward(q, k, v, beta, g, scale, h0, layout, want_final, keep,
+                                        delta_api.device_config(q.device))
     outs = [o] + ([final] if want_final else [])
     if keep:
         gc, tinv, h, vnew = kept
@@ -563,7 +563,8 @@ def _(q, k, v, beta, g, h0, cu_seqlens, B, scale, want_final, keep):
         outs.append(q.new_empty(N, H, K, V, dtype=torch.float32))
     if keep:
         slots, _ = _fake_sizes(TT, B, delta_fwd.BT, cu_seqlens, True, False)
-        specs = delta_api.saved_specs(TT, H, K, V, slots, q.dtype, g is not None, keep)
+        specs = delta_api.saved_specs(TT, H, K, V, slots, q.dtype, g is not None, keep,
+                                      delta_api.device_config(q.device))
         outs += [q.new_empty(shape, dtype=dt) for shape, dt in specs.values()]
     return outs
 
@@ -582,7 +583,8 @@ def delta_chunk_backward_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Op
         kept = tuple(saved) if g is not None else (None, *saved)
     grads = delta_bwd.backward(q, k, v, beta, g, do.contiguous(),
                                None if dfinal is None else dfinal.contiguous(), h0, layout,
-                               scale, need_dh0=need_dh0 and h0 is not None, kept=[kept])
+                               scale, need_dh0=need_dh0 and h0 is not None, kept=[kept],
+                               cfg=delta_api.device_config(q.device))
     inputs = (q, k, v, beta, g, h0)
     return _unaliased([_absent_or(d, x) for d, x in zip(grads, inputs) if x is not None],
                       (*inputs, *saved, do, dfinal))
@@ -619,10 +621,11 @@ def _delta_backward(ctx, grads):
 delta_chunk_op.register_autograd(_delta_backward, setup_context=_delta_setup)
 
 
-def delta_chunk(q, k, v, beta, g, h0, cu_seqlens, B, *, scale, want_final):
-    """delta_api.run_delta under torch.compile: (o, final or None) from the custom op."""
-    from .triton import delta_api
-    keep = delta_api.SAVE_INTERMEDIATES and _needs_grad(q, k, v, beta, g, h0)
+def delta_chunk(q, k, v, beta, g, h0, cu_seqlens, B, *, scale, want_final, save_intermediates):
+    """delta_api.run_delta under torch.compile: (o, final or None) from the custom op;
+    save_intermediates: the forward's b, T, U' and states go to the backward
+    (save_for_backward="states")."""
+    keep = save_intermediates and _needs_grad(q, k, v, beta, g, h0)
     outs = delta_chunk_op(q, k, v, beta, g, h0, cu_seqlens, B, float(scale), bool(want_final),
                           bool(keep))
     return outs[0], (outs[1] if want_final else None)

@@ -29,8 +29,8 @@ import os
 import torch
 
 from . import custom_ops, reference
-from .api import (BACKENDS, INPUT_GATES, _check_log_decay, _check_qkv, _check_scale,
-                  _check_state, _check_step_gate, _triton_available)
+from .validate import (BACKENDS, INPUT_GATES, _check_log_decay, _check_qkv, _check_scale,
+                       _check_state, _check_step_gate, _triton_available)
 
 __all__ = ["linear_attention_decode", "delta_rule_decode", "mlstm_decode"]
 

@@ -1,7 +1,7 @@
 """Naive step-by-step recurrences: the project's oracle.
 
 One Python loop over time per op, written to be obviously right rather than fast. Run it in
-float64 to judge every other path (DESIGN.md section 5). Arguments are assumed valid
+float64 to judge every other path (docs/design.md section 5). Arguments are assumed valid
 (`linattn.ops.api` validates); layout is [B, T, H, D], states are [B, H, K, V].
 
 Computation happens in float64 for float64 inputs and float32 otherwise; outputs take v's

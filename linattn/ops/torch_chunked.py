@@ -14,8 +14,11 @@ inclusive cumulative sum of the log-decays inside a chunk and S the state at the
         S <- exp(b_L) S + (K * exp(b_L - b))^T U'
     mLSTMexp: the gated form with the stabiliser m in closed form (see `_mlstm_exp_chunks`).
 
-Numerics: gates and their cumulative sums in float32 (float64 for float64 inputs); every
-exponent is <= 0. Masked exponentials are exp(where(mask, x, -inf)), never where(mask, exp(x),
+Numerics: gates in the compute dtype (float32, float64 for float64 inputs); their cumulative
+sums b and every exponent in float64, the exponentials cast back to the compute dtype: float32
+holds b_t only to eps |b_t|, and |b_t| grows along a chunk (~32 at L 64 for log-decays
+around -0.5), which alone put float32 states and gate gradients over the tests' tolerance
+rule (the Triton kernels' gated_api.gate_dtype makes the same choice). Every exponent is <= 0. Masked exponentials are exp(where(mask, x, -inf)), never where(mask, exp(x),
 0), whose backward would give inf * 0 = NaN. Per-key gates are never exponentiated over a
 whole chunk in one sign: each query sub-tile of SUB tokens takes its exponents relative to
 its own first token, and the diagonal sub-tiles use exp(b_i - b_j) elementwise.
@@ -32,6 +35,17 @@ from .reference import MLSTM_EPS, compute_dtype, over_sequences
 
 CHUNK = 64  # tokens per chunk: one dense L x L block per chunk
 SUB = 16    # query sub-tile for per-key gates (relative exponents within a sub-tile)
+
+
+def _cumsum64(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inclusive cumulative sum of log-decays along dim, in float64 (module docstring)."""
+    return g.to(torch.float64).cumsum(dim=dim)
+
+
+def _exp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """exp(x) of a float64 exponent, in the compute dtype: the exponent (a difference of
+    float64 cumsums, exact to its own rounding) is rounded to dtype first."""
+    return torch.exp(x.to(dtype))
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -90,13 +104,14 @@ def _intra_per_key(q, k, b):
         qa = q[..., a0:a1, :]
         blocks = []
         if a0 > 0:
-            q_rel = qa * torch.exp(b[..., a0:a1, :] - r)                      # [..., s, K]
-            k_rel = k[..., :a0, :] * torch.exp(r - b[..., :a0, :])            # [..., a0, K]
+            q_rel = qa * _exp(b[..., a0:a1, :] - r, qa.dtype)                 # [..., s, K]
+            k_rel = k[..., :a0, :] * _exp(r - b[..., :a0, :], qa.dtype)       # [..., a0, K]
             blocks.append(q_rel @ k_rel.transpose(-1, -2))
         ba = b[..., a0:a1, :]                                                # [..., s, K]
         keep = torch.ones(a1 - a0, a1 - a0, dtype=torch.bool, device=b.device).tril()
         diff = ba.unsqueeze(-2) - ba.unsqueeze(-3)                           # [..., s, s, K]
-        dmat = torch.exp(torch.where(keep[..., None], diff, torch.full_like(diff, float("-inf"))))
+        dmat = _exp(torch.where(keep[..., None], diff, torch.full_like(diff, float("-inf"))),
+                    qa.dtype)
         blocks.append(torch.einsum("...ik,...jk,...ijk->...ij", qa, k[..., a0:a1, :], dmat))
         if a1 < L:
             blocks.append(qa.new_zeros(*qa.shape[:-1], L - a1))
@@ -113,19 +128,20 @@ def _gated_chunks(state, q, k, v, g):
         attn = (q @ k.transpose(-1, -2)).tril()                               # [B, H, N, L, L]
         q_in, k_out, chunk_decay = q, k, None
     else:
-        b = g.cumsum(dim=3)                                                  # inclusive cumsum
+        b = _cumsum64(g, 3)                                                  # inclusive cumsum
+        dt = q.dtype
         if g.dim() == 4:  # scalar gate: b [B, H, N, L]
-            attn = (q @ k.transpose(-1, -2)) * torch.exp(_causal_log_mask(b))
+            attn = (q @ k.transpose(-1, -2)) * _exp(_causal_log_mask(b), dt)
             b_last = b[..., -1:]                                             # [B, H, N, 1]
-            q_in = q * torch.exp(b).unsqueeze(-1)
-            k_out = k * torch.exp(b_last - b).unsqueeze(-1)
-            chunk_decay = torch.exp(b_last).unsqueeze(-1)                    # [B, H, N, 1, 1]
+            q_in = q * _exp(b, dt).unsqueeze(-1)
+            k_out = k * _exp(b_last - b, dt).unsqueeze(-1)
+            chunk_decay = _exp(b_last, dt).unsqueeze(-1)                     # [B, H, N, 1, 1]
         else:             # per-key gate: b [B, H, N, L, K]
             attn = _intra_per_key(q, k, b)
             b_last = b[..., -1:, :]                                          # [B, H, N, 1, K]
-            q_in = q * torch.exp(b)
-            k_out = k * torch.exp(b_last - b)
-            chunk_decay = torch.exp(b_last).transpose(-1, -2)               # [B, H, N, K, 1]
+            q_in = q * _exp(b, dt)
+            k_out = k * _exp(b_last - b, dt)
+            chunk_decay = _exp(b_last, dt).transpose(-1, -2)                 # [B, H, N, K, 1]
     o = attn @ v                                                             # intra-chunk
     kv = k_out.transpose(-1, -2) @ v                                         # [B, H, N, K, V]
     starts = []
@@ -181,22 +197,23 @@ def _mlstm_exp_chunks(state, q, k, v, i, lf):
     ones = torch.ones_like(v[..., :1])
     v1 = torch.cat([v, ones], dim=-1)                                        # [B, H, N, L, V+1]
     Cn = torch.cat([C, nvec.unsqueeze(-1)], dim=-1)                          # [B, H, K, V+1]
-    b = lf.cumsum(dim=-1)                                                    # [B, H, N, L]
+    dt = q.dtype
+    b = _cumsum64(lf, -1)                                                    # [B, H, N, L]
     logw = _causal_log_mask(b) + i.unsqueeze(-2)                             # i_s + b_t - b_s
     row_max = logw.amax(dim=-1)                                              # [B, H, N, L]
     N = q.shape[2]
     outs = []
     for n in range(N):
         m_t = torch.maximum(b[:, :, n] + m.unsqueeze(-1), row_max[:, :, n])  # [B, H, L]
-        carry = torch.exp(b[:, :, n] + m.unsqueeze(-1) - m_t).unsqueeze(-1)  # [B, H, L, 1]
-        w = torch.exp(logw[:, :, n] - m_t.unsqueeze(-1))                     # [B, H, L, L]
+        carry = _exp(b[:, :, n] + m.unsqueeze(-1) - m_t, dt).unsqueeze(-1)   # [B, H, L, 1]
+        w = _exp(logw[:, :, n] - m_t.unsqueeze(-1), dt)                      # [B, H, L, L]
         qn = q[:, :, n]
         h = carry * (qn @ Cn) + ((qn @ k[:, :, n].transpose(-1, -2)) * w) @ v1[:, :, n]
         num, den = h[..., :-1], h[..., -1]
-        outs.append(num / (torch.maximum(den.abs(), torch.exp(-m_t)) + MLSTM_EPS).unsqueeze(-1))
-        m_new = m_t[..., -1]                                                 # [B, H]
-        w_last = torch.exp(i[:, :, n] + b[:, :, n, -1:] - b[:, :, n] - m_new.unsqueeze(-1))
-        Cn = torch.exp(b[:, :, n, -1] + m - m_new)[..., None, None] * Cn \
+        outs.append(num / (torch.maximum(den.abs(), _exp(-m_t, dt)) + MLSTM_EPS).unsqueeze(-1))
+        m_new = m_t[..., -1].to(dt)                                          # [B, H]
+        w_last = _exp(i[:, :, n] + b[:, :, n, -1:] - b[:, :, n] - m_new.unsqueeze(-1), dt)
+        Cn = _exp(b[:, :, n, -1] + m - m_new, dt)[..., None, None] * Cn \
             + (k[:, :, n] * w_last.unsqueeze(-1)).transpose(-1, -2) @ v1[:, :, n]
         m = m_new
     return torch.stack(outs, dim=2), (Cn[..., :-1], Cn[..., -1], m)
@@ -241,13 +258,14 @@ def _delta_chunks(state, q, k, v, beta, g):
         gamma = torch.ones(L, L, dtype=q.dtype, device=q.device).tril()     # [L, L]
         q_in, k_out, chunk_decay, beta_eb = q, k, None, beta
     else:
-        b = g.cumsum(dim=-1)                                                 # [B, H, N, L]
-        gamma = torch.exp(_causal_log_mask(b))                               # [B, H, N, L, L]
+        dt = q.dtype
+        b = _cumsum64(g, -1)                                                 # [B, H, N, L]
+        gamma = _exp(_causal_log_mask(b), dt)                                # [B, H, N, L, L]
         b_last = b[..., -1:]
-        q_in = q * torch.exp(b).unsqueeze(-1)
-        k_out = k * torch.exp(b_last - b).unsqueeze(-1)
-        chunk_decay = torch.exp(b_last).unsqueeze(-1)                        # [B, H, N, 1, 1]
-        beta_eb = beta * torch.exp(b)
+        q_in = q * _exp(b, dt).unsqueeze(-1)
+        k_out = k * _exp(b_last - b, dt).unsqueeze(-1)
+        chunk_decay = _exp(b_last, dt).unsqueeze(-1)                         # [B, H, N, 1, 1]
+        beta_eb = beta * _exp(b, dt)
     eye = torch.eye(L, dtype=q.dtype, device=q.device)
     a = (beta.unsqueeze(-1) * (k @ k.transpose(-1, -2)) * gamma).tril(-1)    # [B, H, N, L, L]
     w = torch.linalg.solve_triangular(eye + a, beta_eb.unsqueeze(-1) * k, upper=False,

@@ -1,7 +1,7 @@
 """CausalLM on the GPU, where its layers take the fused Triton pieces (short conv, L2 norm,
 gated output norm, RMSNorm, SwiGLU, chunked cross-entropy) and the Triton ops: model.loss and
 every parameter's gradient against the float64 model on the PyTorch paths, with the tolerance
-rule of DESIGN.md section 5 (base: the float32 model on the PyTorch paths, on the CPU)."""
+rule of docs/design.md section 5 (base: the float32 model on the PyTorch paths, on the CPU)."""
 import copy
 
 import pytest

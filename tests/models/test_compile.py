@@ -38,7 +38,7 @@ def _logits_and_grads(model, fn, ids, **kw):
 
 
 def _assert_close(got, ref, dtype, label):
-    """float64: ~1e-10 relative (DESIGN.md section 5); float32: the same code in another
+    """float64: ~1e-10 relative (docs/design.md section 5); float32: the same code in another
     order (AOTAutograd's backward sums a tied weight's two gradients and the residual
     stream's in its own order), so rounding of float32 sums: 1e-5 of the tensor's scale."""
     scale = max(1.0, ref.abs().max().item())

@@ -142,15 +142,16 @@ def _case(op, gate, states, cu, dtype, seed=0):
     return inputs, kw
 
 
-def _all_cases(cases, backend, dtype):
+def _all_cases(cases, backend, dtype, **options):
     """One function running every case (one compile for all of them, CI's time) and its
-    inputs: fn(**inputs) -> (o of the first case, every other o and final state)."""
+    inputs: fn(**inputs) -> (o of the first case, every other o and final state). options:
+    keywords of every op call (e.g. save_for_backward)."""
     inputs, runs = {}, []
     for n, (op, gate, states, cu) in enumerate(cases):
         case_inputs, kw = _case(op, gate, states, cu, dtype, seed=n)
         names = {f"{name}{n}": name for name in case_inputs}
         inputs.update({f"{name}{n}": x for name, x in case_inputs.items()})
-        runs.append((OPS[op](backend, states, **kw), names))
+        runs.append((OPS[op](backend, states, **kw, **options), names))
 
     def fn(**a):
         outs = []
@@ -179,6 +180,34 @@ def test_compile_fullgraph_equals_eager(backend, dtype, cases):
     fn, inputs = _all_cases(cases, backend, dtype)
     grads = _assert_compiled_equals_eager(fn, inputs)
     assert all(g.abs().sum() > 0 for g in grads)  # every gradient reached its input
+
+
+def test_compile_with_recompute_equals_eager_with_saved_states(monkeypatch):
+    """save_for_backward="recompute" compiled (the custom ops' forward hands no states to the
+    backward op, which recomputes them) gives the outputs and gradients of the eager default
+    ("states"), bitwise; the delta rule's backward reruns its prep kernel only when compiled
+    with "recompute" (the keyword reaches the custom op)."""
+    from linattn.ops.triton import delta_fwd
+    prep, preps = delta_fwd.prep, []
+    monkeypatch.setattr(delta_fwd, "prep", lambda *a: preps.append(1) or prep(*a))
+    cases = [CASES[5], CASES[6]]
+    states_fn, inputs = _all_cases(cases, "triton", torch.float32)
+    recompute_fn, _ = _all_cases(cases, "triton", torch.float32, save_for_backward="recompute")
+    torch._dynamo.reset()
+    compiled = torch.compile(recompute_fn, backend="aot_eager", fullgraph=True)
+    got_o, got_g = _outputs_and_grads(compiled, inputs)
+    assert len(preps) == 2                                    # forward, and the backward's rerun
+    ref_o, ref_g = _outputs_and_grads(states_fn, inputs)
+    assert len(preps) == 3                                    # the forward's alone
+    assert len(got_o) == len(ref_o) and len(got_g) == len(ref_g)
+    for a, b in zip(got_o + got_g, ref_o + ref_g):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_save_for_backward_is_validated():
+    inputs, _ = _case(*CASES[0], torch.float32)
+    with pytest.raises(ValueError, match="save_for_backward must be one of"):
+        linattn.linear_attention(**inputs, save_for_backward="never")
 
 
 def test_compile_under_no_grad_keeps_nothing():

@@ -2,7 +2,7 @@
 
 A sequence decoded token by token (T == 1 calls chained through the state) or in a few
 small-T calls must match the reference op run over the whole sequence: outputs and final
-state, under the DESIGN.md section 5 tolerance rule, for every gate kind, the delta rule with
+state, under the docs/design.md section 5 tolerance rule, for every gate kind, the delta rule with
 and without gate, both mLSTM gates, K != V and non-power-of-two dims, inplace=True/False and
 state=None, on the "torch" backend and on the fused Triton kernel (interpreter on CPU).
 """

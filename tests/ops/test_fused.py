@@ -1,5 +1,5 @@
 """linattn.ops.fused (short conv, RMSNorm, gated output norm, L2 norm, SwiGLU): both backends
-against independent float64 statements of the math, with the tolerance rule of DESIGN.md
+against independent float64 statements of the math, with the tolerance rule of docs/design.md
 section 5. CPU: the PyTorch path in float64, the Triton kernels in float32 through the
 interpreter at small, awkward shapes; gpu: bf16 and float32 at the 12-layer d_model 768
 model's shapes."""

@@ -1,5 +1,5 @@
 """linattn.ops.linear_ce: chunked linear + cross-entropy against F.cross_entropy over the full
-float64 logits, with the tolerance rule of DESIGN.md section 5; CausalLM.loss against its
+float64 logits, with the tolerance rule of docs/design.md section 5; CausalLM.loss against its
 logits."""
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """The chunked PyTorch path (backend="torch") against the float64 oracle.
 
 float64: outputs, final states and gradients (through initial_state and the final state too)
-agree to ~1e-10. float32 / bfloat16: the tolerance rule of DESIGN.md section 5.
+agree to ~1e-10. float32 / bfloat16: the tolerance rule of docs/design.md section 5.
 """
 import pytest
 import torch

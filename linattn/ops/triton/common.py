@@ -45,21 +45,16 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# the narrowest V block fill_v_block halves down to (16: tl.dot's smallest; 64 turns the
-# filling off, e.g. to tell a kernel's 16-wide form from its 64-wide one in flag_diff.py)
-FILL_MIN_BV: int = 16
-
-
 def fill_v_block(BV: int, V: int, programs_per_v_block: int, device: torch.device,
                  min_bv: int = 16) -> int:
     """V block of a sequential state scan (one program per sequence, head and state block):
-    BV halved, down to max(min_bv, FILL_MIN_BV), while the programs,
+    BV halved, down to min_bv (16: tl.dot's smallest), while the programs,
     programs_per_v_block * cdiv(V, BV), are fewer than the device's SMs. Few long sequences
     (B = 2 at T = 32768: 32 (sequence, head) pairs at H = 16) otherwise leave most SMs idle
     through the scans' chunk-by-chunk loop; at the bench's B = 8 every scan already has >= 256
     programs, so nothing changes there."""
     sms = sm_count(device)
-    while BV > max(min_bv, FILL_MIN_BV) and programs_per_v_block * triton.cdiv(V, BV) < sms:
+    while BV > max(min_bv, 16) and programs_per_v_block * triton.cdiv(V, BV) < sms:
         BV //= 2
     return BV
 
@@ -72,19 +67,6 @@ def dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
-
-
-# Input dtypes whose kernels split float32 dot operands into two 16-bit halves (split16):
-# bfloat16 only, whose halves have float32's range; float16's would overflow past 65504 where
-# a tf32 dot does not (the CPU tests add float16 to run the split in the interpreter).
-SPLIT16_DTYPES: tuple = (torch.bfloat16,)
-
-
-def split16_on(option: bool, *tensors: torch.Tensor) -> bool:
-    """Whether a kernel runs its split16 dots: its option on, and the tensors whose stored
-    values enter those dots all of one dtype in SPLIT16_DTYPES."""
-    dtype = tensors[0].dtype
-    return option and dtype in SPLIT16_DTYPES and all(t.dtype == dtype for t in tensors)
 
 
 @triton.jit

@@ -3,12 +3,15 @@
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t)
 
 Forward: delta_fwd.prep (b, T per chunk) -> delta_fwd.scan (chunk states, U') ->
-delta_fwd.output (O: the gated family's output kernel with values U'). The forward keeps what
-the backward reads of prep and scan (b, T, U' and the chunk states; SAVE_INTERMEDIATES)
-or, with SAVE_INTERMEDIATES off, only its inputs, and the backward (delta_bwd.backward)
-recomputes them. It then runs the reverse scan for dS and two chunk-parallel gradient
-kernels, releasing every intermediate after its last kernel. No atomics: bitwise
-deterministic.
+delta_fwd.output (O: the gated family's output kernel with values U'). With
+save_for_backward="states" the forward keeps what the backward reads of prep and scan (b, T,
+U' and the chunk states); with "recompute" only its inputs, and the backward
+(delta_bwd.backward) recomputes them: one launch of prep and of scan more per backward (about
+a fifth of the fwd+bwd time; PERF_NOTES "Delta rule: launch choices") against holding about
+1.5x the size of q, k, v (bf16, D 128) from forward to backward. A single op's peak is the
+same either way (the backward allocates the same buffers). The backward then runs the
+reverse scan for dS and two chunk-parallel gradient kernels, releasing every intermediate
+after its last kernel. No atomics: bitwise deterministic.
 
 B sequences of T tokens are handled as the packed case (cu_seqlens = [0, T, 2T, ...]) of
 [1, B*T, H, D]; one code path serves both.
@@ -19,15 +22,7 @@ import torch
 import triton
 
 from . import common, delta_bwd, delta_fwd
-
-# Keep the forward's b, T, U' and chunk states for the backward instead of recomputing prep
-# and scan there: one launch of each less per backward (prep 0.55 + scan 0.75 of ~6.6 ms at
-# B*T = 65536, H = 16, D = 128 on the H200, 2026-11-29). A single op's peak does not rise
-# (the backward allocates the same buffers), but they are held from forward to backward:
-# about 1.5x the size of q, k, v in bf16 at D = 128 (h and U' in bf16, T float32). Set False
-# to recompute in memory-bound stacks.
-SAVE_INTERMEDIATES: bool = True
-
+from .delta_config import DeltaConfig, config_for
 
 def chunk_layout(B: int, T: int, cu_seqlens, device) -> common.ChunkLayout:
     """The gated family's layout (common.make_layout, cached per shape) of B equal sequences
@@ -45,29 +40,35 @@ def _packed(x):
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
-def _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state, keep):
+def device_config(device: torch.device) -> DeltaConfig:
+    """The launch choices for tensors on device (delta_config.config_for its capability)."""
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return config_for(cap)
+
+
+def _forward(q, k, v, beta, g, scale, initial_state, layout, output_final_state, keep, cfg):
     """Packed forward: q, k [TT, H, K], v [TT, H, V], beta, g [TT, H] -> (o [TT, H, V], final,
-    the backward's (gc, tinv, h, vnew) when keep, else None)."""
-    gc, tinv = delta_fwd.prep(k, beta, g, layout)
+    the backward's (gc, tinv, h, vnew) when keep, else None), with the launch choices cfg."""
+    gc, tinv = delta_fwd.prep(k, beta, g, layout, cfg)
     h, vnew, final = delta_fwd.scan(k, v, beta, gc, tinv, initial_state, layout,
-                                    output_final_state)
+                                    output_final_state, cfg)
     if not keep:
         tinv = None                                       # the forward's last reader was scan
-    o = delta_fwd.output(q, k, vnew, gc, h, layout, scale, v.dtype)
+    o = delta_fwd.output(q, k, vnew, gc, h, layout, scale, v.dtype, cfg)
     return o, final, ((gc, tinv, h, vnew) if keep else None)
 
 
-def saved_specs(TT, H, K, V, slots, dtype, gated, keep):
+def saved_specs(TT, H, K, V, slots, dtype, gated, keep, cfg):
     """{name: (shape, dtype)} of what the forward keeps for the backward when keep (else
     nothing), in the order (gc, tinv, h, vnew) less gc without a gate: what a fake
     (shape-only) forward must return. slots = NC + N, the state slots (chunks and sequences);
-    sizes may be symbolic; dtype is q's."""
+    sizes may be symbolic; dtype is q's; cfg: the launch choices (stored dtypes)."""
     if not keep:
         return {}
     specs = {"gc": ((TT, H), torch.float32)} if gated else {}
     specs.update(tinv=((TT, H, delta_fwd.BT), torch.float32),
-                 h=((slots, H, K, V), delta_fwd.state_dtype(dtype)),
-                 vnew=((TT, H, V), delta_fwd.vnew_dtype(dtype)))
+                 h=((slots, H, K, V), delta_fwd.state_dtype(dtype, cfg)),
+                 vnew=((TT, H, V), delta_fwd.vnew_dtype(dtype, cfg)))
     return specs
 
 
@@ -77,12 +78,13 @@ class DeltaRuleFunction(torch.autograd.Function):
     linattn.ops.custom_ops.)"""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, layout):
-        keep = SAVE_INTERMEDIATES and any(ctx.needs_input_grad)
+    def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, layout,
+                save_intermediates, cfg):
+        keep = save_intermediates and any(ctx.needs_input_grad)
         o, final, ctx.intermediates = _forward(q, k, v, beta, g, scale, initial_state, layout,
-                                               output_final_state, keep)
+                                               output_final_state, keep, cfg)
         ctx.save_for_backward(q, k, v, beta, g, initial_state)
-        ctx.scale, ctx.layout = scale, layout
+        ctx.scale, ctx.layout, ctx.cfg = scale, layout, cfg
         return o, final
 
     @staticmethod
@@ -97,25 +99,30 @@ class DeltaRuleFunction(torch.autograd.Function):
             q, k, v, beta, g, do.contiguous(),
             dfinal.contiguous() if dfinal is not None else None, initial_state, layout,
             ctx.scale, need_dh0=initial_state is not None and ctx.needs_input_grad[5],
-            kept=box)
-        return dq, dk, dv, dbeta, dg, dh0, None, None, None
+            kept=box, cfg=ctx.cfg)
+        return dq, dk, dv, dbeta, dg, dh0, None, None, None, None, None
 
 
-def run_delta(q, k, v, beta, g, h0, cu_seqlens, B, *, scale, want_final):
+def run_delta(q, k, v, beta, g, h0, cu_seqlens, B, *, scale, want_final,
+              save_for_backward="states", config: DeltaConfig | None = None):
     """DeltaRuleFunction on packed inputs q, k [TT, H, K], v [TT, H, V], beta, g [TT, H]
     (B: the batch, so that T = TT / B without cu_seqlens) -> (o [TT, H, V], final or None).
-    Under torch.compile the same forward and backward run as the custom ops
-    linattn::delta_chunk(_backward), which build the layout inside (linattn.ops.custom_ops)."""
+    save_for_backward: "states" | "recompute" (module docstring); config: the launch choices
+    (None: the device's, device_config). Under torch.compile the same forward and backward run
+    as the custom ops linattn::delta_chunk(_backward), which build the layout inside
+    (linattn.ops.custom_ops) and take the device's config."""
+    save = save_for_backward == "states"
     if torch.compiler.is_compiling():
         from ..custom_ops import delta_chunk
         return delta_chunk(q, k, v, beta, g, h0, cu_seqlens, B, scale=scale,
-                           want_final=want_final)
+                           want_final=want_final, save_intermediates=save)
     layout = chunk_layout(B, q.shape[0] // max(B, 1), cu_seqlens, q.device)
-    return DeltaRuleFunction.apply(q, k, v, beta, g, h0, scale, want_final, layout)
+    cfg = config if config is not None else device_config(q.device)
+    return DeltaRuleFunction.apply(q, k, v, beta, g, h0, scale, want_final, layout, save, cfg)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final_state=False,
-               cu_seqlens=None):
+               cu_seqlens=None, save_for_backward="states", config: DeltaConfig | None = None):
     """DeltaNet (g None) and Gated DeltaNet (g [B, T, H]) on Triton, forward and backward.
 
     Args:
@@ -126,6 +133,9 @@ def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final
         initial_state: None or [N, H, K, V] (N = B, or the number of packed sequences).
         output_final_state: also return the state after each sequence's last token.
         cu_seqlens: None or int32/int64 [N+1] offsets of sequences packed along T (B == 1).
+        save_for_backward: "states" keeps b, T, U' and the chunk states for the backward,
+            "recompute" recomputes them there (module docstring).
+        config: the kernels' launch choices (delta_config.DeltaConfig; None: the device's).
 
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] float32, or None.
@@ -141,5 +151,6 @@ def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     o, final = run_delta(_packed(q), _packed(k), _packed(v), _packed(beta),
                          _packed(g) if g is not None else None, h0, cu_seqlens, B,
-                         scale=float(scale), want_final=bool(output_final_state))
+                         scale=float(scale), want_final=bool(output_final_state),
+                         save_for_backward=save_for_backward, config=config)
     return o.view(B, T, H, V), final

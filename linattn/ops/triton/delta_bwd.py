@@ -15,7 +15,7 @@ chunk's start, dS' the gradient of the state at its end, M = scale tril(dO U'^T)
 
 Kernels:
   delta_bwd_scores_kernel per (chunk, head): the masked scores (tril(Q K^T) * Gamma)^T the
-                         reverse scan reads at K >= REVERSE_SCAN_SCORES_MIN_BK.
+                         reverse scan reads at K >= DeltaConfig.reverse_scan_scores_min_bk.
   delta_bwd_scan_kernel  per (V tile, sequence * head): dh[c] = dS' of chunk c, dU', dS_0.
   delta_bwd_dqk_kernel   per (chunk, head, K tile): dQ, the state/output part of dK, dW,
                          and the tile's share of db.
@@ -29,105 +29,41 @@ import triton.language as tl
 
 from .. import alloc
 from . import delta_fwd
-from . import common
 from .common import dot_a16, dot_b16, head_tile, split16
+from .delta_config import DEFAULT, DeltaConfig, split16_on
 from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, load_tile,
                         scan_v_block, sequence_program, state_tile, token_tile)
 
-# Launch settings, per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
-# bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): grads_wy on 4 warps 3.27 -> 1.99 although
-# it spills more there (sm_90 compile counts); reverse_scan 4 warps (8: 2.88 vs 2.66), one
-# stage (2: 3.80); grads_qk (12th session, grads_qk ms) 4 warps 2 stages 1.30 DeltaNet, 8 warps
-# 1.41, 1 stage 1.40, 8 warps 1 stage 2.09; gated (32-wide V tiles) 2.13, on 8 warps 3.07.
-LAUNCH = {
-    "reverse_scan": dict(num_warps=4, num_stages=1),   # 2 stages at K < 128 (launcher)
-    "reverse_scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile
-    "grads_qk": dict(num_warps=4, num_stages=2),       # 8 warps for float32 (launcher)
-    "grads_wy": dict(num_warps=4, num_stages=1),
-    "scores": dict(num_warps=4, num_stages=2),         # REVERSE_SCAN_SCORES_MIN_BK
-}
-# grads_qk runs one program per (chunk, head, 64-wide K tile), one pass over V per program,
-# M formed by each, as fla's chunk_bwd_dqkwg. It replaced (12th session) one program per
-# (chunk, head) looping K tiles outside V tiles, which re-read dO, U', dU' per K tile: H200
-# sweep (2026-11-29, bf16, T 8192, D 128, grads_qk ms) DeltaNet 1.97 -> 1.30, Gated DeltaNet
-# 2.64 -> 2.13; results equal to float32 rounding (flag_diff, dg 3e-7).
-# Its V tile, ungated and gated. Gated on 64-wide V tiles (4 warps, 1.79 ms, sm_90 308 B of
-# spills) was wrong on the H200: at K 100 dW and dk off by O(1) and different from run to run
-# (benchmarks/flag_diff.py), and a GPU test's two identical runs differed at K 128; on 32-wide
-# tiles (2.13 ms) or 8 warps (2.60) it matched the per-chunk kernel. A GPU-only fault (the
-# interpreter's run of the same code is right), not isolated, like the reverse scan's below.
-# On 32-wide tiles and 3 stages (14th session, 2.07 -> 1.84 ms at D 128) the same fault: GPU
-# test gated-K100-V64 dk error 18.3 against a bound of 1.2, gated-K128-V128's two identical
-# runs differ; with M formed in a second pass (GRADS_QK_M_PASS, no spills) 64-wide tiles stay
-# wrong too. A run-to-run difference points at a read of memory no program wrote (next:
-# compute-sanitizer --tool initcheck on the K 100 case), not at register pressure.
-GRADS_QK_TILE_BV = 64
-# grads_qk forms M = dO U'^T in a second pass over V, after dW is stored (M_PASS): at most
-# three [BT, BK] / [BT, BT] float32 accumulators alive instead of four. Branch
-# next/untimed12: untimed, not GPU-run.
-GRADS_QK_M_PASS: bool = False
-GRADS_QK_TILE_BV_GATED = 32
-# the reverse scan's dots on 16-bit inputs against float32 values by two 16-bit halves of the
-# float32 operand (delta_bwd_scan_kernel's SPLIT16): H200 sweep (2026-11-29, T 8192, D 128)
-# reverse scan 1.97 -> 1.93 ms DeltaNet, 2.56 -> 2.14 gated (which splits Q^T (e^b dO) too).
-# Tried and dropped the same in the per-chunk grads_qk (U' and M split): sm_90 ungated
-# 126 -> 186 registers, gated 44 -> 424 B of spills, barriers per K tile 13 -> 58 / 40 -> 86.
-REVERSE_SCAN_SPLIT16: bool = True
-# on state tiles up to this many rows: 256 since the 13th session (until then 128: "sm_90
-# spills rose 392 -> 1472 B" at K 256, before the scan formed W^T dU' itself). bf16, K 256,
-# BV 64, 8 warps, unsplit -> split, sm_90: DeltaNet shared memory 164 -> 136 KB, spill loads /
-# stores 229 / 222 -> 188 / 186, shared stores / loads 230 / 128 -> 94 / 0, barriers 36 -> 19;
-# gated spill loads 348 -> 198, barriers 53 -> 22. H200 sweep (2026-11-29, T 8192, D 256, with
-# the scores kernel below): reverse scan 11.89 -> 9.29 ms gated, 7.76 -> 7.72 DeltaNet; the
-# GPU tests' K 256 sets on 64-wide V blocks pass.
-REVERSE_SCAN_SPLIT16_MAX_BK = 256
-# The reverse scan splits on V blocks at least this wide only. H200 (2026-11-29,
-# benchmarks/flag_diff.py, bf16): on 64-wide V blocks (the bench's B 8) the split differs from
-# the unsplit kernel at bf16 rounding (dv 5e-3, dh0 5e-4 relative), but on the narrower blocks
-# fill_v_block cuts to for few sequences it is wrong: Gated DeltaNet's gradients off by O(1)
-# on 16-wide blocks (dh0 2, dk 1) and an illegal address on 8 warps; DeltaNet's at K 128 (since
-# the scan forms W^T dU' itself, 12th session) NaN on 16-wide blocks and O(1) off on 32-wide
-# ones (K 16, 64 and 256 right). A GPU-only fault (the interpreter's float16 run of the same
-# code is right), not isolated, so those forms run unsplit.
-REVERSE_SCAN_SPLIT16_MIN_BV = 64
-# how many 16-bit parts of its float32 operands those dots take (delta_fwd.SCAN_DOT16_PARTS):
-# 2 halves, or 1 (dS', the scores, T^T dU' and e^b dO rounded to the inputs' dtype, one dot
-# each, as fla's reverse scan takes dh). 1 since the 14th session: H200 sweep (2026-11-29,
-# T 8192, bf16, reverse scan ms, 2 -> 1) D 128 DeltaNet 1.45 -> 1.02, gated 1.87 -> 1.41;
-# D 256 7.74 -> 4.26 / 9.02 -> 4.38 (sm_90 spills 1304 -> 56 B / 1784 -> 304 B at K 256, 808 ->
-# 224 / 904 -> 344 at K 128). CPU probe (delta_lowp_probe.py, point dS16, T 1024).
-REVERSE_SCAN_DOT16_PARTS = 1
-# grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves (SPLIT16), on
-# K tiles at least this wide: H200 sweep (2026-11-29, T 8192, D 128) grads_wy 1.50 -> 1.22 ms
-# DeltaNet, 1.67 -> 1.35 gated; flag_diff: bf16 rounding (2e-3 - 5e-3) at K 64, 100, 128, 256,
-# but NaN in dk at K = 16 (one 16-wide K tile, 4 warps; right on 8), where the interpreter's
-# float16 run of the same code is exact. A 32-wide K tile has not run split on the GPU.
-GRADS_WY_SPLIT16: bool = True
-GRADS_WY_SPLIT16_MIN_BK = 64
-# the reverse scan's V tile cap (see delta_fwd.scan_v_block)
-REVERSE_SCAN_BV = 64
-# The reverse scan reads each chunk's masked scores (tril(Q K^T) * Gamma)^T from a parallel
-# kernel (delta_bwd_scores_kernel, a float32 [TT, H, BT] buffer alive through the scan) on
-# state tiles at least this many rows wide, instead of forming K Q^T in every step of its
-# serial loop for every V block: at K 256 that dot is 1.05 M of the step's ~7 M multiply-adds
-# (BV 64), repeated by the 4 V blocks; the kernel forms it once per chunk. H200 sweep
-# (2026-11-29, T 8192, D 256): reverse scan 10.88 -> 7.72 ms + 0.34 for the scores kernel
-# (DeltaNet), 11.58 -> 9.29 + 0.36 (gated); flag_diff: identical results. 1 << 30: never.
-REVERSE_SCAN_SCORES_MIN_BK = 256
-
-# dU' (dv2), dW (dw) and dk's state-and-output part (dk_part), each written by one kernel and
-# read by later ones, stored in the inputs' dtype for 16-bit inputs: 256 MiB each less at
-# B*T 65536, H 16, D 128, all alive at the backward's peak (grads_qk: 3.75 -> ~3.0 GiB
-# expected). Every reader upcasts them to float32 before its dots, and the reverse scan's own
-# dS update uses the float32 dU'. The CPU probe (benchmarks/delta_lowp_probe.py, points dvnew,
-# dw, dkpart, each rounding at least where the kernels do) passes the tests' rule at T = 1024
-# for unit and unnormalised keys, gated and not, with h in bf16 as well. False: float32.
-GRADS_IN_INPUT_DTYPE: bool = True
+# Launch choices come from a DeltaConfig argument (delta_config.DEFAULT), from
+# benchmarks/sweep_delta.py (PERF_NOTES "Delta rule: launch choices"): grads_wy on 4 warps
+# (faster than 8 although it spills more), the reverse scan on 4 warps and 1 stage, grads_qk
+# on 4 warps and 2 stages, one program per (chunk, head, 64-wide K tile) with one pass over V
+# and M formed by each, as fla's chunk_bwd_dqkwg (nothing re-reads dO, U', dU' per K tile).
+# - gated grads_qk takes 32-wide V tiles: on 64-wide ones (and on 3 stages) the H200 computes
+#   it wrong, run to run different, while the interpreter's run is right (PERF_NOTES
+#   "Compiler faults and precision guards"); forming M in a second pass over V was slower
+#   and did not cure it.
+# - the reverse scan's dots on 16-bit inputs take their float32 operands in 16-bit parts
+#   (delta_bwd_scan_kernel's SPLIT16; 1 part: dS', the scores, T^T dU' and e^b dO rounded to
+#   the inputs' dtype as fla's reverse scan takes dh), on state tiles up to 256 rows and on V
+#   blocks at least 64 wide only: on the narrower blocks fill_v_block cuts to for few
+#   sequences the split scan is wrong on the H200. The per-chunk grads_qk stays unsplit:
+#   split, it spills on sm_90.
+# - grads_wy's dots of stored 16-bit values against T and dKK by two 16-bit halves, on K tiles
+#   at least 64 wide: at K = 16 (one 16-wide K tile, 4 warps) the H200 returns NaN in dk.
+# - at K >= 256 the reverse scan reads each chunk's masked scores (tril(Q K^T) * Gamma)^T from
+#   delta_bwd_scores_kernel (a float32 [TT, H, BT] buffer alive through the scan) instead of
+#   forming K Q^T in every step of its serial loop for every V block (about 1/7 of a step's
+#   multiply-adds at K 256, repeated by the 4 V blocks).
 
 
-def grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored dU', dW and dk_part for inputs of this dtype."""
-    return dtype if GRADS_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+def grad_dtype(dtype: torch.dtype, cfg: DeltaConfig = DEFAULT) -> torch.dtype:
+    """dtype of the stored dU', dW and dk_part for inputs of this dtype: the inputs' for
+    16-bit inputs (each written by one kernel and read by later ones, all three alive at the
+    backward's peak; every reader upcasts them to float32 before its dots, and the reverse
+    scan's own dS update uses the float32 dU'; PERF_NOTES "Delta rule: 16-bit
+    intermediates")."""
+    return dtype if cfg.grads_in_input_dtype and dtype != torch.float32 else torch.float32
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -163,7 +99,7 @@ def delta_bwd_scores_kernel(q, k, gc, kq, cu_seqlens, chunk_seq, chunk_idx, H, K
                             PREC: tl.constexpr):
     """Per (chunk, head): kq [BT, BT] of the chunk's rows of kq [TT, H, BT] float32, the
     masked scores (tril(Q K^T) * Gamma)^T [key j, query i] the reverse scan reads when it
-    does not form them itself (REVERSE_SCAN_SCORES_MIN_BK)."""
+    does not form them itself (DeltaConfig.reverse_scan_scores_min_bk)."""
     tl.static_assert(BK >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     # K Q^T [j, i] over BK-wide K tiles, 16-bit operands as stored: exact products
@@ -321,14 +257,12 @@ def gate_sums(b_mq, b_dkd, b_ss_el, o_t, last):
 def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
                          chunk_seq, chunk_idx, scale, TT, H, K, V, BT: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
-                         PREC: tl.constexpr, M_PASS: tl.constexpr):
+                         PREC: tl.constexpr):
     """Per (chunk, head, K tile): dq, dk (state and output part) and dw = -dU' S^T on the
     tile's BK columns, and the tile's share of db (db [cdiv(K, BK), TT, H]; the launcher sums
     the shares). One pass over the V tiles reads dO, U', dU' and the tile's rows of S and dS'
     once, forming M = scale tril(dO U'^T) * Gamma beside them (every K tile's program forms
-    it: [BT, BT] per program, as fla's chunk_bwd_dqkwg). M_PASS: M in a second pass over V
-    (dO and U' read again, from L2) after dW is stored, so that its accumulator and dW's are
-    never alive together (GRADS_QK_M_PASS)."""
+    it: [BT, BT] per program, as fla's chunk_bwd_dqkwg)."""
     tl.static_assert(BK >= 16 and BV >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
     i_k = tl.program_id(2)
@@ -353,20 +287,13 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
         b_vn = load_tile(p_vn)          # stored 16-bit or float32
         b_do = load_tile(p_do)
         b_dv = load_tile(p_dv2)
-        if not M_PASS:
-            b_m += dot_nt(b_do, b_vn, PREC)                  # dO U'^T
+        b_m += dot_nt(b_do, b_vn, PREC)                      # dO U'^T
         b_dqa += dot_nt(b_do, b_hs, PREC)                    # dO S^T
         b_dka += dot_nt(b_vn, b_dhs, PREC)                   # U' dS'^T
         b_dwa += dot_nt(b_dv, b_hs, PREC)                    # dU' S^T
         b_ss += tl.sum(b_hs.to(tl.float32) * b_dhs.to(tl.float32), 1)
     p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
     tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
-    if M_PASS:
-        # dO U'^T over the V tiles again, dW's accumulator dead
-        for i_v in range(tl.cdiv(V, BV)):
-            b_do = load_tile(token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV))
-            b_vn = load_tile(token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV))
-            b_m += dot_nt(b_do, b_vn, PREC)
     b_m = b_m * b_gam * scale
 
     p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
@@ -504,12 +431,13 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
 
 # ------------------------------------------------------------------------------ launchers
 
-def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale, need_dh0):
+def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale, need_dh0,
+                 cfg: DeltaConfig = DEFAULT):
     """dS backwards over the chunks.
 
     Args: q, k [TT, H, K], beta [TT, H] (inputs); tinv [TT, H, BT], gc [TT, H] or None
         (float32, delta_fwd.prep); do [TT, H, V]; dfinal [N, H, K, V] or None;
-        initial_state [N, H, K, V] or None.
+        initial_state [N, H, K, V] or None; cfg: launch choices.
     Returns: dh [NC, H, K, V] in delta_fwd.state_dtype (gradient of each chunk's end state;
         the scan carries it in float32),
         dv2 [TT, H, V] in grad_dtype (dU'), dh0 [N, H, K, V] in initial_state's dtype (or None
@@ -523,17 +451,17 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
     # takes it into tf32 dots and <S, dS'> with the 16-bit h; half of the backward's largest
     # buffer (1 GiB float32 at B*T 65536, H 16, D 128; 4 GiB at D 256), which is alive at the
     # backward's peak (grads_qk)
-    dh = alloc.empty(NC, H, K, V, dtype=delta_fwd.state_dtype(q.dtype), device=dev)
-    dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype), device=dev)
+    dh = alloc.empty(NC, H, K, V, dtype=delta_fwd.state_dtype(q.dtype, cfg), device=dev)
+    dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype, cfg), device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
-    BK, BV = full_tile(K), scan_v_block(K, V, REVERSE_SCAN_BV, N * H, dev, q.dtype)
+    BK, BV = full_tile(K), scan_v_block(K, V, cfg.reverse_scan_bv, N * H, dev, q.dtype, cfg)
     kq = None
-    if BK >= REVERSE_SCAN_SCORES_MIN_BK and layout.NT:
+    if BK >= cfg.reverse_scan_scores_min_bk and layout.NT:
         kq = alloc.empty(TT, H, BT, dtype=torch.float32, device=dev)    # [TT, H, BT]
         delta_bwd_scores_kernel[(layout.NT, H)](
             q, k, gc if gc is not None else kq, kq, layout.cu, layout.tile_seq,
             layout.tile_idx, H, K=K, BT=BT, BK=head_tile(K, 64), USE_G=gc is not None,
-            PREC=dot_precision(q.dtype), **LAUNCH["scores"])
+            PREC=dot_precision(q.dtype), **cfg.launch["scores"])
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
             q, k, beta, tinv, gc if gc is not None else tinv, do, kq if kq is not None else tinv,
@@ -541,24 +469,26 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
             scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
-            # on state tiles up to REVERSE_SCAN_SPLIT16_MAX_BK rows and wide V blocks only
-            # (see REVERSE_SCAN_SPLIT16_MIN_BV)
-            SPLIT16=REVERSE_SCAN_DOT16_PARTS if (
-                common.split16_on(REVERSE_SCAN_SPLIT16, q)
-                and BK <= REVERSE_SCAN_SPLIT16_MAX_BK and BV >= REVERSE_SCAN_SPLIT16_MIN_BV)
+            # on state tiles up to reverse_scan_split16_max_bk rows and wide V blocks only
+            # (see reverse_scan_split16_min_bv)
+            SPLIT16=cfg.reverse_scan_dot16_parts if (
+                split16_on(cfg.reverse_scan_split16, cfg, q)
+                and BK <= cfg.reverse_scan_split16_max_bk
+                and BV >= cfg.reverse_scan_split16_min_bv)
             else 0,
             KQ_IN=kq is not None,
-            **(LAUNCH["reverse_scan_k256"] if BK >= 256 else
-               {**LAUNCH["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))
+            **(cfg.launch["reverse_scan_k256"] if BK >= 256 else
+               {**cfg.launch["reverse_scan"], **(dict(num_stages=2) if BK < 128 else {})}))
     return dh, dv2, dh0
 
 
-def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
+def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale, cfg: DeltaConfig = DEFAULT):
     """dq, and the parts of dk, dW and db that come through the states and outputs.
 
     Args: q, k [TT, H, K]; vnew [TT, H, V] (delta_fwd.vnew_dtype), h [NC + N, H, K, V]
         (delta_fwd.scan); gc [TT, H] or
-        None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V].
+        None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V]; cfg: launch
+        choices.
     Returns: dq [TT, H, K] in q's dtype; dk_part, dw [TT, H, K] in grad_dtype; db [TT, H]
         float32 (None when ungated).
     """
@@ -566,11 +496,11 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
     V = do.shape[-1]
     dev = q.device
     dq = alloc.empty(TT, H, K, dtype=q.dtype, device=dev)
-    dk_part = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
-    dw = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype), device=dev)
+    dk_part = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype, cfg), device=dev)
+    dw = alloc.empty(TT, H, K, dtype=grad_dtype(q.dtype, cfg), device=dev)
     BK = head_tile(K, 64)
     NK = triton.cdiv(K, BK)
-    BV = head_tile(V, GRADS_QK_TILE_BV_GATED if gc is not None else GRADS_QK_TILE_BV)
+    BV = head_tile(V, cfg.grads_qk_tile_bv_gated if gc is not None else cfg.grads_qk_tile_bv)
     # db as one share per K tile [NK, TT, H], summed below (no atomics)
     db = alloc.empty(NK, TT, H, dtype=torch.float32, device=dev) if gc is not None else None
     if layout.NT:
@@ -578,21 +508,22 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale):
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
             db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
             scale, TT, H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            USE_G=gc is not None, PREC=dot_precision(q.dtype), M_PASS=GRADS_QK_M_PASS,
+            USE_G=gc is not None, PREC=dot_precision(q.dtype),
             # float32 inputs ("ieee" dots) on 8 warps: on 4, sm_90 spills 7.4 - 9.5 KB
-            **{**LAUNCH["grads_qk"],
+            **{**cfg.launch["grads_qk"],
                **(dict(num_warps=8) if q.dtype == torch.float32 else {})})
     if db is not None:
         db = db[0] if NK == 1 else db.sum(0)               # [TT, H]: the K tiles' shares
     return dq, dk_part, dw, db
 
 
-def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
+def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout,
+             cfg: DeltaConfig = DEFAULT):
     """dk, dv, dbeta, dg through the WY/UT transform (and dg from every decay).
 
     Args: k [TT, H, K], v [TT, H, V], beta, g [TT, H] (inputs; g may be None); gc [TT, H],
         tinv [TT, H, BT] (delta_fwd.prep); dw, dk_part [TT, H, K], db [TT, H] (grads_qk);
-        dv2 [TT, H, V] (reverse_scan).
+        dv2 [TT, H, V] (reverse_scan); cfg: launch choices.
     Returns: dk, dv (k's and v's dtypes), dbeta (beta's dtype), dg (g's dtype, or None).
     """
     TT, H, K = k.shape
@@ -610,15 +541,17 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout):
             layout.cu, layout.tile_seq, layout.tile_idx,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=head_tile(V, 64), USE_G=g is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=common.split16_on(GRADS_WY_SPLIT16, k, dw, dv2)
-            and BK >= GRADS_WY_SPLIT16_MIN_BK,
+            SPLIT16=split16_on(cfg.grads_wy_split16, cfg, k, dw, dv2)
+            and BK >= cfg.grads_wy_split16_min_bk,
             # float32 inputs ("ieee" dots) keep 8 warps: on 4, sm_90 spills ~9 KB (the sweep
             # timed 16-bit inputs only)
-            **{**LAUNCH["grads_wy"], **(dict(num_warps=8) if k.dtype == torch.float32 else {})})
+            **{**cfg.launch["grads_wy"],
+               **(dict(num_warps=8) if k.dtype == torch.float32 else {})})
     return dk, dv, dbeta, dg
 
 
-def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh0, kept=None):
+def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh0, kept=None,
+             cfg: DeltaConfig = DEFAULT):
     """Gradients of the packed delta rule: prep and scan's outputs (kept by the forward, or
     recomputed), then reverse_scan -> grads_qk -> grads_wy.
 
@@ -632,20 +565,21 @@ def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh
         initial_state [N, H, K, V] float32 or None;
         layout: common.ChunkLayout (delta_api.chunk_layout);
         kept: None, or a list holding the forward's (gc, tinv, h, vnew) or None; it is
-        emptied here, so that these buffers too are freed after their last kernel.
+        emptied here, so that these buffers too are freed after their last kernel;
+        cfg: launch choices (the forward's).
     Returns: dq, dk, dv (inputs' dtypes), dbeta (beta's dtype), dg (g's dtype or None),
         dh0 (initial_state's dtype, or None unless need_dh0).
     """
     kept = kept.pop() if kept else None
     if kept is None:                                       # recompute prep and scan
-        gc, tinv = delta_fwd.prep(k, beta, g, layout)
-        h, vnew, _ = delta_fwd.scan(k, v, beta, gc, tinv, initial_state, layout, False)
+        gc, tinv = delta_fwd.prep(k, beta, g, layout, cfg)
+        h, vnew, _ = delta_fwd.scan(k, v, beta, gc, tinv, initial_state, layout, False, cfg)
     else:
         gc, tinv, h, vnew = kept
         del kept
     dh, dv2, dh0 = reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
-                                need_dh0)
-    dq, dk_part, dw, db = grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale)
+                                need_dh0, cfg)
+    dq, dk_part, dw, db = grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale, cfg)
     del h, vnew, dh                                        # last read by grads_qk
-    dk, dv, dbeta, dg = grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout)
+    dk, dv, dbeta, dg = grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout, cfg)
     return dq, dk, dv, dbeta, dg, dh0

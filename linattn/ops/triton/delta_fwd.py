@@ -1,7 +1,7 @@
 """Delta-rule forward kernels (DeltaNet, Gated DeltaNet): the chunkwise WY/UT form.
 
 Per chunk of BT = 64 tokens, b the inclusive cumsum of the log-decay g inside the chunk and
-Gamma_ij = exp(b_i - b_j) (all ones when ungated), DESIGN.md section 4:
+Gamma_ij = exp(b_i - b_j) (all ones when ungated), docs/design.md section 4:
 
     A  = tril(diag(beta) (K K^T * Gamma), -1),   T = (I + A)^-1
     W  = T diag(beta exp(b)) K,   U = T diag(beta) V,   U' = U - W S
@@ -24,7 +24,7 @@ or the backward reruns prep and scan):
   output               O is gated linear attention with values U' and the chunk-start states:
                        the gated family's gated_fwd.fwd_o_kernel (no gate, or the scalar gate
                        with b), on the chunk = tile = BT layout. One output kernel for both
-                       families (DESIGN.md: one recurrence, many gates).
+                       families (docs/design.md: one recurrence, many gates).
 
 Every token tensor is addressed as packed [TT, H, D] (B sequences of T tokens are the packed
 case with cu_seqlens = [0, T, 2T, ...]); chunks are the tiles of the gated family's layout with
@@ -40,77 +40,42 @@ import triton
 import triton.language as tl
 
 from .. import alloc
-from . import common
 from .common import dot_a16, fill_v_block, head_tile, next_pow2
+from .delta_config import DEFAULT, DeltaConfig, split16_on
 from .gated_api import KernelConfig
 from .gated_fwd import fwd_o
 
 BT = 64  # chunk length: the UT transform's block
 BC = 16  # diagonal sub-block of the forward substitution
 
-# Launch settings of the forward kernels: num_warps, num_stages, and the output kernel's V
-# tile cap. Chosen per kernel from benchmarks/sweep_delta.py on the H200 (2026-11-29, DeltaNet,
-# bf16, B*T 65536, H 16, D 128, ms per fwd+bwd): one stage for prep (2.07 -> 1.88) and output
-# (1.91 -> 1.31); 8 warps made prep 2.3x and output 1.3x slower; a 128-wide output V tile
-# 1.17x slower (on the former delta_output_kernel; for fwd_o a 128-wide tile was slower too,
-# 1.43 against 1.33, before its dots took 16-bit operands; OUTPUT_BV below). When the scan's
-# float32 tiles took >= 128 KB of shared memory: 8 warps, 2 stages (1: 1.25 -> 1.65).
-# 2026-11-29 (8th session, same sweep, DeltaNet / Gated DeltaNet ms): prep under a 168-register
-# cap, 3 programs per SM instead of 2 for 220 B of sm_90 spills (1.76 -> 1.60 / 1.83 -> 1.65);
-# the scan on 4 warps and 1 stage at K <= 128 (72 KB, two programs per SM: its 256 programs in
-# one wave instead of 1.94; 1.13 -> 0.85 / 1.23 -> 1.18); the output on 3 stages once its dots
-# took 16-bit operands (0.78 either way / 1.12 -> 0.89).
-# 2026-11-29 (11th session): prep forming T alone (W and U left to a kernel of their own, the
-# step before they went away) on 2 warps instead of 4: 1.01 -> 0.55 / 1.17 -> 0.58; the scan
-# forming U' from T on 2 stages (0.92 -> 0.75 / 0.95 -> 0.85; 8 warps 1.51 / 1.54).
-LAUNCH = {
-    "prep": dict(num_warps=2, num_stages=1),
-    "scan": dict(num_warps=4, num_stages=2),
-    "scan_k256": dict(num_warps=8, num_stages=1),  # a 256-wide state tile (full_tile(K) 256)
-    "scan_k256_split": dict(num_warps=4, num_stages=1),  # the same, split dots (16-bit inputs)
-    "output": dict(num_warps=4, num_stages=3),
-}
-# the output kernel's V tile cap: 128 since the 14th session (U' and h in 16 bits: sm_90 bf16
-# 255 registers, no spills, 96 KB; q K^T formed once per chunk at V 128 instead of twice).
-# H200 sweep (2026-11-29, T 8192, bf16, output ms, 64 -> 128): D 128 DeltaNet 0.72 -> 0.46,
-# gated 0.78 -> 0.49; D 256 2.09 -> 1.32 / 2.21 -> 1.37. float32 inputs keep 64 (their "ieee"
-# dots at 128 never ran on the GPU).
-OUTPUT_BV = 128
-OUTPUT_BV_F32 = 64
-
-# Chunk states h stored in the inputs' dtype for 16-bit inputs (the scan carries S in float32;
-# the output and grads_qk read h). Halves the largest buffer the forward keeps for the
-# backward (1 GiB float32 at B*T 65536, H 16, D 128 with 64-token chunks). Precision: the CPU
-# probe benchmarks/delta_lowp_probe.py finds h in bf16 within the tests' tolerance rule for
-# unit and unnormalised keys (T up to 1024); False restores float32 states.
-STATES_IN_INPUT_DTYPE: bool = True
+# Launch choices come from a DeltaConfig argument (delta_config.DEFAULT): prep on 2 warps and
+# 1 stage, the scan on 4 warps and 2 stages at K <= 128, the output on 4 warps and 3 stages
+# and 128-wide V tiles for 16-bit inputs (q K^T formed once per chunk instead of twice; they
+# fit sm_90's registers once U' and h are 16-bit; float32 inputs keep 64). PERF_NOTES "Delta
+# rule: launch choices".
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored chunk states h for inputs of this dtype."""
-    return dtype if STATES_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+def state_dtype(dtype: torch.dtype, cfg: DeltaConfig = DEFAULT) -> torch.dtype:
+    """dtype of the stored chunk states h for inputs of this dtype: the inputs' for 16-bit
+    inputs (the scan carries S in float32; the output and grads_qk read h), which halves the
+    largest buffer the forward keeps for the backward; benchmarks/delta_lowp_probe.py checks
+    the precision against the tests' rule (PERF_NOTES "Delta rule: 16-bit intermediates")."""
+    return dtype if cfg.states_in_input_dtype and dtype != torch.float32 else torch.float32
 
 
-# U' (vnew) stored in the inputs' dtype for 16-bit inputs, as fla stores it: read by the output
-# kernel and twice by grads_qk (once per 64-wide K tile at K 128), 256 MiB less per pass at
-# B*T 65536, H 16, D 128, and their dots against it take 16-bit operands. The scan's state
-# update uses the float32 U'. CPU probe (delta_lowp_probe.py, point vnew beside h, dU', dW,
-# dk_part): the tests' rule holds at T 1024, K 64, unit and unnormalised keys, gated or not.
-VNEW_IN_INPUT_DTYPE: bool = True
-
-
-def vnew_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored U' for inputs of this dtype."""
-    return dtype if VNEW_IN_INPUT_DTYPE and dtype != torch.float32 else torch.float32
+def vnew_dtype(dtype: torch.dtype, cfg: DeltaConfig = DEFAULT) -> torch.dtype:
+    """dtype of the stored U' for inputs of this dtype: the inputs' for 16-bit inputs, as fla
+    stores it (the output kernel and grads_qk read it with 16-bit dot operands; the scan's
+    state update uses the float32 U')."""
+    return dtype if cfg.vnew_in_input_dtype and dtype != torch.float32 else torch.float32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """input_precision for float32 x float32 dots: exact for float32 inputs; tf32 for
     bfloat16 (whose hot dots take 16-bit operands instead: common.dot_a16); tf32x3 (three
-    tf32 products, float32's accuracy) for float16, whose 11-bit inputs the 11-bit tf32
-    rounding of W, S and U' matched: H200 (2026-11-29) Gated DeltaNet K = V = 128, final
-    state 1.15e-3 against the tests' bound of 1.0e-3 (3 x the oracle's error on
-    float16-rounded inputs) with tf32."""
+    tf32 products, float32's accuracy) for float16, whose final state exceeds the tests'
+    bound with plain tf32 at K = V = 128 (PERF_NOTES "Compiler faults and precision
+    guards")."""
     if dtype == torch.float32:
         return "ieee"
     return "tf32x3" if dtype == torch.float16 else "tf32"
@@ -121,59 +86,26 @@ def full_tile(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-# V tile cap of the forward scan (delta_bwd.REVERSE_SCAN_BV: the reverse scan's)
-SCAN_BV = 64
-# the forward scan's K S and K^T U' by two 16-bit halves of S and U' (delta_scan_kernel's
-# SPLIT16): H200 sweep (2026-11-29, T 8192, D 128, K^T U' only) scan 0.85 / 1.18 -> 0.84 /
-# 0.91 ms (DeltaNet / gated).
-# On state tiles up to SCAN_SPLIT16_MAX_BK rows: 256 since the 13th session, the K 256 tile on
-# 4 warps (LAUNCH "scan_k256_split"). On 8 warps (branch next/untimed10, sm_90 bf16 BV 64:
-# shared stores / loads per step 186 / 144 -> 74 / 16, barriers 28 -> 15) the H200 ran it
-# wrong: output off by O(1) (GPU tests deltanet-K256-V64 and gated-K256-V256 bf16; flag_diff
-# o 0.6 relative against the unsplit scan), memcheck and racecheck clean, another GPU-only
-# fault of a multi-dot sm_90 kernel (PERF_NOTES 27). On 4 warps (1 or 2 stages) flag_diff
-# finds bf16 rounding only (2.6e-3 - 6.6e-3 against the unsplit scan at K 256, V 64 / 256),
-# and the H200 sweep (2026-11-29, T 8192, D 256) has the forward scan 5.64 -> 4.23 ms
-# DeltaNet, 5.28 -> 4.63 gated (unsplit on 4 warps: 5.66 / 5.78).
-SCAN_SPLIT16: bool = True
-SCAN_SPLIT16_MAX_BK = 256
-# how many 16-bit parts of S and U' those dots take: 2 (split16's halves, ~16 significant
-# bits), or 1 (S and U' rounded to the inputs' dtype for the dot, one dot each instead of two,
-# as fla's scan takes its state; the carried S stays float32). 1 since the 14th session: H200
-# sweep (2026-11-29, T 8192, bf16, forward scan ms, 2 -> 1) D 128 DeltaNet 0.67 -> 0.48, gated
-# 0.77 -> 0.55; D 256 4.26 -> 2.63 / 4.64 -> 2.82 (fewer dots on the serial chain and sm_90
-# spills at K 256 2052 -> 1084 B); flag_diff against 2: 2e-3 - 8e-3 relative (bf16 rounding).
-# CPU probe (benchmarks/delta_lowp_probe.py, points kS, upd, dS16, T 1024, K 32, 4 seeds): with
-# main's other 16-bit stores it passes the tests' rule 16/16 (those stores alone: 15/16, DeltaNet's
-# unnormalised keys dbeta 1.77e3 against 1.39e3, noise around the bound at that length).
-SCAN_DOT16_PARTS = 1
-
-
-# the scans' float32 state tile [BK, BV] at most this many elements: BV 64 at K 256. H200
-# (2026-11-29, sweep_delta, bf16, B 8, T 8192, H 16, D 256, ms, DeltaNet / Gated DeltaNet)
-# 8192 elements (BV 32) -> 16384: forward scan 6.63 -> 4.50 / 9.48 -> 5.49, reverse scan
-# 19.02 -> 11.52 / 23.84 -> 15.41, fwd+bwd 39.96 -> 30.10 / 47.97 -> 35.58; results bitwise
-# equal (flag_diff). 4096 (BV 16) was slower (62.2 ms DeltaNet), 4 warps no better. float32
-# inputs keep 8192: their "ieee" dots spill 60 - 157 KB per program at BV 64 (sm_90), and
-# only BV 32 has run on the GPU for them.
-STATE_TILE_ELEMS = 16384
-STATE_TILE_ELEMS_F32 = 8192
-# the narrowest V block fill_v_block may cut the scans to at K = 256: on 16-wide blocks the
-# H200 ran Gated DeltaNet's forward scan wrong (2026-11-29, flag_diff, bf16, K = V = 256,
-# B 2, H 2: final state off by O(1) against 32- and 64-wide blocks, which agree bitwise; 8
-# warps, 1152 B of sm_90 spills; DeltaNet's was right). A GPU-only fault, not isolated.
-SCAN_MIN_BV_K256 = 32
+# The forward scan's K S and K^T U' take 16-bit operands (delta_scan_kernel's SPLIT16:
+# cfg.scan_split16, scan_dot16_parts): 1 part, S and U' rounded to the inputs' dtype for the
+# dot as fla's scan takes its state (the carried S stays float32), puts fewer dots on the
+# serial chain within the tests' rule (PERF_NOTES "Delta rule: 16-bit intermediates"). At
+# K 256 the split scan runs on 4 warps only (launch "scan_k256_split"): on 8 warps the H200
+# computes it wrong (PERF_NOTES "Compiler faults and precision guards").
 
 
 def scan_v_block(K: int, V: int, cap: int, programs_per_v_block: int, device,
-                 dtype: torch.dtype = torch.bfloat16) -> int:
+                 dtype: torch.dtype = torch.bfloat16, cfg: DeltaConfig = DEFAULT) -> int:
     """The scans' V block for inputs of dtype: at most cap, the float32 state tile [BK, BV] at
-    most STATE_TILE_ELEMS(_F32) elements, cut by fill_v_block for few sequences (not below
-    SCAN_MIN_BV_K256 at K = 256)."""
-    elems = STATE_TILE_ELEMS_F32 if dtype == torch.float32 else STATE_TILE_ELEMS
+    most cfg.state_tile_elems(_f32) elements (BV 64 at K 256: faster than 32, bitwise equal;
+    float32's "ieee" dots spill heavily there), cut by fill_v_block for few sequences (not
+    below cfg.scan_min_bv_k256 at K = 256: on 16-wide blocks the H200 runs Gated DeltaNet's
+    forward scan wrong; PERF_NOTES "Compiler faults and precision guards")."""
+    elems = cfg.state_tile_elems_f32 if dtype == torch.float32 else cfg.state_tile_elems
     BV = max(16, min(head_tile(V, cap), elems // full_tile(K)))
     return fill_v_block(BV, V, programs_per_v_block, device,
-                        min_bv=SCAN_MIN_BV_K256 if full_tile(K) >= 256 else 16)
+                        min_bv=max(cfg.fill_min_bv,
+                                   cfg.scan_min_bv_k256 if full_tile(K) >= 256 else 16))
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -406,11 +338,11 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
 
 # ------------------------------------------------------------------------------ launchers
 
-def prep(k, beta, g, layout):
+def prep(k, beta, g, layout, cfg: DeltaConfig = DEFAULT):
     """b and T for every chunk.
 
     Args: k [TT, H, K] (packed, contiguous); beta, g [TT, H] (g may be None);
-        layout: common.ChunkLayout (delta_api.chunk_layout).
+        layout: common.ChunkLayout (delta_api.chunk_layout); cfg: launch choices.
     Returns: gc [TT, H] float32 (None when g is None), tinv [TT, H, BT] float32.
     """
     TT, H, K = k.shape
@@ -422,15 +354,17 @@ def prep(k, beta, g, layout):
             k, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             layout.cu, layout.tile_seq, layout.tile_idx, H=H, K=K, BT=BT, BC=BC,
             BK=head_tile(K, 64), USE_G=g is not None, PREC=dot_precision(k.dtype),
-            **LAUNCH["prep"])
+            **cfg.launch["prep"])
     return gc, tinv
 
 
-def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
+def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state,
+         cfg: DeltaConfig = DEFAULT):
     """The forward state scan.
 
     Args: k [TT, H, K], v [TT, H, V], beta [TT, H] (inputs); gc [TT, H] float32 or None,
-        tinv [TT, H, BT] float32 (prep); initial_state [N, H, K, V] or None.
+        tinv [TT, H, BT] float32 (prep); initial_state [N, H, K, V] or None; cfg: launch
+        choices.
     Returns: h [NC + N, H, K, V] in state_dtype(k.dtype) (state at each chunk's start, at the
         slots of layout; the N slots after each sequence stay unwritten), vnew [TT, H, V] in
         vnew_dtype (U'), final [N, H, K, V] float32 or None.
@@ -439,11 +373,11 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
     V = v.shape[-1]
     N = layout.N
     dev = k.device
-    h = alloc.empty(layout.n_slots, H, K, V, dtype=state_dtype(k.dtype), device=dev)
-    vnew = alloc.empty(TT, H, V, dtype=vnew_dtype(k.dtype), device=dev)
+    h = alloc.empty(layout.n_slots, H, K, V, dtype=state_dtype(k.dtype, cfg), device=dev)
+    vnew = alloc.empty(TT, H, V, dtype=vnew_dtype(k.dtype, cfg), device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
-    BK, BV = full_tile(K), scan_v_block(K, V, SCAN_BV, N * H, dev, k.dtype)
-    split = common.split16_on(SCAN_SPLIT16, k) and BK <= SCAN_SPLIT16_MAX_BK
+    BK, BV = full_tile(K), scan_v_block(K, V, cfg.scan_bv, N * H, dev, k.dtype, cfg)
+    split = split16_on(cfg.scan_split16, cfg, k) and BK <= cfg.scan_split16_max_bk
     if N:
         delta_scan_kernel[(triton.cdiv(V, BV), N * H)](
             k, v, beta, tinv, gc if gc is not None else tinv,
@@ -452,21 +386,22 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state):
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
-            SPLIT16=SCAN_DOT16_PARTS if split else 0,
-            **LAUNCH[("scan_k256_split" if split else "scan_k256") if BK >= 256 else "scan"])
+            SPLIT16=cfg.scan_dot16_parts if split else 0,
+            **cfg.launch[("scan_k256_split" if split else "scan_k256") if BK >= 256 else "scan"])
     return h, vnew, final
 
 
-def output(q, k, vnew, gc, h, layout, scale, out_dtype):
+def output(q, k, vnew, gc, h, layout, scale, out_dtype, cfg: DeltaConfig = DEFAULT):
     """O from the chunk states: gated linear attention with values U' (gated_fwd.fwd_o).
 
     Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (from scan);
-        gc [TT, H] float32 or None (b, the log-decay's cumsum inside each chunk).
+        gc [TT, H] float32 or None (b, the log-decay's cumsum inside each chunk); cfg: launch
+        choices.
     Returns: o [TT, H, V] in out_dtype.
     """
     K, V = q.shape[-1], vnew.shape[-1]
-    launch = LAUNCH["output"]
-    bv = head_tile(V, OUTPUT_BV_F32 if q.dtype == torch.float32 else OUTPUT_BV)
+    launch = cfg.launch["output"]
+    bv = head_tile(V, cfg.output_bv_f32 if q.dtype == torch.float32 else cfg.output_bv)
     # dots on U' and the states as stored (16-bit, or float32 with exact "ieee" dots for float32
     # inputs)
     cfg = KernelConfig(gate=0 if gc is None else 1, has_kw=False, mexp=False, noncausal=False,

@@ -23,6 +23,7 @@ by a segmented reverse scan over the m_t = max(logsigmoid(f_t) + m_{t-1}, i_t) r
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,25 +39,21 @@ from .gated_fwd import fwd_o, fwd_states, key_scores, mexp_prep, state_dtype
 
 MLSTM_EPS = 1e-6
 
-# Tiling overrides (tests set them to exercise several chunks and tiles at tiny T).
-# CHUNK: tokens between stored states (a power of two, a multiple of TILE); TILE: the tokens
-# a program holds. None picks the default for the device.
-CHUNK: int | None = None
-TILE: int | None = None
+
+@dataclass(frozen=True)
+class Override:
+    """Departures from _config's choice for one call (tests reach several chunks and tiles at
+    tiny T with them; sweeps time other forms). chunk: tokens between stored states (a power
+    of two, a multiple of tile); tile: the tokens a program holds; None keeps the device's.
+    fields: (name, value) pairs replacing KernelConfig fields."""
+    chunk: int | None = None
+    tile: int | None = None
+    fields: tuple = ()
 
 # The state scans' register caps aim for this many programs per SM out of the SM's 64K
 # 32-bit registers (KernelConfig.fwd_scan_maxnreg, bwd_scan_maxnreg).
 SCAN_PROGRAMS_PER_SM = 4
 SCAN_REGISTERS = 65536
-
-# Keep the forward's chunk states ([chunks + N, H, K, V] in gated_fwd.state_dtype) for the
-# backward instead of recomputing them there: saves one fwd_states launch per backward
-# (0.47 ms at B*T = 65536, H = 16, D = 128 on the H200; with it no gate went 6.96 -> 5.53 ms
-# fwd+bwd, together with the return to 4 warps) and does not raise a single op's peak (the
-# backward allocated the same buffer), but holds it from forward to backward: K*V*2 bytes
-# per head every CHUNK tokens for 16-bit inputs (a quarter of the size of q, k, v, o at
-# D = 128, L = 128). Set False to recompute in memory-bound stacks.
-SAVE_STATES: bool = True
 
 
 @dataclass(frozen=True)
@@ -72,26 +69,19 @@ class KernelConfig:
     warps: int         # num_warps of the per-tile kernels (fwd_o, bwd_dv, bwd_dqk)
     scan_warps: int    # num_warps of the state scans (fwd_states, bwd_states)
     stages: int
-    # bwd_dqk, the largest kernel (2.6 of 5.2 ms with no gate on the H200): each K block's
-    # program recomputes do v^T for its tile pairs, so one K block (BKQ = K) halves that work
-    # at D = 128 for more registers, which 8 warps supply (see _config for the measurement).
+    # bwd_dqk, the largest kernel: each K block's program recomputes do v^T for its tile
+    # pairs, so one K block (BKQ = K) halves that work at D = 128 for more registers, which 8
+    # warps supply (_config).
     BKQ: int = 0       # K block of bwd_dqk; 0: BK
     dqk_warps: int = 0  # num_warps of bwd_dqk; 0: warps
     # num_stages of the state scans; 0: stages. Per-key gates run their tile kernels on 1
     # stage but their scans on 2: at 1 Triton prefetches nothing and every step of the scans'
-    # chains waits on global memory (fwd_states 0.77 and bwd_states 1.00 ms per-key against
-    # 0.51 and 0.50 for scalar gates, H200, T 8192, D 128). Per-key fwd+bwd 10.35 ms at 1,
-    # 10.17 at 2 (sweep_gated, H200, 2026-11-29).
+    # chains waits on global memory.
     scan_stages: int = 0
-    # register caps of the state scans (ptx .maxnreg); 0: none. At the bench's shape each scan
-    # is one program per (sequence, head, K block, V block), 512 of them, 4 warps each: at
-    # 121 registers 4 fit per SM and the grid runs in one wave (0.97), at 136-176 (gated
-    # scans) 3 or 2 fit and a second wave of 116-248 programs nearly doubles the time (Nsight
-    # Compute, H200: bwd_states 0.31 ms without a gate, 0.50 with a frozen scalar one, at the
-    # same instruction rate). 128 lets 4 programs of 4 warps share an SM; set where sm_90
-    # compiles spill little under it (_config). With the caps (linattn bench, H200,
-    # 2026-11-29, 82d29b6 against cb1efdb, T 8192, fwd+bwd ms): frozen constant 3.55 -> 3.14,
-    # scalar 3.98 -> 3.60, mLSTMsig 4.42 (7931d51) -> 4.12 (with the scans' loads issued ahead).
+    # register caps of the state scans (ptx .maxnreg); 0: none. Each scan is one program per
+    # (sequence, head, K block, V block), 4 warps each: under 128 registers 4 programs share an
+    # SM and the bench's grid runs in one wave instead of two (PERF_NOTES "Gated family: launch
+    # choices"); set where sm_90 compiles spill little under the cap (_config).
     fwd_scan_maxnreg: int = 0
     bwd_scan_maxnreg: int = 0
     # Per-key gates run bwd_dqk on tiles of BTQ tokens (its diagonal tile is formed
@@ -101,16 +91,12 @@ class KernelConfig:
     score_warps: int = 0  # num_warps of gated_fwd.key_scores (per-key gates); 0: warps
     # key_scores' per-key diagonal blocks: -1 one dot relative to the block's middle row where
     # the log-decays allow it (gated_fwd.diag_dot_range), else one key token at a time over
-    # [16, BK] tiles; 0 always the token loop; > 0 [16, 16, score_kd] float32 weights (8: 112
-    # registers, no spills on sm_90). H200, T 8192, D 128, per-key fwd+bwd (sweep_gated,
-    # 2026-11-29, with dqk_diag 2): -1 10.30 ms (fwd 3.18), 8 12.10 (fwd 4.99).
+    # [16, BK] tiles; 0 always the token loop; > 0 [16, 16, score_kd] float32 weights. -1 is
+    # the fastest (PERF_NOTES "Per-key gate: diagonal forms").
     score_kd: int = -1
     # bwd_dqk's per-key diagonal tile: 2 two dots relative to the tile's middle row where the
     # log-decays allow it, else as 1; 1 one key token at a time over [BTQ, BKQ] tiles; 0 as
-    # [BTQ, BTQ, BKQ] weights. Same sweep (score_kd -1): 2 10.30 ms, 0 14.73; with score_kd 8:
-    # 2 12.10, 0 16.55; the token loops alone (score_kd 0, dqk_diag 1) about 19. (bwd_dqk
-    # split in two launches as fla splits it, the state parts and dg on whole chunks, was
-    # 0.8-0.9 ms slower in the same sweep and was dropped.)
+    # [BTQ, BTQ, BKQ] weights. 2 is the fastest (PERF_NOTES "Per-key gate: diagonal forms").
     dqk_diag: int = 2
 
     @property
@@ -119,79 +105,63 @@ class KernelConfig:
         return self.scan_stages or self.stages
 
 
-def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False):
+def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False,
+            override: Override | None = None):
     """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning
-    (so no config depends on B, and the interpreter needs none)."""
+    (so no config depends on B, and the interpreter needs none). Every choice is measured in
+    PERF_NOTES "Gated family: launch choices". override: departures for this call."""
+    override = override or Override()
+    chunk, tile = override.chunk, override.tile
     BKQ = dqk_warps = scan_stages = fwd_cap = bwd_cap = 0
     BTQ = 16 if gate == 2 else 0
     if INTERPRET:
-        BT, L = TILE or 16, CHUNK or 64
+        BT, L = tile or 16, chunk or 64
         BK, BV, BVS, warps, stages = head_tile(K, 32), head_tile(V, 32), head_tile(V, 32), 4, 1
         scan_warps = warps
     else:
         # per-key gates too: their tile's scores come from gated_fwd.key_scores (16-token
         # blocks), so fwd_o and bwd_dv run 64-token tiles as the other gates do; bwd_dqk keeps
         # 16-token tiles (BTQ)
-        BT = TILE or 64
-        # L = 64 (one tile per chunk) with no gate at K <= 128: 3.46 -> 3.23 ms fwd+bwd at T 8192,
-        # D 128 once the states were stored in bf16 (sweep_gated, H200, 2026-11-29). Scalar
-        # gates at K <= 128 too since the flat state scans and the merged fwd_o (sweep_gated,
-        # H200, 2026-11-29, T 8192, D 128, fwd+bwd ms, L 64 / 128): scalar 3.99 / 4.18
-        # (before them the two were level: 4.75 / 4.67). mLSTMsig keeps 128: at 64 it was 4.14
-        # against 4.40 ms but its peak rose 1.56 -> 2.06 GiB, over TFLA's 2.04 (linattn bench,
-        # H200, 2026-11-29, cb1efdb). mLSTMexp (no peer) at 64: 6.55 against 7.02 ms (sweep);
-        # the two runs' bf16 gradients differ by up to 26 (dk of magnitude ~200), which is the
-        # op, not the chunking: the normaliser max(|n^T q|, exp(-m)) has a kink, and tokens near
-        # its tie switch branch under any rounding, their gradients jumping (rounding the inputs
-        # to fp16 alone moves the exact dq by 16% of its largest value at T 1024)
-        # per-key gates: L = 64, 25.6 against 30.3 ms fwd+bwd at L = 128 with 16-token tiles
-        # (H200, 2026-11-29, T 8192, D 128): each of bwd_dqk's 16-token query tiles pairs with
-        # up to L / 16 - 1 earlier key tiles, each needing [16, BK] exponentials of both sides
+        BT = tile or 64
+        # L = 64 (one tile per chunk) where it is faster than 128: no gate and scalar gates at
+        # K <= 128, mLSTMexp, per-key gates (each of bwd_dqk's 16-token query tiles pairs with
+        # up to L / 16 - 1 earlier key tiles). mLSTMsig keeps 128: at 64 its peak memory
+        # rises over TFLA's.
         chunk64 = (gate in (0, 1) and K <= 128 and (mexp or not has_kw)) or gate == 2
-        L = CHUNK or (64 if chunk64 else 128)
+        L = chunk or (64 if chunk64 else 128)
         BK = head_tile(K, 64)
         # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
-        # exponentials; at 128 the 64-token fwd_o and bwd_dv spill 264 / 320 B on sm_90)
+        # exponentials; at 128 the 64-token fwd_o and bwd_dv spill on sm_90)
         BV = head_tile(V, 64 if gate == 2 else 128)
         BVS = head_tile(V, 64)
-        # 4 warps everywhere: measured on the H200 (linattn bench, 2026-11-28), 8 warps on the
-        # GATE 0/1 per-tile kernels, chosen from sm_90 spill counts, made the no-gate op slower
-        # (fwd 1.84 -> 2.16 ms, fwd+bwd 6.30 -> 6.96 ms at T 8192, D 128).
+        # 4 warps everywhere: 8 warps on the per-tile kernels spill less on sm_90 but run slower
         warps, scan_warps, stages = 4, 4, 2
-        # the scans on 3 stages (loads issued two tiles ahead): at T 32768 (B 2, 512-step
-        # chains) no gate 3.49 -> 3.11 ms fwd+bwd, scalar 4.33 -> 4.11, mLSTMexp level
-        # (sweep_gated, H200, 2026-11-29); 8 scan warps: level or slower (mLSTMexp 6.78 -> 7.95)
+        # the scans on 3 stages (loads issued two tiles ahead): faster on long sequences
         scan_stages = 3
         # the scans' register caps where sm_90 (bf16, D 128) spills little under them: fwd
-        # with a scalar gate (12 B; mLSTMsig 0), bwd without per-key gates or mLSTMexp (no
-        # gate 0, frozen scalar 0, scalar with dg 24, mLSTMsig 60 B; uncapped 121-176
-        # registers); not fwd without a gate (142 -> 328 B), per-key (120 / 396 B) or
-        # mLSTMexp (216 / 968 B)
+        # with a scalar gate, bwd without per-key gates or mLSTMexp; not fwd without a gate,
+        # per-key or mLSTMexp, which spill hundreds of bytes under the cap
         cap = SCAN_REGISTERS // (SCAN_PROGRAMS_PER_SM * 32 * scan_warps)
         fwd_cap = cap if gate == 1 and not mexp else 0
         bwd_cap = cap if gate != 2 and not mexp else 0
         if gate != 2:
-            # bwd_dqk with one 128-wide K block on 8 warps (sweep_gated on the H200, 2026-11-29,
-            # T 8192, D 128, bf16, fwd+bwd ms, BK 64 / 4 warps -> BK 128 / 8 warps): no gate
-            # 4.80 -> 3.84, scalar 6.60 -> 5.13, mLSTMsig 6.78 -> 5.35 (BK 128 on 4 warps
-            # spills: 5.48, 10.90, 9.66). sm_90 compile: 0 / 344 B spills (GATE 0 / 1).
+            # bwd_dqk with one 128-wide K block on 8 warps (faster than BK 64 on 4 warps; BK
+            # 128 on 4 warps spills)
             BKQ, dqk_warps = head_tile(K, 128), 8
         else:
-            # per-key bwd_dqk: the diagonal's [BT, BT, BKQ] weights bound BKQ (gated_bwd). H200,
-            # T 8192, D 128, L 64, BT 16, bwd_dqk ms (profile, 2026-11-29): BKQ 16 / 32 / 64 on
-            # 4 warps 19.1 / 15.8 / 9.4 (each K block recomputes do v^T and the earlier tiles'
-            # weights), BKQ 64 on 8 warps 16.9; the serial per-key loop it replaced, 10.6
+            # per-key bwd_dqk: the diagonal's [BT, BT, BKQ] weights bound BKQ (gated_bwd); 64
+            # on 4 warps is the fastest (each K block recomputes do v^T and the earlier tiles'
+            # weights)
             BKQ = head_tile(K, 64)
-            # per-key: 21.9 against 23.9 ms fwd+bwd at 1 stage (sweep_gated, H200, 2026-11-29,
-            # T 8192, D 128, L 64, BT 16 for every kernel; 2 warps: 22.5 / 24.0). With
-            # key_scores, key_dscores and 64-token fwd_o / bwd_dv tiles (same sweep, later):
-            # 16.5 ms at BKQ 64 (BKQ 32: 19.4), score_kd 8 (32: 16.8), 1 stage
+            # per-key: tile kernels on 1 stage, scans on 2
             stages, scan_stages = 1, 2
     if L % BT or L & (L - 1) or BT < 16:
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,
                        scan_warps, stages, BKQ, dqk_warps, scan_stages=scan_stages,
                        fwd_scan_maxnreg=fwd_cap, bwd_scan_maxnreg=bwd_cap, BTQ=BTQ)
+    if override.fields:
+        cfg = dataclasses.replace(cfg, **dict(override.fields))
     return cfg, L, BT
 
 
@@ -356,9 +326,10 @@ class GatedChunkFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, dqk_layout=None):
+    def forward(ctx, q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, dqk_layout,
+                keep_states):
         o, ht, nt, mt, saved = chunk_forward(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale,
-                                             want_final, SAVE_STATES)
+                                             want_final, keep_states)
         ctx.save_for_backward(q, k, v, kw, h0, n0, m0, o, *saved)
         ctx.layout, ctx.cfg, ctx.scale = layout, cfg, scale
         ctx.dqk_layout = dqk_layout or layout
@@ -371,7 +342,7 @@ class GatedChunkFunction(torch.autograd.Function):
         grads = chunk_backward(q, k, v, kw, h0, n0, m0, Saved(*saved), o, ctx.layout,
                                ctx.dqk_layout, ctx.cfg, ctx.scale, do, dht, dnt, dmt,
                                ctx.needs_input_grad[3], ctx.const_gate)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg):
@@ -419,8 +390,7 @@ def _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt, h0, n0, m0, 
     st = start.bool()
     seg = st.clone()
     # sequences restart; index_fill_, not seg[first] = True: a Python scalar set through tensor
-    # indices is copied host-to-device from pageable memory, a sync that stalled the queue
-    # (mLSTMexp fwd+bwd 7.24 ms of wall for 5.78 of kernels, H200, profile_kernels 2026-11-29)
+    # indices is copied host-to-device from pageable memory, a sync that stalls the queue
     seg.index_fill_(0, first, True)
     # The scans run along the last, contiguous axis ([H, TT], tokens innermost): PyTorch scans
     # a leading axis of [TT, H] with one thread per column, 65536 sequential steps each.
@@ -464,28 +434,36 @@ def layouts(cfg, L, BT, B, T, cu_seqlens, device):
 
 
 def run_chunks(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, *, gate, has_kw=False, mexp=False,
-               noncausal=False, scale, want_final):
+               noncausal=False, scale, want_final, save_for_backward="states",
+               override: Override | None = None):
     """GatedChunkFunction on packed inputs (see it for the tensors; B: the batch, so that
-    T = TT / B without cu_seqlens) -> (o, ht, nt, mt). Under torch.compile the same forward
-    and backward run as the custom ops linattn::gated_chunk(_backward), which build the
-    layout inside (linattn.ops.custom_ops)."""
+    T = TT / B without cu_seqlens) -> (o, ht, nt, mt). save_for_backward: "states" keeps the
+    forward's chunk states for the backward, "recompute" recomputes them there
+    (linattn.ops.api.linear_attention); override: _config's departures for this call. Under
+    torch.compile the same forward and backward run as the custom ops
+    linattn::gated_chunk(_backward), which build the layout inside (linattn.ops.custom_ops)
+    from the default config."""
+    keep_states = save_for_backward == "states"
     if torch.compiler.is_compiling():
         from ..custom_ops import gated_chunk
         return gated_chunk(q, k, v, g, kw, h0, n0, m0, cu_seqlens, B, gate=gate, has_kw=has_kw,
-                           mexp=mexp, noncausal=noncausal, scale=scale, want_final=want_final)
+                           mexp=mexp, noncausal=noncausal, scale=scale, want_final=want_final,
+                           keep_states=keep_states)
     cfg, L, BT = _config(gate, q.shape[-1], v.shape[-1], q.dtype, has_kw=has_kw, mexp=mexp,
-                         noncausal=noncausal)
+                         noncausal=noncausal, override=override)
     layout, dqk_layout = layouts(cfg, L, BT, B, q.shape[0] // max(B, 1), cu_seqlens, q.device)
     return GatedChunkFunction.apply(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final,
-                                    dqk_layout)
+                                    dqk_layout, keep_states)
 
 
 def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, causal=True):
+                     cu_seqlens=None, causal=True, save_for_backward="states",
+                     override: Override | None = None):
     """Gated linear attention on the Triton kernels (see linattn.ops.api.linear_attention).
 
     q, k [B, T, H, K], v [B, T, H, V] (float32 / bfloat16 / float16); g None | [H] |
-    [B, T, H] | [B, T, H, K] log-decay; initial_state [B or N, H, K, V].
+    [B, T, H] | [B, T, H, K] log-decay; initial_state [B or N, H, K, V]; save_for_backward
+    "states" | "recompute", override: departures from the launch choices (run_chunks).
     Returns o [B, T, H, V] in v's dtype and the final state [B or N, H, K, V] float32 or None.
     """
     if q.dtype == torch.float64:
@@ -505,17 +483,18 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
     h0 = None if initial_state is None else initial_state.float().contiguous()
     o, ht, _, _ = run_chunks(_flat(q, TT), _flat(k, TT), _flat(v, TT), gf, None, h0, None, None,
                              cu_seqlens, B, gate=gate, noncausal=not causal, scale=float(scale),
-                             want_final=bool(output_final_state))
+                             want_final=bool(output_final_state),
+                             save_for_backward=save_for_backward, override=override)
     return o.view(B, T, H, V), (ht if output_final_state else None)
 
 
 def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None, output_final_state=False,
-          cu_seqlens=None):
+          cu_seqlens=None, save_for_backward="states", override: Override | None = None):
     """xLSTM's mLSTM on the Triton kernels (see linattn.ops.api.mlstm).
 
     q, k [B, T, H, K], v [B, T, H, V]; i, f [B, T, H] pre-activations. input_gate "exp":
     initial_state (C [N, H, K, V], n [N, H, K], m [N, H]) and the same tuple as final state;
-    "sigmoid": C alone. Returns o [B, T, H, V] in v's dtype and the final state or None.
+    "sigmoid": C alone. save_for_backward "states" | "recompute", override (run_chunks). Returns o [B, T, H, V] in v's dtype and the final state or None.
     """
     if q.dtype == torch.float64:
         return torch_chunked.mlstm(q, k, v, i, f, input_gate=input_gate, scale=scale,
@@ -537,7 +516,8 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None, output_
             h0 = initial_state.float().contiguous()
     o, ht, nt, mt = run_chunks(_flat(q, TT), _flat(k, TT), _flat(v, TT), lf, kw, h0, n0, m0,
                                cu_seqlens, B, gate=1, has_kw=True, mexp=mexp,
-                               scale=float(scale), want_final=bool(output_final_state))
+                               scale=float(scale), want_final=bool(output_final_state),
+                               save_for_backward=save_for_backward, override=override)
     o = o.view(B, T, H, V)
     if not output_final_state:
         return o, None

@@ -1,4 +1,4 @@
-"""Forward chunk kernels of the gated linear-attention family (DESIGN.md section 4).
+"""Forward chunk kernels of the gated linear-attention family (docs/design.md section 4).
 
 One set of kernels serves every member, chosen by constexpr flags:
     GATE     0: no decay, 1: scalar decay per (token, head) (constant [H] decays arrive

@@ -11,11 +11,9 @@ backwards with csum_c = sum_t scale exp(qe_t + mp_c) dqn_t q_t (gated_bwd.bwd_st
 Inside the scans those [K]-sums were a cross-warp reduction in every step of a 512-step chain
 at T 32768; here the chunk sums are one parallel pass over the chunks, and the chain is an
 affine scan over the chunks' [K] vectors, CB chunks at a time by tl.associative_scan (as
-gated_fwd.mexp_carry_kernel scans the stabiliser). H200 (2026-11-29, sweep_gated, bf16, D 128,
-fwd+bwd ms, in the scans -> here): T 32768 (B 2) 6.77 -> 6.38, T 2048 (B 32) 5.80 -> 5.71,
-so T 32768 costs 1.12x T 2048 instead of 1.17x; the scans without the normaliser's sums
-went 185 -> 149 registers (fwd_states, 2 -> 3 programs per SM) and 255 + 40 B of spills ->
-248 and none (bwd_states); results equal to ~1e-7 (benchmarks/flag_diff.py).
+gated_fwd.mexp_carry_kernel scans the stabiliser). Long sequences gain most, and the scans
+without the normaliser's sums take fewer registers and spill nothing (PERF_NOTES "mLSTMexp:
+the normaliser's scan").
 """
 from __future__ import annotations
 
@@ -28,9 +26,8 @@ from .common import ChunkLayout, exp, head_tile
 from .gated_fwd import NEG_INF, chunk_end_exp, key_exp, ld_gtok, ld_tile, ld_tok
 
 # chunks per step of the affine scan: its serial steps are cdiv(chunks, this) per sequence
-# (T 32768 at L 64: 512 chunks, 32 steps at 16). 16 ran the 2026-11-29 bench (mexp_norm ~0.35
-# ms of mLSTMexp's 5.8 - 6.5); 64 (8 steps, sm_90 182 registers, no spills) passed the GPU
-# tests (2026-11-29, eleventh session) but has not been timed
+# (T 32768 at L 64: 512 chunks, 32 steps at 16). 64 (8 steps, no spills on sm_90) passes the
+# GPU tests but is untimed (PERF_NOTES "Open levers")
 NORM_SCAN_BLOCK = 16
 
 

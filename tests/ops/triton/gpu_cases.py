@@ -7,7 +7,7 @@ in the gated backward the packed token count TT). On the H200 a cold specialisat
 op costs seconds to tens of seconds of CPU (float32 far more than bfloat16: its exact
 "ieee" dots unroll into long FMA code), while a case on an already compiled one costs only
 its float64 oracle on the CPU. So the GPU tests
-- put every axis of DESIGN.md section 5 onto one shared shape per (op variant, dtype): T
+- put every axis of docs/design.md section 5 onto one shared shape per (op variant, dtype): T
   through one packed call of all the short lengths, plus a few B x T calls; log-decay
   ranges, q and v x5, states, varlen, non-contiguous inputs on that same shape;
 - keep H = 2 (neither 1 nor a multiple of 16) and every packed token count a multiple of

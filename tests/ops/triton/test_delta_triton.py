@@ -3,23 +3,37 @@
 CPU tests run the kernels under TRITON_INTERPRET=1 in float32 at small shapes, one feature
 per case (states, varlen with empty and length-1 sequences, K != V, non-power-of-two dims,
 T not a multiple of the 64-token chunk, unnormalised keys, decays near -20, determinism).
-GPU tests (`pytest -m gpu`) cover DESIGN.md section 5's shapes in float32 and bfloat16.
+GPU tests (`pytest -m gpu`) cover docs/design.md section 5's shapes in float32 and bfloat16.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+import dataclasses
+
 import gpu_cases
 import helpers
 import linattn
 from linattn.ops import reference
+from linattn.ops.triton import delta_api
+from linattn.ops.triton.delta_config import DEFAULT
 
 GRADS = ["q", "k", "v", "beta", "g", "initial_state"]
+# the split dots run for bfloat16 inputs only; float16 added so that the interpreter runs them
+SPLIT16_F16 = dataclasses.replace(DEFAULT, split16_dtypes=(torch.bfloat16, torch.float16))
 
 
 def fast(**kw):
     return linattn.delta_rule(**kw, backend="triton")
+
+
+def fast_with(config):
+    """The Triton delta rule with other launch choices (a delta_config.DeltaConfig)."""
+    def run(q, k, v, beta, g=None, *, scale=None, **kw):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return delta_api.delta_rule(q, k, v, beta, g, scale=scale, config=config, **kw)
+    return run
 
 
 def oracle(**kw):
@@ -48,9 +62,10 @@ def make_inputs(B, T, H, K, V, *, gated, seed=0, h0=True, lengths=None, knorm=No
     return {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in ins.items()}
 
 
-def check(ins, dtype=torch.float32, device="cpu", output_final_state=True, **kw):
+def check(ins, dtype=torch.float32, device="cpu", output_final_state=True, config=None, **kw):
     names = [n for n in GRADS if ins.get(n) is not None]
-    return helpers.check_against_oracle(fast, oracle, ins, dtype=dtype, grad_names=names,
+    fn = fast if config is None else fast_with(config)
+    return helpers.check_against_oracle(fn, oracle, ins, dtype=dtype, grad_names=names,
                                         device=device, output_final_state=output_final_state,
                                         **kw)
 
@@ -96,60 +111,72 @@ def test_float16(gated, knorm):
 @pytest.mark.parametrize("parts", [2, 1], ids=["halves", "rounded"])
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 @pytest.mark.parametrize("knorm", [None, "free"], ids=["unit", "free"])
-def test_split16_dots(gated, knorm, parts, monkeypatch):
+def test_split16_dots(gated, knorm, parts):
     """The dots that take a float32 operand as two 16-bit halves (common.split16: the scans,
     grads_wy), which run for bfloat16 inputs only, forced on for float16 so
     the interpreter can run them; the GPU tests cover them in bfloat16. parts 1: the scans'
-    float32 operands rounded to 16 bits instead (SCAN_DOT16_PARTS, REVERSE_SCAN_DOT16_PARTS)."""
-    from linattn.ops.triton import common, delta_bwd, delta_fwd
-    monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
-    monkeypatch.setattr(delta_fwd, "SCAN_DOT16_PARTS", parts)
-    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_DOT16_PARTS", parts)
+    float32 operands rounded to 16 bits instead (scan_dot16_parts, reverse_scan_dot16_parts)."""
     # both splits run on narrow tiles too here (on the GPU only from 64 wide: see delta_bwd)
-    monkeypatch.setattr(delta_bwd, "GRADS_WY_SPLIT16_MIN_BK", 16)
-    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
-    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=2, knorm=knorm), dtype=torch.float16)
+    cfg = dataclasses.replace(SPLIT16_F16, scan_dot16_parts=parts, reverse_scan_dot16_parts=parts,
+                              grads_wy_split16_min_bk=16, reverse_scan_split16_min_bv=16)
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=2, knorm=knorm), dtype=torch.float16,
+          config=cfg)
+
+
+def test_two_configs_in_one_process():
+    """Two calls with two launch configs in one process each run their own kernels: float16
+    through the split dots with the scans' operands in one rounded part, in two halves, and
+    unsplit give three different roundings (the config reaches the scans), and the default
+    config gives the unsplit results again."""
+    ins = make_inputs(1, 70, 1, 16, 32, gated=True, seed=4)
+    x = {n: (t.to(torch.float16) if n in ("q", "k", "v") else t.float())
+         if isinstance(t, torch.Tensor) else t for n, t in ins.items()}
+    one = dataclasses.replace(SPLIT16_F16, scan_dot16_parts=1)
+    two = dataclasses.replace(SPLIT16_F16, scan_dot16_parts=2)
+    finals = [fast_with(c)(**x, output_final_state=True)[1] for c in (one, two, DEFAULT, DEFAULT)]
+    assert not torch.equal(finals[0], finals[1])
+    assert not torch.equal(finals[0], finals[2]) and not torch.equal(finals[1], finals[2])
+    assert torch.equal(finals[2], finals[3])
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_reverse_scan_scores_kernel(gated, monkeypatch):
+def test_reverse_scan_scores_kernel(gated):
     """The reverse scan reading the masked scores from delta_bwd_scores_kernel (on from K 256
     by default), forced at K = 40 (a 64-wide padded K tile), packed lengths 0, 1, 66, 5, with
     float16 forced through the split dots too."""
-    from linattn.ops.triton import common, delta_bwd
-    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SCORES_MIN_BK", 16)
-    check(make_inputs(1, 72, 2, 40, 16, gated=gated, seed=6, lengths=[0, 1, 66, 5]))
-    monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
-    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
-    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=9, knorm="free"), dtype=torch.float16)
+    scores = dataclasses.replace(DEFAULT, reverse_scan_scores_min_bk=16)
+    check(make_inputs(1, 72, 2, 40, 16, gated=gated, seed=6, lengths=[0, 1, 66, 5]),
+          config=scores)
+    split = dataclasses.replace(SPLIT16_F16, reverse_scan_scores_min_bk=16,
+                                reverse_scan_split16_min_bv=16)
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=9, knorm="free"), dtype=torch.float16,
+          config=split)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_split16_dots_k256(gated, monkeypatch):
+def test_split16_dots_k256(gated):
     """The scans' split dots on one 256-wide state tile (BK = 256), float16 forced through them
     as in test_split16_dots; the reverse scan reads its scores from delta_bwd_scores_kernel
     there."""
-    from linattn.ops.triton import common, delta_bwd
-    monkeypatch.setattr(common, "SPLIT16_DTYPES", (torch.bfloat16, torch.float16))
-    monkeypatch.setattr(delta_bwd, "REVERSE_SCAN_SPLIT16_MIN_BV", 16)
-    check(make_inputs(1, 70, 1, 256, 32, gated=gated, seed=3, knorm="free"), dtype=torch.float16)
+    cfg = dataclasses.replace(SPLIT16_F16, reverse_scan_split16_min_bv=16)
+    check(make_inputs(1, 70, 1, 256, 32, gated=gated, seed=3, knorm="free"), dtype=torch.float16,
+          config=cfg)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 def test_output_wide_v_tiles(gated):
-    """The output kernel on its 16-bit inputs' 128-wide V tiles (delta_fwd.OUTPUT_BV; float32
+    """The output kernel on its 16-bit inputs' 128-wide V tiles (DeltaConfig.output_bv; float32
     keeps 64): V = 160, a full tile and a ragged 32-column one, packed lengths 0, 1, 66, 5."""
     check(make_inputs(1, 72, 1, 16, 160, gated=gated, seed=12, lengths=[0, 1, 66, 5]),
           dtype=torch.float16)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_vnew_float32(gated, monkeypatch):
-    """U' stored in float32 for 16-bit inputs (delta_fwd.VNEW_IN_INPUT_DTYPE off): grads_qk's
+def test_vnew_float32(gated):
+    """U' stored in float32 for 16-bit inputs (DeltaConfig.vnew_in_input_dtype off): grads_qk's
     dots on U' then take float32 operands beside the 16-bit dO and dS'."""
-    from linattn.ops.triton import delta_fwd
-    monkeypatch.setattr(delta_fwd, "VNEW_IN_INPUT_DTYPE", False)
-    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=5, knorm="free"), dtype=torch.float16)
+    check(make_inputs(1, 70, 1, 16, 32, gated=gated, seed=5, knorm="free"), dtype=torch.float16,
+          config=dataclasses.replace(DEFAULT, vnew_in_input_dtype=False))
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
@@ -160,15 +187,12 @@ def test_grads_qk_k_tiles(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_grads_qk_m_pass(gated, monkeypatch):
-    """grads_qk forming M in its second pass over V (delta_bwd.GRADS_QK_M_PASS), at K = 100
-    (a full and a partial K tile) and V = 40 on 16-wide V tiles (three passes' worth of
-    ragged tiles), packed lengths 0, 1, 66, 5."""
-    from linattn.ops.triton import delta_bwd
-    monkeypatch.setattr(delta_bwd, "GRADS_QK_M_PASS", True)
-    monkeypatch.setattr(delta_bwd, "GRADS_QK_TILE_BV", 16)
-    monkeypatch.setattr(delta_bwd, "GRADS_QK_TILE_BV_GATED", 16)
-    check(make_inputs(1, 72, 2, 100, 40, gated=gated, seed=11, lengths=[0, 1, 66, 5]))
+def test_grads_qk_narrow_v_tiles(gated):
+    """grads_qk at K = 100 (a full and a partial K tile) and V = 40 on 16-wide V tiles (three
+    ragged tiles in its pass over V), packed lengths 0, 1, 66, 5."""
+    cfg = dataclasses.replace(DEFAULT, grads_qk_tile_bv=16, grads_qk_tile_bv_gated=16)
+    check(make_inputs(1, 72, 2, 100, 40, gated=gated, seed=11, lengths=[0, 1, 66, 5]),
+          config=cfg)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
@@ -200,20 +224,19 @@ def test_wide_head_dims():
 
 @pytest.mark.parametrize("save", [True, False], ids=["kept", "recomputed"])
 def test_deterministic(save, monkeypatch):
-    """Two forward+backward runs are bitwise equal; with delta_api.SAVE_INTERMEDIATES on
-    (kept), the second run's backward recomputes prep and scan and still matches the first,
-    which used the forward's."""
-    from linattn.ops.triton import delta_api, delta_fwd
+    """Two forward+backward runs are bitwise equal; with save_for_backward="states" (kept)
+    first, the second run's backward ("recompute") recomputes prep and scan and still matches
+    the first, which used the forward's."""
+    from linattn.ops.triton import delta_fwd
     prep, preps = delta_fwd.prep, []
     monkeypatch.setattr(delta_fwd, "prep", lambda *a: preps.append(1) or prep(*a))
-    flags = iter([save, False])
+    modes = iter(["states" if save else "recompute", "recompute"])
     ins = make_inputs(1, 70, 1, 16, 16, gated=True, seed=7)
     outs = []
     for _ in range(2):
-        monkeypatch.setattr(delta_api, "SAVE_INTERMEDIATES", next(flags))
         x = {n: (t.float().requires_grad_() if isinstance(t, torch.Tensor) and
                  t.is_floating_point() else t) for n, t in ins.items()}
-        o, st = fast(**x, output_final_state=True)
+        o, st = fast(**x, output_final_state=True, save_for_backward=next(modes))
         leaves = [x[n] for n in GRADS]
         grads = torch.autograd.grad([o, st], leaves, [torch.ones_like(o), torch.ones_like(st)])
         outs.append([o, st, *grads])
@@ -310,18 +333,17 @@ def check_deterministic(K, V, dtype):
 
 @gpu_cases.gpu(gpu_cases.DELTA_TIMEOUT)
 @pytest.mark.parametrize("name", list(GPU_SETS))
-def test_gpu(name, monkeypatch):
-    from linattn.ops.triton import common
+def test_gpu(name):
     K, V, gated, dtype, cases, deterministic = GPU_SETS[name]
-    min_bv = common.FILL_MIN_BV
     for B, T, extra in cases:
         extra = dict(extra)
         final = extra.pop("final", True)
-        monkeypatch.setattr(common, "FILL_MIN_BV", extra.pop("min_bv", min_bv))
+        min_bv = extra.pop("min_bv", None)
+        config = None if min_bv is None else dataclasses.replace(DEFAULT, fill_min_bv=min_bv)
         ins = make_inputs(B, T, 2, K, V, gated=gated, seed=T + K, **extra)
         try:
             check(ins, dtype=dtype, device="cuda", output_final_state=final,
-                  noncontig_grads=bool(extra.get("noncontig")))
+                  noncontig_grads=bool(extra.get("noncontig")), config=config)
         except AssertionError as e:
             raise AssertionError(f"{name}, case {_case_id(B, T, extra)}: {e}") from e
     if deterministic:

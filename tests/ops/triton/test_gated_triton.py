@@ -4,7 +4,7 @@ CPU (Triton interpreter, float32, tiny shapes, chunk 32 / tile 16 so that severa
 tiles are crossed): every gate kind, causal=False, mLSTM sigmoid and exp, initial and final
 states with the final state's gradient, varlen with an empty and a length-1 sequence,
 K != V, non-power-of-two head dims, T off the tile grid, backward, determinism.
-GPU (`pytest -m gpu`): each axis of DESIGN.md section 5 at the default tiling, float32 and
+GPU (`pytest -m gpu`): each axis of docs/design.md section 5 at the default tiling, float32 and
 bfloat16, one test per kernel specialisation (see gpu_cases).
 """
 from __future__ import annotations
@@ -18,38 +18,50 @@ import gpu_cases
 import helpers
 import linattn
 from linattn.ops.triton import gated_api
+from linattn.ops.triton.gated_api import Override
+
+# chunk 32, tile 16: several chunks and tiles at T < 80 (interpreter-sized)
+SMALL = Override(chunk=32, tile=16)
+# the H200's chunks and tiles of the per-key gate (64-token chunks and tiles, bwd_dqk on
+# 16-token tiles) and of the other gates at K > 128 (128-token chunks, 64-token tiles)
+KEY_TILES = Override(chunk=64, tile=64)
+GPU_TILES = Override(chunk=128, tile=64)
 
 
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """Chunk 32, tile 16: several chunks and tiles at T < 80 (interpreter-sized)."""
-    monkeypatch.setattr(gated_api, "CHUNK", 32)
-    monkeypatch.setattr(gated_api, "TILE", 16)
+def _scale(kw):
+    return kw.pop("scale", None) or kw["q"].shape[-1] ** -0.5
 
 
-def _la(backend, causal=True):
+def _la(backend, causal=True, override=None):
+    """linear_attention on the backend; with an override, the Triton entry point itself."""
     def fn(**kw):
-        return linattn.linear_attention(**kw, causal=causal, backend=backend)
+        if override is None or backend != "triton":
+            return linattn.linear_attention(**kw, causal=causal, backend=backend)
+        kw.setdefault("output_final_state", False)
+        return gated_api.linear_attention(**kw, scale=_scale(kw), causal=causal,
+                                          override=override)
     return fn
 
 
-def _mlstm(backend, input_gate):
+def _mlstm(backend, input_gate, override=None):
     def fn(**kw):
-        return linattn.mlstm(**kw, input_gate=input_gate, backend=backend)
+        if override is None or backend != "triton":
+            return linattn.mlstm(**kw, input_gate=input_gate, backend=backend)
+        return gated_api.mlstm(**kw, scale=_scale(kw), input_gate=input_gate, override=override)
     return fn
 
 
-def check_la(kind, *, dtype, device, state=True, noncontig=False, **shape):
+def check_la(kind, *, dtype, device, state=True, noncontig=False, override=None, **shape):
     """linear_attention with gate `kind` against the oracle, states and all gradients."""
     inputs, names = helpers.la_inputs(kind, state=state, noncontig=noncontig, **shape)
     # The float32 gradient of a constant [H] decay sums every token's chunk-identity term
     # (q.dq - k.dk weighted by the position in its chunk): a known gap, held to 2e-5 of its
     # magnitude like the chunked PyTorch path (tests/ops/test_torch_chunked.py).
     rel = {"g": 2e-5} if kind == "const" else None
-    helpers.check_against_oracle(_la("triton"), _la("reference"), inputs, dtype=dtype,
-                                 grad_names=names, device=device, output_final_state=state,
-                                 noncontig_grads=noncontig, rel_grads=rel)
+    helpers.check_against_oracle(_la("triton", override=override), _la("reference"), inputs,
+                                 dtype=dtype, grad_names=names, device=device,
+                                 output_final_state=state, noncontig_grads=noncontig,
+                                 rel_grads=rel)
 
 
 def mlstm_inputs(input_gate, *, H, K, V, B=1, T=0, seed=0, lengths=None, state=True, i_scale=2.0,
@@ -80,22 +92,25 @@ def mlstm_inputs(input_gate, *, H, K, V, B=1, T=0, seed=0, lengths=None, state=T
     return inputs, names
 
 
-def check_mlstm(input_gate, *, dtype, device, state=True, noncontig=False, **shape):
+def check_mlstm(input_gate, *, dtype, device, state=True, noncontig=False, override=None,
+                **shape):
     """mlstm against the oracle, with its state tuple and all gradients."""
     inputs, names = mlstm_inputs(input_gate, state=state, noncontig=noncontig, **shape)
-    helpers.check_against_oracle(_mlstm("triton", input_gate), _mlstm("reference", input_gate),
+    helpers.check_against_oracle(_mlstm("triton", input_gate, override),
+                                 _mlstm("reference", input_gate),
                                  inputs, dtype=dtype, grad_names=names, device=device,
                                  output_final_state=state, noncontig_grads=noncontig)
 
 
-def check_bidir(*, lengths, H, K, V, dtype, device, seed=0, noncontig=False):
+def check_bidir(*, lengths, H, K, V, dtype, device, seed=0, noncontig=False, override=None):
     gen = helpers.seeded(seed)
     T = sum(lengths)
     inputs = dict(q=helpers.randn(1, T, H, K, gen=gen, noncontig=noncontig),
                   k=helpers.randn(1, T, H, K, gen=gen, noncontig=noncontig),
                   v=helpers.randn(1, T, H, V, gen=gen, noncontig=noncontig),
                   cu_seqlens=helpers.cu_seqlens_from_lengths(lengths))
-    helpers.check_against_oracle(_la("triton", causal=False), _la("reference", causal=False),
+    helpers.check_against_oracle(_la("triton", causal=False, override=override),
+                                 _la("reference", causal=False),
                                  inputs, dtype=dtype, grad_names=["q", "k", "v"], device=device,
                                  noncontig_grads=noncontig)
 
@@ -132,50 +147,54 @@ def run_twice_bitwise(fn, inputs, names):
     ("scalar", 48, 20, 47),        # non-power-of-two K and V, K != V, two K blocks
     ("key", 24, 16, 37),
 ])
-def test_gates_cpu(small_tiles, kind, K, V, T):
-    check_la(kind, B=2, T=T, H=1, K=K, V=V, dtype=torch.float32, device="cpu")
+def test_gates_cpu(kind, K, V, T):
+    check_la(kind, B=2, T=T, H=1, K=K, V=V, override=SMALL, dtype=torch.float32, device="cpu")
 
 
 @pytest.mark.parametrize("kind", ["const", "scalar", "key"])
-def test_frozen_gate_cpu(small_tiles, kind):
+def test_frozen_gate_cpu(kind):
     """A decay that needs no gradient (RetNet's fixed gammas): the backward skips the gate
     sums; the other gradients must not change."""
     inputs, names = helpers.la_inputs(kind, B=2, T=40, H=1, K=16, V=24, state=True)
-    helpers.check_against_oracle(_la("triton"), _la("reference"), inputs, dtype=torch.float32,
+    helpers.check_against_oracle(_la("triton", override=SMALL), _la("reference"), inputs,
+                                 dtype=torch.float32,
                                  grad_names=[n for n in names if n != "g"], device="cpu",
                                  output_final_state=True)
 
 
 @pytest.mark.parametrize("kind", ["none", "scalar", "key"])
-def test_float16_cpu(small_tiles, kind):
+def test_float16_cpu(kind):
     """The 16-bit paths (chunk states and their gradients stored in the inputs' dtype, 16-bit
     dot operands) on the CPU: float16, because the interpreter's bfloat16 arithmetic is wrong
     (ENVIRONMENT.md); the GPU tests cover bfloat16."""
-    check_la(kind, B=2, T=45, H=1, K=32, V=16, dtype=torch.float16, device="cpu")
+    check_la(kind, B=2, T=45, H=1, K=32, V=16, override=SMALL, dtype=torch.float16, device="cpu")
 
 
 @pytest.mark.parametrize("input_gate", ["sigmoid", "exp"])
-def test_mlstm_float16_cpu(small_tiles, input_gate):
-    check_mlstm(input_gate, B=1, T=45, H=1, K=32, V=16, dtype=torch.float16, device="cpu")
+def test_mlstm_float16_cpu(input_gate):
+    check_mlstm(input_gate, B=1, T=45, H=1, K=32, V=16,
+                override=SMALL, dtype=torch.float16, device="cpu")
 
 
-def test_split_scan_v_blocks_cpu(small_tiles, monkeypatch):
+def test_split_scan_v_blocks_cpu(monkeypatch):
     """The state scans with V cut into 16-wide blocks (what common.fill_v_block picks for few
     long sequences on a GPU), forced here: V = 40 in three blocks, the last one ragged."""
     from linattn.ops.triton import common
     monkeypatch.setattr(common, "sm_count", lambda device: 10 ** 6)
-    check_la("scalar", B=1, T=40, H=1, K=16, V=40, dtype=torch.float32, device="cpu")
-    check_la("key", B=1, T=40, H=1, K=16, V=40, dtype=torch.float32, device="cpu")
-    check_mlstm("exp", B=1, T=40, H=1, K=16, V=40, dtype=torch.float32, device="cpu")
+    check_la("scalar", B=1, T=40, H=1, K=16, V=40,
+             override=SMALL, dtype=torch.float32, device="cpu")
+    check_la("key", B=1, T=40, H=1, K=16, V=40, override=SMALL, dtype=torch.float32, device="cpu")
+    check_mlstm("exp", B=1, T=40, H=1, K=16, V=40,
+                override=SMALL, dtype=torch.float32, device="cpu")
 
 
-def test_varlen_scalar_cpu(small_tiles):
-    check_la("scalar", B=1, T=0, H=2, K=16, V=24, dtype=torch.float32, device="cpu",
+def test_varlen_scalar_cpu():
+    check_la("scalar", B=1, T=0, H=2, K=16, V=24, override=SMALL, dtype=torch.float32, device="cpu",
              lengths=[0, 37, 1, 20], noncontig=True)
 
 
-def test_varlen_key_no_state_cpu(small_tiles):
-    check_la("key", B=1, T=0, H=1, K=16, V=16, dtype=torch.float32, device="cpu",
+def test_varlen_key_no_state_cpu():
+    check_la("key", B=1, T=0, H=1, K=16, V=16, override=SMALL, dtype=torch.float32, device="cpu",
              lengths=[1, 0, 35], state=False, low=-3.0, high=-1.0)
 
 
@@ -185,104 +204,90 @@ def test_key_scores_in_blocks_cpu(monkeypatch, dtype):
     forms in 16-token blocks (blocks left of the diagonal through dots relative to each query
     block's first row), bwd_dqk on 16-token tiles; sequence ends inside a block, and blocks
     that start past a sequence's end."""
-    monkeypatch.setattr(gated_api, "CHUNK", 64)
-    monkeypatch.setattr(gated_api, "TILE", 64)
-    check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50])
+    check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50],
+             override=KEY_TILES)
 
 
-def _key_options(monkeypatch, **options):
+def _key_options(**options):
     """The H200's per-key tiling (64-token chunks and tiles, bwd_dqk on 16-token tiles) with
     KernelConfig fields replaced."""
-    base = gated_api._config
-
-    def config(*a, **kw):
-        cfg, L, BT = base(*a, **kw)
-        return dataclasses.replace(cfg, **options), L, BT
-
-    monkeypatch.setattr(gated_api, "_config", config)
-    monkeypatch.setattr(gated_api, "CHUNK", 64)
-    monkeypatch.setattr(gated_api, "TILE", 64)
+    return dataclasses.replace(KEY_TILES, fields=tuple(options.items()))
 
 
 @pytest.mark.parametrize("options", [dict(score_kd=8, dqk_diag=0), dict(score_kd=0, dqk_diag=1)],
                          ids=["weights", "cols"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_key_gate_options_cpu(monkeypatch, dtype, options):
+def test_key_gate_options_cpu(dtype, options):
     """Per-key gates' other forms of the diagonal tiles (the default takes them by dots
     relative to the tile's middle row where the decays allow): [16, 16, BK] weights
     (score_kd 8, dqk_diag 0) or one key token at a time over 2-D tiles (score_kd 0,
     dqk_diag 1)."""
-    _key_options(monkeypatch, **options)
-    check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50])
+    check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50],
+             override=_key_options(**options))
 
 
-def test_key_gate_frozen_cpu(monkeypatch):
+def test_key_gate_frozen_cpu():
     """A per-key decay that needs no gradient (no gate sums): dq, dk, dv and the states'
     gradients must not change."""
-    _key_options(monkeypatch)
     inputs, names = helpers.la_inputs("key", H=1, K=24, V=16, lengths=[70, 1, 50], state=True)
-    helpers.check_against_oracle(_la("triton"), _la("reference"), inputs, dtype=torch.float32,
+    helpers.check_against_oracle(_la("triton", override=KEY_TILES), _la("reference"), inputs, dtype=torch.float32,
                                  grad_names=[n for n in names if n != "g"], device="cpu",
                                  output_final_state=True)
 
 
-def test_key_gate_dots_fall_back_at_steep_decays_cpu(monkeypatch):
+def test_key_gate_dots_fall_back_at_steep_decays_cpu():
     """The default dots (score_kd -1, dqk_diag 2) with log-decays in [-9, -5]: 8 tokens from
     the middle row exceed diag_dot_range, so the blocks go one key token at a time."""
-    _key_options(monkeypatch)
     check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=torch.float32, device="cpu",
-             lengths=[70, 50], low=-9.0, high=-5.0)
+             lengths=[70, 50], low=-9.0, high=-5.0, override=KEY_TILES)
 
 
-def test_bidirectional_cpu(small_tiles):
-    check_bidir(lengths=[0, 37, 1, 20], H=2, K=20, V=16, dtype=torch.float32, device="cpu")
+def test_bidirectional_cpu():
+    check_bidir(lengths=[0, 37, 1, 20], H=2, K=20, V=16,
+                override=SMALL, dtype=torch.float32, device="cpu")
 
 
 @pytest.mark.parametrize("input_gate", ["sigmoid", "exp"])
-def test_mlstm_cpu(small_tiles, input_gate):
-    check_mlstm(input_gate, B=1, T=0, H=2, K=24, V=16, dtype=torch.float32, device="cpu",
+def test_mlstm_cpu(input_gate):
+    check_mlstm(input_gate, B=1, T=0, H=2, K=24, V=16,
+                override=SMALL, dtype=torch.float32, device="cpu",
                 lengths=[0, 37, 1, 20])
 
 
 @pytest.mark.parametrize("input_gate", ["sigmoid", "exp"])
-def test_mlstm_without_state_cpu(small_tiles, input_gate):
+def test_mlstm_without_state_cpu(input_gate):
     """No initial or final state (the training case: mLSTMexp's dS without the d m0 path)."""
-    check_mlstm(input_gate, B=2, T=45, H=1, K=16, V=16, dtype=torch.float32, device="cpu",
+    check_mlstm(input_gate, B=2, T=45, H=1, K=16, V=16,
+                override=SMALL, dtype=torch.float32, device="cpu",
                 state=False, seed=8)
 
 
 @pytest.mark.parametrize("state", [True, False], ids=["state", "no_state"])
-def test_mexp_norm_scan_blocks_cpu(small_tiles, monkeypatch, state):
+def test_mexp_norm_scan_blocks_cpu(monkeypatch, state):
     """mLSTMexp's n and dn (mexp_norm: chunk sums, then an affine scan over the chunks, 16
     chunks a block): a sequence crossing two scan blocks (chunk 16), an empty and a length-1
     one, with and without the state tuple."""
     from linattn.ops.triton import mexp_norm
     monkeypatch.setattr(mexp_norm, "NORM_SCAN_BLOCK", 16)
-    monkeypatch.setattr(gated_api, "CHUNK", 16)                 # 18 chunks: two scan blocks
     check_mlstm("exp", H=2, K=24, V=16, lengths=[16 * 17 + 9, 0, 1, 40], dtype=torch.float32,
-                device="cpu", state=state, seed=9)
+                device="cpu", state=state, seed=9,
+                override=Override(chunk=16, tile=16))           # 18 chunks: two scan blocks
 
 
-def test_mlstm_exp_large_input_gate_cpu(small_tiles):
+def test_mlstm_exp_large_input_gate_cpu():
     """Large i: m far from 0, the exp(-m) floor and the gradient through m both matter."""
-    check_mlstm("exp", B=2, T=40, H=1, K=16, V=16, dtype=torch.float32, device="cpu",
+    check_mlstm("exp", B=2, T=40, H=1, K=16, V=16,
+                override=SMALL, dtype=torch.float32, device="cpu",
                 i_scale=8.0, f_shift=0.0, seed=3)
 
 
-@pytest.fixture
-def gpu_tiles(monkeypatch):
-    """The GPU's chunk 128 and tile 64 (the default tiles of the H200) in the interpreter."""
-    monkeypatch.setattr(gated_api, "CHUNK", 128)
-    monkeypatch.setattr(gated_api, "TILE", 64)
-
-
 @pytest.mark.parametrize("kind", ["scalar", "key", "mlstm_exp"])
-def test_float32_precision_at_gpu_chunks_cpu(gpu_tiles, kind):
+def test_float32_precision_at_gpu_chunks_cpu(kind):
     """float32 at the GPU's 128-token chunks, where the log-decay cumsum reaches |b| ~ 64: in
     float32 b those weights lost 1e-5 (10-25x the rule's bound on the H200). Guards the
     float64 gate sums; 32-token interpreter chunks hide the effect."""
     # seeds and heads chosen so that each case failed with the float32 gate sums
-    shape = dict(B=1, T=300, K=32, V=32, dtype=torch.float32, device="cpu")
+    shape = dict(B=1, T=300, K=32, V=32, dtype=torch.float32, device="cpu", override=GPU_TILES)
     if kind == "mlstm_exp":
         check_mlstm("exp", H=1, seed=2, **shape)
     else:
@@ -290,17 +295,19 @@ def test_float32_precision_at_gpu_chunks_cpu(gpu_tiles, kind):
 
 
 @pytest.mark.parametrize("input_gate", ["sigmoid", "exp"])
-def test_saved_and_recomputed_states_agree_cpu(small_tiles, monkeypatch, input_gate):
-    """gated_api.SAVE_STATES: the backward on the forward's states and on recomputed ones
-    gives bitwise equal results (the first run saves them, the second recomputes)."""
+def test_saved_and_recomputed_states_agree_cpu(input_gate):
+    """save_for_backward: the backward on the forward's states ("states") and on recomputed
+    ones ("recompute") gives bitwise equal results (the first run saves them, the second
+    recomputes)."""
     inputs, names = mlstm_inputs(input_gate, H=1, K=16, V=16, lengths=[40, 0, 1, 33], seed=7)
     inputs = {n: x.float() if torch.is_tensor(x) and x.is_floating_point() else
               tuple(t.float() for t in x) if isinstance(x, tuple) else x for n, x in inputs.items()}
-    flags = iter([True, False])
+    modes = iter(["states", "recompute"])
 
     def fn(**a):
-        monkeypatch.setattr(gated_api, "SAVE_STATES", next(flags))
-        return linattn.mlstm(**a, input_gate=input_gate, output_final_state=True, backend="triton")
+        return gated_api.mlstm(**a, scale=a["q"].shape[-1] ** -0.5, input_gate=input_gate,
+                               output_final_state=True, save_for_backward=next(modes),
+                               override=SMALL)
     run_twice_bitwise(fn, inputs, names)
 
 
@@ -372,13 +379,13 @@ def test_mexp_prep_carry_across_blocks_cpu(monkeypatch, with_m0):
     assert torch.equal(start.bool(), ref_start)
 
 
-def test_deterministic_cpu(small_tiles):
+def test_deterministic_cpu():
     gen = helpers.seeded(5)
     B, T, H, K, V = 2, 40, 1, 16, 16
     inputs = dict(q=helpers.randn(B, T, H, K, gen=gen).float(), k=helpers.randn(B, T, H, K, gen=gen).float(),
                   v=helpers.randn(B, T, H, V, gen=gen).float(),
                   g=helpers.rand_gate("scalar", B, T, H, K, gen).float(), output_final_state=True)
-    run_twice_bitwise(_la("triton"), inputs, ["q", "k", "v", "g"])
+    run_twice_bitwise(_la("triton", override=SMALL), inputs, ["q", "k", "v", "g"])
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -553,3 +560,13 @@ def test_gpu_odd_head_dims(op, K, V, dtype):
         check_mlstm("exp", **shape)
     else:
         check_la(op, **shape)
+
+
+def test_override_reaches_the_config():
+    """An Override sets the chunk, the tile and KernelConfig fields of one call's config (the
+    tests above reach several chunks and tiles at small T through it)."""
+    cfg, L, BT = gated_api._config(2, 24, 16, torch.float32,
+                                   override=Override(chunk=32, tile=16, fields=(("score_kd", 8),)))
+    assert (L, BT, cfg.score_kd) == (32, 16, 8)
+    cfg, L, BT = gated_api._config(2, 24, 16, torch.float32)
+    assert cfg.score_kd == -1
