@@ -40,7 +40,8 @@ A rank's local work, per op kind (the extra work over the single-GPU op on the s
         o = o_0 + o~ S_in (o_0 the output from zero); its backward is the op's own on
         (do' = [do S_in^T | do], dS' = [dS_out S_in^T | dS_out]). It does less arithmetic
         on paper, but the op on K + V value columns backward costs more than a second
-        forward on V (PERF_NOTES: the one-GPU rank simulation), so "twice" is the default.
+        forward on V (PERF_NOTES.md, "Sequence parallelism: the one-GPU rank
+        simulation"), so "twice" is the default.
 
 The passes over time (E_r, c_r) run on a Triton kernel split over time on the Triton
 backend (linattn.ops.triton.outer_sum: at B = 1 a batched matmul over time has one [K, V]
