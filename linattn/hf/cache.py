@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import Attention
+from ..layers.attention import rope
 
 
 class LinAttnCache:
@@ -113,16 +114,6 @@ def is_padded_attention_state(state) -> bool:
     return isinstance(state, dict) and "valid" in state
 
 
-def rope_rows(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """linattn.layers.attention.rope with a position per row: x [B, T, H, D], positions
-    [B, T] int64; the same arithmetic element by element, so a row's result equals rope's."""
-    D = x.shape[-1]
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=dt) / D)  # [D/2]
-    ang = positions.to(dt)[..., None] * inv_freq                                 # [B, T, D/2]
-    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]                      # [B, T, 1, D/2]
-    x1, x2 = x.to(dt).chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 def padded_attention_step(attn: Attention, x: torch.Tensor, state: dict):
@@ -133,7 +124,7 @@ def padded_attention_step(attn: Attention, x: torch.Tensor, state: dict):
     D, dev = attn.head_dim, x.device
     q, k, v = attn.project(x)                                                          # [B, T, H(_kv), D]
     pos = state["pos"][:, None] + torch.arange(T, device=dev)                          # [B, T]
-    q, k = rope_rows(q, pos, attn.rope_theta), rope_rows(k, pos, attn.rope_theta)
+    q, k = rope(q, pos, attn.rope_theta), rope(k, pos, attn.rope_theta)
     k = torch.cat([state["k"].to(k.dtype), k], dim=1)                                  # [B, L+T, H, D]
     v = torch.cat([state["v"].to(v.dtype), v], dim=1)
     valid = torch.cat([state["valid"], torch.ones(B, T, dtype=torch.bool, device=dev)], dim=1)  # [B, L+T]

@@ -9,13 +9,14 @@ from .base import Mixer
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) of x [B, T, H, D] at integer positions [T]
-    (D even); computed in float32 (float64 for float64 x), returned in x's dtype."""
+    """Rotary embedding (rotate-half form, as Llama's) of x [B, T, H, D] at integer positions
+    [T] (shared by the rows) or [B, T] (a position per row, e.g. left-padded batches); D even;
+    computed in float32 (float64 for float64 x), returned in x's dtype."""
     D = x.shape[-1]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=dt) / D)  # [D/2]
-    ang = positions.to(dt)[:, None] * inv_freq[None]                             # [T, D/2]
-    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]                # [1, T, 1, D/2]
+    ang = positions.to(dt)[..., None] * inv_freq                                 # [(B,) T, D/2]
+    cos, sin = ang.cos().unsqueeze(-2), ang.sin().unsqueeze(-2)                  # [(B,) T, 1, D/2]
     x1, x2 = x.to(dt).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 

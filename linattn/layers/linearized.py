@@ -13,6 +13,7 @@ from torch import nn
 
 from ..ops.api import delta_rule, linear_attention
 from ..ops.fused import l2_normalize
+from .attention import rope
 from .base import Mixer, gate_dtype
 from .feature_maps import FeatureMap
 
@@ -21,16 +22,6 @@ LINEARIZED_MAPS = ("softmax", "hedgehog", "elu", "identity")
 COMBINES = ("mix", "shared")
 
 
-def rope_at(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form, as Llama's) of x [B, T, H, D] at positions [B, T]
-    int64; computed in float32 (float64 for float64 x), returned in x's dtype."""
-    D = x.shape[-1]
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=dt) / D)  # [D/2]
-    ang = positions.to(dt)[..., None] * inv_freq                                 # [B, T, D/2]
-    cos, sin = ang.cos()[:, :, None], ang.sin()[:, :, None]                      # [B, T, 1, D/2]
-    x1, x2 = x.to(dt).chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class LinearizedAttention(Mixer):
@@ -166,7 +157,7 @@ class LinearizedAttention(Mixer):
         v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, D))                 # [B, T, H_kv, D]
         start = torch.zeros(B, dtype=torch.long, device=dev) if state is None else state["pos"]
         pos = start[:, None] + torch.arange(T, device=dev)                     # [B, T]
-        qr, kr = rope_at(q, pos, self.rope_theta), rope_at(k, pos, self.rope_theta)
+        qr, kr = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
         fq = self._phi(self.q_map, qr if self.rope_linear else q)              # [B, T, H, F]
         fk = self._phi(self.k_map, kr if self.rope_linear else k)              # [B, T, H_kv, F]
         num, den, S = self._linear(k, fq, fk, v, None if state is None else state["S"], return_state)
@@ -208,7 +199,7 @@ class LinearizedAttention(Mixer):
         q = self.heads(self.q_proj(x), D)                                      # [B, T, H, D]
         k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, D))                 # [B, T, H_kv, D]
         pos = torch.arange(T, device=x.device).expand(B, T)
-        qr, kr = rope_at(q, pos, self.rope_theta), rope_at(k, pos, self.rope_theta)
+        qr, kr = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         scores = torch.einsum("bthd,bshd->bhts", qr.to(gdt), self._kv_to_heads(kr).to(gdt)) * D ** -0.5
         soft = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
