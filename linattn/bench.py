@@ -482,9 +482,10 @@ def measure(name: str, s: Shape, seed: int, warm: bool = False, quick: bool = Fa
     return row
 
 
-def worker_main() -> int:
-    """The worker loop: one JSON request per stdin line, one JSON row per line on the
-    original stdout; anything the libraries print goes to stderr."""
+def serve_requests(row_of) -> int:
+    """A worker's loop: one JSON request per stdin line, row_of(request) -> one JSON row per
+    line on the original stdout; anything the libraries print goes to stderr. row_of records
+    its rows' own errors; an exception it raises becomes the row's "worker: ..." error."""
     result_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -492,15 +493,23 @@ def worker_main() -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
-        req = json.loads(line)
-        s = Shape(req["B"], req["T"], req["H"], req["D"])
         try:
-            row = measure(req["op"], s, req["seed"], warm=req.get("warm", False),
-                          quick=req.get("quick", False), retune=req.get("retune", False))
-        except Exception as e:  # measure records op errors itself; this catches the harness's
+            row = row_of(json.loads(line))
+        except Exception as e:
             row = {"error": f"worker: {_short_error(e)}"}
         results.write(json.dumps(row) + "\n")
     return 0
+
+
+def _measure_request(req: dict) -> dict:
+    s = Shape(req["B"], req["T"], req["H"], req["D"])
+    return measure(req["op"], s, req["seed"], warm=req.get("warm", False),
+                   quick=req.get("quick", False), retune=req.get("retune", False))
+
+
+def worker_main() -> int:
+    """The op bench's worker (see serve_requests)."""
+    return serve_requests(_measure_request)
 
 
 # ============================================================================ workers (parent side)

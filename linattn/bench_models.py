@@ -402,22 +402,8 @@ def _request_row(req: dict, cases: dict) -> dict:
 
 
 def worker_main() -> int:
-    """The worker loop: one JSON request per stdin line, one JSON row per line on the
-    original stdout; anything the libraries print goes to stderr."""
-    result_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    results = os.fdopen(result_fd, "w", buffering=1)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        try:
-            row = _request_row(req, CASES)
-        except Exception as e:  # measure_row records its errors; this catches the harness's
-            row = {"error": f"worker: {bench._short_error(e)}"}
-        results.write(json.dumps(row) + "\n")
-    return 0
+    """The model bench's worker (bench.serve_requests over measure_row's requests)."""
+    return bench.serve_requests(lambda req: _request_row(req, CASES))
 
 
 class InProcess:
