@@ -99,6 +99,15 @@ def _grads_back(grads, present_needed):
     return out
 
 
+def _fake_o_and_state(q, v, cu_seqlens, output_final_state) -> list:
+    """The plain ops' fake outputs: [o [B, T, H, V]] + [final [N, H, K, V]] when asked."""
+    B, T, H, K = q.shape
+    outs = [v.new_empty(B, T, H, v.shape[-1])]
+    if output_final_state:
+        outs.append(q.new_empty(_rows(q, cu_seqlens), H, K, v.shape[-1], dtype=_compute_dtype(q)))
+    return outs
+
+
 def _recompute_grads(fn, inputs, needs, cotangents):
     """Gradients of fn(*inputs) (a flat list of output tensors) for the inputs with needs[j],
     given the outputs' cotangents (None: no gradient from that output); returns one tensor
@@ -168,12 +177,7 @@ def plain_linear_attention_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tenso
 
 @plain_linear_attention_op.register_fake
 def _(q, k, v, g, initial_state, cu_seqlens, scale, output_final_state, causal, backend):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    outs = [v.new_empty(B, T, H, V)]
-    if output_final_state:
-        outs.append(q.new_empty(_rows(q, cu_seqlens), H, K, V, dtype=_compute_dtype(q)))
-    return outs
+    return _fake_o_and_state(q, v, cu_seqlens, output_final_state)
 
 
 @custom_op("linattn::plain_linear_attention_backward", mutates_args=())
@@ -230,12 +234,7 @@ def plain_delta_rule_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Option
 
 @plain_delta_rule_op.register_fake
 def _(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, backend):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    outs = [v.new_empty(B, T, H, V)]
-    if output_final_state:
-        outs.append(q.new_empty(_rows(q, cu_seqlens), H, K, V, dtype=_compute_dtype(q)))
-    return outs
+    return _fake_o_and_state(q, v, cu_seqlens, output_final_state)
 
 
 @custom_op("linattn::plain_delta_rule_backward", mutates_args=())
