@@ -139,8 +139,9 @@ CLI_DEFAULTS = {"eval_every": -1}  # the command's defaults where they differ fr
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="linattn", description="Linear-attention models: train, evaluate, benchmark.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,bench}", parser_class=_Parser)
+    parser = _Parser(prog="linattn", description="Linear-attention models: train, evaluate, generate, "
+                                                 "export and convert models, benchmark, self-test.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)  # lists every command
     sub.required = True
 
     tr = sub.add_parser("train", help="train a model on a synthetic task",

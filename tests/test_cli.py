@@ -409,3 +409,17 @@ def test_resume_with_more_steps_extends_a_finished_run(first_run, tmp_path):
 
     eight = TrainConfig(steps=8, lr=1e-2)
     assert curve[-2]["lr"] == pytest.approx(eight.lr_at(7))  # the 8-step schedule's last lr
+
+
+def test_top_level_help_lists_every_command(capsys):
+    """`linattn --help` names every subcommand (the usage line and the list below it)."""
+    from linattn.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    usage = out.split("\n\n")[0]  # the usage lines
+    for command in ("train", "eval", "generate", "export", "convert", "distill", "sample",
+                    "selftest", "bench"):
+        assert command in usage, command
