@@ -838,15 +838,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
 
 
-def write_outputs(result: dict, out_dir: Path, stem: str, final: bool):
+def write_outputs(result: dict, out_dir: Path, stem: str, final: bool, markdown=None, draw=None):
+    """out_dir/stem.json (replaced atomically at every call); when final also stem.md
+    (markdown(result), default this bench's format_markdown) and stem.png (draw(result,
+    path), default plot), a plot failure reported but never losing the numbers."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / (stem + ".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out_dir / (stem + ".json"))
     if final:
-        (out_dir / (stem + ".md")).write_text(format_markdown(result) + "\n")
+        (out_dir / (stem + ".md")).write_text((markdown or format_markdown)(result) + "\n")
         try:
-            plot(result, out_dir / (stem + ".png"))
+            (draw or plot)(result, out_dir / (stem + ".png"))
         except Exception as e:  # a plot failure must not lose the numbers
             print(f"plot failed: {_short_error(e)}", file=sys.stderr)
 

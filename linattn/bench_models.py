@@ -757,16 +757,8 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def write_outputs(result: dict, out_dir: Path, stem: str, final: bool):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (stem + ".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out_dir / (stem + ".json"))
-    if final:
-        (out_dir / (stem + ".md")).write_text(format_markdown(result) + "\n")
-        try:
-            plot(result, out_dir / (stem + ".png"))
-        except Exception as e:  # a plot failure must not lose the numbers
-            print(f"plot failed: {bench._short_error(e)}", file=sys.stderr)
+    """bench.write_outputs with this bench's table and plot."""
+    bench.write_outputs(result, out_dir, stem, final, markdown=format_markdown, draw=plot)
 
 
 def main(argv=None) -> int:
