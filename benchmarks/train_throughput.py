@@ -1,9 +1,12 @@
 """Training throughput (tokens/s) of a 12-layer, d_model 768 causal LM, on one GPU.
 
-Times full training steps (bf16 autocast forward, float32 cross-entropy over every token,
+Times full training steps (bf16 autocast forward, float32 cross-entropy over every token
+through CausalLM.loss (the chunked linear + cross-entropy, as `linattn bench --models` does),
 backward, AdamW step) at a constant number of tokens per step, for each model at each
-sequence length, and records the peak memory. Models: Gated DeltaNet, GLA, mLSTMsig, a 3:1
-Gated DeltaNet / attention hybrid, and attention only (softmax, SDPA). One command,
+sequence length, and records the peak memory. Models: Gated DeltaNet, GLA, mLSTMsig, mLSTM,
+DeltaNet, Lightning, a 3:1 Gated DeltaNet / attention hybrid, and attention only (softmax,
+SDPA). With --profile N it also profiles N steps of each row: the device's busy time beside
+the wall time and the kernels with the most device time (where a step's time goes). One command,
 time-boxed (--budget-s): rows it cannot reach are marked skipped, a row that fails (OOM,
 compile error) records its error and the rest go on.
 
@@ -20,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
@@ -31,6 +33,9 @@ MODELS = {
     "gated_deltanet": dict(mixer="gated_deltanet"),
     "gla": dict(mixer="gla"),
     "mlstm_sig": dict(mixer="mlstm_sig"),
+    "mlstm": dict(mixer="mlstm"),
+    "deltanet": dict(mixer="deltanet"),
+    "lightning": dict(mixer="lightning"),
     "gated_deltanet 3:1 hybrid": dict(mixer="gated_deltanet", hybrid=3),
     "attention": dict(mixer="attention"),
 }
@@ -59,8 +64,7 @@ def time_model(name: str, arch: dict, T: int, s: dict, dev: torch.device) -> dic
 
     def step():
         with amp:
-            logits = model(x)  # [B, T, V]
-        loss = F.cross_entropy(logits.float().view(-1, s["vocab"]), y.reshape(-1))
+            loss = model.loss(x, y)  # float32 cross-entropy, logits never whole
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -93,7 +97,7 @@ def time_model(name: str, arch: dict, T: int, s: dict, dev: torch.device) -> dic
     return row
 
 
-def profile_steps(step, sync, n: int, top: int = 12) -> dict:
+def profile_steps(step, sync, n: int, top: int = 30) -> dict:
     """torch.profiler over n steps: the device's busy time per step (kernels and copies)
     beside the wall time (a step whose wall time is far above it waits on the host), and the
     ops with the most self time on the device and on the host, in ms per step."""
@@ -194,7 +198,7 @@ def main(argv=None) -> int:
             pr = r["profile"]
             print(f"\n{r['model']} T={r['seq_len']}: wall {pr['wall_ms_per_step_profiled']:.1f} ms/step "
                   f"(profiled), device busy {pr['device_busy_ms_per_step']:.1f} ms/step")
-            for e in pr["top_device"][:6]:
+            for e in pr["top_device"][:16]:
                 print(f"  device {e['self_device_ms']:7.2f} ms  x{e['calls_per_step']:<5g} {e['name']}")
             for e in pr["top_host"][:6]:
                 print(f"  host   {e['self_host_ms']:7.2f} ms  x{e['calls_per_step']:<5g} {e['name']}")
