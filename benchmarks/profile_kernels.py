@@ -40,10 +40,10 @@ def fwd_bwd_step(kind: str, B: int, T: int, H: int, D: int, config=None):
     on the bench's inputs). config: the delta rule's launch choices
     (linattn.ops.triton.delta_config.DeltaConfig; None: the device's)."""
     if "." in kind:
-        from linattn import bench
+        from linattn.bench.op_cases import OPS_BY_NAME, Shape
         gen = torch.Generator(device="cuda")
         gen.manual_seed(0)
-        inputs, fn = bench.build_case(kind, bench.Shape(B, T, H, D), gen)
+        inputs, fn = OPS_BY_NAME[kind].build(Shape(B, T, H, D), gen)
         leaves = [x for x in inputs if x.requires_grad]
 
         def step():
