@@ -23,15 +23,15 @@ mixer's FLOPs those of its sequence mixing alone (its projections are in N): cau
 attention T (K + V) per token and head; a linear mixer the matmuls of the chunked algorithm
 with chunks of L = 64 (see linattn.bench.flops); x3 for forward + backward.
 
-Cases (linattn.bench.model_cases.CASES, name -> Case) are our CausalLM with each mixer, the same CausalLM with
-softmax attention (SDPA, the default backend), and, when fla imports, the same CausalLM
-whose linear layers are fla's own (fla.layers.GatedDeltaNet, ...) at the same dims, wrapped
-to our mixer contract (FlaMixer). fla 0.6.0 refuses its gated backward on Hopper with
+Cases (linattn.bench.model_cases.CASES, name -> Case) are our CausalLM with each mixer,
+the same CausalLM with softmax attention (SDPA, the default backend), and, when fla imports,
+the same CausalLM whose linear layers are fla's own (fla.layers.GatedDeltaNet, ...) at the
+same dims, wrapped to our mixer contract (FlaMixer). fla 0.6.0 refuses its gated backward on Hopper with
 triton < 3.7.1: it is forced on (fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True), for
 timing only (its gradients may be wrong there).
 
-Every case runs in its own worker process (linattn.bench.runner's WorkerPool), kept across its
-rows: a crash or a hang costs that case's rows, never the run. Before the rows, every case
+Every case runs in its own worker process (linattn.bench.runner's WorkerPool), kept across
+its rows: a crash or a hang costs that case's rows, never the run. Before the rows, every case
 runs one forward+backward at batch 1 (--jobs at a time) so the Triton compiles of all cases
 overlap; each case's first row then forgets the autotuners' choices (made under that load)
 and tunes again alone in its warm-up steps. Rows run in order of importance (the first T first),
@@ -53,9 +53,9 @@ import statistics
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
-from pathlib import Path
 
 from . import report
 from .flops import CHUNK
