@@ -29,6 +29,10 @@ Backward points (the gradient flowing into a value rounded, as a kernel storing 
     dkpart  dk's part through Q K^T and the state update (delta_bwd's dk_part), rounded per use
 
     PYTHONPATH=. python3 benchmarks/delta_lowp_probe.py [--T 256] [--seeds 3]
+
+When to run it: on the CPU before a delta-rule kernel stores another intermediate in 16 bits
+(or drops one to recompute it), before spending GPU time on the change (PERF_NOTES.md's
+lessons).
 """
 from __future__ import annotations
 

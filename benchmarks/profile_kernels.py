@@ -10,6 +10,9 @@ mode), which would stall the queue.
 Not a benchmark (no peers, profiler overhead): `linattn bench` is where claims come from.
 
     PYTHONPATH=. python3 benchmarks/profile_kernels.py --json $OUT/profile.json [--kinds none,delta]
+
+When to run it: when `linattn bench` shows a kernel change moved an op's time, to see which
+kernel moved (and before a launch sweep, to pick the kernel to sweep).
 """
 from __future__ import annotations
 
