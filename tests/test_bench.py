@@ -250,6 +250,27 @@ def test_every_registered_case_has_a_builder_and_a_flop_model():
         assert (case.needs is not None) == (case.family == "fla"), case.name
 
 
+def test_every_importable_op_builder_makes_its_inputs_on_the_cpu():
+    """Each op case whose module imports here builds bf16 q, k, v leaves that require grad
+    (and its gates) at a tiny shape, or a decoding step's float32 state, and a callable."""
+    s = Shape(1, 16, 2, 16)
+    built = 0
+    for case in op_cases.OPS:
+        if case.needs and runner.why_missing(case.needs):
+            continue
+        gen = torch.Generator().manual_seed(0)
+        if case.decode:
+            state, step = case.build(Shape(2, 1, 2, 16), gen)
+            assert state.dtype == torch.float32 and state.shape == (2, 2, 16, 16) and callable(step)
+        else:
+            inputs, fn = case.build(s, gen)
+            assert callable(fn) and all(x.requires_grad for x in inputs[:3]), case.name
+            assert all(x.dtype == torch.bfloat16 and x.numel() == 16 * 2 * 16 for x in inputs[:3]), case.name
+            assert len(inputs) == 3 + len(case.gates), case.name         # one tensor per gate input
+        built += 1
+    assert built >= 13                                                  # ours and SDPA at least
+
+
 def test_an_unavailable_peer_is_skipped_with_its_reason(tmp_path):
     """A peer whose module does not import is never sent to a worker (not even to warm up);
     each of its rows says why, and ours still run."""

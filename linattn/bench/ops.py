@@ -16,7 +16,7 @@ before: the inputs and the cotangent). Every number stands next to its physical 
                                             the gates' gradients (a floor: it does not count
                                             the backward re-reading q, k, v)
                    FLOPs: the matmuls of a chunked algorithm with chunks of L = 64 tokens,
-                          per token and head (see flops_per_token); fwd+bwd = 3x fwd (the
+                          per token and head (see linattn.bench.flops); fwd+bwd = 3x fwd (the
                           backward's matmuls are twice the forward's, nothing recomputed),
                           3.5x for softmax attention (flash-attention's count)
     memory floor = the outputs and gradients that must exist: o, dq, dk, dv, dgates

@@ -87,22 +87,27 @@ def versions(models: bool = False) -> dict:
     """Python, torch (and its CUDA), triton, fla-core, mlstm-kernels and linattn versions;
     with models also flash-linear-attention's and the git commit."""
     import torch
-    from importlib import metadata
     out = {"python": sys.version.split()[0]}
     dists = [("torch", "torch"), ("triton", "triton"), ("fla", "fla-core"),
              ("mlstm_kernels", "mlstm-kernels"), ("linattn", "linattn")]
-    if models:
-        dists.append(("flash_linear_attention", "flash-linear-attention"))
-    for key, dist in dists:
-        try:
-            out[key] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[key] = None
+    dists += [("flash_linear_attention", "flash-linear-attention")] if models else []
+    for key, dist in dists[:5]:
+        out[key] = _dist_version(dist)
     out["torch"] = torch.__version__
     out["cuda"] = torch.version.cuda
+    for key, dist in dists[5:]:
+        out[key] = _dist_version(dist)
     if models:
         out["commit"] = git_commit()
     return out
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def clear_autotune_caches() -> int:
@@ -370,7 +375,8 @@ def warm_up(pool, names: list, request_of, *, jobs: int, timeout: float, deadlin
 @dataclass
 class Job:
     """One planned row: key names its case (and worker), row holds the fields known before
-    it runs, request is what its worker is sent, needs the module it cannot run without."""
+    it runs, request is what its worker is sent, needs the module it cannot run without;
+    spec is the bench's own handle on the row (the op bench's (case, shape)) for its hooks."""
     key: str
     row: dict
     request: dict
