@@ -1,10 +1,10 @@
 """Which delta-rule intermediates can be stored in 16 bits? A CPU precision probe.
 
-The Triton delta-rule kernels first kept W, U, U' (vnew) and the chunk states h in float32;
-fla keeps them in bf16, which halves their memory traffic (each float32 [TT, H, 128] tensor is
-512 MiB per pass at the bench shape). Since 2026-11-29 the kernels store h, U', dU', dW and
-dk_part in the inputs' dtype for 16-bit inputs and no longer form W or U at all (the points w
-and u model the earlier kernels). This probe runs the chunked PyTorch path in float64
+fla keeps W, U, U' (vnew) and the chunk states h in bf16, which halves their memory traffic
+against float32 (each float32 [TT, H, 128] tensor is 512 MiB per pass at the bench shape).
+The Triton delta-rule kernels store h, U', dU', dW and dk_part in the inputs' dtype for
+16-bit inputs and do not form W or U at all (the points w and u model kernels that would).
+This probe runs the chunked PyTorch path in float64
 with chosen intermediates rounded to bf16 where a kernel would store them, and checks the
 result with the tests' own rule (tests/helpers.check_against_oracle: outputs within 3x and
 gradients within 5x the error of rounding the inputs alone), on the delta tests' inputs:

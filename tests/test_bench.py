@@ -308,6 +308,20 @@ def test_an_unavailable_peer_is_skipped_with_its_reason(tmp_path):
     assert not any("TRITON_ABOVE_3_7_1" in n for n in result["notes"])   # no fla note without fla
 
 
+def test_one_op_through_a_worker_process(monkeypatch, tmp_path):
+    """The real worker pool: `python -m linattn.bench --worker` answers the warm-up and the
+    timed request of one op; with no CUDA device visible its row records the stage that failed."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    machine = Machine(**H200)
+    assert bench.main(["--ops", "sdpa[default]", "--T", "64", "--D", "16", "--tokens", "128", "--jobs", "1",
+                       "--timeout", "120", "--out", str(tmp_path)], machine) == 0
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    (row,) = result["rows"]
+    assert row["op"] == "sdpa[default]" and row["shape"] == "B2 T64 H16 D16" and row["wall_s"] > 0
+    assert row["error"].startswith("inputs: RuntimeError"), row["error"]
+    assert set(result["warmup_s"]) == {"sdpa[default]@D16"}
+
+
 def test_warm_up_reports_seconds_and_retries_a_timed_out_op_alone():
     """warm_up returns how long each op's compile warm-up took (the JSON's warmup_s); an op
     that overran the timeout among the others is tried once more alone, a crash is not."""
