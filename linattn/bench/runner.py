@@ -322,7 +322,8 @@ class Machine:
 def warm_up(pool, names: list, request_of, *, jobs: int, timeout: float, deadline: float,
             retry_alone: bool) -> dict:
     """One warm request (compile and autotune) of every case in `names`, up to `jobs` at once
-    (their compiles overlap); returns {name: seconds, or the error}. A case that overran
+    (their compiles overlap); returns {name: seconds it took} (without retry_alone a failed
+    case's error instead, and cases the deadline left out say so). A case that overran
     `timeout` beside the others (compiles share the CPUs, autotuning the GPU) is tried once
     more alone within the deadline with retry_alone, else forgiven (its rows start a new
     worker, which compiles alone from Triton's disk cache). A case that crashed stays dead,
