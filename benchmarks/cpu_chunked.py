@@ -6,6 +6,9 @@ runs of each and the speed-up. Not a test: run it by hand and record the figure 
 BENCHMARKS.md with the machine, date and versions.
 
     .venv/bin/python benchmarks/cpu_chunked.py [--T 2048] [--repeats 3]
+
+When to run it: after a change to linattn/ops/torch_chunked.py (the CPU path), and record
+the figure in BENCHMARKS.md.
 """
 import argparse
 import platform

@@ -1,10 +1,10 @@
 """Which delta-rule intermediates can be stored in 16 bits? A CPU precision probe.
 
-The Triton delta-rule kernels first kept W, U, U' (vnew) and the chunk states h in float32;
-fla keeps them in bf16, which halves their memory traffic (each float32 [TT, H, 128] tensor is
-512 MiB per pass at the bench shape). Since 2026-11-29 the kernels store h, U', dU', dW and
-dk_part in the inputs' dtype for 16-bit inputs and no longer form W or U at all (the points w
-and u model the earlier kernels). This probe runs the chunked PyTorch path in float64
+fla keeps W, U, U' (vnew) and the chunk states h in bf16, which halves their memory traffic
+against float32 (each float32 [TT, H, 128] tensor is 512 MiB per pass at the bench shape).
+The Triton delta-rule kernels store h, U', dU', dW and dk_part in the inputs' dtype for
+16-bit inputs and do not form W or U at all (the points w and u model kernels that would).
+This probe runs the chunked PyTorch path in float64
 with chosen intermediates rounded to bf16 where a kernel would store them, and checks the
 result with the tests' own rule (tests/helpers.check_against_oracle: outputs within 3x and
 gradients within 5x the error of rounding the inputs alone), on the delta tests' inputs:
@@ -29,6 +29,10 @@ Backward points (the gradient flowing into a value rounded, as a kernel storing 
     dkpart  dk's part through Q K^T and the state update (delta_bwd's dk_part), rounded per use
 
     PYTHONPATH=. python3 benchmarks/delta_lowp_probe.py [--T 256] [--seeds 3]
+
+When to run it: on the CPU before a delta-rule kernel stores another intermediate in 16 bits
+(or drops one to recompute it), before spending GPU time on the change (PERF_NOTES.md's
+lessons).
 """
 from __future__ import annotations
 

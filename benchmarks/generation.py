@@ -17,6 +17,10 @@ speed-up over Llama, peak memory above the weights, and the cache per sequence (
 states after the prefill; Llama's KV cache at the end). The run stops starting new cases
 after --time-budget seconds (default 480) so the command stays under 9 minutes; skipped
 cases are listed. JSON goes to --out; the table is printed last.
+
+When to run it: on one GPU after a change to generation (linattn.hf.greedy, the decode
+kernels, the cache) or to the decode step's launch choices; it is the source of
+BENCHMARKS.md's generation table.
 """
 from __future__ import annotations
 

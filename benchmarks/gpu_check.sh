@@ -6,6 +6,9 @@
 # pytest's summary line. With RUN_TIMING=1 it then times the kernels
 # (benchmarks/time_gated.py, benchmarks/time_delta.py --kernels) in what is left of TOTAL_S.
 #
+# When to run it: before merging a change to a kernel, and after a torch or Triton upgrade
+# (`make test-gpu` runs it).
+#
 # Why 8 workers: most of the run is CPU work, each part single-threaded: Triton compiling a
 # kernel specialisation (~0.5-2 s of CPU for a bfloat16 chunk kernel, 5-40 s for a float32
 # one with exact "ieee" dots; ~300 specialisations in all, most of them tiny decode kernels)

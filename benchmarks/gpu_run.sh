@@ -6,6 +6,9 @@
 # with --out $OUT (bench-*.json, .md, .png; full log $OUT/bench.log). The whole run keeps
 # within TOTAL_S seconds (default 540, under the device's 10-minute limit).
 #
+# When to run it: for a release or a Triton upgrade: the GPU tests and the op bench in one
+# device command.
+#
 # Environment knobs:
 #   SKIP_TESTS=1         skip the GPU tests (all the time goes to the benchmark)
 #   SKIP_BENCH=1         run only the GPU tests

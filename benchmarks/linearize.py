@@ -29,6 +29,9 @@ text), 512 new tokens, greedy, bf16 weights: teacher with transformers' generate
 DynamicCache); each converted model with generate() and with linattn.hf.greedy; tokens/s
 and speed-up over the teacher. Speed does not depend on the weights, so it is timed on the
 converted models as converted.
+
+When to run it: on one GPU after a change to a `linattn convert` method, the distillation or
+the LoRA fine-tuning; it is the source of BENCHMARKS.md's linearization table.
 """
 from __future__ import annotations
 

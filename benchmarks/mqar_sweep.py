@@ -15,6 +15,9 @@ PNG next to it.
 
     python benchmarks/mqar_sweep.py --out benchmarks/results/mqar_sweep.json
     python benchmarks/mqar_sweep.py --smoke --out /tmp/mqar.json         # CPU, toy size
+
+When to run it: for a quick recall check of a new or changed mixer (one GPU command, or
+--smoke on a CPU); Zoology's full protocol is mqar_zoology.py.
 """
 from __future__ import annotations
 

@@ -29,6 +29,10 @@ then d_model, then mixer, then lr, so the bar's cells come first.
         --cells 256:16,512:64 --d-models 64,128,256 --jobs 8 --budget-s 540
     python benchmarks/mqar_zoology.py --plot benchmarks/results/mqar_zoology-h100-DATE.json
     python benchmarks/mqar_zoology.py --smoke --out /tmp/zoo.json     # CPU, toy size, ~10 s
+
+When to run it: through benchmarks/mqar_zoology_gpu.sh after a change that can move a
+mixer's recall (its layer, its gates, the training recipe); it is the source of
+BENCHMARKS.md's recall table.
 """
 from __future__ import annotations
 

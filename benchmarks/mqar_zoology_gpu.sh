@@ -8,6 +8,9 @@
 # and copies the JSON Lines file, its PNGs and the log to $OUT/ (or benchmarks/results/).
 # The whole run keeps within TOTAL_S seconds (default 560, under the device's 10 minutes).
 #
+# When to run it: after a change that can move a mixer's recall; it is the source of
+# BENCHMARKS.md's recall table.
+#
 # Environment knobs:
 #   FILE=...        the results file (default: the script's own name for this GPU and date);
 #                   keep the same one across calls so the grid resumes

@@ -7,6 +7,9 @@
 Runs one bf16 forward+backward of the kind (profile_kernels' kinds, the bench's shape unless
 --T etc. say otherwise) and synchronises; ncu picks the kernel. Not a benchmark: ncu replays
 the kernel and serialises it.
+
+When to run it: under ncu when profile_kernels.py shows a kernel far from its floor and its
+stall reasons are the question; summarise the report with ncu_summary.py.
 """
 from __future__ import annotations
 

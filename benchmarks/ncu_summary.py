@@ -8,6 +8,8 @@
 Columns: duration, grid and block, registers, the block limits by registers and by shared
 memory, waves per SM, achieved occupancy, DRAM throughput, issued warps per scheduler, and
 the warp cycles per issued instruction. Sections that were not collected show '-'.
+
+When to run it: on the text report of an ncu run of ncu_kernel.py.
 """
 from __future__ import annotations
 

@@ -18,6 +18,9 @@
 # benchmarks/results/ between commands). A second run of the same command continues the cells
 # that did not fit. GRID_ARGS="..." is appended to both grid calls (later flags win), e.g. to try
 # the script on a CPU at toy size.
+#
+# When to run it: after a change to the arithmetic tasks or to how a mixer learns them; it is
+# the source of the README's numbers grid.
 set -u
 OUT=${OUT:-$PWD/benchmarks/results}
 mkdir -p "$OUT"

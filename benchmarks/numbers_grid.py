@@ -45,6 +45,9 @@ are skipped), and a PNG plus a Markdown table beside it.
     # CPU sanity (small model, one cell)
     python benchmarks/numbers_grid.py --device cpu --phases add3 --mixers attention --orders reversed \\
         --d-model 128 --layers 2 --heads 2 --batch 64 --cell-s 240 --workers 1 --out /tmp/n.jsonl
+
+When to run it: through benchmarks/numbers_gpu.sh after a change to the arithmetic tasks or
+to how a mixer learns them; it is the source of the README's numbers grid.
 """
 from __future__ import annotations
 

@@ -19,6 +19,9 @@ test split of a trained `linattn train --task arithmetic` run, per layer and hea
     python benchmarks/numbers_probe.py --train-steps 300 --out /tmp/probe   # tiny model, CPU
 
 Writes OUT.json and OUT.png.
+
+When to run it: on a run of numbers_grid.py (numbers_gpu.sh runs it after the grid) to see
+where a model keeps its operands.
 """
 from __future__ import annotations
 

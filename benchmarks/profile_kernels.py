@@ -10,6 +10,9 @@ mode), which would stall the queue.
 Not a benchmark (no peers, profiler overhead): `linattn bench` is where claims come from.
 
     PYTHONPATH=. python3 benchmarks/profile_kernels.py --json $OUT/profile.json [--kinds none,delta]
+
+When to run it: when `linattn bench` shows a kernel change moved an op's time, to see which
+kernel moved (and before a launch sweep, to pick the kernel to sweep).
 """
 from __future__ import annotations
 
@@ -40,10 +43,10 @@ def fwd_bwd_step(kind: str, B: int, T: int, H: int, D: int, config=None):
     on the bench's inputs). config: the delta rule's launch choices
     (linattn.ops.triton.delta_config.DeltaConfig; None: the device's)."""
     if "." in kind:
-        from linattn import bench
+        from linattn.bench.op_cases import OPS_BY_NAME, Shape
         gen = torch.Generator(device="cuda")
         gen.manual_seed(0)
-        inputs, fn = bench.build_case(kind, bench.Shape(B, T, H, D), gen)
+        inputs, fn = OPS_BY_NAME[kind].build(Shape(B, T, H, D), gen)
         leaves = [x for x in inputs if x.requires_grad]
 
         def step():

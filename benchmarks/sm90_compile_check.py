@@ -27,6 +27,10 @@ Exit code 1 if a key fails to compile or needs more than 227 KiB of shared memor
 pytest could not run (failed tests only warn: their launches are still checked). The default
 selection (~180 keys) takes ~5 minutes on a 2-core machine, mostly float32 "ieee" delta
 kernels (up to 30 s each); narrow it with pytest's -k, --filter or --max-per-kernel.
+
+When to run it: on a CPU (`make sm90-check`) after any change to a Triton kernel or its
+launch choices, before spending GPU time: it catches register spills and shared-memory
+overruns the interpreter cannot.
 """
 from __future__ import annotations
 

@@ -27,6 +27,9 @@ and profiles one forward+backward of each (torch.profiler, top kernels by device
 bar (issue 29): rank / plain <= 1.15. Prints plain's and rank 1's top kernels per case, where
 each rank's extra device time goes, then a table (ratio per case); writes everything
 (every profile) to --out as JSON.
+
+When to run it: on one GPU after a change to linattn/parallel (LASP-2) or to the ops' state
+inputs, to see a rank's overhead over the plain op without a second GPU.
 """
 from __future__ import annotations
 

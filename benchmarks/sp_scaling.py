@@ -18,6 +18,9 @@ gate; the gated delta rule) and one sequence (B = 1) of each length, forward+bac
 
 and prints a table with the scaling efficiency time_1 / (W * time_W), writing everything
 (with GPU, versions and date) to --out as JSON.
+
+When to run it: on two GPUs after a change to linattn/parallel; it is the source of
+BENCHMARKS.md's sequence-parallel table.
 """
 from __future__ import annotations
 

@@ -10,6 +10,10 @@ change several kernels at once. Not a benchmark
 (`linattn bench` is where claims come from).
 
     PYTHONPATH=. python3 benchmarks/sweep_delta.py --json $OUT/sweep_delta.json [--kinds delta]
+
+When to run it: on a new GPU, a new Triton version, or before changing a launch choice of
+the delta-rule kernels (linattn/ops/triton/delta_config.py); the winners go there and
+`linattn bench` confirms them.
 """
 from __future__ import annotations
 

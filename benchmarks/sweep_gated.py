@@ -10,6 +10,10 @@ it picks the defaults in gated_api._config, which `linattn bench` then measures.
     PYTHONPATH=. python3 benchmarks/sweep_gated.py --kinds none,key --chunks 64,128 --warps 4
     PYTHONPATH=. python3 benchmarks/sweep_gated.py --chunks 128 --warps 4 --stages 2 --dqk-bk 64,128 --dqk-warps 4,8
     TRITON_INTERPRET=1 python3 benchmarks/sweep_gated.py --smoke     # CPU, tiny, wall clock
+
+When to run it: on a new GPU, a new Triton version, or before changing a launch choice of
+the gated-family kernels (gated_api's config); the winners go there and `linattn bench`
+confirms them.
 """
 from __future__ import annotations
 

@@ -12,6 +12,10 @@ The bytes that must move are the float32 state read and written plus q, k, v, ga
 and o written; achieved TB/s is those bytes over the time, next to the copy-bandwidth
 floor. fla 0.6.0 on the H200 (same shapes, float32 state) for comparison:
     B=1: 155 us (simple gla) / 126 us (gated delta); B=64: 299 / 225; B=256: 323 / 256.
+
+When to run it: after a change to the recurrent (decoding) kernel or its launch choices
+(--sweep times its tile widths and warps); `linattn bench` times the decoding steps against
+fla for claims.
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ Usage:
     PYTHONPATH=$PWD python3 benchmarks/time_delta.py [--B 8 --T 8192 --H 16 --D 128] [--kernels]
 
 Prints one row per variant; --json PATH also writes the rows as JSON.
+
+When to run it: for a quick look at the delta-rule kernels after a change (gpu_check.sh runs
+it with RUN_TIMING=1); claims come from `linattn bench`.
 """
 from __future__ import annotations
 

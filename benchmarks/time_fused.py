@@ -17,6 +17,9 @@ Pieces (shapes per step):
 Each row: median ms of triton.testing.do_bench for forward and forward+backward (gradients
 of every floating input, with torch.autograd.grad), and the peak memory one forward+backward
 allocates above its inputs. Rows are compared within one run on one GPU.
+
+When to run it: on one GPU after a change to a fused layer piece (linattn/ops/fused.py,
+linattn/ops/linear_ce.py) or to the rule choosing Triton or PyTorch for it.
 """
 from __future__ import annotations
 

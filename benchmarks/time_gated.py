@@ -3,6 +3,9 @@
 B=8, T=8192, H=16, K=V=128 (B*T = 65536, docs/design.md section 6), forward and forward+backward,
 median of triton.testing.do_bench, plus the peak extra memory of forward+backward.
 Usage: PYTHONPATH=. python3 benchmarks/time_gated.py [--T 8192] [--B 8]
+
+When to run it: for a quick look at the gated-family kernels after a change (gpu_check.sh
+runs it with RUN_TIMING=1); claims come from `linattn bench`.
 """
 from __future__ import annotations
 

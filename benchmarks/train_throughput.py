@@ -12,6 +12,9 @@ compile error) records its error and the rest go on.
 
     python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
     python benchmarks/train_throughput.py --smoke --out /tmp/tp.json     # CPU, toy size
+
+When to run it: to reproduce BENCHMARKS.md's training-throughput table of these models; the
+model-level comparison with the peers' layers is `linattn bench --models`.
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ Rows, each forward and forward+backward, bf16, batch 1, square-ish grids of H x 
 Times are medians of triton.testing.do_bench on CUDA (perf_counter medians elsewhere).
 Writes vision_bench.json (rows, GPU, versions) into --out and prints a markdown table with
 each row's speed-up over SDPA.
+
+When to run it: through benchmarks/vision_gpu.sh after a change to the non-causal path or
+the vision mixers.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@
 # 3. benchmarks/vision_bench.py: the non-causal op and the mala / lit / linear layers against
 #    SDPA at 16K-64K tokens, fwd and fwd+bwd, bf16 (vision_bench.json and a table)
 # Knobs: STEPS=1500 BATCH=128 LR=2e-3 D_MODEL=64 LAYERS=4 (the ViTs), SKIP_TESTS=1, SKIP_BENCH=1
+# When to run it: after a change to the vision mixers, the non-causal path or the ViT recipe.
 set -u
 OUT=${OUT:-$PWD/benchmarks/results/vision}
 mkdir -p "$OUT"

@@ -10,6 +10,8 @@
 # judge's features; lit_summary.json collects them and each run's sample grid of class 3 is
 # samples_class3.png in its run directory.
 # Knobs: TEACHER_STEPS=4000 BATCH=128 LR=1e-3 D_MODEL=64 LAYERS=4 DIFFUSION_STEPS=100
+# When to run it: after a change to LiT's weight inheritance or distillation, or to the DiT
+# recipe.
 set -u
 OUT=${OUT:-$PWD/benchmarks/results/vision_lit}
 mkdir -p "$OUT"

@@ -1,17 +1,26 @@
-"""`linattn bench` on a CPU machine: the no-GPU exit, the floor arithmetic, the order of the
-rows, the tables, the worker pool's handling of crashes and hangs (with fake workers), and
-one whole run with the GPU measurements replaced by fixed numbers."""
+"""`linattn bench` on a CPU machine: the no-GPU exit, the floor arithmetic, the registries,
+the order of the rows, the tables, the worker pool's handling of crashes and hangs (with
+fake workers), and whole runs whose machine (runner.Machine) answers with fixed numbers."""
 import json
 import sys
-import types
 
 import pytest
 import torch
 
 import linattn.bench as bench
+from linattn.bench import model_cases, op_cases, ops, report, runner
+from linattn.bench.flops import FLOP_MODELS, FlopModel, floors, flops_per_token, io_bytes
+from linattn.bench.op_cases import OPS_BY_NAME, Shape
+from linattn.bench.runner import InProcess, Machine
 
 N = 8 * 8192 * 16 * 128                                   # elements of q at B8 T8192 H16 D128
-MAIN = bench.Shape(8, 8192, 16, 128)
+MAIN = Shape(8, 8192, 16, 128)
+H200 = dict(gpu_name=lambda: "NVIDIA H200", ceilings=lambda quick=False: {"copy_TBps": 4.0, "matmul_TFLOPs": 800.0})
+
+
+def _bytes(name, s=MAIN):
+    case = OPS_BY_NAME[name]
+    return io_bytes(case.gates, case.decode, s.B, s.T, s.H, s.D)
 
 
 def test_no_gpu_says_so_and_exits_nonzero(monkeypatch, capsys, tmp_path):
@@ -24,51 +33,53 @@ def test_no_gpu_says_so_and_exits_nonzero(monkeypatch, capsys, tmp_path):
 
 
 def test_bytes_floor_of_plain_linear_attention():
-    spec = bench.OPS_BY_NAME["linattn.linear_attention[none]"]
-    b = bench.io_bytes(spec, MAIN)
+    spec = OPS_BY_NAME["linattn.linear_attention[none]"]
+    b = _bytes(spec.name)
     assert b["fwd"] == 4 * N * 2                            # read q, k, v; write o (bf16)
     assert b["fwdbwd"] == 4 * N * 2 + 4 * N * 2             # + read do; write dq, dk, dv
     assert b["mem"] == 4 * N * 2                            # o, dq, dk, dv
-    f = bench.floors(spec, MAIN, copy_TBps=4.0, matmul_TFLOPs=800.0)
+    f = floors(spec, MAIN, copy_TBps=4.0, matmul_TFLOPs=800.0)
     assert f["floor_fwd_ms"] == pytest.approx(2**30 / 4e12 * 1e3)
     assert f["floor_fwd_bound"] == "bytes"
     assert f["floor_fwdbwd_ms"] == pytest.approx(2**31 / 4e12 * 1e3)
     assert f["mem_floor_gib"] == pytest.approx(1.0)
     flops = (4 * 64 * 128 + 4 * 128 * 128) * 8 * 8192 * 16  # 4 L D + 4 D^2 per token and head
     assert f["flops_fwd"] == flops and f["flops_fwdbwd"] == 3 * flops
-    slow = bench.floors(spec, MAIN, copy_TBps=4.0, matmul_TFLOPs=50.0)
+    slow = floors(spec, MAIN, copy_TBps=4.0, matmul_TFLOPs=50.0)
     assert slow["floor_fwd_bound"] == "flops"
     assert slow["floor_fwd_ms"] == pytest.approx(flops / 50e12 * 1e3)
 
 
 def test_gate_bytes_and_gradients_enter_the_floors():
     n_bth = 8 * 8192 * 16
-    key = bench.io_bytes(bench.OPS_BY_NAME["linattn.linear_attention[key]"], MAIN)
+    key = _bytes("linattn.linear_attention[key]")
     assert key["fwd"] == 4 * N * 2 + N * 4                  # + the float32 [B,T,H,K] gate
     assert key["mem"] == 4 * N * 2 + N * 4                  # + its gradient
-    gdelta = bench.io_bytes(bench.OPS_BY_NAME["fla.chunk_gated_delta_rule"], MAIN)
+    gdelta = _bytes("fla.chunk_gated_delta_rule")
     assert gdelta["fwdbwd"] == 8 * N * 2 + 2 * (n_bth * 4 + n_bth * 2)
-    gamma = bench.io_bytes(bench.OPS_BY_NAME["fla.chunk_simple_gla[g_gamma]"], MAIN)
+    gamma = _bytes("fla.chunk_simple_gla[g_gamma]")
     assert gamma["mem"] == 4 * N * 2                        # fla returns no gradient for g_gamma
-    dec = bench.floors(bench.OPS_BY_NAME["linattn.delta_rule_decode"], bench.Shape(256, 1, 16, 128), 4.0, 800.0)
+    dec = floors(OPS_BY_NAME["linattn.delta_rule_decode"], Shape(256, 1, 16, 128), 4.0, 800.0)
     state_rw = 2 * 256 * 16 * 128 * 128 * 4
     assert dec["bytes_fwd"] == state_rw + 4 * 256 * 16 * 128 * 2 + 256 * 16 * (4 + 2)
     assert "floor_fwdbwd_ms" not in dec
 
 
 def test_flop_models():
-    assert bench.flops_per_token("delta", 128, 8192) == pytest.approx(10 * 64 * 128 + 6 * 128**2 + 2 * 64**2 / 3)
-    assert bench.flops_per_token("softmax", 128, 8192) == 2 * 8192 * 128
-    f = bench.floors(bench.OPS_BY_NAME["sdpa[default]"], MAIN, 4.0, 800.0)
+    assert flops_per_token("delta", 128, 128, 8192) == pytest.approx(10 * 64 * 128 + 6 * 128**2 + 2 * 64**2 / 3)
+    assert flops_per_token("softmax", 128, 128, 8192) == 2 * 8192 * 128
+    assert flops_per_token("gla", 128, 128, 8192) == 4 * 64 * 128 + 4 * 128**2
+    assert flops_per_token("decode", 128, 128, 1) == 4 * 128**2
+    f = floors(OPS_BY_NAME["sdpa[default]"], MAIN, 4.0, 800.0)
     assert f["flops_fwdbwd"] == pytest.approx(3.5 * f["flops_fwd"])
     assert f["floor_fwd_bound"] == "flops"                  # 2^20 * 2 T D at 800 TFLOP/s > 0.27 ms
     with pytest.raises(ValueError, match="FLOP model"):
-        bench.flops_per_token("nope", 128, 8192)
+        flops_per_token("nope", 128, 128, 8192)
 
 
 def test_rows_run_in_order_of_importance():
-    specs = bench.select_ops("", no_peers=False, no_decode=False)
-    plan = bench.plan_rows(specs, (8192, 2048, 32768), (128, 256), 65536)
+    specs = ops.select_ops("", no_peers=False, no_decode=False)
+    plan = ops.plan_rows(specs, (8192, 2048, 32768), (128, 256), 65536)
     train = [s for s in specs if not s.decode]
     first = plan[:len(train)]
     assert {sh for _, sh in first} == {MAIN}
@@ -80,17 +91,17 @@ def test_rows_run_in_order_of_importance():
 
 
 def test_select_ops_globs_and_no_peers():
-    names = [s.name for s in bench.select_ops("linattn.delta*,fla.chunk_gla", False, True)]
+    names = [s.name for s in ops.select_ops("linattn.delta*,fla.chunk_gla", False, True)]
     assert names == ["linattn.delta_rule", "linattn.delta_rule[gated]", "fla.chunk_gla"]
-    assert not any(s.family in ("fla", "tfla") for s in bench.select_ops("", True, False))
+    assert not any(s.family in ("fla", "tfla") for s in ops.select_ops("", True, False))
 
 
 def _row(op, T=8192, **kw):
-    spec = bench.OPS_BY_NAME[op]
-    sh = bench.Shape(65536 // T, T, 16, 128)
+    spec = OPS_BY_NAME[op]
+    sh = Shape(65536 // T, T, 16, 128)
     r = {"op": op, "family": spec.family, "variant": spec.variant, "decode": spec.decode,
          "B": sh.B, "T": T, "H": 16, "D": 128, "shape": sh.label}
-    r.update(bench.floors(spec, sh, 4.0, 800.0))
+    r.update(floors(spec, sh, 4.0, 800.0))
     r.update(kw)
     return r
 
@@ -98,7 +109,7 @@ def _row(op, T=8192, **kw):
 def test_text_table_puts_each_number_next_to_its_floor():
     rows = [_row("fla.chunk_simple_gla", fwd_ms=0.8156, fwdbwd_ms=4.0875, peak_gib=3.008),
             _row("tfla.mlstmexp", error="compile error: worker died (signal 6): LLVM ERROR " + "x" * 200)]
-    lines = bench.format_table(rows).splitlines()
+    lines = report.ops_table(rows).splitlines()
     assert lines[0].split()[:3] == ["op", "shape", "fwd"]
     cells = lines[2].split()
     assert cells[:6] == ["fla.chunk_simple_gla", "B8", "T8192", "H16", "D128", "0.82"]
@@ -120,7 +131,7 @@ def test_markdown_pivots_ops_by_T_and_escapes_errors():
             _row("linattn.linear_attention[key]", T=8192, error="forward: ValueError: a|b"),
             {**_row("fla.fused_recurrent_simple_gla"), "decode": True, "T": 1, "B": 256,
              "shape": "B256 T1 H16 D128", "step_us": 323.4, "state_TBps": 1.66}]
-    md = bench.format_markdown(_result(rows))
+    md = report.ops_markdown(_result(rows))
     assert "| fla.chunk_gla | 2.66 / 11.62 | 2.67 / 11.63 | 6.00 (1.50) |" in md
     assert "| linattn.linear_attention[key] |  | forward: ValueError: a\\|b |  |" in md
     assert "| T=2048 | T=8192 |" in md and "mlstm_kernels -" in md and "4.28 TB/s" in md
@@ -131,15 +142,15 @@ def test_markdown_pivots_ops_by_T_and_escapes_errors():
 def test_bind_by_name_maps_state_aliases_and_names_missing_arguments():
     def step(q, k, v, state, g=None, *, scale=None, inplace=False):
         return q, state, g, scale
-    call = bench.bind_by_name(step, {"q": 1, "k": 2, "v": 3, "g": 4, "state": 5, "scale": 0.5, "beta": 9})
+    call = op_cases.bind_by_name(step, {"q": 1, "k": 2, "v": 3, "g": 4, "state": 5, "scale": 0.5, "beta": 9})
     assert call() == (1, 5, 4, 0.5)
-    call = bench.bind_by_name(lambda q, k, v, initial_state: initial_state, {"q": 1, "k": 2, "v": 3, "state": 7})
+    call = op_cases.bind_by_name(lambda q, k, v, initial_state: initial_state, {"q": 1, "k": 2, "v": 3, "state": 7})
     assert call() == 7
 
     def needs_beta(q, k, v, beta, state):
         return beta
     with pytest.raises(TypeError, match="'beta'"):
-        bench.bind_by_name(needs_beta, {"q": 1, "k": 2, "v": 3, "state": 5})
+        op_cases.bind_by_name(needs_beta, {"q": 1, "k": 2, "v": 3, "state": 5})
 
 
 FAKE_WORKER = r"""
@@ -159,7 +170,7 @@ for line in sys.stdin:
 
 def test_worker_pool_survives_crashes_and_hangs():
     log = open("/dev/null", "w")
-    pool = bench.WorkerPool([sys.executable, "-c", FAKE_WORKER], log=log)
+    pool = runner.WorkerPool([sys.executable, "-c", FAKE_WORKER], log=log)
     try:
         req = {"B": 8, "T": 8192, "H": 16, "D": 128, "seed": 0}
         assert pool.run("ok", req, timeout=30) == {"fwd_ms": 1.5, "T": 8192}
@@ -184,23 +195,20 @@ def test_worker_pool_survives_crashes_and_hangs():
         log.close()
 
 
-def test_whole_run_with_fake_measurements(monkeypatch, tmp_path, capsys):
-    """main() end to end on a CPU: the GPU-side calls return fixed numbers."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    monkeypatch.setattr(bench, "measure_ceilings", lambda quick=False: {"copy_TBps": 4.0, "matmul_TFLOPs": 800.0})
-    monkeypatch.setattr(bench, "_available", lambda module: module != "mlstm_kernels")
+def test_whole_run_with_fake_measurements(tmp_path, capsys):
+    """main() end to end on a CPU: the machine is a value whose GPU-side answers are fixed."""
     seen = []
 
-    def fake_measure(name, s, seed, warm=False, quick=False):
-        seen.append((name, s.T, s.D))
-        if name == "linattn.mlstm[exp]":
+    def fake_row(req):
+        seen.append((req["op"], req["T"], req["D"]))
+        if req["op"] == "linattn.mlstm[exp]":
             return {"error": "forward: NotImplementedError: not built yet"}
-        return {"fwd_ms": 1.0 + s.T / 8192, "fwdbwd_ms": 3.0, "peak_gib": 2.0}
+        return {"fwd_ms": 1.0 + req["T"] / 8192, "fwdbwd_ms": 3.0, "peak_gib": 2.0}
 
-    monkeypatch.setattr(bench, "measure", fake_measure)
+    machine = Machine(**H200, why_missing=lambda m: "mlstm_kernels is not importable" if m == "mlstm_kernels" else None,
+                      pool=lambda argv, row_of: InProcess(fake_row))
     rc = bench.main(["--ops", "linattn.mlstm*,tfla.mlstmsig,sdpa[default]", "--T", "8192,2048",
-                     "--D", "128", "--inprocess", "--out", str(tmp_path)])
+                     "--D", "128", "--inprocess", "--out", str(tmp_path)], machine)
     assert rc == 0
     files = sorted(p.name for p in tmp_path.iterdir())
     stem = "bench-nvidia-h200-" + json.loads((tmp_path / files[0]).read_text())["date"]
@@ -214,13 +222,108 @@ def test_whole_run_with_fake_measurements(monkeypatch, tmp_path, capsys):
     assert all(r["wall_s"] >= 0 for r in result["rows"] if "error" not in r or "forward" in r["error"])
     assert result["ceilings"] == {"copy_TBps": 4.0, "matmul_TFLOPs": 800.0}
     assert result["versions"]["torch"] == torch.__version__ and "--inprocess" in result["command"]
+    assert set(result) == {"gpu", "date", "command", "versions", "ceilings", "config", "notes", "rows", "wall_s"}
+    assert set(rows[("sdpa[default]", 8192)]) == {
+        "op", "family", "variant", "decode", "B", "T", "H", "D", "shape", "bytes_fwd", "flops_fwd",
+        "floor_fwd_ms", "floor_fwd_bound", "bytes_fwdbwd", "flops_fwdbwd", "floor_fwdbwd_ms",
+        "floor_fwdbwd_bound", "mem_floor_gib", "fwd_ms", "fwdbwd_ms", "peak_gib", "wall_s"}
     out = capsys.readouterr().out
     table = out[out.index("\nop "):].strip().splitlines()               # the short table is last
     assert len(table) == 2 + 8 and table[-1].startswith("tfla.mlstmsig") and "T2048" in table[-1]
 
 
+def test_every_registered_case_has_a_builder_and_a_flop_model():
+    """The registries are data: every op and model case names a callable builder and a FLOP
+    model, names are unique, and every op's builder takes (shape, generator)."""
+    import inspect
+    assert len(OPS_BY_NAME) == len(op_cases.OPS)
+    for case in op_cases.OPS:
+        assert callable(case.build), case.name
+        assert list(inspect.signature(case.build).parameters)[:2] == ["s", "gen"], case.name
+        assert isinstance(case.flops, FlopModel) and FLOP_MODELS[case.flops.name] is case.flops, case.name
+        assert case.decode == (case.flops.name == "decode"), case.name
+        assert case.family in ("ours", "sdpa", "fla", "tfla")
+        assert (case.needs is None) == (case.family in ("ours", "sdpa")) or case.decode, case.name
+    for case in model_cases.CASES.values():
+        assert callable(case.build) and case.flops is model_cases.training_flops, case.name
+        assert case.mixer in model_cases.MIXER_ALGO and model_cases.MIXER_ALGO[case.mixer] in FLOP_MODELS
+        assert (case.needs is not None) == (case.family == "fla"), case.name
+
+
+def test_every_importable_op_builder_makes_its_inputs_on_the_cpu():
+    """Each op case whose module imports here builds bf16 q, k, v leaves that require grad
+    (and its gates) at a tiny shape, or a decoding step's float32 state, and a callable."""
+    s = Shape(1, 16, 2, 16)
+    built = 0
+    for case in op_cases.OPS:
+        if case.needs and runner.why_missing(case.needs):
+            continue
+        gen = torch.Generator().manual_seed(0)
+        if case.decode:
+            state, step = case.build(Shape(2, 1, 2, 16), gen)
+            assert state.dtype == torch.float32 and state.shape == (2, 2, 16, 16) and callable(step)
+        else:
+            inputs, fn = case.build(s, gen)
+            assert callable(fn) and all(x.requires_grad for x in inputs[:3]), case.name
+            assert all(x.dtype == torch.bfloat16 and x.numel() == 16 * 2 * 16 for x in inputs[:3]), case.name
+            assert len(inputs) == 3 + len(case.gates), case.name         # one tensor per gate input
+        built += 1
+    assert built >= 13                                                  # ours and SDPA at least
+
+
+def test_an_unavailable_peer_is_skipped_with_its_reason(tmp_path):
+    """A peer whose module does not import is never sent to a worker (not even to warm up);
+    each of its rows says why, and ours still run."""
+    sent = []
+
+    class Pool(runner.WorkerPool):
+        def __init__(self):
+            self.dead = {}
+
+        def send(self, op, req):
+            sent.append(op)
+            return True
+
+        def collect(self, pending, deadline_of, first_only=False):
+            op = next(iter(pending))
+            del pending[op]
+            return {op: {}}
+
+        def run(self, op, req, timeout):
+            sent.append(op)
+            return {"fwd_ms": 1.0, "fwdbwd_ms": 2.0, "peak_gib": 1.0}
+
+        def close(self):
+            pass
+
+    why = "fla is not importable: ImportError: no transformers"
+    machine = Machine(**H200, why_missing=lambda m: why if m == "fla" else None, pool=lambda argv, row_of: Pool())
+    assert bench.main(["--ops", "linattn.delta_rule,fla.chunk_delta_rule", "--T", "8192", "--D", "128",
+                       "--no-decode", "--out", str(tmp_path)], machine) == 0
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {r["op"]: r for r in result["rows"]}
+    assert rows["fla.chunk_delta_rule"]["error"] == f"skipped: {why}"
+    assert rows["linattn.delta_rule"]["fwd_ms"] == 1.0
+    assert "fla.chunk_delta_rule" not in sent and "linattn.delta_rule" in sent
+    assert not any("TRITON_ABOVE_3_7_1" in n for n in result["notes"])   # no fla note without fla
+
+
+def test_one_op_through_a_worker_process(monkeypatch, tmp_path):
+    """The real worker pool: `python -m linattn.bench --worker` answers the warm-up and the
+    timed request of one op; with no CUDA device visible its row records the stage that failed."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    machine = Machine(**H200)
+    assert bench.main(["--ops", "sdpa[default]", "--T", "64", "--D", "16", "--tokens", "128", "--jobs", "1",
+                       "--timeout", "120", "--out", str(tmp_path)], machine) == 0
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    (row,) = result["rows"]
+    assert row["op"] == "sdpa[default]" and row["shape"] == "B2 T64 H16 D16" and row["wall_s"] > 0
+    assert row["error"].startswith("inputs: RuntimeError"), row["error"]
+    assert set(result["warmup_s"]) == {"sdpa[default]@D16"}
+
+
 def test_warm_up_reports_seconds_and_retries_a_timed_out_op_alone():
-    """_warm_up returns how long each op's compile warm-up took (the JSON's warmup_s); an op
+    """warm_up returns how long each op's compile warm-up took (the JSON's warmup_s); an op
     that overran the timeout among the others is tried once more alone, a crash is not."""
     class FakePool:
         def __init__(self):
@@ -242,13 +345,17 @@ def test_warm_up_reports_seconds_and_retries_a_timed_out_op_alone():
             return {}
 
     pool = FakePool()
-    specs = [types.SimpleNamespace(name=n) for n in ("a", "b", "c", "d")]
-    shape = bench.Shape(B=1, T=64, H=2, D=32)
-    args = types.SimpleNamespace(jobs=2, seed=0, timeout=10.0)
-    took = bench._warm_up(pool, specs, shape, args, deadline=float("inf"))
-    assert set(took) == {"a@D32", "b@D32", "c@D32", "d@D32"} and all(t >= 0 for t in took.values())
+    took = runner.warm_up(pool, ["a", "b", "c", "d"], lambda op: {"op": op, "warm": True}, jobs=2,
+                          timeout=10.0, deadline=float("inf"), retry_alone=True)
+    assert set(took) == {"a", "b", "c", "d"} and all(t >= 0 for t in took.values())
     assert pool.alone == ["b"] and "b" not in pool.dead           # retried alone, and it worked
     assert pool.dead["d"].startswith("in the compile warm-up: crash")
+    # the model bench's way: a timeout is forgiven (its rows start a new worker), errors recorded
+    pool = FakePool()
+    took = runner.warm_up(pool, ["a", "b", "c", "d"], lambda op: {"op": op, "warm": True}, jobs=2,
+                          timeout=10.0, deadline=float("inf"), retry_alone=False)
+    assert took["b"] == "timeout after 10 s" and took["d"] == "crash: worker died" and took["a"] >= 0
+    assert pool.alone == [] and "b" not in pool.dead and pool.dead["d"].startswith("in the compile warm-up")
 
 
 def test_clear_autotune_caches_forgets_chosen_configs():
@@ -263,20 +370,17 @@ def test_clear_autotune_caches_forgets_chosen_configs():
         pass
 
     _tuned.cache[(64,)] = _tuned.configs[1]               # as a tuned launch leaves it
-    assert bench.clear_autotune_caches() >= 1
+    assert runner.clear_autotune_caches() >= 1
     assert _tuned.cache == {}
 
 
-def test_first_timed_row_per_op_and_D_tunes_again_after_a_parallel_warm_up(monkeypatch, tmp_path):
+def test_first_timed_row_per_op_and_D_tunes_again_after_a_parallel_warm_up(tmp_path):
     """With --jobs > 1 the worker pool's first timed request per (op, D) carries retune (the
     autotuners tune again alone); later rows at that D do not, and --jobs 1 never does."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    monkeypatch.setattr(bench, "measure_ceilings", lambda quick=False: {"copy_TBps": 4.0, "matmul_TFLOPs": 800.0})
     timed = []
 
     class FakePool:
-        def __init__(self, argv, env=None):
+        def __init__(self):
             self.dead = {}
 
         def send(self, op, req):
@@ -294,11 +398,11 @@ def test_first_timed_row_per_op_and_D_tunes_again_after_a_parallel_warm_up(monke
         def close(self):
             pass
 
-    monkeypatch.setattr(bench, "WorkerPool", FakePool)
+    machine = Machine(**H200, pool=lambda argv, row_of: FakePool())
     for jobs in ("4", "1"):
         timed.clear()
         assert bench.main(["--ops", "linattn.delta_rule,sdpa[default]", "--T", "8192,2048",
-                           "--D", "128,256", "--jobs", jobs, "--no-decode", "--out", str(tmp_path)]) == 0
+                           "--D", "128,256", "--jobs", jobs, "--no-decode", "--out", str(tmp_path)], machine) == 0
         first = {}
         for op, T, D, retune in timed:
             first.setdefault((op, D), T)

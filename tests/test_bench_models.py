@@ -10,21 +10,24 @@ import torch
 from torch import nn
 
 import linattn.bench as bench
-import linattn.bench_models as bm
+from linattn.bench import model_cases as mc
+from linattn.bench import models as bm
+from linattn.bench import report, runner
+from linattn.bench.flops import flops_per_token
 
-TINY = bm.ModelSize(2, 32, 2, vocab=64)      # 2 layers, d_model 32, 2 heads of 16
+TINY = mc.ModelSize(2, 32, 2, vocab=64)      # 2 layers, d_model 32, 2 heads of 16
 
 
 def test_flops_of_a_tiny_attention_model_by_hand():
-    model = bm.build_ours(TINY, 64, "torch", mixer="attention")
+    model = mc.build_ours(TINY, 64, "torch", mixer="attention")
     # per layer: q, k, v, o 4 * 32 * 32; two RMSNorms 2 * 32; SwiGLU (hidden 128) gate_up
     # 32 * 256 and down 128 * 32; then the tied embedding 64 * 32 and the final norm 32
     per_layer = 4 * 32 * 32 + 2 * 32 + 32 * 256 + 128 * 32
     n = 2 * per_layer + 64 * 32 + 32
     assert n == 34976
-    assert bm.matmul_params(model) == n
-    assert bm.mixing_layers(model) == [("softmax", 2, 16, 16)] * 2
-    f = bm.model_flops(bm.mixing_layers(model), 64, n)
+    assert mc.matmul_params(model) == n
+    assert mc.mixing_layers(model) == [("softmax", 2, 16, 16)] * 2
+    f = mc.model_flops(mc.mixing_layers(model), 64, n)
     # causal softmax: a query attends T / 2 keys on average, Q K^T and P V: T (K + V) per
     # token and head, 2 heads, 2 layers, x3 for forward + backward
     assert f["flops_per_token_mixing"] == 3 * 2 * 2 * (64 * (16 + 16))
@@ -33,26 +36,24 @@ def test_flops_of_a_tiny_attention_model_by_hand():
 
 def test_untied_head_counts_the_head_not_the_embedding():
     from linattn.models import CausalLM, LMConfig
-    tied = bm.build_ours(TINY, 64, "torch", mixer="attention")
+    tied = mc.build_ours(TINY, 64, "torch", mixer="attention")
     untied = CausalLM(LMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mixer="attention",
                                tie_embeddings=False))
-    assert sum(p.numel() for p in untied.parameters()) == bm.matmul_params(tied) + 64 * 32
-    assert bm.matmul_params(untied) == bm.matmul_params(tied)
+    assert sum(p.numel() for p in untied.parameters()) == mc.matmul_params(tied) + 64 * 32
+    assert mc.matmul_params(untied) == mc.matmul_params(tied)
 
 
-def test_chunk_flops_by_hand_and_as_the_op_bench_counts():
+def test_chunk_flops_by_hand_with_K_and_V_apart():
     # GLA's K = head_dim / 2: Q K^T 2 L K, A V 2 L V, Q S and K^T V 2 K V each
-    assert bm.chunk_flops_per_token("gla", 8, 16, 64) == 2 * 64 * 8 + 2 * 64 * 16 + 4 * 8 * 16 == 3584
-    assert bm.chunk_flops_per_token("delta", 16, 16, 64) == pytest.approx(
+    assert flops_per_token("gla", 8, 16, 64) == 2 * 64 * 8 + 2 * 64 * 16 + 4 * 8 * 16 == 3584
+    assert flops_per_token("delta", 16, 16, 64) == pytest.approx(
         2 * 64 * (3 * 16 + 2 * 16) + 6 * 16 * 16 + 2 * 64 * 64 / 3)
-    for algo in ("gla", "delta", "softmax"):
-        for D, T in ((64, 2048), (128, 8192)):
-            assert bm.chunk_flops_per_token(algo, D, D, T) == pytest.approx(bench.flops_per_token(algo, D, T))
+    assert flops_per_token("softmax", 8, 16, 64) == 64 * (8 + 16)
     with pytest.raises(ValueError, match="FLOP model"):
-        bm.chunk_flops_per_token("nope", 16, 16, 64)
-    hybrid = bm.build_ours(TINY, 64, "torch", mixer="gla", hybrid=1)
-    assert bm.mixing_layers(hybrid) == [("gla", 2, 8, 16), ("softmax", 2, 16, 16)]   # GLA's K = 16 / 2
-    f = bm.model_flops(bm.mixing_layers(hybrid), 64, 1000)
+        flops_per_token("nope", 16, 16, 64)
+    hybrid = mc.build_ours(TINY, 64, "torch", mixer="gla", hybrid=1)
+    assert mc.mixing_layers(hybrid) == [("gla", 2, 8, 16), ("softmax", 2, 16, 16)]   # GLA's K = 16 / 2
+    f = mc.model_flops(mc.mixing_layers(hybrid), 64, 1000)
     assert f["flops_per_token_mixing"] == 3 * 2 * (3584 + 64 * 32)
     assert f["flops_per_token"] == 6000 + f["flops_per_token_mixing"]
 
@@ -70,12 +71,12 @@ def test_mfu_and_the_ratios_to_attention_and_to_fla():
     bm.add_ratios(rows, 800.0)
     att, ours, fla, gla, other_T, failed = rows
     assert ours["mfu"] == pytest.approx(1e9 * 300e3 / 800e12)
-    assert bm.mfu(1e9, 300e3, 800.0) == pytest.approx(0.375)
+    assert mc.mfu(1e9, 300e3, 800.0) == pytest.approx(0.375)
     assert att["vs_attention"] == 1.0 and ours["vs_attention"] == pytest.approx(1.5)
     assert ours["vs_fla"] == pytest.approx(1.2) and fla["vs_fla"] is None and gla["vs_fla"] is None
     assert other_T["vs_attention"] is None and other_T["vs_fla"] is None     # no attention row at T 2048
     assert "mfu" not in failed and "vs_attention" not in failed
-    table = bm.format_markdown_table(rows).splitlines()
+    table = report.models_markdown_table(rows).splitlines()
     assert table[0].startswith("| model | T | B | tokens/s | ms/step | x attention | x fla | MFU % |")
     assert "| gated_deltanet | 8192 | 2 | 300,000 |" in table[3] and "| 1.50 | 1.20 | 37.5 |" in table[3]
     assert table[-1].endswith("| x |")
@@ -88,7 +89,7 @@ def test_fla_mixer_follows_the_mixer_contract():
             return 2 * x, None, None
 
     layer = FakeFlaLayer()
-    mixer = bm.FlaMixer(layer)
+    mixer = mc.FlaMixer(layer)
     x = torch.randn(1, 5, 8)
     y, state = mixer(x)
     assert torch.equal(y, 2 * x) and state is None and layer.kw == {}
@@ -99,21 +100,21 @@ def test_fla_mixer_follows_the_mixer_contract():
         mixer(x, return_state=True)
     # in a model: counted by the fla layer's own heads and dims, named by its class
     layer.num_heads, layer.head_k_dim, layer.head_v_dim = 4, 8, 4
-    model = bm.build_ours(TINY, 64, "torch", mixer="gla")
+    model = mc.build_ours(TINY, 64, "torch", mixer="gla")
     model.blocks[0].mixer = mixer
-    assert bm.mixing_layers(model) == [("gla", 4, 8, 4), ("gla", 2, 8, 16)]
-    assert bm.describe_pattern(model) == "fla.FakeFlaLayer x1, gla x1"
+    assert mc.mixing_layers(model) == [("gla", 4, 8, 4), ("gla", 2, 8, 16)]
+    assert mc.describe_pattern(model) == "fla.FakeFlaLayer x1, gla x1"
     assert model(torch.randint(0, 64, (1, 6))).shape == (1, 6, 64)
 
 
 def test_cases_are_ordered_and_select_by_glob():
-    names = list(bm.CASES)
+    names = list(mc.CASES)
     assert names[0] == "attention"
-    for c in bm.CASES.values():
+    for c in mc.CASES.values():
         if c.family == "fla":                     # each fla case right after the case it is compared with
             assert names[names.index(c.name) - 1] == c.peer
     picked = [c.name for c in bm.select_cases("attention,*gated_deltanet*", no_fla=True)]
-    assert picked == ["attention", "gated_deltanet", bm.HYBRID]
+    assert picked == ["attention", "gated_deltanet", mc.HYBRID]
     plan = bm.plan_rows(bm.select_cases("attention,gla", False), (8192, 2048))
     assert [(c.name, T) for c, T in plan] == [("attention", 8192), ("gla", 8192), ("attention", 2048), ("gla", 2048)]
 
@@ -121,7 +122,7 @@ def test_cases_are_ordered_and_select_by_glob():
 def test_no_gpu_says_so_and_exits_nonzero(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rc = bench.main(["--models", "--out", str(tmp_path)])
-    assert rc == bm.EXIT_NO_GPU
+    assert rc == runner.EXIT_NO_GPU
     assert "needs a CUDA GPU" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -130,8 +131,8 @@ def test_a_failing_row_records_its_error_and_the_run_goes_on(tmp_path, capsys):
     def boom(size, T, backend):
         raise RuntimeError("boom at build")
 
-    cases = [bm.Case("broken", "ours", "gla", boom), bm.CASES["lightning"],
-             bm.Case("needs_absent", "fla", "gla", boom, needs="no_such_module_here", peer="lightning")]
+    cases = [mc.Case("broken", "ours", "gla", boom), mc.CASES["lightning"],
+             mc.Case("needs_absent", "fla", "gla", boom, needs="no_such_module_here", peer="lightning")]
     args = bm.parse_args(["--smoke", "--inprocess", "--out", str(tmp_path)])
     s = dict(bm.SETTINGS["smoke"], steps=1, warmup=1)
     result = bm.run(args, cases, bm.SIZES["smoke"], s)
@@ -150,11 +151,11 @@ def test_why_missing_names_the_cause(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("from transformers_too_old import PreTrainedConfig\n")
     (pkg / "layers.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    why = bm.why_missing("brokenpkg_for_bench_models.layers")
+    why = runner.why_missing("brokenpkg_for_bench_models.layers")
     assert why.startswith("brokenpkg_for_bench_models.layers is not importable: ModuleNotFoundError")
     assert "transformers_too_old" in why
-    assert bm.why_missing("no_such_module_here") == "no_such_module_here is not importable"
-    assert bm.why_missing("json") is None
+    assert runner.why_missing("no_such_module_here") == "no_such_module_here is not importable"
+    assert runner.why_missing("json") is None
 
 
 ROW_KEYS = {"case", "family", "peer", "T", "B", "tokens_per_step", "parameters", "matmul_parameters",
@@ -177,10 +178,10 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     cfg = result["config"]
     assert (cfg["n_layers"], cfg["d_model"], cfg["n_heads"], cfg["vocab"], cfg["T"]) == (4, 32, 2, 64, [64])
     rows = {r["case"]: r for r in result["rows"]}
-    assert list(rows) == list(bm.CASES)
+    assert list(rows) == list(mc.CASES)
     peak = result["ceilings"]["matmul_TFLOPs"]
     for name, r in rows.items():
-        if bm.CASES[name].family == "fla":           # fla is absent on CPU CI, or has no CPU kernels
+        if mc.CASES[name].family == "fla":           # fla is absent on CPU CI, or has no CPU kernels
             assert r["error"] and "tokens_per_s" not in r
             continue
         assert ROW_KEYS <= set(r), name
@@ -188,7 +189,7 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
         assert r["tokens_per_s"] == pytest.approx(r["B"] * r["T"] / (r["ms_per_step"] * 1e-3))
         assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / (peak * 1e12))
         assert r["vs_attention"] == pytest.approx(r["tokens_per_s"] / rows["attention"]["tokens_per_s"])
-    assert rows[bm.HYBRID]["layers"] == "gated_deltanet x3, attention x1"
+    assert rows[mc.HYBRID]["layers"] == "gated_deltanet x3, attention x1"
     out = capsys.readouterr().out.rstrip().splitlines()
     table = out[-len(rows) - 2:]                  # the markdown table is printed last
     assert table[0].startswith("| model |") and table[2].startswith("| attention | 64 | 2 |")
@@ -205,7 +206,7 @@ def test_one_case_through_a_worker_process(tmp_path):
     assert row["case"] == "mlstm_sig" and row["tokens_per_s"] > 0 and "error" not in row
 
 
-class FakePool(bench.WorkerPool):
+class FakePool(runner.WorkerPool):
     """Answers every request at once and records it: no processes."""
 
     def __init__(self, timeouts=()):
@@ -231,11 +232,16 @@ class FakePool(bench.WorkerPool):
         pass
 
 
+def _with(pool):
+    """A machine whose rows go to `pool` (the CPU's: --smoke runs on the CPU)."""
+    return runner.Machine(pool=lambda argv, row_of: pool)
+
+
 def test_after_the_shared_warm_up_each_cases_first_row_tunes_again(tmp_path):
     pool = FakePool()
     args = bm.parse_args(["--smoke", "--jobs", "2", "--out", str(tmp_path)])
     cases = bm.select_cases("attention,gla", False)
-    result = bm.run(args, cases, bm.SIZES["smoke"], dict(bm.SETTINGS["smoke"], T=(128, 64)), runner=pool)
+    result = bm.run(args, cases, bm.SIZES["smoke"], dict(bm.SETTINGS["smoke"], T=(128, 64)), _with(pool))
     warm = [r for r in pool.requests if r.get("warm")]
     timed = [r for r in pool.requests if not r.get("warm")]
     assert [(r["case"], r["B"], r["T"]) for r in warm] == [("attention", 1, 64), ("gla", 1, 64)]
@@ -248,7 +254,7 @@ def test_a_warm_up_timeout_beside_the_others_does_not_cost_the_rows(tmp_path):
     pool = FakePool(timeouts={"gla"})
     args = bm.parse_args(["--smoke", "--jobs", "2", "--out", str(tmp_path)])
     result = bm.run(args, bm.select_cases("attention,gla", False), bm.SIZES["smoke"],
-                    dict(bm.SETTINGS["smoke"]), runner=pool)
+                    dict(bm.SETTINGS["smoke"]), _with(pool))
     assert result["warmup_s"]["gla"] == "timeout after 240 s"
     assert [r["case"] for r in result["rows"] if r.get("tokens_per_s")] == ["attention", "gla"]
 
