@@ -112,3 +112,31 @@ def la_inputs(kind, *, H, K, V, B=1, T=0, seed=0, lengths=None, state=True, low=
         inputs["cu_seqlens"] = cu
     names = ["q", "k", "v"] + (["g"] if kind != "none" else []) + (["initial_state"] if state else [])
     return inputs, names
+
+
+def linattn_triton_kernels() -> set[str]:
+    """Names of the @triton.jit functions in linattn.ops.triton: a GPU launch of one of our
+    kernels shows in the CUDA profiler under its function's name."""
+    import importlib
+    import pkgutil
+
+    import triton
+    import linattn.ops.triton as package
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for value in vars(module).values():
+            while not isinstance(value, triton.runtime.JITFunction) and hasattr(value, "fn"):
+                value = value.fn  # autotune / heuristics wrappers
+            if isinstance(value, triton.runtime.JITFunction):
+                names.add(value.fn.__name__)
+    return names
+
+
+def cuda_kernels_launched(fn: Callable) -> set[str]:
+    """Names of the CUDA kernels that fn() launches (torch.profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {event.name for event in prof.events()}
