@@ -45,15 +45,15 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def fill_v_block(BV: int, V: int, programs_per_v_block: int, device: torch.device,
+def fill_v_block(BV: int, V: int, programs_per_v_block: int, sms: int,
                  min_bv: int = 16) -> int:
     """V block of a sequential state scan (one program per sequence, head and state block):
     BV halved, down to min_bv (16: tl.dot's smallest), while the programs,
-    programs_per_v_block * cdiv(V, BV), are fewer than the device's SMs. Few long sequences
+    programs_per_v_block * cdiv(V, BV), are fewer than sms, the device's SM count (the
+    launchers pass sm_count(device): 0 on the CPU, which never cuts). Few long sequences
     (B = 2 at T = 32768: 32 (sequence, head) pairs at H = 16) otherwise leave most SMs idle
     through the scans' chunk-by-chunk loop; at the bench's B = 8 every scan already has >= 256
     programs, so nothing changes there."""
-    sms = sm_count(device)
     while BV > max(min_bv, 16) and programs_per_v_block * triton.cdiv(V, BV) < sms:
         BV //= 2
     return BV

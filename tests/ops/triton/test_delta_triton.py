@@ -16,7 +16,7 @@ import gpu_cases
 import helpers
 import linattn
 from linattn.ops import reference
-from linattn.ops.triton import delta_api
+from linattn.ops.triton import delta_api, delta_fwd
 from linattn.ops.triton.delta_config import DEFAULT
 
 GRADS = ["q", "k", "v", "beta", "g", "initial_state"]
@@ -196,25 +196,27 @@ def test_grads_qk_narrow_v_tiles(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_split_scan_v_blocks(gated, monkeypatch):
+def test_split_scan_v_blocks(gated):
     """The forward and reverse scans with V cut into 16-wide blocks (common.fill_v_block's
-    choice for few long sequences on a GPU), forced here: V = 40 in three ragged blocks."""
-    from linattn.ops.triton import common
-    monkeypatch.setattr(common, "sm_count", lambda device: 10 ** 6)
-    check(make_inputs(1, 70, 1, 16, 40, gated=gated, seed=7))
+    choice for few long sequences on a GPU), forced here by the config's V tile caps: V = 40
+    in three ragged blocks."""
+    assert delta_fwd.scan_v_block(16, 40, DEFAULT.scan_bv, 1, 10 ** 6, torch.float32) == 16
+    assert delta_fwd.scan_v_block(16, 40, DEFAULT.scan_bv, 1, 0, torch.float32) == 64
+    cfg = dataclasses.replace(DEFAULT, scan_bv=16, reverse_scan_bv=16)
+    assert delta_fwd.scan_v_block(16, 40, cfg.scan_bv, 1, 0, torch.float32, cfg) == 16
+    check(make_inputs(1, 70, 1, 16, 40, gated=gated, seed=7), config=cfg)
 
 
-def test_scan_v_block_floor_at_k256(monkeypatch):
+def test_scan_v_block_floor_at_k256():
     """fill_v_block's cutting stops at 32-wide V blocks for a 256-wide state (on 16 the H200
-    ran Gated DeltaNet's forward scan wrong) and goes on to 16 below; 64 wide by default."""
-    from linattn.ops.triton import common, delta_fwd
-    cpu = torch.device("cpu")
-    assert delta_fwd.scan_v_block(256, 256, 64, 10 ** 6, cpu) == 64
-    assert delta_fwd.scan_v_block(256, 256, 64, 10 ** 6, cpu, torch.float32) == 32
-    monkeypatch.setattr(common, "sm_count", lambda device: 10 ** 6)
-    assert delta_fwd.scan_v_block(256, 256, 64, 4, cpu) == 32
-    assert delta_fwd.scan_v_block(200, 100, 64, 4, cpu) == 32
-    assert delta_fwd.scan_v_block(128, 256, 64, 4, cpu) == 16
+    ran Gated DeltaNet's forward scan wrong) and goes on to 16 below; 64 wide by default
+    (arguments: K, V, cap, programs per V block, SMs)."""
+    assert delta_fwd.scan_v_block(256, 256, 64, 10 ** 6, 0) == 64
+    assert delta_fwd.scan_v_block(256, 256, 64, 10 ** 6, 0, torch.float32) == 32
+    assert delta_fwd.scan_v_block(256, 256, 64, 4, 10 ** 6) == 32
+    assert delta_fwd.scan_v_block(200, 100, 64, 4, 10 ** 6) == 32
+    assert delta_fwd.scan_v_block(128, 256, 64, 4, 10 ** 6) == 16
+    assert delta_fwd.scan_v_block(128, 256, 64, 4, 0) == 64
 
 
 def test_wide_head_dims():
