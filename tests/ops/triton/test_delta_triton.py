@@ -224,27 +224,45 @@ def test_wide_head_dims():
     check(make_inputs(1, 20, 1, 128, 64, gated=True, seed=6))
 
 
+def _delta_node(t):
+    """The DeltaRuleFunction node of t's graph (its ctx: what the forward left for the
+    backward)."""
+    todo = [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if type(node).__name__ == "DeltaRuleFunctionBackward":
+            return node
+        todo += [n for n, _ in node.next_functions if n is not None]
+    raise AssertionError("no DeltaRuleFunction in the graph")
+
+
 @pytest.mark.parametrize("save", [True, False], ids=["kept", "recomputed"])
-def test_deterministic(save, monkeypatch):
+def test_deterministic(save):
     """Two forward+backward runs are bitwise equal; with save_for_backward="states" (kept)
     first, the second run's backward ("recompute") recomputes prep and scan and still matches
-    the first, which used the forward's."""
-    from linattn.ops.triton import delta_fwd
-    prep, preps = delta_fwd.prep, []
-    monkeypatch.setattr(delta_fwd, "prep", lambda *a: preps.append(1) or prep(*a))
-    modes = iter(["states" if save else "recompute", "recompute"])
+    the first, which used the forward's. The forward keeps b, T, U' and the chunk states for
+    the backward only with "states", and that backward reads them: zeroing the kept U'
+    changes its gradients."""
     ins = make_inputs(1, 70, 1, 16, 16, gated=True, seed=7)
-    outs = []
-    for _ in range(2):
+
+    def run(mode, spoil=False):
         x = {n: (t.float().requires_grad_() if isinstance(t, torch.Tensor) and
                  t.is_floating_point() else t) for n, t in ins.items()}
-        o, st = fast(**x, output_final_state=True, save_for_backward=next(modes))
+        o, st = fast(**x, output_final_state=True, save_for_backward=mode)
+        kept = _delta_node(o).intermediates
+        assert (kept is not None) == (mode == "states")
+        if spoil:
+            kept[3].zero_()                                   # U' (vnew)
         leaves = [x[n] for n in GRADS]
         grads = torch.autograd.grad([o, st], leaves, [torch.ones_like(o), torch.ones_like(st)])
-        outs.append([o, st, *grads])
-    for a, b in zip(*outs):
+        return [o, st, *grads]
+
+    first, second = run("states" if save else "recompute"), run("recompute")
+    for a, b in zip(first, second):
         assert torch.equal(a, b)
-    assert len(preps) == (1 if save else 2) + 2            # prep runs again only to recompute
+    if save:
+        spoiled = run("states", spoil=True)
+        assert not all(torch.equal(a, b) for a, b in zip(first[2:], spoiled[2:]))
 
 
 def test_float64_routes_to_torch_path():
