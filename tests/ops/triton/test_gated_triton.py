@@ -201,7 +201,7 @@ def test_varlen_key_no_state_cpu():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_key_scores_in_blocks_cpu(monkeypatch, dtype):
+def test_key_scores_in_blocks_cpu(dtype):
     """Per-key gates at the H200's tiling: 64-token tiles whose scores gated_fwd.key_scores
     forms in 16-token blocks (blocks left of the diagonal through dots relative to each query
     block's first row), bwd_dqk on 16-token tiles; sequence ends inside a block, and blocks
