@@ -1,8 +1,8 @@
 """A kernel option against the default on the GPU, in a minute: the same op, inputs and
 cotangent under several settings (the delta rule's DeltaConfig fields, the gated family's
-gated_api.Override, or module constants of linattn.ops.triton), each in its own process (a
-miscompiled kernel's illegal address cannot poison the others), every output and gradient
-compared with the first setting's as max |diff| / max |base|.
+gated_api.Override), each in its own process (a miscompiled kernel's illegal address cannot
+poison the others), every output and gradient compared with the first setting's as
+max |diff| / max |base|.
 
 The GPU tests compare against the float64 oracle, whose step loops on the CPU take minutes;
 this compares kernels with kernels, so it finds an option that breaks a kernel (NaN, an O(1)
@@ -18,7 +18,6 @@ Run it when a launch choice or a Triton version changes, before the GPU tests.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -38,8 +37,7 @@ def set_flags(spec: str) -> dict:
     fields had as module constants, mean delta.x), delta.launch.KERNEL.OPTION=V a launch
     option (num_warps, num_stages, maxnreg, ...); gated.chunk=V, gated.tile=V and
     gated.FIELD=V (a KernelConfig field) the Override (gated_api.CHUNK / TILE mean
-    gated.chunk / tile). Any other mod.NAME=V sets the module constant
-    linattn.ops.triton.mod.NAME (a dotted path goes into dicts)."""
+    gated.chunk / tile). Settings are values passed to the ops: no module state is changed."""
     import dataclasses
     from linattn.ops.triton.delta_config import DEFAULT
     from linattn.ops.triton.gated_api import Override
@@ -75,23 +73,8 @@ def set_flags(spec: str) -> dict:
             else:
                 raise SystemExit(f"flag_diff: no {name}")
             continue
-        obj = importlib.import_module("linattn.ops.triton." + mod)
-        for part in path[:-1]:
-            obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
-            if obj is None:
-                raise SystemExit(f"flag_diff: no {name}")
-        last = path[-1]
-        if isinstance(obj, dict):
-            old = obj.get(last)
-        elif hasattr(obj, last):
-            old = getattr(obj, last)
-        else:
-            raise SystemExit(f"flag_diff: no {name}")
-        new = bool(int(value)) if isinstance(old, bool) else int(value)
-        if isinstance(obj, dict):
-            obj[last] = new
-        else:
-            setattr(obj, last, new)
+        raise SystemExit(f"flag_diff: no {name} (settings are delta.FIELD, "
+                         "delta.launch.KERNEL.OPTION, gated.chunk, gated.tile, gated.FIELD)")
     return {"config": cfg, "override": override}
 
 

@@ -6,6 +6,8 @@ compiled with backend="aot_eager" (AOTAutograd traces forward and backward throu
 implementations and autograd formulas; inductor would only add compile time here). The GPU
 versions (inductor, CUDA graphs) are at the end, marked gpu.
 """
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,26 +184,47 @@ def test_compile_fullgraph_equals_eager(backend, dtype, cases):
     assert all(g.abs().sum() > 0 for g in grads)  # every gradient reached its input
 
 
-def test_compile_with_recompute_equals_eager_with_saved_states(monkeypatch):
+def _saved_for_backward(fn, inputs):
+    """(outputs, gradients, the (shape, dtype) of every tensor saved for the backward) of
+    fn on inputs (_outputs_and_grads), the last through saved_tensors_hooks."""
+    saved = []
+
+    def pack(x):
+        saved.append((tuple(x.shape), x.dtype))
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        outs, grads = _outputs_and_grads(fn, inputs)
+    return outs, grads, Counter(saved)
+
+
+def test_compile_with_recompute_equals_eager_with_saved_states():
     """save_for_backward="recompute" compiled (the custom ops' forward hands no states to the
     backward op, which recomputes them) gives the outputs and gradients of the eager default
-    ("states"), bitwise; the delta rule's backward reruns its prep kernel only when compiled
-    with "recompute" (the keyword reaches the custom op)."""
-    from linattn.ops.triton import delta_fwd
-    prep, preps = delta_fwd.prep, []
-    monkeypatch.setattr(delta_fwd, "prep", lambda *a: preps.append(1) or prep(*a))
+    ("states"), bitwise; the keyword reaches the custom ops: compiled, "recompute" saves for
+    the backward what "states" saves less the delta rule's b, T, U' and chunk states
+    (delta_api.saved_specs) and mLSTMexp's states."""
+    from linattn.ops.triton import delta_api
+    from linattn.ops.triton.delta_config import DEFAULT
     cases = [CASES[5], CASES[6]]
-    states_fn, inputs = _all_cases(cases, "triton", torch.float32)
-    recompute_fn, _ = _all_cases(cases, "triton", torch.float32, save_for_backward="recompute")
-    torch._dynamo.reset()
-    compiled = torch.compile(recompute_fn, backend="aot_eager", fullgraph=True)
-    got_o, got_g = _outputs_and_grads(compiled, inputs)
-    assert len(preps) == 2                                    # forward, and the backward's rerun
-    ref_o, ref_g = _outputs_and_grads(states_fn, inputs)
-    assert len(preps) == 3                                    # the forward's alone
-    assert len(got_o) == len(ref_o) and len(got_g) == len(ref_g)
-    for a, b in zip(got_o + got_g, ref_o + ref_g):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    got, saved = {}, {}
+    for mode in ("states", "recompute"):
+        fn, inputs = _all_cases(cases, "triton", torch.float32, save_for_backward=mode)
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        *got[mode], saved[mode] = _saved_for_backward(compiled, inputs)
+    ref_o, ref_g = _outputs_and_grads(_all_cases(cases, "triton", torch.float32)[0], inputs)
+    for mode in ("states", "recompute"):
+        got_o, got_g = got[mode]
+        assert len(got_o) == len(ref_o) and len(got_g) == len(ref_g)
+        for a, b in zip(got_o + got_g, ref_o + ref_g):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # CASES[5]: B sequences of T tokens, one 64-token chunk each: 2 B state slots
+    delta = delta_api.saved_specs(B * T, H, K, V, 2 * B, torch.float32, gated=True, keep=True,
+                                  cfg=DEFAULT)
+    extra = saved["states"] - saved["recompute"]
+    assert not saved["recompute"] - saved["states"]
+    assert not Counter(delta.values()) - extra                # every one of the delta rule's
+    assert sum(extra.values()) > len(delta)                   # and mLSTMexp's
 
 
 def test_save_for_backward_is_validated():

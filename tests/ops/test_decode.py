@@ -132,15 +132,35 @@ def test_triton_float64_matches_reference(variant):
                  dtype=torch.float64, K=7, V=5)
 
 
+def _step_kernel(variant, block_v):
+    """The decode function of variant on the fused step kernel's launcher itself, with a V
+    tile of block_v (its block_v argument; the public functions take the default)."""
+    from linattn.ops.triton.recurrent import fused_recurrent
+
+    def run(q, k, v, g=None, beta=None, i=None, f=None, *, state, inplace, backend,
+            input_gate=None):
+        kw = dict(scale=q.shape[-1] ** -0.5, state=state, inplace=inplace, block_v=block_v)
+        if variant == "la_key":
+            return fused_recurrent(q, k, v, g=g, gate_kind="key", **kw)
+        if variant == "delta_gated":
+            return fused_recurrent(q, k, v, g=g, gate_kind="scalar", beta=beta, **kw)
+        return fused_recurrent(q, k, v, g=f, gate_kind="scalar", i=i, mlstm="exp", **kw)
+    return run
+
+
 @pytest.mark.parametrize("variant", ["la_key", "delta_gated", "mlstm_exp"])
 @pytest.mark.parametrize("inplace", [True, False])
-def test_triton_many_value_tiles(variant, inplace, monkeypatch):
-    """V split over several programs (last tile partial): mLSTMexp's n and m, computed by
-    every tile and written by the first, must not be read after being overwritten."""
-    from linattn.ops.triton import recurrent
-    monkeypatch.setattr(recurrent, "choose_block_v", lambda K, V: 16)
-    check_decode(variant, "triton", [2, 1], inplace=inplace, with_state=True, seed=4,
-                 K=33, V=40)
+def test_triton_many_value_tiles(variant, inplace):
+    """V split over several programs (16-wide tiles, the last one partial): mLSTMexp's n and
+    m, computed by every tile and written by the first, must not be read after being
+    overwritten."""
+    from linattn.ops.triton.recurrent import choose_block_v
+    assert choose_block_v(33, 40) == 64                        # one tile by default
+    _, oracle, inputs, kw = make_case(variant, 2, 3, 2, 33, 40, seed=4)
+    fast = pieces_fn(lambda **a: _step_kernel(variant, 16)(**a, **kw), [2, 1],
+                     inplace=inplace, backend="triton")
+    helpers.check_against_oracle(fast, oracle_fn(oracle, **kw), inputs, dtype=torch.float32,
+                                 device="cpu")
 
 
 def test_empty_time_returns_state():

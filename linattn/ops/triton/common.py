@@ -45,15 +45,15 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def fill_v_block(BV: int, V: int, programs_per_v_block: int, device: torch.device,
+def fill_v_block(BV: int, V: int, programs_per_v_block: int, sms: int,
                  min_bv: int = 16) -> int:
     """V block of a sequential state scan (one program per sequence, head and state block):
     BV halved, down to min_bv (16: tl.dot's smallest), while the programs,
-    programs_per_v_block * cdiv(V, BV), are fewer than the device's SMs. Few long sequences
+    programs_per_v_block * cdiv(V, BV), are fewer than sms, the device's SM count (the
+    launchers pass sm_count(device): 0 on the CPU, which never cuts). Few long sequences
     (B = 2 at T = 32768: 32 (sequence, head) pairs at H = 16) otherwise leave most SMs idle
     through the scans' chunk-by-chunk loop; at the bench's B = 8 every scan already has >= 256
     programs, so nothing changes there."""
-    sms = sm_count(device)
     while BV > max(min_bv, 16) and programs_per_v_block * triton.cdiv(V, BV) < sms:
         BV //= 2
     return BV
@@ -79,27 +79,29 @@ def split16(x, DT: tl.constexpr):
 
 
 @triton.jit
+def dot_parts(a1, b1, a2, b2, acc, PARTS: tl.constexpr):
+    """a1 @ b1 + acc, plus a2 @ b2 when PARTS == 2: the dots of dot_a16 and dot_b16."""
+    tl.static_assert(PARTS == 1 or PARTS == 2, "PARTS: 1 or 2 16-bit parts of x")
+    acc = tl.dot(a1, b1, acc)
+    if PARTS == 2:
+        acc = tl.dot(a2, b2, acc)
+    return acc
+
+
+@triton.jit
 def dot_a16(a, x, acc, PARTS: tl.constexpr):
     """a @ x + acc (acc None: zeros) for a 16-bit a and a float32 x that enters as PARTS
     16-bit parts: 2, its split16 halves (~16 significant bits); 1, x rounded to a's dtype (one
     16-bit dot, as fla's scans take the state)."""
-    tl.static_assert(PARTS == 1 or PARTS == 2, "PARTS: 1 or 2 16-bit parts of x")
     hi, lo = split16(x, a.dtype)
-    acc = tl.dot(a, hi, acc)
-    if PARTS == 2:
-        acc = tl.dot(a, lo, acc)
-    return acc
+    return dot_parts(a, hi, a, lo, acc, PARTS)
 
 
 @triton.jit
 def dot_b16(x, b, acc, PARTS: tl.constexpr):
     """x @ b + acc for a float32 x in PARTS 16-bit parts and a 16-bit b (see dot_a16)."""
-    tl.static_assert(PARTS == 1 or PARTS == 2, "PARTS: 1 or 2 16-bit parts of x")
     hi, lo = split16(x, b.dtype)
-    acc = tl.dot(hi, b, acc)
-    if PARTS == 2:
-        acc = tl.dot(lo, b, acc)
-    return acc
+    return dot_parts(hi, b, lo, b, acc, PARTS)
 
 
 if INTERPRET:

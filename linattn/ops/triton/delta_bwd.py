@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .. import alloc
 from . import delta_fwd
-from .common import dot_a16, dot_b16, head_tile, split16
+from .common import dot_a16, dot_b16, head_tile, sm_count, split16
 from .delta_config import DEFAULT, DeltaConfig, split16_on
 from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, load_tile,
                         scan_v_block, sequence_program, state_tile, token_tile)
@@ -454,7 +454,8 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
     dh = alloc.empty(NC, H, K, V, dtype=delta_fwd.state_dtype(q.dtype, cfg), device=dev)
     dv2 = alloc.empty(TT, H, V, dtype=grad_dtype(q.dtype, cfg), device=dev)
     dh0 = alloc.empty(N, H, K, V, dtype=initial_state.dtype, device=dev) if need_dh0 else None
-    BK, BV = full_tile(K), scan_v_block(K, V, cfg.reverse_scan_bv, N * H, dev, q.dtype, cfg)
+    BK = full_tile(K)
+    BV = scan_v_block(K, V, cfg.reverse_scan_bv, N * H, sm_count(dev), q.dtype, cfg)
     kq = None
     if BK >= cfg.reverse_scan_scores_min_bk and layout.NT:
         kq = alloc.empty(TT, H, BT, dtype=torch.float32, device=dev)    # [TT, H, BT]

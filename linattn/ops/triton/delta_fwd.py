@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import alloc
-from .common import dot_a16, fill_v_block, head_tile, next_pow2
+from .common import dot_a16, fill_v_block, head_tile, next_pow2, sm_count
 from .delta_config import DEFAULT, DeltaConfig, split16_on
 from .gated_api import KernelConfig
 from .gated_fwd import fwd_o
@@ -94,16 +94,17 @@ def full_tile(d: int) -> int:
 # computes it wrong (PERF_NOTES "Compiler faults and precision guards").
 
 
-def scan_v_block(K: int, V: int, cap: int, programs_per_v_block: int, device,
+def scan_v_block(K: int, V: int, cap: int, programs_per_v_block: int, sms: int,
                  dtype: torch.dtype = torch.bfloat16, cfg: DeltaConfig = DEFAULT) -> int:
     """The scans' V block for inputs of dtype: at most cap, the float32 state tile [BK, BV] at
     most cfg.state_tile_elems(_f32) elements (BV 64 at K 256: faster than 32, bitwise equal;
-    float32's "ieee" dots spill heavily there), cut by fill_v_block for few sequences (not
-    below cfg.scan_min_bv_k256 at K = 256: on 16-wide blocks the H200 runs Gated DeltaNet's
-    forward scan wrong; PERF_NOTES "Compiler faults and precision guards")."""
+    float32's "ieee" dots spill heavily there), cut by fill_v_block for few sequences on a
+    device of sms SMs (not below cfg.scan_min_bv_k256 at K = 256: on 16-wide blocks the H200
+    runs Gated DeltaNet's forward scan wrong; PERF_NOTES "Compiler faults and precision
+    guards")."""
     elems = cfg.state_tile_elems_f32 if dtype == torch.float32 else cfg.state_tile_elems
     BV = max(16, min(head_tile(V, cap), elems // full_tile(K)))
-    return fill_v_block(BV, V, programs_per_v_block, device,
+    return fill_v_block(BV, V, programs_per_v_block, sms,
                         min_bv=max(cfg.fill_min_bv,
                                    cfg.scan_min_bv_k256 if full_tile(K) >= 256 else 16))
 
@@ -376,7 +377,7 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state,
     h = alloc.empty(layout.n_slots, H, K, V, dtype=state_dtype(k.dtype, cfg), device=dev)
     vnew = alloc.empty(TT, H, V, dtype=vnew_dtype(k.dtype, cfg), device=dev)
     final = alloc.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
-    BK, BV = full_tile(K), scan_v_block(K, V, cfg.scan_bv, N * H, dev, k.dtype, cfg)
+    BK, BV = full_tile(K), scan_v_block(K, V, cfg.scan_bv, N * H, sm_count(dev), k.dtype, cfg)
     split = split16_on(cfg.scan_split16, cfg, k) and BK <= cfg.scan_split16_max_bk
     if N:
         delta_scan_kernel[(triton.cdiv(V, BV), N * H)](

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
-from .common import ChunkLayout, dot, exp, fill_v_block
+from .common import ChunkLayout, dot, exp, fill_v_block, sm_count
 from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
                         gate_diag, key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile,
                         ld_tok, mid_row_exponents, state_block_of, state_dtype)
@@ -547,7 +547,7 @@ def bwd_states(q, do, gb, gm, mpc, rd, dht, h, has_h0, layout: ChunkLayout, cfg,
     dh = empty(layout.n_slots, H, K, V, dtype=state_dtype(cfg, do.dtype), device=dev)
     dh0 = empty(layout.N, H, K, V, dtype=torch.float32, device=dev) if has_h0 else None
     x = q
-    BVS = fill_v_block(cfg.BVS, V, layout.N * H * triton.cdiv(K, cfg.BK), dev)
+    BVS = fill_v_block(cfg.BVS, V, layout.N * H * triton.cdiv(K, cfg.BK), sm_count(dev))
     grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, BVS))
     NS = layout.n_slots
     sdot = None

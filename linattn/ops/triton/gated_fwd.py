@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
-from .common import ChunkLayout, dot, exp, fill_v_block
+from .common import ChunkLayout, dot, exp, fill_v_block, sm_count
 
 # Globals a kernel reads must be instantiated tl.constexpr objects (not annotations).
 MLSTM_EPS = tl.constexpr(1e-6)  # mLSTMexp: o = h / (max(|n^T q|, exp(-m)) + eps)
@@ -578,11 +578,13 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
 
 # ----------------------------------------------------------------------------- launchers
 
-def mexp_prep(lf, ig, m0, layout: ChunkLayout, gate_dtype=torch.float32):
+def mexp_prep(lf, ig, m0, layout: ChunkLayout, gate_dtype=torch.float32,
+              carry_block: int = MEXP_CARRY_BLOCK):
     """mLSTMexp gates: lf, ig [TT, H] float32, m0 [N, H] or None ->
     b, m [TT, H] and mpc [NC, H] in gate_dtype, start [TT, H] int8, mfin [N, H] float32.
     Three launches, none of them a loop over a sequence's tokens: every chunk's summary, the
-    stabiliser's carry across chunks, every chunk's b, m and start."""
+    stabiliser's carry across chunks (carry_block chunks a step), every chunk's b, m and
+    start."""
     TT, H = lf.shape
     dev = lf.device
     b = empty(TT, H, dtype=gate_dtype, device=dev)
@@ -597,7 +599,7 @@ def mexp_prep(lf, ig, m0, layout: ChunkLayout, gate_dtype=torch.float32):
     if layout.NC:
         mexp_chunk_kernel[(layout.NC, H)](*chunk_args, L=layout.L, FINAL=False)
     mexp_carry_kernel[(layout.N, H)](csum, cmax, m0 if m0 is not None else lf, mpc, mfin,
-                                     layout.chunk_off, H, CB=MEXP_CARRY_BLOCK,
+                                     layout.chunk_off, H, CB=carry_block,
                                      HAS_M0=m0 is not None)
     if layout.NC:
         mexp_chunk_kernel[(layout.NC, H)](*chunk_args, L=layout.L, FINAL=True)
@@ -612,7 +614,7 @@ def fwd_states(k, v, gb, gm, kw, mpc, h0, layout: ChunkLayout, cfg):
     V = v.shape[-1]
     h = empty(layout.n_slots, H, K, V, dtype=state_dtype(cfg, k.dtype), device=k.device)
     hf = empty(layout.N, H, K, V, dtype=torch.float32, device=k.device)
-    BVS = fill_v_block(cfg.BVS, V, layout.N * H * triton.cdiv(K, cfg.BK), k.device)
+    BVS = fill_v_block(cfg.BVS, V, layout.N * H * triton.cdiv(K, cfg.BK), sm_count(k.device))
     grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, BVS))
     x = k  # placeholder pointer for absent optional tensors
     fwd_states_kernel[grid](

@@ -174,7 +174,8 @@ def fused_recurrent(q, k, v, *, scale: float, g=None, gate_kind="none", beta=Non
         state: None (zeros), C [B, H, K, V], or for mlstm="exp" the tuple (C, n [B, H, K],
             m [B, H]). With inplace=True it must be contiguous in the compute dtype and is
             overwritten with the new state.
-        block_v, num_warps: override the tile width / warps (benchmark sweeps).
+        block_v, num_warps: the tile width / warps in place of choose_block_v and 4
+            (benchmark sweeps, and tests that split V over several programs).
 
     Returns:
         o [B, T, H, V] in v's dtype, and the new state (same structure as state; float32,

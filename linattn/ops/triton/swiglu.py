@@ -21,16 +21,23 @@ BLOCK_F = 128
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def swiglu_fwd_kernel(gu, y, R, F, s0, BR: tl.constexpr, BF: tl.constexpr):
-    """One [BR, BF] tile (grid cdiv(R, BR) x cdiv(F, BF)); gu rows have stride s0."""
+def _gate_up_tile(gu, R, F, s0, BR: tl.constexpr, BF: tl.constexpr):
+    """This program's [BR, BF] tile (grid cdiv(R, BR) x cdiv(F, BF)) of gu [R, 2F], rows of
+    stride s0: (rows r [BR] int64, columns f [BF], mask m, the gate and up halves in float32)."""
     tl.static_assert(BR >= 1)
     tl.static_assert(BF >= 16)
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     f = tl.program_id(1) * BF + tl.arange(0, BF)
     m = (r < R)[:, None] & (f < F)[None, :]
-    # gate and up halves of the rows
     g = tl.load(gu + r[:, None] * s0 + f[None, :], mask=m, other=0.0).to(tl.float32)
     u = tl.load(gu + r[:, None] * s0 + F + f[None, :], mask=m, other=0.0).to(tl.float32)
+    return r, f, m, g, u
+
+
+@triton.jit
+def swiglu_fwd_kernel(gu, y, R, F, s0, BR: tl.constexpr, BF: tl.constexpr):
+    """y = silu(gate) * up on one [BR, BF] tile into contiguous y [R, F]."""
+    r, f, m, g, u = _gate_up_tile(gu, R, F, s0, BR, BF)
     tl.store(y + r[:, None] * F + f[None, :], (g * tl.sigmoid(g) * u).to(y.dtype.element_ty),
              mask=m)
 
@@ -38,13 +45,7 @@ def swiglu_fwd_kernel(gu, y, R, F, s0, BR: tl.constexpr, BF: tl.constexpr):
 @triton.jit
 def swiglu_bwd_kernel(dy, gu, dgu, R, F, s0, BR: tl.constexpr, BF: tl.constexpr):
     """dgate = dy * up * silu'(gate), dup = dy * silu(gate) into contiguous dgu [R, 2F]."""
-    tl.static_assert(BR >= 1)
-    tl.static_assert(BF >= 16)
-    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    f = tl.program_id(1) * BF + tl.arange(0, BF)
-    m = (r < R)[:, None] & (f < F)[None, :]
-    g = tl.load(gu + r[:, None] * s0 + f[None, :], mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gu + r[:, None] * s0 + F + f[None, :], mask=m, other=0.0).to(tl.float32)
+    r, f, m, g, u = _gate_up_tile(gu, R, F, s0, BR, BF)
     d = tl.load(dy + r[:, None] * F + f[None, :], mask=m, other=0.0).to(tl.float32)
     # silu and its derivative
     sg = tl.sigmoid(g)

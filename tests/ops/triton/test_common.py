@@ -76,13 +76,13 @@ def test_row_dot_sums_products_in_float32():
     assert row_dot(a[:0], b[:0]).shape == (0, 3)
 
 
-def test_fill_v_block_splits_v_until_every_sm_has_a_program(monkeypatch):
+def test_fill_v_block_splits_v_until_every_sm_has_a_program():
     """The scans' V block halves (down to 16) while programs < SMs; no split on the CPU."""
-    cuda = torch.device("cuda", 0)
-    assert fill_v_block(64, 128, 2, torch.device("cpu")) == 64       # CPU: never split
-    monkeypatch.setattr(common, "sm_count", lambda device: 132)
-    assert fill_v_block(64, 128, 8 * 16 * 2, cuda) == 64               # B 8, H 16: 512 programs
-    assert fill_v_block(64, 128, 2 * 16 * 2, cuda) == 32               # B 2: 128 -> 256
-    assert fill_v_block(64, 128, 2 * 16, cuda) == 16                   # delta scan, B 2: 64 -> 256
-    assert fill_v_block(64, 128, 1, cuda) == 16                        # never below 16
-    assert fill_v_block(32, 20, 1, cuda) == 16                         # V < BV: still a valid tile
+    assert common.sm_count(torch.device("cpu")) == 0
+    assert fill_v_block(64, 128, 2, 0) == 64                          # CPU: never split
+    assert fill_v_block(64, 128, 8 * 16 * 2, 132) == 64               # B 8, H 16: 512 programs
+    assert fill_v_block(64, 128, 2 * 16 * 2, 132) == 32               # B 2: 128 -> 256
+    assert fill_v_block(64, 128, 2 * 16, 132) == 16                   # delta scan, B 2: 64 -> 256
+    assert fill_v_block(64, 128, 1, 132) == 16                        # never below 16
+    assert fill_v_block(64, 128, 1, 132, min_bv=32) == 32             # nor below min_bv
+    assert fill_v_block(32, 20, 1, 132) == 16                         # V < BV: still a valid tile

@@ -16,7 +16,7 @@ import gpu_cases
 import helpers
 import linattn
 from linattn.ops import reference
-from linattn.ops.triton import delta_api
+from linattn.ops.triton import delta_api, delta_fwd
 from linattn.ops.triton.delta_config import DEFAULT
 
 GRADS = ["q", "k", "v", "beta", "g", "initial_state"]
@@ -196,25 +196,27 @@ def test_grads_qk_narrow_v_tiles(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_split_scan_v_blocks(gated, monkeypatch):
+def test_split_scan_v_blocks(gated):
     """The forward and reverse scans with V cut into 16-wide blocks (common.fill_v_block's
-    choice for few long sequences on a GPU), forced here: V = 40 in three ragged blocks."""
-    from linattn.ops.triton import common
-    monkeypatch.setattr(common, "sm_count", lambda device: 10 ** 6)
-    check(make_inputs(1, 70, 1, 16, 40, gated=gated, seed=7))
+    choice for few long sequences on a GPU), forced here by the config's V tile caps: V = 40
+    in three ragged blocks."""
+    assert delta_fwd.scan_v_block(16, 40, DEFAULT.scan_bv, 1, 10 ** 6, torch.float32) == 16
+    assert delta_fwd.scan_v_block(16, 40, DEFAULT.scan_bv, 1, 0, torch.float32) == 64
+    cfg = dataclasses.replace(DEFAULT, scan_bv=16, reverse_scan_bv=16)
+    assert delta_fwd.scan_v_block(16, 40, cfg.scan_bv, 1, 0, torch.float32, cfg) == 16
+    check(make_inputs(1, 70, 1, 16, 40, gated=gated, seed=7), config=cfg)
 
 
-def test_scan_v_block_floor_at_k256(monkeypatch):
+def test_scan_v_block_floor_at_k256():
     """fill_v_block's cutting stops at 32-wide V blocks for a 256-wide state (on 16 the H200
-    ran Gated DeltaNet's forward scan wrong) and goes on to 16 below; 64 wide by default."""
-    from linattn.ops.triton import common, delta_fwd
-    cpu = torch.device("cpu")
-    assert delta_fwd.scan_v_block(256, 256, 64, 10 ** 6, cpu) == 64
-    assert delta_fwd.scan_v_block(256, 256, 64, 10 ** 6, cpu, torch.float32) == 32
-    monkeypatch.setattr(common, "sm_count", lambda device: 10 ** 6)
-    assert delta_fwd.scan_v_block(256, 256, 64, 4, cpu) == 32
-    assert delta_fwd.scan_v_block(200, 100, 64, 4, cpu) == 32
-    assert delta_fwd.scan_v_block(128, 256, 64, 4, cpu) == 16
+    ran Gated DeltaNet's forward scan wrong) and goes on to 16 below; 64 wide by default
+    (arguments: K, V, cap, programs per V block, SMs)."""
+    assert delta_fwd.scan_v_block(256, 256, 64, 10 ** 6, 0) == 64
+    assert delta_fwd.scan_v_block(256, 256, 64, 10 ** 6, 0, torch.float32) == 32
+    assert delta_fwd.scan_v_block(256, 256, 64, 4, 10 ** 6) == 32
+    assert delta_fwd.scan_v_block(200, 100, 64, 4, 10 ** 6) == 32
+    assert delta_fwd.scan_v_block(128, 256, 64, 4, 10 ** 6) == 16
+    assert delta_fwd.scan_v_block(128, 256, 64, 4, 0) == 64
 
 
 def test_wide_head_dims():
@@ -222,27 +224,45 @@ def test_wide_head_dims():
     check(make_inputs(1, 20, 1, 128, 64, gated=True, seed=6))
 
 
+def _delta_node(t):
+    """The DeltaRuleFunction node of t's graph (its ctx: what the forward left for the
+    backward)."""
+    todo = [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if type(node).__name__ == "DeltaRuleFunctionBackward":
+            return node
+        todo += [n for n, _ in node.next_functions if n is not None]
+    raise AssertionError("no DeltaRuleFunction in the graph")
+
+
 @pytest.mark.parametrize("save", [True, False], ids=["kept", "recomputed"])
-def test_deterministic(save, monkeypatch):
+def test_deterministic(save):
     """Two forward+backward runs are bitwise equal; with save_for_backward="states" (kept)
     first, the second run's backward ("recompute") recomputes prep and scan and still matches
-    the first, which used the forward's."""
-    from linattn.ops.triton import delta_fwd
-    prep, preps = delta_fwd.prep, []
-    monkeypatch.setattr(delta_fwd, "prep", lambda *a: preps.append(1) or prep(*a))
-    modes = iter(["states" if save else "recompute", "recompute"])
+    the first, which used the forward's. The forward keeps b, T, U' and the chunk states for
+    the backward only with "states", and that backward reads them: zeroing the kept U'
+    changes its gradients."""
     ins = make_inputs(1, 70, 1, 16, 16, gated=True, seed=7)
-    outs = []
-    for _ in range(2):
+
+    def run(mode, spoil=False):
         x = {n: (t.float().requires_grad_() if isinstance(t, torch.Tensor) and
                  t.is_floating_point() else t) for n, t in ins.items()}
-        o, st = fast(**x, output_final_state=True, save_for_backward=next(modes))
+        o, st = fast(**x, output_final_state=True, save_for_backward=mode)
+        kept = _delta_node(o).intermediates
+        assert (kept is not None) == (mode == "states")
+        if spoil:
+            kept[3].zero_()                                   # U' (vnew)
         leaves = [x[n] for n in GRADS]
         grads = torch.autograd.grad([o, st], leaves, [torch.ones_like(o), torch.ones_like(st)])
-        outs.append([o, st, *grads])
-    for a, b in zip(*outs):
+        return [o, st, *grads]
+
+    first, second = run("states" if save else "recompute"), run("recompute")
+    for a, b in zip(first, second):
         assert torch.equal(a, b)
-    assert len(preps) == (1 if save else 2) + 2            # prep runs again only to recompute
+    if save:
+        spoiled = run("states", spoil=True)
+        assert not all(torch.equal(a, b) for a, b in zip(first[2:], spoiled[2:]))
 
 
 def test_float64_routes_to_torch_path():

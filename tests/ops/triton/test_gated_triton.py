@@ -18,6 +18,7 @@ import gpu_cases
 import helpers
 import linattn
 from linattn.ops.triton import gated_api
+from linattn.ops.triton.common import fill_v_block, head_tile
 from linattn.ops.triton.gated_api import Override
 
 # chunk 32, tile 16: several chunks and tiles at T < 80 (interpreter-sized)
@@ -176,16 +177,17 @@ def test_mlstm_float16_cpu(input_gate):
                 override=SMALL, dtype=torch.float16, device="cpu")
 
 
-def test_split_scan_v_blocks_cpu(monkeypatch):
+def test_split_scan_v_blocks_cpu():
     """The state scans with V cut into 16-wide blocks (what common.fill_v_block picks for few
-    long sequences on a GPU), forced here: V = 40 in three blocks, the last one ragged."""
-    from linattn.ops.triton import common
-    monkeypatch.setattr(common, "sm_count", lambda device: 10 ** 6)
+    long sequences on a GPU), forced here by the config's BVS: V = 40 in three blocks, the
+    last one ragged."""
+    assert fill_v_block(head_tile(40, 64), 40, 1, 10 ** 6) == 16
+    split = dataclasses.replace(SMALL, fields=(("BVS", 16),))
     check_la("scalar", B=1, T=40, H=1, K=16, V=40,
-             override=SMALL, dtype=torch.float32, device="cpu")
-    check_la("key", B=1, T=40, H=1, K=16, V=40, override=SMALL, dtype=torch.float32, device="cpu")
+             override=split, dtype=torch.float32, device="cpu")
+    check_la("key", B=1, T=40, H=1, K=16, V=40, override=split, dtype=torch.float32, device="cpu")
     check_mlstm("exp", B=1, T=40, H=1, K=16, V=40,
-                override=SMALL, dtype=torch.float32, device="cpu")
+                override=split, dtype=torch.float32, device="cpu")
 
 
 def test_varlen_scalar_cpu():
@@ -199,7 +201,7 @@ def test_varlen_key_no_state_cpu():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_key_scores_in_blocks_cpu(monkeypatch, dtype):
+def test_key_scores_in_blocks_cpu(dtype):
     """Per-key gates at the H200's tiling: 64-token tiles whose scores gated_fwd.key_scores
     forms in 16-token blocks (blocks left of the diagonal through dots relative to each query
     block's first row), bwd_dqk on 16-token tiles; sequence ends inside a block, and blocks
@@ -263,15 +265,15 @@ def test_mlstm_without_state_cpu(input_gate):
 
 
 @pytest.mark.parametrize("state", [True, False], ids=["state", "no_state"])
-def test_mexp_norm_scan_blocks_cpu(monkeypatch, state):
-    """mLSTMexp's n and dn (mexp_norm: chunk sums, then an affine scan over the chunks, 16
-    chunks a block): a sequence crossing two scan blocks (chunk 16), an empty and a length-1
-    one, with and without the state tuple."""
+def test_mexp_norm_scan_blocks_cpu(state):
+    """mLSTMexp's n and dn (mexp_norm: chunk sums, then an affine scan over the chunks,
+    NORM_SCAN_BLOCK chunks a block): a sequence crossing two scan blocks (chunk 16), an empty
+    and a length-1 one, with and without the state tuple."""
     from linattn.ops.triton import mexp_norm
-    monkeypatch.setattr(mexp_norm, "NORM_SCAN_BLOCK", 16)
-    check_mlstm("exp", H=2, K=24, V=16, lengths=[16 * 17 + 9, 0, 1, 40], dtype=torch.float32,
-                device="cpu", state=state, seed=9,
-                override=Override(chunk=16, tile=16))           # 18 chunks: two scan blocks
+    chunks = mexp_norm.NORM_SCAN_BLOCK + 2                      # two scan blocks
+    check_mlstm("exp", H=2, K=24, V=16, lengths=[16 * (chunks - 1) + 9, 0, 1, 40],
+                dtype=torch.float32, device="cpu", state=state, seed=9,
+                override=Override(chunk=16, tile=16))
 
 
 def test_mlstm_exp_large_input_gate_cpu():
@@ -339,13 +341,12 @@ def test_mexp_stabiliser_float32_at_steep_decays_cpu():
 
 
 @pytest.mark.parametrize("with_m0", [False, True])
-def test_mexp_prep_carry_across_blocks_cpu(monkeypatch, with_m0):
+def test_mexp_prep_carry_across_blocks_cpu(with_m0):
     """mexp_prep's three launches (chunk summaries, the carry across chunks, the chunks'
     b, m, start) against the token-by-token recurrence: a 16-chunk carry block so that a
     sequence crosses several blocks, an empty and a length-1 sequence, every output."""
     from linattn.ops.triton import gated_fwd
     from linattn.ops.triton.common import make_layout
-    monkeypatch.setattr(gated_fwd, "MEXP_CARRY_BLOCK", 16)
     gen = helpers.seeded(5)
     lengths, H, L = [16 * 37 + 5, 0, 1, 40], 2, 16
     TT = sum(lengths)
@@ -354,7 +355,7 @@ def test_mexp_prep_carry_across_blocks_cpu(monkeypatch, with_m0):
     ig = 3 * torch.randn(TT, H, generator=gen, dtype=torch.float64)
     m0 = 2 * torch.randn(len(lengths), H, generator=gen, dtype=torch.float64) if with_m0 else None
     b, m, start, mpc, mfin = gated_fwd.mexp_prep(lf.float(), ig.float(), None if m0 is None else m0.float(),
-                                                 layout, torch.float64)
+                                                 layout, torch.float64, carry_block=16)
     lf, ig = lf.float().double(), ig.float().double()
     ref_b, ref_m = torch.empty_like(lf), torch.empty_like(lf)
     ref_start = torch.zeros(TT, H, dtype=torch.bool)
