@@ -16,7 +16,9 @@ Pieces (shapes per step):
                    "chunked-torch" is the chunked op with its softmax part in PyTorch)
 Each row: median ms of triton.testing.do_bench for forward and forward+backward (gradients
 of every floating input, with torch.autograd.grad), and the peak memory one forward+backward
-allocates above its inputs. Rows are compared within one run on one GPU.
+allocates above its inputs. Rows are compared within one run on one GPU. "fused" is the
+backend "auto" picks; for l2_normalize and rms_norm, whose "auto" runs PyTorch when autograd
+records the call, a "triton" row times the Triton kernels forward and backward.
 
 When to run it: on one GPU after a change to a fused layer piece (linattn/ops/fused.py,
 linattn/ops/linear_ce.py) or to the rule choosing Triton or PyTorch for it.
@@ -39,6 +41,9 @@ from linattn.ops.linear_ce import linear_cross_entropy  # noqa: E402
 
 TOKENS, H, D, D_MODEL, HIDDEN, VOCAB, W = 16384, 6, 128, 768, 3072, 32000, 4
 PIECES = ("short_conv", "l2_normalize", "gated_norm", "rms_norm", "swiglu", "linear_ce")
+# pieces whose "auto" takes PyTorch when a gradient is recorded (linattn.ops.fused): their
+# "fused" row is PyTorch in fwd+bwd, and a "triton" row times the Triton path
+AUTO_TORCH_UNDER_AUTOGRAD = ("l2_normalize", "rms_norm")
 
 
 def make_case(piece: str, T: int, dtype=torch.bfloat16, dev="cuda"):
@@ -120,6 +125,8 @@ def main(argv=None) -> int:
         for T in (Ts if piece == "short_conv" else Ts[:1]):
             inputs, fn = make_case(piece, T)
             impls = [("fused", lambda *a: fn("auto", *a)), ("torch", lambda *a: fn("torch", *a))]
+            if piece in AUTO_TORCH_UNDER_AUTOGRAD:  # "fused" is PyTorch here: time Triton too
+                impls.append(("triton", lambda *a: fn("triton", *a)))
             if piece == "linear_ce":
                 impls.append(("chunked-torch", lambda *a: fn("chunked", *a)))
             if not args.no_compile:
