@@ -13,10 +13,11 @@ s_j = W-1-j, dz = dy * silu'(z) (dz = dy without SiLU) and
     dx_t = sum_j w[:, j] dz_{t+s_j}  over t + s_j < E,     dw[:, j] = sum_t dz_t x_{t-s_j}.
 
 A tile recomputes dz at its own rows and at the W-1 later shifts (z from the shifted input
-tiles, which the cache serves after the first), so dz never goes to memory: the HBM traffic
-is dy and x read once, dx written once. A program walks TILES_PER_PROGRAM row tiles of one
-channel block and keeps their dw in float32 registers; the launcher sums the programs' partials
-(no atomics: deterministic). dcache is the dx sum at the W-1 positions before S.
+tiles, which L1 / L2 serve after their first read), so dz never goes to memory: the HBM traffic
+is dy and x read once, dx written once. A program (forward or backward) walks
+TILES_PER_PROGRAM row tiles of one channel block, the loop pipelined; the backward keeps their
+dw in float32 registers and the launcher sums the programs' partials (no atomics:
+deterministic). dcache is the dx sum at the W-1 positions before S.
 
 The ops are torch custom ops (linattn::short_conv_fwd / short_conv_bwd) so torch.compile
 traces through them; linattn.ops.fused.short_conv is the entry point.
@@ -34,9 +35,9 @@ from ..alloc import empty
 BLOCK_T = 16            # rows per tile
 BLOCK_C = 64            # channels per tile (128 contiguous bytes of a 16-bit row)
 NUM_WARPS = 8           # 4 elements of a [BLOCK_T, BLOCK_C] tile per thread
-TILES_PER_PROGRAM = 16  # row tiles one backward program walks (its dw partial covers them)
-BWD_STAGES = 2          # the backward's row-tile loop loads one tile ahead (sm_90: 112
-                        # registers, 44 KB shared memory, 2 programs per SM at bf16)
+TILES_PER_PROGRAM = 16  # row tiles one program walks (a backward's dw partial covers them)
+LOOP_STAGES = 2         # the row-tile loop loads one tile ahead (backward on sm_90 at bf16:
+                        # 112 registers, 44 KB shared memory, 2 programs per SM)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -54,7 +55,7 @@ def _rows(cu, seq_id, b, it, T, BT: tl.constexpr, VARLEN: tl.constexpr):
     """Row tile `it` of batch b: (global rows u [BT] int64, mask, sequence n, first row S,
     one-past-last row E) of each row."""
     tl.static_assert(BT >= 16)
-    t = it * BT + tl.arange(0, BT)
+    t = it * BT + tl.arange(0, BT).to(tl.int64)
     mr = t < T
     if VARLEN:
         # packed: the row's sequence from the table, its bounds from cu_seqlens
@@ -128,18 +129,21 @@ def _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W: tl.constexpr,
 
 @triton.jit
 def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, W: tl.constexpr, BT: tl.constexpr,
-                          BC: tl.constexpr, HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr,
-                          SILU: tl.constexpr):
-    """One tile of BT rows x BC channels of batch b (grid cdiv(T, BT) x cdiv(C, BC) x B)."""
+                          BC: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
+                          HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr, SILU: tl.constexpr):
+    """Row tiles pid*STEPS ... pid*STEPS + STEPS-1 of BT rows x BC channels of batch b (grid
+    cdiv(cdiv(T, BT), STEPS) x cdiv(C, BC) x B), the loop on STAGES pipeline stages."""
     b = tl.program_id(2).to(tl.int64)
     c, mc = _cols(C, BC)
-    u, mr, n, S, E = _rows(cu, seq_id, b, tl.program_id(0).to(tl.int64), T, BT, VARLEN)
-    # the conv, then the activation, rounded once
-    z = _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W, HAS_CACHE)
-    if SILU:
-        z = z * tl.sigmoid(z)
-    tl.store(y + u[:, None] * C + c[None, :], z.to(y.dtype.element_ty),
-             mask=mr[:, None] & mc[None, :])
+    it0 = tl.program_id(0) * STEPS
+    for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
+        u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
+        # the conv, then the activation, rounded once
+        z = _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W, HAS_CACHE)
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(y + u[:, None] * C + c[None, :], z.to(y.dtype.element_ty),
+                 mask=mr[:, None] & mc[None, :])
 
 
 @triton.jit
@@ -157,9 +161,9 @@ def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NP, W: tl.
     # tap W-1 (the row's own input) and the float32 dw partial [WP, BC]
     wl = tl.load(w + c * W + (W - 1), mask=mc, other=0.0).to(tl.float32)
     dw = tl.zeros([WP, BC], dtype=tl.float32)
-    for i in tl.range(STEPS, num_stages=STAGES):
-        u, mr, n, S, E = _rows(cu, seq_id, b, tl.program_id(0).to(tl.int64) * STEPS + i, T,
-                               BT, VARLEN)
+    it0 = tl.program_id(0) * STEPS
+    for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
+        u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
         # dz at the tile's own rows (all in their sequence)
         g = _dz(dy, x, cache, w, u, mr, S, n, c, mc, C, W, HAS_CACHE, SILU)
         # dw[:, j] += sum over the tile of dz_t x_{t-(W-1-j)}
@@ -216,12 +220,13 @@ def _launch_fwd(x, weight, cache, cu_seqlens, silu):
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
-    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(C, BLOCK_C), B)
+    grid = (triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM), triton.cdiv(C, BLOCK_C), B)
     if T and C:
         short_conv_fwd_kernel[grid](
             x, weight, cache.contiguous() if has_cache else x, y,
             cu_seqlens if varlen else x, seq_id, T, C, W=W, BT=BLOCK_T, BC=BLOCK_C,
-            HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu, num_warps=NUM_WARPS)
+            STEPS=TILES_PER_PROGRAM, STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen,
+            SILU=silu, num_warps=NUM_WARPS)
     return y
 
 
@@ -241,7 +246,7 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu):
         short_conv_bwd_kernel[(NP, triton.cdiv(C, BLOCK_C), B)](
             dy, x, weight, cache_arg, dx, dwp, cu, seq_id, T, C, NP, W=W,
             WP=triton.next_power_of_2(W), BT=BLOCK_T, BC=BLOCK_C, STEPS=TILES_PER_PROGRAM,
-            STAGES=BWD_STAGES, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu,
+            STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu,
             num_warps=NUM_WARPS)
     dw = dwp.sum(0).to(weight.dtype)                                # [C, W]
     if cache is None:
