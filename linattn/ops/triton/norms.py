@@ -40,8 +40,10 @@ LOOP_STAGES = 2      # the row-block loop loads the next block while it computes
 
 @triton.jit
 def _offsets(r, H, s0, s1, d):
-    """Element offsets [BR, BD] of rows r (int64) of a [M, H, D] view with strides (s0, s1, 1)."""
-    return ((r // H) * s0 + (r % H) * s1)[:, None] + d[None, :]
+    """Element offsets [BR, BD] (int64) of rows r of a [M, H, D] view with strides (s0, s1, 1);
+    the row's (m, h) in int32 (the launcher keeps M * H below 2^31)."""
+    r32 = r.to(tl.int32)
+    return ((r32 // H).to(tl.int64) * s0 + (r32 % H).to(tl.int64) * s1)[:, None] + d[None, :]
 
 
 @triton.jit
@@ -151,6 +153,8 @@ def _unit_last(t):
 
 def _tiles(R, D, max_programs):
     """(rows per block, padded D, programs) of R rows of D."""
+    if R + TILE_ELEMS >= 2 ** 31:
+        raise ValueError(f"row norms take fewer than 2^31 - {TILE_ELEMS} rows (M * H), got {R}")
     BD = max(16, triton.next_power_of_2(D))
     BR = max(1, min(64, TILE_ELEMS // BD))
     return BR, BD, max(1, min(max_programs, triton.cdiv(R, BR)))
