@@ -4,6 +4,7 @@ shapes: 16384 tokens per step (T 2048 x B 8 and T 8192 x B 2), 6 heads of 128, b
 
     python benchmarks/time_fused.py --out benchmarks/results/fused_h100.json
     python benchmarks/time_fused.py --no-compile --pieces short_conv,linear_ce
+    python benchmarks/time_fused.py --no-compile --cudagraph   # GPU time alone
 
 Pieces (shapes per step):
     short_conv     DeltaNet's conv + SiLU: x [B, T, 2304] (q, k, v of 6 heads x 128), W 4
@@ -16,7 +17,9 @@ Pieces (shapes per step):
                    "chunked-torch" is the chunked op with its softmax part in PyTorch)
 Each row: median ms of triton.testing.do_bench for forward and forward+backward (gradients
 of every floating input, with torch.autograd.grad), and the peak memory one forward+backward
-allocates above its inputs. Rows are compared within one run on one GPU.
+allocates above its inputs. Rows are compared within one run on one GPU. "fused" is the
+backend "auto" picks; for l2_normalize and rms_norm, whose "auto" runs PyTorch when autograd
+records the call, a "triton" row times the Triton kernels forward and backward.
 
 When to run it: on one GPU after a change to a fused layer piece (linattn/ops/fused.py,
 linattn/ops/linear_ce.py) or to the rule choosing Triton or PyTorch for it.
@@ -39,6 +42,9 @@ from linattn.ops.linear_ce import linear_cross_entropy  # noqa: E402
 
 TOKENS, H, D, D_MODEL, HIDDEN, VOCAB, W = 16384, 6, 128, 768, 3072, 32000, 4
 PIECES = ("short_conv", "l2_normalize", "gated_norm", "rms_norm", "swiglu", "linear_ce")
+# pieces whose "auto" takes PyTorch when a gradient is recorded (linattn.ops.fused): their
+# "fused" row is PyTorch in fwd+bwd, and a "triton" row times the Triton path
+AUTO_TORCH_UNDER_AUTOGRAD = ("l2_normalize", "rms_norm")
 
 
 def make_case(piece: str, T: int, dtype=torch.bfloat16, dev="cuda"):
@@ -76,9 +82,15 @@ def make_case(piece: str, T: int, dtype=torch.bfloat16, dev="cuda"):
     raise ValueError(f"unknown piece {piece!r}; pieces: {PIECES}")
 
 
-def time_impl(fn, inputs, reps_ms: int = 200):
-    """(fwd ms, fwd+bwd ms, peak extra MiB of one fwd+bwd)."""
-    from triton.testing import do_bench
+def time_impl(fn, inputs, reps_ms: int = 200, cudagraph: bool = False):
+    """(fwd ms, fwd+bwd ms, peak extra MiB of one fwd+bwd). cudagraph: time calls replayed
+    from a CUDA graph (the GPU's time alone, without the host's dispatch and launch cost)."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    def bench(f):
+        if cudagraph:  # one graph of rep / (one call's ms) calls: a short rep keeps it small
+            return do_bench_cudagraph(f, rep=min(reps_ms, 50), return_mode="median")
+        return do_bench(f, rep=reps_ms)
     with torch.no_grad():
         out = fn(*inputs)
     grad = torch.randn_like(out) if out.dim() else torch.ones_like(out)
@@ -97,7 +109,7 @@ def time_impl(fn, inputs, reps_ms: int = 200):
     fwd_bwd()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    return do_bench(fwd, rep=reps_ms), do_bench(fwd_bwd, rep=reps_ms), peak
+    return bench(fwd), bench(fwd_bwd), peak
 
 
 def main(argv=None) -> int:
@@ -106,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pieces", default=",".join(PIECES))
     ap.add_argument("--T", default="2048,8192", help="sequence lengths (16384 tokens each)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile'd PyTorch")
+    ap.add_argument("--cudagraph", action="store_true",
+                    help="time CUDA-graph replays (GPU time without host overhead)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("time_fused needs a CUDA GPU", file=sys.stderr)
@@ -120,6 +134,8 @@ def main(argv=None) -> int:
         for T in (Ts if piece == "short_conv" else Ts[:1]):
             inputs, fn = make_case(piece, T)
             impls = [("fused", lambda *a: fn("auto", *a)), ("torch", lambda *a: fn("torch", *a))]
+            if piece in AUTO_TORCH_UNDER_AUTOGRAD:  # "fused" is PyTorch here: time Triton too
+                impls.append(("triton", lambda *a: fn("triton", *a)))
             if piece == "linear_ce":
                 impls.append(("chunked-torch", lambda *a: fn("chunked", *a)))
             if not args.no_compile:
@@ -127,7 +143,7 @@ def main(argv=None) -> int:
             for name, impl in impls:
                 t0 = time.time()
                 try:
-                    f_ms, fb_ms, peak = time_impl(impl, inputs)
+                    f_ms, fb_ms, peak = time_impl(impl, inputs, cudagraph=args.cudagraph)
                     err = None
                 except Exception as e:  # a compile failure is a row, not the end of the run
                     f_ms = fb_ms = peak = float("nan")
@@ -138,7 +154,7 @@ def main(argv=None) -> int:
             torch._dynamo.reset()
     base = {(r["piece"], r["T"]): r for r in rows if r["impl"] == "torch"}
     print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}"
-          f" | bf16, {TOKENS} tokens")
+          f" | bf16, {TOKENS} tokens | {'CUDA-graph replays' if args.cudagraph else 'eager calls'}")
     print(f"{'piece':<13} {'T':>5} {'impl':<14} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MiB':>9} "
           f"{'fwd x':>6} {'f+b x':>6}")
     for r in rows:
@@ -152,7 +168,8 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                     triton=triton.__version__, date=time.strftime("%Y-%m-%d"), dtype="bfloat16",
-                    tokens=TOKENS, d_model=D_MODEL, heads=H, head_dim=D, vocab=VOCAB)
+                    tokens=TOKENS, d_model=D_MODEL, heads=H, head_dim=D, vocab=VOCAB,
+                    timing="cudagraph" if args.cudagraph else "eager")
         args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
         print(f"wrote {args.out}")
     return 0

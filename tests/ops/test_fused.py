@@ -38,10 +38,12 @@ def rms_oracle(x, weight, eps=1e-6):
     return y if weight is None else y * weight.to(x.dtype)
 
 
+GATE_ORACLES = {"silu": F.silu, "sigmoid": torch.sigmoid}
+
+
 def gated_oracle(o, weight, gate, activation, eps=1e-6):
     y = rms_oracle(o, weight, eps).flatten(-2)
-    act = {"silu": F.silu, "sigmoid": torch.sigmoid, None: None}[activation]
-    return y if act is None else y * act(gate)
+    return y if activation is None else y * GATE_ORACLES[activation](gate)
 
 
 def l2_oracle(x, eps=1e-6):
@@ -88,6 +90,9 @@ CONV_CASES = [  # (B, T, C, W, lengths, cache, activation)
     (3, 15, 20, 1, None, True, None),
     (1, 0, 40, 4, [5, 0, 1, 2, 31], True, "silu"),
     (1, 0, 24, 3, [0, 17, 1], False, None),
+    # several backward programs along T (each sums TILES_PER_PROGRAM row tiles of dw)
+    (2, 300, 24, 4, None, False, "silu"),
+    (1, 0, 16, 4, [250, 3, 90], True, "silu"),
 ]
 
 
@@ -203,6 +208,54 @@ def test_swiglu_matches_oracle(backend, dtype):
     helpers.check_against_oracle(lambda q: (fused.swiglu(q, backend=backend), None),
                                  lambda q: (swiglu_oracle(q), None), inputs, dtype=dtype,
                                  grad_names=["q"])
+
+
+class _RowNormFewPrograms(torch.autograd.Function):
+    """The row-norm launchers on 2 programs, so each walks several row blocks."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gate, l2, act):
+        from linattn.ops.triton import norms
+        ctx.save_for_backward(x, weight, gate)
+        ctx.l2, ctx.act = l2, act
+        return norms._launch_fwd(x, weight, gate, 1e-6, l2, act, max_programs=2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from linattn.ops.triton import norms
+        x, weight, gate = ctx.saved_tensors
+        dx, dw, dgate = norms._launch_bwd(dy, x, weight, gate, 1e-6, ctx.l2, ctx.act,
+                                          max_programs=2)
+        return (dx, dw if weight is not None else None, dgate if gate is not None else None,
+                None, None)
+
+
+@pytest.mark.parametrize("l2,activation,with_weight", [
+    (False, "silu", True), (False, "sigmoid", False), (False, None, True), (True, None, False)])
+def test_row_norm_programs_walk_several_blocks(l2, activation, with_weight):
+    """210 rows of 3 heads x 20 (blocks of 64 rows) on 2 programs: the persistent loop, its
+    float32 dw partials and their sum, against the float64 oracles (strided x and gate)."""
+    gen = helpers.seeded(5)
+    M, H, D = 70, 3, 20
+    inputs = dict(q=helpers.randn(M, H * D + 7, gen=gen, scale=2.0),
+                  v=helpers.randn(M, H * D, gen=gen) if activation else None,
+                  weight=1 + helpers.randn(D, gen=gen, scale=0.3) if with_weight else None)
+    act = {None: 0, "silu": 1, "sigmoid": 2}[activation]
+
+    def fast(q, v=None, weight=None):
+        g = v.unflatten(-1, (H, D)) if v is not None else None
+        return _RowNormFewPrograms.apply(q[:, :H * D].unflatten(-1, (H, D)), weight, g, l2,
+                                         act), None
+
+    def oracle(q, v=None, weight=None):
+        x = q[:, :H * D].unflatten(-1, (H, D))
+        if l2:
+            return l2_oracle(x), None
+        y = rms_oracle(x, weight)
+        return (y if activation is None else y * GATE_ORACLES[activation](v.unflatten(-1, (H, D)))), None
+
+    helpers.check_against_oracle(fast, oracle, inputs, dtype=torch.float32,
+                                 grad_names=[n for n in ("q", "v", "weight") if inputs[n] is not None])
 
 
 def test_auto_backend_is_a_function_of_device_and_dtype():

@@ -8,9 +8,11 @@ x is a [M, H, D] view with any strides on its first two dims and unit stride on 
 (the q or k slice of a conv output goes in without a copy); the norm runs over D. gate has
 x's shape (any such strides); w is [D]; y is contiguous [M, H, D] in x's dtype, computed in
 float32 and rounded once. Backward recomputes the row statistic from x (one pass over D) and
-returns dx, dw (per-program partial sums in float32, summed by the launcher: no atomics) and
-dgate; every program loops over row blocks in a fixed order, so results are bitwise
-reproducible.
+returns dx, dw and dgate. Both kernels are persistent: MAX_PROGRAMS programs (at most) each
+walk row blocks of BR rows in a fixed order, the loop pipelined (the next block's loads in
+flight while this one computes); a backward program accumulates g * x_hat over its blocks in
+a float32 [BR, BD] tile and sums it over the rows once, into its dw partial, which the
+launcher sums (no atomics: results are bitwise reproducible).
 
 The ops are torch custom ops (linattn::row_norm_fwd / row_norm_bwd); linattn.ops.fused holds
 the entry points.
@@ -26,17 +28,36 @@ import triton.language as tl
 from ..alloc import empty
 
 ACTIVATIONS = {None: 0, "silu": 1, "sigmoid": 2}
-MAX_PROGRAMS = 512   # programs of the persistent row loop (fixed: results do not depend on the GPU)
+MAX_PROGRAMS = 1056  # programs of the persistent row loop: 8 per SM of an H100 / H200, a
+                     # whole number of waves at 1, 2, 4 or 8 programs per SM (fixed: results
+                     # do not depend on the GPU)
 TILE_ELEMS = 4096    # rows per block x padded D
 NUM_WARPS = 8        # 16 elements of a tile per thread
+LOOP_STAGES = 2      # the row-block loop loads the next block while it computes this one
 
 
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
 def _offsets(r, H, s0, s1, d):
-    """Element offsets [BR, BD] of rows r (int64) of a [M, H, D] view with strides (s0, s1, 1)."""
-    return ((r // H) * s0 + (r % H) * s1)[:, None] + d[None, :]
+    """Element offsets [BR, BD] (int64) of rows r of a [M, H, D] view with strides (s0, s1, 1);
+    the row's (m, h) in int32 (the launcher keeps M * H below 2^31)."""
+    r32 = r.to(tl.int32)
+    return ((r32 // H).to(tl.int64) * s0 + (r32 % H).to(tl.int64) * s1)[:, None] + d[None, :]
+
+
+@triton.jit
+def _cols(w, D, BD: tl.constexpr, BR: tl.constexpr, HAS_W: tl.constexpr):
+    """The columns d [BD], their mask and the weight over them (float32; 1 without one)."""
+    tl.static_assert(BD >= 16)
+    tl.static_assert(BR >= 1)
+    d = tl.arange(0, BD)
+    md = d < D
+    if HAS_W:
+        wv = tl.load(w + d, mask=md, other=0.0).to(tl.float32)
+    else:
+        wv = tl.full([BD], 1.0, tl.float32)
+    return d, md, wv
 
 
 @triton.jit
@@ -51,15 +72,11 @@ def _inv_norm(x, D, eps, L2: tl.constexpr):
 @triton.jit
 def row_norm_fwd_kernel(x, w, gate, y, R, H, D, xs0, xs1, gs0, gs1, eps, BR: tl.constexpr,
                         BD: tl.constexpr, L2: tl.constexpr, HAS_W: tl.constexpr,
-                        ACT: tl.constexpr):
+                        ACT: tl.constexpr, STAGES: tl.constexpr):
     """Row blocks pid, pid + G, ... of BR rows (grid G)."""
-    tl.static_assert(BD >= 16)
-    tl.static_assert(BR >= 1)
-    d = tl.arange(0, BD)
-    md = d < D
-    if HAS_W:
-        wv = tl.load(w + d, mask=md, other=0.0).to(tl.float32)
-    for blk in range(tl.program_id(0), tl.cdiv(R, BR), tl.num_programs(0)):
+    d, md, wv = _cols(w, D, BD, BR, HAS_W)
+    G = tl.num_programs(0)
+    for blk in tl.range(tl.program_id(0), tl.cdiv(R, BR), G, num_stages=STAGES):
         r = blk * BR + tl.arange(0, BR).to(tl.int64)
         m = (r < R)[:, None] & md[None, :]
         # the rows, their norm
@@ -80,16 +97,13 @@ def row_norm_fwd_kernel(x, w, gate, y, R, H, D, xs0, xs1, gs0, gs1, eps, BR: tl.
 @triton.jit
 def row_norm_bwd_kernel(dy, x, w, gate, dx, dwp, dgate, R, H, D, xs0, xs1, gs0, gs1, eps,
                         BR: tl.constexpr, BD: tl.constexpr, L2: tl.constexpr,
-                        HAS_W: tl.constexpr, ACT: tl.constexpr):
-    """dx, dgate (contiguous [R, D]) of row blocks pid, pid + G, ...; their dw into dwp[pid]."""
-    tl.static_assert(BD >= 16)
-    tl.static_assert(BR >= 1)
-    d = tl.arange(0, BD)
-    md = d < D
-    if HAS_W:
-        wv = tl.load(w + d, mask=md, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BD], dtype=tl.float32)
-    for blk in range(tl.program_id(0), tl.cdiv(R, BR), tl.num_programs(0)):
+                        HAS_W: tl.constexpr, ACT: tl.constexpr, STAGES: tl.constexpr):
+    """dx, dgate (contiguous [R, D]) of row blocks pid, pid + G, ...; their dw into dwp[pid]
+    (summed over the rows once, after the loop)."""
+    d, md, wv = _cols(w, D, BD, BR, HAS_W)
+    dw_acc = tl.zeros([BR, BD], dtype=tl.float32)
+    G = tl.num_programs(0)
+    for blk in tl.range(tl.program_id(0), tl.cdiv(R, BR), G, num_stages=STAGES):
         r = blk * BR + tl.arange(0, BR).to(tl.int64)
         mr = r < R
         m = mr[:, None] & md[None, :]
@@ -116,7 +130,7 @@ def row_norm_bwd_kernel(dy, x, w, gate, dx, dwp, dgate, R, H, D, xs0, xs1, gs0, 
             g = g * a
         # through the weight
         if HAS_W:
-            dw_acc += tl.sum(g * xh, axis=0)
+            dw_acc += g * xh
             g = g * wv[None, :]
         # through the norm: dx = inv (g - xh <g, xh> / D) (rms), inv (g - xh <g, xh>) (l2)
         proj = tl.sum(g * xh, axis=1)
@@ -128,7 +142,7 @@ def row_norm_bwd_kernel(dy, x, w, gate, dx, dwp, dgate, R, H, D, xs0, xs1, gs0, 
         dxv = inv[:, None] * (g - xh * proj[:, None])
         tl.store(dx + r[:, None] * D + d[None, :], dxv.to(dx.dtype.element_ty), mask=m)
     if HAS_W:
-        tl.store(dwp + tl.program_id(0).to(tl.int64) * D + d, dw_acc, mask=md)
+        tl.store(dwp + tl.program_id(0).to(tl.int64) * D + d, tl.sum(dw_acc, axis=0), mask=md)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -137,35 +151,38 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _tiles(R, D):
+def _tiles(R, D, max_programs):
+    """(rows per block, padded D, programs) of R rows of D."""
+    if R + TILE_ELEMS >= 2 ** 31:
+        raise ValueError(f"row norms take fewer than 2^31 - {TILE_ELEMS} rows (M * H), got {R}")
     BD = max(16, triton.next_power_of_2(D))
     BR = max(1, min(64, TILE_ELEMS // BD))
-    return BR, BD, max(1, min(MAX_PROGRAMS, triton.cdiv(R, BR)))
+    return BR, BD, max(1, min(max_programs, triton.cdiv(R, BR)))
 
 
-def _launch_fwd(x, weight, gate, eps, l2, act):
+def _launch_fwd(x, weight, gate, eps, l2, act, max_programs=MAX_PROGRAMS):
     M, H, D = x.shape
     x = _unit_last(x)
     gate = _unit_last(gate) if gate is not None else None
     y = empty(M, H, D, dtype=x.dtype, device=x.device)
     R = M * H
     if R and D:
-        BR, BD, G = _tiles(R, D)
+        BR, BD, G = _tiles(R, D, max_programs)
         g = gate if gate is not None else x
         row_norm_fwd_kernel[(G,)](
             x, weight if weight is not None else x, g, y, R, H, D, x.stride(0), x.stride(1),
             g.stride(0), g.stride(1), eps, BR=BR, BD=BD, L2=l2, HAS_W=weight is not None,
-            ACT=act, num_warps=NUM_WARPS)
+            ACT=act, STAGES=LOOP_STAGES, num_warps=NUM_WARPS)
     return y
 
 
-def _launch_bwd(dy, x, weight, gate, eps, l2, act):
+def _launch_bwd(dy, x, weight, gate, eps, l2, act, max_programs=MAX_PROGRAMS):
     M, H, D = x.shape
     x = _unit_last(x)
     gate = _unit_last(gate) if gate is not None else None
     dy = dy.contiguous()
     R = M * H
-    BR, BD, G = _tiles(R, D)
+    BR, BD, G = _tiles(R, D, max_programs)
     dx = empty(M, H, D, dtype=x.dtype, device=x.device)
     dgate = empty(M, H, D, dtype=gate.dtype, device=x.device) if gate is not None else x.new_empty(0)
     dwp = empty(G, D, dtype=torch.float32, device=x.device) if weight is not None else None
@@ -175,7 +192,7 @@ def _launch_bwd(dy, x, weight, gate, eps, l2, act):
             dy, x, weight if weight is not None else x, g, dx, dwp if dwp is not None else x,
             dgate if gate is not None else x, R, H, D, x.stride(0), x.stride(1), g.stride(0),
             g.stride(1), eps, BR=BR, BD=BD, L2=l2, HAS_W=weight is not None, ACT=act,
-            num_warps=NUM_WARPS)
+            STAGES=LOOP_STAGES, num_warps=NUM_WARPS)
     elif dwp is not None:
         dwp.zero_()
     dw = dwp.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)

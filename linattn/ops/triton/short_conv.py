@@ -7,12 +7,17 @@ x_{t-s} before the start of t's sequence comes from that sequence's cache row (i
 inputs, [N, W-1, C]) or is 0. Rows are addressed globally: row b*T + t (dense) or t (packed,
 B == 1), and each row knows its sequence's first row S and one-past-last row E.
 
-Backward in two passes: the first recomputes z from the W shifted input tiles, writes
-dz = dy * silu'(z) (float32; without SiLU dz is dy and nothing is written) and, from the same
-tiles, each row tile's share of dw[:, j] = sum_t dz_t x_{t-s_j} (summed by the launcher: no
-atomics); the second reads dz at W shifts: dx_t = sum_j w_j dz_{t+s_j} over t + s_j < E, and
-dcache is the same sum at the W-1 positions before S. (One pass that recomputed dz at every
-shift read W^2 input tiles and spilled registers on sm_90.)
+Backward in one pass over [BLOCK_T, BLOCK_C] tiles (channel-contiguous, coalesced loads): with
+s_j = W-1-j, dz = dy * silu'(z) (dz = dy without SiLU) and
+
+    dx_t = sum_j w[:, j] dz_{t+s_j}  over t + s_j < E,     dw[:, j] = sum_t dz_t x_{t-s_j}.
+
+A tile recomputes dz at its own rows and at the W-1 later shifts (z from the shifted input
+tiles, which L1 / L2 serve after their first read), so dz never goes to memory: the HBM traffic
+is dy and x read once, dx written once. A program (forward or backward) walks
+TILES_PER_PROGRAM row tiles of one channel block, the loop pipelined; the backward keeps their
+dw in float32 registers and the launcher sums the programs' partials (no atomics:
+deterministic). dcache is the dx sum at the W-1 positions before S.
 
 The ops are torch custom ops (linattn::short_conv_fwd / short_conv_bwd) so torch.compile
 traces through them; linattn.ops.fused.short_conv is the entry point.
@@ -27,12 +32,43 @@ import triton.language as tl
 
 from ..alloc import empty
 
-BLOCK_T = 32  # rows per program
-BLOCK_C = 64  # channels per program
-NUM_WARPS = 8  # 8 elements of a [BLOCK_T, BLOCK_C] tile per thread
+BLOCK_T = 16            # rows per tile
+BLOCK_C = 64            # channels per tile (128 contiguous bytes of a 16-bit row)
+NUM_WARPS = 8           # 4 elements of a [BLOCK_T, BLOCK_C] tile per thread
+TILES_PER_PROGRAM = 16  # row tiles one program walks (a backward's dw partial covers them)
+LOOP_STAGES = 2         # the row-tile loop loads one tile ahead (backward on sm_90 at bf16:
+                        # 112 registers, 44 KB shared memory, 2 programs per SM)
 
 
 # ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _cols(C, BC: tl.constexpr):
+    """This program's channels c [BC] and their mask."""
+    tl.static_assert(BC >= 16)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    return c, c < C
+
+
+@triton.jit
+def _rows(cu, seq_id, b, it, T, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """Row tile `it` of batch b: (global rows u [BT] int64, mask, sequence n, first row S,
+    one-past-last row E) of each row."""
+    tl.static_assert(BT >= 16)
+    t = it * BT + tl.arange(0, BT).to(tl.int64)
+    mr = t < T
+    if VARLEN:
+        # packed: the row's sequence from the table, its bounds from cu_seqlens
+        n = tl.load(seq_id + t, mask=mr, other=0).to(tl.int64)
+        S = tl.load(cu + n, mask=mr, other=0).to(tl.int64)
+        E = tl.load(cu + n + 1, mask=mr, other=0).to(tl.int64)
+    else:
+        # dense: batch b is the sequence
+        n = b
+        S = b * T
+        E = S + T
+    return b * T + t, mr, n, S, E
+
 
 @triton.jit
 def _ld_x(x, cache, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr):
@@ -63,115 +99,96 @@ def _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.c
 
 
 @triton.jit
-def _seq_bounds(cu, seq_id, b, t, mr, T, VARLEN: tl.constexpr):
-    """(n, S, E) of rows t: the sequence (cache row), its first and one-past-last global row."""
-    if VARLEN:
-        n = tl.load(seq_id + t, mask=mr, other=0).to(tl.int64)
-        S = tl.load(cu + n, mask=mr, other=0).to(tl.int64)
-        E = tl.load(cu + n + 1, mask=mr, other=0).to(tl.int64)
-    else:
-        n = b
-        S = b * T
-        E = S + T
-    return n, S, E
-
-
-@triton.jit
-def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, W: tl.constexpr, BT: tl.constexpr,
-                          BC: tl.constexpr, HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr,
-                          SILU: tl.constexpr):
-    """One tile of BT rows x BC channels of batch b (grid cdiv(T, BT) x cdiv(C, BC) x B)."""
-    tl.static_assert(BT >= 16)
-    tl.static_assert(BC >= 16)
-    b = tl.program_id(2).to(tl.int64)
-    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
-    mr = t < T
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    mc = c < C
-    # the rows' sequences
-    n, S, E = _seq_bounds(cu, seq_id, b, t, mr, T, VARLEN)
-    u = b * T + t
-    # the conv, then the activation, rounded once
-    z = _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W, HAS_CACHE)
+def _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr,
+        SILU: tl.constexpr):
+    """dz at rows v [R] where ok (0 elsewhere), float32 [R, BC]: dy, times silu'(z) with SiLU."""
+    g = tl.load(dy + v[:, None] * C + c[None, :], mask=ok[:, None] & mc[None, :],
+                other=0.0).to(tl.float32)
     if SILU:
-        z = z * tl.sigmoid(z)
-    tl.store(y + u[:, None] * C + c[None, :], z.to(y.dtype.element_ty),
-             mask=mr[:, None] & mc[None, :])
-
-
-@triton.jit
-def short_conv_dz_kernel(dy, x, w, cache, dz, dwp, cu, seq_id, T, C, NT, W: tl.constexpr,
-                         BT: tl.constexpr, BC: tl.constexpr, HAS_CACHE: tl.constexpr,
-                         VARLEN: tl.constexpr, SILU: tl.constexpr):
-    """One tile: dz = dy * silu'(z) into dz (float32, SILU only; without SiLU dz is dy) and
-    the tile's share of dw, dw[:, j] = sum_t dz_t x_{t - s_j}, into dwp[b * NT + tile]."""
-    tl.static_assert(BT >= 16)
-    tl.static_assert(BC >= 16)
-    b = tl.program_id(2).to(tl.int64)
-    it = tl.program_id(0).to(tl.int64)
-    t = it * BT + tl.arange(0, BT)
-    mr = t < T
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    mc = c < C
-    n, S, E = _seq_bounds(cu, seq_id, b, t, mr, T, VARLEN)
-    u = b * T + t
-    m = mr[:, None] & mc[None, :]
-    g = tl.load(dy + u[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
-    if SILU:
-        # recompute z, then dz = dy * silu'(z)
-        z = _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W, HAS_CACHE)
+        # recompute z from the shifted inputs, then silu'(z) = s (1 + z (1 - s))
+        z = _conv_z(x, cache, w, v, S, n, ok, c, mc, C, W, HAS_CACHE)
         sg = tl.sigmoid(z)
         g = g * sg * (1.0 + z * (1.0 - sg))
-        tl.store(dz + u[:, None] * C + c[None, :], g, mask=m)
-    # the tile's dw: the same shifted inputs the conv read
-    base = (b * NT + it) * C * W
-    for j in tl.static_range(W):
-        xs = _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, W, HAS_CACHE)
-        tl.store(dwp + base + c * W + j, tl.sum(g * xs, axis=0), mask=mc)
+    return g
 
 
 @triton.jit
-def _dx_rows(dz, w, v0, S, E, mr, c, mc, C, W: tl.constexpr):
-    """sum_j w[:, j] dz_{v0 + s_j} over v0 + s_j in [S, E): the cotangent of the inputs at
-    rows v0 (float32 [R, BC])."""
+def _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W: tl.constexpr,
+              HAS_CACHE: tl.constexpr, SILU: tl.constexpr):
+    """sum_{j<W-1} w[:, j] dz_{v0 + W-1-j} over rows in [S, E): the cotangent the later
+    outputs send to the inputs at rows v0 (float32 [R, BC]; tap W-1 is the row's own)."""
     acc = tl.zeros([v0.shape[0], c.shape[0]], dtype=tl.float32)
-    for j in tl.static_range(W):
-        # tap j of output row v read input row v - (W-1-j)
-        wj = tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32)
+    for j in tl.static_range(W - 1):
+        # output row v read input row v0 through tap j
         v = v0 + (W - 1 - j)
         ok = mr & (v >= S) & (v < E)
-        acc += wj[None, :] * tl.load(dz + v[:, None] * C + c[None, :],
-                                     mask=ok[:, None] & mc[None, :], other=0.0).to(tl.float32)
+        wj = tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32)
+        acc += wj[None, :] * _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W, HAS_CACHE, SILU)
     return acc
 
 
 @triton.jit
-def short_conv_dx_kernel(dz, w, dx, cu, seq_id, T, C, W: tl.constexpr, BT: tl.constexpr,
-                         BC: tl.constexpr, VARLEN: tl.constexpr):
-    """dx of one tile from dz (float32 with SiLU, else dy)."""
-    tl.static_assert(BT >= 16)
-    tl.static_assert(BC >= 16)
+def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, W: tl.constexpr, BT: tl.constexpr,
+                          BC: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
+                          HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr, SILU: tl.constexpr):
+    """Row tiles pid*STEPS ... pid*STEPS + STEPS-1 of BT rows x BC channels of batch b (grid
+    cdiv(cdiv(T, BT), STEPS) x cdiv(C, BC) x B), the loop on STAGES pipeline stages."""
     b = tl.program_id(2).to(tl.int64)
-    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
-    mr = t < T
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    mc = c < C
-    n, S, E = _seq_bounds(cu, seq_id, b, t, mr, T, VARLEN)
-    u = b * T + t
-    acc = _dx_rows(dz, w, u, S, E, mr, c, mc, C, W)
-    tl.store(dx + u[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
-             mask=mr[:, None] & mc[None, :])
+    c, mc = _cols(C, BC)
+    it0 = tl.program_id(0) * STEPS
+    for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
+        u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
+        # the conv, then the activation, rounded once
+        z = _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W, HAS_CACHE)
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(y + u[:, None] * C + c[None, :], z.to(y.dtype.element_ty),
+                 mask=mr[:, None] & mc[None, :])
 
 
 @triton.jit
-def short_conv_dcache_kernel(dz, w, dcache, cu, T, C, W: tl.constexpr, WP: tl.constexpr,
-                             BC: tl.constexpr, VARLEN: tl.constexpr):
+def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NP, W: tl.constexpr,
+                          WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                          STEPS: tl.constexpr, STAGES: tl.constexpr, HAS_CACHE: tl.constexpr,
+                          VARLEN: tl.constexpr, SILU: tl.constexpr):
+    """dx of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block pid1, batch b (grid
+    NP x cdiv(C, BC) x B); their dw[c, j] into dwp[b * NP + pid, c, j] (float32). The tile
+    loop runs on STAGES pipeline stages (loads of the next tiles in flight)."""
+    tl.static_assert(WP >= W)
+    b = tl.program_id(2).to(tl.int64)
+    c, mc = _cols(C, BC)
+    jw = tl.arange(0, WP)
+    # tap W-1 (the row's own input) and the float32 dw partial [WP, BC]
+    wl = tl.load(w + c * W + (W - 1), mask=mc, other=0.0).to(tl.float32)
+    dw = tl.zeros([WP, BC], dtype=tl.float32)
+    it0 = tl.program_id(0) * STEPS
+    for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
+        u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
+        # dz at the tile's own rows (all in their sequence)
+        g = _dz(dy, x, cache, w, u, mr, S, n, c, mc, C, W, HAS_CACHE, SILU)
+        # dw[:, j] += sum over the tile of dz_t x_{t-(W-1-j)}
+        for j in tl.static_range(W):
+            xs = _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, W, HAS_CACHE)
+            dw += tl.where(jw[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
+        # dx: the own row through tap W-1, the later rows' dz through the others
+        acc = wl[None, :] * g + _dx_later(dy, x, cache, w, u, mr, S, E, n, c, mc, C, W,
+                                          HAS_CACHE, SILU)
+        tl.store(dx + u[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
+                 mask=mr[:, None] & mc[None, :])
+    # the partial of this program, [W, BC] of row b * NP + pid of dwp [B * NP, C, W]
+    base = (b * NP + tl.program_id(0)) * C * W
+    tl.store(dwp + base + c[None, :] * W + jw[:, None], dw,
+             mask=(jw < W)[:, None] & mc[None, :])
+
+
+@triton.jit
+def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, W: tl.constexpr,
+                             WP: tl.constexpr, BC: tl.constexpr, VARLEN: tl.constexpr,
+                             SILU: tl.constexpr):
     """dcache of sequence n (grid N x cdiv(C, BC)): dx's sum at the W-1 positions before S."""
     tl.static_assert(WP >= 16)
-    tl.static_assert(BC >= 16)
     n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    mc = c < C
+    c, mc = _cols(C, BC)
     r = tl.arange(0, WP)
     mr = r < W - 1
     # the sequence's bounds
@@ -181,7 +198,8 @@ def short_conv_dcache_kernel(dz, w, dcache, cu, T, C, W: tl.constexpr, WP: tl.co
     else:
         S = n * T
         E = S + T
-    acc = _dx_rows(dz, w, S - (W - 1) + r, S, E, mr, c, mc, C, W)
+    # the cache slots are rows S-(W-1) ... S-1: only later rows' dz reach them
+    acc = _dx_later(dy, x, cache, w, S - (W - 1) + r, mr, S, E, n, c, mc, C, W, True, SILU)
     tl.store(dcache + (n * (W - 1) + r)[:, None] * C + c[None, :],
              acc.to(dcache.dtype.element_ty), mask=mr[:, None] & mc[None, :])
 
@@ -202,12 +220,13 @@ def _launch_fwd(x, weight, cache, cu_seqlens, silu):
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
-    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(C, BLOCK_C), B)
+    grid = (triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM), triton.cdiv(C, BLOCK_C), B)
     if T and C:
         short_conv_fwd_kernel[grid](
             x, weight, cache.contiguous() if has_cache else x, y,
             cu_seqlens if varlen else x, seq_id, T, C, W=W, BT=BLOCK_T, BC=BLOCK_C,
-            HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu, num_warps=NUM_WARPS)
+            STEPS=TILES_PER_PROGRAM, STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen,
+            SILU=silu, num_warps=NUM_WARPS)
     return y
 
 
@@ -219,26 +238,24 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu):
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
     cu = cu_seqlens if varlen else x
-    NT = triton.cdiv(T, BLOCK_T)
-    grid = (NT, triton.cdiv(C, BLOCK_C), B)
-    dz = empty(x.shape, dtype=torch.float32, device=x.device) if silu else dy
-    dwp = empty(B * NT, C, W, dtype=torch.float32, device=x.device)
+    cache_arg = cache.contiguous() if has_cache else x
+    NP = triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM)
+    dwp = empty(B * NP, C, W, dtype=torch.float32, device=x.device)
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     if T and C:
-        short_conv_dz_kernel[grid](
-            dy, x, weight, cache.contiguous() if has_cache else x, dz, dwp, cu, seq_id, T, C,
-            NT, W=W, BT=BLOCK_T, BC=BLOCK_C, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu,
+        short_conv_bwd_kernel[(NP, triton.cdiv(C, BLOCK_C), B)](
+            dy, x, weight, cache_arg, dx, dwp, cu, seq_id, T, C, NP, W=W,
+            WP=triton.next_power_of_2(W), BT=BLOCK_T, BC=BLOCK_C, STEPS=TILES_PER_PROGRAM,
+            STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu,
             num_warps=NUM_WARPS)
-        short_conv_dx_kernel[grid](dz, weight, dx, cu, seq_id, T, C, W=W, BT=BLOCK_T,
-                                   BC=BLOCK_C, VARLEN=varlen, num_warps=NUM_WARPS)
     dw = dwp.sum(0).to(weight.dtype)                                # [C, W]
     if cache is None:
         return dx, dw, x.new_empty(0)
     dcache = empty(cache.shape, dtype=cache.dtype, device=x.device)
     if has_cache and cache.shape[0] and C:
         short_conv_dcache_kernel[(cache.shape[0], triton.cdiv(C, BLOCK_C))](
-            dz, weight, dcache, cu, T, C, W=W, WP=max(16, triton.next_power_of_2(W - 1)),
-            BC=BLOCK_C, VARLEN=varlen)
+            dy, x, weight, cache_arg, dcache, cu, T, C, W=W,
+            WP=max(16, triton.next_power_of_2(W - 1)), BC=BLOCK_C, VARLEN=varlen, SILU=silu)
     return dx, dw, dcache
 
 
