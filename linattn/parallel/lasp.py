@@ -67,6 +67,7 @@ order; slices may have any length (not a multiple of any chunk size).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -79,7 +80,7 @@ from .comm import ProcessGroupComm
 # temporaries to ~BLOCK * H * D elements whatever the slice length.
 BLOCK_TOKENS = 16384
 SUMS = ("auto", "triton", "torch")
-DELTA_FORMS = ("once", "twice")
+DELTA_FORMS = ("states", "twice", "once")
 
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:
@@ -176,7 +177,19 @@ class _Local:
         self.payload = None
 
 
-class _LinearAttentionKind:
+class _Kind:
+    """What every op kind shares: the hooks _LASP2 calls that most kinds leave empty."""
+
+    def overlap(self, st):
+        """Local work that needs no incoming state, run while the forward's all-gather is in
+        flight (ranks > 0)."""
+
+    def payload_from_output(self, st):
+        """The payload of a rank whose local() left it None (its own op's final state)."""
+        raise NotImplementedError
+
+
+class _LinearAttentionKind(_Kind):
     """Gated linear attention: M_r = diag(decay_r) (per key row), payload [B, H, K, V + 1] = [E_r | decay_r]."""
 
     def __init__(self, scale, backend, V, sums="auto"):
@@ -192,7 +205,7 @@ class _LinearAttentionKind:
             return out.to(sdt), None if total is None else total.to(sdt)
         return weighted_outer_sum(a, b, _log_decay_steps(g, B, T, H), reverse=reverse, dtype=sdt)
 
-    def local(self, leaves, S0, need_payload):
+    def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
         q, k, v, g = leaves
         B, _, H, K = q.shape
         st = _Local(leaves)
@@ -262,7 +275,7 @@ def _grads_from_state(st, do, dS, targets):
     return list(got[: len(targets)]), dS_in
 
 
-class _DeltaRuleKind:
+class _DeltaRuleKind(_Kind):
     """(Gated) delta rule: M_r dense [B, H, K, K], payload [B, H, K, K + V] = [M_r | E_r].
 
     The op runs once per rank, with autograd, on v' = [0 | v] from [I | 0] (see the module
@@ -275,7 +288,7 @@ class _DeltaRuleKind:
         return _api.delta_rule(q, k, v, beta, g, scale=self.scale, initial_state=S0,
                                output_final_state=True, backend=self.backend)
 
-    def local(self, leaves, S0, need_payload):
+    def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
         q, k, v, beta, g = leaves
         B, T, H, K = q.shape
         V, sdt = self.V, state_dtype(q)
@@ -368,7 +381,7 @@ class _DeltaRuleTwiceKind(_DeltaRuleKind):
     from [I | S0] for (M_r, E_r) and o~, then the op with autograd on v from S_in (the
     single-GPU op's own handling of the incoming state). form="twice" of delta_rule_on."""
 
-    def local(self, leaves, S0, need_payload):
+    def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
         q, k, v, beta, g = leaves
         B, T, H, K = q.shape
         V, sdt = self.V, state_dtype(q)
@@ -404,6 +417,158 @@ class _DeltaRuleTwiceKind(_DeltaRuleKind):
         return _grads_from_state(st, do, dS, targets)
 
 
+class _SideStream:
+    """A second CUDA stream for a rank's work that needs no communication and no incoming
+    state, so that it runs on the GPU alongside the stream's own work (at B = 1 a state scan
+    has a program per (head, V block) only, and two scans side by side take little more
+    than one). Off CUDA, run() is the current stream and join() does nothing.
+
+    Ordering: run() starts after everything the current stream has queued (the side work
+    reads its tensors), and join() makes the current stream wait for the side work, so that
+    the side stream's tensors are complete, and memory the current stream frees later is not
+    still read there. Tensors made on the side stream are returned to its pool when freed,
+    which later side work only reuses after run()'s wait."""
+
+    _streams: dict = {}  # device index -> the side stream (created once)
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.pending = False
+        if self.cuda:
+            self.main = torch.cuda.current_stream(device)
+            key = device.index if device.index is not None else torch.cuda.current_device()
+            if key not in self._streams:
+                self._streams[key] = torch.cuda.Stream(device)
+            self.side = self._streams[key]
+
+    @contextlib.contextmanager
+    def run(self):
+        if not self.cuda:
+            yield
+            return
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            yield
+        self.pending = True
+
+    def join(self):
+        if self.pending:
+            self.main.wait_stream(self.side)
+            self.pending = False
+
+
+class _DeltaPasses:
+    """The delta rule's passes over one rank's slice (inputs detached): the transition pass,
+    the states-only pass and the op. On the Triton kernels (float32 / 16-bit inputs) they
+    share one prep launch (linattn.ops.triton.delta_api.prepare) and the states-only pass
+    skips the output kernel; elsewhere each is a call of the backend's op."""
+
+    def __init__(self, kind, q, k, beta, g):
+        self.scale, self.backend = kind.scale, kind.backend
+        self.q, self.k, self.beta, self.g = q, k, beta, g
+        impl = _api._backend_module(kind.backend, q)
+        self.prep = None
+        if (getattr(impl, "__name__", "") == "linattn.ops.triton" and q.dtype != torch.float64
+                and not torch.compiler.is_compiling()):
+            from ..ops.triton import delta_api
+            self._delta_api = delta_api
+            with torch.no_grad():
+                self.prep = delta_api.prepare(k, beta, g)
+        self.side = _SideStream(q.device)
+
+    def _op(self, v, S0, want_final, q=None, k=None, beta=None, g=None):
+        q, k = (self.q if q is None else q), (self.k if k is None else k)
+        beta, g = (self.beta if beta is None else beta), (self.g if g is None else g)
+        if self.prep is not None:
+            return self._delta_api.delta_rule(q, k, v, beta, g, scale=self.scale,
+                                              initial_state=S0, output_final_state=want_final,
+                                              prep=self.prep)
+        return _api.delta_rule(q, k, v, beta, g, scale=self.scale, initial_state=S0,
+                               output_final_state=want_final, backend=self.backend)
+
+    def transitions(self):
+        """(o~ [B, T, H, K] in the inputs' dtype, M [B, H, K, K] in the state dtype): the op
+        without autograd on v = 0 from I (o~_t = scale P_t^T q_t, M = P_T)."""
+        B, T, H, K = self.q.shape
+        with torch.no_grad():
+            eye = torch.eye(K, dtype=state_dtype(self.q), device=self.q.device)
+            zeros = torch.zeros(B, T, H, K, dtype=self.q.dtype, device=self.q.device)
+            o_t, M = self._op(zeros, eye.expand(B, H, K, K).contiguous(), True)
+        return o_t, M.to(state_dtype(self.q))
+
+    def states(self, v, S0):
+        """The state after the slice from S0 (None: zeros), [B, H, K, V] in the state dtype,
+        without autograd and, on the Triton kernels, without the output kernel."""
+        with torch.no_grad():
+            if self.prep is not None:
+                E = self._delta_api.final_state(self.k, v, self.beta, prep=self.prep,
+                                                initial_state=S0)
+            else:
+                E = self._op(v, S0, True)[1]
+        return E.to(state_dtype(v))
+
+    def op(self, leaves, S_in, want_final):
+        """The op with autograd on the slice's leaves from S_in."""
+        q, k, v, beta, g = leaves
+        return self._op(v, S_in, want_final, q, k, beta, g)
+
+
+class _DeltaRuleStatesKind(_DeltaRuleKind):
+    """form="states" of delta_rule_on (the default): per rank, only the passes its role needs,
+    over one prep on the Triton kernels (the module docstring's table)."""
+
+    def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
+        q, k, v, beta, g = leaves
+        st = _Local(leaves)
+        st.o_t = None
+        det = [None if x is None else x.detach() for x in leaves]
+        st.passes = _DeltaPasses(self, det[0], det[1], det[3], det[4])
+        if first_rank:  # the payload is its own op's final state (payload_from_output)
+            return st
+        if not need_payload:  # the last rank without a final state: o~ in overlap()
+            B, _, H, K = q.shape
+            st.payload = torch.zeros(B, H, K, K + self.V, dtype=state_dtype(q), device=q.device)
+            return st
+        with st.passes.side.run():
+            st.o_t, M = st.passes.transitions()
+        E = st.passes.states(det[2], None)
+        st.passes.side.join()
+        st.payload = torch.cat([M, E], dim=-1)
+        return st
+
+    def overlap(self, st):
+        if st.o_t is None:
+            with st.passes.side.run():
+                st.o_t, _ = st.passes.transitions()
+
+    def output(self, st, S_in, s0_grad, need_state):
+        st.s0_grad = s0_grad
+        o = _run_from_state(st, S_in, s0_grad,
+                            lambda s_leaf: st.passes.op(st.leaves, s_leaf, need_state))
+        st.passes.side.join()
+        return o
+
+    def payload_from_output(self, st):
+        E = st.S_out.detach().to(state_dtype(st.leaves[0]))
+        B, H, K, _ = E.shape
+        return torch.cat([torch.zeros(B, H, K, K, dtype=E.dtype, device=E.device), E], dim=-1)
+
+    def incoming_grad(self, st, do, first_rank):
+        """c_r = sum_t o~_t do_t^T; zeros on rank 0, whose c_0 nobody reads (its initial
+        state's gradient comes from its op's backward)."""
+        if first_rank:
+            q = st.leaves[0]
+            B, _, H, K = q.shape
+            return torch.zeros(B, H, K, self.V, dtype=state_dtype(q), device=q.device)
+        return super().incoming_grad(st, do, first_rank)
+
+    def before_grads(self, st, do):
+        pass
+
+    def grads(self, st, do, dS, targets):
+        return _grads_from_state(st, do, dS, targets)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 class _LASP2(torch.autograd.Function):
@@ -416,14 +581,21 @@ class _LASP2(torch.autograd.Function):
         S0_used = S0 if rank == 0 else None
         needs = ctx.needs_input_grad[4:]
         leaves = [a.detach().requires_grad_(n) if a is not None else None for a, n in zip(args, needs)]
-        st = kind.local(leaves, S0_used, need_payload=rank < world - 1 or want_final)
-        pending = comm.start_all_gather(st.payload)  # [W, B, H, K, P] once waited for
         s0_grad = S0_used is not None and ctx.needs_input_grad[3]
         need_state = rank < world - 1 or want_final
-        if rank == 0:  # its incoming state is S0 (or none): the op overlaps the gather
+        st = kind.local(leaves, S0_used, need_payload=need_state, first_rank=rank == 0,
+                        s0_grad=s0_grad)
+        if st.payload is None:  # rank 0 sending its own op's final state: the op first
+            o = kind.output(st, S0_used, s0_grad, need_state)
+            st.payload = kind.payload_from_output(st)
+            pays = comm.start_all_gather(st.payload).wait()
+        elif rank == 0:  # its incoming state is S0 (or none): the op overlaps the gather
+            pending = comm.start_all_gather(st.payload)  # [W, B, H, K, P] once waited for
             o = kind.output(st, S0_used, s0_grad, need_state)
             pays = pending.wait()
         else:
+            pending = comm.start_all_gather(st.payload)
+            kind.overlap(st)
             pays = pending.wait()
             with torch.no_grad():
                 S_in = torch.zeros_like(st.payload[..., : kind.V])
@@ -583,11 +755,14 @@ def delta_rule(q, k, v, beta, g=None, *, group=None, scale=None, initial_state=N
 
 def delta_rule_on(comm, q, k, v, beta, g=None, *, scale=None, initial_state=None,
                   output_final_state=False, backend="auto", sums="auto", fuse_dim=MAX_HEAD_DIM,
-                  form="twice"):
-    """delta_rule over a communicator (see linear_attention_on). fuse_dim: the widest
-    K + V run as one op call on v' = [0 | v] (above it: two calls). form: "twice" (a forward
-    on v' without autograd, then the op on v from S_in with autograd; the default, faster on
-    the GPU) or "once" (the op once on v' with autograd; see the module docstring)."""
+                  form="states"):
+    """delta_rule over a communicator (see linear_attention_on). form: "states" (the default:
+    per rank only the passes its role needs, a states-only pass for E_r and the transition
+    pass on v = 0 for (o~, M_r), then the op from S_in, over one prep on the Triton kernels),
+    "twice" (a forward on v' = [0 | v] without autograd, then the op on v from S_in with
+    autograd) or "once" (the op once on v' with autograd); see the module docstring.
+    fuse_dim ("twice", "once"): the widest K + V run as one op call on v' (above it: two
+    calls)."""
     if form not in DELTA_FORMS:
         raise ValueError(f"form must be one of {DELTA_FORMS}, got {form!r}")
     _api._check_qkv(q, k, v)
@@ -596,8 +771,8 @@ def delta_rule_on(comm, q, k, v, beta, g=None, *, scale=None, initial_state=None
     _api._check_step_gate("beta", beta, q)
     _api._check_log_decay(g, q, allowed=("none", "scalar"))
     _check_common(comm, backend, sums, q, v, initial_state)
-    kind = (_DeltaRuleKind if form == "once" else _DeltaRuleTwiceKind)(scale, backend, v.shape[-1],
-                                                                         sums, fuse_dim)
+    kind = {"states": _DeltaRuleStatesKind, "twice": _DeltaRuleTwiceKind,
+            "once": _DeltaRuleKind}[form](scale, backend, v.shape[-1], sums, fuse_dim)
     return _run(kind, comm, initial_state, output_final_state, (q, k, v, beta, g),
                 lambda: _api.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                         output_final_state=output_final_state, backend=backend))
