@@ -29,19 +29,32 @@ A rank's local work, per op kind (the extra work over the single-GPU op on the s
                   extra cost), with its final state where a gradient reaches it
         backward: c_r = scale sum_t (q_t exp(b_t)) do_t^T (one pass over q, do; not on
                   rank 0), the all-gather, then the op's backward from (do, dS_out)
-    delta rule (M_r dense K x K), form="twice" (the default):
-        forward:  the op without autograd on v' = [0 | v] from [I | 0] (one call of V' = K + V
-                  columns; two calls when K + V > MAX_HEAD_DIM): its final state is
-                  [M_r | E_r] and its output's first K columns o~_t = scale P_t^T q_t (P_t the
-                  product of the maps through t); the all-gather; then the op with autograd
-                  on v from S_in
-        backward: c_r = sum_t o~_t do_t^T, the all-gather, the op's own backward
+    delta rule (M_r dense K x K), form="states" (the default): two passes over the slice
+        without autograd, o~, M_r = the op on v = 0 from I (the transition pass: o~_t =
+        scale P_t^T q_t, P_t the product of the maps through t, M_r = P_T) and E_r = the
+        states-only forward on v from zero (prep and the state scan, no output kernel), then
+        the op with autograd on v from S_in; on the Triton kernels all three share one prep
+        launch. Each rank runs only what its role needs:
+            rank 0          the op from S0 alone: its payload is [0 | its final state] (M_0
+                            is never read: the folds start from zero, and rank 0's incoming
+                            gradient comes from its op's backward), sent after the op
+            middle ranks    the transition pass (on a second CUDA stream) beside the
+                            states-only pass, the all-gather, the op from S_in
+            the last rank   without a final state: the transition pass (for o~) while the
+                            all-gather is in flight, on a second CUDA stream beside the op
+                            from S_in; with one: as a middle rank
+        backward: c_r = sum_t o~_t do_t^T (not on rank 0), the all-gather, the op's own
+        backward
+    form="twice": the op without autograd on v' = [0 | v] from [I | S0] (one call of
+        V' = K + V columns; two calls when K + V > fuse_dim), whose final state is
+        [M_r | E_r] and output's first K columns o~, then the op with autograd on v from S_in;
+        every rank runs both (and computes the output's V columns nobody reads)
     form="once" runs the op ONCE, with autograd, on v' from [I | 0] and forms
         o = o_0 + o~ S_in (o_0 the output from zero); its backward is the op's own on
         (do' = [do S_in^T | do], dS' = [dS_out S_in^T | dS_out]). It does less arithmetic
         on paper, but the op on K + V value columns backward costs more than a second
         forward on V (PERF_NOTES.md, "Sequence parallelism: the one-GPU rank
-        simulation"), so "twice" is the default.
+        simulation").
 
 The passes over time (E_r, c_r) run on a Triton kernel split over time on the Triton
 backend (linattn.ops.triton.outer_sum: at B = 1 a batched matmul over time has one [K, V]
@@ -51,9 +64,11 @@ on chunked float32 PyTorch sums elsewhere (sums="torch").
 Collectives go through a communicator value (linattn.parallel.comm): ProcessGroupComm for a
 torch.distributed group, LoopbackComm to run one rank's work in a single process (timing,
 tests). Each all-gather is launched before the local work that does not need its result and
-waited for after: rank 0's op (its incoming state is the initial state) in the forward; in
-the backward the delta rule's do S_in^T, and the whole backward of the last rank when no
-final state is asked for (no gradient flows into it).
+waited for after: in the forward rank 0's op (its incoming state is the initial state;
+the delta rule's form="states" sends rank 0's final state, so there the op comes first) and
+the delta rule's transition pass on the last rank; in the backward the delta rule's
+do S_in^T ("once"), and the whole backward of the last rank when no final state is asked for
+(no gradient flows into it).
 
 Gradients of inputs shared by all ranks are split by use, as for any parameter under
 sequence parallelism: a constant gate g [H] gets on each rank the part from its own slice
@@ -278,8 +293,9 @@ def _grads_from_state(st, do, dS, targets):
 class _DeltaRuleKind(_Kind):
     """(Gated) delta rule: M_r dense [B, H, K, K], payload [B, H, K, K + V] = [M_r | E_r].
 
-    The op runs once per rank, with autograd, on v' = [0 | v] from [I | 0] (see the module
-    docstring); when K + V > fuse_dim the two halves are two op calls."""
+    form="once": the op runs once per rank, with autograd, on v' = [0 | v] from [I | 0] (see
+    the module docstring); when K + V > fuse_dim the two halves are two op calls. The other
+    forms subclass it."""
 
     def __init__(self, scale, backend, V, sums="auto", fuse_dim=MAX_HEAD_DIM):
         self.scale, self.backend, self.V, self.sums, self.fuse_dim = scale, backend, V, sums, fuse_dim
@@ -745,8 +761,9 @@ def delta_rule(q, k, v, beta, g=None, *, group=None, scale=None, initial_state=N
             M_r and E_r); independent of T.
         backward: one all-gather; each rank sends B*H*K*V elements, 2*B*H*K*V with
             output_final_state=True.
-    Local work: the op once on v' = [0 | v] (V' = K + V columns, or two calls when
-    K + V > 256) with autograd, instead of the single-GPU op on v; then o = o_0 + o~ S_in.
+    Local work (delta_rule_on's form="states"): besides the single-GPU op on v from the
+    incoming state, a transition pass on v = 0 (K columns; not on rank 0) and a states-only
+    pass (no outputs; not on rank 0 nor, without a final state, on the last rank).
     """
     return delta_rule_on(ProcessGroupComm(group), q, k, v, beta, g, scale=scale,
                          initial_state=initial_state, output_final_state=output_final_state,
