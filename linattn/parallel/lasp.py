@@ -562,6 +562,7 @@ class _DeltaRuleStatesKind(_DeltaRuleKind):
         o = _run_from_state(st, S_in, s0_grad,
                             lambda s_leaf: st.passes.op(st.leaves, s_leaf, need_state))
         st.passes.side.join()
+        st.passes = None  # the op's backward keeps what it reads of prep
         return o
 
     def payload_from_output(self, st):
