@@ -502,30 +502,67 @@ class _DeltaPasses:
         return _api.delta_rule(q, k, v, beta, g, scale=self.scale, initial_state=S0,
                                output_final_state=want_final, backend=self.backend)
 
-    def transitions(self):
-        """(o~ [B, T, H, K] in the inputs' dtype, M [B, H, K, K] in the state dtype): the op
-        without autograd on v = 0 from I (o~_t = scale P_t^T q_t, M = P_T)."""
+    def transitions(self, keep=False):
+        """(o~ [B, T, H, K] in the inputs' dtype, M [B, H, K, K] in the state dtype, the
+        pass's chunk states when keep on the Triton kernels, else None): the op without
+        autograd on v = 0 from I (o~_t = scale P_t^T q_t, M = P_T)."""
         B, T, H, K = self.q.shape
+        sdt = state_dtype(self.q)
         with torch.no_grad():
-            eye = torch.eye(K, dtype=state_dtype(self.q), device=self.q.device)
+            eye = torch.eye(K, dtype=sdt, device=self.q.device).expand(B, H, K, K).contiguous()
             zeros = torch.zeros(B, T, H, K, dtype=self.q.dtype, device=self.q.device)
-            o_t, M = self._op(zeros, eye.expand(B, H, K, K).contiguous(), True)
-        return o_t, M.to(state_dtype(self.q))
+            if self.prep is None:
+                o_t, M = self._op(zeros, eye, True)
+                return o_t, M.to(sdt), None
+            cs = self._delta_api.chunk_states(self.k, zeros, self.beta, prep=self.prep,
+                                              initial_state=eye)
+            o_t = self._delta_api.output(self.q, self.k, cs, prep=self.prep, scale=self.scale)
+        return o_t, cs.final.to(sdt), (cs if keep else None)
 
-    def states(self, v, S0):
-        """The state after the slice from S0 (None: zeros), [B, H, K, V] in the state dtype,
-        without autograd and, on the Triton kernels, without the output kernel."""
+    def states(self, v, S0, keep=False):
+        """(the state after the slice from S0 (None: zeros), [B, H, K, V] in the state dtype;
+        the pass's chunk states when keep on the Triton kernels, else None), without autograd
+        and, on the Triton kernels, without the output kernel."""
         with torch.no_grad():
-            if self.prep is not None:
-                E = self._delta_api.final_state(self.k, v, self.beta, prep=self.prep,
-                                                initial_state=S0)
-            else:
-                E = self._op(v, S0, True)[1]
-        return E.to(state_dtype(v))
+            if self.prep is None:
+                return self._op(v, S0, True)[1].to(state_dtype(v)), None
+            cs = self._delta_api.chunk_states(self.k, v, self.beta, prep=self.prep,
+                                              initial_state=S0)
+        return cs.final.to(state_dtype(v)), (cs if keep else None)
 
-    def op(self, leaves, S_in, want_final):
-        """The op with autograd on the slice's leaves from S_in."""
+    def compose(self, cs_e, cs_t, S_in):
+        """The chunk states of the scan on v from S_in, from the states-only pass's (from
+        zero, cs_e) and the transition pass's (cs_t), by linearity in the incoming state:
+
+            h_c = h_E,c + h~_c S_in,   U' = U'_E + U'~ S_in,   final = M S_in + E
+
+        formed in place in cs_e's tensors (per sequence and head, one batched matmul over the
+        chunks and one over the tokens, in the stored dtype with float32 accumulation)."""
+        B, T, H, K = self.q.shape
+        V = S_in.shape[-1]
+        nc = -(-T // self._delta_api.delta_fwd.BT)  # chunks per sequence
+        if cs_e.h.shape[0] != B * (nc + 1):
+            raise ValueError(f"chunk states of {cs_e.h.shape[0]} slots for {B} x {nc} chunks")
+        h_e, h_t = cs_e.h.view(B, nc + 1, H, K, V), cs_t.h.view(B, nc + 1, H, K, K)
+        u_e, u_t = cs_e.vnew.view(B, T, H, V), cs_t.vnew.view(B, T, H, K)
+        with torch.no_grad():
+            S_h, S_u = S_in.to(h_e.dtype), S_in.to(u_e.dtype)
+            for n in range(B):
+                for hh in range(H):
+                    h_e[n, :nc, hh].baddbmm_(h_t[n, :nc, hh], S_h[n, hh].expand(nc, K, V))
+                    u_e[n, :, hh].addmm_(u_t[n, :, hh], S_u[n, hh])
+            final = torch.matmul(cs_t.final, S_in.to(cs_t.final.dtype)) + cs_e.final
+        return cs_e._replace(final=final)
+
+    def op(self, leaves, S_in, want_final, states=None):
+        """The op with autograd on the slice's leaves from S_in; with states (on the Triton
+        kernels: the chunk states from S_in, compose) the output kernel alone."""
         q, k, v, beta, g = leaves
+        if states is not None:
+            return self._delta_api.delta_rule(q, k, v, beta, g, scale=self.scale,
+                                              initial_state=S_in,
+                                              output_final_state=want_final, prep=self.prep,
+                                              states=states)
         return self._op(v, S_in, want_final, q, k, beta, g)
 
 
@@ -536,7 +573,7 @@ class _DeltaRuleStatesKind(_DeltaRuleKind):
     def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
         q, k, v, beta, g = leaves
         st = _Local(leaves)
-        st.o_t = None
+        st.o_t = st.cs_t = st.cs_e = None
         det = [None if x is None else x.detach() for x in leaves]
         st.passes = _DeltaPasses(self, det[0], det[1], det[3], det[4])
         if first_rank:  # the payload is its own op's final state (payload_from_output)
@@ -545,9 +582,11 @@ class _DeltaRuleStatesKind(_DeltaRuleKind):
             B, _, H, K = q.shape
             st.payload = torch.zeros(B, H, K, K + self.V, dtype=state_dtype(q), device=q.device)
             return st
+        # a middle rank: both passes, side by side, keeping their chunk states (Triton) to
+        # form the op's from S_in (compose) instead of scanning again
         with st.passes.side.run():
-            st.o_t, M = st.passes.transitions()
-        E = st.passes.states(det[2], None)
+            st.o_t, M, st.cs_t = st.passes.transitions(keep=True)
+        E, st.cs_e = st.passes.states(det[2], None, keep=True)
         st.passes.side.join()
         st.payload = torch.cat([M, E], dim=-1)
         return st
@@ -555,12 +594,16 @@ class _DeltaRuleStatesKind(_DeltaRuleKind):
     def overlap(self, st):
         if st.o_t is None:
             with st.passes.side.run():
-                st.o_t, _ = st.passes.transitions()
+                st.o_t, _, _ = st.passes.transitions()
 
     def output(self, st, S_in, s0_grad, need_state):
         st.s0_grad = s0_grad
+        states = None
+        if st.cs_e is not None and S_in is not None:
+            states = st.passes.compose(st.cs_e, st.cs_t, S_in.to(st.cs_e.final.dtype))
+        st.cs_e = st.cs_t = None
         o = _run_from_state(st, S_in, s0_grad,
-                            lambda s_leaf: st.passes.op(st.leaves, s_leaf, need_state))
+                            lambda s_leaf: st.passes.op(st.leaves, s_leaf, need_state, states))
         st.passes.side.join()
         st.passes = None  # the op's backward keeps what it reads of prep
         return o

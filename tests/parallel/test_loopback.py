@@ -23,18 +23,18 @@ import sp_loopback
 H = 2
 
 
-def _inputs(op, gate, T, K, V, seed, state=True):
+def _inputs(op, gate, T, K, V, seed, state=True, B=1):
     gen = helpers.seeded(seed)
-    x = dict(q=helpers.randn(1, T, H, K, gen=gen), k=helpers.randn(1, T, H, K, gen=gen),
-             v=helpers.randn(1, T, H, V, gen=gen))
+    x = dict(q=helpers.randn(B, T, H, K, gen=gen), k=helpers.randn(B, T, H, K, gen=gen),
+             v=helpers.randn(B, T, H, V, gen=gen))
     if op == "delta":
         x["k"] = helpers.unit_keys(x["k"])
-        x["beta"] = torch.rand(1, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05
-    x["g"] = helpers.rand_gate(gate, 1, T, H, K, gen, low=-0.6, high=-0.01)
+        x["beta"] = torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05
+    x["g"] = helpers.rand_gate(gate, B, T, H, K, gen, low=-0.6, high=-0.01)
     if x["g"] is None:
         del x["g"]
     if state:
-        x["initial_state"] = helpers.randn(1, H, K, V, gen=gen)
+        x["initial_state"] = helpers.randn(B, H, K, V, gen=gen)
     return x
 
 
@@ -62,15 +62,18 @@ def test_simulated_ranks_match_single_process_f64(op, gate, kw, final):
                                  output_final_state=final)
 
 
-@pytest.mark.parametrize("op, gate, lengths, final",
-                         [("linear", "scalar", [40, 29], True), ("linear", "key", [40, 29], True),
-                          ("delta", "scalar", [40, 29], True),
-                          ("delta", "scalar", [70, 9, 29], False),
-                          ("delta", "none", [29, 70], False)])
-def test_simulated_ranks_on_triton_f32(op, gate, lengths, final):
-    """The Triton path (kernels, the time-split sums, the delta rule's shared prep and
-    states-only pass) in float32, tolerance rule."""
-    x = _inputs(op, gate, sum(lengths), 16, 16, seed=3)
+@pytest.mark.parametrize("op, gate, lengths, final, B",
+                         [("linear", "scalar", [40, 29], True, 1),
+                          ("linear", "key", [40, 29], True, 1),
+                          ("delta", "scalar", [40, 29], True, 1),
+                          ("delta", "scalar", [70, 9, 29], False, 1),
+                          ("delta", "scalar", [29, 130, 20], True, 2),
+                          ("delta", "none", [29, 70], False, 1)])
+def test_simulated_ranks_on_triton_f32(op, gate, lengths, final, B):
+    """The Triton path (kernels, the time-split sums, the delta rule's shared prep,
+    states-only pass and a middle rank's chunk states formed from S_in) in float32,
+    tolerance rule."""
+    x = _inputs(op, gate, sum(lengths), 16, 16, seed=3, B=B)
     helpers.check_against_oracle(
         sp_loopback.simulated(op, len(lengths), lengths, backend="triton", sums="triton"),
         _oracle(op), x, dtype=torch.float32, grad_names=list(x), output_final_state=final)
