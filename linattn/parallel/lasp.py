@@ -39,7 +39,11 @@ A rank's local work, per op kind (the extra work over the single-GPU op on the s
                             is never read: the folds start from zero, and rank 0's incoming
                             gradient comes from its op's backward), sent after the op
             middle ranks    the transition pass (on a second CUDA stream) beside the
-                            states-only pass, the all-gather, the op from S_in
+                            states-only pass, the all-gather, the op from S_in; on the
+                            Triton kernels its chunk states come from the two passes'
+                            by linearity (h_c = h_E,c + h~_c S_in, U' = U'_E + U'~ S_in:
+                            batched matmuls instead of a third scan) and only its output
+                            kernel runs
             the last rank   without a final state: the transition pass (for o~) while the
                             all-gather is in flight, on a second CUDA stream beside the op
                             from S_in; with one: as a middle rank
