@@ -79,6 +79,17 @@ def test_simulated_ranks_on_triton_f32(op, gate, lengths, final, B):
         _oracle(op), x, dtype=torch.float32, grad_names=list(x), output_final_state=final)
 
 
+def test_delta_middle_rank_16bit_on_triton():
+    """float16 on the Triton kernels (the interpreter's bfloat16 dots are not exact enough to
+    judge): a middle rank's chunk states formed from S_in in the stored 16-bit dtype, tolerance
+    rule."""
+    lengths = [150, 140, 130]
+    x = _inputs("delta", "scalar", sum(lengths), 32, 32, seed=4)
+    helpers.check_against_oracle(
+        sp_loopback.simulated("delta", 3, lengths, backend="triton", sums="triton"),
+        _oracle("delta"), x, dtype=torch.float16, grad_names=list(x), output_final_state=True)
+
+
 def test_delta_states_form_matches_twice_on_triton():
     """form="states" against form="twice" rank by rank on the Triton kernels (float32, three
     ranks: each role), outputs and every gradient."""
