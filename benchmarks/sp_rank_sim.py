@@ -12,16 +12,20 @@ torch.cuda.synchronize around each) of:
 
     plain   linattn.linear_attention / linattn.delta_rule on the slice (q, k, v, gates
             requiring grad, as in the rank)
-    rank r  the simulated rank r of W = 2 (--ranks, default 1), sums="auto"
-    main    the rank as main computed it before this version (the "before" column):
-            sums="torch", its passes over time on chunked float32 PyTorch sums instead of
-            the time-split Triton kernel, and for the delta rule form="twice" (a forward on
-            [0 | v] without autograd for (M, E), then the op from S_in with autograd)
-            instead of the op once on [0 | v] with autograd (main also ran the passes nobody
-            reads, the last rank's E_r and the op's final state there: every mode skips them,
-            so this column is a little faster than main was)
-    once    (delta rule) form="once" with the Triton sums (the rank column is the default,
-            form="twice"): which form is faster
+    rank r  the simulated rank r of W = 2 (--ranks, default 1), sums="auto" (the delta
+            rule: its default form, "states")
+    main    the rank with its passes over time on chunked float32 PyTorch sums
+            (sums="torch") instead of the time-split Triton kernel, and for the delta rule
+            form="twice"
+    twice   (delta rule) form="twice" with the Triton sums: a forward on [0 | v] without
+            autograd for (M, E) and o~, then the op from S_in with autograd
+    once    (delta rule) form="once" with the Triton sums: the op once on [0 | v] with
+            autograd
+
+Rank 1 of 2 is the last rank: without --final it sends no pair (nobody reads it), so the
+delta rule's "states" form runs only its transition pass (for o~) beside the op; with
+--final (output_final_state=True) it also sends (M, E), the work of a middle rank of a
+larger group.
 
 and profiles one forward+backward of each (torch.profiler, top kernels by device time). The
 bar (issue 29): rank / plain <= 1.15. Prints plain's and rank 1's top kernels per case, where
@@ -58,7 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--no-main", action="store_true", help="skip main's form of the rank")
+    p.add_argument("--no-twice", action="store_true", help="skip the delta rule's form='twice' rank")
     p.add_argument("--no-once", action="store_true", help="skip the delta rule's form='once' rank")
+    p.add_argument("--final", action="store_true",
+                   help="ranks return the final state (every rank sends its (M, E) pair)")
     p.add_argument("--top", type=int, default=15, help="kernels per profile (in the JSON)")
     p.add_argument("--out", default="benchmarks/results/sp_rank_sim.json")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (PyTorch paths)")
@@ -89,18 +96,19 @@ def make_inputs(case, T, H, D, device, seed=0):
     return x, rn(1, T, H, D, dtype=torch.bfloat16)
 
 
-def op_fn(case, mode, rank=1, world=2):
+def op_fn(case, mode, rank=1, world=2, final=False):
     """fn(**inputs) -> (o, state): mode "plain" (the single-GPU op), "rank" (the simulated
-    rank), "main" (main's form of it), "once" (the delta rule's form="once")."""
+    rank), "main" (its passes over time on PyTorch sums, the delta rule's form="twice"),
+    "twice" / "once" (the delta rule's forms); final: the rank returns the final state."""
     import linattn
     from linattn.parallel import lasp
     from linattn.parallel.comm import LoopbackComm
 
     if mode == "plain":
         return linattn.delta_rule if case == "delta" else linattn.linear_attention
-    kw = dict(sums="torch" if mode == "main" else "auto")
-    if case == "delta" and mode in ("main", "once"):
-        kw["form"] = "twice" if mode == "main" else "once"
+    kw = dict(sums="torch" if mode == "main" else "auto", output_final_state=final)
+    if case == "delta" and mode in ("main", "twice", "once"):
+        kw["form"] = "twice" if mode == "main" else mode
     fn = lasp.delta_rule_on if case == "delta" else lasp.linear_attention_on
 
     def run(**x):
@@ -110,8 +118,10 @@ def op_fn(case, mode, rank=1, world=2):
 
 def modes_of(case, args):
     """The simulated-rank modes timed for a case."""
+    delta = case == "delta"
     return (["rank"] + ([] if args.no_main else ["main"])
-            + (["once"] if case == "delta" and not args.no_once else []))
+            + (["twice"] if delta and not args.no_twice else [])
+            + (["once"] if delta and not args.no_once else []))
 
 
 def _sync(device):
@@ -165,13 +175,15 @@ def run_case(case, T, args, device):
     modes = modes_of(case, args)
     for r in args.ranks:
         for mode in modes:
-            ms = time_fwd_bwd(op_fn(case, mode, r), x, do, args.warmup, args.iters) * 1e3
+            fn = op_fn(case, mode, r, final=args.final)
+            ms = time_fwd_bwd(fn, x, do, args.warmup, args.iters) * 1e3
             row[f"{mode}{r}_ms"] = ms
             row[f"{mode}{r}_ratio"] = ms / row["plain_ms"]
     row["profile"] = {"plain": profile_fwd_bwd(op_fn(case, "plain"), x, do, args.top)}
     for r in args.ranks:
         for mode in modes:
-            row["profile"][f"{mode}{r}"] = profile_fwd_bwd(op_fn(case, mode, r), x, do, args.top)
+            row["profile"][f"{mode}{r}"] = profile_fwd_bwd(op_fn(case, mode, r, final=args.final),
+                                                           x, do, args.top)
     return row
 
 
@@ -244,8 +256,9 @@ def main(argv=None):
             print(f"  {case} T={row['T']} {name}: {extra:+.2f} ms in all; {top}")
 
     print(f"\nsimulated LASP-2 rank of W = 2 vs the plain op on the slice, B=1 H={args.heads} "
-          f"D={args.dim} bf16, fwd+bwd ms ({gpu}); bar: rank/plain <= 1.15")
-    cols = [f"{m}{r}" for r in args.ranks for m in ["rank", "main", "once"]
+          f"D={args.dim} bf16, fwd+bwd ms ({gpu}){', final state' if args.final else ''}; "
+          f"bar: rank/plain <= 1.15")
+    cols = [f"{m}{r}" for r in args.ranks for m in ["rank", "main", "twice", "once"]
             if any(f"{m}{r}_ms" in row for row in rows)]
     print(f"{'case':>6} | {'T':>7} | {'plain':>8} | " + " | ".join(f"{c:>15}" for c in cols))
     for row in rows:

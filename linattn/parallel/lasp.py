@@ -29,19 +29,36 @@ A rank's local work, per op kind (the extra work over the single-GPU op on the s
                   extra cost), with its final state where a gradient reaches it
         backward: c_r = scale sum_t (q_t exp(b_t)) do_t^T (one pass over q, do; not on
                   rank 0), the all-gather, then the op's backward from (do, dS_out)
-    delta rule (M_r dense K x K), form="twice" (the default):
-        forward:  the op without autograd on v' = [0 | v] from [I | 0] (one call of V' = K + V
-                  columns; two calls when K + V > MAX_HEAD_DIM): its final state is
-                  [M_r | E_r] and its output's first K columns o~_t = scale P_t^T q_t (P_t the
-                  product of the maps through t); the all-gather; then the op with autograd
-                  on v from S_in
-        backward: c_r = sum_t o~_t do_t^T, the all-gather, the op's own backward
+    delta rule (M_r dense K x K), form="states" (the default): two passes over the slice
+        without autograd, o~, M_r = the op on v = 0 from I (the transition pass: o~_t =
+        scale P_t^T q_t, P_t the product of the maps through t, M_r = P_T) and E_r = the
+        states-only forward on v from zero (prep and the state scan, no output kernel), then
+        the op with autograd on v from S_in; on the Triton kernels all three share one prep
+        launch. Each rank runs only what its role needs:
+            rank 0          the op from S0 alone: its payload is [0 | its final state] (M_0
+                            is never read: the folds start from zero, and rank 0's incoming
+                            gradient comes from its op's backward), sent after the op
+            middle ranks    the transition pass (on a second CUDA stream) beside the
+                            states-only pass, the all-gather, the op from S_in; on the
+                            Triton kernels its chunk states come from the two passes'
+                            by linearity (h_c = h_E,c + h~_c S_in, U' = U'_E + U'~ S_in:
+                            batched matmuls instead of a third scan) and only its output
+                            kernel runs
+            the last rank   without a final state: the transition pass (for o~) while the
+                            all-gather is in flight, on a second CUDA stream beside the op
+                            from S_in; with one: as a middle rank
+        backward: c_r = sum_t o~_t do_t^T (not on rank 0), the all-gather, the op's own
+        backward
+    form="twice": the op without autograd on v' = [0 | v] from [I | S0] (one call of
+        V' = K + V columns; two calls when K + V > fuse_dim), whose final state is
+        [M_r | E_r] and output's first K columns o~, then the op with autograd on v from S_in;
+        every rank runs both (and computes the output's V columns nobody reads)
     form="once" runs the op ONCE, with autograd, on v' from [I | 0] and forms
         o = o_0 + o~ S_in (o_0 the output from zero); its backward is the op's own on
         (do' = [do S_in^T | do], dS' = [dS_out S_in^T | dS_out]). It does less arithmetic
         on paper, but the op on K + V value columns backward costs more than a second
         forward on V (PERF_NOTES.md, "Sequence parallelism: the one-GPU rank
-        simulation"), so "twice" is the default.
+        simulation").
 
 The passes over time (E_r, c_r) run on a Triton kernel split over time on the Triton
 backend (linattn.ops.triton.outer_sum: at B = 1 a batched matmul over time has one [K, V]
@@ -51,9 +68,11 @@ on chunked float32 PyTorch sums elsewhere (sums="torch").
 Collectives go through a communicator value (linattn.parallel.comm): ProcessGroupComm for a
 torch.distributed group, LoopbackComm to run one rank's work in a single process (timing,
 tests). Each all-gather is launched before the local work that does not need its result and
-waited for after: rank 0's op (its incoming state is the initial state) in the forward; in
-the backward the delta rule's do S_in^T, and the whole backward of the last rank when no
-final state is asked for (no gradient flows into it).
+waited for after: in the forward rank 0's op (its incoming state is the initial state;
+the delta rule's form="states" sends rank 0's final state, so there the op comes first) and
+the delta rule's transition pass on the last rank; in the backward the delta rule's
+do S_in^T ("once"), and the whole backward of the last rank when no final state is asked for
+(no gradient flows into it).
 
 Gradients of inputs shared by all ranks are split by use, as for any parameter under
 sequence parallelism: a constant gate g [H] gets on each rank the part from its own slice
@@ -67,6 +86,7 @@ order; slices may have any length (not a multiple of any chunk size).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -79,7 +99,7 @@ from .comm import ProcessGroupComm
 # temporaries to ~BLOCK * H * D elements whatever the slice length.
 BLOCK_TOKENS = 16384
 SUMS = ("auto", "triton", "torch")
-DELTA_FORMS = ("once", "twice")
+DELTA_FORMS = ("states", "twice", "once")
 
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:
@@ -176,7 +196,19 @@ class _Local:
         self.payload = None
 
 
-class _LinearAttentionKind:
+class _Kind:
+    """What every op kind shares: the hooks _LASP2 calls that most kinds leave empty."""
+
+    def overlap(self, st):
+        """Local work that needs no incoming state, run while the forward's all-gather is in
+        flight (ranks > 0)."""
+
+    def payload_from_output(self, st):
+        """The payload of a rank whose local() left it None (its own op's final state)."""
+        raise NotImplementedError
+
+
+class _LinearAttentionKind(_Kind):
     """Gated linear attention: M_r = diag(decay_r) (per key row), payload [B, H, K, V + 1] = [E_r | decay_r]."""
 
     def __init__(self, scale, backend, V, sums="auto"):
@@ -192,7 +224,7 @@ class _LinearAttentionKind:
             return out.to(sdt), None if total is None else total.to(sdt)
         return weighted_outer_sum(a, b, _log_decay_steps(g, B, T, H), reverse=reverse, dtype=sdt)
 
-    def local(self, leaves, S0, need_payload):
+    def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
         q, k, v, g = leaves
         B, _, H, K = q.shape
         st = _Local(leaves)
@@ -262,11 +294,12 @@ def _grads_from_state(st, do, dS, targets):
     return list(got[: len(targets)]), dS_in
 
 
-class _DeltaRuleKind:
+class _DeltaRuleKind(_Kind):
     """(Gated) delta rule: M_r dense [B, H, K, K], payload [B, H, K, K + V] = [M_r | E_r].
 
-    The op runs once per rank, with autograd, on v' = [0 | v] from [I | 0] (see the module
-    docstring); when K + V > fuse_dim the two halves are two op calls."""
+    form="once": the op runs once per rank, with autograd, on v' = [0 | v] from [I | 0] (see
+    the module docstring); when K + V > fuse_dim the two halves are two op calls. The other
+    forms subclass it."""
 
     def __init__(self, scale, backend, V, sums="auto", fuse_dim=MAX_HEAD_DIM):
         self.scale, self.backend, self.V, self.sums, self.fuse_dim = scale, backend, V, sums, fuse_dim
@@ -275,7 +308,7 @@ class _DeltaRuleKind:
         return _api.delta_rule(q, k, v, beta, g, scale=self.scale, initial_state=S0,
                                output_final_state=True, backend=self.backend)
 
-    def local(self, leaves, S0, need_payload):
+    def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
         q, k, v, beta, g = leaves
         B, T, H, K = q.shape
         V, sdt = self.V, state_dtype(q)
@@ -368,7 +401,7 @@ class _DeltaRuleTwiceKind(_DeltaRuleKind):
     from [I | S0] for (M_r, E_r) and o~, then the op with autograd on v from S_in (the
     single-GPU op's own handling of the incoming state). form="twice" of delta_rule_on."""
 
-    def local(self, leaves, S0, need_payload):
+    def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
         q, k, v, beta, g = leaves
         B, T, H, K = q.shape
         V, sdt = self.V, state_dtype(q)
@@ -404,6 +437,202 @@ class _DeltaRuleTwiceKind(_DeltaRuleKind):
         return _grads_from_state(st, do, dS, targets)
 
 
+class _SideStream:
+    """A second CUDA stream for a rank's work that needs no communication and no incoming
+    state, so that it runs on the GPU alongside the stream's own work (at B = 1 a state scan
+    has a program per (head, V block) only, and two scans side by side take little more
+    than one). Off CUDA, run() is the current stream and join() does nothing.
+
+    Ordering: run() starts after everything the current stream has queued (the side work
+    reads its tensors), and join() makes the current stream wait for the side work, so that
+    the side stream's tensors are complete, and memory the current stream frees later is not
+    still read there. Tensors made on the side stream are returned to its pool when freed,
+    which later side work only reuses after run()'s wait."""
+
+    _streams: dict = {}  # device index -> the side stream (created once)
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.pending = False
+        if self.cuda:
+            self.main = torch.cuda.current_stream(device)
+            key = device.index if device.index is not None else torch.cuda.current_device()
+            if key not in self._streams:
+                self._streams[key] = torch.cuda.Stream(device)
+            self.side = self._streams[key]
+
+    @contextlib.contextmanager
+    def run(self):
+        if not self.cuda:
+            yield
+            return
+        self.side.wait_stream(self.main)
+        with torch.cuda.stream(self.side):
+            yield
+        self.pending = True
+
+    def join(self):
+        if self.pending:
+            self.main.wait_stream(self.side)
+            self.pending = False
+
+
+class _DeltaPasses:
+    """The delta rule's passes over one rank's slice (inputs detached): the transition pass,
+    the states-only pass and the op. On the Triton kernels (float32 / 16-bit inputs) they
+    share one prep launch (linattn.ops.triton.delta_api.prepare) and the states-only pass
+    skips the output kernel; elsewhere each is a call of the backend's op."""
+
+    def __init__(self, kind, q, k, beta, g):
+        self.scale, self.backend = kind.scale, kind.backend
+        self.q, self.k, self.beta, self.g = q, k, beta, g
+        impl = _api._backend_module(kind.backend, q)
+        self.prep = None
+        if (getattr(impl, "__name__", "") == "linattn.ops.triton" and q.dtype != torch.float64
+                and not torch.compiler.is_compiling()):
+            from ..ops.triton import delta_api
+            self._delta_api = delta_api
+            with torch.no_grad():
+                self.prep = delta_api.prepare(k, beta, g)
+        self.side = _SideStream(q.device)
+
+    def _op(self, v, S0, want_final, q=None, k=None, beta=None, g=None):
+        q, k = (self.q if q is None else q), (self.k if k is None else k)
+        beta, g = (self.beta if beta is None else beta), (self.g if g is None else g)
+        if self.prep is not None:
+            return self._delta_api.delta_rule(q, k, v, beta, g, scale=self.scale,
+                                              initial_state=S0, output_final_state=want_final,
+                                              prep=self.prep)
+        return _api.delta_rule(q, k, v, beta, g, scale=self.scale, initial_state=S0,
+                               output_final_state=want_final, backend=self.backend)
+
+    def transitions(self, keep=False):
+        """(o~ [B, T, H, K] in the inputs' dtype, M [B, H, K, K] in the state dtype, the
+        pass's chunk states when keep on the Triton kernels, else None): the op without
+        autograd on v = 0 from I (o~_t = scale P_t^T q_t, M = P_T)."""
+        B, T, H, K = self.q.shape
+        sdt = state_dtype(self.q)
+        with torch.no_grad():
+            eye = torch.eye(K, dtype=sdt, device=self.q.device).expand(B, H, K, K).contiguous()
+            zeros = torch.zeros(B, T, H, K, dtype=self.q.dtype, device=self.q.device)
+            if self.prep is None:
+                o_t, M = self._op(zeros, eye, True)
+                return o_t, M.to(sdt), None
+            cs = self._delta_api.chunk_states(self.k, zeros, self.beta, prep=self.prep,
+                                              initial_state=eye)
+            o_t = self._delta_api.output(self.q, self.k, cs, prep=self.prep, scale=self.scale)
+        return o_t, cs.final.to(sdt), (cs if keep else None)
+
+    def states(self, v, S0, keep=False):
+        """(the state after the slice from S0 (None: zeros), [B, H, K, V] in the state dtype;
+        the pass's chunk states when keep on the Triton kernels, else None), without autograd
+        and, on the Triton kernels, without the output kernel."""
+        with torch.no_grad():
+            if self.prep is None:
+                return self._op(v, S0, True)[1].to(state_dtype(v)), None
+            cs = self._delta_api.chunk_states(self.k, v, self.beta, prep=self.prep,
+                                              initial_state=S0)
+        return cs.final.to(state_dtype(v)), (cs if keep else None)
+
+    def compose(self, cs_e, cs_t, S_in):
+        """The chunk states of the scan on v from S_in, from the states-only pass's (from
+        zero, cs_e) and the transition pass's (cs_t), by linearity in the incoming state:
+
+            h_c = h_E,c + h~_c S_in,   U' = U'_E + U'~ S_in,   final = M S_in + E
+
+        formed in place in cs_e's tensors (per sequence and head, one batched matmul over the
+        chunks and one over the tokens, in the stored dtype with float32 accumulation)."""
+        B, T, H, K = self.q.shape
+        V = S_in.shape[-1]
+        nc = -(-T // self._delta_api.delta_fwd.BT)  # chunks per sequence
+        if cs_e.h.shape[0] != B * (nc + 1):
+            raise ValueError(f"chunk states of {cs_e.h.shape[0]} slots for {B} x {nc} chunks")
+        h_e, h_t = cs_e.h.view(B, nc + 1, H, K, V), cs_t.h.view(B, nc + 1, H, K, K)
+        u_e, u_t = cs_e.vnew.view(B, T, H, V), cs_t.vnew.view(B, T, H, K)
+        with torch.no_grad():
+            S_h, S_u = S_in.to(h_e.dtype), S_in.to(u_e.dtype)
+            for n in range(B):
+                for hh in range(H):
+                    h_e[n, :nc, hh].baddbmm_(h_t[n, :nc, hh], S_h[n, hh].expand(nc, K, V))
+                    u_e[n, :, hh].addmm_(u_t[n, :, hh], S_u[n, hh])
+            final = torch.matmul(cs_t.final, S_in.to(cs_t.final.dtype)) + cs_e.final
+        return cs_e._replace(final=final)
+
+    def op(self, leaves, S_in, want_final, states=None):
+        """The op with autograd on the slice's leaves from S_in; with states (on the Triton
+        kernels: the chunk states from S_in, compose) the output kernel alone."""
+        q, k, v, beta, g = leaves
+        if states is not None:
+            return self._delta_api.delta_rule(q, k, v, beta, g, scale=self.scale,
+                                              initial_state=S_in,
+                                              output_final_state=want_final, prep=self.prep,
+                                              states=states)
+        return self._op(v, S_in, want_final, q, k, beta, g)
+
+
+class _DeltaRuleStatesKind(_DeltaRuleKind):
+    """form="states" of delta_rule_on (the default): per rank, only the passes its role needs,
+    over one prep on the Triton kernels (the module docstring's table)."""
+
+    def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
+        q, k, v, beta, g = leaves
+        st = _Local(leaves)
+        st.o_t = st.cs_t = st.cs_e = None
+        det = [None if x is None else x.detach() for x in leaves]
+        st.passes = _DeltaPasses(self, det[0], det[1], det[3], det[4])
+        if first_rank:  # the payload is its own op's final state (payload_from_output)
+            return st
+        if not need_payload:  # the last rank without a final state: o~ in overlap()
+            B, _, H, K = q.shape
+            st.payload = torch.zeros(B, H, K, K + self.V, dtype=state_dtype(q), device=q.device)
+            return st
+        # a middle rank: both passes, side by side, keeping their chunk states (Triton) to
+        # form the op's from S_in (compose) instead of scanning again
+        with st.passes.side.run():
+            st.o_t, M, st.cs_t = st.passes.transitions(keep=True)
+        E, st.cs_e = st.passes.states(det[2], None, keep=True)
+        st.passes.side.join()
+        st.payload = torch.cat([M, E], dim=-1)
+        return st
+
+    def overlap(self, st):
+        if st.o_t is None:
+            with st.passes.side.run():
+                st.o_t, _, _ = st.passes.transitions()
+
+    def output(self, st, S_in, s0_grad, need_state):
+        st.s0_grad = s0_grad
+        states = None
+        if st.cs_e is not None and S_in is not None:
+            states = st.passes.compose(st.cs_e, st.cs_t, S_in.to(st.cs_e.final.dtype))
+        st.cs_e = st.cs_t = None
+        o = _run_from_state(st, S_in, s0_grad,
+                            lambda s_leaf: st.passes.op(st.leaves, s_leaf, need_state, states))
+        st.passes.side.join()
+        st.passes = None  # the op's backward keeps what it reads of prep
+        return o
+
+    def payload_from_output(self, st):
+        E = st.S_out.detach().to(state_dtype(st.leaves[0]))
+        B, H, K, _ = E.shape
+        return torch.cat([torch.zeros(B, H, K, K, dtype=E.dtype, device=E.device), E], dim=-1)
+
+    def incoming_grad(self, st, do, first_rank):
+        """c_r = sum_t o~_t do_t^T; zeros on rank 0, whose c_0 nobody reads (its initial
+        state's gradient comes from its op's backward)."""
+        if first_rank:
+            q = st.leaves[0]
+            B, _, H, K = q.shape
+            return torch.zeros(B, H, K, self.V, dtype=state_dtype(q), device=q.device)
+        return super().incoming_grad(st, do, first_rank)
+
+    def before_grads(self, st, do):
+        pass
+
+    def grads(self, st, do, dS, targets):
+        return _grads_from_state(st, do, dS, targets)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 class _LASP2(torch.autograd.Function):
@@ -416,14 +645,21 @@ class _LASP2(torch.autograd.Function):
         S0_used = S0 if rank == 0 else None
         needs = ctx.needs_input_grad[4:]
         leaves = [a.detach().requires_grad_(n) if a is not None else None for a, n in zip(args, needs)]
-        st = kind.local(leaves, S0_used, need_payload=rank < world - 1 or want_final)
-        pending = comm.start_all_gather(st.payload)  # [W, B, H, K, P] once waited for
         s0_grad = S0_used is not None and ctx.needs_input_grad[3]
         need_state = rank < world - 1 or want_final
-        if rank == 0:  # its incoming state is S0 (or none): the op overlaps the gather
+        st = kind.local(leaves, S0_used, need_payload=need_state, first_rank=rank == 0,
+                        s0_grad=s0_grad)
+        if st.payload is None:  # rank 0 sending its own op's final state: the op first
+            o = kind.output(st, S0_used, s0_grad, need_state)
+            st.payload = kind.payload_from_output(st)
+            pays = comm.start_all_gather(st.payload).wait()
+        elif rank == 0:  # its incoming state is S0 (or none): the op overlaps the gather
+            pending = comm.start_all_gather(st.payload)  # [W, B, H, K, P] once waited for
             o = kind.output(st, S0_used, s0_grad, need_state)
             pays = pending.wait()
         else:
+            pending = comm.start_all_gather(st.payload)
+            kind.overlap(st)
             pays = pending.wait()
             with torch.no_grad():
                 S_in = torch.zeros_like(st.payload[..., : kind.V])
@@ -573,8 +809,9 @@ def delta_rule(q, k, v, beta, g=None, *, group=None, scale=None, initial_state=N
             M_r and E_r); independent of T.
         backward: one all-gather; each rank sends B*H*K*V elements, 2*B*H*K*V with
             output_final_state=True.
-    Local work: the op once on v' = [0 | v] (V' = K + V columns, or two calls when
-    K + V > 256) with autograd, instead of the single-GPU op on v; then o = o_0 + o~ S_in.
+    Local work (delta_rule_on's form="states"): besides the single-GPU op on v from the
+    incoming state, a transition pass on v = 0 (K columns; not on rank 0) and a states-only
+    pass (no outputs; not on rank 0 nor, without a final state, on the last rank).
     """
     return delta_rule_on(ProcessGroupComm(group), q, k, v, beta, g, scale=scale,
                          initial_state=initial_state, output_final_state=output_final_state,
@@ -583,11 +820,14 @@ def delta_rule(q, k, v, beta, g=None, *, group=None, scale=None, initial_state=N
 
 def delta_rule_on(comm, q, k, v, beta, g=None, *, scale=None, initial_state=None,
                   output_final_state=False, backend="auto", sums="auto", fuse_dim=MAX_HEAD_DIM,
-                  form="twice"):
-    """delta_rule over a communicator (see linear_attention_on). fuse_dim: the widest
-    K + V run as one op call on v' = [0 | v] (above it: two calls). form: "twice" (a forward
-    on v' without autograd, then the op on v from S_in with autograd; the default, faster on
-    the GPU) or "once" (the op once on v' with autograd; see the module docstring)."""
+                  form="states"):
+    """delta_rule over a communicator (see linear_attention_on). form: "states" (the default:
+    per rank only the passes its role needs, a states-only pass for E_r and the transition
+    pass on v = 0 for (o~, M_r), then the op from S_in, over one prep on the Triton kernels),
+    "twice" (a forward on v' = [0 | v] without autograd, then the op on v from S_in with
+    autograd) or "once" (the op once on v' with autograd); see the module docstring.
+    fuse_dim ("twice", "once"): the widest K + V run as one op call on v' (above it: two
+    calls)."""
     if form not in DELTA_FORMS:
         raise ValueError(f"form must be one of {DELTA_FORMS}, got {form!r}")
     _api._check_qkv(q, k, v)
@@ -596,8 +836,8 @@ def delta_rule_on(comm, q, k, v, beta, g=None, *, scale=None, initial_state=None
     _api._check_step_gate("beta", beta, q)
     _api._check_log_decay(g, q, allowed=("none", "scalar"))
     _check_common(comm, backend, sums, q, v, initial_state)
-    kind = (_DeltaRuleKind if form == "once" else _DeltaRuleTwiceKind)(scale, backend, v.shape[-1],
-                                                                         sums, fuse_dim)
+    kind = {"states": _DeltaRuleStatesKind, "twice": _DeltaRuleTwiceKind,
+            "once": _DeltaRuleKind}[form](scale, backend, v.shape[-1], sums, fuse_dim)
     return _run(kind, comm, initial_state, output_final_state, (q, k, v, beta, g),
                 lambda: _api.delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                         output_final_state=output_final_state, backend=backend))

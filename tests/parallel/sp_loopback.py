@@ -25,7 +25,7 @@ PER_TOKEN = ("q", "k", "v", "beta", "g")
 class _Simulated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, names, *values):
-        op, world, lengths, kw, wire = spec
+        op, world, lengths, kw, wire, want_final = spec
         x = dict(zip(names, values))
         const_gate = x.get("g") is not None and x["g"].dim() == 1
         starts = [sum(lengths[:r]) for r in range(world)]
@@ -45,11 +45,12 @@ class _Simulated(torch.autograd.Function):
         for comm in recorders + [LoopbackComm(r, world, inbox, wire_dtype=wire) for r in range(world)]:
             mine = {n: cut(n, comm.rank) for n in names}
             with torch.enable_grad():
-                o, st = fn(comm, **mine, output_final_state=True, **kw)
+                o, st = fn(comm, **mine, output_final_state=want_final, **kw)
             runs.append((comm.rank, mine, o, st))
         ctx.runs, ctx.names, ctx.starts, ctx.lengths, ctx.const_gate = runs, names, starts, lengths, const_gate
         real = runs[world:]
-        return torch.cat([o.detach() for _, _, o, _ in real], dim=1), real[0][3].detach()
+        final = real[0][3].detach() if want_final else real[0][2].new_zeros(0)
+        return torch.cat([o.detach() for _, _, o, _ in real], dim=1), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
@@ -57,9 +58,12 @@ class _Simulated(torch.autograd.Function):
         grads = {n: [] for n in ctx.names}
         for i, (rank, mine, o, st) in enumerate(ctx.runs):
             sl = slice(ctx.starts[rank], ctx.starts[rank] + ctx.lengths[rank])
-            dfin = dfinal if rank == 0 else torch.zeros_like(dfinal)  # the sum is what counts
+            outs, cots = [o], [do[:, sl]]
+            if st is not None:
+                outs.append(st)
+                cots.append(dfinal if rank == 0 else torch.zeros_like(dfinal))  # the sum counts
             leaves = [mine[n] for n in ctx.names if mine[n] is not None and mine[n].requires_grad]
-            got = torch.autograd.grad([o, st], leaves, [do[:, sl], dfin], allow_unused=True)
+            got = torch.autograd.grad(outs, leaves, cots, allow_unused=True)
             if i >= world:  # pass two: the real gradients
                 by_name = dict(zip([n for n in ctx.names if mine[n] is not None and mine[n].requires_grad], got))
                 for n in ctx.names:
@@ -78,12 +82,13 @@ class _Simulated(torch.autograd.Function):
 
 
 def simulated(op: str, world: int, lengths: list[int], wire_dtype=None, **kw):
-    """fn(**inputs) -> (o [B, T, H, V], final_state): the W ranks of the sequence-parallel op
-    ("linear" or "delta") over slices of the given lengths, with output_final_state=True, the
-    messages delivered in wire_dtype (LoopbackComm's); kw goes to linear_attention_on /
-    delta_rule_on (backend, sums, fuse_dim, scale)."""
+    """fn(**inputs, output_final_state=True) -> (o [B, T, H, V], final_state or None): the W
+    ranks of the sequence-parallel op ("linear" or "delta") over slices of the given lengths,
+    the messages delivered in wire_dtype (LoopbackComm's); kw goes to linear_attention_on /
+    delta_rule_on (backend, sums, fuse_dim, form, scale)."""
     def fn(output_final_state=True, **inputs):
-        assert output_final_state, "the simulation always returns the final state"
         names = tuple(inputs)
-        return _Simulated.apply((op, world, list(lengths), kw, wire_dtype), names, *inputs.values())
+        spec = (op, world, list(lengths), kw, wire_dtype, bool(output_final_state))
+        o, final = _Simulated.apply(spec, names, *inputs.values())
+        return o, (final if output_final_state else None)
     return fn

@@ -4,7 +4,10 @@ sp_loopback.simulated runs every rank of a W-rank group in this process with the
 real group would deliver, so the slices' outputs, the final state and every gradient
 (initial state and a constant gate's included) must match the oracle on the whole sequence:
 in float64 on the chunked PyTorch path (every gate kind, both delta-rule forms), and in float32
-on the Triton kernels (the interpreter on CPUs) with the tolerance rule.
+on the Triton kernels (the interpreter on CPUs) with the tolerance rule. The delta rule's
+default form ("states") gives each rank a role (rank 0: its own op; a middle rank: the
+transition and states-only passes; the last rank: the transition pass alone unless the final
+state is asked for), so the cases cover three ranks and both output_final_state values.
 """
 import functools
 
@@ -20,18 +23,18 @@ import sp_loopback
 H = 2
 
 
-def _inputs(op, gate, T, K, V, seed, state=True):
+def _inputs(op, gate, T, K, V, seed, state=True, B=1):
     gen = helpers.seeded(seed)
-    x = dict(q=helpers.randn(1, T, H, K, gen=gen), k=helpers.randn(1, T, H, K, gen=gen),
-             v=helpers.randn(1, T, H, V, gen=gen))
+    x = dict(q=helpers.randn(B, T, H, K, gen=gen), k=helpers.randn(B, T, H, K, gen=gen),
+             v=helpers.randn(B, T, H, V, gen=gen))
     if op == "delta":
         x["k"] = helpers.unit_keys(x["k"])
-        x["beta"] = torch.rand(1, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05
-    x["g"] = helpers.rand_gate(gate, 1, T, H, K, gen, low=-0.6, high=-0.01)
+        x["beta"] = torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.9 + 0.05
+    x["g"] = helpers.rand_gate(gate, B, T, H, K, gen, low=-0.6, high=-0.01)
     if x["g"] is None:
         del x["g"]
     if state:
-        x["initial_state"] = helpers.randn(1, H, K, V, gen=gen)
+        x["initial_state"] = helpers.randn(B, H, K, V, gen=gen)
     return x
 
 
@@ -42,28 +45,69 @@ def _oracle(op):
 
 CASES_F64 = [("linear", "none", {}), ("linear", "const", {}), ("linear", "scalar", {}),
              ("linear", "key", {}), ("delta", "none", {}), ("delta", "scalar", {}),
-             ("delta", "scalar", {"fuse_dim": 0}), ("delta", "none", {"form": "once"}),
+             ("delta", "scalar", {"form": "twice"}),
+             ("delta", "scalar", {"form": "twice", "fuse_dim": 0}),
+             ("delta", "none", {"form": "once"}),
              ("delta", "scalar", {"form": "once", "fuse_dim": 0})]
 
 
+@pytest.mark.parametrize("final", [True, False])
 @pytest.mark.parametrize("op, gate, kw", CASES_F64)
-def test_simulated_ranks_match_single_process_f64(op, gate, kw):
+def test_simulated_ranks_match_single_process_f64(op, gate, kw, final):
     lengths = [11, 1, 7]
     x = _inputs(op, gate, sum(lengths), 5, 3, seed=len(gate) + 10 * len(kw))
     grads = [n for n in x]
     helpers.check_against_oracle(sp_loopback.simulated(op, 3, lengths, backend="torch", **kw),
                                  _oracle(op), x, dtype=torch.float64, grad_names=grads,
-                                 output_final_state=True)
+                                 output_final_state=final)
 
 
-@pytest.mark.parametrize("op, gate", [("linear", "scalar"), ("linear", "key"), ("delta", "scalar")])
-def test_simulated_ranks_on_triton_f32(op, gate):
-    """The Triton path (kernels and the time-split sums) in float32, tolerance rule."""
-    lengths = [40, 29]
-    x = _inputs(op, gate, sum(lengths), 16, 16, seed=3)
+@pytest.mark.parametrize("op, gate, lengths, final, B",
+                         [("linear", "scalar", [40, 29], True, 1),
+                          ("linear", "key", [40, 29], True, 1),
+                          ("delta", "scalar", [40, 29], True, 1),
+                          ("delta", "scalar", [70, 9, 29], False, 1),
+                          ("delta", "scalar", [29, 130, 20], True, 2),
+                          ("delta", "none", [29, 70], False, 1)])
+def test_simulated_ranks_on_triton_f32(op, gate, lengths, final, B):
+    """The Triton path (kernels, the time-split sums, the delta rule's shared prep,
+    states-only pass and a middle rank's chunk states formed from S_in) in float32,
+    tolerance rule."""
+    x = _inputs(op, gate, sum(lengths), 16, 16, seed=3, B=B)
     helpers.check_against_oracle(
-        sp_loopback.simulated(op, 2, lengths, backend="triton", sums="triton"), _oracle(op), x,
-        dtype=torch.float32, grad_names=list(x), output_final_state=True)
+        sp_loopback.simulated(op, len(lengths), lengths, backend="triton", sums="triton"),
+        _oracle(op), x, dtype=torch.float32, grad_names=list(x), output_final_state=final)
+
+
+def test_delta_middle_rank_16bit_on_triton():
+    """float16 on the Triton kernels (the interpreter's bfloat16 dots are not exact enough to
+    judge): a middle rank's chunk states formed from S_in in the stored 16-bit dtype, tolerance
+    rule."""
+    lengths = [150, 140, 130]
+    x = _inputs("delta", "scalar", sum(lengths), 32, 32, seed=4)
+    helpers.check_against_oracle(
+        sp_loopback.simulated("delta", 3, lengths, backend="triton", sums="triton"),
+        _oracle("delta"), x, dtype=torch.float16, grad_names=list(x), output_final_state=True)
+
+
+def test_delta_states_form_matches_twice_on_triton():
+    """form="states" against form="twice" rank by rank on the Triton kernels (float32, three
+    ranks: each role), outputs and every gradient."""
+    lengths = [64, 40, 23]
+    x = _inputs("delta", "scalar", sum(lengths), 16, 8, seed=5)
+    x = {n: t.float() for n, t in x.items()}
+    res = {}
+    for form in ("states", "twice"):
+        inp = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+        fn = sp_loopback.simulated("delta", 3, lengths, backend="triton", sums="triton", form=form)
+        o, final = fn(**inp, output_final_state=True)
+        gen = helpers.seeded(7)
+        do = torch.randn(o.shape, generator=gen, dtype=torch.float64).float()
+        dfin = torch.randn(final.shape, generator=gen, dtype=torch.float64).float()
+        torch.autograd.backward([o, final], [do, dfin])
+        res[form] = [o, final] + [inp[n].grad for n in x]
+    for name, a, b in zip(["o", "final"] + list(x), res["states"], res["twice"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (name, (a - b).abs().max().item())
 
 
 def test_loopback_replicates_and_records():

@@ -368,3 +368,43 @@ def test_gpu(name):
             raise AssertionError(f"{name}, case {_case_id(B, T, extra)}: {e}") from e
     if deterministic:
         check_deterministic(K, V, dtype)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_shared_prep_and_states_only_forward(gated):
+    """delta_rule(prep=prepare(...)) is the op bitwise, gradients included, on packed
+    sequences too; chunk_states (the scan, no output kernel) holds its final state, output
+    its o, and delta_rule(states=) (the output kernel alone) is the op again; a prep of other
+    inputs, or float64 inputs, are clear errors."""
+    lengths = [70, 1, 64]
+    x = make_inputs(1, sum(lengths), 2, 16, 8, gated=gated, seed=11, lengths=lengths)
+    cu = x.pop("cu_seqlens")
+    x = {n: (t.float() if t is not None else None) for n, t in x.items()}
+    q, k, v, beta, g, h0 = (x[n] for n in ("q", "k", "v", "beta", "g", "initial_state"))
+    prep = delta_api.prepare(k, beta, g, cu_seqlens=cu)
+    runs = []
+    for p in (None, prep):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, beta)]
+        gl = None if g is None else g.clone().requires_grad_(True)
+        o, fin = delta_api.delta_rule(*leaves, gl, scale=0.3, initial_state=h0,
+                                      output_final_state=True, cu_seqlens=cu, prep=p)
+        (o.square().sum() + fin.sum()).backward()
+        runs.append([o, fin] + [t.grad for t in leaves] + ([] if gl is None else [gl.grad]))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    cs = delta_api.chunk_states(k, v, beta, prep=prep, initial_state=h0)
+    assert torch.equal(cs.final, runs[0][1])
+    assert torch.equal(delta_api.output(q, k, cs, prep=prep, scale=0.3), runs[0][0])
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, beta)]
+    gl = None if g is None else g.clone().requires_grad_(True)
+    o, fin = delta_api.delta_rule(*leaves, gl, scale=0.3, initial_state=h0,
+                                  output_final_state=True, cu_seqlens=cu, prep=prep, states=cs)
+    (o.square().sum() + fin.sum()).backward()
+    got = [o, fin] + [t.grad for t in leaves] + ([] if gl is None else [gl.grad])
+    for a, b in zip(got, runs[0]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="prep"):
+        delta_api.delta_rule(q[:, :-1], k[:, :-1], v[:, :-1], beta[:, :-1], scale=0.3,
+                             prep=prep)
+    with pytest.raises(ValueError, match="float64"):
+        delta_api.prepare(k.double(), beta.double())
