@@ -308,13 +308,20 @@ class _DeltaRuleKind(_Kind):
         return _api.delta_rule(q, k, v, beta, g, scale=self.scale, initial_state=S0,
                                output_final_state=True, backend=self.backend)
 
-    def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
+    def _start(self, leaves):
+        """(the rank's _Local, I [B, H, K, K] and zeros [B, T, H, K] in the state's and v's
+        dtypes, (B, T, H, K, V), the state dtype): what both forms' v' = [0 | v] from [I | .]
+        start from."""
         q, k, v, beta, g = leaves
         B, T, H, K = q.shape
-        V, sdt = self.V, state_dtype(q)
-        st = _Local(leaves)
+        sdt = state_dtype(q)
         eye = torch.eye(K, dtype=sdt, device=q.device).expand(B, H, K, K)
         zeros_v = torch.zeros(B, T, H, K, dtype=v.dtype, device=v.device)
+        return _Local(leaves), eye, zeros_v, (B, T, H, K, self.V), sdt
+
+    def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
+        q, k, v, beta, g = leaves
+        st, eye, zeros_v, (B, T, H, K, V), sdt = self._start(leaves)
         st.fused = K + V <= self.fuse_dim
         with torch.enable_grad():
             if st.fused:
@@ -403,11 +410,7 @@ class _DeltaRuleTwiceKind(_DeltaRuleKind):
 
     def local(self, leaves, S0, need_payload, first_rank=False, s0_grad=False):
         q, k, v, beta, g = leaves
-        B, T, H, K = q.shape
-        V, sdt = self.V, state_dtype(q)
-        st = _Local(leaves)
-        eye = torch.eye(K, dtype=sdt, device=q.device).expand(B, H, K, K)
-        zeros_v = torch.zeros(B, T, H, K, dtype=v.dtype, device=v.device)
+        st, eye, zeros_v, (B, T, H, K, V), sdt = self._start(leaves)
         with torch.no_grad():
             q, k, v, beta = q.detach(), k.detach(), v.detach(), beta.detach()
             g = None if g is None else g.detach()
