@@ -3,8 +3,9 @@
     name        phi(x) per head                                   output normalisation
     "identity"  x                                                 divide by phi(q) . sum phi(k)
     "elu"       elu(x) + 1                                        divide by phi(q) . sum phi(k)
-    "hedgehog"  softmax([x W_h, -x W_h]) over features (trainable divide by phi(q) . sum phi(k)
-                W_h [D, D] per head, separate for q and k; width 2D)
+    "hedgehog"  [softmax(x W_h), softmax(-x W_h)], each softmax     divide by phi(q) . sum phi(k)
+                over its D features (trainable W_h [D, D] per head,
+                separate for q and k; width 2D)
     "norm"      elu(x) + 1 (TransNormer's NormAttention)          RMSNorm of the output instead
 
 "identity" gives a denominator of either sign: it is there for completeness and for
@@ -20,10 +21,12 @@ FEATURE_MAPS = ("identity", "elu", "hedgehog", "norm")
 
 
 class HedgehogMap(nn.Module):
-    """Hedgehog's trainable map: x [B, T, H, D] -> softmax([x W_h, -x W_h], -1) [B, T, H, 2D].
+    """Hedgehog's trainable map: x [B, T, H, D] -> [softmax(x W_h), softmax(-x W_h)] [B, T, H, 2D],
+    each softmax over its own D features (as the Hedgehog and LoLCATs code does: each half
+    sums to 1, so the positive and the negative half weigh alike).
 
-    W_h starts as the identity, so the map starts as softmax([x, -x]) (a spiky, positive map
-    that mimics softmax attention's weights)."""
+    W_h starts as the identity, so the map starts as [softmax(x), softmax(-x)] (a spiky,
+    positive map that mimics softmax attention's weights)."""
 
     def __init__(self, n_heads: int, head_dim: int):
         super().__init__()
@@ -31,7 +34,7 @@ class HedgehogMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.einsum("bthd,hde->bthe", x, self.weight.to(x.dtype))  # [B, T, H, D]
-        return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)        # [B, T, H, 2D]
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)  # [B, T, H, 2D]
 
 
 class FeatureMap(nn.Module):
