@@ -93,6 +93,8 @@ def test_bad_options():
         LinearizedAttention(D_MODEL, H, n_kv_heads=3)
     with pytest.raises(ValueError, match="additive recurrence"):
         LinearizedAttention(D_MODEL, H, recurrence="gated_deltanet", window=4, combine="shared")
+    with pytest.raises(ValueError, match="denominator"):
+        LinearizedAttention(D_MODEL, H, recurrence="linear", window=4, combine="shared", normalize=False)
     with pytest.raises(ValueError, match="recurrence"):
         LinearizedAttention(D_MODEL, H, recurrence="mamba")
     with pytest.raises(ValueError, match="n_kv_heads"):
