@@ -62,6 +62,8 @@ class LinearizedAttention(Mixer):
         qkv_bias, o_bias: biases of the q/k/v and of the output projections.
         recurrence: one of RECURRENCES.  feature_map: one of LINEARIZED_MAPS ("softmax":
             softmax over the head dim; "hedgehog": linattn.layers.HedgehogMap, trainable).
+        map_dim, map_init: the Hedgehog maps' feature_dim (None: head_dim; width 2 map_dim)
+            and init ("identity" or "kaiming"); "gla" needs a width that is a multiple of D.
         rope_linear: rotate q, k before the feature map.  rope_theta: RoPE base.
         window: sliding-window length of the softmax branch (None: no window branch).
         combine: "mix" or "shared" (see above).  mix: weight of the linear branch ("mix").
@@ -83,7 +85,8 @@ class LinearizedAttention(Mixer):
                  o_bias: bool = False, recurrence: str = "gla", feature_map: str = "softmax",
                  rope_linear: bool = False, rope_theta: float = 10000.0, window: int | None = None,
                  combine: str = "mix", mix: float = 0.5, gate_normalizer: float = 16.0,
-                 eps: float = 1e-6, window_block: int = 256, normalize: bool = True):
+                 eps: float = 1e-6, window_block: int = 256, normalize: bool = True,
+                 map_dim: int | None = None, map_init: str = "identity"):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
         D = self.head_dim
         if D % 2:
@@ -116,9 +119,12 @@ class LinearizedAttention(Mixer):
         self.v_proj = nn.Linear(d_model, n_kv * D, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * D, d_model, bias=o_bias)
         base_map = "identity" if feature_map == "softmax" else feature_map
-        self.q_map = FeatureMap(base_map, n_heads, D)
-        self.k_map = FeatureMap(base_map, n_kv, D)
+        self.q_map = FeatureMap(base_map, n_heads, D, map_dim, map_init)
+        self.k_map = FeatureMap(base_map, n_kv, D, map_dim, map_init)
         self.feature_dim = self.q_map.out_dim
+        if recurrence == "gla" and self.feature_dim % D:
+            raise ValueError(f"recurrence 'gla' repeats the key gate over the features: the feature width "
+                             f"{self.feature_dim} must be a multiple of head_dim {D}")
         self.window_factor = (nn.Parameter(torch.full((n_heads,), WINDOW_FACTOR_INIT))
                               if window is not None and combine == "shared" else None)
 

@@ -18,7 +18,7 @@ D = D_MODEL // H
 
 def layer(method):
     torch.manual_seed(0)
-    opts = method_options(method, window=None if method in ("liger", "hedgehog") else W)
+    opts = method_options(method, window=None if method in ("liger", "hedgehog") else W, head_dim=D)
     return LinearizedAttention(D_MODEL, H, n_kv_heads=KV, backend="torch", **opts).double()
 
 
@@ -89,6 +89,8 @@ def test_liger_recurrence_has_no_denominator():
 
 def test_lolcats_is_lolcats_code():
     m = layer("lolcats")
+    assert m.q_map.hedgehog.weight.shape == (H, D, D // 2) and m.k_map.hedgehog.weight.shape == (KV, D, D // 2)
+    assert m.feature_dim == D  # [softmax(xW), softmax(-xW)] of D / 2 each: the state is as wide as the head
     torch.testing.assert_close(torch.sigmoid(m.window_factor.detach()), torch.full((H,), 0.1, dtype=torch.float64))
     with torch.no_grad():
         m.window_factor.copy_(torch.tensor([-2.0, -1.0, 0.5, 1.5]))  # heads weigh their windows differently

@@ -73,6 +73,12 @@ def test_hedgehog_map_is_two_distributions_and_trains():
     helpers.assert_allclose_f64(z[..., 5:].sum(-1), torch.ones(2, 4, 3), "sum over the negative half")
     z.pow(2).sum().backward()
     assert fm.hedgehog.weight.grad.abs().max() > 0
+    narrow = FeatureMap("hedgehog", 3, 6, hedgehog_dim=3, hedgehog_init="kaiming").double()  # LoLCATs' map
+    z = narrow(torch.randn(2, 4, 3, 6, dtype=torch.float64))
+    assert narrow.out_dim == 6 and z.shape == (2, 4, 3, 6)
+    helpers.assert_allclose_f64(z[..., :3].sum(-1) + z[..., 3:].sum(-1), 2 * torch.ones(2, 4, 3), "two halves")
+    with pytest.raises(ValueError, match="identity"):
+        FeatureMap("hedgehog", 3, 6, hedgehog_dim=3)
 
 
 def test_lightning_decay_matches_quadratic_form():
