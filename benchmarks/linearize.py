@@ -1,34 +1,48 @@
 """Linearization bar: one softmax teacher, every `linattn convert` method, the same small
 distillation budget; held-out bits per byte and generation speed.
 
-    # 1. the teacher (time-boxed to --teacher-budget seconds, default 420; kept in --work)
+    # 1. the teacher (trained for --teacher-budget seconds, default 420; ~7.5 min in all)
     PYTHONPATH=$PWD python benchmarks/linearize.py teacher --work runs/linearize
-    # 2. every method: convert, distill, evaluate; then generation speed; JSON + table
-    PYTHONPATH=$PWD python benchmarks/linearize.py methods --work runs/linearize \
-        --out benchmarks/results/linearize.json
+    # 2. every method: convert, distill, evaluate; resumable, run again until "methods: all done"
+    PYTHONPATH=$PWD python benchmarks/linearize.py methods --work runs/linearize --out $OUT/linearize.json
+    # 3. generation speed of the teacher and each converted model, into the same JSON
+    PYTHONPATH=$PWD python benchmarks/linearize.py speed --work runs/linearize --out $OUT/linearize.json
 
-Each command stays under 10 minutes; the second reads the teacher the first saved in --work
-(runs/ is git-ignored, so it stays on a warm device machine between commands; a finished
-step is skipped when a command is run again, a teacher cut short is trained afresh).
+Each command fits a 10-minute device call: `methods` and `speed` start no new work after
+--time-budget seconds (420); a distillation stage running at that point stops at its
+checkpoint (--eval-reserve seconds, 45, are kept for the evaluation after it) and the next
+`methods` command resumes it: what is done is in --work (runs/ is git-ignored, so it stays on
+a warm device machine between commands) and WORK/results.json (copied to --out), and a
+finished teacher, method or model timing is never redone. A teacher cut short is trained
+afresh.
 
 Teacher: transformers' LlamaForCausalLM, 6 layers, d_model 512, 8 heads (4 key/value heads:
 GQA), SwiGLU 1376, byte vocabulary (257), trained on the Python standard library's source
-(the text task, held-out files by hash) at sequence length 512, batch 32, bf16 autocast, for
-as many steps (up to --teacher-steps) as --teacher-budget allows (measured on a probe).
+(the text task, held-out files by hash; --corpus for another) at sequence length 512, batch
+32, bf16 autocast, for as many steps (up to --teacher-steps) as --teacher-budget allows
+(measured on a probe).
 
-Methods: liger, liger-attention, hedgehog, lolcats (linattn/convert/llama.py says what each
-is). Budget: --budget-percent (1%) of the teacher's training tokens, split into the attention
-transfer stage (a quarter; Hedgehog and LoLCATs only) and LoRA fine-tuning (rank 8, q/k/v/o)
-for the rest; Liger and Liger Attention spend it all on fine-tuning. Hedgehog's attention
-stage matches attention weights (its paper's loss), LoLCATs' the layer outputs (MSE).
+Methods: liger, liger-attention, hedgehog, lolcats (docs/linearization.md compares each with
+its authors' code). Budget: --budget-percent (1%) of the teacher's training tokens. Liger and
+Liger Attention spend it on LoRA fine-tuning (q/k/v, lr 1e-3); Hedgehog and LoLCATs split it
+in half between attention transfer (lr 1e-2; Hedgehog matches attention weights, LoLCATs the
+attention outputs) and LoRA fine-tuning (q/k/v/o, lr 1e-4), the learning rates of the
+authors' configs (LRS; --finetune-lr overrides the fine-tuning one), constant, no warm-up.
+LoRA rank --lora-rank (8), batch --distill-batch (8) windows of --seq-len.
 
 Metrics: bits per byte on the held-out split (the same windows for every model), the
 unigram baseline's (byte frequencies of the training split), and each method's recovery
-(unigram - method) / (unigram - teacher). Generation: batch 64, a 2048-token prompt (held-out
-text), 512 new tokens, greedy, bf16 weights: teacher with transformers' generate (SDPA,
-DynamicCache); each converted model with generate() and with linattn.hf.greedy; tokens/s
-and speed-up over the teacher. Speed does not depend on the weights, so it is timed on the
-converted models as converted.
+(unigram - method) / (unigram - teacher), with the tokens it used against its budget and the
+teacher's tokens. Generation: batch 64, a 2048-token prompt (held-out text), 512 new tokens,
+greedy, bf16 weights: teacher with transformers' generate (SDPA, DynamicCache); each converted
+model with generate() and with linattn.hf.greedy; tokens/s and speed-up over the teacher.
+Speed does not depend on the weights, so it is timed on the converted models as converted.
+
+CPU smoke (tests/convert/test_linearize_bench.py runs the same in-process):
+    A="--work /tmp/lin --device cpu --corpus $STDLIB/json --seq-len 64 --no-progress"
+    python benchmarks/linearize.py teacher $A --teacher-dims 64 2 4 2 --batch 8 --teacher-budget 20 --teacher-steps 150
+    python benchmarks/linearize.py methods $A --distill-batch 4 --eval-batches 2 --budget-percent 10
+    python benchmarks/linearize.py speed $A --gen-batch 2 --prompt 64 --new-tokens 8
 
 When to run it: on one GPU after a change to a `linattn convert` method, the distillation or
 the LoRA fine-tuning; it is the source of BENCHMARKS.md's linearization table.
