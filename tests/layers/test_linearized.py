@@ -13,6 +13,9 @@ CONFIGS = {
     "linear-hedgehog-shared": dict(recurrence="linear", feature_map="hedgehog", rope_linear=True,
                                    window=5, combine="shared", window_block=4),
     "deltanet-window": dict(recurrence="gated_deltanet", window=3),
+    "liger-unnormalized": dict(recurrence="gla", window=5, combine="mix", normalize=False, window_block=3),
+    "lolcats-narrow-maps": dict(recurrence="linear", feature_map="hedgehog", rope_linear=True, window=5,
+                                combine="shared", map_dim=4, map_init="kaiming"),
 }
 
 
