@@ -746,7 +746,7 @@ def _build_convert_parsers(sub) -> None:
     di.add_argument("--stage", required=True, choices=("attention", "finetune"))
     di.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0: full fine-tuning (default 8)")
     di.add_argument("--loss", choices=("output", "weights"), default="output",
-                    help="attention stage: match each layer's output (MSE) or its attention weights "
+                    help="attention stage: match each layer's attention output before o_proj (MSE) or its attention weights "
                          "(Hedgehog's cross-entropy; --method hedgehog)")
     di.add_argument("--steps", type=int, default=200)
     di.add_argument("--batch", type=int, default=8, dest="batch_size")

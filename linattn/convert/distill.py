@@ -2,14 +2,16 @@
 
 attention  attention transfer: the teacher runs frozen; each linearized layer of the student
            gets the teacher's own input to that attention layer and is trained to reproduce
-           the teacher attention's output (mean squared error relative to the teacher
-           output's mean square, averaged over the layers), or with loss="weights" to
-           match its attention weights (Hedgehog's cross-entropy, linear recurrence only).
-           Only the method's new parameters train (Hedgehog feature maps, LoLCATs' window
-           factors); Liger adds none, so it goes straight to finetune.
-finetune   next-token cross-entropy on the corpus, with LoRA adapters (peft) on the q/k/v/o
-           projections of every layer (lora_rank > 0; merged into the weights at the end, so
-           the directory stays a plain linattn.hf model), or every parameter (lora_rank 0).
+           the teacher attention's output before o_proj (LoLCATs: MSE_FACTOR times the mean
+           squared error over heads, positions and channels, averaged over the layers), or
+           with loss="weights" to match its attention weights (Hedgehog's cross-entropy,
+           linear recurrence only). Only the method's new parameters train (Hedgehog feature
+           maps, LoLCATs' window factors); Liger adds none, so it goes straight to finetune.
+finetune   next-token cross-entropy on the corpus, with LoRA adapters (peft) on each layer's
+           projections named by the method (lora_setup: Liger q/k/v with alpha = rank,
+           LoLCATs and Hedgehog q/k/v/o with alpha = 2 rank, as their code), merged into
+           the weights at the end so the directory stays a plain linattn.hf model; or every
+           parameter (lora_rank 0).
 
 Both stages train on the text task's windows over `corpus`, checkpoint into
 OUT/distill-<stage>/ and resume from there; the trained model replaces the one in OUT when
@@ -32,7 +34,16 @@ from ..train import TrainConfig, autocast, resolve_device, resolve_dtype, write_
 from .loop import fit
 
 STAGES = ("attention", "finetune")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MSE_FACTOR = 1000.0  # LoLCATs' weight of the attention-output MSE
+
+
+def lora_setup(method: str) -> tuple[list[str], float]:
+    """(LoRA target modules, alpha / rank) of a method, as its authors' training code: Liger
+    adapts q/k/v with peft's default alpha (= rank 8); LoLCATs (and Hedgehog, which LoLCATs'
+    code runs as its no-window case) adapts q/k/v/o with alpha 16 at rank 8."""
+    if method.startswith("liger"):
+        return ["q_proj", "k_proj", "v_proj"], 1.0
+    return ["q_proj", "k_proj", "v_proj", "o_proj"], 2.0
 
 
 def linearized_layers(model) -> list[int]:
@@ -40,26 +51,39 @@ def linearized_layers(model) -> list[int]:
     return [i for i, b in enumerate(model.model.blocks) if b.mixer_name == "linearized"]
 
 
-def relative_mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """mean((y - target)^2) / mean(target^2), in float32: the attention-transfer loss of one
-    layer, scale-free so that every layer counts alike."""
-    y, target = y.float(), target.float()
-    return F.mse_loss(y, target) / target.pow(2).mean().clamp_min(1e-12)
+def transfer_mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE_FACTOR * mean((y - target)^2) in float32: one layer's attention-transfer loss on its
+    attention outputs before o_proj ([B, T, H * D]), as LoLCATs' trainer weighs it."""
+    return MSE_FACTOR * F.mse_loss(y.float(), target.float())
 
 
 def _attention_inputs_outputs(teacher, layers: list[int]) -> tuple[dict, dict, list]:
-    """Forward hooks on the teacher's attention modules of `layers`: (inputs, outputs, handles);
-    after a teacher forward, inputs[i] / outputs[i] are layer i's attention input (after its
-    norm) and output, each [B, T, d_model]."""
+    """Hooks on the teacher's attention modules of `layers`: (inputs, outputs, handles); after
+    a teacher forward, inputs[i] is layer i's attention input (after its norm, [B, T,
+    d_model]) and outputs[i] its attention output before o_proj ([B, T, H * D])."""
     ins, outs, handles = {}, {}, []
     for i in layers:
         attn = teacher.model.layers[i].self_attn
 
         def hook(module, args, kwargs, output, i=i):
             ins[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            outs[i] = output[0] if isinstance(output, tuple) else output
+
+        def pre_o(module, args, i=i):
+            outs[i] = args[0]
         handles.append(attn.register_forward_hook(hook, with_kwargs=True))
+        handles.append(attn.o_proj.register_forward_pre_hook(pre_o))
     return ins, outs, handles
+
+
+def mixer_attention_output(mixer, x: torch.Tensor) -> torch.Tensor:
+    """The student mixer's output on x before its o_proj ([B, T, H * D])."""
+    seen = {}
+    handle = mixer.o_proj.register_forward_pre_hook(lambda module, args: seen.update(y=args[0]))
+    try:
+        mixer(x)
+    finally:
+        handle.remove()
+    return seen["y"]
 
 
 def weights_divergence(soft: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
@@ -74,10 +98,11 @@ def distill(out, teacher: str | None, corpus: str, stage: str, cfg: TrainConfig,
             lora_rank: int = 8, lora_alpha: float | None = None, loss: str = "output", progress=True) -> dict:
     """Runs one stage on the converted model directory `out` (see the module docstring).
     teacher: the source model directory (needed by the attention stage). loss (attention
-    stage): "output" (each layer's output, relative MSE) or "weights" (Hedgehog's
-    cross-entropy between the softmax and the linear attention weights; recurrence "linear"
-    without a window). Returns the stage's result {"stage", "steps", "tokens", "first_loss",
-    "final_loss", "trained_parameters", "lora_rank", "done"}."""
+    stage): "output" (each layer's attention output before o_proj, transfer_mse) or
+    "weights" (Hedgehog's cross-entropy between the softmax and the linear attention
+    weights; recurrence "linear" without a window). lora_alpha None: the method's
+    (lora_setup). Returns the stage's result {"stage", "steps", "tokens", "first_loss",
+    "final_loss", "trained_parameters", "lora_rank", "lora_targets", "done"}."""
     import linattn.hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM
 
@@ -104,7 +129,7 @@ def distill(out, teacher: str | None, corpus: str, stage: str, cfg: TrainConfig,
         raise ValueError(f"{out} is not a `linattn convert` directory (no linearization record in its config)")
     layers = linearized_layers(student)
     student.requires_grad_(False)
-    lora = None
+    lora, targets = None, None
     if stage == "attention":
         if teacher is None:
             raise ValueError("the attention stage needs --teacher SRC (the model that was converted)")
@@ -130,14 +155,16 @@ def distill(out, teacher: str | None, corpus: str, stage: str, cfg: TrainConfig,
                 if loss == "weights":
                     losses = [weights_divergence(*m.attention_weights(ins[i])) for m, i in zip(mixers, layers)]
                 else:
-                    losses = [relative_mse(m(ins[i])[0], outs[i]) for m, i in zip(mixers, layers)]
+                    losses = [transfer_mse(mixer_attention_output(m, ins[i]), outs[i])
+                              for m, i in zip(mixers, layers)]
             return torch.stack(losses).mean()
     else:
         if lora_rank:
             from peft import LoraConfig, get_peft_model
 
-            lora = get_peft_model(student, LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank,
-                                                      lora_dropout=0.0, target_modules=LORA_TARGETS))
+            targets, ratio = lora_setup(student.config.linearization["method"])
+            lora = get_peft_model(student, LoraConfig(r=lora_rank, lora_alpha=lora_alpha or ratio * lora_rank,
+                                                      lora_dropout=0.0, target_modules=targets))
             params = {n: p for n, p in lora.named_parameters() if p.requires_grad}
         else:
             student.requires_grad_(True)
@@ -153,7 +180,7 @@ def distill(out, teacher: str | None, corpus: str, stage: str, cfg: TrainConfig,
               "first_loss": res["losses"][0] if res["losses"] else None,
               "final_loss": res["losses"][-1] if res["losses"] else None,
               "trained_parameters": sum(p.numel() for p in params.values()),
-              "lora_rank": lora_rank if stage == "finetune" else None}
+              "lora_rank": lora_rank if stage == "finetune" else None, "lora_targets": targets}
     if not res["done"]:
         return dict(result, done=False)
     model = lora.merge_and_unload() if lora is not None else student

@@ -18,18 +18,24 @@ the query heads at run time. Each attention layer becomes a "linearized" mixer
 keep_attention, which stay softmax attention ("attention" mixer, same weights).
 
 Methods (our reading of the papers):
-    liger            Lan et al. 2025: gated recurrence on the pretrained q/k/v, the gate taken
-                     from the key projection (no new parameter), softmax feature map over the
-                     head dim, RoPE left out of the recurrence.
-    liger-attention  Liger Attention: the same recurrence mixed 50/50 with sliding-window
+    liger            Lan et al. 2025: GLA on the pretrained q/k/v, the gate the key projection
+                     itself (Liger pools k to its own width: no new parameter), softmax over the
+                     head dim as the feature map of q and k, RoPE left out of the recurrence, and
+                     no denominator (the plain GLA output, as Liger's code). Liger's released
+                     models are liger-attention; this is the recurrence alone.
+    liger-attention  Liger Attention: the same recurrence mixed 0.5/0.5 with sliding-window
                      (64) softmax attention on the rotated q, k inside each layer.
     hedgehog         Zhang et al. 2024: trainable Hedgehog feature maps (identity-initialised
-                     softmax([xW, -xW])) on the rotated q, k, plain linear attention; the maps
-                     are then trained to mimic the softmax layer (`linattn distill --stage attention`).
-    lolcats          Zhang et al. 2024: Hedgehog maps on the rotated q, k plus sliding-window
+                     [softmax(xW), softmax(-xW)]) on the rotated q, k, plain linear attention; the
+                     maps are then trained to mimic the softmax weights (`linattn distill --stage
+                     attention --loss weights`).
+    lolcats          Zhang et al. 2024: Hedgehog maps (head_dim / 2 Kaiming-initialised features
+                     per half, as its code) on the rotated q, k plus sliding-window
                      (64) softmax attention sharing one normalisation with the linear terms
-                     outside the window, a trainable per-head factor weighting them; attention
-                     transfer (MSE), then LoRA.
+                     outside the window, the window's terms weighted by a trainable per-head
+                     factor sigmoid(w) starting at 0.1; attention transfer (MSE on the attention
+                     outputs), then LoRA.
+docs/linearization.md compares each with its authors' code.
 """
 from __future__ import annotations
 
@@ -44,9 +50,12 @@ SUPPORTED = ("llama", "qwen2", "mistral")
 DEFAULT_WINDOW = 64
 
 
-def method_options(method: str, mixer: str | None = None, window: int | None = None) -> dict:
+def method_options(method: str, mixer: str | None = None, window: int | None = None,
+                   head_dim: int | None = None) -> dict:
     """The "linearized" mixer's options for a method; mixer None takes the method's own
-    recurrence (gla for Liger, linear for Hedgehog and LoLCATs), window None its default."""
+    recurrence (gla for Liger, linear for Hedgehog and LoLCATs), window None its default.
+    LoLCATs' maps have head_dim / 2 Kaiming-initialised features per half (its fd64 at head
+    dim 128), so it needs head_dim."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if mixer is not None and mixer not in CONVERT_MIXERS:
@@ -57,9 +66,14 @@ def method_options(method: str, mixer: str | None = None, window: int | None = N
         raise ValueError(f"method {method} has no sliding window; --window is for liger-attention and lolcats")
     liger = method.startswith("liger")
     opts = {"recurrence": mixer or ("gla" if liger else "linear"),
-            "feature_map": "softmax" if liger else "hedgehog", "rope_linear": not liger}
+            "feature_map": "softmax" if liger else "hedgehog", "rope_linear": not liger,
+            "normalize": not liger}
     if method in ("liger-attention", "lolcats"):
         opts.update(window=window or DEFAULT_WINDOW, combine="mix" if liger else "shared", mix=0.5)
+    if method == "lolcats":
+        if head_dim is None or head_dim < 2:
+            raise ValueError(f"method lolcats needs the head dim (>= 2) for its feature maps, got {head_dim!r}")
+        opts.update(map_dim=head_dim // 2, map_init="kaiming")
     return opts
 
 
@@ -98,7 +112,7 @@ def lm_config_for(cfg, method: str, mixer: str | None = None, window: int | None
         window_attn = None
     if window_attn is not None and window_attn >= cfg.max_position_embeddings:
         window_attn = None
-    lin = dict(shared, **method_options(method, mixer, window))
+    lin = dict(shared, **method_options(method, mixer, window, head_dim=d // H))
     return LMConfig(vocab_size=cfg.vocab_size, d_model=d, n_layers=cfg.num_hidden_layers, n_heads=H,
                     mixer="linearized",
                     layers=["attention" if i in keep else "linearized" for i in range(cfg.num_hidden_layers)],

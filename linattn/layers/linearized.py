@@ -20,6 +20,8 @@ from .feature_maps import FeatureMap
 RECURRENCES = ("linear", "gla", "gated_deltanet")
 LINEARIZED_MAPS = ("softmax", "hedgehog", "elu", "identity")
 COMBINES = ("mix", "shared")
+# LoLCATs' initial window factor: sigmoid(-2.197...) = 0.1 weighs the window's softmax terms
+WINDOW_FACTOR_INIT = -2.1972245773362196
 
 
 
@@ -38,15 +40,17 @@ class LinearizedAttention(Mixer):
           "gated_deltanet"  the delta rule on l2norm(phi(q)), l2norm(phi(k)) with the scalar
                             gate g_t = logsigmoid(mean_d k_t) / gate_normalizer and
                             beta_t = sigmoid(mean_d k_t) (pooled keys; no denominator)
-          o_lin = S_t^T phi(q_t) / (phi(q_t) . z_t + eps), z_t the same recurrence on ones
+          o_lin = S_t^T phi(q_t) / (phi(q_t) . z_t + eps), z_t the same recurrence on ones;
+          with normalize=False (Liger) o_lin = S_t^T phi(q_t), no denominator
         window branch (window W): softmax(q_r k_r^T / sqrt(D)) over keys t - W < s <= t
           combine "mix" (Liger Attention): o = mix * o_lin + (1 - mix) * o_window
           combine "shared" (LoLCATs): one normalisation over both,
-            o = (sum_win e_ts v_s + gamma_h sum_{s <= t-W} phi_ts v_s)
-                / (sum_win e_ts + gamma_h sum_{s <= t-W} phi_ts),
+            o = (gamma_h sum_win e_ts v_s + sum_{s <= t-W} phi_ts v_s)
+                / (gamma_h sum_win e_ts + sum_{s <= t-W} phi_ts),
             e_ts = exp(q_r.k_r / sqrt(D) - max_win), phi_ts = phi(q_t).phi(k_s),
-            gamma_h = sigmoid(window_factor_h) (trainable, per head); the linear terms
-            outside the window are the full recurrence minus the window's terms.
+            gamma_h = sigmoid(window_factor_h) (trainable, per head, starting at 0.1:
+            WINDOW_FACTOR_INIT); the linear terms outside the window are the full
+            recurrence minus the window's terms.
         y = o W_o (+ bias with o_bias)
 
     With window >= T and mix = 0 ("mix") or any gamma ("shared") the layer is exactly the
@@ -58,10 +62,14 @@ class LinearizedAttention(Mixer):
         qkv_bias, o_bias: biases of the q/k/v and of the output projections.
         recurrence: one of RECURRENCES.  feature_map: one of LINEARIZED_MAPS ("softmax":
             softmax over the head dim; "hedgehog": linattn.layers.HedgehogMap, trainable).
+        map_dim, map_init: the Hedgehog maps' feature_dim (None: head_dim; width 2 map_dim)
+            and init ("identity" or "kaiming"); "gla" needs a width that is a multiple of D.
         rope_linear: rotate q, k before the feature map.  rope_theta: RoPE base.
         window: sliding-window length of the softmax branch (None: no window branch).
         combine: "mix" or "shared" (see above).  mix: weight of the linear branch ("mix").
         gate_normalizer: divides the gates' logsigmoid (16, as GLA).  eps: denominator's eps.
+        normalize: divide the linear branch by its denominator (False: Liger's plain GLA
+            output; not with combine "shared" or the delta rule, which has none).
         window_block: queries per block of the window branch, whose scores are then
             [window_block, window_block + W - 1] per head: memory O(T W), not O(T^2).
 
@@ -77,7 +85,8 @@ class LinearizedAttention(Mixer):
                  o_bias: bool = False, recurrence: str = "gla", feature_map: str = "softmax",
                  rope_linear: bool = False, rope_theta: float = 10000.0, window: int | None = None,
                  combine: str = "mix", mix: float = 0.5, gate_normalizer: float = 16.0,
-                 eps: float = 1e-6, window_block: int = 256):
+                 eps: float = 1e-6, window_block: int = 256, normalize: bool = True,
+                 map_dim: int | None = None, map_init: str = "identity"):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
         D = self.head_dim
         if D % 2:
@@ -94,6 +103,8 @@ class LinearizedAttention(Mixer):
         if combine == "shared" and recurrence == "gated_deltanet":
             raise ValueError("combine='shared' needs an additive recurrence ('linear' or 'gla'), "
                              "got recurrence='gated_deltanet'")
+        if not normalize and combine == "shared" and window is not None:
+            raise ValueError("combine='shared' needs the linear branch's denominator (normalize=True)")
         if isinstance(window_block, bool) or not isinstance(window_block, int) or window_block < 1:
             raise ValueError(f"window_block must be a positive int, got {window_block!r}")
         if not 0.0 <= mix <= 1.0:
@@ -102,15 +113,19 @@ class LinearizedAttention(Mixer):
         self.rope_theta, self.window, self.combine, self.mix = rope_theta, window, combine, float(mix)
         self.gate_normalizer, self.eps, self.feature_map = gate_normalizer, eps, feature_map
         self.window_block = window_block
+        self.normalize = bool(normalize) and recurrence != "gated_deltanet"
         self.q_proj = nn.Linear(d_model, n_heads * D, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv * D, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv * D, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * D, d_model, bias=o_bias)
         base_map = "identity" if feature_map == "softmax" else feature_map
-        self.q_map = FeatureMap(base_map, n_heads, D)
-        self.k_map = FeatureMap(base_map, n_kv, D)
+        self.q_map = FeatureMap(base_map, n_heads, D, map_dim, map_init)
+        self.k_map = FeatureMap(base_map, n_kv, D, map_dim, map_init)
         self.feature_dim = self.q_map.out_dim
-        self.window_factor = (nn.Parameter(torch.zeros(n_heads))
+        if recurrence == "gla" and self.feature_dim % D:
+            raise ValueError(f"recurrence 'gla' repeats the key gate over the features: the feature width "
+                             f"{self.feature_dim} must be a multiple of head_dim {D}")
+        self.window_factor = (nn.Parameter(torch.full((n_heads,), WINDOW_FACTOR_INIT))
                               if window is not None and combine == "shared" else None)
 
     def check_sequence_parallel(self, sp) -> None:
@@ -174,7 +189,7 @@ class LinearizedAttention(Mixer):
     def empty_state(self, B: int, x: torch.Tensor) -> dict:
         """The state before any token, for B rows (x gives the device and dtype)."""
         H, D, Fd, dev, gdt = self.n_heads, self.head_dim, self.feature_dim, x.device, gate_dtype(x)
-        V = D if self.recurrence == "gated_deltanet" else D + 1
+        V = D + 1 if self.normalize else D
         state = {"S": torch.zeros(B, H, Fd, V, device=dev, dtype=gdt),
                  "pos": torch.zeros(B, dtype=torch.long, device=dev)}
         if self.window is not None:
@@ -191,9 +206,9 @@ class LinearizedAttention(Mixer):
         linear attention's phi(q_t).phi(k_s) / sum_{s' <= t} phi(q_t).phi(k_s')), each
         [B, H, T, T] float32 (float64 for float64 x), 0 above the diagonal. Needs
         recurrence "linear" and no window (ValueError otherwise)."""
-        if self.recurrence != "linear" or self.window is not None:
-            raise ValueError("attention weights exist for recurrence='linear' without a window only, "
-                             f"got recurrence={self.recurrence!r}, window={self.window!r}")
+        if self.recurrence != "linear" or self.window is not None or not self.normalize:
+            raise ValueError("attention weights exist for recurrence='linear' without a window, normalised, only; "
+                             f"got recurrence={self.recurrence!r}, window={self.window!r}, normalize={self.normalize}")
         B, T, _ = x.shape
         D, gdt = self.head_dim, gate_dtype(x)
         q = self.heads(self.q_proj(x), D)                                      # [B, T, H, D]
@@ -226,6 +241,9 @@ class LinearizedAttention(Mixer):
             gk = self._kv_to_heads(F.logsigmoid(k.to(gdt)) / self.gate_normalizer)  # [B, T, H, D]
             g = gk.repeat(1, 1, 1, self.feature_dim // self.head_dim)             # [B, T, H, F]
         dt = gdt if (self.window is not None and self.combine == "shared") else v.dtype
+        if not self.normalize:
+            o, S = linear_attention(fq.to(dt), fk_h.to(dt), v_h.to(dt), g, scale=1.0, **kw)
+            return o, None, S
         v1 = torch.cat([v_h, torch.ones_like(v_h[..., :1])], dim=-1)              # [B, T, H, D+1]
         o, S = linear_attention(fq.to(dt), fk_h.to(dt), v1.to(dt), g, scale=1.0, **kw)
         D = self.head_dim
@@ -251,8 +269,8 @@ class LinearizedAttention(Mixer):
         num_out = num.to(gdt) - torch.einsum("bhts,bshd->bthd", lin, vh)
         den_out = den.to(gdt) - lin.sum(-1).transpose(1, 2)[..., None]         # [B, t, H, 1]
         gamma = torch.sigmoid(self.window_factor.to(gdt))[:, None]             # [H, 1]
-        return (torch.einsum("bhts,bshd->bthd", e, vh) + gamma * num_out) \
-            / (e.sum(-1).transpose(1, 2)[..., None] + gamma * den_out)
+        return (gamma * torch.einsum("bhts,bshd->bthd", e, vh) + num_out) \
+            / (gamma * e.sum(-1).transpose(1, 2)[..., None] + den_out)
 
     def _window(self, qr, kr, v, fq, fk, pos, num, den, state):
         """The sliding-window softmax branch and its combination with the linear branch.

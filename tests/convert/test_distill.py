@@ -82,3 +82,40 @@ def test_resume_continues_exactly(teacher_dir, tmp_path):
         assert torch.equal(p, q), n
     again = distill(b, str(teacher_dir), CORPUS, "attention", cfg(4, 1e-2), seq_len=32, progress=False)
     assert again == json.loads((b / "distill-attention" / "result.json").read_text())
+
+
+def test_attention_transfer_loss_is_lolcats_mse_before_o_proj(teacher_dir, tmp_path):
+    """The first step's loss is 1000 * MSE between the student's and the teacher's attention
+    outputs before o_proj (LoLCATs' trainer), averaged over the layers."""
+    out = convert(teacher_dir, tmp_path / "lol", "lolcats", window=8)
+    res = distill(out, str(teacher_dir), CORPUS, "attention", cfg(1, 1e-2), seq_len=32, progress=False)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(convert(teacher_dir, tmp_path / "fresh", "lolcats", window=8),
+                                                   dtype=torch.float32)
+    ids = Text(corpus=CORPUS, seq_len=32).batch("train", 0, 0, 4).input_ids
+    seen = {}
+    for i, layer in enumerate(teacher.model.layers):
+        layer.self_attn.register_forward_hook(
+            lambda m, a, kw, o, i=i: seen.update({("x", i): kw["hidden_states"]}), with_kwargs=True)
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: seen.update({("t", i): a[0]}))
+        student.model.blocks[i].mixer.o_proj.register_forward_pre_hook(
+            lambda m, a, i=i: seen.update({("s", i): a[0]}))
+    with torch.no_grad():
+        teacher(input_ids=ids)
+        for i, block in enumerate(student.model.blocks):
+            block.mixer(seen[("x", i)])
+    want = sum(1000 * torch.mean((seen[("s", i)] - seen[("t", i)]) ** 2) for i in range(2)) / 2
+    assert res["first_loss"] == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("method,targets", [("liger-attention", ["q_proj", "k_proj", "v_proj"]),
+                                            ("lolcats", ["q_proj", "k_proj", "v_proj", "o_proj"])])
+def test_lora_adapts_the_methods_projections(teacher_dir, tmp_path, method, targets):
+    """Liger's code adapts q/k/v (alpha = rank), LoLCATs' q/k/v/o (alpha = 2 rank)."""
+    out = convert(teacher_dir, tmp_path / method, method, window=8)
+    before = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    before = {n: p.detach().clone() for n, p in before.items()}
+    res = distill(out, None, CORPUS, "finetune", cfg(3, 1e-2), seq_len=32, lora_rank=2, progress=False)
+    after = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    changed = sorted({n.split("mixer.")[1].split(".")[0] for n in before if not torch.equal(before[n], after[n])})
+    assert res["lora_targets"] == targets and changed == sorted(targets)

@@ -63,13 +63,22 @@ def test_norm_attention_matches_quadratic_form():
     helpers.assert_allclose_f64(y, m.o_proj(o.flatten(-2)), "norm attention")
 
 
-def test_hedgehog_map_is_a_distribution_and_trains():
+def test_hedgehog_map_is_two_distributions_and_trains():
+    """[softmax(xW), softmax(-xW)]: each half sums to 1 (Hedgehog's and LoLCATs' map), not one
+    softmax over both halves."""
     fm = FeatureMap("hedgehog", 3, 5).double()
     z = fm(torch.randn(2, 4, 3, 5, dtype=torch.float64))
     assert z.shape == (2, 4, 3, 10) and bool((z > 0).all())
-    helpers.assert_allclose_f64(z.sum(-1), torch.ones(2, 4, 3), "sum over features")
+    helpers.assert_allclose_f64(z[..., :5].sum(-1), torch.ones(2, 4, 3), "sum over the positive half")
+    helpers.assert_allclose_f64(z[..., 5:].sum(-1), torch.ones(2, 4, 3), "sum over the negative half")
     z.pow(2).sum().backward()
     assert fm.hedgehog.weight.grad.abs().max() > 0
+    narrow = FeatureMap("hedgehog", 3, 6, hedgehog_dim=3, hedgehog_init="kaiming").double()  # LoLCATs' map
+    z = narrow(torch.randn(2, 4, 3, 6, dtype=torch.float64))
+    assert narrow.out_dim == 6 and z.shape == (2, 4, 3, 6)
+    helpers.assert_allclose_f64(z[..., :3].sum(-1) + z[..., 3:].sum(-1), 2 * torch.ones(2, 4, 3), "two halves")
+    with pytest.raises(ValueError, match="identity"):
+        FeatureMap("hedgehog", 3, 6, hedgehog_dim=3)
 
 
 def test_lightning_decay_matches_quadratic_form():

@@ -13,6 +13,9 @@ CONFIGS = {
     "linear-hedgehog-shared": dict(recurrence="linear", feature_map="hedgehog", rope_linear=True,
                                    window=5, combine="shared", window_block=4),
     "deltanet-window": dict(recurrence="gated_deltanet", window=3),
+    "liger-unnormalized": dict(recurrence="gla", window=5, combine="mix", normalize=False, window_block=3),
+    "lolcats-narrow-maps": dict(recurrence="linear", feature_map="hedgehog", rope_linear=True, window=5,
+                                combine="shared", map_dim=4, map_init="kaiming"),
 }
 
 
@@ -93,6 +96,8 @@ def test_bad_options():
         LinearizedAttention(D_MODEL, H, n_kv_heads=3)
     with pytest.raises(ValueError, match="additive recurrence"):
         LinearizedAttention(D_MODEL, H, recurrence="gated_deltanet", window=4, combine="shared")
+    with pytest.raises(ValueError, match="denominator"):
+        LinearizedAttention(D_MODEL, H, recurrence="linear", window=4, combine="shared", normalize=False)
     with pytest.raises(ValueError, match="recurrence"):
         LinearizedAttention(D_MODEL, H, recurrence="mamba")
     with pytest.raises(ValueError, match="n_kv_heads"):
