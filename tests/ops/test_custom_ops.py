@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import linattn
 from linattn.ops import custom_ops as co
+from linattn.ops.triton.common import GATE_KINDS
 
 from helpers import rand_gate, randn, seeded
 
@@ -303,13 +304,13 @@ def _gated_opcheck(case, device, dtype):
     TT = d["q"].shape[0] * T
     q, k, v = (_packed(d[n]).requires_grad_() for n in "qkv")
     g = kw = h0 = n0 = m0 = None
-    gate = 0
+    gate = GATE_KINDS["none"]
     if mexp or msig:
-        gate, g = 1, F.logsigmoid(_packed(d["f"]).float()).requires_grad_()
+        gate, g = GATE_KINDS["scalar"], F.logsigmoid(_packed(d["f"]).float()).requires_grad_()
         kw = (_packed(d["i"]).float() if mexp else F.logsigmoid(_packed(d["i"]).float()))
         kw.requires_grad_()
     elif d.get("g") is not None:
-        gate = 2 if d["g"].dim() == 4 else 1
+        gate = GATE_KINDS["key" if d["g"].dim() == 4 else "scalar"]
         g = (d["g"] if d["g"].dim() == 1 else _packed(d["g"])).float()
         g.requires_grad_("frozen" not in case)
     if "states" in case:

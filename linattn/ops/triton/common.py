@@ -1,5 +1,6 @@
-"""Small shared Triton helpers: the interpreter switch, a float32/ieee-aware dot, the packed
-chunk/tile layout of (possibly variable-length) sequences, and a chunk-local cumulative sum.
+"""Small shared Triton helpers: the interpreter switch, the gate kinds, a float32/ieee-aware
+dot, the packed chunk/tile layout of (possibly variable-length) sequences, and a chunk-local
+cumulative sum.
 
 Every kernel family works on tokens packed along one axis: q, k, v as [TT, H, D] (TT = B*T,
 or the packed T of cu_seqlens), each sequence n covering tokens [cu[n], cu[n+1]). A sequence
@@ -22,6 +23,18 @@ import triton.language as tl
 # there autotuning cannot time configs and bf16 arithmetic is wrong, so launchers pick one
 # config by heuristic and kernels upcast loads to float32 before any math.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Gate kinds: the one numbering of the log-decay g that every kernel family's GATE constexpr
+# takes (gated_fwd/gated_bwd, delta_fwd/delta_bwd, recurrent). Kernels compare GATE with the
+# tl.constexpr globals (the only globals Triton reads inside @triton.jit); launchers, configs
+# and custom ops hold plain ints, GATE_KINDS[name] or GATE_X.value. The gated and delta
+# families take a constant [H] decay broadcast to [TT, H], as GATE_SCALAR.
+GATE_KINDS = {"none": 0, "const": 1, "scalar": 2, "key": 3}
+GATE_NONE = tl.constexpr(GATE_KINDS["none"])      # no decay
+GATE_CONST = tl.constexpr(GATE_KINDS["const"])    # one log-decay per head, g [H]
+GATE_SCALAR = tl.constexpr(GATE_KINDS["scalar"])  # one per token and head, g [.., H]
+GATE_KEY = tl.constexpr(GATE_KINDS["key"])        # one per token, head and key, g [.., H, K]
 
 
 def next_pow2(n: int) -> int:

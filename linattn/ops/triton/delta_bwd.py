@@ -29,9 +29,9 @@ import triton.language as tl
 
 from .. import alloc
 from . import delta_fwd
-from .common import dot_a16, dot_b16, head_tile, sm_count, split16
+from .common import GATE_SCALAR, dot_a16, dot_b16, head_tile, sm_count, split16
 from .delta_config import DEFAULT, DeltaConfig, split16_on
-from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, load_tile,
+from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, gate_of, load_tile,
                         scan_v_block, sequence_program, state_tile, token_tile)
 
 # Launch choices come from a DeltaConfig argument (delta_config.DEFAULT), from
@@ -70,12 +70,12 @@ def grad_dtype(dtype: torch.dtype, cfg: DeltaConfig = DEFAULT) -> torch.dtype:
 
 
 @triton.jit
-def mask_scores(b_kq, b_g, o_t, valid, USE_G: tl.constexpr):
+def mask_scores(b_kq, b_g, o_t, valid, GATE: tl.constexpr):
     """(tril(Q K^T) * Gamma)^T of one chunk from K Q^T [j, i] (key j, query i), float32:
-    masked to i >= j and i in the sequence, and with USE_G times exp(b_i - b_j) (b_g [BT] the
-    chunk-local log-decay cumsum)."""
+    masked to i >= j and i in the sequence, and with a scalar gate times exp(b_i - b_j) (b_g
+    [BT] the chunk-local log-decay cumsum)."""
     m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
-    if USE_G:
+    if GATE == GATE_SCALAR:
         return b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
     else:
         return tl.where(m_c, b_kq, 0.0)
@@ -95,7 +95,7 @@ def dot_nt(a, b, PREC: tl.constexpr):
 
 @triton.jit
 def delta_bwd_scores_kernel(q, k, gc, kq, cu_seqlens, chunk_seq, chunk_idx, H, K,
-                            BT: tl.constexpr, BK: tl.constexpr, USE_G: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
                             PREC: tl.constexpr):
     """Per (chunk, head): kq [BT, BT] of the chunk's rows of kq [TT, H, BT] float32, the
     masked scores (tril(Q K^T) * Gamma)^T [key j, query i] the reverse scan reads when it
@@ -109,10 +109,10 @@ def delta_bwd_scores_kernel(q, k, gc, kq, cu_seqlens, chunk_seq, chunk_idx, H, K
         b_k = load_tile(token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK))
         b_kq += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
     b_g = None
-    if USE_G:
+    if GATE == GATE_SCALAR:
         b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
     # masked to i >= j, i in the sequence, times exp(b_i - b_j) when gated
-    b_kq = mask_scores(b_kq, b_g, o_t, valid, USE_G)
+    b_kq = mask_scores(b_kq, b_g, o_t, valid, GATE)
     p_kq = token_tile(kq, bos, i_h, Tn, H, BT, t0, 0, BT, BT)
     tl.store(p_kq, b_kq, boundary_check=(0, 1))
 
@@ -121,7 +121,7 @@ def delta_bwd_scores_kernel(q, k, gc, kq, cu_seqlens, chunk_seq, chunk_idx, H, K
 def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_seqlens,
                           chunk_offsets, scale, H, K, V,
                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                          USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                          GATE: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
                           PREC: tl.constexpr, SPLIT16: tl.constexpr, KQ_IN: tl.constexpr):
     """Per (V tile, sequence * head): dS from the last chunk back; dh[c] = dS', dv2 = dU'.
 
@@ -167,7 +167,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
         b_k = load_tile(p_k)
         b_do = load_tile(p_do)
         b_g = None
-        if USE_G:
+        if GATE == GATE_SCALAR:
             last = tl.minimum(t0 + BT, Tn) - 1
             b_g = tl.load(gc + row, mask=valid, other=0.0)
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
@@ -176,7 +176,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
             b_kq = load_tile(token_tile(kq, bos, i_h, Tn, H, BT, t0, 0, BT, BT))  # [j, i]
         else:
             b_kq = mask_scores(tl.dot(b_k, tl.trans(b_q), input_precision=PREC), b_g, o_t,
-                               valid, USE_G)                        # [j, i], exact products
+                               valid, GATE)                         # [j, i], exact products
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
         if SPLIT16:
             # the part that does not wait for dS' first, so that K Q^T is dead before the
@@ -186,15 +186,15 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
         else:
             b_dvi = tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC)
             b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
-        if USE_G:
+        if GATE == GATE_SCALAR:
             b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
         b_dv = scale * b_dvi + b_kds
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
-        if USE_G and SPLIT16:
+        if GATE == GATE_SCALAR and SPLIT16:
             b_ds = b_ds * tl.exp(b_gl) + scale * dot_a16(
                 tl.trans(b_q), b_do.to(tl.float32) * tl.exp(b_g)[:, None], None, SPLIT16)
-        elif USE_G:
+        elif GATE == GATE_SCALAR:
             b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(
                 tl.trans(b_q.to(tl.float32)), b_do.to(tl.float32) * tl.exp(b_g)[:, None],
                 input_precision=PREC)
@@ -202,7 +202,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
             b_ds += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC)  # exact products
         # W^T dU' = K^T (beta exp(b) * (T^T dU')), T loaded once q and dO are done
         b_wt = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)  # beta exp(b)
-        if USE_G:
+        if GATE == GATE_SCALAR:
             b_wt = b_wt * tl.exp(b_g)
         b_y = tl.dot(tl.trans(chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT)), b_dv,
                      input_precision=PREC) * b_wt[:, None]           # [BT, BV]
@@ -218,12 +218,12 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
 
 @triton.jit
 def chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT: tl.constexpr,
-                USE_G: tl.constexpr):
+                GATE: tl.constexpr):
     """The decays grads_qk applies in one chunk (last: the row of its last token), float32:
     Gamma [BT, BT] masked to i >= j and rows in the sequence, exp(b) [BT], exp(b_L - b) [BT]
     (0 past the sequence), exp(b_L); ones (and the masks) when ungated."""
     m_c = (o_t[:, None] >= o_t[None, :]) & valid[:, None]
-    if USE_G:
+    if GATE == GATE_SCALAR:
         b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
         b_gl = tl.load(gc + (bos + t0 + last) * H + i_h)
         b_gam = tl.exp(tl.where(m_c, b_g[:, None] - b_g[None, :], float("-inf")))
@@ -256,7 +256,7 @@ def gate_sums(b_mq, b_dkd, b_ss_el, o_t, last):
 @triton.jit
 def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seqlens,
                          chunk_seq, chunk_idx, scale, TT, H, K, V, BT: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                          PREC: tl.constexpr):
     """Per (chunk, head, K tile): dq, dk (state and output part) and dw = -dU' S^T on the
     tile's BK columns, and the tile's share of db (db [cdiv(K, BK), TT, H]; the launcher sums
@@ -268,7 +268,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     i_k = tl.program_id(2)
     hslot = i_c + tl.load(chunk_seq + i_c).to(tl.int64)  # h's slot: c0 + n + c = i_c + n
     last = tl.minimum(t0 + BT, Tn) - 1 - t0  # row of the chunk's last token
-    b_gam, b_eg, b_kd, b_el = chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT, USE_G)
+    b_gam, b_eg, b_kd, b_el = chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT, GATE)
 
     # over V tiles: dO U'^T, and on this K tile dO S^T, U' dS'^T, dU' S^T, rows of S * dS'
     b_m = tl.zeros([BT, BT], dtype=tl.float32)
@@ -311,7 +311,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
 
-    if USE_G:
+    if GATE == GATE_SCALAR:
         # this tile's share of db: the inter term scale exp(b_i) q_i . (S dO_i), Gamma in the
         # intra term (+ row sums, - column sums of M * Q K^T, Q K^T on this tile's columns),
         # and the state update's exp(b_L) S and exp(b_L - b_j) k_j
@@ -325,7 +325,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
 @triton.jit
 def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv, dbeta, dg,
                         cu_seqlens, chunk_seq, chunk_idx, H, K, V, BT: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                         PREC: tl.constexpr, SPLIT16: tl.constexpr):
     """Per (chunk, head): through W = T diag(beta e^b) K, U = T diag(beta) V, T = (I + A)^-1.
     SPLIT16 (16-bit inputs and stored dW, dU): T^T dW, T^T dU and (dKK + dKK^T) K with the
@@ -336,7 +336,7 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
     m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
 
     b_beta = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
-    if USE_G:
+    if GATE == GATE_SCALAR:
         b_g = tl.load(gc + row, mask=valid, other=0.0)
         b_eg = tl.exp(b_g)
         b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))
@@ -357,7 +357,7 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         b_k16 = load_tile(p_k)
         b_kk += tl.dot(b_k16, tl.trans(b_k16), input_precision=PREC)  # exact products, 16-bit MMA
         b_dt += dot_nt(load_tile(p_dw), b_k16, PREC)                  # dW K^T
-    if USE_G:
+    if GATE == GATE_SCALAR:
         b_dt = b_dt * b_eg[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
@@ -422,7 +422,7 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
                  boundary_check=(0, 1))
 
     tl.store(dbeta + row, b_dbeta.to(dbeta.dtype.element_ty), mask=valid)
-    if USE_G:
+    if GATE == GATE_SCALAR:
         # dg_t = sum_{i >= t} db_i inside the chunk (b is the chunk-local cumsum of g)
         b_db = tl.where(valid, b_db + tl.load(db_part + row, mask=valid, other=0.0), 0.0)
         b_dg = tl.sum(b_db, 0) - tl.cumsum(b_db, axis=0) + b_db
@@ -461,14 +461,14 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
         kq = alloc.empty(TT, H, BT, dtype=torch.float32, device=dev)    # [TT, H, BT]
         delta_bwd_scores_kernel[(layout.NT, H)](
             q, k, gc if gc is not None else kq, kq, layout.cu, layout.tile_seq,
-            layout.tile_idx, H, K=K, BT=BT, BK=head_tile(K, 64), USE_G=gc is not None,
+            layout.tile_idx, H, K=K, BT=BT, BK=head_tile(K, 64), GATE=gate_of(gc),
             PREC=dot_precision(q.dtype), **cfg.launch["scores"])
     if N:
         delta_bwd_scan_kernel[(triton.cdiv(V, BV), N * H)](
             q, k, beta, tinv, gc if gc is not None else tinv, do, kq if kq is not None else tinv,
             dfinal if dfinal is not None else dh,
             dh, dv2, dh0 if dh0 is not None else dh, layout.cu, layout.chunk_off,
-            scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
+            scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate_of(gc),
             USE_DHT=dfinal is not None, STORE_DH0=dh0 is not None, PREC=dot_precision(q.dtype),
             # on state tiles up to reverse_scan_split16_max_bk rows and wide V blocks only
             # (see reverse_scan_split16_min_bv)
@@ -509,7 +509,7 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale, cfg: DeltaConfig = D
             q, k, vnew, gc if gc is not None else vnew, h, dh, do, dv2, dq, dk_part, dw,
             db if db is not None else dw, layout.cu, layout.tile_seq, layout.tile_idx,
             scale, TT, H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            USE_G=gc is not None, PREC=dot_precision(q.dtype),
+            GATE=gate_of(gc), PREC=dot_precision(q.dtype),
             # float32 inputs ("ieee" dots) on 8 warps: on 4, sm_90 spills 7.4 - 9.5 KB
             **{**cfg.launch["grads_qk"],
                **(dict(num_warps=8) if q.dtype == torch.float32 else {})})
@@ -540,7 +540,7 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout,
             k, v, beta, gc if gc is not None else dw, tinv, dw, dv2, dk_part,
             db if db is not None else dw, dk, dv, dbeta, dg if dg is not None else dbeta,
             layout.cu, layout.tile_seq, layout.tile_idx,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=head_tile(V, 64), USE_G=g is not None,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=head_tile(V, 64), GATE=gate_of(g),
             PREC=dot_precision(k.dtype),
             SPLIT16=split16_on(cfg.grads_wy_split16, cfg, k, dw, dv2)
             and BK >= cfg.grads_wy_split16_min_bk,

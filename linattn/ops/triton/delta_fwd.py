@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from .. import alloc
-from .common import dot_a16, fill_v_block, head_tile, next_pow2, sm_count
+from .common import (GATE_NONE, GATE_SCALAR, dot_a16, fill_v_block, head_tile, next_pow2,
+                     sm_count)
 from .delta_config import DEFAULT, DeltaConfig, split16_on
 from .gated_api import KernelConfig
 from .gated_fwd import fwd_o
@@ -68,6 +69,12 @@ def vnew_dtype(dtype: torch.dtype, cfg: DeltaConfig = DEFAULT) -> torch.dtype:
     stores it (the output kernel and grads_qk read it with 16-bit dot operands; the scan's
     state update uses the float32 U')."""
     return dtype if cfg.vnew_in_input_dtype and dtype != torch.float32 else torch.float32
+
+
+def gate_of(g) -> int:
+    """The delta kernels' GATE (common.GATE_KINDS) for a log-decay g [TT, H] (a constant [H]
+    decay arrives broadcast) or None: GATE_SCALAR or GATE_NONE, the two kinds they take."""
+    return (GATE_NONE if g is None else GATE_SCALAR).value
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -185,7 +192,7 @@ def sequence_program(cu_seqlens, chunk_offsets, H):
 @triton.jit
 def delta_prep_kernel(k, beta, g, gc, tinv, cu_seqlens, chunk_seq, chunk_idx, H, K,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                      USE_G: tl.constexpr, PREC: tl.constexpr):
+                      GATE: tl.constexpr, PREC: tl.constexpr):
     """Per (chunk, head): gc = b, tinv = T = (I + A)^-1 (float32; rows past the sequence
     unwritten)."""
     tl.static_assert(BT == 4 * BC, "the UT solve assembles 4 x 4 blocks of BC")
@@ -195,7 +202,7 @@ def delta_prep_kernel(k, beta, g, gc, tinv, cu_seqlens, chunk_seq, chunk_idx, H,
 
     # gates: beta, and b = cumsum(g) within the chunk (rows past the end add nothing)
     b_beta = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
-    if USE_G:
+    if GATE == GATE_SCALAR:
         b_g = tl.cumsum(tl.load(g + row, mask=valid, other=0.0).to(tl.float32), axis=0)
         tl.store(gc + row, b_g, mask=valid)
     else:
@@ -276,7 +283,7 @@ def chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT: tl.constexpr):
 @triton.jit
 def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_offsets,
                       H, K, V, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+                      GATE: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
                       PREC: tl.constexpr, SPLIT16: tl.constexpr):
     """Per (V tile, sequence * head): S over the chunks; h[c0 + n + c] = S at chunk c's start
     (the gated layout's slots), U' = T diag(beta) (V - exp(b) * (K S)).
@@ -313,7 +320,7 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
         # R = diag(beta) (V - exp(b) * K S), then U' = T R
         row = (bos + t0 + o_t) * H + i_h  # [BT] int64 offsets of (token, head)
         b_beta = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
-        if USE_G:
+        if GATE == GATE_SCALAR:
             b_g = tl.load(gc + row, mask=valid, other=0.0)
             b_ks = b_ks * tl.exp(b_g)[:, None]
         p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
@@ -322,7 +329,7 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
         p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
         # S <- exp(b_L) S + (K * exp(b_L - b))^T U'
-        if USE_G:
+        if GATE == GATE_SCALAR:
             last = tl.minimum(t0 + BT, Tn) - 1
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
             b_vn = b_vn * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
@@ -354,7 +361,7 @@ def prep(k, beta, g, layout, cfg: DeltaConfig = DEFAULT):
         delta_prep_kernel[(layout.NT, H)](
             k, beta, g if g is not None else beta, gc if gc is not None else tinv, tinv,
             layout.cu, layout.tile_seq, layout.tile_idx, H=H, K=K, BT=BT, BC=BC,
-            BK=head_tile(K, 64), USE_G=g is not None, PREC=dot_precision(k.dtype),
+            BK=head_tile(K, 64), GATE=gate_of(g), PREC=dot_precision(k.dtype),
             **cfg.launch["prep"])
     return gc, tinv
 
@@ -384,7 +391,7 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state,
             k, v, beta, tinv, gc if gc is not None else tinv,
             initial_state if initial_state is not None else h, h, vnew,
             final if final is not None else h, layout.cu, layout.chunk_off,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=gc is not None,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate_of(gc),
             USE_H0=initial_state is not None, STORE_FINAL=final is not None,
             PREC=dot_precision(k.dtype),
             SPLIT16=cfg.scan_dot16_parts if split else 0,
@@ -405,7 +412,7 @@ def output(q, k, vnew, gc, h, layout, scale, out_dtype, cfg: DeltaConfig = DEFAU
     bv = head_tile(V, cfg.output_bv_f32 if q.dtype == torch.float32 else cfg.output_bv)
     # dots on U' and the states as stored (16-bit, or float32 with exact "ieee" dots for float32
     # inputs)
-    cfg = KernelConfig(gate=0 if gc is None else 1, has_kw=False, mexp=False, noncausal=False,
+    cfg = KernelConfig(gate=gate_of(gc), has_kw=False, mexp=False, noncausal=False,
                        ieee=q.dtype == torch.float32, BK=head_tile(K, 64),
                        BV=bv, BVS=bv,
                        warps=launch["num_warps"], scan_warps=launch["num_warps"],

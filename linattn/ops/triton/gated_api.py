@@ -7,13 +7,13 @@ Both take validated inputs (linattn.ops.api) and return (o, final_state) as
 linattn.ops.reference does. Every variant maps onto one autograd.Function over one set of
 chunk kernels (gated_fwd, gated_bwd):
 
-    g None            GATE 0
-    g [H]             GATE 1, broadcast to [B, T, H] (its gradient is the sum)
-    g [B, T, H]       GATE 1
-    g [B, T, H, K]    GATE 2
-    causal=False      GATE 0, NONCAUSAL
-    mLSTMsig          GATE 1 with g = logsigmoid(f) and key log-weight w = logsigmoid(i)
-    mLSTMexp          GATE 1 with g = logsigmoid(f), w = i, MEXP (stabiliser m, normaliser n)
+    g None            GATE_NONE                 (the gate kinds of common.GATE_KINDS)
+    g [H]             GATE_SCALAR, broadcast to [B, T, H] (its gradient is the sum)
+    g [B, T, H]       GATE_SCALAR
+    g [B, T, H, K]    GATE_KEY
+    causal=False      GATE_NONE, NONCAUSAL
+    mLSTMsig          GATE_SCALAR with g = logsigmoid(f) and key log-weight w = logsigmoid(i)
+    mLSTMexp          GATE_SCALAR with g = logsigmoid(f), w = i, MEXP (stabiliser m, normaliser n)
 
 float64 inputs run on linattn.ops.torch_chunked (the kernels compute in float32).
 
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import torch_chunked
-from .common import (INTERPRET, chunk_cumsum, gate_grad_, head_tile, lengths_of, make_layout,
-                     row_dot)
+from .common import (GATE_KEY, GATE_NONE, GATE_SCALAR, INTERPRET, chunk_cumsum, gate_grad_,
+                     head_tile, lengths_of, make_layout, row_dot)
 from . import mexp_norm
 from .gated_bwd import bwd_dqk, bwd_dv, bwd_states, key_dscores
 from .gated_fwd import fwd_o, fwd_states, key_scores, mexp_prep, state_dtype
@@ -58,7 +58,8 @@ SCAN_REGISTERS = 65536
 
 @dataclass(frozen=True)
 class KernelConfig:
-    gate: int          # 0 none, 1 scalar, 2 per-key
+    gate: int          # GATE_NONE, GATE_SCALAR or GATE_KEY (common.GATE_KINDS; a constant
+                       # decay arrives as GATE_SCALAR)
     has_kw: bool       # key log-weight (mLSTM input gate)
     mexp: bool         # mLSTMexp stabiliser and normaliser
     noncausal: bool    # bidirectional
@@ -110,10 +111,13 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False,
     """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning
     (so no config depends on B, and the interpreter needs none). Every choice is measured in
     PERF_NOTES "Gated family: launch choices". override: departures for this call."""
+    if gate not in (GATE_NONE, GATE_SCALAR, GATE_KEY):
+        raise ValueError(f"gate {gate}: the gated kernels take GATE_NONE, GATE_SCALAR or GATE_KEY "
+                         "(a constant decay broadcast to GATE_SCALAR)")
     override = override or Override()
     chunk, tile = override.chunk, override.tile
     BKQ = dqk_warps = scan_stages = fwd_cap = bwd_cap = 0
-    BTQ = 16 if gate == 2 else 0
+    BTQ = 16 if gate == GATE_KEY else 0
     if INTERPRET:
         BT, L = tile or 16, chunk or 64
         BK, BV, BVS, warps, stages = head_tile(K, 32), head_tile(V, 32), head_tile(V, 32), 4, 1
@@ -127,12 +131,12 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False,
         # K <= 128, mLSTMexp, per-key gates (each of bwd_dqk's 16-token query tiles pairs with
         # up to L / 16 - 1 earlier key tiles). mLSTMsig keeps 128: at 64 its peak memory
         # rises over TFLA's.
-        chunk64 = (gate in (0, 1) and K <= 128 and (mexp or not has_kw)) or gate == 2
+        chunk64 = gate == GATE_KEY or (K <= 128 and (mexp or not has_kw))
         L = chunk or (64 if chunk64 else 128)
         BK = head_tile(K, 64)
         # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
         # exponentials; at 128 the 64-token fwd_o and bwd_dv spill on sm_90)
-        BV = head_tile(V, 64 if gate == 2 else 128)
+        BV = head_tile(V, 64 if gate == GATE_KEY else 128)
         BVS = head_tile(V, 64)
         # 4 warps everywhere: 8 warps on the per-tile kernels spill less on sm_90 but run slower
         warps, scan_warps, stages = 4, 4, 2
@@ -142,9 +146,9 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False,
         # with a scalar gate, bwd without per-key gates or mLSTMexp; not fwd without a gate,
         # per-key or mLSTMexp, which spill hundreds of bytes under the cap
         cap = SCAN_REGISTERS // (SCAN_PROGRAMS_PER_SM * 32 * scan_warps)
-        fwd_cap = cap if gate == 1 and not mexp else 0
-        bwd_cap = cap if gate != 2 and not mexp else 0
-        if gate != 2:
+        fwd_cap = cap if gate == GATE_SCALAR and not mexp else 0
+        bwd_cap = cap if gate != GATE_KEY and not mexp else 0
+        if gate != GATE_KEY:
             # bwd_dqk with one 128-wide K block on 8 warps (faster than BK 64 on 4 warps; BK
             # 128 on 4 warps spills)
             BKQ, dqk_warps = head_tile(K, 128), 8
@@ -207,12 +211,12 @@ def saved_specs(cfg, BT, TT, H, K, V, N, slots, chunk_rows, dtype, keep_states):
     gdt = gate_dtype(cfg)
     specs = {}
     if cfg.mexp or cfg.gate:
-        specs["gb"] = ((TT, H, K) if cfg.gate == 2 else (TT, H), gdt)
+        specs["gb"] = ((TT, H, K) if cfg.gate == GATE_KEY else (TT, H), gdt)
     if cfg.mexp:
         specs.update(gm=((TT, H), gdt), start=((TT, H), torch.int8),
                      mpc=((chunk_rows, H), gdt), qn=((TT, H), torch.float32),
                      hfin=((N, H, K, V), torch.float32))
-    if cfg.gate == 2:
+    if cfg.gate == GATE_KEY:
         specs["A"] = ((TT, H, BT), dtype)
     if keep_states:
         specs["h"] = ((slots, H, K, V), state_dtype(cfg, dtype))
@@ -239,7 +243,7 @@ def chunk_forward(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, ke
     elif g is not None:
         gb = chunk_cumsum(g, layout, dtype=gdt)                   # chunk-local cumsum
     h, hn, hf = _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
-    A = key_scores(q, k, gb, layout, cfg, scale, defined) if cfg.gate == 2 else None  # [TT, H, BT]
+    A = key_scores(q, k, gb, layout, cfg, scale, defined) if cfg.gate == GATE_KEY else None  # [TT, H, BT]
     o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale, A=A)
     ht = nt = mt = None
     if want_final:
@@ -292,12 +296,12 @@ def chunk_backward(q, k, v, kw, h0, n0, m0, saved, o, layout, dqk_layout, cfg, s
             sdot = sdot + npart                     # the normaliser's share of the gate sums
     dv = bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout, cfg, scale, v.dtype, V, A=A)
     del A
-    dsc = key_dscores(do, v, layout, cfg) if cfg.gate == 2 else None  # [TT, H, L] float32
+    dsc = key_dscores(do, v, layout, cfg) if cfg.gate == GATE_KEY else None  # [TT, H, L] float32
     dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn,
                            dqk_layout or layout, cfg, scale, gate_sums, dsc=dsc)
     del dsc
     dg = dkw = dm0 = None
-    if gate_sums and cfg.gate == 1:
+    if gate_sums and cfg.gate == GATE_SCALAR:
         qdq, kdk, kdk_state, kdk_all = gsum
         dg = _gate_grad(qdq - kdk, kdk_state, sdot, layout, gate_dtype(cfg))  # [TT, H]
         dkw = kdk_all
@@ -305,7 +309,7 @@ def chunk_backward(q, k, v, kw, h0, n0, m0, saved, o, layout, dqk_layout, cfg, s
             nfin = hn.index_select(0, layout.final_slot)
             dg, dkw, dm0 = _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt,
                                         h0, n0, m0, dh0, dn0, layout)
-    elif gate_sums and cfg.gate == 2:
+    elif gate_sums and cfg.gate == GATE_KEY:
         dg = _gate_grad(*gsum, sdot, layout, gate_dtype(cfg))         # [TT, H, K]
     if dg is not None and const_gate:
         dg = dg.sum(0)                                                 # [H], in gdt
@@ -473,7 +477,7 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
     B, T, H, K = q.shape
     V = v.shape[-1]
     TT = B * T
-    gate = 0 if g is None else (2 if g.dim() == 4 else 1)
+    gate = (GATE_NONE if g is None else GATE_KEY if g.dim() == 4 else GATE_SCALAR).value
     gf = None
     if g is not None:
         gf = g.float()
@@ -515,7 +519,7 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None, output_
         if initial_state is not None:
             h0 = initial_state.float().contiguous()
     o, ht, nt, mt = run_chunks(_flat(q, TT), _flat(k, TT), _flat(v, TT), lf, kw, h0, n0, m0,
-                               cu_seqlens, B, gate=1, has_kw=True, mexp=mexp,
+                               cu_seqlens, B, gate=GATE_SCALAR.value, has_kw=True, mexp=mexp,
                                scale=float(scale), want_final=bool(output_final_state),
                                save_for_backward=save_for_backward, override=override)
     o = o.view(B, T, H, V)

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
-from .common import ChunkLayout, dot, exp, fill_v_block, sm_count
+from .common import (GATE_KEY, GATE_NONE, GATE_SCALAR, ChunkLayout, dot, exp, fill_v_block,
+                     sm_count)
 from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
                         gate_diag, key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile,
                         ld_tok, mid_row_exponents, state_block_of, state_dtype)
@@ -57,7 +58,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dht, dh, dh0, h, sdot,
     gradient of the state after every chunk (slot c + 1) and of the initial state (slot 0);
     NONCAUSAL sums q^T do over the sequence into the final slot. For the gates' gradient (SDOT)
     it also writes <dS_{c+1}, exp(le + mp) S_c> of every chunk c (summed over this block's V,
-    and over its K too for GATE 1) into sdot, at the slot of the state after the chunk.
+    and over its K too for scalar gates) into sdot, at the slot of the state after the chunk.
     mLSTMexp's normaliser's cotangent dn is formed outside (mexp_norm)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
@@ -74,7 +75,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dht, dh, dh0, h, sdot,
     nt = tl.cdiv(eos - bos, BT)
     de_n, mp_n = chunk_decay(gb, gm, mpc, nt - 1, bos, eos, c0, hh, H, ck, mk, K, L, BT, GATE,
                              MEXP)
-    GRAD_SDOT: tl.constexpr = GATE != 0 and SDOT
+    GRAD_SDOT: tl.constexpr = GATE != GATE_NONE and SDOT
     for it2 in range(nt):
         it = nt - 1 - it2                                       # tiles in reverse
         c = it // NJ                                            # chunk of this tile
@@ -86,18 +87,18 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dht, dh, dh0, h, sdot,
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         le, mp = de_n, mp_n                                     # this chunk's decay exponents
-        if GATE != 0:                                           # the next tile's, loaded ahead
+        if GATE != GATE_NONE:                                        # the next tile's, loaded ahead
             de_n, mp_n = chunk_decay(gb, gm, mpc, tl.maximum(it - 1, 0), bos, eos, c0, hh, H,
                                      ck, mk, K, L, BT, GATE, MEXP)
-        if GATE == 1:
+        if GATE == GATE_SCALAR:
             dS = dS * tl.where(first, exp(le + mp, IEEE), 1.0)  # back through the chunk's decay
-        if GATE == 2:
+        if GATE == GATE_KEY:
             dS = dS * tl.where(first, exp(le, IEEE), 1.0)[:, None]
         if GRAD_SDOT:
             # <dS_{c+1}, decay * S_c>: the state path's share of the chunk-end gate gradient
             Sp = chunk_start_state(h, it, nt, c0, n, hh, H, K, V, ck, mk, cv, mv, NJ)
             rs = tl.sum(dS * Sp, axis=1)                                          # [BK]
-            if GATE == 1:
+            if GATE == GATE_SCALAR:
                 tl.store(sdot + ((kb * tl.num_programs(2) + vb) * NS + slot) * H + hh,
                          tl.sum(rs, axis=0), mask=first)
             else:
@@ -105,12 +106,12 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dht, dh, dh0, h, sdot,
         rows = bos + it * BT + tl.arange(0, BT)
         mr = rows < ce
         qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-        if GATE == 1:
+        if GATE == GATE_SCALAR:
             qe = ld_gtok(gb + hh, rows, mr, H)
             if MEXP:
                 qe -= ld_gtok(gm + hh, rows, mr, H)
             qt = qt * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)[:, None]
-        if GATE == 2:
+        if GATE == GATE_KEY:
             bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
         dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
@@ -156,21 +157,21 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
     mv = cv < V
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     ke = tl.zeros([BT], dtype=tl.float32)
-    if GATE == 1:
+    if GATE == GATE_SCALAR:
         ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
         le = chunk_end_exp(gb, gm, ce, True, hh, H, MEXP)        # a tile's chunk is not empty
         wk = exp(tl.where(mr, le + ke, NEG_INF), IEEE)             # weight into the next state
     # 1) through the state after the chunk, dv += (k dS_{c+1}) exp(le + ke) (a row weight,
     #    applied after the dot), and in the same pass over K the tile's own raw scores q k^T
-    #    (GATE 0/1)
-    OWN: tl.constexpr = (not NONCAUSAL) and GATE != 2
+    #    (no gate, scalar gates)
+    OWN: tl.constexpr = (not NONCAUSAL) and GATE != GATE_KEY
     Ad = tl.zeros([BT, BT], dtype=tl.float32)                  # [query, key]
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
         mk = ck < K
         kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
         ks = kt
-        if GATE == 2:
+        if GATE == GATE_KEY:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
             bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             ks = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
@@ -179,16 +180,16 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
         if OWN:
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
             Ad += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
-    if GATE == 1:
+    if GATE == GATE_SCALAR:
         acc = acc * wk[:, None]
     if not NONCAUSAL:
         # 2) the diagonal tile (per-key: the forward's scores), first, so that Ad is dead
         #    before the later tiles' scores are formed
-        if GATE == 2:
+        if GATE == GATE_KEY:
             A = ld_scores(Asc, hh, rows, mr, t0, H, BT)
         else:
             qe = tl.zeros([BT], dtype=tl.float32)
-            if GATE == 1:
+            if GATE == GATE_SCALAR:
                 qe = ld_gtok(gb + hh, rows, mr, H)
                 if MEXP:
                     qe -= ld_gtok(gm + hh, rows, mr, H)
@@ -207,14 +208,14 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
                 mk = ck < K
                 qt = ld_tile(q + hh * K, qrows, mq, ck, mk, H * K) * scale
                 kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-                if GATE == 2:
+                if GATE == GATE_KEY:
                     br = tl.load(gb + ((t0 + BT - 1) * H + hh) * K + ck, mask=mk, other=0.0)
                     bq = ld_gtile(gb + hh * K, qrows, mq, ck, mk, H * K)
                     bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
                     qt = qt * exp(tl.where(mq[:, None], bq - br[None, :], NEG_INF), IEEE)
                     kt = kt * exp(br[None, :] - bk, IEEE)
                 A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
-            if GATE == 1:
+            if GATE == GATE_SCALAR:
                 qe = ld_gtok(gb + hh, qrows, mq, H)
                 if MEXP:
                     qe -= ld_gtok(gm + hh, qrows, mq, H)
@@ -256,7 +257,7 @@ def pair_dA(do, v, dsc, hh, rows, mr, krows, mkr, rdt, dqt, cs, H, V, L: tl.cons
     """dA[t, s] for query rows t and key rows s of one chunk (first token cs), float32
     [BT, BT]: per-key gates read it from dsc (key_dscores_kernel, zero where s > t), the
     others form it (do_v_tile)."""
-    if GATE == 2:
+    if GATE == GATE_KEY:
         keep = mr[:, None] & mkr[None, :] & (rows[:, None] >= krows[None, :])
         return tl.load(dsc + (rows[:, None] * H + hh) * L + (krows - cs)[None, :], mask=keep,
                        other=0.0)
@@ -316,9 +317,9 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
                    DRANGE: tl.constexpr):
     """dq and dk of one tile (BT tokens), one block of K, and (GATE_SUMS: the gate needs a
     gradient) the gate sums of the tile:
-    GATE 1 writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], k.dk without the
+    GATE_SCALAR writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], k.dk without the
     part from the state after the chunk, which goes to gks, and with HAS_KW the whole k.dk
-    into gkw; GATE 2 writes q*dq - k*dk (same split) into gq [TT, H, K], the state part of
+    into gkw; GATE_KEY writes q*dq - k*dk (same split) into gq [TT, H, K], the state part of
     k*dk into gks.
     The gate sums leave out each token's pairing with itself (query t, key t): its terms in
     q.dq and k.dk are equal and cancel in q.dq - k.dk, but are the largest of both, so
@@ -346,7 +347,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
     mqk = mr[:, None] & mk[None, :]
     dq = tl.zeros([BT, BK], dtype=tl.float32)
     dk = tl.zeros([BT, BK], dtype=tl.float32)
-    dd = tl.zeros([BT], dtype=tl.float32)                       # same-token dA_tt (GATE 1, 2)
+    dd = tl.zeros([BT], dtype=tl.float32)                       # same-token dA_tt (gated)
     qe = tl.zeros([BT], dtype=tl.float32)
     ke = tl.zeros([BT], dtype=tl.float32)
     rdt = tl.zeros([BT], dtype=tl.float32)
@@ -354,16 +355,16 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
     if MEXP:
         rdt = ld_tok(rd + hh, rows, mr, H)                       # 1 / normaliser
         dqt = ld_tok(dqn + hh, rows, mr, H)                      # cotangent of n^T q
-    if GATE == 1:
+    if GATE == GATE_SCALAR:
         qe = ld_gtok(gb + hh, rows, mr, H)                       # query exponent b_t (- m_t)
         ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)           # key exponent -b_s (+ w_s)
         if MEXP:
             qe -= ld_gtok(gm + hh, rows, mr, H)
-    if GATE == 2:
+    if GATE == GATE_KEY:
         bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)     # this tile's b, [BT, BK]
     if not NONCAUSAL:
         # 1) dq from the earlier key tiles of the chunk (reference row t0 - 1), unscaled
-        if GATE == 2:
+        if GATE == GATE_KEY:
             br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk & (t0 > cs), other=0.0)
         for j in range((t0 - cs) // BT):
             krows = cs + j * BT + tl.arange(0, BT)
@@ -371,18 +372,18 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
             dA = pair_dA(do, v, dsc, hh, rows, mr, krows, mkr, rdt, dqt, cs, H, V, L, BT, BV,
                          GATE, MEXP, IEEE)
             kt = ld_tile(k + hh * K, krows, mkr, ck, mk, H * K)
-            if GATE == 1:
+            if GATE == GATE_SCALAR:
                 kej = key_exp(gb, kw, hh, krows, mkr, H, HAS_KW)
                 dA = dA * exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF), IEEE)
-            if GATE == 2:
+            if GATE == GATE_KEY:
                 bk = ld_gtile(gb + hh * K, krows, mkr, ck, mk, H * K)
                 kt = kt * exp(br[None, :] - bk, IEEE)
             dq += dot(dA.to(DT), kt.to(DT), IEEE)
-        if GATE == 2:                                           # dq holds only this part so far
+        if GATE == GATE_KEY:                                        # dq holds only this part so far
             dq = dq * exp(tl.where(mr[:, None] & (t0 > cs), bq - br[None, :], NEG_INF), IEEE)
         # 2) dk from the later query tiles of the chunk (reference row t0 + BT - 1), unscaled
         has_later = t0 + BT < ce
-        if GATE == 2:
+        if GATE == GATE_KEY:
             br2 = tl.load(gb + ((t0 + BT - 1) * H + hh) * K + ck, mask=mk & has_later, other=0.0)
         for i in range(tl.cdiv(ce - t0, BT) - 1):
             qrows = t0 + (i + 1) * BT + tl.arange(0, BT)
@@ -395,24 +396,24 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
             dA = pair_dA(do, v, dsc, hh, qrows, mq, rows, mr, rdi, dqi, cs, H, V, L, BT, BV,
                          GATE, MEXP, IEEE)                      # [query, key]
             qt = ld_tile(q + hh * K, qrows, mq, ck, mk, H * K)
-            if GATE == 1:
+            if GATE == GATE_SCALAR:
                 qei = ld_gtok(gb + hh, qrows, mq, H)
                 if MEXP:
                     qei -= ld_gtok(gm + hh, qrows, mq, H)
                 dA = dA * exp(tl.where(mq[:, None], qei[:, None] + ke[None, :], NEG_INF), IEEE)
-            if GATE == 2:
+            if GATE == GATE_KEY:
                 bqi = ld_gtile(gb + hh * K, qrows, mq, ck, mk, H * K)
                 qt = qt * exp(tl.where(mq[:, None], bqi - br2[None, :], NEG_INF), IEEE)
             dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
-        if GATE == 2:                                           # dk holds only this part so far
+        if GATE == GATE_KEY:                                        # dk holds only this part so far
             dk = dk * exp(tl.where(mr[:, None] & has_later, br2[None, :] - bq, NEG_INF), IEEE)
         # 3) the diagonal tile, causal mask t >= s, the same-token terms apart (dd)
-        if GATE != 2:
+        if GATE != GATE_KEY:
             dA = do_v_tile(do, v, hh, rows, mr, rows, mr, rdt, dqt, H, V, BT, BV, MEXP, IEEE)
             dA = gate_diag(dA, rows, mr, qe, ke, GATE, IEEE)
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            if GATE == 1 and GATE_SUMS:                         # same-token terms apart (5)
+            if GATE == GATE_SCALAR and GATE_SUMS:                       # same-token terms apart (5)
                 same = rows[:, None] == rows[None, :]
                 dd = tl.sum(tl.where(same, dA, 0.0), axis=1)     # dA_tt
                 dA = tl.where(same, 0.0, dA)
@@ -474,25 +475,25 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
     if MEXP:
         nprev = tl.load(hn + (slot * H + hh) * K + ck, mask=mk, other=0.0)
         dqs += dqt[:, None] * nprev[None, :]
-    if GATE == 0:
+    if GATE == GATE_NONE:
         dq += dqs * scale
-    if GATE == 1:
+    if GATE == GATE_SCALAR:
         mp = 0.0
         if MEXP:
             mp = tl.load(mpc + ic * H + hh)
         dq += dqs * (scale * exp(tl.where(mr, qe + mp, NEG_INF), IEEE))[:, None]
-    if GATE == 2:
+    if GATE == GATE_KEY:
         dq += dqs * scale * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
     # 5) gate sums from the float32 accumulators (same-token terms and dk's state part left
     #    out), then dq with its same-token term (a frozen scalar gate kept it in the dots)
-    SPLIT: tl.constexpr = GATE == 2 or (GATE == 1 and GATE_SUMS)
+    SPLIT: tl.constexpr = GATE == GATE_KEY or (GATE == GATE_SCALAR and GATE_SUMS)
     if SPLIT:
         qs = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
         ks = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-        if GATE == 1 and GATE_SUMS:
+        if GATE == GATE_SCALAR and GATE_SUMS:
             tl.store(gq + (kb * TT + rows) * H + hh, tl.sum(qs * dq, axis=1), mask=mr)
             tl.store(gk + (kb * TT + rows) * H + hh, tl.sum(ks * dk, axis=1), mask=mr)
-        if GATE == 2 and GATE_SUMS:
+        if GATE == GATE_KEY and GATE_SUMS:
             tl.store(gq + pqk, qs * dq - ks * dk, mask=mqk)
         dq += dd[:, None] * ks
     # (the offsets recomputed, not pqk: keeping pqk alive to the dq and dk stores takes the
@@ -512,12 +513,12 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
     if MEXP:
         dnext = tl.load(dhn + (slot1 * H + hh) * K + ck, mask=mk, other=0.0)
         dks += tl.where(mr, 1.0, 0.0)[:, None] * dnext[None, :]
-    if GATE == 1:
+    if GATE == GATE_SCALAR:
         le = chunk_end_exp(gb, gm, ce, True, hh, H, MEXP)        # a tile's chunk is not empty
         dks = dks * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
         if GATE_SUMS:
             tl.store(gks + (kb * TT + rows) * H + hh, tl.sum(ks * dks, axis=1), mask=mr)
-    if GATE == 2:
+    if GATE == GATE_KEY:
         bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
         dks = dks * exp(tl.where(mr[:, None], bl[None, :] - bq, NEG_INF), IEEE)
         if GATE_SUMS:
@@ -536,8 +537,8 @@ def bwd_states(q, do, gb, gm, mpc, rd, dht, h, has_h0, layout: ChunkLayout, cfg,
                gate_sums=True):
     """Gradients of the chunk-boundary states: dh [slots, H, K, V] in do's dtype (float32 for
     float32 inputs), and of the initial state, dh0 [N, H, K, V] float32 when has_h0; and
-    <dS, S> of the state after every chunk: [NC, H] (GATE 1) or [NC, H, K] (GATE 2), else None
-    (also when not gate_sums: the gate needs no gradient). (mLSTMexp's normaliser:
+    <dS, S> of the state after every chunk: [NC, H] (GATE_SCALAR) or [NC, H, K] (GATE_KEY),
+    else None (also when not gate_sums: the gate needs no gradient). (mLSTMexp's normaliser:
     mexp_norm.backward, whose share of the gate sums the caller adds.)"""
     TT, H, K = q.shape
     dev = q.device
@@ -551,9 +552,9 @@ def bwd_states(q, do, gb, gm, mpc, rd, dht, h, has_h0, layout: ChunkLayout, cfg,
     grid = (layout.N * H, triton.cdiv(K, cfg.BK), triton.cdiv(V, BVS))
     NS = layout.n_slots
     sdot = None
-    if cfg.gate == 1 and gate_sums:
+    if cfg.gate == GATE_SCALAR and gate_sums:
         sdot = empty(grid[1] * grid[2], NS, H, dtype=torch.float32, device=dev)
-    if cfg.gate == 2 and gate_sums:
+    if cfg.gate == GATE_KEY and gate_sums:
         sdot = empty(grid[2], NS, H, K, dtype=torch.float32, device=dev)
     bwd_states_kernel[grid](
         q, do, _or(gb, x), _or(gm, x), _or(mpc, x), _or(rd, x), _or(dht, x), dh, _or(dh0, x), h,
@@ -569,7 +570,7 @@ def bwd_states(q, do, gb, gm, mpc, rd, dht, h, has_h0, layout: ChunkLayout, cfg,
 
 
 def bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout: ChunkLayout, cfg, scale, v_dtype, V, A=None):
-    """dv [TT, H, V] in v's dtype. A: the per-key scores (gated_fwd.key_scores) for GATE 2."""
+    """dv [TT, H, V] in v's dtype. A: the per-key scores (gated_fwd.key_scores) for GATE_KEY."""
     TT, H, K = q.shape
     dv = empty(TT, H, V, dtype=v_dtype, device=q.device)
     if layout.NT:
@@ -598,9 +599,9 @@ def key_dscores(do, v, layout: ChunkLayout, cfg):
 def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: ChunkLayout, cfg,
             scale, gate_sums=True, dsc=None):
     """dq, dk [TT, H, K] in q's dtype and the gate sums (same-token terms left out, see the
-    kernel): GATE 1 -> (q.dq, k.dk, the state part of k.dk, the whole k.dk or None without a
-    key log-weight) each [TT, H] float32 (summed over K blocks here); GATE 2 -> (q*dq - k*dk,
-    the state part of k*dk) each [TT, H, K]; else, or without gate_sums, None. dsc: GATE 2's
+    kernel): GATE_SCALAR -> (q.dq, k.dk, the state part of k.dk, the whole k.dk or None without a
+    key log-weight) each [TT, H] float32 (summed over K blocks here); GATE_KEY -> (q*dq - k*dk,
+    the state part of k*dk) each [TT, H, K]; else, or without gate_sums, None. dsc: GATE_KEY's
     intra-chunk dA (key_dscores)."""
     TT, H, K = q.shape
     V = v.shape[-1]
@@ -610,14 +611,14 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
     dq = empty(TT, H, K, dtype=q.dtype, device=dev)
     dk = empty(TT, H, K, dtype=k.dtype, device=dev)
     gq = gk = gks = gkw = None
-    gate_sums = gate_sums and cfg.gate != 0
-    if cfg.gate == 1 and gate_sums:
+    gate_sums = bool(gate_sums and cfg.gate != GATE_NONE)
+    if cfg.gate == GATE_SCALAR and gate_sums:
         gq = empty(nkb, TT, H, dtype=torch.float32, device=dev)
         gk = empty(nkb, TT, H, dtype=torch.float32, device=dev)
         gks = empty(nkb, TT, H, dtype=torch.float32, device=dev)
         if cfg.has_kw:
             gkw = empty(nkb, TT, H, dtype=torch.float32, device=dev)
-    if cfg.gate == 2 and gate_sums:
+    if cfg.gate == GATE_KEY and gate_sums:
         gq = empty(TT, H, K, dtype=torch.float32, device=dev)
         gks = empty(TT, H, K, dtype=torch.float32, device=dev)
     if layout.NT:
@@ -633,8 +634,8 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
             num_warps=cfg.dqk_warps or cfg.warps, num_stages=cfg.stages)
     if not gate_sums:
         return dq, dk, None
-    if cfg.gate == 1:
+    if cfg.gate == GATE_SCALAR:
         return dq, dk, (gq.sum(0), gk.sum(0), gks.sum(0), gkw.sum(0) if cfg.has_kw else None)
-    if cfg.gate == 2:
+    if cfg.gate == GATE_KEY:
         return dq, dk, (gq, gks)
     return dq, dk, None

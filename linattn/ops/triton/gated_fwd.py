@@ -1,10 +1,10 @@
 """Forward chunk kernels of the gated linear-attention family (docs/design.md section 4).
 
 One set of kernels serves every member, chosen by constexpr flags:
-    GATE     0: no decay, 1: scalar decay per (token, head) (constant [H] decays arrive
-             broadcast), 2: per-key decay per (token, head, key)
+    GATE     common.GATE_NONE: no decay, GATE_SCALAR: a decay per (token, head) (constant
+             [H] decays arrive broadcast), GATE_KEY: a decay per (token, head, key)
     HAS_KW   a key log-weight w_s (mLSTM's input gate): key s enters as exp(w_s) k_s
-    MEXP     mLSTMexp: stabiliser m_t and normaliser n (implies GATE 1 and HAS_KW; the
+    MEXP     mLSTMexp: stabiliser m_t and normaliser n (implies GATE_SCALAR and HAS_KW; the
              scans carry the state alone, mexp_norm forms n beside them)
     NONCAUSAL  bidirectional attention: every token reads its sequence's total state
 
@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
-from .common import ChunkLayout, dot, exp, fill_v_block, sm_count
+from .common import (GATE_KEY, GATE_NONE, GATE_SCALAR, ChunkLayout, dot, exp, fill_v_block,
+                     sm_count)
 
 # Globals a kernel reads must be instantiated tl.constexpr objects (not annotations).
 MLSTM_EPS = tl.constexpr(1e-6)  # mLSTMexp: o = h / (max(|n^T q|, exp(-m)) + eps)
@@ -141,8 +142,8 @@ def chunk_end_exp(gb, gm, ce, ok, hh, H, MEXP: tl.constexpr):
 @triton.jit
 def chunk_decay(gb, gm, mpc, it, bos, eos, c0, hh, H, ck, mk, K, L: tl.constexpr,
                 BT: tl.constexpr, GATE: tl.constexpr, MEXP: tl.constexpr):
-    """The decay over the chunk of tile it, as exponents: GATE 1 (b - m at the chunk's last
-    token, the chunk's shift mp (MEXP; else 0)), scalars; GATE 2 ([BK] b at the chunk's last
+    """The decay over the chunk of tile it, as exponents: scalar gates (b - m at the chunk's
+    last token, the chunk's shift mp (MEXP; else 0)), scalars; per-key ([BK] b at the chunk's last
     token, 0). The scans load it one tile ahead: Triton's pipeliner prefetches the loads that
     feed a dot, not one that scales only the carried state, and waiting on that load each
     step cost bwd_states 0.50 against 0.31 ms without a gate (H200, T 8192, D 128)."""
@@ -151,11 +152,11 @@ def chunk_decay(gb, gm, mpc, it, bos, eos, c0, hh, H, ck, mk, K, L: tl.constexpr
     ok = ce > bos                                   # an empty sequence has no chunk to read
     de = tl.full((), 0.0, tl.float32)
     mp = tl.full((), 0.0, tl.float32)
-    if GATE == 1:
+    if GATE == GATE_SCALAR:
         de = chunk_end_exp(gb, gm, ce, ok, hh, H, MEXP)
         if MEXP:
             mp = tl.load(mpc + (c0 + c) * H + hh, mask=ok, other=0.0)
-    if GATE == 2:
+    if GATE == GATE_KEY:
         de = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk & ok, other=0.0)
     return de, mp
 
@@ -164,10 +165,10 @@ def chunk_decay(gb, gm, mpc, it, bos, eos, c0, hh, H, ck, mk, K, L: tl.constexpr
 def gate_diag(A, rows, mr, qe, ke, GATE: tl.constexpr, IEEE: tl.constexpr):
     """A tile's raw scores against itself, A[t, s] = scale q_t . k_s (fwd_o and bwd_dv form
     them in their pass over K), or their cotangents do_t . v_s (bwd_dqk) -> zero above the
-    diagonal and past the sequence's end, times exp(qe_t + ke_s) for GATE 1. Per-key gates:
+    diagonal and past the sequence's end, times exp(qe_t + ke_s) for scalar gates. Per-key gates:
     key_scores_kernel."""
     causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]
-    if GATE == 1:
+    if GATE == GATE_SCALAR:
         return A * exp(tl.where(causal, qe[:, None] + ke[None, :], NEG_INF), IEEE)
     else:
         return tl.where(causal, A, 0.0)
@@ -366,18 +367,18 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, h, hf, cu, coff, H,
         cs = bos + c * L
         ce = tl.minimum(cs + L, eos)
         le, mp = de_n, mp_n                                     # this chunk's decay exponents
-        if GATE != 0:                                           # the next tile's, loaded ahead
+        if GATE != GATE_NONE:                                        # the next tile's, loaded ahead
             de_n, mp_n = chunk_decay(gb, gm, mpc, tl.minimum(it + 1, nt - 1), bos, eos, c0,
                                      hh, H, ck, mk, K, L, BT, GATE, MEXP)
-        if GATE == 1:
+        if GATE == GATE_SCALAR:
             S = S * tl.where(first, exp(le + mp, IEEE), 1.0)    # decay over the whole chunk
-        if GATE == 2:
+        if GATE == GATE_KEY:
             bl = le
             S = S * tl.where(first, exp(bl, IEEE), 1.0)[:, None]
         rows = bos + it * BT + tl.arange(0, BT)
         mr = rows < ce
         vt = ld_tile(v + hh * V, rows, mr, cv, mv, H * V)       # [BT, BV]
-        if GATE == 0:
+        if GATE == GATE_NONE:
             # k^T read as a [BK, BT] tile in k's dtype, straight into the dot: a float32 k
             # transposed in registers made the pipeliner leave its load synchronous, and the
             # scan took 142 registers (3 programs per SM)
@@ -385,13 +386,13 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, h, hf, cu, coff, H,
                          mask=mk[:, None] & mr[None, :], other=0.0)
         else:
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)   # [BT, BK]
-        if GATE == 1:
+        if GATE == GATE_SCALAR:
             ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
             kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
-        if GATE == 2:
+        if GATE == GATE_KEY:
             bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
-        if GATE == 0:
+        if GATE == GATE_NONE:
             S += dot(kT, vt.to(v.dtype.element_ty), IEEE)
         else:
             S += dot(tl.trans(kt).to(v.dtype.element_ty), vt.to(v.dtype.element_ty), IEEE)
@@ -464,7 +465,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
                  HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
                  IEEE: tl.constexpr, SCALE_AFTER: tl.constexpr):
     """Output of one query tile (BT tokens), one block of V: the chunk-start state's part
-    plus the causal part of the keys of this chunk up to the tile (tile by tile; GATE 2 reads
+    plus the causal part of the keys of this chunk up to the tile (tile by tile; per-key gates read
     the tile's own scores from Asc, key_scores_kernel's output)."""
     tl.static_assert(L % BT == 0)
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
@@ -492,7 +493,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
     accn = tl.zeros([BT], dtype=tl.float32)                     # n_t^T q_t (MEXP)
     qe = tl.zeros([BT], dtype=tl.float32)
     ke = tl.zeros([BT], dtype=tl.float32)
-    if GATE == 1:
+    if GATE == GATE_SCALAR:
         qe = ld_gtok(gb + hh, rows, mr, H)                       # query exponent b_t (- m_t)
         ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)           # key exponent -b_s (+ w_s)
         mp = 0.0
@@ -501,8 +502,8 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
             mp = tl.load(mpc + ic * H + hh)
         wq = exp(tl.where(mr, qe + mp, NEG_INF), IEEE)             # weight of the chunk-start state
     # 1) the state before the chunk, o += (q S) exp(qe + mp) (a row weight, applied after the
-    #    dot), and in the same pass over K the tile's own raw scores q k^T (GATE 0/1)
-    OWN: tl.constexpr = (not NONCAUSAL) and GATE != 2
+    #    dot), and in the same pass over K the tile's own raw scores q k^T (no gate, scalar gates)
+    OWN: tl.constexpr = (not NONCAUSAL) and GATE != GATE_KEY
     Ad = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
@@ -511,7 +512,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
         if not SCALE_AFTER:
             qt = qt * scale
         qs = qt
-        if GATE == 2:
+        if GATE == GATE_KEY:
             bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
             qs = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
         S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
@@ -525,13 +526,13 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
     if SCALE_AFTER:
         Ad = Ad * scale
         acc = acc * scale
-    if GATE == 1:
+    if GATE == GATE_SCALAR:
         acc = acc * wq[:, None]
         accn = accn * wq
     if not NONCAUSAL:
         # 2) the diagonal tile, causal mask t >= s (per-key: formed by key_scores_kernel),
         #    first, so that Ad is dead before the earlier tiles' scores are formed
-        if GATE == 2:
+        if GATE == GATE_KEY:
             A = ld_scores(Asc, hh, rows, mr, t0, H, BT)
         else:
             A = gate_diag(Ad, rows, mr, qe, ke, GATE, IEEE)
@@ -550,7 +551,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
                 if not SCALE_AFTER:
                     qt = qt * scale
                 kt = ld_tile(k + hh * K, krows, krows < eos, ck, mk, H * K)
-                if GATE == 2:
+                if GATE == GATE_KEY:
                     br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk, other=0.0)
                     bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
                     bk = ld_gtile(gb + hh * K, krows, krows < eos, ck, mk, H * K)
@@ -559,7 +560,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
                 A += dot(qt.to(DQ), tl.trans(kt.to(DQ)), IEEE)
             if SCALE_AFTER:
                 A = A * scale
-            if GATE == 1:
+            if GATE == GATE_SCALAR:
                 kej = key_exp(gb, kw, hh, krows, krows < eos, H, HAS_KW)
                 A = A * exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF), IEEE)
             vt = ld_tile(v + hh * V, krows, krows < eos, cv, mv, H * V)
@@ -661,7 +662,7 @@ def fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout: ChunkLayout, cfg, scale, out_
           A=None):
     """o [TT, H, V] in out_dtype (default v's dtype), and qn = n^T q [TT, H] float32 for MEXP
     (else None). The dots take v's dtype (the delta rule passes float32 values U'). A: the
-    per-key scores (key_scores) for GATE 2."""
+    per-key scores (key_scores) for GATE_KEY."""
     TT, H, K = q.shape
     V = v.shape[-1]
     o = empty(TT, H, V, dtype=out_dtype or v.dtype, device=v.device)

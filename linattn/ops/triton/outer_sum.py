@@ -27,16 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, dot, exp, head_tile, sm_count
+from .common import GATE_KEY, GATE_NONE, GATE_SCALAR, INTERPRET, dot, exp, head_tile, sm_count
 
 # Programs per SM the split count aims for (each program a [BK, BV] block of one split).
 PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _gate_tile(g, rows, lim, ck, mk, sg_t, W_KIND: tl.constexpr, GDT: tl.constexpr):
-    """g at rows (0 where rows >= lim): [BT] (W_KIND 1) or [BT, BK] (per key), in GDT."""
-    if W_KIND == 1:
+def _gate_tile(g, rows, lim, ck, mk, sg_t, GATE: tl.constexpr, GDT: tl.constexpr):
+    """g at rows (0 where rows >= lim): [BT] (GATE_SCALAR) or [BT, BK] (GATE_KEY), in GDT."""
+    if GATE == GATE_SCALAR:
         x = tl.load(g + rows * sg_t, mask=rows < lim, other=0.0)
     else:
         x = tl.load(g + rows[:, None] * sg_t + ck[None, :], mask=(rows < lim)[:, None] & mk[None, :],
@@ -48,10 +48,11 @@ def _gate_tile(g, rows, lim, ck, mk, sg_t, W_KIND: tl.constexpr, GDT: tl.constex
 def outer_sum_kernel(a, b, g, off, out, T, H, K, V, SPLIT,
                      sa_b, sa_t, sa_h, sb_b, sb_t, sb_h, sg_b, sg_t, sg_h,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     W_KIND: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr):
+                     GATE: tl.constexpr, REVERSE: tl.constexpr, IEEE: tl.constexpr):
     """One [BK, BV] block of one split's partial sum: out[split, b*H + h, K block, V block]
-    (float32). W_KIND: 0 no gate, 1 one log-decay per token and head, 2 one per key; off:
-    the split's starting log-decay [splits, B*H] or [splits, B*H, K]."""
+    (float32). GATE (common.GATE_KINDS): none, scalar (a constant [H] g too, read with
+    stride 0) or per key; off: the split's starting log-decay [splits, B*H] or
+    [splits, B*H, K]."""
     tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
     GDT: tl.constexpr = tl.float64 if IEEE else tl.float32     # log-decay sums
     s = tl.program_id(0)
@@ -70,9 +71,9 @@ def outer_sum_kernel(a, b, g, off, out, T, H, K, V, SPLIT,
     pg = g + bb * sg_b + hh * sg_h
     t0 = s * SPLIT                                              # the split's first token
     t1 = tl.minimum(t0 + SPLIT, T)                              # one past its last
-    if W_KIND == 1:                                             # log-decay carried so far
+    if GATE == GATE_SCALAR:                                     # log-decay carried so far
         carry = tl.load(off + s * nbh + bh).to(GDT)
-    if W_KIND == 2:
+    if GATE == GATE_KEY:
         carry = tl.load(off + (s * nbh + bh) * K + ck, mask=mk, other=0.0).to(GDT)
     acc = tl.zeros([BK, BV], dtype=tl.float32)
     nt = tl.cdiv(t1 - t0, BT)
@@ -88,18 +89,18 @@ def outer_sum_kernel(a, b, g, off, out, T, H, K, V, SPLIT,
                      other=0.0)                                 # [BT, BK]
         bt = tl.load(pb + rows[:, None] * sb_t + cv[None, :], mask=mr[:, None] & mv[None, :],
                      other=0.0)                                 # [BT, BV]
-        if W_KIND != 0:
-            gt = _gate_tile(pg, rows, t1, ck, mk, sg_t, W_KIND, GDT)   # g of the tile's tokens
+        if GATE != GATE_NONE:
+            gt = _gate_tile(pg, rows, t1, ck, mk, sg_t, GATE, GDT)   # g of the tile's tokens
             if REVERSE:
                 # sum over the tile's later tokens: a reverse cumsum of g shifted by one row
                 # (the tile's last row gets 0), never a difference of two sums
                 lim = tl.minimum(r0 + BT, t1)
-                gn = _gate_tile(pg, rows + 1, lim, ck, mk, sg_t, W_KIND, GDT)
+                gn = _gate_tile(pg, rows + 1, lim, ck, mk, sg_t, GATE, GDT)
                 lw = carry + tl.cumsum(gn, axis=0, reverse=True)
             else:
                 lw = carry + tl.cumsum(gt, axis=0)              # inclusive
             carry += tl.sum(gt, axis=0)                         # the tile's total
-            if W_KIND == 1:
+            if GATE == GATE_SCALAR:
                 at = at.to(tl.float32) * exp(lw, IEEE)[:, None]
             else:
                 at = at.to(tl.float32) * exp(lw, IEEE)
@@ -152,7 +153,7 @@ def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | None 
     if b.shape[:3] != a.shape[:3] or b.dtype != a.dtype:
         raise ValueError(f"b must be [B, T, H, V] with a's B, T, H {tuple(a.shape[:3])} and "
                          f"dtype {a.dtype}, got {tuple(b.shape)} {b.dtype}")
-    kind = 0 if g is None else (2 if g.dim() == 4 else 1)
+    kind = (GATE_NONE if g is None else GATE_KEY if g.dim() == 4 else GATE_SCALAR).value
     if g is not None and tuple(g.shape) not in ((H,), (B, T, H), (B, T, H, K)):
         raise ValueError(f"g must be [H], [B, T, H] or [B, T, H, K] = {(B, T, H, K)}, got "
                          f"{tuple(g.shape)}")
@@ -175,14 +176,14 @@ def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | None 
         if g.dim() == 1:
             gp, sg = g.contiguous(), (0, 0, 1)
         else:
-            gp = _last_dim_unit(g) if kind == 2 else g
+            gp = _last_dim_unit(g) if kind == GATE_KEY else g
             sg = (gp.stride(0), gp.stride(1), gp.stride(2))
     part = torch.empty(n_split, B * H, K, V, dtype=torch.float32, device=a.device)
     grid = (n_split, triton.cdiv(K, BK) * triton.cdiv(V, BV), B * H)
     outer_sum_kernel[grid](a, b, gp, a if off is None else off, part, T, H, K, V, split,
                            a.stride(0), a.stride(1), a.stride(2),
                            b.stride(0), b.stride(1), b.stride(2), *sg,
-                           BT=BT, BK=BK, BV=BV, W_KIND=kind, REVERSE=bool(reverse),
+                           BT=BT, BK=BK, BV=BV, GATE=kind, REVERSE=bool(reverse),
                            IEEE=a.dtype == torch.float32,
                            num_warps=4, num_stages=1 if INTERPRET else 3)
     return part.sum(0).view(B, H, K, V), total

@@ -2,7 +2,8 @@
 
 One kernel serves every member of the family, picked by constexprs:
 
-    GATE   0 none | 1 constant [H] | 2 scalar [B, T, H] | 3 per-key [B, T, H, K]  (log-decay g)
+    GATE   common.GATE_KINDS: none | constant [H] | scalar [B, T, H] | per-key [B, T, H, K]
+           (log-decay g)
     DELTA  the delta rule:  S <- A S;  S <- S + beta k (v - S^T k)^T
     MLSTM  0 no | 1 mLSTMsig: g = logsigmoid(f) (scalar), k scaled by sigmoid(i)
              | 2 mLSTMexp: stabiliser m and normaliser n carried beside C
@@ -28,8 +29,8 @@ import triton.language as tl
 
 from ..alloc import empty
 from ..reference import MLSTM_EPS
+from .common import GATE_CONST, GATE_KEY, GATE_KINDS, GATE_SCALAR
 
-GATE_KINDS = {"none": 0, "const": 1, "scalar": 2, "key": 3}
 MLSTM_KINDS = {None: 0, "sigmoid": 1, "exp": 2}
 
 
@@ -80,7 +81,7 @@ def fused_recurrent_kernel(
         else:
             b_n = tl.zeros([BK], dtype=ACC)
             b_m = tl.zeros([], dtype=ACC)
-    if GATE == 1:
+    if GATE == GATE_CONST:
         b_decay_const = tl.exp(tl.load(g + i_h).to(ACC))
 
     # token (b, t=0, h) in the [B, T, H] layout of the gates and o (advanced by H per step)
@@ -93,11 +94,11 @@ def fused_recurrent_kernel(
         b_q = tl.load(p_q, mask=mask_k, other=0.0).to(ACC) * scale
         b_k = tl.load(p_k, mask=mask_k, other=0.0).to(ACC)
         b_v = tl.load(p_v, mask=mask_v, other=0.0).to(ACC)
-        if GATE == 2:
+        if GATE == GATE_SCALAR:
             b_g = tl.load(g + tok).to(ACC)
             if MLSTM != 0:
                 b_g = _logsigmoid(b_g)  # mLSTM's f is a pre-activation
-        if GATE == 3:
+        if GATE == GATE_KEY:
             b_g = tl.load(g + tok * K + o_k, mask=mask_k, other=0.0).to(ACC)
 
         if MLSTM == 2:
@@ -109,11 +110,11 @@ def fused_recurrent_kernel(
             b_n = b_n * b_decay + b_kw
             b_m = b_m_new
         else:
-            if GATE == 1:
+            if GATE == GATE_CONST:
                 b_s = b_s * b_decay_const
-            if GATE == 2:
+            if GATE == GATE_SCALAR:
                 b_s = b_s * tl.exp(b_g)
-            if GATE == 3:
+            if GATE == GATE_KEY:
                 b_s = b_s * tl.exp(b_g)[:, None]
             if DELTA:
                 b_beta = tl.load(beta + tok).to(ACC)

@@ -18,7 +18,7 @@ import gpu_cases
 import helpers
 import linattn
 from linattn.ops.triton import gated_api
-from linattn.ops.triton.common import fill_v_block, head_tile
+from linattn.ops.triton.common import GATE_KINDS, fill_v_block, head_tile
 from linattn.ops.triton.gated_api import Override
 
 # chunk 32, tile 16: several chunks and tiles at T < 80 (interpreter-sized)
@@ -477,7 +477,7 @@ def test_gpu_no_gate(dtype):
 @gpu
 @GPU_DTYPES
 def test_gpu_scalar_and_const_gates(dtype):
-    """Scalar [B, T, H] and constant [H] decays: the same kernels (GATE 1)."""
+    """Scalar [B, T, H] and constant [H] decays: the same kernels (GATE_SCALAR)."""
     check_la("scalar", **on_gpu(dtype), lengths=PACK, noncontig=True, seed=1)
     check_la("const", **on_gpu(dtype), B=2, T=LONG_T[dtype], seed=2)
     check_la("scalar", **on_gpu(dtype), B=2, T=200, qv_scale=5.0, state=False, seed=3)
@@ -491,7 +491,7 @@ def test_gpu_scalar_and_const_gates(dtype):
 @gpu
 @GPU_DTYPES
 def test_gpu_key_gate(dtype):
-    """Per-key decays [B, T, H, K] (GATE 2)."""
+    """Per-key decays [B, T, H, K] (GATE_KEY)."""
     check_la("key", **on_gpu(dtype), lengths=PACK, noncontig=True, seed=1)
     check_la("key", **on_gpu(dtype), B=2, T=LONG_T[dtype], seed=2)
     check_la("key", **on_gpu(dtype), B=2, T=200, qv_scale=5.0, state=False, seed=3)
@@ -504,7 +504,7 @@ def test_gpu_key_gate(dtype):
 @gpu
 @GPU_DTYPES
 def test_gpu_bidirectional(dtype):
-    """causal=False: no gate, no states (GATE 0, NONCAUSAL)."""
+    """causal=False: no gate, no states (GATE_NONE, NONCAUSAL)."""
     check_bidir(lengths=PACK, **on_gpu(dtype), noncontig=True, seed=1)
     check_bidir(lengths=[1000, 8], **on_gpu(dtype), seed=2)
     check_bidir(lengths=[130, 14], **on_gpu(dtype, **WIDE[dtype]), seed=3)
@@ -566,8 +566,9 @@ def test_gpu_odd_head_dims(op, K, V, dtype):
 def test_override_reaches_the_config():
     """An Override sets the chunk, the tile and KernelConfig fields of one call's config (the
     tests above reach several chunks and tiles at small T through it)."""
-    cfg, L, BT = gated_api._config(2, 24, 16, torch.float32,
-                                   override=Override(chunk=32, tile=16, fields=(("score_kd", 8),)))
-    assert (L, BT, cfg.score_kd) == (32, 16, 8)
-    cfg, L, BT = gated_api._config(2, 24, 16, torch.float32)
-    assert cfg.score_kd == -1
+    key = GATE_KINDS["key"]
+    cfg, L, BT = gated_api._config(key, 24, 16, torch.float32,
+                                   override=Override(chunk=32, tile=16, fields=(("score_warps", 8),)))
+    assert (L, BT, cfg.score_warps) == (32, 16, 8)
+    cfg, L, BT = gated_api._config(key, 24, 16, torch.float32)
+    assert cfg.score_warps == 0
