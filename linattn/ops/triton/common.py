@@ -135,6 +135,55 @@ else:
             return tl.exp(x.to(tl.float32))
 
 
+# ----------------------------------------------------------------------------- loaders
+
+# Every kernel family addresses memory one way: a base pointer with int64 offsets (at a head,
+# x + h * D; at a sequence's first token and head, x + (bos * H + h) * D; at a state,
+# x + slot * K * V), int64 rows times a row stride (H * D for a packed [TT, H, D] tensor) plus
+# columns, and a mask on every load and store. Masked loads read 0, which the dots and sums
+# rely on past a sequence's end and a head dim's.
+
+@triton.jit
+def ld_raw(base, rows, rmask, cols, cmask, RS):
+    """[len(rows), len(cols)] tile in its stored dtype of a row-major tensor of row stride RS
+    (base points at column 0 of row 0: head h of a [TT, H, D] tensor with RS = H * D). Gate
+    exponents load this way in their stored dtype (float64 for float32 inputs: see
+    gated_api.gate_dtype)."""
+    ptr = base + rows[:, None] * RS + cols[None, :]
+    return tl.load(ptr, mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def ld_tile(base, rows, rmask, cols, cmask, RS):
+    """The tile of ld_raw in float32."""
+    return ld_raw(base, rows, rmask, cols, cmask, RS).to(tl.float32)
+
+
+@triton.jit
+def st_tile(base, x, rows, rmask, cols, cmask, RS):
+    """Stores x [len(rows), len(cols)] into the tile ld_raw reads, in the tensor's dtype."""
+    ptr = base + rows[:, None] * RS + cols[None, :]
+    tl.store(ptr, x.to(base.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def ld_tok(base, rows, rmask, H):
+    """float32 [len(rows)] per-token values of a [TT, H] tensor; base points at head h."""
+    return tl.load(base + rows * H, mask=rmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def ld_gtok(base, rows, rmask, H):
+    """[len(rows)] per-token gate exponents in their stored dtype; base points at head h."""
+    return tl.load(base + rows * H, mask=rmask, other=0.0)
+
+
+@triton.jit
+def ld_state(base, cols_k, mk, cols_v, mv, V):
+    """[BK, BV] block of one [K, V] state in its stored dtype; base points at the state."""
+    return ld_raw(base, cols_k, mk, cols_v, mv, V)
+
+
 @dataclass
 class ChunkLayout:
     """Index arrays (on the inputs' device) of N packed sequences cut into chunks and tiles.

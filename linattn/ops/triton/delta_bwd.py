@@ -31,8 +31,9 @@ from .. import alloc
 from . import delta_fwd
 from .common import GATE_SCALAR, dot_a16, dot_b16, head_tile, sm_count, split16
 from .delta_config import DEFAULT, DeltaConfig, split16_on
-from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, gate_of, load_tile,
-                        scan_v_block, sequence_program, state_tile, token_tile)
+from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, gate_of,
+                        ld_state_tile, ld_tokens, scan_v_block, sequence_program, st_state_tile,
+                        st_tokens)
 
 # Launch choices come from a DeltaConfig argument (delta_config.DEFAULT), from
 # benchmarks/sweep_delta.py (PERF_NOTES "Delta rule: launch choices"): grads_wy on 4 warps
@@ -105,16 +106,15 @@ def delta_bwd_scores_kernel(q, k, gc, kq, cu_seqlens, chunk_seq, chunk_idx, H, K
     # K Q^T [j, i] over BK-wide K tiles, 16-bit operands as stored: exact products
     b_kq = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        b_q = load_tile(token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK))
-        b_k = load_tile(token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK))
+        b_q = ld_tokens(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+        b_k = ld_tokens(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         b_kq += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
     b_g = None
     if GATE == GATE_SCALAR:
         b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
     # masked to i >= j, i in the sequence, times exp(b_i - b_j) when gated
     b_kq = mask_scores(b_kq, b_g, o_t, valid, GATE)
-    p_kq = token_tile(kq, bos, i_h, Tn, H, BT, t0, 0, BT, BT)
-    tl.store(p_kq, b_kq, boundary_check=(0, 1))
+    st_tokens(kq, b_kq, bos, i_h, Tn, H, BT, t0, 0, BT, BT)
 
 
 @triton.jit
@@ -143,8 +143,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
 
     # dS after the last token: the final state's cotangent, or zeros
     if USE_DHT:
-        p_dht = state_tile(dht, i_nh, K, V, 0, i_v * BV, BK, BV)
-        b_ds = load_tile(p_dht).to(tl.float32)
+        b_ds = ld_state_tile(dht, i_nh, K, V, 0, i_v * BV, BK, BV).to(tl.float32)
     else:
         b_ds = tl.zeros([BK, BV], dtype=tl.float32)
 
@@ -154,18 +153,13 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
         valid = (t0 + o_t) < Tn
         row = (bos + t0 + o_t) * H + i_h  # [BT] int64 offsets of (token, head)
         # dh[c] = dS' (gradient of the state at the chunk's end)
-        p_dh = state_tile(dh, (c0 + i_t) * H + i_h, K, V, 0, i_v * BV, BK, BV)
-        tl.store(p_dh, b_ds.to(p_dh.dtype.element_ty), boundary_check=(0, 1))
-        p_q = token_tile(q, bos, i_h, Tn, H, K, t0, 0, BT, BK)
-        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
-        p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        st_state_tile(dh, b_ds, (c0 + i_t) * H + i_h, K, V, 0, i_v * BV, BK, BV)
         # q, k, dO stay in the inputs' dtype (half the registers of float32 tiles at 16 bits);
         # the decays scale a dot's rows or its other operand instead of q and k, so each dot
         # rounds no more than before (16-bit values are exact in tf32)
-        b_q = load_tile(p_q)
-        b_k = load_tile(p_k)
-        b_do = load_tile(p_do)
+        b_q = ld_tokens(q, bos, i_h, Tn, H, K, t0, 0, BT, BK)
+        b_k = ld_tokens(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
+        b_do = ld_tokens(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         b_g = None
         if GATE == GATE_SCALAR:
             last = tl.minimum(t0 + BT, Tn) - 1
@@ -173,7 +167,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
         # (tril(Q K^T) * Gamma)^T as K Q^T masked to i >= j (query i, key j)
         if KQ_IN:
-            b_kq = load_tile(token_tile(kq, bos, i_h, Tn, H, BT, t0, 0, BT, BT))  # [j, i]
+            b_kq = ld_tokens(kq, bos, i_h, Tn, H, BT, t0, 0, BT, BT)  # [j, i]
         else:
             b_kq = mask_scores(tl.dot(b_k, tl.trans(b_q), input_precision=PREC), b_g, o_t,
                                valid, GATE)                         # [j, i], exact products
@@ -189,7 +183,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
         if GATE == GATE_SCALAR:
             b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
         b_dv = scale * b_dvi + b_kds
-        tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), boundary_check=(0, 1))  # dS: float32 b_dv
+        st_tokens(dv2, b_dv, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
         if GATE == GATE_SCALAR and SPLIT16:
             b_ds = b_ds * tl.exp(b_gl) + scale * dot_a16(
@@ -212,8 +206,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
             b_ds -= tl.dot(tl.trans(b_k.to(tl.float32)), b_y, input_precision=PREC)
 
     if STORE_DH0:
-        p_dh0 = state_tile(dh0, i_nh, K, V, 0, i_v * BV, BK, BV)
-        tl.store(p_dh0, b_ds.to(p_dh0.dtype.element_ty), boundary_check=(0, 1))
+        st_state_tile(dh0, b_ds, i_nh, K, V, 0, i_v * BV, BK, BV)
 
 
 @triton.jit
@@ -277,39 +270,30 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     b_dwa = tl.zeros([BT, BK], dtype=tl.float32)
     b_ss = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        p_h = state_tile(h, hslot * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
-        p_dh = state_tile(dh, i_c * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
-        p_do = token_tile(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        p_dv2 = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_hs = load_tile(p_h)           # stored 16-bit or float32
-        b_dhs = load_tile(p_dh)         # stored 16-bit or float32
-        b_vn = load_tile(p_vn)          # stored 16-bit or float32
-        b_do = load_tile(p_do)
-        b_dv = load_tile(p_dv2)
+        # h, dh and U' as stored (16-bit or float32)
+        b_hs = ld_state_tile(h, hslot * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
+        b_dhs = ld_state_tile(dh, i_c * H + i_h, K, V, i_k * BK, i_v * BV, BK, BV)
+        b_vn = ld_tokens(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        b_do = ld_tokens(do, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
+        b_dv = ld_tokens(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         b_m += dot_nt(b_do, b_vn, PREC)                      # dO U'^T
         b_dqa += dot_nt(b_do, b_hs, PREC)                    # dO S^T
         b_dka += dot_nt(b_vn, b_dhs, PREC)                   # U' dS'^T
         b_dwa += dot_nt(b_dv, b_hs, PREC)                    # dU' S^T
         b_ss += tl.sum(b_hs.to(tl.float32) * b_dhs.to(tl.float32), 1)
-    p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-    tl.store(p_dw, (-b_dwa).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
+    st_tokens(dw, -b_dwa, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
     b_m = b_m * b_gam * scale
 
-    p_q = token_tile(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-    p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-    b_q16 = load_tile(p_q)
-    b_k16 = load_tile(p_k)
+    b_q16 = ld_tokens(q, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    b_k16 = ld_tokens(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
     b_q = b_q16.to(tl.float32)
     b_k = b_k16.to(tl.float32)
     # dQ = scale exp(b) (dO S^T) + M K
     b_dq = scale * b_eg[:, None] * b_dqa + tl.dot(b_m, b_k, input_precision=PREC)
     # dK (state and output part) = exp(b_L - b) (U' dS'^T) + M^T Q
     b_dk = b_kd[:, None] * b_dka + tl.dot(tl.trans(b_m), b_q, input_precision=PREC)
-    p_dq = token_tile(dq, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-    p_dk = token_tile(dk, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    st_tokens(dq, b_dq, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
+    st_tokens(dk, b_dk, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
 
     if GATE == GATE_SCALAR:
         # this tile's share of db: the inter term scale exp(b_i) q_i . (S dO_i), Gamma in the
@@ -352,17 +336,15 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        b_k16 = load_tile(p_k)
+        b_k16 = ld_tokens(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         b_kk += tl.dot(b_k16, tl.trans(b_k16), input_precision=PREC)  # exact products, 16-bit MMA
-        b_dt += dot_nt(load_tile(p_dw), b_k16, PREC)                  # dW K^T
+        b_dt += dot_nt(ld_tokens(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK), b_k16,
+                       PREC)                                            # dW K^T
     if GATE == GATE_SCALAR:
         b_dt = b_dt * b_eg[None, :]
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        p_du = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_dt += dot_nt(load_tile(p_du), load_tile(p_v), PREC)          # dU V^T
+        b_dt += dot_nt(ld_tokens(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV),
+                       ld_tokens(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV), PREC)  # dU V^T
     b_dt = b_dt * b_beta[None, :]
 
     # dA = -T^T dT T^T on the strict lower triangle; A = beta_i (K K^T)_ij Gamma_ij
@@ -383,43 +365,37 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
         t_hi, t_lo = split16(tl.trans(b_t), k.dtype.element_ty)       # T^T as two halves
         s_hi, s_lo = split16(b_dks, k.dtype.element_ty)
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        p_dw = token_tile(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        p_dkp = token_tile(dk_part, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        p_dk = token_tile(dk, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         if SPLIT16:
-            b_k16 = load_tile(p_k)
+            b_k16 = ld_tokens(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
             b_k = b_k16.to(tl.float32)
-            b_dw16 = load_tile(p_dw)
+            b_dw16 = ld_tokens(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
             b_dkb = tl.dot(t_lo, b_dw16, tl.dot(t_hi, b_dw16))
             b_kk2 = tl.dot(s_lo, b_k16, tl.dot(s_hi, b_k16))
         else:
-            b_k = load_tile(p_k).to(tl.float32)
-            b_dkb = tl.dot(tl.trans(b_t), load_tile(p_dw).to(tl.float32),
+            b_k = ld_tokens(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK).to(tl.float32)
+            b_dkb = tl.dot(tl.trans(b_t),
+                           ld_tokens(dw, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK).to(tl.float32),
                            input_precision=PREC)
             b_kk2 = tl.dot(b_dks, b_k, input_precision=PREC)
-        b_dkt = load_tile(p_dkp).to(tl.float32) + b_dkb * b_kw[:, None] \
-            + b_kk2
+        b_dkt = ld_tokens(dk_part, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK).to(tl.float32) \
+            + b_dkb * b_kw[:, None] + b_kk2
         b_s = tl.sum(b_dkb * b_k, 1)  # through beta e^b
         b_dbeta += b_s * b_eg
         b_db += b_s * b_kw
-        tl.store(p_dk, b_dkt.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+        st_tokens(dk, b_dkt, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
 
     # dV = beta T^T dU
     for i_v in range(tl.cdiv(V, BV)):
-        p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        p_du = token_tile(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        p_dv = token_tile(dv, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_v = load_tile(p_v).to(tl.float32)
+        b_v = ld_tokens(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV).to(tl.float32)
         if SPLIT16:
-            b_du16 = load_tile(p_du)
+            b_du16 = ld_tokens(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
             b_dvb = tl.dot(t_lo, b_du16, tl.dot(t_hi, b_du16))
         else:
-            b_dvb = tl.dot(tl.trans(b_t), load_tile(p_du).to(tl.float32),
+            b_dvb = tl.dot(tl.trans(b_t),
+                           ld_tokens(dv2, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV).to(tl.float32),
                            input_precision=PREC)
         b_dbeta += tl.sum(b_dvb * b_v, 1)
-        tl.store(p_dv, (b_dvb * b_beta[:, None]).to(p_dv.dtype.element_ty),
-                 boundary_check=(0, 1))
+        st_tokens(dv, b_dvb * b_beta[:, None], bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
 
     tl.store(dbeta + row, b_dbeta.to(dbeta.dtype.element_ty), mask=valid)
     if GATE == GATE_SCALAR:

@@ -31,7 +31,7 @@ case with cu_seqlens = [0, T, 2T, ...]); chunks are the tiles of the gated famil
 chunk = tile = BT (delta_api.chunk_layout), enumerated by its (tile_seq, tile_idx) tables,
 and the chunk states h take its slots: chunk c of sequence n at c0 + n + c, one slot per
 sequence after its last chunk (unused here: the final state has its own buffer).
-Batch/head offsets are int64.
+Batch/head offsets are int64; every load and store is masked (common's loaders).
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from .. import alloc
-from .common import (GATE_NONE, GATE_SCALAR, dot_a16, fill_v_block, head_tile, next_pow2,
-                     sm_count)
+from .common import (GATE_NONE, GATE_SCALAR, dot_a16, fill_v_block, head_tile, ld_raw,
+                     next_pow2, sm_count, st_tile)
 from .delta_config import DEFAULT, DeltaConfig, split16_on
 from .gated_api import KernelConfig
 from .gated_fwd import fwd_o
@@ -133,40 +133,53 @@ def _inv_unit_lower_blocks(a, NB: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def token_tile(x, bos, i_h, Tn, H, D, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
-    """Block pointer to the [BR, BC] tile at row r0, column c0 of head i_h's [Tn, D] slice of
-    a packed [TT, H, D] tensor x whose sequence starts at token bos (rows past Tn and columns
-    past D are out of bounds for boundary_check)."""
-    return tl.make_block_ptr(x + (bos * H + i_h) * D, (Tn, D), (H * D, 1), (r0, c0), (BR, BC),
-                             (1, 0))
+def ld_tokens(x, bos, i_h, Tn, H, D, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """The [BR, BC] tile at row r0, column c0 of head i_h's [Tn, D] slice of a packed
+    [TT, H, D] tensor x whose sequence starts at token bos, in x's dtype (common.ld_raw):
+    zero past the sequence's Tn rows and D columns, which the delta kernels' dots and sums
+    rely on (Q^T dO over a chunk's rows, <S, dS'> over a K tile's rows)."""
+    rows = (r0 + tl.arange(0, BR)).to(tl.int64)
+    cols = c0 + tl.arange(0, BC)
+    return ld_raw(x + (bos * H + i_h) * D, rows, rows < Tn, cols, cols < D, H * D)
 
 
 @triton.jit
-def load_tile(p):
-    """The tile a block pointer (token_tile, state_tile) points to, zero where it lies past the
-    tensor's bounds, which the delta kernels' dots and sums rely on (Q^T dO over a chunk's rows,
-    <S, dS'> over a K tile's rows). Triton leaves those elements undefined without a padding
-    option; triton 3.6's NVIDIA backend zero-fills them anyway (sm_90 PTX identical but for
-    register names), so this states the contract rather than changing the code."""
-    return tl.load(p, boundary_check=(0, 1), padding_option="zero")
+def st_tokens(x, val, bos, i_h, Tn, H, D, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """Stores val into the tile ld_tokens reads (its rows inside the sequence, its columns
+    inside D), in x's dtype."""
+    rows = (r0 + tl.arange(0, BR)).to(tl.int64)
+    cols = c0 + tl.arange(0, BC)
+    st_tile(x + (bos * H + i_h) * D, val, rows, rows < Tn, cols, cols < D, H * D)
 
 
 @triton.jit
-def state_tile(x, slot, K, V, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
-    """Block pointer to the [BR, BC] tile at row r0, column c0 of the [K, V] state x[slot] of a
-    [slots, K, V] view (slot = state index * H + head, or n * H + h for per-sequence states)."""
-    return tl.make_block_ptr(x + slot * K * V, (K, V), (V, 1), (r0, c0), (BR, BC), (1, 0))
+def ld_state_tile(x, slot, K, V, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """The [BR, BC] tile at row r0, column c0 of the [K, V] state x[slot] of a [slots, K, V]
+    view (slot = state index * H + head, or n * H + h for per-sequence states; int64), in x's
+    dtype, zero past K and V."""
+    rows = (r0 + tl.arange(0, BR)).to(tl.int64)
+    cols = c0 + tl.arange(0, BC)
+    return ld_raw(x + slot * K * V, rows, rows < K, cols, cols < V, V)
+
+
+@triton.jit
+def st_state_tile(x, val, slot, K, V, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """Stores val into the tile ld_state_tile reads, in x's dtype."""
+    rows = (r0 + tl.arange(0, BR)).to(tl.int64)
+    cols = c0 + tl.arange(0, BC)
+    st_tile(x + slot * K * V, val, rows, rows < K, cols, cols < V, V)
 
 
 @triton.jit
 def chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT: tl.constexpr):
     """Where a (chunk, head[, tile]) program works: (chunk id i_c, head i_h, its sequence's
     first token bos and length Tn, the chunk's first row t0 in the sequence, the rows o_t,
-    valid = rows inside the sequence). Offsets used in block pointers (Tn, t0) are int32."""
+    valid = rows inside the sequence). Offsets inside a sequence (Tn, t0) are int32; the
+    loaders add them to the int64 bos."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     n = tl.load(chunk_seq + i_c).to(tl.int64)  # sequence of this chunk
-    i_t = tl.load(chunk_idx + i_c)  # chunk in the sequence (int32: block-pointer offsets)
+    i_t = tl.load(chunk_idx + i_c)  # chunk in the sequence (int32: an offset inside it)
     bos = tl.load(cu_seqlens + n).to(tl.int64)
     Tn = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
     t0 = i_t * BT
@@ -179,7 +192,7 @@ def chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT: tl.constexpr):
 def sequence_program(cu_seqlens, chunk_offsets, H):
     """Where a (V tile, sequence * head) scan program works: (V tile i_v, i_nh = n * H + h,
     head i_h, the sequence's first token bos and length Tn (int32), its first chunk c0)."""
-    i_v = tl.program_id(0)  # int32: a block-pointer offset
+    i_v = tl.program_id(0)  # int32: a column offset
     i_nh = tl.program_id(1).to(tl.int64)
     n = i_nh // H
     i_h = i_nh % H
@@ -211,8 +224,8 @@ def delta_prep_kernel(k, beta, g, gc, tinv, cu_seqlens, chunk_seq, chunk_idx, H,
     # A = tril(diag(beta) (K K^T * Gamma), -1), K K^T accumulated over K tiles
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
-        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
-        b_k = load_tile(p_k)  # inputs' dtype: exact products either way,
+        # k in the inputs' dtype: exact products either way,
+        b_k = ld_tokens(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # 16-bit MMA at twice tf32's rate
     m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
     b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))  # Gamma, 0 off-mask
@@ -298,9 +311,8 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
     o_t = tl.arange(0, BT)
 
     # S_0: initial_state[n, h] or zeros (float32, [BK, BV] tile of [K, V])
-    p_s0 = state_tile(h0, i_nh, K, V, 0, i_v * BV, BK, BV)
     if USE_H0:
-        b_s = load_tile(p_s0).to(tl.float32)
+        b_s = ld_state_tile(h0, i_nh, K, V, 0, i_v * BV, BK, BV).to(tl.float32)
     else:
         b_s = tl.zeros([BK, BV], dtype=tl.float32)
 
@@ -308,11 +320,9 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
         t0 = i_t * BT
         valid = (t0 + o_t) < Tn
         # h[slot] = S at the chunk's start
-        p_h = state_tile(h, (c0 + n + i_t) * H + i_h, K, V, 0, i_v * BV, BK, BV)
-        tl.store(p_h, b_s.to(p_h.dtype.element_ty), boundary_check=(0, 1))
+        st_state_tile(h, b_s, (c0 + n + i_t) * H + i_h, K, V, 0, i_v * BV, BK, BV)
         # K S [BT, BV] (rows past the sequence: zeros)
-        p_k = token_tile(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
-        b_k16 = load_tile(p_k)
+        b_k16 = ld_tokens(k, bos, i_h, Tn, H, K, t0, 0, BT, BK)
         if SPLIT16:
             b_ks = dot_a16(b_k16, b_s, None, SPLIT16)
         else:
@@ -323,11 +333,10 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
         if GATE == GATE_SCALAR:
             b_g = tl.load(gc + row, mask=valid, other=0.0)
             b_ks = b_ks * tl.exp(b_g)[:, None]
-        p_v = token_tile(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        b_r = (load_tile(p_v).to(tl.float32) - b_ks) * b_beta[:, None]
+        b_v = ld_tokens(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV).to(tl.float32)
+        b_r = (b_v - b_ks) * b_beta[:, None]
         b_vn = tl.dot(chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT), b_r, input_precision=PREC)
-        p_vn = token_tile(vnew, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
-        tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), boundary_check=(0, 1))
+        st_tokens(vnew, b_vn, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)
         # S <- exp(b_L) S + (K * exp(b_L - b))^T U'
         if GATE == GATE_SCALAR:
             last = tl.minimum(t0 + BT, Tn) - 1
@@ -340,8 +349,7 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
             b_s += tl.dot(tl.trans(b_k16.to(tl.float32)), b_vn, input_precision=PREC)
 
     if STORE_FINAL:
-        p_ht = state_tile(ht, i_nh, K, V, 0, i_v * BV, BK, BV)
-        tl.store(p_ht, b_s, boundary_check=(0, 1))
+        st_state_tile(ht, b_s, i_nh, K, V, 0, i_v * BV, BK, BV)
 
 
 # ------------------------------------------------------------------------------ launchers

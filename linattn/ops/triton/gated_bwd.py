@@ -25,10 +25,10 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import (GATE_KEY, GATE_NONE, GATE_SCALAR, ChunkLayout, dot, exp, fill_v_block,
-                     sm_count)
+                     ld_gtok, ld_raw, ld_state, ld_tile, ld_tok, sm_count)
 from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
-                        gate_diag, key_exp, ld_gtile, ld_gtok, ld_scores, ld_state, ld_tile,
-                        ld_tok, mid_row_exponents, state_block_of, state_dtype)
+                        gate_diag, key_exp, ld_scores, mid_row_exponents, state_block_of,
+                        state_dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -112,7 +112,7 @@ def bwd_states_kernel(q, do, gb, gm, mpc, rd, dht, dh, dh0, h, sdot,
                 qe -= ld_gtok(gm + hh, rows, mr, H)
             qt = qt * exp(tl.where(mr, qe + mp, NEG_INF), IEEE)[:, None]
         if GATE == GATE_KEY:
-            bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            bq = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
             qt = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
         dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)
         if MEXP:
@@ -173,7 +173,7 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
         ks = kt
         if GATE == GATE_KEY:
             bl = tl.load(gb + ((ce - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-            bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            bk = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
             ks = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
         dS = ld_state(dh + (slot1 * H + hh) * K * V, ck, mk, cv, mv, V)
         acc += dot(ks.to(DT), dS.to(DT), IEEE)
@@ -210,8 +210,8 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
                 kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
                 if GATE == GATE_KEY:
                     br = tl.load(gb + ((t0 + BT - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-                    bq = ld_gtile(gb + hh * K, qrows, mq, ck, mk, H * K)
-                    bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+                    bq = ld_raw(gb + hh * K, qrows, mq, ck, mk, H * K)
+                    bk = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
                     qt = qt * exp(tl.where(mq[:, None], bq - br[None, :], NEG_INF), IEEE)
                     kt = kt * exp(br[None, :] - bk, IEEE)
                 A += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
@@ -361,7 +361,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
         if MEXP:
             qe -= ld_gtok(gm + hh, rows, mr, H)
     if GATE == GATE_KEY:
-        bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)     # this tile's b, [BT, BK]
+        bq = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)     # this tile's b, [BT, BK]
     if not NONCAUSAL:
         # 1) dq from the earlier key tiles of the chunk (reference row t0 - 1), unscaled
         if GATE == GATE_KEY:
@@ -376,7 +376,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
                 kej = key_exp(gb, kw, hh, krows, mkr, H, HAS_KW)
                 dA = dA * exp(tl.where(mr[:, None], qe[:, None] + kej[None, :], NEG_INF), IEEE)
             if GATE == GATE_KEY:
-                bk = ld_gtile(gb + hh * K, krows, mkr, ck, mk, H * K)
+                bk = ld_raw(gb + hh * K, krows, mkr, ck, mk, H * K)
                 kt = kt * exp(br[None, :] - bk, IEEE)
             dq += dot(dA.to(DT), kt.to(DT), IEEE)
         if GATE == GATE_KEY:                                        # dq holds only this part so far
@@ -402,7 +402,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
                     qei -= ld_gtok(gm + hh, qrows, mq, H)
                 dA = dA * exp(tl.where(mq[:, None], qei[:, None] + ke[None, :], NEG_INF), IEEE)
             if GATE == GATE_KEY:
-                bqi = ld_gtile(gb + hh * K, qrows, mq, ck, mk, H * K)
+                bqi = ld_raw(gb + hh * K, qrows, mq, ck, mk, H * K)
                 qt = qt * exp(tl.where(mq[:, None], bqi - br2[None, :], NEG_INF), IEEE)
             dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
         if GATE == GATE_KEY:                                        # dk holds only this part so far

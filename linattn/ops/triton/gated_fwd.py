@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..alloc import empty
 from .common import (GATE_KEY, GATE_NONE, GATE_SCALAR, ChunkLayout, dot, exp, fill_v_block,
-                     sm_count)
+                     ld_gtok, ld_raw, ld_state, ld_tile, ld_tok, sm_count)
 
 # Globals a kernel reads must be instantiated tl.constexpr objects (not annotations).
 MLSTM_EPS = tl.constexpr(1e-6)  # mLSTMexp: o = h / (max(|n^T q|, exp(-m)) + eps)
@@ -50,40 +50,6 @@ def diag_dot_range(dtype: torch.dtype) -> float:
 
 
 # ----------------------------------------------------------------------------- jit helpers
-
-@triton.jit
-def ld_tile(base, rows, rmask, cols, cmask, RS):
-    """float32 [len(rows), len(cols)] tile of a [TT, H, D] tensor; base points at head h."""
-    ptr = base + rows[:, None] * RS + cols[None, :]
-    return tl.load(ptr, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def ld_tok(base, rows, rmask, H):
-    """float32 [len(rows)] per-token values of a [TT, H] tensor; base points at head h."""
-    return tl.load(base + rows * H, mask=rmask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def ld_gtile(base, rows, rmask, cols, cmask, RS):
-    """[len(rows), len(cols)] tile of gate exponents in their stored dtype (float64 for
-    float32 inputs: see gated_api.gate_dtype), base points at head h."""
-    ptr = base + rows[:, None] * RS + cols[None, :]
-    return tl.load(ptr, mask=rmask[:, None] & cmask[None, :], other=0.0)
-
-
-@triton.jit
-def ld_gtok(base, rows, rmask, H):
-    """[len(rows)] per-token gate exponents in their stored dtype; base points at head h."""
-    return tl.load(base + rows * H, mask=rmask, other=0.0)
-
-
-@triton.jit
-def ld_state(base, cols_k, mk, cols_v, mv, V):
-    """float32 [BK, BV] block of one [K, V] state; base points at the state."""
-    ptr = base + cols_k[:, None] * V + cols_v[None, :]
-    return tl.load(ptr, mask=mk[:, None] & mv[None, :], other=0.0)
-
 
 @triton.jit
 def chunk_of(tile_seq, tile_start, cu, coff, it, L: tl.constexpr):
@@ -229,7 +195,7 @@ def key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB: tl.constexpr, KD: t
             ck = kb * BK + tl.arange(0, BK)
             mk = ck < K
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [SUB, BK]
-            bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            bq = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
             if KD < 0:
                 e, fits = mid_row_exponents(gb, bq, hh, r0, eos, mr[:, None] & mk[None, :], ck,
                                             mk, H, K, SUB, DRANGE)
@@ -252,7 +218,7 @@ def key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB: tl.constexpr, KD: t
             mk = ck < K
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [SUB, KD]
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            bt = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            bt = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
             w = exp(tl.where(causal[:, :, None], bt[:, None, :] - bt[None, :, :], NEG_INF),
                     IEEE)                                                          # [t, s, KD]
             A += tl.sum(qt[:, None, :] * kt[None, :, :] * w, axis=2)
@@ -390,7 +356,7 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, h, hf, cu, coff, H,
             ke = key_exp(gb, kw, hh, rows, mr, H, HAS_KW)
             kt = kt * exp(tl.where(mr, le + ke, NEG_INF), IEEE)[:, None]
         if GATE == GATE_KEY:
-            bk = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            bk = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
             kt = kt * exp(tl.where(mr[:, None], bl[None, :] - bk, NEG_INF), IEEE)
         if GATE == GATE_NONE:
             S += dot(kT, vt.to(v.dtype.element_ty), IEEE)
@@ -436,9 +402,9 @@ def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
                 mk = ck < K
                 br = tl.load(gb + (r0 * H + hh) * K + ck, mask=mk, other=0.0)       # b_r
                 qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale
-                bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+                bq = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
                 kt = ld_tile(k + hh * K, krows, krows < eos, ck, mk, H * K)
-                bk = ld_gtile(gb + hh * K, krows, krows < eos, ck, mk, H * K)
+                bk = ld_raw(gb + hh * K, krows, krows < eos, ck, mk, H * K)
                 qt = qt * exp(tl.where(mr[:, None], bq - br[None, :], NEG_INF), IEEE)  # <= 1
                 kt = kt * exp(br[None, :] - bk, IEEE)                                # <= 1
                 Ab += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
@@ -513,7 +479,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
             qt = qt * scale
         qs = qt
         if GATE == GATE_KEY:
-            bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
+            bq = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
             qs = qt * exp(tl.where(mr[:, None], bq, NEG_INF), IEEE)
         S = ld_state(h + (slot * H + hh) * K * V, ck, mk, cv, mv, V)
         acc += dot(qs.to(DS), S.to(DS), IEEE)
@@ -553,8 +519,8 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
                 kt = ld_tile(k + hh * K, krows, krows < eos, ck, mk, H * K)
                 if GATE == GATE_KEY:
                     br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk, other=0.0)
-                    bq = ld_gtile(gb + hh * K, rows, mr, ck, mk, H * K)
-                    bk = ld_gtile(gb + hh * K, krows, krows < eos, ck, mk, H * K)
+                    bq = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
+                    bk = ld_raw(gb + hh * K, krows, krows < eos, ck, mk, H * K)
                     qt = qt * exp(tl.where(mr[:, None], bq - br[None, :], NEG_INF), IEEE)
                     kt = kt * exp(br[None, :] - bk, IEEE)           # reference t0-1 >= every key
                 A += dot(qt.to(DQ), tl.trans(kt.to(DQ)), IEEE)

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
-from .common import ChunkLayout, exp, head_tile
-from .gated_fwd import NEG_INF, chunk_end_exp, key_exp, ld_gtok, ld_tile, ld_tok
+from .common import ChunkLayout, exp, head_tile, ld_gtok, ld_tile, ld_tok
+from .gated_fwd import NEG_INF, chunk_end_exp, key_exp
 
 # chunks per step of the affine scan: its serial steps are cdiv(chunks, this) per sequence
 # (T 32768 at L 64: 512 chunks, 32 steps at 16). 64 (8 steps, no spills on sm_90) passes the
