@@ -35,22 +35,21 @@ from linattn.ops.triton import gated_api  # noqa: E402
 
 
 SETTINGS = ("chunk", "tile", "warps", "scan_warps", "stages", "dqk_bk", "dqk_warps", "score_warps",
-            "score_kd", "dqk_diag", "scan_stages", "fwd_cap", "bwd_cap")
+            "scan_stages", "fwd_cap", "bwd_cap")
 DEFAULTS = (None,) * len(SETTINGS)
 # each setting's column in the table printed last: (label, width)
 LABELS = dict(chunk=("L", 4), tile=("BT", 4), warps=("warps", 5), scan_warps=("scan", 4),
               stages=("stg", 3), dqk_bk=("dqkBK", 5), dqk_warps=("dqkW", 4),
-              score_warps=("scW", 4), score_kd=("scKD", 4), dqk_diag=("diag", 4),
-              scan_stages=("scSt", 4), fwd_cap=("fCap", 4), bwd_cap=("bCap", 4))
+              score_warps=("scW", 4), scan_stages=("scSt", 4), fwd_cap=("fCap", 4),
+              bwd_cap=("bCap", 4))
 
 
 def use_settings(chunk, tile, warps, scan_warps, stages, dqk_bk=None, dqk_warps=None,
-                 score_warps=None, score_kd=None, dqk_diag=None, scan_stages=None, fwd_cap=None,
+                 score_warps=None, scan_stages=None, fwd_cap=None,
                  bwd_cap=None) -> gated_api.Override:
     """These settings (None: the default) as a gated_api.Override for the ops."""
     repl = {k: v for k, v in dict(warps=warps, scan_warps=scan_warps, stages=stages,
                                   BKQ=dqk_bk, dqk_warps=dqk_warps, score_warps=score_warps,
-                                  score_kd=score_kd, dqk_diag=dqk_diag,
                                   scan_stages=scan_stages, fwd_scan_maxnreg=fwd_cap,
                                   bwd_scan_maxnreg=bwd_cap).items()
             if v is not None}
@@ -100,13 +99,7 @@ def main(argv=None):
     p.add_argument("--dqk-bk", default="default", help="K block of bwd_dqk ('default': the K block)")
     p.add_argument("--dqk-warps", default="default", help="warps of bwd_dqk ('default': --warps)")
     p.add_argument("--score-warps", default="default", help="warps of key_scores (per-key gates)")
-    p.add_argument("--score-kd", default="default",
-                   help="key columns per step of key_scores' diagonal (0: one key token at a "
-                        "time, -1: a dot where the decays allow)")
     p.add_argument("--scan-stages", default="default", help="num_stages of the state scans")
-    p.add_argument("--dqk-diag", default="default",
-                   help="bwd_dqk's per-key diagonal: 0 3-D weights, 1 one key token at a time, "
-                        "2 dots where the decays allow")
     p.add_argument("--fwd-cap", default="default", help="fwd_states' register cap (0: none)")
     p.add_argument("--bwd-cap", default="default", help="bwd_states' register cap (0: none)")
     p.add_argument("--T", type=int, default=8192)
@@ -125,8 +118,7 @@ def main(argv=None):
     combos = list(itertools.product(ints(args.chunks), ints(args.tiles), ints(args.warps),
                                     ints(args.scan_warps), ints(args.stages), ints(args.dqk_bk),
                                     ints(args.dqk_warps), ints(args.score_warps),
-                                    ints(args.score_kd), ints(args.dqk_diag), ints(args.scan_stages),
-                                    ints(args.fwd_cap), ints(args.bwd_cap)))
+                                    ints(args.scan_stages), ints(args.fwd_cap), ints(args.bwd_cap)))
     start, rows = time.perf_counter(), []
     for kind in args.kinds.split(","):
         ins = time_gated.make(kind, B, T, H, D, dev, dtype)

@@ -85,20 +85,11 @@ class KernelConfig:
     # choices"); set where sm_90 compiles spill little under the cap (_config).
     fwd_scan_maxnreg: int = 0
     bwd_scan_maxnreg: int = 0
-    # Per-key gates run bwd_dqk on tiles of BTQ tokens (its diagonal tile is formed
-    # elementwise as [BTQ, BTQ, BKQ] weights, so BTQ = 16) while fwd_o and bwd_dv take BT-token
-    # tiles whose scores come precomputed (gated_fwd.key_scores). 0: BT.
+    # Per-key gates run bwd_dqk on tiles of BTQ = 16 tokens (its diagonal tile's weights are
+    # formed per token pair) while fwd_o and bwd_dv take BT-token tiles whose scores come
+    # precomputed (gated_fwd.key_scores). 0: BT.
     BTQ: int = 0
     score_warps: int = 0  # num_warps of gated_fwd.key_scores (per-key gates); 0: warps
-    # key_scores' per-key diagonal blocks: -1 one dot relative to the block's middle row where
-    # the log-decays allow it (gated_fwd.diag_dot_range), else one key token at a time over
-    # [16, BK] tiles; 0 always the token loop; > 0 [16, 16, score_kd] float32 weights. -1 is
-    # the fastest (PERF_NOTES "Per-key gate: diagonal forms").
-    score_kd: int = -1
-    # bwd_dqk's per-key diagonal tile: 2 two dots relative to the tile's middle row where the
-    # log-decays allow it, else as 1; 1 one key token at a time over [BTQ, BKQ] tiles; 0 as
-    # [BTQ, BTQ, BKQ] weights. 2 is the fastest (PERF_NOTES "Per-key gate: diagonal forms").
-    dqk_diag: int = 2
 
     @property
     def scan_num_stages(self) -> int:

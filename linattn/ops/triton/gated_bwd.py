@@ -313,8 +313,7 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
                    K, V, L: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                    HAS_KW: tl.constexpr, MEXP: tl.constexpr, NONCAUSAL: tl.constexpr,
-                   IEEE: tl.constexpr, GATE_SUMS: tl.constexpr, DQK_DIAG: tl.constexpr,
-                   DRANGE: tl.constexpr):
+                   IEEE: tl.constexpr, GATE_SUMS: tl.constexpr, DRANGE: tl.constexpr):
     """dq and dk of one tile (BT tokens), one block of K, and (GATE_SUMS: the gate needs a
     gradient) the gate sums of the tile:
     GATE_SCALAR writes q.dq and k.dk over the block into gq, gk [NKB, TT, H], k.dk without the
@@ -420,42 +419,30 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
             dq += dot(dA.to(DT), kt.to(DT), IEEE)
             dk += dot(tl.trans(dA).to(DT), qt.to(DT), IEEE)
         else:
-            # per-key decay: every (query t, key s < t) pair of the tile at once, one
-            # [BT, BT, BK] weight exp(b_t - b_s) serving dq_t (summed over s) and dk_s (over
-            # t); the launcher keeps BT * BT * BK small (16-token tiles, BK 64: 0 spills on sm_90)
+            # per-key decay: the pairs (query t, key s < t) of the tile, their weights
+            # exp(b_t - b_s) serving dq_t (summed over s) and dk_s (over t): by two dots with b
+            # relative to the tile's middle row, exp(b_t - b_s) = exp(e_t) exp(-e_s), where the
+            # decays allow (diag_dot_range), else one key token at a time (key_diag_grads_cols)
             dA = pair_dA(do, v, dsc, hh, rows, mr, rows, mr, rdt, dqt, cs, H, V, L, BT, BV, GATE,
                          MEXP, IEEE)
             qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
             cols = tl.arange(0, BT)
-            if DQK_DIAG == 0:
-                below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]  # s < t
-                w = exp(tl.where(below[:, :, None], bq[:, None, :] - bq[None, :, :], NEG_INF),
-                        IEEE) * dA[:, :, None]                                     # [t, s, BK]
-                dq += tl.sum(w * kt[None, :, :], axis=1)
-                dk += tl.sum(w * qt[:, None, :], axis=0)
-            elif DQK_DIAG == 1:
+            e, fits = mid_row_exponents(gb, bq, hh, t0, eos, mqk, ck, mk, H, K, BT, DRANGE)
+            if fits:
+                # two tensor-core dots: dq_t += e^e_t sum_s<t dA_ts (k_s e^-e_s), and
+                # dk_s += e^-e_s sum_t>s dA_ts (q_t e^e_t)
+                below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]
+                dAs = tl.where(below, dA, 0.0)
+                ef = exp(e, IEEE)
+                ei = exp(-e, IEEE)
+                dq += dot(dAs.to(DT), (kt * ei).to(DT), IEEE) * ef
+                dk += dot(tl.trans(dAs).to(DT), (qt * ef).to(DT), IEEE) * ei
+            else:
                 dqc, dkc = key_diag_grads_cols(dA, qt, bq, k, gb, hh, t0, eos, rows, mr, ck, mk,
                                                H, K, BT, IEEE)
                 dq += dqc
                 dk += dkc
-            else:
-                # b relative to the tile's middle row: exp(b_t - b_s) = exp(e_t) exp(-e_s)
-                e, fits = mid_row_exponents(gb, bq, hh, t0, eos, mqk, ck, mk, H, K, BT, DRANGE)
-                if fits:
-                    # two tensor-core dots: dq_t += e^e_t sum_s<t dA_ts (k_s e^-e_s), and
-                    # dk_s += e^-e_s sum_t>s dA_ts (q_t e^e_t)
-                    below = (rows[:, None] > rows[None, :]) & mr[:, None] & mr[None, :]
-                    dAs = tl.where(below, dA, 0.0)
-                    ef = exp(e, IEEE)
-                    ei = exp(-e, IEEE)
-                    dq += dot(dAs.to(DT), (kt * ei).to(DT), IEEE) * ef
-                    dk += dot(tl.trans(dAs).to(DT), (qt * ef).to(DT), IEEE) * ei
-                else:
-                    dqc, dkc = key_diag_grads_cols(dA, qt, bq, k, gb, hh, t0, eos, rows, mr, ck,
-                                                   mk, H, K, BT, IEEE)
-                    dq += dqc
-                    dk += dkc
             # the same-token terms: dA_tt = do_t . v_t, weight exp(0)
             dd = tl.sum(tl.where(cols[:, None] == cols[None, :], dA, 0.0), axis=1)
         dq = dq * scale
@@ -630,7 +617,7 @@ def bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, layout: Chunk
             layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale, H, TT,
             K=K, V=V, L=layout.L, BT=layout.BT, BK=BK, BV=cfg.BV, GATE=cfg.gate,
             HAS_KW=cfg.has_kw, MEXP=cfg.mexp, NONCAUSAL=cfg.noncausal, IEEE=cfg.ieee,
-            GATE_SUMS=gate_sums, DQK_DIAG=int(cfg.dqk_diag), DRANGE=diag_dot_range(q.dtype),
+            GATE_SUMS=gate_sums, DRANGE=diag_dot_range(q.dtype),
             num_warps=cfg.dqk_warps or cfg.warps, num_stages=cfg.stages)
     if not gate_sums:
         return dq, dk, None

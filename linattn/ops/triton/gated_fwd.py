@@ -41,7 +41,7 @@ MEXP_CARRY_BLOCK = 256
 
 
 def diag_dot_range(dtype: torch.dtype) -> float:
-    """Per-key diagonal blocks by dots (key_scores' score_kd -1, bwd_dqk's dqk_diag 2): taken
+    """Per-key diagonal blocks by dots (key_diag_scores, bwd_dqk's diagonal tile): taken
     where the block's log-decays stay within this many nats of its middle row in every key
     column, so that both factors exp(+-(b - b_mid)) stay finite in the dots' operand dtype:
     e^30 for bfloat16 and float32, e^4 for float16 (largest value 65504). Elsewhere the
@@ -174,54 +174,34 @@ def key_diag_cols(qt, bq, k, gb, hh, r0, eos, rows, mr, ck, mk, H, K, SUB: tl.co
 
 
 @triton.jit
-def key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB: tl.constexpr, KD: tl.constexpr,
-                    BK: tl.constexpr, IEEE: tl.constexpr, DRANGE: tl.constexpr):
+def key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB: tl.constexpr, BK: tl.constexpr,
+                    IEEE: tl.constexpr, DRANGE: tl.constexpr):
     """Per-key scores of a block of SUB tokens against itself, float32 [SUB, SUB], zero above
-    the diagonal: scale sum_k q_tk k_sk exp(b_tk - b_sk), formed elementwise because per-key
-    weights are no product of a row and a column factor that both stay finite (b_t - b_s
-    reaches -20 per token). KD > 0: all (t, s) pairs at once, KD key columns at a time, as
-    [SUB, SUB, KD] weights masked to -inf above the diagonal before exp(). KD = 0: one key
-    token s at a time against the block's queries, [SUB, BK] tiles (2-D only; no 3-D layout).
-    KD = -1: per K block, one dot with both sides relative to the block's middle row m where
-    |b - b_m| <= DRANGE (diag_dot_range), else as KD = 0.
-    The block's tokens are r0 .. r0 + SUB - 1, those at or past eos masked."""
+    the diagonal: scale sum_k q_tk k_sk exp(b_tk - b_sk). Per-key weights are no product of a
+    row and a column factor that both stay finite everywhere (b_t - b_s reaches -20 per
+    token), so per K block: one dot with both sides relative to the block's middle row m where
+    |b - b_m| <= DRANGE (diag_dot_range), else one key token s at a time against the block's
+    queries over [SUB, BK] tiles (key_diag_cols). The block's tokens are r0 .. r0 + SUB - 1,
+    those at or past eos masked."""
     A = tl.zeros([SUB, SUB], dtype=tl.float32)
     cols = tl.arange(0, SUB)
     rows = r0 + cols
     mr = rows < eos
-    if KD <= 0:
-        DT = q.dtype.element_ty
-        for kb in range(tl.cdiv(K, BK)):
-            ck = kb * BK + tl.arange(0, BK)
-            mk = ck < K
-            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [SUB, BK]
-            bq = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
-            if KD < 0:
-                e, fits = mid_row_exponents(gb, bq, hh, r0, eos, mr[:, None] & mk[None, :], ck,
-                                            mk, H, K, SUB, DRANGE)
-                if fits:
-                    # q_t e^(b_t - b_m) . k_s e^(b_m - b_s) on tensor cores, then causal
-                    kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-                    Ab = dot((qt * exp(e, IEEE)).to(DT), tl.trans((kt * exp(-e, IEEE)).to(DT)),
-                             IEEE)
-                    A += tl.where((rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :],
-                                  Ab, 0.0)
-                else:
-                    A += key_diag_cols(qt, bq, k, gb, hh, r0, eos, rows, mr, ck, mk, H, K, SUB,
-                                       IEEE)
-            else:
-                A += key_diag_cols(qt, bq, k, gb, hh, r0, eos, rows, mr, ck, mk, H, K, SUB, IEEE)
-    else:
-        causal = (rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :]        # [t, s]
-        for kb in range(tl.cdiv(K, KD)):
-            ck = kb * KD + tl.arange(0, KD)
-            mk = ck < K
-            qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale             # [SUB, KD]
+    DT = q.dtype.element_ty
+    for kb in range(tl.cdiv(K, BK)):
+        ck = kb * BK + tl.arange(0, BK)
+        mk = ck < K
+        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K) * scale                 # [SUB, BK]
+        bq = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
+        e, fits = mid_row_exponents(gb, bq, hh, r0, eos, mr[:, None] & mk[None, :], ck, mk, H,
+                                    K, SUB, DRANGE)
+        if fits:
+            # q_t e^(b_t - b_m) . k_s e^(b_m - b_s) on tensor cores, then causal
             kt = ld_tile(k + hh * K, rows, mr, ck, mk, H * K)
-            bt = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
-            w = exp(tl.where(causal[:, :, None], bt[:, None, :] - bt[None, :, :], NEG_INF),
-                    IEEE)                                                          # [t, s, KD]
-            A += tl.sum(qt[:, None, :] * kt[None, :, :] * w, axis=2)
+            Ab = dot((qt * exp(e, IEEE)).to(DT), tl.trans((kt * exp(-e, IEEE)).to(DT)), IEEE)
+            A += tl.where((rows[:, None] >= rows[None, :]) & mr[:, None] & mr[None, :], Ab, 0.0)
+        else:
+            A += key_diag_cols(qt, bq, k, gb, hh, r0, eos, rows, mr, ck, mk, H, K, SUB, IEEE)
     return A
 
 
@@ -371,14 +351,15 @@ def fwd_states_kernel(k, v, gb, gm, kw, mpc, h0, h, hf, cu, coff, H,
 @triton.jit
 def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
                       L: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
-                      KD: tl.constexpr, IEEE: tl.constexpr, DRANGE: tl.constexpr):
+                      IEEE: tl.constexpr, DRANGE: tl.constexpr):
     """Per-key scores inside one tile (first token t0): A[t, h, s - t0] = scale sum_k q_tk
     k_sk exp(b_tk - b_sk) for the keys s <= t of t's tile, one [SUB, SUB] block (query block
     i, key block j <= i) per program, so that each program is a short chain (the kernel is
     latency-bound: many small independent programs hide it best). Blocks left of the diagonal
     go through tensor cores with both factors taken relative to the query block's first row r:
     exp(b_t - b_r) <= 1 for t >= r and exp(b_r - b_s) <= 1 for s < r, so neither overflows;
-    diagonal blocks are formed elementwise, KD key columns at a time (key_diag_scores).
+    diagonal blocks by dots relative to their middle row where the decays allow, else one key
+    token at a time (key_diag_scores).
     Entries above the diagonal are not written: readers mask them."""
     NSUB: tl.constexpr = BT // SUB
     it = tl.program_id(0)
@@ -410,7 +391,7 @@ def key_scores_kernel(q, k, gb, A, tile_seq, tile_start, cu, coff, scale, H, K,
                 Ab += dot(qt.to(DT), tl.trans(kt.to(DT)), IEEE)
         else:
             # the diagonal block, causal
-            Ab = key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB, KD, BK, IEEE, DRANGE)
+            Ab = key_diag_scores(q, k, gb, hh, r0, eos, scale, H, K, SUB, BK, IEEE, DRANGE)
         tl.store(out, Ab.to(A.dtype.element_ty), mask=mr[:, None])
 
 
@@ -617,8 +598,8 @@ def key_scores(q, k, gb, layout: ChunkLayout, cfg, scale, defined: bool = False)
     if layout.NT:
         key_scores_kernel[(layout.NT, (layout.BT // KEY_SUB) ** 2, H)](
             q, k, gb, A, layout.tile_seq, layout.tile_start, layout.cu, layout.chunk_off, scale,
-            H, K=K, L=layout.L, BT=layout.BT, SUB=KEY_SUB, BK=cfg.BK, KD=cfg.score_kd,
-            IEEE=cfg.ieee, DRANGE=diag_dot_range(q.dtype),
+            H, K=K, L=layout.L, BT=layout.BT, SUB=KEY_SUB, BK=cfg.BK, IEEE=cfg.ieee,
+            DRANGE=diag_dot_range(q.dtype),
             num_warps=cfg.score_warps or cfg.warps,
             num_stages=cfg.stages)
     return A

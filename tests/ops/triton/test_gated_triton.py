@@ -210,24 +210,6 @@ def test_key_scores_in_blocks_cpu(dtype):
              override=KEY_TILES)
 
 
-def _key_options(**options):
-    """The H200's per-key tiling (64-token chunks and tiles, bwd_dqk on 16-token tiles) with
-    KernelConfig fields replaced."""
-    return dataclasses.replace(KEY_TILES, fields=tuple(options.items()))
-
-
-@pytest.mark.parametrize("options", [dict(score_kd=8, dqk_diag=0), dict(score_kd=0, dqk_diag=1)],
-                         ids=["weights", "cols"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_key_gate_options_cpu(dtype, options):
-    """Per-key gates' other forms of the diagonal tiles (the default takes them by dots
-    relative to the tile's middle row where the decays allow): [16, 16, BK] weights
-    (score_kd 8, dqk_diag 0) or one key token at a time over 2-D tiles (score_kd 0,
-    dqk_diag 1)."""
-    check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=dtype, device="cpu", lengths=[70, 1, 50],
-             override=_key_options(**options))
-
-
 def test_key_gate_frozen_cpu():
     """A per-key decay that needs no gradient (no gate sums): dq, dk, dv and the states'
     gradients must not change."""
@@ -238,8 +220,8 @@ def test_key_gate_frozen_cpu():
 
 
 def test_key_gate_dots_fall_back_at_steep_decays_cpu():
-    """The default dots (score_kd -1, dqk_diag 2) with log-decays in [-9, -5]: 8 tokens from
-    the middle row exceed diag_dot_range, so the blocks go one key token at a time."""
+    """The diagonal blocks' dots with log-decays in [-9, -5]: 8 tokens from the middle row
+    exceed diag_dot_range, so the blocks go one key token at a time."""
     check_la("key", B=1, T=0, H=1, K=24, V=16, dtype=torch.float32, device="cpu",
              lengths=[70, 50], low=-9.0, high=-5.0, override=KEY_TILES)
 
