@@ -26,9 +26,9 @@ import triton.language as tl
 from ..alloc import empty
 from .common import (GATE_KEY, GATE_NONE, GATE_SCALAR, ChunkLayout, dot, exp, fill_v_block,
                      ld_gtok, ld_raw, ld_state, ld_tile, ld_tok, sm_count)
-from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, chunk_of, diag_dot_range,
+from .gated_fwd import (NEG_INF, _or, chunk_decay, chunk_end_exp, diag_dot_range,
                         gate_diag, key_exp, ld_scores, mid_row_exponents, state_block_of,
-                        state_dtype)
+                        state_dtype, tile_program)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -141,18 +141,9 @@ def bwd_dv_kernel(q, k, do, gb, gm, kw, rd, dh, Asc, dv, tile_seq, tile_start, c
                   IEEE: tl.constexpr):
     """dv of one key tile (BT tokens), one block of V: through the state after the chunk,
     then from the query tiles of the chunk at and after this one."""
-    tl.static_assert(L % BT == 0)
-    tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
-    it = tl.program_id(0)
-    vb = tl.program_id(1)
-    hh = tl.program_id(2).to(tl.int64)
-    n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff, it, L)
-    slot1 = slot + 1                                            # state after the chunk
-    if NONCAUSAL:
-        slot1 = fslot
+    vb, hh, t0, rows, mr, eos, cs, ce, slot, slot1, ic = tile_program(
+        tile_seq, tile_start, cu, coff, L, BT, BK, BV, NONCAUSAL)
     DT = do.dtype.element_ty
-    rows = t0 + tl.arange(0, BT)
-    mr = rows < eos
     cv = vb * BV + tl.arange(0, BV)
     mv = cv < V
     acc = tl.zeros([BT, BV], dtype=tl.float32)
@@ -328,19 +319,9 @@ def bwd_dqk_kernel(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn, dsc, d
     at BK 128): the chunk's intra part of dq and dk, with the same-token coefficients kept as
     a [BT] vector; dq's state part; the gate sums; dq stored; dk's state part (its own gate
     sum); dk stored."""
-    tl.static_assert(L % BT == 0)
-    tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
-    it = tl.program_id(0)
-    kb = tl.program_id(1)
-    hh = tl.program_id(2).to(tl.int64)
-    n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff, it, L)
-    slot1 = slot + 1
-    if NONCAUSAL:
-        slot = fslot
-        slot1 = fslot
+    kb, hh, t0, rows, mr, eos, cs, ce, slot, slot1, ic = tile_program(
+        tile_seq, tile_start, cu, coff, L, BT, BK, BV, NONCAUSAL)
     DT = do.dtype.element_ty
-    rows = t0 + tl.arange(0, BT)
-    mr = rows < eos
     ck = kb * BK + tl.arange(0, BK)
     mk = ck < K
     mqk = mr[:, None] & mk[None, :]

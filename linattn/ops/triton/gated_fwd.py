@@ -68,6 +68,27 @@ def chunk_of(tile_seq, tile_start, cu, coff, it, L: tl.constexpr):
 
 
 @triton.jit
+def tile_program(tile_seq, tile_start, cu, coff, L: tl.constexpr, BT: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, NONCAUSAL: tl.constexpr):
+    """Where a per-tile program (grid: tile, K or V block, head) works: (its block index blk,
+    head hh, the tile's first token t0, its rows and their mask mr, the sequence's end eos,
+    the chunk's start cs and end ce, the slots of the states before (slot) and after (slot1)
+    the chunk, the global chunk index ic). NONCAUSAL: both slots are the sequence's final
+    one (every token reads the total state)."""
+    tl.static_assert(L % BT == 0)
+    tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
+    n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff,
+                                                   tl.program_id(0), L)
+    slot1 = slot + 1
+    if NONCAUSAL:
+        slot = fslot
+        slot1 = fslot
+    rows = t0 + tl.arange(0, BT)
+    return (tl.program_id(1), tl.program_id(2).to(tl.int64), t0, rows, rows < eos, eos, cs, ce,
+            slot, slot1, ic)
+
+
+@triton.jit
 def state_block_of(cu, coff, H, K, V, BK: tl.constexpr, BV: tl.constexpr):
     """A scan program (sequence * head, K block, V block) -> (i_nh = n * H + h, K block kb,
     V block vb, head hh, sequence n, its first token bos and end eos, its first chunk c0,
@@ -406,6 +427,16 @@ def ld_scores(Asc, hh, rows, mr, t0, H, BT: tl.constexpr):
 
 
 @triton.jit
+def ld_query(q, hh, rows, mr, ck, mk, scale, H, K, SCALE_AFTER: tl.constexpr):
+    """float32 [len(rows), len(ck)] tile of q [TT, H, K], times scale unless SCALE_AFTER (then
+    fwd_o scales the dots' results)."""
+    qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
+    if not SCALE_AFTER:
+        qt = qt * scale
+    return qt
+
+
+@triton.jit
 def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_start, cu, coff,
                  scale, H, K, V, L: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
@@ -414,14 +445,8 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
     """Output of one query tile (BT tokens), one block of V: the chunk-start state's part
     plus the causal part of the keys of this chunk up to the tile (tile by tile; per-key gates read
     the tile's own scores from Asc, key_scores_kernel's output)."""
-    tl.static_assert(L % BT == 0)
-    tl.static_assert(BT >= 16 and BK >= 16 and BV >= 16)
-    it = tl.program_id(0)
-    vb = tl.program_id(1)
-    hh = tl.program_id(2).to(tl.int64)
-    n, t0, eos, cs, ce, slot, ic, fslot = chunk_of(tile_seq, tile_start, cu, coff, it, L)
-    if NONCAUSAL:
-        slot = fslot                                            # every token reads the total
+    vb, hh, t0, rows, mr, eos, cs, ce, slot, slot1, ic = tile_program(
+        tile_seq, tile_start, cu, coff, L, BT, BK, BV, NONCAUSAL)
     # operand types of the dots: the scores and the state's part in q's and h's stored dtype
     # (the same as v's in the gated family), the values' part in v's. The delta rule passes
     # float32 U' as v with 16-bit q, k and h: their dots take 16-bit operands, exact products,
@@ -432,8 +457,6 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
     DT = v.dtype.element_ty
     DQ = q.dtype.element_ty
     DS = h.dtype.element_ty
-    rows = t0 + tl.arange(0, BT)
-    mr = rows < eos
     cv = vb * BV + tl.arange(0, BV)
     mv = cv < V
     acc = tl.zeros([BT, BV], dtype=tl.float32)
@@ -455,9 +478,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
         mk = ck < K
-        qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
-        if not SCALE_AFTER:
-            qt = qt * scale
+        qt = ld_query(q, hh, rows, mr, ck, mk, scale, H, K, SCALE_AFTER)
         qs = qt
         if GATE == GATE_KEY:
             bq = ld_raw(gb + hh * K, rows, mr, ck, mk, H * K)
@@ -494,9 +515,7 @@ def fwd_o_kernel(q, k, v, gb, gm, kw, mpc, h, hn, Asc, o, qn, tile_seq, tile_sta
             for kb in range(tl.cdiv(K, BK)):
                 ck = kb * BK + tl.arange(0, BK)
                 mk = ck < K
-                qt = ld_tile(q + hh * K, rows, mr, ck, mk, H * K)
-                if not SCALE_AFTER:
-                    qt = qt * scale
+                qt = ld_query(q, hh, rows, mr, ck, mk, scale, H, K, SCALE_AFTER)
                 kt = ld_tile(k + hh * K, krows, krows < eos, ck, mk, H * K)
                 if GATE == GATE_KEY:
                     br = tl.load(gb + ((t0 - 1) * H + hh) * K + ck, mask=mk, other=0.0)
