@@ -37,6 +37,17 @@ GATE_SCALAR = tl.constexpr(GATE_KINDS["scalar"])  # one per token and head, g [.
 GATE_KEY = tl.constexpr(GATE_KINDS["key"])        # one per token, head and key, g [.., H, K]
 
 
+def gate_of(g, const_as_scalar: bool = True) -> int:
+    """GATE of a log-decay g as the ops take it: None, [H] (GATE_CONST; GATE_SCALAR where
+    const_as_scalar: the chunk kernels read it broadcast), [.., H] with one or two leading
+    token axes (GATE_SCALAR) or [B, T, H, K] (GATE_KEY)."""
+    if g is None:
+        return GATE_NONE.value
+    if g.dim() == 1:
+        return (GATE_SCALAR if const_as_scalar else GATE_CONST).value
+    return (GATE_KEY if g.dim() == 4 else GATE_SCALAR).value
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

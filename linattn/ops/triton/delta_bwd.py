@@ -29,11 +29,10 @@ import triton.language as tl
 
 from .. import alloc
 from . import delta_fwd
-from .common import GATE_SCALAR, dot_a16, dot_b16, head_tile, sm_count, split16
+from .common import GATE_SCALAR, dot_a16, dot_b16, gate_of, head_tile, sm_count, split16
 from .delta_config import DEFAULT, DeltaConfig, split16_on
-from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, gate_of,
-                        ld_state_tile, ld_tokens, scan_v_block, sequence_program, st_state_tile,
-                        st_tokens)
+from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, ld_state_tile,
+                        ld_tokens, scan_v_block, sequence_program, st_state_tile, st_tokens)
 
 # Launch choices come from a DeltaConfig argument (delta_config.DEFAULT), from
 # benchmarks/sweep_delta.py (PERF_NOTES "Delta rule: launch choices"): grads_wy on 4 warps

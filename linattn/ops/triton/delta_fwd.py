@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import alloc
-from .common import (GATE_NONE, GATE_SCALAR, dot_a16, fill_v_block, head_tile, ld_raw,
+from .common import (GATE_SCALAR, dot_a16, fill_v_block, gate_of, head_tile, ld_raw,
                      next_pow2, sm_count, st_tile)
 from .delta_config import DEFAULT, DeltaConfig, split16_on
 from .gated_api import KernelConfig
@@ -69,12 +69,6 @@ def vnew_dtype(dtype: torch.dtype, cfg: DeltaConfig = DEFAULT) -> torch.dtype:
     stores it (the output kernel and grads_qk read it with 16-bit dot operands; the scan's
     state update uses the float32 U')."""
     return dtype if cfg.vnew_in_input_dtype and dtype != torch.float32 else torch.float32
-
-
-def gate_of(g) -> int:
-    """The delta kernels' GATE (common.GATE_KINDS) for a log-decay g [TT, H] (a constant [H]
-    decay arrives broadcast) or None: GATE_SCALAR or GATE_NONE, the two kinds they take."""
-    return (GATE_NONE if g is None else GATE_SCALAR).value
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .. import torch_chunked
 from .common import (GATE_KEY, GATE_NONE, GATE_SCALAR, INTERPRET, chunk_cumsum, gate_grad_,
-                     head_tile, lengths_of, make_layout, row_dot)
+                     gate_of, head_tile, lengths_of, make_layout, row_dot)
 from . import mexp_norm
 from .gated_bwd import bwd_dqk, bwd_dv, bwd_states, key_dscores
 from .gated_fwd import fwd_o, fwd_states, key_scores, mexp_prep, state_dtype
@@ -468,7 +468,7 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
     B, T, H, K = q.shape
     V = v.shape[-1]
     TT = B * T
-    gate = (GATE_NONE if g is None else GATE_KEY if g.dim() == 4 else GATE_SCALAR).value
+    gate = gate_of(g)
     gf = None
     if g is not None:
         gf = g.float()

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import GATE_KEY, GATE_NONE, GATE_SCALAR, INTERPRET, dot, exp, head_tile, sm_count
+from .common import (GATE_KEY, GATE_NONE, GATE_SCALAR, INTERPRET, dot, exp, gate_of,
+                     head_tile, sm_count)
 
 # Programs per SM the split count aims for (each program a [BK, BV] block of one split).
 PROGRAMS_PER_SM = 4
@@ -153,7 +154,7 @@ def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | None 
     if b.shape[:3] != a.shape[:3] or b.dtype != a.dtype:
         raise ValueError(f"b must be [B, T, H, V] with a's B, T, H {tuple(a.shape[:3])} and "
                          f"dtype {a.dtype}, got {tuple(b.shape)} {b.dtype}")
-    kind = (GATE_NONE if g is None else GATE_KEY if g.dim() == 4 else GATE_SCALAR).value
+    kind = gate_of(g)
     if g is not None and tuple(g.shape) not in ((H,), (B, T, H), (B, T, H, K)):
         raise ValueError(f"g must be [H], [B, T, H] or [B, T, H, K] = {(B, T, H, K)}, got "
                          f"{tuple(g.shape)}")
