@@ -68,6 +68,9 @@ class TrainConfig:
     warmup_steps: int = -1  # -1: 5% of steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
+    beta2: float = 0.95  # AdamW's second-moment decay (beta1 is 0.9)
+    decay_all: bool = False  # weight decay on every parameter (False: matrices only)
+    lr_period: int = 1  # the learning rate changes every lr_period steps (Zoology: once an epoch)
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
@@ -91,7 +94,7 @@ class TrainConfig:
     stop_at_accuracy: float = 0.0
 
     def validate(self) -> "TrainConfig":
-        positive = ("steps", "batch_size", "log_every", "eval_batches", "ckpt_every")
+        positive = ("steps", "batch_size", "log_every", "eval_batches", "ckpt_every", "lr_period")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,6 +108,10 @@ class TrainConfig:
             raise ValueError(f"seq_len_warmup must be in [0, 1), got {self.seq_len_warmup}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
+        if not isinstance(self.decay_all, bool):
+            raise ValueError(f"decay_all must be a bool, got {self.decay_all!r}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.compile not in COMPILE_MODES:
@@ -125,7 +132,9 @@ class TrainConfig:
         return max(1, round(0.05 * self.steps)) if self.warmup_steps < 0 else self.warmup_steps
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
+        """Learning rate of step `step` (0-based): linear warmup, then cosine to min_lr_ratio,
+        held for lr_period steps at a time (the value at the period's first step)."""
+        step -= step % self.lr_period
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.steps - self.warmup)
@@ -547,11 +556,13 @@ def _sigint_flag():
 # ------------------------------------------------------------------------------ training
 
 def _make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases or gates' vectors)."""
+    """AdamW, betas (0.9, cfg.beta2); weight decay on matrices only (not on norms, biases or
+    gates' vectors), or on every parameter with cfg.decay_all (as torch's AdamW by default)."""
     params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    decayed = (lambda p: True) if cfg.decay_all else (lambda p: p.dim() >= 2)
+    groups = [{"params": [p for p in params if decayed(p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
 
 
 def model_aux_loss(model):
