@@ -238,13 +238,21 @@ def answer_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]
     python numbers: "tokens" (answer tokens), "correct" (argmax right), "sequences",
     "exact" (sequences with every answer token right).
     """
+    return picked_answer_loss(logits[batch.answer_mask], batch)
+
+
+def picked_answer_loss(picked: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+    """answer_loss from the logits at the answer positions only: picked [N, V], the rows of
+    batch.answer_mask's N True positions in row-major order (CausalLM.answer_logits)."""
     mask = batch.answer_mask  # [B, T]
-    picked = logits[mask].float()  # [N, V] for the N answer tokens
-    loss = F.cross_entropy(picked, batch.targets[mask])
+    targets = batch.targets[mask]  # [N]
+    loss = F.cross_entropy(picked.float(), targets)
     with torch.no_grad():
-        right = logits.argmax(dim=-1) == batch.targets  # [B, T]
-        wrong_per_seq = (~right & mask).sum(dim=1)  # [B]
-        counts = {"tokens": int(mask.sum()), "correct": int((right & mask).sum()),
+        right = picked.argmax(dim=-1) == targets  # [N]
+        rows = mask.nonzero()[:, 0]  # [N] the sequence of each answer token
+        wrong_per_seq = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        wrong_per_seq.index_add_(0, rows, (~right).long())  # [B]
+        counts = {"tokens": int(mask.sum()), "correct": int(right.sum()),
                   "sequences": mask.shape[0], "exact": int((wrong_per_seq == 0).sum())}
     return loss, counts
 
@@ -277,11 +285,18 @@ def batch_loss(model, batch: Batch, device: torch.device, dtype: torch.dtype,
     """The model's answer loss on batch: (loss to backpropagate, the batch's mean loss as a
     float, answer_loss's counts). sp: a SequenceParallelContext the model runs under (the
     model sees this rank's slice; see parallel_answer_loss), or None."""
+    from .models import CausalLM
+
     with autocast(device, dtype):
-        logits = model(batch.input_ids if sp is None else sp.split(batch.input_ids))  # [B, T(_r), V]
+        if sp is not None:
+            logits = model(sp.split(batch.input_ids))  # [B, T_r, V]
+        elif isinstance(model, CausalLM):  # uncompiled: the head at the answer positions only
+            picked = model.answer_logits(batch.input_ids, batch.answer_mask)  # [N, V]
+        else:
+            picked = model(batch.input_ids)[batch.answer_mask]  # [B, T, V] -> [N, V]
     if sp is not None:
         return parallel_answer_loss(logits, batch, sp)
-    loss, counts = answer_loss(logits, batch)
+    loss, counts = picked_answer_loss(picked, batch)
     return loss, float(loss.detach()), counts  # float() syncs, so step times are real
 
 

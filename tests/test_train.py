@@ -44,6 +44,23 @@ def test_answer_loss_counts_answer_tokens_only():
     assert counts == {"tokens": 4, "correct": 3, "sequences": 2, "exact": 1}
 
 
+def test_batch_loss_runs_the_head_at_the_answers_only_with_the_same_result():
+    from linattn.models import CausalLM
+    from linattn.train import batch_loss
+
+    task = make_task("mqar", layout="zoology", pairs=3, seq_len=20, vocab=40)
+    torch.manual_seed(0)
+    model = CausalLM(LMConfig(vocab_size=40, d_model=16, n_heads=2, mixer="gla", backend="torch")).double()
+    batch = task.batch("train", 0, 0, 5)
+    picked = model.answer_logits(batch.input_ids, batch.answer_mask)
+    full = model(batch.input_ids)
+    torch.testing.assert_close(picked, full[batch.answer_mask], rtol=1e-12, atol=1e-12)
+    loss, value, counts = batch_loss(model, batch, torch.device("cpu"), torch.float32)  # no autocast
+    want, want_counts = answer_loss(full, batch)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-9)
+    assert counts == want_counts and value == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(steps=100, lr=1e-2, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [cfg.lr_at(s) for s in range(100)]

@@ -68,6 +68,8 @@ class CausalLM(nn.Module):
     forward(input_ids [B, T] int64, cu_seqlens=None) -> logits [B, T, vocab_size], float32
         (float64 for a float64 model). cu_seqlens (int32/int64 [N+1], B == 1) packs N
         independent sequences along T.
+    answer_logits(input_ids, mask) -> [N, vocab_size]: forward's logits at the N positions of
+        mask [B, T] (bool), the head computed there only (a trainer scoring a few positions).
     forward_with_state(input_ids, state=None) -> (logits, state): the same, continuing from
         and returning the per-layer mixer states (a list, one entry per layer; None starts a
         new sequence), so prompts and generated tokens can be fed a chunk at a time.
@@ -164,6 +166,11 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         return self._logits(self._hidden(input_ids, cu_seqlens))
+
+    def answer_logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The logits forward(input_ids) has at the positions mask [B, T] (bool) selects,
+        [N, vocab_size] in row-major order; the head runs at those positions only."""
+        return self._logits(self._hidden(input_ids, None)[mask])
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
              cu_seqlens: torch.Tensor | None = None, reduction: str = "mean",
