@@ -221,9 +221,11 @@ def preset_settings(name: str, settings: dict) -> dict:
         per epoch, no gradient clipping; 64 epochs of batch 512 (T <= 128), 256 (T 256), 128
         (T 512) or 64 (T >= 1024); the whole test set evaluated after every epoch, training
         stopped once test accuracy reaches 0.99.
-    Left different: Zoology stops when accuracy exceeds 0.99, this at >= 0.99; its data come
-    from numpy's legacy generator (other draws from the same distribution); our mixers are
-    linattn's, not Zoology's copies of fla's layers.
+    Left different: Zoology's loader visits the training set in the same order every epoch
+    and keeps the last partial batch, ours reshuffles each epoch and drops it; it stops when
+    accuracy exceeds 0.99, this at >= 0.99; its data come from numpy's legacy generator (other
+    draws from the same distribution); our mixers are linattn's, not Zoology's copies of fla's
+    layers.
     """
     if name != "zoology":
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
