@@ -1,10 +1,12 @@
 """MQAR under Zoology's protocol: a grid of (mixer, d_model, T, pairs, lr), one JSON row per run.
 
-Every run is `linattn train --preset zoology` (linattn.models.config.preset_settings: two
-blocks of the mixer without MLP, one head, vocabulary 8192, Zoology's layout and power-law
-query placement, fixed sets of 100,000 training and 3,000 test examples, Zoology's batch
-size for T, AdamW with weight decay 0.1, warmup then cosine) for --epochs epochs (64 in
-Zoology) capped at --max-steps steps, evaluated on the whole test set every epoch (or every
+Every run is `linattn train --preset zoology` (linattn.models.config.preset_settings, Zoology's
+figure-2 recipe: two LayerNorm blocks of the mixer with an identity state mixer, one head,
+GPT-2 init, learned positions for attention, vocabulary 8192, Zoology's layout and power-law
+query placement, fixed sets of 100,000 training and 3,000 test examples, Zoology's batch size
+for T, float32, AdamW (0.9, 0.999) with weight decay 0.1 on every parameter, cosine stepped
+once per epoch, no warmup) for --epochs epochs (64 in Zoology) capped at --max-steps steps
+(the cosine then spans the capped run), evaluated on the whole test set every epoch (or every
 --eval-every steps when that is sooner) and stopped once test accuracy reaches 0.99. "hybrid"
 is a 1:1 Gated DeltaNet / attention model (layer 0 Gated DeltaNet, layer 1 attention). Every
 model has one head, except where the op's head-dim limit (256) needs more (heads_for: the

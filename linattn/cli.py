@@ -43,6 +43,19 @@ def _int_or_none(text: str):
     return None if str(text).lower() in ("none", "null", "0", "") else int(text)
 
 
+def _bool(text):
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"not a boolean: {text!r}")
+    return t in ("true", "1", "yes")
+
+
+def _int_or_epoch(text):
+    return "epoch" if str(text).strip().lower() == "epoch" else int(text)
+
+
 def _csv(text):
     if isinstance(text, (list, tuple)):
         return list(text)
@@ -63,6 +76,14 @@ SETTINGS = {
     "sliding_window": (["--sliding-window"], _int_or_none, "model", "window of the attention layers (none: full)"),
     "feature_map": (["--feature-map"], str, "model", "feature map of the linear-attention mixers"),
     "backend": (["--backend"], str, "model", "ops backend: auto (Triton on CUDA), triton, torch, reference"),
+    "norm": (["--norm"], str, "model", "norm of the blocks and the final norm: rms or layer (LayerNorm)"),
+    "pos_embed": (["--pos-embed"], str, "model", "none, or learned (absolute position embeddings added "
+                  "to the token embeddings)"),
+    "identity_mlp": (["--identity-mlp"], _bool, "model", "with --mlp-ratio 0: each block adds norm(x) "
+                     "where the MLP would be (Zoology's blocks with an identity state mixer)"),
+    "embed_dropout": (["--embed-dropout"], float, "model", "dropout on the embeddings while training"),
+    "init": (["--init"], str, "model", "default, or gpt2 (every Linear and embedding normal(0.02), "
+             "biases zero, attention's output projection scaled by 1/sqrt(2 n_layers))"),
     # task
     "task": (["--task"], str, "task", "the synthetic task"),
     "pairs": (["--pairs"], int, "task", "mqar: key-value pairs"),
@@ -96,6 +117,10 @@ SETTINGS = {
     "warmup_steps": (["--warmup-steps"], int, "train", "warmup steps (-1: 5%% of steps)"),
     "min_lr_ratio": (["--min-lr-ratio"], float, "train", "final lr / peak lr"),
     "grad_clip": (["--grad-clip"], float, "train", "max gradient norm (0: off)"),
+    "beta2": (["--beta2"], float, "train", "AdamW's beta2 (beta1 is 0.9)"),
+    "decay_all": (["--decay-all"], _bool, "train", "weight decay on every parameter, not only matrices"),
+    "lr_period": (["--lr-period"], _int_or_epoch, "train", "steps between learning-rate changes, or "
+                  "epoch (once per pass over the fixed training set, as Zoology's scheduler)"),
     "seed": (["--seed"], int, "train", "seed of the weights and of the data"),
     "device": (["--device"], str, "train", "auto, cpu, cuda or cuda:N"),
     "dtype": (["--dtype"], str, "train", "auto (bf16 autocast on CUDA, float32 on CPU), float32, bfloat16"),
@@ -112,7 +137,8 @@ SETTINGS = {
                 "launch-bound models); on CPU the graph is captured with aot_eager"),
     # Zoology's MQAR protocol (see linattn.tasks.mqar and linattn.models.config.preset_settings)
     "preset": (["--preset"], str, "model", "a bundle of defaults that other settings override: "
-               "zoology (Zoology's MQAR protocol: 2 blocks, no MLP, 1 head, its data and epochs)"),
+               "zoology (Zoology's MQAR recipe: its data, model, optimiser and epochs; see "
+               "linattn.models.config.preset_settings)"),
     "layout": (["--layout"], str, "task", "mqar: token layout, linattn or zoology"),
     "power_a": (["--power-a"], float, "task", "mqar (zoology layout): power law of the query positions"),
     "train_examples": (["--train-examples"], int, "task", "mqar: fixed training set size (0: fresh data every step)"),
@@ -380,15 +406,20 @@ def _with_preset(settings: dict) -> tuple[dict, float | None]:
     settings = dict(settings)
     name = settings.pop("preset", None)
     if name is not None:
-        settings = {**preset_settings(name, settings.get("seq_len", 64)), **settings}
+        settings = {**preset_settings(name, settings), **settings}
     return settings, settings.pop("epochs", None)
 
 
 def _fixed_set_schedule(task, train: dict, epochs) -> None:
     """Fills, in place, the training settings a fixed training/test set implies unless given:
     steps = epochs x steps per epoch, an evaluation every epoch, and evaluation batches that
-    cover the fixed test set (and no more)."""
+    cover the fixed test set (and no more); an lr_period of "epoch" becomes the steps per epoch."""
     batch = train.get("batch_size", 32)
+    if train.get("lr_period") == "epoch":
+        if not getattr(task, "train_examples", 0):
+            raise ValueError(f"--lr-period epoch needs a task with a fixed training set, not "
+                             f"{task.name} without --train-examples")
+        train["lr_period"] = task.steps_per_epoch(batch)
     if epochs is not None:
         if not epochs > 0:
             raise ValueError(f"--epochs must be > 0, got {epochs}")

@@ -68,6 +68,9 @@ class TrainConfig:
     warmup_steps: int = -1  # -1: 5% of steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
+    beta2: float = 0.95  # AdamW's second-moment decay (beta1 is 0.9)
+    decay_all: bool = False  # weight decay on every parameter (False: matrices only)
+    lr_period: int = 1  # the learning rate changes every lr_period steps (Zoology: once an epoch)
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
@@ -91,7 +94,7 @@ class TrainConfig:
     stop_at_accuracy: float = 0.0
 
     def validate(self) -> "TrainConfig":
-        positive = ("steps", "batch_size", "log_every", "eval_batches", "ckpt_every")
+        positive = ("steps", "batch_size", "log_every", "eval_batches", "ckpt_every", "lr_period")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,6 +108,10 @@ class TrainConfig:
             raise ValueError(f"seq_len_warmup must be in [0, 1), got {self.seq_len_warmup}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
+        if not isinstance(self.decay_all, bool):
+            raise ValueError(f"decay_all must be a bool, got {self.decay_all!r}")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.compile not in COMPILE_MODES:
@@ -125,7 +132,9 @@ class TrainConfig:
         return max(1, round(0.05 * self.steps)) if self.warmup_steps < 0 else self.warmup_steps
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
+        """Learning rate of step `step` (0-based): linear warmup, then cosine to min_lr_ratio,
+        held for lr_period steps at a time (the value at the period's first step)."""
+        step -= step % self.lr_period
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.steps - self.warmup)
@@ -229,13 +238,21 @@ def answer_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]
     python numbers: "tokens" (answer tokens), "correct" (argmax right), "sequences",
     "exact" (sequences with every answer token right).
     """
+    return picked_answer_loss(logits[batch.answer_mask], batch)
+
+
+def picked_answer_loss(picked: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+    """answer_loss from the logits at the answer positions only: picked [N, V], the rows of
+    batch.answer_mask's N True positions in row-major order (CausalLM.answer_logits)."""
     mask = batch.answer_mask  # [B, T]
-    picked = logits[mask].float()  # [N, V] for the N answer tokens
-    loss = F.cross_entropy(picked, batch.targets[mask])
+    targets = batch.targets[mask]  # [N]
+    loss = F.cross_entropy(picked.float(), targets)
     with torch.no_grad():
-        right = logits.argmax(dim=-1) == batch.targets  # [B, T]
-        wrong_per_seq = (~right & mask).sum(dim=1)  # [B]
-        counts = {"tokens": int(mask.sum()), "correct": int((right & mask).sum()),
+        right = picked.argmax(dim=-1) == targets  # [N]
+        rows = mask.nonzero()[:, 0]  # [N] the sequence of each answer token
+        wrong_per_seq = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        wrong_per_seq.index_add_(0, rows, (~right).long())  # [B]
+        counts = {"tokens": int(mask.sum()), "correct": int(right.sum()),
                   "sequences": mask.shape[0], "exact": int((wrong_per_seq == 0).sum())}
     return loss, counts
 
@@ -268,11 +285,18 @@ def batch_loss(model, batch: Batch, device: torch.device, dtype: torch.dtype,
     """The model's answer loss on batch: (loss to backpropagate, the batch's mean loss as a
     float, answer_loss's counts). sp: a SequenceParallelContext the model runs under (the
     model sees this rank's slice; see parallel_answer_loss), or None."""
+    from .models import CausalLM
+
     with autocast(device, dtype):
-        logits = model(batch.input_ids if sp is None else sp.split(batch.input_ids))  # [B, T(_r), V]
+        if sp is not None:
+            logits = model(sp.split(batch.input_ids))  # [B, T_r, V]
+        elif isinstance(model, CausalLM):  # uncompiled: the head at the answer positions only
+            picked = model.answer_logits(batch.input_ids, batch.answer_mask)  # [N, V]
+        else:
+            picked = model(batch.input_ids)[batch.answer_mask]  # [B, T, V] -> [N, V]
     if sp is not None:
         return parallel_answer_loss(logits, batch, sp)
-    loss, counts = answer_loss(logits, batch)
+    loss, counts = picked_answer_loss(picked, batch)
     return loss, float(loss.detach()), counts  # float() syncs, so step times are real
 
 
@@ -547,11 +571,13 @@ def _sigint_flag():
 # ------------------------------------------------------------------------------ training
 
 def _make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases or gates' vectors)."""
+    """AdamW, betas (0.9, cfg.beta2); weight decay on matrices only (not on norms, biases or
+    gates' vectors), or on every parameter with cfg.decay_all (as torch's AdamW by default)."""
     params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    decayed = (lambda p: True) if cfg.decay_all else (lambda p: p.dim() >= 2)
+    groups = [{"params": [p for p in params if decayed(p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
 
 
 def model_aux_loss(model):

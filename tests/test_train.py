@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from linattn.models import LMConfig
 from linattn.tasks import Batch, make_task
-from linattn.train import (Interrupted, TrainConfig, answer_loss, atomic_write, evaluate_run,
-                           model_config_for, train)
+from linattn.train import (Interrupted, TrainConfig, _make_optimizer, answer_loss, atomic_write,
+                           evaluate_run, model_config_for, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = dict(pairs=2, seq_len=12, vocab=10)
@@ -44,6 +44,23 @@ def test_answer_loss_counts_answer_tokens_only():
     assert counts == {"tokens": 4, "correct": 3, "sequences": 2, "exact": 1}
 
 
+def test_batch_loss_runs_the_head_at_the_answers_only_with_the_same_result():
+    from linattn.models import CausalLM
+    from linattn.train import batch_loss
+
+    task = make_task("mqar", layout="zoology", pairs=3, seq_len=20, vocab=40)
+    torch.manual_seed(0)
+    model = CausalLM(LMConfig(vocab_size=40, d_model=16, n_heads=2, mixer="gla", backend="torch")).double()
+    batch = task.batch("train", 0, 0, 5)
+    picked = model.answer_logits(batch.input_ids, batch.answer_mask)
+    full = model(batch.input_ids)
+    torch.testing.assert_close(picked, full[batch.answer_mask], rtol=1e-12, atol=1e-12)
+    loss, value, counts = batch_loss(model, batch, torch.device("cpu"), torch.float32)  # no autocast
+    want, want_counts = answer_loss(full, batch)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-9)
+    assert counts == want_counts and value == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(steps=100, lr=1e-2, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [cfg.lr_at(s) for s in range(100)]
@@ -53,7 +70,32 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert TrainConfig(steps=200).warmup == 10  # default: 5% of steps
 
 
+def test_lr_period_steps_the_cosine_once_per_epoch_as_zoologys_scheduler():
+    """Zoology: CosineAnnealingLR(T_max=epochs, eta_min=0) stepped after each epoch, no warmup."""
+    epochs, per_epoch, lr = 8, 5, 1e-3
+    cfg = TrainConfig(steps=epochs * per_epoch, lr=lr, warmup_steps=0, min_lr_ratio=0.0, lr_period=per_epoch)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
+    torch_lrs = []
+    for _ in range(epochs):
+        torch_lrs += [opt.param_groups[0]["lr"]] * per_epoch
+        opt.step()
+        sched.step()
+    assert [cfg.lr_at(s) for s in range(cfg.steps)] == pytest.approx(torch_lrs, rel=1e-12, abs=1e-18)
+
+
+def test_optimizer_decays_matrices_or_every_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    groups = _make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    assert [(len(g["params"]), g["weight_decay"], g["betas"]) for g in groups] == [
+        (1, 0.1, (0.9, 0.95)), (3, 0.0, (0.9, 0.95))]
+    groups = _make_optimizer(model, TrainConfig(weight_decay=0.1, decay_all=True, beta2=0.999)).param_groups
+    assert [(len(g["params"]), g["weight_decay"], g["betas"]) for g in groups] == [(4, 0.1, (0.9, 0.999))]
+
+
 @pytest.mark.parametrize("bad,match", [(dict(steps=0), "steps"), (dict(lr=0), "lr"),
+                                       (dict(beta2=1.0), "beta2"), (dict(lr_period=0), "lr_period"),
+                                       (dict(decay_all=1), "decay_all"),
                                        (dict(dtype="float8"), "dtype"), (dict(device="tpu"), "device"),
                                        (dict(seed=-1), "seed")])
 def test_bad_training_settings_are_value_errors(bad, match):

@@ -32,19 +32,67 @@ def test_zoology_preset_sets_the_protocol_and_flags_win():
     assert (task.layout, task.vocab, task.power_a) == ("zoology", 8192, 0.01)
     assert (task.train_examples, task.test_examples) == (100_000, 3_000)
     assert tr.batch_size == 256 and tr.eval_every == 390 and tr.steps == 64 * 390
-    assert tr.eval_batches == 12 and tr.stop_at_accuracy == 0.99 and tr.weight_decay == 0.01
+    assert tr.eval_batches == 12 and tr.stop_at_accuracy == 0.99 and tr.weight_decay == 0.1
     assert (tr.warmup_steps, tr.min_lr_ratio, tr.grad_clip) == (0, 0.0, 0.0)
     _, _, short = build_run({"preset": "zoology", "seq_len": 64, "pairs": 4, "steps": 50,
                              "batch_size": 100, "epochs": 2.0, "n_heads": 2, "mixer": "mom"})
     assert short.steps == 50 and short.eval_every == 1000 and short.eval_batches == 30
+    assert short.lr_period == 1000  # one learning rate per epoch of the batch asked for
     _, _, by_epochs = build_run({"preset": "zoology", "seq_len": 64, "pairs": 4, "epochs": 0.5})
     assert by_epochs.batch_size == 512 and by_epochs.steps == round(0.5 * (100_000 // 512))
+    _, _, flags = build_run({"preset": "zoology", "seq_len": 64, "pairs": 4, "beta2": 0.95,
+                             "decay_all": False, "lr_period": 1, "dtype": "bfloat16"})
+    assert (flags.beta2, flags.decay_all, flags.lr_period, flags.dtype) == (0.95, False, 1, "bfloat16")
     with pytest.raises(ValueError, match="epochs"):
         build_run({"task": "mqar", "epochs": 2.0})  # no fixed training set
+    with pytest.raises(ValueError, match="lr-period epoch"):
+        build_run({"task": "mqar", "lr_period": "epoch"})
     with pytest.raises(ValueError, match="preset"):
         build_run({"preset": "nope"})
     with pytest.raises(ValueError, match="fixed test set"):
         build_run({"preset": "zoology", "seq_len": 64, "pairs": 4, "eval_batches": 7})
+
+
+# Zoology's figure-2 recipe (iclr24_zoology_figure2/configs.py, config.py, model.py, train.py):
+# batch by T, a model of LayerNorm blocks with an identity state mixer, GPT-2 init, tied
+# embeddings, embedding dropout 0.1, learned positions for attention only, MHA with biases and
+# attention dropout 0.1; AdamW(lr, weight_decay=0.1) with torch's betas on every parameter,
+# CosineAnnealingLR(T_max=epochs) stepped per epoch, float32, no clipping.
+ZOOLOGY_BATCH = {64: 512, 128: 512, 256: 256, 512: 128, 1024: 64}
+
+
+@pytest.mark.parametrize("mixer", ["attention", "gated_deltanet"])
+def test_zoology_preset_is_zoologys_recipe(mixer):
+    for T, batch in ZOOLOGY_BATCH.items():
+        _, _, tr = build_run({"preset": "zoology", "mixer": mixer, "seq_len": T, "pairs": 4})
+        assert tr.batch_size == batch
+        assert tr.lr_period == 100_000 // batch == tr.eval_every and tr.steps == 64 * tr.lr_period
+    model, task, tr = build_run({"preset": "zoology", "mixer": mixer, "seq_len": 256, "pairs": 16})
+    assert (model.norm, model.norm_eps, model.identity_mlp, model.tie_embeddings) == ("layer", 1e-5, True, True)
+    assert (model.init, model.init_std, model.embed_dropout) == ("gpt2", 0.02, 0.1)
+    assert model.pos_embed == ("learned" if mixer == "attention" else "none")
+    attention = {"qkv_bias": True, "o_bias": True, "rope": False, "dropout": 0.1}
+    assert model.mixer_options == ({"attention": attention} if mixer == "attention" else {})
+    assert (tr.beta2, tr.decay_all, tr.weight_decay, tr.dtype) == (0.999, True, 0.1, "float32")
+    assert (tr.warmup_steps, tr.min_lr_ratio, tr.grad_clip) == (0, 0.0, 0.0)
+    hybrid, _, _ = build_run({"preset": "zoology", "mixer": "gated_deltanet", "hybrid": 1, "seq_len": 64,
+                              "pairs": 4})
+    assert hybrid.pos_embed == "none" and hybrid.mixer_options == {"attention": attention}
+
+
+def test_zoology_preset_builds_zoologys_model():
+    """The attention model has Zoology's parameters (LanguageModel with MHA, Identity state
+    mixer): token and position embeddings (tied head), per block two LayerNorms and MHA's
+    Wqkv and out_proj with biases, a final LayerNorm -- and no others."""
+    cfg, _, _ = build_run({"preset": "zoology", "mixer": "attention", "seq_len": 64, "pairs": 4,
+                           "d_model": 32, "backend": "torch"})
+    model = CausalLM(cfg)
+    d, V, T = 32, 8192, 64
+    zoology = V * d + T * d + 2 * (2 * 2 * d + 3 * (d * d + d) + d * d + d) + 2 * d
+    assert model.num_parameters() == zoology
+    assert all(isinstance(b.mixer_norm, torch.nn.LayerNorm) for b in model.blocks)
+    assert isinstance(model.norm, torch.nn.LayerNorm) and model.lm_head is None
+    assert model.embed_dropout.p == 0.1 and model.blocks[0].mixer.dropout == 0.1
 
 
 def test_aux_loss_joins_the_training_loss():

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import Attention
-from ..layers.attention import rope
 
 
 class LinAttnCache:
@@ -124,7 +123,7 @@ def padded_attention_step(attn: Attention, x: torch.Tensor, state: dict):
     D, dev = attn.head_dim, x.device
     q, k, v = attn.project(x)                                                          # [B, T, H(_kv), D]
     pos = state["pos"][:, None] + torch.arange(T, device=dev)                          # [B, T]
-    q, k = rope(q, pos, attn.rope_theta), rope(k, pos, attn.rope_theta)
+    q, k = attn.rotate(q, pos), attn.rotate(k, pos)
     k = torch.cat([state["k"].to(k.dtype), k], dim=1)                                  # [B, L+T, H, D]
     v = torch.cat([state["v"].to(v.dtype), v], dim=1)
     valid = torch.cat([state["valid"], torch.ones(B, T, dtype=torch.bool, device=dev)], dim=1)  # [B, L+T]

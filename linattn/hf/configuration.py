@@ -16,7 +16,8 @@ class LinAttnConfig(PretrainedConfig):
 
     It takes LMConfig's fields under their own names (vocab_size, d_model, n_layers, n_heads,
     mixer, layers, hybrid, mlp_ratio, max_seq_len, sliding_window, feature_map, backend,
-    tie_embeddings, norm_eps, init_std, mixer_options, mlp_hidden; see linattn.models.LMConfig), with
+    tie_embeddings, norm_eps, init_std, mixer_options, mlp_hidden, norm, pos_embed, identity_mlp,
+    embed_dropout, init; see linattn.models.LMConfig), with
     transformers' names as aliases: hidden_size -> d_model, num_hidden_layers -> n_layers,
     num_attention_heads -> n_heads. LMConfig's defaults apply (vocab_size defaults to 257, the
     byte-level text task's vocabulary).
@@ -39,7 +40,8 @@ class LinAttnConfig(PretrainedConfig):
                  mlp_ratio: float = 4.0, max_seq_len: int = 2048, sliding_window: int | None = None,
                  feature_map: str = "elu", backend: str = "auto", tie_embeddings: bool = True,
                  norm_eps: float = 1e-6, init_std: float = 0.02, mixer_options: dict | None = None,
-                 mlp_hidden: int | None = None,
+                 mlp_hidden: int | None = None, norm: str = "rms", pos_embed: str = "none",
+                 identity_mlp: bool = False, embed_dropout: float = 0.0, init: str = "default",
                  task: dict | None = None, bos_token_id: int | None = 0, eos_token_id: int | None = 0,
                  pad_token_id: int | None = 0, use_cache: bool = True, **kwargs):
         kwargs.pop("tie_word_embeddings", None)
@@ -51,6 +53,8 @@ class LinAttnConfig(PretrainedConfig):
         self.tie_embeddings, self.norm_eps, self.init_std = tie_embeddings, norm_eps, init_std
         self.mixer_options = dict(mixer_options or {})
         self.mlp_hidden = mlp_hidden
+        self.norm, self.pos_embed, self.identity_mlp = norm, pos_embed, identity_mlp
+        self.embed_dropout, self.init = embed_dropout, init
         self.task = task
         self.use_cache = use_cache
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,

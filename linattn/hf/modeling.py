@@ -68,7 +68,11 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LinAttnConfig):
         super().__init__(config)
-        self.model = CausalLM(config.to_lm_config())
+        lm_config = config.to_lm_config()
+        if lm_config.pos_embed != "none":
+            raise ValueError(f"linattn.hf runs models without learned positions (pos_embed 'none'), "
+                             f"got pos_embed {lm_config.pos_embed!r}: its cache keeps no position")
+        self.model = CausalLM(lm_config)
         self.post_init()
 
     @classmethod
@@ -154,14 +158,13 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
         want_state))."""
         lm = self.model
         if h is None:
-            h = lm.embed(input_ids)                                              # [B, T, d]
+            h = lm.embed_ids(input_ids)                                          # [B, T, d]
         states = [None] * len(lm.blocks) if states is None else states
         new_states = []
         for block, s in zip(lm.blocks, states):
             if is_padded_attention_state(s):
                 y, s = padded_attention_step(block.mixer, block.mixer_norm(h), s)
-                h = h + y
-                h = h + block.mlp(block.mlp_norm(h))
+                h = block.feed_forward(h + y)
             else:
                 h, s = block(h, state=s, return_state=want_state)
             new_states.append(s)
@@ -179,7 +182,7 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
             raise ValueError(f"attention_mask row {int((lengths == 0).nonzero()[0])} has no token")
         if "attention" not in self.lm_config.layer_pattern():
             cu = F.pad(lengths.cumsum(0), (1, 0))                               # [B + 1]
-            packed = self.model.embed(input_ids[mask]) if h is None else h[mask]  # [N, d], row-major
+            packed = self.model.embed_ids(input_ids[mask]) if h is None else h[mask]  # [N, d], row-major
             x = packed[None]                                                     # [1, N, d]
             states = []
             for block in self.model.blocks:

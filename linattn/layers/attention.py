@@ -37,6 +37,7 @@ class Attention(Mixer):
     """Causal multi-head softmax attention (scaled_dot_product_attention) with RoPE.
 
         q, k, v = x W_q, x W_k, x W_v  [B, T, H, D];  q, k rotated at their absolute positions
+                                                      (unless rope is False)
         token t attends to s with t - window < s <= t (window None: all s <= t)
         y = W_o softmax(q k^T / sqrt(D) + mask) v
 
@@ -48,6 +49,9 @@ class Attention(Mixer):
         n_kv_heads: key/value heads (None: n_heads), a divisor of n_heads: grouped-query
             attention, each key/value head shared by n_heads / n_kv_heads query heads.
         qkv_bias, o_bias: biases of the q/k/v projections and of the output projection.
+        rope: rotate q and k (False: no positions here, e.g. a model with learned absolute
+            positions, as Zoology's attention).
+        dropout: dropout on the attention probabilities while training (Zoology's 0.1).
 
     forward: as in linattn.layers.base. With cu_seqlens, positions restart at each packed
     sequence and attention stays inside it; a state (KV cache) cannot be combined with
@@ -64,17 +68,20 @@ class Attention(Mixer):
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
                  n_layers: int = 1, window: int | None = None, rope_theta: float = 10000.0,
-                 n_kv_heads: int | None = None, qkv_bias: bool = False, o_bias: bool = False):
+                 n_kv_heads: int | None = None, qkv_bias: bool = False, o_bias: bool = False,
+                 rope: bool = True, dropout: float = 0.0):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
         n_kv = n_heads if n_kv_heads is None else n_kv_heads
         if isinstance(n_kv, bool) or not isinstance(n_kv, int) or n_kv < 1 or n_heads % n_kv:
             raise ValueError(f"n_kv_heads must be a positive divisor of n_heads={n_heads}, got {n_kv_heads!r}")
         self.n_kv_heads = n_kv
-        if self.head_dim % 2:
+        if rope and self.head_dim % 2:
             raise ValueError(f"attention needs an even head dim for RoPE, got d_model/n_heads = {self.head_dim}")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be None or a positive int, got {window!r}")
-        self.window, self.rope_theta = window, rope_theta
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.window, self.rope_theta, self.use_rope, self.dropout = window, rope_theta, bool(rope), float(dropout)
         self.q_proj = nn.Linear(d_model, d_model, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv * self.head_dim, bias=qkv_bias)
@@ -85,6 +92,10 @@ class Attention(Mixer):
         D = self.head_dim
         return (self.heads(self.q_proj(x), D), self.k_proj(x).unflatten(-1, (self.n_kv_heads, D)),
                 self.v_proj(x).unflatten(-1, (self.n_kv_heads, D)))
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """rope(x, positions) when this layer uses RoPE, else x."""
+        return rope(x, positions, self.rope_theta) if self.use_rope else x
 
     def expand_kv(self, x: torch.Tensor) -> torch.Tensor:
         """Keys or values [B, L, H_kv, D] -> [B, L, H, D] (each shared by H/H_kv query heads)."""
@@ -112,7 +123,7 @@ class Attention(Mixer):
             pos = t - cu[:-1][q_seq]                   # [T] position inside its sequence
         else:
             pos = offset + t
-        q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+        q, k = self.rotate(q, pos), self.rotate(k, pos)
         k_pos = pos
         if state is not None:
             L = state["k"].shape[1]
@@ -120,11 +131,12 @@ class Attention(Mixer):
             v = torch.cat([state["v"].to(v.dtype), v], dim=1)
             k_pos = torch.cat([offset - L + torch.arange(L, device=dev), pos])
         qh, kh, vh = (z.transpose(1, 2) for z in (q, self.expand_kv(k), self.expand_kv(v)))  # [B, H, T, D]
+        p = self.dropout if self.training else 0.0
         if state is None and cu_seqlens is None and self.window is None:
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=p)
         else:
             mask = attention_mask(pos, k_pos, self.window, q_seq, k_seq)
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=p)
         y = self.o_proj(o.transpose(1, 2).flatten(-2))  # [B, H, T, D] -> [B, T, H * D]
         if not return_state:
             return y, None
@@ -136,9 +148,11 @@ class Attention(Mixer):
         from ..parallel.comm import all_gather_lengths
 
         sp, T, dev = self.sequence_parallel, q.shape[1], q.device
+        if self.training and self.dropout:
+            raise ValueError("attention dropout does not run sequence-parallel: use dropout 0")
         offset = sum(all_gather_lengths(T, dev, sp.group)[: sp.rank])  # global position of token 0
         pos = offset + torch.arange(T, device=dev)
-        q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)
+        q, k = self.rotate(q, pos), self.rotate(k, pos)
         k, v = self.expand_kv(k), self.expand_kv(v)
         if self.window is None:
             return sp.causal_attention(q, k, v)

@@ -45,6 +45,10 @@ class Mixer(nn.Module):
             depth; mixers whose defaults depend on depth (Lightning's decay rates) use them.
     """
 
+    # Parameters (names inside the mixer) whose constructor init is part of the mixer's
+    # design (a forget gate's bias), kept by a model-wide re-initialisation (LMConfig init "gpt2").
+    init_kept: tuple[str, ...] = ()
+
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto",
                  layer_idx: int = 0, n_layers: int = 1):
         super().__init__()

@@ -37,6 +37,8 @@ class MLSTM(Mixer):
 
     default_input_gate = "exp"
 
+    init_kept = ("f_proj.bias",)  # the forget gates start open
+
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
                  n_layers: int = 1, input_gate: str | None = None,
                  forget_bias: tuple[float, float] = (3.0, 6.0)):

@@ -11,6 +11,9 @@ from ..layers import FEATURE_MAPS, MIXERS
 from ..ops.api import BACKENDS
 
 
+NORMS, POS_EMBEDS, INITS = ("rms", "layer"), ("none", "learned"), ("default", "gpt2")
+
+
 @dataclass
 class LMConfig:
     """A causal LM's shape and its layer pattern.
@@ -35,6 +38,19 @@ class LMConfig:
             {"gla": {"expand_k": 1.0}}; applied to every layer of that mixer.
         mlp_hidden: SwiGLU hidden width given explicitly (a converted Llama's
             intermediate_size); None: from mlp_ratio. Ignored when mlp_ratio is 0.
+        norm: the blocks' and the final norm: "rms" (RMSNorm) or "layer" (LayerNorm with a
+            bias, as Zoology's and GPT-2's).
+        pos_embed: "none", or "learned": absolute position embeddings (max_seq_len rows,
+            init_std normal) added to the token embeddings, as Zoology's attention models;
+            positions restart at each packed sequence.
+        identity_mlp: with mlp_ratio 0, each block still adds its normed input where the MLP
+            would be, x + norm(x), as Zoology's blocks whose state mixer is the identity.
+        embed_dropout: dropout on the (token + position) embeddings while training.
+        init: "default" (the embedding and an untied head normal(init_std), every other
+            layer its constructor's init), or "gpt2" (Zoology's and GPT-2's): every Linear
+            weight and embedding normal(init_std), Linear biases zero (but those a mixer lists
+            in its init_kept), softmax attention's output projection normal(init_std /
+            sqrt(2 n_layers)).
     """
 
     vocab_size: int
@@ -54,6 +70,11 @@ class LMConfig:
     init_std: float = 0.02
     mixer_options: dict[str, dict] = field(default_factory=dict)
     mlp_hidden: int | None = None
+    norm: str = "rms"
+    pos_embed: str = "none"
+    identity_mlp: bool = False
+    embed_dropout: float = 0.0
+    init: str = "default"
 
     def __post_init__(self):
         if isinstance(self.layers, tuple):
@@ -115,8 +136,17 @@ class LMConfig:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "identity_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.identity_mlp and self.mlp_ratio:
+            raise ValueError(f"identity_mlp stands in for the MLP: it needs mlp_ratio 0, got {self.mlp_ratio!r}")
+        for name, allowed in (("norm", NORMS), ("pos_embed", POS_EMBEDS), ("init", INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        v = self.embed_dropout
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"embed_dropout must be in [0, 1), got {v!r}")
         for name in ("norm_eps", "init_std"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
@@ -164,31 +194,57 @@ class LMConfig:
 PRESETS = ("zoology",)
 
 
-def preset_settings(name: str, seq_len: int) -> dict:
-    """Flat `linattn train` settings of a named preset, for a task of length seq_len; the
-    caller lets its own settings win over them.
+def preset_settings(name: str, settings: dict) -> dict:
+    """Flat `linattn train` settings of a named preset, given the caller's own flat settings
+    (which win over the preset's; the preset reads seq_len, mixer, layers and hybrid from
+    them).
 
-    "zoology": the MQAR protocol of Zoology (Arora et al., 2023; its figure-2 configs):
-    two blocks of the mixer without MLP, one head (softmax attention then has one head, and
-    no conv; the mixers keep their short convs), vocabulary 8192, Zoology's layout with
-    power-law query placement (a = 0.01), fixed sets of 100,000 training and 3,000 test
-    examples, 64 epochs, batch 512 (T <= 128), 256 (T = 256) or 128 (T >= 512), the whole
-    test set evaluated every epoch and training stopped at 99% test accuracy; its trainer's
-    optimisation: AdamW with torch's default weight decay 0.01, no warmup, cosine to 0, no
-    gradient clipping. The learning rate is swept outside (Zoology: 1e-4 .. 1e-2 log-spaced).
-    Differences left: Zoology's AdamW has betas (0.9, 0.999) and decays every parameter, ours
-    (0.9, 0.95) and matrices only; its cosine steps once per epoch, ours every step; its
-    attention uses learned absolute positions and dropout 0.1, ours RoPE and no dropout.
+    "zoology": the MQAR recipe of Zoology's figure 2 (Arora et al., 2023; HazyResearch/zoology,
+    zoology/experiments/paper_configs/iclr24_zoology_figure2/configs.py, zoology/model.py,
+    zoology/train.py, zoology/mixers/attention.py), point by point:
+      data: vocabulary 8192, keys from [1, 4096) and values from [4096, 8192), every key
+        queried once at a power-law slot (a = 0.01), zeros between queries, loss and accuracy
+        at the query positions only; fixed sets of 100,000 training and 3,000 test examples
+        (linattn.tasks.mqar's "zoology" layout).
+      model: two blocks of the mixer, each x + mixer(LayerNorm(x)) then x + LayerNorm(x)
+        (Zoology's state mixer is the identity: no MLP, but its norm's output is still added
+        to the residual), final LayerNorm, eps 1e-5; tied embeddings; dropout 0.1 on the
+        embeddings; one head; init as GPT-2 (every Linear and embedding normal(0.02), biases
+        zero, attention's output projection normal(0.02 / sqrt(2 n_layers))). Softmax
+        attention as Zoology's MHA: biases on the q/k/v and output projections, no RoPE,
+        dropout 0.1 on the attention probabilities, no conv; a model whose every layer is
+        attention adds learned absolute position embeddings (Zoology: max_position_embeddings
+        = T for attention, 0 for the other mixers). The other mixers keep their own short
+        convs and gates.
+      training: float32; AdamW, lr swept outside (Zoology: 1e-4 .. 1e-2, 4 log-spaced), betas
+        (0.9, 0.999), weight decay 0.1 on every parameter, no warmup, cosine to 0 stepped once
+        per epoch, no gradient clipping; 64 epochs of batch 512 (T <= 128), 256 (T 256), 128
+        (T 512) or 64 (T >= 1024); the whole test set evaluated after every epoch, training
+        stopped once test accuracy reaches 0.99.
+    Left different: Zoology's loader visits the training set in the same order every epoch
+    and keeps the last partial batch, ours reshuffles each epoch and drops it; it stops when
+    accuracy exceeds 0.99, this at >= 0.99; its data come from numpy's legacy generator (other
+    draws from the same distribution); our mixers are linattn's, not Zoology's copies of fla's
+    layers.
     """
     if name != "zoology":
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    batch = 512 if seq_len <= 128 else 256 if seq_len <= 256 else 128
+    seq_len = settings.get("seq_len", 64)
+    batch = 512 if seq_len <= 128 else 256 if seq_len <= 256 else 128 if seq_len <= 512 else 64
+    layers = settings.get("layers") or [settings.get("mixer", LMConfig.mixer)]
+    has_attention = "attention" in layers or settings.get("hybrid") is not None
+    all_attention = set(layers) == {"attention"} and settings.get("hybrid") is None
+    attention = {"attention": {"qkv_bias": True, "o_bias": True, "rope": False, "dropout": 0.1}}
     return {
-        "n_layers": 2, "mlp_ratio": 0.0, "n_heads": 1,
+        "n_layers": 2, "mlp_ratio": 0.0, "identity_mlp": True, "n_heads": 1, "norm": "layer",
+        "norm_eps": 1e-5, "embed_dropout": 0.1, "init": "gpt2", "tie_embeddings": True,
+        "pos_embed": "learned" if all_attention else "none",
+        "mixer_options": attention if has_attention else {},
         "layout": "zoology", "vocab": 8_192, "power_a": 0.01,
         "train_examples": 100_000, "test_examples": 3_000,
-        "epochs": 64.0, "batch_size": batch, "weight_decay": 0.01, "warmup_steps": 0,
-        "min_lr_ratio": 0.0, "grad_clip": 0.0, "stop_at_accuracy": 0.99,
+        "epochs": 64.0, "batch_size": batch, "dtype": "float32",
+        "weight_decay": 0.1, "decay_all": True, "beta2": 0.999, "warmup_steps": 0,
+        "min_lr_ratio": 0.0, "lr_period": "epoch", "grad_clip": 0.0, "stop_at_accuracy": 0.99,
     }
 
 

@@ -1,6 +1,8 @@
 """CausalLM: embedding, a stack of (mixer, SwiGLU) pre-norm blocks, final norm, LM head."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,28 +26,40 @@ class SwiGLU(nn.Module):
         return self.down(swiglu(self.gate_up(x)))  # [..., 2 hidden] -> [..., hidden]
 
 
+def make_norm(config: LMConfig) -> nn.Module:
+    """The norm config.norm names, over d_model."""
+    if config.norm == "layer":
+        return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+    return RMSNorm(config.d_model, config.norm_eps)
+
+
 class Block(nn.Module):
-    """x + mixer(rmsnorm(x)), then x + swiglu(rmsnorm(x)) (no MLP when config.mlp_ratio is 0);
-    forward follows the mixers' convention: (x [B, T, d], state, cu_seqlens, return_state) ->
-    (x, new_state or None)."""
+    """x + mixer(norm(x)), then x + swiglu(norm(x)); with mlp_ratio 0 no MLP, or, with
+    identity_mlp, x + norm(x) in its place. forward follows the mixers' convention:
+    (x [B, T, d], state, cu_seqlens, return_state) -> (x, new_state or None)."""
 
     def __init__(self, config: LMConfig, name: str, layer_idx: int):
         super().__init__()
         d = config.d_model
         self.mixer_name = name
-        self.mixer_norm = RMSNorm(d, config.norm_eps)
+        self.mixer_norm = make_norm(config)
         self.mixer = MIXERS[name](d, config.n_heads, backend=config.backend, layer_idx=layer_idx,
                                   n_layers=config.n_layers, **config.mixer_kwargs(name))
-        self.mlp_norm = RMSNorm(d, config.norm_eps) if config.mlp_ratio else None
+        self.mlp_norm = make_norm(config) if (config.mlp_ratio or config.identity_mlp) else None
         self.mlp = SwiGLU(d, config.mlp_width()) if config.mlp_ratio else None
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         y, new_state = self.mixer(self.mixer_norm(x), state=state, cu_seqlens=cu_seqlens,
                                   return_state=return_state)
-        x = x + y
-        if self.mlp is None:
-            return x, new_state
-        return x + self.mlp(self.mlp_norm(x)), new_state
+        return self.feed_forward(x + y), new_state
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's second half on the residual x: x + mlp(norm(x)), x + norm(x) with
+        identity_mlp, x itself without either."""
+        if self.mlp_norm is None:
+            return x
+        h = self.mlp_norm(x)
+        return x + (h if self.mlp is None else self.mlp(h))
 
 
 class CausalLM(nn.Module):
@@ -54,6 +68,8 @@ class CausalLM(nn.Module):
     forward(input_ids [B, T] int64, cu_seqlens=None) -> logits [B, T, vocab_size], float32
         (float64 for a float64 model). cu_seqlens (int32/int64 [N+1], B == 1) packs N
         independent sequences along T.
+    answer_logits(input_ids, mask) -> [N, vocab_size]: forward's logits at the N positions of
+        mask [B, T] (bool), the head computed there only (a trainer scoring a few positions).
     forward_with_state(input_ids, state=None) -> (logits, state): the same, continuing from
         and returning the per-layer mixer states (a list, one entry per layer; None starts a
         new sequence), so prompts and generated tokens can be fed a chunk at a time.
@@ -76,14 +92,32 @@ class CausalLM(nn.Module):
         config.validate()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = (nn.Embedding(config.max_seq_len, config.d_model)
+                          if config.pos_embed == "learned" else None)
+        self.embed_dropout = nn.Dropout(config.embed_dropout)
         self.blocks = nn.ModuleList(Block(config, name, i)
                                     for i, name in enumerate(config.layer_pattern()))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = make_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, std=config.init_std)
-        if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=config.init_std)
+        for emb in (self.embed, self.pos_embed, self.lm_head):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=config.init_std)
+        if config.init == "gpt2":
+            self._init_gpt2()
         self.sequence_parallel = None
+
+    def _init_gpt2(self) -> None:
+        """config.init "gpt2" (see LMConfig): Zoology's _init_weights on this model."""
+        std = self.config.init_std
+        for block in self.blocks:
+            kept = {f"mixer.{name}" for name in getattr(block.mixer, "init_kept", ())}
+            for name, m in block.named_modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=std)
+                if isinstance(m, nn.Linear) and m.bias is not None and f"{name}.bias" not in kept:
+                    nn.init.zeros_(m.bias)
+            if block.mixer_name == "attention":
+                nn.init.normal_(block.mixer.o_proj.weight, std=std / math.sqrt(2 * self.config.n_layers))
 
     def set_sequence_parallel(self, sp) -> None:
         """Sets sp (a SequenceParallelContext, or None) on every mixer; on any layer that
@@ -110,16 +144,33 @@ class CausalLM(nn.Module):
         logits = F.linear(self.norm(h), self._head_weight())            # [B, T, vocab]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
+    def embed_ids(self, input_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        """input_ids [B, T] -> the first block's input [B, T, d]: token embeddings, plus
+        learned positions (from 0, restarting at each sequence of cu_seqlens), dropout."""
+        h = self.embed(input_ids)  # [B, T, d]
+        if self.pos_embed is not None:
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+            if cu_seqlens is not None:
+                cu = cu_seqlens.to(device=pos.device, dtype=torch.long)
+                pos = pos - torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
+            h = h + self.pos_embed(pos)
+        return self.embed_dropout(h)
+
     def _hidden(self, input_ids: torch.Tensor, cu_seqlens) -> torch.Tensor:
         """The last block's output [B, T, d] (before the final norm)."""
         self._check_ids(input_ids)
-        h = self.embed(input_ids)  # [B, T, d]
+        h = self.embed_ids(input_ids, cu_seqlens)  # [B, T, d]
         for block in self.blocks:
             h, _ = block(h, cu_seqlens=cu_seqlens)
         return h
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         return self._logits(self._hidden(input_ids, cu_seqlens))
+
+    def answer_logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The logits forward(input_ids) has at the positions mask [B, T] (bool) selects,
+        [N, vocab_size] in row-major order; the head runs at those positions only."""
+        return self._logits(self._hidden(input_ids, None)[mask])
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
              cu_seqlens: torch.Tensor | None = None, reduction: str = "mean",
@@ -135,9 +186,12 @@ class CausalLM(nn.Module):
                              "call set_sequence_parallel(None) first")
         if state is None:
             state = [None] * len(self.blocks)
+        elif self.pos_embed is not None:
+            raise ValueError("a model with learned positions (pos_embed 'learned') keeps no position "
+                             "in its state: forward_with_state starts sequences only (state=None)")
         if len(state) != len(self.blocks):
             raise ValueError(f"state must hold one entry per layer ({len(self.blocks)}), got {len(state)}")
-        h = self.embed(input_ids)
+        h = self.embed_ids(input_ids)
         new_state = []
         for block, s in zip(self.blocks, state):
             h, s = block(h, state=s, return_state=True)
@@ -148,7 +202,7 @@ class CausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation, one token per step through the
-        mixers' states. input_ids [B, T] with T >= 1; returns [B, T + max_new_tokens]."""
+        mixers' states (with learned positions, through the whole sequence each step). input_ids [B, T] with T >= 1; returns [B, T + max_new_tokens]."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
         if max_new_tokens < 0 or temperature < 0:
@@ -163,7 +217,10 @@ class CausalLM(nn.Module):
                 probs = torch.softmax(last / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
             out.append(nxt)
-            logits, state = self.forward_with_state(nxt, state)
+            if self.pos_embed is None:
+                logits, state = self.forward_with_state(nxt, state)
+            else:  # learned positions keep no state to continue: the whole sequence again
+                logits, state = self.forward_with_state(torch.cat(out, dim=1))
         return torch.cat(out, dim=1)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

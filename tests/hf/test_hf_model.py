@@ -22,10 +22,13 @@ def tiny(seed=0, dtype=torch.float32, **kw):
     return model if dtype == torch.float32 else model.to(dtype)
 
 
+ZOOLOGY_BLOCKS = dict(mlp_ratio=0.0, identity_mlp=True, norm="layer", init="gpt2",  # without positions
+                      mixer_options={"attention": {"rope": False, "qkv_bias": True, "o_bias": True}})
 MODELS = [dict(mixer=m) for m in MIXERS] + [dict(mixer="gated_deltanet", hybrid=1),
-                                            dict(mixer="gla", hybrid=1, sliding_window=3)]
+                                            dict(mixer="gla", hybrid=1, sliding_window=3),
+                                            dict(mixer="deltanet", hybrid=1, **ZOOLOGY_BLOCKS)]
 IDS = [("hybrid-" if "hybrid" in kw else "") + kw["mixer"] + ("-window" if "sliding_window" in kw else "")
-       for kw in MODELS]
+       + ("-zoology" if "identity_mlp" in kw else "") for kw in MODELS]
 
 
 def stepwise_argmax(model, ids, n):
@@ -161,6 +164,11 @@ def test_save_load_bitwise_and_auto_classes(tmp_path, kw):
         assert torch.equal(a, b)
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_learned_positions_are_refused():
+    with pytest.raises(ValueError, match="learned positions"):
+        tiny(mixer="attention", pos_embed="learned")
 
 
 def test_config_aliases_and_validation():

@@ -119,6 +119,26 @@ def test_attention_matches_naive_softmax(window):
     helpers.assert_allclose_f64(y, m.o_proj(o.flatten(-2)), "attention")
 
 
+def test_attention_without_rope_matches_zoologys_mha():
+    """rope=False with biases: Zoology's MHA (zoology/mixers/attention.py), softmax(q k^T /
+    sqrt(D)) v over s <= t with q, k, v from biased projections and a biased out_proj; the
+    dropout on the probabilities acts only in training."""
+    m = build(("attention", {"rope": False, "qkv_bias": True, "o_bias": True, "dropout": 0.5}))
+    for p in (m.q_proj.bias, m.k_proj.bias, m.v_proj.bias, m.o_proj.bias):
+        torch.nn.init.normal_(p)
+    x = _x()
+    m.eval()
+    y, _ = m(x)
+    q, k, v = (_heads(p(x)) for p in (m.q_proj, m.k_proj, m.v_proj))
+    s = torch.einsum("bthd,bshd->bhts", q, k) / q.shape[-1] ** 0.5
+    s = s + torch.triu(torch.full((T, T), -10000.0, dtype=s.dtype), 1)
+    o = torch.einsum("bhts,bshd->bthd", torch.softmax(s, -1), v)
+    helpers.assert_allclose_f64(y, m.o_proj(o.flatten(-2)), "attention without rope")
+    m.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(m(x)[0], y)
+
+
 def test_rope_is_relative():
     """Rotated dot products depend only on the position difference."""
     q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64).unbind(0)

@@ -137,3 +137,99 @@ def test_bad_inputs_raise():
         model(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="divisible"):
         CausalLM(LMConfig(vocab_size=5, d_model=30, n_heads=4))
+
+
+# ------------------------------------------------- Zoology's blocks, positions and init
+
+def _zoology_cfg(**kw):
+    return _cfg(**{**dict(mlp_ratio=0.0, identity_mlp=True, norm="layer", norm_eps=1e-5,
+                          pos_embed="learned", n_heads=1, mixer="attention",
+                          mixer_options={"attention": {"rope": False, "qkv_bias": True, "o_bias": True}}),
+                   **kw})
+
+
+def test_identity_mlp_blocks_add_their_norm_as_zoologys():
+    """Zoology's TransformerBlock with an Identity state mixer returns norm2(r) and the next
+    block adds it to the residual r: x_next = r + norm2(r), r = x + mixer(norm1(x)); the model
+    output is ln_f(r + norm2(r)) of the last block."""
+    model = CausalLM(_zoology_cfg()).double().eval()
+    for p in model.parameters():  # norms' scales and biases away from their 1 / 0 init
+        torch.nn.init.normal_(p, std=0.3)
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        h = model.embed(ids) + model.pos_embed.weight[:9]
+        for b in model.blocks:
+            r = h + b.mixer(b.mixer_norm(h))[0]
+            h = r + torch.nn.functional.layer_norm(r, (32,), b.mlp_norm.weight, b.mlp_norm.bias, 1e-5)
+        want = model.norm(h) @ model.embed.weight.T
+        helpers.assert_allclose_f64(model(ids), want, "zoology block logits", rel=1e-12)
+    assert all(b.mlp is None and isinstance(b.mlp_norm, torch.nn.LayerNorm) for b in model.blocks)
+
+
+def test_learned_positions_pack_generate_and_refuse_a_state():
+    model = CausalLM(_zoology_cfg(mixer_options={"attention": {"rope": False}})).double().eval()
+    ids = _ids(1, 12)
+    with torch.no_grad():  # without RoPE the positions come from pos_embed alone
+        moved = CausalLM(_zoology_cfg(mixer_options={"attention": {"rope": False}})).double().eval()
+        moved.load_state_dict(model.state_dict())
+        moved.pos_embed.weight.copy_(torch.roll(model.pos_embed.weight, 1, 0))
+        assert not torch.allclose(model(ids), moved(ids))
+        lengths = [4, 1, 7]
+        cu = helpers.cu_seqlens_from_lengths(lengths)
+        packed = model(ids, cu_seqlens=cu)
+        sep = torch.cat([model(ids[:, a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    helpers.assert_allclose_f64(packed, sep, "packed logits", rel=1e-9)
+    logits, state = model.forward_with_state(ids[:, :5])
+    with pytest.raises(ValueError, match="learned positions"):
+        model.forward_with_state(ids[:, 5:6], state)
+    out = model.generate(ids[:, :5], 4)
+    with torch.no_grad():
+        seq = ids[:, :5]
+        for _ in range(4):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_embed_dropout_only_while_training():
+    model = CausalLM(_zoology_cfg(embed_dropout=0.5)).double()
+    ids = _ids(2, 6)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(ids), model(ids))
+        model.train()
+        torch.manual_seed(0)
+        a = model(ids)
+        assert not torch.allclose(a, model(ids))
+
+
+def test_gpt2_init_is_zoologys():
+    """Zoology's _init_weights: Linear and Embedding weights normal(0.02), Linear biases 0,
+    `out_proj` (MHA's output projection) normal(0.02 / sqrt(2 n_layers)); the norms 1 and 0.
+    A mixer's init_kept parameters (mLSTM's forget-gate bias) keep their constructor init."""
+    torch.manual_seed(0)
+    model = CausalLM(_zoology_cfg(d_model=256, n_layers=2, init="gpt2", vocab_size=512))
+    for name, p in model.named_parameters():
+        if name.endswith("o_proj.weight"):
+            assert abs(p.std().item() - 0.01) < 5e-4, name
+        elif p.dim() == 2:
+            assert abs(p.std().item() - 0.02) < 1e-3 and abs(p.mean().item()) < 1e-3, name
+        elif name.endswith("proj.bias") or name.endswith("norm.bias"):
+            assert torch.all(p == 0), name
+        else:
+            assert torch.all(p == 1), name
+    torch.manual_seed(0)
+    mlstm = CausalLM(_cfg(mixer="mlstm", init="gpt2", d_model=32, n_heads=4))
+    fresh = MIXERS["mlstm"](32, 4, backend="torch")
+    for b in mlstm.blocks:
+        torch.testing.assert_close(b.mixer.f_proj.bias, fresh.f_proj.bias)
+        assert torch.all(b.mixer.i_proj.bias == 0)
+        assert abs(b.mixer.q_proj.weight.std().item() - 0.02) < 4e-3
+
+
+@pytest.mark.parametrize("bad,match", [(dict(norm="batch"), "norm"), (dict(pos_embed="rope"), "pos_embed"),
+                                       (dict(init="xavier"), "init"), (dict(embed_dropout=1.0), "embed_dropout"),
+                                       (dict(identity_mlp=True, mlp_ratio=2.0), "identity_mlp"),
+                                       (dict(identity_mlp=1), "identity_mlp")])
+def test_bad_zoology_fields_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(**bad).validate()

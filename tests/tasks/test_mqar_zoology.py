@@ -36,6 +36,32 @@ def test_layout_is_zoologys():
         assert (ids[row, rest] == 0).all()  # the next token after a query stays 0
 
 
+def test_inputs_and_labels_are_zoologys_construction():
+    """Zoology's multiquery_ar (num_passes 1, random_non_queries False) builds an example from
+    its keys, values and query slots ("gaps") as below; from ours the same code gives our
+    input_ids, and its labels are -100 except at our answer positions, where they are our
+    targets (the value is predicted at its key's query position)."""
+    n, P, T = 64, 6, 40
+    b = make_task("mqar", **ZOO).batch("train", 0, 0, n)
+    ids = b.input_ids.numpy()
+    keys, values = ids[:, 0:2 * P:2], ids[:, 1:2 * P:2]
+    gaps = np.array([[np.flatnonzero(ids[r, 2 * P:] == keys[r, j])[0] // 2 for j in range(P)]
+                     for r in range(n)])
+    # zoology/data/multiquery_ar.py, from "create sequences" on
+    context_size = 2 * P
+    kvs = np.zeros((n, context_size), dtype=np.int64)
+    kvs[:, 0::2] = keys
+    kvs[:, 1::2] = values
+    queries = np.zeros((n, T - context_size + 1), dtype=np.int64)
+    np.put_along_axis(queries, gaps * 2, values=keys, axis=1)
+    examples = np.concatenate([kvs, queries], axis=1)
+    labels = np.full((n, T + 1), -100, dtype=np.int64)
+    np.put_along_axis(labels, gaps * 2 + context_size + 1, values=values, axis=1)
+    inputs, labels = examples[:, :-1], labels[:, 1:]
+    assert (inputs == ids).all()
+    assert (labels == np.where(b.answer_mask.numpy(), b.targets.numpy(), -100)).all()
+
+
 def test_query_slots_follow_the_power_law():
     """The slot of pair 0 (the first draw) has Zoology's distribution p_i ~ (i+1)^(a-1), and
     the slots drawn together are distinct. 20,000 draws: each slot's frequency within 5 sigma."""
