@@ -636,7 +636,6 @@ def _decode_impl(name, q, k, v, gates, state, inplace, scale, backend, input_gat
     """linattn.ops.decode's dispatch for one of its three functions, on validated inputs;
     state a tuple of tensors (() for zeros). Returns (o, new state tuple)."""
     from . import decode
-    kind = {None: "none", 1: "const", 3: "scalar", 4: "key"}
     st = None if not state else (tuple(state) if input_gate == "exp" else state[0])
     if backend == "torch":
         fn = {"linear_attention": reference.linear_attention, "delta_rule": reference.delta_rule,
@@ -644,9 +643,9 @@ def _decode_impl(name, q, k, v, gates, state, inplace, scale, backend, input_gat
         kw = dict(scale=scale) if name != "mlstm" else dict(scale=scale, input_gate=input_gate)
         o, new = decode._run_torch(fn, (q, k, v, *gates), kw, st, inplace)
     elif name == "linear_attention":
+        from .triton.common import gate_kind_of
         g = gates[0]
-        o, new = decode._run_triton(q, k, v, st, inplace, scale=scale, g=g,
-                                    gate_kind=kind[None if g is None else g.dim()])
+        o, new = decode._run_triton(q, k, v, st, inplace, scale=scale, g=g, gate_kind=gate_kind_of(g))
     elif name == "delta_rule":
         beta, g = gates
         o, new = decode._run_triton(q, k, v, st, inplace, scale=scale, g=g,

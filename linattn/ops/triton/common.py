@@ -48,6 +48,13 @@ def gate_of(g, const_as_scalar: bool = True) -> int:
     return (GATE_KEY if g.dim() == 4 else GATE_SCALAR).value
 
 
+def gate_kind_of(g) -> str:
+    """The GATE_KINDS name of a log-decay g: "none", "const" [H], "scalar" [.., H], "key"
+    [B, T, H, K] (the step kernel's gate_kind)."""
+    code = gate_of(g, const_as_scalar=False)
+    return next(name for name, value in GATE_KINDS.items() if value == code)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

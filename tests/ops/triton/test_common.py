@@ -86,3 +86,16 @@ def test_fill_v_block_splits_v_until_every_sm_has_a_program():
     assert fill_v_block(64, 128, 1, 132) == 16                        # never below 16
     assert fill_v_block(64, 128, 1, 132, min_bv=32) == 32             # nor below min_bv
     assert fill_v_block(32, 20, 1, 132) == 16                         # V < BV: still a valid tile
+
+
+def test_gate_numbering_from_a_log_decay_shape():
+    """gate_of / gate_kind_of: the one numbering every launcher and the decode dispatch take
+    from a log-decay's shape (B 2, T 3, H 4, K 5)."""
+    shapes = {"none": None, "const": (4,), "scalar": (2, 3, 4), "key": (2, 3, 4, 5)}
+    for name, shape in shapes.items():
+        g = None if shape is None else torch.zeros(shape)
+        assert common.gate_kind_of(g) == name
+        assert common.gate_of(g, const_as_scalar=False) == common.GATE_KINDS[name]
+    # the chunk kernels read a constant gate broadcast as a scalar one
+    assert common.gate_of(torch.zeros(4)) == common.GATE_KINDS["scalar"]
+    assert common.GATE_SCALAR.value == common.GATE_KINDS["scalar"]
