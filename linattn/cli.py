@@ -84,6 +84,8 @@ SETTINGS = {
     "embed_dropout": (["--embed-dropout"], float, "model", "dropout on the embeddings while training"),
     "init": (["--init"], str, "model", "default, or gpt2 (every Linear and embedding normal(0.02), "
              "biases zero, attention's output projection scaled by 1/sqrt(2 n_layers))"),
+    "save_for_backward": (["--save-for-backward"], str, "model", "the linear mixers' memory-for-time "
+                          "trade on Triton: states (keep chunk states for the backward) or recompute"),
     # task
     "task": (["--task"], str, "task", "the synthetic task"),
     "pairs": (["--pairs"], int, "task", "mqar: key-value pairs"),

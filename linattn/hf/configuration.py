@@ -17,7 +17,7 @@ class LinAttnConfig(PretrainedConfig):
     It takes LMConfig's fields under their own names (vocab_size, d_model, n_layers, n_heads,
     mixer, layers, hybrid, mlp_ratio, max_seq_len, sliding_window, feature_map, backend,
     tie_embeddings, norm_eps, init_std, mixer_options, mlp_hidden, norm, pos_embed, identity_mlp,
-    embed_dropout, init; see linattn.models.LMConfig), with
+    embed_dropout, init, save_for_backward; see linattn.models.LMConfig), with
     transformers' names as aliases: hidden_size -> d_model, num_hidden_layers -> n_layers,
     num_attention_heads -> n_heads. LMConfig's defaults apply (vocab_size defaults to 257, the
     byte-level text task's vocabulary).
@@ -42,7 +42,7 @@ class LinAttnConfig(PretrainedConfig):
                  norm_eps: float = 1e-6, init_std: float = 0.02, mixer_options: dict | None = None,
                  mlp_hidden: int | None = None, norm: str = "rms", pos_embed: str = "none",
                  identity_mlp: bool = False, embed_dropout: float = 0.0, init: str = "default",
-                 task: dict | None = None, bos_token_id: int | None = 0, eos_token_id: int | None = 0,
+                 save_for_backward: str = "states", task: dict | None = None, bos_token_id: int | None = 0, eos_token_id: int | None = 0,
                  pad_token_id: int | None = 0, use_cache: bool = True, **kwargs):
         kwargs.pop("tie_word_embeddings", None)
         self.vocab_size, self.d_model, self.n_layers, self.n_heads = vocab_size, d_model, n_layers, n_heads
@@ -55,6 +55,7 @@ class LinAttnConfig(PretrainedConfig):
         self.mlp_hidden = mlp_hidden
         self.norm, self.pos_embed, self.identity_mlp = norm, pos_embed, identity_mlp
         self.embed_dropout, self.init = embed_dropout, init
+        self.save_for_backward = save_for_backward
         self.task = task
         self.use_cache = use_cache
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,

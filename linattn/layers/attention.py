@@ -67,10 +67,12 @@ class Attention(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 save_for_backward: str = "states",
                  n_layers: int = 1, window: int | None = None, rope_theta: float = 10000.0,
                  n_kv_heads: int | None = None, qkv_bias: bool = False, o_bias: bool = False,
                  rope: bool = True, dropout: float = 0.0):
-        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
+                         save_for_backward=save_for_backward)
         n_kv = n_heads if n_kv_heads is None else n_kv_heads
         if isinstance(n_kv, bool) or not isinstance(n_kv, int) or n_kv < 1 or n_heads % n_kv:
             raise ValueError(f"n_kv_heads must be a positive divisor of n_heads={n_heads}, got {n_kv_heads!r}")

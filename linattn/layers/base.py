@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.api import BACKENDS
+from ..ops.api import BACKENDS, SAVE_FOR_BACKWARD
 
 
 class Mixer(nn.Module):
@@ -43,6 +43,10 @@ class Mixer(nn.Module):
             "reference").
         layer_idx, n_layers: this layer's position in the stack (0-based) and the stack's
             depth; mixers whose defaults depend on depth (Lightning's decay rates) use them.
+        save_for_backward: the Triton backward's memory-for-time trade of the mixer's op
+            (linattn.linear_attention's argument): "states" keeps the forward's chunk states,
+            "recompute" recomputes them in the backward (a lower peak in a deep model, ~10-20%
+            more op time). Softmax attention and the sequence-parallel path ignore it.
     """
 
     # Parameters (names inside the mixer) whose constructor init is part of the mixer's
@@ -50,7 +54,7 @@ class Mixer(nn.Module):
     init_kept: tuple[str, ...] = ()
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto",
-                 layer_idx: int = 0, n_layers: int = 1):
+                 layer_idx: int = 0, n_layers: int = 1, save_for_backward: str = "states"):
         super().__init__()
         for name, val in (("d_model", d_model), ("n_heads", n_heads), ("n_layers", n_layers)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -61,7 +65,11 @@ class Mixer(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not (0 <= layer_idx < n_layers):
             raise ValueError(f"layer_idx must be in [0, n_layers={n_layers}), got {layer_idx}")
+        if save_for_backward not in SAVE_FOR_BACKWARD:
+            raise ValueError(f"save_for_backward must be one of {SAVE_FOR_BACKWARD}, got "
+                             f"{save_for_backward!r}")
         self.d_model, self.n_heads, self.backend = d_model, n_heads, backend
+        self.save_for_backward = save_for_backward
         self.head_dim = d_model // n_heads
         self.layer_idx, self.n_layers = layer_idx, n_layers
         self.sequence_parallel = None  # a linattn.parallel.SequenceParallelContext, or None
@@ -86,7 +94,7 @@ class Mixer(nn.Module):
         the signature of linattn's op of that name; cu_seqlens must be None (check_input)."""
         op = getattr(self.sequence_parallel, name)
 
-        def run(*args, cu_seqlens=None, **kw):
+        def run(*args, cu_seqlens=None, save_for_backward=None, **kw):
             return op(*args, **kw)
 
         return run

@@ -60,9 +60,11 @@ class DeltaNet(Mixer):
     default_gated = False
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 save_for_backward: str = "states",
                  n_layers: int = 1, expand_v: float = 1.0, conv_size: int = 4,
                  gated: bool | None = None):
-        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
+                         save_for_backward=save_for_backward)
         self.gated = self.default_gated if gated is None else bool(gated)
         self.key_dim = self.head_dim
         self.value_dim = make_dims(self.head_dim, expand_v, "expand_v")
@@ -99,7 +101,8 @@ class DeltaNet(Mixer):
             g = mamba2_log_decay(self.a_proj(x).to(gdt), self.A_log, self.dt_bias)
         run = delta_rule if self.sequence_parallel is None else self.parallel_op("delta_rule")
         o, S = run(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
-                   cu_seqlens=cu_seqlens, backend=self.backend)
+                   cu_seqlens=cu_seqlens, backend=self.backend,
+                   save_for_backward=self.save_for_backward)
         y = self.o_proj(self.out_norm(o, self.z_proj(x)))
         return y, ({"S": S, "conv": conv_state} if return_state else None)
 

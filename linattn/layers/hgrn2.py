@@ -30,8 +30,10 @@ class HGRN2(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 save_for_backward: str = "states",
                  n_layers: int = 1, expand_k: float = 1.0, lower_bound: float = 0.0):
-        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
+                         save_for_backward=save_for_backward)
         if not 0.0 <= lower_bound < 1.0:
             raise ValueError(f"lower_bound must be in [0, 1), got {lower_bound}")
         self.key_dim = make_dims(self.head_dim, expand_k, "expand_k")
@@ -57,5 +59,6 @@ class HGRN2(Mixer):
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         o, new_state = run(q, k.to(q.dtype), v, g, scale=1.0, initial_state=state,
                            output_final_state=return_state,
-                           cu_seqlens=cu_seqlens, backend=self.backend)
+                           cu_seqlens=cu_seqlens, backend=self.backend,
+                   save_for_backward=self.save_for_backward)
         return self.o_proj(self.out_norm(o)), new_state

@@ -33,8 +33,10 @@ class LinearAttention(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 save_for_backward: str = "states",
                  n_layers: int = 1, feature_map: str = "elu", eps: float = 1e-6):
-        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
+                         save_for_backward=save_for_backward)
         D = self.head_dim
         self.eps = eps
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
@@ -53,7 +55,7 @@ class LinearAttention(Mixer):
         v = self.heads(self.v_proj(x), D)               # [B, T, H, D]
         q, k = q.to(v.dtype), k.to(v.dtype)  # autocast runs elu / softmax maps in float32
         kw = dict(initial_state=state, output_final_state=return_state, cu_seqlens=cu_seqlens,
-                  backend=self.backend)
+                  backend=self.backend, save_for_backward=self.save_for_backward)
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         if self.out_norm is not None:
             o, new_state = run(q, k, v, **kw)

@@ -81,13 +81,15 @@ class LinearizedAttention(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 save_for_backward: str = "states",
                  n_layers: int = 1, n_kv_heads: int | None = None, qkv_bias: bool = False,
                  o_bias: bool = False, recurrence: str = "gla", feature_map: str = "softmax",
                  rope_linear: bool = False, rope_theta: float = 10000.0, window: int | None = None,
                  combine: str = "mix", mix: float = 0.5, gate_normalizer: float = 16.0,
                  eps: float = 1e-6, window_block: int = 256, normalize: bool = True,
                  map_dim: int | None = None, map_init: str = "identity"):
-        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
+                         save_for_backward=save_for_backward)
         D = self.head_dim
         if D % 2:
             raise ValueError(f"linearized attention needs an even head dim for RoPE, got {D}")
@@ -229,7 +231,8 @@ class LinearizedAttention(Mixer):
         the window's terms from them (cancellation), else v's dtype."""
         gdt = gate_dtype(v)
         fk_h, v_h = self._kv_to_heads(fk), self._kv_to_heads(v)                # [B, T, H, F], [B, T, H, D]
-        kw = dict(initial_state=S0, output_final_state=return_state, backend=self.backend)
+        kw = dict(initial_state=S0, output_final_state=return_state, backend=self.backend,
+                  save_for_backward=self.save_for_backward)
         if self.recurrence == "gated_deltanet":
             pooled = self._kv_to_heads(k.to(gdt).mean(-1, keepdim=True))[..., 0]  # [B, T, H]
             g = F.logsigmoid(pooled) / self.gate_normalizer

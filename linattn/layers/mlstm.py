@@ -40,9 +40,11 @@ class MLSTM(Mixer):
     init_kept = ("f_proj.bias",)  # the forget gates start open
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 save_for_backward: str = "states",
                  n_layers: int = 1, input_gate: str | None = None,
                  forget_bias: tuple[float, float] = (3.0, 6.0)):
-        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
+                         save_for_backward=save_for_backward)
         input_gate = self.default_input_gate if input_gate is None else input_gate
         if input_gate not in INPUT_GATES:
             raise ValueError(f"input_gate must be one of {INPUT_GATES}, got {input_gate!r}")
@@ -74,7 +76,7 @@ class MLSTM(Mixer):
         if self.sequence_parallel is None:
             o, new_state = mlstm(q, k, v, i, f, input_gate=self.input_gate, initial_state=state,
                                  output_final_state=return_state, cu_seqlens=cu_seqlens,
-                                 backend=self.backend)
+                                 backend=self.backend, save_for_backward=self.save_for_backward)
         else:  # mLSTMsig as gated linear attention: C_t = sigmoid(f) C_{t-1} + (sigmoid(i) k_t) v_t^T
             k_in = k * torch.sigmoid(i).unsqueeze(-1).to(k.dtype)  # [B, T, H, D]
             o, new_state = self.sequence_parallel.linear_attention(q, k_in, v, F.logsigmoid(f),

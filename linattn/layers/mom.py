@@ -127,9 +127,11 @@ class MixtureOfMemories(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
+                 save_for_backward: str = "states",
                  n_layers: int = 1, num_memories: int = 4, top_k: int = 2, shared_memory: bool = True,
                  recurrence: str = "gated_deltanet", expand_v: float = 1.0, conv_size: int = 4):
-        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers)
+        super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
+                         save_for_backward=save_for_backward)
         if isinstance(num_memories, bool) or not isinstance(num_memories, int) or num_memories < 1:
             raise ValueError(f"num_memories must be a positive int, got {num_memories!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_memories:
@@ -251,7 +253,8 @@ class MixtureOfMemories(Mixer):
         if self.recurrence == "gla":
             g = (F.logsigmoid(gate(self.gk_proj, H * K)) / 16.0).unflatten(-1, (H, K))
             o, S_new = linear_attention(q, k, v, g, initial_state=S0, output_final_state=return_state,
-                                        cu_seqlens=cu, backend=self.backend)
+                                        cu_seqlens=cu, backend=self.backend,
+                   save_for_backward=self.save_for_backward)
         else:
             q, k = l2norm(q).to(v.dtype), l2norm(k).to(v.dtype)
             beta = torch.sigmoid(gate(self.b_proj, H))                    # [1, P, H]
@@ -259,7 +262,8 @@ class MixtureOfMemories(Mixer):
             if self.recurrence == "gated_deltanet":
                 g = mamba2_log_decay(gate(self.a_proj, H), self.A_log, self.dt_bias)
             o, S_new = delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
-                                  cu_seqlens=cu, backend=self.backend)
+                                  cu_seqlens=cu, backend=self.backend,
+                   save_for_backward=self.save_for_backward)
         o = o[0][inv].view(BT, S, H, V)                                   # back to (token, slot)
         if not return_state:
             return o, None
@@ -310,7 +314,8 @@ class MixtureOfMemories(Mixer):
             g = torch.where(real[..., None], g, 0.0)                      # [B n, T, H, K]
             k = torch.where(real[..., None], k, 0.0)                      # padding: S <- S exp(0) + 0 v^T
             o, S_new = linear_attention(q, k, v, g, initial_state=S0, output_final_state=return_state,
-                                        backend=self.backend)
+                                        backend=self.backend,
+                   save_for_backward=self.save_for_backward)
         else:
             q, k = l2norm(q).to(v.dtype), l2norm(k).to(v.dtype)
             beta = torch.where(real, torch.sigmoid(gate(self.b_proj, H)), 0.0)    # padding: beta = 0
@@ -318,7 +323,8 @@ class MixtureOfMemories(Mixer):
             if self.recurrence == "gated_deltanet":
                 g = torch.where(real, mamba2_log_decay(gate(self.a_proj, H), self.A_log, self.dt_bias), 0.0)
             o, S_new = delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
-                                  backend=self.backend)
+                                  backend=self.backend,
+                   save_for_backward=self.save_for_backward)
         row = torch.arange(B, device=x.device).repeat_interleave(T)[:, None]  # [BT, 1]
         o = o.reshape(B * n * T, H, V)[(((row * n + mem) * T) + slot).view(-1)].view(BT, S, H, V)
         if not return_state:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..layers import FEATURE_MAPS, MIXERS
-from ..ops.api import BACKENDS
+from ..ops.api import BACKENDS, SAVE_FOR_BACKWARD
 
 
 NORMS, POS_EMBEDS, INITS = ("rms", "layer"), ("none", "learned"), ("default", "gpt2")
@@ -51,6 +51,10 @@ class LMConfig:
             weight and embedding normal(init_std), Linear biases zero (but those a mixer lists
             in its init_kept), softmax attention's output projection normal(init_std /
             sqrt(2 n_layers)).
+        save_for_backward: every linear mixer's memory-for-time trade on the Triton backend
+            (linattn.linear_attention's argument): "states" (default) keeps each layer's
+            chunk states from forward to backward, "recompute" recomputes them in the
+            backward, lowering the training step's peak memory by what every layer would hold.
     """
 
     vocab_size: int
@@ -75,6 +79,7 @@ class LMConfig:
     identity_mlp: bool = False
     embed_dropout: float = 0.0
     init: str = "default"
+    save_for_backward: str = "states"
 
     def __post_init__(self):
         if isinstance(self.layers, tuple):
@@ -134,6 +139,9 @@ class LMConfig:
             _positive_int("sliding_window", self.sliding_window)
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.save_for_backward not in SAVE_FOR_BACKWARD:
+            raise ValueError(f"save_for_backward must be one of {SAVE_FOR_BACKWARD}, got "
+                             f"{self.save_for_backward!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("tie_embeddings", "identity_mlp"):
@@ -257,7 +265,7 @@ def _mixer_options(name) -> set[str]:
     """Keyword options of mixer `name`'s constructor, less the ones the LM itself passes."""
     params = inspect.signature(MIXERS[name].__init__).parameters.values()
     kw = {p.name for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY}
-    return kw - {"backend", "layer_idx", "n_layers"}
+    return kw - {"backend", "layer_idx", "n_layers", "save_for_backward"}
 
 
 def _known(what, name):

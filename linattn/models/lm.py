@@ -44,7 +44,8 @@ class Block(nn.Module):
         self.mixer_name = name
         self.mixer_norm = make_norm(config)
         self.mixer = MIXERS[name](d, config.n_heads, backend=config.backend, layer_idx=layer_idx,
-                                  n_layers=config.n_layers, **config.mixer_kwargs(name))
+                                  n_layers=config.n_layers, save_for_backward=config.save_for_backward,
+                                  **config.mixer_kwargs(name))
         self.mlp_norm = make_norm(config) if (config.mlp_ratio or config.identity_mlp) else None
         self.mlp = SwiGLU(d, config.mlp_width()) if config.mlp_ratio else None
 
