@@ -114,7 +114,10 @@ def test_cases_are_ordered_and_select_by_glob():
         if c.family == "fla":                     # each fla case right after the case it is compared with
             assert names[names.index(c.name) - 1] == c.peer
     picked = [c.name for c in bm.select_cases("attention,*gated_deltanet*", no_fla=True)]
-    assert picked == ["attention", "gated_deltanet", mc.HYBRID]
+    assert picked == ["attention", "gated_deltanet", "gated_deltanet_recompute", mc.HYBRID]
+    # the recompute case builds its ops with save_for_backward="recompute"
+    model = mc.CASES["gated_deltanet_recompute"].build(TINY, 64, "torch")
+    assert {b.mixer.save_for_backward for b in model.blocks} == {"recompute"}
     plan = bm.plan_rows(bm.select_cases("attention,gla", False), (8192, 2048))
     assert [(c.name, T) for c, T in plan] == [("attention", 8192), ("gla", 8192), ("attention", 2048), ("gla", 2048)]
 

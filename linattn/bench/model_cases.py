@@ -107,11 +107,14 @@ class Case:
     flops: Callable = training_flops
 
 
-def build_ours(size: ModelSize, T: int, backend: str, *, mixer: str, hybrid: int | None = None):
-    """Our CausalLM with `mixer` in every layer (every (hybrid+1)-th layer attention)."""
+def build_ours(size: ModelSize, T: int, backend: str, *, mixer: str, hybrid: int | None = None,
+               save_for_backward: str = "states"):
+    """Our CausalLM with `mixer` in every layer (every (hybrid+1)-th layer attention), its ops
+    keeping or recomputing their chunk states for the backward (LMConfig.save_for_backward)."""
     from ..models import CausalLM, LMConfig
     cfg = LMConfig(vocab_size=size.vocab, d_model=size.d_model, n_layers=size.n_layers,
-                   n_heads=size.n_heads, mixer=mixer, hybrid=hybrid, max_seq_len=T, backend=backend)
+                   n_heads=size.n_heads, mixer=mixer, hybrid=hybrid, max_seq_len=T, backend=backend,
+                   save_for_backward=save_for_backward)
     return CausalLM(cfg)
 
 
@@ -174,8 +177,9 @@ def build_fla(size: ModelSize, T: int, backend: str, *, kind: str, mixer: str, h
     return model
 
 
-def _ours(name, mixer, hybrid=None, family="ours"):
-    return Case(name, family, mixer, functools.partial(build_ours, mixer=mixer, hybrid=hybrid), hybrid)
+def _ours(name, mixer, hybrid=None, family="ours", save_for_backward="states"):
+    return Case(name, family, mixer, functools.partial(build_ours, mixer=mixer, hybrid=hybrid,
+                                                       save_for_backward=save_for_backward), hybrid)
 
 
 def _fla(kind, mixer, peer, hybrid=None, name=None):
@@ -190,6 +194,7 @@ CASES = {c.name: c for c in [
     _ours("attention", "attention", family="sdpa"),
     _ours("gated_deltanet", "gated_deltanet"),
     _fla("GatedDeltaNet", "gated_deltanet", "gated_deltanet"),
+    _ours("gated_deltanet_recompute", "gated_deltanet", save_for_backward="recompute"),
     _ours(HYBRID, "gated_deltanet", hybrid=3),
     _fla("GatedDeltaNet", "gated_deltanet", HYBRID, hybrid=3, name="fla.GatedDeltaNet_3:1_attention"),
     _ours("gla", "gla"),
