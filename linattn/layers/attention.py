@@ -67,8 +67,8 @@ class Attention(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 save_for_backward: str = "states",
-                 n_layers: int = 1, window: int | None = None, rope_theta: float = 10000.0,
+                 n_layers: int = 1, save_for_backward: str = "states",
+                 window: int | None = None, rope_theta: float = 10000.0,
                  n_kv_heads: int | None = None, qkv_bias: bool = False, o_bias: bool = False,
                  rope: bool = True, dropout: float = 0.0):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,

@@ -60,8 +60,8 @@ class DeltaNet(Mixer):
     default_gated = False
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 save_for_backward: str = "states",
-                 n_layers: int = 1, expand_v: float = 1.0, conv_size: int = 4,
+                 n_layers: int = 1, save_for_backward: str = "states",
+                 expand_v: float = 1.0, conv_size: int = 4,
                  gated: bool | None = None):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)

@@ -29,8 +29,8 @@ class GatedLinearAttention(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 save_for_backward: str = "states",
-                 n_layers: int = 1, expand_k: float = 0.5, expand_v: float = 1.0,
+                 n_layers: int = 1, save_for_backward: str = "states",
+                 expand_k: float = 0.5, expand_v: float = 1.0,
                  gate_low_rank: int = 16, gate_normalizer: float = 16.0):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)
@@ -58,5 +58,5 @@ class GatedLinearAttention(Mixer):
         o, new_state = run(q, k, v, g, initial_state=state,
                            output_final_state=return_state,
                            cu_seqlens=cu_seqlens, backend=self.backend,
-                   save_for_backward=self.save_for_backward)
+                           save_for_backward=self.save_for_backward)
         return self.o_proj(self.out_norm(o, self.r_proj(x))), new_state

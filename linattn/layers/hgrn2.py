@@ -30,8 +30,8 @@ class HGRN2(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 save_for_backward: str = "states",
-                 n_layers: int = 1, expand_k: float = 1.0, lower_bound: float = 0.0):
+                 n_layers: int = 1, save_for_backward: str = "states",
+                 expand_k: float = 1.0, lower_bound: float = 0.0):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)
         if not 0.0 <= lower_bound < 1.0:
@@ -60,5 +60,5 @@ class HGRN2(Mixer):
         o, new_state = run(q, k.to(q.dtype), v, g, scale=1.0, initial_state=state,
                            output_final_state=return_state,
                            cu_seqlens=cu_seqlens, backend=self.backend,
-                   save_for_backward=self.save_for_backward)
+                           save_for_backward=self.save_for_backward)
         return self.o_proj(self.out_norm(o)), new_state

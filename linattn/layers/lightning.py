@@ -44,8 +44,7 @@ class LightningAttention(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 save_for_backward: str = "states",
-                 n_layers: int = 1):
+                 n_layers: int = 1, save_for_backward: str = "states"):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)
         depth = 1.0 - layer_idx / (n_layers - 1) + 1e-5 if n_layers > 1 else 1.0
@@ -69,5 +68,5 @@ class LightningAttention(Mixer):
         o, new_state = run(q, k, v, g, initial_state=state,
                            output_final_state=return_state,
                            cu_seqlens=cu_seqlens, backend=self.backend,
-                   save_for_backward=self.save_for_backward)
+                           save_for_backward=self.save_for_backward)
         return self.o_proj(self.out_norm(o, self.u_proj(x))), new_state

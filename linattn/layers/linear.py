@@ -33,8 +33,8 @@ class LinearAttention(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 save_for_backward: str = "states",
-                 n_layers: int = 1, feature_map: str = "elu", eps: float = 1e-6):
+                 n_layers: int = 1, save_for_backward: str = "states",
+                 feature_map: str = "elu", eps: float = 1e-6):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)
         D = self.head_dim

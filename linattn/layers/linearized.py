@@ -81,8 +81,8 @@ class LinearizedAttention(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 save_for_backward: str = "states",
-                 n_layers: int = 1, n_kv_heads: int | None = None, qkv_bias: bool = False,
+                 n_layers: int = 1, save_for_backward: str = "states",
+                 n_kv_heads: int | None = None, qkv_bias: bool = False,
                  o_bias: bool = False, recurrence: str = "gla", feature_map: str = "softmax",
                  rope_linear: bool = False, rope_theta: float = 10000.0, window: int | None = None,
                  combine: str = "mix", mix: float = 0.5, gate_normalizer: float = 16.0,

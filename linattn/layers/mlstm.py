@@ -40,8 +40,8 @@ class MLSTM(Mixer):
     init_kept = ("f_proj.bias",)  # the forget gates start open
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 save_for_backward: str = "states",
-                 n_layers: int = 1, input_gate: str | None = None,
+                 n_layers: int = 1, save_for_backward: str = "states",
+                 input_gate: str | None = None,
                  forget_bias: tuple[float, float] = (3.0, 6.0)):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)

@@ -127,8 +127,8 @@ class MixtureOfMemories(Mixer):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 save_for_backward: str = "states",
-                 n_layers: int = 1, num_memories: int = 4, top_k: int = 2, shared_memory: bool = True,
+                 n_layers: int = 1, save_for_backward: str = "states",
+                 num_memories: int = 4, top_k: int = 2, shared_memory: bool = True,
                  recurrence: str = "gated_deltanet", expand_v: float = 1.0, conv_size: int = 4):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)
@@ -254,7 +254,7 @@ class MixtureOfMemories(Mixer):
             g = (F.logsigmoid(gate(self.gk_proj, H * K)) / 16.0).unflatten(-1, (H, K))
             o, S_new = linear_attention(q, k, v, g, initial_state=S0, output_final_state=return_state,
                                         cu_seqlens=cu, backend=self.backend,
-                   save_for_backward=self.save_for_backward)
+                                        save_for_backward=self.save_for_backward)
         else:
             q, k = l2norm(q).to(v.dtype), l2norm(k).to(v.dtype)
             beta = torch.sigmoid(gate(self.b_proj, H))                    # [1, P, H]
@@ -263,7 +263,7 @@ class MixtureOfMemories(Mixer):
                 g = mamba2_log_decay(gate(self.a_proj, H), self.A_log, self.dt_bias)
             o, S_new = delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
                                   cu_seqlens=cu, backend=self.backend,
-                   save_for_backward=self.save_for_backward)
+                                  save_for_backward=self.save_for_backward)
         o = o[0][inv].view(BT, S, H, V)                                   # back to (token, slot)
         if not return_state:
             return o, None
@@ -315,7 +315,7 @@ class MixtureOfMemories(Mixer):
             k = torch.where(real[..., None], k, 0.0)                      # padding: S <- S exp(0) + 0 v^T
             o, S_new = linear_attention(q, k, v, g, initial_state=S0, output_final_state=return_state,
                                         backend=self.backend,
-                   save_for_backward=self.save_for_backward)
+                                        save_for_backward=self.save_for_backward)
         else:
             q, k = l2norm(q).to(v.dtype), l2norm(k).to(v.dtype)
             beta = torch.where(real, torch.sigmoid(gate(self.b_proj, H)), 0.0)    # padding: beta = 0
@@ -323,8 +323,7 @@ class MixtureOfMemories(Mixer):
             if self.recurrence == "gated_deltanet":
                 g = torch.where(real, mamba2_log_decay(gate(self.a_proj, H), self.A_log, self.dt_bias), 0.0)
             o, S_new = delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
-                                  backend=self.backend,
-                   save_for_backward=self.save_for_backward)
+                                  backend=self.backend, save_for_backward=self.save_for_backward)
         row = torch.arange(B, device=x.device).repeat_interleave(T)[:, None]  # [BT, 1]
         o = o.reshape(B * n * T, H, V)[(((row * n + mem) * T) + slot).view(-1)].view(BT, S, H, V)
         if not return_state:
