@@ -192,9 +192,17 @@ def compile_model(model, mode: str, device: torch.device):
     parameters, its forward one graph (a graph break is an error). On CUDA, inductor with
     `mode` ("reduce-overhead" replays CUDA graphs); on the CPU the graph is captured with
     backend="aot_eager" (AOTAutograd, no code generation), whatever the mode: inductor's C++
-    code generation takes minutes per model on a small CPU, and CUDA graphs need CUDA."""
+    code generation takes minutes per model on a small CPU, and CUDA graphs need CUDA.
+    ValueError for "reduce-overhead" when a mixer says CUDA graphs cannot capture it
+    (Mixer.cuda_graphs_refused), on every device, before anything is compiled."""
     if mode == "none":
         return model
+    if mode == "reduce-overhead":
+        refused = {type(m).__name__: m.cuda_graphs_refused for m in model.modules()
+                   if getattr(m, "cuda_graphs_refused", None)}
+        if refused:
+            name, why = next(iter(refused.items()))
+            raise ValueError(f"compile mode 'reduce-overhead' (CUDA graphs) cannot capture {name}: {why}")
     if device.type == "cuda":
         return torch.compile(model, mode=mode, fullgraph=True)
     return torch.compile(model, backend="aot_eager", fullgraph=True)

@@ -49,42 +49,67 @@ def test_compile_setting_from_the_command_line():
         TrainConfig(compile="max").validate()
 
 
+def test_reduce_overhead_refuses_a_mixer_cuda_graphs_cannot_capture():
+    """MoM's packed per-memory sequences have data-dependent lengths: compile_model refuses
+    mode "reduce-overhead" for a model holding it, naming the mixer and the way out, before
+    compiling anything (on the CPU too); mode "default" is accepted."""
+    model = CausalLM(LMConfig(vocab_size=10, d_model=16, n_layers=2, n_heads=2, mixer="mom"))
+    with pytest.raises(ValueError, match=r"reduce-overhead.*MixtureOfMemories.*mode 'default'"):
+        compile_model(model, "reduce-overhead", torch.device("cpu"))
+    assert compile_model(model, "default", torch.device("cpu")) is not model
+
+
+def _rel_errors(got: dict, ref: dict) -> dict:
+    """{name: ||got - ref|| / ||ref||} over the gradients of ref, in float64."""
+    return {n: ((got[n].double() - ref[n].double()).norm() / ref[n].double().norm().clamp_min(1e-300)).item()
+            for n in ref}
+
+
 @pytest.mark.gpu
 def test_gpu_mqar_step_reduce_overhead_matches_eager():
     """The MQAR model's training step (4 layers, d_model 128, T 256, batch 128, bf16 autocast,
-    Gated DeltaNet) under mode="reduce-overhead": the first step's gradients (same weights,
-    same batch) and the losses of 5 steps equal eager's within bf16 rounding (each gradient's
-    relative error in norm within 2e-2, 5x bf16's 2^-8); prints both step times (the issue's bar: <= 6 ms)."""
+    Gated DeltaNet) under mode="reduce-overhead". The reference is the eager step of the same
+    model (same initial weights, same batch) in float64 on the "torch" backend. By the tolerance rule of docs/design.md section 5,
+    each gradient of the compiled bf16 step is within 5x the eager bf16 step's own error against
+    that reference (in norm, relative; plus 1e-6): inductor fuses and rounds the code around the
+    ops elsewhere, but no worse than bf16 itself. The losses of 5 steps equal eager bf16's
+    within 2e-2. Prints both step times (the issue's bar: <= 6 ms)."""
     dev = torch.device("cuda")
     task = make_task("mqar", pairs=16, seq_len=256, vocab=256)
     cfg = dict(vocab_size=task.vocab_size, d_model=128, n_layers=4, n_heads=2,
                mixer="gated_deltanet", max_seq_len=256)
     batches = [task.batch("train", 0, s, 128).to(dev) for s in range(5)]
     results = {}
-    for mode in ("none", "reduce-overhead"):
+    for mode, dtype in (("oracle", torch.float64), ("none", torch.bfloat16),
+                        ("reduce-overhead", torch.bfloat16)):
         torch._dynamo.reset()
         torch.manual_seed(0)
+        if mode == "oracle":  # float64 weights, no autocast (_train_step's float32 setting)
+            model = CausalLM(LMConfig(**cfg, backend="torch")).to(dev, torch.float64)
+            opt = _make_optimizer(model, TrainConfig(lr=1e-3))
+            _train_step(model, opt, batches[0], 1e-3, 1.0, dev, torch.float32)
+            results["oracle"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            continue
         model = CausalLM(LMConfig(**cfg)).to(dev)
         opt = _make_optimizer(model, TrainConfig(lr=1e-3))
         run = compile_model(model, mode, dev)
-        losses = [_train_step(run, opt, batches[0], 1e-3, 1.0, dev, torch.bfloat16)[0]]
+        losses = [_train_step(run, opt, batches[0], 1e-3, 1.0, dev, dtype)[0]]
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        losses += [_train_step(run, opt, b, 1e-3, 1.0, dev, torch.bfloat16)[0]
-                   for b in batches[1:]]
+        losses += [_train_step(run, opt, b, 1e-3, 1.0, dev, dtype)[0] for b in batches[1:]]
         for b in batches[:3]:                   # warm (compiled, graphs recorded), then timed
-            _train_step(run, opt, b, 1e-3, 1.0, dev, torch.bfloat16)
+            _train_step(run, opt, b, 1e-3, 1.0, dev, dtype)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(4):
             for b in batches:
-                _train_step(run, opt, b, 1e-3, 1.0, dev, torch.bfloat16)
+                _train_step(run, opt, b, 1e-3, 1.0, dev, dtype)
         torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) / 20 * 1e3
         results[mode] = (losses, grads, ms)
-        print(f"MQAR step ({mode}): {ms:.2f} ms")
-    (l_got, g_got, _), (l_ref, g_ref, _) = results["reduce-overhead"], results["none"]
+        print(f"MQAR step ({mode}, bf16): {ms:.2f} ms")
+    (l_got, g_got, _), (l_ref, g_eager, _) = results["reduce-overhead"], results["none"]
     assert l_got == pytest.approx(l_ref, rel=2e-2)
-    for name in g_ref:  # relative error in norm: inductor's fused bf16 code rounds elsewhere
-        ref = g_ref[name].float()
-        err = (g_got[name].float() - ref).norm().item() / max(ref.norm().item(), 1e-12)
-        assert err <= 2e-2, (name, err)
+    oracle = results["oracle"]
+    got, base = _rel_errors(g_got, oracle), _rel_errors(g_eager, oracle)
+    for name in oracle:
+        assert got[name] <= 5 * base[name] + 1e-6, (name, got[name], base[name])

@@ -52,6 +52,10 @@ class Mixer(nn.Module):
     # Parameters (names inside the mixer) whose constructor init is part of the mixer's
     # design (a forget gate's bias), kept by a model-wide re-initialisation (LMConfig init "gpt2").
     init_kept: tuple[str, ...] = ()
+    # Why CUDA graphs (torch.compile mode="reduce-overhead") cannot capture this mixer, or None
+    # when they can. A capture replays fixed shapes and pointers; a mixer whose op call depends
+    # on the data's values (packed sequences whose lengths the router decides) says why here.
+    cuda_graphs_refused: str | None = None
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto",
                  layer_idx: int = 0, n_layers: int = 1, save_for_backward: str = "states"):

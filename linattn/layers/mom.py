@@ -124,7 +124,14 @@ class MixtureOfMemories(Mixer):
     (N with cu_seqlens), M' = M (+1 for the shared memory, last). A memory no token of a call
     was routed to keeps its state. Sequence parallelism is not supported (ValueError).
     After every forward, `aux_loss` is the load-balancing loss (a scalar tensor).
+    Compiles with torch.compile's default mode; CUDA graphs ("reduce-overhead") are refused
+    (cuda_graphs_refused says why).
     """
+
+    cuda_graphs_refused = (
+        "mom routes tokens into packed per-memory sequences whose lengths the router decides "
+        "batch by batch; the op reads those lengths on the host to lay out its chunks, which a "
+        "CUDA graph cannot replay. Compile it with mode 'default'")
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
                  n_layers: int = 1, save_for_backward: str = "states",

@@ -74,30 +74,48 @@ def test_every_mixer_compiles_fullgraph_and_matches_eager(dtype, layers):
     _check(model, compiled, ids, dtype)
 
 
+def _norm_error(got, ref) -> float:
+    """||got - ref|| / ||ref||, in float64."""
+    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+# CUDA graphs refuse MoM (its packed sequences' lengths depend on the routing):
+# tests/test_train_compile.py checks the error; MoM compiles with mode "default" here.
+GPU_COMPILE_CASES = [(mode, mixer) for mode in ("default", "reduce-overhead")
+                     for mixer in [*MIXERS, "hybrid"]
+                     if not (mode == "reduce-overhead" and MIXERS.get(mixer) is not None
+                             and MIXERS[mixer].cuda_graphs_refused)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mixer", [*MIXERS, "hybrid"])
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_gpu_compile_per_mixer(mixer, mode):
+@pytest.mark.parametrize("mode,mixer", GPU_COMPILE_CASES)
+def test_gpu_compile_per_mixer(mode, mixer):
     """Each mixer (and a 1:1 hybrid) on the Triton path, inductor with mode, float32 weights
-    under bf16 autocast as linattn train runs them: logits and gradients within bf16's
-    rounding of eager's (inductor fuses the code around the ops)."""
+    under bf16 autocast as linattn train runs them. The reference is the same model (same
+    initial weights) in float64 on the "torch" backend; by the tolerance rule of docs/design.md section 5 the compiled bf16 logits
+    are within 3x, and each parameter's gradient within 5x, the eager bf16 model's own error
+    against it (relative, in norm; plus 1e-6): inductor fuses and rounds the code around the ops
+    elsewhere, never worse than bf16 itself (MoM's top-k routing flips on near-ties in both)."""
     torch._dynamo.reset()
     kw = dict(layers=None, n_layers=2, mixer="gated_deltanet" if mixer == "hybrid" else mixer,
               hybrid=1 if mixer == "hybrid" else None, backend="auto")
     model = _model(torch.float32, "cuda", **kw)
     compiled = torch.compile(model, fullgraph=True, mode=mode)
     ids = torch.randint(0, VOCAB, (4, 64), generator=helpers.seeded(1)).cuda()
+    oracle = _model(torch.float64, "cuda", **{**kw, "backend": "torch"})
+    ref_l, ref_g = _logits_and_grads(oracle, oracle, ids)
     with torch.autocast("cuda", torch.bfloat16):
         # eager first, as linattn train does for reduce-overhead: the ops' cached chunk layouts
         # are then built outside the CUDA graphs' memory pool
-        ref_l, ref_g = _logits_and_grads(model, model, ids)
+        eager_l, eager_g = _logits_and_grads(model, model, ids)
         for _ in range(3):  # CUDA graphs record on the second call and replay after
             got_l, got_g = _logits_and_grads(model, compiled, ids)
-    torch.testing.assert_close(got_l, ref_l, rtol=2e-2, atol=2e-2)
+    got, base = _norm_error(got_l, ref_l), _norm_error(eager_l, ref_l)
+    assert got <= 3 * base + 1e-6, f"logits: {got:.3g} against eager bf16's {base:.3g}"
+    assert got_g.keys() == ref_g.keys()
     for name in ref_g:
-        scale = ref_g[name].abs().max().item()
-        err = (got_g[name] - ref_g[name]).abs().max().item()
-        assert err <= 2e-2 * max(scale, 1e-3), f"grad of {name}: {err:.3g} (scale {scale:.3g})"
+        got, base = _norm_error(got_g[name], ref_g[name]), _norm_error(eager_g[name], ref_g[name])
+        assert got <= 5 * base + 1e-6, f"grad of {name}: {got:.3g} against eager bf16's {base:.3g}"
 
 
 @pytest.mark.gpu
