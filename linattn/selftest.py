@@ -299,9 +299,40 @@ def check_determinism(case: Case, shape: Shape, target: Target,
     return row
 
 
+def plan(device: str, *, quick: bool = False, cases=CASES) -> list[tuple]:
+    """The rows to run, in print order: (kind "rule" | "determinism", case, shape, target)."""
+    jobs = []
+    for target in targets(device):
+        for case in cases:
+            shapes = ((QUICK_DECODE_SHAPES if quick else DECODE_SHAPES) if case.decode else
+                      (QUICK_SHAPES if quick else SHAPES))
+            jobs += [("rule", case, shape, target) for shape in shapes]
+            det = DETERMINISM_DECODE_SHAPE if case.decode else DETERMINISM_SHAPE
+            jobs.append(("determinism", case, det, target))
+    return jobs
+
+
+def run_row(kind: str, case: Case, shape: Shape, target: Target,
+            tolerance_scale: float = 1.0) -> Row:
+    """One planned row (a picklable entry point for the worker processes)."""
+    if kind == "determinism":
+        return check_determinism(case, shape, target)
+    return check_case(case, shape, target, tolerance_scale)
+
+
+def default_jobs(device: str) -> int:
+    """Worker processes: on CUDA most of a first run is Triton compiling one kernel
+    specialisation per row, single-threaded, so up to 8 rows at once (one per core); on the
+    CPU the rows take milliseconds and a worker's start-up would cost more than it saves."""
+    return min(8, os.cpu_count() or 1) if device == "cuda" else 1
+
+
 def run(device: str, *, quick: bool = False, tolerance_scale: float = 1.0,
-        cases=CASES, out=sys.stdout) -> list[Row]:
-    """Every case on every target of the device; prints each row as it finishes."""
+        cases=CASES, out=sys.stdout, jobs: int = 1) -> list[Row]:
+    """Every case on every target of the device; prints each row, in plan order, as soon as it
+    and the rows before it have finished. jobs > 1 runs rows in that many worker processes
+    (started with "spawn", as CUDA requires); each row's result does not depend on which
+    process ran it (its inputs come from its own seeds)."""
     rows = []
     header = ("op", "gate", "backend", "dtype", "shape", "worst error / bound", "pass")
     widths = (24, 9, 7, 8, 20, 26, 4)
@@ -312,14 +343,23 @@ def run(device: str, *, quick: bool = False, tolerance_scale: float = 1.0,
         cells = (r.op, r.gate, r.backend, r.dtype, r.shape, r.worst, "ok" if r.ok else "FAIL")
         print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)), file=out, flush=True)
 
-    for target in targets(device):
-        for case in cases:
-            shapes = ((QUICK_DECODE_SHAPES if quick else DECODE_SHAPES) if case.decode else
-                      (QUICK_SHAPES if quick else SHAPES))
-            for shape in shapes:
-                emit(check_case(case, shape, target, tolerance_scale))
-            det = DETERMINISM_DECODE_SHAPE if case.decode else DETERMINISM_SHAPE
-            emit(check_determinism(case, det, target))
+    todo = plan(device, quick=quick, cases=cases)
+    if jobs <= 1:
+        for job in todo:
+            emit(run_row(*job, tolerance_scale))
+        return rows
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(run_row, *job, tolerance_scale) for job in todo]
+        for (kind, case, shape, target), future in zip(todo, futures):  # in plan order
+            try:
+                emit(future.result())
+            except Exception as e:  # the worker died (a crash in a kernel): the row fails
+                name = shape.name + (", 2 runs" if kind == "determinism" else "")
+                emit(Row(case.op, case.gate, target.backend, _dtype_name(target.dtype), name,
+                         "error", False, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
     return rows
 
 
@@ -343,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one shape per op (packed sequences with an empty one) instead of three")
     p.add_argument("--ops", default=None,
                    help="comma-separated op names to run (default: all), e.g. mlstm,delta_rule")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="rows run at once in worker processes (default: up to 8 on CUDA, where "
+                        "a first run mostly compiles Triton kernels; 1 on the CPU)")
     # multiplies every bound: 0 makes every inexact result fail (the CLI's own test)
     p.add_argument("--tolerance-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     return p
@@ -352,9 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = _device(args.device)
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     except ValueError as e:
         print(f"linattn selftest: error: {e}", file=sys.stderr)
         return 2
+    jobs = default_jobs(device) if args.jobs is None else args.jobs
     cases = CASES
     if args.ops:
         wanted = {s.strip() for s in args.ops.split(",") if s.strip()}
@@ -367,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"linattn selftest on {device}: torch {torch.__version__}"
           f"{_triton_note()}", flush=True)
-    rows = run(device, quick=args.quick, tolerance_scale=args.tolerance_scale, cases=cases)
+    rows = run(device, quick=args.quick, tolerance_scale=args.tolerance_scale, cases=cases,
+               jobs=jobs)
     failed = [r for r in rows if not r.ok]
     for r in failed:
         print(f"FAIL {r.op} {r.gate} {r.backend} {r.dtype} {r.shape}: {r.detail}")

@@ -38,6 +38,19 @@ def test_cli_exits_1_on_a_failure():
 def test_cli_rejects_unknown_ops():
     r = _cli("--ops", "softmax")
     assert r.returncode == 2 and "unknown --ops" in r.stderr
+    r = _cli("--jobs", "0")
+    assert r.returncode == 2 and "--jobs must be >= 1" in r.stderr
+
+
+def test_worker_processes_give_the_same_rows_in_the_same_order():
+    """--jobs 2 (spawned workers; on CUDA they compile Triton kernels side by side) prints the
+    rows of the plan in its order with the verdicts and worst ratios of one process."""
+    cases = (selftest.Case("delta_rule", "scalar"), selftest.Case("mlstm_decode", "exp"))
+    one = selftest.run("cpu", quick=True, cases=cases, out=open(os.devnull, "w"))
+    two = selftest.run("cpu", quick=True, cases=cases, out=open(os.devnull, "w"), jobs=2)
+    assert len(one) == len(selftest.plan("cpu", quick=True, cases=cases)) >= 8  # 2 rows x 2 cases x targets
+    assert one == two
+    assert selftest.default_jobs("cpu") == 1 and 1 <= selftest.default_jobs("cuda") <= 8
 
 
 def test_a_wrong_fast_path_fails_its_row():
