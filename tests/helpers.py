@@ -114,6 +114,27 @@ def la_inputs(kind, *, H, K, V, B=1, T=0, seed=0, lengths=None, state=True, low=
     return inputs, names
 
 
+def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref||, in float64."""
+    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def assert_no_worse_than_eager(got: dict, eager: dict, oracle: dict, factor: float, label: str):
+    """The tolerance rule (docs/design.md section 5) for a compiled model under bf16 autocast:
+    each tensor of `got` (compiled) within `factor` x the eager model's own error against the
+    float64 oracle, in relative norm, plus 1e-6. A tensor of a few elements (a bias, a decay
+    per head) carries a noisy error of its own, so its allowance is at least the eager error
+    of all the tensors together: bf16's noise level in this model."""
+    names = list(oracle)
+    assert list(got) == names == list(eager), (label, sorted(got), sorted(eager), sorted(oracle))
+    flat = lambda d: torch.cat([d[n].double().flatten() for n in names])  # noqa: E731
+    overall = rel_error(flat(eager), flat(oracle))
+    for n in names:
+        err, base = rel_error(got[n], oracle[n]), rel_error(eager[n], oracle[n])
+        assert err <= factor * max(base, overall) + 1e-6, (
+            f"{label} {n}: {err:.3g} against eager bf16's {base:.3g} (all tensors: {overall:.3g})")
+
+
 def linattn_triton_kernels() -> set[str]:
     """Names of the @triton.jit functions in linattn.ops.triton: a GPU launch of one of our
     kernels shows in the CUDA profiler under its function's name."""
