@@ -60,6 +60,23 @@ def test_reduce_overhead_refuses_a_mixer_cuda_graphs_cannot_capture():
     assert compile_model(model, "default", torch.device("cpu")) is not model
 
 
+def test_the_compiled_vs_eager_rule_fails_a_worse_tensor():
+    """helpers.assert_no_worse_than_eager, which the GPU checks below use: noise like eager's
+    passes, a tensor 10x further from the oracle than eager fails, and a two-element tensor
+    whose eager error is 0 by chance is held to the model's overall noise, not to 1e-6."""
+    gen = helpers.seeded(0)
+    oracle = {"w": torch.randn(64, 64, generator=gen, dtype=torch.float64),
+              "b": torch.randn(2, generator=gen, dtype=torch.float64)}
+    noisy = lambda scale: {n: t * (1 + scale * torch.randn(t.shape, generator=gen, dtype=t.dtype))  # noqa: E731
+                           for n, t in oracle.items()}
+    eager = noisy(1e-2)
+    helpers.assert_no_worse_than_eager(noisy(1e-2), eager, oracle, 5, "same noise")
+    with pytest.raises(AssertionError, match="w"):
+        helpers.assert_no_worse_than_eager(noisy(1e-1), eager, oracle, 5, "10x noise")
+    eager["b"] = oracle["b"].clone()
+    helpers.assert_no_worse_than_eager(noisy(1e-2), eager, oracle, 5, "lucky eager bias")
+
+
 @pytest.mark.gpu
 def test_gpu_mqar_step_reduce_overhead_matches_eager():
     """The MQAR model's training step (4 layers, d_model 128, T 256, batch 128, bf16 autocast,
