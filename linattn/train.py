@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .models import CausalLM, LMConfig
 from .tasks import Batch, Task, task_from_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -179,8 +180,6 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def build_model(model_cfg, device: torch.device, seed: int):
     """CausalLM(model_cfg) on `device`, its initial weights a function of `seed` alone."""
-    from .models import CausalLM
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CausalLM(model_cfg)
@@ -229,8 +228,6 @@ def _warm_outside_graphs(model, tasks, cfg, device: torch.device, dtype: torch.d
 
 def model_config_for(task: Task, **model_kwargs):
     """An LMConfig sized for `task` (vocab_size and max_seq_len from it), validated."""
-    from .models import LMConfig
-
     cfg = LMConfig(vocab_size=task.vocab_size, max_seq_len=max(task.seq_len, 16), **model_kwargs)
     cfg.validate()
     return cfg
@@ -293,8 +290,6 @@ def batch_loss(model, batch: Batch, device: torch.device, dtype: torch.dtype,
     """The model's answer loss on batch: (loss to backpropagate, the batch's mean loss as a
     float, answer_loss's counts). sp: a SequenceParallelContext the model runs under (the
     model sees this rank's slice; see parallel_answer_loss), or None."""
-    from .models import CausalLM
-
     with autocast(device, dtype):
         if sp is not None:
             logits = model(sp.split(batch.input_ids))  # [B, T_r, V]
@@ -373,8 +368,6 @@ def run_config_dict(model_cfg, task: Task, train_cfg: TrainConfig) -> dict:
 
 def load_run(out_dir) -> tuple:
     """(LMConfig, Task, TrainConfig) from a run directory's config.json."""
-    from .models import LMConfig
-
     path = Path(out_dir) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{out_dir} is not a run directory (no {CONFIG_FILE})")
