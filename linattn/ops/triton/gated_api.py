@@ -102,13 +102,13 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False,
     """(KernelConfig, chunk length L, tile BT) for the device; a heuristic, no autotuning
     (so no config depends on B, and the interpreter needs none). Every choice is measured in
     PERF_NOTES "Gated family: launch choices". override: departures for this call."""
-    if gate not in (GATE_NONE, GATE_SCALAR, GATE_KEY):
+    if gate not in (GATE_NONE.value, GATE_SCALAR.value, GATE_KEY.value):
         raise ValueError(f"gate {gate}: the gated kernels take GATE_NONE, GATE_SCALAR or GATE_KEY "
                          "(a constant decay broadcast to GATE_SCALAR)")
     override = override or Override()
     chunk, tile = override.chunk, override.tile
     BKQ = dqk_warps = scan_stages = fwd_cap = bwd_cap = 0
-    BTQ = 16 if gate == GATE_KEY else 0
+    BTQ = 16 if gate == GATE_KEY.value else 0
     if INTERPRET:
         BT, L = tile or 16, chunk or 64
         BK, BV, BVS, warps, stages = head_tile(K, 32), head_tile(V, 32), head_tile(V, 32), 4, 1
@@ -122,12 +122,12 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False,
         # K <= 128, mLSTMexp, per-key gates (each of bwd_dqk's 16-token query tiles pairs with
         # up to L / 16 - 1 earlier key tiles). mLSTMsig keeps 128: at 64 its peak memory
         # rises over TFLA's.
-        chunk64 = gate == GATE_KEY or (K <= 128 and (mexp or not has_kw))
+        chunk64 = gate == GATE_KEY.value or (K <= 128 and (mexp or not has_kw))
         L = chunk or (64 if chunk64 else 128)
         BK = head_tile(K, 64)
         # per-key: 64 (the tile's scores come precomputed, so a second V block repeats no
         # exponentials; at 128 the 64-token fwd_o and bwd_dv spill on sm_90)
-        BV = head_tile(V, 64 if gate == GATE_KEY else 128)
+        BV = head_tile(V, 64 if gate == GATE_KEY.value else 128)
         BVS = head_tile(V, 64)
         # 4 warps everywhere: 8 warps on the per-tile kernels spill less on sm_90 but run slower
         warps, scan_warps, stages = 4, 4, 2
@@ -137,9 +137,9 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False,
         # with a scalar gate, bwd without per-key gates or mLSTMexp; not fwd without a gate,
         # per-key or mLSTMexp, which spill hundreds of bytes under the cap
         cap = SCAN_REGISTERS // (SCAN_PROGRAMS_PER_SM * 32 * scan_warps)
-        fwd_cap = cap if gate == GATE_SCALAR and not mexp else 0
-        bwd_cap = cap if gate != GATE_KEY and not mexp else 0
-        if gate != GATE_KEY:
+        fwd_cap = cap if gate == GATE_SCALAR.value and not mexp else 0
+        bwd_cap = cap if gate != GATE_KEY.value and not mexp else 0
+        if gate != GATE_KEY.value:
             # bwd_dqk with one 128-wide K block on 8 warps (faster than BK 64 on 4 warps; BK
             # 128 on 4 warps spills)
             BKQ, dqk_warps = head_tile(K, 128), 8
@@ -202,12 +202,12 @@ def saved_specs(cfg, BT, TT, H, K, V, N, slots, chunk_rows, dtype, keep_states):
     gdt = gate_dtype(cfg)
     specs = {}
     if cfg.mexp or cfg.gate:
-        specs["gb"] = ((TT, H, K) if cfg.gate == GATE_KEY else (TT, H), gdt)
+        specs["gb"] = ((TT, H, K) if cfg.gate == GATE_KEY.value else (TT, H), gdt)
     if cfg.mexp:
         specs.update(gm=((TT, H), gdt), start=((TT, H), torch.int8),
                      mpc=((chunk_rows, H), gdt), qn=((TT, H), torch.float32),
                      hfin=((N, H, K, V), torch.float32))
-    if cfg.gate == GATE_KEY:
+    if cfg.gate == GATE_KEY.value:
         specs["A"] = ((TT, H, BT), dtype)
     if keep_states:
         specs["h"] = ((slots, H, K, V), state_dtype(cfg, dtype))
@@ -234,7 +234,7 @@ def chunk_forward(q, k, v, g, kw, h0, n0, m0, layout, cfg, scale, want_final, ke
     elif g is not None:
         gb = chunk_cumsum(g, layout, dtype=gdt)                   # chunk-local cumsum
     h, hn, hf = _states(k, v, gb, gm, kw, mpc, h0, n0, layout, cfg)
-    A = key_scores(q, k, gb, layout, cfg, scale, defined) if cfg.gate == GATE_KEY else None  # [TT, H, BT]
+    A = key_scores(q, k, gb, layout, cfg, scale, defined) if cfg.gate == GATE_KEY.value else None  # [TT, H, BT]
     o, qn = fwd_o(q, k, v, gb, gm, kw, mpc, h, hn, layout, cfg, scale, A=A)
     ht = nt = mt = None
     if want_final:
@@ -287,12 +287,12 @@ def chunk_backward(q, k, v, kw, h0, n0, m0, saved, o, layout, dqk_layout, cfg, s
             sdot = sdot + npart                     # the normaliser's share of the gate sums
     dv = bwd_dv(q, k, do, gb, gm, kw, rd, dh, layout, cfg, scale, v.dtype, V, A=A)
     del A
-    dsc = key_dscores(do, v, layout, cfg) if cfg.gate == GATE_KEY else None  # [TT, H, L] float32
+    dsc = key_dscores(do, v, layout, cfg) if cfg.gate == GATE_KEY.value else None  # [TT, H, L] float32
     dq, dk, gsum = bwd_dqk(q, k, v, do, gb, gm, kw, mpc, rd, dqn, h, hn, dh, dhn,
                            dqk_layout or layout, cfg, scale, gate_sums, dsc=dsc)
     del dsc
     dg = dkw = dm0 = None
-    if gate_sums and cfg.gate == GATE_SCALAR:
+    if gate_sums and cfg.gate == GATE_SCALAR.value:
         qdq, kdk, kdk_state, kdk_all = gsum
         dg = _gate_grad(qdq - kdk, kdk_state, sdot, layout, gate_dtype(cfg))  # [TT, H]
         dkw = kdk_all
@@ -300,7 +300,7 @@ def chunk_backward(q, k, v, kw, h0, n0, m0, saved, o, layout, dqk_layout, cfg, s
             nfin = hn.index_select(0, layout.final_slot)
             dg, dkw, dm0 = _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt,
                                         h0, n0, m0, dh0, dn0, layout)
-    elif gate_sums and cfg.gate == GATE_KEY:
+    elif gate_sums and cfg.gate == GATE_KEY.value:
         dg = _gate_grad(*gsum, sdot, layout, gate_dtype(cfg))         # [TT, H, K]
     if dg is not None and const_gate:
         dg = dg.sum(0)                                                 # [H], in gdt

@@ -177,7 +177,7 @@ def weighted_outer_sum(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | None 
         if g.dim() == 1:
             gp, sg = g.contiguous(), (0, 0, 1)
         else:
-            gp = _last_dim_unit(g) if kind == GATE_KEY else g
+            gp = _last_dim_unit(g) if kind == GATE_KEY.value else g
             sg = (gp.stride(0), gp.stride(1), gp.stride(2))
     part = torch.empty(n_split, B * H, K, V, dtype=torch.float32, device=a.device)
     grid = (n_split, triton.cdiv(K, BK) * triton.cdiv(V, BV), B * H)
