@@ -52,10 +52,12 @@ def test_batch_loss_runs_the_head_at_the_answers_only_with_the_same_result():
     torch.manual_seed(0)
     model = CausalLM(LMConfig(vocab_size=40, d_model=16, n_heads=2, mixer="gla", backend="torch")).double()
     batch = task.batch("train", 0, 0, 5)
-    picked = model.answer_logits(batch.input_ids, batch.answer_mask)
+    picked = model.answer_logits(batch.input_ids, batch.answer_index)
     full = model(batch.input_ids)
     torch.testing.assert_close(picked, full[batch.answer_mask], rtol=1e-12, atol=1e-12)
-    loss, value, counts = batch_loss(model, batch, torch.device("cpu"), torch.float32)  # no autocast
+    assert torch.equal(model.answer_logits(batch.input_ids, batch.answer_mask), picked)
+    loss, stats = batch_loss(model, batch, torch.device("cpu"), torch.float32)  # no autocast
+    value, counts = stats.resolve()
     want, want_counts = answer_loss(full, batch)
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-9)
     assert counts == want_counts and value == pytest.approx(want.item(), rel=1e-6)
