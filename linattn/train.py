@@ -487,8 +487,10 @@ def _save_checkpoint(path: Path, step: int, model, optimizer, elapsed_s: float) 
 
 
 def _load_checkpoint(path: Path, model, optimizer, device: torch.device) -> tuple[int, float]:
-    """Restore model, optimizer and RNG state in place; returns (step, elapsed seconds).
-    ValueError naming `path` when it is unreadable, incomplete or of another model."""
+    """Restore model, optimizer and RNG state in place; returns (step, elapsed seconds). The
+    optimizer keeps its implementation (fused or not: _make_optimizer's choice for the device
+    the run resumes on). ValueError naming `path` when it is unreadable, incomplete or of
+    another model."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # truncated zip, garbage, a pickle of something else
@@ -497,9 +499,12 @@ def _load_checkpoint(path: Path, model, optimizer, device: torch.device) -> tupl
     if missing:
         raise ValueError(f"{path} is not a complete checkpoint: no {', '.join(missing)}")
     _check_shapes(ckpt["model"], model, path)
+    fused = [g.get("fused") for g in optimizer.param_groups]  # _make_optimizer's, by this device
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, f in zip(optimizer.param_groups, fused):
+            group["fused"] = f  # load_state_dict takes the saved groups' settings, fused included
         torch.set_rng_state(ckpt["torch_rng"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} does not fit this run ({_one_line(e)})") from None

@@ -132,6 +132,23 @@ def test_train_step_equals_the_boolean_mask_step_bitwise(full_logits):
     assert_same_weights(got_w, want_w)
 
 
+def test_a_resumed_optimizer_keeps_its_devices_implementation(tmp_path):
+    """A checkpoint of a fused (CUDA) optimizer resumes on the CPU with torch's default AdamW:
+    load_state_dict would take the saved groups' fused flag."""
+    from linattn.models import CausalLM
+    from linattn.train import _load_checkpoint, _save_checkpoint
+
+    model_cfg, _, cfg = tiny()
+    model = CausalLM(model_cfg)
+    opt = _make_optimizer(model, cfg)
+    for group in opt.param_groups:
+        group["fused"] = True  # as a CUDA run saves it
+    _save_checkpoint(tmp_path / "checkpoint.pt", 3, model, opt, 1.0)
+    fresh = _make_optimizer(model, cfg)
+    assert _load_checkpoint(tmp_path / "checkpoint.pt", model, fresh, torch.device("cpu"))[0] == 3
+    assert [g["fused"] for g in fresh.param_groups] == [None, None]
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(steps=100, lr=1e-2, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [cfg.lr_at(s) for s in range(100)]
