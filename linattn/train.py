@@ -270,8 +270,8 @@ def answer_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]
 
 def picked_answer_loss(picked: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, AnswerStats]:
     """answer_loss from the logits at the answer positions only: picked [N, V], the rows of
-    batch.answer_index in its order (CausalLM.answer_logits). Returns (the mean loss, a
-    scalar float32 tensor, and its AnswerStats); nothing here waits for the device."""
+    batch.answer_index in its order (CausalLM.answer_logits). Returns (the mean loss: a
+    scalar float32 tensor, its AnswerStats); nothing here waits for the device."""
     B, T = batch.answer_mask.shape
     index = batch.answer_index  # [N] flat positions b * T + t
     targets = batch.targets.reshape(-1).index_select(0, index)  # [N]
