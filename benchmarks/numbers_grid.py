@@ -148,12 +148,12 @@ def run_cell(spec: dict) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = train_task.batch("train", hp["seed"], step, hp["batch"]).to(device)
-        loss, value, _ = batch_loss(model, batch, device, dtype)
+        loss, stats = batch_loss(model, batch, device, dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return value
+        return stats.resolve()[0]
 
     t0 = time.perf_counter()
     train_step(0, 0.0)  # compiles the kernels (lr 0: the weights do not move)

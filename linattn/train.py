@@ -221,7 +221,7 @@ def _warm_outside_graphs(model, tasks, cfg, device: torch.device, dtype: torch.d
         if any(t is u for u in tasks[:i]):
             continue
         batch = t.batch("train", cfg.seed, 0, cfg.batch_size).to(device)
-        loss, _, _ = batch_loss(model, batch, device, dtype)
+        loss, _ = batch_loss(model, batch, device, dtype)
         loss.backward()
     model.zero_grad(set_to_none=True)
 
@@ -235,6 +235,27 @@ def model_config_for(task: Task, **model_kwargs):
 
 # ------------------------------------------------------------------------- loss, metrics
 
+@dataclass(frozen=True)
+class AnswerStats:
+    """A batch's answer loss and counts, kept on the device until the host asks for them.
+
+    values: [3] float64 on the batch's device: the mean answer loss, the answer tokens
+        predicted right (argmax), the sequences with every answer token right.
+    tokens, sequences: the batch's answer tokens and sequences (the host knows them).
+    resolve() reads values once: (the mean loss as a float, the counts "tokens", "correct",
+    "sequences", "exact" as Python ints).
+    """
+
+    values: torch.Tensor
+    tokens: int
+    sequences: int
+
+    def resolve(self) -> tuple[float, dict]:
+        loss, correct, exact = self.values.tolist()  # the one device read
+        return loss, {"tokens": self.tokens, "correct": int(correct), "sequences": self.sequences,
+                      "exact": int(exact)}
+
+
 def answer_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
     """Cross-entropy over answer tokens, and their accuracy.
 
@@ -243,64 +264,66 @@ def answer_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]
     python numbers: "tokens" (answer tokens), "correct" (argmax right), "sequences",
     "exact" (sequences with every answer token right).
     """
-    return picked_answer_loss(logits[batch.answer_mask], batch)
+    loss, stats = picked_answer_loss(logits.flatten(0, 1).index_select(0, batch.answer_index), batch)
+    return loss, stats.resolve()[1]
 
 
-def picked_answer_loss(picked: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]:
+def picked_answer_loss(picked: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, AnswerStats]:
     """answer_loss from the logits at the answer positions only: picked [N, V], the rows of
-    batch.answer_mask's N True positions in row-major order (CausalLM.answer_logits)."""
-    mask = batch.answer_mask  # [B, T]
-    targets = batch.targets[mask]  # [N]
+    batch.answer_index in its order (CausalLM.answer_logits). Returns (the mean loss: a
+    scalar float32 tensor, its AnswerStats); nothing here waits for the device."""
+    B, T = batch.answer_mask.shape
+    index = batch.answer_index  # [N] flat positions b * T + t
+    targets = batch.targets.reshape(-1).index_select(0, index)  # [N]
     loss = F.cross_entropy(picked.float(), targets)
     with torch.no_grad():
         right = picked.argmax(dim=-1) == targets  # [N]
-        rows = mask.nonzero()[:, 0]  # [N] the sequence of each answer token
-        wrong_per_seq = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
-        wrong_per_seq.index_add_(0, rows, (~right).long())  # [B]
-        counts = {"tokens": int(mask.sum()), "correct": int(right.sum()),
-                  "sequences": mask.shape[0], "exact": int((wrong_per_seq == 0).sum())}
-    return loss, counts
+        wrong_per_seq = torch.zeros(B, dtype=torch.long, device=index.device)
+        wrong_per_seq.index_add_(0, index // T, (~right).long())  # [B]; index // T: the sequence
+        values = torch.stack([loss.detach().double(), right.sum().double(),
+                              (wrong_per_seq == 0).sum().double()])  # [3]
+    return loss, AnswerStats(values, batch.answer_count, B)
 
 
-def parallel_answer_loss(logits: torch.Tensor, batch: Batch, sp) -> tuple[torch.Tensor, float, dict]:
+def parallel_answer_loss(logits: torch.Tensor, batch: Batch, sp) -> tuple[torch.Tensor, AnswerStats]:
     """answer_loss under sequence parallelism: every rank holds the whole batch and the logits
     of its slice of it.
 
     logits: [B, T_r, V], the model's output on sp.split(batch.input_ids); batch tensors [B, T].
     Returns (this rank's part of the loss: the sum of its answer tokens' cross-entropies (in
     float32) over the batch's answer-token count -- the parts, and their gradients, add up
-    over ranks to answer_loss's --, the whole batch's mean loss as a float, answer_loss's
-    counts for the whole batch). One all-reduce of B + 2 numbers.
+    over ranks to answer_loss's --, and the whole batch's AnswerStats: its mean loss and
+    answer_loss's counts). One all-reduce of B + 2 numbers.
     """
     targets, mask = sp.split(batch.targets), sp.split(batch.answer_mask)  # [B, T_r]
-    tokens = int(batch.answer_mask.sum())  # the whole batch's, known to every rank
+    tokens = batch.answer_count  # the whole batch's, known to every rank
     loss_sum = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
     with torch.no_grad():
         right = logits.argmax(dim=-1) == targets  # [B, T_r]
         sums = torch.cat([loss_sum.detach().double().view(1), (right & mask).sum().double().view(1),
                           (~right & mask).sum(dim=1).double()])  # [2 + B]: loss, correct, wrong per seq
         dist.all_reduce(sums, group=sp.group)
-    counts = {"tokens": tokens, "correct": int(sums[1]), "sequences": mask.shape[0],
-              "exact": int((sums[2:] == 0).sum())}
-    return loss_sum / tokens, float(sums[0] / tokens), counts
+        values = torch.stack([sums[0] / tokens, sums[1], (sums[2:] == 0).sum().double()])  # [3]
+    return loss_sum / tokens, AnswerStats(values, tokens, mask.shape[0])
 
 
 def batch_loss(model, batch: Batch, device: torch.device, dtype: torch.dtype,
-               sp=None) -> tuple[torch.Tensor, float, dict]:
-    """The model's answer loss on batch: (loss to backpropagate, the batch's mean loss as a
-    float, answer_loss's counts). sp: a SequenceParallelContext the model runs under (the
-    model sees this rank's slice; see parallel_answer_loss), or None."""
+               sp=None) -> tuple[torch.Tensor, AnswerStats]:
+    """The model's answer loss on batch: (loss to backpropagate, its AnswerStats: the batch's
+    mean loss and answer_loss's counts, read with .resolve()). sp: a SequenceParallelContext
+    the model runs under (the model sees this rank's slice; see parallel_answer_loss), or
+    None. Without sp nothing here waits for the device: the answer rows are gathered at
+    batch.answer_index, whose length the host knows."""
     with autocast(device, dtype):
         if sp is not None:
             logits = model(sp.split(batch.input_ids))  # [B, T_r, V]
         elif isinstance(model, CausalLM):  # uncompiled: the head at the answer positions only
-            picked = model.answer_logits(batch.input_ids, batch.answer_mask)  # [N, V]
+            picked = model.answer_logits(batch.input_ids, batch.answer_index)  # [N, V]
         else:
-            picked = model(batch.input_ids)[batch.answer_mask]  # [B, T, V] -> [N, V]
+            picked = model(batch.input_ids).flatten(0, 1).index_select(0, batch.answer_index)  # [N, V]
     if sp is not None:
         return parallel_answer_loss(logits, batch, sp)
-    loss, counts = picked_answer_loss(picked, batch)
-    return loss, float(loss.detach()), counts  # float() syncs, so step times are real
+    return picked_answer_loss(picked, batch)
 
 
 @torch.no_grad()
@@ -318,7 +341,7 @@ def evaluate(model, task: Task, *, seed: int, batches: int, batch_size: int,
     total_loss, tokens, correct, seqs, exact = 0.0, 0, 0, 0, 0
     for index in range(batches):
         batch = task.batch(split, seed, index, batch_size).to(device)
-        _, loss, c = batch_loss(model, batch, device, dtype, sp)
+        loss, c = batch_loss(model, batch, device, dtype, sp)[1].resolve()
         total_loss += loss * c["tokens"]
         tokens, correct, seqs, exact = (tokens + c["tokens"], correct + c["correct"],
                                         seqs + c["sequences"], exact + c["exact"])
@@ -464,8 +487,10 @@ def _save_checkpoint(path: Path, step: int, model, optimizer, elapsed_s: float) 
 
 
 def _load_checkpoint(path: Path, model, optimizer, device: torch.device) -> tuple[int, float]:
-    """Restore model, optimizer and RNG state in place; returns (step, elapsed seconds).
-    ValueError naming `path` when it is unreadable, incomplete or of another model."""
+    """Restore model, optimizer and RNG state in place; returns (step, elapsed seconds). The
+    optimizer keeps its implementation (fused or not: _make_optimizer's choice for the device
+    the run resumes on). ValueError naming `path` when it is unreadable, incomplete or of
+    another model."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # truncated zip, garbage, a pickle of something else
@@ -474,9 +499,12 @@ def _load_checkpoint(path: Path, model, optimizer, device: torch.device) -> tupl
     if missing:
         raise ValueError(f"{path} is not a complete checkpoint: no {', '.join(missing)}")
     _check_shapes(ckpt["model"], model, path)
+    fused = [g.get("fused") for g in optimizer.param_groups]  # _make_optimizer's, by this device
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, f in zip(optimizer.param_groups, fused):
+            group["fused"] = f  # load_state_dict takes the saved groups' settings, fused included
         torch.set_rng_state(ckpt["torch_rng"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} does not fit this run ({_one_line(e)})") from None
@@ -573,12 +601,16 @@ def _sigint_flag():
 
 def _make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, betas (0.9, cfg.beta2); weight decay on matrices only (not on norms, biases or
-    gates' vectors), or on every parameter with cfg.decay_all (as torch's AdamW by default)."""
+    gates' vectors), or on every parameter with cfg.decay_all (as torch's AdamW by default).
+    Fused (one kernel for every parameter, the step count on the device) when every parameter
+    is on CUDA; elsewhere torch's default implementation."""
     params = list(model.parameters())
     decayed = (lambda p: True) if cfg.decay_all else (lambda p: p.dim() >= 2)
     groups = [{"params": [p for p in params if decayed(p)], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, cfg.beta2),
+                             eps=1e-8, fused=True if on_cuda else None)
 
 
 def model_aux_loss(model):
@@ -592,10 +624,22 @@ def _train_step(model, optimizer, batch: Batch, lr: float, grad_clip: float,
                 device: torch.device, dtype: torch.dtype, sp=None, aux_loss_coef: float = 0.0) -> tuple[float, dict]:
     """One optimizer step on `batch` at learning rate `lr`; returns (loss, answer_loss counts).
     sp: the SequenceParallelContext the model runs under, or None. aux_loss_coef: weight of
-    model_aux_loss in the loss that is backpropagated (the returned loss excludes it)."""
+    model_aux_loss in the loss that is backpropagated (the returned loss excludes it).
+    The step is queued whole (_queue_train_step), then its loss and counts are read once:
+    the step's one wait for the device, so step times are real."""
+    return _queue_train_step(model, optimizer, batch, lr, grad_clip, device, dtype, sp,
+                             aux_loss_coef).resolve()
+
+
+def _queue_train_step(model, optimizer, batch: Batch, lr: float, grad_clip: float,
+                      device: torch.device, dtype: torch.dtype, sp=None,
+                      aux_loss_coef: float = 0.0) -> AnswerStats:
+    """_train_step up to and including optimizer.step(), its loss and counts left on the
+    device (AnswerStats). Without sp (and with a model that reads no values on the host)
+    nothing here waits for the device: the host queues the backward while the forward runs."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss, loss_value, counts = batch_loss(model, batch, device, dtype, sp)
+    loss, stats = batch_loss(model, batch, device, dtype, sp)
     aux = model_aux_loss(model) if aux_loss_coef else None
     if aux is not None:
         loss = loss + aux_loss_coef * aux.float()
@@ -606,7 +650,7 @@ def _train_step(model, optimizer, batch: Batch, lr: float, grad_clip: float,
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return loss_value, counts
+    return stats
 
 
 # -------------------------------------------------------------------- sequence parallelism

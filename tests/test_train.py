@@ -52,13 +52,101 @@ def test_batch_loss_runs_the_head_at_the_answers_only_with_the_same_result():
     torch.manual_seed(0)
     model = CausalLM(LMConfig(vocab_size=40, d_model=16, n_heads=2, mixer="gla", backend="torch")).double()
     batch = task.batch("train", 0, 0, 5)
-    picked = model.answer_logits(batch.input_ids, batch.answer_mask)
+    picked = model.answer_logits(batch.input_ids, batch.answer_index)
     full = model(batch.input_ids)
     torch.testing.assert_close(picked, full[batch.answer_mask], rtol=1e-12, atol=1e-12)
-    loss, value, counts = batch_loss(model, batch, torch.device("cpu"), torch.float32)  # no autocast
+    assert torch.equal(model.answer_logits(batch.input_ids, batch.answer_mask), picked)
+    loss, stats = batch_loss(model, batch, torch.device("cpu"), torch.float32)  # no autocast
+    value, counts = stats.resolve()
     want, want_counts = answer_loss(full, batch)
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-9)
     assert counts == want_counts and value == pytest.approx(want.item(), rel=1e-6)
+
+
+def _reference_step(model, opt, batch, lr, grad_clip, full_logits):
+    """The training step in its boolean-mask form: answer rows by boolean indexing, the
+    sequence of each answer by mask.nonzero(), each count and the loss read on the host
+    before the backward."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    mask = batch.answer_mask
+    if full_logits:
+        picked = model(batch.input_ids)[mask]
+    else:
+        picked = model._logits(model._hidden(batch.input_ids, None)[mask])
+    targets = batch.targets[mask]
+    loss = F.cross_entropy(picked.float(), targets)
+    with torch.no_grad():
+        right = picked.argmax(dim=-1) == targets
+        rows = mask.nonzero()[:, 0]
+        wrong_per_seq = torch.zeros(mask.shape[0], dtype=torch.long).index_add_(0, rows, (~right).long())
+        counts = {"tokens": int(mask.sum()), "correct": int(right.sum()), "sequences": mask.shape[0],
+                  "exact": int((wrong_per_seq == 0).sum())}
+    value = float(loss.detach())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return value, counts
+
+
+class _FullLogits(torch.nn.Module):
+    """A model that is not a CausalLM (as a compiled one): batch_loss takes its full logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids)
+
+
+@pytest.mark.parametrize("full_logits", [False, True], ids=["head_at_answers", "full_logits"])
+def test_train_step_equals_the_boolean_mask_step_bitwise(full_logits):
+    """Four steps of _train_step (answer rows gathered at Batch.answer_index, counts read once
+    after optimizer.step()) against _reference_step: the same losses, counts and final
+    weights, bit for bit, on the CPU; one batch has a sequence without answers."""
+    from linattn.models import CausalLM
+    from linattn.train import _train_step
+
+    model_cfg, task, cfg = tiny()
+    batches = [task.batch("train", 0, i, 6) for i in range(4)]
+    mask = batches[2].answer_mask.clone()
+    mask[1] = False
+    batches[2] = Batch(batches[2].input_ids, batches[2].targets, mask)
+    runs = []
+    for step in (_train_step, _reference_step):
+        torch.manual_seed(0)
+        model = CausalLM(model_cfg)
+        opt = _make_optimizer(model, cfg)
+        run = _FullLogits(model) if full_logits else model
+        if step is _train_step:
+            out = [step(run, opt, b, 1e-2, 1.0, torch.device("cpu"), torch.float32) for b in batches]
+        else:
+            out = [step(run, opt, b, 1e-2, 1.0, full_logits) for b in batches]
+        runs.append((out, model.state_dict()))
+    (got, got_w), (want, want_w) = runs
+    assert got == want
+    assert all(isinstance(v, float) and all(isinstance(n, int) for n in c.values()) for v, c in got)
+    assert got[2][1]["exact"] == want[2][1]["exact"] and got[2][1]["tokens"] < got[1][1]["tokens"]
+    assert_same_weights(got_w, want_w)
+
+
+def test_a_resumed_optimizer_keeps_its_devices_implementation(tmp_path):
+    """A checkpoint of a fused (CUDA) optimizer resumes on the CPU with torch's default AdamW:
+    load_state_dict would take the saved groups' fused flag."""
+    from linattn.models import CausalLM
+    from linattn.train import _load_checkpoint, _save_checkpoint
+
+    model_cfg, _, cfg = tiny()
+    model = CausalLM(model_cfg)
+    opt = _make_optimizer(model, cfg)
+    for group in opt.param_groups:
+        group["fused"] = True  # as a CUDA run saves it
+    _save_checkpoint(tmp_path / "checkpoint.pt", 3, model, opt, 1.0)
+    fresh = _make_optimizer(model, cfg)
+    assert _load_checkpoint(tmp_path / "checkpoint.pt", model, fresh, torch.device("cpu"))[0] == 3
+    assert [g["fused"] for g in fresh.param_groups] == [None, None]
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -91,6 +179,7 @@ def test_optimizer_decays_matrices_or_every_parameter():
         (1, 0.1, (0.9, 0.95)), (3, 0.0, (0.9, 0.95))]
     groups = _make_optimizer(model, TrainConfig(weight_decay=0.1, decay_all=True, beta2=0.999)).param_groups
     assert [(len(g["params"]), g["weight_decay"], g["betas"]) for g in groups] == [(4, 0.1, (0.9, 0.999))]
+    assert [g["fused"] for g in groups] == [None]  # fused on CUDA only: the CPU keeps torch's default
 
 
 @pytest.mark.parametrize("bad,match", [(dict(steps=0), "steps"), (dict(lr=0), "lr"),

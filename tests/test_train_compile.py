@@ -4,6 +4,7 @@ CPU (CI): compile_model captures the graph with backend="aot_eager" on the CPU (
 C++ code generation would take minutes on CI's two cores; the capture, fullgraph, is what is
 tested). GPU (marked gpu): the MQAR model's step under mode="reduce-overhead" (CUDA graphs).
 """
+import math
 import time
 
 import pytest
@@ -13,8 +14,8 @@ import helpers
 from linattn.cli import _build_parser, build_run
 from linattn.models import CausalLM, LMConfig
 from linattn.tasks import make_task
-from linattn.train import (TrainConfig, _make_optimizer, _train_step, compile_model,
-                           model_config_for, train)
+from linattn.train import (TrainConfig, _make_optimizer, _queue_train_step, _train_step,
+                           compile_model, model_config_for, train)
 
 
 def _tiny(compile_mode):
@@ -122,3 +123,33 @@ def test_gpu_mqar_step_reduce_overhead_matches_eager():
     (l_got, g_got, _), (l_ref, g_eager, _) = results["reduce-overhead"], results["none"]
     assert l_got == pytest.approx(l_ref, rel=2e-2)
     helpers.assert_no_worse_than_eager(g_got, g_eager, results["oracle"], 5, "grad of")
+
+
+@pytest.mark.gpu
+def test_gpu_mqar_step_queues_without_a_host_sync():
+    """The MQAR model's eager bf16 step (4 layers, d_model 128, T 256, batch 128, Gated
+    DeltaNet, fused AdamW) waits for the device nowhere between the batch's move and
+    optimizer.step(): under torch.cuda.set_sync_debug_mode("error") any op that syncs the
+    host (a boolean mask's indexing, nonzero, .item(), a pageable copy) raises. One step runs
+    first, outside the check: a shape's first call builds the Triton ops' chunk layouts (one
+    host-to-device copy, then cached), compiles the kernels and creates the cuBLAS handles.
+    The loss and counts are read once, after the checked region (AnswerStats.resolve())."""
+    dev = torch.device("cuda")
+    task = make_task("mqar", pairs=16, seq_len=256, vocab=256)
+    torch.manual_seed(0)
+    model = CausalLM(LMConfig(vocab_size=task.vocab_size, d_model=128, n_layers=4, n_heads=2,
+                              mixer="gated_deltanet", max_seq_len=256)).to(dev)
+    opt = _make_optimizer(model, TrainConfig(lr=1e-3))
+    assert all(group["fused"] for group in opt.param_groups)
+    _train_step(model, opt, task.batch("train", 0, 0, 128).to(dev), 1e-3, 1.0, dev, torch.bfloat16)
+    batch = task.batch("train", 0, 1, 128).to(dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = _queue_train_step(model, opt, batch, 1e-3, 1.0, dev, torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    loss, counts = stats.resolve()
+    assert math.isfinite(loss)
+    assert counts["tokens"] == batch.answer_count == int(batch.answer_mask.sum())
+    assert counts["sequences"] == 128 and 0 <= counts["exact"] <= counts["sequences"]

@@ -69,8 +69,9 @@ class CausalLM(nn.Module):
     forward(input_ids [B, T] int64, cu_seqlens=None) -> logits [B, T, vocab_size], float32
         (float64 for a float64 model). cu_seqlens (int32/int64 [N+1], B == 1) packs N
         independent sequences along T.
-    answer_logits(input_ids, mask) -> [N, vocab_size]: forward's logits at the N positions of
-        mask [B, T] (bool), the head computed there only (a trainer scoring a few positions).
+    answer_logits(input_ids, positions) -> [N, vocab_size]: forward's logits at N positions
+        (flat indices [N] into B * T, or a bool mask [B, T]), the head computed there only (a
+        trainer scoring a few positions).
     forward_with_state(input_ids, state=None) -> (logits, state): the same, continuing from
         and returning the per-layer mixer states (a list, one entry per layer; None starts a
         new sequence), so prompts and generated tokens can be fed a chunk at a time.
@@ -168,10 +169,18 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         return self._logits(self._hidden(input_ids, cu_seqlens))
 
-    def answer_logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The logits forward(input_ids) has at the positions mask [B, T] (bool) selects,
-        [N, vocab_size] in row-major order; the head runs at those positions only."""
-        return self._logits(self._hidden(input_ids, None)[mask])
+    def answer_logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The logits forward(input_ids) has at `positions`, [N, vocab_size]; the head runs
+        there only. positions: flat indices [N] (int64, b * T + t; Batch.answer_index), rows
+        taken in their order with N known on the host, or a mask [B, T] (bool), its True
+        positions in row-major order (counting them reads the mask on the host)."""
+        h = self._hidden(input_ids, None)  # [B, T, d]
+        if positions.dtype == torch.bool:
+            return self._logits(h[positions])
+        if positions.dim() != 1 or positions.dtype not in (torch.int64, torch.int32):
+            raise TypeError("positions must be flat indices [N] (int64) or a bool mask [B, T], got "
+                            f"{positions.dtype} of shape {tuple(positions.shape)}")
+        return self._logits(h.flatten(0, 1).index_select(0, positions))  # [N, d] -> [N, V]
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
              cu_seqlens: torch.Tensor | None = None, reduction: str = "mean",

@@ -1,9 +1,10 @@
 """Synthetic tasks that separate linear-attention architectures, generated from a seed.
 
 Every task is a dataclass of knobs with `.batch(split, seed, index, batch_size)` returning a
-`Batch` (input_ids, targets [B, T] int64, answer_mask [B, T] bool; see tasks.batch): a pure
-function of its arguments, with train and test batches drawn from disjoint seeds. Loss and
-accuracy count answer tokens only.
+`Batch` (input_ids, targets [B, T] int64, answer_mask [B, T] bool, answer_index [N] int64:
+the mask's positions as flat indices; see tasks.batch): a pure function of its arguments,
+with train and test batches drawn from disjoint seeds. Loss and accuracy count answer tokens
+only.
 
     mqar        multi-query associative recall (knobs: pairs, seq_len, vocab, queries)
     arithmetic  n-digit by m-digit add / sub / mul (digits, digits_b, op, order, tokenization)

@@ -5,6 +5,11 @@ A task builds `content` [B, T] (the tokens a model should read and emit) and a b
 next-token form: input_ids = [BOS, content[:-1]] and targets = content, so the logits at
 position t predict targets[t] and loss/accuracy count only where answer_mask is True.
 
+A Batch also carries `answer_index`, the answer positions as flat indices into B * T,
+computed from the mask where the batch is built (on the CPU) and moved with it: the trainer
+gathers the answer rows with them, N = answer_count known on the host, so a step on the GPU
+never waits for the device to count the mask.
+
 Seeding: a batch is a pure function of (split, seed, index) -- no generator state carries
 over from one batch to the next, so a resumed run sees exactly the data an uninterrupted run
 would. Train and test batches come from disjoint seed sets by construction: the batch seed
@@ -14,7 +19,7 @@ a seed, which would make distinct batch seeds collide).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,14 +34,27 @@ MAX_SEED = 2**30  # so that every batch seed fits torch's 63-bit seeds
 class Batch:
     """One batch of a synthetic task.
 
-    input_ids:   [B, T] int64, what the model reads (starts with BOS)
-    targets:     [B, T] int64, the token to predict at each position (the next token)
-    answer_mask: [B, T] bool, True where targets[t] is an answer token (scored)
+    input_ids:    [B, T] int64, what the model reads (starts with BOS)
+    targets:      [B, T] int64, the token to predict at each position (the next token)
+    answer_mask:  [B, T] bool, True where targets[t] is an answer token (scored)
+    answer_index: [N] int64, the mask's True positions as flat indices b * T + t, in
+                  row-major order (mask.nonzero()'s); computed from answer_mask when not
+                  given (a host read of the mask: build batches on the CPU, then move them)
+    answer_count: N, a Python int (the index's length: no device read)
     """
 
     input_ids: torch.Tensor
     targets: torch.Tensor
     answer_mask: torch.Tensor
+    answer_index: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.answer_index is None:
+            object.__setattr__(self, "answer_index", answer_positions(self.answer_mask))
+
+    @property
+    def answer_count(self) -> int:
+        return self.answer_index.shape[0]
 
     @staticmethod
     def from_content(content: torch.Tensor, is_answer: torch.Tensor) -> "Batch":
@@ -46,7 +64,16 @@ class Batch:
         return Batch(input_ids, content.clone(), is_answer.clone())
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.targets.to(device), self.answer_mask.to(device))
+        return Batch(self.input_ids.to(device), self.targets.to(device), self.answer_mask.to(device),
+                     self.answer_index.to(device))
+
+
+def answer_positions(mask: torch.Tensor) -> torch.Tensor:
+    """mask [B, T] bool -> [N] int64: the flat indices b * T + t of its True entries, in
+    row-major order (mask.nonzero()'s rows as b * T + t)."""
+    if mask.dim() != 2:
+        raise ValueError(f"answer_mask must be [B, T], got shape {tuple(mask.shape)}")
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 def batch_seed(split: str, seed: int, index: int) -> int:
