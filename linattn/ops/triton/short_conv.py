@@ -19,6 +19,18 @@ TILES_PER_PROGRAM row tiles of one channel block, the loop pipelined; the backwa
 dw in float32 registers and the launcher sums the programs' partials (no atomics:
 deterministic). dcache is the dx sum at the W-1 positions before S.
 
+Fused L2 norm (norm_channels NC > 0, groups of G channels, G a power of two in [16, 256]):
+the output channels c < NC are L2-normalised per group after the activation,
+
+    s = silu(z),  n = max(||s||, eps),  y = s / n          (eps = CONV_NORM_EPS)
+    ds = (dy - y <dy, y>) / n  where ||s|| > eps,  ds = dy / eps where clamped,
+    dz = ds * silu'(z),
+
+and channels c >= NC are the plain conv. Such a launch tiles channels in blocks of BC = G, so
+a tile holds whole groups and the norms are row sums inside it; a channel block below NC runs
+the normalised loop, the others the plain one (a branch on the block index). dz at a row
+needs its whole group's z, which the backward already recomputes for silu'(z).
+
 The ops are torch custom ops (linattn::short_conv_fwd / short_conv_bwd) so torch.compile
 traces through them; linattn.ops.fused.short_conv is the entry point.
 """
@@ -31,10 +43,13 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
+from ..fused import CONV_NORM_EPS
 
 BLOCK_T = 16            # rows per tile
 BLOCK_C = 64            # channels per tile (128 contiguous bytes of a 16-bit row)
 NUM_WARPS = 8           # 4 elements of a [BLOCK_T, BLOCK_C] tile per thread
+MAX_WARPS = 16          # a normalised launch's tile [BLOCK_T, G]: 4 elements per thread up to G 128
+NORM_GROUPS = (16, 32, 64, 128, 256)  # group sizes the fused norm tiles (BC = G)
 TILES_PER_PROGRAM = 16  # row tiles one program walks (a backward's dw partial covers them)
 LOOP_STAGES = 2         # the row-tile loop loads one tile ahead (backward on sm_90 at bf16:
                         # 112 registers, 44 KB shared memory, 2 programs per SM)
@@ -99,22 +114,39 @@ def _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.c
 
 
 @triton.jit
+def _l2(s, EPS: tl.constexpr):
+    """Each row's max(||s||, EPS) over the tile's channels (one group), float32 [R]."""
+    return tl.maximum(tl.sqrt(tl.sum(s * s, axis=1)), EPS)
+
+
+@triton.jit
 def _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr,
-        SILU: tl.constexpr):
-    """dz at rows v [R] where ok (0 elsewhere), float32 [R, BC]: dy, times silu'(z) with SiLU."""
+        SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
+    """dz at rows v [R] where ok (0 elsewhere), float32 [R, BC]: dy, through the group's L2
+    norm when NORMED, times silu'(z) with SiLU."""
     g = tl.load(dy + v[:, None] * C + c[None, :], mask=ok[:, None] & mc[None, :],
                 other=0.0).to(tl.float32)
-    if SILU:
-        # recompute z from the shifted inputs, then silu'(z) = s (1 + z (1 - s))
+    if SILU or NORMED:
+        # recompute z from the shifted inputs (rows outside ok read as 0)
         z = _conv_z(x, cache, w, v, S, n, ok, c, mc, C, W, HAS_CACHE)
         sg = tl.sigmoid(z)
-        g = g * sg * (1.0 + z * (1.0 - sg))
+        if NORMED:
+            # the norm's backward: ds = (dy - y <dy, y>) / n, the projection off where clamped
+            s = z * sg if SILU else z
+            nrm = _l2(s, EPS)
+            y = s / nrm[:, None]
+            gy = tl.where(nrm > EPS, tl.sum(g * y, axis=1), 0.0)
+            g = (g - y * gy[:, None]) / nrm[:, None]
+        if SILU:
+            # silu'(z) = s (1 + z (1 - s))
+            g = g * sg * (1.0 + z * (1.0 - sg))
     return g
 
 
 @triton.jit
 def _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W: tl.constexpr,
-              HAS_CACHE: tl.constexpr, SILU: tl.constexpr):
+              HAS_CACHE: tl.constexpr, SILU: tl.constexpr, NORMED: tl.constexpr,
+              EPS: tl.constexpr):
     """sum_{j<W-1} w[:, j] dz_{v0 + W-1-j} over rows in [S, E): the cotangent the later
     outputs send to the inputs at rows v0 (float32 [R, BC]; tap W-1 is the row's own)."""
     acc = tl.zeros([v0.shape[0], c.shape[0]], dtype=tl.float32)
@@ -123,58 +155,113 @@ def _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W: tl.constexpr,
         v = v0 + (W - 1 - j)
         ok = mr & (v >= S) & (v < E)
         wj = tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32)
-        acc += wj[None, :] * _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W, HAS_CACHE, SILU)
+        acc += wj[None, :] * _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W, HAS_CACHE, SILU,
+                                 NORMED, EPS)
     return acc
 
 
 @triton.jit
-def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, W: tl.constexpr, BT: tl.constexpr,
-                          BC: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
-                          HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr, SILU: tl.constexpr):
-    """Row tiles pid*STEPS ... pid*STEPS + STEPS-1 of BT rows x BC channels of batch b (grid
-    cdiv(cdiv(T, BT), STEPS) x cdiv(C, BC) x B), the loop on STAGES pipeline stages."""
-    b = tl.program_id(2).to(tl.int64)
-    c, mc = _cols(C, BC)
-    it0 = tl.program_id(0) * STEPS
+def _fwd_tiles(x, w, cache, y, cu, seq_id, b, c, mc, it0, T, C, W: tl.constexpr,
+               BT: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
+               HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr, SILU: tl.constexpr,
+               NORMED: tl.constexpr, EPS: tl.constexpr):
+    """y of row tiles it0 ... it0 + STEPS-1 (channels c of batch b), each row's group
+    L2-normalised when NORMED."""
     for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
-        # the conv, then the activation, rounded once
+        # the conv, then the activation
         z = _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W, HAS_CACHE)
         if SILU:
             z = z * tl.sigmoid(z)
+        if NORMED:
+            # each row's group over its norm (masked rows are 0 and stay 0)
+            z = z / _l2(z, EPS)[:, None]
+        # rounded once
         tl.store(y + u[:, None] * C + c[None, :], z.to(y.dtype.element_ty),
                  mask=mr[:, None] & mc[None, :])
 
 
 @triton.jit
-def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NP, W: tl.constexpr,
-                          WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                          STEPS: tl.constexpr, STAGES: tl.constexpr, HAS_CACHE: tl.constexpr,
-                          VARLEN: tl.constexpr, SILU: tl.constexpr):
-    """dx of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block pid1, batch b (grid
-    NP x cdiv(C, BC) x B); their dw[c, j] into dwp[b * NP + pid, c, j] (float32). The tile
-    loop runs on STAGES pipeline stages (loads of the next tiles in flight)."""
-    tl.static_assert(WP >= W)
+def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, NC, W: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
+                          STAGES: tl.constexpr, HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr,
+                          SILU: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr):
+    """Row tiles pid*STEPS ... pid*STEPS + STEPS-1 of BT rows x BC channels of batch b (grid
+    cdiv(cdiv(T, BT), STEPS) x cdiv(C, BC) x B), the loop on STAGES pipeline stages. With
+    NORM, BC is the group size and channel blocks below NC are L2-normalised per row."""
     b = tl.program_id(2).to(tl.int64)
     c, mc = _cols(C, BC)
+    it0 = tl.program_id(0) * STEPS
+    if NORM:
+        tl.static_assert((BC & (BC - 1)) == 0)  # G a power of two in [16, 256]
+        tl.static_assert(BC <= 256)
+        # the block's channels are one group below NC, plain above
+        if tl.program_id(1) * BC < NC:
+            _fwd_tiles(x, w, cache, y, cu, seq_id, b, c, mc, it0, T, C, W, BT, STEPS, STAGES,
+                       HAS_CACHE, VARLEN, SILU, True, EPS)
+        else:
+            _fwd_tiles(x, w, cache, y, cu, seq_id, b, c, mc, it0, T, C, W, BT, STEPS, STAGES,
+                       HAS_CACHE, VARLEN, SILU, False, EPS)
+    else:
+        _fwd_tiles(x, w, cache, y, cu, seq_id, b, c, mc, it0, T, C, W, BT, STEPS, STAGES,
+                   HAS_CACHE, VARLEN, SILU, False, EPS)
+
+
+@triton.jit
+def _bwd_tiles(dy, x, w, cache, dx, cu, seq_id, b, c, mc, it0, T, C, W: tl.constexpr,
+               WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
+               STAGES: tl.constexpr, HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr,
+               SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
+    """dx of row tiles it0 ... it0 + STEPS-1 (channels c of batch b); returns their dw
+    partial, float32 [WP, BC] (rows j >= W are 0)."""
     jw = tl.arange(0, WP)
     # tap W-1 (the row's own input) and the float32 dw partial [WP, BC]
     wl = tl.load(w + c * W + (W - 1), mask=mc, other=0.0).to(tl.float32)
     dw = tl.zeros([WP, BC], dtype=tl.float32)
-    it0 = tl.program_id(0) * STEPS
     for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
         # dz at the tile's own rows (all in their sequence)
-        g = _dz(dy, x, cache, w, u, mr, S, n, c, mc, C, W, HAS_CACHE, SILU)
+        g = _dz(dy, x, cache, w, u, mr, S, n, c, mc, C, W, HAS_CACHE, SILU, NORMED, EPS)
         # dw[:, j] += sum over the tile of dz_t x_{t-(W-1-j)}
         for j in tl.static_range(W):
             xs = _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, W, HAS_CACHE)
             dw += tl.where(jw[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
         # dx: the own row through tap W-1, the later rows' dz through the others
         acc = wl[None, :] * g + _dx_later(dy, x, cache, w, u, mr, S, E, n, c, mc, C, W,
-                                          HAS_CACHE, SILU)
+                                          HAS_CACHE, SILU, NORMED, EPS)
         tl.store(dx + u[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
                  mask=mr[:, None] & mc[None, :])
+    return dw
+
+
+@triton.jit
+def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NP, NC, W: tl.constexpr,
+                          WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                          STEPS: tl.constexpr, STAGES: tl.constexpr, HAS_CACHE: tl.constexpr,
+                          VARLEN: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
+                          EPS: tl.constexpr):
+    """dx of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block pid1, batch b (grid
+    NP x cdiv(C, BC) x B); their dw[c, j] into dwp[b * NP + pid, c, j] (float32). The tile
+    loop runs on STAGES pipeline stages (loads of the next tiles in flight). With NORM, BC is
+    the group size and channel blocks below NC go through the per-row L2 norm."""
+    tl.static_assert(WP >= W)
+    b = tl.program_id(2).to(tl.int64)
+    c, mc = _cols(C, BC)
+    jw = tl.arange(0, WP)
+    it0 = tl.program_id(0) * STEPS
+    if NORM:
+        tl.static_assert((BC & (BC - 1)) == 0)  # G a power of two in [16, 256]
+        tl.static_assert(BC <= 256)
+        # the block's channels are one group below NC, plain above
+        if tl.program_id(1) * BC < NC:
+            dw = _bwd_tiles(dy, x, w, cache, dx, cu, seq_id, b, c, mc, it0, T, C, W, WP, BT,
+                            BC, STEPS, STAGES, HAS_CACHE, VARLEN, SILU, True, EPS)
+        else:
+            dw = _bwd_tiles(dy, x, w, cache, dx, cu, seq_id, b, c, mc, it0, T, C, W, WP, BT,
+                            BC, STEPS, STAGES, HAS_CACHE, VARLEN, SILU, False, EPS)
+    else:
+        dw = _bwd_tiles(dy, x, w, cache, dx, cu, seq_id, b, c, mc, it0, T, C, W, WP, BT, BC,
+                        STEPS, STAGES, HAS_CACHE, VARLEN, SILU, False, EPS)
     # the partial of this program, [W, BC] of row b * NP + pid of dwp [B * NP, C, W]
     base = (b * NP + tl.program_id(0)) * C * W
     tl.store(dwp + base + c[None, :] * W + jw[:, None], dw,
@@ -182,10 +269,11 @@ def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NP, W: tl.
 
 
 @triton.jit
-def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, W: tl.constexpr,
+def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, NC, W: tl.constexpr,
                              WP: tl.constexpr, BC: tl.constexpr, VARLEN: tl.constexpr,
-                             SILU: tl.constexpr):
-    """dcache of sequence n (grid N x cdiv(C, BC)): dx's sum at the W-1 positions before S."""
+                             SILU: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr):
+    """dcache of sequence n (grid N x cdiv(C, BC)): dx's sum at the W-1 positions before S
+    (through the per-row L2 norm for channel blocks below NC with NORM, BC the group size)."""
     tl.static_assert(WP >= 16)
     n = tl.program_id(0).to(tl.int64)
     c, mc = _cols(C, BC)
@@ -199,7 +287,18 @@ def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, W: tl.constexpr,
         S = n * T
         E = S + T
     # the cache slots are rows S-(W-1) ... S-1: only later rows' dz reach them
-    acc = _dx_later(dy, x, cache, w, S - (W - 1) + r, mr, S, E, n, c, mc, C, W, True, SILU)
+    v0 = S - (W - 1) + r
+    if NORM:
+        tl.static_assert((BC & (BC - 1)) == 0)  # G a power of two in [16, 256]
+        tl.static_assert(BC <= 256)
+        # the block's channels are one group below NC, plain above
+        if tl.program_id(1) * BC < NC:
+            acc = _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W, True, SILU, True, EPS)
+        else:
+            acc = _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W, True, SILU, False,
+                            EPS)
+    else:
+        acc = _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W, True, SILU, False, EPS)
     tl.store(dcache + (n * (W - 1) + r)[:, None] * C + c[None, :],
              acc.to(dcache.dtype.element_ty), mask=mr[:, None] & mc[None, :])
 
@@ -212,27 +311,42 @@ def _seq_table(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True).to(torch.int32)
 
 
-def _launch_fwd(x, weight, cache, cu_seqlens, silu):
+def _tiling(C: int, norm_channels: int, norm_group: int) -> tuple[int, int, bool]:
+    """(channels per tile, warps, whether the launch normalises): BLOCK_C for the plain conv;
+    the group size G for a normalised one, with warps for 4 tile elements a thread."""
+    if not norm_channels:
+        return BLOCK_C, NUM_WARPS, False
+    if norm_group not in NORM_GROUPS or norm_channels % norm_group or norm_channels > C:
+        raise ValueError(f"the fused conv norm takes groups G in {NORM_GROUPS} tiling "
+                         f"norm_channels <= C = {C}, got G={norm_group}, "
+                         f"norm_channels={norm_channels}")
+    warps = max(1, min(MAX_WARPS, BLOCK_T * norm_group // (4 * 32)))
+    return norm_group, warps, True
+
+
+def _launch_fwd(x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     B, T, C = x.shape
     W = weight.shape[1]
+    BC, warps, norm = _tiling(C, norm_channels, norm_group)
     x, weight = x.contiguous(), weight.contiguous()
     y = empty(x.shape, dtype=x.dtype, device=x.device)
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
-    grid = (triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM), triton.cdiv(C, BLOCK_C), B)
+    grid = (triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM), triton.cdiv(C, BC), B)
     if T and C:
         short_conv_fwd_kernel[grid](
             x, weight, cache.contiguous() if has_cache else x, y,
-            cu_seqlens if varlen else x, seq_id, T, C, W=W, BT=BLOCK_T, BC=BLOCK_C,
+            cu_seqlens if varlen else x, seq_id, T, C, norm_channels, W=W, BT=BLOCK_T, BC=BC,
             STEPS=TILES_PER_PROGRAM, STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen,
-            SILU=silu, num_warps=NUM_WARPS)
+            SILU=silu, NORM=norm, EPS=CONV_NORM_EPS, num_warps=warps)
     return y
 
 
-def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu):
+def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     B, T, C = x.shape
     W = weight.shape[1]
+    BC, warps, norm = _tiling(C, norm_channels, norm_group)
     dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
@@ -243,19 +357,20 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu):
     dwp = empty(B * NP, C, W, dtype=torch.float32, device=x.device)
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     if T and C:
-        short_conv_bwd_kernel[(NP, triton.cdiv(C, BLOCK_C), B)](
-            dy, x, weight, cache_arg, dx, dwp, cu, seq_id, T, C, NP, W=W,
-            WP=triton.next_power_of_2(W), BT=BLOCK_T, BC=BLOCK_C, STEPS=TILES_PER_PROGRAM,
-            STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu,
-            num_warps=NUM_WARPS)
+        short_conv_bwd_kernel[(NP, triton.cdiv(C, BC), B)](
+            dy, x, weight, cache_arg, dx, dwp, cu, seq_id, T, C, NP, norm_channels, W=W,
+            WP=triton.next_power_of_2(W), BT=BLOCK_T, BC=BC, STEPS=TILES_PER_PROGRAM,
+            STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu, NORM=norm,
+            EPS=CONV_NORM_EPS, num_warps=warps)
     dw = dwp.sum(0).to(weight.dtype)                                # [C, W]
     if cache is None:
         return dx, dw, x.new_empty(0)
     dcache = empty(cache.shape, dtype=cache.dtype, device=x.device)
     if has_cache and cache.shape[0] and C:
-        short_conv_dcache_kernel[(cache.shape[0], triton.cdiv(C, BLOCK_C))](
-            dy, x, weight, cache_arg, dcache, cu, T, C, W=W,
-            WP=max(16, triton.next_power_of_2(W - 1)), BC=BLOCK_C, VARLEN=varlen, SILU=silu)
+        short_conv_dcache_kernel[(cache.shape[0], triton.cdiv(C, BC))](
+            dy, x, weight, cache_arg, dcache, cu, T, C, norm_channels, W=W,
+            WP=max(16, triton.next_power_of_2(W - 1)), BC=BC, VARLEN=varlen, SILU=silu,
+            NORM=norm, EPS=CONV_NORM_EPS)
     return dx, dw, dcache
 
 
@@ -263,41 +378,45 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu):
 
 @torch.library.custom_op("linattn::short_conv_fwd", mutates_args=())
 def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, cache: Optional[torch.Tensor],
-                   cu_seqlens: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
+                   cu_seqlens: Optional[torch.Tensor], silu: bool, norm_channels: int,
+                   norm_group: int) -> torch.Tensor:
     """y [B, T, C] in x's dtype. x [B, T, C]; weight [C, W]; cache [B or N, W-1, C] or None;
-    cu_seqlens int32/int64 [N+1] (B == 1) or None."""
-    return _launch_fwd(x, weight, cache, cu_seqlens, silu)
+    cu_seqlens int32/int64 [N+1] (B == 1) or None; the first norm_channels output channels
+    L2-normalised in groups of norm_group (a power of two in [16, 256]; 0: none)."""
+    return _launch_fwd(x, weight, cache, cu_seqlens, silu, norm_channels, norm_group)
 
 
 @short_conv_fwd.register_fake
-def _(x, weight, cache, cu_seqlens, silu):
+def _(x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("linattn::short_conv_bwd", mutates_args=())
 def short_conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                    cache: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                   silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   silu: bool, norm_channels: int,
+                   norm_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx like x, dweight like weight, dcache like cache, or an empty tensor without one)."""
-    return _launch_bwd(dy, x, weight, cache, cu_seqlens, silu)
+    return _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_group)
 
 
 @short_conv_bwd.register_fake
-def _(dy, x, weight, cache, cu_seqlens, silu):
+def _(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     return (torch.empty_like(x), torch.empty_like(weight),
             torch.empty_like(cache) if cache is not None else x.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
-    x, weight, cache, cu_seqlens, silu = inputs
+    x, weight, cache, cu_seqlens, silu, norm_channels, norm_group = inputs
     ctx.save_for_backward(x, weight, cache, cu_seqlens)
-    ctx.silu = silu
+    ctx.silu, ctx.norm_channels, ctx.norm_group = silu, norm_channels, norm_group
 
 
 def _backward(ctx, dy):
     x, weight, cache, cu_seqlens = ctx.saved_tensors
-    dx, dw, dcache = short_conv_bwd(dy, x, weight, cache, cu_seqlens, ctx.silu)
-    return dx, dw, (dcache if cache is not None else None), None, None
+    dx, dw, dcache = short_conv_bwd(dy, x, weight, cache, cu_seqlens, ctx.silu,
+                                    ctx.norm_channels, ctx.norm_group)
+    return dx, dw, (dcache if cache is not None else None), None, None, None, None
 
 
 short_conv_fwd.register_autograd(_backward, setup_context=_setup)
