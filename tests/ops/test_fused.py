@@ -380,25 +380,17 @@ def test_pieces_trace_without_graph_breaks():
 @GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_short_conv_gpu(dtype, varlen):
-    """The DeltaNet conv of the 12-layer d_model 768 model: C = 2304, 8 x 2048 tokens."""
+@pytest.mark.parametrize("norm_channels", [0, 1536], ids=["plain", "qk-l2"])
+def test_short_conv_gpu(dtype, varlen, norm_channels):
+    """The DeltaNet conv of the 12-layer d_model 768 model: C = 2304, 8 x 2048 tokens; with
+    q and k L2-normalised per head of 128 inside it (qk-l2) or not."""
     lengths = [2048, 1, 0, 3000, 11283] if varlen else None
     inputs, names = _conv_inputs(8, 2048, 2304, 4, lengths, cache=True, device="cuda")
-    helpers.check_against_oracle(_conv_fn("auto", "silu"), _conv_oracle_fn("silu"), inputs,
+    G = 128 if norm_channels else 0
+    helpers.check_against_oracle(_conv_fn("auto", "silu", norm_channels, G),
+                                 _conv_oracle_fn("silu", norm_channels, max(G, 1)), inputs,
                                  dtype=dtype, grad_names=names, activations=("x", "cache"),
                                  device="cuda")
-
-
-@GPU
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("varlen", [False, True])
-def test_short_conv_l2_gpu(dtype, varlen):
-    """That conv with DeltaNet's q and k L2-normalised per head of 128 inside it."""
-    lengths = [2048, 1, 0, 3000, 11283] if varlen else None
-    inputs, names = _conv_inputs(8, 2048, 2304, 4, lengths, cache=True, device="cuda")
-    helpers.check_against_oracle(_conv_fn("auto", "silu", 1536, 128),
-                                 _conv_oracle_fn("silu", 1536, 128), inputs, dtype=dtype,
-                                 grad_names=names, activations=("x", "cache"), device="cuda")
 
 
 @GPU
