@@ -128,6 +128,8 @@ CONV_NORM_CASES = [  # (B, T, C, W, lengths, cache, activation, norm_channels, n
     (2, 1, 32, 4, None, True, "silu", 32, 16),
     # several backward programs along T
     (1, 0, 40, 4, [250, 3, 90], True, "silu", 32, 16),
+    # DeltaNet's heads of 128 (a plain block half past C)
+    (1, 5, 320, 4, None, True, "silu", 256, 128),
     # a group the kernel does not tile: the norm after the conv
     (2, 20, 30, 4, None, True, "silu", 24, 12),
 ]

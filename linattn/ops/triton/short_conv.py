@@ -26,10 +26,10 @@ the output channels c < NC are L2-normalised per group after the activation,
     ds = (dy - y <dy, y>) / n  where ||s|| > eps,  ds = dy / eps where clamped,
     dz = ds * silu'(z),
 
-and channels c >= NC are the plain conv. Such a launch tiles channels in blocks of BC = G, so
-a tile holds whole groups and the norms are row sums inside it; a channel block below NC runs
-the normalised loop, the others the plain one (a branch on the block index). dz at a row
-needs its whole group's z, which the backward already recomputes for silu'(z).
+and channels c >= NC are the plain conv. Each kernel then runs as two launches over channel
+ranges: [0, NC) in tiles of BC = G channels (NORMED; a tile holds whole groups, so the norms
+are row sums inside it) and [NC, C) in tiles of BLOCK_C as without the norm. dz at a row needs
+its whole group's z, which the backward recomputes as it does for silu'(z).
 
 The ops are torch custom ops (linattn::short_conv_fwd / short_conv_bwd) so torch.compile
 traces through them; linattn.ops.fused.short_conv is the entry point.
@@ -48,8 +48,13 @@ from ..fused import CONV_NORM_EPS
 BLOCK_T = 16            # rows per tile
 BLOCK_C = 64            # channels per tile (128 contiguous bytes of a 16-bit row)
 NUM_WARPS = 8           # 4 elements of a [BLOCK_T, BLOCK_C] tile per thread
-MAX_WARPS = 16          # a normalised launch's tile [BLOCK_T, G]: 4 elements per thread up to G 128
-NORM_GROUPS = (16, 32, 64, 128, 256)  # group sizes the fused norm tiles (BC = G)
+# warps of a group tile [BLOCK_T, G] by G (the fused norm's group sizes): 4 elements a thread
+# as the plain tile up to G 128 (at bf16 on sm_90: 108 registers, no spills); G 256 at 8
+# warps of 255 registers spills least (benchmarks/sm90_compile_check.py)
+GROUP_WARPS = {16: 2, 32: 4, 64: 8, 128: 16, 256: 8}
+NORM_GROUPS = tuple(GROUP_WARPS)
+PLAIN_TILE_BYTES = BLOCK_T * BLOCK_C * 4  # a float32 plain tile: the largest whose pipelined
+                                          # backward fits sm_90's shared memory (150 KB)
 TILES_PER_PROGRAM = 16  # row tiles one program walks (a backward's dw partial covers them)
 LOOP_STAGES = 2         # the row-tile loop loads one tile ahead (backward on sm_90 at bf16:
                         # 112 registers, 44 KB shared memory, 2 programs per SM)
@@ -58,11 +63,11 @@ LOOP_STAGES = 2         # the row-tile loop loads one tile ahead (backward on sm
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _cols(C, BC: tl.constexpr):
-    """This program's channels c [BC] and their mask."""
+def _cols(C0, C1, BC: tl.constexpr):
+    """This program's channels c [BC] of the launch's range [C0, C1) and their mask."""
     tl.static_assert(BC >= 16)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    return c, c < C
+    c = C0 + tl.program_id(1) * BC + tl.arange(0, BC)
+    return c, c < C1
 
 
 @triton.jit
@@ -161,12 +166,25 @@ def _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W: tl.constexpr,
 
 
 @triton.jit
-def _fwd_tiles(x, w, cache, y, cu, seq_id, b, c, mc, it0, T, C, W: tl.constexpr,
-               BT: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
-               HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr, SILU: tl.constexpr,
-               NORMED: tl.constexpr, EPS: tl.constexpr):
-    """y of row tiles it0 ... it0 + STEPS-1 (channels c of batch b), each row's group
-    L2-normalised when NORMED."""
+def _check_group(BC: tl.constexpr, NORMED: tl.constexpr):
+    """A normalised launch's tile spans one group: G a power of two in [16, 256]."""
+    if NORMED:
+        tl.static_assert((BC & (BC - 1)) == 0)
+        tl.static_assert(BC >= 16 and BC <= 256)
+
+
+@triton.jit
+def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, C0, C1, W: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
+                          STAGES: tl.constexpr, HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr,
+                          SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
+    """Row tiles pid*STEPS ... pid*STEPS + STEPS-1 of BT rows x BC channels (of [C0, C1)) of
+    batch b (grid cdiv(cdiv(T, BT), STEPS) x cdiv(C1 - C0, BC) x B), the loop on STAGES
+    pipeline stages. NORMED: BC is the group size and each row's tile is L2-normalised."""
+    _check_group(BC, NORMED)
+    b = tl.program_id(2).to(tl.int64)
+    c, mc = _cols(C0, C1, BC)
+    it0 = tl.program_id(0) * STEPS
     for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
         # the conv, then the activation
@@ -182,42 +200,24 @@ def _fwd_tiles(x, w, cache, y, cu, seq_id, b, c, mc, it0, T, C, W: tl.constexpr,
 
 
 @triton.jit
-def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, NC, W: tl.constexpr,
-                          BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
-                          STAGES: tl.constexpr, HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr,
-                          SILU: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr):
-    """Row tiles pid*STEPS ... pid*STEPS + STEPS-1 of BT rows x BC channels of batch b (grid
-    cdiv(cdiv(T, BT), STEPS) x cdiv(C, BC) x B), the loop on STAGES pipeline stages. With
-    NORM, BC is the group size and channel blocks below NC are L2-normalised per row."""
+def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, C0, C1, NP,
+                          W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                          STEPS: tl.constexpr, STAGES: tl.constexpr, HAS_CACHE: tl.constexpr,
+                          VARLEN: tl.constexpr, SILU: tl.constexpr, NORMED: tl.constexpr,
+                          EPS: tl.constexpr):
+    """dx of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block pid1 (of [C0, C1)),
+    batch b (grid NP x cdiv(C1 - C0, BC) x B); their dw[c, j] into dwp[b * NP + pid, c, j]
+    (float32). The tile loop runs on STAGES pipeline stages (loads of the next tiles in
+    flight). NORMED: BC is the group size and dz goes through each row's L2 norm."""
+    tl.static_assert(WP >= W)
+    _check_group(BC, NORMED)
     b = tl.program_id(2).to(tl.int64)
-    c, mc = _cols(C, BC)
-    it0 = tl.program_id(0) * STEPS
-    if NORM:
-        tl.static_assert((BC & (BC - 1)) == 0)  # G a power of two in [16, 256]
-        tl.static_assert(BC <= 256)
-        # the block's channels are one group below NC, plain above
-        if tl.program_id(1) * BC < NC:
-            _fwd_tiles(x, w, cache, y, cu, seq_id, b, c, mc, it0, T, C, W, BT, STEPS, STAGES,
-                       HAS_CACHE, VARLEN, SILU, True, EPS)
-        else:
-            _fwd_tiles(x, w, cache, y, cu, seq_id, b, c, mc, it0, T, C, W, BT, STEPS, STAGES,
-                       HAS_CACHE, VARLEN, SILU, False, EPS)
-    else:
-        _fwd_tiles(x, w, cache, y, cu, seq_id, b, c, mc, it0, T, C, W, BT, STEPS, STAGES,
-                   HAS_CACHE, VARLEN, SILU, False, EPS)
-
-
-@triton.jit
-def _bwd_tiles(dy, x, w, cache, dx, cu, seq_id, b, c, mc, it0, T, C, W: tl.constexpr,
-               WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
-               STAGES: tl.constexpr, HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr,
-               SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
-    """dx of row tiles it0 ... it0 + STEPS-1 (channels c of batch b); returns their dw
-    partial, float32 [WP, BC] (rows j >= W are 0)."""
+    c, mc = _cols(C0, C1, BC)
     jw = tl.arange(0, WP)
     # tap W-1 (the row's own input) and the float32 dw partial [WP, BC]
     wl = tl.load(w + c * W + (W - 1), mask=mc, other=0.0).to(tl.float32)
     dw = tl.zeros([WP, BC], dtype=tl.float32)
+    it0 = tl.program_id(0) * STEPS
     for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
         # dz at the tile's own rows (all in their sequence)
@@ -231,37 +231,6 @@ def _bwd_tiles(dy, x, w, cache, dx, cu, seq_id, b, c, mc, it0, T, C, W: tl.const
                                           HAS_CACHE, SILU, NORMED, EPS)
         tl.store(dx + u[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
                  mask=mr[:, None] & mc[None, :])
-    return dw
-
-
-@triton.jit
-def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NP, NC, W: tl.constexpr,
-                          WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                          STEPS: tl.constexpr, STAGES: tl.constexpr, HAS_CACHE: tl.constexpr,
-                          VARLEN: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
-                          EPS: tl.constexpr):
-    """dx of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block pid1, batch b (grid
-    NP x cdiv(C, BC) x B); their dw[c, j] into dwp[b * NP + pid, c, j] (float32). The tile
-    loop runs on STAGES pipeline stages (loads of the next tiles in flight). With NORM, BC is
-    the group size and channel blocks below NC go through the per-row L2 norm."""
-    tl.static_assert(WP >= W)
-    b = tl.program_id(2).to(tl.int64)
-    c, mc = _cols(C, BC)
-    jw = tl.arange(0, WP)
-    it0 = tl.program_id(0) * STEPS
-    if NORM:
-        tl.static_assert((BC & (BC - 1)) == 0)  # G a power of two in [16, 256]
-        tl.static_assert(BC <= 256)
-        # the block's channels are one group below NC, plain above
-        if tl.program_id(1) * BC < NC:
-            dw = _bwd_tiles(dy, x, w, cache, dx, cu, seq_id, b, c, mc, it0, T, C, W, WP, BT,
-                            BC, STEPS, STAGES, HAS_CACHE, VARLEN, SILU, True, EPS)
-        else:
-            dw = _bwd_tiles(dy, x, w, cache, dx, cu, seq_id, b, c, mc, it0, T, C, W, WP, BT,
-                            BC, STEPS, STAGES, HAS_CACHE, VARLEN, SILU, False, EPS)
-    else:
-        dw = _bwd_tiles(dy, x, w, cache, dx, cu, seq_id, b, c, mc, it0, T, C, W, WP, BT, BC,
-                        STEPS, STAGES, HAS_CACHE, VARLEN, SILU, False, EPS)
     # the partial of this program, [W, BC] of row b * NP + pid of dwp [B * NP, C, W]
     base = (b * NP + tl.program_id(0)) * C * W
     tl.store(dwp + base + c[None, :] * W + jw[:, None], dw,
@@ -269,14 +238,15 @@ def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NP, NC, W:
 
 
 @triton.jit
-def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, NC, W: tl.constexpr,
+def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, C0, C1, W: tl.constexpr,
                              WP: tl.constexpr, BC: tl.constexpr, VARLEN: tl.constexpr,
-                             SILU: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr):
-    """dcache of sequence n (grid N x cdiv(C, BC)): dx's sum at the W-1 positions before S
-    (through the per-row L2 norm for channel blocks below NC with NORM, BC the group size)."""
+                             SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
+    """dcache of sequence n (grid N x cdiv(C1 - C0, BC)): dx's sum at the W-1 positions
+    before S (NORMED: through each row's L2 norm, BC the group size)."""
     tl.static_assert(WP >= 16)
+    _check_group(BC, NORMED)
     n = tl.program_id(0).to(tl.int64)
-    c, mc = _cols(C, BC)
+    c, mc = _cols(C0, C1, BC)
     r = tl.arange(0, WP)
     mr = r < W - 1
     # the sequence's bounds
@@ -287,18 +257,8 @@ def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, NC, W: tl.conste
         S = n * T
         E = S + T
     # the cache slots are rows S-(W-1) ... S-1: only later rows' dz reach them
-    v0 = S - (W - 1) + r
-    if NORM:
-        tl.static_assert((BC & (BC - 1)) == 0)  # G a power of two in [16, 256]
-        tl.static_assert(BC <= 256)
-        # the block's channels are one group below NC, plain above
-        if tl.program_id(1) * BC < NC:
-            acc = _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W, True, SILU, True, EPS)
-        else:
-            acc = _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W, True, SILU, False,
-                            EPS)
-    else:
-        acc = _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W, True, SILU, False, EPS)
+    acc = _dx_later(dy, x, cache, w, S - (W - 1) + r, mr, S, E, n, c, mc, C, W, True, SILU,
+                    NORMED, EPS)
     tl.store(dcache + (n * (W - 1) + r)[:, None] * C + c[None, :],
              acc.to(dcache.dtype.element_ty), mask=mr[:, None] & mc[None, :])
 
@@ -311,42 +271,46 @@ def _seq_table(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True).to(torch.int32)
 
 
-def _tiling(C: int, norm_channels: int, norm_group: int) -> tuple[int, int, bool]:
-    """(channels per tile, warps, whether the launch normalises): BLOCK_C for the plain conv;
-    the group size G for a normalised one, with warps for 4 tile elements a thread."""
-    if not norm_channels:
-        return BLOCK_C, NUM_WARPS, False
-    if norm_group not in NORM_GROUPS or norm_channels % norm_group or norm_channels > C:
+def _segments(C: int, norm_channels: int, norm_group: int, itemsize: int):
+    """The launches over the channels, (C0, C1, BC, warps, stages, normalised) each: [0, NC)
+    in tiles of one group G when NC > 0, then [NC, C) in tiles of BLOCK_C; empty ranges left
+    out. A group tile gets GROUP_WARPS[G] warps, and its loop is pipelined while the tile's bytes stay within PLAIN_TILE_BYTES (the
+    pipelined backward's shared memory scales with them)."""
+    if norm_channels and (norm_group not in NORM_GROUPS or norm_channels % norm_group
+                          or norm_channels > C):
         raise ValueError(f"the fused conv norm takes groups G in {NORM_GROUPS} tiling "
                          f"norm_channels <= C = {C}, got G={norm_group}, "
                          f"norm_channels={norm_channels}")
-    warps = max(1, min(MAX_WARPS, BLOCK_T * norm_group // (4 * 32)))
-    return norm_group, warps, True
+    warps = GROUP_WARPS.get(norm_group, NUM_WARPS)
+    stages = LOOP_STAGES if BLOCK_T * norm_group * itemsize <= PLAIN_TILE_BYTES else 1
+    segs = [(0, norm_channels, norm_group, warps, stages, True),
+            (norm_channels, C, BLOCK_C, NUM_WARPS, LOOP_STAGES, False)]
+    return [sg for sg in segs if sg[1] > sg[0]]
 
 
 def _launch_fwd(x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     B, T, C = x.shape
     W = weight.shape[1]
-    BC, warps, norm = _tiling(C, norm_channels, norm_group)
+    segs = _segments(C, norm_channels, norm_group, x.element_size())
     x, weight = x.contiguous(), weight.contiguous()
     y = empty(x.shape, dtype=x.dtype, device=x.device)
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
-    grid = (triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM), triton.cdiv(C, BC), B)
-    if T and C:
-        short_conv_fwd_kernel[grid](
+    for C0, C1, BC, warps, stages, normed in (segs if T else []):
+        NP = triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM)
+        short_conv_fwd_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
             x, weight, cache.contiguous() if has_cache else x, y,
-            cu_seqlens if varlen else x, seq_id, T, C, norm_channels, W=W, BT=BLOCK_T, BC=BC,
-            STEPS=TILES_PER_PROGRAM, STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen,
-            SILU=silu, NORM=norm, EPS=CONV_NORM_EPS, num_warps=warps)
+            cu_seqlens if varlen else x, seq_id, T, C, C0, C1, W=W, BT=BLOCK_T, BC=BC,
+            STEPS=TILES_PER_PROGRAM, STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen,
+            SILU=silu, NORMED=normed, EPS=CONV_NORM_EPS, num_warps=warps)
     return y
 
 
 def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     B, T, C = x.shape
     W = weight.shape[1]
-    BC, warps, norm = _tiling(C, norm_channels, norm_group)
+    segs = _segments(C, norm_channels, norm_group, x.element_size())
     dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
@@ -356,21 +320,21 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_grou
     NP = triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM)
     dwp = empty(B * NP, C, W, dtype=torch.float32, device=x.device)
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
-    if T and C:
-        short_conv_bwd_kernel[(NP, triton.cdiv(C, BC), B)](
-            dy, x, weight, cache_arg, dx, dwp, cu, seq_id, T, C, NP, norm_channels, W=W,
+    for C0, C1, BC, warps, stages, normed in (segs if T else []):
+        short_conv_bwd_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
+            dy, x, weight, cache_arg, dx, dwp, cu, seq_id, T, C, C0, C1, NP, W=W,
             WP=triton.next_power_of_2(W), BT=BLOCK_T, BC=BC, STEPS=TILES_PER_PROGRAM,
-            STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu, NORM=norm,
+            STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu, NORMED=normed,
             EPS=CONV_NORM_EPS, num_warps=warps)
     dw = dwp.sum(0).to(weight.dtype)                                # [C, W]
     if cache is None:
         return dx, dw, x.new_empty(0)
     dcache = empty(cache.shape, dtype=cache.dtype, device=x.device)
-    if has_cache and cache.shape[0] and C:
-        short_conv_dcache_kernel[(cache.shape[0], triton.cdiv(C, BC))](
-            dy, x, weight, cache_arg, dcache, cu, T, C, norm_channels, W=W,
+    for C0, C1, BC, _, _, normed in (segs if has_cache and cache.shape[0] else []):
+        short_conv_dcache_kernel[(cache.shape[0], triton.cdiv(C1 - C0, BC))](
+            dy, x, weight, cache_arg, dcache, cu, T, C, C0, C1, W=W,
             WP=max(16, triton.next_power_of_2(W - 1)), BC=BC, VARLEN=varlen, SILU=silu,
-            NORM=norm, EPS=CONV_NORM_EPS)
+            NORMED=normed, EPS=CONV_NORM_EPS)
     return dx, dw, dcache
 
 
