@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops.fused import short_conv
+from ..ops.fused import check_conv_norm, short_conv
 
 
 class ShortConv(nn.Module):
@@ -40,10 +40,7 @@ class ShortConv(nn.Module):
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         if activation not in ("silu", None):
             raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
-        if norm_channels < 0 or (norm_channels and (norm_group < 1 or norm_channels % norm_group
-                                                     or norm_channels > channels)):
-            raise ValueError(f"norm_channels must be 0 or a multiple of norm_group >= 1 and at "
-                             f"most channels={channels}, got {norm_channels} and {norm_group}")
+        check_conv_norm(norm_channels, norm_group, channels)
         self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
         self.norm_channels, self.norm_group = norm_channels, norm_group
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))  # [C, W], tap W-1 = now

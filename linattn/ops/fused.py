@@ -105,7 +105,7 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None
         if tuple(cache.shape) != (n_rows, W - 1, C):
             raise ValueError(f"conv cache must be [{'N' if cu_seqlens is not None else 'B'}, "
                              f"W-1, C] = {(n_rows, W - 1, C)}, got {tuple(cache.shape)}")
-    _check_conv_norm(norm_channels, norm_group, C)
+    check_conv_norm(norm_channels, norm_group, C)
     if takes_triton(x, backend):
         from .triton.short_conv import NORM_GROUPS, short_conv_fwd
         cache_in = cache.to(x.dtype) if cache is not None else None
@@ -125,7 +125,8 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None
     return y, new_cache
 
 
-def _check_conv_norm(norm_channels, norm_group, C):
+def check_conv_norm(norm_channels, norm_group, C):
+    """Raises unless norm_channels is 0 or a multiple of norm_group >= 1 within C channels."""
     if not isinstance(norm_channels, int) or not isinstance(norm_group, int):
         raise TypeError("norm_channels and norm_group must be ints, got "
                         f"{type(norm_channels).__name__} and {type(norm_group).__name__}")
