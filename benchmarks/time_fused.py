@@ -5,9 +5,13 @@ shapes: 16384 tokens per step (T 2048 x B 8 and T 8192 x B 2), 6 heads of 128, b
     python benchmarks/time_fused.py --out benchmarks/results/fused_h100.json
     python benchmarks/time_fused.py --no-compile --pieces short_conv,linear_ce
     python benchmarks/time_fused.py --no-compile --cudagraph   # GPU time alone
+    python benchmarks/time_fused.py --pieces short_conv,short_conv_l2,l2_normalize --T 8192 --no-compile
 
 Pieces (shapes per step):
     short_conv     DeltaNet's conv + SiLU: x [B, T, 2304] (q, k, v of 6 heads x 128), W 4
+    short_conv_l2  that conv with q and k L2-normalised per head inside it (norm_channels
+                   1536, groups of 128), returning q, k, v; the "conv+l2" row is the conv
+                   followed by l2_normalize of q and of k, as the layers ran it before
     l2_normalize   q from that conv output: a [B, T, 6, 128] strided view
     gated_norm     the output norm: rmsnorm(o [B, T, 6, 128]) * w * silu(gate [B, T, 768])
     rms_norm       the blocks' RMSNorm: [B, T, 768] float32 residual stream -> float32
@@ -41,7 +45,9 @@ from linattn.ops import fused  # noqa: E402
 from linattn.ops.linear_ce import linear_cross_entropy  # noqa: E402
 
 TOKENS, H, D, D_MODEL, HIDDEN, VOCAB, W = 16384, 6, 128, 768, 3072, 32000, 4
-PIECES = ("short_conv", "l2_normalize", "gated_norm", "rms_norm", "swiglu", "linear_ce")
+PIECES = ("short_conv", "short_conv_l2", "l2_normalize", "gated_norm", "rms_norm", "swiglu",
+          "linear_ce")
+CONV_PIECES = ("short_conv", "short_conv_l2")  # timed at every T (the others see tokens)
 # pieces whose "auto" takes PyTorch when a gradient is recorded (linattn.ops.fused): their
 # "fused" row is PyTorch in fwd+bwd, and a "triton" row times the Triton path
 AUTO_TORCH_UNDER_AUTOGRAD = ("l2_normalize", "rms_norm")
@@ -58,6 +64,18 @@ def make_case(piece: str, T: int, dtype=torch.bfloat16, dev="cuda"):
         C = 2 * H * D + H * D
         return [leaf(B, T, C), leaf(C, W, dt=torch.float32, scale=0.5)], \
             lambda be, x, w: fused.short_conv(x, w, backend=be)[0]
+    if piece == "short_conv_l2":
+        C = 2 * H * D + H * D
+
+        def conv_l2(be, x, w):
+            if be == "unfused":  # the conv, then q's and k's norms as separate calls
+                q, k, v = fused.short_conv(x, w)[0].split(H * D, dim=-1)
+                return (fused.l2_normalize(q.unflatten(-1, (H, D))),
+                        fused.l2_normalize(k.unflatten(-1, (H, D))), v)
+            y = fused.short_conv(x, w, backend=be, norm_channels=2 * H * D, norm_group=D)[0]
+            q, k, v = y.split(H * D, dim=-1)
+            return q.unflatten(-1, (H, D)), k.unflatten(-1, (H, D)), v
+        return [leaf(B, T, C), leaf(C, W, dt=torch.float32, scale=0.5)], conv_l2
     if piece == "l2_normalize":
         return [leaf(B, T, 3 * H * D)], \
             lambda be, x: fused.l2_normalize(x[..., :H * D].unflatten(-1, (H, D)), backend=be)
@@ -83,24 +101,27 @@ def make_case(piece: str, T: int, dtype=torch.bfloat16, dev="cuda"):
 
 
 def time_impl(fn, inputs, reps_ms: int = 200, cudagraph: bool = False):
-    """(fwd ms, fwd+bwd ms, peak extra MiB of one fwd+bwd). cudagraph: time calls replayed
-    from a CUDA graph (the GPU's time alone, without the host's dispatch and launch cost)."""
+    """(fwd ms, fwd+bwd ms, peak extra MiB of one fwd+bwd). fn returns a tensor or a tuple of
+    them (each gets a random cotangent). cudagraph: time calls replayed from a CUDA graph (the
+    GPU's time alone, without the host's dispatch and launch cost)."""
     from triton.testing import do_bench, do_bench_cudagraph
 
     def bench(f):
         if cudagraph:  # one graph of rep / (one call's ms) calls: a short rep keeps it small
             return do_bench_cudagraph(f, rep=min(reps_ms, 50), return_mode="median")
         return do_bench(f, rep=reps_ms)
+    def outs(*a):
+        out = fn(*a)
+        return out if isinstance(out, tuple) else (out,)
     with torch.no_grad():
-        out = fn(*inputs)
-    grad = torch.randn_like(out) if out.dim() else torch.ones_like(out)
+        grad = tuple(torch.randn_like(o) if o.dim() else torch.ones_like(o) for o in outs(*inputs))
 
     def fwd():
         with torch.no_grad():
             fn(*inputs)
 
     def fwd_bwd():
-        torch.autograd.grad(fn(*inputs), inputs, grad)
+        torch.autograd.grad(outs(*inputs), inputs, grad)
 
     fwd_bwd()
     torch.cuda.synchronize()
@@ -131,13 +152,15 @@ def main(argv=None) -> int:
     rows = []
     for piece in pieces:
         # the pieces other than the conv see tokens, not T: time them at the first T only
-        for T in (Ts if piece == "short_conv" else Ts[:1]):
+        for T in (Ts if piece in CONV_PIECES else Ts[:1]):
             inputs, fn = make_case(piece, T)
             impls = [("fused", lambda *a: fn("auto", *a)), ("torch", lambda *a: fn("torch", *a))]
             if piece in AUTO_TORCH_UNDER_AUTOGRAD:  # "fused" is PyTorch here: time Triton too
                 impls.append(("triton", lambda *a: fn("triton", *a)))
             if piece == "linear_ce":
                 impls.append(("chunked-torch", lambda *a: fn("chunked", *a)))
+            if piece == "short_conv_l2":
+                impls.append(("conv+l2", lambda *a: fn("unfused", *a)))
             if not args.no_compile:
                 impls.append(("torch.compile", torch.compile(lambda *a: fn("torch", *a))))
             for name, impl in impls:
@@ -148,7 +171,7 @@ def main(argv=None) -> int:
                 except Exception as e:  # a compile failure is a row, not the end of the run
                     f_ms = fb_ms = peak = float("nan")
                     err = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                rows.append(dict(piece=piece, T=T if piece == "short_conv" else None,
+                rows.append(dict(piece=piece, T=T if piece in CONV_PIECES else None,
                                  tokens=TOKENS, impl=name, fwd_ms=f_ms, fwd_bwd_ms=fb_ms,
                                  peak_mib=peak, error=err, wall_s=round(time.time() - t0, 1)))
             torch._dynamo.reset()

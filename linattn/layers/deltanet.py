@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import delta_rule
-from ..ops.fused import l2_normalize
 from .base import Mixer, gate_dtype, make_dims
 from .norms import GatedOutputNorm
 from .short_conv import ShortConv
@@ -27,17 +26,12 @@ def mamba2_log_decay(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
     return -A_log.to(a.dtype).exp() * F.softplus(a + dt_bias.to(a.dtype))
 
 
-def l2norm(x: torch.Tensor) -> torch.Tensor:
-    """x / max(||x||, 1e-6) over the last dim, as the delta-rule layers normalise q and k (one
-    Triton kernel on CUDA, linattn.ops.fused.l2_normalize)."""
-    return l2_normalize(x, eps=1e-6)
-
-
 class DeltaNet(Mixer):
     """DeltaNet's token mixer, as the Gated DeltaNet paper builds it:
 
         q, k, v = silu(shortconv(x W_qkv))          causal depthwise conv, kernel conv_size
         q, k = l2norm(q), l2norm(k)                  [B, T, H, K]; v [B, T, H, V]
+                                                     (per head, fused into the conv)
         beta = sigmoid(x W_b + b_b)                  [B, T, H]
         g = -exp(A_log) * softplus(x W_a + dt_bias)  [B, T, H]   (Gated DeltaNet only)
         S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T q_t / sqrt(K)
@@ -70,7 +64,9 @@ class DeltaNet(Mixer):
         self.value_dim = make_dims(self.head_dim, expand_v, "expand_v")
         HK, HV = n_heads * self.key_dim, n_heads * self.value_dim
         self.qkv_proj = nn.Linear(d_model, 2 * HK + HV, bias=False)
-        self.conv = ShortConv(2 * HK + HV, conv_size, activation="silu")
+        # the conv L2-normalises q and k per head of K channels after its SiLU
+        self.conv = ShortConv(2 * HK + HV, conv_size, activation="silu", norm_channels=2 * HK,
+                              norm_group=self.key_dim)
         self.b_proj = nn.Linear(d_model, n_heads, bias=True)
         if self.gated:
             self.a_proj = nn.Linear(d_model, n_heads, bias=False)
@@ -90,10 +86,10 @@ class DeltaNet(Mixer):
             conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
         qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
         q, k, v = qkv.split([HK, HK, self.n_heads * self.value_dim], dim=-1)
-        q = l2norm(self.heads(q, self.key_dim))                          # [B, T, H, K]
-        k = l2norm(self.heads(k, self.key_dim))                          # [B, T, H, K]
+        q = self.heads(q, self.key_dim)                                  # [B, T, H, K] unit rows
+        k = self.heads(k, self.key_dim)                                  # [B, T, H, K] unit rows
         v = self.heads(v, self.value_dim)                                # [B, T, H, V]
-        q, k = q.to(v.dtype), k.to(v.dtype)  # autocast runs the normalisation in float32
+        q, k = q.to(v.dtype), k.to(v.dtype)  # the delta rule takes q, k in v's dtype
         gdt = gate_dtype(x)
         beta = torch.sigmoid(self.b_proj(x).to(gdt))                     # [B, T, H]
         g = None

@@ -58,7 +58,7 @@ from torch import nn
 
 from ..ops.api import STEP_KERNEL_MAX_T, delta_rule, linear_attention
 from .base import Mixer, gate_dtype, make_dims
-from .deltanet import l2norm, mamba2_decay_params, mamba2_log_decay
+from .deltanet import mamba2_decay_params, mamba2_log_decay
 from .norms import GatedOutputNorm
 from .short_conv import ShortConv
 
@@ -156,7 +156,10 @@ class MixtureOfMemories(Mixer):
         self.q_proj = nn.Linear(d_model, HK, bias=False)
         self.k_proj = nn.Linear(d_model, n * HK, bias=False)  # memory m: columns [m HK, (m+1) HK)
         self.v_proj = nn.Linear(d_model, n * HV, bias=False)
-        self.conv = ShortConv(2 * HK + HV, conv_size, activation="silu")
+        # the delta rules' q and k: L2-normalised per head of K channels inside the conv
+        nc = 2 * HK if recurrence != "gla" else 0
+        self.conv = ShortConv(2 * HK + HV, conv_size, activation="silu", norm_channels=nc,
+                              norm_group=self.key_dim)
         if recurrence == "gla":
             self.gk_proj = nn.Linear(d_model, n * HK, bias=True)
         else:
@@ -263,7 +266,7 @@ class MixtureOfMemories(Mixer):
                                         cu_seqlens=cu, backend=self.backend,
                                         save_for_backward=self.save_for_backward)
         else:
-            q, k = l2norm(q).to(v.dtype), l2norm(k).to(v.dtype)
+            q, k = q.to(v.dtype), k.to(v.dtype)                        # unit rows from the conv
             beta = torch.sigmoid(gate(self.b_proj, H))                    # [1, P, H]
             g = None
             if self.recurrence == "gated_deltanet":
@@ -324,7 +327,7 @@ class MixtureOfMemories(Mixer):
                                         backend=self.backend,
                                         save_for_backward=self.save_for_backward)
         else:
-            q, k = l2norm(q).to(v.dtype), l2norm(k).to(v.dtype)
+            q, k = q.to(v.dtype), k.to(v.dtype)                        # unit rows from the conv
             beta = torch.where(real, torch.sigmoid(gate(self.b_proj, H)), 0.0)    # padding: beta = 0
             g = None
             if self.recurrence == "gated_deltanet":

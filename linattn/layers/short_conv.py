@@ -5,7 +5,9 @@
 
 The cache is the last W-1 inputs, [B, W-1, C] ([N, W-1, C] with cu_seqlens), so decoding one
 token at a time gives exactly the full-sequence result. The math is linattn.ops.fused.short_conv:
-a Triton kernel (SiLU fused) on CUDA tensors, plain PyTorch elsewhere.
+a Triton kernel (SiLU fused) on CUDA tensors, plain PyTorch elsewhere. With norm_channels > 0
+the first norm_channels outputs are L2-normalised in groups of norm_group after the activation
+(the delta-rule layers' q and k heads), fused into the same kernel.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops.fused import short_conv
+from ..ops.fused import check_conv_norm, short_conv
 
 
 class ShortConv(nn.Module):
@@ -24,21 +26,28 @@ class ShortConv(nn.Module):
         channels: C, the conv is per channel.
         kernel_size: W (>= 1).
         activation: "silu" or None.
+        norm_channels: how many leading output channels are L2-normalised (0: none), a
+            multiple of norm_group.
+        norm_group: the channels each norm spans (a head's K).
     forward(x [B, T, C], cache=None, cu_seqlens=None, return_cache=False)
         -> (y [B, T, C] in x's dtype, new cache [B or N, W-1, C] or None).
     """
 
-    def __init__(self, channels: int, kernel_size: int = 4, activation: str | None = "silu"):
+    def __init__(self, channels: int, kernel_size: int = 4, activation: str | None = "silu",
+                 norm_channels: int = 0, norm_group: int = 0):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         if activation not in ("silu", None):
             raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+        check_conv_norm(norm_channels, norm_group, channels)
         self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
+        self.norm_channels, self.norm_group = norm_channels, norm_group
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))  # [C, W], tap W-1 = now
         bound = 1.0 / math.sqrt(kernel_size)  # nn.Conv1d's default for a depthwise conv
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, cu_seqlens=None,
                 return_cache: bool = False):
-        return short_conv(x, self.weight, cache, cu_seqlens, self.activation, return_cache)
+        return short_conv(x, self.weight, cache, cu_seqlens, self.activation, return_cache,
+                          norm_channels=self.norm_channels, norm_group=self.norm_group)

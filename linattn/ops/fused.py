@@ -1,7 +1,8 @@
 """The layers' pieces around the mixing ops, each one function with a fused Triton path and a
 plain PyTorch path that computes the same function:
 
-    short_conv      causal depthwise conv (+ SiLU), cache of the last W-1 inputs, cu_seqlens
+    short_conv      causal depthwise conv (+ SiLU), cache of the last W-1 inputs, cu_seqlens,
+                    optionally L2-normalising groups of its first channels (q and k's heads)
     rms_norm        RMSNorm over the last dim
     gated_rms_norm  per-head rmsnorm(o) * weight * act(gate), flattened over heads
     l2_normalize    x / max(||x||, eps) over the last dim (F.normalize)
@@ -35,6 +36,7 @@ CONV_ACTIVATIONS = ("silu", None)
 GATE_ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
 _GATE_CODES = {None: 0, "silu": 1, "sigmoid": 2}
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+CONV_NORM_EPS = 1e-6    # the conv's fused L2 norm: s / max(||s||, eps), as the layers' l2norm
 
 
 def takes_triton(x: torch.Tensor, backend: str = "auto") -> bool:
@@ -67,16 +69,21 @@ def _check_tensor(name, x, dims: int | None, shape: str):
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None = None,
                cu_seqlens: torch.Tensor | None = None, activation: str | None = "silu",
-               return_cache: bool = False, backend: str = "auto"):
+               return_cache: bool = False, backend: str = "auto", norm_channels: int = 0,
+               norm_group: int = 0):
     """Causal depthwise conv over time: y_t = act(sum_j weight[:, j] * x_{t-(W-1-j)}), where
-    inputs before the start of t's sequence come from the cache (or are 0).
+    inputs before the start of t's sequence come from the cache (or are 0); with norm_channels
+    > 0, each group of norm_group channels among the first norm_channels (a multiple of it) is
+    then L2-normalised, y / max(||y||, CONV_NORM_EPS), the other channels left as they are.
 
     x [B, T, C] float; weight [C, W] (tap W-1 is the current token); cache [B, W-1, C]
     ([N, W-1, C] with cu_seqlens) or None; cu_seqlens int32/int64 [N+1] offsets of N
     sequences packed along T (B == 1) or None; activation "silu" or None.
     Returns (y [B, T, C] in x's dtype, new cache [B or N, W-1, C] in x's dtype: each
     sequence's last W-1 inputs, the old cache's tail for a sequence shorter than W-1;
-    None unless return_cache). Gradients flow to x, weight and cache.
+    None unless return_cache). Gradients flow to x, weight and cache. The Triton path fuses
+    the norm into the conv for norm_group a power of two in [16, 256], and otherwise applies
+    l2_normalize to the conv's output.
     """
     _check_tensor("x", x, 3, "[B, T, C]")
     _check_tensor("weight", weight, 2, "[C, W]")
@@ -98,16 +105,48 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None
         if tuple(cache.shape) != (n_rows, W - 1, C):
             raise ValueError(f"conv cache must be [{'N' if cu_seqlens is not None else 'B'}, "
                              f"W-1, C] = {(n_rows, W - 1, C)}, got {tuple(cache.shape)}")
+    check_conv_norm(norm_channels, norm_group, C)
     if takes_triton(x, backend):
-        from .triton.short_conv import short_conv_fwd
+        from .triton.short_conv import NORM_GROUPS, short_conv_fwd
         cache_in = cache.to(x.dtype) if cache is not None else None
-        y = short_conv_fwd(x, weight, cache_in, cu_seqlens, activation == "silu")
+        fuse = norm_channels if norm_group in NORM_GROUPS else 0
+        y = short_conv_fwd(x, weight, cache_in, cu_seqlens, activation == "silu", fuse,
+                           norm_group if fuse else 0)
+        if norm_channels and not fuse:
+            # a group size the kernel does not tile: the norm after the conv
+            y = _normalize_groups(y, norm_channels, norm_group, backend)
     else:
         y = _conv_torch(x, weight, cache, cu_seqlens)
         if activation == "silu":
             y = F.silu(y)
+        if norm_channels:
+            y = _normalize_groups(y, norm_channels, norm_group, "torch")
     new_cache = _conv_new_cache(x, cache, cu_seqlens, W) if return_cache else None
     return y, new_cache
+
+
+def check_conv_norm(norm_channels, norm_group, C):
+    """Raises unless norm_channels is 0 or a multiple of norm_group >= 1 within C channels."""
+    if not isinstance(norm_channels, int) or not isinstance(norm_group, int):
+        raise TypeError("norm_channels and norm_group must be ints, got "
+                        f"{type(norm_channels).__name__} and {type(norm_group).__name__}")
+    if norm_channels < 0 or (norm_channels and (norm_group < 1 or norm_channels % norm_group
+                                                 or norm_channels > C)):
+        raise ValueError("norm_channels must be 0 or a multiple of norm_group >= 1 and at most "
+                         f"C={C}, got norm_channels={norm_channels}, norm_group={norm_group}")
+
+
+def _normalize_groups(y, norm_channels, norm_group, backend):
+    """y with each group of norm_group channels among its first norm_channels L2-normalised:
+    l2_normalize on the Triton path, float32 math rounded to y's dtype (float64 for float64)
+    on the PyTorch one."""
+    head = y[..., :norm_channels].unflatten(-1, (norm_channels // norm_group, norm_group))
+    if takes_triton(y, backend):
+        head = l2_normalize(head, CONV_NORM_EPS, backend)
+    else:
+        dt = torch.float64 if y.dtype == torch.float64 else torch.float32
+        head = F.normalize(head.to(dt), dim=-1, eps=CONV_NORM_EPS).to(y.dtype)
+    return torch.cat([head.flatten(-2), y[..., norm_channels:]], dim=-1)
 
 
 def _conv_torch(x, weight, cache, cu_seqlens):

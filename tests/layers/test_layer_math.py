@@ -169,3 +169,55 @@ def test_gated_deltanet_gate_and_keys():
     assert torch.allclose(seen["k"].norm(dim=-1), torch.ones(1, 6, 4), atol=1e-5)
     assert torch.allclose(seen["q"].norm(dim=-1), torch.ones(1, 6, 4), atol=1e-5)
     assert bool((seen["g"] < 0).all()) and bool(((seen["beta"] > 0) & (seen["beta"] < 1)).all())
+
+
+def _conv_then_l2norm(m, x, state, cu_seqlens):
+    """DeltaNet as the conv (no norm) followed by an explicit l2norm of q and k per head:
+    (y, S, conv cache)."""
+    from linattn.layers.deltanet import mamba2_log_decay
+    from linattn.ops.api import delta_rule
+    from linattn.ops.fused import short_conv
+    H, K, V = m.n_heads, m.key_dim, m.value_dim
+    qkv, conv = short_conv(m.qkv_proj(x), m.conv.weight, state["conv"], cu_seqlens, "silu",
+                           return_cache=True, backend="torch")
+    q, k, v = qkv.split([H * K, H * K, H * V], -1)
+    q = F.normalize(q.unflatten(-1, (H, K)), dim=-1, eps=1e-6)
+    k = F.normalize(k.unflatten(-1, (H, K)), dim=-1, eps=1e-6)
+    beta = torch.sigmoid(m.b_proj(x))
+    g = mamba2_log_decay(m.a_proj(x), m.A_log, m.dt_bias) if m.gated else None
+    o, S = delta_rule(q, k, v.unflatten(-1, (H, V)), beta, g, initial_state=state["S"],
+                      output_final_state=True, cu_seqlens=cu_seqlens, backend=m.backend)
+    return m.o_proj(m.out_norm(o, m.z_proj(x))), S, conv
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_deltanet_conv_norm_equals_conv_then_l2norm(name, varlen):
+    """q and k normalised inside the conv give the conv followed by l2norm of q and k: outputs,
+    states and the gradients of x, the initial state and every parameter (float64, torch)."""
+    m = build((name, {}), backend="torch")
+    assert m.conv.norm_channels == 2 * m.n_heads * m.key_dim
+    lengths = [5, 0, 1, 9]
+    cu = helpers.cu_seqlens_from_lengths(lengths) if varlen else None
+    x = _x(1, sum(lengths)) if varlen else _x()
+    with torch.no_grad():
+        _, s0 = m(_x(len(lengths) if varlen else x.shape[0], 4, seed=3), return_state=True)
+    S0 = s0["S"].clone().requires_grad_()
+    c0 = s0["conv"].clone().requires_grad_()
+    x.requires_grad_()
+    y, s = m(x, state={"S": S0, "conv": c0}, cu_seqlens=cu, return_state=True)
+    y_ref, S_ref, conv_ref = _conv_then_l2norm(m, x, {"S": S0, "conv": c0}, cu)
+    helpers.assert_allclose_f64(y, y_ref, "y")
+    helpers.assert_allclose_f64(s["S"], S_ref, "S")
+    helpers.assert_allclose_f64(s["conv"], conv_ref, "conv")
+    gen = helpers.seeded(9)
+    cy, cs = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (y, S_ref))
+    leaves = [x, S0, c0] + list(m.parameters())
+    g_new = torch.autograd.grad((y * cy).sum() + (s["S"] * cs).sum(), leaves, allow_unused=True)
+    g_ref = torch.autograd.grad((y_ref * cy).sum() + (S_ref * cs).sum(), leaves,
+                                allow_unused=True)
+    names = ["x", "S0", "conv0"] + [n for n, _ in m.named_parameters()]
+    for n, a, b in zip(names, g_new, g_ref):
+        assert (a is None) == (b is None), n
+        if a is not None:
+            helpers.assert_allclose_f64(a, b, f"d{n}")

@@ -33,6 +33,16 @@ def conv_oracle(x, weight, cache=None, cu_seqlens=None, activation="silu"):
     return y, torch.stack(caches)
 
 
+def conv_l2_oracle(x, weight, cache=None, cu_seqlens=None, activation="silu", norm_channels=0,
+                   norm_group=1):
+    """The conv, then each group of norm_group among the first norm_channels outputs over
+    max(its norm, 1e-6)."""
+    y, c = conv_oracle(x, weight, cache, cu_seqlens, activation)
+    head = y[..., :norm_channels].unflatten(-1, (norm_channels // norm_group, norm_group))
+    head = head / head.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return torch.cat([head.flatten(-2), y[..., norm_channels:]], -1), c
+
+
 def rms_oracle(x, weight, eps=1e-6):
     y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return y if weight is None else y * weight.to(x.dtype)
@@ -71,16 +81,18 @@ def _conv_inputs(B, T, C, W, lengths=None, cache=True, seed=0, device="cpu"):
     return inputs, ["x", "weight"] + (["cache"] if cache and W > 1 else [])
 
 
-def _conv_fn(backend, activation):
+def _conv_fn(backend, activation, norm_channels=0, norm_group=0):
     def run(x, weight, cache=None, cu_seqlens=None):
         return fused.short_conv(x, weight, cache, cu_seqlens, activation, return_cache=True,
-                                backend=backend)
+                                backend=backend, norm_channels=norm_channels,
+                                norm_group=norm_group)
     return run
 
 
-def _conv_oracle_fn(activation):
+def _conv_oracle_fn(activation, norm_channels=0, norm_group=1):
     def run(x, weight, cache=None, cu_seqlens=None):
-        return conv_oracle(x, weight, cache, cu_seqlens, activation)
+        return conv_l2_oracle(x, weight, cache, cu_seqlens, activation, norm_channels,
+                              norm_group)
     return run
 
 
@@ -104,6 +116,71 @@ def test_short_conv_matches_oracle(case, backend, dtype):
     inputs, names = _conv_inputs(B, T, C, W, lengths, cache)
     helpers.check_against_oracle(_conv_fn(backend, act), _conv_oracle_fn(act), inputs,
                                  dtype=dtype, grad_names=names, activations=("x", "cache"))
+
+
+CONV_NORM_CASES = [  # (B, T, C, W, lengths, cache, activation, norm_channels, norm_group)
+    # q and k of 2 heads of 16, then v with a partial channel block
+    (2, 33, 70, 4, None, True, "silu", 64, 16),
+    # packed with an empty and a length-1 sequence, groups of 32
+    (1, 0, 72, 4, [5, 0, 1, 20], True, "silu", 64, 32),
+    (2, 9, 48, 3, None, False, None, 32, 16),
+    # one decoding step, every channel normalised
+    (2, 1, 32, 4, None, True, "silu", 32, 16),
+    # several backward programs along T
+    (1, 0, 40, 4, [250, 3, 90], True, "silu", 32, 16),
+    # DeltaNet's heads of 128 (a plain block half past C)
+    (1, 5, 320, 4, None, True, "silu", 256, 128),
+    # a group the kernel does not tile: the norm after the conv
+    (2, 20, 30, 4, None, True, "silu", 24, 12),
+]
+
+
+@pytest.mark.parametrize("case", CONV_NORM_CASES, ids=lambda c: f"B{c[0]}T{c[1]}C{c[2]}W{c[3]}"
+                         f"{'-varlen' if c[4] else ''}{'-cache' if c[5] else ''}-{c[6]}"
+                         f"-NC{c[7]}G{c[8]}")
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_short_conv_l2_matches_oracle(case, backend, dtype):
+    """The conv with its first channels L2-normalised per group: forward and the gradients of
+    x, weight and cache against the conv followed by an explicit normalisation."""
+    B, T, C, W, lengths, cache, act, nc, G = case
+    inputs, names = _conv_inputs(B, T, C, W, lengths, cache)
+    helpers.check_against_oracle(_conv_fn(backend, act, nc, G), _conv_oracle_fn(act, nc, G),
+                                 inputs, dtype=dtype, grad_names=names,
+                                 activations=("x", "cache"))
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_short_conv_l2_zero_group_clamps(backend, dtype):
+    """A group whose inputs and cache are all zero: its output is 0 (the norm clamps at
+    1e-6) and every gradient is finite, as the oracle's."""
+    inputs, names = _conv_inputs(2, 12, 48, 4, cache=True, seed=5)
+    inputs["x"][..., 16:32] = 0
+    inputs["cache"][..., 16:32] = 0
+    fn = _conv_fn(backend, "silu", 32, 16)
+    leaves = {n: inputs[n].to(dtype).requires_grad_() for n in names}
+    y, c = fn(**leaves)
+    assert y[..., 16:32].abs().max() == 0
+    want, _ = conv_l2_oracle(inputs["x"], inputs["weight"], inputs["cache"], None, "silu", 32, 16)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(y.square().sum() + y.sum() + c.sum(), list(leaves.values()))
+    for n, g in zip(names, grads):
+        assert torch.isfinite(g).all(), f"d{n} is not finite"
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_short_conv_l2_decodes_token_by_token(backend, dtype):
+    """With the norm: T = 1 steps carrying the cache give the full-sequence output."""
+    inputs, _ = _conv_inputs(2, 7, 40, 4, cache=True, seed=4)
+    x, w, c0 = (inputs[n].to(dtype) for n in ("x", "weight", "cache"))
+    kw = dict(return_cache=True, backend=backend, norm_channels=32, norm_group=16)
+    y, c = fused.short_conv(x, w, c0, **kw)
+    cache, steps = c0, []
+    for t in range(x.shape[1]):
+        yt, cache = fused.short_conv(x[:, t:t + 1], w, cache, **kw)
+        steps.append(yt)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.cat(steps, 1), y, **tol)
+    torch.testing.assert_close(cache, c, **tol)
 
 
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
@@ -138,6 +215,9 @@ def test_short_conv_rejects_bad_input():
         fused.short_conv(x, torch.randn(8, 4), cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="backend"):
         fused.short_conv(x, torch.randn(8, 4), backend="cuda")
+    for nc, g in [(6, 4), (-4, 4), (16, 16), (4, 0)]:
+        with pytest.raises(ValueError, match="norm_channels"):
+            fused.short_conv(x, torch.randn(8, 4), norm_channels=nc, norm_group=g)
 
 
 # ----------------------------------------------------------------------------- norms, SwiGLU
@@ -277,6 +357,9 @@ def test_pieces_trace_without_graph_breaks():
 
     def pieces(x, w, nw, backend):
         y, c = fused.short_conv(x, w, None, cu, "silu", True, backend=backend)
+        yn, _ = fused.short_conv(x, w, None, cu, "silu", backend=backend, norm_channels=16,
+                                 norm_group=16)
+        y = y + yn
         q = fused.l2_normalize(y[..., :12].unflatten(-1, (2, 6)), backend=backend)
         o = fused.gated_rms_norm(q, nw, y[..., 12:], "silu", 1e-6, backend=backend)
         s = fused.swiglu(fused.rms_norm(o, None, 1e-6, backend=backend), backend=backend)
@@ -299,11 +382,15 @@ def test_pieces_trace_without_graph_breaks():
 @GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_short_conv_gpu(dtype, varlen):
-    """The DeltaNet conv of the 12-layer d_model 768 model: C = 2304, 8 x 2048 tokens."""
+@pytest.mark.parametrize("norm_channels", [0, 1536], ids=["plain", "qk-l2"])
+def test_short_conv_gpu(dtype, varlen, norm_channels):
+    """The DeltaNet conv of the 12-layer d_model 768 model: C = 2304, 8 x 2048 tokens; with
+    q and k L2-normalised per head of 128 inside it (qk-l2) or not."""
     lengths = [2048, 1, 0, 3000, 11283] if varlen else None
     inputs, names = _conv_inputs(8, 2048, 2304, 4, lengths, cache=True, device="cuda")
-    helpers.check_against_oracle(_conv_fn("auto", "silu"), _conv_oracle_fn("silu"), inputs,
+    G = 128 if norm_channels else 0
+    helpers.check_against_oracle(_conv_fn("auto", "silu", norm_channels, G),
+                                 _conv_oracle_fn("silu", norm_channels, max(G, 1)), inputs,
                                  dtype=dtype, grad_names=names, activations=("x", "cache"),
                                  device="cuda")
 
@@ -350,6 +437,7 @@ def test_pieces_compile_with_inductor_gpu():
 
     def pieces(x, w, nw):
         y, _ = fused.short_conv(x, w)
+        y = y + fused.short_conv(x, w, norm_channels=1536, norm_group=128)[0]
         q = fused.l2_normalize(y[..., :768].unflatten(-1, (6, 128)), backend="triton")
         o = fused.gated_rms_norm(q, nw, y[..., 768:1536], "silu", 1e-6)
         return fused.swiglu(fused.rms_norm(o, None, 1e-6, backend="triton")).float().square().sum()

@@ -19,6 +19,18 @@ TILES_PER_PROGRAM row tiles of one channel block, the loop pipelined; the backwa
 dw in float32 registers and the launcher sums the programs' partials (no atomics:
 deterministic). dcache is the dx sum at the W-1 positions before S.
 
+Fused L2 norm (norm_channels NC > 0, groups of G channels, G a power of two in [16, 256]):
+the output channels c < NC are L2-normalised per group after the activation,
+
+    s = silu(z),  n = max(||s||, eps),  y = s / n          (eps = CONV_NORM_EPS)
+    ds = (dy - y <dy, y>) / n  where ||s|| > eps,  ds = dy / eps where clamped,
+    dz = ds * silu'(z),
+
+and channels c >= NC are the plain conv. Each kernel then runs as two launches over channel
+ranges: [0, NC) in tiles of BC = G channels (NORMED; a tile holds whole groups, so the norms
+are row sums inside it) and [NC, C) in tiles of BLOCK_C as without the norm. dz at a row needs
+its whole group's z, which the backward recomputes as it does for silu'(z).
+
 The ops are torch custom ops (linattn::short_conv_fwd / short_conv_bwd) so torch.compile
 traces through them; linattn.ops.fused.short_conv is the entry point.
 """
@@ -31,10 +43,18 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
+from ..fused import CONV_NORM_EPS
 
 BLOCK_T = 16            # rows per tile
 BLOCK_C = 64            # channels per tile (128 contiguous bytes of a 16-bit row)
 NUM_WARPS = 8           # 4 elements of a [BLOCK_T, BLOCK_C] tile per thread
+# warps of a group tile [BLOCK_T, G] by G (the fused norm's group sizes): 4 elements a thread
+# as the plain tile up to G 128 (at bf16 on sm_90: 108 registers, no spills); G 256 at 8
+# warps of 255 registers spills least (benchmarks/sm90_compile_check.py)
+GROUP_WARPS = {16: 2, 32: 4, 64: 8, 128: 16, 256: 8}
+NORM_GROUPS = tuple(GROUP_WARPS)
+PLAIN_TILE_BYTES = BLOCK_T * BLOCK_C * 4  # a float32 plain tile: the largest whose pipelined
+                                          # backward fits sm_90's shared memory (150 KB)
 TILES_PER_PROGRAM = 16  # row tiles one program walks (a backward's dw partial covers them)
 LOOP_STAGES = 2         # the row-tile loop loads one tile ahead (backward on sm_90 at bf16:
                         # 112 registers, 44 KB shared memory, 2 programs per SM)
@@ -43,11 +63,11 @@ LOOP_STAGES = 2         # the row-tile loop loads one tile ahead (backward on sm
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _cols(C, BC: tl.constexpr):
-    """This program's channels c [BC] and their mask."""
+def _cols(C0, C1, BC: tl.constexpr):
+    """This program's channels c [BC] of the launch's range [C0, C1) and their mask."""
     tl.static_assert(BC >= 16)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    return c, c < C
+    c = C0 + tl.program_id(1) * BC + tl.arange(0, BC)
+    return c, c < C1
 
 
 @triton.jit
@@ -99,22 +119,39 @@ def _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.c
 
 
 @triton.jit
+def _l2(s, EPS: tl.constexpr):
+    """Each row's max(||s||, EPS) over the tile's channels (one group), float32 [R]."""
+    return tl.maximum(tl.sqrt(tl.sum(s * s, axis=1)), EPS)
+
+
+@triton.jit
 def _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr,
-        SILU: tl.constexpr):
-    """dz at rows v [R] where ok (0 elsewhere), float32 [R, BC]: dy, times silu'(z) with SiLU."""
+        SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
+    """dz at rows v [R] where ok (0 elsewhere), float32 [R, BC]: dy, through the group's L2
+    norm when NORMED, times silu'(z) with SiLU."""
     g = tl.load(dy + v[:, None] * C + c[None, :], mask=ok[:, None] & mc[None, :],
                 other=0.0).to(tl.float32)
-    if SILU:
-        # recompute z from the shifted inputs, then silu'(z) = s (1 + z (1 - s))
+    if SILU or NORMED:
+        # recompute z from the shifted inputs (rows outside ok read as 0)
         z = _conv_z(x, cache, w, v, S, n, ok, c, mc, C, W, HAS_CACHE)
         sg = tl.sigmoid(z)
-        g = g * sg * (1.0 + z * (1.0 - sg))
+        if NORMED:
+            # the norm's backward: ds = (dy - y <dy, y>) / n, the projection off where clamped
+            s = z * sg if SILU else z
+            nrm = _l2(s, EPS)
+            y = s / nrm[:, None]
+            gy = tl.where(nrm > EPS, tl.sum(g * y, axis=1), 0.0)
+            g = (g - y * gy[:, None]) / nrm[:, None]
+        if SILU:
+            # silu'(z) = s (1 + z (1 - s))
+            g = g * sg * (1.0 + z * (1.0 - sg))
     return g
 
 
 @triton.jit
 def _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W: tl.constexpr,
-              HAS_CACHE: tl.constexpr, SILU: tl.constexpr):
+              HAS_CACHE: tl.constexpr, SILU: tl.constexpr, NORMED: tl.constexpr,
+              EPS: tl.constexpr):
     """sum_{j<W-1} w[:, j] dz_{v0 + W-1-j} over rows in [S, E): the cotangent the later
     outputs send to the inputs at rows v0 (float32 [R, BC]; tap W-1 is the row's own)."""
     acc = tl.zeros([v0.shape[0], c.shape[0]], dtype=tl.float32)
@@ -123,40 +160,59 @@ def _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W: tl.constexpr,
         v = v0 + (W - 1 - j)
         ok = mr & (v >= S) & (v < E)
         wj = tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32)
-        acc += wj[None, :] * _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W, HAS_CACHE, SILU)
+        acc += wj[None, :] * _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W, HAS_CACHE, SILU,
+                                 NORMED, EPS)
     return acc
 
 
 @triton.jit
-def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, W: tl.constexpr, BT: tl.constexpr,
-                          BC: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
-                          HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr, SILU: tl.constexpr):
-    """Row tiles pid*STEPS ... pid*STEPS + STEPS-1 of BT rows x BC channels of batch b (grid
-    cdiv(cdiv(T, BT), STEPS) x cdiv(C, BC) x B), the loop on STAGES pipeline stages."""
+def _check_group(BC: tl.constexpr, NORMED: tl.constexpr):
+    """A normalised launch's tile spans one group: G a power of two in [16, 256]."""
+    if NORMED:
+        tl.static_assert((BC & (BC - 1)) == 0)
+        tl.static_assert(BC >= 16 and BC <= 256)
+
+
+@triton.jit
+def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, C0, C1, W: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
+                          STAGES: tl.constexpr, HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr,
+                          SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
+    """Row tiles pid*STEPS ... pid*STEPS + STEPS-1 of BT rows x BC channels (of [C0, C1)) of
+    batch b (grid cdiv(cdiv(T, BT), STEPS) x cdiv(C1 - C0, BC) x B), the loop on STAGES
+    pipeline stages. NORMED: BC is the group size and each row's tile is L2-normalised."""
+    _check_group(BC, NORMED)
     b = tl.program_id(2).to(tl.int64)
-    c, mc = _cols(C, BC)
+    c, mc = _cols(C0, C1, BC)
     it0 = tl.program_id(0) * STEPS
     for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
-        # the conv, then the activation, rounded once
+        # the conv, then the activation
         z = _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W, HAS_CACHE)
         if SILU:
             z = z * tl.sigmoid(z)
+        if NORMED:
+            # each row's group over its norm (masked rows are 0 and stay 0)
+            z = z / _l2(z, EPS)[:, None]
+        # rounded once
         tl.store(y + u[:, None] * C + c[None, :], z.to(y.dtype.element_ty),
                  mask=mr[:, None] & mc[None, :])
 
 
 @triton.jit
-def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NP, W: tl.constexpr,
-                          WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, C0, C1, NP,
+                          W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                           STEPS: tl.constexpr, STAGES: tl.constexpr, HAS_CACHE: tl.constexpr,
-                          VARLEN: tl.constexpr, SILU: tl.constexpr):
-    """dx of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block pid1, batch b (grid
-    NP x cdiv(C, BC) x B); their dw[c, j] into dwp[b * NP + pid, c, j] (float32). The tile
-    loop runs on STAGES pipeline stages (loads of the next tiles in flight)."""
+                          VARLEN: tl.constexpr, SILU: tl.constexpr, NORMED: tl.constexpr,
+                          EPS: tl.constexpr):
+    """dx of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block pid1 (of [C0, C1)),
+    batch b (grid NP x cdiv(C1 - C0, BC) x B); their dw[c, j] into dwp[b * NP + pid, c, j]
+    (float32). The tile loop runs on STAGES pipeline stages (loads of the next tiles in
+    flight). NORMED: BC is the group size and dz goes through each row's L2 norm."""
     tl.static_assert(WP >= W)
+    _check_group(BC, NORMED)
     b = tl.program_id(2).to(tl.int64)
-    c, mc = _cols(C, BC)
+    c, mc = _cols(C0, C1, BC)
     jw = tl.arange(0, WP)
     # tap W-1 (the row's own input) and the float32 dw partial [WP, BC]
     wl = tl.load(w + c * W + (W - 1), mask=mc, other=0.0).to(tl.float32)
@@ -165,14 +221,14 @@ def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NP, W: tl.
     for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
         # dz at the tile's own rows (all in their sequence)
-        g = _dz(dy, x, cache, w, u, mr, S, n, c, mc, C, W, HAS_CACHE, SILU)
+        g = _dz(dy, x, cache, w, u, mr, S, n, c, mc, C, W, HAS_CACHE, SILU, NORMED, EPS)
         # dw[:, j] += sum over the tile of dz_t x_{t-(W-1-j)}
         for j in tl.static_range(W):
             xs = _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, W, HAS_CACHE)
             dw += tl.where(jw[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
         # dx: the own row through tap W-1, the later rows' dz through the others
         acc = wl[None, :] * g + _dx_later(dy, x, cache, w, u, mr, S, E, n, c, mc, C, W,
-                                          HAS_CACHE, SILU)
+                                          HAS_CACHE, SILU, NORMED, EPS)
         tl.store(dx + u[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
                  mask=mr[:, None] & mc[None, :])
     # the partial of this program, [W, BC] of row b * NP + pid of dwp [B * NP, C, W]
@@ -182,13 +238,15 @@ def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, NP, W: tl.
 
 
 @triton.jit
-def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, W: tl.constexpr,
+def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, C0, C1, W: tl.constexpr,
                              WP: tl.constexpr, BC: tl.constexpr, VARLEN: tl.constexpr,
-                             SILU: tl.constexpr):
-    """dcache of sequence n (grid N x cdiv(C, BC)): dx's sum at the W-1 positions before S."""
+                             SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
+    """dcache of sequence n (grid N x cdiv(C1 - C0, BC)): dx's sum at the W-1 positions
+    before S (NORMED: through each row's L2 norm, BC the group size)."""
     tl.static_assert(WP >= 16)
+    _check_group(BC, NORMED)
     n = tl.program_id(0).to(tl.int64)
-    c, mc = _cols(C, BC)
+    c, mc = _cols(C0, C1, BC)
     r = tl.arange(0, WP)
     mr = r < W - 1
     # the sequence's bounds
@@ -199,7 +257,8 @@ def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, W: tl.constexpr,
         S = n * T
         E = S + T
     # the cache slots are rows S-(W-1) ... S-1: only later rows' dz reach them
-    acc = _dx_later(dy, x, cache, w, S - (W - 1) + r, mr, S, E, n, c, mc, C, W, True, SILU)
+    acc = _dx_later(dy, x, cache, w, S - (W - 1) + r, mr, S, E, n, c, mc, C, W, True, SILU,
+                    NORMED, EPS)
     tl.store(dcache + (n * (W - 1) + r)[:, None] * C + c[None, :],
              acc.to(dcache.dtype.element_ty), mask=mr[:, None] & mc[None, :])
 
@@ -212,27 +271,46 @@ def _seq_table(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True).to(torch.int32)
 
 
-def _launch_fwd(x, weight, cache, cu_seqlens, silu):
+def _segments(C: int, norm_channels: int, norm_group: int, itemsize: int):
+    """The launches over the channels, (C0, C1, BC, warps, stages, normalised) each: [0, NC)
+    in tiles of one group G when NC > 0, then [NC, C) in tiles of BLOCK_C; empty ranges left
+    out. A group tile gets GROUP_WARPS[G] warps, and its loop is pipelined while the tile's bytes stay within PLAIN_TILE_BYTES (the
+    pipelined backward's shared memory scales with them)."""
+    if norm_channels and (norm_group not in NORM_GROUPS or norm_channels % norm_group
+                          or norm_channels > C):
+        raise ValueError(f"the fused conv norm takes groups G in {NORM_GROUPS} tiling "
+                         f"norm_channels <= C = {C}, got G={norm_group}, "
+                         f"norm_channels={norm_channels}")
+    warps = GROUP_WARPS.get(norm_group, NUM_WARPS)
+    stages = LOOP_STAGES if BLOCK_T * norm_group * itemsize <= PLAIN_TILE_BYTES else 1
+    segs = [(0, norm_channels, norm_group, warps, stages, True),
+            (norm_channels, C, BLOCK_C, NUM_WARPS, LOOP_STAGES, False)]
+    return [sg for sg in segs if sg[1] > sg[0]]
+
+
+def _launch_fwd(x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     B, T, C = x.shape
     W = weight.shape[1]
+    segs = _segments(C, norm_channels, norm_group, x.element_size())
     x, weight = x.contiguous(), weight.contiguous()
     y = empty(x.shape, dtype=x.dtype, device=x.device)
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
-    grid = (triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM), triton.cdiv(C, BLOCK_C), B)
-    if T and C:
-        short_conv_fwd_kernel[grid](
+    for C0, C1, BC, warps, stages, normed in (segs if T else []):
+        NP = triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM)
+        short_conv_fwd_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
             x, weight, cache.contiguous() if has_cache else x, y,
-            cu_seqlens if varlen else x, seq_id, T, C, W=W, BT=BLOCK_T, BC=BLOCK_C,
-            STEPS=TILES_PER_PROGRAM, STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen,
-            SILU=silu, num_warps=NUM_WARPS)
+            cu_seqlens if varlen else x, seq_id, T, C, C0, C1, W=W, BT=BLOCK_T, BC=BC,
+            STEPS=TILES_PER_PROGRAM, STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen,
+            SILU=silu, NORMED=normed, EPS=CONV_NORM_EPS, num_warps=warps)
     return y
 
 
-def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu):
+def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     B, T, C = x.shape
     W = weight.shape[1]
+    segs = _segments(C, norm_channels, norm_group, x.element_size())
     dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
@@ -242,20 +320,21 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu):
     NP = triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM)
     dwp = empty(B * NP, C, W, dtype=torch.float32, device=x.device)
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
-    if T and C:
-        short_conv_bwd_kernel[(NP, triton.cdiv(C, BLOCK_C), B)](
-            dy, x, weight, cache_arg, dx, dwp, cu, seq_id, T, C, NP, W=W,
-            WP=triton.next_power_of_2(W), BT=BLOCK_T, BC=BLOCK_C, STEPS=TILES_PER_PROGRAM,
-            STAGES=LOOP_STAGES, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu,
-            num_warps=NUM_WARPS)
+    for C0, C1, BC, warps, stages, normed in (segs if T else []):
+        short_conv_bwd_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
+            dy, x, weight, cache_arg, dx, dwp, cu, seq_id, T, C, C0, C1, NP, W=W,
+            WP=triton.next_power_of_2(W), BT=BLOCK_T, BC=BC, STEPS=TILES_PER_PROGRAM,
+            STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu, NORMED=normed,
+            EPS=CONV_NORM_EPS, num_warps=warps)
     dw = dwp.sum(0).to(weight.dtype)                                # [C, W]
     if cache is None:
         return dx, dw, x.new_empty(0)
     dcache = empty(cache.shape, dtype=cache.dtype, device=x.device)
-    if has_cache and cache.shape[0] and C:
-        short_conv_dcache_kernel[(cache.shape[0], triton.cdiv(C, BLOCK_C))](
-            dy, x, weight, cache_arg, dcache, cu, T, C, W=W,
-            WP=max(16, triton.next_power_of_2(W - 1)), BC=BLOCK_C, VARLEN=varlen, SILU=silu)
+    for C0, C1, BC, _, _, normed in (segs if has_cache and cache.shape[0] else []):
+        short_conv_dcache_kernel[(cache.shape[0], triton.cdiv(C1 - C0, BC))](
+            dy, x, weight, cache_arg, dcache, cu, T, C, C0, C1, W=W,
+            WP=max(16, triton.next_power_of_2(W - 1)), BC=BC, VARLEN=varlen, SILU=silu,
+            NORMED=normed, EPS=CONV_NORM_EPS)
     return dx, dw, dcache
 
 
@@ -263,41 +342,45 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu):
 
 @torch.library.custom_op("linattn::short_conv_fwd", mutates_args=())
 def short_conv_fwd(x: torch.Tensor, weight: torch.Tensor, cache: Optional[torch.Tensor],
-                   cu_seqlens: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
+                   cu_seqlens: Optional[torch.Tensor], silu: bool, norm_channels: int,
+                   norm_group: int) -> torch.Tensor:
     """y [B, T, C] in x's dtype. x [B, T, C]; weight [C, W]; cache [B or N, W-1, C] or None;
-    cu_seqlens int32/int64 [N+1] (B == 1) or None."""
-    return _launch_fwd(x, weight, cache, cu_seqlens, silu)
+    cu_seqlens int32/int64 [N+1] (B == 1) or None; the first norm_channels output channels
+    L2-normalised in groups of norm_group (a power of two in [16, 256]; 0: none)."""
+    return _launch_fwd(x, weight, cache, cu_seqlens, silu, norm_channels, norm_group)
 
 
 @short_conv_fwd.register_fake
-def _(x, weight, cache, cu_seqlens, silu):
+def _(x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("linattn::short_conv_bwd", mutates_args=())
 def short_conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                    cache: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                   silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   silu: bool, norm_channels: int,
+                   norm_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx like x, dweight like weight, dcache like cache, or an empty tensor without one)."""
-    return _launch_bwd(dy, x, weight, cache, cu_seqlens, silu)
+    return _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_group)
 
 
 @short_conv_bwd.register_fake
-def _(dy, x, weight, cache, cu_seqlens, silu):
+def _(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     return (torch.empty_like(x), torch.empty_like(weight),
             torch.empty_like(cache) if cache is not None else x.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
-    x, weight, cache, cu_seqlens, silu = inputs
+    x, weight, cache, cu_seqlens, silu, norm_channels, norm_group = inputs
     ctx.save_for_backward(x, weight, cache, cu_seqlens)
-    ctx.silu = silu
+    ctx.silu, ctx.norm_channels, ctx.norm_group = silu, norm_channels, norm_group
 
 
 def _backward(ctx, dy):
     x, weight, cache, cu_seqlens = ctx.saved_tensors
-    dx, dw, dcache = short_conv_bwd(dy, x, weight, cache, cu_seqlens, ctx.silu)
-    return dx, dw, (dcache if cache is not None else None), None, None
+    dx, dw, dcache = short_conv_bwd(dy, x, weight, cache, cu_seqlens, ctx.silu,
+                                    ctx.norm_channels, ctx.norm_group)
+    return dx, dw, (dcache if cache is not None else None), None, None, None, None
 
 
 short_conv_fwd.register_autograd(_backward, setup_context=_setup)
