@@ -274,8 +274,9 @@ def _seq_table(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
 def _segments(C: int, norm_channels: int, norm_group: int, itemsize: int):
     """The launches over the channels, (C0, C1, BC, warps, stages, normalised) each: [0, NC)
     in tiles of one group G when NC > 0, then [NC, C) in tiles of BLOCK_C; empty ranges left
-    out. A group tile gets GROUP_WARPS[G] warps, and its loop is pipelined while the tile's bytes stay within PLAIN_TILE_BYTES (the
-    pipelined backward's shared memory scales with them)."""
+    out. A group tile gets GROUP_WARPS[G] warps, and its loop is pipelined while the tile's
+    bytes stay within PLAIN_TILE_BYTES (the pipelined backward's shared memory scales with
+    them)."""
     if norm_channels and (norm_group not in NORM_GROUPS or norm_channels % norm_group
                           or norm_channels > C):
         raise ValueError(f"the fused conv norm takes groups G in {NORM_GROUPS} tiling "
