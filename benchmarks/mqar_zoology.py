@@ -9,9 +9,8 @@ once per epoch, no warmup) for --epochs epochs (64 in Zoology) capped at --max-s
 (the cosine then spans the capped run), evaluated on the whole test set every epoch (or every
 --eval-every steps when that is sooner) and stopped once test accuracy reaches 0.99. "hybrid"
 is a 1:1 Gated DeltaNet / attention model (layer 0 Gated DeltaNet, layer 1 attention). Every
-model has Zoology's heads (one; two for deltanet, gated_deltanet, gla and mom, as Zoology's
-configs for those mixers), more where the op's head-dim limit (256) needs them (heads_for:
-the linear mixer at d_model 256, the one-head mixers at 512).
+model has one head, except where the op's head-dim limit (256) needs more (heads_for: the
+linear mixer at d_model 256, every mixer at 512).
 
 Rows are appended to --out (JSON Lines) as runs finish, with at least the keys mixer,
 d_model, seq_len, num_kv_pairs, lr, steps, accuracy (the fraction of query positions
@@ -107,14 +106,10 @@ def state_size(model, seq_len: int, device) -> int:
 
 
 def heads_for(mixer: str, d_model: int) -> int:
-    """Zoology's heads for the mixer (one; two for the delta rule, GLA and MoM:
-    linattn.models.config.ZOOLOGY_HEADS; one for the hybrid, which holds attention), doubled
-    while the op's head dims exceed 256 (the linear mixer's value carries one extra column for
-    its denominator)."""
-    from linattn.models.config import ZOOLOGY_HEADS
-
+    """One head (Zoology's), or the fewest powers of two that keep the op's head dims <= 256
+    (the linear mixer's value carries one extra column for its denominator)."""
     extra = 1 if mixer == "linear" else 0
-    heads = 1 if mixer == "hybrid" else ZOOLOGY_HEADS.get(mixer, 1)
+    heads = 1
     while d_model // heads + extra > 256:
         heads *= 2
     return heads
