@@ -235,7 +235,8 @@ def preset_settings(name: str, settings: dict) -> dict:
     draws from the same distribution); our mixers are linattn's, not Zoology's copies of fla's
     layers; Zoology's configs for the delta rule, Gated DeltaNet and GLA give them two heads and
     put its BaseConv (a short plus an implicit long conv) in a hybrid before the mixer, ours
-    keep one head (two learned far slower in our CPU runs at d_model 64; n_heads overrides it)
+    keep one head (with two, Gated DeltaNet stayed at chance at d_model 64, T 256 in our CPU
+    runs where one head learned; n_heads overrides it)
     and the mixer's own short conv.
     """
     if name != "zoology":
