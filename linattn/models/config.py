@@ -236,8 +236,7 @@ def preset_settings(name: str, settings: dict) -> dict:
     layers; Zoology's configs for the delta rule, Gated DeltaNet and GLA give them two heads and
     put its BaseConv (a short plus an implicit long conv) in a hybrid before the mixer, ours
     keep one head (with two, Gated DeltaNet stayed at chance at d_model 64, T 256 in our CPU
-    runs where one head learned; n_heads overrides it)
-    and the mixer's own short conv.
+    runs where one head learned; n_heads overrides it) and the mixer's own short conv.
     """
     if name != "zoology":
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
