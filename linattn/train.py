@@ -264,7 +264,7 @@ def answer_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict]
     python numbers: "tokens" (answer tokens), "correct" (argmax right), "sequences",
     "exact" (sequences with every answer token right).
     """
-    loss, stats = picked_answer_loss(logits.flatten(0, 1).index_select(0, batch.answer_index), batch)
+    loss, stats = picked_answer_loss(batch.at_answers(logits), batch)
     return loss, stats.resolve()[1]
 
 
@@ -274,7 +274,7 @@ def picked_answer_loss(picked: torch.Tensor, batch: Batch) -> tuple[torch.Tensor
     scalar float32 tensor, its AnswerStats); nothing here waits for the device."""
     B, T = batch.answer_mask.shape
     index = batch.answer_index  # [N] flat positions b * T + t
-    targets = batch.targets.reshape(-1).index_select(0, index)  # [N]
+    targets = batch.at_answers(batch.targets)  # [N]
     loss = F.cross_entropy(picked.float(), targets)
     with torch.no_grad():
         right = picked.argmax(dim=-1) == targets  # [N]
@@ -320,7 +320,7 @@ def batch_loss(model, batch: Batch, device: torch.device, dtype: torch.dtype,
         elif isinstance(model, CausalLM):  # uncompiled: the head at the answer positions only
             picked = model.answer_logits(batch.input_ids, batch.answer_index)  # [N, V]
         else:
-            picked = model(batch.input_ids).flatten(0, 1).index_select(0, batch.answer_index)  # [N, V]
+            picked = batch.at_answers(model(batch.input_ids))  # [B, T, V] -> [N, V]
     if sp is not None:
         return parallel_answer_loss(logits, batch, sp)
     return picked_answer_loss(picked, batch)

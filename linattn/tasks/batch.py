@@ -63,6 +63,10 @@ class Batch:
         input_ids = torch.cat([bos, content[:, :-1]], dim=1)  # [B, T]
         return Batch(input_ids, content.clone(), is_answer.clone())
 
+    def at_answers(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, ...] at the answer positions: [N, ...] in answer_index's order."""
+        return x.flatten(0, 1).index_select(0, self.answer_index)
+
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.targets.to(device), self.answer_mask.to(device),
                      self.answer_index.to(device))

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ..alloc import empty
-from ..fused import CONV_NORM_EPS
+from ..fused import CONV_NORM_EPS, check_conv_norm
 
 BLOCK_T = 16            # rows per tile
 BLOCK_C = 64            # channels per tile (128 contiguous bytes of a 16-bit row)
@@ -277,11 +277,9 @@ def _segments(C: int, norm_channels: int, norm_group: int, itemsize: int):
     out. A group tile gets GROUP_WARPS[G] warps, and its loop is pipelined while the tile's
     bytes stay within PLAIN_TILE_BYTES (the pipelined backward's shared memory scales with
     them)."""
-    if norm_channels and (norm_group not in NORM_GROUPS or norm_channels % norm_group
-                          or norm_channels > C):
-        raise ValueError(f"the fused conv norm takes groups G in {NORM_GROUPS} tiling "
-                         f"norm_channels <= C = {C}, got G={norm_group}, "
-                         f"norm_channels={norm_channels}")
+    check_conv_norm(norm_channels, norm_group, C)
+    if norm_channels and norm_group not in NORM_GROUPS:
+        raise ValueError(f"the fused conv norm takes groups G in {NORM_GROUPS}, got G={norm_group}")
     warps = GROUP_WARPS.get(norm_group, NUM_WARPS)
     stages = LOOP_STAGES if BLOCK_T * norm_group * itemsize <= PLAIN_TILE_BYTES else 1
     segs = [(0, norm_channels, norm_group, warps, stages, True),
