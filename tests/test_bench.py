@@ -195,6 +195,49 @@ def test_worker_pool_survives_crashes_and_hangs():
         log.close()
 
 
+def test_closing_idle_workers_keeps_one_and_restarts_the_others_on_demand():
+    log = open("/dev/null", "w")
+    pool = runner.WorkerPool([sys.executable, "-c", FAKE_WORKER], log=log)
+    try:
+        req = {"B": 1, "T": 64, "H": 1, "D": 16, "seed": 0}
+        for op in ("a", "b", "c"):
+            assert pool.run(op, req, timeout=30)["fwd_ms"] == 1.5
+        kept = pool.procs["a"]
+        assert pool.close(keep="a") == 2
+        assert set(pool.procs) == {"a"} and pool.procs["a"] is kept and not pool.dead
+        assert pool.run("b", req, timeout=30)["fwd_ms"] == 1.5   # a new worker for b
+        assert set(pool.procs) == {"a", "b"}
+    finally:
+        pool.close()
+        log.close()
+
+
+def test_a_row_out_of_device_memory_runs_again_alone():
+    class Pool:
+        dead: dict = {}
+
+        def __init__(self):
+            self.calls, self.closed = [], []
+
+        def run(self, key, request, timeout):
+            self.calls.append(key)
+            if key == "big" and not self.closed:
+                return {"error": "warm-up steps: OutOfMemoryError: CUDA out of memory"}
+            return {"tokens_per_s": 10.0}
+
+        def close(self, keep=None):
+            self.closed.append(keep)
+            return 3 if keep is not None else 0
+
+    pool, rows = Pool(), []
+    plan = [runner.Job(k, {"case": k}, {"case": k}, None) for k in ("small", "big")]
+    runner.run_rows(plan, pool, missing={}, timeout=10, deadline=float("inf"), on_row=rows.append,
+                    finish=lambda: None)
+    assert pool.calls == ["small", "big", "big"] and pool.closed[0] == "big"
+    assert rows[1]["tokens_per_s"] == 10.0 and "error" not in rows[1]
+    assert rows[1]["retried"].startswith("alone") and "retried" not in rows[0]
+
+
 def test_whole_run_with_fake_measurements(tmp_path, capsys):
     """main() end to end on a CPU: the machine is a value whose GPU-side answers are fixed."""
     seen = []

@@ -25,6 +25,7 @@ from typing import Callable
 
 EXIT_NO_GPU = 2
 BUDGET_SKIP = "skipped: out of the time budget (--budget)"
+OUT_OF_MEMORY = "OutOfMemoryError"                          # in a row's error: retried alone
 
 
 def short_error(e: BaseException) -> str:
@@ -258,21 +259,25 @@ class WorkerPool:
             return {"error": f"skipped: {self.dead.get(op, 'worker unavailable')}"}
         return self.collect({op: time.monotonic()}, lambda _op, st: st + timeout)[op]
 
-    def close(self, grace: float = 5.0):
-        """Closes every worker's stdin (its loop ends); kills what is still busy after grace s."""
-        for p in self.procs.values():
+    def close(self, grace: float = 5.0, keep: str | None = None) -> int:
+        """Closes every worker's stdin but `keep`'s (its loop ends); kills what is still busy
+        after grace s. A closed case is not dead: its next request starts a new worker.
+        Returns how many workers it closed."""
+        closing = {op: p for op, p in self.procs.items() if op != keep}
+        for p in closing.values():
             try:
                 p.stdin.close()
             except OSError:
                 pass
         end = time.monotonic() + grace
-        for p in self.procs.values():
+        for op, p in closing.items():
             try:
                 p.wait(timeout=max(0.0, end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        self.procs.clear()
+            del self.procs[op]
+        return len(closing)
 
 
 class InProcess:
@@ -286,8 +291,8 @@ class InProcess:
     def run(self, key, request, timeout):
         return self.row_of(request)
 
-    def close(self):
-        pass
+    def close(self, keep=None) -> int:
+        return 0
 
 
 def worker_env() -> dict:
@@ -410,7 +415,13 @@ def run_rows(plan: list, pool, *, missing: dict, timeout: float, deadline: float
             else:
                 request = {**job.request, **(prepare(job) if prepare is not None else {})}
                 t_row = time.monotonic()
-                row.update(pool.run(job.key, request, max(1.0, min(timeout, deadline - time.monotonic()))))
+                reply = pool.run(job.key, request, max(1.0, min(timeout, deadline - time.monotonic())))
+                # Idle workers keep their CUDA contexts and caches: a row that ran out of
+                # device memory runs once more with every other worker closed.
+                if OUT_OF_MEMORY in str(reply.get("error", "")) and pool.close(keep=job.key):
+                    reply = pool.run(job.key, request, max(1.0, min(timeout, deadline - time.monotonic())))
+                    reply["retried"] = "alone, after an out-of-memory error beside the idle workers"
+                row.update(reply)
                 row["wall_s"] = round(time.monotonic() - t_row, 2)
             on_row(row)
     finally:
