@@ -245,7 +245,8 @@ class CompiledLM(torch.nn.Module):
     (torch.compiler.cudagraph_mark_step_begin), so a call is one training step's forward,
     whose backward runs before the next call, or one evaluation batch; the previous step's
     graph outputs (its gradients) are given up, and the training step sets them to None
-    before its backward.
+    before its backward. The marks are process-wide (torch._dynamo.reset() clears them): a
+    reduce-overhead model of one's own in the same process then needs them too.
     """
 
     def __init__(self, graph, *, cuda_graphs: bool, rows: int = 0):
