@@ -217,6 +217,8 @@ def test_gpu_zoology_run_with_evaluations_and_resume_under_compile(mixer, tmp_pa
     runs = {}
     for mode in ("none", "default", "reduce-overhead"):
         torch._dynamo.reset()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         out = tmp_path / mode
         if mode == "reduce-overhead":
             model_cfg, task, cfg = build_run({**settings, "compile": mode, "steps": 12})
@@ -228,6 +230,9 @@ def test_gpu_zoology_run_with_evaluations_and_resume_under_compile(mixer, tmp_pa
         assert metrics["steps"] == 24 and metrics["test_sequences"] == 40
         assert [r["step"] for r in curve if r["split"] == "test"] == [6, 12, 18, 24], mode
         runs[mode] = (metrics, curve)
+        print(f"zoology {mixer} {mode}: test loss {metrics['loss']:.4f}, train loss "
+              f"{metrics['train_loss']:.4f}, {time.perf_counter() - t0:.0f} s with compiling, "
+              f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     eager, eager_curve = runs["none"]
     for mode in ("default", "reduce-overhead"):
         metrics, curve = runs[mode]
