@@ -205,7 +205,7 @@ def test_gpu_zoology_run_with_evaluations_and_resume_under_compile(mixer, tmp_pa
     Under compile "reduce-overhead" it trains 12 steps, then resumes to 24, each phase
     switching between training and evaluation; under "default" it trains 24 steps. Each
     finishes with the evaluations at steps 6, 12, 18 and 24 over all 40 test sequences, and
-    its losses (train and test) are eager's within 2% (inductor draws other dropout masks
+    its losses (train and test) are eager's within 3% (inductor draws other dropout masks
     and rounds bf16 in another order). Before the fix, the first evaluation's shorter last
     batch compiled another graph whose CUDA-graph warm-up built the Triton ops' chunk layouts
     inside the graphs' memory pool: "Detected 8 tensor(s) in the cudagraph pool not tracked
@@ -237,7 +237,7 @@ def test_gpu_zoology_run_with_evaluations_and_resume_under_compile(mixer, tmp_pa
     for mode in ("default", "reduce-overhead"):
         metrics, curve = runs[mode]
         for key in ("loss", "train_loss"):
-            assert metrics[key] == pytest.approx(eager[key], rel=2e-2), (mode, key)
+            assert metrics[key] == pytest.approx(eager[key], rel=3e-2), (mode, key)
         assert [r["step"] for r in curve] == [r["step"] for r in eager_curve]
         for got_r, ref_r in zip(curve, eager_curve):
-            assert got_r["loss"] == pytest.approx(ref_r["loss"], rel=2e-2), (mode, got_r, ref_r)
+            assert got_r["loss"] == pytest.approx(ref_r["loss"], rel=3e-2), (mode, got_r, ref_r)
