@@ -18,9 +18,11 @@ predicted exactly (argmax), "exact_match" the fraction of sequences whose answer
 all right. On CUDA with dtype "bfloat16" the forward runs under bf16 autocast (float32
 master weights) and the model's backend "auto" takes the Triton kernels.
 
-Compiling (TrainConfig.compile, `linattn train --compile MODE`): the model's forward (and so
-its backward) runs as one torch.compile(fullgraph=True) graph, its ops as torch custom ops
-(linattn.ops.custom_ops); see compile_model. The loss and the optimizer stay eager.
+Compiling (TrainConfig.compile, `linattn train --compile MODE`): the model's logits at the
+answer positions (CausalLM.answer_logits, and so its backward) run as one
+torch.compile(fullgraph=True) graph, its ops as torch custom ops (linattn.ops.custom_ops),
+on inputs of one shape per sequence length (a smaller evaluation batch is padded); see
+compile_model and CompiledLM. The loss and the optimizer stay eager.
 
 Sequence parallelism (train(..., sequence_parallel=True), `linattn train --sequence-parallel`
 under torchrun): the processes torchrun starts form one process group (gloo on CPU, NCCL on
@@ -52,6 +54,7 @@ import torch.nn.functional as F
 
 from .models import CausalLM, LMConfig
 from .tasks import Batch, Task, task_from_dict
+from .tasks.batch import BOS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_MODES = ("none", "default", "reduce-overhead")
@@ -186,10 +189,11 @@ def build_model(model_cfg, device: torch.device, seed: int):
     return model.to(device)
 
 
-def compile_model(model, mode: str, device: torch.device):
-    """model itself for mode "none", else torch.compile(model, fullgraph=True): the same
-    parameters, its forward one graph (a graph break is an error). On CUDA, inductor with
-    `mode` ("reduce-overhead" replays CUDA graphs); on the CPU the graph is captured with
+def compile_model(model, mode: str, device: torch.device, rows: int = 0):
+    """model itself for mode "none", else a CompiledLM: model.answer_logits as one
+    torch.compile(fullgraph=True) graph (a graph break is an error) on the same parameters,
+    batches of fewer than `rows` rows (the run's batch size) padded to it. On CUDA, inductor
+    with `mode` ("reduce-overhead" replays CUDA graphs); on the CPU the graph is captured with
     backend="aot_eager" (AOTAutograd, no code generation), whatever the mode: inductor's C++
     code generation takes minutes per model on a small CPU, and CUDA graphs need CUDA.
     ValueError for "reduce-overhead" when a mixer says CUDA graphs cannot capture it
@@ -203,8 +207,69 @@ def compile_model(model, mode: str, device: torch.device):
             name, why = next(iter(refused.items()))
             raise ValueError(f"compile mode 'reduce-overhead' (CUDA graphs) cannot capture {name}: {why}")
     if device.type == "cuda":
-        return torch.compile(model, mode=mode, fullgraph=True)
-    return torch.compile(model, backend="aot_eager", fullgraph=True)
+        graph = torch.compile(AnswerLogits(model), mode=mode, fullgraph=True)
+    else:
+        graph = torch.compile(AnswerLogits(model), backend="aot_eager", fullgraph=True)
+    return CompiledLM(graph, cuda_graphs=device.type == "cuda" and mode == "reduce-overhead",
+                      rows=rows)
+
+
+class AnswerLogits(torch.nn.Module):
+    """The module compile_model compiles: forward(input_ids [B, T], positions [N]) =
+    model.answer_logits(input_ids, positions) [N, V], the head at the N positions only (the
+    [B, T, V] logits never exist)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.answer_logits(input_ids, positions)
+
+
+class CompiledLM(torch.nn.Module):
+    """A compiled AnswerLogits fed inputs of as few shapes as a run allows.
+
+    answer_logits(input_ids [B, T], positions [N] flat indices b * T + t) -> [N, V], as
+    CausalLM.answer_logits. The graph sees ids [rows, T] and positions [answers at T]: rows
+    the most batch rows seen (at least `rows`, the run's batch size), answers the most
+    positions seen at that T. A smaller batch (a fixed test set's last one) gets BOS rows
+    after its own, its positions 0s after its own, and the result's rows past N are dropped.
+    Every row is its own sequence and every logit row its own position, so padding changes no
+    real row (up to the rounding order of a kernel over more rows). A new shape would compile
+    another graph and, under CUDA graphs, record another one and warm it up inside the graphs'
+    private memory pool, where the Triton ops' per-shape chunk layouts (cached across calls)
+    would be built: cudagraph trees refuse such untracked tensors (see _warm_outside_graphs).
+
+    cuda_graphs (mode "reduce-overhead" on CUDA): each call begins a cudagraph-trees step
+    (torch.compiler.cudagraph_mark_step_begin), so a call is one training step's forward,
+    whose backward runs before the next call, or one evaluation batch; the previous step's
+    graph outputs (its gradients) are given up, and the training step sets them to None
+    before its backward. The marks are process-wide (torch._dynamo.reset() clears them): a
+    reduce-overhead model of one's own in the same process then needs them too.
+    """
+
+    def __init__(self, graph, *, cuda_graphs: bool, rows: int = 0):
+        super().__init__()
+        self.graph = graph  # torch.compile(AnswerLogits(model)): train() / eval() reach the model
+        self.cuda_graphs = cuda_graphs
+        self.rows = rows
+        self.answers = {}  # T -> the most positions seen at that length
+
+    def answer_logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        N = positions.shape[0]
+        self.rows = max(self.rows, B)
+        self.answers[T] = max(self.answers.get(T, 0), N)
+        if B < self.rows:
+            input_ids = torch.cat([input_ids, input_ids.new_full((self.rows - B, T), BOS)])
+        if N < self.answers[T]:
+            positions = torch.cat([positions, positions.new_zeros(self.answers[T] - N)])
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.graph(input_ids, positions)[:N]
+
+    forward = answer_logits
 
 
 def short_task_of(task: Task, cfg: "TrainConfig") -> Task:
@@ -213,10 +278,14 @@ def short_task_of(task: Task, cfg: "TrainConfig") -> Task:
 
 
 def _warm_outside_graphs(model, tasks, cfg, device: torch.device, dtype: torch.dtype) -> None:
-    """One eager forward + backward per batch shape the run will use (gradients then cleared).
-    The Triton ops cache each shape's chunk layout (index tensors kept across calls); built
-    inside the first call of a reduce-overhead model they would sit in CUDA graphs' private
-    memory pool, which may hold only the graph's own tensors (cudagraph trees refuse it)."""
+    """One eager forward + backward per batch shape the run will use (gradients then cleared):
+    cfg.batch_size rows of each task's length, every shape the CompiledLM's graph sees, in
+    training and in evaluation (its smaller batches are padded to that; a forward without
+    gradients reads the same layouts). The Triton ops cache each shape's chunk layout (index
+    tensors kept across calls); built inside the first call of a reduce-overhead model they
+    would sit in CUDA graphs' private memory pool, which may hold only the graphs' own
+    tensors: cudagraph trees refuse the untracked ones ("Detected 8 tensor(s) in the
+    cudagraph pool not tracked as outputs": a layout's buffers, two layouts' for GLA)."""
     for i, t in enumerate(tasks):
         if any(t is u for u in tasks[:i]):
             continue
@@ -317,7 +386,7 @@ def batch_loss(model, batch: Batch, device: torch.device, dtype: torch.dtype,
     with autocast(device, dtype):
         if sp is not None:
             logits = model(sp.split(batch.input_ids))  # [B, T_r, V]
-        elif isinstance(model, CausalLM):  # uncompiled: the head at the answer positions only
+        elif isinstance(model, (CausalLM, CompiledLM)):  # the head at the answer positions only
             picked = model.answer_logits(batch.input_ids, batch.answer_index)  # [N, V]
         else:
             picked = batch.at_answers(model(batch.input_ids))  # [B, T, V] -> [N, V]
@@ -761,7 +830,7 @@ def _train(model_cfg, task, cfg, out_dir, resume, progress, on_step, device, sp)
     model.set_sequence_parallel(sp)
     model.train()
     optimizer = _make_optimizer(model, cfg)
-    run_model = compile_model(model, cfg.compile, device)  # model itself unless compiling
+    run_model = compile_model(model, cfg.compile, device, rows=cfg.batch_size)  # model unless compiling
     if cfg.compile == "reduce-overhead" and device.type == "cuda":
         _warm_outside_graphs(model, [short_task_of(task, cfg), task], cfg, device,
                              resolve_dtype(cfg.dtype, device))

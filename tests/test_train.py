@@ -91,7 +91,8 @@ def _reference_step(model, opt, batch, lr, grad_clip, full_logits):
 
 
 class _FullLogits(torch.nn.Module):
-    """A model that is not a CausalLM (as a compiled one): batch_loss takes its full logits."""
+    """A model that is neither a CausalLM nor a CompiledLM (a wrapper of the full forward):
+    batch_loss takes its full logits."""
 
     def __init__(self, model):
         super().__init__()
