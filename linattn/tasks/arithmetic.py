@@ -60,7 +60,7 @@ class Arithmetic(NumberText, Task):
     digits_b: int = 0  # 0: as many as digits
     tokenization: str = "digit"
     lengths: str = "fixed"
-    simple_fraction: float = 0.5  # lengths "simple": the fraction of simple samples
+    simple_fraction: float = 0.3  # lengths "simple": the fraction of simple samples
 
     @property
     def m(self) -> int:
