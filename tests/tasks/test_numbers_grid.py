@@ -24,6 +24,10 @@ def test_cells_run_multiplication_first_then_addition_in_both_orders():
     add = {(c["mixer"], c["task"]["order"]) for c in cells[10:]}
     assert add == {(m, o) for m in grid.MIXERS for o in ("reversed", "forward")}
     assert len({grid.cell_key(c, dict(d_model=1, n_layers=1, n_heads=1, seed=0)) for c in cells}) == 20
+    model = dict(d_model=1, n_layers=1, n_heads=1, seed=0, train_lengths="simple", simple_fraction=None, tag="long")
+    assert grid.cell_key(cells[0], model).endswith("|train_lengths=simple|long")
+    assert grid.cell_key(cells[0], {**model, "simple_fraction": 0.5}).endswith("|train_lengths=simple0.5|long")
+    assert grid.run_name(cells[0], "long") == "mul5-mul5_reversed-attention-long"
     by1 = grid.cells(["mul5x1"], ["gla"], ["reversed", "forward"])
     assert [(c["task"]["digits"], c["task"]["digits_b"], c["task"]["order"]) for c in by1] == \
         [(5, 1, "reversed"), (5, 1, "forward")]
