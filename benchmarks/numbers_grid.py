@@ -224,7 +224,6 @@ def run_cell(spec: dict) -> dict:
     t0 = time.perf_counter()
     if graphs:  # the Triton ops' per-shape caches, built outside CUDA graphs' memory pool
         _warm_outside_graphs(model, [train_task], train_cfg, device, dtype)
-    if graphs:
         torch.compiler.cudagraph_mark_step_begin()
     _warm_outside_graphs(run_model, [train_task], train_cfg, device, dtype)  # compiles; no optimizer step
     evaluate(model, task, batches=1, **eval_kw)
