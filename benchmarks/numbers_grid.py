@@ -19,29 +19,56 @@ final exact match and token accuracy on a fresh test set. Cells, in the order th
 Mixers: attention (softmax, RoPE), gated_deltanet, mlstm_sig, gla, and a 3:1 hybrid (three
 gated_deltanet layers, then attention). Model: d_model 256, 4 layers, 4 heads, SwiGLU MLP x4
 (~3.2M parameters for attention), AdamW lr 1e-3 (betas 0.9/0.95, weight decay 0.1), batch
-512, bf16 autocast on CUDA. The recipe follows Qiu et al. ("Dissecting Multiplication in
-Transformers", 2024): operands zero-padded to a fixed width, the product reversed (least
-significant digit first), a model deeper than one or two layers, and for multiplication
-(--train-lengths uniform) a training mix that favours simple samples: each operand's
-significant length uniform in 1..5, zero-padded (the test set stays uniform 5-digit operands).
+512, bf16 autocast on CUDA.
 
-Time boxes: every cell trains for --cell-s seconds of wall clock (the clock starts after a
-warm-up step and a warm-up evaluation, which compile the kernels) or until the periodic test
-exact match reaches --stop-at, whichever comes first; the learning rate warms up over 200
-steps, then follows a cosine over the time box. So the step count depends on the GPU's speed
-and on how many cells share it (--workers cells run at once, each in its own process; small
-models leave most of a GPU idle): records give steps, seconds and steps/s. --budget-s bounds
-the whole command: a cell starts only if its time box still fits.
+The recipe for multiplication follows Qiu et al. ("Dissecting Multiplication in Transformers",
+2024, arXiv 2407.15360), whose three fixes together took a tiny decoder from 0% to 99.9% exact
+match on 5x5 digits (their Table 5; any two of them: at most 65%): the product reversed (least
+significant digit first), depth (their reversed 5x5 models: 2 layers 33.6%, 4 layers 97.4%,
+8 layers 99.6%, 12 layers 99.9%; 3 heads suffice), and a training mix with "simple" samples
+(--train-lengths simple: a fraction --simple-fraction of the samples multiply a full-width
+a by a b that is zero but for one digit, at any position; the paper's sweep of the fraction
+finds too few and too many both worse and gives no best value). Operands are zero-padded
+to 5 digits, the product to 10, as theirs; the test set is uniform 5-digit operands.
+--train-lengths uniform is a milder mix (each operand's significant length uniform in 1..5:
+only 1/25 of its samples are full 5x5 products).
+
+Time boxes: every cell trains for --cell-s seconds of wall clock (the clock starts after the
+warm-up: a forward and backward that compile the kernels and the graph, no optimizer step,
+and one evaluation) or until the periodic test exact match reaches --stop-at, whichever comes
+first, and never past the command's --budget-s less --final-s (a slow compile shortens the
+training, not the budget); --max-steps also stops it. The learning rate warms up over 200
+steps, then follows a cosine down to 0.1x over the time box (over --max-steps steps when
+given; over --schedule-s training seconds summed across --continue calls when given). So the
+step count depends on the GPU's speed and on how many cells share it (--workers cells run at
+once, each in its own process; small models leave most of a GPU idle): records give steps,
+seconds and steps/s. A cell starts only if its time box still fits the budget.
+
+Compiling (--compile, default "default" on CUDA, "none" on the CPU): the training forward
+and backward run as one torch.compile graph (linattn.train.compile_model; the loss and the
+optimizer stay eager); "reduce-overhead" also replays them as CUDA graphs (each training
+call is marked a new step). Evaluation runs on the eager model, which shares the weights.
+
+Continuing (--continue, with --save-dir): each cell saves its checkpoint (model, optimizer,
+steps, training seconds) and its test curve (STATE_FILE) in its run directory; a later
+command with --continue trains the cells whose checkpoint has their key and did not reach
+--stop-at for another time box from there, and appends a record with the cumulative steps,
+seconds and curve (the table shows a key's last record). Batches are a function of the step,
+so a continued cell sees the batches an uninterrupted one would.
 
 Results: one JSON line per finished cell appended to --out (resumable: cells already there
 are skipped), and a PNG plus a Markdown table beside it.
 
-    # GPU, two device commands of < 10 minutes (all cells of a command at once where they fit)
-    python benchmarks/numbers_grid.py --phases mul5 --workers 10 --cell-s 380 --budget-s 500 \\
-        --train-lengths uniform --save-dir /tmp/numbers_runs
+    # GPU, device commands of < 10 minutes (all cells of a command at once where they fit)
+    python benchmarks/numbers_grid.py --phases mul5 --workers 10 --cell-s 380 --budget-s 480 \\
+        --train-lengths simple --save-dir runs/numbers
     python benchmarks/numbers_grid.py --phases add3,mul5x1,tok --workers 13 --cell-s 150 \\
-        --budget-s 470 --save-dir /tmp/numbers_runs
+        --budget-s 470 --save-dir runs/numbers
     python benchmarks/numbers_grid.py --phases nupa --workers 8 --cell-s 240 --budget-s 400   # optional
+    # the two reversed 5x5 cells for the 99% bar, 8 layers, continued by each further call
+    python benchmarks/numbers_grid.py --phases mul5 --mixers attention,hybrid --orders reversed \\
+        --workers 2 --layers 8 --train-lengths simple --tag long --cell-s 450 --budget-s 480 \\
+        --schedule-s 1100 --save-dir runs/numbers --continue
     # CPU sanity (small model, one cell)
     python benchmarks/numbers_grid.py --device cpu --phases add3 --mixers attention --orders reversed \\
         --d-model 128 --layers 2 --heads 2 --batch 64 --cell-s 240 --workers 1 --out /tmp/n.jsonl
@@ -74,6 +101,7 @@ MIXERS = {
 }
 NUPA_PROBLEMS = ("float_max", "frac_max", "int_to_sci", "int_floordiv")
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "numbers.jsonl"
+STATE_FILE = "grid_state.json"  # beside a saved cell's checkpoint.pt: its key, steps, seconds, test curve
 
 
 def cells(phases: list[str], mixers: list[str], orders: list[str]) -> list[dict]:
@@ -106,93 +134,157 @@ def cells(phases: list[str], mixers: list[str], orders: list[str]) -> list[dict]
 def cell_key(cell: dict, model: dict) -> str:
     task = ",".join(f"{k}={v}" for k, v in sorted(cell["task"].items()))
     size = f"d{model['d_model']}x{model['n_layers']}h{model['n_heads']}"
-    mix = "" if model.get("train_lengths", "fixed") == "fixed" else f"|train_lengths={model['train_lengths']}"
+    lengths = model.get("train_lengths", "fixed")
+    if lengths == "simple" and model.get("simple_fraction") is not None:  # None: the task's default
+        lengths += f"{model['simple_fraction']:g}"
+    mix = "" if lengths == "fixed" else f"|train_lengths={lengths}"
     tag = f"|{model['tag']}" if model.get("tag") else ""
     return f"{cell['phase']}|{task}|{cell['mixer']}|{size}|seed{model['seed']}{mix}{tag}"
 
 
-def run_name(cell: dict) -> str:
-    """Directory name of a cell's saved run, e.g. mul5-mul5_reversed-attention."""
+def run_name(cell: dict, tag: str = "") -> str:
+    """Directory name of a cell's saved run, e.g. mul5-mul5_reversed-attention (and -TAG when
+    the cells carry a tag)."""
     t = cell["task"]
     by = f"x{t['digits_b']}" if t.get("digits_b") else ""
     what = t.get("problem") or f"{t['op']}{t['digits']}{by}_{t['order']}"
     tok = t.get("tokenization", "digit")
-    return f"{cell['phase']}-{what}{'' if tok == 'digit' else '_' + tok}-{cell['mixer']}"
+    return f"{cell['phase']}-{what}{'' if tok == 'digit' else '_' + tok}-{cell['mixer']}{'-' + tag if tag else ''}"
+
+
+def cell_dir(spec: dict) -> Path | None:
+    """The cell's run directory under --save-dir (None without one)."""
+    hp = spec["hp"]
+    return Path(hp["save_dir"]) / run_name(spec["cell"], hp.get("tag", "")) if hp.get("save_dir") else None
+
+
+def saved_state(spec: dict) -> dict | None:
+    """The grid state (STATE_FILE) saved with the cell's checkpoint when it is this cell's
+    (the same key) and the checkpoint is there, else None."""
+    from linattn.train import CHECKPOINT_FILE
+
+    run = cell_dir(spec)
+    if run is None:
+        return None
+    try:
+        state = json.loads((run / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return state if state.get("key") == spec["key"] and (run / CHECKPOINT_FILE).is_file() else None
 
 
 # ------------------------------------------------------------------------------ one cell
 
 def run_cell(spec: dict) -> dict:
-    """Train and evaluate one cell (in this process); returns its record."""
+    """Train and evaluate one cell (in this process); returns its record.
+
+    spec: {"cell", "hp", "key"}. Keys of hp beyond the command line's: "resume" (continue
+    from the checkpoint under save_dir whose STATE_FILE has this key), "train_until" (a
+    time.time() by which training stops whatever cell_s says: the command's budget),
+    "segment_steps" (stop this call after that many steps: a time box counted in steps)."""
     import torch
 
     from linattn.tasks import make_task
-    from linattn.train import (TrainConfig, _make_optimizer, batch_loss, build_model, evaluate,
-                               model_config_for, resolve_device, resolve_dtype)
+    from linattn.train import (CHECKPOINT_FILE, TrainConfig, _load_checkpoint, _make_optimizer,
+                               _save_checkpoint, _train_step, _warm_outside_graphs, build_model,
+                               compile_model, evaluate, model_config_for, resolve_device, resolve_dtype,
+                               run_config_dict, save_weights, write_json)
 
     cell, hp = spec["cell"], spec["hp"]
     task = make_task(**cell["task"])  # evaluated on this
-    train_task = task  # trained on this: arithmetic with --train-lengths uniform mixes in short operands
-    if task.name == "arithmetic" and hp.get("train_lengths", "fixed") != "fixed":
-        train_task = make_task(**{**cell["task"], "lengths": hp["train_lengths"]})
+    train_task = task  # trained on this: arithmetic with --train-lengths mixes in simpler samples
+    lengths = hp.get("train_lengths", "fixed")
+    if task.name == "arithmetic" and lengths != "fixed":
+        mix = {"simple_fraction": hp["simple_fraction"]} if (
+            lengths == "simple" and hp.get("simple_fraction") is not None) else {}
+        train_task = make_task(**{**cell["task"], "lengths": lengths, **mix})
     device = resolve_device(hp["device"])
     dtype = resolve_dtype("auto", device)
+    mode = hp.get("compile") or ("default" if device.type == "cuda" else "none")
     model_cfg = model_config_for(task, d_model=hp["d_model"], n_layers=hp["n_layers"],
                                  n_heads=hp["n_heads"], **MIXERS[cell["mixer"]])
     train_cfg = TrainConfig(lr=hp["lr"], weight_decay=0.1, batch_size=hp["batch"], seed=hp["seed"])
     model = build_model(model_cfg, device, hp["seed"])
     optimizer = _make_optimizer(model, train_cfg)
     eval_kw = dict(seed=hp["seed"], batch_size=hp.get("eval_batch", 512), device=device, dtype=dtype)
+    run = cell_dir(spec)
 
-    def train_step(step: int, lr: float) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = train_task.batch("train", hp["seed"], step, hp["batch"]).to(device)
-        loss, stats = batch_loss(model, batch, device, dtype)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        return stats.resolve()[0]
+    # what earlier calls trained (a resumed cell): steps, seconds and the test curve
+    state = dict(key=spec["key"], step=0, train_s=0.0, curve=[], steps_to_99=None, time_to_99_s=None, segments=0)
+    if hp.get("resume"):
+        saved = saved_state(spec)
+        if saved is None:
+            raise ValueError(f"nothing to resume for {spec['key']}: no {STATE_FILE} of this key "
+                             f"beside a {CHECKPOINT_FILE} in {run}")
+        step, train_s = _load_checkpoint(run / CHECKPOINT_FILE, model, optimizer, device)
+        state.update(saved, step=step, train_s=train_s)
 
+    run_model = compile_model(model, mode, device)  # model itself for "none"; evaluation stays eager
+    graphs = mode == "reduce-overhead" and device.type == "cuda"
     t0 = time.perf_counter()
-    train_step(0, 0.0)  # compiles the kernels (lr 0: the weights do not move)
+    if graphs:  # the Triton ops' per-shape caches, built outside CUDA graphs' memory pool
+        _warm_outside_graphs(model, [train_task], train_cfg, device, dtype)
+        torch.compiler.cudagraph_mark_step_begin()
+    _warm_outside_graphs(run_model, [train_task], train_cfg, device, dtype)  # compiles; no optimizer step
     evaluate(model, task, batches=1, **eval_kw)
     warmup_s = time.perf_counter() - t0
 
-    curve, steps_to_99, time_to_99, step, loss = [], None, None, 0, float("nan")
+    window = hp["cell_s"]
+    if hp.get("train_until"):  # the command's budget: a slow compile shortens training, not the budget
+        window = max(0.0, min(window, hp["train_until"] - time.time()))
+    max_steps, schedule_s = hp.get("max_steps") or 0, hp.get("schedule_s") or 0
+    segment_steps = hp.get("segment_steps") or 0
+    step, prior_s, first = state["step"], state["train_s"], state["step"]
+    curve, loss, stopped = state["curve"], float("nan"), "time"
     start = time.perf_counter()
     while True:
         elapsed = time.perf_counter() - start
-        if elapsed >= hp["cell_s"]:
+        if elapsed >= window:
             break
+        if max_steps and step >= max_steps:
+            stopped = "max_steps"
+            break
+        if segment_steps and step - first >= segment_steps:
+            break
+        if max_steps:
+            progress = step / max_steps
+        else:
+            progress = (prior_s + elapsed) / schedule_s if schedule_s else elapsed / window
         warm = min(1.0, (step + 1) / 200)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / hp["cell_s"])))
-        loss = train_step(step + 1, hp["lr"] * warm * (0.1 + 0.9 * cosine))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        batch = train_task.batch("train", hp["seed"], step + 1, hp["batch"]).to(device)  # batch 0: the warm-up's
+        loss, _ = _train_step(run_model, optimizer, batch, hp["lr"] * warm * (0.1 + 0.9 * cosine), 1.0,
+                              device, dtype)
         step += 1
         if step % hp["eval_every"] == 0:
             ev = evaluate(model, task, batches=4, **eval_kw)
-            curve.append([step, round(time.perf_counter() - start, 2), ev["exact_match"], ev["accuracy"], loss])
-            if steps_to_99 is None and ev["exact_match"] >= 0.99:
-                steps_to_99, time_to_99 = step, time.perf_counter() - start
+            now = prior_s + time.perf_counter() - start
+            curve.append([step, round(now, 2), ev["exact_match"], ev["accuracy"], loss])
+            if state["steps_to_99"] is None and ev["exact_match"] >= 0.99:
+                state["steps_to_99"], state["time_to_99_s"] = step, round(now, 1)
             if ev["exact_match"] >= hp["stop_at"]:
+                stopped = "stop_at"
                 break
-    train_s = time.perf_counter() - start
-    if hp.get("save_dir"):  # a run directory that `linattn eval` and numbers_probe.py read
-        from linattn.train import run_config_dict, save_weights, write_json
-
-        run = Path(hp["save_dir"]) / run_name(cell)
+    segment_s = time.perf_counter() - start
+    train_s, segments = prior_s + segment_s, state["segments"] + 1
+    if run is not None:  # a run directory that `linattn eval` and numbers_probe.py read, and --continue
         run.mkdir(parents=True, exist_ok=True)
         write_json(run / "config.json", run_config_dict(model_cfg, task, train_cfg))
         save_weights(model, run / "model.safetensors")
+        _save_checkpoint(run / CHECKPOINT_FILE, step, model, optimizer, train_s)
+        state.update(step=step, train_s=round(train_s, 2), curve=curve, segments=segments, stopped=stopped)
+        write_json(run / STATE_FILE, state)
     final = evaluate(model, task, batches=hp.get("final_batches", 16), **{**eval_kw, "seed": hp["seed"] + 1})
     return {
         "key": spec["key"], "phase": cell["phase"], "task": task.to_dict(), "train_task": train_task.to_dict(),
         "mixer": cell["mixer"],
         "layers": model_cfg.layer_pattern(), "parameters": sum(p.numel() for p in model.parameters()),
         "steps": step, "train_s": round(train_s, 1), "warmup_s": round(warmup_s, 1),
-        "steps_per_s": round(step / max(train_s, 1e-9), 2), "steps_to_99": steps_to_99,
-        "time_to_99_s": None if time_to_99 is None else round(time_to_99, 1),
+        "steps_per_s": round((step - first) / max(segment_s, 1e-9), 2), "segments": segments,
+        "segment_steps": step - first, "segment_s": round(segment_s, 1), "stopped": stopped, "compile": mode,
+        "steps_to_99": state["steps_to_99"], "time_to_99_s": state["time_to_99_s"],
         "final_exact_match": final["exact_match"], "final_accuracy": final["accuracy"],
         "final_loss": final["loss"], "final_sequences": final["sequences"], "train_loss": loss,
         "curve": curve, "hp": hp, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -226,21 +318,39 @@ def run_grid(args) -> list[dict]:
     hp = dict(device=args.device, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
               batch=args.batch, lr=args.lr, seed=args.seed, cell_s=args.cell_s,
               eval_every=args.eval_every, stop_at=args.stop_at, train_lengths=args.train_lengths,
-              eval_batch=args.eval_batch_size, final_batches=args.final_batches, save_dir=args.save_dir,
-              tag=args.tag)
+              simple_fraction=args.simple_fraction, eval_batch=args.eval_batch_size,
+              final_batches=args.final_batches, save_dir=args.save_dir, tag=args.tag, compile=args.compile,
+              max_steps=args.max_steps, schedule_s=args.schedule_s)
+    if args.continue_ and not args.save_dir:
+        raise SystemExit("--continue needs --save-dir (the cells' checkpoints)")
     todo = [c for c in cells(args.phases, args.mixers, args.orders)]
     done = done_keys(args.out)
-    specs = [dict(cell=c, hp=hp, key=cell_key(c, hp)) for c in todo]
-    specs = [s for s in specs if s["key"] not in done]
-    print(f"{len(todo)} cells, {len(todo) - len(specs)} already in {args.out}, {len(specs)} to run", flush=True)
+    specs, resumed = [], 0
+    for c in todo:
+        spec = dict(cell=c, hp=hp, key=cell_key(c, hp))
+        state = saved_state(spec) if args.continue_ else None
+        if state is not None and state.get("stopped") != "stop_at" and not (
+                args.max_steps and state["step"] >= args.max_steps):  # stopped by its time box: continue it
+            spec["hp"] = {**hp, "resume": True}
+            resumed += 1
+        elif spec["key"] in done:
+            continue
+        specs.append(spec)
+    print(f"{len(todo)} cells, {len(todo) - len(specs)} already in {args.out}, {len(specs)} to run"
+          f"{f' ({resumed} continued from their checkpoints)' if args.continue_ else ''}", flush=True)
     deadline = time.monotonic() + args.budget_s
+    train_until = time.time() + args.budget_s - args.final_s  # the children's clock: time.time()
     margin = args.cell_margin_s
 
     def work(spec):
         if time.monotonic() + args.cell_s + margin > deadline:
             return None  # would not fit the budget: left for the next command
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # many children share the cores
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # many children share the cores
+               # inductor's compile workers: the cores shared out, not a pool of all of them per child
+               "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get(
+                   "TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))}
+        spec = {**spec, "hp": {**spec["hp"], "train_until": train_until}}
         try:
             proc = subprocess.run([sys.executable, __file__, "--run-cell", json.dumps(spec)],
                                   capture_output=True, text=True, env=env,
@@ -254,7 +364,8 @@ def run_grid(args) -> list[dict]:
         rec = json.loads(proc.stdout.strip().splitlines()[-1])
         append(args.out, rec)
         print(f"{rec['key']}: exact {rec['final_exact_match']:.4f} steps {rec['steps']} "
-              f"to99 {rec['steps_to_99']} ({rec['steps_per_s']} steps/s)", flush=True)
+              f"to99 {rec['steps_to_99']} ({rec['steps_per_s']} steps/s, compile {rec['compile']}, "
+              f"warm-up {rec['warmup_s']} s, call {rec['segments']})", flush=True)
         return rec
 
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
@@ -283,7 +394,9 @@ def label(rec: dict) -> str:
     if task["name"] == "nupa":
         return f"nupa {task['problem']} {task['digits']}d"
     tok = "" if task.get("tokenization", "digit") == "digit" else f" {task['tokenization']}"
-    mix = " (train uniform lengths)" if rec.get("train_task", {}).get("lengths", "fixed") != "fixed" else ""
+    train = rec.get("train_task", {})
+    mix = {"fixed": "", "uniform": " (train uniform lengths)"}.get(
+        train.get("lengths", "fixed"), f" (train simple {train.get('simple_fraction', 0):g})")
     tag = f" [{rec['hp']['tag']}]" if rec.get("hp", {}).get("tag") else ""
     by = f"x{task['digits_b']}" if task.get("digits_b") else ""
     return f"{task['op']}{task['digits']}{by} {task['order']}{tok}{mix}{tag}"
@@ -369,9 +482,28 @@ def main(argv=None) -> int:
                    help="test sequences per batch (4 batches per periodic evaluation)")
     p.add_argument("--final-batches", type=int, default=16, help="test batches of the final evaluation")
     p.add_argument("--stop-at", type=float, default=0.999, help="stop a cell once its periodic exact match reaches this")
-    p.add_argument("--train-lengths", default="fixed", choices=("fixed", "uniform"),
-                   help="arithmetic training data: fixed, or operands of uniform significant length "
-                        "(zero-padded; evaluation stays fixed)")
+    p.add_argument("--train-lengths", default="fixed", choices=("fixed", "uniform", "simple"),
+                   help="arithmetic training data: fixed, operands of uniform significant length "
+                        "(zero-padded), or simple: Qiu et al.'s mix, --simple-fraction of the samples "
+                        "with b zero but for one digit (evaluation stays fixed)")
+    p.add_argument("--simple-fraction", type=float, default=None,
+                   help="--train-lengths simple: the fraction of simple samples (default: the "
+                        "arithmetic task's simple_fraction)")
+    p.add_argument("--compile", default=None, choices=("none", "default", "reduce-overhead"),
+                   help="torch.compile the training forward/backward (linattn.train.compile_model; "
+                        "evaluation stays eager); default: 'default' on CUDA, 'none' on the CPU")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop a cell at this many steps in all (0: none); the cosine then runs over steps")
+    p.add_argument("--schedule-s", type=float, default=0.0,
+                   help="the cosine's length in training seconds summed over --continue calls "
+                        "(0: each call's own time box)")
+    p.add_argument("--continue", dest="continue_", action="store_true",
+                   help="cells whose checkpoint under --save-dir has their key and was stopped by its "
+                        "time box train another --cell-s from it (the new record, with cumulative "
+                        "steps, replaces the old in the table)")
+    p.add_argument("--final-s", type=float, default=30.0,
+                   help="seconds kept at the end of --budget-s for the final evaluation and saving: "
+                        "training stops by then whatever --cell-s says")
     p.add_argument("--save-dir", default=None,
                    help="also save each cell's model as a run directory here (config.json + "
                         "model.safetensors, for linattn eval --digits and numbers_probe.py)")

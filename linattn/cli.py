@@ -107,8 +107,11 @@ SETTINGS = {
     "tokenization": (["--tokenization"], str, "task",
                      "arithmetic, nupa: digit (one token per digit), l2r3 or r2l3 (groups of 3 digits "
                      "from the left / from the right)"),
-    "lengths": (["--lengths"], str, "task", "arithmetic: fixed (every digit uniform) or uniform "
-                "(each operand's significant length uniform in 1..width, zero-padded)"),
+    "lengths": (["--lengths"], str, "task", "arithmetic: fixed (every digit uniform), uniform "
+                "(each operand's significant length uniform in 1..width, zero-padded) or simple "
+                "(Qiu et al.'s mix: --simple-fraction of the samples with b zero but for one digit)"),
+    "simple_fraction": (["--simple-fraction"], float, "task",
+                        "arithmetic --lengths simple: the fraction of simple samples"),
     "problem": (["--problem"], str, "task", "nupa: int_add, int_sub, int_mul, int_floordiv, int_mod, "
                 "int_max, int_get_digit, int_length, int_to_sci, float_add, float_max, frac_add, frac_max"),
     # training

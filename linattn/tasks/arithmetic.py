@@ -16,10 +16,13 @@ first) or "reversed" (least significant first, the order in which carries are pr
     mul    a * b                                    n + m
     mixed  add or mul, half each                    n + m
 
-`lengths`: "fixed" draws every digit of the padded operands uniformly (so most operands use
-their full width); "uniform" first draws each operand's significant length uniformly in
-1..width and zero-fills the rest, so short, easy products are as common as long ones (a data
-mix that favours simple samples, as Qiu et al. do; train on it, evaluate on "fixed").
+`lengths` (the training data's mix; evaluate on "fixed"): "fixed" draws every digit of the
+padded operands uniformly (so most operands use their full width); "uniform" first draws each
+operand's significant length uniformly in 1..width and zero-fills the rest, so short, easy
+products are as common as long ones; "simple" is Qiu et al.'s mix: a fraction
+`simple_fraction` of the samples are "simple", their second operand b zero but for one digit
+at a position uniform in 0..m-1 (a full-width a times one shifted digit: one partial product
+of long multiplication), the rest drawn as "fixed".
 
 Only the answer tokens (sign included) are scored. `tokenization` picks how digits become
 tokens (see linattn.tasks.number_tokens): "digit" (one per digit), "l2r3" or "r2l3" (groups of
@@ -43,7 +46,7 @@ from .number_tokens import TOKENIZATIONS, NumberText, NumberVocab, pieces_in_run
 DIGIT0, PLUS, TIMES, EQUALS, MINUS = 1, 11, 12, 13, 14  # the ids under tokenization "digit"
 OPS = ("add", "sub", "mul", "mixed")
 ORDERS = ("forward", "reversed")
-LENGTHS = ("fixed", "uniform")
+LENGTHS = ("fixed", "uniform", "simple")
 MAX_DIGITS = 64
 FAST_WIDTH = 18  # answers of up to 18 digits fit int64: computed on tensors
 
@@ -57,6 +60,7 @@ class Arithmetic(NumberText, Task):
     digits_b: int = 0  # 0: as many as digits
     tokenization: str = "digit"
     lengths: str = "fixed"
+    simple_fraction: float = 0.3  # lengths "simple": the fraction of simple samples
 
     @property
     def m(self) -> int:
@@ -113,6 +117,8 @@ class Arithmetic(NumberText, Task):
             raise ValueError(f"arithmetic: order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.lengths not in LENGTHS:
             raise ValueError(f"arithmetic: lengths must be one of {', '.join(LENGTHS)}, got {self.lengths!r}")
+        if not (isinstance(self.simple_fraction, (int, float)) and 0 <= self.simple_fraction <= 1):
+            raise ValueError(f"arithmetic: simple_fraction must be in [0, 1], got {self.simple_fraction!r}")
         if self.tokenization not in TOKENIZATIONS:
             raise ValueError(f"arithmetic: tokenization must be one of {', '.join(TOKENIZATIONS)}, "
                              f"got {self.tokenization!r}")
@@ -138,6 +144,10 @@ class Arithmetic(NumberText, Task):
             for d in (a_digits, b_digits):
                 keep = randint(gen, 1, d.shape[1] + 1, (B, 1))  # [B, 1]
                 d.masked_fill_(torch.arange(d.shape[1]) < d.shape[1] - keep, 0)
+        elif self.lengths == "simple":  # b of a simple sample keeps the one digit at `pos`
+            simple = torch.from_numpy(gen.random(B) < self.simple_fraction)  # [B] bool
+            pos = randint(gen, 0, m, (B, 1))  # [B, 1]
+            b_digits.masked_fill_(simple[:, None] & (torch.arange(m) != pos), 0)
         if self.tokenization == "digit" and self.answer_width <= FAST_WIDTH:
             content = self._content_digits(a_digits, b_digits, is_mul)
         else:

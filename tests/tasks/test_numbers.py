@@ -144,6 +144,31 @@ def test_uniform_lengths_make_short_operands_common():
         make_task("arithmetic", lengths="short")
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.4, 1.0])
+def test_simple_samples_are_one_shifted_digit_of_b(fraction):
+    """lengths "simple" (Qiu et al.): a fraction of the samples has b zero but for one digit,
+    at every position; a keeps its full width; every answer stays right."""
+    task = make_task("arithmetic", digits=5, op="mul", order="reversed", lengths="simple",
+                     simple_fraction=fraction)
+    b = task.batch("train", 0, 0, 600)
+    simple, positions, full_a = 0, set(), 0
+    for ids, mask in zip(content_of(b).tolist(), b.answer_mask.tolist()):
+        a_s, _, b_s, answer = parse_arithmetic(task, ids, mask)
+        assert int(answer[::-1]) == int(a_s) * int(b_s) and len(a_s) == len(b_s) == 5
+        full_a += a_s[0] != "0"
+        nonzero = [i for i, d in enumerate(b_s) if d != "0"]
+        if len(nonzero) <= 1:
+            simple += 1
+            positions.update(nonzero)
+    lo, hi = {0.0: (0, 0.01), 0.4: (0.33, 0.47), 1.0: (1, 1)}[fraction]
+    assert lo <= simple / 600 <= hi  # a fixed b has at most one nonzero digit with p ~ 5e-4
+    assert full_a / 600 > 0.85  # a is drawn as under "fixed"
+    if fraction:
+        assert positions == set(range(5))
+    with pytest.raises(ValueError, match="simple_fraction"):
+        make_task("arithmetic", lengths="simple", simple_fraction=1.5)
+
+
 def test_arithmetic_grouped_answer_is_the_reversed_text_grouped():
     task = make_task("arithmetic", digits=5, op="mul", order="reversed", tokenization="r2l3")
     b = task.batch("train", 0, 0, 4)
