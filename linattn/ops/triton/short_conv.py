@@ -56,7 +56,6 @@ NORM_GROUPS = tuple(GROUP_WARPS)
 PLAIN_TILE_BYTES = BLOCK_T * BLOCK_C * 4  # a float32 plain tile: the largest whose pipelined
                                           # backward fits sm_90's shared memory (150 KB)
 TILES_PER_PROGRAM = 16  # row tiles one program walks (a backward's dw partial covers them)
-DZ_DTYPE = torch.float32  # pass 1's dz between the backward's two passes
 LOOP_STAGES = 2         # the row-tile loop loads one tile ahead (backward on sm_90 at bf16:
                         # 112 registers, 44 KB shared memory, 2 programs per SM)
 
@@ -338,7 +337,7 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_grou
     cu = cu_seqlens if varlen else x
     NP = triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM)
     dwp = empty(B * NP, C, W, dtype=torch.float32, device=x.device)
-    dz = empty(x.shape, dtype=DZ_DTYPE, device=x.device)
+    dz = empty(x.shape, dtype=x.dtype, device=x.device)
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     # pass 1: dz and the dw partials, per channel range
     for C0, C1, BC, warps, stages, normed in (segs if T else []):
