@@ -102,7 +102,7 @@ CONV_CASES = [  # (B, T, C, W, lengths, cache, activation)
     (3, 15, 20, 1, None, True, None),
     (1, 0, 40, 4, [5, 0, 1, 2, 31], True, "silu"),
     (1, 0, 24, 3, [0, 17, 1], False, None),
-    # several backward programs along T (each sums TILES_PER_PROGRAM row tiles of dw)
+    # several backward programs along T (each sums the dw of BWD_ROWS rows)
     (2, 300, 24, 4, None, False, "silu"),
     (1, 0, 16, 4, [250, 3, 90], True, "silu"),
     # sequences shorter than W across the row tiles' edges (16, 32 and 64 rows)

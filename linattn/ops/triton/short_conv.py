@@ -7,17 +7,21 @@ x_{t-s} before the start of t's sequence comes from that sequence's cache row (i
 inputs, [N, W-1, C]) or is 0. Rows are addressed globally: row b*T + t (dense) or t (packed,
 B == 1), and each row knows its sequence's first row S and one-past-last row E.
 
-Backward in one pass over [BLOCK_T, BLOCK_C] tiles (channel-contiguous, coalesced loads): with
-s_j = W-1-j, dz = dy * silu'(z) (dz = dy without SiLU) and
+The forward walks TILES_PER_PROGRAM [BLOCK_T, BLOCK_C] row tiles of one channel block
+(channel-contiguous, coalesced loads), the loop pipelined. The backward, with
+s_j = W-1-j and dz = dy * silu'(z) (dz = dy without SiLU),
 
-    dx_t = sum_j w[:, j] dz_{t+s_j}  over t + s_j < E,     dw[:, j] = sum_t dz_t x_{t-s_j}.
+    dx_t = sum_j w[:, j] dz_{t+s_j}  over t + s_j < E,     dw[:, j] = sum_t dz_t x_{t-s_j},
 
-A tile recomputes dz at its own rows and at the W-1 later shifts (z from the shifted input
-tiles, which L1 / L2 serve after their first read), so dz never goes to memory: the HBM traffic
-is dy and x read once, dx written once. A program (forward or backward) walks
-TILES_PER_PROGRAM row tiles of one channel block, the loop pipelined; the backward keeps their
-dw in float32 registers and the launcher sums the programs' partials (no atomics:
-deterministic). dcache is the dx sum at the W-1 positions before S.
+runs in two passes of BWD_ROWS rows a program:
+  1. per row tile, the W shifted input tiles x_{t-s_j} loaded once give z, then dz (stored in
+     the input dtype) and the tile's dw terms from the same tiles; a program keeps its dw in
+     float32 registers and the launcher sums the programs' partials (no atomics:
+     deterministic);
+  2. per row tile, dx from the W later shifts of dz within each row's sequence; dcache (the
+     cotangent of the W-1 positions before S) the same sum at those positions, a program per
+     sequence.
+HBM traffic: x and dy read, dz written and read, dx written, once each.
 
 Fused L2 norm (norm_channels NC > 0, groups of G channels, G a power of two in [16, 256]):
 the output channels c < NC are L2-normalised per group after the activation,
@@ -26,10 +30,10 @@ the output channels c < NC are L2-normalised per group after the activation,
     ds = (dy - y <dy, y>) / n  where ||s|| > eps,  ds = dy / eps where clamped,
     dz = ds * silu'(z),
 
-and channels c >= NC are the plain conv. Each kernel then runs as two launches over channel
-ranges: [0, NC) in tiles of BC = G channels (NORMED; a tile holds whole groups, so the norms
-are row sums inside it) and [NC, C) in tiles of BLOCK_C as without the norm. dz at a row needs
-its whole group's z, which the backward recomputes as it does for silu'(z).
+and channels c >= NC are the plain conv. The forward and pass 1 (dz at a row needs its whole
+group's z) then run as two launches over channel ranges: [0, NC) in tiles of BC = G channels
+(NORMED; a tile holds whole groups, so the norms are row sums inside it) and [NC, C) in tiles
+of BLOCK_C as without the norm. Pass 2 and dcache, past the norm, take every channel at once.
 
 The ops are torch custom ops (linattn::short_conv_fwd / short_conv_bwd) so torch.compile
 traces through them; linattn.ops.fused.short_conv is the entry point.
@@ -45,19 +49,27 @@ import triton.language as tl
 from ..alloc import empty
 from ..fused import CONV_NORM_EPS, check_conv_norm
 
-BLOCK_T = 16            # rows per tile
+BLOCK_T = 16            # rows per forward tile and per group tile of the backward's pass 1
 BLOCK_C = 64            # channels per tile (128 contiguous bytes of a 16-bit row)
 NUM_WARPS = 8           # 4 elements of a [BLOCK_T, BLOCK_C] tile per thread
 # warps of a group tile [BLOCK_T, G] by G (the fused norm's group sizes): 4 elements a thread
-# as the plain tile up to G 128 (at bf16 on sm_90: 108 registers, no spills); G 256 at 8
-# warps of 255 registers spills least (benchmarks/sm90_compile_check.py)
+# as the plain tile up to G 128; G 256 at 8 warps of 255 registers spills least
+# (benchmarks/sm90_compile_check.py)
 GROUP_WARPS = {16: 2, 32: 4, 64: 8, 128: 16, 256: 8}
 NORM_GROUPS = tuple(GROUP_WARPS)
-PLAIN_TILE_BYTES = BLOCK_T * BLOCK_C * 4  # a float32 plain tile: the largest whose pipelined
-                                          # backward fits sm_90's shared memory (150 KB)
-TILES_PER_PROGRAM = 16  # row tiles one program walks (a backward's dw partial covers them)
-LOOP_STAGES = 2         # the row-tile loop loads one tile ahead (backward on sm_90 at bf16:
-                        # 112 registers, 44 KB shared memory, 2 programs per SM)
+PLAIN_TILE_BYTES = BLOCK_T * BLOCK_C * 4  # a float32 plain tile: the largest group tile whose
+                                          # forward loop is pipelined
+TILES_PER_PROGRAM = 16  # row tiles one forward program walks
+LOOP_STAGES = 2         # the forward's row-tile loop loads one tile ahead
+# The backward's loops are latency-bound streams: each program keeps STAGES-1 row tiles in
+# flight (sm_90 at bf16, benchmarks/sm90_compile_check.py):
+BWD_BLOCK_T = 32        # rows per tile of the plain pass 1 and of pass 2
+BWD_STAGES = 4          # their loops: pass 1 128 registers, 62 KB shared memory, 2 programs
+                        # per SM; pass 2 64 registers, 48 KB, 4 per SM
+NORM_BWD_STAGES = 3     # a group tile's pass 1 (G 128: 109 registers, 48 KB; 4 stages spill
+                        # at G 64)
+BWD_ROWS = 256          # rows one backward program walks (a pass-1 dw partial covers them)
+assert BWD_ROWS % BWD_BLOCK_T == 0 and BWD_ROWS % BLOCK_T == 0
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -292,11 +304,10 @@ def _seq_table(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def _segments(C: int, norm_channels: int, norm_group: int, itemsize: int):
-    """The launches over the channels, (C0, C1, BC, warps, stages, normalised) each: [0, NC)
-    in tiles of one group G when NC > 0, then [NC, C) in tiles of BLOCK_C; empty ranges left
-    out. A group tile gets GROUP_WARPS[G] warps, and its loop is pipelined while the tile's
-    bytes stay within PLAIN_TILE_BYTES (the pipelined backward's shared memory scales with
-    them)."""
+    """The launches over the channels, (C0, C1, BC, warps, forward stages, normalised) each:
+    [0, NC) in tiles of one group G when NC > 0, then [NC, C) in tiles of BLOCK_C; empty
+    ranges left out. A group tile gets GROUP_WARPS[G] warps, and its forward loop is
+    pipelined while the tile's bytes stay within PLAIN_TILE_BYTES."""
     check_conv_norm(norm_channels, norm_group, C)
     if norm_channels and norm_group not in NORM_GROUPS:
         raise ValueError(f"the fused conv norm takes groups G in {NORM_GROUPS}, got G={norm_group}")
@@ -335,22 +346,26 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_grou
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
     cu = cu_seqlens if varlen else x
-    NP = triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM)
+    NP = triton.cdiv(T, BWD_ROWS)
     dwp = empty(B * NP, C, W, dtype=torch.float32, device=x.device)
+    # dz between the passes in the input dtype: its rounding stays within the tolerance rule
+    # (tests/ops/test_fused.py, bfloat16) and pass 2 reads half the bytes
     dz = empty(x.shape, dtype=x.dtype, device=x.device)
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
-    # pass 1: dz and the dw partials, per channel range
-    for C0, C1, BC, warps, stages, normed in (segs if T else []):
+    # pass 1: dz and the dw partials, per channel range (group tiles of BLOCK_T rows)
+    for C0, C1, BC, warps, _, normed in (segs if T else []):
+        BT, stages = (BLOCK_T, NORM_BWD_STAGES) if normed else (BWD_BLOCK_T, BWD_STAGES)
         short_conv_dz_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
             dy, x, weight, cache.contiguous() if has_cache else x, dz, dwp, cu, seq_id, T, C,
-            C0, C1, NP, W=W, WP=triton.next_power_of_2(W), BT=BLOCK_T, BC=BC,
-            STEPS=TILES_PER_PROGRAM, STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen,
+            C0, C1, NP, W=W, WP=triton.next_power_of_2(W), BT=BT, BC=BC,
+            STEPS=BWD_ROWS // BT, STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen,
             SILU=silu, NORMED=normed, EPS=CONV_NORM_EPS, num_warps=warps)
     # pass 2: dx from dz over every channel
     if T:
         short_conv_dx_kernel[(NP, triton.cdiv(C, BLOCK_C), B)](
-            dz, weight, dx, cu, seq_id, T, C, W=W, BT=BLOCK_T, BC=BLOCK_C,
-            STEPS=TILES_PER_PROGRAM, STAGES=LOOP_STAGES, VARLEN=varlen, num_warps=NUM_WARPS)
+            dz, weight, dx, cu, seq_id, T, C, W=W, BT=BWD_BLOCK_T, BC=BLOCK_C,
+            STEPS=BWD_ROWS // BWD_BLOCK_T, STAGES=BWD_STAGES, VARLEN=varlen,
+            num_warps=NUM_WARPS)
     dw = dwp.sum(0).to(weight.dtype)                                # [C, W]
     if cache is None:
         return dx, dw, x.new_empty(0)
