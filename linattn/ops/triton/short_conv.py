@@ -57,19 +57,20 @@ NUM_WARPS = 8           # 4 elements of a [BLOCK_T, BLOCK_C] tile per thread
 # (benchmarks/sm90_compile_check.py)
 GROUP_WARPS = {16: 2, 32: 4, 64: 8, 128: 16, 256: 8}
 NORM_GROUPS = tuple(GROUP_WARPS)
-PLAIN_TILE_BYTES = BLOCK_T * BLOCK_C * 4  # a float32 plain tile: the largest group tile whose
-                                          # forward loop is pipelined
+PLAIN_TILE_BYTES = BLOCK_T * BLOCK_C * 4  # a float32 plain tile: the largest tile whose loop
+                                          # is pipelined
 TILES_PER_PROGRAM = 16  # row tiles one forward program walks
 LOOP_STAGES = 2         # the forward's row-tile loop loads one tile ahead
 # The backward's loops are latency-bound streams: each program keeps STAGES-1 row tiles in
-# flight (sm_90 at bf16, benchmarks/sm90_compile_check.py):
-BWD_BLOCK_T = 32        # rows per tile of the plain pass 1 and of pass 2
-BWD_STAGES = 4          # their loops: pass 1 128 registers, 62 KB shared memory, 2 programs
+# flight (sm_90 at bf16, benchmarks/sm90_compile_check.py). A plain tile holds
+# PLAIN_TILE_BYTES (32 rows at 16 bits, 16 at 32); a group tile BLOCK_T rows.
+BWD_STAGES = 4          # plain tiles: pass 1 128 registers, 62 KB shared memory, 2 programs
                         # per SM; pass 2 64 registers, 48 KB, 4 per SM
 NORM_BWD_STAGES = 3     # a group tile's pass 1 (G 128: 109 registers, 48 KB; 4 stages spill
-                        # at G 64)
-BWD_ROWS = 256          # rows one backward program walks (a pass-1 dw partial covers them)
-assert BWD_ROWS % BWD_BLOCK_T == 0 and BWD_ROWS % BLOCK_T == 0
+                        # at G 64), pipelined within PLAIN_TILE_BYTES
+BWD_ROWS = 256          # rows one backward program walks, in whole tiles (a pass-1 dw
+                        # partial covers them)
+assert BWD_ROWS % BLOCK_T == 0 and BWD_ROWS % (PLAIN_TILE_BYTES // (2 * BLOCK_C)) == 0
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -352,20 +353,24 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_grou
     # (tests/ops/test_fused.py, bfloat16) and pass 2 reads half the bytes
     dz = empty(x.shape, dtype=x.dtype, device=x.device)
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
+    plain_bt = PLAIN_TILE_BYTES // (BLOCK_C * x.element_size())    # rows of a plain tile
     # pass 1: dz and the dw partials, per channel range (group tiles of BLOCK_T rows)
     for C0, C1, BC, warps, _, normed in (segs if T else []):
-        BT, stages = (BLOCK_T, NORM_BWD_STAGES) if normed else (BWD_BLOCK_T, BWD_STAGES)
+        if normed:
+            BT = BLOCK_T
+            stages = NORM_BWD_STAGES if BT * BC * x.element_size() <= PLAIN_TILE_BYTES else 1
+        else:
+            BT, stages = plain_bt, BWD_STAGES
         short_conv_dz_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
             dy, x, weight, cache.contiguous() if has_cache else x, dz, dwp, cu, seq_id, T, C,
             C0, C1, NP, W=W, WP=triton.next_power_of_2(W), BT=BT, BC=BC,
             STEPS=BWD_ROWS // BT, STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen,
             SILU=silu, NORMED=normed, EPS=CONV_NORM_EPS, num_warps=warps)
-    # pass 2: dx from dz over every channel
+    # pass 2: dx from dz over every channel, in plain tiles
     if T:
         short_conv_dx_kernel[(NP, triton.cdiv(C, BLOCK_C), B)](
-            dz, weight, dx, cu, seq_id, T, C, W=W, BT=BWD_BLOCK_T, BC=BLOCK_C,
-            STEPS=BWD_ROWS // BWD_BLOCK_T, STAGES=BWD_STAGES, VARLEN=varlen,
-            num_warps=NUM_WARPS)
+            dz, weight, dx, cu, seq_id, T, C, W=W, BT=plain_bt, BC=BLOCK_C,
+            STEPS=BWD_ROWS // plain_bt, STAGES=BWD_STAGES, VARLEN=varlen, num_warps=NUM_WARPS)
     dw = dwp.sum(0).to(weight.dtype)                                # [C, W]
     if cache is None:
         return dx, dw, x.new_empty(0)
