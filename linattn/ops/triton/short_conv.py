@@ -53,7 +53,7 @@ BLOCK_T = 16            # rows per forward tile and per group tile of the backwa
 BLOCK_C = 64            # channels per tile (128 contiguous bytes of a 16-bit row)
 NUM_WARPS = 8           # 4 elements of a [BLOCK_T, BLOCK_C] tile per thread
 # warps of a group tile [BLOCK_T, G] by G (the fused norm's group sizes): 4 elements a thread
-# as the plain tile up to G 128; G 256 at 8 warps of 255 registers spills least
+# as the forward's plain tile up to G 128; G 256 at 8 warps of 255 registers spills least
 # (benchmarks/sm90_compile_check.py)
 GROUP_WARPS = {16: 2, 32: 4, 64: 8, 128: 16, 256: 8}
 NORM_GROUPS = tuple(GROUP_WARPS)
