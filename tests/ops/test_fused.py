@@ -102,9 +102,11 @@ CONV_CASES = [  # (B, T, C, W, lengths, cache, activation)
     (3, 15, 20, 1, None, True, None),
     (1, 0, 40, 4, [5, 0, 1, 2, 31], True, "silu"),
     (1, 0, 24, 3, [0, 17, 1], False, None),
-    # several backward programs along T (each sums TILES_PER_PROGRAM row tiles of dw)
+    # several backward programs along T (each sums the dw of BWD_ROWS rows)
     (2, 300, 24, 4, None, False, "silu"),
     (1, 0, 16, 4, [250, 3, 90], True, "silu"),
+    # sequences shorter than W across the row tiles' edges (16, 32 and 64 rows)
+    (1, 0, 24, 4, [15, 2, 14, 2, 1, 0, 29, 3, 40], True, "silu"),
 ]
 
 
@@ -146,6 +148,18 @@ def test_short_conv_l2_matches_oracle(case, backend, dtype):
     inputs, names = _conv_inputs(B, T, C, W, lengths, cache)
     helpers.check_against_oracle(_conv_fn(backend, act, nc, G), _conv_oracle_fn(act, nc, G),
                                  inputs, dtype=dtype, grad_names=names,
+                                 activations=("x", "cache"))
+
+
+@pytest.mark.parametrize("lengths,cache", [(None, False), ([31, 2, 1, 0, 29, 3, 40], True)],
+                         ids=["dense", "varlen-cache"])
+def test_short_conv_bf16_matches_oracle(lengths, cache):
+    """bfloat16 through the interpreter, q and k in groups of 128 and a plain v: dz between
+    the backward's two passes is rounded to bfloat16, within the rule."""
+    inputs, names = _conv_inputs(2, 70, 320, 4, lengths, cache=cache, seed=7)
+    helpers.check_against_oracle(_conv_fn("triton", "silu", 256, 128),
+                                 _conv_oracle_fn("silu", 256, 128), inputs,
+                                 dtype=torch.bfloat16, grad_names=names,
                                  activations=("x", "cache"))
 
 

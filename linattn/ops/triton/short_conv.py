@@ -7,17 +7,21 @@ x_{t-s} before the start of t's sequence comes from that sequence's cache row (i
 inputs, [N, W-1, C]) or is 0. Rows are addressed globally: row b*T + t (dense) or t (packed,
 B == 1), and each row knows its sequence's first row S and one-past-last row E.
 
-Backward in one pass over [BLOCK_T, BLOCK_C] tiles (channel-contiguous, coalesced loads): with
-s_j = W-1-j, dz = dy * silu'(z) (dz = dy without SiLU) and
+The forward walks TILES_PER_PROGRAM [BLOCK_T, BLOCK_C] row tiles of one channel block
+(channel-contiguous, coalesced loads), the loop pipelined. The backward, with
+s_j = W-1-j and dz = dy * silu'(z) (dz = dy without SiLU),
 
-    dx_t = sum_j w[:, j] dz_{t+s_j}  over t + s_j < E,     dw[:, j] = sum_t dz_t x_{t-s_j}.
+    dx_t = sum_j w[:, j] dz_{t+s_j}  over t + s_j < E,     dw[:, j] = sum_t dz_t x_{t-s_j},
 
-A tile recomputes dz at its own rows and at the W-1 later shifts (z from the shifted input
-tiles, which L1 / L2 serve after their first read), so dz never goes to memory: the HBM traffic
-is dy and x read once, dx written once. A program (forward or backward) walks
-TILES_PER_PROGRAM row tiles of one channel block, the loop pipelined; the backward keeps their
-dw in float32 registers and the launcher sums the programs' partials (no atomics:
-deterministic). dcache is the dx sum at the W-1 positions before S.
+runs in two passes of BWD_ROWS rows a program:
+  1. per row tile, the W shifted input tiles x_{t-s_j} loaded once give z, then dz (stored in
+     the input dtype) and the tile's dw terms from the same tiles; a program keeps its dw in
+     float32 registers and the launcher sums the programs' partials (no atomics:
+     deterministic);
+  2. per row tile, dx from the W later shifts of dz within each row's sequence; dcache (the
+     cotangent of the W-1 positions before S) the same sum at those positions, a program per
+     sequence.
+HBM traffic: x and dy read, dz written and read, dx written, once each.
 
 Fused L2 norm (norm_channels NC > 0, groups of G channels, G a power of two in [16, 256]):
 the output channels c < NC are L2-normalised per group after the activation,
@@ -26,10 +30,10 @@ the output channels c < NC are L2-normalised per group after the activation,
     ds = (dy - y <dy, y>) / n  where ||s|| > eps,  ds = dy / eps where clamped,
     dz = ds * silu'(z),
 
-and channels c >= NC are the plain conv. Each kernel then runs as two launches over channel
-ranges: [0, NC) in tiles of BC = G channels (NORMED; a tile holds whole groups, so the norms
-are row sums inside it) and [NC, C) in tiles of BLOCK_C as without the norm. dz at a row needs
-its whole group's z, which the backward recomputes as it does for silu'(z).
+and channels c >= NC are the plain conv. The forward and pass 1 (dz at a row needs its whole
+group's z) then run as two launches over channel ranges: [0, NC) in tiles of BC = G channels
+(NORMED; a tile holds whole groups, so the norms are row sums inside it) and [NC, C) in tiles
+of BLOCK_C as without the norm. Pass 2 and dcache, past the norm, take every channel at once.
 
 The ops are torch custom ops (linattn::short_conv_fwd / short_conv_bwd) so torch.compile
 traces through them; linattn.ops.fused.short_conv is the entry point.
@@ -45,19 +49,28 @@ import triton.language as tl
 from ..alloc import empty
 from ..fused import CONV_NORM_EPS, check_conv_norm
 
-BLOCK_T = 16            # rows per tile
+BLOCK_T = 16            # rows per forward tile and per group tile of the backward's pass 1
 BLOCK_C = 64            # channels per tile (128 contiguous bytes of a 16-bit row)
 NUM_WARPS = 8           # 4 elements of a [BLOCK_T, BLOCK_C] tile per thread
 # warps of a group tile [BLOCK_T, G] by G (the fused norm's group sizes): 4 elements a thread
-# as the plain tile up to G 128 (at bf16 on sm_90: 108 registers, no spills); G 256 at 8
-# warps of 255 registers spills least (benchmarks/sm90_compile_check.py)
+# as the forward's plain tile up to G 128; G 256 at 8 warps of 255 registers spills least
+# (benchmarks/sm90_compile_check.py)
 GROUP_WARPS = {16: 2, 32: 4, 64: 8, 128: 16, 256: 8}
 NORM_GROUPS = tuple(GROUP_WARPS)
-PLAIN_TILE_BYTES = BLOCK_T * BLOCK_C * 4  # a float32 plain tile: the largest whose pipelined
-                                          # backward fits sm_90's shared memory (150 KB)
-TILES_PER_PROGRAM = 16  # row tiles one program walks (a backward's dw partial covers them)
-LOOP_STAGES = 2         # the row-tile loop loads one tile ahead (backward on sm_90 at bf16:
-                        # 112 registers, 44 KB shared memory, 2 programs per SM)
+PLAIN_TILE_BYTES = BLOCK_T * BLOCK_C * 4  # a float32 plain tile: the largest tile whose loop
+                                          # is pipelined
+TILES_PER_PROGRAM = 16  # row tiles one forward program walks
+LOOP_STAGES = 2         # the forward's row-tile loop loads one tile ahead
+# The backward's loops are latency-bound streams: each program keeps STAGES-1 row tiles in
+# flight (sm_90 at bf16, benchmarks/sm90_compile_check.py). A plain tile holds
+# PLAIN_TILE_BYTES (32 rows at 16 bits, 16 at 32); a group tile BLOCK_T rows.
+BWD_STAGES = 4          # plain tiles: pass 1 128 registers, 62 KB shared memory, 2 programs
+                        # per SM; pass 2 64 registers, 48 KB, 4 per SM
+NORM_BWD_STAGES = 3     # a group tile's pass 1 (G 128: 109 registers, 48 KB; 4 stages spill
+                        # at G 64), pipelined within PLAIN_TILE_BYTES
+BWD_ROWS = 256          # rows one backward program walks, in whole tiles (a pass-1 dw
+                        # partial covers them)
+assert BWD_ROWS % BLOCK_T == 0 and BWD_ROWS % (PLAIN_TILE_BYTES // (2 * BLOCK_C)) == 0
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -91,6 +104,15 @@ def _rows(cu, seq_id, b, it, T, BT: tl.constexpr, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _taps(w, c, mc, W: tl.constexpr):
+    """The W taps w[c, j] of the channels c, a tuple of float32 [BC]."""
+    wt = ()
+    for j in tl.static_range(W):
+        wt = wt + (tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32),)
+    return wt
+
+
+@triton.jit
 def _ld_x(x, cache, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr):
     """x at global rows u [R] (int64) as float32 [R, BC]; rows before S come from cache row n
     (or are 0)."""
@@ -108,14 +130,17 @@ def _ld_x(x, cache, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.conste
 
 
 @triton.jit
-def _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr):
-    """Pre-activation z at rows u: sum_j w[:, j] x_{u-(W-1-j)}, float32 [R, BC]."""
-    acc = tl.zeros([u.shape[0], c.shape[0]], dtype=tl.float32)
+def _conv(x, cache, wt, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr):
+    """(z, xs) at rows u: z = sum_j w[:, j] x_{u-(W-1-j)} float32 [R, BC], and the tuple of
+    the W shifted input tiles xs[j] = x_{u-(W-1-j)} it read."""
+    z = tl.zeros([u.shape[0], c.shape[0]], dtype=tl.float32)
+    xs = ()
     for j in tl.static_range(W):
         # tap j reads the input W-1-j rows back
-        wj = tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32)
-        acc += wj[None, :] * _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, W, HAS_CACHE)
-    return acc
+        xj = _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, W, HAS_CACHE)
+        z += wt[j][None, :] * xj
+        xs = xs + (xj,)
+    return z, xs
 
 
 @triton.jit
@@ -125,15 +150,10 @@ def _l2(s, EPS: tl.constexpr):
 
 
 @triton.jit
-def _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr,
-        SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
-    """dz at rows v [R] where ok (0 elsewhere), float32 [R, BC]: dy, through the group's L2
-    norm when NORMED, times silu'(z) with SiLU."""
-    g = tl.load(dy + v[:, None] * C + c[None, :], mask=ok[:, None] & mc[None, :],
-                other=0.0).to(tl.float32)
+def _dz(g, z, SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
+    """dz from dy = g and z (float32 [R, BC]): through the group's L2 norm when NORMED, times
+    silu'(z) with SiLU."""
     if SILU or NORMED:
-        # recompute z from the shifted inputs (rows outside ok read as 0)
-        z = _conv_z(x, cache, w, v, S, n, ok, c, mc, C, W, HAS_CACHE)
         sg = tl.sigmoid(z)
         if NORMED:
             # the norm's backward: ds = (dy - y <dy, y>) / n, the projection off where clamped
@@ -149,19 +169,16 @@ def _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.c
 
 
 @triton.jit
-def _dx_later(dy, x, cache, w, v0, mr, S, E, n, c, mc, C, W: tl.constexpr,
-              HAS_CACHE: tl.constexpr, SILU: tl.constexpr, NORMED: tl.constexpr,
-              EPS: tl.constexpr):
-    """sum_{j<W-1} w[:, j] dz_{v0 + W-1-j} over rows in [S, E): the cotangent the later
-    outputs send to the inputs at rows v0 (float32 [R, BC]; tap W-1 is the row's own)."""
+def _dx(dz, wt, v0, mr, S, E, c, mc, C, W: tl.constexpr):
+    """sum_j w[:, j] dz_{v0 + W-1-j} over output rows in [S, E): the cotangent the outputs
+    send to the inputs at rows v0 (float32 [R, BC])."""
     acc = tl.zeros([v0.shape[0], c.shape[0]], dtype=tl.float32)
-    for j in tl.static_range(W - 1):
+    for j in tl.static_range(W):
         # output row v read input row v0 through tap j
         v = v0 + (W - 1 - j)
         ok = mr & (v >= S) & (v < E)
-        wj = tl.load(w + c * W + j, mask=mc, other=0.0).to(tl.float32)
-        acc += wj[None, :] * _dz(dy, x, cache, w, v, ok, S, n, c, mc, C, W, HAS_CACHE, SILU,
-                                 NORMED, EPS)
+        acc += wt[j][None, :] * tl.load(dz + v[:, None] * C + c[None, :],
+                                        mask=ok[:, None] & mc[None, :], other=0.0).to(tl.float32)
     return acc
 
 
@@ -184,11 +201,12 @@ def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, C0, C1, W: tl.conste
     _check_group(BC, NORMED)
     b = tl.program_id(2).to(tl.int64)
     c, mc = _cols(C0, C1, BC)
+    wt = _taps(w, c, mc, W)
     it0 = tl.program_id(0) * STEPS
     for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
         # the conv, then the activation
-        z = _conv_z(x, cache, w, u, S, n, mr, c, mc, C, W, HAS_CACHE)
+        z, _ = _conv(x, cache, wt, u, S, n, mr, c, mc, C, W, HAS_CACHE)
         if SILU:
             z = z * tl.sigmoid(z)
         if NORMED:
@@ -200,37 +218,36 @@ def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, C0, C1, W: tl.conste
 
 
 @triton.jit
-def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, C0, C1, NP,
-                          W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                          STEPS: tl.constexpr, STAGES: tl.constexpr, HAS_CACHE: tl.constexpr,
-                          VARLEN: tl.constexpr, SILU: tl.constexpr, NORMED: tl.constexpr,
-                          EPS: tl.constexpr):
-    """dx of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block pid1 (of [C0, C1)),
-    batch b (grid NP x cdiv(C1 - C0, BC) x B); their dw[c, j] into dwp[b * NP + pid, c, j]
-    (float32). The tile loop runs on STAGES pipeline stages (loads of the next tiles in
-    flight). NORMED: BC is the group size and dz goes through each row's L2 norm."""
+def short_conv_dz_kernel(dy, x, w, cache, dz, dwp, cu, seq_id, T, C, C0, C1, NP,
+                         W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         STEPS: tl.constexpr, STAGES: tl.constexpr, HAS_CACHE: tl.constexpr,
+                         VARLEN: tl.constexpr, SILU: tl.constexpr, NORMED: tl.constexpr,
+                         EPS: tl.constexpr):
+    """Backward pass 1: dz of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block
+    pid1 (of [C0, C1)), batch b (grid NP x cdiv(C1 - C0, BC) x B), and their dw[c, j] into
+    dwp[b * NP + pid, c, j] (float32). The tile loop runs on STAGES pipeline stages. NORMED:
+    BC is the group size and dz goes through each row's L2 norm."""
     tl.static_assert(WP >= W)
     _check_group(BC, NORMED)
     b = tl.program_id(2).to(tl.int64)
     c, mc = _cols(C0, C1, BC)
+    wt = _taps(w, c, mc, W)
     jw = tl.arange(0, WP)
-    # tap W-1 (the row's own input) and the float32 dw partial [WP, BC]
-    wl = tl.load(w + c * W + (W - 1), mask=mc, other=0.0).to(tl.float32)
+    # the float32 dw partial [WP, BC]
     dw = tl.zeros([WP, BC], dtype=tl.float32)
     it0 = tl.program_id(0) * STEPS
     for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
-        # dz at the tile's own rows (all in their sequence)
-        g = _dz(dy, x, cache, w, u, mr, S, n, c, mc, C, W, HAS_CACHE, SILU, NORMED, EPS)
-        # dw[:, j] += sum over the tile of dz_t x_{t-(W-1-j)}
+        m = mr[:, None] & mc[None, :]
+        # z from the W shifted input tiles, each loaded once
+        z, xs = _conv(x, cache, wt, u, S, n, mr, c, mc, C, W, HAS_CACHE)
+        # dz: dy through the norm and silu'(z), stored for pass 2
+        g = tl.load(dy + u[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+        g = _dz(g, z, SILU, NORMED, EPS)
+        tl.store(dz + u[:, None] * C + c[None, :], g.to(dz.dtype.element_ty), mask=m)
+        # dw[:, j] += sum over the tile of dz_t x_{t-(W-1-j)}, from the same input tiles
         for j in tl.static_range(W):
-            xs = _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, W, HAS_CACHE)
-            dw += tl.where(jw[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
-        # dx: the own row through tap W-1, the later rows' dz through the others
-        acc = wl[None, :] * g + _dx_later(dy, x, cache, w, u, mr, S, E, n, c, mc, C, W,
-                                          HAS_CACHE, SILU, NORMED, EPS)
-        tl.store(dx + u[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
-                 mask=mr[:, None] & mc[None, :])
+            dw += tl.where(jw[:, None] == j, tl.sum(g * xs[j], axis=0)[None, :], 0.0)
     # the partial of this program, [W, BC] of row b * NP + pid of dwp [B * NP, C, W]
     base = (b * NP + tl.program_id(0)) * C * W
     tl.store(dwp + base + c[None, :] * W + jw[:, None], dw,
@@ -238,15 +255,32 @@ def short_conv_bwd_kernel(dy, x, w, cache, dx, dwp, cu, seq_id, T, C, C0, C1, NP
 
 
 @triton.jit
-def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, C0, C1, W: tl.constexpr,
-                             WP: tl.constexpr, BC: tl.constexpr, VARLEN: tl.constexpr,
-                             SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
-    """dcache of sequence n (grid N x cdiv(C1 - C0, BC)): dx's sum at the W-1 positions
-    before S (NORMED: through each row's L2 norm, BC the group size)."""
+def short_conv_dx_kernel(dz, w, dx, cu, seq_id, T, C, W: tl.constexpr, BT: tl.constexpr,
+                         BC: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
+                         VARLEN: tl.constexpr):
+    """Backward pass 2: dx of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block
+    pid1, batch b (grid cdiv(cdiv(T, BT), STEPS) x cdiv(C, BC) x B), from dz at the W later
+    shifts within each row's sequence; the loop on STAGES pipeline stages."""
+    b = tl.program_id(2).to(tl.int64)
+    c, mc = _cols(0, C, BC)
+    wt = _taps(w, c, mc, W)
+    it0 = tl.program_id(0) * STEPS
+    for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
+        u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
+        # dx_t = sum_j w[:, j] dz_{t+W-1-j} over the later rows of t's sequence
+        acc = _dx(dz, wt, u, mr, S, E, c, mc, C, W)
+        tl.store(dx + u[:, None] * C + c[None, :], acc.to(dx.dtype.element_ty),
+                 mask=mr[:, None] & mc[None, :])
+
+
+@triton.jit
+def short_conv_dcache_kernel(dz, w, dcache, cu, T, C, W: tl.constexpr, WP: tl.constexpr,
+                             BC: tl.constexpr, VARLEN: tl.constexpr):
+    """dcache of sequence n (grid N x cdiv(C, BC)): dx at the W-1 positions before S, from
+    dz at the sequence's first rows."""
     tl.static_assert(WP >= 16)
-    _check_group(BC, NORMED)
     n = tl.program_id(0).to(tl.int64)
-    c, mc = _cols(C0, C1, BC)
+    c, mc = _cols(0, C, BC)
     r = tl.arange(0, WP)
     mr = r < W - 1
     # the sequence's bounds
@@ -256,9 +290,8 @@ def short_conv_dcache_kernel(dy, x, w, cache, dcache, cu, T, C, C0, C1, W: tl.co
     else:
         S = n * T
         E = S + T
-    # the cache slots are rows S-(W-1) ... S-1: only later rows' dz reach them
-    acc = _dx_later(dy, x, cache, w, S - (W - 1) + r, mr, S, E, n, c, mc, C, W, True, SILU,
-                    NORMED, EPS)
+    # the cache slots are rows S-(W-1) ... S-1: only dz at rows >= S reaches them
+    acc = _dx(dz, _taps(w, c, mc, W), S - (W - 1) + r, mr, S, E, c, mc, C, W)
     tl.store(dcache + (n * (W - 1) + r)[:, None] * C + c[None, :],
              acc.to(dcache.dtype.element_ty), mask=mr[:, None] & mc[None, :])
 
@@ -272,11 +305,10 @@ def _seq_table(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def _segments(C: int, norm_channels: int, norm_group: int, itemsize: int):
-    """The launches over the channels, (C0, C1, BC, warps, stages, normalised) each: [0, NC)
-    in tiles of one group G when NC > 0, then [NC, C) in tiles of BLOCK_C; empty ranges left
-    out. A group tile gets GROUP_WARPS[G] warps, and its loop is pipelined while the tile's
-    bytes stay within PLAIN_TILE_BYTES (the pipelined backward's shared memory scales with
-    them)."""
+    """The launches over the channels, (C0, C1, BC, warps, forward stages, normalised) each:
+    [0, NC) in tiles of one group G when NC > 0, then [NC, C) in tiles of BLOCK_C; empty
+    ranges left out. A group tile gets GROUP_WARPS[G] warps, and its forward loop is
+    pipelined while the tile's bytes stay within PLAIN_TILE_BYTES."""
     check_conv_norm(norm_channels, norm_group, C)
     if norm_channels and norm_group not in NORM_GROUPS:
         raise ValueError(f"the fused conv norm takes groups G in {NORM_GROUPS}, got G={norm_group}")
@@ -315,25 +347,38 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_grou
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
     cu = cu_seqlens if varlen else x
-    cache_arg = cache.contiguous() if has_cache else x
-    NP = triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM)
+    NP = triton.cdiv(T, BWD_ROWS)
     dwp = empty(B * NP, C, W, dtype=torch.float32, device=x.device)
+    # dz between the passes in the input dtype: its rounding stays within the tolerance rule
+    # (tests/ops/test_fused.py, bfloat16) and pass 2 reads half the bytes
+    dz = empty(x.shape, dtype=x.dtype, device=x.device)
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
-    for C0, C1, BC, warps, stages, normed in (segs if T else []):
-        short_conv_bwd_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
-            dy, x, weight, cache_arg, dx, dwp, cu, seq_id, T, C, C0, C1, NP, W=W,
-            WP=triton.next_power_of_2(W), BT=BLOCK_T, BC=BC, STEPS=TILES_PER_PROGRAM,
-            STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen, SILU=silu, NORMED=normed,
-            EPS=CONV_NORM_EPS, num_warps=warps)
+    plain_bt = PLAIN_TILE_BYTES // (BLOCK_C * x.element_size())    # rows of a plain tile
+    # pass 1: dz and the dw partials, per channel range (group tiles of BLOCK_T rows)
+    for C0, C1, BC, warps, _, normed in (segs if T else []):
+        if normed:
+            BT = BLOCK_T
+            stages = NORM_BWD_STAGES if BT * BC * x.element_size() <= PLAIN_TILE_BYTES else 1
+        else:
+            BT, stages = plain_bt, BWD_STAGES
+        short_conv_dz_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
+            dy, x, weight, cache.contiguous() if has_cache else x, dz, dwp, cu, seq_id, T, C,
+            C0, C1, NP, W=W, WP=triton.next_power_of_2(W), BT=BT, BC=BC,
+            STEPS=BWD_ROWS // BT, STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen,
+            SILU=silu, NORMED=normed, EPS=CONV_NORM_EPS, num_warps=warps)
+    # pass 2: dx from dz over every channel, in plain tiles
+    if T:
+        short_conv_dx_kernel[(NP, triton.cdiv(C, BLOCK_C), B)](
+            dz, weight, dx, cu, seq_id, T, C, W=W, BT=plain_bt, BC=BLOCK_C,
+            STEPS=BWD_ROWS // plain_bt, STAGES=BWD_STAGES, VARLEN=varlen, num_warps=NUM_WARPS)
     dw = dwp.sum(0).to(weight.dtype)                                # [C, W]
     if cache is None:
         return dx, dw, x.new_empty(0)
     dcache = empty(cache.shape, dtype=cache.dtype, device=x.device)
-    for C0, C1, BC, _, _, normed in (segs if has_cache and cache.shape[0] else []):
-        short_conv_dcache_kernel[(cache.shape[0], triton.cdiv(C1 - C0, BC))](
-            dy, x, weight, cache_arg, dcache, cu, T, C, C0, C1, W=W,
-            WP=max(16, triton.next_power_of_2(W - 1)), BC=BC, VARLEN=varlen, SILU=silu,
-            NORMED=normed, EPS=CONV_NORM_EPS)
+    if has_cache and cache.shape[0]:
+        short_conv_dcache_kernel[(cache.shape[0], triton.cdiv(C, BLOCK_C))](
+            dz, weight, dcache, cu, T, C, W=W, WP=max(16, triton.next_power_of_2(W - 1)),
+            BC=BLOCK_C, VARLEN=varlen)
     return dx, dw, dcache
 
 
