@@ -526,6 +526,34 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout,
     return dk, dv, dbeta, dg
 
 
+def boundary_states_db(db, gc, h, dh, initial_state, dfinal, layout):
+    """db with the state update's exp(b_L) <S, dS'> taking the initial state and the final
+    state's cotangent as given (float32): grads_qk reads S and dS' from h and dh, which hold
+    them rounded for 16-bit inputs, and at short sequences those two roundings, summed over
+    K * V products, were most of the gate gradient's error (no input rounding offsets them).
+    Adds exp(b_L) <S_0 - rounded S_0, dS'> on each sequence's first chunk and
+    exp(b_L) <S, dS'_final - rounded dS'_final> on its last, with the stored S and dS' (16-bit:
+    the products' errors are second order; where one chunk is both, the two terms sum to the
+    exact difference)."""
+    ne = layout.nonempty                                                 # [N'] int64
+    first = layout.chunk_off[:-1].long()[ne]
+    last = layout.chunk_off[1:].long()[ne] - 1
+    db = db.clone()
+    if initial_state is not None:
+        rest = (initial_state[ne].float() - h[first + ne].float()) * dh[first].float()
+        db.index_add_(0, layout.chunk_last[first], _decayed(rest, gc, layout.chunk_last[first]))
+    if dfinal is not None:
+        rest = h[last + ne].float() * (dfinal[ne].float() - dh[last].float())
+        db.index_add_(0, layout.chunk_last[last], _decayed(rest, gc, layout.chunk_last[last]))
+    return db
+
+
+def _decayed(rest, gc, tokens):
+    """exp(b_L) <., .> per (sequence, head): rest [N', H, K, V] summed, times exp(b) at the
+    chunks' last tokens."""
+    return torch.exp(gc[tokens].float()) * rest.sum((-2, -1))
+
+
 def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh0, kept=None,
              cfg: DeltaConfig = DEFAULT):
     """Gradients of the packed delta rule: prep and scan's outputs (kept by the forward, or
@@ -556,6 +584,8 @@ def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh
     dh, dv2, dh0 = reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
                                 need_dh0, cfg)
     dq, dk_part, dw, db = grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale, cfg)
+    if db is not None and h.dtype != torch.float32:
+        db = boundary_states_db(db, gc, h, dh, initial_state, dfinal, layout)
     del h, vnew, dh                                        # last read by grads_qk
     dk, dv, dbeta, dg = grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout, cfg)
     return dq, dk, dv, dbeta, dg, dh0
