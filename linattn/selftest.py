@@ -69,16 +69,22 @@ CASES = (
     Case("delta_rule_decode", "scalar"), Case("mlstm_decode", "exp"),
 )
 
-# training ops: T 1, T 63 with K != V off powers of two and no states, packed 65 + 0 + 5
+# One set of head dims for every shape, K 24 != V 40, both off powers of two: on CUDA each
+# distinct constexpr (the tiles the launchers derive from K and V, the state flags) and each
+# int argument's class (1, a multiple of 16, other) is a Triton specialisation compiled on the
+# first run, so the shapes of one op differ only where the coverage needs it (T, packing, the
+# states), and H = 2, B = 2 and the token counts (2, 126, 70; 10) stay in one class.
+K_DIM, V_DIM = 24, 40
+# training ops: T 1, T 63 without states, packed 65 + 0 + 5 (an empty sequence)
 SHAPES = (
-    Shape("T1", B=2, T=1, H=2, K=16, V=16),
-    Shape("T63 K24 V40", B=2, T=63, H=2, K=24, V=40, state=False),
-    Shape("65+0+5 V32", B=1, T=70, H=2, K=16, V=32, lengths=(65, 0, 5)),
+    Shape("T1", B=2, T=1, H=2, K=K_DIM, V=V_DIM),
+    Shape("T63", B=2, T=63, H=2, K=K_DIM, V=V_DIM, state=False),
+    Shape("65+0+5", B=1, T=70, H=2, K=K_DIM, V=V_DIM, lengths=(65, 0, 5)),
 )
-# decode functions take no cu_seqlens: one token, and a few with K != V
+# decode functions take no cu_seqlens: one token, and a few
 DECODE_SHAPES = (
-    Shape("T1", B=2, T=1, H=2, K=16, V=16),
-    Shape("T5 K24 V40", B=1, T=5, H=2, K=24, V=40),
+    Shape("T1", B=2, T=1, H=2, K=K_DIM, V=V_DIM),
+    Shape("T5", B=2, T=5, H=2, K=K_DIM, V=V_DIM),
 )
 QUICK_SHAPES = (SHAPES[2],)
 QUICK_DECODE_SHAPES = (DECODE_SHAPES[1],)
@@ -320,19 +326,57 @@ def run_row(kind: str, case: Case, shape: Shape, target: Target,
     return check_case(case, shape, target, tolerance_scale)
 
 
+# Compile seconds of each group's kernels on a cold cache (sm_90 compiles of the keys the
+# plan launches at the shapes above, on one CPU core: benchmarks/sm90_compile_check.py): the
+# order in which workers take the groups, longest first, so that no long compile starts last.
+# Keys: op family and whether the dtype is float32 (its exact "ieee" dots unroll into long FMA
+# code). All groups: ~430 s, the longest (the gated delta rule in float32) ~50 s.
+COMPILE_SECONDS = {
+    ("delta_rule", True): 45, ("mlstm", True): 30, ("linear_attention", True): 20,
+    ("delta_rule", False): 20, ("mlstm", False): 15, ("linear_attention", False): 10,
+}
+DECODE_COMPILE_SECONDS = 1
+
+
+def group_of(case: Case, target: Target) -> tuple:
+    """Rows that launch the same kernel specialisations (a constant decay runs the scalar
+    gate's kernels) share a group: one worker runs them, compiling each kernel once."""
+    gate = "scalar" if case.gate == "const" else case.gate
+    return case.op, gate, target.backend, str(target.dtype)
+
+
+def compile_seconds(case: Case, target: Target) -> float:
+    if case.decode:
+        return DECODE_COMPILE_SECONDS
+    return COMPILE_SECONDS[(case.op, target.dtype == torch.float32)]
+
+
 def default_jobs(device: str) -> int:
-    """Worker processes: on CUDA most of a first run is Triton compiling one kernel
-    specialisation per row, single-threaded, so up to 8 rows at once (one per core); on the
-    CPU the rows take milliseconds and a worker's start-up would cost more than it saves."""
-    return min(8, os.cpu_count() or 1) if device == "cuda" else 1
+    """Worker processes: on CUDA most of a first run is Triton compiling kernel
+    specialisations, single-threaded, so up to 16 groups of rows at once (one per core); on
+    the CPU the rows take milliseconds and a worker's start-up would cost more than it
+    saves."""
+    return min(16, os.cpu_count() or 1) if device == "cuda" else 1
+
+
+def _one_thread():
+    """A worker's torch on one thread: its CPU work (the float64 oracle) is small, and 16
+    workers with a thread per core each would oversubscribe the cores that compile."""
+    torch.set_num_threads(1)
+
+
+def run_group(jobs: list, tolerance_scale: float = 1.0) -> list[Row]:
+    """The rows of one group in order (a picklable entry point for the worker processes)."""
+    return [run_row(*job, tolerance_scale) for job in jobs]
 
 
 def run(device: str, *, quick: bool = False, tolerance_scale: float = 1.0,
         cases=CASES, out=sys.stdout, jobs: int = 1) -> list[Row]:
     """Every case on every target of the device; prints each row, in plan order, as soon as it
-    and the rows before it have finished. jobs > 1 runs rows in that many worker processes
-    (started with "spawn", as CUDA requires); each row's result does not depend on which
-    process ran it (its inputs come from its own seeds)."""
+    and the rows before it have finished. jobs > 1 runs the groups of rows (group_of) in that
+    many worker processes (started with "spawn", as CUDA requires), the longest compiles
+    first; each row's result does not depend on which process ran it (its inputs come from
+    its own seeds)."""
     rows = []
     header = ("op", "gate", "backend", "dtype", "shape", "worst error / bound", "pass")
     widths = (24, 9, 7, 8, 20, 26, 4)
@@ -351,11 +395,24 @@ def run(device: str, *, quick: bool = False, tolerance_scale: float = 1.0,
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(run_row, *job, tolerance_scale) for job in todo]
-        for (kind, case, shape, target), future in zip(todo, futures):  # in plan order
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, case, _, target) in enumerate(todo):
+        groups.setdefault(group_of(case, target), []).append(i)
+
+    def cost(g):
+        _, case, _, target = todo[g[0]]
+        return compile_seconds(case, target)
+    order = sorted(groups.values(), key=cost, reverse=True)
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                initializer=_one_thread) as pool:
+        futures = {}
+        for g in order:
+            f = pool.submit(run_group, [todo[i] for i in g], tolerance_scale)
+            futures.update({i: (f, j) for j, i in enumerate(g)})
+        for i, (kind, case, shape, target) in enumerate(todo):  # in plan order
+            future, j = futures[i]
             try:
-                emit(future.result())
+                emit(future.result()[j])
             except Exception as e:  # the worker died (a crash in a kernel): the row fails
                 name = shape.name + (", 2 runs" if kind == "determinism" else "")
                 emit(Row(case.op, case.gate, target.backend, _dtype_name(target.dtype), name,

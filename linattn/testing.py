@@ -8,7 +8,7 @@ against the oracle on the unrounded inputs. A fast path's error against the floa
 must be at most 3x base for outputs and states and 5x base for gradients, plus 1e-6.
 float64 paths must agree to ~1e-10 (relative to the reference's magnitude).
 
-Two refinements, both measured rather than tuned:
+Three refinements, each measured rather than tuned:
 - base is the larger of that rounding error and the error of the oracle itself run in the
   test dtype (its loop computes in float32 for float32/bfloat16/float16 inputs), as
   flash-attention's tests do: a float32 path cannot beat the rounding of float32 sums, which
@@ -16,6 +16,15 @@ Two refinements, both measured rather than tuned:
 - the 1e-6 slack is scaled by the reference's magnitude, max(1, max |ref|): about 16 float32
   ulps at the reference's own scale, since a state summed over hundreds of tokens cannot hold
   an absolute 1e-6.
+- the rounding error is one draw of a sum of many small errors of either sign; for a tensor
+  whose largest error sits in one of few elements (the [H] gradient of a constant decay) that
+  draw can land near zero: the bfloat16 rounding of the selftest's packed 65 + 0 + 5 inputs
+  moved a constant decay's gradient of 639 by 0.29, where roundings of the same sizes and
+  random signs move it by 2.3 on average. So a tensor that fails against those bases is
+  judged again with a second draw among them: the oracle on inputs whose rounding errors keep
+  their magnitudes and take seeded random signs (rounded_twin). A fast path's own error has
+  to exceed the factor times both draws to fail; a pass against the first bases is a pass
+  against both, so only failures pay for the extra oracle run.
 
 compare_to_oracle returns one Check per output, state tensor and gradient; callers assert
 them (tests) or tabulate them (selftest).
@@ -149,6 +158,39 @@ def check_value(label: str, fast, ref: torch.Tensor, bases, factor: float, dtype
     return Check(label, e, bound, ok, "" if ok else msg)
 
 
+def rounded_twin(inputs: dict, rounded: dict, seed: int) -> dict:
+    """float64 leaves x + s (r - x) for each float input x and its rounded copy r, s = +-1 per
+    element from the seed: a rounding with the same error magnitudes and independent signs
+    (module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def twin(x, r):
+        x = x.detach().to(torch.float64)
+        s = torch.randint(0, 2, x.shape, generator=gen).to(torch.float64) * 2 - 1
+        return (x + s * (r.detach().to(torch.float64) - x)).requires_grad_(r.requires_grad)
+
+    out = {}
+    for name, x in inputs.items():
+        r = rounded[name]
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            out[name] = twin(x, r)
+        elif isinstance(x, tuple) and all(isinstance(t, torch.Tensor) for t in x):
+            out[name] = tuple(twin(a, b) for a, b in zip(x, r))
+        else:
+            out[name] = x
+    return out
+
+
+def _round_like(outs, grads: dict, fast, rounded: dict):
+    """An oracle run's outputs and gradients rounded to what the fast path returns (o: its
+    dtype, states: float32; each gradient: its input's dtype), in float64."""
+    outs = [b.to(fy.dtype).double() for b, fy in zip(outs, fast)]
+    grads = {n: [b.to(r.dtype).double() if b is not None else None
+                 for b, r in zip(gs, flatten(rounded[n]))]
+             for n, gs in grads.items()}
+    return outs, grads
+
+
 def _to_device(rounded: dict, device) -> dict:
     out = {}
     for n, t in rounded.items():
@@ -208,32 +250,47 @@ def compare_to_oracle(fast_fn: Callable, oracle_fn: Callable, inputs: dict, *,
     else:
         low_in = detach_cast(inputs, dtype, grad_names, activations)
         low, low_g = run_op(oracle_fn, low_in, grad_names, cot, **kwargs)
-        base, base_g = run_op(oracle_fn, upcast(rounded, grad_names), grad_names, cot, **kwargs)
-        # Round the oracle's outputs to what the fast path returns (o: dtype, states: float32).
-        base = [b.to(fy.dtype).double() for b, fy in zip(base, fast)]
-        base_g = {n: [b.to(rounded_t.dtype).double() if b is not None else None
-                      for b, rounded_t in zip(gs, flatten(rounded[n]))]
-                  for n, gs in base_g.items()}
+        base, base_g = _round_like(*run_op(oracle_fn, upcast(rounded, grad_names), grad_names,
+                                           cot, **kwargs), fast, rounded)
 
-    checks = []
-    labels = ["o"] + [f"state[{j}]" for j in range(n_out - 1)]
-    for lab, f_, r_, b_, l_ in zip(labels, fast, ref, base, low):
-        checks.append(check_value(lab, f_, r_, (b_, l_), OUT_FACTOR, dtype, tolerance_scale))
-    for name in grad_names:
-        for j, (f_, r_, b_, l_) in enumerate(zip(fast_g[name], ref_g[name], base_g[name],
-                                                 low_g[name])):
-            label = f"d{name}[{j}]"
-            if r_ is None:
-                r_ = torch.zeros_like(flatten(exact[name])[j])
-                b_ = l_ = r_
-            if rel_grads and name in rel_grads and dtype == torch.float32 and f_ is not None:
-                e, mag = max_error(f_, r_), magnitude(r_)
-                bound = tolerance_scale * rel_grads[name] * mag
-                ok = e <= bound
-                checks.append(Check(label, e, bound, ok, "" if ok else
-                                    f"{label}: error {e:.3e} > {rel_grads[name]:g} x "
-                                    f"magnitude {mag:.3g}"))
-                continue
-            checks.append(check_value(label, f_, r_, (b_, l_ if l_ is not None else r_),
-                                      GRAD_FACTOR, dtype, tolerance_scale))
+    def grad_check(label, name, j, f_, r_, bases):
+        """The rule (or rel_grads) for gradient j of input name; bases: the rounding draws'
+        gradients and low's (None where the oracle gave none)."""
+        if r_ is None:                              # no gradient from the oracle: zeros
+            r_ = torch.zeros_like(flatten(exact[name])[j])
+            bases = (r_,)
+        bases = tuple(b if b is not None else r_ for b in bases)
+        if rel_grads and name in rel_grads and dtype == torch.float32 and f_ is not None:
+            e, mag = max_error(f_, r_), magnitude(r_)
+            bound = tolerance_scale * rel_grads[name] * mag
+            ok = e <= bound
+            return Check(label, e, bound, ok, "" if ok else
+                         f"{label}: error {e:.3e} > {rel_grads[name]:g} x magnitude {mag:.3g}")
+        return check_value(label, f_, r_, bases, GRAD_FACTOR, dtype, tolerance_scale)
+
+    def judge(draws, draws_g, only=None):
+        """One Check per output, state and gradient (those labelled in only, when given)
+        against the rounding draws [(outputs, gradients)] and low."""
+        checks = []
+        labels = ["o"] + [f"state[{j}]" for j in range(n_out - 1)]
+        for i, (lab, f_, r_, l_) in enumerate(zip(labels, fast, ref, low)):
+            if only is None or lab in only:
+                checks.append(check_value(lab, f_, r_, tuple(d[i] for d in draws) + (l_,),
+                                          OUT_FACTOR, dtype, tolerance_scale))
+        for name in grad_names:
+            for j, (f_, r_, l_) in enumerate(zip(fast_g[name], ref_g[name], low_g[name])):
+                label = f"d{name}[{j}]"
+                if only is None or label in only:
+                    checks.append(grad_check(label, name, j, f_, r_,
+                                             [d[name][j] for d in draws_g] + [l_]))
+        return checks
+
+    checks = judge([base], [base_g])
+    failed = {c.label for c in checks if not c.ok}
+    if failed and dtype != torch.float64:
+        # a second rounding draw for the tensors that failed (module docstring)
+        twin, twin_g = _round_like(*run_op(oracle_fn, rounded_twin(inputs, rounded, seed + 1),
+                                           grad_names, cot, **kwargs), fast, rounded)
+        again = {c.label: c for c in judge([base, twin], [base_g, twin_g], only=failed)}
+        checks = [again.get(c.label, c) for c in checks]
     return fast, fast_g, checks

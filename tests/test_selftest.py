@@ -50,7 +50,26 @@ def test_worker_processes_give_the_same_rows_in_the_same_order():
     two = selftest.run("cpu", quick=True, cases=cases, out=open(os.devnull, "w"), jobs=2)
     assert len(one) == len(selftest.plan("cpu", quick=True, cases=cases)) >= 8  # 2 rows x 2 cases x targets
     assert one == two
-    assert selftest.default_jobs("cpu") == 1 and 1 <= selftest.default_jobs("cuda") <= 8
+    assert selftest.default_jobs("cpu") == 1 and 1 <= selftest.default_jobs("cuda") <= 16
+
+
+def test_cuda_plan_shares_specialisations_within_groups():
+    """On CUDA every op, gate kind and dtype is still planned; the shapes share their head
+    dims, so that one group's rows (one op's kernels in one dtype: a constant decay runs the
+    scalar gate's) reuse the kernels its first row compiles; float32 groups come first."""
+    todo = selftest.plan("cuda")
+    covered = {(case.op, case.gate, target.dtype) for _, case, _, target in todo}
+    assert covered == {(c.op, c.gate, dt) for c in selftest.CASES
+                       for dt in (torch.float32, torch.bfloat16, torch.float16)}
+    assert {(s.K, s.V) for s in selftest.SHAPES + selftest.DECODE_SHAPES} == {(24, 40)}
+    groups = {selftest.group_of(case, target) for _, case, _, target in todo}
+    assert len(groups) == 12 * 3                     # const and scalar share one per dtype
+    la = selftest.Target("triton", torch.float32, "cuda")
+    assert (selftest.group_of(selftest.Case("linear_attention", "const"), la)
+            == selftest.group_of(selftest.Case("linear_attention", "scalar"), la))
+    bf = selftest.Target("triton", torch.bfloat16, "cuda")
+    delta = selftest.Case("delta_rule", "scalar")
+    assert selftest.compile_seconds(delta, la) > selftest.compile_seconds(delta, bf)
 
 
 def test_a_wrong_fast_path_fails_its_row():

@@ -60,7 +60,7 @@ class Prep(NamedTuple):
     it (never write it)."""
     layout: common.ChunkLayout
     cfg: DeltaConfig
-    gc: torch.Tensor | None   # [TT, H] float32, None without a gate
+    gc: torch.Tensor | None   # [TT, H] in delta_fwd.gate_dtype, None without a gate
     tinv: torch.Tensor        # [TT, H, BT] float32
 
 
@@ -140,7 +140,7 @@ def saved_specs(TT, H, K, V, slots, dtype, gated, keep, cfg):
     sizes may be symbolic; dtype is q's; cfg: the launch choices (stored dtypes)."""
     if not keep:
         return {}
-    specs = {"gc": ((TT, H), torch.float32)} if gated else {}
+    specs = {"gc": ((TT, H), delta_fwd.gate_dtype(dtype))} if gated else {}
     specs.update(tinv=((TT, H, delta_fwd.BT), torch.float32),
                  h=((slots, H, K, V), delta_fwd.state_dtype(dtype, cfg)),
                  vnew=((TT, H, V), delta_fwd.vnew_dtype(dtype, cfg)))

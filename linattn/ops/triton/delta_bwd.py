@@ -31,8 +31,9 @@ from .. import alloc
 from . import delta_fwd
 from .common import GATE_SCALAR, dot_a16, dot_b16, gate_of, head_tile, sm_count, split16
 from .delta_config import DEFAULT, DeltaConfig, split16_on
-from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, ld_state_tile,
-                        ld_tokens, scan_v_block, sequence_program, st_state_tile, st_tokens)
+from .delta_fwd import (BT, chunk_program, chunk_t, dot_precision, full_tile, gate_exp,
+                        ld_state_tile, ld_tokens, scan_v_block, sequence_program, st_state_tile,
+                        st_tokens)
 
 # Launch choices come from a DeltaConfig argument (delta_config.DEFAULT), from
 # benchmarks/sweep_delta.py (PERF_NOTES "Delta rule: launch choices"): grads_wy on 4 warps
@@ -70,13 +71,13 @@ def grad_dtype(dtype: torch.dtype, cfg: DeltaConfig = DEFAULT) -> torch.dtype:
 
 
 @triton.jit
-def mask_scores(b_kq, b_g, o_t, valid, GATE: tl.constexpr):
+def mask_scores(b_kq, b_g, o_t, valid, GATE: tl.constexpr, PREC: tl.constexpr):
     """(tril(Q K^T) * Gamma)^T of one chunk from K Q^T [j, i] (key j, query i), float32:
     masked to i >= j and i in the sequence, and with a scalar gate times exp(b_i - b_j) (b_g
     [BT] the chunk-local log-decay cumsum)."""
     m_c = (o_t[None, :] >= o_t[:, None]) & valid[None, :]
     if GATE == GATE_SCALAR:
-        return b_kq * tl.exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")))
+        return b_kq * gate_exp(tl.where(m_c, b_g[None, :] - b_g[:, None], float("-inf")), PREC)
     else:
         return tl.where(m_c, b_kq, 0.0)
 
@@ -112,7 +113,7 @@ def delta_bwd_scores_kernel(q, k, gc, kq, cu_seqlens, chunk_seq, chunk_idx, H, K
     if GATE == GATE_SCALAR:
         b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
     # masked to i >= j, i in the sequence, times exp(b_i - b_j) when gated
-    b_kq = mask_scores(b_kq, b_g, o_t, valid, GATE)
+    b_kq = mask_scores(b_kq, b_g, o_t, valid, GATE, PREC)
     st_tokens(kq, b_kq, bos, i_h, Tn, H, BT, t0, 0, BT, BT)
 
 
@@ -169,7 +170,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
             b_kq = ld_tokens(kq, bos, i_h, Tn, H, BT, t0, 0, BT, BT)  # [j, i]
         else:
             b_kq = mask_scores(tl.dot(b_k, tl.trans(b_q), input_precision=PREC), b_g, o_t,
-                               valid, GATE)                         # [j, i], exact products
+                               valid, GATE, PREC)                         # [j, i], exact products
         # dU' = scale (masked K Q^T) dO + diag(exp(b_L - b)) K dS'
         if SPLIT16:
             # the part that does not wait for dS' first, so that K Q^T is dead before the
@@ -180,23 +181,23 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
             b_dvi = tl.dot(b_kq, b_do.to(tl.float32), input_precision=PREC)
             b_kds = tl.dot(b_k.to(tl.float32), b_ds, input_precision=PREC)
         if GATE == GATE_SCALAR:
-            b_kds = b_kds * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
+            b_kds = b_kds * gate_exp(tl.where(valid, b_gl - b_g, float("-inf")), PREC)[:, None]
         b_dv = scale * b_dvi + b_kds
         st_tokens(dv2, b_dv, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV)  # dS: float32 b_dv
         # dS = exp(b_L) dS' + scale Q^T diag(exp(b)) dO - W^T dU'
         if GATE == GATE_SCALAR and SPLIT16:
-            b_ds = b_ds * tl.exp(b_gl) + scale * dot_a16(
-                tl.trans(b_q), b_do.to(tl.float32) * tl.exp(b_g)[:, None], None, SPLIT16)
+            b_ds = b_ds * gate_exp(b_gl, PREC) + scale * dot_a16(
+                tl.trans(b_q), b_do.to(tl.float32) * gate_exp(b_g, PREC)[:, None], None, SPLIT16)
         elif GATE == GATE_SCALAR:
-            b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(
-                tl.trans(b_q.to(tl.float32)), b_do.to(tl.float32) * tl.exp(b_g)[:, None],
+            b_ds = b_ds * gate_exp(b_gl, PREC) + scale * tl.dot(
+                tl.trans(b_q.to(tl.float32)), b_do.to(tl.float32) * gate_exp(b_g, PREC)[:, None],
                 input_precision=PREC)
         else:
             b_ds += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC)  # exact products
         # W^T dU' = K^T (beta exp(b) * (T^T dU')), T loaded once q and dO are done
         b_wt = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)  # beta exp(b)
         if GATE == GATE_SCALAR:
-            b_wt = b_wt * tl.exp(b_g)
+            b_wt = b_wt * gate_exp(b_g, PREC)
         b_y = tl.dot(tl.trans(chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT)), b_dv,
                      input_precision=PREC) * b_wt[:, None]           # [BT, BV]
         if SPLIT16:
@@ -210,7 +211,7 @@ def delta_bwd_scan_kernel(q, k, beta, tinv, gc, do, kq, dht, dh, dv2, dh0, cu_se
 
 @triton.jit
 def chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT: tl.constexpr,
-                GATE: tl.constexpr):
+                GATE: tl.constexpr, PREC: tl.constexpr):
     """The decays grads_qk applies in one chunk (last: the row of its last token), float32:
     Gamma [BT, BT] masked to i >= j and rows in the sequence, exp(b) [BT], exp(b_L - b) [BT]
     (0 past the sequence), exp(b_L); ones (and the masks) when ungated."""
@@ -218,10 +219,10 @@ def chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT: tl.constexpr,
     if GATE == GATE_SCALAR:
         b_g = tl.load(gc + (bos + t0 + o_t) * H + i_h, mask=valid, other=0.0)
         b_gl = tl.load(gc + (bos + t0 + last) * H + i_h)
-        b_gam = tl.exp(tl.where(m_c, b_g[:, None] - b_g[None, :], float("-inf")))
-        b_eg = tl.exp(b_g)  # exp(b)
-        b_kd = tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))  # exp(b_L - b)
-        b_el = tl.exp(b_gl)  # exp(b_L)
+        b_gam = gate_exp(tl.where(m_c, b_g[:, None] - b_g[None, :], float("-inf")), PREC)
+        b_eg = gate_exp(b_g, PREC)  # exp(b)
+        b_kd = gate_exp(tl.where(valid, b_gl - b_g, float("-inf")), PREC)  # exp(b_L - b)
+        b_el = gate_exp(b_gl, PREC)  # exp(b_L)
     else:
         b_gam = tl.where(m_c, 1.0, 0.0)
         b_eg = tl.full([BT], 1.0, dtype=tl.float32)
@@ -260,7 +261,7 @@ def delta_bwd_dqk_kernel(q, k, vnew, gc, h, dh, do, dv2, dq, dk, dw, db, cu_seql
     i_k = tl.program_id(2)
     hslot = i_c + tl.load(chunk_seq + i_c).to(tl.int64)  # h's slot: c0 + n + c = i_c + n
     last = tl.minimum(t0 + BT, Tn) - 1 - t0  # row of the chunk's last token
-    b_gam, b_eg, b_kd, b_el = chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT, GATE)
+    b_gam, b_eg, b_kd, b_el = chunk_gates(gc, bos, t0, i_h, o_t, valid, last, H, BT, GATE, PREC)
 
     # over V tiles: dO U'^T, and on this K tile dO S^T, U' dS'^T, dU' S^T, rows of S * dS'
     b_m = tl.zeros([BT, BT], dtype=tl.float32)
@@ -321,8 +322,8 @@ def delta_bwd_wy_kernel(k, v, beta, gc, tinv, dw, dv2, dk_part, db_part, dk, dv,
     b_beta = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
     if GATE == GATE_SCALAR:
         b_g = tl.load(gc + row, mask=valid, other=0.0)
-        b_eg = tl.exp(b_g)
-        b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))
+        b_eg = gate_exp(b_g, PREC)
+        b_gam = gate_exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")), PREC)
     else:
         b_eg = tl.full([BT], 1.0, dtype=tl.float32)
         b_gam = tl.where(m_low, 1.0, 0.0)
@@ -411,7 +412,7 @@ def reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
     """dS backwards over the chunks.
 
     Args: q, k [TT, H, K], beta [TT, H] (inputs); tinv [TT, H, BT], gc [TT, H] or None
-        (float32, delta_fwd.prep); do [TT, H, V]; dfinal [N, H, K, V] or None;
+        (delta_fwd.prep; gc in delta_fwd.gate_dtype); do [TT, H, V]; dfinal [N, H, K, V] or None;
         initial_state [N, H, K, V] or None; cfg: launch choices.
     Returns: dh [NC, H, K, V] in delta_fwd.state_dtype (gradient of each chunk's end state;
         the scan carries it in float32),
@@ -462,9 +463,8 @@ def grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale, cfg: DeltaConfig = D
     """dq, and the parts of dk, dW and db that come through the states and outputs.
 
     Args: q, k [TT, H, K]; vnew [TT, H, V] (delta_fwd.vnew_dtype), h [NC + N, H, K, V]
-        (delta_fwd.scan); gc [TT, H] or
-        None; dh [NC, H, K, V], dv2 [TT, H, V] (reverse_scan); do [TT, H, V]; cfg: launch
-        choices.
+        (delta_fwd.scan); gc [TT, H] (delta_fwd.gate_dtype) or None; dh [NC, H, K, V],
+        dv2 [TT, H, V] (reverse_scan); do [TT, H, V]; cfg: launch choices.
     Returns: dq [TT, H, K] in q's dtype; dk_part, dw [TT, H, K] in grad_dtype; db [TT, H]
         float32 (None when ungated).
     """
@@ -526,6 +526,34 @@ def grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout,
     return dk, dv, dbeta, dg
 
 
+def boundary_states_db(db, gc, h, dh, initial_state, dfinal, layout):
+    """db with the state update's exp(b_L) <S, dS'> taking the initial state and the final
+    state's cotangent as given (float32): grads_qk reads S and dS' from h and dh, which hold
+    them rounded for 16-bit inputs, and at short sequences those two roundings, summed over
+    K * V products, were most of the gate gradient's error (no input rounding offsets them).
+    Adds exp(b_L) <S_0 - rounded S_0, dS'> on each sequence's first chunk and
+    exp(b_L) <S, dS'_final - rounded dS'_final> on its last, with the stored S and dS' (16-bit:
+    the products' errors are second order; where one chunk is both, the two terms sum to the
+    exact difference)."""
+    ne = layout.nonempty                                                 # [N'] int64
+    first = layout.chunk_off[:-1].long()[ne]
+    last = layout.chunk_off[1:].long()[ne] - 1
+    db = db.clone()
+    if initial_state is not None:
+        rest = (initial_state[ne].float() - h[first + ne].float()) * dh[first].float()
+        db.index_add_(0, layout.chunk_last[first], _decayed(rest, gc, layout.chunk_last[first]))
+    if dfinal is not None:
+        rest = h[last + ne].float() * (dfinal[ne].float() - dh[last].float())
+        db.index_add_(0, layout.chunk_last[last], _decayed(rest, gc, layout.chunk_last[last]))
+    return db
+
+
+def _decayed(rest, gc, tokens):
+    """exp(b_L) <., .> per (sequence, head): rest [N', H, K, V] summed, times exp(b) at the
+    chunks' last tokens."""
+    return torch.exp(gc[tokens].float()) * rest.sum((-2, -1))
+
+
 def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh0, kept=None,
              cfg: DeltaConfig = DEFAULT):
     """Gradients of the packed delta rule: prep and scan's outputs (kept by the forward, or
@@ -556,6 +584,8 @@ def backward(q, k, v, beta, g, do, dfinal, initial_state, layout, scale, need_dh
     dh, dv2, dh0 = reverse_scan(q, k, beta, tinv, gc, do, dfinal, initial_state, layout, scale,
                                 need_dh0, cfg)
     dq, dk_part, dw, db = grads_qk(q, k, vnew, gc, h, dh, do, dv2, layout, scale, cfg)
+    if db is not None and h.dtype != torch.float32:
+        db = boundary_states_db(db, gc, h, dh, initial_state, dfinal, layout)
     del h, vnew, dh                                        # last read by grads_qk
     dk, dv, dbeta, dg = grads_wy(k, v, beta, g, gc, tinv, dw, dv2, dk_part, db, layout, cfg)
     return dq, dk, dv, dbeta, dg, dh0

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import alloc
-from .common import (GATE_SCALAR, dot_a16, fill_v_block, gate_of, head_tile, ld_raw,
+from .common import (GATE_SCALAR, dot_a16, exp, fill_v_block, gate_of, head_tile, ld_raw,
                      next_pow2, sm_count, st_tile)
 from .delta_config import DEFAULT, DeltaConfig, split16_on
 from .gated_api import KernelConfig
@@ -82,6 +82,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float16 else "tf32"
 
 
+def gate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the chunk-local log-decay cumsums b (gc) for inputs of this dtype, as the
+    gated family's (gated_api.gate_dtype): float64 for float32 inputs, float32 for 16-bit
+    ones. A float32 b_t holds only eps * |b_t|, and |b_t| reaches ~32 at the end of a 64-token
+    chunk of log-decays in [-1, 0], so every exp(b_i - b_j) would carry a relative 1e-6 (on
+    sm_90, whose parallel scan rounds each b_t apart, the final state of 63 tokens came out at
+    1.8x the tests' bound); the kernels take differences of float64 b and round them to
+    float32 before gate_exp."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
 def full_tile(d: int) -> int:
     """A tile spanning the whole head dim (the scan's K side): the next power of two >= 16."""
     return max(16, next_pow2(d))
@@ -111,6 +122,14 @@ def scan_v_block(K: int, V: int, cap: int, programs_per_v_block: int, sms: int,
 
 
 # ------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def gate_exp(x, PREC: tl.constexpr):
+    """e^x in float32 of a log-decay sum or difference x (float64 for float32 inputs,
+    gate_dtype): libdevice's expf for float32 inputs (PREC "ieee"), tl.exp's ex2.approx for
+    16-bit inputs (common.exp)."""
+    return exp(x, PREC == "ieee")
+
 
 @triton.jit
 def _inv_unit_lower_blocks(a, NB: tl.constexpr, BC: tl.constexpr):
@@ -200,8 +219,8 @@ def sequence_program(cu_seqlens, chunk_offsets, H):
 def delta_prep_kernel(k, beta, g, gc, tinv, cu_seqlens, chunk_seq, chunk_idx, H, K,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       GATE: tl.constexpr, PREC: tl.constexpr):
-    """Per (chunk, head): gc = b, tinv = T = (I + A)^-1 (float32; rows past the sequence
-    unwritten)."""
+    """Per (chunk, head): gc = b (in gc's dtype, gate_dtype), tinv = T = (I + A)^-1 (float32;
+    rows past the sequence unwritten)."""
     tl.static_assert(BT == 4 * BC, "the UT solve assembles 4 x 4 blocks of BC")
     tl.static_assert(BK >= 16, "tl.dot needs tiles of at least 16")
     i_c, i_h, bos, Tn, t0, o_t, valid = chunk_program(chunk_seq, chunk_idx, cu_seqlens, BT)
@@ -210,7 +229,7 @@ def delta_prep_kernel(k, beta, g, gc, tinv, cu_seqlens, chunk_seq, chunk_idx, H,
     # gates: beta, and b = cumsum(g) within the chunk (rows past the end add nothing)
     b_beta = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
     if GATE == GATE_SCALAR:
-        b_g = tl.cumsum(tl.load(g + row, mask=valid, other=0.0).to(tl.float32), axis=0)
+        b_g = tl.cumsum(tl.load(g + row, mask=valid, other=0.0).to(gc.dtype.element_ty), axis=0)
         tl.store(gc + row, b_g, mask=valid)
     else:
         b_g = tl.zeros([BT], dtype=tl.float32)
@@ -222,7 +241,7 @@ def delta_prep_kernel(k, beta, g, gc, tinv, cu_seqlens, chunk_seq, chunk_idx, H,
         b_k = ld_tokens(k, bos, i_h, Tn, H, K, t0, i_k * BK, BT, BK)
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)  # 16-bit MMA at twice tf32's rate
     m_low = (o_t[:, None] > o_t[None, :]) & valid[:, None]
-    b_gam = tl.exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")))  # Gamma, 0 off-mask
+    b_gam = gate_exp(tl.where(m_low, b_g[:, None] - b_g[None, :], float("-inf")), PREC)  # Gamma
     b_a = b_kk * b_gam * b_beta[:, None]
 
     # stage A in tinv's rows so that its 16 x 16 blocks can be read back
@@ -326,7 +345,7 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
         b_beta = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
         if GATE == GATE_SCALAR:
             b_g = tl.load(gc + row, mask=valid, other=0.0)
-            b_ks = b_ks * tl.exp(b_g)[:, None]
+            b_ks = b_ks * gate_exp(b_g, PREC)[:, None]
         b_v = ld_tokens(v, bos, i_h, Tn, H, V, t0, i_v * BV, BT, BV).to(tl.float32)
         b_r = (b_v - b_ks) * b_beta[:, None]
         b_vn = tl.dot(chunk_t(tinv, bos, t0, i_h, valid, o_t, H, BT), b_r, input_precision=PREC)
@@ -335,8 +354,8 @@ def delta_scan_kernel(k, v, beta, tinv, gc, h0, h, vnew, ht, cu_seqlens, chunk_o
         if GATE == GATE_SCALAR:
             last = tl.minimum(t0 + BT, Tn) - 1
             b_gl = tl.load(gc + (bos + last) * H + i_h)  # b_L (last < Tn: in bounds)
-            b_vn = b_vn * tl.exp(tl.where(valid, b_gl - b_g, float("-inf")))[:, None]
-            b_s = b_s * tl.exp(b_gl)
+            b_vn = b_vn * gate_exp(tl.where(valid, b_gl - b_g, float("-inf")), PREC)[:, None]
+            b_s = b_s * gate_exp(b_gl, PREC)
         if SPLIT16:
             b_s = dot_a16(tl.trans(b_k16), b_vn, b_s, SPLIT16)
         else:
@@ -353,11 +372,11 @@ def prep(k, beta, g, layout, cfg: DeltaConfig = DEFAULT):
 
     Args: k [TT, H, K] (packed, contiguous); beta, g [TT, H] (g may be None);
         layout: common.ChunkLayout (delta_api.chunk_layout); cfg: launch choices.
-    Returns: gc [TT, H] float32 (None when g is None), tinv [TT, H, BT] float32.
+    Returns: gc [TT, H] in gate_dtype (None when g is None), tinv [TT, H, BT] float32.
     """
     TT, H, K = k.shape
     dev = k.device
-    gc = alloc.empty(TT, H, dtype=torch.float32, device=dev) if g is not None else None
+    gc = alloc.empty(TT, H, dtype=gate_dtype(k.dtype), device=dev) if g is not None else None
     tinv = alloc.empty(TT, H, BT, dtype=torch.float32, device=dev)
     if layout.NT:
         delta_prep_kernel[(layout.NT, H)](
@@ -372,8 +391,8 @@ def scan(k, v, beta, gc, tinv, initial_state, layout, output_final_state,
          cfg: DeltaConfig = DEFAULT):
     """The forward state scan.
 
-    Args: k [TT, H, K], v [TT, H, V], beta [TT, H] (inputs); gc [TT, H] float32 or None,
-        tinv [TT, H, BT] float32 (prep); initial_state [N, H, K, V] or None; cfg: launch
+    Args: k [TT, H, K], v [TT, H, V], beta [TT, H] (inputs); gc [TT, H] (gate_dtype) or
+        None, tinv [TT, H, BT] float32 (prep); initial_state [N, H, K, V] or None; cfg: launch
         choices.
     Returns: h [NC + N, H, K, V] in state_dtype(k.dtype) (state at each chunk's start, at the
         slots of layout; the N slots after each sequence stay unwritten), vnew [TT, H, V] in
@@ -405,8 +424,8 @@ def output(q, k, vnew, gc, h, layout, scale, out_dtype, cfg: DeltaConfig = DEFAU
     """O from the chunk states: gated linear attention with values U' (gated_fwd.fwd_o).
 
     Args: q, k [TT, H, K]; vnew [TT, H, V], h [NC + N, H, K, V] (from scan);
-        gc [TT, H] float32 or None (b, the log-decay's cumsum inside each chunk); cfg: launch
-        choices.
+        gc [TT, H] (gate_dtype) or None (b, the log-decay's cumsum inside each chunk); cfg:
+        launch choices.
     Returns: o [TT, H, V] in out_dtype.
     """
     K, V = q.shape[-1], vnew.shape[-1]

@@ -279,6 +279,8 @@ def chunk_backward(q, k, v, kw, h0, n0, m0, saved, o, layout, dqk_layout, cfg, s
     gate_sums = need_dg or cfg.has_kw
     dh, dh0, sdot = bwd_states(q, do, gb, gm, mpc, rd, dht, h, h0 is not None, layout, cfg,
                                scale, V, gate_sums)
+    if sdot is not None and h0 is not None and h.dtype != h0.dtype and not cfg.mexp:
+        sdot = _initial_state_sdot(sdot, dh, h, h0, gb, layout)
     dhn = dn0 = None
     if cfg.mexp:
         dhn, dn0, npart = mexp_norm.backward(q, gb, gm, mpc, dqn, dnt, hn, h0 is not None,
@@ -360,6 +362,23 @@ def _gate_grad(db, state_part, sdot, layout, dtype):
     db = db.to(dtype).contiguous()           # q.dq - k.dk without the state part (may be a copy)
     db[layout.chunk_last] += sdot.to(dtype)
     return gate_grad_(db, state_part.contiguous(), layout)                # in place: no extra [TT, H, K]
+
+
+def _initial_state_sdot(sdot, dh, h, h0, gb, layout):
+    """sdot with each sequence's first chunk taking the initial state as given: bwd_states
+    forms <exp(le) dS_1, S_0> from h, which holds S_0 rounded to the inputs' 16 bits; at short
+    sequences that rounding, summed over K * V products, was most of the gate gradient's error
+    (5x the inputs' own rounding at T 1). Adds <exp(le) dS_1, S_0 - rounded S_0>, with dS_1
+    from dh (16-bit there too: the sum's error is the product of two roundings). Scalar
+    ([NC, H]) and per-key ([NC, H, K]) sdot; not mLSTMexp, whose chunk decay carries the
+    stabiliser."""
+    ne = layout.nonempty                                                 # [N'] int64
+    first = layout.chunk_off[:-1].long()[ne]                             # each first chunk
+    slot = first + ne                                                    # S_0's slot in h
+    rest = (dh[slot + 1].float() * (h0[ne] - h[slot].float())).sum(-1)  # [N', H, K]
+    decay = torch.exp(gb[layout.chunk_last[first]].float())              # [N', H] or [N', H, K]
+    corr = decay * (rest.sum(-1) if sdot.dim() == 2 else rest)
+    return sdot.index_add(0, first, corr.to(sdot.dtype))
 
 
 def _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt, h0, n0, m0, dh0, dn0, layout):

@@ -600,7 +600,9 @@ def state_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
     results for half the bytes (at T 8192, D 128, B*T 65536: 512 -> 256 MiB, read three
     times per fwd+bwd). The scans carry the state in float32 across chunks; the final state
     is returned in float32 (hf); the one reader of the rounded value is bwd_states' <dS, S>
-    for the gate gradient, a sum of K*V products whose rounding errors average out."""
+    for the gate gradient, a sum of K*V products whose rounding errors average out (the
+    initial state's, which no input rounding offsets, gated_api._initial_state_sdot takes
+    back out)."""
     return torch.float32 if cfg.ieee else dtype
 
 
