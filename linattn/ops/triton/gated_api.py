@@ -367,7 +367,7 @@ def _gate_grad(db, state_part, sdot, layout, dtype):
 def _initial_state_sdot(sdot, dh, h, h0, gb, layout):
     """sdot with each sequence's first chunk taking the initial state as given: bwd_states
     forms <exp(le) dS_1, S_0> from h, which holds S_0 rounded to the inputs' 16 bits; at short
-    sequences that rounding, summed over K * V products, was most of the gate gradient's error
+    sequences that rounding, summed over K * V products, is most of the gate gradient's error
     (5x the inputs' own rounding at T 1). Adds <exp(le) dS_1, S_0 - rounded S_0>, with dS_1
     from dh (16-bit there too: the sum's error is the product of two roundings). Scalar
     ([NC, H]) and per-key ([NC, H, K]) sdot; not mLSTMexp, whose chunk decay carries the
