@@ -227,8 +227,9 @@ def preset_settings(name: str, settings: dict) -> dict:
         (conv_size 4, fla's use_short_conv): Zoology's GLA models put a BaseConv layer before
         it, and without either nothing gives GLA the shift from a key to the value after it.
       training: float32; AdamW, lr swept outside (Zoology: 1e-4 .. 1e-2, 4 log-spaced; softmax
-        attention learns at the low end: it sits on the 1/P plateau, answering with one of the
-        example's values, for many epochs, longer with the dropouts and at high lrs), betas
+        attention sits on the 1/P plateau, answering with one of the example's values, until
+        a previous-token head forms from the learned positions: in Zoology's own code at T 64,
+        lr 4.6e-4, for 14 of its 64 epochs; see BENCHMARKS.md), betas
         (0.9, 0.999), weight decay 0.1 on every parameter, no warmup, cosine to 0 stepped once
         per epoch, no gradient clipping; 64 epochs of batch 512 (T <= 128), 256 (T 256), 128
         (T 512) or 64 (T >= 1024); the whole test set evaluated after every epoch, training
