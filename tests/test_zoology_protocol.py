@@ -61,7 +61,7 @@ def test_zoology_preset_sets_the_protocol_and_flags_win():
 ZOOLOGY_BATCH = {64: 512, 128: 512, 256: 256, 512: 128, 1024: 64}
 
 
-@pytest.mark.parametrize("mixer", ["attention", "gated_deltanet"])
+@pytest.mark.parametrize("mixer", ["attention", "gated_deltanet", "gla"])
 def test_zoology_preset_is_zoologys_recipe(mixer):
     for T, batch in ZOOLOGY_BATCH.items():
         _, _, tr = build_run({"preset": "zoology", "mixer": mixer, "seq_len": T, "pairs": 4})
@@ -72,7 +72,9 @@ def test_zoology_preset_is_zoologys_recipe(mixer):
     assert (model.init, model.init_std, model.embed_dropout) == ("gpt2", 0.02, 0.1)
     assert model.pos_embed == ("learned" if mixer == "attention" else "none")
     attention = {"qkv_bias": True, "o_bias": True, "rope": False, "dropout": 0.1}
-    assert model.mixer_options == ({"attention": attention} if mixer == "attention" else {})
+    # GLA gets a short conv where Zoology's GLA models put a BaseConv layer (the key-to-value shift)
+    expected = {"attention": {"attention": attention}, "gla": {"gla": {"conv_size": 4}}}.get(mixer, {})
+    assert model.mixer_options == expected
     assert (tr.beta2, tr.decay_all, tr.weight_decay, tr.dtype) == (0.999, True, 0.1, "float32")
     assert (tr.warmup_steps, tr.min_lr_ratio, tr.grad_clip) == (0, 0.0, 0.0)
     hybrid, _, _ = build_run({"preset": "zoology", "mixer": "gated_deltanet", "hybrid": 1, "seq_len": 64,

@@ -1,18 +1,22 @@
 """Gated Linear Attention (Yang et al., 2024): a data-dependent per-key decay."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import linear_attention
 from .base import Mixer, gate_dtype, make_dims
 from .norms import GatedOutputNorm
+from .short_conv import ShortConv
 
 
 class GatedLinearAttention(Mixer):
     """GLA's token mixer:
 
         q = x W_q, k = x W_k  [H, K];  v = x W_v  [H, V]
+            (with conv_size > 0: q, k, v = silu(shortconv(x W_q, x W_k, x W_v)), a causal
+            depthwise conv per channel, as fla's use_short_conv)
         g = logsigmoid(x W_g1 W_g2 + b) / gate_normalizer      per-key log-decay [B, T, H, K]
         S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,  o_t = S_t^T q_t / sqrt(K)
         y = W_o (rmsnorm(o) * silu(x W_r))
@@ -23,17 +27,24 @@ class GatedLinearAttention(Mixer):
         expand_v: V = head_dim * expand_v (default 1).
         gate_low_rank: rank of the gate projection (16).
         gate_normalizer: divides logsigmoid (16), so decays start near 1 (long memory).
+        conv_size: kernel of a short conv on q, k and v (0, the default: none, as the paper's
+            and fla's default). Without it nothing in the layer lets a token see the one
+            before it except the decay, which starts near 1: on recall tasks the conv (or
+            a conv layer before it, as Zoology's GLA models) gives the key-to-value shift.
 
     forward: as in linattn.layers.base; the state is the op's [B, H, K, V] float32 tensor
-    ([N, ...] with cu_seqlens).
+    ([N, ...] with cu_seqlens), or with conv_size > 0 the dict {"S": that tensor, "conv":
+    [B or N, conv_size-1, 2HK+HV] the conv's last inputs}.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
                  n_layers: int = 1, save_for_backward: str = "states",
                  expand_k: float = 0.5, expand_v: float = 1.0,
-                 gate_low_rank: int = 16, gate_normalizer: float = 16.0):
+                 gate_low_rank: int = 16, gate_normalizer: float = 16.0, conv_size: int = 0):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)
+        if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
+            raise ValueError(f"conv_size must be an int >= 0 (0: no short conv), got {conv_size!r}")
         self.key_dim = make_dims(self.head_dim, expand_k, "expand_k")
         self.value_dim = make_dims(self.head_dim, expand_v, "expand_v")
         self.gate_normalizer = gate_normalizer
@@ -41,6 +52,7 @@ class GatedLinearAttention(Mixer):
         self.q_proj = nn.Linear(d_model, HK, bias=False)
         self.k_proj = nn.Linear(d_model, HK, bias=False)
         self.v_proj = nn.Linear(d_model, HV, bias=False)
+        self.conv = ShortConv(2 * HK + HV, conv_size, activation="silu") if conv_size else None
         self.gk_proj = nn.Sequential(nn.Linear(d_model, gate_low_rank, bias=False),
                                      nn.Linear(gate_low_rank, HK, bias=True))
         self.r_proj = nn.Linear(d_model, HV, bias=False)
@@ -49,14 +61,25 @@ class GatedLinearAttention(Mixer):
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
-        q = self.heads(self.q_proj(x), self.key_dim)    # [B, T, H, K]
-        k = self.heads(self.k_proj(x), self.key_dim)    # [B, T, H, K]
-        v = self.heads(self.v_proj(x), self.value_dim)  # [B, T, H, V]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, HK], [B, T, HK], [B, T, HV]
+        S0, conv_state = state, None
+        if self.conv is not None:
+            S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
+            qkv = torch.cat([q, k, v], dim=-1)                                # [B, T, 2HK + HV]
+            if self.sequence_parallel is not None:  # the conv reads the ranks before as its cache
+                conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
+            qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
+            q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+        q = self.heads(q, self.key_dim)    # [B, T, H, K]
+        k = self.heads(k, self.key_dim)    # [B, T, H, K]
+        v = self.heads(v, self.value_dim)  # [B, T, H, V]
         gk = self.heads(self.gk_proj(x), self.key_dim).to(gate_dtype(x))
         g = F.logsigmoid(gk) / self.gate_normalizer     # [B, T, H, K]
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
-        o, new_state = run(q, k, v, g, initial_state=state,
-                           output_final_state=return_state,
-                           cu_seqlens=cu_seqlens, backend=self.backend,
-                           save_for_backward=self.save_for_backward)
-        return self.o_proj(self.out_norm(o, self.r_proj(x))), new_state
+        o, S = run(q, k, v, g, initial_state=S0, output_final_state=return_state,
+                   cu_seqlens=cu_seqlens, backend=self.backend,
+                   save_for_backward=self.save_for_backward)
+        y = self.o_proj(self.out_norm(o, self.r_proj(x)))
+        if not return_state or self.conv is None:
+            return y, S
+        return y, {"S": S, "conv": conv_state}

@@ -223,8 +223,13 @@ def preset_settings(name: str, settings: dict) -> dict:
         dropout 0.1 on the attention probabilities, no conv; a model whose every layer is
         attention adds learned absolute position embeddings (Zoology: max_position_embeddings
         = T for attention, 0 for the other mixers). The other mixers keep their own short
-        convs and gates.
-      training: float32; AdamW, lr swept outside (Zoology: 1e-4 .. 1e-2, 4 log-spaced), betas
+        convs and gates; GLA, whose layer has no conv by default (as fla's), gets one
+        (conv_size 4, fla's use_short_conv): Zoology's GLA models put a BaseConv layer before
+        it, and without either nothing gives GLA the shift from a key to the value after it.
+      training: float32; AdamW, lr swept outside (Zoology: 1e-4 .. 1e-2, 4 log-spaced; softmax
+        attention sits on the 1/P plateau, answering with one of the example's values, until
+        a previous-token head forms from the learned positions: in Zoology's own code at T 64,
+        lr 4.6e-4, for 14 of its 64 epochs; see BENCHMARKS.md), betas
         (0.9, 0.999), weight decay 0.1 on every parameter, no warmup, cosine to 0 stepped once
         per epoch, no gradient clipping; 64 epochs of batch 512 (T <= 128), 256 (T 256), 128
         (T 512) or 64 (T >= 1024); the whole test set evaluated after every epoch, training
@@ -234,9 +239,11 @@ def preset_settings(name: str, settings: dict) -> dict:
     accuracy exceeds 0.99, this at >= 0.99; its data come from numpy's legacy generator (other
     draws from the same distribution); our mixers are linattn's, not Zoology's copies of fla's
     layers; Zoology's configs for the delta rule, Gated DeltaNet and GLA give them two heads and
-    put its BaseConv (a short plus an implicit long conv) in a hybrid before the mixer, ours
-    keep one head (with two, Gated DeltaNet stayed at chance at d_model 64, T 256 in our CPU
-    runs where one head learned; n_heads overrides it) and the mixer's own short conv.
+    a Hybrid of its BaseConv (a short plus an implicit long conv) and the mixer, which takes
+    layer 0 from BaseConv and layer 1 from the mixer; ours keep one head (with two, Gated
+    DeltaNet stayed at chance at d_model 64, T 256 in our CPU runs where one head learned;
+    n_heads overrides it) and two layers of the mixer with its own short conv. The linear
+    mixer has no conv and gets none.
     """
     if name != "zoology":
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
@@ -245,12 +252,16 @@ def preset_settings(name: str, settings: dict) -> dict:
     layers = settings.get("layers") or [settings.get("mixer", LMConfig.mixer)]
     has_attention = "attention" in layers or settings.get("hybrid") is not None
     all_attention = set(layers) == {"attention"} and settings.get("hybrid") is None
-    attention = {"attention": {"qkv_bias": True, "o_bias": True, "rope": False, "dropout": 0.1}}
+    options = {}
+    if has_attention:
+        options["attention"] = {"qkv_bias": True, "o_bias": True, "rope": False, "dropout": 0.1}
+    if "gla" in layers:
+        options["gla"] = {"conv_size": 4}
     return {
         "n_layers": 2, "mlp_ratio": 0.0, "identity_mlp": True, "n_heads": 1, "norm": "layer",
         "norm_eps": 1e-5, "embed_dropout": 0.1, "init": "gpt2", "tie_embeddings": True,
         "pos_embed": "learned" if all_attention else "none",
-        "mixer_options": attention if has_attention else {},
+        "mixer_options": options,
         "layout": "zoology", "vocab": 8_192, "power_a": 0.01,
         "train_examples": 100_000, "test_examples": 3_000,
         "epochs": 64.0, "batch_size": batch, "dtype": "float32",

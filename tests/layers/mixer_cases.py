@@ -13,6 +13,7 @@ CASES = [(name, {}) for name in MIXERS] + [
     ("linear", {"feature_map": "norm"}),
     ("hgrn2", {"lower_bound": 0.5}),
     ("gla", {"expand_k": 1.0, "expand_v": 0.5}),
+    ("gla", {"conv_size": 4}),
     ("deltanet", {"expand_v": 2.0}),
     ("attention", {"window": 4}),
     ("mom", {"recurrence": "gla"}),

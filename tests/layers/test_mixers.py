@@ -116,6 +116,7 @@ def test_attention_rejects_state_with_cu_seqlens():
 @pytest.mark.parametrize("name, opts, match", [
     ("linear", {"feature_map": "relu"}, "feature_map"),
     ("gla", {"expand_k": 0.01}, "expand_k"),
+    ("gla", {"conv_size": -1}, "conv_size"),
     ("hgrn2", {"lower_bound": 1.0}, "lower_bound"),
     ("mlstm", {"input_gate": "tanh"}, "input_gate"),
     ("attention", {"window": 0}, "window"),
