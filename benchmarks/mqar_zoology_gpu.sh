@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device command of the Zoology MQAR grid, from the repo root on the GPU machine:
-#     FILE=benchmarks/results/mqar_zoology-h100-2026-12-07.json bash benchmarks/mqar_zoology_gpu.sh \
-#         --lrs 2.2e-3
+#     FILE=benchmarks/results/mqar_zoology-h100-2026-12-07.json JOBS=6 bash benchmarks/mqar_zoology_gpu.sh \
+#         --lrs 2.2e-3 --overrides '{"dtype": "bfloat16", "compile": "default"}'
+# (bf16 and inductor: in Zoology's float32 our kernels take exact "ieee" dots and the runs
+# starve; keep JOBS x the runs' memory within the card: 6-8 runs at d_model 128)
 # It prints the GPU and the versions, runs MoM's GPU tests (the Triton path on packed
 # per-memory sequences; they also fill Triton's compile cache), runs benchmarks/mqar_zoology.py
 # on the GPU with the arguments given (appending to $FILE, resuming what it holds), plots it,
