@@ -18,7 +18,9 @@ answered right on the test set), and state_size (floats of recurrent state per s
 summed over layers, caches of the short convs included; attention counts its KV cache at
 length T). The grid is resumable: a (mixer, d_model, seq_len, num_kv_pairs, lr) with a
 complete row in --out is skipped; a run cut short by --budget-s is written with
-complete=false and runs again next time (from the start). Learning rates: --lrs in order; a
+complete=false and runs again next time (from the start), and so does a run stopped by its
+--run-time-limit when this call's limit is longer (rows record run_time_limit_s; the last
+row of a run is the one the tables read). Learning rates: --lrs in order; a
 (mixer, d_model, T, pairs) that some lr already solved (accuracy >= --solved-at, 0.99) runs no
 further lr, so a first call with one lr and a later one with two more is Zoology's sweep
 restricted to the cells that need it. --jobs runs that many trainings
@@ -42,6 +44,7 @@ import argparse
 import concurrent.futures as cf
 import datetime
 import json
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -149,7 +152,8 @@ def run_one(spec: dict) -> dict:
             stopped = "budget" if spec["budget_cut"] else "run_time_limit"
         row.update(steps=metrics["steps"], accuracy=metrics["accuracy"],
                    exact_match=metrics["exact_match"], loss=metrics["loss"], stopped_by=stopped,
-                   complete=stopped != "budget", epochs_done=metrics["steps"] / per_epoch,
+                   complete=stopped != "budget", run_time_limit_s=spec["time_limit_s"],
+                   epochs_done=metrics["steps"] / per_epoch,
                    batch_size=cfg.batch_size, tokens_per_s=metrics["tokens_per_s"],
                    parameters=metrics["parameters"],
                    state_size=state_size(model, spec["seq_len"], next(model.parameters()).device),
@@ -198,11 +202,20 @@ def grid(a) -> list[dict]:
     return specs
 
 
+def run_is_final(row: dict, run_time_limit: float) -> bool:
+    """Whether a row's run needs no rerun: complete, and not stopped by a time limit shorter
+    than `run_time_limit` (rows without run_time_limit_s count as finished)."""
+    if not row.get("complete"):
+        return False
+    return not (row.get("stopped_by") == "run_time_limit"
+                and row.get("run_time_limit_s", math.inf) < run_time_limit)
+
+
 def run_grid(a) -> int:
     out = Path(a.out) if a.out else default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out)
-    done = {row_key(r) for r in rows if r.get("complete")}
+    done = {row_key(r) for r in rows if run_is_final(r, a.run_time_limit)}
     solved = {row_key(r)[:4] for r in rows if r.get("complete") and r.get("accuracy", 0) >= a.solved_at}
     todo = [s for s in grid(a) if row_key(s) not in done and row_key(s)[:4] not in solved]
     print(f"{len(todo)} runs to do ({len(done)} complete in {out}; {len(solved)} cells solved at "

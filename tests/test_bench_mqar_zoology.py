@@ -55,3 +55,14 @@ def test_grid_order_and_per_mixer_lrs():
                    (256, 128, "attention", 4.6e-4), (256, 128, "mom", 2.2e-3), (256, 128, "mom", 1e-2),
                    (256, 64, "attention", 4.6e-4), (256, 64, "mom", 2.2e-3), (256, 64, "mom", 1e-2)]
     assert [z.heads_for("linear", 256), z.heads_for("gla", 256), z.heads_for("mom", 512)] == [2, 1, 2]
+
+
+def test_a_run_stopped_by_its_time_limit_runs_again_only_with_more_time():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mqar_zoology as z
+
+    timed = {"complete": True, "stopped_by": "run_time_limit", "run_time_limit_s": 420.0}
+    assert z.run_is_final(timed, 420.0) and z.run_is_final(timed, 300.0) and not z.run_is_final(timed, 600.0)
+    assert z.run_is_final({"complete": True, "stopped_by": "accuracy", "run_time_limit_s": 60.0}, 600.0)
+    assert z.run_is_final({"complete": True, "stopped_by": "run_time_limit"}, 600.0)  # no limit recorded
+    assert not z.run_is_final({"complete": False, "stopped_by": "budget"}, 60.0)
