@@ -89,7 +89,6 @@ class DeltaNet(Mixer):
         q = self.heads(q, self.key_dim)                                  # [B, T, H, K] unit rows
         k = self.heads(k, self.key_dim)                                  # [B, T, H, K] unit rows
         v = self.heads(v, self.value_dim)                                # [B, T, H, V]
-        q, k = q.to(v.dtype), k.to(v.dtype)  # the delta rule takes q, k in v's dtype
         gdt = gate_dtype(x)
         beta = torch.sigmoid(self.b_proj(x).to(gdt))                     # [B, T, H]
         g = None

@@ -266,7 +266,6 @@ class MixtureOfMemories(Mixer):
                                         cu_seqlens=cu, backend=self.backend,
                                         save_for_backward=self.save_for_backward)
         else:
-            q, k = q.to(v.dtype), k.to(v.dtype)                        # unit rows from the conv
             beta = torch.sigmoid(gate(self.b_proj, H))                    # [1, P, H]
             g = None
             if self.recurrence == "gated_deltanet":
@@ -327,7 +326,6 @@ class MixtureOfMemories(Mixer):
                                         backend=self.backend,
                                         save_for_backward=self.save_for_backward)
         else:
-            q, k = q.to(v.dtype), k.to(v.dtype)                        # unit rows from the conv
             beta = torch.where(real, torch.sigmoid(gate(self.b_proj, H)), 0.0)    # padding: beta = 0
             g = None
             if self.recurrence == "gated_deltanet":
