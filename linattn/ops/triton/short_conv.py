@@ -328,10 +328,11 @@ def _launch_fwd(x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
+    cache_arg = cache.contiguous() if has_cache else x
+    NP = triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM)
     for C0, C1, BC, warps, stages, normed in (segs if T else []):
-        NP = triton.cdiv(triton.cdiv(T, BLOCK_T), TILES_PER_PROGRAM)
         short_conv_fwd_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
-            x, weight, cache.contiguous() if has_cache else x, y,
+            x, weight, cache_arg, y,
             cu_seqlens if varlen else x, seq_id, T, C, C0, C1, W=W, BT=BLOCK_T, BC=BC,
             STEPS=TILES_PER_PROGRAM, STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen,
             SILU=silu, NORMED=normed, EPS=CONV_NORM_EPS, num_warps=warps)
@@ -347,6 +348,7 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_grou
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
     cu = cu_seqlens if varlen else x
+    cache_arg = cache.contiguous() if has_cache else x
     NP = triton.cdiv(T, BWD_ROWS)
     dwp = empty(B * NP, C, W, dtype=torch.float32, device=x.device)
     # dz between the passes in the input dtype: its rounding stays within the tolerance rule
@@ -362,7 +364,7 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_grou
         else:
             BT, stages = plain_bt, BWD_STAGES
         short_conv_dz_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
-            dy, x, weight, cache.contiguous() if has_cache else x, dz, dwp, cu, seq_id, T, C,
+            dy, x, weight, cache_arg, dz, dwp, cu, seq_id, T, C,
             C0, C1, NP, W=W, WP=triton.next_power_of_2(W), BT=BT, BC=BC,
             STEPS=BWD_ROWS // BT, STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen,
             SILU=silu, NORMED=normed, EPS=CONV_NORM_EPS, num_warps=warps)
