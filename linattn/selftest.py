@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", default=None,
                    help="comma-separated op names to run (default: all), e.g. mlstm,delta_rule")
     p.add_argument("--jobs", type=int, default=None,
-                   help="rows run at once in worker processes (default: up to 8 on CUDA, where "
+                   help="rows run at once in worker processes (default: up to 16 on CUDA, where "
                         "a first run mostly compiles Triton kernels; 1 on the CPU)")
     # multiplies every bound: 0 makes every inexact result fail (the CLI's own test)
     p.add_argument("--tolerance-scale", type=float, default=1.0, help=argparse.SUPPRESS)

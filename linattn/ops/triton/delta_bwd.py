@@ -530,7 +530,7 @@ def boundary_states_db(db, gc, h, dh, initial_state, dfinal, layout):
     """db with the state update's exp(b_L) <S, dS'> taking the initial state and the final
     state's cotangent as given (float32): grads_qk reads S and dS' from h and dh, which hold
     them rounded for 16-bit inputs, and at short sequences those two roundings, summed over
-    K * V products, were most of the gate gradient's error (no input rounding offsets them).
+    K * V products, are most of the gate gradient's error (no input rounding offsets them).
     Adds exp(b_L) <S_0 - rounded S_0, dS'> on each sequence's first chunk and
     exp(b_L) <S, dS'_final - rounded dS'_final> on its last, with the stored S and dS' (16-bit:
     the products' errors are second order; where one chunk is both, the two terms sum to the
