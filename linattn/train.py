@@ -574,11 +574,11 @@ def _load_checkpoint(path: Path, model, optimizer, device: torch.device) -> tupl
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, f in zip(optimizer.param_groups, fused):
             group["fused"] = f  # load_state_dict takes the saved groups' settings, fused included
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"].cpu())  # map_location moved it to `device`
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} does not fit this run ({_one_line(e)})") from None
     if "cuda_rng" in ckpt and device.type == "cuda":
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
     return ckpt["step"], ckpt.get("elapsed_s", 0.0)
 
 
