@@ -238,6 +238,31 @@ def test_a_row_out_of_device_memory_runs_again_alone():
     assert rows[1]["retried"].startswith("alone") and "retried" not in rows[0]
 
 
+def test_exclusive_rows_close_every_other_worker_first():
+    class Pool:
+        dead: dict = {}
+
+        def __init__(self):
+            self.events = []
+
+        def run(self, key, request, timeout):
+            self.events.append(("run", key))
+            return {"tokens_per_s": 1.0}
+
+        def close(self, keep=None):
+            self.events.append(("close", keep))
+            return 0
+
+    plan = [runner.Job(k, {"case": k}, {"case": k}, None) for k in ("a", "a", "b")]
+    for exclusive, expected in ((True, [("close", "a"), ("run", "a"), ("close", "a"), ("run", "a"),
+                                        ("close", "b"), ("run", "b"), ("close", None)]),
+                                (False, [("run", "a"), ("run", "a"), ("run", "b"), ("close", None)])):
+        pool, rows = Pool(), []
+        runner.run_rows(plan, pool, missing={}, timeout=10, deadline=float("inf"), on_row=rows.append,
+                        finish=lambda: None, exclusive=exclusive)
+        assert pool.events == expected and len(rows) == 3
+
+
 def test_whole_run_with_fake_measurements(tmp_path, capsys):
     """main() end to end on a CPU: the machine is a value whose GPU-side answers are fixed."""
     seen = []

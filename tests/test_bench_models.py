@@ -119,7 +119,7 @@ def test_cases_are_ordered_and_select_by_glob():
     model = mc.CASES["gated_deltanet_recompute"].build(TINY, 64, "torch")
     assert {b.mixer.save_for_backward for b in model.blocks} == {"recompute"}
     plan = bm.plan_rows(bm.select_cases("attention,gla", False), (8192, 2048))
-    assert [(c.name, T) for c, T in plan] == [("attention", 8192), ("gla", 8192), ("attention", 2048), ("gla", 2048)]
+    assert [(c.name, T) for c, T in plan] == [("attention", 8192), ("attention", 2048), ("gla", 8192), ("gla", 2048)]
 
 
 def test_no_gpu_says_so_and_exits_nonzero(monkeypatch, capsys, tmp_path):
@@ -249,7 +249,7 @@ def test_after_the_shared_warm_up_each_cases_first_row_tunes_again(tmp_path):
     timed = [r for r in pool.requests if not r.get("warm")]
     assert [(r["case"], r["B"], r["T"]) for r in warm] == [("attention", 1, 64), ("gla", 1, 64)]
     assert [(r["case"], r["T"], r["retune"]) for r in timed] == [
-        ("attention", 128, True), ("gla", 128, True), ("attention", 64, False), ("gla", 64, False)]
+        ("attention", 128, True), ("attention", 64, False), ("gla", 128, True), ("gla", 64, False)]
     assert set(result["warmup_s"]) == {"attention", "gla"}
 
 

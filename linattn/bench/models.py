@@ -34,8 +34,12 @@ Every case runs in its own worker process (linattn.bench.runner's WorkerPool), k
 its rows: a crash or a hang costs that case's rows, never the run. Before the rows, every case
 runs one forward+backward at batch 1 (--jobs at a time) so the Triton compiles of all cases
 overlap; each case's first row then forgets the autotuners' choices (made under that load)
-and tunes again alone in its warm-up steps. Rows run in order of importance (the first T first),
-within --timeout each and --budget overall; a row that cannot run records why.
+and tunes again alone in its warm-up steps. On the GPU a row runs with every other worker
+closed (idle workers' CUDA contexts and caches would take the card's memory and pressure the
+allocator of the row being timed); a case's rows run together, so its worker serves all of
+them. Cases run in CASES order, within --timeout each row and --budget overall; a row that
+cannot run records why. Each row records the device memory free when it began
+(device_free_gib). A run that must fit a short time box can take one T per command (--T).
 
 Writes bench-models-<gpu>-<date>-<size>[-compile].json (every row, the GPU, the versions,
 the matmul rate, the command line), .png and .md into --out, and prints a markdown table
@@ -63,7 +67,7 @@ from .model_cases import CASES, Case, ModelSize, describe_pattern, matmul_params
 from .runner import EXIT_NO_GPU, Job, Machine, clear_autotune_caches, run_rows, short_error, versions, warm_up
 
 TOKENS = 16384
-DEFAULT_T = (8192, 2048)                  # in order of importance: the first runs first
+DEFAULT_T = (8192, 2048)                  # each case's rows in this order
 LR = 1e-4
 WORKER_ARGV = [sys.executable, "-m", "linattn.bench", "--models", "--worker"]
 
@@ -114,8 +118,11 @@ def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warm
     stage = "build"
     model = opt = None
     try:
+        if dev.type == "cuda":       # what the other processes on the card leave free
+            row["device_free_gib"] = torch.cuda.mem_get_info()[0] / 2**30
         torch.manual_seed(seed)
-        model = case.build(size, T, "auto").to(dev)
+        with dev:                     # parameters made on the device: no host init and copy
+            model = case.build(size, T, "auto")
         row["parameters"] = sum(p.numel() for p in model.parameters())
         row["matmul_parameters"] = matmul_params(model)
         row["layers"] = describe_pattern(model)
@@ -243,8 +250,9 @@ def select_cases(patterns: str, no_fla: bool, cases: dict = CASES) -> list:
 
 
 def plan_rows(cases: list, Ts) -> list:
-    """(case, T) in order of importance: every case at the first T, then the next T."""
-    return [(c, T) for T in Ts for c in cases]
+    """(case, T): each case's rows together (its worker, compiled and tuned, serves them all
+    and then closes), cases in CASES order, a case's T in the order given."""
+    return [(c, T) for c in cases for T in Ts]
 
 
 def measure_cpu_matmul(n: int = 512, reps: int = 5) -> float:
@@ -362,7 +370,7 @@ def run(args, cases: list, size: ModelSize, s: dict, machine: Machine | None = N
         print(report.models_markdown_table(result["rows"]), flush=True)
 
     run_rows(plan, pool, missing=missing, timeout=args.timeout, deadline=deadline, on_row=on_row,
-             finish=finish, start=start, prepare=prepare)
+             finish=finish, start=start, prepare=prepare, exclusive=dev == "cuda")
     return result
 
 

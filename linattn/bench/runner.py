@@ -391,13 +391,15 @@ class Job:
 
 
 def run_rows(plan: list, pool, *, missing: dict, timeout: float, deadline: float, on_row,
-             finish, start=None, prepare=None) -> None:
+             finish, start=None, prepare=None, exclusive: bool = False) -> None:
     """Runs every Job of `plan` in order through pool.run, each within `timeout` and the
     overall `deadline`; a row that cannot run records why ("skipped: ...": its module is in
     `missing` {module: why}, the budget is spent, or its worker died earlier). start() runs
     first; prepare(job) -> extra request fields runs before each row that runs;
     on_row(row) gets every row, wall_s (seconds, compile included) added to those that ran.
-    SIGTERM ends the loop as an exit; the pool is closed and finish() runs in every case."""
+    exclusive: every other worker is closed before a row runs, so no idle process holds
+    device memory beside it (a closed case's next row starts a new worker). SIGTERM ends the
+    loop as an exit; the pool is closed and finish() runs in every case."""
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
     old = signal.signal(signal.SIGTERM, on_term)
@@ -413,6 +415,8 @@ def run_rows(plan: list, pool, *, missing: dict, timeout: float, deadline: float
             elif job.key in pool.dead:
                 row["error"] = f"skipped: {pool.dead[job.key]}"
             else:
+                if exclusive:
+                    pool.close(keep=job.key)
                 request = {**job.request, **(prepare(job) if prepare is not None else {})}
                 t_row = time.monotonic()
                 reply = pool.run(job.key, request, max(1.0, min(timeout, deadline - time.monotonic())))
