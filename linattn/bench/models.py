@@ -220,7 +220,7 @@ def parse_args(argv):
                    help="n_layers x d_model (12x768: 6 heads; 24x1024: 8 heads; head dim 128)")
     p.add_argument("--cases", default="", help="comma-separated case names or globs (see --list); default all")
     p.add_argument("--no-fla", action="store_true", help="skip the cases built on fla's layers")
-    p.add_argument("--T", default=None, help="comma-separated sequence lengths (first = most important)")
+    p.add_argument("--T", default=None, help="comma-separated sequence lengths (each case runs them in this order)")
     p.add_argument("--tokens", type=int, default=None, help=f"tokens per step, B * T ({TOKENS})")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (median taken; 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them (3)")
