@@ -90,6 +90,11 @@ class KernelConfig:
     # precomputed (gated_fwd.key_scores). 0: BT.
     BTQ: int = 0
     score_warps: int = 0  # num_warps of gated_fwd.key_scores (per-key gates); 0: warps
+    # mLSTMexp's backward on a float32 do (and float32 dh, tf32 dots): set for float16 inputs,
+    # where do / normaliser reaches exp(m), beyond float16's 65504; bfloat16 has float32's
+    # range and keeps 16-bit operands (tests clear it to run bfloat16's form in float16,
+    # which the interpreter computes correctly)
+    mexp_float32_do: bool = False
 
     @property
     def scan_num_stages(self) -> int:
@@ -154,7 +159,8 @@ def _config(gate, K, V, dtype, *, has_kw=False, mexp=False, noncausal=False,
         raise ValueError(f"chunk length {L} must be a power of two and a multiple of the tile {BT} >= 16")
     cfg = KernelConfig(gate, has_kw, mexp, noncausal, dtype == torch.float32, BK, BV, BVS, warps,
                        scan_warps, stages, BKQ, dqk_warps, scan_stages=scan_stages,
-                       fwd_scan_maxnreg=fwd_cap, bwd_scan_maxnreg=bwd_cap, BTQ=BTQ)
+                       fwd_scan_maxnreg=fwd_cap, bwd_scan_maxnreg=bwd_cap, BTQ=BTQ,
+                       mexp_float32_do=mexp and dtype == torch.float16)
     if override.fields:
         cfg = dataclasses.replace(cfg, **dict(override.fields))
     return cfg, L, BT
@@ -256,11 +262,8 @@ def chunk_backward(q, k, v, kw, h0, n0, m0, saved, o, layout, dqk_layout, cfg, s
     gb, gm, start, mpc, qn, hfin, A, h, hn = saved
     V = v.shape[-1]
     do = do.contiguous()
-    if cfg.mexp and do.dtype == torch.float16:
-        # mLSTMexp scales do by 1 / normaliser, up to exp(m): beyond float16's 65504, so
-        # the backward's operands (and dh) take float32 from a float32 do, with tf32 dots
-        # (bfloat16 has float32's range and keeps 16-bit operands)
-        do = do.float()
+    if cfg.mexp_float32_do:
+        do = do.float()                     # float16's range (KernelConfig.mexp_float32_do)
     dht = None if dht is None else dht.float().contiguous()
     dnt = None if dnt is None else dnt.float().contiguous()
     if cfg.mexp and dht is not None and dnt is None:
@@ -296,6 +299,8 @@ def chunk_backward(q, k, v, kw, h0, n0, m0, saved, o, layout, dqk_layout, cfg, s
     dg = dkw = dm0 = None
     if gate_sums and cfg.gate == GATE_SCALAR.value:
         qdq, kdk, kdk_state, kdk_all = gsum
+        if cfg.mexp and dht is not None and dh.dtype != torch.float32:
+            _final_start_dht_(kdk_state, kdk_all, k, v, kw, gb, gm, start, dht, dh, layout)
         dg = _gate_grad(qdq - kdk, kdk_state, sdot, layout, gate_dtype(cfg))  # [TT, H]
         dkw = kdk_all
         if cfg.mexp:
@@ -379,6 +384,40 @@ def _initial_state_sdot(sdot, dh, h, h0, gb, layout):
     decay = torch.exp(gb[layout.chunk_last[first]].float())              # [N', H] or [N', H, K]
     corr = decay * (rest.sum(-1) if sdot.dim() == 2 else rest)
     return sdot.index_add(0, first, corr.to(sdot.dtype))
+
+
+def _final_start_dht_(kdk_state, dkw, k, v, kw, gb, gm, start, dht, dh, layout):
+    """Adds to the state part of k.dk (kdk_state and dkw, [TT, H] float32) of each sequence's
+    last stabiliser start a (the token whose i_a set m_T) its share of the final state's
+    cotangent as given, where a lies in the final chunk: bwd_dqk formed it from the 16-bit
+    copy of dht in dh, and the m-path (_mexp_m_path) takes exactly that share back out in
+    float32 (-<dht, C_T>, in which k_a v_a^T has weight exp(i_a + b_T - b_a - m_T) = 1). Left
+    16-bit, the two cancel only to dht's rounding summed over K * V products, an error that
+    no rounding of the inputs shows: 5.9x di's rounding-only error at `linattn selftest`'s T 1
+    (bfloat16). Adds exp(b_T - m_T - b_a + i_a) k_a^T (dht - dh_T) v_a, one [N, H, K, V]
+    product (no k_a where the final chunk has no start: the m-path's segment then reaches
+    back past the chunk, into states that dh holds rounded as a whole)."""
+    ne = layout.nonempty                                                  # [N'] int64
+    if not ne.numel():
+        return
+    H = start.shape[1]
+    last = layout.cu[1:].long()[ne] - 1                                   # each final token
+    cs = layout.chunk_start[layout.chunk_off[1:].long()[ne] - 1].long()  # its chunk's first
+    rows = cs[:, None] + torch.arange(layout.L, device=cs.device)        # [N', L]
+    inside = rows <= last[:, None]
+    rows = torch.minimum(rows, last[:, None])
+    pos = torch.arange(layout.L, device=cs.device)[None, :, None]
+    cand = torch.where(inside[..., None] & start[rows].bool(), pos, -1)  # [N', L, H]
+    ia = cand.amax(1)                                                     # [N', H]
+    a = cs[:, None] + ia.clamp(min=0)                                     # [N', H] token a
+    hh = torch.arange(H, device=cs.device).expand_as(a)
+    e = torch.exp(gb[last] - gm[last] - gb[a, hh] + kw[a, hh]).float()   # [N', H], <= 1
+    e = torch.where(ia >= 0, e, torch.zeros_like(e))
+    resid = dht[ne] - dh[layout.final_slot[ne]].float()                   # [N', H, K, V]
+    ka, va = k[a, hh].float(), v[a, hh].float()                           # [N', H, K], [N', H, V]
+    corr = e * torch.einsum("nhk,nhkv,nhv->nh", ka, resid, va)
+    kdk_state[a, hh] += corr            # (a, h) pairs are distinct: no accumulation races
+    dkw[a, hh] += corr
 
 
 def _mexp_m_path(dg, dkw, start, rd, so, hfin, nfin, dht, dnt, dmt, h0, n0, m0, dh0, dn0, layout):

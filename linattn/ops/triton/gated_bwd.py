@@ -224,20 +224,22 @@ def do_v_tile(do, v, hh, rows, mr, krows, mkr, rdt, dqt, H, V, BT: tl.constexpr,
               BV: tl.constexpr, MEXP: tl.constexpr, IEEE: tl.constexpr):
     """dA[t, s] = do_t . v_s over all of V, float32 [BT, BT], for query rows t and key rows s.
 
-    mLSTMexp: do_t is scaled by 1 / normaliser (rdt) and the normaliser's cotangent dqt is added
-    to every column (its n^T q term)."""
+    mLSTMexp: row t is scaled by 1 / normaliser (rdt) and the normaliser's cotangent dqt is
+    added to every column (its n^T q term). The scale applies to the float32 product, not to
+    do before the dot: do_t / normaliser rounded to do's 16 bits would cost dA_tt that
+    rounding over V products, and for a key that dominates its state, dA_tt's two terms
+    nearly cancel (o_t hardly changes with that key's weight), so the rounding would dominate
+    d i_t."""
     DT = do.dtype.element_ty
     dA = tl.zeros([BT, BT], dtype=tl.float32)
     for vb in range(tl.cdiv(V, BV)):
         cv = vb * BV + tl.arange(0, BV)
         mv = cv < V
         dot_ = ld_tile(do + hh * V, rows, mr, cv, mv, H * V)             # [BT, BV] do
-        if MEXP:
-            dot_ = dot_ * rdt[:, None]
         vt = ld_tile(v + hh * V, krows, mkr, cv, mv, H * V)              # [BT, BV] v
         dA += dot(dot_.to(DT), tl.trans(vt).to(DT), IEEE)
     if MEXP:
-        dA += dqt[:, None]
+        dA = dA * rdt[:, None] + dqt[:, None]
     return dA
 
 
