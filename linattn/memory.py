@@ -78,11 +78,21 @@ def saved_for_backward(module: nn.Module, *args, **kwargs):
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    names = {id(sub): name for name, sub in module.named_modules()}
     stack: list[str] = []
-    handles = []
-    for name, sub in module.named_modules():
-        handles.append(sub.register_forward_pre_hook(lambda m, a, name=name: stack.append(name)))
-        handles.append(sub.register_forward_hook(lambda m, a, o: stack.pop()))
+
+    # global hooks: per-module ones would change what a module does (GatedOutputNorm fuses
+    # only an unhooked out-projection)
+    def enter(sub, args):
+        if id(sub) in names:
+            stack.append(names[id(sub)])
+
+    def leave(sub, args, output):
+        if id(sub) in names:
+            stack.pop()
+
+    handles = [nn.modules.module.register_module_forward_pre_hook(enter),
+               nn.modules.module.register_module_forward_hook(leave)]
     found: dict[int, SavedTensor] = {}
 
     def record(where, t):

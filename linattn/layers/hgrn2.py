@@ -61,4 +61,4 @@ class HGRN2(Mixer):
                            output_final_state=return_state,
                            cu_seqlens=cu_seqlens, backend=self.backend,
                            save_for_backward=self.save_for_backward)
-        return self.out_norm.project(o, None, self.o_proj), new_state
+        return self.out_norm(o, None, self.o_proj), new_state

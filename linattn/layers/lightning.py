@@ -69,4 +69,4 @@ class LightningAttention(Mixer):
                            output_final_state=return_state,
                            cu_seqlens=cu_seqlens, backend=self.backend,
                            save_for_backward=self.save_for_backward)
-        return self.out_norm.project(o, self.u_proj(x), self.o_proj), new_state
+        return self.out_norm(o, self.u_proj(x), self.o_proj), new_state

@@ -59,7 +59,7 @@ class LinearAttention(Mixer):
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         if self.out_norm is not None:
             o, new_state = run(q, k, v, **kw)
-            return self.out_norm.project(o, None, self.o_proj), new_state
+            return self.out_norm(o, None, self.o_proj), new_state
         v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)       # [B, T, H, D+1]
         o, new_state = run(q, k, v1, scale=1.0, **kw)  # scale cancels
         o = (o[..., :D] / (o[..., D:] + self.eps)).flatten(-2)         # [B, T, H * D]

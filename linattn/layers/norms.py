@@ -31,10 +31,11 @@ class GatedOutputNorm(nn.Module):
     o: [B, T, H, V]; gate: [B, T, H * V] (a projection of the layer input) or None; the
     weight [V] is shared by the heads. Returns [B, T, H * V] in o's dtype.
 
-    project(o, gate, linear) is linear(self(o, gate)), the mixers' output: for a plain
-    nn.Linear without hooks it runs as one autograd node (gated_rms_norm_linear), which keeps
-    for the backward o and the gate but not the norm's output (recomputed in the backward);
-    any other module (hooked, wrapped, quantised) is called on the norm's output.
+    forward(o, gate=None, linear=None): with an out-projection `linear`, linear(norm(o, gate)),
+    the mixers' output: for a plain nn.Linear without hooks it runs as one autograd node
+    (gated_rms_norm_linear), which keeps for the backward o and the gate but not the norm's
+    output (recomputed in the backward); any other module (hooked, wrapped, quantised) is
+    called on the norm's output.
     backend (attribute, "auto"): linattn.ops.fused's backend choice ("triton" takes the Triton
     path on the CPU too, under TRITON_INTERPRET=1).
     """
@@ -47,12 +48,12 @@ class GatedOutputNorm(nn.Module):
         self.activation = activation
         self.backend = "auto"
 
-    def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        return gated_rms_norm(o, self.norm.weight, gate, self.activation, self.norm.eps,
-                              backend=self.backend)
-
-    def project(self, o: torch.Tensor, gate: torch.Tensor | None, linear: nn.Module) -> torch.Tensor:
+    def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None,
+                linear: nn.Module | None = None) -> torch.Tensor:
+        w, eps = self.norm.weight, self.norm.eps
+        if linear is None:
+            return gated_rms_norm(o, w, gate, self.activation, eps, backend=self.backend)
         if type(linear) is not nn.Linear or linear._forward_pre_hooks or linear._forward_hooks:
-            return linear(self(o, gate))
-        return gated_rms_norm_linear(o, self.norm.weight, gate, self.activation, self.norm.eps,
-                                     linear.weight, linear.bias, backend=self.backend)
+            return linear(gated_rms_norm(o, w, gate, self.activation, eps, backend=self.backend))
+        return gated_rms_norm_linear(o, w, gate, self.activation, eps, linear.weight,
+                                     linear.bias, backend=self.backend)
