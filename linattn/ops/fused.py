@@ -18,7 +18,8 @@ d_model 768, fwd+bwd ms: rms_norm 0.69 against 0.52, l2_normalize 0.72 against 0
 forward is 3.4x / 1.5x faster), so "auto" takes Triton for them only without a gradient. "torch" always takes PyTorch; "triton" always takes Triton (CPU tensors only under
 TRITON_INTERPRET=1, as the tests run it). The Triton paths are torch custom ops
 (linattn.ops.triton.short_conv, .norms, .swiglu), so torch.compile(fullgraph=True) traces
-through both paths.
+through both paths. gated_rms_norm_linear is one custom op on both paths
+(linattn::gated_norm_linear): its backward recomputes what its forward did not keep.
 
 Numerics: the PyTorch paths round where PyTorch's modules do (the conv's taps in x's dtype,
 the norm in float32 rounded to x's dtype before the gate); the Triton paths compute in float32
