@@ -5,10 +5,11 @@ its bound.
 
 Per token and layer at d_model d, H heads of K (keys) and V (values), bf16 activations:
 
-    attention       3 x 2d   q_proj, k_proj, v_proj each keep autocast's own bf16 copy of x
+    attention       2d       the bf16 copy of x that q_proj, k_proj, v_proj share
+                             (linattn.layers.base.projection_input)
                     4 x 4 K/2  RoPE's cos and sin for q and for k (float32)
                     4 x 2d   q, k, v and the output (SDPA), 4 H its logsumexp
-    gated_deltanet  4 x 2d   qkv_proj, b_proj, a_proj, z_proj: a bf16 copy of x each
+    gated_deltanet  2d       the bf16 copy of x that qkv_proj, b_proj, a_proj, z_proj share
                     2 (2HK + HV)  the conv's input; the same again: q, k, v (the op's copies)
                     16 H     beta, g and their pre-activations (float32)
                     the op (save_for_backward="states"): 4H gate cumsum, 4 H 64 the chunks'
@@ -30,8 +31,8 @@ TOKENS = (64, 128)  # two whole chunks apart: per-token bytes from the differenc
 
 # bytes per token of one layer at D_MODEL, HEADS (bf16 autocast, Triton pieces); measured,
 # and for attention and gated_deltanet equal to the module docstring's sums
-BOUNDS = {"attention": 1160, "linear": 1358, "lightning": 1480, "gla": 1664, "hgrn2": 2176,
-          "mlstm": 1527, "mlstm_sig": 1520, "deltanet": 2120, "gated_deltanet": 2280,
+BOUNDS = {"attention": 904, "linear": 1102, "lightning": 1096, "gla": 1152, "hgrn2": 1920,
+          "mlstm": 887, "mlstm_sig": 880, "deltanet": 1864, "gated_deltanet": 1896,
           "mom": 7514}
 # the mixers ending in GatedOutputNorm then o_proj (linear attention does with a feature map
 # that needs no denominator, not its default)
@@ -59,9 +60,9 @@ def _per_token(layer):
 
 def _audit_sums(d, H, K, V):
     HK, HV = H * K, H * V
-    attention = 3 * 2 * d + 4 * 4 * K // 2 + 4 * 2 * d + 4 * H
+    attention = 2 * d + 4 * 4 * K // 2 + 4 * 2 * d + 4 * H
     op = 4 * H + 4 * H * 64 + 2 * H * K * V // 64 + 2 * HV
-    gdn = 4 * 2 * d + 2 * 2 * (2 * HK + HV) + 16 * H + op + 2 * 2 * HV
+    gdn = 2 * d + 2 * 2 * (2 * HK + HV) + 16 * H + op + 2 * 2 * HV
     return attention, gdn
 
 
@@ -112,3 +113,37 @@ def test_saved_for_backward_counts_storages_once_and_marks_parameters():
     assert total_bytes(saved) == 5 * 8 * 4
     with pytest.raises(ValueError, match="tokens_a"):
         per_token(saved, 4, saved, 4)
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_projection_input_keeps_one_copy_with_autocast_values_and_gradients(requires_grad):
+    """Three projections of x under bf16 autocast: through projection_input they keep one bf16
+    copy of x instead of three, with autocast's own values and gradients, bit for bit."""
+    from linattn.layers.base import projection_input
+
+    class Three(nn.Module):
+        def __init__(self, share):
+            super().__init__()
+            self.share = share
+            self.p = nn.ModuleList(nn.Linear(16, 8) for _ in range(3))
+
+        def forward(self, x):
+            xin = projection_input(x) if self.share else (lambda: x)
+            return sum(p(xin()).float().square() for p in self.p)
+
+    torch.manual_seed(0)
+    shared, plain = Three(True), Three(False)
+    plain.load_state_dict(shared.state_dict())
+    base = torch.randn(40, 16, requires_grad=requires_grad)
+    got = []
+    for m in (shared, plain):
+        x = base * 1.0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, saved = saved_for_backward(m, x)
+        leaves = ([base] if requires_grad else []) + list(m.parameters())
+        got.append((y, torch.autograd.grad(y.sum(), leaves), total_bytes(saved, by_where=True)))
+    (y1, g1, s1), (y2, g2, s2) = got
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    copies = lambda s: sum(v for k, v in s.items() if k.startswith("p."))  # noqa: E731
+    assert copies(s2) - copies(s1) == 2 * 40 * 16 * 2     # two bf16 copies of x fewer
