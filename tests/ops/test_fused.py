@@ -584,3 +584,21 @@ def test_gated_norm_linear_traces_without_graph_breaks():
         for a, b in zip(torch.autograd.grad(got, [o, w, gate, pw]),
                         torch.autograd.grad(want, [o, w, gate, pw])):
             torch.testing.assert_close(a, b)
+
+
+@GPU
+def test_gated_norm_linear_gpu():
+    """The 12-layer d_model 768 model's shape under bf16 autocast: equal to the unfused
+    composition (the forward bitwise, the gradients to the order of bf16 sums)."""
+    o, gate, w = _norm_cases("cuda", shape=(2, 8192, 6, 128))
+    o, gate = o.bfloat16().requires_grad_(), gate.bfloat16().requires_grad_()
+    w = w.requires_grad_()
+    pw = (torch.randn(768, 768, device="cuda") / 768 ** 0.5).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = fused.gated_rms_norm_linear(o, w, gate, "silu", 1e-6, pw)
+        want = F.linear(fused.gated_rms_norm(o, w, gate, "silu", 1e-6), pw)
+    assert torch.equal(got, want)
+    dy = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, [o, w, gate, pw], dy),
+                    torch.autograd.grad(want, [o, w, gate, pw], dy)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
