@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Mixer
+from .base import Mixer, projection_input
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -91,9 +91,10 @@ class Attention(Mixer):
 
     def project(self, x: torch.Tensor):
         """x [B, T, d_model] -> q [B, T, H, D], k and v [B, T, H_kv, D] (not rotated)."""
-        D = self.head_dim
-        return (self.heads(self.q_proj(x), D), self.k_proj(x).unflatten(-1, (self.n_kv_heads, D)),
-                self.v_proj(x).unflatten(-1, (self.n_kv_heads, D)))
+        D, xin = self.head_dim, projection_input(x)
+        return (self.heads(self.q_proj(xin()), D),
+                self.k_proj(xin()).unflatten(-1, (self.n_kv_heads, D)),
+                self.v_proj(xin()).unflatten(-1, (self.n_kv_heads, D)))
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """rope(x, positions) when this layer uses RoPE, else x."""

@@ -123,6 +123,37 @@ class Mixer(nn.Module):
         return x.unflatten(-1, (self.n_heads, dim))
 
 
+class _SharedCopy(torch.autograd.Function):
+    """One projection's input: a view of the autocast copy of x that all of a mixer's
+    projections share (autograd keeps the copy once, where autocast would cast and keep x
+    once per projection); the gradient goes back to x's dtype on its own, as autocast's own
+    cast's does, so the projections' gradients are summed in x's dtype as before."""
+
+    @staticmethod
+    def forward(ctx, x, copy):
+        ctx.dtype = x.dtype
+        return copy.view_as(copy)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
+def projection_input(x: torch.Tensor):
+    """A function giving x to each of a mixer's input projections: under autocast, while
+    autograd records, each call returns its own view of one copy of x in autocast's dtype, so
+    the projections keep one copy of x for their backward instead of one each (the values
+    and gradients are autocast's own); otherwise x itself."""
+    device_type = x.device.type
+    if not (torch.is_autocast_enabled(device_type) and torch.is_grad_enabled()):
+        return lambda: x
+    dt = torch.get_autocast_dtype(device_type)
+    if x.dtype == dt or x.dtype == torch.float64:
+        return lambda: x
+    copy = x.detach().to(dt)
+    return lambda: _SharedCopy.apply(x, copy)
+
+
 def gate_dtype(x: torch.Tensor) -> torch.dtype:
     """Gates and decays are computed in float32 (float64 for float64 activations)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

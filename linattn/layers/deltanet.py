@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import delta_rule
-from .base import Mixer, gate_dtype, make_dims
+from .base import Mixer, gate_dtype, make_dims, projection_input
 from .norms import GatedOutputNorm
 from .short_conv import ShortConv
 
@@ -81,7 +81,8 @@ class DeltaNet(Mixer):
         self.check_input(x, cu_seqlens, state, return_state)
         HK = self.n_heads * self.key_dim
         S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
-        qkv = self.qkv_proj(x)                                           # [B, T, 2HK + HV]
+        xin = projection_input(x)
+        qkv = self.qkv_proj(xin())                                       # [B, T, 2HK + HV]
         if self.sequence_parallel is not None:  # the conv reads the ranks before as its cache
             conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
         qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
@@ -90,15 +91,15 @@ class DeltaNet(Mixer):
         k = self.heads(k, self.key_dim)                                  # [B, T, H, K] unit rows
         v = self.heads(v, self.value_dim)                                # [B, T, H, V]
         gdt = gate_dtype(x)
-        beta = torch.sigmoid(self.b_proj(x).to(gdt))                     # [B, T, H]
+        beta = torch.sigmoid(self.b_proj(xin()).to(gdt))                 # [B, T, H]
         g = None
         if self.gated:
-            g = mamba2_log_decay(self.a_proj(x).to(gdt), self.A_log, self.dt_bias)
+            g = mamba2_log_decay(self.a_proj(xin()).to(gdt), self.A_log, self.dt_bias)
         run = delta_rule if self.sequence_parallel is None else self.parallel_op("delta_rule")
         o, S = run(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
                    cu_seqlens=cu_seqlens, backend=self.backend,
                    save_for_backward=self.save_for_backward)
-        y = self.o_proj(self.out_norm(o, self.z_proj(x)))
+        y = self.out_norm(o, self.z_proj(xin()), self.o_proj)
         return y, ({"S": S, "conv": conv_state} if return_state else None)
 
 

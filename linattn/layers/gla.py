@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import linear_attention
-from .base import Mixer, gate_dtype, make_dims
+from .base import Mixer, gate_dtype, make_dims, projection_input
 from .norms import GatedOutputNorm
 from .short_conv import ShortConv
 
@@ -61,7 +61,8 @@ class GatedLinearAttention(Mixer):
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, HK], [B, T, HK], [B, T, HV]
+        xin = projection_input(x)
+        q, k, v = self.q_proj(xin()), self.k_proj(xin()), self.v_proj(xin())  # [B, T, HK] x 2, [B, T, HV]
         S0, conv_state = state, None
         if self.conv is not None:
             S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
@@ -73,13 +74,13 @@ class GatedLinearAttention(Mixer):
         q = self.heads(q, self.key_dim)    # [B, T, H, K]
         k = self.heads(k, self.key_dim)    # [B, T, H, K]
         v = self.heads(v, self.value_dim)  # [B, T, H, V]
-        gk = self.heads(self.gk_proj(x), self.key_dim).to(gate_dtype(x))
+        gk = self.heads(self.gk_proj(xin()), self.key_dim).to(gate_dtype(x))
         g = F.logsigmoid(gk) / self.gate_normalizer     # [B, T, H, K]
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         o, S = run(q, k, v, g, initial_state=S0, output_final_state=return_state,
                    cu_seqlens=cu_seqlens, backend=self.backend,
                    save_for_backward=self.save_for_backward)
-        y = self.o_proj(self.out_norm(o, self.r_proj(x)))
+        y = self.out_norm(o, self.r_proj(xin()), self.o_proj)
         if not return_state or self.conv is None:
             return y, S
         return y, {"S": S, "conv": conv_state}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import linear_attention
-from .base import Mixer, gate_dtype, make_dims
+from .base import Mixer, gate_dtype, make_dims, projection_input
 from .norms import GatedOutputNorm
 
 
@@ -47,18 +47,19 @@ class HGRN2(Mixer):
 
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
-        q = F.silu(self.heads(self.q_proj(x), self.key_dim))                 # [B, T, H, K]
-        f = self.heads(self.f_proj(x), self.key_dim).to(gate_dtype(x))       # [B, T, H, K]
+        xin = projection_input(x)
+        q = F.silu(self.heads(self.q_proj(xin()), self.key_dim))                 # [B, T, H, K]
+        f = self.heads(self.f_proj(xin()), self.key_dim).to(gate_dtype(x))       # [B, T, H, K]
         lb = self.lower_bound
         if lb == 0.0:
             g, k = F.logsigmoid(f), torch.sigmoid(-f)       # log f, 1 - f without cancellation
         else:
             g = torch.logaddexp(torch.full_like(f, math.log(lb)), math.log1p(-lb) + F.logsigmoid(f))
             k = (1.0 - lb) * torch.sigmoid(-f)
-        v = self.heads(self.i_proj(x), self.head_dim)                       # [B, T, H, D]
+        v = self.heads(self.i_proj(xin()), self.head_dim)                     # [B, T, H, D]
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         o, new_state = run(q, k.to(q.dtype), v, g, scale=1.0, initial_state=state,
                            output_final_state=return_state,
                            cu_seqlens=cu_seqlens, backend=self.backend,
                            save_for_backward=self.save_for_backward)
-        return self.o_proj(self.out_norm(o)), new_state
+        return self.out_norm(o, None, self.o_proj), new_state

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import linear_attention
-from .base import Mixer, gate_dtype
+from .base import Mixer, gate_dtype, projection_input
 from .norms import GatedOutputNorm
 
 
@@ -60,13 +60,14 @@ class LightningAttention(Mixer):
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
         D = self.head_dim
-        q = F.silu(self.heads(self.q_proj(x), D))  # [B, T, H, D]
-        k = F.silu(self.heads(self.k_proj(x), D))
-        v = self.heads(self.v_proj(x), D)
+        xin = projection_input(x)
+        q = F.silu(self.heads(self.q_proj(xin()), D))  # [B, T, H, D]
+        k = F.silu(self.heads(self.k_proj(xin()), D))
+        v = self.heads(self.v_proj(xin()), D)
         g = self.log_decay.to(gate_dtype(x))        # [H]
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         o, new_state = run(q, k, v, g, initial_state=state,
                            output_final_state=return_state,
                            cu_seqlens=cu_seqlens, backend=self.backend,
                            save_for_backward=self.save_for_backward)
-        return self.o_proj(self.out_norm(o, self.u_proj(x))), new_state
+        return self.out_norm(o, self.u_proj(xin()), self.o_proj), new_state

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.api import linear_attention
-from .base import Mixer
+from .base import Mixer, projection_input
 from .feature_maps import FeatureMap
 from .norms import GatedOutputNorm
 
@@ -50,18 +50,18 @@ class LinearAttention(Mixer):
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
         D = self.head_dim
-        q = self.q_map(self.heads(self.q_proj(x), D))  # [B, T, H, F]
-        k = self.k_map(self.heads(self.k_proj(x), D))  # [B, T, H, F]
-        v = self.heads(self.v_proj(x), D)               # [B, T, H, D]
+        xin = projection_input(x)
+        q = self.q_map(self.heads(self.q_proj(xin()), D))  # [B, T, H, F]
+        k = self.k_map(self.heads(self.k_proj(xin()), D))  # [B, T, H, F]
+        v = self.heads(self.v_proj(xin()), D)           # [B, T, H, D]
         q, k = q.to(v.dtype), k.to(v.dtype)  # autocast runs elu / softmax maps in float32
         kw = dict(initial_state=state, output_final_state=return_state, cu_seqlens=cu_seqlens,
                   backend=self.backend, save_for_backward=self.save_for_backward)
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         if self.out_norm is not None:
             o, new_state = run(q, k, v, **kw)
-            o = self.out_norm(o)                                        # [B, T, H * D]
-        else:
-            v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)   # [B, T, H, D+1]
-            o, new_state = run(q, k, v1, scale=1.0, **kw)  # scale cancels
-            o = (o[..., :D] / (o[..., D:] + self.eps)).flatten(-2)     # [B, T, H * D]
+            return self.out_norm(o, None, self.o_proj), new_state
+        v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)       # [B, T, H, D+1]
+        o, new_state = run(q, k, v1, scale=1.0, **kw)  # scale cancels
+        o = (o[..., :D] / (o[..., D:] + self.eps)).flatten(-2)         # [B, T, H * D]
         return self.o_proj(o), new_state

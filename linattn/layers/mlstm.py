@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import INPUT_GATES, mlstm
-from .base import Mixer, gate_dtype
+from .base import Mixer, gate_dtype, projection_input
 from .norms import GatedOutputNorm
 
 
@@ -70,9 +70,10 @@ class MLSTM(Mixer):
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
         D = self.head_dim
-        q, k, v = (self.heads(p(x), D) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, T, H, D]
-        i = self.i_proj(x).to(gate_dtype(x))  # [B, T, H]
-        f = self.f_proj(x).to(gate_dtype(x))  # [B, T, H]
+        xin = projection_input(x)
+        q, k, v = (self.heads(p(xin()), D) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B,T,H,D]
+        i = self.i_proj(xin()).to(gate_dtype(x))  # [B, T, H]
+        f = self.f_proj(xin()).to(gate_dtype(x))  # [B, T, H]
         if self.sequence_parallel is None:
             o, new_state = mlstm(q, k, v, i, f, input_gate=self.input_gate, initial_state=state,
                                  output_final_state=return_state, cu_seqlens=cu_seqlens,
@@ -81,7 +82,7 @@ class MLSTM(Mixer):
             k_in = k * torch.sigmoid(i).unsqueeze(-1).to(k.dtype)  # [B, T, H, D]
             o, new_state = self.sequence_parallel.linear_attention(q, k_in, v, F.logsigmoid(f),
                                                                    backend=self.backend)
-        return self.o_proj(self.out_norm(o, self.z_proj(x))), new_state
+        return self.out_norm(o, self.z_proj(xin()), self.o_proj), new_state
 
 
 class MLSTMSig(MLSTM):

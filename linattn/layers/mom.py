@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import STEP_KERNEL_MAX_T, delta_rule, linear_attention
-from .base import Mixer, gate_dtype, make_dims
+from .base import Mixer, gate_dtype, make_dims, projection_input
 from .deltanet import mamba2_decay_params, mamba2_log_decay
 from .norms import GatedOutputNorm
 from .short_conv import ShortConv
@@ -186,10 +186,12 @@ class MixtureOfMemories(Mixer):
             raise ValueError("mom (Mixture-of-Memories) cannot run sequence-parallel: its per-memory "
                              "sequences are routed token subsets; call set_sequence_parallel(None)")
 
-    def route(self, x: torch.Tensor):
+    def route(self, x: torch.Tensor, x_proj: torch.Tensor | None = None):
         """Router of x [B, T, d]: (probs [B*T, M], memory of each slot [B*T, S] int64, weight
-        of each slot [B*T, S]) in the gate dtype, S = top_k (+1: the shared memory, weight 1)."""
-        probs = torch.softmax(self.router(x).to(gate_dtype(x)), dim=-1).flatten(0, 1)  # [BT, M]
+        of each slot [B*T, S]) in the gate dtype, S = top_k (+1: the shared memory, weight 1).
+        x_proj: x as the router projection takes it (projection_input), x by default."""
+        logits = self.router(x if x_proj is None else x_proj)
+        probs = torch.softmax(logits.to(gate_dtype(x)), dim=-1).flatten(0, 1)  # [BT, M]
         w, mem = probs.topk(self.top_k, dim=-1)                               # [BT, k]
         w = w / w.sum(-1, keepdim=True)
         if self.shared_memory:
@@ -224,15 +226,16 @@ class MixtureOfMemories(Mixer):
         self.check_input(x, cu_seqlens, state, return_state)
         B, T, _ = x.shape
         H, V = self.n_heads, self.value_dim
-        probs, mem, w = self.route(x)                                     # [BT, M], [BT, S], [BT, S]
+        xin = projection_input(x)  # the projections share one autocast copy of x
+        probs, mem, w = self.route(x, xin())                              # [BT, M], [BT, S], [BT, S]
         self.aux_loss = load_balancing_loss(probs, mem[:, :self.top_k], self.num_memories)
         run = self._lanes if self._runs_in_lanes(x, state, cu_seqlens) else self._packed
-        o, new_state = run(x, mem, state, cu_seqlens, return_state)      # o: [BT, S, H, V]
+        o, new_state = run(x, xin, mem, state, cu_seqlens, return_state)  # o: [BT, S, H, V]
         o = (o * w.to(o.dtype)[:, :, None, None]).sum(1).view(B, T, H, V)
-        y = self.o_proj(self.out_norm(o, self.z_proj(x)))
+        y = self.out_norm(o, self.z_proj(xin()), self.o_proj)
         return y, new_state
 
-    def _packed(self, x, mem, state, cu_seqlens, return_state):
+    def _packed(self, x, xin, mem, state, cu_seqlens, return_state):
         """The (token, memory) pairs as packed per-memory sequences, one op call with
         cu_seqlens. Returns (each pair's read-out [BT, S, H, V], the new state or None)."""
         B, T, _ = x.shape
@@ -242,14 +245,17 @@ class MixtureOfMemories(Mixer):
         with torch.no_grad():
             perm, inv, cu, R = routing_plan(mem, B, T, n, cu_seqlens)
         S0, conv0 = self._state_in(state, R)
-        xf = x.reshape(BT, self.d_model)
+
+        def xf():
+            """x [BT, d] for one projection (projection_input)."""
+            return xin().reshape(BT, self.d_model)
 
         def per_memory(proj, width):
             """[BT, S, width]: proj's block of each slot's memory (distinct indices)."""
-            out = proj(xf).view(BT, n, width)
+            out = proj(xf()).view(BT, n, width)
             return out.gather(1, mem[:, :, None].expand(BT, S, width))
 
-        q = self.q_proj(xf)[:, None].expand(BT, S, H * K)
+        q = self.q_proj(xf())[:, None].expand(BT, S, H * K)
         qkv = torch.cat([q, per_memory(self.k_proj, H * K), per_memory(self.v_proj, H * V)], -1)
         packed = qkv.reshape(BT * S, qkv.shape[-1])[perm][None]                # [1, P, 2HK + HV]
         packed, conv_state = self.conv(packed, conv0, cu, return_cache=return_state)
@@ -278,7 +284,7 @@ class MixtureOfMemories(Mixer):
             return o, None
         return o, {"S": S_new.unflatten(0, (R, n)), "conv": conv_state.unflatten(0, (R, n))}
 
-    def _lanes(self, x, mem, state, cu_seqlens, return_state):
+    def _lanes(self, x, xin, mem, state, cu_seqlens, return_state):
         """Every (row, memory) pair as one lane of a [B*M'] batch, one op call without
         cu_seqlens (the step kernel on Triton); see the module docstring. Called only with
         cu_seqlens None (the argument keeps _packed's signature). Returns (each pair's
@@ -289,7 +295,10 @@ class MixtureOfMemories(Mixer):
         gdt = gate_dtype(x)
         BT, S = mem.shape
         S0, conv0 = self._state_in(state, B)                              # [B M', H, K, V], [B M', W-1, C]
-        xf = x.reshape(BT, self.d_model)
+
+        def xf():
+            """x [BT, d] for one projection (projection_input)."""
+            return xin().reshape(BT, self.d_model)
         routed = torch.zeros(BT, n, dtype=torch.bool, device=x.device).scatter_(1, mem, True)
         routed = routed.view(B, T, n)                                     # token (b, t) updates memory m
         if T == 1:
@@ -309,10 +318,10 @@ class MixtureOfMemories(Mixer):
 
         def gate(proj, width):
             """[B n, T, width] per-lane gate pre-activations in the gate dtype."""
-            return lanes(proj(xf).view(B, T, n, width).to(gdt))
+            return lanes(proj(xf()).view(B, T, n, width).to(gdt))
 
-        q = self.q_proj(xf).view(B, T, 1, HK).expand(B, T, n, HK)
-        qkv = torch.cat([q, self.k_proj(xf).view(B, T, n, HK), self.v_proj(xf).view(B, T, n, HV)], -1)
+        q = self.q_proj(xf()).view(B, T, 1, HK).expand(B, T, n, HK)
+        qkv = torch.cat([q, self.k_proj(xf()).view(B, T, n, HK), self.v_proj(xf()).view(B, T, n, HV)], -1)
         qkv = lanes(qkv)                                                  # [B n, T, 2HK + HV]
         conved, _ = self.conv(qkv, conv0)                                 # [B n, T, 2HK + HV]
         q, k, v = conved.split([HK, HK, HV], dim=-1)

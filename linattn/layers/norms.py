@@ -1,14 +1,14 @@
 """RMSNorm, and the per-head output norm with an optional gate that most mixers end with.
 
-The math is linattn.ops.fused (rms_norm, gated_rms_norm): one Triton kernel forward and one
-backward on CUDA tensors, plain PyTorch elsewhere.
+The math is linattn.ops.fused (rms_norm, gated_rms_norm, gated_rms_norm_linear): one Triton
+kernel forward and one backward on CUDA tensors, plain PyTorch elsewhere.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..ops.fused import GATE_ACTIVATIONS, gated_rms_norm, rms_norm
+from ..ops.fused import GATE_ACTIVATIONS, gated_rms_norm, gated_rms_norm_linear, rms_norm
 
 __all__ = ["GATE_ACTIVATIONS", "GatedOutputNorm", "RMSNorm", "rms_norm"]
 
@@ -30,6 +30,14 @@ class GatedOutputNorm(nn.Module):
 
     o: [B, T, H, V]; gate: [B, T, H * V] (a projection of the layer input) or None; the
     weight [V] is shared by the heads. Returns [B, T, H * V] in o's dtype.
+
+    forward(o, gate=None, linear=None): with an out-projection `linear`, linear(norm(o, gate)),
+    the mixers' output: for a plain nn.Linear without hooks it runs as one autograd node
+    (gated_rms_norm_linear), which keeps for the backward o and the gate but not the norm's
+    output (recomputed in the backward); any other module (hooked, wrapped, quantised) is
+    called on the norm's output.
+    backend (attribute, "auto"): linattn.ops.fused's backend choice ("triton" takes the Triton
+    path on the CPU too, under TRITON_INTERPRET=1).
     """
 
     def __init__(self, head_v_dim: int, activation: str | None = "silu", eps: float = 1e-6):
@@ -38,6 +46,14 @@ class GatedOutputNorm(nn.Module):
             raise ValueError(f"activation must be one of {tuple(GATE_ACTIVATIONS)} or None, got {activation!r}")
         self.norm = RMSNorm(head_v_dim, eps)
         self.activation = activation
+        self.backend = "auto"
 
-    def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        return gated_rms_norm(o, self.norm.weight, gate, self.activation, self.norm.eps)
+    def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None,
+                linear: nn.Module | None = None) -> torch.Tensor:
+        w, eps = self.norm.weight, self.norm.eps
+        if linear is None:
+            return gated_rms_norm(o, w, gate, self.activation, eps, backend=self.backend)
+        if type(linear) is not nn.Linear or linear._forward_pre_hooks or linear._forward_hooks:
+            return linear(gated_rms_norm(o, w, gate, self.activation, eps, backend=self.backend))
+        return gated_rms_norm_linear(o, w, gate, self.activation, eps, linear.weight,
+                                     linear.bias, backend=self.backend)

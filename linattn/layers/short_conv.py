@@ -29,6 +29,8 @@ class ShortConv(nn.Module):
         norm_channels: how many leading output channels are L2-normalised (0: none), a
             multiple of norm_group.
         norm_group: the channels each norm spans (a head's K).
+    backend (attribute, "auto"): linattn.ops.fused's backend choice for the conv ("triton"
+        takes the Triton path on the CPU too, under TRITON_INTERPRET=1).
     forward(x [B, T, C], cache=None, cu_seqlens=None, return_cache=False)
         -> (y [B, T, C] in x's dtype, new cache [B or N, W-1, C] or None).
     """
@@ -43,6 +45,7 @@ class ShortConv(nn.Module):
         check_conv_norm(norm_channels, norm_group, channels)
         self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
         self.norm_channels, self.norm_group = norm_channels, norm_group
+        self.backend = "auto"
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))  # [C, W], tap W-1 = now
         bound = 1.0 / math.sqrt(kernel_size)  # nn.Conv1d's default for a depthwise conv
         nn.init.uniform_(self.weight, -bound, bound)
@@ -50,4 +53,5 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None, cu_seqlens=None,
                 return_cache: bool = False):
         return short_conv(x, self.weight, cache, cu_seqlens, self.activation, return_cache,
-                          norm_channels=self.norm_channels, norm_group=self.norm_group)
+                          backend=self.backend, norm_channels=self.norm_channels,
+                          norm_group=self.norm_group)

@@ -5,6 +5,8 @@ plain PyTorch path that computes the same function:
                     optionally L2-normalising groups of its first channels (q and k's heads)
     rms_norm        RMSNorm over the last dim
     gated_rms_norm  per-head rmsnorm(o) * weight * act(gate), flattened over heads
+    gated_rms_norm_linear  gated_rms_norm then a linear projection, one autograd node that
+                    keeps o and gate, not the norm's output (recomputed in the backward)
     l2_normalize    x / max(||x||, eps) over the last dim (F.normalize)
     swiglu          silu(gate) * up from SwiGLU's fused [..., 2F] projection
 
@@ -16,7 +18,8 @@ d_model 768, fwd+bwd ms: rms_norm 0.69 against 0.52, l2_normalize 0.72 against 0
 forward is 3.4x / 1.5x faster), so "auto" takes Triton for them only without a gradient. "torch" always takes PyTorch; "triton" always takes Triton (CPU tensors only under
 TRITON_INTERPRET=1, as the tests run it). The Triton paths are torch custom ops
 (linattn.ops.triton.short_conv, .norms, .swiglu), so torch.compile(fullgraph=True) traces
-through both paths.
+through both paths. gated_rms_norm_linear is one custom op on both paths
+(linattn::gated_norm_linear): its backward recomputes what its forward did not keep.
 
 Numerics: the PyTorch paths round where PyTorch's modules do (the conv's taps in x's dtype,
 the norm in float32 rounded to x's dtype before the gate); the Triton paths compute in float32
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CONV_ACTIVATIONS = ("silu", None)
 GATE_ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
 _GATE_CODES = {None: 0, "silu": 1, "sigmoid": 2}
+_GATE_NAMES = {code: name for name, code in _GATE_CODES.items()}
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 CONV_NORM_EPS = 1e-6    # the conv's fused L2 norm: s / max(||s||, eps), as the layers' l2norm
 
@@ -251,6 +256,19 @@ def gated_rms_norm(o: torch.Tensor, weight: torch.Tensor | None, gate: torch.Ten
     (needed when activation is "silu" or "sigmoid", ignored when activation is None).
     Returns [B, T, H * V] in o's dtype.
     """
+    _check_gated_norm(o, weight, gate, activation)
+    B, T, H, V = o.shape
+    if takes_triton(o, backend):
+        from .triton.norms import row_norm_fwd
+        g = gate.view(B * T, H, V) if activation is not None else None
+        y = row_norm_fwd(o.reshape(B * T, H, V), weight, g, float(eps), False,
+                         _GATE_CODES[activation])
+        return y.view(B, T, H * V)
+    y = rms_norm(o, weight, eps, backend="torch").flatten(-2)
+    return y if activation is None else y * GATE_ACTIVATIONS[activation](gate)
+
+
+def _check_gated_norm(o, weight, gate, activation):
     _check_tensor("o", o, 4, "[B, T, H, V]")
     B, T, H, V = o.shape
     if activation is not None and activation not in GATE_ACTIVATIONS:
@@ -263,14 +281,135 @@ def gated_rms_norm(o: torch.Tensor, weight: torch.Tensor | None, gate: torch.Ten
             raise ValueError(f"gate must be [B, T, H * V] = {(B, T, H * V)}, got {tuple(gate.shape)}")
     if weight is not None and tuple(weight.shape) != (V,):
         raise ValueError(f"weight must be [V={V}], got {tuple(weight.shape)}")
-    if takes_triton(o, backend):
-        from .triton.norms import row_norm_fwd
-        g = gate.view(B * T, H, V) if activation is not None else None
-        y = row_norm_fwd(o.reshape(B * T, H, V), weight, g, float(eps), False,
-                         _GATE_CODES[activation])
-        return y.view(B, T, H * V)
-    y = rms_norm(o, weight, eps, backend="torch").flatten(-2)
-    return y if activation is None else y * GATE_ACTIVATIONS[activation](gate)
+
+
+def gated_rms_norm_linear(o: torch.Tensor, weight: torch.Tensor | None,
+                          gate: torch.Tensor | None, activation: str | None, eps: float,
+                          proj_weight: torch.Tensor, proj_bias: torch.Tensor | None = None,
+                          backend: str = "auto") -> torch.Tensor:
+    """F.linear(gated_rms_norm(o, weight, gate, activation, eps), proj_weight, proj_bias):
+    the output norm and the out-projection as one autograd node, which keeps for the
+    backward what the norm keeps (o, gate) and the projection's weight, not the norm's output
+    [B, T, H * V]: the backward recomputes it (one norm forward) for proj_weight's gradient.
+
+    o, weight, gate, activation, eps as gated_rms_norm; proj_weight [N, H * V]; proj_bias [N]
+    or None. Under autocast the projection runs in autocast's dtype, as F.linear would; else
+    proj_weight must have o's dtype. Returns [B, T, N].
+    """
+    _check_gated_norm(o, weight, gate, activation)
+    B, T, H, V = o.shape
+    _check_tensor("proj_weight", proj_weight, 2, f"[N, H * V = {H * V}]")
+    if proj_weight.shape[1] != H * V:
+        raise ValueError(f"proj_weight must be [N, H * V = {H * V}], got {tuple(proj_weight.shape)}")
+    if proj_bias is not None and tuple(proj_bias.shape) != (proj_weight.shape[0],):
+        raise ValueError(f"proj_bias must be [N={proj_weight.shape[0]}], got {tuple(proj_bias.shape)}")
+    device_type = o.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+    elif proj_weight.dtype != o.dtype:
+        raise TypeError(f"proj_weight ({proj_weight.dtype}) must have o's dtype ({o.dtype}) "
+                        "outside autocast")
+    else:
+        dt = o.dtype
+    pw = proj_weight.to(dt)
+    pb = proj_bias.to(dt) if proj_bias is not None else None
+    gate = gate if activation is not None else None
+    triton = takes_triton(o, backend)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (o, weight, gate, pw, pb))):
+        y = gated_rms_norm(o, weight, gate, activation, eps, "triton" if triton else "torch")
+        return F.linear(y.to(dt), pw, pb)
+    return _gated_norm_linear_op(o, weight, gate, pw, pb, float(eps), _GATE_CODES[activation],
+                                 triton)
+
+
+def _norm_rows(o, weight, gate, eps, act, triton):
+    """The gated norm's output [B, T, H * V] in o's dtype (act a _GATE_CODES value)."""
+    B, T, H, V = o.shape
+    if triton:
+        from .triton.norms import _launch_fwd
+        g = gate.reshape(B * T, H, V) if gate is not None else None
+        return _launch_fwd(o.reshape(B * T, H, V), weight, g, eps, False, act).view(B, T, H * V)
+    activation = _GATE_NAMES[act]
+    return gated_rms_norm(o, weight, gate, activation, eps, backend="torch")
+
+
+@torch.library.custom_op("linattn::gated_norm_linear", mutates_args=())
+def _gated_norm_linear_op(o: torch.Tensor, weight: Optional[torch.Tensor],
+                          gate: Optional[torch.Tensor], proj_weight: torch.Tensor,
+                          proj_bias: Optional[torch.Tensor], eps: float, act: int,
+                          triton: bool) -> torch.Tensor:
+    """gated_rms_norm_linear's forward: [B, T, N] in proj_weight's dtype."""
+    with torch.autocast(o.device.type, enabled=False):
+        y = _norm_rows(o, weight, gate, eps, act, triton)
+        return F.linear(y.to(proj_weight.dtype), proj_weight, proj_bias)
+
+
+@_gated_norm_linear_op.register_fake
+def _(o, weight, gate, proj_weight, proj_bias, eps, act, triton):
+    return o.new_empty(*o.shape[:2], proj_weight.shape[0], dtype=proj_weight.dtype)
+
+
+@torch.library.custom_op("linattn::gated_norm_linear_backward", mutates_args=())
+def _gated_norm_linear_backward_op(dy: torch.Tensor, o: torch.Tensor,
+                                   weight: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+                                   proj_weight: torch.Tensor, eps: float, act: int, triton: bool,
+                                   has_bias: bool) -> list[torch.Tensor]:
+    """[do, dweight, dgate, dproj_weight, dproj_bias], each like its input; an empty tensor
+    stands for an absent weight, gate or bias."""
+    B, T, H, V = o.shape
+    dy2 = dy.reshape(B * T, -1).to(proj_weight.dtype)
+    with torch.autocast(o.device.type, enabled=False):
+        if triton:
+            from .triton.norms import _launch_bwd
+            n = _norm_rows(o, weight, gate, eps, act, True)
+            dn = (dy2 @ proj_weight).to(o.dtype).view(B * T, H, V)
+            g = gate.reshape(B * T, H, V) if gate is not None else None
+            do, dw, dg = _launch_bwd(dn, o.reshape(B * T, H, V), weight, g, eps, False, act)
+            do, dg = do.view(o.shape), dg.view(gate.shape) if gate is not None else dg
+        else:
+            present = [t for t in (o, weight, gate) if t is not None]
+
+            def norm(*xs):
+                it = iter(xs)
+                return _norm_rows(next(it), next(it) if weight is not None else None,
+                                  next(it) if gate is not None else None, eps, act, False)
+
+            n, vjp = torch.func.vjp(norm, *present)
+            grads = iter(vjp((dy2 @ proj_weight).to(n.dtype).view(n.shape)))
+            do = next(grads)
+            dw = next(grads) if weight is not None else o.new_empty(0)
+            dg = next(grads) if gate is not None else o.new_empty(0)
+        dpw = dy2.t() @ n.reshape(B * T, H * V).to(proj_weight.dtype)
+        dpb = dy2.sum(0) if has_bias else o.new_empty(0)
+    return [do, dw, dg, dpw, dpb]
+
+
+@_gated_norm_linear_backward_op.register_fake
+def _(dy, o, weight, gate, proj_weight, eps, act, triton, has_bias):
+    return [o.new_empty(o.shape),
+            weight.new_empty(weight.shape) if weight is not None else o.new_empty(0),
+            gate.new_empty(gate.shape) if gate is not None else o.new_empty(0),
+            proj_weight.new_empty(proj_weight.shape),
+            proj_weight.new_empty(proj_weight.shape[0]) if has_bias else o.new_empty(0)]
+
+
+def _gated_norm_linear_setup(ctx, inputs, output):
+    o, weight, gate, proj_weight, proj_bias, eps, act, triton = inputs
+    ctx.save_for_backward(o, weight, gate, proj_weight)
+    ctx.args = (eps, act, triton, proj_bias is not None)
+
+
+def _gated_norm_linear_backward(ctx, dy):
+    o, weight, gate, proj_weight = ctx.saved_tensors
+    do, dw, dg, dpw, dpb = _gated_norm_linear_backward_op(dy, o, weight, gate, proj_weight,
+                                                          *ctx.args)
+    return (do, dw if weight is not None else None, dg if gate is not None else None, dpw,
+            dpb if ctx.args[3] else None, None, None, None)
+
+
+_gated_norm_linear_op.register_autograd(_gated_norm_linear_backward,
+                                        setup_context=_gated_norm_linear_setup)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:

@@ -473,3 +473,132 @@ def test_auto_takes_pytorch_for_the_row_norms_under_autograd():
         assert fused._forward_only_triton("auto", x) == "auto"
     assert fused._forward_only_triton("triton", x) == "triton"
     assert fused._forward_only_triton("auto", torch.randn(3), None) == "auto"
+
+
+# ----------------------------------------------------------------------------- norm + projection
+
+def _norm_linear_inputs(dtype, activation, bias, seed=4):
+    o, gate, w = _norm_cases(seed=seed)
+    gen = helpers.seeded(seed + 1)
+    N, HV = 11, gate.shape[-1]
+    pw = helpers.randn(N, HV, gen=gen, scale=HV ** -0.5)
+    pb = helpers.randn(N, gen=gen) if bias else None
+    leaves = [t.to(dtype).requires_grad_() if t is not None else None
+              for t in (o, w, gate if activation else None, pw, pb)]
+    return leaves
+
+
+@pytest.mark.parametrize("activation", ["silu", "sigmoid", None])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_gated_norm_linear_equals_the_unfused_composition(activation, bias, backend, dtype):
+    """Values and gradients equal to F.linear(gated_rms_norm(...)): the backward recomputes
+    the norm's output with the forward's own code."""
+    o, w, gate, pw, pb = _norm_linear_inputs(dtype, activation, bias)
+    leaves = [t for t in (o, w, gate, pw, pb) if t is not None]
+    got = fused.gated_rms_norm_linear(o, w, gate, activation, 1e-6, pw, pb, backend=backend)
+    want = F.linear(fused.gated_rms_norm(o, w, gate, activation, 1e-6, backend=backend), pw, pb)
+    dy = torch.randn_like(want)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(torch.autograd.grad(got, leaves, dy), torch.autograd.grad(want, leaves, dy)):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_gated_norm_linear_matches_oracle(activation, backend, dtype):
+    o, w, gate, pw, pb = _norm_linear_inputs(torch.float64, activation, True)
+    inputs = dict(q=o, weight=w, pw=pw, pb=pb) | (dict(v=gate) if activation else {})
+
+    def fast(q, weight, pw, pb, v=None):
+        return fused.gated_rms_norm_linear(q, weight, v, activation, 1e-6, pw, pb,
+                                           backend=backend), None
+
+    def oracle(q, weight, pw, pb, v=None):
+        return F.linear(gated_oracle(q, weight, v, activation), pw, pb), None
+
+    helpers.check_against_oracle(fast, oracle, {k: t.detach() for k, t in inputs.items()},
+                                 dtype=dtype, grad_names=list(inputs))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gated_norm_linear_under_bf16_autocast(backend):
+    """Under autocast the projection runs in bf16 as F.linear would; against float64 within
+    bf16's rounding, gradients flowing to the float32 weights."""
+    o, w, gate, pw, _ = _norm_linear_inputs(torch.float32, "silu", False)
+    ob, gb = o.detach().bfloat16().requires_grad_(), gate.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused.gated_rms_norm_linear(ob, w, gb, "silu", 1e-6, pw, backend=backend)
+        want_lp = F.linear(fused.gated_rms_norm(ob, w, gb, "silu", 1e-6, backend=backend), pw)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want_lp)
+    ref = F.linear(gated_oracle(o.double(), w.double(), gate.double(), "silu"), pw.double())
+    torch.testing.assert_close(got.double(), ref, rtol=0.05, atol=0.05)
+    dy = torch.randn_like(got)
+    g_got = torch.autograd.grad(got, [ob, w, gb, pw], dy)
+    g_want = torch.autograd.grad(want_lp, [ob, w, gb, pw], dy)
+    for a, b in zip(g_got, g_want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.double(), b.double(), rtol=0.02, atol=0.02)
+
+
+def test_gated_norm_linear_rejects_bad_input():
+    o, w, gate, pw, _ = _norm_linear_inputs(torch.float32, "silu", False)
+    with pytest.raises(ValueError, match="proj_weight"):
+        fused.gated_rms_norm_linear(o, w, gate, "silu", 1e-6, pw[:, 1:])
+    with pytest.raises(ValueError, match="proj_bias"):
+        fused.gated_rms_norm_linear(o, w, gate, "silu", 1e-6, pw, torch.zeros(3))
+    with pytest.raises(TypeError, match="outside autocast"):
+        fused.gated_rms_norm_linear(o, w, gate, "silu", 1e-6, pw.double())
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_gated_norm_linear_ops_pass_opcheck(triton):
+    o, w, gate, pw, pb = (t.detach() for t in _norm_linear_inputs(torch.float32, "silu", True))
+    args = (o.requires_grad_(), w.requires_grad_(), gate.requires_grad_(), pw.requires_grad_(),
+            pb.requires_grad_(), 1e-6, 1, triton)
+    torch.library.opcheck(fused._gated_norm_linear_op, args)
+    if not triton:
+        # the PyTorch path's backward runs torch.func.vjp, whose wrapped tensors opcheck's
+        # cross-checks cannot read (nor are the plain ops' backward ops opchecked); the
+        # compile test traces it
+        return
+    dy = torch.randn(*o.shape[:2], pw.shape[0])
+    torch.library.opcheck(fused._gated_norm_linear_backward_op,
+                          (dy, o.detach(), w.detach(), gate.detach(), pw.detach(), 1e-6, 1,
+                           triton, True))
+
+
+def test_gated_norm_linear_traces_without_graph_breaks():
+    o, w, gate, pw, _ = _norm_linear_inputs(torch.float32, "silu", False)
+
+    def f(o, w, gate, pw, backend):
+        return fused.gated_rms_norm_linear(o, w, gate, "silu", 1e-6, pw, backend=backend).sum()
+
+    for backend in ("torch", "triton"):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        want, got = f(o, w, gate, pw, backend), compiled(o, w, gate, pw, backend)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got, [o, w, gate, pw]),
+                        torch.autograd.grad(want, [o, w, gate, pw])):
+            torch.testing.assert_close(a, b)
+
+
+@GPU
+def test_gated_norm_linear_gpu():
+    """The 12-layer d_model 768 model's shape under bf16 autocast: equal to the unfused
+    composition (the forward bitwise, the gradients to the order of bf16 sums)."""
+    o, gate, w = _norm_cases("cuda", shape=(2, 8192, 6, 128))
+    o, gate = o.bfloat16().requires_grad_(), gate.bfloat16().requires_grad_()
+    w = w.requires_grad_()
+    pw = (torch.randn(768, 768, device="cuda") / 768 ** 0.5).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = fused.gated_rms_norm_linear(o, w, gate, "silu", 1e-6, pw)
+        want = F.linear(fused.gated_rms_norm(o, w, gate, "silu", 1e-6), pw)
+    assert torch.equal(got, want)
+    dy = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, [o, w, gate, pw], dy),
+                    torch.autograd.grad(want, [o, w, gate, pw], dy)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
