@@ -198,7 +198,7 @@ def conv_delta_rule_backward_op(x: Tensor, weight: Tensor, cache: Optional[Tenso
                for d, t, n in zip([dx, dw, dcache], conv_in, needs)]
     for d, t, n in zip(dgates, (beta, g, h0), needs[3:]):
         if t is not None:
-            res.append(_absent_or(d if n else None, t))
+            res.append(_absent_or(d.view(t.shape) if n and d is not None else None, t))
     return _unaliased(res, (x, weight, cache, beta, g, h0, do, dfinal))
 
 
