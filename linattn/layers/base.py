@@ -46,7 +46,9 @@ class Mixer(nn.Module):
         save_for_backward: the Triton backward's memory-for-time trade of the mixer's op
             (linattn.linear_attention's argument): "states" keeps the forward's chunk states,
             "recompute" recomputes them in the backward (a lower peak in a deep model, ~10-20%
-            more op time). Softmax attention and the sequence-parallel path ignore it.
+            more op time); the delta-rule mixers then also run their short conv and op as one
+            node that keeps the conv's input, not q, k, v (linattn.ops.conv_delta). Softmax
+            attention and the sequence-parallel path ignore it.
     """
 
     # Parameters (names inside the mixer) whose constructor init is part of the mixer's

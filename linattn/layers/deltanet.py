@@ -83,22 +83,30 @@ class DeltaNet(Mixer):
         S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
         xin = projection_input(x)
         qkv = self.qkv_proj(xin())                                       # [B, T, 2HK + HV]
-        if self.sequence_parallel is not None:  # the conv reads the ranks before as its cache
-            conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
-        qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
-        q, k, v = qkv.split([HK, HK, self.n_heads * self.value_dim], dim=-1)
-        q = self.heads(q, self.key_dim)                                  # [B, T, H, K] unit rows
-        k = self.heads(k, self.key_dim)                                  # [B, T, H, K] unit rows
-        v = self.heads(v, self.value_dim)                                # [B, T, H, V]
         gdt = gate_dtype(x)
         beta = torch.sigmoid(self.b_proj(xin()).to(gdt))                 # [B, T, H]
         g = None
         if self.gated:
             g = mamba2_log_decay(self.a_proj(xin()).to(gdt), self.A_log, self.dt_bias)
-        run = delta_rule if self.sequence_parallel is None else self.parallel_op("delta_rule")
-        o, S = run(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
-                   cu_seqlens=cu_seqlens, backend=self.backend,
-                   save_for_backward=self.save_for_backward)
+        if self.save_for_backward == "recompute" and self.sequence_parallel is None:
+            # the conv and the op as one node that keeps the conv's input, not q, k, v
+            o, S, conv_state = self.conv.delta_rule(
+                qkv, beta, g, heads=self.n_heads, key_dim=self.key_dim,
+                value_dim=self.value_dim, cache=conv0, cu_seqlens=cu_seqlens,
+                return_cache=return_state, initial_state=S0, output_final_state=return_state,
+                backend=self.backend)
+        else:
+            if self.sequence_parallel is not None:  # the conv reads the ranks before as its cache
+                conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
+            qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
+            q, k, v = qkv.split([HK, HK, self.n_heads * self.value_dim], dim=-1)
+            q = self.heads(q, self.key_dim)                              # [B, T, H, K] unit rows
+            k = self.heads(k, self.key_dim)                              # [B, T, H, K] unit rows
+            v = self.heads(v, self.value_dim)                            # [B, T, H, V]
+            run = delta_rule if self.sequence_parallel is None else self.parallel_op("delta_rule")
+            o, S = run(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
+                       cu_seqlens=cu_seqlens, backend=self.backend,
+                       save_for_backward=self.save_for_backward)
         y = self.out_norm(o, self.z_proj(xin()), self.o_proj)
         return y, ({"S": S, "conv": conv_state} if return_state else None)
 

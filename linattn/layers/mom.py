@@ -258,30 +258,44 @@ class MixtureOfMemories(Mixer):
         q = self.q_proj(xf())[:, None].expand(BT, S, H * K)
         qkv = torch.cat([q, per_memory(self.k_proj, H * K), per_memory(self.v_proj, H * V)], -1)
         packed = qkv.reshape(BT * S, qkv.shape[-1])[perm][None]                # [1, P, 2HK + HV]
-        packed, conv_state = self.conv(packed, conv0, cu, return_cache=return_state)
-        q, k, v = packed.split([H * K, H * K, H * V], dim=-1)
-        q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V))
 
         def gate(proj, width):
             """[1, P, width] packed per-memory gate pre-activations in the gate dtype."""
             return per_memory(proj, width).reshape(BT * S, width)[perm][None].to(gdt)
 
+        if self.recurrence != "gla":
+            beta = torch.sigmoid(gate(self.b_proj, H))                    # [1, P, H]
+            g = None
+            if self.recurrence == "gated_deltanet":
+                g = mamba2_log_decay(gate(self.a_proj, H), self.A_log, self.dt_bias)
+        if self.recurrence != "gla" and self.save_for_backward == "recompute":
+            # the conv and the op as one node that keeps the conv's input, not q, k, v
+            o, S_new, conv_state = self.conv.delta_rule(
+                packed, beta, g, heads=H, key_dim=K, value_dim=V, cache=conv0, cu_seqlens=cu,
+                return_cache=return_state, initial_state=S0, output_final_state=return_state,
+                backend=self.backend)
+            return self._unpacked(o, S_new, conv_state, inv, BT, S, R, return_state)
+        packed, conv_state = self.conv(packed, conv0, cu, return_cache=return_state)
+        q, k, v = packed.split([H * K, H * K, H * V], dim=-1)
+        q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (H, V))
         if self.recurrence == "gla":
             g = (F.logsigmoid(gate(self.gk_proj, H * K)) / 16.0).unflatten(-1, (H, K))
             o, S_new = linear_attention(q, k, v, g, initial_state=S0, output_final_state=return_state,
                                         cu_seqlens=cu, backend=self.backend,
                                         save_for_backward=self.save_for_backward)
         else:
-            beta = torch.sigmoid(gate(self.b_proj, H))                    # [1, P, H]
-            g = None
-            if self.recurrence == "gated_deltanet":
-                g = mamba2_log_decay(gate(self.a_proj, H), self.A_log, self.dt_bias)
             o, S_new = delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
                                   cu_seqlens=cu, backend=self.backend,
                                   save_for_backward=self.save_for_backward)
-        o = o[0][inv].view(BT, S, H, V)                                   # back to (token, slot)
+        return self._unpacked(o, S_new, conv_state, inv, BT, S, R, return_state)
+
+    def _unpacked(self, o, S_new, conv_state, inv, BT, S, R, return_state):
+        """_packed's results from the op's on the packed stream: (each pair's read-out
+        [BT, S, H, V], the new state or None)."""
+        o = o[0][inv].view(BT, S, self.n_heads, self.value_dim)          # back to (token, slot)
         if not return_state:
             return o, None
+        n = self.n_mem
         return o, {"S": S_new.unflatten(0, (R, n)), "conv": conv_state.unflatten(0, (R, n))}
 
     def _lanes(self, x, xin, mem, state, cu_seqlens, return_state):

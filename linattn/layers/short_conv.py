@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from ..ops.conv_delta import short_conv_delta_rule
 from ..ops.fused import check_conv_norm, short_conv
 
 
@@ -33,6 +34,8 @@ class ShortConv(nn.Module):
         takes the Triton path on the CPU too, under TRITON_INTERPRET=1).
     forward(x [B, T, C], cache=None, cu_seqlens=None, return_cache=False)
         -> (y [B, T, C] in x's dtype, new cache [B or N, W-1, C] or None).
+    delta_rule(x, beta, g, ...): this conv then linattn.delta_rule on its output's split into
+        q, k, v, as one autograd node that keeps x, not q, k, v (linattn.ops.conv_delta).
     """
 
     def __init__(self, channels: int, kernel_size: int = 4, activation: str | None = "silu",
@@ -55,3 +58,19 @@ class ShortConv(nn.Module):
         return short_conv(x, self.weight, cache, cu_seqlens, self.activation, return_cache,
                           backend=self.backend, norm_channels=self.norm_channels,
                           norm_group=self.norm_group)
+
+    def delta_rule(self, x: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None = None, *,
+                   heads: int, key_dim: int, value_dim: int, cache: torch.Tensor | None = None,
+                   cu_seqlens=None, return_cache: bool = False, **op_kwargs):
+        """linattn.ops.conv_delta.short_conv_delta_rule with this conv: x [B, T, C] with
+        C = heads (2 key_dim + value_dim); op_kwargs (scale, initial_state,
+        output_final_state, backend) go to the delta rule, which runs with
+        save_for_backward="recompute". Returns (o [B, T, H, V], final state or None, new
+        cache or None)."""
+        return short_conv_delta_rule(x, self.weight, beta, g, heads=heads, key_dim=key_dim,
+                                     value_dim=value_dim, conv_cache=cache,
+                                     activation=self.activation,
+                                     norm_channels=self.norm_channels,
+                                     norm_group=self.norm_group, return_cache=return_cache,
+                                     cu_seqlens=cu_seqlens, conv_backend=self.backend,
+                                     **op_kwargs)

@@ -172,6 +172,21 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
                                  **_save_kw(impl, save_for_backward))
 
 
+def check_delta_rule(q, k, v, beta, g, scale, initial_state, cu_seqlens, save_for_backward):
+    """delta_rule's argument checks; returns the scale (K ** -0.5 for None)."""
+    _check_qkv(q, k, v)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _check_scale(scale, K)
+    _check_save_for_backward(save_for_backward)
+    _check_step_gate("beta", beta, q)
+    _check_log_decay(g, q, allowed=("none", "scalar"))
+    N = _check_cu_seqlens(cu_seqlens, q)
+    if initial_state is not None:
+        _check_state("initial_state", initial_state, q, (N, H, K, V), "[N, H, K, V]" if cu_seqlens is not None else "[B, H, K, V]")
+    return scale
+
+
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
                output_final_state=False, cu_seqlens=None, backend="auto",
                save_for_backward="states"):
@@ -194,16 +209,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
 
     torch.compile: as linear_attention (a custom op; value checks skipped while tracing).
     """
-    _check_qkv(q, k, v)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = _check_scale(scale, K)
-    _check_save_for_backward(save_for_backward)
-    _check_step_gate("beta", beta, q)
-    _check_log_decay(g, q, allowed=("none", "scalar"))
-    N = _check_cu_seqlens(cu_seqlens, q)
-    if initial_state is not None:
-        _check_state("initial_state", initial_state, q, (N, H, K, V), "[N, H, K, V]" if cu_seqlens is not None else "[B, H, K, V]")
+    scale = check_delta_rule(q, k, v, beta, g, scale, initial_state, cu_seqlens,
+                             save_for_backward)
     impl = _backend_module(backend, q)
     if _takes_step_kernel(impl, q, cu_seqlens, q, k, v, beta, g, initial_state):
         o, st = decode.delta_rule_decode(q, k, v, beta, g, state=initial_state, scale=scale,

@@ -35,6 +35,9 @@ The ops (namespace "linattn"):
                                           backward op runs the function again under autograd
                                           and takes torch.autograd.grad (these are the CPU
                                           paths; one extra forward there buys an opaque op).
+    conv_delta_rule, conv_delta_rule_backward
+                                          the delta layers' short conv and delta rule as one
+                                          node (linattn.ops.conv_delta, defined there)
     linear_attention_decode, delta_rule_decode, mlstm_decode, and their in-place variants
     (a trailing underscore; they declare the state as mutated): no autograd (decoding is
     inference only; the public functions refuse inputs that require grad).

@@ -90,6 +90,29 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None
     the norm into the conv for norm_group a power of two in [16, 256], and otherwise applies
     l2_normalize to the conv's output.
     """
+    check_conv_inputs(x, weight, cache, cu_seqlens, activation, norm_channels, norm_group)
+    W = weight.shape[1]
+    if takes_triton(x, backend):
+        from .triton.short_conv import NORM_GROUPS, short_conv_fwd
+        cache_in = cache.to(x.dtype) if cache is not None else None
+        fuse = norm_channels if norm_group in NORM_GROUPS else 0
+        y = short_conv_fwd(x, weight, cache_in, cu_seqlens, activation == "silu", fuse,
+                           norm_group if fuse else 0)
+        if norm_channels and not fuse:
+            # a group size the kernel does not tile: the norm after the conv
+            y = _normalize_groups(y, norm_channels, norm_group, backend)
+    else:
+        y = _conv_torch(x, weight, cache, cu_seqlens)
+        if activation == "silu":
+            y = F.silu(y)
+        if norm_channels:
+            y = _normalize_groups(y, norm_channels, norm_group, "torch")
+    new_cache = _conv_new_cache(x, cache, cu_seqlens, W) if return_cache else None
+    return y, new_cache
+
+
+def check_conv_inputs(x, weight, cache, cu_seqlens, activation, norm_channels, norm_group):
+    """short_conv's argument checks (shapes, dtypes, cu_seqlens' form, the norm's groups)."""
     _check_tensor("x", x, 3, "[B, T, C]")
     _check_tensor("weight", weight, 2, "[C, W]")
     B, T, C = x.shape
@@ -111,23 +134,6 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor | None
             raise ValueError(f"conv cache must be [{'N' if cu_seqlens is not None else 'B'}, "
                              f"W-1, C] = {(n_rows, W - 1, C)}, got {tuple(cache.shape)}")
     check_conv_norm(norm_channels, norm_group, C)
-    if takes_triton(x, backend):
-        from .triton.short_conv import NORM_GROUPS, short_conv_fwd
-        cache_in = cache.to(x.dtype) if cache is not None else None
-        fuse = norm_channels if norm_group in NORM_GROUPS else 0
-        y = short_conv_fwd(x, weight, cache_in, cu_seqlens, activation == "silu", fuse,
-                           norm_group if fuse else 0)
-        if norm_channels and not fuse:
-            # a group size the kernel does not tile: the norm after the conv
-            y = _normalize_groups(y, norm_channels, norm_group, backend)
-    else:
-        y = _conv_torch(x, weight, cache, cu_seqlens)
-        if activation == "silu":
-            y = F.silu(y)
-        if norm_channels:
-            y = _normalize_groups(y, norm_channels, norm_group, "torch")
-    new_cache = _conv_new_cache(x, cache, cu_seqlens, W) if return_cache else None
-    return y, new_cache
 
 
 def check_conv_norm(norm_channels, norm_group, C):

@@ -16,6 +16,11 @@ Per token and layer at d_model d, H heads of K (keys) and V (values), bf16 activ
                     inverses, 2 H K V / 64 chunk states, 2 HV the corrected values U'
                     2 HV o, 2 HV the gate z (the output norm; the out-projection recomputes
                     the norm's output instead of keeping another 2 HV)
+
+save_for_backward="recompute" drops the op's intermediates and, the short conv and the op
+running as one node (linattn.ops.conv_delta), the op's copies of q, k, v: 2 (2HK + HV) less.
+At d 768, 6 heads of 128: gated_deltanet 20088 -> 9312 (attention 8728), deltanet 19992 ->
+9240, mom 74330 -> 38930 (its q, k, v copies: 3 (token, memory) pairs a token).
 """
 import pytest
 import torch
@@ -40,9 +45,10 @@ NORMED = ["lightning", "gla", "hgrn2", "mlstm", "mlstm_sig", "deltanet",
           "gated_deltanet", "mom"]
 
 
-def _layer(name):
+def _layer(name, save_for_backward="states"):
     torch.manual_seed(0)
-    layer = MIXERS[name](D_MODEL, HEADS, backend="auto" if name == "attention" else "triton")
+    layer = MIXERS[name](D_MODEL, HEADS, backend="auto" if name == "attention" else "triton",
+                         save_for_backward=save_for_backward)
     for sub in layer.modules():
         if isinstance(sub, (ShortConv, GatedOutputNorm)):
             sub.backend = "triton"
@@ -78,6 +84,34 @@ def test_audit_sums_match_the_measurement():
     attention, gdn = _audit_sums(D_MODEL, HEADS, K, K)
     assert _per_token(_layer("attention"))["total"] == attention
     assert _per_token(_layer("gated_deltanet"))["total"] == gdn
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_recompute_keeps_the_conv_input_and_not_q_k_v(name):
+    """save_for_backward="recompute": neither the op's intermediates (gate cumsum, the
+    chunks' inverses, states, U') nor its copies of q, k, v (the conv and the op are one node
+    that keeps the conv's input)."""
+    H = HEADS
+    K = V = D_MODEL // HEADS
+    op = 4 * H * (name == "gated_deltanet") + 4 * H * 64 + 2 * H * K * V // 64 + 2 * H * V
+    qkv = 2 * (2 * H * K + H * V)
+    states = _per_token(_layer(name))
+    recompute = _per_token(_layer(name, "recompute"))
+    print(name, states, recompute)
+    assert states["total"] - recompute["total"] == op + qkv, (states, recompute)
+    assert "conv" not in recompute and recompute[""] == states[""]  # x's copy moved, q, k, v gone
+
+
+def test_mom_recompute_drops_every_pairs_q_k_v():
+    """MoM's packed path: the op's copies of q, k, v for each of a token's top_k + 1 (token,
+    memory) pairs, besides the op's intermediates."""
+    layer = _layer("mom")
+    pairs = layer.top_k + layer.shared_memory
+    qkv = 2 * layer.conv.channels * pairs
+    states = _per_token(layer)
+    recompute = _per_token(_layer("mom", "recompute"))
+    assert recompute["total"] <= states["total"] - qkv - states["DeltaRuleFunctionBackward"]
+    assert "conv" not in recompute
 
 
 @pytest.mark.parametrize("name", NORMED)
