@@ -47,8 +47,10 @@ class Mixer(nn.Module):
             (linattn.linear_attention's argument): "states" keeps the forward's chunk states,
             "recompute" recomputes them in the backward (a lower peak in a deep model, ~10-20%
             more op time); the delta-rule mixers then also run their short conv and op as one
-            node that keeps the conv's input, not q, k, v (linattn.ops.conv_delta). Softmax
-            attention and the sequence-parallel path ignore it.
+            node that keeps the conv's input, not q, k, v (linattn.ops.conv_delta), and the
+            mixers with a projected output gate recompute the gate from x in the output
+            norm's backward instead of keeping it (gated_output). Softmax attention and the
+            sequence-parallel path's op ignore it.
     """
 
     # Parameters (names inside the mixer) whose constructor init is part of the mixer's
@@ -94,6 +96,15 @@ class Mixer(nn.Module):
         see the module docstring."""
         self.check_sequence_parallel(sp)
         self.sequence_parallel = sp
+
+    def gated_output(self, o: torch.Tensor, xin, gate_proj: nn.Module) -> torch.Tensor:
+        """The mixer's output self.out_norm(o, gate_proj(x), self.o_proj) (a GatedOutputNorm
+        and the out-projection), x = xin() (projection_input). With save_for_backward=
+        "recompute" the norm and out-projection keep x, whose storage the other projections
+        keep anyway, instead of the gate, and recompute the gate in their backward."""
+        if self.save_for_backward == "recompute":
+            return self.out_norm(o, gate_proj, self.o_proj, x=xin())
+        return self.out_norm(o, gate_proj(xin()), self.o_proj)
 
     def parallel_op(self, name: str):
         """The SequenceParallelContext's op `name` ("linear_attention" or "delta_rule") with

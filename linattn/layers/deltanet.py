@@ -107,7 +107,7 @@ class DeltaNet(Mixer):
             o, S = run(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
                        cu_seqlens=cu_seqlens, backend=self.backend,
                        save_for_backward=self.save_for_backward)
-        y = self.out_norm(o, self.z_proj(xin()), self.o_proj)
+        y = self.gated_output(o, xin, self.z_proj)
         return y, ({"S": S, "conv": conv_state} if return_state else None)
 
 

@@ -80,7 +80,7 @@ class GatedLinearAttention(Mixer):
         o, S = run(q, k, v, g, initial_state=S0, output_final_state=return_state,
                    cu_seqlens=cu_seqlens, backend=self.backend,
                    save_for_backward=self.save_for_backward)
-        y = self.out_norm(o, self.r_proj(xin()), self.o_proj)
+        y = self.gated_output(o, xin, self.r_proj)
         if not return_state or self.conv is None:
             return y, S
         return y, {"S": S, "conv": conv_state}

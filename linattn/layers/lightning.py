@@ -70,4 +70,4 @@ class LightningAttention(Mixer):
                            output_final_state=return_state,
                            cu_seqlens=cu_seqlens, backend=self.backend,
                            save_for_backward=self.save_for_backward)
-        return self.out_norm(o, self.u_proj(xin()), self.o_proj), new_state
+        return self.gated_output(o, xin, self.u_proj), new_state

@@ -82,7 +82,7 @@ class MLSTM(Mixer):
             k_in = k * torch.sigmoid(i).unsqueeze(-1).to(k.dtype)  # [B, T, H, D]
             o, new_state = self.sequence_parallel.linear_attention(q, k_in, v, F.logsigmoid(f),
                                                                    backend=self.backend)
-        return self.out_norm(o, self.z_proj(xin()), self.o_proj), new_state
+        return self.gated_output(o, xin, self.z_proj), new_state
 
 
 class MLSTMSig(MLSTM):

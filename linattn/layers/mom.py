@@ -232,7 +232,7 @@ class MixtureOfMemories(Mixer):
         run = self._lanes if self._runs_in_lanes(x, state, cu_seqlens) else self._packed
         o, new_state = run(x, xin, mem, state, cu_seqlens, return_state)  # o: [BT, S, H, V]
         o = (o * w.to(o.dtype)[:, :, None, None]).sum(1).view(B, T, H, V)
-        y = self.out_norm(o, self.z_proj(xin()), self.o_proj)
+        y = self.gated_output(o, xin, self.z_proj)
         return y, new_state
 
     def _packed(self, x, xin, mem, state, cu_seqlens, return_state):

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.fused import GATE_ACTIVATIONS, gated_rms_norm, gated_rms_norm_linear, rms_norm
+from ..ops.fused import (GATE_ACTIVATIONS, gated_rms_norm, gated_rms_norm_linear,
+                         gated_rms_norm_linear_projected, rms_norm)
 
 __all__ = ["GATE_ACTIVATIONS", "GatedOutputNorm", "RMSNorm", "rms_norm"]
 
@@ -36,6 +37,11 @@ class GatedOutputNorm(nn.Module):
     (gated_rms_norm_linear), which keeps for the backward o and the gate but not the norm's
     output (recomputed in the backward); any other module (hooked, wrapped, quantised) is
     called on the norm's output.
+    forward(o, gate_proj, linear, x=x): the gate is gate_proj(x); with gate_proj and linear
+    plain nn.Linear without hooks and a gated norm, one node (gated_rms_norm_linear_projected)
+    that keeps x instead of the gate and recomputes the gate in its backward (the mixers'
+    save_for_backward="recompute": x is their projections' shared input, kept anyway);
+    otherwise forward(o, gate_proj(x), linear).
     backend (attribute, "auto"): linattn.ops.fused's backend choice ("triton" takes the Triton
     path on the CPU too, under TRITON_INTERPRET=1).
     """
@@ -48,12 +54,24 @@ class GatedOutputNorm(nn.Module):
         self.activation = activation
         self.backend = "auto"
 
-    def forward(self, o: torch.Tensor, gate: torch.Tensor | None = None,
-                linear: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, o: torch.Tensor, gate: torch.Tensor | nn.Module | None = None,
+                linear: nn.Module | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
         w, eps = self.norm.weight, self.norm.eps
+        if x is not None:
+            if self.activation is not None and _plain_linear(gate) and _plain_linear(linear):
+                return gated_rms_norm_linear_projected(
+                    o, w, x, gate.weight, gate.bias, self.activation, eps, linear.weight,
+                    linear.bias, backend=self.backend)
+            gate = gate(x)
         if linear is None:
             return gated_rms_norm(o, w, gate, self.activation, eps, backend=self.backend)
-        if type(linear) is not nn.Linear or linear._forward_pre_hooks or linear._forward_hooks:
+        if not _plain_linear(linear):
             return linear(gated_rms_norm(o, w, gate, self.activation, eps, backend=self.backend))
         return gated_rms_norm_linear(o, w, gate, self.activation, eps, linear.weight,
                                      linear.bias, backend=self.backend)
+
+
+def _plain_linear(module) -> bool:
+    """Whether module is an nn.Linear (not a subclass) without forward hooks of its own, whose
+    math the fused nodes may run from its weight and bias."""
+    return type(module) is nn.Linear and not module._forward_pre_hooks and not module._forward_hooks

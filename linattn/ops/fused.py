@@ -7,6 +7,8 @@ plain PyTorch path that computes the same function:
     gated_rms_norm  per-head rmsnorm(o) * weight * act(gate), flattened over heads
     gated_rms_norm_linear  gated_rms_norm then a linear projection, one autograd node that
                     keeps o and gate, not the norm's output (recomputed in the backward)
+    gated_rms_norm_linear_projected  the same with the gate a projection of x, computed in
+                    the node, which keeps x instead of the gate (recomputed in the backward)
     l2_normalize    x / max(||x||, eps) over the last dim (F.normalize)
     swiglu          silu(gate) * up from SwiGLU's fused [..., 2F] projection
 
@@ -19,7 +21,9 @@ forward is 3.4x / 1.5x faster), so "auto" takes Triton for them only without a g
 TRITON_INTERPRET=1, as the tests run it). The Triton paths are torch custom ops
 (linattn.ops.triton.short_conv, .norms, .swiglu), so torch.compile(fullgraph=True) traces
 through both paths. gated_rms_norm_linear is one custom op on both paths
-(linattn::gated_norm_linear): its backward recomputes what its forward did not keep.
+(linattn::gated_norm_linear), gated_rms_norm_linear_projected another
+(linattn::projected_gate_norm_linear): their backwards recompute what their forwards did not
+keep.
 
 Numerics: the PyTorch paths round where PyTorch's modules do (the conv's taps in x's dtype,
 the norm in float32 rounded to x's dtype before the gate); the Triton paths compute in float32
@@ -303,20 +307,7 @@ def gated_rms_norm_linear(o: torch.Tensor, weight: torch.Tensor | None,
     proj_weight must have o's dtype. Returns [B, T, N].
     """
     _check_gated_norm(o, weight, gate, activation)
-    B, T, H, V = o.shape
-    _check_tensor("proj_weight", proj_weight, 2, f"[N, H * V = {H * V}]")
-    if proj_weight.shape[1] != H * V:
-        raise ValueError(f"proj_weight must be [N, H * V = {H * V}], got {tuple(proj_weight.shape)}")
-    if proj_bias is not None and tuple(proj_bias.shape) != (proj_weight.shape[0],):
-        raise ValueError(f"proj_bias must be [N={proj_weight.shape[0]}], got {tuple(proj_bias.shape)}")
-    device_type = o.device.type
-    if torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-    elif proj_weight.dtype != o.dtype:
-        raise TypeError(f"proj_weight ({proj_weight.dtype}) must have o's dtype ({o.dtype}) "
-                        "outside autocast")
-    else:
-        dt = o.dtype
+    dt = _check_projection(o, proj_weight, proj_bias)
     pw = proj_weight.to(dt)
     pb = proj_bias.to(dt) if proj_bias is not None else None
     gate = gate if activation is not None else None
@@ -327,6 +318,24 @@ def gated_rms_norm_linear(o: torch.Tensor, weight: torch.Tensor | None,
         return F.linear(y.to(dt), pw, pb)
     return _gated_norm_linear_op(o, weight, gate, pw, pb, float(eps), _GATE_CODES[activation],
                                  triton)
+
+
+def _check_projection(o, proj_weight, proj_bias) -> torch.dtype:
+    """Checks the out-projection's shapes against o [B, T, H, V]; returns the dtype it runs
+    in: autocast's under autocast, else o's (which proj_weight must have)."""
+    H, V = o.shape[2], o.shape[3]
+    _check_tensor("proj_weight", proj_weight, 2, f"[N, H * V = {H * V}]")
+    if proj_weight.shape[1] != H * V:
+        raise ValueError(f"proj_weight must be [N, H * V = {H * V}], got {tuple(proj_weight.shape)}")
+    if proj_bias is not None and tuple(proj_bias.shape) != (proj_weight.shape[0],):
+        raise ValueError(f"proj_bias must be [N={proj_weight.shape[0]}], got {tuple(proj_bias.shape)}")
+    device_type = o.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if proj_weight.dtype != o.dtype:
+        raise TypeError(f"proj_weight ({proj_weight.dtype}) must have o's dtype ({o.dtype}) "
+                        "outside autocast")
+    return o.dtype
 
 
 def _norm_rows(o, weight, gate, eps, act, triton):
@@ -346,6 +355,11 @@ def _gated_norm_linear_op(o: torch.Tensor, weight: Optional[torch.Tensor],
                           proj_bias: Optional[torch.Tensor], eps: float, act: int,
                           triton: bool) -> torch.Tensor:
     """gated_rms_norm_linear's forward: [B, T, N] in proj_weight's dtype."""
+    return _norm_linear(o, weight, gate, proj_weight, proj_bias, eps, act, triton)
+
+
+def _norm_linear(o, weight, gate, proj_weight, proj_bias, eps, act, triton):
+    """F.linear(the gated norm's output, proj_weight, proj_bias) outside autocast."""
     with torch.autocast(o.device.type, enabled=False):
         y = _norm_rows(o, weight, gate, eps, act, triton)
         return F.linear(y.to(proj_weight.dtype), proj_weight, proj_bias)
@@ -363,6 +377,13 @@ def _gated_norm_linear_backward_op(dy: torch.Tensor, o: torch.Tensor,
                                    has_bias: bool) -> list[torch.Tensor]:
     """[do, dweight, dgate, dproj_weight, dproj_bias], each like its input; an empty tensor
     stands for an absent weight, gate or bias."""
+    return _norm_linear_grads(dy, o, weight, gate, proj_weight, eps, act, triton, has_bias)
+
+
+def _norm_linear_grads(dy, o, weight, gate, proj_weight, eps, act, triton, has_bias):
+    """The gated norm then projection's gradients [do, dweight, dgate, dproj_weight,
+    dproj_bias] from the output's dy, the norm's output recomputed (empty tensors for absent
+    inputs)."""
     B, T, H, V = o.shape
     dy2 = dy.reshape(B * T, -1).to(proj_weight.dtype)
     with torch.autocast(o.device.type, enabled=False):
@@ -416,6 +437,124 @@ def _gated_norm_linear_backward(ctx, dy):
 
 _gated_norm_linear_op.register_autograd(_gated_norm_linear_backward,
                                         setup_context=_gated_norm_linear_setup)
+
+
+def gated_rms_norm_linear_projected(o: torch.Tensor, weight: torch.Tensor | None,
+                                    x: torch.Tensor, gate_weight: torch.Tensor,
+                                    gate_bias: torch.Tensor | None, activation: str, eps: float,
+                                    proj_weight: torch.Tensor,
+                                    proj_bias: torch.Tensor | None = None,
+                                    backend: str = "auto") -> torch.Tensor:
+    """gated_rms_norm_linear(o, weight, F.linear(x, gate_weight, gate_bias), activation, eps,
+    proj_weight, proj_bias) as one autograd node that keeps x instead of the gate: the
+    backward recomputes the gate (one GEMM) for the norm's backward and returns x's gradient
+    (dgate @ gate_weight, which autograd adds to x's other uses'), gate_weight's and
+    gate_bias's. Keeping x costs no memory where autograd keeps its storage anyway (a mixer's
+    input projections' shared copy, linattn.layers.base.projection_input).
+
+    o, weight, eps, proj_weight, proj_bias as gated_rms_norm_linear; activation "silu" or
+    "sigmoid"; x [B, T, D]; gate_weight [H * V, D]; gate_bias [H * V] or None. Under
+    autocast the gate's projection runs in autocast's dtype, as F.linear would; else
+    gate_weight must have x's dtype. Returns [B, T, N].
+    """
+    _check_tensor("o", o, 4, "[B, T, H, V]")
+    B, T, H, V = o.shape
+    if activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(GATE_ACTIVATIONS)} (a projected "
+                         f"gate), got {activation!r}")
+    _check_tensor("x", x, 3, f"[B={B}, T={T}, D]")
+    if tuple(x.shape[:2]) != (B, T):
+        raise ValueError(f"x must be [B={B}, T={T}, D], got {tuple(x.shape)}")
+    _check_tensor("gate_weight", gate_weight, 2, f"[H * V = {H * V}, D = {x.shape[2]}]")
+    if tuple(gate_weight.shape) != (H * V, x.shape[2]):
+        raise ValueError(f"gate_weight must be [H * V, D] = {(H * V, x.shape[2])}, got "
+                         f"{tuple(gate_weight.shape)}")
+    if gate_bias is not None and tuple(gate_bias.shape) != (H * V,):
+        raise ValueError(f"gate_bias must be [H * V = {H * V}], got {tuple(gate_bias.shape)}")
+    if weight is not None and tuple(weight.shape) != (V,):
+        raise ValueError(f"weight must be [V={V}], got {tuple(weight.shape)}")
+    dt = _check_projection(o, proj_weight, proj_bias)
+    if torch.is_autocast_enabled(o.device.type):
+        x, gate_weight = x.to(dt), gate_weight.to(dt)
+        gate_bias = gate_bias.to(dt) if gate_bias is not None else None
+    elif gate_weight.dtype != x.dtype:
+        raise TypeError(f"gate_weight ({gate_weight.dtype}) must have x's dtype ({x.dtype}) "
+                        "outside autocast")
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            o, weight, x, gate_weight, gate_bias, proj_weight, proj_bias))):
+        return gated_rms_norm_linear(o, weight, F.linear(x, gate_weight, gate_bias), activation,
+                                     eps, proj_weight, proj_bias, backend=backend)
+    pw = proj_weight.to(dt)
+    pb = proj_bias.to(dt) if proj_bias is not None else None
+    return _projected_gate_norm_linear_op(o, weight, x, gate_weight, gate_bias, pw, pb,
+                                          float(eps), _GATE_CODES[activation],
+                                          takes_triton(o, backend))
+
+
+@torch.library.custom_op("linattn::projected_gate_norm_linear", mutates_args=())
+def _projected_gate_norm_linear_op(o: torch.Tensor, weight: Optional[torch.Tensor],
+                                   x: torch.Tensor, gate_weight: torch.Tensor,
+                                   gate_bias: Optional[torch.Tensor], proj_weight: torch.Tensor,
+                                   proj_bias: Optional[torch.Tensor], eps: float, act: int,
+                                   triton: bool) -> torch.Tensor:
+    """gated_rms_norm_linear_projected's forward: [B, T, N] in proj_weight's dtype."""
+    with torch.autocast(o.device.type, enabled=False):
+        gate = F.linear(x, gate_weight, gate_bias)
+    return _norm_linear(o, weight, gate, proj_weight, proj_bias, eps, act, triton)
+
+
+@_projected_gate_norm_linear_op.register_fake
+def _(o, weight, x, gate_weight, gate_bias, proj_weight, proj_bias, eps, act, triton):
+    return o.new_empty(*o.shape[:2], proj_weight.shape[0], dtype=proj_weight.dtype)
+
+
+@torch.library.custom_op("linattn::projected_gate_norm_linear_backward", mutates_args=())
+def _projected_gate_norm_linear_backward_op(
+        dy: torch.Tensor, o: torch.Tensor, weight: Optional[torch.Tensor], x: torch.Tensor,
+        gate_weight: torch.Tensor, gate_bias: Optional[torch.Tensor], proj_weight: torch.Tensor,
+        eps: float, act: int, triton: bool, has_proj_bias: bool) -> list[torch.Tensor]:
+    """[do, dweight, dx, dgate_weight, dgate_bias, dproj_weight, dproj_bias], each like its
+    input; an empty tensor stands for an absent weight or bias. The gate is recomputed from
+    x, and its gradient goes back through the projection as F.linear's backward does."""
+    with torch.autocast(o.device.type, enabled=False):
+        gate = F.linear(x, gate_weight, gate_bias)
+    do, dw, dg, dpw, dpb = _norm_linear_grads(dy, o, weight, gate, proj_weight, eps, act,
+                                              triton, has_proj_bias)
+    with torch.autocast(o.device.type, enabled=False):
+        dg2 = dg.reshape(-1, dg.shape[-1]).to(gate_weight.dtype)
+        dx = (dg2 @ gate_weight).view(x.shape)
+        dgw = dg2.t() @ x.reshape(-1, x.shape[-1])
+        dgb = dg2.sum(0) if gate_bias is not None else o.new_empty(0)
+    return [do, dw, dx, dgw, dgb, dpw, dpb]
+
+
+@_projected_gate_norm_linear_backward_op.register_fake
+def _(dy, o, weight, x, gate_weight, gate_bias, proj_weight, eps, act, triton, has_proj_bias):
+    return [o.new_empty(o.shape),
+            weight.new_empty(weight.shape) if weight is not None else o.new_empty(0),
+            x.new_empty(x.shape), gate_weight.new_empty(gate_weight.shape),
+            gate_bias.new_empty(gate_bias.shape) if gate_bias is not None else o.new_empty(0),
+            proj_weight.new_empty(proj_weight.shape),
+            proj_weight.new_empty(proj_weight.shape[0]) if has_proj_bias else o.new_empty(0)]
+
+
+def _projected_gate_setup(ctx, inputs, output):
+    o, weight, x, gate_weight, gate_bias, proj_weight, proj_bias, eps, act, triton = inputs
+    ctx.save_for_backward(o, weight, x, gate_weight, gate_bias, proj_weight)
+    ctx.args = (eps, act, triton, proj_bias is not None)
+
+
+def _projected_gate_backward(ctx, dy):
+    o, weight, x, gate_weight, gate_bias, proj_weight = ctx.saved_tensors
+    do, dw, dx, dgw, dgb, dpw, dpb = _projected_gate_norm_linear_backward_op(
+        dy, o, weight, x, gate_weight, gate_bias, proj_weight, *ctx.args)
+    return (do, dw if weight is not None else None, dx, dgw,
+            dgb if gate_bias is not None else None, dpw, dpb if ctx.args[3] else None,
+            None, None, None)
+
+
+_projected_gate_norm_linear_op.register_autograd(_projected_gate_backward,
+                                                 setup_context=_projected_gate_setup)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:

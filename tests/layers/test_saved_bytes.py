@@ -18,9 +18,12 @@ Per token and layer at d_model d, H heads of K (keys) and V (values), bf16 activ
                     the norm's output instead of keeping another 2 HV)
 
 save_for_backward="recompute" drops the op's intermediates and, the short conv and the op
-running as one node (linattn.ops.conv_delta), the op's copies of q, k, v: 2 (2HK + HV) less.
-At d 768, 6 heads of 128: gated_deltanet 20088 -> 9312 (attention 8728), deltanet 19992 ->
-9240, mom 74330 -> 38930 (its q, k, v copies: 3 (token, memory) pairs a token).
+running as one node (linattn.ops.conv_delta), the op's copies of q, k, v: 2 (2HK + HV) less;
+and the gate z: the output norm keeps x's shared copy (kept anyway) and recomputes z in its
+backward (linattn.ops.fused.gated_rms_norm_linear_projected), 2 HV less in every mixer with a
+projected gate. At d 768, 6 heads of 128: gated_deltanet 20088 -> 7776 (attention 8728),
+deltanet 19992 -> 7704, mom 74330 -> 37394 (its q, k, v copies: 3 (token, memory) pairs a
+token).
 """
 import pytest
 import torch
@@ -43,6 +46,9 @@ BOUNDS = {"attention": 904, "linear": 1102, "lightning": 1096, "gla": 1152, "hgr
 # that needs no denominator, not its default)
 NORMED = ["lightning", "gla", "hgrn2", "mlstm", "mlstm_sig", "deltanet",
           "gated_deltanet", "mom"]
+# the mixers whose output norm is gated by a projection of x, and that projection
+GATE_PROJ = {"lightning": "u_proj", "gla": "r_proj", "mlstm": "z_proj", "mlstm_sig": "z_proj",
+             "deltanet": "z_proj", "gated_deltanet": "z_proj", "mom": "z_proj"}
 
 
 def _layer(name, save_for_backward="states"):
@@ -90,16 +96,33 @@ def test_audit_sums_match_the_measurement():
 def test_recompute_keeps_the_conv_input_and_not_q_k_v(name):
     """save_for_backward="recompute": neither the op's intermediates (gate cumsum, the
     chunks' inverses, states, U') nor its copies of q, k, v (the conv and the op are one node
-    that keeps the conv's input)."""
+    that keeps the conv's input), nor the output norm's gate z (recomputed from x)."""
     H = HEADS
     K = V = D_MODEL // HEADS
     op = 4 * H * (name == "gated_deltanet") + 4 * H * 64 + 2 * H * K * V // 64 + 2 * H * V
     qkv = 2 * (2 * H * K + H * V)
+    z = 2 * H * V
     states = _per_token(_layer(name))
     recompute = _per_token(_layer(name, "recompute"))
     print(name, states, recompute)
-    assert states["total"] - recompute["total"] == op + qkv, (states, recompute)
+    assert states["total"] - recompute["total"] == op + qkv + z, (states, recompute)
     assert "conv" not in recompute and recompute[""] == states[""]  # x's copy moved, q, k, v gone
+    assert states["out_norm"] - recompute["out_norm"] == z             # o stays, z goes
+
+
+@pytest.mark.parametrize("name", sorted(GATE_PROJ))
+def test_recompute_keeps_x_and_not_the_gate(name):
+    """save_for_backward="recompute": the output norm and out-projection keep x's shared copy,
+    which the input projections keep already (one storage, counted once), instead of the gate:
+    2 HV bytes per token fewer than with the gate projection hooked (which keeps the gate)."""
+    layer = _layer(name, "recompute")
+    fused = _per_token(layer)["total"]
+    handle = getattr(layer, GATE_PROJ[name]).register_forward_pre_hook(lambda m, a: None)
+    try:
+        kept = _per_token(layer)["total"]
+    finally:
+        handle.remove()
+    assert kept - fused == 2 * layer.o_proj.in_features, (kept, fused)
 
 
 def test_mom_recompute_drops_every_pairs_q_k_v():

@@ -74,6 +74,18 @@ def test_every_mixer_compiles_fullgraph_and_matches_eager(dtype, layers):
     _check(model, compiled, ids, dtype)
 
 
+def test_recompute_mixers_compile_fullgraph_and_match_eager():
+    """save_for_backward="recompute": the gated mixers' output norm recomputes the gate from x
+    in its backward (linattn::projected_gate_norm_linear), traced without a graph break."""
+    torch._dynamo.reset()
+    layers = ["lightning", "gla", "mlstm", "gated_deltanet"]
+    model = _model(torch.float32, layers=layers, n_layers=len(layers),
+                   save_for_backward="recompute")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, VOCAB, (2, T), generator=helpers.seeded(1))
+    _check(model, compiled, ids, torch.float32)
+
+
 # CUDA graphs refuse MoM (its packed sequences' lengths depend on the routing):
 # tests/test_train_compile.py checks the error; MoM compiles with mode "default" here.
 GPU_COMPILE_CASES = [(mode, mixer) for mode in ("default", "reduce-overhead")

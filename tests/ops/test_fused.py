@@ -586,6 +586,118 @@ def test_gated_norm_linear_traces_without_graph_breaks():
             torch.testing.assert_close(a, b)
 
 
+def _projected_inputs(dtype, bias, seed=6, D=13):
+    """(o, weight, x, gate_weight, gate_bias, proj_weight, proj_bias): gated_rms_norm_linear's
+    inputs with the gate a projection of x [B, T, D]."""
+    o, w, _, pw, pb = _norm_linear_inputs(dtype, "silu", bias, seed=seed)
+    gen = helpers.seeded(seed + 2)
+    B, T, H, V = o.shape
+    x = helpers.randn(B, T, D, gen=gen).to(dtype).requires_grad_()
+    gw = helpers.randn(H * V, D, gen=gen, scale=D ** -0.5).to(dtype).requires_grad_()
+    gb = helpers.randn(H * V, gen=gen).to(dtype).requires_grad_() if bias else None
+    return o, w, x, gw, gb, pw, pb
+
+
+def _present(*ts):
+    return [t for t in ts if t is not None]
+
+
+def _assert_equal_values_and_grads(got, want, leaves, names):
+    assert torch.equal(got, want), (got - want).abs().max()
+    dy = torch.randn_like(want)
+    for n, a, b in zip(names, torch.autograd.grad(got, leaves, dy),
+                       torch.autograd.grad(want, leaves, dy)):
+        assert a.dtype == b.dtype, n
+        assert torch.equal(a, b), f"d{n} differs by {(a.double() - b.double()).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("activation", ["silu", "sigmoid"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_projected_gate_norm_linear_equals_the_unfused_composition(activation, bias, backend,
+                                                                   dtype):
+    """Bitwise the values and every gradient (o, the norm's weight, x, the gate's weight and
+    bias, the out-projection's weight and bias) of
+    F.linear(gated_rms_norm(o, w, F.linear(x, gw, gb)), pw, pb): the backward recomputes the
+    gate and takes its gradient back through the projection as F.linear's backward does."""
+    o, w, x, gw, gb, pw, pb = _projected_inputs(dtype, bias)
+    leaves = _present(o, w, x, gw, gb, pw, pb)
+    names = _present("o", "weight", "x", "gate_weight", gb is not None and "gate_bias",
+                     "proj_weight", pb is not None and "proj_bias")
+    got = fused.gated_rms_norm_linear_projected(o, w, x, gw, gb, activation, 1e-6, pw, pb,
+                                                backend=backend)
+    gate = F.linear(x, gw, gb)
+    want = F.linear(fused.gated_rms_norm(o, w, gate, activation, 1e-6, backend=backend), pw, pb)
+    _assert_equal_values_and_grads(got, want, leaves, names)
+    with torch.no_grad():
+        assert torch.equal(fused.gated_rms_norm_linear_projected(
+            o, w, x, gw, gb, activation, 1e-6, pw, pb, backend=backend), want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_projected_gate_norm_linear_under_bf16_autocast(backend):
+    """Under autocast the gate's projection runs in bf16 as F.linear would: bitwise the
+    unprojected node on autocast's gate, gradients flowing to the float32 weights."""
+    o, w, x, gw, _, pw, _ = _projected_inputs(torch.float32, False)
+    ob = o.detach().bfloat16().requires_grad_()
+    xb = x.detach().bfloat16().requires_grad_()        # the mixers' shared bf16 copy of x
+    leaves = [ob, w, xb, gw, pw]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused.gated_rms_norm_linear_projected(ob, w, xb, gw, None, "silu", 1e-6, pw,
+                                                    backend=backend)
+        want = fused.gated_rms_norm_linear(ob, w, F.linear(xb, gw), "silu", 1e-6, pw,
+                                           backend=backend)
+    assert got.dtype == torch.bfloat16
+    _assert_equal_values_and_grads(got, want, leaves, ["o", "weight", "x", "gate_weight",
+                                                       "proj_weight"])
+
+
+def test_projected_gate_norm_linear_rejects_bad_input():
+    o, w, x, gw, _, pw, _ = (t.detach() if t is not None else None
+                             for t in _projected_inputs(torch.float32, False))
+    with pytest.raises(ValueError, match="activation"):
+        fused.gated_rms_norm_linear_projected(o, w, x, gw, None, None, 1e-6, pw)
+    with pytest.raises(ValueError, match="x must be"):
+        fused.gated_rms_norm_linear_projected(o, w, x[:, 1:], gw, None, "silu", 1e-6, pw)
+    with pytest.raises(ValueError, match="gate_weight"):
+        fused.gated_rms_norm_linear_projected(o, w, x, gw[1:], None, "silu", 1e-6, pw)
+    with pytest.raises(ValueError, match="gate_bias"):
+        fused.gated_rms_norm_linear_projected(o, w, x, gw, torch.zeros(3), "silu", 1e-6, pw)
+    with pytest.raises(ValueError, match="proj_weight"):
+        fused.gated_rms_norm_linear_projected(o, w, x, gw, None, "silu", 1e-6, pw[:, 1:])
+    with pytest.raises(TypeError, match="outside autocast"):
+        fused.gated_rms_norm_linear_projected(o, w, x, gw.double(), None, "silu", 1e-6, pw)
+
+
+def test_projected_gate_norm_linear_ops_pass_opcheck():
+    """The Triton path (the PyTorch path's backward runs torch.func.vjp, which opcheck's
+    cross-checks cannot read; the compile test traces it)."""
+    o, w, x, gw, gb, pw, pb = (t.detach() for t in _projected_inputs(torch.float32, True))
+    args = [t.requires_grad_() for t in (o, w, x, gw, gb, pw, pb)] + [1e-6, 1, True]
+    torch.library.opcheck(fused._projected_gate_norm_linear_op, tuple(args))
+    dy = torch.randn(*o.shape[:2], pw.shape[0])
+    torch.library.opcheck(fused._projected_gate_norm_linear_backward_op,
+                          (dy, o.detach(), w.detach(), x.detach(), gw.detach(), gb.detach(),
+                           pw.detach(), 1e-6, 1, True, True))
+
+
+def test_projected_gate_norm_linear_traces_without_graph_breaks():
+    o, w, x, gw, gb, pw, _ = _projected_inputs(torch.float32, True)
+    leaves = [o, w, x, gw, gb, pw]
+
+    def f(o, w, x, gw, gb, pw, backend):
+        return fused.gated_rms_norm_linear_projected(o, w, x, gw, gb, "silu", 1e-6, pw,
+                                                     backend=backend).sum()
+
+    for backend in ("torch", "triton"):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        want, got = f(*leaves, backend), compiled(*leaves, backend)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+            torch.testing.assert_close(a, b)
+
+
 @GPU
 def test_gated_norm_linear_gpu():
     """The 12-layer d_model 768 model's shape under bf16 autocast: equal to the unfused
