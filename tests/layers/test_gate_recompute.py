@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from linattn.layers import MIXERS
+from mixer_cases import D_MODEL, build
 from linattn.layers.norms import GatedOutputNorm
 
-D_MODEL, HEADS = 32, 2
 # each gated mixer's gate projection
 GATE_PROJ = {"lightning": "u_proj", "gla": "r_proj", "mlstm": "z_proj", "mlstm_sig": "z_proj",
              "deltanet": "z_proj", "gated_deltanet": "z_proj", "mom": "z_proj"}
@@ -25,14 +24,7 @@ NODE = "projected_gate_norm_linear"
 
 
 def _layer(name, save_for_backward):
-    torch.manual_seed(0)
-    m = MIXERS[name](D_MODEL, HEADS, backend="torch", save_for_backward=save_for_backward)
-    m = m.double()
-    with torch.no_grad():
-        for pname, p in m.named_parameters():
-            if pname.endswith("norm.weight") or pname.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return m
+    return build((name, {}), backend="torch", save_for_backward=save_for_backward)
 
 
 def _nodes(root):

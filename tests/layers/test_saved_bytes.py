@@ -117,11 +117,7 @@ def test_recompute_keeps_x_and_not_the_gate(name):
     2 HV bytes per token fewer than with the gate projection hooked (which keeps the gate)."""
     layer = _layer(name, "recompute")
     fused = _per_token(layer)["total"]
-    handle = getattr(layer, GATE_PROJ[name]).register_forward_pre_hook(lambda m, a: None)
-    try:
-        kept = _per_token(layer)["total"]
-    finally:
-        handle.remove()
+    kept = _per_token_hooked(layer, getattr(layer, GATE_PROJ[name]))
     assert kept - fused == 2 * layer.o_proj.in_features, (kept, fused)
 
 
@@ -137,17 +133,23 @@ def test_mom_recompute_drops_every_pairs_q_k_v():
     assert "conv" not in recompute
 
 
+def _per_token_hooked(layer, module):
+    """_per_token(layer)'s total with a no-op forward pre-hook on `module`, which sends the
+    fused output node back to the unfused composition."""
+    handle = module.register_forward_pre_hook(lambda m, a: None)
+    try:
+        return _per_token(layer)["total"]
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("name", NORMED)
 def test_fused_out_projection_drops_the_norm_output(name):
     """A hooked o_proj takes the unfused path (linear(norm(o, z))), which keeps the norm's
     output for the weight gradient: 2 HV bytes per token more."""
     layer = _layer(name)
     fused = _per_token(layer)["total"]
-    handle = layer.o_proj.register_forward_pre_hook(lambda m, a: None)
-    try:
-        unfused = _per_token(layer)["total"]
-    finally:
-        handle.remove()
+    unfused = _per_token_hooked(layer, layer.o_proj)
     assert unfused - fused == 2 * layer.o_proj.in_features, (unfused, fused)
 
 
