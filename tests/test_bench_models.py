@@ -253,6 +253,19 @@ def test_after_the_shared_warm_up_each_cases_first_row_tunes_again(tmp_path):
     assert set(result["warmup_s"]) == {"attention", "gla"}
 
 
+def test_compiled_warm_up_runs_at_the_first_rows_shape(tmp_path):
+    """--compile: one static graph per shape, so the warm-up compiles the first row's [B, T],
+    not [1, min T]."""
+    pool = FakePool()
+    args = bm.parse_args(["--smoke", "--compile", "--jobs", "8", "--out", str(tmp_path)])
+    settings = dict(bm.SETTINGS["smoke"], T=(64, 32))
+    bm.run(args, bm.select_cases("attention,gla", False), bm.SIZES["smoke"], settings, _with(pool))
+    warm = [r for r in pool.requests if r.get("warm")]
+    B = settings["tokens"] // 64
+    assert [(r["case"], r["B"], r["T"], r["compile"]) for r in warm] == [
+        ("attention", B, 64, True), ("gla", B, 64, True)]
+
+
 def test_a_warm_up_timeout_beside_the_others_does_not_cost_the_rows(tmp_path):
     pool = FakePool(timeouts={"gla"})
     args = bm.parse_args(["--smoke", "--jobs", "2", "--out", str(tmp_path)])

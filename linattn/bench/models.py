@@ -32,8 +32,8 @@ timing only (its gradients may be wrong there).
 
 Every case runs in its own worker process (linattn.bench.runner's WorkerPool), kept across
 its rows: a crash or a hang costs that case's rows, never the run. Before the rows, every case
-runs one forward+backward at batch 1 (--jobs at a time) so the Triton compiles of all cases
-overlap; each case's first row then forgets the autotuners' choices (made under that load)
+runs one forward+backward at batch 1 (--jobs at a time; with --compile at the first row's shape,
+at most 3 at a time) so the Triton and inductor compiles of all cases overlap; each case's first row then forgets the autotuners' choices (made under that load)
 and tunes again alone in its warm-up steps. On the GPU a row runs with every other worker
 closed (idle workers' CUDA contexts and caches would take the card's memory and pressure the
 allocator of the row being timed); a case's rows run together, so its worker serves all of
@@ -69,6 +69,7 @@ from .runner import EXIT_NO_GPU, Job, Machine, clear_autotune_caches, run_rows, 
 TOKENS = 16384
 DEFAULT_T = (8192, 2048)                  # each case's rows in this order
 LR = 1e-4
+COMPILE_WARM_JOBS = 3                     # --compile warm-ups at once: each a full step's memory
 WORKER_ARGV = [sys.executable, "-m", "linattn.bench", "--models", "--worker"]
 
 SIZES = {
@@ -334,13 +335,18 @@ def run(args, cases: list, size: ModelSize, s: dict, machine: Machine | None = N
     retuned = set()
 
     def start():
-        """One forward+backward of every case at [1, min T], --jobs at once (their Triton
-        compiles overlap)."""
+        """One forward+backward of every case, --jobs at once (their Triton compiles overlap):
+        at [1, min T]; with --compile at the first row's [B, T] (torch.compile keeps one static
+        graph per shape: the graph the row runs lands in inductor's disk caches, which the
+        row's own worker then hits), at most COMPILE_WARM_JOBS at once (each holds a whole
+        training step's activations)."""
         if warmed:
-            T = min(s["T"])
-            print(f"compile warm-up at B1 T{T}: {len(runnable)} cases, {args.jobs} at a time", flush=True)
-            result["warmup_s"] = warm_up(pool, runnable, lambda n: {**base, "case": n, "B": 1, "T": T, "warm": True},
-                                         jobs=args.jobs, timeout=args.timeout, deadline=deadline,
+            T = s["T"][0] if args.compile else min(s["T"])
+            B = max(1, s["tokens"] // T) if args.compile else 1
+            jobs = min(args.jobs, COMPILE_WARM_JOBS) if args.compile else args.jobs
+            print(f"compile warm-up at B{B} T{T}: {len(runnable)} cases, {jobs} at a time", flush=True)
+            result["warmup_s"] = warm_up(pool, runnable, lambda n: {**base, "case": n, "B": B, "T": T, "warm": True},
+                                         jobs=jobs, timeout=args.timeout, deadline=deadline,
                                          retry_alone=False)
 
     def prepare(job) -> dict:
