@@ -32,12 +32,13 @@ timing only (its gradients may be wrong there).
 
 Every case runs in its own worker process (linattn.bench.runner's WorkerPool), kept across
 its rows: a crash or a hang costs that case's rows, never the run. Before the rows, every case
-runs one forward+backward at batch 1 (--jobs at a time; with --compile at the first row's shape,
-at most 3 at a time) so the Triton and inductor compiles of all cases overlap; each case's first row then forgets the autotuners' choices (made under that load)
-and tunes again alone in its warm-up steps. On the GPU a row runs with every other worker
-closed (idle workers' CUDA contexts and caches would take the card's memory and pressure the
-allocator of the row being timed); a case's rows run together, so its worker serves all of
-them. Cases run in CASES order, within --timeout each row and --budget overall; a row that
+runs one forward+backward at batch 1 (--jobs at a time; with --compile at the first row's
+shape, at most 3 at a time) so the Triton and inductor compiles of all cases overlap and land
+in their disk caches. On the GPU a row runs with every other worker closed (idle workers' CUDA
+contexts and caches would take the card's memory and pressure the allocator of the row being
+timed), so a case's first row starts a new worker, which loads the compiled kernels from disk
+and autotunes alone in its warm-up steps (where a worker lives on, its autotuners' choices are
+forgotten first); a case's rows run together, so its worker serves all of them. Cases run in CASES order, within --timeout each row and --budget overall; a row that
 cannot run records why. Each row records the device memory free when it began
 (device_free_gib). A run that must fit a short time box can take one T per command (--T).
 
