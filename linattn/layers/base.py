@@ -171,6 +171,9 @@ def projection_input(x: torch.Tensor):
     return lambda: _SharedCopy.apply(x, copy)
 
 
+FUSED_ROW_ALIGN = 16  # fused_projections' output width: a multiple of this many elements
+
+
 def plain_linear(module) -> bool:
     """Whether module is an nn.Linear (not a subclass) without forward hooks of its own, whose
     math the fused nodes may run from its weight and bias."""
@@ -183,16 +186,21 @@ def fused_projections(xin, *linears: nn.Module) -> tuple[torch.Tensor, ...] | No
     one GEMM forward, one dgrad and one wgrad in place of one each, and x read once. Returns
     their outputs, views [..., out_features] of the one output (rows strided by the sum of
     the out_features), or None when any of linears is not plain_linear (a wrapped or hooked
-    projection: the caller then calls each)."""
+    projection: the caller then calls each). The output's width is padded with zero columns
+    to a multiple of FUSED_ROW_ALIGN, so each row of it starts 16-byte aligned for the
+    kernels that read the views in place (the short conv's vector loads)."""
     if not all(plain_linear(m) for m in linears):
         return None
-    weight = torch.cat([m.weight for m in linears])
+    widths = [m.out_features for m in linears]
+    pad = -sum(widths) % FUSED_ROW_ALIGN
+    first = linears[0].weight
+    weight = torch.cat([m.weight for m in linears] + [first.new_zeros(pad, first.shape[1])])
     bias = None
     if any(m.bias is not None for m in linears):
         bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
-                          for m in linears])
-    y = F.linear(xin(), weight, bias)
-    return y.split([m.out_features for m in linears], dim=-1)
+                          for m in linears] + [first.new_zeros(pad)])
+    y = F.linear(xin(), weight, bias)                      # [..., sum(widths) + pad]
+    return y.split(widths + [pad], dim=-1)[:len(linears)]
 
 
 def gate_dtype(x: torch.Tensor) -> torch.dtype:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mixer_cases import D_MODEL, build
-from linattn.layers.base import fused_projections, projection_input
+from linattn.layers.base import FUSED_ROW_ALIGN, fused_projections, projection_input
 from linattn.layers.norms import GatedOutputNorm
 from linattn.layers.short_conv import ShortConv
 
@@ -135,6 +135,7 @@ def test_fused_projections_matches_each_linear():
     for lin, out in zip(lins, outs):
         torch.testing.assert_close(out, lin(x), rtol=1e-12, atol=1e-14)
         assert out.shape == (2, 4, lin.out_features)
+        assert out.stride(-2) % FUSED_ROW_ALIGN == 0          # rows 16-byte aligned (10 -> 16)
     assert fused_projections(lambda: x, lins[0], lins[2])[0].shape == (2, 4, 5)
 
     class Wrapped(nn.Linear):

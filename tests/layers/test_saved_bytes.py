@@ -14,7 +14,9 @@ Per token and layer at d_model d, H heads of K (keys) and V (values), bf16 activ
                     16 H     beta, g and their pre-activations (float32)
                     4 H      b and a (bf16): the projections run as one GEMM
                              (linattn.layers.base.fused_projections) whose output the conv's
-                             input and z are views of, one storage kept whole (2 H in DeltaNet)
+                             input and z are views of, one storage kept whole (2 H in DeltaNet),
+                             with its zero columns padding the width to a multiple of
+                             FUSED_ROW_ALIGN (2 bytes each)
                     the op (save_for_backward="states"): 4H gate cumsum, 4 H 64 the chunks'
                     inverses, 2 H K V / 64 chunk states, 2 HV the corrected values U'
                     2 HV o, 2 HV the gate z (the output norm; the out-projection recomputes
@@ -24,8 +26,8 @@ save_for_backward="recompute" drops the op's intermediates and, the short conv a
 running as one node (linattn.ops.conv_delta), the op's copies of q, k, v: 2 (2HK + HV) less;
 and the gate z: the output norm keeps x's shared copy (kept anyway) and recomputes z in its
 backward (linattn.ops.fused.gated_rms_norm_linear_projected), 2 HV less in every mixer with a
-projected gate. At d 768, 6 heads of 128: gated_deltanet 20112 -> 7800 (attention 8728),
-deltanet 20004 -> 7716, mom 74330 -> 37394 (its q, k, v copies: 3 (token, memory) pairs a
+projected gate. At d 768, 6 heads of 128: gated_deltanet 20120 -> 7808 (attention 8728),
+deltanet 20024 -> 7736, mom 74330 -> 37394 (its q, k, v copies: 3 (token, memory) pairs a
 token).
 """
 import pytest
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from linattn.layers import MIXERS
+from linattn.layers.base import FUSED_ROW_ALIGN
 from linattn.layers.norms import GatedOutputNorm
 from linattn.layers.short_conv import ShortConv
 from linattn.memory import per_token, saved_for_backward, total_bytes
@@ -43,7 +46,7 @@ TOKENS = (64, 128)  # two whole chunks apart: per-token bytes from the differenc
 # bytes per token of one layer at D_MODEL, HEADS (bf16 autocast, Triton pieces); measured,
 # and for attention and gated_deltanet equal to the module docstring's sums
 BOUNDS = {"attention": 904, "linear": 1102, "lightning": 1096, "gla": 1152, "hgrn2": 1920,
-          "mlstm": 887, "mlstm_sig": 880, "deltanet": 1868, "gated_deltanet": 1904,
+          "mlstm": 887, "mlstm_sig": 880, "deltanet": 1896, "gated_deltanet": 1928,
           "mom": 6746}
 # the mixers ending in GatedOutputNorm then o_proj (linear attention does with a feature map
 # that needs no denominator, not its default)
@@ -77,7 +80,8 @@ def _audit_sums(d, H, K, V):
     HK, HV = H * K, H * V
     attention = 2 * d + 4 * 4 * K // 2 + 4 * 2 * d + 4 * H
     op = 4 * H + 4 * H * 64 + 2 * H * K * V // 64 + 2 * HV
-    gdn = 2 * d + 2 * 2 * (2 * HK + HV) + 16 * H + 4 * H + op + 2 * 2 * HV
+    pad = -(2 * HK + HV + HV + 2 * H) % FUSED_ROW_ALIGN          # qkv, z, b, a in one GEMM
+    gdn = 2 * d + 2 * 2 * (2 * HK + HV) + 16 * H + 4 * H + 2 * pad + op + 2 * 2 * HV
     return attention, gdn
 
 
@@ -105,10 +109,13 @@ def test_recompute_keeps_the_conv_input_and_not_q_k_v(name):
     op = 4 * H * (name == "gated_deltanet") + 4 * H * 64 + 2 * H * K * V // 64 + 2 * H * V
     qkv = 2 * (2 * H * K + H * V)
     z = 2 * H * V
+    n_ab = 2 if name == "gated_deltanet" else 1                        # b (and a) columns
+    # the one GEMM's zero columns: qkv, z, b, a in "states"; qkv, b, a in "recompute"
+    pads = [-(2 * H * K + H * V + w + n_ab * H) % FUSED_ROW_ALIGN for w in (H * V, 0)]
     states = _per_token(_layer(name))
     recompute = _per_token(_layer(name, "recompute"))
     print(name, states, recompute)
-    assert states["total"] - recompute["total"] == op + qkv + z, (states, recompute)
+    assert states["total"] - recompute["total"] == op + qkv + z + 2 * (pads[0] - pads[1]), (states, recompute)
     assert "conv" not in recompute                                     # q, k, v gone
     assert recompute["out_norm"] == 2 * H * V                          # o stays, z goes
 
