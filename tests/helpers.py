@@ -161,3 +161,16 @@ def cuda_kernels_launched(fn: Callable) -> set[str]:
         fn()
         torch.cuda.synchronize()
     return {event.name for event in prof.events()}
+
+
+def separate_projections(model):
+    """A no-op forward pre-hook on every DeltaNet's qkv_proj, which turns its fused input
+    projections (linattn.layers.base.fused_projections) off: its projections run as separate
+    GEMMs in both save_for_backward modes ("states" folds z into the GEMM, "recompute" does
+    not, so with the fold the two modes sum x's gradient in different orders)."""
+    from linattn.layers.deltanet import DeltaNet
+
+    for sub in model.modules():
+        if isinstance(sub, DeltaNet):
+            sub.qkv_proj.register_forward_pre_hook(lambda mod, args: None)
+    return model

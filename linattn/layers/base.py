@@ -28,6 +28,7 @@ long-context prefill. ``set_sequence_parallel(None)`` returns to the single-proc
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import BACKENDS, SAVE_FOR_BACKWARD
@@ -97,14 +98,17 @@ class Mixer(nn.Module):
         self.check_sequence_parallel(sp)
         self.sequence_parallel = sp
 
-    def gated_output(self, o: torch.Tensor, xin, gate_proj: nn.Module) -> torch.Tensor:
+    def gated_output(self, o: torch.Tensor, xin, gate_proj: nn.Module,
+                     gate: torch.Tensor | None = None) -> torch.Tensor:
         """The mixer's output self.out_norm(o, gate_proj(x), self.o_proj) (a GatedOutputNorm
-        and the out-projection), x = xin() (projection_input). With save_for_backward=
-        "recompute" the norm and out-projection keep x, whose storage the other projections
-        keep anyway, instead of the gate, and recompute the gate in their backward."""
+        and the out-projection), x = xin() (projection_input); gate, when given, is
+        gate_proj(x) already computed (fused_projections) and is used in place of calling
+        gate_proj. With save_for_backward="recompute" the norm and out-projection keep x,
+        whose storage the other projections keep anyway, instead of the gate, and recompute
+        the gate in their backward (a given gate is then not used)."""
         if self.save_for_backward == "recompute":
             return self.out_norm(o, gate_proj, self.o_proj, x=xin())
-        return self.out_norm(o, gate_proj(xin()), self.o_proj)
+        return self.out_norm(o, gate_proj(xin()) if gate is None else gate, self.o_proj)
 
     def parallel_op(self, name: str):
         """The SequenceParallelContext's op `name` ("linear_attention" or "delta_rule") with
@@ -165,6 +169,38 @@ def projection_input(x: torch.Tensor):
         return lambda: x
     copy = x.detach().to(dt)
     return lambda: _SharedCopy.apply(x, copy)
+
+
+FUSED_ROW_ALIGN = 16  # fused_projections' output width: a multiple of this many elements
+
+
+def plain_linear(module) -> bool:
+    """Whether module is an nn.Linear (not a subclass) without forward hooks of its own, whose
+    math the fused nodes may run from its weight and bias."""
+    return type(module) is nn.Linear and not module._forward_pre_hooks and not module._forward_hooks
+
+
+def fused_projections(xin, *linears: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """Each of linears applied to x = xin() (projection_input), as one F.linear with their
+    weights (and biases, zero where a linear has none) concatenated along the output dim:
+    one GEMM forward, one dgrad and one wgrad in place of one each, and x read once. Returns
+    their outputs, views [..., out_features] of the one output (rows strided by the sum of
+    the out_features), or None when any of linears is not plain_linear (a wrapped or hooked
+    projection: the caller then calls each). The output's width is padded with zero columns
+    to a multiple of FUSED_ROW_ALIGN, so each row of it starts 16-byte aligned for the
+    kernels that read the views in place (the short conv's vector loads)."""
+    if not all(plain_linear(m) for m in linears):
+        return None
+    widths = [m.out_features for m in linears]
+    pad = -sum(widths) % FUSED_ROW_ALIGN
+    first = linears[0].weight
+    weight = torch.cat([m.weight for m in linears] + [first.new_zeros(pad, first.shape[1])])
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                          for m in linears] + [first.new_zeros(pad)])
+    y = F.linear(xin(), weight, bias)                      # [..., sum(widths) + pad]
+    return y.split(widths + [pad], dim=-1)[:len(linears)]
 
 
 def gate_dtype(x: torch.Tensor) -> torch.dtype:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import delta_rule
-from .base import Mixer, gate_dtype, make_dims, projection_input
+from .base import Mixer, fused_projections, gate_dtype, make_dims, projection_input
 from .norms import GatedOutputNorm
 from .short_conv import ShortConv
 
@@ -82,12 +82,12 @@ class DeltaNet(Mixer):
         HK = self.n_heads * self.key_dim
         S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
         xin = projection_input(x)
-        qkv = self.qkv_proj(xin())                                       # [B, T, 2HK + HV]
+        qkv, b, a, z = self.project(xin)
         gdt = gate_dtype(x)
-        beta = torch.sigmoid(self.b_proj(xin()).to(gdt))                 # [B, T, H]
+        beta = torch.sigmoid(b.to(gdt))                                  # [B, T, H]
         g = None
         if self.gated:
-            g = mamba2_log_decay(self.a_proj(xin()).to(gdt), self.A_log, self.dt_bias)
+            g = mamba2_log_decay(a.to(gdt), self.A_log, self.dt_bias)
         if self.save_for_backward == "recompute" and self.sequence_parallel is None:
             # the conv and the op as one node that keeps the conv's input, not q, k, v
             o, S, conv_state = self.conv.delta_rule(
@@ -107,8 +107,25 @@ class DeltaNet(Mixer):
             o, S = run(q, k, v, beta, g, initial_state=S0, output_final_state=return_state,
                        cu_seqlens=cu_seqlens, backend=self.backend,
                        save_for_backward=self.save_for_backward)
-        y = self.gated_output(o, xin, self.z_proj)
+        y = self.gated_output(o, xin, self.z_proj, gate=z)
         return y, ({"S": S, "conv": conv_state} if return_state else None)
+
+    def project(self, xin):
+        """The input projections of x = xin(): (qkv [B, T, 2HK + HV], b [B, T, H], a [B, T, H]
+        or None without the decay, z [B, T, HV] or None where gated_output projects it), as
+        one GEMM (fused_projections) when the projections are plain nn.Linear, else one call
+        each, z then left to gated_output. With save_for_backward="recompute" gated_output
+        recomputes z from x, so z is not projected here."""
+        linears = [self.qkv_proj, self.b_proj] + ([self.a_proj] if self.gated else [])
+        with_z = self.save_for_backward != "recompute"
+        if with_z:
+            linears.append(self.z_proj)
+        outs = fused_projections(xin, *linears)
+        if outs is None:  # one call each, z left to gated_output
+            outs = [m(xin()) for m in linears[:len(linears) - with_z]] + [None]
+        qkv, b = outs[0], outs[1]
+        a = outs[2] if self.gated else None
+        return qkv, b, a, outs[-1] if with_z else None
 
 
 class GatedDeltaNet(DeltaNet):

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..ops.fused import (GATE_ACTIVATIONS, gated_rms_norm, gated_rms_norm_linear,
                          gated_rms_norm_linear_projected, rms_norm)
+from .base import plain_linear
 
 __all__ = ["GATE_ACTIVATIONS", "GatedOutputNorm", "RMSNorm", "rms_norm"]
 
@@ -58,20 +59,15 @@ class GatedOutputNorm(nn.Module):
                 linear: nn.Module | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
         w, eps = self.norm.weight, self.norm.eps
         if x is not None:
-            if self.activation is not None and _plain_linear(gate) and _plain_linear(linear):
+            if self.activation is not None and plain_linear(gate) and plain_linear(linear):
                 return gated_rms_norm_linear_projected(
                     o, w, x, gate.weight, gate.bias, self.activation, eps, linear.weight,
                     linear.bias, backend=self.backend)
             gate = gate(x)
         if linear is None:
             return gated_rms_norm(o, w, gate, self.activation, eps, backend=self.backend)
-        if not _plain_linear(linear):
+        if not plain_linear(linear):
             return linear(gated_rms_norm(o, w, gate, self.activation, eps, backend=self.backend))
         return gated_rms_norm_linear(o, w, gate, self.activation, eps, linear.weight,
                                      linear.bias, backend=self.backend)
 
-
-def _plain_linear(module) -> bool:
-    """Whether module is an nn.Linear (not a subclass) without forward hooks of its own, whose
-    math the fused nodes may run from its weight and bias."""
-    return type(module) is nn.Linear and not module._forward_pre_hooks and not module._forward_hooks

@@ -66,3 +66,4 @@ def flat_state(state):
     if isinstance(state, (tuple, list)):
         return [t for s in state for t in flat_state(s)]
     return [state] if isinstance(state, torch.Tensor) and state.is_floating_point() else []
+

@@ -118,8 +118,9 @@ TRITON_CASES = [("gated_deltanet", {}), ("deltanet", {}), ("mom", {})]
 @pytest.mark.parametrize("case", TRITON_CASES, ids=["gated_deltanet", "deltanet", "mom"])
 def test_recompute_equals_states_triton(case, packed):
     """The Triton conv and op in the interpreter (float32): the one node reruns the same
-    kernels, so values and gradients are bitwise the two nodes'."""
-    m, r = _pair(*case, "triton", torch.float32, conv_backend="triton")
+    kernels, so values and gradients are bitwise the two nodes' (the input projections as
+    separate GEMMs in both: separate_projections)."""
+    m, r = map(helpers.separate_projections, _pair(*case, "triton", torch.float32, conv_backend="triton"))
     _compare(m, r, torch.float32, packed, _equal)
 
 

@@ -1,8 +1,11 @@
 """LMConfig.save_for_backward: every linear mixer hands it to its op, so "recompute" trains
-the same model (bitwise, on the Triton kernels here in the interpreter) while autograd keeps
-less between forward and backward."""
+the same model (bitwise, on the Triton kernels here in the interpreter, the DeltaNet input
+projections as separate GEMMs in both modes: helpers.separate_projections) while autograd
+keeps less between forward and backward."""
 import pytest
 import torch
+
+import helpers
 
 from linattn.layers import MIXERS
 from linattn.models import CausalLM, LMConfig
@@ -16,7 +19,7 @@ def _step(mixer, save_for_backward):
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, mixer=mixer, mlp_ratio=0,
                    backend="triton", save_for_backward=save_for_backward)
-    model = CausalLM(cfg)
+    model = helpers.separate_projections(CausalLM(cfg))
     ids = torch.randint(0, 32, (1, 40), generator=torch.Generator().manual_seed(1))
     saved = []
 

@@ -120,6 +120,32 @@ def test_short_conv_matches_oracle(case, backend, dtype):
                                  dtype=dtype, grad_names=names, activations=("x", "cache"))
 
 
+@pytest.mark.parametrize("lengths", [None, [5, 0, 17, 3]])
+@pytest.mark.parametrize("norm_channels", [0, 32])
+def test_short_conv_reads_a_channel_slice_in_place(lengths, norm_channels):
+    """x a column slice of a wider [B, T, C'] (one projection of a fused GEMM's output): the
+    Triton conv reads its rows at their stride and gives the contiguous input's values and
+    gradients, the gradient of the wider tensor zero outside the slice."""
+    C, W, extra = 48, 4, 13
+    inputs, _ = _conv_inputs(2, 21, C + extra, W, lengths, cache=False)
+    wide = inputs["x"].float().requires_grad_()
+    weight = inputs["weight"][:C].float().requires_grad_()
+    cu = inputs["cu_seqlens"]
+    run = _conv_fn("triton", "silu", norm_channels, 16 if norm_channels else 0)
+    x = wide[..., 3:3 + C]
+    from linattn.ops.triton.short_conv import _row_view
+    assert not x.is_contiguous() and _row_view(x)[0] is x          # read in place, no copy
+    y, cache = run(x, weight, None, cu)
+    dy = torch.randn_like(y)
+    dwide, dw = torch.autograd.grad((y * dy).sum() + cache.sum(), [wide, weight])
+    xc = x.detach().contiguous().requires_grad_()
+    yc, cachec = run(xc, weight, None, cu)
+    dxc, dwc = torch.autograd.grad((yc * dy).sum() + cachec.sum(), [xc, weight])
+    assert torch.equal(y, yc) and torch.equal(cache, cachec) and torch.equal(dw, dwc)
+    assert torch.equal(dwide[..., 3:3 + C], dxc)
+    assert not dwide[..., :3].any() and not dwide[..., 3 + C:].any()
+
+
 CONV_NORM_CASES = [  # (B, T, C, W, lengths, cache, activation, norm_channels, norm_group)
     # q and k of 2 heads of 16, then v with a partial channel block
     (2, 33, 70, 4, None, True, "silu", 64, 16),

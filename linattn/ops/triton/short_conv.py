@@ -113,12 +113,12 @@ def _taps(w, c, mc, W: tl.constexpr):
 
 
 @triton.jit
-def _ld_x(x, cache, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr):
-    """x at global rows u [R] (int64) as float32 [R, BC]; rows before S come from cache row n
-    (or are 0)."""
+def _ld_x(x, cache, u, S, n, mr, c, mc, C, SX, W: tl.constexpr, HAS_CACHE: tl.constexpr):
+    """x (rows SX elements apart) at global rows u [R] (int64) as float32 [R, BC]; rows
+    before S come from cache row n (or are 0)."""
     inseq = u >= S
     # rows inside the sequence from x
-    v = tl.load(x + u[:, None] * C + c[None, :], mask=(mr & inseq)[:, None] & mc[None, :],
+    v = tl.load(x + u[:, None] * SX + c[None, :], mask=(mr & inseq)[:, None] & mc[None, :],
                 other=0.0).to(tl.float32)
     if HAS_CACHE:
         # rows before it from the cache: position u - S < 0 is cache slot W-1 + (u - S)
@@ -130,14 +130,14 @@ def _ld_x(x, cache, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.conste
 
 
 @triton.jit
-def _conv(x, cache, wt, u, S, n, mr, c, mc, C, W: tl.constexpr, HAS_CACHE: tl.constexpr):
+def _conv(x, cache, wt, u, S, n, mr, c, mc, C, SX, W: tl.constexpr, HAS_CACHE: tl.constexpr):
     """(z, xs) at rows u: z = sum_j w[:, j] x_{u-(W-1-j)} float32 [R, BC], and the tuple of
     the W shifted input tiles xs[j] = x_{u-(W-1-j)} it read."""
     z = tl.zeros([u.shape[0], c.shape[0]], dtype=tl.float32)
     xs = ()
     for j in tl.static_range(W):
         # tap j reads the input W-1-j rows back
-        xj = _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, W, HAS_CACHE)
+        xj = _ld_x(x, cache, u - (W - 1 - j), S, n, mr, c, mc, C, SX, W, HAS_CACHE)
         z += wt[j][None, :] * xj
         xs = xs + (xj,)
     return z, xs
@@ -191,13 +191,14 @@ def _check_group(BC: tl.constexpr, NORMED: tl.constexpr):
 
 
 @triton.jit
-def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, C0, C1, W: tl.constexpr,
+def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, SX, C0, C1, W: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
                           STAGES: tl.constexpr, HAS_CACHE: tl.constexpr, VARLEN: tl.constexpr,
                           SILU: tl.constexpr, NORMED: tl.constexpr, EPS: tl.constexpr):
     """Row tiles pid*STEPS ... pid*STEPS + STEPS-1 of BT rows x BC channels (of [C0, C1)) of
     batch b (grid cdiv(cdiv(T, BT), STEPS) x cdiv(C1 - C0, BC) x B), the loop on STAGES
-    pipeline stages. NORMED: BC is the group size and each row's tile is L2-normalised."""
+    pipeline stages. NORMED: BC is the group size and each row's tile is L2-normalised. x's
+    rows are SX elements apart (a view of a wider row), the other tensors' C."""
     _check_group(BC, NORMED)
     b = tl.program_id(2).to(tl.int64)
     c, mc = _cols(C0, C1, BC)
@@ -206,7 +207,7 @@ def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, C0, C1, W: tl.conste
     for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
         # the conv, then the activation
-        z, _ = _conv(x, cache, wt, u, S, n, mr, c, mc, C, W, HAS_CACHE)
+        z, _ = _conv(x, cache, wt, u, S, n, mr, c, mc, C, SX, W, HAS_CACHE)
         if SILU:
             z = z * tl.sigmoid(z)
         if NORMED:
@@ -218,7 +219,7 @@ def short_conv_fwd_kernel(x, w, cache, y, cu, seq_id, T, C, C0, C1, W: tl.conste
 
 
 @triton.jit
-def short_conv_dz_kernel(dy, x, w, cache, dz, dwp, cu, seq_id, T, C, C0, C1, NP,
+def short_conv_dz_kernel(dy, x, w, cache, dz, dwp, cu, seq_id, T, C, SX, C0, C1, NP,
                          W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                          STEPS: tl.constexpr, STAGES: tl.constexpr, HAS_CACHE: tl.constexpr,
                          VARLEN: tl.constexpr, SILU: tl.constexpr, NORMED: tl.constexpr,
@@ -226,7 +227,8 @@ def short_conv_dz_kernel(dy, x, w, cache, dz, dwp, cu, seq_id, T, C, C0, C1, NP,
     """Backward pass 1: dz of row tiles pid*STEPS ... pid*STEPS + STEPS-1 of channel block
     pid1 (of [C0, C1)), batch b (grid NP x cdiv(C1 - C0, BC) x B), and their dw[c, j] into
     dwp[b * NP + pid, c, j] (float32). The tile loop runs on STAGES pipeline stages. NORMED:
-    BC is the group size and dz goes through each row's L2 norm."""
+    BC is the group size and dz goes through each row's L2 norm. x's rows are SX elements
+    apart, the other tensors' C."""
     tl.static_assert(WP >= W)
     _check_group(BC, NORMED)
     b = tl.program_id(2).to(tl.int64)
@@ -240,7 +242,7 @@ def short_conv_dz_kernel(dy, x, w, cache, dz, dwp, cu, seq_id, T, C, C0, C1, NP,
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
         m = mr[:, None] & mc[None, :]
         # z from the W shifted input tiles, each loaded once
-        z, xs = _conv(x, cache, wt, u, S, n, mr, c, mc, C, W, HAS_CACHE)
+        z, xs = _conv(x, cache, wt, u, S, n, mr, c, mc, C, SX, W, HAS_CACHE)
         # dz: dy through the norm and silu'(z), stored for pass 2
         g = tl.load(dy + u[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
         g = _dz(g, z, SILU, NORMED, EPS)
@@ -319,11 +321,23 @@ def _segments(C: int, norm_channels: int, norm_group: int, itemsize: int):
     return [sg for sg in segs if sg[1] > sg[0]]
 
 
+def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(x [B, T, C] as the kernels read it, its row stride SX): rows u = b T + t at u * SX
+    with unit channel stride. x itself when its rows are so (contiguous, or a channel slice of
+    a wider [B, T, C'] such as one projection's columns of a fused GEMM's output), else a
+    contiguous copy (SX = C)."""
+    B, T, C = x.shape
+    sx = x.stride(1) if T > 1 else (x.stride(0) if B > 1 else C)
+    if x.stride(2) == 1 and sx >= C and (B == 1 or x.stride(0) == T * sx):
+        return x, sx
+    return x.contiguous(), C
+
+
 def _launch_fwd(x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     B, T, C = x.shape
     W = weight.shape[1]
     segs = _segments(C, norm_channels, norm_group, x.element_size())
-    x, weight = x.contiguous(), weight.contiguous()
+    (x, sx), weight = _row_view(x), weight.contiguous()
     y = empty(x.shape, dtype=x.dtype, device=x.device)
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
@@ -333,7 +347,7 @@ def _launch_fwd(x, weight, cache, cu_seqlens, silu, norm_channels, norm_group):
     for C0, C1, BC, warps, stages, normed in (segs if T else []):
         short_conv_fwd_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
             x, weight, cache_arg, y,
-            cu_seqlens if varlen else x, seq_id, T, C, C0, C1, W=W, BT=BLOCK_T, BC=BC,
+            cu_seqlens if varlen else x, seq_id, T, C, sx, C0, C1, W=W, BT=BLOCK_T, BC=BC,
             STEPS=TILES_PER_PROGRAM, STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen,
             SILU=silu, NORMED=normed, EPS=CONV_NORM_EPS, num_warps=warps)
     return y
@@ -343,7 +357,7 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_grou
     B, T, C = x.shape
     W = weight.shape[1]
     segs = _segments(C, norm_channels, norm_group, x.element_size())
-    dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
+    (x, sx), dy, weight = _row_view(x), dy.contiguous(), weight.contiguous()
     has_cache = cache is not None and W > 1
     varlen = cu_seqlens is not None
     seq_id = _seq_table(cu_seqlens, T) if varlen else x
@@ -364,7 +378,7 @@ def _launch_bwd(dy, x, weight, cache, cu_seqlens, silu, norm_channels, norm_grou
         else:
             BT, stages = plain_bt, BWD_STAGES
         short_conv_dz_kernel[(NP, triton.cdiv(C1 - C0, BC), B)](
-            dy, x, weight, cache_arg, dz, dwp, cu, seq_id, T, C,
+            dy, x, weight, cache_arg, dz, dwp, cu, seq_id, T, C, sx,
             C0, C1, NP, W=W, WP=triton.next_power_of_2(W), BT=BT, BC=BC,
             STEPS=BWD_ROWS // BT, STAGES=stages, HAS_CACHE=has_cache, VARLEN=varlen,
             SILU=silu, NORMED=normed, EPS=CONV_NORM_EPS, num_warps=warps)
