@@ -184,8 +184,8 @@ def fused_projections(xin, *linears: nn.Module) -> tuple[torch.Tensor, ...] | No
     """Each of linears applied to x = xin() (projection_input), as one F.linear with their
     weights (and biases, zero where a linear has none) concatenated along the output dim:
     one GEMM forward, one dgrad and one wgrad in place of one each, and x read once. Returns
-    their outputs, views [..., out_features] of the one output (rows strided by the sum of
-    the out_features), or None when any of linears is not plain_linear (a wrapped or hooked
+    their outputs, views [..., out_features] of the one output (rows strided by its padded
+    width, below), or None when any of linears is not plain_linear (a wrapped or hooked
     projection: the caller then calls each). The output's width is padded with zero columns
     to a multiple of FUSED_ROW_ALIGN, so each row of it starts 16-byte aligned for the
     kernels that read the views in place (the short conv's vector loads)."""

@@ -246,16 +246,12 @@ class MixtureOfMemories(Mixer):
             perm, inv, cu, R = routing_plan(mem, B, T, n, cu_seqlens)
         S0, conv0 = self._state_in(state, R)
 
-        def xf():
-            """x [BT, d] for one projection (projection_input)."""
-            return xin().reshape(BT, self.d_model)
-
         def per_memory(proj, width):
             """[BT, S, width]: proj's block of each slot's memory (distinct indices)."""
-            out = proj(xf()).view(BT, n, width)
+            out = proj(xin()).view(BT, n, width)
             return out.gather(1, mem[:, :, None].expand(BT, S, width))
 
-        q = self.q_proj(xf())[:, None].expand(BT, S, H * K)
+        q = self.q_proj(xin()).view(BT, 1, H * K).expand(BT, S, H * K)
         qkv = torch.cat([q, per_memory(self.k_proj, H * K), per_memory(self.v_proj, H * V)], -1)
         packed = qkv.reshape(BT * S, qkv.shape[-1])[perm][None]                # [1, P, 2HK + HV]
 
@@ -309,10 +305,6 @@ class MixtureOfMemories(Mixer):
         gdt = gate_dtype(x)
         BT, S = mem.shape
         S0, conv0 = self._state_in(state, B)                              # [B M', H, K, V], [B M', W-1, C]
-
-        def xf():
-            """x [BT, d] for one projection (projection_input)."""
-            return xin().reshape(BT, self.d_model)
         routed = torch.zeros(BT, n, dtype=torch.bool, device=x.device).scatter_(1, mem, True)
         routed = routed.view(B, T, n)                                     # token (b, t) updates memory m
         if T == 1:
@@ -332,10 +324,10 @@ class MixtureOfMemories(Mixer):
 
         def gate(proj, width):
             """[B n, T, width] per-lane gate pre-activations in the gate dtype."""
-            return lanes(proj(xf()).view(B, T, n, width).to(gdt))
+            return lanes(proj(xin()).view(B, T, n, width).to(gdt))
 
-        q = self.q_proj(xf()).view(B, T, 1, HK).expand(B, T, n, HK)
-        qkv = torch.cat([q, self.k_proj(xf()).view(B, T, n, HK), self.v_proj(xf()).view(B, T, n, HV)], -1)
+        q = self.q_proj(xin()).view(B, T, 1, HK).expand(B, T, n, HK)
+        qkv = torch.cat([q, self.k_proj(xin()).view(B, T, n, HK), self.v_proj(xin()).view(B, T, n, HV)], -1)
         qkv = lanes(qkv)                                                  # [B n, T, 2HK + HV]
         conved, _ = self.conv(qkv, conv0)                                 # [B n, T, 2HK + HV]
         q, k, v = conved.split([HK, HK, HV], dim=-1)
