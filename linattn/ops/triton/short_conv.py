@@ -235,8 +235,11 @@ def short_conv_dz_kernel(dy, x, w, cache, dz, dwp, cu, seq_id, T, C, SX, C0, C1,
     c, mc = _cols(C0, C1, BC)
     wt = _taps(w, c, mc, W)
     jw = tl.arange(0, WP)
-    # the float32 dw partial [WP, BC]
-    dw = tl.zeros([WP, BC], dtype=tl.float32)
+    # the W float32 dw partials, one [BT, BC] tile of row terms per tap: the sum over rows
+    # (a reduction across warps) runs once per program, not once per tile
+    acc = ()
+    for j in tl.static_range(W):
+        acc = acc + (tl.zeros([BT, BC], dtype=tl.float32),)
     it0 = tl.program_id(0) * STEPS
     for it in tl.range(it0, tl.minimum(it0 + STEPS, tl.cdiv(T, BT)), num_stages=STAGES):
         u, mr, n, S, E = _rows(cu, seq_id, b, it, T, BT, VARLEN)
@@ -247,9 +250,15 @@ def short_conv_dz_kernel(dy, x, w, cache, dz, dwp, cu, seq_id, T, C, SX, C0, C1,
         g = tl.load(dy + u[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
         g = _dz(g, z, SILU, NORMED, EPS)
         tl.store(dz + u[:, None] * C + c[None, :], g.to(dz.dtype.element_ty), mask=m)
-        # dw[:, j] += sum over the tile of dz_t x_{t-(W-1-j)}, from the same input tiles
+        # dw[:, j] terms dz_t x_{t-(W-1-j)}, from the same input tiles
+        nxt = ()
         for j in tl.static_range(W):
-            dw += tl.where(jw[:, None] == j, tl.sum(g * xs[j], axis=0)[None, :], 0.0)
+            nxt = nxt + (acc[j] + g * xs[j],)
+        acc = nxt
+    # dw [WP, BC]: each tap's terms summed over the rows
+    dw = tl.zeros([WP, BC], dtype=tl.float32)
+    for j in tl.static_range(W):
+        dw += tl.where(jw[:, None] == j, tl.sum(acc[j], axis=0)[None, :], 0.0)
     # the partial of this program, [W, BC] of row b * NP + pid of dwp [B * NP, C, W]
     base = (b * NP + tl.program_id(0)) * C * W
     tl.store(dwp + base + c[None, :] * W + jw[:, None], dw,
