@@ -345,22 +345,38 @@ def _f32_errors(m64, backend, device, x64, cot):
         [(a.double().cpu() - b).abs().max().item() for a, b in zip(grads, ref)]
 
 
+# The log-decay's parameters: their gradients come from the op's gate gradient, which the
+# Triton backward forms by the identity dg_t = sum_{s >= t} (q_s . dq_s - k_s . dk_s), a
+# reverse cumsum whose terms are far larger than the result, while the chunked PyTorch path
+# differentiates through the decay products directly. The op-level tests hold that gradient
+# to the float64 rule; here the cancellation is bounded relatively: GATE_REL x its magnitude
+# (about 2^-16: the interpreter's tiles leave 1.5e-5, the H100's 3e-6, a wrong gradient O(1)).
+GATE_PARAMS = ("A_log", "dt_bias", "a_proj.weight")
+GATE_REL = 2e-5
+
+
 @pytest.mark.gpu
 def test_triton_backend_float32_within_the_rounding_of_the_torch_path(device="cuda"):
     """The Triton kernels on the packed per-memory sequences (empty ones included: T = 1
     steps route to 2 of 4 memories) against the float64 layer: each error at most 3x (output)
-    / 5x (gradients) the float32 chunked-PyTorch path's own, plus 1e-6 x magnitude; then
-    decoding one token at a time through the Triton path gives the full forward. (Under the
-    CPU interpreter this takes ~45 s on the 2-core CI machine: GPU only; the ops' interpreter
-    tests cover packed sequences with empty ones.)"""
+    / 5x (gradients) the float32 chunked-PyTorch path's own, plus 1e-6 x magnitude (the
+    gate's parameters: plus GATE_REL x magnitude); then decoding one token at a time through
+    the Triton path gives the full forward. (Under the CPU interpreter this takes ~45 s on
+    the 2-core CI machine: GPU only; the ops' interpreter tests cover packed sequences with
+    empty ones.)"""
     m64 = build()
     x = _x(1, 80)
     cot = torch.randn(1, 80, D, generator=helpers.seeded(9), dtype=torch.float64)
     base = _f32_errors(m64, "torch", "cpu", x, cot)
     fast = _f32_errors(m64, "triton", device, x, cot)
-    mags = [max(1.0, v) for v in [m64(x)[0].abs().max().item()] + [1.0] * (len(base) - 1)]
-    for j, (e, b, mag) in enumerate(zip(fast, base, mags)):
-        assert e <= (3.0 if j == 0 else 5.0) * b + 1e-6 * mag, (j, e, b)
+    xr = x.clone().requires_grad_(True)
+    y_ref, _ = m64(xr)
+    names = ["y", "x"] + [n for n, _ in m64.named_parameters()]
+    ref = [y_ref] + list(torch.autograd.grad((y_ref * cot).sum(), [xr] + list(m64.parameters())))
+    for name, e, b, r in zip(names, fast, base, ref):
+        mag = max(1.0, r.abs().max().item())
+        rel = GATE_REL if name in GATE_PARAMS else 1e-6
+        assert e <= (3.0 if name == "y" else 5.0) * b + rel * mag, (name, e, b)
     m = copy.deepcopy(m64).float().to(device)
     m.backend = "triton"
     with torch.no_grad():
