@@ -37,6 +37,9 @@ JOBS=${JOBS:-8}
 TESTS_S=${TESTS_S:-420}
 TOTAL_S=${TOTAL_S:-570}
 LOG="$OUT/gpu_tests.log"
+# Each GPU test's peak reserved GiB, what it leaves held and the card's free GiB (tests/conftest.py).
+export LINATTN_GPU_MEMLOG="$OUT/gpu_memory.tsv"
+rm -f "$LINATTN_GPU_MEMLOG"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__)"
@@ -55,6 +58,8 @@ awk '/^=+ slowest [0-9]+ durations/ {p=1} /^=+ short test summary/ {p=0} p' "$LO
 awk '/^=+ (FAILURES|ERRORS) =+$/ {p=1} /^=+ (warnings summary|slowest [0-9]+ durations|short test summary)/ {p=0}
      /^-+ Captured .* -+$/ {skip=1} /^_+ .* _+$/ {skip=0} p && !skip' "$LOG" | tail -n 300
 awk '/^=+ short test summary/ {p=1} p' "$LOG" | sed '$d' | tail -n 60
+echo "== the GPU tests' largest peaks (GiB reserved, held after, card free, test)"
+sort -rn "$LINATTN_GPU_MEMLOG" 2>/dev/null | head -n 8
 tail -n 1 "$LOG"
 echo "== GPU tests exit code $rc ($(( $(date +%s) - START )) s so far)"
 
