@@ -75,13 +75,19 @@ def measure_ceilings(quick=False) -> dict:
 
 
 def git_commit() -> str | None:
+    """The checkout's short commit, "+dirty" when linattn/ differs from it (the timed code is
+    then not the commit's); None outside a git checkout."""
     root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10)
+        if out.returncode != 0 or not out.stdout.strip():
+            return None
+        diff = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "linattn"],
+                              capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
+    return out.stdout.strip() + ("+dirty" if diff.returncode == 1 else "")
 
 
 def versions(models: bool = False) -> dict:
