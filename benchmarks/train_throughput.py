@@ -34,6 +34,7 @@ from linattn.train import format_table  # noqa: E402
 
 MODELS = {
     "gated_deltanet": dict(mixer="gated_deltanet"),
+    "gated_deltanet_recompute": dict(mixer="gated_deltanet", save_for_backward="recompute"),
     "gla": dict(mixer="gla"),
     "mlstm_sig": dict(mixer="mlstm_sig"),
     "mlstm": dict(mixer="mlstm"),
