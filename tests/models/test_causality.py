@@ -39,4 +39,3 @@ def test_triton_kernels_keep_causality_up_to_rounding(mixer):
     d = _logits_change(mixer, "triton", torch.float32)
     assert d[:CHANGED].max().item() <= 1e-6, d[:CHANGED].max().item()
     assert d[CHANGED].item() > 1e-3
-
