@@ -97,6 +97,11 @@ class GatedLinearAttention(Mixer):
         o, S = run(q, k, v, g, initial_state=S0, output_final_state=return_state,
                    cu_seqlens=cu_seqlens, backend=self.backend,
                    save_for_backward=self.save_for_backward)
+        if r is not None and self.conv is None:
+            # the output norm keeps the gate: r's own copy, where a view would keep the whole
+            # GEMM output (q, k, v, which the op keeps its own copies of) alive; the conv
+            # keeps that storage anyway
+            r = r.contiguous()
         y = self.gated_output(o, xin, self.r_proj, gate=r)
         if not return_state or self.conv is None:
             return y, S

@@ -49,7 +49,9 @@ class HGRN2(Mixer):
         self.check_input(x, cu_seqlens, state, return_state)
         xin = projection_input(x)
         q, f, v, _ = self.input_projections(xin, self.q_proj, self.f_proj, self.i_proj)
-        q = F.silu(self.heads(q, self.key_dim))                                  # [B, T, H, K]
+        # silu keeps its input: q's own copy, where a view would keep the GEMM output's f
+        # and v columns alive too (the op keeps its own copy of v)
+        q = F.silu(self.heads(q.contiguous(), self.key_dim))                     # [B, T, H, K]
         f = self.heads(f, self.key_dim).to(gate_dtype(x))                        # [B, T, H, K]
         lb = self.lower_bound
         if lb == 0.0:

@@ -83,6 +83,9 @@ class MLSTM(Mixer):
             k_in = k * torch.sigmoid(i).unsqueeze(-1).to(k.dtype)  # [B, T, H, D]
             o, new_state = self.sequence_parallel.linear_attention(q, k_in, v, F.logsigmoid(f),
                                                                    backend=self.backend)
+        # the output norm keeps the gate: z's own copy, where a view would keep the whole GEMM
+        # output (q, k, v, which the op keeps its own copies of) alive
+        z = None if z is None else z.contiguous()
         return self.gated_output(o, xin, self.z_proj, gate=z), new_state
 
 
