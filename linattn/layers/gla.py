@@ -1,7 +1,6 @@
 """Gated Linear Attention (Yang et al., 2024): a data-dependent per-key decay."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
