@@ -164,13 +164,17 @@ def cuda_kernels_launched(fn: Callable) -> set[str]:
 
 
 def separate_projections(model):
-    """A no-op forward pre-hook on every DeltaNet's qkv_proj, which turns its fused input
-    projections (linattn.layers.base.fused_projections) off: its projections run as separate
-    GEMMs in both save_for_backward modes ("states" folds z into the GEMM, "recompute" does
-    not, so with the fold the two modes sum x's gradient in different orders)."""
-    from linattn.layers.deltanet import DeltaNet
+    """A no-op forward pre-hook on the first input projection (qkv_proj or q_proj) of every
+    mixer that folds its input projections into one GEMM (Mixer.input_projections), which
+    turns the fold off: its projections run as separate GEMMs in both save_for_backward
+    modes (the output gate's projection is folded in "states" and not in "recompute", so with
+    the fold the two modes sum x's gradient in different orders)."""
+    from linattn.layers import (HGRN2, DeltaNet, GatedLinearAttention, LightningAttention,
+                                LinearAttention, MLSTM)
 
+    folding = (DeltaNet, MLSTM, GatedLinearAttention, LightningAttention, LinearAttention, HGRN2)
     for sub in model.modules():
-        if isinstance(sub, DeltaNet):
-            sub.qkv_proj.register_forward_pre_hook(lambda mod, args: None)
+        if isinstance(sub, folding):
+            first = sub.qkv_proj if isinstance(sub, DeltaNet) else sub.q_proj
+            first.register_forward_pre_hook(lambda mod, args: None)
     return model

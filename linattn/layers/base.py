@@ -110,6 +110,21 @@ class Mixer(nn.Module):
             return self.out_norm(o, gate_proj, self.o_proj, x=xin())
         return self.out_norm(o, gate_proj(xin()) if gate is None else gate, self.o_proj)
 
+    def input_projections(self, xin, *projections, gate_proj: nn.Module | None = None):
+        """The input projections of x = xin(): the outputs of projections (modules, or tuples
+        of modules whose outputs come side by side as one tensor), then gate_proj's (the
+        output gate's projection) or None where gated_output projects the gate itself. One
+        GEMM (fused_projections) when they are plain nn.Linear, gate_proj included unless
+        save_for_backward="recompute" (gated_output then recomputes the gate from x); else
+        one call each (a tuple's outputs concatenated), the gate left to gated_output."""
+        with_gate = gate_proj is not None and self.save_for_backward != "recompute"
+        outs = fused_projections(xin, *projections, *([gate_proj] if with_gate else []))
+        if outs is None:
+            outs = [torch.cat([m(xin()) for m in p], dim=-1) if isinstance(p, tuple) else p(xin())
+                    for p in projections]
+            return (*outs, None)
+        return (*outs[:len(projections)], outs[-1] if with_gate else None)
+
     def parallel_op(self, name: str):
         """The SequenceParallelContext's op `name` ("linear_attention" or "delta_rule") with
         the signature of linattn's op of that name; cu_seqlens must be None (check_input)."""
@@ -180,27 +195,30 @@ def plain_linear(module) -> bool:
     return type(module) is nn.Linear and not module._forward_pre_hooks and not module._forward_hooks
 
 
-def fused_projections(xin, *linears: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    """Each of linears applied to x = xin() (projection_input), as one F.linear with their
-    weights (and biases, zero where a linear has none) concatenated along the output dim:
-    one GEMM forward, one dgrad and one wgrad in place of one each, and x read once. Returns
-    their outputs, views [..., out_features] of the one output (rows strided by its padded
-    width, below), or None when any of linears is not plain_linear (a wrapped or hooked
-    projection: the caller then calls each). The output's width is padded with zero columns
-    to a multiple of FUSED_ROW_ALIGN, so each row of it starts 16-byte aligned for the
-    kernels that read the views in place (the short conv's vector loads)."""
-    if not all(plain_linear(m) for m in linears):
+def fused_projections(xin, *linears) -> tuple[torch.Tensor, ...] | None:
+    """Each of linears applied to x = xin(), as one F.linear with their weights (and biases,
+    zero where a linear has none) concatenated along the output dim: one GEMM forward, one
+    dgrad and one wgrad in place of one each, and x read once. An entry of linears may be a
+    tuple of linears, whose outputs come side by side as one view (a short conv's input).
+    Returns their outputs, views [..., out_features] of the one output (rows strided by its
+    padded width, below), or None when any of linears is not plain_linear (a wrapped or
+    hooked projection: the caller then calls each). The output's width is padded with zero
+    columns to a multiple of FUSED_ROW_ALIGN, so each row of it starts 16-byte aligned for
+    the kernels that read the views in place (the short conv's vector loads)."""
+    groups = [g if isinstance(g, tuple) else (g,) for g in linears]
+    flat = [m for g in groups for m in g]
+    if not all(plain_linear(m) for m in flat):
         return None
-    widths = [m.out_features for m in linears]
+    widths = [sum(m.out_features for m in g) for g in groups]
     pad = -sum(widths) % FUSED_ROW_ALIGN
-    first = linears[0].weight
-    weight = torch.cat([m.weight for m in linears] + [first.new_zeros(pad, first.shape[1])])
+    first = flat[0].weight
+    weight = torch.cat([m.weight for m in flat] + [first.new_zeros(pad, first.shape[1])])
     bias = None
-    if any(m.bias is not None for m in linears):
+    if any(m.bias is not None for m in flat):
         bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
-                          for m in linears] + [first.new_zeros(pad)])
+                          for m in flat] + [first.new_zeros(pad)])
     y = F.linear(xin(), weight, bias)                      # [..., sum(widths) + pad]
-    return y.split(widths + [pad], dim=-1)[:len(linears)]
+    return y.split(widths + [pad], dim=-1)[:len(groups)]
 
 
 def gate_dtype(x: torch.Tensor) -> torch.dtype:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import delta_rule
-from .base import Mixer, fused_projections, gate_dtype, make_dims, projection_input
+from .base import Mixer, gate_dtype, make_dims, projection_input
 from .norms import GatedOutputNorm
 from .short_conv import ShortConv
 
@@ -111,21 +111,14 @@ class DeltaNet(Mixer):
         return y, ({"S": S, "conv": conv_state} if return_state else None)
 
     def project(self, xin):
-        """The input projections of x = xin(): (qkv [B, T, 2HK + HV], b [B, T, H], a [B, T, H]
-        or None without the decay, z [B, T, HV] or None where gated_output projects it), as
-        one GEMM (fused_projections) when the projections are plain nn.Linear, else one call
-        each, z then left to gated_output. With save_for_backward="recompute" gated_output
-        recomputes z from x, so z is not projected here."""
-        linears = [self.qkv_proj, self.b_proj] + ([self.a_proj] if self.gated else [])
-        with_z = self.save_for_backward != "recompute"
-        if with_z:
-            linears.append(self.z_proj)
-        outs = fused_projections(xin, *linears)
-        if outs is None:  # one call each, z left to gated_output
-            outs = [m(xin()) for m in linears[:len(linears) - with_z]] + [None]
-        qkv, b = outs[0], outs[1]
-        a = outs[2] if self.gated else None
-        return qkv, b, a, outs[-1] if with_z else None
+        """The input projections of x = xin() (Mixer.input_projections: one GEMM when they
+        are plain nn.Linear): (qkv [B, T, 2HK + HV], b [B, T, H], a [B, T, H] or None without
+        the decay, z [B, T, HV] or None where gated_output projects it)."""
+        if self.gated:
+            return self.input_projections(xin, self.qkv_proj, self.b_proj, self.a_proj,
+                                          gate_proj=self.z_proj)
+        qkv, b, z = self.input_projections(xin, self.qkv_proj, self.b_proj, gate_proj=self.z_proj)
+        return qkv, b, None, z
 
 
 class GatedDeltaNet(DeltaNet):

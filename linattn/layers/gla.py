@@ -1,7 +1,6 @@
 """Gated Linear Attention (Yang et al., 2024): a data-dependent per-key decay."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -59,28 +58,50 @@ class GatedLinearAttention(Mixer):
         self.out_norm = GatedOutputNorm(self.value_dim, activation="silu")
         self.o_proj = nn.Linear(HV, d_model, bias=False)
 
+    def low_rank_gate(self):
+        """(the gate projection's part that reads x, the part after it or None): gk_proj's
+        two linears when it is a plain nn.Sequential (no hooks of its own), whose first one
+        the input projections' GEMM can take; else (gk_proj, None), called whole."""
+        seq = self.gk_proj
+        if type(seq) is nn.Sequential and len(seq) == 2 and not seq._forward_pre_hooks \
+                and not seq._forward_hooks:
+            return seq[0], seq[1]
+        return seq, None
+
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
         xin = projection_input(x)
-        q, k, v = self.q_proj(xin()), self.k_proj(xin()), self.v_proj(xin())  # [B, T, HK] x 2, [B, T, HV]
+        HK, HV = self.n_heads * self.key_dim, self.n_heads * self.value_dim
+        gate_in, gate_out = self.low_rank_gate()
+        qkv = (self.q_proj, self.k_proj, self.v_proj)
+        if self.conv is not None:  # q, k, v side by side: the conv's input
+            qkv, gk, r = self.input_projections(xin, qkv, gate_in, gate_proj=self.r_proj)
+        else:
+            q, k, v, gk, r = self.input_projections(xin, *qkv, gate_in, gate_proj=self.r_proj)
+        if gate_out is not None:  # a copy of the low-rank columns, which gate_out keeps
+            gk = gate_out(gk.contiguous())
         S0, conv_state = state, None
         if self.conv is not None:
             S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
-            qkv = torch.cat([q, k, v], dim=-1)                                # [B, T, 2HK + HV]
             if self.sequence_parallel is not None:  # the conv reads the ranks before as its cache
                 conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
             qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
-            q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+            q, k, v = qkv.split([HK, HK, HV], dim=-1)
         q = self.heads(q, self.key_dim)    # [B, T, H, K]
         k = self.heads(k, self.key_dim)    # [B, T, H, K]
         v = self.heads(v, self.value_dim)  # [B, T, H, V]
-        gk = self.heads(self.gk_proj(xin()), self.key_dim).to(gate_dtype(x))
+        gk = self.heads(gk, self.key_dim).to(gate_dtype(x))
         g = F.logsigmoid(gk) / self.gate_normalizer     # [B, T, H, K]
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         o, S = run(q, k, v, g, initial_state=S0, output_final_state=return_state,
                    cu_seqlens=cu_seqlens, backend=self.backend,
                    save_for_backward=self.save_for_backward)
-        y = self.gated_output(o, xin, self.r_proj)
+        if r is not None and self.conv is None:
+            # the output norm keeps the gate: r's own copy, where a view would keep the whole
+            # GEMM output (q, k, v, which the op keeps its own copies of) alive; the conv
+            # keeps that storage anyway
+            r = r.contiguous()
+        y = self.gated_output(o, xin, self.r_proj, gate=r)
         if not return_state or self.conv is None:
             return y, S
         return y, {"S": S, "conv": conv_state}

@@ -48,15 +48,18 @@ class HGRN2(Mixer):
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
         xin = projection_input(x)
-        q = F.silu(self.heads(self.q_proj(xin()), self.key_dim))                 # [B, T, H, K]
-        f = self.heads(self.f_proj(xin()), self.key_dim).to(gate_dtype(x))       # [B, T, H, K]
+        q, f, v, _ = self.input_projections(xin, self.q_proj, self.f_proj, self.i_proj)
+        # silu keeps its input: q's own copy, where a view would keep the GEMM output's f
+        # and v columns alive too (the op keeps its own copy of v)
+        q = F.silu(self.heads(q.contiguous(), self.key_dim))                     # [B, T, H, K]
+        f = self.heads(f, self.key_dim).to(gate_dtype(x))                        # [B, T, H, K]
         lb = self.lower_bound
         if lb == 0.0:
             g, k = F.logsigmoid(f), torch.sigmoid(-f)       # log f, 1 - f without cancellation
         else:
             g = torch.logaddexp(torch.full_like(f, math.log(lb)), math.log1p(-lb) + F.logsigmoid(f))
             k = (1.0 - lb) * torch.sigmoid(-f)
-        v = self.heads(self.i_proj(xin()), self.head_dim)                     # [B, T, H, D]
+        v = self.heads(v, self.head_dim)                                         # [B, T, H, D]
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         o, new_state = run(q, k.to(q.dtype), v, g, scale=1.0, initial_state=state,
                            output_final_state=return_state,

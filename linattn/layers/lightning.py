@@ -61,13 +61,15 @@ class LightningAttention(Mixer):
         self.check_input(x, cu_seqlens, state, return_state)
         D = self.head_dim
         xin = projection_input(x)
-        q = F.silu(self.heads(self.q_proj(xin()), D))  # [B, T, H, D]
-        k = F.silu(self.heads(self.k_proj(xin()), D))
-        v = self.heads(self.v_proj(xin()), D)
+        q, k, v, u = self.input_projections(xin, self.q_proj, self.k_proj, self.v_proj,
+                                            gate_proj=self.u_proj)
+        q = F.silu(self.heads(q, D))                # [B, T, H, D]
+        k = F.silu(self.heads(k, D))
+        v = self.heads(v, D)
         g = self.log_decay.to(gate_dtype(x))        # [H]
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
         o, new_state = run(q, k, v, g, initial_state=state,
                            output_final_state=return_state,
                            cu_seqlens=cu_seqlens, backend=self.backend,
                            save_for_backward=self.save_for_backward)
-        return self.gated_output(o, xin, self.u_proj), new_state
+        return self.gated_output(o, xin, self.u_proj, gate=u), new_state

@@ -51,9 +51,10 @@ class LinearAttention(Mixer):
         self.check_input(x, cu_seqlens, state, return_state)
         D = self.head_dim
         xin = projection_input(x)
-        q = self.q_map(self.heads(self.q_proj(xin()), D))  # [B, T, H, F]
-        k = self.k_map(self.heads(self.k_proj(xin()), D))  # [B, T, H, F]
-        v = self.heads(self.v_proj(xin()), D)           # [B, T, H, D]
+        q, k, v, _ = self.input_projections(xin, self.q_proj, self.k_proj, self.v_proj)
+        q = self.q_map(self.heads(q, D))                # [B, T, H, F]
+        k = self.k_map(self.heads(k, D))                # [B, T, H, F]
+        v = self.heads(v, D)                            # [B, T, H, D]
         q, k = q.to(v.dtype), k.to(v.dtype)  # autocast runs elu / softmax maps in float32
         kw = dict(initial_state=state, output_final_state=return_state, cu_seqlens=cu_seqlens,
                   backend=self.backend, save_for_backward=self.save_for_backward)

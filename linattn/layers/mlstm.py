@@ -71,9 +71,10 @@ class MLSTM(Mixer):
         self.check_input(x, cu_seqlens, state, return_state)
         D = self.head_dim
         xin = projection_input(x)
-        q, k, v = (self.heads(p(xin()), D) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B,T,H,D]
-        i = self.i_proj(xin()).to(gate_dtype(x))  # [B, T, H]
-        f = self.f_proj(xin()).to(gate_dtype(x))  # [B, T, H]
+        q, k, v, i, f, z = self.input_projections(xin, self.q_proj, self.k_proj, self.v_proj,
+                                                  self.i_proj, self.f_proj, gate_proj=self.z_proj)
+        q, k, v = (self.heads(t, D) for t in (q, k, v))  # [B, T, H, D]
+        i, f = i.to(gate_dtype(x)), f.to(gate_dtype(x))  # [B, T, H]
         if self.sequence_parallel is None:
             o, new_state = mlstm(q, k, v, i, f, input_gate=self.input_gate, initial_state=state,
                                  output_final_state=return_state, cu_seqlens=cu_seqlens,
@@ -82,7 +83,10 @@ class MLSTM(Mixer):
             k_in = k * torch.sigmoid(i).unsqueeze(-1).to(k.dtype)  # [B, T, H, D]
             o, new_state = self.sequence_parallel.linear_attention(q, k_in, v, F.logsigmoid(f),
                                                                    backend=self.backend)
-        return self.gated_output(o, xin, self.z_proj), new_state
+        # the output norm keeps the gate: z's own copy, where a view would keep the whole GEMM
+        # output (q, k, v, which the op keeps its own copies of) alive
+        z = None if z is None else z.contiguous()
+        return self.gated_output(o, xin, self.z_proj, gate=z), new_state
 
 
 class MLSTMSig(MLSTM):

@@ -1,24 +1,44 @@
-"""DeltaNet and Gated DeltaNet run their input projections (qkv, b, a, and z with
-save_for_backward="states") as one GEMM (linattn.layers.base.fused_projections) and split its
-output into views. The layer gives what the separate projections give, values and every
-gradient in float64 within the GEMMs' summation order; a hooked or wrapped projection takes
-the separate calls, its hooks firing as before."""
+"""The mixers run their input projections of x (and the output gate's with
+save_for_backward="states") as one GEMM (Mixer.input_projections,
+linattn.layers.base.fused_projections) and split its output into views. Each layer gives
+what its separate projections give, values and every gradient in float64 within the GEMMs'
+summation order; a hooked or wrapped projection takes the separate calls, its hooks firing as
+before."""
 import pytest
 import torch
 from torch import nn
 
-from mixer_cases import D_MODEL, build
-from linattn.layers.base import FUSED_ROW_ALIGN, fused_projections, projection_input
+import helpers
+from mixer_cases import D_MODEL, build, case_id
+from linattn.layers.base import FUSED_ROW_ALIGN, fused_projections
 from linattn.layers.norms import GatedOutputNorm
 from linattn.layers.short_conv import ShortConv
 
-NAMES = ["deltanet", "gated_deltanet"]
+# the mixers that fold, and variants whose projections' consumers differ (a conv on GLA's
+# q, k, v; linear attention's feature maps)
+CASES = [("deltanet", {}), ("gated_deltanet", {}), ("mlstm", {}), ("mlstm_sig", {}),
+         ("gla", {}), ("gla", {"conv_size": 4}), ("lightning", {}), ("linear", {}),
+         ("linear", {"feature_map": "hedgehog"}), ("linear", {"feature_map": "norm"}),
+         ("hgrn2", {}), ("hgrn2", {"lower_bound": 0.5})]
+IDS = [case_id(c) for c in CASES]
 MODES = ["states", "recompute"]
 RTOL = 1e-12
+# each mixer's folded projections (GLA's low-rank gate: its first linear), and the output
+# gate's projection, folded with save_for_backward="states" only
+FOLDED = {"deltanet": ["qkv_proj", "b_proj", "z_proj"],
+          "gated_deltanet": ["qkv_proj", "b_proj", "a_proj", "z_proj"],
+          "mlstm": ["q_proj", "k_proj", "v_proj", "i_proj", "f_proj", "z_proj"],
+          "mlstm_sig": ["q_proj", "k_proj", "v_proj", "i_proj", "f_proj", "z_proj"],
+          "gla": ["q_proj", "k_proj", "v_proj", "gk_proj.0", "r_proj"],
+          "lightning": ["q_proj", "k_proj", "v_proj", "u_proj"],
+          "linear": ["q_proj", "k_proj", "v_proj"],
+          "hgrn2": ["q_proj", "f_proj", "i_proj"]}
+GATE_PROJ = {"deltanet": "z_proj", "gated_deltanet": "z_proj", "mlstm": "z_proj",
+             "mlstm_sig": "z_proj", "gla": "r_proj", "lightning": "u_proj"}
 
 
-def _layer(name, save_for_backward, backend="torch"):
-    m = build((name, {}), backend=backend, save_for_backward=save_for_backward)
+def _layer(case, save_for_backward, backend="torch"):
+    m = build(case, backend=backend, save_for_backward=save_for_backward)
     for sub in m.modules():
         if isinstance(sub, (ShortConv, GatedOutputNorm)):
             sub.backend = backend
@@ -40,12 +60,15 @@ def _run(m, packed, dtype=torch.float64, autocast=False):
 
 
 def _separate(m, packed, **kw):
-    """_run with the fold off: a no-op forward pre-hook on qkv_proj."""
-    handle = m.qkv_proj.register_forward_pre_hook(lambda mod, args: None)
+    """_run with the fold off (helpers.separate_projections' hook, removed after)."""
+    before = {n: dict(s._forward_pre_hooks) for n, s in m.named_modules()}
+    helpers.separate_projections(m)
     try:
         return _run(m, packed, **kw)
     finally:
-        handle.remove()
+        for n, s in m.named_modules():
+            for key in set(s._forward_pre_hooks) - set(before[n]):
+                del s._forward_pre_hooks[key]
 
 
 def _assert_close(got, want, names, rtol, atol=0.0):
@@ -58,48 +81,65 @@ def _assert_close(got, want, names, rtol, atol=0.0):
 
 
 def _folded(m):
-    """Whether m.project gives views of one output (the fold ran)."""
-    x = torch.randn(1, 3, D_MODEL, dtype=m.o_proj.weight.dtype)
-    qkv, b, _, _ = m.project(projection_input(x))
-    return qkv.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    """Whether m's input projections gave views of one output (the fold ran) on a call."""
+    seen = []
+    method = type(m).input_projections
+
+    def spy(*args, **kw):
+        outs = method(m, *args, **kw)
+        seen.append([t for t in outs if t is not None])
+        return outs
+
+    m.input_projections = spy
+    try:
+        m(torch.randn(1, 3, D_MODEL, dtype=m.o_proj.weight.dtype))
+    finally:
+        del m.input_projections
+    return len({t.untyped_storage().data_ptr() for t in seen[0]}) == 1
+
+
+def _names(m):
+    return ["y", "x"] + [n for n, _ in m.named_parameters()]
 
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", NAMES)
-def test_fold_equals_separate_projections_float64(name, mode, packed):
-    m = _layer(name, mode)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fold_equals_separate_projections_float64(case, mode, packed):
+    m = _layer(case, mode)
     assert _folded(m)
-    _assert_close(_run(m, packed), _separate(m, packed),
-                  ["y", "x"] + [n for n, _ in m.named_parameters()], RTOL)
+    _assert_close(_run(m, packed), _separate(m, packed), _names(m), RTOL)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", NAMES)
-def test_fold_equals_separate_projections_triton_interpreter(name, mode):
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fold_equals_separate_projections_triton_interpreter(case, mode):
     """The Triton conv, op and output norm take the fold's strided views (float32)."""
-    m = _layer(name, mode, backend="triton").float()
+    m = _layer(case, mode, backend="triton").float()
     _assert_close(_run(m, True, dtype=torch.float32), _separate(m, True, dtype=torch.float32),
-                  ["y", "x"] + [n for n, _ in m.named_parameters()], 1e-4, 1e-6)
+                  _names(m), 1e-4, 1e-6)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", NAMES)
-def test_fold_close_to_separate_projections_bf16_autocast(name, mode):
-    m = _layer(name, mode).float()
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fold_close_to_separate_projections_bf16_autocast(case, mode):
+    m = _layer(case, mode).float()
     got = _run(m, False, dtype=torch.float32, autocast=True)
     want = _separate(m, False, dtype=torch.float32, autocast=True)
     assert got[0].dtype == want[0].dtype
-    _assert_close(got, want, ["y", "x"] + [n for n, _ in m.named_parameters()], 3e-2, 1e-3)
+    _assert_close(got, want, _names(m), 3e-2, 1e-3)
 
 
-@pytest.mark.parametrize("proj", ["qkv_proj", "b_proj", "a_proj", "z_proj"])
+@pytest.mark.parametrize("proj", [pytest.param((name, p), id=f"{name}-{p}")
+                                  for name, projs in FOLDED.items() for p in projs]
+                         + [pytest.param(("gla", "gk_proj"), id="gla-gk_proj")])
 def test_a_hooked_projection_takes_the_separate_calls(proj):
-    """A forward hook on any folded projection (a distillation hook) turns the fold off and
-    sees its projection's output; with save_for_backward="recompute" z is not folded."""
-    m = _layer("gated_deltanet", "states")
+    """A forward hook on any folded projection (a distillation hook), or on GLA's low-rank
+    gate as a whole, turns the fold off and sees its projection's output once."""
+    name, path = proj
+    m = _layer((name, {}), "states")
     seen = []
-    handle = getattr(m, proj).register_forward_hook(lambda mod, args, out: seen.append(out))
+    handle = m.get_submodule(path).register_forward_hook(lambda mod, args, out: seen.append(out))
     try:
         assert not _folded(m)
         seen.clear()
@@ -108,18 +148,27 @@ def test_a_hooked_projection_takes_the_separate_calls(proj):
     finally:
         handle.remove()
     assert _folded(m)
-    r = _layer("gated_deltanet", "recompute")
-    r.z_proj.register_forward_pre_hook(lambda mod, args: None)
+
+
+@pytest.mark.parametrize("name", sorted(GATE_PROJ))
+def test_recompute_leaves_the_gate_out_of_the_fold(name):
+    """With save_for_backward="recompute" gated_output recomputes the gate from x: a hook on
+    the gate's projection leaves the fold on."""
+    r = _layer((name, {}), "recompute")
+    r.get_submodule(GATE_PROJ[name]).register_forward_pre_hook(lambda mod, args: None)
     assert _folded(r)
 
 
-def test_peft_lora_projections_take_the_separate_calls():
+@pytest.mark.parametrize("name, targets", [("deltanet", ["qkv_proj", "b_proj", "z_proj"]),
+                                           ("mlstm", ["q_proj", "v_proj", "z_proj"]),
+                                           ("gla", ["k_proj", "gk_proj.0"])])
+def test_peft_lora_projections_take_the_separate_calls(name, targets):
     peft = pytest.importorskip("peft")
-    m = _layer("deltanet", "states").float()
+    m = _layer((name, {}), "states").float()
     want = _run(m, False, dtype=torch.float32)[0]
     lora = peft.get_peft_model(
         nn.ModuleDict({"mixer": m}),
-        peft.LoraConfig(r=2, target_modules=["qkv_proj", "b_proj", "z_proj"], init_lora_weights=True))
+        peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=True))
     mixer = lora.base_model.model["mixer"]
     assert not _folded(mixer)
     got = mixer(torch.randn(2, 24, D_MODEL, generator=torch.Generator().manual_seed(1)) * 1.0)[0]
@@ -137,6 +186,9 @@ def test_fused_projections_matches_each_linear():
         assert out.shape == (2, 4, lin.out_features)
         assert out.stride(-2) % FUSED_ROW_ALIGN == 0          # rows 16-byte aligned (10 -> 16)
     assert fused_projections(lambda: x, lins[0], lins[2])[0].shape == (2, 4, 5)
+    side, last = fused_projections(lambda: x, (lins[0], lins[1]), lins[2])    # a tuple: one view
+    torch.testing.assert_close(side, torch.cat([lins[0](x), lins[1](x)], -1), rtol=1e-12, atol=1e-14)
+    assert side.shape == (2, 4, 7) and last.shape == (2, 4, 3)
 
     class Wrapped(nn.Linear):
         pass

@@ -22,6 +22,15 @@ Per token and layer at d_model d, H heads of K (keys) and V (values), bf16 activ
                     2 HV o, 2 HV the gate z (the output norm; the out-projection recomputes
                     the norm's output instead of keeping another 2 HV)
 
+The other mixers' input projections run as one GEMM too (Mixer.input_projections), and a view
+of its output that a node keeps keeps the whole output: linear and lightning keep 2 d more
+(1102 -> 1230, lightning 1096 -> 1224 and "recompute" 904 -> 1032): the feature map's elu or
+silu keeps its input, the q and k views, so v's columns stay too while the op keeps its own
+contiguous copy of v (the Triton ops take contiguous q, k, v). gla, hgrn2 and mlstm keep what
+they kept before: their output norm's gate (gla without a conv, mlstm) and hgrn2's silu input
+q are copies of their columns, where a view would keep q, k, v's columns besides the op's
+copies; gla's low-rank gate keeps a copy of its 16 columns.
+
 save_for_backward="recompute" drops the op's intermediates and, the short conv and the op
 running as one node (linattn.ops.conv_delta), the op's copies of q, k, v: 2 (2HK + HV) less;
 and the gate z: the output norm keeps x's shared copy (kept anyway) and recomputes z in its
@@ -45,7 +54,7 @@ TOKENS = (64, 128)  # two whole chunks apart: per-token bytes from the differenc
 
 # bytes per token of one layer at D_MODEL, HEADS (bf16 autocast, Triton pieces); measured,
 # and for attention and gated_deltanet equal to the module docstring's sums
-BOUNDS = {"attention": 904, "linear": 1102, "lightning": 1096, "gla": 1152, "hgrn2": 1920,
+BOUNDS = {"attention": 904, "linear": 1230, "lightning": 1224, "gla": 1152, "hgrn2": 1920,
           "mlstm": 887, "mlstm_sig": 880, "deltanet": 1896, "gated_deltanet": 1928,
           "mom": 6746}
 # the mixers ending in GatedOutputNorm then o_proj (linear attention does with a feature map
@@ -129,6 +138,19 @@ def test_recompute_keeps_x_and_not_the_gate(name):
     fused = _per_token(layer)["total"]
     kept = _per_token_hooked(layer, getattr(layer, GATE_PROJ[name]))
     assert kept - fused == 2 * layer.o_proj.in_features, (kept, fused)
+
+
+@pytest.mark.parametrize("mode", ["states", "recompute"])
+@pytest.mark.parametrize("name", ["linear", "lightning", "gla", "hgrn2", "mlstm", "mlstm_sig"])
+def test_fold_keeps_what_the_separate_projections_keep(name, mode):
+    """The one GEMM's output against the separate projections' (the fold off: a hooked
+    q_proj): the same bytes, except linear and lightning, whose elu / silu keep q and k as
+    views of the one output and so its v columns, 2 d bytes a token (the module docstring)."""
+    layer = _layer(name, mode)
+    fused = _per_token(layer)["total"]
+    separate = _per_token_hooked(layer, layer.q_proj)
+    extra = 2 * D_MODEL if name in ("linear", "lightning") else 0
+    assert fused - separate == extra, (fused, separate)
 
 
 def test_mom_recompute_drops_every_pairs_q_k_v():
