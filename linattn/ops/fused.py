@@ -457,7 +457,7 @@ def gated_rms_norm_linear_projected(o: torch.Tensor, weight: torch.Tensor | None
     autocast the gate's projection runs in autocast's dtype, as F.linear would; else
     gate_weight must have x's dtype. Returns [B, T, N].
     """
-    _check_tensor("o", o, 4, "[B, T, H, V]")
+    _check_gated_norm(o, weight, None, None)      # o and the norm's weight; the gate is projected
     B, T, H, V = o.shape
     if activation not in GATE_ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(GATE_ACTIVATIONS)} (a projected "
@@ -471,8 +471,6 @@ def gated_rms_norm_linear_projected(o: torch.Tensor, weight: torch.Tensor | None
                          f"{tuple(gate_weight.shape)}")
     if gate_bias is not None and tuple(gate_bias.shape) != (H * V,):
         raise ValueError(f"gate_bias must be [H * V = {H * V}], got {tuple(gate_bias.shape)}")
-    if weight is not None and tuple(weight.shape) != (V,):
-        raise ValueError(f"weight must be [V={V}], got {tuple(weight.shape)}")
     dt = _check_projection(o, proj_weight, proj_bias)
     if torch.is_autocast_enabled(o.device.type):
         x, gate_weight = x.to(dt), gate_weight.to(dt)
