@@ -24,8 +24,7 @@ Per token and layer at d_model d, H heads of K (keys) and V (values), bf16 activ
 
 The other mixers' input projections run as one GEMM too (Mixer.input_projections), and a view
 of its output that a node keeps keeps the whole output: linear and lightning keep 2 d more
-(1102 -> 1230, lightning 1096 -> 1224 and "recompute" 904 -> 1032): the feature map's elu or
-silu keeps its input, the q and k views, so v's columns stay too while the op keeps its own
+than with separate projections: the feature map's elu or silu keeps its input, the q and k views, so v's columns stay too while the op keeps its own
 contiguous copy of v (the Triton ops take contiguous q, k, v). gla, hgrn2 and mlstm keep what
 they kept before: their output norm's gate (gla without a conv, mlstm) and hgrn2's silu input
 q are copies of their columns, where a view would keep q, k, v's columns besides the op's
