@@ -19,8 +19,8 @@ summed over layers, caches of the short convs included; attention counts its KV 
 length T). The grid is resumable: a (mixer, d_model, seq_len, num_kv_pairs, lr) with a
 complete row in --out is skipped; a run cut short by --budget-s is written with
 complete=false and runs again next time (from the start), and so does a run stopped by its
---run-time-limit when this call's limit is longer (rows record run_time_limit_s; the last
-row of a run is the one the tables read). Learning rates: --lrs in order; a
+--run-time-limit when this call's limit is longer (rows record run_time_limit_s; the tables
+read each cell's most accurate row). Learning rates: --lrs in order; a
 (mixer, d_model, T, pairs) that some lr already solved (accuracy >= --solved-at, 0.99) runs no
 further lr, so a first call with one lr and a later one with two more is Zoology's sweep
 restricted to the cells that need it. --jobs runs that many trainings
@@ -260,14 +260,14 @@ def run_grid(a) -> int:
 # ------------------------------------------------------------------------------ plots, table
 
 def best_rows(rows: list[dict]) -> dict:
-    """(mixer, d_model, seq_len, pairs) -> the row of the best learning rate (Zoology reports
-    the best lr per cell), from the last row of each run."""
-    last = {}
-    for r in rows:
-        if "accuracy" in r:
-            last[row_key(r)] = r
+    """(mixer, d_model, seq_len, pairs) -> the row of highest test accuracy over the cell's
+    learning rates and repeated runs (Zoology reports the best lr per cell; a rerun with a
+    longer time limit is one more trained model, and a run cut by the budget still measured
+    the accuracy it reports)."""
     best = {}
-    for r in last.values():
+    for r in rows:
+        if "accuracy" not in r:
+            continue
         cell = (r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"])
         if cell not in best or r["accuracy"] > best[cell]["accuracy"]:
             best[cell] = r
