@@ -23,8 +23,8 @@ CASES = [("deltanet", {}), ("gated_deltanet", {}), ("mlstm", {}), ("mlstm_sig", 
          *[(name, {"conv_size": 4}) for name in ("linear", "lightning", "mlstm", "mlstm_sig")]]
 IDS = [case_id(c) for c in CASES]
 # in the interpreter, of the conv variants: GLA's (linear_attention's kernels on the conv's
-# views, as Lightning's and linear attention's v) and mLSTMexp's (the mlstm kernels on them)
-TRITON_CASES = [c for c in CASES if "conv_size" not in c[1] or c[0] in ("gla", "mlstm")]
+# views, as Lightning's and linear attention's v) and mLSTMsig's (the mlstm kernels on them)
+TRITON_CASES = [c for c in CASES if "conv_size" not in c[1] or c[0] in ("gla", "mlstm_sig")]
 MODES = ["states", "recompute"]
 RTOL = 1e-12
 # each mixer's folded projections (GLA's low-rank gate: its first linear), and the output
