@@ -82,6 +82,21 @@ def test_zoology_preset_is_zoologys_recipe(mixer):
     assert hybrid.pos_embed == "none" and hybrid.mixer_options == {"attention": attention}
 
 
+@pytest.mark.parametrize("mixer", ["linear", "lightning", "mlstm", "mlstm_sig"])
+def test_zoology_preset_gives_the_mixers_without_a_conv_one(mixer):
+    """Linear attention, Lightning and mLSTM get GLA's short conv on q, k, v (kernel 4), where
+    Zoology's attention-free models have a conv before the mixer; settings given win."""
+    cfg, _, _ = build_run({"preset": "zoology", "mixer": mixer, "seq_len": 64, "pairs": 4,
+                           "d_model": 32, "backend": "torch"})
+    assert cfg.mixer_options == {mixer: {"conv_size": 4}}
+    assert all(b.mixer.conv.kernel_size == 4 for b in CausalLM(cfg).blocks)
+    hybrid, _, _ = build_run({"preset": "zoology", "mixer": mixer, "hybrid": 1, "seq_len": 64, "pairs": 4})
+    assert hybrid.mixer_options[mixer] == {"conv_size": 4} and "attention" in hybrid.mixer_options
+    off, _, _ = build_run({"preset": "zoology", "mixer": mixer, "seq_len": 64, "pairs": 4,
+                           "mixer_options": {mixer: {"conv_size": 0}}})
+    assert off.mixer_options == {mixer: {"conv_size": 0}}
+
+
 def test_zoology_preset_builds_zoologys_model():
     """The attention model has Zoology's parameters (LanguageModel with MHA, Identity state
     mixer): token and position embeddings (tied head), per block two LayerNorms and MHA's

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.api import BACKENDS, SAVE_FOR_BACKWARD
+from .short_conv import ShortConv
 
 
 class Mixer(nn.Module):
@@ -124,6 +125,44 @@ class Mixer(nn.Module):
                     for p in projections]
             return (*outs, None)
         return (*outs[:len(projections)], outs[-1] if with_gate else None)
+
+    def set_qkv_conv(self, conv_size: int, widths: tuple[int, int, int]) -> None:
+        """self.conv: with conv_size > 0 a short causal conv (ShortConv, silu) over the q, k
+        and v projections' outputs side by side (widths: their widths), which
+        qkv_projections runs; None with conv_size 0 (no parameters, the state without a
+        "conv" entry). ValueError unless conv_size is an int >= 0."""
+        if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
+            raise ValueError(f"conv_size must be an int >= 0 (0: no short conv), got {conv_size!r}")
+        self.qkv_widths = tuple(widths)
+        self.conv = ShortConv(sum(widths), conv_size, activation="silu") if conv_size else None
+
+    def qkv_projections(self, xin, qkv: tuple, *projections, gate_proj: nn.Module | None = None,
+                        state=None, cu_seqlens=None, return_state: bool = False):
+        """input_projections(xin, *qkv, *projections, gate_proj=gate_proj), q, k, v (qkv's
+        three modules' outputs) then through self.conv when set_qkv_conv gave one:
+        q, k, v = silu(shortconv(x W_q, x W_k, x W_v)), one causal depthwise conv over the
+        three side by side (one GEMM output view, the conv's input), continuing
+        state["conv"] (under sequence parallelism: the last tokens of the ranks before).
+
+        Returns (q, k, v, *projections' outputs, the gate or None, S0, conv_cache): S0 the
+        recurrent op's initial state (state itself without a conv, state["S"] with one),
+        conv_cache the conv's new cache (None without a conv or return_state); the mixer
+        returns state_with_conv(its op's final state, conv_cache)."""
+        if self.conv is None:
+            return (*self.input_projections(xin, *qkv, *projections, gate_proj=gate_proj), state, None)
+        qkv_in, *outs = self.input_projections(xin, qkv, *projections, gate_proj=gate_proj)
+        S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
+        if self.sequence_parallel is not None:  # the conv reads the ranks before as its cache
+            conv0 = self.sequence_parallel.prev_tokens(qkv_in, self.conv.kernel_size - 1)
+        qkv_out, conv_cache = self.conv(qkv_in, conv0, cu_seqlens, return_cache=return_state)
+        return (*qkv_out.split(list(self.qkv_widths), dim=-1), *outs, S0, conv_cache)
+
+    @staticmethod
+    def state_with_conv(S, conv_cache):
+        """The state a mixer with qkv_projections returns: its op's S, or with a conv's cache
+        the dict {"S": S, "conv": [B or N, conv_size-1, sum(qkv widths)] the conv's last
+        inputs}."""
+        return S if conv_cache is None else {"S": S, "conv": conv_cache}
 
     def parallel_op(self, name: str):
         """The SequenceParallelContext's op `name` ("linear_attention" or "delta_rule") with

@@ -7,7 +7,6 @@ from torch import nn
 from ..ops.api import linear_attention
 from .base import Mixer, gate_dtype, make_dims, projection_input
 from .norms import GatedOutputNorm
-from .short_conv import ShortConv
 
 
 class GatedLinearAttention(Mixer):
@@ -42,8 +41,6 @@ class GatedLinearAttention(Mixer):
                  gate_low_rank: int = 16, gate_normalizer: float = 16.0, conv_size: int = 0):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)
-        if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size < 0:
-            raise ValueError(f"conv_size must be an int >= 0 (0: no short conv), got {conv_size!r}")
         self.key_dim = make_dims(self.head_dim, expand_k, "expand_k")
         self.value_dim = make_dims(self.head_dim, expand_v, "expand_v")
         self.gate_normalizer = gate_normalizer
@@ -51,7 +48,7 @@ class GatedLinearAttention(Mixer):
         self.q_proj = nn.Linear(d_model, HK, bias=False)
         self.k_proj = nn.Linear(d_model, HK, bias=False)
         self.v_proj = nn.Linear(d_model, HV, bias=False)
-        self.conv = ShortConv(2 * HK + HV, conv_size, activation="silu") if conv_size else None
+        self.set_qkv_conv(conv_size, (HK, HK, HV))
         self.gk_proj = nn.Sequential(nn.Linear(d_model, gate_low_rank, bias=False),
                                      nn.Linear(gate_low_rank, HK, bias=True))
         self.r_proj = nn.Linear(d_model, HV, bias=False)
@@ -71,22 +68,12 @@ class GatedLinearAttention(Mixer):
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
         xin = projection_input(x)
-        HK, HV = self.n_heads * self.key_dim, self.n_heads * self.value_dim
         gate_in, gate_out = self.low_rank_gate()
-        qkv = (self.q_proj, self.k_proj, self.v_proj)
-        if self.conv is not None:  # q, k, v side by side: the conv's input
-            qkv, gk, r = self.input_projections(xin, qkv, gate_in, gate_proj=self.r_proj)
-        else:
-            q, k, v, gk, r = self.input_projections(xin, *qkv, gate_in, gate_proj=self.r_proj)
+        q, k, v, gk, r, S0, conv_state = self.qkv_projections(
+            xin, (self.q_proj, self.k_proj, self.v_proj), gate_in, gate_proj=self.r_proj,
+            state=state, cu_seqlens=cu_seqlens, return_state=return_state)
         if gate_out is not None:  # a copy of the low-rank columns, which gate_out keeps
             gk = gate_out(gk.contiguous())
-        S0, conv_state = state, None
-        if self.conv is not None:
-            S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
-            if self.sequence_parallel is not None:  # the conv reads the ranks before as its cache
-                conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
-            qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
-            q, k, v = qkv.split([HK, HK, HV], dim=-1)
         q = self.heads(q, self.key_dim)    # [B, T, H, K]
         k = self.heads(k, self.key_dim)    # [B, T, H, K]
         v = self.heads(v, self.value_dim)  # [B, T, H, V]
@@ -102,6 +89,4 @@ class GatedLinearAttention(Mixer):
             # keeps that storage anyway
             r = r.contiguous()
         y = self.gated_output(o, xin, self.r_proj, gate=r)
-        if not return_state or self.conv is None:
-            return y, S
-        return y, {"S": S, "conv": conv_state}
+        return y, self.state_with_conv(S, conv_state)

@@ -38,13 +38,18 @@ class LightningAttention(Mixer):
     The decay is a non-persistent buffer ``log_decay`` [H] (float64 at construction; it
     follows the module's dtype casts), not trained.
 
-    Args: d_model, n_heads, backend, layer_idx, n_layers (see Mixer).
+    Args:
+        d_model, n_heads, backend, layer_idx, n_layers: see Mixer.
+        conv_size: kernel of a short conv on q, k and v (0, the default: none, as
+            TransNormerLLM's): with conv_size > 0, q, k, v = silu(shortconv(x W_q, x W_k,
+            x W_v)) before the silu above, as GLA's conv (the key-to-value shift recall needs).
     forward: as in linattn.layers.base; the state is the op's [B, H, D, D] float32 tensor
-    ([N, ...] with cu_seqlens).
+    ([N, ...] with cu_seqlens), or with conv_size > 0 the dict {"S": that tensor, "conv":
+    [B or N, conv_size-1, 3 d_model] the conv's last inputs}.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
-                 n_layers: int = 1, save_for_backward: str = "states"):
+                 n_layers: int = 1, save_for_backward: str = "states", conv_size: int = 0):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)
         depth = 1.0 - layer_idx / (n_layers - 1) + 1e-5 if n_layers > 1 else 1.0
@@ -53,6 +58,7 @@ class LightningAttention(Mixer):
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.set_qkv_conv(conv_size, (d_model, d_model, d_model))
         self.u_proj = nn.Linear(d_model, d_model, bias=False)
         self.out_norm = GatedOutputNorm(self.head_dim, activation="sigmoid")
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
@@ -61,15 +67,15 @@ class LightningAttention(Mixer):
         self.check_input(x, cu_seqlens, state, return_state)
         D = self.head_dim
         xin = projection_input(x)
-        q, k, v, u = self.input_projections(xin, self.q_proj, self.k_proj, self.v_proj,
-                                            gate_proj=self.u_proj)
+        q, k, v, u, S0, conv_state = self.qkv_projections(
+            xin, (self.q_proj, self.k_proj, self.v_proj), gate_proj=self.u_proj, state=state,
+            cu_seqlens=cu_seqlens, return_state=return_state)
         q = F.silu(self.heads(q, D))                # [B, T, H, D]
         k = F.silu(self.heads(k, D))
         v = self.heads(v, D)
         g = self.log_decay.to(gate_dtype(x))        # [H]
         run = linear_attention if self.sequence_parallel is None else self.parallel_op("linear_attention")
-        o, new_state = run(q, k, v, g, initial_state=state,
-                           output_final_state=return_state,
-                           cu_seqlens=cu_seqlens, backend=self.backend,
-                           save_for_backward=self.save_for_backward)
-        return self.gated_output(o, xin, self.u_proj, gate=u), new_state
+        o, S = run(q, k, v, g, initial_state=S0, output_final_state=return_state,
+                   cu_seqlens=cu_seqlens, backend=self.backend,
+                   save_for_backward=self.save_for_backward)
+        return self.gated_output(o, xin, self.u_proj, gate=u), self.state_with_conv(S, conv_state)

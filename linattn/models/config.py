@@ -200,6 +200,8 @@ class LMConfig:
 
 
 PRESETS = ("zoology",)
+# the mixers whose layer has no short conv by default (conv_size 0), which "zoology" gives one
+CONV_GIVEN = ("gla", "linear", "lightning", "mlstm", "mlstm_sig")
 
 
 def preset_settings(name: str, settings: dict) -> dict:
@@ -223,9 +225,11 @@ def preset_settings(name: str, settings: dict) -> dict:
         dropout 0.1 on the attention probabilities, no conv; a model whose every layer is
         attention adds learned absolute position embeddings (Zoology: max_position_embeddings
         = T for attention, 0 for the other mixers). The other mixers keep their own short
-        convs and gates; GLA, whose layer has no conv by default (as fla's), gets one
-        (conv_size 4, fla's use_short_conv): Zoology's GLA models put a BaseConv layer before
-        it, and without either nothing gives GLA the shift from a key to the value after it.
+        convs and gates; GLA, linear attention, Lightning and mLSTM (exp and sig), whose
+        layers have no conv by default, get one on q, k and v (conv_size 4, fla's
+        use_short_conv): Zoology's attention-free models put a conv before the mixer
+        (BaseConv layers, the xLSTM block's causal conv), and without one nothing gives
+        these mixers the shift from a key to the value after it.
       training: float32; AdamW, lr swept outside (Zoology: 1e-4 .. 1e-2, 4 log-spaced; softmax
         attention sits on the 1/P plateau, answering with one of the example's values, until
         a previous-token head forms from the learned positions: in Zoology's own code at T 64,
@@ -242,8 +246,7 @@ def preset_settings(name: str, settings: dict) -> dict:
     a Hybrid of its BaseConv (a short plus an implicit long conv) and the mixer, which takes
     layer 0 from BaseConv and layer 1 from the mixer; ours keep one head (with two, Gated
     DeltaNet stayed at chance at d_model 64, T 256 in our CPU runs where one head learned;
-    n_heads overrides it) and two layers of the mixer with its own short conv. The linear
-    mixer has no conv and gets none.
+    n_heads overrides it) and two layers of the mixer with its own short conv.
     """
     if name != "zoology":
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
@@ -255,8 +258,9 @@ def preset_settings(name: str, settings: dict) -> dict:
     options = {}
     if has_attention:
         options["attention"] = {"qkv_bias": True, "o_bias": True, "rope": False, "dropout": 0.1}
-    if "gla" in layers:
-        options["gla"] = {"conv_size": 4}
+    for mixer in CONV_GIVEN:
+        if mixer in layers:
+            options[mixer] = {"conv_size": 4}
     return {
         "n_layers": 2, "mlp_ratio": 0.0, "identity_mlp": True, "n_heads": 1, "norm": "layer",
         "norm_eps": 1e-5, "embed_dropout": 0.1, "init": "gpt2", "tie_embeddings": True,

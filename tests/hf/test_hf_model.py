@@ -26,9 +26,13 @@ ZOOLOGY_BLOCKS = dict(mlp_ratio=0.0, identity_mlp=True, norm="layer", init="gpt2
                       mixer_options={"attention": {"rope": False, "qkv_bias": True, "o_bias": True}})
 MODELS = [dict(mixer=m) for m in MIXERS] + [dict(mixer="gated_deltanet", hybrid=1),
                                             dict(mixer="gla", hybrid=1, sliding_window=3),
-                                            dict(mixer="deltanet", hybrid=1, **ZOOLOGY_BLOCKS)]
+                                            dict(mixer="deltanet", hybrid=1, **ZOOLOGY_BLOCKS),
+                                            # a short conv's cache beside mLSTMexp's (C, n, m)
+                                            dict(mixer="mlstm", mixer_options={"mlstm": {"conv_size": 4}})]
 IDS = [("hybrid-" if "hybrid" in kw else "") + kw["mixer"] + ("-window" if "sliding_window" in kw else "")
-       + ("-zoology" if "identity_mlp" in kw else "") for kw in MODELS]
+       + ("-zoology" if "identity_mlp" in kw else "")
+       + ("-conv" if "conv_size" in kw.get("mixer_options", {}).get(kw["mixer"], {}) else "")
+       for kw in MODELS]
 
 
 def stepwise_argmax(model, ids, n):

@@ -14,13 +14,17 @@ from linattn.layers.base import FUSED_ROW_ALIGN, fused_projections
 from linattn.layers.norms import GatedOutputNorm
 from linattn.layers.short_conv import ShortConv
 
-# the mixers that fold, and variants whose projections' consumers differ (a conv on GLA's
-# q, k, v; linear attention's feature maps)
+# the mixers that fold, and variants whose projections' consumers differ (a conv on q, k, v:
+# Mixer.qkv_projections; linear attention's feature maps)
 CASES = [("deltanet", {}), ("gated_deltanet", {}), ("mlstm", {}), ("mlstm_sig", {}),
          ("gla", {}), ("gla", {"conv_size": 4}), ("lightning", {}), ("linear", {}),
          ("linear", {"feature_map": "hedgehog"}), ("linear", {"feature_map": "norm"}),
-         ("hgrn2", {}), ("hgrn2", {"lower_bound": 0.5})]
+         ("hgrn2", {}), ("hgrn2", {"lower_bound": 0.5}),
+         *[(name, {"conv_size": 4}) for name in ("linear", "lightning", "mlstm", "mlstm_sig")]]
 IDS = [case_id(c) for c in CASES]
+# in the interpreter, of the conv variants: GLA's (linear_attention's kernels on the conv's
+# views, as Lightning's and linear attention's v) and mLSTMsig's (the mlstm kernels on them)
+TRITON_CASES = [c for c in CASES if "conv_size" not in c[1] or c[0] in ("gla", "mlstm_sig")]
 MODES = ["states", "recompute"]
 RTOL = 1e-12
 # each mixer's folded projections (GLA's low-rank gate: its first linear), and the output
@@ -95,7 +99,9 @@ def _folded(m):
         m(torch.randn(1, 3, D_MODEL, dtype=m.o_proj.weight.dtype))
     finally:
         del m.input_projections
-    return len({t.untyped_storage().data_ptr() for t in seen[0]}) == 1
+    # views of one storage (a fallback's lone output, q, k, v concatenated, is no view)
+    return len({t.untyped_storage().data_ptr() for t in seen[0]}) == 1 \
+        and all(t._base is not None for t in seen[0])
 
 
 def _names(m):
@@ -112,7 +118,7 @@ def test_fold_equals_separate_projections_float64(case, mode, packed):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[case_id(c) for c in TRITON_CASES])
 def test_fold_equals_separate_projections_triton_interpreter(case, mode):
     """The Triton conv, op and output norm take the fold's strided views (float32)."""
     m = _layer(case, mode, backend="triton").float()
@@ -130,14 +136,21 @@ def test_fold_close_to_separate_projections_bf16_autocast(case, mode):
     _assert_close(got, want, _names(m), 3e-2, 1e-3)
 
 
-@pytest.mark.parametrize("proj", [pytest.param((name, p), id=f"{name}-{p}")
+# a projection of q, k, v when they go through a conv (the fold's tuple form)
+CONV_HOOKED = [("gla", "q_proj"), ("linear", "k_proj"), ("lightning", "v_proj"),
+               ("mlstm", "k_proj"), ("mlstm_sig", "q_proj")]
+
+
+@pytest.mark.parametrize("proj", [pytest.param((name, {}, p), id=f"{name}-{p}")
                                   for name, projs in FOLDED.items() for p in projs]
-                         + [pytest.param(("gla", "gk_proj"), id="gla-gk_proj")])
+                         + [pytest.param(("gla", {}, "gk_proj"), id="gla-gk_proj")]
+                         + [pytest.param((name, {"conv_size": 4}, p), id=f"{name}-conv_size=4-{p}")
+                            for name, p in CONV_HOOKED])
 def test_a_hooked_projection_takes_the_separate_calls(proj):
     """A forward hook on any folded projection (a distillation hook), or on GLA's low-rank
     gate as a whole, turns the fold off and sees its projection's output once."""
-    name, path = proj
-    m = _layer((name, {}), "states")
+    name, opts, path = proj
+    m = _layer((name, opts), "states")
     seen = []
     handle = m.get_submodule(path).register_forward_hook(lambda mod, args, out: seen.append(out))
     try:
@@ -159,12 +172,14 @@ def test_recompute_leaves_the_gate_out_of_the_fold(name):
     assert _folded(r)
 
 
-@pytest.mark.parametrize("name, targets", [("deltanet", ["qkv_proj", "b_proj", "z_proj"]),
-                                           ("mlstm", ["q_proj", "v_proj", "z_proj"]),
-                                           ("gla", ["k_proj", "gk_proj.0"])])
-def test_peft_lora_projections_take_the_separate_calls(name, targets):
+@pytest.mark.parametrize("name, opts, targets", [
+    ("deltanet", {}, ["qkv_proj", "b_proj", "z_proj"]),
+    ("mlstm", {}, ["q_proj", "v_proj", "z_proj"]),
+    ("mlstm", {"conv_size": 4}, ["k_proj", "z_proj"]),
+    ("gla", {}, ["k_proj", "gk_proj.0"])])
+def test_peft_lora_projections_take_the_separate_calls(name, opts, targets):
     peft = pytest.importorskip("peft")
-    m = _layer((name, {}), "states").float()
+    m = _layer((name, opts), "states").float()
     want = _run(m, False, dtype=torch.float32)[0]
     lora = peft.get_peft_model(
         nn.ModuleDict({"mixer": m}),

@@ -12,11 +12,12 @@ from linattn.models import CausalLM, LMConfig
 V, T, CHANGED = 64, 80, 50   # vocabulary, length, the position whose token is changed
 
 
-def _logits_change(mixer: str, backend: str, dtype):
-    """max |logits(ids) - logits(ids')| [T], ids' changing the token at position CHANGED."""
+def _logits_change(mixer: str, backend: str, dtype, options=None):
+    """max |logits(ids) - logits(ids')| [T], ids' changing the token at position CHANGED;
+    options: the mixer's constructor options."""
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=2, mixer=mixer, max_seq_len=T,
-                   backend=backend)
+                   backend=backend, mixer_options={mixer: options} if options else {})
     m = CausalLM(cfg).to(dtype).eval()
     ids = torch.randint(0, V, (2, T))                            # [B, T]
     other = ids.clone()
@@ -27,9 +28,15 @@ def _logits_change(mixer: str, backend: str, dtype):
     return (a.float() - b.float()).abs().amax(-1).amax(0)      # [T]
 
 
-@pytest.mark.parametrize("mixer", list(MIXERS))
-def test_no_later_token_reaches_an_earlier_logit_in_float64(mixer):
-    d = _logits_change(mixer, "torch", torch.float64)
+# the mixers with an optional short conv, with it (the Triton conv's own masks are checked
+# below through the delta mixers, which always have one)
+CONV = [(name, {"conv_size": 4}) for name in ("gla", "linear", "lightning", "mlstm", "mlstm_sig")]
+
+
+@pytest.mark.parametrize("mixer, options", [(m, None) for m in MIXERS] + CONV,
+                         ids=list(MIXERS) + [f"{m}-conv_size=4" for m, _ in CONV])
+def test_no_later_token_reaches_an_earlier_logit_in_float64(mixer, options):
+    d = _logits_change(mixer, "torch", torch.float64, options)
     assert d[:CHANGED].max().item() == 0.0
     assert d[CHANGED].item() > 1e-3                           # the change itself is seen
 

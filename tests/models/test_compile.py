@@ -57,18 +57,21 @@ def _check(model, compiled, ids, dtype, **kw):
 
 
 # the float64 model: one mixer per op path (constant frozen decay, per-key gate, mLSTMexp,
-# the gated delta rule) and attention, to keep CI's compile time down
+# the gated delta rule) and attention, to keep CI's compile time down; Lightning and mLSTM
+# with their optional short conv on q, k, v (the float32 model has them without)
 F64_LAYERS = ["lightning", "gla", "mlstm", "gated_deltanet", "attention"]
+F64_OPTIONS = {"lightning": {"conv_size": 4}, "mlstm": {"conv_size": 4}}
 
 
-@pytest.mark.parametrize("dtype,layers", [(torch.float32, list(MIXERS)),
-                                          (torch.float64, F64_LAYERS)], ids=["float32", "float64"])
-def test_every_mixer_compiles_fullgraph_and_matches_eager(dtype, layers):
+@pytest.mark.parametrize("dtype,layers,options", [(torch.float32, list(MIXERS), {}),
+                                                  (torch.float64, F64_LAYERS, F64_OPTIONS)],
+                         ids=["float32", "float64"])
+def test_every_mixer_compiles_fullgraph_and_matches_eager(dtype, layers, options):
     """Every mixer in one model (a hybrid, with attention): fullgraph (a graph break is an
     error) gives eager's logits and gradients of every parameter. (Packed sequences, states
     and absent gates through the compiled ops: tests/ops/test_custom_ops.py.)"""
     torch._dynamo.reset()
-    model = _model(dtype, layers=layers, n_layers=len(layers))
+    model = _model(dtype, layers=layers, n_layers=len(layers), mixer_options=options)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     ids = torch.randint(0, VOCAB, (2, T), generator=helpers.seeded(1))
     _check(model, compiled, ids, dtype)

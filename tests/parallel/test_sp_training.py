@@ -25,10 +25,12 @@ VOCAB = 11
 BASE = dict(vocab_size=VOCAB, d_model=16, n_heads=2, mlp_ratio=2.0, backend="torch", max_seq_len=64)
 # Every sequence-parallel mixer once; the second model has a sliding window wider than rank
 # 0's slice (rank 1 reads all of it through prev_tokens) and Hedgehog's trainable map with
-# its denominator column, and GLA with its short conv (rank 1 reads rank 0's last inputs).
+# its denominator column, and GLA, Lightning and linear attention with their short convs
+# (rank 1 reads rank 0's last inputs).
 HYBRID = dict(BASE, n_layers=5, layers=["gated_deltanet", "gla", "attention", "mlstm_sig", "linear"])
 OTHERS = dict(BASE, n_layers=6, layers=["lightning", "hgrn2", "deltanet", "attention", "linear", "gla"],
-              sliding_window=16, feature_map="hedgehog", mixer_options={"gla": {"conv_size": 4}})
+              sliding_window=16, feature_map="hedgehog",
+              mixer_options={name: {"conv_size": 4} for name in ("gla", "lightning", "linear")})
 TINY = ["--task", "mqar", "--pairs", "2", "--seq-len", "12", "--vocab", "10", "--d-model", "16",
         "--n-layers", "2", "--pattern", "gated_deltanet,attention", "--n-heads", "2", "--steps", "6",
         "--batch", "4", "--lr", "1e-2", "--log-every", "2", "--ckpt-every", "3", "--eval-batches", "1",
