@@ -47,14 +47,15 @@ def use_padded_batch(lengths: Sequence[int], chunk: int, *, max_ratio: float = M
                      per_sequence_tokens: int = PER_SEQUENCE_TOKENS) -> bool:
     """Whether N sequences of these lengths run faster as one padded batch than in a loop.
 
-    The padded batch computes N * Tpad tokens; the loop computes the sum of the lengths, plus
-    a fixed cost per sequence (Python and one small op launch per tensor op per chunk, which
-    on the CPU is about what per_sequence_tokens padded tokens cost at MoM's head sizes).
-    The batch is taken when
+    Both cost about the same per computed token; the padded batch computes N * Tpad tokens,
+    the loop the sum of the lengths plus a fixed cost per sequence (Python and one small op
+    launch per tensor op per chunk, forward and backward), which on the CPU at MoM's head
+    sizes (K 8-16) is about what one chunk of padded tokens costs. The batch is taken when
         N * Tpad <= max_ratio * sum(lengths) + per_sequence_tokens * N,
-    i.e. while at most about half of it is padding: the rule bounds the batch's memory by
-    max_ratio x the loop's, whatever the lengths. One sequence of length 10^4 among a hundred
-    of length 1 (N * Tpad ~ 10^6 against ~2 10^4) keeps the loop.
+    which keeps its size, memory included, within a constant of the loop's whatever the
+    lengths: MoM's memories (similar lengths, padded to the longest) take the batch, and one
+    sequence of length 10^4 among a hundred of length 1 (N * Tpad ~ 10^6 against ~2 10^4)
+    keeps the loop.
     """
     N = len(lengths)
     if N == 0:
