@@ -43,11 +43,13 @@ def over_sequences(run, cu_seqlens, tensors, initial_state, output_final_state, 
     Each packed sequence n gets its own slice of initial_state (a tensor [N, ...] or a tuple
     of them) or None. Tensors that are None or per-head ([H]) pass unsliced. Returns o in
     out_dtype and the final states concatenated over sequences (tuples element-wise), or
-    None when not asked for. Shared by the reference and the chunked PyTorch path."""
+    None when not asked for. cu_seqlens: None, an int tensor [N+1], or its offsets as a list
+    (from a caller that has read them to the host). Shared by the reference and the chunked
+    PyTorch path (linattn.ops.varlen)."""
     if cu_seqlens is None:
         o, st = run(*tensors, initial_state)
         return o.to(out_dtype), (st if output_final_state else None)
-    c = cu_seqlens.tolist()
+    c = cu_seqlens if isinstance(cu_seqlens, list) else cu_seqlens.tolist()
     outs, finals = [], []
     for n, (s, e) in enumerate(zip(c[:-1], c[1:])):
         sub = [t if t is None or t.dim() == 1 else t[:, s:e] for t in tensors]

@@ -23,7 +23,18 @@ rule (the Triton kernels' gated_api.gate_dtype makes the same choice). Every exp
 whole chunk in one sign: each query sub-tile of SUB tokens takes its exponents relative to
 its own first token, and the diagonal sub-tiles use exp(b_i - b_j) elementwise.
 
-Differentiable through torch autograd. Same signatures as linattn.ops.reference.
+Packed sequences (cu_seqlens) run as one padded batch [N, Tpad] when the padding is bounded,
+else one call per sequence (linattn.ops.varlen, whose `varlen` mode each op takes as a
+keyword). A padding slot is an exact identity step of the recurrence:
+    gated linear attention (and mLSTMsig, which is one): k = 0, g = 0, so S <- 1 * S + 0;
+    delta rule: k = 0, beta = 0, g = 0, so W, U and K^T U' get zero rows and S <- 1 * S;
+    mLSTMexp: k = 0, log forget gate 0 and input gate MLSTM_PAD_INPUT_GATE, so b_t and m_t
+        stay those of the last real token (no padded term i_s + b_t - b_s wins the max),
+        every padded weight exp(i_s + ... - m_t) is exp(~-1e30) = 0, and C, n, m pass
+        unchanged.
+
+Differentiable through torch autograd. Same signatures as linattn.ops.reference, plus the
+keyword varlen ("auto" | "padded" | "loop").
 """
 from __future__ import annotations
 
@@ -31,10 +42,15 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .reference import MLSTM_EPS, compute_dtype, over_sequences
+from .reference import MLSTM_EPS, compute_dtype
+from .varlen import run_packed
 
 CHUNK = 64  # tokens per chunk: one dense L x L block per chunk
 SUB = 16    # query sub-tile for per-key gates (relative exponents within a sub-tile)
+# mLSTMexp padding slot's input-gate preactivation: finite (the stabiliser's maxima subtract
+# it without inf - inf), and so far below any real i + log-decay sum that exp of it minus the
+# stabiliser underflows to exactly 0 in float32 and float64.
+MLSTM_PAD_INPUT_GATE = -1e30
 
 
 def _cumsum64(g: torch.Tensor, dim: int) -> torch.Tensor:
@@ -164,7 +180,7 @@ def _prepare_gate(g, B, T, H, dt):
 
 
 def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, causal=True):
+                     cu_seqlens=None, causal=True, varlen="auto"):
     """Chunked gated linear attention; same contract as linattn.ops.reference.linear_attention."""
     if not causal:  # bidirectional: one K^T V product per sequence, already parallel
         return reference.linear_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, causal=False)
@@ -179,7 +195,8 @@ def linear_attention(q, k, v, g=None, *, scale, initial_state=None, output_final
         o, S = _scan_in_chunks(_gated_chunks, [qs.to(dt) * scale, ks.to(dt), vs.to(dt), gs], S)
         return (vs.new_zeros(Bs, 0, H, V, dtype=dt) if o is None else o), S
 
-    return over_sequences(run, cu_seqlens, (q, k, v, g), initial_state, output_final_state, v.dtype)
+    return run_packed(run, cu_seqlens, (q, k, v, g), (0.0, 0.0, 0.0, 0.0), initial_state,
+                      output_final_state, v.dtype, chunk=CHUNK, mode=varlen)
 
 
 # ----------------------------------------------------------------------------- mLSTM
@@ -220,18 +237,18 @@ def _mlstm_exp_chunks(state, q, k, v, i, lf):
 
 
 def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None,
-          output_final_state=False, cu_seqlens=None):
+          output_final_state=False, cu_seqlens=None, varlen="auto"):
     """Chunked mLSTM; same contract as linattn.ops.reference.mlstm."""
     dt = compute_dtype(q)
     if input_gate == "sigmoid":  # linear attention with g = logsigmoid(f), keys scaled by sigmoid(i)
         k_in = k.to(dt) * torch.sigmoid(i.to(dt)).unsqueeze(-1)
         return linear_attention(q.to(dt), k_in, v, F.logsigmoid(f.to(dt)), scale=scale,
                                 initial_state=initial_state, output_final_state=output_final_state,
-                                cu_seqlens=cu_seqlens)
+                                cu_seqlens=cu_seqlens, varlen=varlen)
     B, T, H, K = q.shape
     V = v.shape[-1]
 
-    def run(qs, ks, vs, is_, fs, st):
+    def run(qs, ks, vs, is_, lfs, st):
         Bs = qs.shape[0]
         if st is None:
             st = (torch.zeros(Bs, H, K, V, dtype=dt, device=q.device),
@@ -240,11 +257,14 @@ def mlstm(q, k, v, i, f, *, input_gate="exp", scale, initial_state=None,
         else:
             st = tuple(x.to(dt) for x in st)
         o, st = _scan_in_chunks(_mlstm_exp_chunks, [qs.to(dt) * scale, ks.to(dt), vs.to(dt),
-                                                    is_.to(dt), F.logsigmoid(fs.to(dt))], st)
+                                                    is_, lfs], st)
         return (vs.new_zeros(Bs, 0, H, V, dtype=dt) if o is None else o), st
 
-    return over_sequences(run, cu_seqlens, (q, k, v, i, f), initial_state, output_final_state,
-                         v.dtype)
+    # the gates in the compute dtype and the forget gate as its log, before padding: the
+    # padding slots hold the fills themselves (log forget gate exactly 0)
+    return run_packed(run, cu_seqlens, (q, k, v, i.to(dt), F.logsigmoid(f.to(dt))),
+                      (0.0, 0.0, 0.0, MLSTM_PAD_INPUT_GATE, 0.0), initial_state,
+                      output_final_state, v.dtype, chunk=CHUNK, mode=varlen)
 
 
 # ----------------------------------------------------------------------------- delta rule
@@ -283,7 +303,7 @@ def _delta_chunks(state, q, k, v, beta, g):
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final_state=False,
-               cu_seqlens=None):
+               cu_seqlens=None, varlen="auto"):
     """Chunked (Gated) DeltaNet; same contract as linattn.ops.reference.delta_rule."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -296,5 +316,5 @@ def delta_rule(q, k, v, beta, g=None, *, scale, initial_state=None, output_final
                                                bs.to(dt), None if gs is None else gs.to(dt)], S)
         return (vs.new_zeros(Bs, 0, H, V, dtype=dt) if o is None else o), S
 
-    return over_sequences(run, cu_seqlens, (q, k, v, beta, g), initial_state, output_final_state,
-                         v.dtype)
+    return run_packed(run, cu_seqlens, (q, k, v, beta, g), (0.0, 0.0, 0.0, 0.0, 0.0),
+                      initial_state, output_final_state, v.dtype, chunk=CHUNK, mode=varlen)
