@@ -287,3 +287,38 @@ def test_smoke_size_on_the_gpu(tmp_path):
     for r in result["rows"]:
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_gib"] > r["static_mem_gib"] > 0
+
+
+def test_save_for_backward_applies_to_our_linear_models_only(tmp_path):
+    """--save-for-backward recompute builds our linear cases with it (not attention's, not a
+    case's own choice when absent), names the files and records it."""
+    built = {}
+    real = dict(mc.CASES)
+    for name in ("attention", "gated_deltanet"):
+        case = real[name]
+
+        def spy(size, T, backend, _case=case, **kw):
+            model = _case.build(size, T, backend, **kw)
+            built[_case.name] = {m.save_for_backward for m in model.modules()
+                                 if hasattr(m, "save_for_backward") and isinstance(m, nn.Module)}
+            return model
+        real[name] = mc.Case(case.name, case.family, case.mixer, spy, case.hybrid)
+    row = bm.measure_row(real["gated_deltanet"], bm.SIZES["smoke"], 64, 1, steps=1, warmup=1,
+                         device="cpu", save_for_backward="recompute")
+    assert "error" not in row and built["gated_deltanet"] == {"recompute"}
+    row = bm.measure_row(real["attention"], bm.SIZES["smoke"], 64, 1, steps=1, warmup=1,
+                         device="cpu", save_for_backward="recompute")
+    assert "error" not in row and "recompute" not in built["attention"]
+    row = bm.measure_row(real["gated_deltanet"], bm.SIZES["smoke"], 64, 1, steps=1, warmup=1,
+                         device="cpu")
+    assert built["gated_deltanet"] == {"states"}
+    rc = bm.main(["--smoke", "--inprocess", "--cases", "gated_deltanet", "--steps", "1",
+                  "--save-for-backward", "recompute", "--out", str(tmp_path)])
+    assert rc == 0
+    path = next(tmp_path.glob("*.json"))
+    assert path.stem.endswith("-smoke-recompute")
+    result = json.loads(path.read_text())
+    assert result["config"]["save_for_backward"] == "recompute"
+    assert any("--save-for-backward recompute" in n for n in result["notes"])
+    with pytest.raises(SystemExit):
+        bm.parse_args(["--save-for-backward", "all"])

@@ -5,6 +5,7 @@ and against the same model built on fla's layers, on one GPU.
     linattn bench --models --model-size 24x1024 --out $OUT
     linattn bench --models --cases 'attention,*gated_deltanet*' --T 8192
     linattn bench --models --compile                           # torch.compile(fullgraph=True)
+    linattn bench --models --save-for-backward recompute       # every linear model recomputes
     linattn bench --models --smoke --inprocess --out /tmp/b    # toy size on the CPU (tests)
 
 A row is one model (a case) at one sequence length T: full training steps (bf16 autocast
@@ -42,7 +43,7 @@ forgotten first); a case's rows run together, so its worker serves all of them. 
 cannot run records why. Each row records the device memory free when it began
 (device_free_gib). A run that must fit a short time box can take one T per command (--T).
 
-Writes bench-models-<gpu>-<date>-<size>[-compile].json (every row, the GPU, the versions,
+Writes bench-models-<gpu>-<date>-<size>[-compile][-recompute].json (every row, the GPU, the versions,
 the matmul rate, the command line), .png and .md into --out, and prints a markdown table
 last. Without a CUDA GPU (and without --smoke or --device cpu) it says so and exits 2.
 """
@@ -63,6 +64,7 @@ from pathlib import Path
 import torch
 
 from . import report
+from ..ops.api import SAVE_FOR_BACKWARD
 from .flops import CHUNK
 from .model_cases import CASES, Case, ModelSize, describe_pattern, matmul_params, mfu
 from .runner import EXIT_NO_GPU, Job, Machine, clear_autotune_caches, run_rows, short_error, versions, warm_up
@@ -108,11 +110,15 @@ def _step_clock(dev):
 
 def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warmup: int,
                 device: str, seed: int = 0, compile: bool = False, compile_mode: str | None = None,
-                warm: bool = False, retune: bool = False) -> dict:
+                warm: bool = False, retune: bool = False,
+                save_for_backward: str | None = None) -> dict:
     """Builds case's model and times training steps at [B, T] in this process. warm: one
     forward+backward (compiles and autotunes) and return. retune: first forget the configs
     the Triton autotuners chose (in a warm-up beside other cases, under load), so the warm-up
-    steps tune again with the GPU to themselves. The row holds parameters, the FLOP counts,
+    steps tune again with the GPU to themselves. save_for_backward: what our linear mixers
+    keep for the backward ("states" or "recompute", LMConfig.save_for_backward) in place of
+    the case's own choice; None keeps it (fla's and attention's cases have no such choice).
+    The row holds parameters, the FLOP counts,
     ms_per_step (median), tokens_per_s, peak_mem_gib, or an error naming the stage that
     failed."""
     dev = torch.device(device)
@@ -123,8 +129,9 @@ def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warm
         if dev.type == "cuda":       # what the other processes on the card leave free
             row["device_free_gib"] = torch.cuda.mem_get_info()[0] / 2**30
         torch.manual_seed(seed)
+        own = {"save_for_backward": save_for_backward} if save_for_backward and case.family == "ours" else {}
         with dev:                     # parameters made on the device: no host init and copy
-            model = case.build(size, T, "auto")
+            model = case.build(size, T, "auto", **own)
         row["parameters"] = sum(p.numel() for p in model.parameters())
         row["matmul_parameters"] = matmul_params(model)
         row["layers"] = describe_pattern(model)
@@ -203,14 +210,15 @@ def measure_row(case: Case, size: ModelSize, T: int, B: int, *, steps: int, warm
 
 def request_row(req: dict, cases: dict) -> dict:
     """measure_row() of one worker request {case, size, T, B, steps, warmup, device, seed,
-    compile, compile_mode, warm?, retune?}; cases: name -> Case."""
+    compile, compile_mode, warm?, retune?, save_for_backward?}; cases: name -> Case."""
     case = cases.get(req["case"])
     if case is None:
         return {"error": f"unknown case {req['case']!r}"}
     return measure_row(case, ModelSize(**req["size"]), req["T"], req["B"], steps=req["steps"],
                        warmup=req["warmup"], device=req["device"], seed=req["seed"],
                        compile=req["compile"], compile_mode=req.get("compile_mode"),
-                       warm=req.get("warm", False), retune=req.get("retune", False))
+                       warm=req.get("warm", False), retune=req.get("retune", False),
+                       save_for_backward=req.get("save_for_backward"))
 
 
 
@@ -229,6 +237,10 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile(fullgraph=True) the forward + loss of every model")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    p.add_argument("--save-for-backward", choices=SAVE_FOR_BACKWARD, default=None,
+                   help="what every one of our linear models keeps for the backward: its ops' chunk "
+                        "states ('states') or their inputs only, recomputing the rest ('recompute'); "
+                        "default: each case's own (states; recompute in *_recompute)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON, PNG and markdown")
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per row (compile and autotune included)")
     p.add_argument("--budget", type=float, default=510.0,
@@ -291,6 +303,9 @@ def _notes(args, s: dict, cases: list, missing: dict) -> list:
         notes.append("fla's gated ops timed with fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True: "
                      "fla 0.6.0 refuses their backward on Hopper with triton < 3.7.1 (their gradients "
                      "may be wrong there; timing only)")
+    if args.save_for_backward:
+        notes.append(f"--save-for-backward {args.save_for_backward}: every one of our linear models "
+                     f"runs with LMConfig.save_for_backward={args.save_for_backward!r}")
     if args.compile:
         notes.append(f"--compile: torch.compile(forward + loss, fullgraph=True, mode={args.compile_mode!r}), "
                      "one static graph per shape; a row whose compile fails records the error")
@@ -313,7 +328,8 @@ def run(args, cases: list, size: ModelSize, s: dict, machine: Machine | None = N
         ceilings = {"copy_TBps": None, "matmul_TFLOPs": measure_cpu_matmul()}
     date = _dt.date.today().isoformat()
     size_name = next((k for k, v in SIZES.items() if v == size), f"{size.n_layers}x{size.d_model}")
-    stem = f"bench-models-{report.slug(gpu)}-{date}-{size_name}" + ("-compile" if args.compile else "")
+    stem = (f"bench-models-{report.slug(gpu)}-{date}-{size_name}" + ("-compile" if args.compile else "")
+            + (f"-{args.save_for_backward}" if args.save_for_backward else ""))
     out_dir = Path(args.out)
     missing = {n: why for n in dict.fromkeys(c.needs for c in cases if c.needs) if (why := machine.why_missing(n))}
     result = {"benchmark": "models", "gpu": gpu, "date": date,
@@ -322,13 +338,14 @@ def run(args, cases: list, size: ModelSize, s: dict, machine: Machine | None = N
               "config": {"size": size_name, **asdict(size), "head_dim": size.d_model // size.n_heads,
                          "tokens_per_step": s["tokens"], "T": list(s["T"]), "warmup": s["warmup"],
                          "steps": s["steps"], "compile": args.compile, "compile_mode": args.compile_mode,
-                         "device": dev, "timeout_s": args.timeout, "budget_s": args.budget,
+                         "save_for_backward": args.save_for_backward, "device": dev, "timeout_s": args.timeout, "budget_s": args.budget,
                          "jobs": args.jobs, "chunk_for_flops": CHUNK, "lr": LR},
               "notes": _notes(args, s, cases, missing), "rows": []}
     mm = ceilings["matmul_TFLOPs"]
     print(f"matmul {mm:.1f} TFLOP/s; versions {json.dumps(result['versions'])}", flush=True)
     base = {"size": asdict(size), "steps": s["steps"], "warmup": s["warmup"], "device": dev,
-            "seed": args.seed, "compile": args.compile, "compile_mode": args.compile_mode}
+            "seed": args.seed, "compile": args.compile, "compile_mode": args.compile_mode,
+            "save_for_backward": args.save_for_backward}
     by_name = {c.name: c for c in cases}
     pool = machine.pool(None if args.inprocess else WORKER_ARGV, lambda req: request_row(req, by_name))
     runnable = [c.name for c in cases if c.needs not in missing]
