@@ -102,8 +102,8 @@ DEFAULT = DeltaConfig()
 
 def config_for(capability: tuple[int, int] | None = None) -> DeltaConfig:
     """The config for a device of this CUDA compute capability (None: the CPU interpreter).
-    One value for every device: each choice was measured on sm_90 (H200) and the interpreter runs the
-    same launches; a device that needs others gets its row here."""
+    One value for every device: each choice was measured on sm_90 (H200) and the
+    interpreter runs the same launches; a device that needs others gets its row here."""
     return DEFAULT
 
 
