@@ -151,11 +151,21 @@ class Mixer(nn.Module):
         if self.conv is None:
             return (*self.input_projections(xin, *qkv, *projections, gate_proj=gate_proj), state, None)
         qkv_in, *outs = self.input_projections(xin, qkv, *projections, gate_proj=gate_proj)
-        S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
-        if self.sequence_parallel is not None:  # the conv reads the ranks before as its cache
-            conv0 = self.sequence_parallel.prev_tokens(qkv_in, self.conv.kernel_size - 1)
-        qkv_out, conv_cache = self.conv(qkv_in, conv0, cu_seqlens, return_cache=return_state)
+        S0, conv0 = self.split_conv_state(state)
+        qkv_out, conv_cache = self.run_conv(qkv_in, conv0, cu_seqlens, return_state)
         return (*qkv_out.split(list(self.qkv_widths), dim=-1), *outs, S0, conv_cache)
+
+    @staticmethod
+    def split_conv_state(state):
+        """(the op's state, the conv's cache) of a mixer state {"S", "conv"} or None."""
+        return (None, None) if state is None else (state["S"], state["conv"])
+
+    def run_conv(self, x, cache, cu_seqlens, return_state: bool):
+        """self.conv(x, cache) -> (its output, its new cache or None): under sequence
+        parallelism the cache is the last tokens of the ranks before."""
+        if self.sequence_parallel is not None:
+            cache = self.sequence_parallel.prev_tokens(x, self.conv.kernel_size - 1)
+        return self.conv(x, cache, cu_seqlens, return_cache=return_state)
 
     @staticmethod
     def state_with_conv(S, conv_cache):

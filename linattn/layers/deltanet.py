@@ -80,7 +80,7 @@ class DeltaNet(Mixer):
     def forward(self, x, state=None, cu_seqlens=None, return_state=False):
         self.check_input(x, cu_seqlens, state, return_state)
         HK = self.n_heads * self.key_dim
-        S0, conv0 = (None, None) if state is None else (state["S"], state["conv"])
+        S0, conv0 = self.split_conv_state(state)
         xin = projection_input(x)
         qkv, b, a, z = self.project(xin)
         gdt = gate_dtype(x)
@@ -96,9 +96,7 @@ class DeltaNet(Mixer):
                 return_cache=return_state, initial_state=S0, output_final_state=return_state,
                 backend=self.backend)
         else:
-            if self.sequence_parallel is not None:  # the conv reads the ranks before as its cache
-                conv0 = self.sequence_parallel.prev_tokens(qkv, self.conv.kernel_size - 1)
-            qkv, conv_state = self.conv(qkv, conv0, cu_seqlens, return_cache=return_state)
+            qkv, conv_state = self.run_conv(qkv, conv0, cu_seqlens, return_state)
             q, k, v = qkv.split([HK, HK, self.n_heads * self.value_dim], dim=-1)
             q = self.heads(q, self.key_dim)                              # [B, T, H, K] unit rows
             k = self.heads(k, self.key_dim)                              # [B, T, H, K] unit rows
@@ -108,7 +106,7 @@ class DeltaNet(Mixer):
                        cu_seqlens=cu_seqlens, backend=self.backend,
                        save_for_backward=self.save_for_backward)
         y = self.gated_output(o, xin, self.z_proj, gate=z)
-        return y, ({"S": S, "conv": conv_state} if return_state else None)
+        return y, self.state_with_conv(S, conv_state)
 
     def project(self, xin):
         """The input projections of x = xin() (Mixer.input_projections: one GEMM when they
