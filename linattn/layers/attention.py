@@ -90,11 +90,18 @@ class Attention(Mixer):
         self.o_proj = nn.Linear(d_model, d_model, bias=o_bias)
 
     def project(self, x: torch.Tensor):
-        """x [B, T, d_model] -> q [B, T, H, D], k and v [B, T, H_kv, D] (not rotated)."""
-        D, xin = self.head_dim, projection_input(x)
-        return (self.heads(self.q_proj(xin()), D),
-                self.k_proj(xin()).unflatten(-1, (self.n_kv_heads, D)),
-                self.v_proj(xin()).unflatten(-1, (self.n_kv_heads, D)))
+        """x [B, T, d_model] -> q [B, T, H, D], k and v [B, T, H_kv, D] (not rotated): one GEMM
+        when the three projections are plain nn.Linear, else one call each (a wrapped or
+        hooked projection, e.g. a LoRA adapter; Mixer.input_projections)."""
+        D = self.head_dim
+        q, k, v, _ = self.input_projections(projection_input(x), self.q_proj, self.k_proj,
+                                            self.v_proj)  # [B, T, H * D], [B, T, H_kv * D] x 2
+        if self.use_rope:
+            # RoPE gives q and k their own storage; v alone would keep the whole fused
+            # output (q and k's columns too) alive for SDPA's backward
+            v = v.contiguous()
+        return (self.heads(q, D), k.unflatten(-1, (self.n_kv_heads, D)),
+                v.unflatten(-1, (self.n_kv_heads, D)))
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """rope(x, positions) when this layer uses RoPE, else x."""
@@ -144,7 +151,10 @@ class Attention(Mixer):
         if not return_state:
             return y, None
         keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
-        return y, {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:], "offset": offset + T}
+        k, v = k[:, k.shape[1] - keep:], v[:, v.shape[1] - keep:]
+        if state is None:  # views of the fused projections' output (k too without RoPE)
+            k, v = k.contiguous(), v.contiguous()
+        return y, {"k": k, "v": v, "offset": offset + T}
 
     def _parallel_attention(self, q, k, v):
         """This rank's slice q, k, v [B, T_r, H, D] -> o [B, T_r, H, D] (see the class docstring)."""

@@ -1,4 +1,4 @@
-"""The mixers run their input projections of x (and the output gate's with
+"""The mixers (softmax attention's q, k, v too) run their input projections of x (and the output gate's with
 save_for_backward="states") as one GEMM (Mixer.input_projections,
 linattn.layers.base.fused_projections) and split its output into views. Each layer gives
 what its separate projections give, values and every gradient in float64 within the GEMMs'
@@ -20,11 +20,15 @@ CASES = [("deltanet", {}), ("gated_deltanet", {}), ("mlstm", {}), ("mlstm_sig", 
          ("gla", {}), ("gla", {"conv_size": 4}), ("lightning", {}), ("linear", {}),
          ("linear", {"feature_map": "hedgehog"}), ("linear", {"feature_map": "norm"}),
          ("hgrn2", {}), ("hgrn2", {"lower_bound": 0.5}),
-         *[(name, {"conv_size": 4}) for name in ("linear", "lightning", "mlstm", "mlstm_sig")]]
+         *[(name, {"conv_size": 4}) for name in ("linear", "lightning", "mlstm", "mlstm_sig")],
+         ("attention", {}), ("attention", {"n_kv_heads": 2, "qkv_bias": True}),
+         ("attention", {"rope": False})]
 IDS = [case_id(c) for c in CASES]
 # in the interpreter, of the conv variants: GLA's (linear_attention's kernels on the conv's
 # views, as Lightning's and linear attention's v) and mLSTMsig's (the mlstm kernels on them)
-TRITON_CASES = [c for c in CASES if "conv_size" not in c[1] or c[0] in ("gla", "mlstm_sig")]
+# (softmax attention has no Triton path)
+TRITON_CASES = [c for c in CASES if c[0] != "attention"
+                and ("conv_size" not in c[1] or c[0] in ("gla", "mlstm_sig"))]
 MODES = ["states", "recompute"]
 RTOL = 1e-12
 # each mixer's folded projections (GLA's low-rank gate: its first linear), and the output
@@ -36,7 +40,8 @@ FOLDED = {"deltanet": ["qkv_proj", "b_proj", "z_proj"],
           "gla": ["q_proj", "k_proj", "v_proj", "gk_proj.0", "r_proj"],
           "lightning": ["q_proj", "k_proj", "v_proj", "u_proj"],
           "linear": ["q_proj", "k_proj", "v_proj"],
-          "hgrn2": ["q_proj", "f_proj", "i_proj"]}
+          "hgrn2": ["q_proj", "f_proj", "i_proj"],
+          "attention": ["q_proj", "k_proj", "v_proj"]}
 GATE_PROJ = {"deltanet": "z_proj", "gated_deltanet": "z_proj", "mlstm": "z_proj",
              "mlstm_sig": "z_proj", "gla": "r_proj", "lightning": "u_proj"}
 
@@ -176,7 +181,8 @@ def test_recompute_leaves_the_gate_out_of_the_fold(name):
     ("deltanet", {}, ["qkv_proj", "b_proj", "z_proj"]),
     ("mlstm", {}, ["q_proj", "v_proj", "z_proj"]),
     ("mlstm", {"conv_size": 4}, ["k_proj", "z_proj"]),
-    ("gla", {}, ["k_proj", "gk_proj.0"])])
+    ("gla", {}, ["k_proj", "gk_proj.0"]),
+    ("attention", {"n_kv_heads": 2}, ["q_proj", "v_proj"])])
 def test_peft_lora_projections_take_the_separate_calls(name, opts, targets):
     peft = pytest.importorskip("peft")
     m = _layer((name, opts), "states").float()
