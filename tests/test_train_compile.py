@@ -95,11 +95,15 @@ def test_compile_setting_from_the_command_line():
 def test_reduce_overhead_refuses_a_mixer_cuda_graphs_cannot_capture():
     """MoM's packed per-memory sequences have data-dependent lengths: compile_model refuses
     mode "reduce-overhead" for a model holding it, naming the mixer and the way out, before
-    compiling anything (on the CPU too); mode "default" is accepted."""
+    compiling anything (on the CPU too); mode "default" is accepted, and so is
+    "reduce-overhead" for MoM built with layout "lanes"."""
     model = CausalLM(LMConfig(vocab_size=10, d_model=16, n_layers=2, n_heads=2, mixer="mom"))
     with pytest.raises(ValueError, match=r"reduce-overhead.*MixtureOfMemories.*mode 'default'"):
         compile_model(model, "reduce-overhead", torch.device("cpu"))
     assert compile_model(model, "default", torch.device("cpu")) is not model
+    lanes = CausalLM(LMConfig(vocab_size=10, d_model=16, n_layers=2, n_heads=2, mixer="mom",
+                              mixer_options={"mom": {"layout": "lanes"}}))
+    assert compile_model(lanes, "reduce-overhead", torch.device("cpu")) is not lanes  # static shapes
 
 
 def test_the_compiled_vs_eager_rule_fails_a_worse_tensor():

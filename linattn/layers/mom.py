@@ -43,7 +43,15 @@ scatter would add 4S state copies per row. The step on the M' - S unchosen lanes
 that same read and write, no more, since the step is bound by memory traffic. Each pair's
 read-out is then gathered from its lane and slot and mixed as above. The tokens of one call
 may route differently, and the lanes carry them all in one op call with no loop over tokens.
-Longer calls, calls with cu_seqlens and calls that record gradients take the packed path.
+Longer calls, calls with cu_seqlens and calls that record gradients take the packed path,
+unless the layer was built with layout="lanes": then every call without cu_seqlens takes the
+lanes, training included. The trade: the packed path reads the per-memory sequence lengths on
+the host (one device-to-host sync per layer and call, and a new chunk layout copied to the
+device, since the router changes them every batch), which a CUDA graph cannot capture; the
+lanes have static shapes (B*M' lanes of T slots), no sync, and capture under
+torch.compile(mode="reduce-overhead"), at the price of running the op (and the conv) over
+M' / S times the pairs (padding slots included: 5 / 3 at the defaults). The results are the
+same either way (tests/layers/test_mom.py compares them, gradients included).
 
 Load balancing: after each forward, `self.aux_loss` holds the Switch-Transformer loss over
 the call's tokens, M * sum_m f_m P_m with f_m the fraction of the top-k assignments that
@@ -63,6 +71,7 @@ from .norms import GatedOutputNorm
 from .short_conv import ShortConv
 
 RECURRENCES = ("gated_deltanet", "deltanet", "gla")
+LAYOUTS = ("packed", "lanes")  # how calls without cu_seqlens run (module docstring)
 
 
 def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, num_memories: int) -> torch.Tensor:
@@ -72,7 +81,10 @@ def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, num_memories:
     Returns the scalar M * sum_m f_m P_m, f_m = (assignments to m) / (N k), P_m = mean_n p_nm.
     """
     N, k = chosen.shape
-    counts = torch.bincount(chosen.reshape(-1), minlength=num_memories).to(probs.dtype)  # [M]
+    # assignments per memory, [M]: a comparison sum, as bincount reads its input's max on the
+    # host (a device sync that CUDA graphs cannot capture)
+    memories = torch.arange(num_memories, device=chosen.device)
+    counts = (chosen.reshape(-1, 1) == memories).sum(0).to(probs.dtype)
     f = counts / max(N * k, 1)
     P = probs.mean(0) if N else probs.new_zeros(num_memories)
     return num_memories * (f * P).sum()
@@ -118,6 +130,9 @@ class MixtureOfMemories(Mixer):
             logsigmoid(x W_gk^m + b) / 16, no beta, no key normalisation).
         expand_v: V = head_dim * expand_v (1); K = head_dim.
         conv_size: the short conv's kernel (4).
+        layout: "packed" (default): calls run the routed pairs as packed per-memory sequences
+            (short gradient-free calls excepted); "lanes": every call without cu_seqlens runs
+            the B*M' (row, memory) lanes, static shapes for CUDA graphs (module docstring).
 
     forward: as in linattn.layers.base. The state is the dict {"S": [R, M', H, K, V] float32
     per-memory states, "conv": [R, M', conv_size-1, 2HK+HV] per-memory conv caches}, R = B
@@ -125,18 +140,20 @@ class MixtureOfMemories(Mixer):
     was routed to keeps its state. Sequence parallelism is not supported (ValueError).
     After every forward, `aux_loss` is the load-balancing loss (a scalar tensor).
     Compiles with torch.compile's default mode; CUDA graphs ("reduce-overhead") are refused
-    (cuda_graphs_refused says why).
+    with layout "packed" (cuda_graphs_refused says why) and run with layout "lanes".
     """
 
     cuda_graphs_refused = (
         "mom routes tokens into packed per-memory sequences whose lengths the router decides "
         "batch by batch; the op reads those lengths on the host to lay out its chunks, which a "
-        "CUDA graph cannot replay. Compile it with mode 'default'")
+        "CUDA graph cannot replay. Compile it with mode 'default', or build it with "
+        "layout='lanes' (mixer_options {\"mom\": {\"layout\": \"lanes\"}})")
 
     def __init__(self, d_model: int, n_heads: int, *, backend: str = "auto", layer_idx: int = 0,
                  n_layers: int = 1, save_for_backward: str = "states",
                  num_memories: int = 4, top_k: int = 2, shared_memory: bool = True,
-                 recurrence: str = "gated_deltanet", expand_v: float = 1.0, conv_size: int = 4):
+                 recurrence: str = "gated_deltanet", expand_v: float = 1.0, conv_size: int = 4,
+                 layout: str = "packed"):
         super().__init__(d_model, n_heads, backend=backend, layer_idx=layer_idx, n_layers=n_layers,
                          save_for_backward=save_for_backward)
         if isinstance(num_memories, bool) or not isinstance(num_memories, int) or num_memories < 1:
@@ -145,7 +162,11 @@ class MixtureOfMemories(Mixer):
             raise ValueError(f"top_k must be an int in [1, num_memories={num_memories}], got {top_k!r}")
         if recurrence not in RECURRENCES:
             raise ValueError(f"recurrence must be one of {RECURRENCES}, got {recurrence!r}")
-        self.num_memories, self.top_k = num_memories, top_k
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.num_memories, self.top_k, self.layout = num_memories, top_k, layout
+        if layout == "lanes":
+            self.cuda_graphs_refused = None  # static shapes, no host sync
         self.shared_memory, self.recurrence = bool(shared_memory), recurrence
         self.n_mem = num_memories + self.shared_memory  # memories with a state
         self.key_dim = self.head_dim
@@ -213,8 +234,13 @@ class MixtureOfMemories(Mixer):
         return state["S"].flatten(0, 1), state["conv"].flatten(0, 1)
 
     def _runs_in_lanes(self, x, state, cu_seqlens) -> bool:
-        """Short, gradient-free calls without cu_seqlens take the lane (step kernel) path."""
-        if cu_seqlens is not None or not 1 <= x.shape[1] <= STEP_KERNEL_MAX_T:
+        """Calls without cu_seqlens take the lanes with layout "lanes"; with "packed" only the
+        short, gradient-free ones (the step kernel's decoding)."""
+        if cu_seqlens is not None or x.shape[1] < 1:
+            return False
+        if self.layout == "lanes":
+            return True
+        if x.shape[1] > STEP_KERNEL_MAX_T:
             return False
         if not torch.is_grad_enabled():
             return True
@@ -296,7 +322,7 @@ class MixtureOfMemories(Mixer):
 
     def _lanes(self, x, xin, mem, state, cu_seqlens, return_state):
         """Every (row, memory) pair as one lane of a [B*M'] batch, one op call without
-        cu_seqlens (the step kernel on Triton); see the module docstring. Called only with
+        cu_seqlens (short calls: the step kernel on Triton); see the module docstring. Called only with
         cu_seqlens None (the argument keeps _packed's signature). Returns (each pair's
         read-out [BT, S, H, V], the new state or None)."""
         B, T, _ = x.shape

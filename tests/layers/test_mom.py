@@ -232,6 +232,77 @@ def test_calls_that_record_gradients_keep_the_packed_path():
         assert calls[-1] == ((2 * m.n_mem, 1, m.n_heads, m.key_dim), None)
 
 
+def _lanes_and_packed(opts, backend="torch", dtype=torch.float64, B=2, T=70):
+    """(y, state, aux_loss, gradients of x, the initial state and every parameter) of one
+    seeded call with an initial state, for layout "packed" then "lanes" (the same weights),
+    and the shapes and cu_seqlens of each call's op."""
+    m = build(backend=backend, **opts).to(dtype)
+    x = _x(B, T).to(dtype).requires_grad_(True)
+    with torch.no_grad():
+        _, s0 = m(_x(B, 6, seed=5).to(dtype), return_state=True)
+    gen = helpers.seeded(7)
+    results, calls = [], []
+    for layout in ("packed", "lanes"):
+        mod = copy.deepcopy(m)
+        mod.layout = layout
+        S0 = s0["S"].clone().requires_grad_(True)
+        patch, seen = _op_spy(mod)
+        with patch:
+            y, s = mod(x, state={"S": S0, "conv": s0["conv"]}, return_state=True)
+        calls.append(seen)
+        if layout == "packed":
+            cy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
+            cs = torch.randn(s["S"].shape, generator=gen, dtype=torch.float64).to(dtype)
+        loss = (y * cy).sum() + (s["S"] * cs).sum() + mod.aux_loss
+        grads = torch.autograd.grad(loss, [x, S0, *mod.parameters()])
+        results.append((y, s, mod.aux_loss, grads))
+    names = ["x", "S0"] + [n for n, _ in m.named_parameters()]
+    return results, calls, names
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=options_id)
+def test_lanes_layout_equals_packed_with_gradients(opts):
+    """layout="lanes" runs a training call (gradients recorded, T 70 past the 64-token chunk)
+    as one op call over the B * M' lanes without cu_seqlens, and gives the packed path's
+    outputs, state, load-balancing loss and every gradient in float64."""
+    results, (packed_calls, lane_calls), names = _lanes_and_packed(opts)
+    (y, s, aux, g), (yl, sl, auxl, gl) = results
+    m = build(**opts)
+    assert packed_calls[0][1] is not None                          # cu_seqlens: packed
+    assert lane_calls == [((2 * m.n_mem, 70, m.n_heads, m.key_dim), None)]
+    helpers.assert_allclose_f64(yl, y, "y", rel=REL)
+    for key in ("S", "conv"):
+        helpers.assert_allclose_f64(sl[key], s[key], key, rel=REL)
+    helpers.assert_allclose_f64(auxl, aux, "aux_loss", rel=REL)
+    for name, a, b in zip(names, gl, g):
+        helpers.assert_allclose_f64(a, b, f"d{name}", rel=REL)
+        assert b.abs().max() > 0, f"d{name} is zero: the test would not see it"
+
+
+@pytest.mark.parametrize("opts", [{}, {"recurrence": "gla"}], ids=["default", "gla"])
+def test_lanes_layout_on_the_triton_kernels(opts):
+    """The Triton kernels (interpreter on the CPU) on the lanes, float32: within float32
+    rounding of the packed path on the same kernels, gradients included."""
+    results, _, names = _lanes_and_packed(opts, backend="triton", dtype=torch.float32, T=40)
+    (y, s, aux, g), (yl, sl, auxl, gl) = results
+    for name, a, b in [("y", yl, y), ("S", sl["S"], s["S"]), ("aux", auxl, aux),
+                       *[(f"d{n}", a, b) for n, a, b in zip(names, gl, g)]]:
+        err = (a - b).abs().max().item()
+        assert err <= 1e-4 * max(b.abs().max().item(), 1e-3), f"{name}: {err:.3g}"
+
+
+def test_lanes_layout_is_what_cuda_graphs_can_capture():
+    """layout "packed" refuses CUDA graphs (the trainer reads cuda_graphs_refused), "lanes"
+    does not; the load-balancing loss reads no value on the host (no bincount)."""
+    assert MIXERS["mom"](D, H).cuda_graphs_refused
+    assert MIXERS["mom"](D, H, layout="lanes").cuda_graphs_refused is None
+    chosen = torch.tensor([[0, 2], [1, 2], [2, 3]])
+    probs = torch.full((3, 4), 0.25, dtype=torch.float64)
+    with mock.patch.object(torch, "bincount", side_effect=AssertionError("bincount syncs")):
+        got = load_balancing_loss(probs, chosen, 4)
+    torch.testing.assert_close(got, torch.tensor(1.0, dtype=torch.float64))  # 4 * sum f_m / 4
+
+
 @pytest.mark.parametrize("opts", [{}, {"recurrence": "gla"}], ids=["default", "gla"])
 def test_triton_step_kernels_decode_within_the_rounding_of_the_packed_path(opts):
     """backend="triton" (the interpreter on CPU) in float32: a stateless 6-token call, single
@@ -314,6 +385,8 @@ def test_bad_options_and_state_raise():
         MIXERS["mom"](D, H, num_memories=0)
     with pytest.raises(ValueError, match="recurrence"):
         MIXERS["mom"](D, H, recurrence="mamba")
+    with pytest.raises(ValueError, match="layout"):
+        MIXERS["mom"](D, H, layout="dense")
     m = build()
     with pytest.raises(ValueError, match="mom state"):
         m(_x(1, 3), state={"S": torch.zeros(1, 5, 4, 8, 8, dtype=torch.float64),

@@ -89,10 +89,22 @@ def test_recompute_mixers_compile_fullgraph_and_match_eager():
     _check(model, compiled, ids, torch.float32)
 
 
-# CUDA graphs refuse MoM (its packed sequences' lengths depend on the routing):
-# tests/test_train_compile.py checks the error; MoM compiles with mode "default" here.
+def test_mom_lanes_layout_compiles_fullgraph_and_matches_eager():
+    """MoM with layout "lanes" (static shapes, no host sync: what CUDA graphs need) traces
+    fullgraph and gives eager's logits and gradients."""
+    torch._dynamo.reset()
+    model = _model(torch.float64, layers=["mom", "attention"], n_layers=2,
+                   mixer_options={"mom": {"layout": "lanes"}})
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, VOCAB, (2, T), generator=helpers.seeded(1))
+    _check(model, compiled, ids, torch.float64)
+
+
+# CUDA graphs refuse MoM's default layout (its packed sequences' lengths depend on the
+# routing): tests/test_train_compile.py checks the error; that MoM compiles with mode
+# "default" here, and MoM with layout "lanes" ("mom_lanes") with both modes.
 GPU_COMPILE_CASES = [(mode, mixer) for mode in ("default", "reduce-overhead")
-                     for mixer in [*MIXERS, "hybrid"]
+                     for mixer in [*MIXERS, "hybrid", "mom_lanes"]
                      if not (mode == "reduce-overhead" and MIXERS.get(mixer) is not None
                              and MIXERS[mixer].cuda_graphs_refused)]
 
@@ -108,8 +120,9 @@ def test_gpu_compile_per_mixer(mode, mixer):
     the ops elsewhere, never worse than bf16 itself (MoM's top-k routing flips on near-ties in
     both)."""
     torch._dynamo.reset()
-    kw = dict(layers=None, n_layers=2, mixer="gated_deltanet" if mixer == "hybrid" else mixer,
-              hybrid=1 if mixer == "hybrid" else None, backend="auto")
+    kw = dict(layers=None, n_layers=2, mixer={"hybrid": "gated_deltanet", "mom_lanes": "mom"}.get(mixer, mixer),
+              hybrid=1 if mixer == "hybrid" else None, backend="auto",
+              mixer_options={"mom": {"layout": "lanes"}} if mixer == "mom_lanes" else {})
     model = _model(torch.float32, "cuda", **kw)
     compiled = torch.compile(model, fullgraph=True, mode=mode)
     ids = torch.randint(0, VOCAB, (4, 64), generator=helpers.seeded(1)).cuda()
