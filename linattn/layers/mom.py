@@ -51,7 +51,9 @@ device, since the router changes them every batch), which a CUDA graph cannot ca
 lanes have static shapes (B*M' lanes of T slots), no sync, and capture under
 torch.compile(mode="reduce-overhead"), at the price of running the op (and the conv) over
 M' / S times the pairs (padding slots included: 5 / 3 at the defaults). The results are the
-same either way (tests/layers/test_mom.py compares them, gradients included).
+same either way (tests/layers/test_mom.py compares them, gradients included). With
+save_for_backward="recompute" the lanes recompute the op's chunk states but keep q, k, v: the
+packed path's one node of conv and op (which keeps only the conv's input) is not used there.
 
 Load balancing: after each forward, `self.aux_loss` holds the Switch-Transformer loss over
 the call's tokens, M * sum_m f_m P_m with f_m the fraction of the top-k assignments that
