@@ -324,9 +324,9 @@ class MixtureOfMemories(Mixer):
 
     def _lanes(self, x, xin, mem, state, cu_seqlens, return_state):
         """Every (row, memory) pair as one lane of a [B*M'] batch, one op call without
-        cu_seqlens (short calls: the step kernel on Triton); see the module docstring. Called only with
-        cu_seqlens None (the argument keeps _packed's signature). Returns (each pair's
-        read-out [BT, S, H, V], the new state or None)."""
+        cu_seqlens (short calls: the step kernel on Triton); see the module docstring. Called
+        only with cu_seqlens None (the argument keeps _packed's signature). Returns (each
+        pair's read-out [BT, S, H, V], the new state or None)."""
         B, T, _ = x.shape
         H, K, V, n = self.n_heads, self.key_dim, self.value_dim, self.n_mem
         HK, HV, W = H * K, H * V, self.conv.kernel_size
