@@ -120,8 +120,9 @@ def test_gpu_compile_per_mixer(mode, mixer):
     the ops elsewhere, never worse than bf16 itself (MoM's top-k routing flips on near-ties in
     both)."""
     torch._dynamo.reset()
-    kw = dict(layers=None, n_layers=2, mixer={"hybrid": "gated_deltanet", "mom_lanes": "mom"}.get(mixer, mixer),
-              hybrid=1 if mixer == "hybrid" else None, backend="auto",
+    name = {"hybrid": "gated_deltanet", "mom_lanes": "mom"}.get(mixer, mixer)
+    kw = dict(layers=None, n_layers=2, mixer=name, hybrid=1 if mixer == "hybrid" else None,
+              backend="auto",
               mixer_options={"mom": {"layout": "lanes"}} if mixer == "mom_lanes" else {})
     model = _model(torch.float32, "cuda", **kw)
     compiled = torch.compile(model, fullgraph=True, mode=mode)
