@@ -155,6 +155,13 @@ class Mixer(nn.Module):
         qkv_out, conv_cache = self.run_conv(qkv_in, conv0, cu_seqlens, return_state)
         return (*qkv_out.split(list(self.qkv_widths), dim=-1), *outs, S0, conv_cache)
 
+    def gate_to_keep(self, gate):
+        """The output gate (a view of input_projections' one output, or None) as gated_output
+        should keep it for the backward in a mixer with set_qkv_conv: its own copy without a
+        conv, where the view would keep the whole GEMM output (q, k, v, which the op keeps
+        its own copies of) alive; the view itself with a conv, which keeps that storage anyway."""
+        return gate.contiguous() if gate is not None and self.conv is None else gate
+
     @staticmethod
     def split_conv_state(state):
         """(the op's state, the conv's cache) of a mixer state {"S", "conv"} or None."""

@@ -83,10 +83,5 @@ class GatedLinearAttention(Mixer):
         o, S = run(q, k, v, g, initial_state=S0, output_final_state=return_state,
                    cu_seqlens=cu_seqlens, backend=self.backend,
                    save_for_backward=self.save_for_backward)
-        if r is not None and self.conv is None:
-            # the output norm keeps the gate: r's own copy, where a view would keep the whole
-            # GEMM output (q, k, v, which the op keeps its own copies of) alive; the conv
-            # keeps that storage anyway
-            r = r.contiguous()
-        y = self.gated_output(o, xin, self.r_proj, gate=r)
+        y = self.gated_output(o, xin, self.r_proj, gate=self.gate_to_keep(r))
         return y, self.state_with_conv(S, conv_state)

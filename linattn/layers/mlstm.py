@@ -91,12 +91,8 @@ class MLSTM(Mixer):
             k_in = k * torch.sigmoid(i).unsqueeze(-1).to(k.dtype)  # [B, T, H, D]
             o, S = self.sequence_parallel.linear_attention(q, k_in, v, F.logsigmoid(f),
                                                            backend=self.backend)
-        if z is not None and self.conv is None:
-            # the output norm keeps the gate: z's own copy, where a view would keep the whole
-            # GEMM output (q, k, v, which the op keeps its own copies of) alive; the conv
-            # keeps that storage anyway
-            z = z.contiguous()
-        return self.gated_output(o, xin, self.z_proj, gate=z), self.state_with_conv(S, conv_state)
+        return (self.gated_output(o, xin, self.z_proj, gate=self.gate_to_keep(z)),
+                self.state_with_conv(S, conv_state))
 
 
 class MLSTMSig(MLSTM):
